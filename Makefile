@@ -1,0 +1,39 @@
+# Everything a fresh machine with only Python 3 needs: `make test` builds .venv and runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Development installs pin torch to the CPU wheel through the constraints file.
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: test lint format demo bench venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) --upgrade pip setuptools wheel
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[test,data,cli]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests || [ $$? -eq 5 ]
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests benchmarks examples
+	$(VENV)/bin/ruff check --fix src tests benchmarks examples
+
+bench: $(STAMP)
+	$(PIP_INSTALL) -e '.[bench]'
+	$(PY) benchmarks/work_precision.py
+
+demo: $(STAMP)
+	$(VENV)/bin/neuralode train latent-ode --data pbcseq --out runs/demo --demo
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,36 @@
+"""neuralode: neural ordinary differential equations in PyTorch.
+
+The native face is :func:`solve`, which takes a vector field, an initial state, output times and
+small immutable objects for *how to step* (a solver), *how to choose steps* (a controller) and
+*how to differentiate* (a gradient method), and returns a :class:`Solution`. The
+torchdiffeq-compatible face is :func:`odeint` / :func:`odeint_adjoint`.
+"""
+
+from ._compat import odeint, odeint_adjoint
+from ._solve import solve
+from .controllers import ConstantStep, PIController, StepToGrid
+from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflowError
+from .gradients import Backsolve, Checkpointed, Direct
+from .solution import Solution
+from .solvers import ButcherTableau
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solve",
+    "odeint",
+    "odeint_adjoint",
+    "Solution",
+    "PIController",
+    "ConstantStep",
+    "StepToGrid",
+    "Direct",
+    "Backsolve",
+    "Checkpointed",
+    "ButcherTableau",
+    "SolveError",
+    "StepSizeUnderflowError",
+    "MaxStepsError",
+    "NonFiniteError",
+    "__version__",
+]

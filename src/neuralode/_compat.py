@@ -1,0 +1,368 @@
+"""The torchdiffeq-compatible face: ``odeint`` and ``odeint_adjoint``.
+
+A thin translation of torchdiffeq's method strings and option dicts onto :func:`solve`, so that
+code written for torchdiffeq 0.2.x runs unchanged with ``from neuralode import odeint``.
+Differences, all deliberate and documented:
+
+- ``max_num_steps`` counts step attempts over the whole solve (torchdiffeq counts per output
+  interval, so 50 output times let ~2,000 steps through a limit of 200).
+- Output times never shorten steps and func is never evaluated outside ``[t0, t1]``.
+- Fixed-step methods interpolate between steps with cubic Hermite (torchdiffeq: linear).
+- Non-FSAL adaptive methods (adaptive_heun, fehlberg2) evaluate f at every new step's start.
+- A fixed-step method given no ``step_size`` (and no ``grid_constructor``) steps between the
+  output times only, as torchdiffeq does, but with a warning: this is rarely what is meant.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from ._solve import solve
+from .controllers import PIController, StepToGrid
+from .gradients import Backsolve, Direct
+from .solvers import get_tableau
+
+__all__ = ["odeint", "odeint_adjoint", "TORCHDIFFEQ_METHODS"]
+
+_ADAPTIVE = {"dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun"}
+# torchdiffeq's "rk4" is Kutta's 3/8 rule (rk4_alt_step_func); "rk4_classic" is offered in
+# neuralode as "rk4" natively.
+_FIXED = {
+    "euler": "euler",
+    "midpoint": "midpoint",
+    "heun2": "heun2",
+    "heun3": "heun3",
+    "rk4": "rk38",
+    "rk38": "rk38",
+    "rk4_classic": "rk4",
+}
+_NOT_YET = {
+    "explicit_adams",
+    "implicit_adams",
+    "fixed_adams",
+    "implicit_euler",
+    "implicit_midpoint",
+    "trapezoid",
+    "radauIIA3",
+    "radauIIA5",
+    "gl4",
+    "gl6",
+    "sdirk2",
+    "trbdf2",
+}
+TORCHDIFFEQ_METHODS = tuple(sorted(_ADAPTIVE | set(_FIXED) | {"scipy_solver"}))
+
+_ADAPTIVE_OPTS = {
+    "first_step",
+    "safety",
+    "ifactor",
+    "dfactor",
+    "max_num_steps",
+    "step_t",
+    "jump_t",
+    "norm",
+    "dtype",
+    "min_step",
+    "max_step",
+}
+_FIXED_OPTS = {
+    "step_size",
+    "grid_constructor",
+    "perturb",
+    "interp",
+    "max_num_steps",
+    "dtype",
+    "jump_t",
+    "step_t",
+}
+_SCIPY_OPTS = {"solver", "max_step", "min_step", "first_step"}
+
+
+def _check_options(method: str, options: dict | None, allowed: set, where: str = "options") -> dict:
+    options = dict(options or {})
+    if where == "options" and options.get("norm") == "seminorm":
+        raise ValueError(
+            "norm='seminorm' belongs in adjoint_options (it applies to the backward solve of "
+            "odeint_adjoint): use odeint_adjoint(..., adjoint_options=dict(norm='seminorm'))"
+        )
+    all_known = _ADAPTIVE_OPTS | _FIXED_OPTS | _SCIPY_OPTS
+    unknown = sorted(set(options) - all_known)
+    if unknown:
+        raise ValueError(
+            f"unknown {where} {unknown} for method {method!r}; valid ones are {sorted(allowed)}"
+        )
+    unused = sorted(set(options) - allowed)
+    if unused:  # torchdiffeq warns here too ("Unexpected arguments"): stay drop-in
+        warnings.warn(
+            f"{where} {unused} have no effect with method {method!r}", UserWarning, stacklevel=3
+        )
+        for k in unused:
+            options.pop(k)
+    return options
+
+
+def _fixed_grid(t: torch.Tensor, options: dict, func, y0) -> list[float]:
+    start, end = float(t[0]), float(t[-1])
+    if "step_size" in options and "grid_constructor" in options:
+        raise ValueError("pass step_size or grid_constructor in options, not both")
+    if "step_size" in options:
+        step = float(options["step_size"])
+        if not (step > 0 and math.isfinite(step)):
+            raise ValueError(
+                f"options['step_size'] must be a positive number, got {options['step_size']!r}"
+            )
+        n = math.ceil(abs(end - start) / step + 1)
+        sign = 1.0 if end >= start else -1.0
+        grid = [start + sign * i * step for i in range(n)]
+        grid[-1] = end
+        # Same construction as torchdiffeq: the last point is replaced by the end time.
+        return grid
+    if "grid_constructor" in options:
+        g = options["grid_constructor"](func, y0, t)
+        g = [float(x) for x in torch.as_tensor(g).reshape(-1)]
+        if g[0] != start or g[-1] != end:
+            raise ValueError("grid_constructor must return a grid whose ends equal t[0] and t[-1]")
+        return g
+    warnings.warn(
+        "a fixed-step method was given no options['step_size'] (or grid_constructor): it takes "
+        "one step between consecutive output times, as torchdiffeq does, which is usually far "
+        "too coarse (rk4 on y' = -y over [0, 5] with t = [0, 5] returns 13.7 for 0.0067). Pass "
+        "options=dict(step_size=...)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return [float(x) for x in t]
+
+
+def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
+    """Map torchdiffeq's (method, options) onto solve() keyword arguments."""
+    method = "dopri5" if method is None else method
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {type(method).__name__}")
+    if method in _NOT_YET:
+        raise ValueError(
+            f"method {method!r} (Adams/implicit) is not available in this version of neuralode; "
+            f"available methods: {list(TORCHDIFFEQ_METHODS)}"
+        )
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, dtype=torch.float64)
+    if t.dim() != 1:
+        raise ValueError(
+            f"t must be 1-D for odeint, got shape {tuple(t.shape)}; use neuralode.solve for per-sample grids"
+        )
+    kwargs: dict = {}
+    if method in _ADAPTIVE:
+        opts = _check_options(method, options, _ADAPTIVE_OPTS, where)
+        min_step = float(opts.get("min_step", 0.0))
+        max_step = float(opts.get("max_step", math.inf))
+        ctrl = PIController(
+            rtol=rtol,
+            atol=atol,
+            safety=float(opts.get("safety", 0.9)),
+            ifactor=float(opts.get("ifactor", 10.0)),
+            dfactor=float(opts.get("dfactor", 0.2)),
+            dt0=None if opts.get("first_step") is None else abs(float(opts["first_step"])),
+            dt_min=min_step,
+            dt_max=max_step,
+            step_t=opts.get("step_t"),
+            jump_t=opts.get("jump_t"),
+            norm=opts.get("norm"),
+        )
+        kwargs.update(solver=method, controller=ctrl)
+    elif method in _FIXED:
+        opts = _check_options(method, options, _FIXED_OPTS, where)
+        grid = _fixed_grid(t, opts, func, y0)
+        jumps = list(opts.get("jump_t", []) if opts.get("jump_t") is not None else [])
+        extra = [float(x) for x in (opts.get("step_t") or [])]
+        if opts.get("perturb"):
+            # Evaluate f just inside each step (next float after its start, previous before its
+            # end), as torchdiffeq's perturb does, so discontinuities at grid points are honoured.
+            jumps = sorted(set(grid[1:-1]) | {float(x) for x in jumps})
+        grid = sorted(set(grid) | set(extra) | {float(x) for x in jumps})
+        kwargs.update(solver=_FIXED[method], controller=StepToGrid(grid, jump_t=jumps))
+    elif method == "scipy_solver":
+        return None, _check_options(method, options, _SCIPY_OPTS, where)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(TORCHDIFFEQ_METHODS)}")
+    if opts.get("max_num_steps") is not None:
+        kwargs["max_steps"] = int(opts["max_num_steps"])
+    if opts.get("dtype") is not None:
+        kwargs["time_dtype"] = opts["dtype"]
+    return kwargs, opts
+
+
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
+    """Solve an ODE with torchdiffeq's interface; gradients by autograd through the solver.
+
+    Parameters
+    ----------
+    func : callable
+        ``func(t, y) -> dy/dt``; ``y`` a tensor or tuple of tensors like ``y0``.
+    y0 : Tensor or tuple of Tensors
+        Initial state at ``t[0]``.
+    t : Tensor (T,)
+        Output times, strictly increasing or strictly decreasing.
+    rtol, atol : float or tuple, default 1e-7, 1e-9
+        Tolerances of adaptive methods (tuples give one per component of a tuple state).
+    method : str, default "dopri5"
+        One of ``dopri8, dopri5, tsit5, bosh3, fehlberg2, adaptive_heun, euler, midpoint,
+        heun2, heun3, rk4`` (Kutta's 3/8 rule, as in torchdiffeq), ``rk38``, ``rk4_classic``,
+        ``scipy_solver``.
+    options : dict, optional
+        Adaptive: ``first_step, safety, ifactor, dfactor, max_num_steps, step_t, jump_t, norm,
+        dtype, min_step, max_step``. Fixed: ``step_size, grid_constructor, perturb, interp,
+        max_num_steps, dtype``. scipy_solver: ``solver`` (a solve_ivp method), ``min_step``,
+        ``max_step``, ``first_step``.
+    event_fn : callable, optional
+        Not supported in this version: raises ValueError.
+
+    Returns
+    -------
+    Tensor (T, *y0.shape), or a tuple of them for a tuple ``y0``.
+
+    Raises
+    ------
+    ValueError
+        For unknown methods or options, misplaced options, and invalid inputs.
+    SolveError
+        When the solve fails (step-size underflow, ``max_num_steps``, non-finite state).
+    """
+    if event_fn is not None:
+        raise ValueError("event_fn is not supported by this version of neuralode's odeint")
+    kwargs, opts = _translate(func, y0, t, rtol, atol, method, options)
+    if kwargs is None:
+        return _scipy_solve(func, y0, t, rtol, atol, opts)
+    return solve(func, y0, t, gradient=Direct(), dense_output=False, **kwargs).ys
+
+
+def odeint_adjoint(
+    func,
+    y0,
+    t,
+    *,
+    rtol=1e-7,
+    atol=1e-9,
+    method=None,
+    options=None,
+    event_fn=None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_method=None,
+    adjoint_options=None,
+    adjoint_params=None,
+):
+    """Like :func:`odeint`, differentiated by the backsolve adjoint method.
+
+    The forward solve keeps no graph; gradients come from integrating the adjoint system backward
+    (see :class:`neuralode.Backsolve`), with a cost that does not grow with the number of output
+    times. Tuple states with tuple ``rtol``/``atol`` and complex states with real parameters work.
+
+    Parameters
+    ----------
+    adjoint_rtol, adjoint_atol : float, optional
+        Tolerances of the backward solve (default: ``rtol``, ``atol``).
+    adjoint_method : str, optional
+        Method of the backward solve (default: ``method``).
+    adjoint_options : dict, optional
+        ``norm="seminorm"`` leaves the parameter adjoint out of the error norm (Kidger et al.
+        2021); ``max_num_steps`` limits the backward solve.
+    adjoint_params : sequence of Tensor, optional
+        Tensors to differentiate; default ``tuple(func.parameters())``, which needs func to be
+        an ``nn.Module``.
+
+    Raises
+    ------
+    ValueError
+        If func is not an ``nn.Module`` and no ``adjoint_params`` are given, for unknown or
+        misplaced options, or for ``event_fn`` (not supported in this version).
+    """
+    if event_fn is not None:
+        raise ValueError("event_fn is not supported by this version of neuralode's odeint_adjoint")
+    if adjoint_params is None and not isinstance(func, nn.Module):
+        raise ValueError(
+            "func must be an nn.Module to find the adjoint parameters; otherwise pass them "
+            "explicitly with adjoint_params=(...) (adjoint_params=() if there are none)"
+        )
+    kwargs, opts = _translate(func, y0, t, rtol, atol, method, options)
+    if kwargs is None:
+        raise ValueError(
+            "method='scipy_solver' is not differentiable; use odeint without gradients"
+        )
+    aopts = dict(adjoint_options or {})
+    seminorm = False
+    if "norm" in aopts:
+        norm = aopts.pop("norm")
+        if norm == "seminorm":
+            seminorm = True
+        elif norm not in (None, "default"):
+            raise ValueError(
+                f"adjoint_options['norm'] must be 'seminorm' or 'default', got {norm!r}; custom norm "
+                "functions for the backward solve are not supported"
+            )
+    amax = aopts.pop("max_num_steps", None)
+    if aopts:
+        raise ValueError(
+            f"unsupported adjoint_options {sorted(aopts)}; supported: norm ('seminorm'), max_num_steps"
+        )
+    if adjoint_method is not None:
+        get_tableau("rk38" if adjoint_method == "rk4" else adjoint_method)
+    params = tuple(adjoint_params) if adjoint_params is not None else tuple(func.parameters())
+    art = (
+        adjoint_rtol
+        if adjoint_rtol is not None
+        else (rtol if isinstance(rtol, (int, float)) else None)
+    )
+    aat = (
+        adjoint_atol
+        if adjoint_atol is not None
+        else (atol if isinstance(atol, (int, float)) else None)
+    )
+    grad = Backsolve(
+        rtol=art,
+        atol=aat,
+        solver=None
+        if adjoint_method is None
+        else ("rk38" if adjoint_method == "rk4" else adjoint_method),
+        seminorm=seminorm,
+        params=params,
+        max_steps=None if amax is None else int(amax),
+    )
+    return solve(func, y0, t, gradient=grad, dense_output=False, **kwargs).ys
+
+
+def _scipy_solve(func, y0, t, rtol, atol, opts):
+    """Forward a solve to scipy.integrate.solve_ivp (no gradients), as torchdiffeq does."""
+    try:
+        from scipy.integrate import solve_ivp
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("method='scipy_solver' needs scipy: pip install scipy") from e
+    if isinstance(y0, (tuple, list)):
+        raise ValueError("method='scipy_solver' supports tensor states only")
+    t = torch.as_tensor(t)
+    shape, dtype, device = y0.shape, y0.dtype, y0.device
+    tt = t.detach().cpu().double().numpy()
+
+    def rhs(s, y):
+        with torch.no_grad():
+            yt = torch.as_tensor(y, dtype=dtype, device=device).reshape(shape)
+            out = func(torch.tensor(s, dtype=t.dtype, device=device), yt)
+        return out.detach().cpu().reshape(-1).numpy()
+
+    kw = {k: opts[k] for k in ("max_step", "min_step", "first_step") if k in opts}
+    sol = solve_ivp(
+        rhs,
+        (tt[0], tt[-1]),
+        y0.detach().cpu().reshape(-1).numpy(),
+        method=opts.get("solver", "LSODA"),
+        t_eval=tt,
+        rtol=rtol,
+        atol=atol,
+        **kw,
+    )
+    if not sol.success:
+        raise RuntimeError(f"scipy solve_ivp failed: {sol.message}")
+    return torch.as_tensor(sol.y.T, dtype=dtype, device=device).reshape(len(tt), *shape)

@@ -1,0 +1,524 @@
+"""The stepping loop: step -> controller -> accept/reject -> record outputs.
+
+Times are plain Python floats (IEEE double) on the host: the controller's arithmetic is exact
+double precision whatever the state's dtype, and the only host-device synchronisation per step
+is reading the scaled error norm for the accept/reject decision. The state lives on its device
+as one flat ``(B, M)`` tensor (see :mod:`neuralode._tree`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ._tree import TreeSpec, rms_norm
+from .controllers import ConstantStep, PIController
+from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflowError
+from .solvers.tableau import ButcherTableau
+
+__all__ = ["Problem", "VectorField", "integrate", "StepRecord", "LoopResult"]
+
+_EPS64 = 2.220446049250313e-16
+
+
+class VectorField:
+    """``func`` on the flat state: unflattens, calls, validates and flattens; counts NFE."""
+
+    def __init__(self, func, spec: TreeSpec, time_dtype: torch.dtype):
+        self.func = func
+        self.spec = spec
+        self.time_dtype = time_dtype
+        self.device = spec.device
+        self.nfe = 0
+
+    def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        tt = torch.tensor(t, dtype=self.time_dtype, device=self.device)
+        out = self.func(tt, self.spec.unflatten(y))
+        return self.spec.flatten(out, what="the derivative returned by func", t=t)
+
+
+@dataclass
+class Problem:
+    """Everything the loop needs, validated and normalised by ``_solve``."""
+
+    spec: TreeSpec
+    tableau: ButcherTableau
+    controller: object
+    t0: float
+    t_end: float
+    out_t: list[float]  # output times sorted in the direction of integration
+    out_sample: list[int] | None  # sample index of each output (per-sample grids) or None
+    out_order: torch.Tensor | None  # position of each sorted output in the result, or None
+    n_out_rows: int  # number of output rows in the result (T or T*B)
+    max_steps: int | None
+    rtol: float | torch.Tensor = 0.0
+    atol: float | torch.Tensor = 0.0
+    norm: object = None  # user norm on the state structure, or None
+    norm_components: int | None = None  # seminorm: only the first components enter the norm
+
+    @property
+    def direction(self) -> float:
+        return 1.0 if self.t_end >= self.t0 else -1.0
+
+
+@dataclass
+class StepRecord:
+    """One accepted step: enough to replay it exactly."""
+
+    t: float
+    t_new: float
+    t_first: float  # time at which the first stage was evaluated (perturbed after a jump)
+    t_last: float  # time of the last stage at the step end (perturbed before a jump)
+    out_lo: int  # outputs recorded in this step: sorted indices [out_lo, out_hi)
+    out_hi: int
+    y: torch.Tensor | None = None  # state at the step start (checkpointing)
+    K: torch.Tensor | None = None  # stages (dense output)
+    k_next: torch.Tensor | None = None  # f at the step end (dense output of non-FSAL methods)
+
+
+@dataclass
+class LoopResult:
+    ys: torch.Tensor  # (n_out_rows, ...) in result order
+    y_final: torch.Tensor
+    t_reached: float
+    status: str
+    message: str
+    n_accepted: int
+    n_rejected: int
+    steps: list[StepRecord] = field(default_factory=list)
+    h_next: float = math.nan  # the controller's proposal for a following step
+
+
+# ---------------------------------------------------------------------------- one RK step
+class RKStepper:
+    """The generic explicit Runge--Kutta step for a tableau, in a given dtype/device."""
+
+    def __init__(self, tableau: ButcherTableau, dtype: torch.dtype, device: torch.device):
+        self.tab = tableau
+        self.T = tableau.tensors(dtype, device)
+        self.S = tableau.n_stages
+        self.Sd = tableau.n_stages + tableau.n_dense_stages
+        self.fsal = tableau.fsal
+        self.c = tableau.c
+
+    def step(self, f: VectorField, t: float, h: float, y, k1, t_last: float, track_grad: bool):
+        """Take one step of size ``h`` from ``(t, y)`` with first stage ``k1``.
+
+        Returns ``(y_new, err, K)``: the new state ``(B, M)``, the error estimate (or None for
+        methods without one) and the stages ``(S, B*M)``. Stages are combined with one fused
+        ``addmv`` per stage (the stage matrix against a tableau row).
+        """
+        S, A, shape = self.S, self.T["a"], y.shape
+        yv = y.reshape(-1)
+        if track_grad:
+            ks = [k1.reshape(-1)]
+
+            def comb(row, i):
+                return torch.addmv(yv, torch.stack(ks, 1), row[:i], alpha=h)
+        else:
+            K = torch.empty((self.S, yv.numel()), dtype=yv.dtype, device=yv.device)
+            K[0] = k1.reshape(-1)
+
+            def comb(row, i):
+                return torch.addmv(yv, K[:i].T, row[:i], alpha=h)
+
+        y_new = None
+        for i in range(1, S):
+            if self.fsal and i == S - 1:
+                y_new = comb(self.T["b"], i)
+                k = f(t_last, y_new.view(shape))
+            else:
+                k = f(t + self.c[i] * h, comb(A[i], i).view(shape))
+            if track_grad:
+                ks.append(k.reshape(-1))
+            else:
+                K[i] = k.reshape(-1)
+        if track_grad:
+            K = torch.stack(ks)
+        if y_new is None:
+            y_new = comb(self.T["b"], S)
+        err = None
+        if "b_err" in self.T:
+            with torch.no_grad():
+                err = torch.mv(K.T, self.T["b_err"][0]).mul_(h).view(shape)
+        return y_new.view(shape), err, K
+
+    def last_stage(self, K):
+        return K[self.S - 1]
+
+    def dense_stages(self, f: VectorField, t: float, h: float, y, K, k_next):
+        """Stages plus dense stages ``(Sd, B*M)`` for interpolation inside the step.
+
+        ``k_next`` is f at the step end (reused as dense stage 0 when the tableau's dense stage
+        0 is the next step's first stage); pass None to have it evaluated.
+        """
+        tab = self.tab
+        if tab.n_dense_stages == 0:
+            return K
+        yv = y.reshape(-1)
+        rows = [K[i] for i in range(self.S)]
+        Ad = self.T["a_dense"]
+        for j in range(tab.n_dense_stages):
+            if j == 0 and tab.dense_stage_is_next_first and k_next is not None:
+                rows.append(k_next.reshape(-1))
+                continue
+            i = self.S + j
+            yj = torch.addmv(yv, torch.stack(rows, 1), Ad[j][:i], alpha=h)
+            rows.append(f(t + tab.c_dense[j] * h, yj.view(y.shape)).reshape(-1))
+        return torch.stack(rows)
+
+    def interpolate(self, Kd, y, h: float, theta: torch.Tensor, samples=None):
+        """Values of the continuous extension at ``theta`` (m,) inside a step.
+
+        Shared grid: returns ``(m, B, M)``. Per-sample (``samples`` (m,) long): ``(m, M)``, row
+        ``j`` for sample ``samples[j]``.
+        """
+        W = self.tab.interpolant_weights(theta)  # (m, Sd)
+        if samples is None:
+            out = torch.addmm(y.reshape(1, -1), W.to(Kd.dtype), Kd, alpha=h)
+            return out.view(theta.shape[0], *y.shape)
+        B, M = y.shape
+        Kg = Kd.view(Kd.shape[0], B, M)[:, samples]  # (Sd, m, M)
+        return y[samples] + h * torch.einsum("ms,smk->mk", W.to(Kd.dtype), Kg)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _norm(prob: Problem, scaled: torch.Tensor) -> torch.Tensor:
+    if prob.norm is not None:
+        return prob.norm(prob.spec.unflatten(scaled))
+    if prob.norm_components is not None:
+        comps = prob.spec.components(scaled)[: prob.norm_components]
+        return torch.stack([c.abs().square().mean().sqrt() for c in comps]).max()
+    return rms_norm(prob.spec, scaled)
+
+
+def _scaled_norm(prob: Problem, err, y, y_new) -> torch.Tensor:
+    """Scaled error norm as a 0-d tensor (no host sync)."""
+    scale = torch.maximum(y.abs(), y_new.abs()).mul_(prob.rtol).add_(prob.atol)
+    return _norm(prob, err / scale)
+
+
+def _norm_of(prob: Problem, x, scale) -> float:
+    return float(_norm(prob, x / scale))
+
+
+def initial_step(prob: Problem, f: VectorField, y0, k1, order: int, dt_max: float) -> float:
+    """Hairer's starting step size (Hairer, Norsett & Wanner I, sec. II.4, algorithm p. 169).
+
+    Costs one evaluation of f. Never steps outside [t0, t_end].
+    """
+    with torch.no_grad():
+        scale = y0.abs().mul(prob.rtol).add(prob.atol)
+        d0 = _norm_of(prob, y0, scale)
+        d1 = _norm_of(prob, k1, scale)
+        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+        span = abs(prob.t_end - prob.t0)
+        h0 = min(h0, span, dt_max)
+        y1 = y0 + (prob.direction * h0) * k1
+        f1 = f(prob.t0 + prob.direction * h0, y1)
+        d2 = _norm_of(prob, f1 - k1, scale) / h0
+        dmax = max(d1, d2)
+        if not math.isfinite(dmax):
+            h1 = h0 * 1e-3
+        elif dmax <= 1e-15:
+            h1 = max(1e-6, h0 * 1e-3)
+        else:
+            h1 = (0.01 / dmax) ** (1.0 / order)
+        return min(100 * h0, h1, span, dt_max)
+
+
+def _fail(exc_type, msg, *, t, step, h, throw, state):
+    if throw:
+        raise exc_type(msg, t=t, step=step, h=h)
+    state["status"] = exc_type.status
+    state["message"] = msg
+
+
+# ---------------------------------------------------------------------------- the loop
+def integrate(
+    prob: Problem,
+    f: VectorField,
+    y0: torch.Tensor,
+    *,
+    track_grad: bool,
+    record: str | None = None,
+    throw: bool = True,
+    stepper: RKStepper | None = None,
+    h0: float | None = None,
+    max_states: int | None = None,
+) -> LoopResult:
+    """Integrate from ``prob.t0`` to ``prob.t_end`` and record the outputs.
+
+    Parameters
+    ----------
+    record : {None, "times", "states", "dense"}
+        What to keep per accepted step: nothing; times only (backsolve adjoint); plus the state
+        at the step start (checkpointing); plus the stages (dense output).
+    max_states : int, optional
+        With ``record="states"``, keep at most this many states: whenever the count is exceeded,
+        every second kept state is dropped (the first always stays), so kept states are spread
+        over the whole solve and a gap between them never exceeds twice the average.
+    h0 : float, optional
+        First step size, carried over from an earlier segment (no initial step selection).
+    track_grad : bool
+        Whether the step is built for autograd (Direct gradients).
+    """
+    tab, ctrl = prob.tableau, prob.controller
+    stepper = stepper or RKStepper(tab, y0.dtype, y0.device)
+    direction = prob.direction
+    t0, t_end = prob.t0, prob.t_end
+    adaptive = isinstance(ctrl, PIController)
+    jumps = set(ctrl.jump_t)
+    landings = sorted(
+        {
+            x
+            for x in (*ctrl.step_t, *ctrl.jump_t)
+            if direction * (x - t0) > 0 and direction * (t_end - x) > 0
+        },
+        reverse=direction < 0,
+    )
+    li = 0
+    n_out = len(prob.out_t)
+    samples_all = (
+        torch.tensor(prob.out_sample, device=y0.device) if prob.out_sample is not None else None
+    )
+    out_vals: list[torch.Tensor] = []
+    p = 0
+    # Outputs at the initial time are the initial state itself.
+    while p < n_out and prob.out_t[p] == t0:
+        p += 1
+    if p:
+        out_vals.append(
+            y0.unsqueeze(0).expand(p, *y0.shape) if samples_all is None else y0[samples_all[:p]]
+        )
+
+    t, y = t0, y0
+    k1 = f(t0, y0)
+    if adaptive:
+        k_order = tab.error_order()
+        if h0 is not None:  # carried over from a previous segment: no restart of step control
+            h = h0
+        elif ctrl.dt0 is not None:
+            h = ctrl.dt0
+        elif t_end == t0:
+            h = 0.0
+        else:
+            h = initial_step(prob, f, y0, k1, k_order, ctrl.dt_max)
+    elif isinstance(ctrl, ConstantStep):
+        h = ctrl.dt
+    else:  # StepToGrid: every grid point is a landing point
+        h = math.inf
+    prev_err = 1.0
+    attempts = n_acc = n_rej = 0
+    last_nonfinite = False
+    steps: list[StepRecord] = []
+    n_states = 0
+    state = {"status": "success", "message": ""}
+    t_first = t0
+    # Resolution of the time variable: steps below a few ulps of the times involved cannot
+    # advance t meaningfully.
+    t_scale = max(abs(t0), abs(t_end))
+
+    while direction * (t_end - t) > 0:
+        if prob.max_steps is not None and attempts >= prob.max_steps:
+            _fail(
+                MaxStepsError,
+                f"reached max_steps={prob.max_steps} step attempts at t={t:.17g} (accepted "
+                f"{n_acc}, rejected {n_rej}, last step size {h:.3g}) before the final time "
+                f"{t_end:.17g}; raise max_steps, loosen rtol/atol, or check whether the problem is "
+                "stiff (an implicit method would take far fewer steps)",
+                t=t,
+                step=attempts,
+                h=h,
+                throw=throw,
+                state=state,
+            )
+            break
+        h_abs = min(abs(h), ctrl.dt_max) if adaptive else abs(h)
+        if adaptive and (h_abs < ctrl.dt_min or h_abs <= 4 * _EPS64 * t_scale):
+            cls = NonFiniteError if last_nonfinite else StepSizeUnderflowError
+            why = (
+                "func returned non-finite values (NaN/inf) at every trial step"
+                if last_nonfinite
+                else "the solution may blow up (a singularity) or change too fast to resolve"
+            )
+            _fail(
+                cls,
+                f"step size underflow at t={t:.17g} after {attempts} step attempts: step size "
+                f"{h_abs:.3g} is below {'dt_min=' + format(ctrl.dt_min, '.3g') if h_abs < ctrl.dt_min else 'the resolution of t'}; "
+                f"{why}. Try: loosen rtol/atol, check func for singularities or NaNs near this t, "
+                "rescale time, or use an implicit method if the problem is stiff",
+                t=t,
+                step=attempts,
+                h=h_abs,
+                throw=throw,
+                state=state,
+            )
+            break
+        t_new = t + direction * h_abs
+        clipped = False
+        while li < len(landings) and direction * (landings[li] - t) <= 0:
+            li += 1
+        land = landings[li] if li < len(landings) else None
+        if land is not None and direction * (t_new - land) >= 0:
+            t_new, clipped = land, True
+        if direction * (t_new - t_end) >= 0:
+            t_new, clipped, land = t_end, True, None
+        is_jump = clipped and land is not None and t_new == land and land in jumps
+        h_step = t_new - t
+        # At a discontinuity the last stage sees the left limit and the next step's first stage
+        # the right limit (the next float on either side, as torchdiffeq's perturb does).
+        t_last = math.nextafter(t_new, t) if is_jump else t_new
+        if k1 is None:
+            k1 = f(t_first, y)
+        attempts += 1
+        y_new, err, K = stepper.step(f, t, h_step, y, k1, t_last, track_grad)
+
+        if adaptive:
+            e = float(_scaled_norm(prob, err, y, y_new))
+            accept = e <= 1.0
+            last_nonfinite = not math.isfinite(e)
+        else:
+            accept = True
+        if not accept:
+            n_rej += 1
+            h = abs(h_step) * ctrl.reject_factor(e, k_order)
+            continue
+
+        # ---- accepted: record outputs inside (t, t_new]
+        n_acc += 1
+        lo = p
+        while p < n_out and direction * (prob.out_t[p] - t_new) <= 0:
+            p += 1
+        k_next = None
+        Kd = None
+        if p > lo:
+            taus = prob.out_t[lo:p]
+            inner = [j for j, tau in enumerate(taus) if tau != t_new]
+            if inner:
+                if not stepper.fsal and tab.dense_stage_is_next_first:
+                    k_next = f(t_last, y_new)
+                Kd = stepper.dense_stages(f, t, h_step, y, K, k_next)
+            vals = _outputs_in_step(stepper, Kd, y, y_new, t, h_step, taus, samples_all, lo, p)
+            out_vals.append(vals)
+        if record is not None:
+            rec = StepRecord(t, t_new, t_first, t_last, lo, p)
+            if record in ("states", "dense"):
+                rec.y = y
+                n_states += 1
+                if max_states is not None and n_states > max_states:
+                    kept = [r for r in steps if r.y is not None]
+                    for r in kept[1::2]:
+                        r.y = None
+                    n_states = len(kept) - len(kept[1::2]) + 1  # plus this step's
+            if record == "dense":
+                rec.K = K if Kd is None else Kd
+                rec.k_next = k_next
+            steps.append(rec)
+        # ---- advance
+        if adaptive:
+            fac = ctrl.factor(e, prev_err, k_order)
+            h_next = abs(h_step) * fac
+            h = max(h_abs, h_next) if clipped else h_next
+            prev_err = max(e, 1e-4)
+        t, y = t_new, y_new
+        t_first = math.nextafter(t_new, t_new + direction) if is_jump else t_new
+        if is_jump:
+            k1 = None
+        elif stepper.fsal:
+            k1 = stepper.last_stage(K).view(y.shape)
+        else:
+            k1 = k_next  # may be None: evaluated at the next step's start
+
+    if state["status"] == "success" and not adaptive:
+        # Fixed steps make no per-step decision, so finiteness is checked once, at the end.
+        if not bool(torch.isfinite(y).all()):
+            state["status"] = "nonfinite"
+            msg = (
+                f"the state became non-finite (NaN/inf) during a fixed-step solve that ended at "
+                f"t={t:.17g} after {attempts} steps of size {h:.3g}; use a smaller step, an "
+                "adaptive method, or check func for singularities"
+            )
+            if throw:
+                raise NonFiniteError(msg, t=t, step=attempts, h=h)
+            state["message"] = msg
+
+    if p < n_out:  # stopped early (throw=False): missing outputs are NaN
+        fill = torch.full(
+            (n_out - p, *(y0.shape if samples_all is None else y0.shape[1:])),
+            float("nan"),
+            dtype=y0.dtype,
+            device=y0.device,
+        )
+        out_vals.append(fill)
+    ys = torch.cat(out_vals) if out_vals else y0.new_zeros((0, *y0.shape))
+    if prob.out_order is not None:
+        ys = ys[prob.out_order]
+    return LoopResult(
+        ys=ys,
+        y_final=y,
+        t_reached=t,
+        status=state["status"],
+        message=state["message"],
+        n_accepted=n_acc,
+        n_rejected=n_rej,
+        steps=steps,
+        h_next=abs(h),
+    )
+
+
+def _outputs_in_step(stepper, Kd, y, y_new, t, h, taus, samples_all, lo, hi):
+    """Output values for sorted outputs ``lo:hi`` lying in the step ``(t, t + h]``."""
+    # Interpolant weights are formed in float64 and cast: high-order P matrices cancel heavily.
+    dtype = torch.float64
+    thetas = [(tau - t) / h for tau in taus]
+    at_end = [th == 1.0 or tau == t + h for th, tau in zip(thetas, taus)]
+    samples = samples_all[lo:hi] if samples_all is not None else None
+    if all(at_end):
+        if samples is None:
+            return y_new.unsqueeze(0).expand(hi - lo, *y_new.shape)
+        return y_new[samples]
+    theta = torch.tensor(thetas, dtype=dtype, device=y.device)
+    vals = stepper.interpolate(Kd, y, h, theta, samples)
+    if any(at_end):  # exact end values where an output coincides with the step end
+        idx = torch.tensor([j for j, a in enumerate(at_end) if a], device=y.device)
+        end_vals = (
+            y_new.unsqueeze(0).expand(len(idx), *y_new.shape)
+            if samples is None
+            else y_new[samples[idx]]
+        )
+        vals = vals.index_put((idx,), end_vals)
+    return vals
+
+
+def replay_step(
+    prob: Problem, stepper: RKStepper, f: VectorField, rec: StepRecord, y, samples_all, outputs=True
+):
+    """Recompute an accepted step from its record (with autograd if enabled).
+
+    Returns ``(y_new, outputs)`` where outputs holds the values of the sorted outputs
+    ``rec.out_lo:rec.out_hi`` (or None). Bitwise the same arithmetic as the forward loop.
+    """
+    h = rec.t_new - rec.t
+    track = torch.is_grad_enabled()
+    k1 = f(rec.t_first, y)
+    y_new, _, K = stepper.step(f, rec.t, h, y, k1, rec.t_last, track)
+    if not outputs or rec.out_hi <= rec.out_lo:
+        return y_new, None
+    taus = prob.out_t[rec.out_lo : rec.out_hi]
+    Kd = None
+    if any(tau != rec.t_new for tau in taus):
+        k_next = None
+        if not stepper.fsal and stepper.tab.dense_stage_is_next_first:
+            k_next = f(rec.t_last, y_new)
+        Kd = stepper.dense_stages(f, rec.t, h, y, K, k_next)
+    vals = _outputs_in_step(
+        stepper, Kd, y, y_new, rec.t, h, taus, samples_all, rec.out_lo, rec.out_hi
+    )
+    return y_new, vals
+
+
+__all__ += ["RKStepper", "replay_step", "initial_step", "SolveError"]

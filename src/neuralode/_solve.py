@@ -1,0 +1,326 @@
+"""The native face: validate and normalise inputs, hand over to the gradient method."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ._loop import Problem, VectorField
+from ._tree import TreeSpec, flatten_state
+from .controllers import ConstantStep, PIController, StepToGrid
+from .gradients import Direct, get_gradient
+from .gradients._common import Run
+from .interpolation import DenseOutput
+from .solution import Solution
+from .solvers import get_tableau
+
+__all__ = ["solve"]
+
+
+def solve(
+    func,
+    y0,
+    t,
+    *,
+    solver="dopri5",
+    controller=None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    dt: float | None = None,
+    gradient="direct",
+    max_steps: int | None = None,
+    dense_output: bool | None = None,
+    throw: bool = True,
+    time_dtype: torch.dtype = torch.float64,
+) -> Solution:
+    """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return the state at the times ``t``.
+
+    Parameters
+    ----------
+    func : callable
+        The vector field ``func(t, y) -> dy/dt``, typically an ``nn.Module``. ``t`` is a 0-d
+        tensor of ``time_dtype`` on y0's device; ``y`` has the structure, shapes and dtype of
+        ``y0``, and the return value must match them exactly (no broadcasting).
+    y0 : Tensor or tuple/dict of Tensors
+        Initial state, floating point or complex, any shape. With a 2-D ``t`` every component's
+        first dimension is the batch ``B``.
+    t : Tensor (T,) or (B, T), or a sequence of floats
+        Output times, in the units of the vector field. 1-D: shared by the whole state, strictly
+        increasing or strictly decreasing, ``t[0]`` is the initial time. 2-D: one grid per sample
+        (row ``b`` for sample ``b`` of the batch), each row monotone in the same direction
+        (repeated values, e.g. padding, are allowed) and all rows starting at the same initial
+        time. Output times never shorten steps: values come from the method's dense output.
+    solver : str or ButcherTableau, default "dopri5"
+        Method name (see :mod:`neuralode.solvers`) or a custom tableau.
+    controller : Controller, optional
+        :class:`PIController` (default for adaptive solvers), :class:`ConstantStep` or
+        :class:`StepToGrid`.
+    rtol, atol : float, optional
+        Shortcut for ``controller=PIController(rtol=rtol, atol=atol)`` (defaults 1e-6, 1e-8).
+    dt : float, optional
+        Shortcut for ``controller=ConstantStep(dt)``.
+    gradient : str or gradient method, default "direct"
+        ``"direct"``, ``"backsolve"`` (alias ``"adjoint"``), ``"checkpoint"`` or an instance of
+        :class:`Direct`, :class:`Backsolve`, :class:`Checkpointed`.
+    max_steps : int, optional
+        Limit on step attempts (accepted + rejected) over the whole solve. Default: none.
+    dense_output : bool, optional
+        Keep the continuous extension for :meth:`Solution.evaluate`. Default: True with
+        ``gradient="direct"``, False otherwise (it costs memory proportional to the steps).
+    throw : bool, default True
+        On failure raise a :class:`~neuralode.SolveError`; with False return the partial solution
+        (outputs past the failure are NaN) with ``status`` and ``t_final`` set.
+    time_dtype : torch.dtype, default torch.float64
+        Dtype of the time tensor passed to func. Step control always runs in double precision.
+
+    Returns
+    -------
+    Solution
+        ``ys`` with shape ``(T, *y0.shape)`` per component (for a 2-D ``t``: ``(T, B, ...)``),
+        dense output, statistics (``nfe``, ``n_accepted``, ``n_rejected``) and status.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For invalid inputs (each message names the argument and the fix).
+    StepSizeUnderflowError, MaxStepsError, NonFiniteError
+        When the solve fails and ``throw=True``; the message gives t, the step count, the step
+        size and what to try.
+
+    Notes
+    -----
+    Gradients w.r.t. a 1-D ``t`` use ``dL/dt_j = <dL/dy(t_j), f(t_j, y(t_j))>`` for output times
+    after the first and ``dL/dt_0 = -<dL/dy0, f(t_0, y0)>`` (the continuous derivatives; one
+    extra evaluation of f per output time when ``t.requires_grad``).
+
+    Examples
+    --------
+    >>> import torch, neuralode
+    >>> sol = neuralode.solve(lambda t, y: -y, torch.tensor([1.0]), torch.linspace(0, 1, 5))
+    >>> round(float(sol.ys[-1]), 6)
+    0.367879
+    """
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    tab = get_tableau(solver)
+    grad_method = get_gradient(gradient)
+    if time_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"time_dtype must be torch.float32 or torch.float64, got {time_dtype}")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
+    if not isinstance(throw, bool):
+        raise TypeError(f"throw must be a bool, got {throw!r}")
+
+    t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64)
+    per_sample, t0, t_end, out_t, out_sample, out_order = _check_times(t_tensor, y0)
+    spec, y0flat = flatten_state(y0, batched=per_sample)
+    ctrl = _resolve_controller(tab, controller, rtol, atol, dt)
+    prob = Problem(
+        spec=spec,
+        tableau=tab,
+        controller=ctrl,
+        t0=t0,
+        t_end=t_end,
+        out_t=out_t,
+        out_sample=out_sample,
+        out_order=None if out_order is None else torch.as_tensor(out_order, device=spec.device),
+        n_out_rows=len(out_t),
+        max_steps=max_steps,
+        rtol=_tolerance(spec, ctrl.rtol, "rtol") if ctrl.adaptive else 0.0,
+        atol=_tolerance(spec, ctrl.atol, "atol") if ctrl.adaptive else 0.0,
+        norm=ctrl.norm if isinstance(ctrl, PIController) else None,
+    )
+    dense = dense_output if dense_output is not None else isinstance(grad_method, Direct)
+    samples_all = (
+        torch.as_tensor(out_sample, device=spec.device) if out_sample is not None else None
+    )
+    run = Run(prob, func, time_dtype, throw, bool(dense), samples_all, stats={})
+
+    t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+    if t_grad and per_sample:
+        raise ValueError(
+            "gradients with respect to a 2-D (per-sample) t are not supported; pass t.detach() "
+            "or solve with a shared 1-D t"
+        )
+    y_start = y0flat
+    if t_grad:
+        f0 = VectorField(func, spec, time_dtype)(t0, y0flat)
+        y_start = y0flat - (t[0] - t[0].detach()).to(_real(spec.dtype)) * f0
+    ys = grad_method.run(run, y_start)
+    res = run.result
+    if t_grad and len(out_t) > 1:
+        fv = VectorField(func, spec, time_dtype)
+        corr = [torch.zeros_like(ys[0])]
+        for j in range(1, len(out_t)):
+            corr.append((t[j] - t[j].detach()).to(_real(spec.dtype)) * fv(out_t[j], ys[j]))
+        ys = ys + torch.stack(corr)
+        run.stats["nfe_t_gradient"] = fv.nfe + 1
+    run.stats.update(n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted)
+
+    T = t_tensor.shape[-1]
+    if per_sample:
+        ys_struct = spec.unflatten(ys.reshape(T, spec.batch, -1), lead=(T,))
+    else:
+        ys_struct = spec.unflatten(ys, lead=(T,))
+    dense_obj = None
+    if dense:
+        dense_obj = DenseOutput(
+            res.steps, run.stepper, run.f, spec, prob.direction, t0, res.t_reached, res.y_final
+        )
+    return Solution(
+        t=t_tensor,
+        ys=ys_struct,
+        stats=run.stats,
+        status=res.status,
+        t_final=res.t_reached,
+        message=res.message,
+        _dense=dense_obj,
+        _per_sample=per_sample,
+    )
+
+
+def _real(dtype: torch.dtype) -> torch.dtype:
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
+def _check_times(t: torch.Tensor, y0):
+    """Validate ``t`` and lay out the output plan (sorted times, samples, result order)."""
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"t must be a real tensor of times, got dtype {t.dtype}")
+    if t.dim() not in (1, 2):
+        raise ValueError(
+            f"t must be 1-D (T,) or 2-D (batch, T) for per-sample grids, got shape {tuple(t.shape)}"
+        )
+    tl = t.detach().to("cpu", torch.float64)
+    if tl.numel() == 0:
+        raise ValueError("t is empty; pass at least the initial time")
+    if not bool(torch.isfinite(tl).all()):
+        raise ValueError(f"t contains NaN or infinite values: {tl.tolist()}")
+    if t.dim() == 1:
+        d = tl[1:] - tl[:-1]
+        if tl.numel() > 1 and not (bool((d > 0).all()) or bool((d < 0).all())):
+            raise ValueError(
+                "t must be strictly increasing or strictly decreasing; got "
+                f"{tl.tolist() if tl.numel() <= 10 else str(tl.tolist()[:10]) + '...'}"
+            )
+        out_t = tl.tolist()
+        return False, out_t[0], out_t[-1], out_t, None, None
+    B, T = tl.shape
+    leading = _leading_batch(y0)
+    if leading is not None and leading != B:
+        raise ValueError(
+            f"t has shape {tuple(t.shape)} (batch, T) but y0's batch dimension is {leading}; "
+            "a 2-D t needs one row of output times per sample of y0"
+        )
+    if not bool((tl[:, 0] == tl[0, 0]).all()):
+        raise ValueError(
+            "every row of a 2-D t must start at the same initial time (the batch is integrated "
+            f"together from t[:, 0]); got starts {tl[:, 0].tolist()[:8]}. For an autonomous "
+            "vector field shift each row to start at 0; otherwise solve the groups separately"
+        )
+    d = tl[:, 1:] - tl[:, :-1]
+    inc, dec = bool((d >= 0).all()), bool((d <= 0).all())
+    if not (inc or dec):
+        raise ValueError("each row of a 2-D t must be monotone, all in the same direction")
+    direction = 1.0 if inc else -1.0
+    if inc and dec:  # every row constant
+        direction = 1.0
+    flat = tl.T.reshape(-1)  # time-major: position j * B + b
+    samples = torch.arange(B).repeat(T)
+    order = torch.sort(direction * flat, stable=True).indices
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel())
+    out_t = flat[order].tolist()
+    t_end = out_t[-1]
+    return True, float(tl[0, 0]), t_end, out_t, samples[order].tolist(), inv
+
+
+def _leading_batch(y0):
+    if isinstance(y0, torch.Tensor):
+        return y0.shape[0] if y0.dim() else None
+    vals = (
+        list(y0.values())
+        if isinstance(y0, Mapping)
+        else list(y0)
+        if isinstance(y0, (tuple, list))
+        else []
+    )
+    if vals and isinstance(vals[0], torch.Tensor) and vals[0].dim():
+        return vals[0].shape[0]
+    return None
+
+
+def _resolve_controller(tab, controller, rtol, atol, dt):
+    if controller is not None:
+        given = [n for n, v in (("rtol", rtol), ("atol", atol), ("dt", dt)) if v is not None]
+        if given:
+            raise ValueError(
+                f"pass {', '.join(given)} inside the controller, not next to controller=... "
+                "(e.g. PIController(rtol=..., atol=...) or ConstantStep(dt))"
+            )
+        if not isinstance(controller, (PIController, ConstantStep, StepToGrid)):
+            raise TypeError(
+                "controller must be PIController, ConstantStep or StepToGrid, got "
+                f"{type(controller).__name__}"
+            )
+        if controller.adaptive and not tab.adaptive:
+            raise ValueError(
+                f"solver {tab.name!r} has no embedded error estimate, so it cannot be used with "
+                "an adaptive controller; use ConstantStep(dt) or StepToGrid(grid), or an adaptive "
+                "method such as 'dopri5'"
+            )
+        return controller
+    if dt is not None:
+        if rtol is not None or atol is not None:
+            raise ValueError(
+                "rtol/atol have no effect with a fixed step dt; pass either dt or rtol/atol"
+            )
+        return ConstantStep(dt)
+    if not tab.adaptive:
+        raise ValueError(
+            f"solver {tab.name!r} is a fixed-step method (no error estimate): pass dt=... or "
+            "controller=ConstantStep(dt) / StepToGrid(grid)"
+        )
+    return PIController(rtol=1e-6 if rtol is None else rtol, atol=1e-8 if atol is None else atol)
+
+
+def _tolerance(spec: TreeSpec, tol, name: str):
+    """A float, or a tolerance tensor laid out like the flat state ``(B, M)``."""
+    real = _real(spec.dtype)
+    if isinstance(tol, (int, float)):
+        return float(tol)
+    if isinstance(tol, torch.Tensor) and tol.numel() == 1:
+        return float(tol)
+    if spec.kind == "tensor":
+        parts = [tol]
+    elif spec.kind == "tuple":
+        if not isinstance(tol, (tuple, list)) or len(tol) != len(spec.shapes):
+            raise ValueError(
+                f"{name} for a tuple state must be a number or a tuple of {len(spec.shapes)} "
+                f"numbers/tensors (one per component), got {tol!r}"
+            )
+        parts = list(tol)
+    else:
+        if not isinstance(tol, Mapping) or set(tol) != set(spec.keys):
+            raise ValueError(
+                f"{name} for a dict state must be a number or a dict with keys {list(spec.keys)}"
+            )
+        parts = [tol[k] for k in spec.keys]
+    flat = []
+    for v, shape in zip(parts, spec.shapes):
+        v = torch.as_tensor(v, dtype=real, device=spec.device)
+        if bool((v < 0).any()) or not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite and non-negative, got {v.tolist()}")
+        try:
+            v = v.expand(shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {tuple(v.shape)} does not broadcast to the state shape {tuple(shape)}"
+            ) from None
+        flat.append(v.reshape(spec.batch, -1))
+    out = torch.cat(flat, dim=1)
+    if not math.isfinite(float(out.max())):
+        raise ValueError(f"{name} must be finite")
+    return out

@@ -1,0 +1,196 @@
+"""The one place that flattens and unflattens states.
+
+A state is a tensor of any shape, or a tuple or dict of tensors. The engine works on one flat
+tensor of shape ``(B, M)``: ``B`` is the batch size when every sample has its own output grid
+(2-D ``t``) and 1 otherwise, ``M`` the number of scalars per batch row. Tuple and dict states
+are concatenated along the second dimension; :class:`TreeSpec` remembers where each component
+lives, so that the error norm can treat components separately (the maximum over components of
+each component's RMS norm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TreeSpec", "flatten_state", "rms_norm"]
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """How a state structure maps onto the flat ``(B, M)`` tensor the engine integrates."""
+
+    kind: str  # "tensor", "tuple" or "dict"
+    keys: tuple  # dict keys (kind "dict"), else positions
+    shapes: tuple[torch.Size, ...]
+    sizes: tuple[int, ...]  # scalars per batch row of each component
+    batch: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def width(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for s in self.sizes:
+            out.append(acc)
+            acc += s
+        return tuple(out)
+
+    def components(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``flat`` (..., B, M) per component, each (..., B, size_i)."""
+        if self.kind == "tensor":
+            return [flat]
+        return [flat[..., o : o + s] for o, s in zip(self.offsets, self.sizes)]
+
+    def unflatten(self, flat: torch.Tensor, lead: tuple[int, ...] = ()):
+        """Rebuild the state from ``flat`` of shape ``(*lead, B, M)``."""
+        if self.kind == "tensor":
+            return flat.reshape(*lead, *self.shapes[0])
+        parts = [c.reshape(*lead, *shape) for c, shape in zip(self.components(flat), self.shapes)]
+        if self.kind == "tuple":
+            return tuple(parts)
+        return dict(zip(self.keys, parts))
+
+    def _describe(self) -> str:
+        if self.kind == "tensor":
+            return f"a tensor of shape {tuple(self.shapes[0])}"
+        return f"a {self.kind} of shapes {[tuple(s) for s in self.shapes]}"
+
+    def flatten(self, state, *, what: str = "state", t: float | None = None) -> torch.Tensor:
+        """Flatten ``state`` (same structure, shapes and dtype as y0) to ``(B, M)``.
+
+        Raises TypeError/ValueError naming ``what`` (e.g. "the derivative returned by func")
+        when the structure, a shape or the dtype differs from y0's.
+        """
+        where = "" if t is None else f" at t={t:.17g}"
+        if self.kind == "tensor":
+            if not isinstance(state, torch.Tensor):
+                raise TypeError(
+                    f"{what}{where} is {type(state).__name__}, expected {self._describe()} like y0"
+                )
+            tensors = [state]
+        elif self.kind == "tuple":
+            if not isinstance(state, (tuple, list)) or len(state) != len(self.shapes):
+                raise TypeError(
+                    f"{what}{where} must be a tuple of {len(self.shapes)} tensors like y0, got "
+                    f"{type(state).__name__}"
+                    + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
+                )
+            tensors = list(state)
+        else:
+            if not isinstance(state, Mapping) or set(state.keys()) != set(self.keys):
+                got = list(state.keys()) if isinstance(state, Mapping) else type(state).__name__
+                raise TypeError(
+                    f"{what}{where} must be a dict with keys {list(self.keys)}, got {got}"
+                )
+            tensors = [state[k] for k in self.keys]
+        for i, (x, shape) in enumerate(zip(tensors, self.shapes)):
+            label = what if self.kind == "tensor" else f"component {self.keys[i]!r} of {what}"
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{label}{where} is {type(x).__name__}, expected a tensor")
+            if x.shape != shape:
+                raise ValueError(
+                    f"{label}{where} has shape {tuple(x.shape)} but the state has shape "
+                    f"{tuple(shape)}; func must return dy/dt with exactly the state's shape "
+                    "(no broadcasting)"
+                )
+            if x.dtype != self.dtype:
+                raise TypeError(
+                    f"{label}{where} has dtype {x.dtype} but the state has dtype {self.dtype}; "
+                    "make func return the state's dtype (cast parameters with module.to(dtype))"
+                )
+        if self.kind == "tensor":
+            return tensors[0].reshape(self.batch, -1)
+        return torch.cat([x.reshape(self.batch, -1) for x in tensors], dim=1)
+
+
+def flatten_state(y0, *, batched: bool, name: str = "y0") -> tuple[TreeSpec, torch.Tensor]:
+    """Describe and flatten an initial state.
+
+    Parameters
+    ----------
+    y0 : Tensor or tuple/dict of Tensors
+        The initial state. With ``batched=True`` every component's first dimension is the batch.
+    batched : bool
+        Whether the batch dimension is kept separate (per-sample output grids).
+
+    Raises
+    ------
+    TypeError
+        If ``y0`` is not a tensor or tuple/dict of tensors, mixes dtypes or devices, or has a
+        non-floating dtype.
+    ValueError
+        If ``batched`` and the components disagree on the batch size.
+    """
+    if isinstance(y0, torch.Tensor):
+        kind, keys, tensors = "tensor", (0,), [y0]
+    elif isinstance(y0, (tuple, list)):
+        if len(y0) == 0:
+            raise ValueError(f"{name} is an empty tuple; pass at least one tensor")
+        kind, keys, tensors = "tuple", tuple(range(len(y0))), list(y0)
+    elif isinstance(y0, Mapping):
+        if len(y0) == 0:
+            raise ValueError(f"{name} is an empty dict; pass at least one tensor")
+        kind, keys = "dict", tuple(y0.keys())
+        tensors = [y0[k] for k in keys]
+    else:
+        raise TypeError(
+            f"{name} must be a tensor or a tuple/dict of tensors, got {type(y0).__name__}; "
+            "wrap numbers with torch.tensor(...)"
+        )
+    for k, x in zip(keys, tensors):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}[{k!r}] is {type(x).__name__}, expected a tensor")
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(
+                f"{name}{'' if kind == 'tensor' else f'[{k!r}]'} has dtype {x.dtype}; the state "
+                "must be floating point or complex (use y0.to(torch.float32) or float64)"
+            )
+    dtypes = {x.dtype for x in tensors}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"the components of {name} have different dtypes {sorted(map(str, dtypes))}; "
+            "cast them to one dtype"
+        )
+    devices = {x.device for x in tensors}
+    if len(devices) > 1:
+        raise TypeError(
+            f"the components of {name} lie on different devices {sorted(map(str, devices))}"
+        )
+    if batched:
+        sizes_b = {x.shape[0] if x.dim() > 0 else None for x in tensors}
+        if None in sizes_b or len(sizes_b) > 1:
+            raise ValueError(
+                f"with a 2-D t (one output grid per sample) every component of {name} needs the "
+                f"same leading batch dimension; got shapes {[tuple(x.shape) for x in tensors]}"
+            )
+        batch = tensors[0].shape[0]
+    else:
+        batch = 1
+    shapes = tuple(x.shape for x in tensors)
+    sizes = tuple(x.numel() // batch if batch else 0 for x in tensors)
+    spec = TreeSpec(kind, keys, shapes, sizes, batch, tensors[0].dtype, tensors[0].device)
+    if kind == "tensor":
+        flat = tensors[0].reshape(batch, -1)
+    else:
+        flat = torch.cat([x.reshape(batch, -1) for x in tensors], dim=1)
+    return spec, flat
+
+
+def rms_norm(spec: TreeSpec, scaled: torch.Tensor) -> torch.Tensor:
+    """Mixed norm of a scaled error ``(B, M)``: max over components of each component's RMS.
+
+    Taking the maximum over components means a small component is controlled as tightly as a
+    large one (torchdiffeq's "mixed" norm for tuple states); within a component the RMS norm
+    (Hairer, Norsett & Wanner I, eq. II.4.11) averages over its scalars.
+    """
+    if spec.kind == "tensor":
+        return scaled.abs().square().mean().sqrt()
+    norms = [c.abs().square().mean().sqrt() for c in spec.components(scaled) if c.numel()]
+    return torch.stack(norms).max()

@@ -1,0 +1,13 @@
+"""Step-size controllers: how the engine chooses steps.
+
+- :class:`ConstantStep` -- fixed steps of size ``dt`` (the last one clipped to the end time).
+- :class:`StepToGrid` -- fixed steps between the points of a user grid.
+- :class:`PIController` -- adaptive steps from the embedded error estimate (PI control, with the
+  I controller as the default special case) and Hairer's initial step selection.
+
+Controllers hold settings only; the per-solve state is threaded through the stepping loop.
+"""
+
+from .step_size import ConstantStep, Controller, PIController, StepToGrid
+
+__all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController"]

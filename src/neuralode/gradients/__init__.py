@@ -1,0 +1,52 @@
+"""Gradient methods: how a solve is differentiated.
+
+- :class:`Direct` -- autograd through the solver's own operations: the exact gradient of the
+  discrete solve; memory grows with the number of steps.
+- :class:`Backsolve` -- the adjoint sensitivity method (Chen et al. 2018): the forward solve keeps
+  no graph; the backward pass integrates the state, the adjoint state and the parameter integral
+  backward in time. Memory constant in the number of steps; the gradient approximates the
+  continuous one to the adjoint tolerances.
+- :class:`Checkpointed` -- exact gradients (equal to Direct to rounding) with bounded memory: the
+  forward pass stores the state at accepted steps (at most ``max_checkpoints`` of them), the
+  backward pass recomputes each step with autograd.
+
+Pass one as ``neuralode.solve(..., gradient=...)``; the strings ``"direct"``, ``"backsolve"``
+(alias ``"adjoint"``) and ``"checkpoint"`` select the defaults.
+"""
+
+from __future__ import annotations
+
+from .adjoint import Backsolve
+from .checkpoint import Checkpointed
+from .direct import Direct
+
+__all__ = ["Direct", "Backsolve", "Checkpointed", "get_gradient"]
+
+
+def get_gradient(gradient):
+    """Resolve a gradient method given by name or instance.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    TypeError
+        For anything else.
+    """
+    if isinstance(gradient, (Direct, Backsolve, Checkpointed)):
+        return gradient
+    if isinstance(gradient, str):
+        key = gradient.lower()
+        if key == "direct":
+            return Direct()
+        if key in ("backsolve", "adjoint"):
+            return Backsolve()
+        if key in ("checkpoint", "checkpointed"):
+            return Checkpointed()
+        raise ValueError(
+            f"unknown gradient method {gradient!r}; choose 'direct', 'backsolve' (or 'adjoint'), "
+            "'checkpoint', or pass Direct(), Backsolve(...), Checkpointed(...)"
+        )
+    raise TypeError(
+        f"gradient must be a name or a gradient method object, got {type(gradient).__name__}"
+    )

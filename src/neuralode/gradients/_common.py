@@ -1,0 +1,98 @@
+"""What the gradient methods share: the per-solve run description and parameter discovery."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .._loop import LoopResult, Problem, RKStepper, VectorField
+
+__all__ = ["Run", "find_params", "warn_missing_params"]
+
+
+@dataclass
+class Run:
+    """One solve: the problem plus what the gradient method needs to run and differentiate it."""
+
+    prob: Problem
+    func: object
+    time_dtype: torch.dtype
+    throw: bool
+    dense: bool
+    samples_all: torch.Tensor | None
+    stats: dict
+    result: LoopResult | None = None
+    f: VectorField | None = None
+    stepper: RKStepper | None = None
+    extra: dict = field(default_factory=dict)
+
+    def vector_field(self) -> VectorField:
+        return VectorField(self.func, self.prob.spec, self.time_dtype)
+
+    def new_stepper(self, y0) -> RKStepper:
+        return RKStepper(self.prob.tableau, y0.dtype, y0.device)
+
+
+def find_params(func, explicit, name: str = "params") -> list[torch.Tensor]:
+    """Tensors to differentiate with respect to, besides y0.
+
+    ``explicit`` (a sequence of tensors) wins; else the parameters of ``func`` when it is an
+    ``nn.Module`` or a bound method of one; else none.
+
+    Raises
+    ------
+    TypeError
+        If ``explicit`` holds something other than tensors.
+    """
+    if explicit is not None:
+        out = list(explicit)
+        for i, p in enumerate(out):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{name}[{i}] is {type(p).__name__}, expected a tensor")
+        return [p for p in out if p.requires_grad]
+    owner = func if isinstance(func, nn.Module) else getattr(func, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return [p for p in owner.parameters() if p.requires_grad]
+    return []
+
+
+def warn_missing_params(out: torch.Tensor, params: list[torch.Tensor], method: str) -> None:
+    """Warn when ``out`` (an evaluation of func) depends on a leaf tensor that requires grad but
+    is not among ``params``: its gradient would silently be missing."""
+    if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+        return
+    known = {id(p) for p in params}
+    seen, stack, missing = set(), [out.grad_fn], []
+    while stack and len(seen) < 10_000:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) not in known:
+            missing.append(var)
+        stack.extend(n for n, _ in node.next_functions)
+    if missing:
+        shapes = ", ".join(str(tuple(v.shape)) for v in missing[:5])
+        warnings.warn(
+            f"func uses {len(missing)} tensor(s) that require grad but are not among the "
+            f"parameters of the {method} gradient (shapes {shapes}); their gradients will be "
+            "missing (left unchanged). Make func an nn.Module that owns them, or pass them "
+            "explicitly (Backsolve(params=...)/Checkpointed(params=...), or adjoint_params=... "
+            "for odeint_adjoint).",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def check_params(run: Run, y0flat: torch.Tensor, params: list[torch.Tensor], method: str) -> None:
+    """Evaluate func once at (t0, y0) with graph building on and warn about missing params."""
+    spec = run.prob.spec
+    with torch.enable_grad():
+        tt = torch.tensor(run.prob.t0, dtype=run.time_dtype, device=spec.device)
+        out = run.func(tt, spec.unflatten(y0flat.detach()))
+    flat = spec.flatten(out, what="the derivative returned by func", t=run.prob.t0)
+    warn_missing_params(flat, params, method)

@@ -1,0 +1,103 @@
+"""The result of a solve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Solution"]
+
+
+@dataclass
+class Solution:
+    """Values at the requested times, dense output, statistics and status of a solve.
+
+    Attributes
+    ----------
+    t : Tensor
+        The output times as given: ``(T,)`` or, for per-sample grids, ``(B, T)``.
+    ys : Tensor or tuple/dict of Tensors
+        The state at the output times, time first: each component has shape ``(T, *shape)``
+        where ``shape`` is the component's shape in ``y0``. For per-sample grids ``shape``
+        starts with the batch ``B``, so ``ys[j, b]`` is sample ``b`` at its time ``t[b, j]``.
+    stats : dict
+        ``nfe`` (evaluations of func in the forward solve), ``n_accepted``, ``n_rejected``,
+        ``n_steps`` (= accepted), and after a backward pass ``nfe_backward`` (evaluations of func
+        or of its vector-Jacobian product during the gradient computation).
+    status : str
+        ``"success"``, or with ``throw=False`` one of ``"max_steps"``, ``"dt_underflow"``,
+        ``"nonfinite"``.
+    t_final : float
+        Time the solve reached (the final time on success).
+    message : str
+        Why the solve stopped early ("" on success).
+    """
+
+    t: torch.Tensor
+    ys: object
+    stats: dict
+    status: str = "success"
+    t_final: float = float("nan")
+    message: str = ""
+    _dense: object = field(default=None, repr=False)
+    _per_sample: bool = field(default=False, repr=False)
+
+    @property
+    def success(self) -> bool:
+        return self.status == "success"
+
+    @property
+    def step_times(self) -> list[float]:
+        """Accepted step boundaries (needs ``dense_output=True``)."""
+        if self._dense is None:
+            raise ValueError("step_times needs solve(..., dense_output=True)")
+        return self._dense.step_times
+
+    def evaluate(self, t) -> object:
+        """The solution at arbitrary times inside the solved interval (dense output).
+
+        Parameters
+        ----------
+        t : float or Tensor
+            Query times of any shape ``Q``. For per-sample solves a tensor of shape ``(B, Q)``
+            queries each sample at its own times.
+
+        Returns
+        -------
+        Tensor or tuple/dict of Tensors
+            Shape ``(*Q, *shape)`` per component (``y0``'s shapes), or for per-sample queries
+            ``(Q, B, *rest)``.
+
+        Raises
+        ------
+        ValueError
+            Without dense output (``dense_output=False``), or for times outside
+            ``[t0, t_final]``, or a per-sample query whose batch size differs.
+
+        Notes
+        -----
+        Differentiable with ``gradient="direct"``; with the checkpointed and backsolve gradient
+        methods the dense output holds detached values.
+        """
+        if self._dense is None:
+            raise ValueError(
+                "this Solution has no dense output; solve with dense_output=True to evaluate "
+                "at arbitrary times"
+            )
+        d = self._dense
+        tq = torch.as_tensor(t, dtype=torch.float64)
+        if self._per_sample and tq.dim() == 2:
+            B = d.spec.batch
+            if tq.shape[0] != B:
+                raise ValueError(
+                    f"per-sample query t has {tq.shape[0]} rows but the solve has batch {B}"
+                )
+            Q = tq.shape[1]
+            times = tq.T.reshape(-1).tolist()  # time-major: row j*B + b
+            samples = torch.arange(B, device=d.spec.device).repeat(Q)
+            flat = d.evaluate_flat(times, samples)  # (Q*B, M)
+            return d.spec.unflatten(flat.view(Q, B, -1), lead=(Q,))
+        times = tq.reshape(-1).tolist()
+        flat = d.evaluate_flat(times)  # (m, B, M)
+        return d.spec.unflatten(flat, lead=tuple(tq.shape))

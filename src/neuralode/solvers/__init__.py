@@ -1,0 +1,83 @@
+"""Solvers: Butcher tableaux as validated data, run by one generic explicit RK engine.
+
+| name            | order (embedded) | stages | FSAL | dense output              | source |
+|-----------------|------------------|--------|------|---------------------------|--------|
+| ``euler``       | 1                | 1      | no   | cubic Hermite             | Euler 1768 |
+| ``midpoint``    | 2                | 2      | no   | cubic Hermite             | Runge 1895 |
+| ``heun2``       | 2                | 2      | no   | cubic Hermite             | Heun 1900 |
+| ``heun3``       | 3                | 3      | no   | cubic Hermite             | Heun 1900 |
+| ``rk4``         | 4                | 4      | no   | cubic Hermite             | Kutta 1901 |
+| ``rk38``        | 4                | 4      | no   | cubic Hermite             | Kutta 1901 (3/8 rule) |
+| ``adaptive_heun`` | 2 (1)          | 2      | no   | cubic Hermite             | Heun--Euler |
+| ``fehlberg2``   | 2 (1)            | 3      | no   | cubic Hermite             | Fehlberg 1969 |
+| ``bosh3``       | 3 (2)            | 4      | yes  | cubic Hermite             | Bogacki & Shampine 1989 |
+| ``dopri5``      | 5 (4)            | 7      | yes  | 4th order (Shampine 1986) | Dormand & Prince 1980 |
+| ``tsit5``       | 5 (4)            | 7      | yes  | 4th order (Tsitouras)     | Tsitouras 2011 |
+| ``dopri8``      | 8 (5)            | 12     | no   | 7th order (DOP853)        | Prince & Dormand 1981; Hairer et al. 1993 |
+
+Methods without an embedded error estimate need a fixed-step controller
+(:class:`~neuralode.ConstantStep` or :class:`~neuralode.StepToGrid`).
+"""
+
+from __future__ import annotations
+
+from . import bosh3, classic, dopri5, low_order
+from .tableau import ButcherTableau
+
+__all__ = ["ButcherTableau", "get_tableau", "available", "FIXED_STEP", "ADAPTIVE"]
+
+_REGISTRY: dict[str, ButcherTableau] = {
+    t.name: t
+    for t in (
+        classic.EULER,
+        classic.MIDPOINT,
+        classic.HEUN2,
+        classic.HEUN3,
+        classic.RK4,
+        classic.RK38,
+        low_order.ADAPTIVE_HEUN,
+        low_order.FEHLBERG2,
+        bosh3.TABLEAU,
+        dopri5.TABLEAU,
+    )
+}
+try:  # high-order tables live in their own modules
+    from . import dopri8, tsit5
+
+    _REGISTRY["tsit5"] = tsit5.TABLEAU
+    _REGISTRY["dopri8"] = dopri8.TABLEAU
+except ImportError:  # pragma: no cover - during development only
+    pass
+
+FIXED_STEP = tuple(n for n, t in _REGISTRY.items() if not t.adaptive)
+ADAPTIVE = tuple(n for n, t in _REGISTRY.items() if t.adaptive)
+
+
+def available() -> tuple[str, ...]:
+    """Names of the built-in explicit methods."""
+    return tuple(_REGISTRY)
+
+
+def get_tableau(solver) -> ButcherTableau:
+    """Resolve a solver given by name or as a :class:`ButcherTableau`.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name (the message lists the known ones).
+    TypeError
+        For anything that is neither a string nor a tableau.
+    """
+    if isinstance(solver, ButcherTableau):
+        return solver
+    if isinstance(solver, str):
+        try:
+            return _REGISTRY[solver]
+        except KeyError:
+            raise ValueError(
+                f"unknown solver {solver!r}; choose one of {sorted(_REGISTRY)} or pass a "
+                "ButcherTableau"
+            ) from None
+    raise TypeError(
+        f"solver must be a method name or a ButcherTableau, got {type(solver).__name__}"
+    )
