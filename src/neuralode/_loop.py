@@ -249,6 +249,8 @@ def integrate(
     stepper: RKStepper | None = None,
     h0: float | None = None,
     max_states: int | None = None,
+    k1: torch.Tensor | None = None,
+    t_first: float | None = None,
 ) -> LoopResult:
     """Integrate from ``prob.t0`` to ``prob.t_end`` and record the outputs.
 
@@ -263,6 +265,9 @@ def integrate(
         over the whole solve and a gap between them never exceeds twice the average.
     h0 : float, optional
         First step size, carried over from an earlier segment (no initial step selection).
+    k1, t_first : optional
+        f at the start, if already known, and the time at which the first stage is evaluated
+        (default ``t0``; just past it when the segment starts at a discontinuity).
     track_grad : bool
         Whether the step is built for autograd (Direct gradients).
     """
@@ -296,7 +301,9 @@ def integrate(
         )
 
     t, y = t0, y0
-    k1 = f(t0, y0)
+    t_first = t0 if t_first is None else t_first
+    if k1 is None:
+        k1 = f(t_first, y0)
     if adaptive:
         k_order = tab.error_order()
         if h0 is not None:  # carried over from a previous segment: no restart of step control
@@ -317,7 +324,6 @@ def integrate(
     steps: list[StepRecord] = []
     n_states = 0
     state = {"status": "success", "message": ""}
-    t_first = t0
     # Resolution of the time variable: steps below a few ulps of the times involved cannot
     # advance t meaningfully.
     t_scale = max(abs(t0), abs(t_end))
@@ -378,7 +384,8 @@ def integrate(
         y_new, err, K = stepper.step(f, t, h_step, y, k1, t_last, track_grad)
 
         if adaptive:
-            e = float(_scaled_norm(prob, err, y, y_new))
+            with torch.no_grad():
+                e = float(_scaled_norm(prob, err, y, y_new))
             accept = e <= 1.0
             last_nonfinite = not math.isfinite(e)
         else:
@@ -495,19 +502,28 @@ def _outputs_in_step(stepper, Kd, y, y_new, t, h, taus, samples_all, lo, hi):
 
 
 def replay_step(
-    prob: Problem, stepper: RKStepper, f: VectorField, rec: StepRecord, y, samples_all, outputs=True
+    prob: Problem,
+    stepper: RKStepper,
+    f: VectorField,
+    rec: StepRecord,
+    y,
+    samples_all,
+    outputs=True,
+    k1=None,
 ):
     """Recompute an accepted step from its record (with autograd if enabled).
 
-    Returns ``(y_new, outputs)`` where outputs holds the values of the sorted outputs
-    ``rec.out_lo:rec.out_hi`` (or None). Bitwise the same arithmetic as the forward loop.
+    Returns ``(y_new, outputs, k1)`` where outputs holds the values of the sorted outputs
+    ``rec.out_lo:rec.out_hi`` (or None) and ``k1`` is f at the step start. Bitwise the same
+    arithmetic as the forward loop.
     """
     h = rec.t_new - rec.t
     track = torch.is_grad_enabled()
-    k1 = f(rec.t_first, y)
+    if k1 is None:
+        k1 = f(rec.t_first, y)
     y_new, _, K = stepper.step(f, rec.t, h, y, k1, rec.t_last, track)
     if not outputs or rec.out_hi <= rec.out_lo:
-        return y_new, None
+        return y_new, None, k1
     taus = prob.out_t[rec.out_lo : rec.out_hi]
     Kd = None
     if any(tau != rec.t_new for tau in taus):
@@ -518,7 +534,7 @@ def replay_step(
     vals = _outputs_in_step(
         stepper, Kd, y, y_new, rec.t, h, taus, samples_all, rec.out_lo, rec.out_hi
     )
-    return y_new, vals
+    return y_new, vals, k1
 
 
 __all__ += ["RKStepper", "replay_step", "initial_step", "SolveError"]

@@ -145,14 +145,16 @@ def solve(
             "or solve with a shared 1-D t"
         )
     y_start = y0flat
+    f0 = None
     if t_grad:
         f0 = VectorField(func, spec, time_dtype)(t0, y0flat)
         y_start = y0flat - (t[0] - t[0].detach()).to(_real(spec.dtype)) * f0
     ys = grad_method.run(run, y_start)
     res = run.result
-    if t_grad and len(out_t) > 1:
+    if t_grad:
         fv = VectorField(func, spec, time_dtype)
-        corr = [torch.zeros_like(ys[0])]
+        # Output 0 is y0 itself, which does not move with t0: undo the shift applied to y0.
+        corr = [(t[0] - t[0].detach()).to(_real(spec.dtype)) * f0]
         for j in range(1, len(out_t)):
             corr.append((t[j] - t[j].detach()).to(_real(spec.dtype)) * fv(out_t[j], ys[j]))
         ys = ys + torch.stack(corr)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .._loop import Problem, VectorField, integrate, replay_step
+from .._loop import Problem, RKStepper, VectorField, integrate, replay_step
 from .._tree import flatten_state
 from ..controllers import PIController, StepToGrid
 from ..solvers import get_tableau
@@ -157,15 +158,24 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     gs = [torch.zeros(n, dtype=dtype, device=device) for n in p_sizes]
     aug_spec, _ = flatten_state((y, a, *gs), batched=False, name="augmented state")
 
-    fwd_f = VectorField(run.func, spec, run.time_dtype)
+    inner_f = VectorField(run.func, spec, run.time_dtype)  # inside the augmented dynamics
+    fwd_f = VectorField(run.func, spec, run.time_dtype)  # replays of forward steps
+
+    # The last evaluation of the augmented dynamics, with its graph kept: a segment ends with
+    # an FSAL stage at its end point, so a replay starting there can reuse f(t_n, y_n).
+    last: dict = {}
 
     def aug_func(t, aug):
         yy, aa = aug[0].view(B, M), aug[1].view(B, M)
+        tf = _t_float(t)
         with torch.enable_grad():
             yv = yy.detach().requires_grad_()
-            fy = fwd_f(_t_float(t), yv)
+            fy = inner_f(tf, yv)
             if fy.requires_grad:
-                vj = torch.autograd.grad(fy, [yv, *params], -aa, allow_unused=True)
+                vj = torch.autograd.grad(
+                    fy, [yv, *params], -aa, allow_unused=True, retain_graph=True
+                )
+                last.update(t=tf, y=yv, f=fy)
             else:
                 vj = [None] * (1 + len(params))
         out = [fy.detach().reshape(-1)]
@@ -179,8 +189,6 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
         return tuple(out)
 
     aug_f = VectorField(aug_func, aug_spec, run.time_dtype)
-    aug_f.nfe_offset = 0
-    fwd_nfe_before = fwd_f.nfe
     tab = get_tableau(cfg.solver) if cfg.solver is not None else prob.tableau
     ctrl = prob.controller
     rtol = cfg.rtol if cfg.rtol is not None else prob.rtol
@@ -203,7 +211,9 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     replay_gp = [torch.zeros_like(p) for p in params]
     h_carry = None
     aug_stepper = None
+    jumps = set(ctrl.jump_t)
     for i, point in enumerate(points):
+        shared_k1 = None
         for kind, k in actions.get(point, ()):
             rec = steps[k]
             taus = out_t[rec.out_lo : rec.out_hi]
@@ -215,14 +225,23 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
                 else:
                     a = a.view(B, M).index_add(0, samples[idx], g).reshape(-1)
             else:
-                yk = y.view(B, M).detach().requires_grad_()
+                k1 = None
+                if last.get("t") == rec.t_first and torch.equal(last["y"], y.view(B, M)):
+                    yk, k1 = last["y"], last["f"]  # reuse the segment's final FSAL stage
+                else:
+                    yk = y.view(B, M).detach().requires_grad_()
                 with torch.enable_grad():
-                    _, vals = replay_step(prob, run.stepper, fwd_f, rec, yk, samples)
+                    _, vals, k1r = replay_step(prob, run.stepper, fwd_f, rec, yk, samples, k1=k1)
                     gout = g_sorted[rec.out_lo : rec.out_hi].clone()
                     at_end = [j for j, tau in enumerate(taus) if tau == rec.t_new]
                     if at_end:
                         gout[at_end] = 0
-                    vj = torch.autograd.grad(vals, [yk, *params], gout, allow_unused=True)
+                    share = rec.t_first == point and k1r.requires_grad
+                    vj = torch.autograd.grad(
+                        vals, [yk, *params], gout, allow_unused=True, retain_graph=share
+                    )
+                if share:
+                    shared_k1 = (k1r, yk)
                 if vj[0] is not None:
                     a = a + vj[0].reshape(-1)
                 for q, v in enumerate(vj[1:]):
@@ -247,14 +266,35 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             norm_components=2 if cfg.seminorm else None,
         )
         if aug_stepper is None:
-            from .._loop import RKStepper
-
             aug_stepper = RKStepper(tab, dtype, device)
         flat = torch.cat([y, a, *gs]).unsqueeze(0)
+        k1_aug = None
+        if shared_k1 is not None:
+            # The replay already evaluated f(t_n, y_n) with a graph: the augmented first stage
+            # is that value and one vector-Jacobian product with the updated adjoint.
+            k1r, yk = shared_k1
+            with torch.enable_grad():
+                vj = torch.autograd.grad(k1r, [yk, *params], -a.view(B, M), allow_unused=True)
+            parts_k1 = [k1r.detach().reshape(-1)]
+            for v, n in zip(vj, [B * M, *p_sizes]):
+                z = torch.zeros(n, dtype=dtype, device=device)
+                parts_k1.append(v.reshape(-1).to(dtype) if v is not None else z)
+            k1_aug = torch.cat(parts_k1).unsqueeze(0)
+        # Starting at a discontinuity, the first stage sees the limit from the side integrated.
+        t_first = math.nextafter(point, nxt) if point in jumps else None
         with torch.no_grad():
             res = integrate(
-                aug_prob, aug_f, flat, track_grad=False, stepper=aug_stepper, h0=h_carry
+                aug_prob,
+                aug_f,
+                flat,
+                track_grad=False,
+                stepper=aug_stepper,
+                h0=h_carry,
+                k1=k1_aug,
+                t_first=t_first,
             )
+        if last.get("t") != nxt:  # only a stage at the segment's end point can be reused
+            last.clear()
         if isinstance(actrl, PIController):
             h_carry = res.h_next
         parts = aug_spec.components(res.y_final)
@@ -264,8 +304,10 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     a = add_initial_outputs(
         a.view(B, M), g_sorted, steps[0].out_lo if steps else len(out_t), samples
     )
-    run.stats["nfe_backward"] = aug_f.nfe + (fwd_f.nfe - fwd_nfe_before)
-    run.stats["nfe_backward_vjp"] = aug_f.nfe
+    # Each augmented evaluation calls func once (plus one vector-Jacobian product); replays of
+    # forward steps holding outputs call it once per stage.
+    run.stats["nfe_backward"] = aug_f.nfe + fwd_f.nfe
+    run.stats["nfe_backward_replay"] = fwd_f.nfe
     grads_p = []
     for p, g, extra in zip(params, gs, replay_gp):
         g = g.view(p.shape)

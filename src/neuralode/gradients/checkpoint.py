@@ -119,7 +119,7 @@ class _CheckpointFn(torch.autograd.Function):
                 rec = steps[k]
                 yk = seg[k - j].detach().requires_grad_()
                 with torch.enable_grad():
-                    y_new, vals = replay_step(prob, stepper, f, rec, yk, samples)
+                    y_new, vals, _ = replay_step(prob, stepper, f, rec, yk, samples)
                 outs, gs = [y_new], [a]
                 if vals is not None:
                     outs.append(vals)
