@@ -35,7 +35,8 @@ class VectorField:
 
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        tt = torch.tensor(t, dtype=self.time_dtype, device=self.device)
+        # scalar_tensor fills on the device (no host-to-device copy, so no synchronisation).
+        tt = torch.scalar_tensor(t, dtype=self.time_dtype, device=self.device)
         out = self.func(tt, self.spec.unflatten(y))
         return self.spec.flatten(out, what="the derivative returned by func", t=t)
 
@@ -58,6 +59,13 @@ class Problem:
     atol: float | torch.Tensor = 0.0
     norm: object = None  # user norm on the state structure, or None
     norm_components: int | None = None  # seminorm: only the first components enter the norm
+    _out_t_dev: torch.Tensor | None = None
+
+    def out_t_on(self, device) -> torch.Tensor:
+        """The sorted output times as a float64 tensor on ``device`` (copied once per solve)."""
+        if self._out_t_dev is None or self._out_t_dev.device != torch.device(device):
+            self._out_t_dev = torch.tensor(self.out_t, dtype=torch.float64, device=device)
+        return self._out_t_dev
 
     @property
     def direction(self) -> float:
@@ -403,13 +411,11 @@ def integrate(
         k_next = None
         Kd = None
         if p > lo:
-            taus = prob.out_t[lo:p]
-            inner = [j for j, tau in enumerate(taus) if tau != t_new]
-            if inner:
+            if any(tau != t_new for tau in prob.out_t[lo:p]):
                 if not stepper.fsal and tab.dense_stage_is_next_first:
                     k_next = f(t_last, y_new)
                 Kd = stepper.dense_stages(f, t, h_step, y, K, k_next)
-            vals = _outputs_in_step(stepper, Kd, y, y_new, t, h_step, taus, samples_all, lo, p)
+            vals = _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, p, samples_all)
             out_vals.append(vals)
         if record is not None:
             rec = StepRecord(t, t_new, t_first, t_last, lo, p)
@@ -477,28 +483,40 @@ def integrate(
     )
 
 
-def _outputs_in_step(stepper, Kd, y, y_new, t, h, taus, samples_all, lo, hi):
-    """Output values for sorted outputs ``lo:hi`` lying in the step ``(t, t + h]``."""
-    # Interpolant weights are formed in float64 and cast: high-order P matrices cancel heavily.
-    dtype = torch.float64
-    thetas = [(tau - t) / h for tau in taus]
-    at_end = [th == 1.0 or tau == t + h for th, tau in zip(thetas, taus)]
+def _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all):
+    """Output values for sorted outputs ``lo:hi`` lying in the step ``(t, t_new]``.
+
+    Everything stays on the state's device: theta comes from the output times already there, and
+    outputs that coincide with the step end take the end state exactly (no interpolation error).
+    """
+    h = t_new - t
+    taus = prob.out_t[lo:hi]
     samples = samples_all[lo:hi] if samples_all is not None else None
-    if all(at_end):
+    if all(tau == t_new for tau in taus):
         if samples is None:
             return y_new.unsqueeze(0).expand(hi - lo, *y_new.shape)
         return y_new[samples]
-    theta = torch.tensor(thetas, dtype=dtype, device=y.device)
+    tdev = prob.out_t_on(y.device)[lo:hi]
+    # Interpolant weights are formed in float64 and cast: high-order P matrices cancel heavily.
+    theta = (tdev - t) / h
     vals = stepper.interpolate(Kd, y, h, theta, samples)
-    if any(at_end):  # exact end values where an output coincides with the step end
-        idx = torch.tensor([j for j, a in enumerate(at_end) if a], device=y.device)
-        end_vals = (
-            y_new.unsqueeze(0).expand(len(idx), *y_new.shape)
-            if samples is None
-            else y_new[samples[idx]]
-        )
-        vals = vals.index_put((idx,), end_vals)
+    if any(tau == t_new for tau in taus):
+        at_end = (tdev == t_new).view(-1, *([1] * (vals.dim() - 1)))
+        end_vals = y_new.unsqueeze(0) if samples is None else y_new[samples]
+        vals = torch.where(at_end, end_vals, vals)
     return vals
+
+
+def sorted_outputs_grad(prob: Problem, g: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the outputs in result order -> in sorted (integration) order.
+
+    The result is ``ys_sorted[out_order]``, so ``g_sorted[out_order] = g``.
+    """
+    if prob.out_order is None:
+        return g
+    out = torch.empty_like(g)
+    out[prob.out_order] = g
+    return out
 
 
 def replay_step(
@@ -532,7 +550,7 @@ def replay_step(
             k_next = f(rec.t_last, y_new)
         Kd = stepper.dense_stages(f, rec.t, h, y, K, k_next)
     vals = _outputs_in_step(
-        stepper, Kd, y, y_new, rec.t, h, taus, samples_all, rec.out_lo, rec.out_hi
+        prob, stepper, Kd, y, y_new, rec.t, rec.t_new, rec.out_lo, rec.out_hi, samples_all
     )
     return y_new, vals, k1
 

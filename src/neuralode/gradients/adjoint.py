@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._loop import Problem, RKStepper, VectorField, integrate, replay_step
+from .._loop import Problem, RKStepper, VectorField, integrate, replay_step, sorted_outputs_grad
 from .._tree import flatten_state
 from ..controllers import PIController, StepToGrid
 from ..solvers import get_tableau
@@ -136,7 +136,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     steps = run.result.steps
     direction = prob.direction
     samples = run.samples_all
-    g_sorted = g_ys if prob.out_order is None else g_ys[prob.out_order]
+    g_sorted = sorted_outputs_grad(prob, g_ys)
     out_t = prob.out_t
 
     # Where the backward solve must stop: the ends of forward steps with an output exactly there,

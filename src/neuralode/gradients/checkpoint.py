@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._loop import integrate, replay_step
+from .._loop import integrate, replay_step, sorted_outputs_grad
 from ._common import Run, check_params, find_params
 
 __all__ = ["Checkpointed"]
@@ -100,7 +100,7 @@ class _CheckpointFn(torch.autograd.Function):
         f = run.vector_field()
         stepper = run.stepper
         steps = run.result.steps
-        g_sorted = g_ys if prob.out_order is None else g_ys[prob.out_order]
+        g_sorted = sorted_outputs_grad(prob, g_ys)
         samples = run.samples_all
         a = torch.zeros_like(run.result.y_final)
         gp = [torch.zeros_like(p) for p in params]
