@@ -6,10 +6,11 @@ small immutable objects for *how to step* (a solver), *how to choose steps* (a c
 torchdiffeq-compatible face is :func:`odeint` / :func:`odeint_adjoint`.
 """
 
-from ._compat import odeint, odeint_adjoint
+from ._compat import odeint, odeint_adjoint, odeint_event
 from ._solve import solve
 from .controllers import ConstantStep, PIController, StepToGrid
 from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflowError
+from .events import Event
 from .gradients import Backsolve, Checkpointed, Direct
 from .solution import Solution
 from .solvers import ButcherTableau
@@ -20,6 +21,7 @@ __all__ = [
     "solve",
     "odeint",
     "odeint_adjoint",
+    "odeint_event",
     "Solution",
     "PIController",
     "ConstantStep",
@@ -28,6 +30,7 @@ __all__ = [
     "Backsolve",
     "Checkpointed",
     "ButcherTableau",
+    "Event",
     "SolveError",
     "StepSizeUnderflowError",
     "MaxStepsError",

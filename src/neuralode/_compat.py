@@ -26,7 +26,7 @@ from .controllers import PIController, StepToGrid
 from .gradients import Backsolve, Direct
 from .solvers import get_tableau
 
-__all__ = ["odeint", "odeint_adjoint", "TORCHDIFFEQ_METHODS"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "TORCHDIFFEQ_METHODS"]
 
 _ADAPTIVE = {"dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun"}
 # torchdiffeq's "rk4" is Kutta's 3/8 rule (rk4_alt_step_func); "rk4_classic" is offered in
@@ -195,6 +195,36 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
     return kwargs, opts
 
 
+# With an event function the second time only gives the direction (as in torchdiffeq): the solve
+# runs until the event. This horizon stands in for "forever".
+_EVENT_HORIZON = 1e15
+
+
+def _event_solve(func, y0, t, kwargs, event_fn, gradient):
+    """torchdiffeq's event mode: returns (event_t, stack([y0, y_event]))."""
+    from .events import Event
+
+    t = torch.as_tensor(t)
+    t0 = float(t[0])
+    sign = 1.0 if float(t[-1]) >= t0 else -1.0
+    ctrl = kwargs.get("controller")
+    if isinstance(ctrl, StepToGrid):  # fixed step: keep the step size, drop the grid's end
+        g = ctrl.grid
+        dt = abs(g[1] - g[0]) if len(g) > 1 else 1.0
+        from .controllers import ConstantStep
+
+        kwargs = dict(kwargs, controller=ConstantStep(dt, jump_t=ctrl.jump_t))
+    tt = torch.tensor([t0, t0 + sign * _EVENT_HORIZON], dtype=torch.float64)
+    sol = solve(
+        func, y0, tt, gradient=gradient, dense_output=False, event=Event(event_fn), **kwargs
+    )
+    if isinstance(y0, (tuple, list)):
+        traj = tuple(torch.stack([a, b]) for a, b in zip(y0, sol.event_y))
+    else:
+        traj = torch.stack([y0, sol.event_y])
+    return sol.event_t.to(t.dtype if t.is_floating_point() else torch.float64), traj
+
+
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
     """Solve an ODE with torchdiffeq's interface; gradients by autograd through the solver.
 
@@ -218,11 +248,14 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         max_num_steps, dtype``. scipy_solver: ``solver`` (a solve_ivp method), ``min_step``,
         ``max_step``, ``first_step``.
     event_fn : callable, optional
-        Not supported in this version: raises ValueError.
+        ``event_fn(t, y) -> Tensor``: solve until it crosses zero (torchdiffeq semantics: ``t[1]``
+        only gives the direction). A 0-d output stops the whole solve; an output of shape ``(B,)``
+        (y0's batch) gives each sample its own event time. Event times are differentiable.
 
     Returns
     -------
-    Tensor (T, *y0.shape), or a tuple of them for a tuple ``y0``.
+    Tensor (T, *y0.shape), or a tuple of them for a tuple ``y0``. With ``event_fn``:
+    ``(event_t, solution)`` where ``solution`` stacks ``y0`` and the state at the event.
 
     Raises
     ------
@@ -231,11 +264,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     SolveError
         When the solve fails (step-size underflow, ``max_num_steps``, non-finite state).
     """
-    if event_fn is not None:
-        raise ValueError("event_fn is not supported by this version of neuralode's odeint")
     kwargs, opts = _translate(func, y0, t, rtol, atol, method, options)
     if kwargs is None:
+        if event_fn is not None:
+            raise ValueError("method='scipy_solver' does not support event_fn")
         return _scipy_solve(func, y0, t, rtol, atol, opts)
+    if event_fn is not None:
+        return _event_solve(func, y0, t, kwargs, event_fn, Direct())
     return solve(func, y0, t, gradient=Direct(), dense_output=False, **kwargs).ys
 
 
@@ -277,11 +312,9 @@ def odeint_adjoint(
     Raises
     ------
     ValueError
-        If func is not an ``nn.Module`` and no ``adjoint_params`` are given, for unknown or
-        misplaced options, or for ``event_fn`` (not supported in this version).
+        If func is not an ``nn.Module`` and no ``adjoint_params`` are given, and for unknown or
+        misplaced options.
     """
-    if event_fn is not None:
-        raise ValueError("event_fn is not supported by this version of neuralode's odeint_adjoint")
     if adjoint_params is None and not isinstance(func, nn.Module):
         raise ValueError(
             "func must be an nn.Module to find the adjoint parameters; otherwise pass them "
@@ -331,7 +364,39 @@ def odeint_adjoint(
         params=params,
         max_steps=None if amax is None else int(amax),
     )
+    if event_fn is not None:
+        return _event_solve(func, y0, t, kwargs, event_fn, grad)
     return solve(func, y0, t, gradient=grad, dense_output=False, **kwargs).ys
+
+
+def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None, **kwargs):
+    """Solve until ``event_fn(t, y)`` crosses zero; torchdiffeq's ``odeint_event``.
+
+    Parameters
+    ----------
+    func, y0 :
+        As for :func:`odeint`.
+    t0 : Tensor or float
+        Initial time.
+    event_fn : callable
+        ``event_fn(t, y) -> Tensor`` (0-d, or ``(B,)`` for one event per sample).
+    reverse_time : bool, default False
+        Integrate backward in time from ``t0``.
+    odeint_interface : callable, default :func:`odeint`
+        :func:`odeint` or :func:`odeint_adjoint` (gradients by the adjoint method).
+    **kwargs :
+        Passed on (``rtol``, ``atol``, ``method``, ``options``, adjoint arguments).
+
+    Returns
+    -------
+    (event_t, solution) :
+        The event time (differentiable w.r.t. y0, the parameters of func and those of
+        event_fn, by the implicit function theorem) and ``stack([y0, y(event_t)])``.
+    """
+    odeint_interface = odeint if odeint_interface is None else odeint_interface
+    t0 = torch.as_tensor(t0).reshape(-1)[:1]
+    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
 
 
 def _scipy_solve(func, y0, t, rtol, atol, opts):

@@ -259,6 +259,7 @@ def integrate(
     max_states: int | None = None,
     k1: torch.Tensor | None = None,
     t_first: float | None = None,
+    monitor=None,
 ) -> LoopResult:
     """Integrate from ``prob.t0`` to ``prob.t_end`` and record the outputs.
 
@@ -278,6 +279,9 @@ def integrate(
         (default ``t0``; just past it when the segment starts at a discontinuity).
     track_grad : bool
         Whether the step is built for autograd (Direct gradients).
+    monitor : callable, optional
+        ``monitor(view: StepView) -> bool`` called after every accepted step; True stops the
+        solve after that step with status ``"event"`` (event location uses this).
     """
     tab, ctrl = prob.tableau, prob.controller
     stepper = stepper or RKStepper(tab, y0.dtype, y0.device)
@@ -332,9 +336,6 @@ def integrate(
     steps: list[StepRecord] = []
     n_states = 0
     state = {"status": "success", "message": ""}
-    # Resolution of the time variable: steps below a few ulps of the times involved cannot
-    # advance t meaningfully.
-    t_scale = max(abs(t0), abs(t_end))
 
     while direction * (t_end - t) > 0:
         if prob.max_steps is not None and attempts >= prob.max_steps:
@@ -352,7 +353,8 @@ def integrate(
             )
             break
         h_abs = min(abs(h), ctrl.dt_max) if adaptive else abs(h)
-        if adaptive and (h_abs < ctrl.dt_min or h_abs <= 4 * _EPS64 * t_scale):
+        # Resolution of the time variable: steps below a few ulps of t cannot advance it.
+        if adaptive and (h_abs < ctrl.dt_min or h_abs <= 4 * _EPS64 * abs(t) or t + h_abs == t):
             cls = NonFiniteError if last_nonfinite else StepSizeUnderflowError
             why = (
                 "func returned non-finite values (NaN/inf) at every trial step"
@@ -431,6 +433,11 @@ def integrate(
                 rec.K = K if Kd is None else Kd
                 rec.k_next = k_next
             steps.append(rec)
+        stop = False
+        if monitor is not None:
+            view = StepView(stepper, f, t, t_new, t_last, y, y_new, K, Kd, k_next)
+            stop = monitor(view)
+            k_next = view.k_next
         # ---- advance
         if adaptive:
             fac = ctrl.factor(e, prev_err, k_order)
@@ -445,6 +452,9 @@ def integrate(
             k1 = stepper.last_stage(K).view(y.shape)
         else:
             k1 = k_next  # may be None: evaluated at the next step's start
+        if stop:
+            state["status"] = "event"
+            break
 
     if state["status"] == "success" and not adaptive:
         # Fixed steps make no per-step decision, so finiteness is checked once, at the end.
@@ -481,6 +491,31 @@ def integrate(
         steps=steps,
         h_next=abs(h),
     )
+
+
+class StepView:
+    """An accepted step as seen by a monitor: its ends and its continuous extension."""
+
+    def __init__(self, stepper, f, t, t_new, t_last, y, y_new, K, Kd, k_next):
+        self.stepper, self.f = stepper, f
+        self.t, self.t_new, self.t_last = t, t_new, t_last
+        self.y, self.y_new = y, y_new
+        self._K, self._Kd, self.k_next = K, Kd, k_next
+
+    def dense(self):
+        """Stages plus dense stages of the step (evaluated on first use)."""
+        if self._Kd is None:
+            st = self.stepper
+            if not st.fsal and st.tab.dense_stage_is_next_first and self.k_next is None:
+                self.k_next = self.f(self.t_last, self.y_new)
+            self._Kd = st.dense_stages(
+                self.f, self.t, self.t_new - self.t, self.y, self._K, self.k_next
+            )
+        return self._Kd
+
+    def at(self, theta: torch.Tensor, samples=None) -> torch.Tensor:
+        """State at fractions ``theta`` (m,) of the step (rows of ``samples`` if given)."""
+        return self.stepper.interpolate(self.dense(), self.y, self.t_new - self.t, theta, samples)
 
 
 def _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all):

@@ -34,6 +34,8 @@ def solve(
     dense_output: bool | None = None,
     throw: bool = True,
     time_dtype: torch.dtype = torch.float64,
+    event=None,
+    _monitor=None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return the state at the times ``t``.
 
@@ -74,6 +76,9 @@ def solve(
         (outputs past the failure are NaN) with ``status`` and ``t_final`` set.
     time_dtype : torch.dtype, default torch.float64
         Dtype of the time tensor passed to func. Step control always runs in double precision.
+    event : Event, optional
+        An event function to locate (terminal, per-sample, non-terminal, with resets); see
+        :class:`neuralode.Event`. The Solution then has ``event_t`` and ``event_y``.
 
     Returns
     -------
@@ -114,6 +119,24 @@ def solve(
         raise TypeError(f"throw must be a bool, got {throw!r}")
 
     t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64)
+    if event is not None:
+        from .events import Event, solve_with_event
+
+        if not isinstance(event, Event):
+            raise TypeError(f"event must be a neuralode.Event, got {type(event).__name__}")
+        kwargs = dict(
+            solver=solver,
+            controller=controller,
+            rtol=rtol,
+            atol=atol,
+            dt=dt,
+            gradient=gradient,
+            max_steps=max_steps,
+            dense_output=dense_output,
+            throw=throw,
+            time_dtype=time_dtype,
+        )
+        return solve_with_event(solve, func, y0, t_tensor, event, kwargs)
     per_sample, t0, t_end, out_t, out_sample, out_order = _check_times(t_tensor, y0)
     spec, y0flat = flatten_state(y0, batched=per_sample)
     ctrl = _resolve_controller(tab, controller, rtol, atol, dt)
@@ -137,6 +160,8 @@ def solve(
         torch.as_tensor(out_sample, device=spec.device) if out_sample is not None else None
     )
     run = Run(prob, func, time_dtype, throw, bool(dense), samples_all, stats={})
+    if _monitor is not None:
+        run.extra["monitor"] = _monitor
 
     t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
     if t_grad and per_sample:

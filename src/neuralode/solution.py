@@ -32,6 +32,12 @@ class Solution:
         Time the solve reached (the final time on success).
     message : str
         Why the solve stopped early ("" on success).
+    event_t : Tensor or None
+        With ``event=``: the event time -- 0-d for a whole-state terminal event, ``(B,)`` for
+        per-sample events (NaN where a sample had none), ``(n_events,)`` for non-terminal events.
+        Differentiable (implicit function theorem, see :mod:`neuralode.events`).
+    event_y : state or None
+        The state at the event(s), shaped like ``event_t`` times the state (per-sample: y0's shape).
     """
 
     t: torch.Tensor
@@ -40,6 +46,8 @@ class Solution:
     status: str = "success"
     t_final: float = float("nan")
     message: str = ""
+    event_t: torch.Tensor | None = None
+    event_y: object = None
     _dense: object = field(default=None, repr=False)
     _per_sample: bool = field(default=False, repr=False)
 

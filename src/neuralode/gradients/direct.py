@@ -35,6 +35,7 @@ class Direct:
             record="dense" if run.dense else None,
             throw=run.throw,
             stepper=stepper,
+            monitor=run.extra.get("monitor"),
         )
         run.result, run.f, run.stepper = res, f, stepper
         run.stats["nfe"] = f.nfe

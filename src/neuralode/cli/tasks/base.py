@@ -1,0 +1,120 @@
+"""What a task provides to the generic training loop (:mod:`neuralode.cli.train`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..distributed import Dist
+
+__all__ = ["Task", "model_nfe"]
+
+
+def model_nfe(model: nn.Module) -> tuple[int, int]:
+    """``(nfe_forward, nfe_backward)`` of the model's most recent forward/backward pass.
+
+    The models of :mod:`neuralode.models` expose ``nfe_forward`` / ``nfe_backward`` (``None``
+    before a pass); missing values count as 0.
+    """
+    f = getattr(model, "nfe_forward", None)
+    b = getattr(model, "nfe_backward", None)
+    return int(f or 0), int(b or 0)
+
+
+class Task:
+    """A training task: data, model, loss, validation, evaluation, plots and summary.
+
+    The loop calls, in order: :meth:`load_data` (raise :class:`~neuralode.cli.CLIError` for
+    bad data, before anything is written), :meth:`build_model`, then per epoch
+    :meth:`epoch_batches` and per step :meth:`train_loss`, then :meth:`validate`; after
+    training :meth:`evaluate`, :meth:`summary` and :meth:`plot`.
+
+    Class attributes
+    ----------------
+    name : str
+        The task's command-line name.
+    datasets : tuple of str
+        Accepted ``--data`` kinds; the first is the default.
+    defaults : dict
+        Default top-level settings (epochs, batch_size, lr, method, rtol, atol, step_size).
+    quick : dict
+        Overrides of ``defaults`` and ``options`` for ``--quick``.
+    options : dict
+        Task-specific settings and their defaults (``--set KEY=VALUE``).
+    """
+
+    name: ClassVar[str] = ""
+    summary_line: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    datasets: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict] = {}
+    quick: ClassVar[dict] = {}
+    options: ClassVar[dict] = {}
+    #: Name of the validation metric used to pick ``best.pt`` (lower is better).
+    val_key: ClassVar[str] = "val_loss"
+
+    def __init__(self, cfg: RunConfig, device: torch.device, dist: Dist) -> None:
+        self.cfg = cfg
+        self.opt = cfg.options
+        self.device = device
+        self.dtype = getattr(torch, cfg.dtype)
+        self.dist = dist
+
+    # -- configuration --------------------------------------------------------------------
+    @classmethod
+    def resolved_defaults(cls, quick: bool) -> dict:
+        """Top-level defaults and ``options`` for this task (with the ``--quick`` overrides)."""
+        top = dict(cls.defaults)
+        opts = dict(cls.options)
+        if quick:
+            for k, v in cls.quick.items():
+                (opts if k in opts else top)[k] = v
+        top["options"] = opts
+        return top
+
+    # -- to implement ---------------------------------------------------------------------
+    def load_data(self) -> None:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def epoch_batches(self, generator: torch.Generator) -> Sequence[torch.Tensor]:
+        """The global batches of one epoch, as index tensors, drawn from ``generator`` only."""
+        raise NotImplementedError
+
+    def train_loss(
+        self, model: nn.Module, indices: torch.Tensor, epoch: int, step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean loss over the samples ``indices`` and scalars to log (floats)."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics; must contain :attr:`val_key`. Runs under ``torch.no_grad``."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Held-out results (JSON-ready) for ``results.json`` and :meth:`summary`."""
+        raise NotImplementedError
+
+    def summary(self, results: dict[str, Any], metrics: list[dict]) -> str:
+        """A short, human-readable report of :meth:`evaluate`'s results."""
+        raise NotImplementedError
+
+    def plot(self, model: nn.Module, plot_dir: Path) -> list[Path]:
+        """Task-specific figures (PNG) in ``plot_dir``; return their paths."""
+        return []
+
+    # -- helpers --------------------------------------------------------------------------
+    def nfe(self, model: nn.Module) -> tuple[int, int]:
+        """NFE (forward, backward) of the last training step."""
+        return model_nfe(model)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer):
+        """An optional learning-rate scheduler, stepped once per epoch."""
+        return None

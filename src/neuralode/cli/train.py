@@ -1,0 +1,459 @@
+"""The generic training loop: epochs, progress, metrics, checkpoints, Ctrl-C, DDP, final report.
+
+Exactness of resumes: every random draw of training comes from torch's, numpy's or Python's
+global generators or from one explicit ``torch.Generator`` that orders the data. Their states
+are snapshotted at each step boundary and saved with the model and optimiser, together with
+the position (epoch, batch within the epoch) and the generator's state at the start of the
+epoch, so a resumed run redraws the same epoch order, skips the batches already done and
+continues with the same random stream: on CPU its parameters end up bit-identical to those of
+an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuralode.errors import SolveError
+
+from . import distributed
+from .checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    atomic_save,
+    load_checkpoint,
+    rng_states,
+    set_rng_states,
+)
+from .config import CONFIG_NAME, RESUMABLE_CHANGES, RunConfig, config_diff, read_run_config
+from .errors import CLIError, TrainingError
+from .tasks import get_task
+from .tasks.base import Task
+
+__all__ = ["train", "check_run_dir", "resolve_device", "build", "report"]
+
+METRICS_NAME = "metrics.jsonl"
+RESULTS_NAME = "results.json"
+SUMMARY_NAME = "summary.txt"
+PLOT_DIR = "plots"
+#: Files a fresh run (same configuration, no --resume) replaces.
+RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, RESULTS_NAME, SUMMARY_NAME)
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError("--device cuda: no CUDA device is available; use --device cpu.")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
+    """Decide what to do with ``out`` before anything is written.
+
+    Returns ``"new"`` (missing or empty folder), ``"restart"`` (a run with the same
+    configuration: start over) or ``"resume"``.
+
+    Raises
+    ------
+    CLIError
+        If ``out`` is a file, holds files but no run, holds a run with another configuration
+        (unless resuming and only the number of epochs differs), or ``--resume`` finds nothing
+        to resume.
+    """
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file, not a directory.")
+    has_files = out.is_dir() and any(out.iterdir())
+    if not (out / CONFIG_NAME).is_file():
+        if has_files:
+            raise CLIError(
+                f"--out {out} is not empty and holds no neuralode run ({CONFIG_NAME} missing); "
+                "choose an empty or new directory."
+            )
+        if resume:
+            raise CLIError(f"--resume: nothing to resume in {out} (no {CONFIG_NAME}).")
+        return "new"
+    old = read_run_config(out)
+    diff = config_diff(old, cfg, ignore=RESUMABLE_CHANGES if resume else ())
+    if diff:
+        what = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+        if resume:
+            raise CLIError(
+                f"--resume: {out} holds a run with a different configuration ({what}); only "
+                f"{', '.join(RESUMABLE_CHANGES)} may change when resuming."
+            )
+        raise CLIError(
+            f"--out {out} holds a different run ({what}); pick another --out, or pass --resume "
+            "to continue that run."
+        )
+    if resume:
+        if not (out / CHECKPOINT_NAME).is_file():
+            raise CLIError(f"--resume: {out} has no {CHECKPOINT_NAME} to resume from.")
+        return "resume"
+    return "restart"
+
+
+def build(cfg: RunConfig, dist: distributed.Dist | None = None) -> tuple[Task, nn.Module]:
+    """Load the data and build the (seeded) model of ``cfg`` on its device."""
+    dist = dist or distributed.Dist()
+    device = resolve_device(cfg.device, dist.local_rank)
+    task = get_task(cfg.task)(cfg, device, dist)
+    task.load_data()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = task.build_model().to(device=device, dtype=task.dtype)
+    return task, model
+
+
+class _Objective(nn.Module):
+    """The training loss as a module, so that ``DistributedDataParallel`` sees the forward."""
+
+    def __init__(self, task: Task, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._task = task
+
+    def forward(self, indices: torch.Tensor, epoch: int, step: int):
+        return self._task.train_loss(self.model, indices, epoch, step)
+
+
+class _Interrupt:
+    """Turns the first SIGINT (Ctrl-C) into a flag checked at step boundaries.
+
+    A step is never cut in half, so the checkpoint written on Ctrl-C is consistent; a second
+    Ctrl-C interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nneuralode: stopping after this step (Ctrl-C again to stop now)...", file=sys.stderr
+        )
+
+    @contextmanager
+    def installed(self):
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, self._previous)
+
+
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="epoch",
+        disable=not enabled,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS_NAME
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool | None = None) -> int:
+    """Train ``cfg`` into the run directory ``out``; return the exit status (0, or 130 on Ctrl-C).
+
+    Parameters
+    ----------
+    progress : bool or None
+        Progress bar; ``None``: only when stderr is a terminal. Without a bar one line per
+        epoch is printed.
+    """
+    d = distributed.setup(resolve_device(cfg.device).type)
+    try:
+        return _train(cfg, out, resume=resume, progress=progress, dist=d)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg, out, *, resume, progress, dist) -> int:
+    mode = check_run_dir(out, cfg, resume)
+    task, model = build(cfg, dist)  # bad data raises here, before anything is written
+    device = task.device
+    if dist.enabled:
+        torch.manual_seed(cfg.seed + dist.rank)  # independent noise per rank after the init
+    objective = distributed.wrap(_Objective(task, model), dist, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = task.make_scheduler(optimizer)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    start_epoch, skip, step, best = 0, 0, 0, {"value": math.inf, "epoch": None}
+    accum: dict = {}
+    if mode == "resume":
+        ck = load_checkpoint(out / CHECKPOINT_NAME)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if scheduler is not None and ck.get("scheduler") is not None:
+            scheduler.load_state_dict(ck["scheduler"])
+        start_epoch, skip, step = ck["epoch"], ck["batch"], ck["step"]
+        best, accum = ck["best"], ck["accum"]
+        set_rng_states(ck["rng"])
+        generator.set_state(ck["generator_epoch_start"])
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "restart":
+            print(
+                f"neuralode: {out} holds a run with the same configuration; starting it over "
+                "(use --resume to continue it instead).",
+                file=sys.stderr,
+            )
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / PLOT_DIR, ignore_errors=True)
+        cfg.save(out)
+        rows = [r for r in _read_metrics(out) if r["epoch"] <= start_epoch]
+        _write_metrics(out, rows)
+    dist.barrier()
+
+    show = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
+    bar = _progress_bar(cfg.epochs, min(start_epoch, cfg.epochs), cfg.task, show)
+    interrupt = _Interrupt()
+    state = {"epoch": start_epoch, "batch": skip, "step": step, "accum": accum}
+    snapshot = {"rng": rng_states(), "gen": generator.get_state()}
+
+    def checkpoint(at: dict, rng: dict, gen_start: torch.Tensor) -> None:
+        if not dist.is_main:
+            return
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": cfg.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "epoch": at["epoch"],
+                "batch": at["batch"],
+                "step": at["step"],
+                "accum": at["accum"],
+                "best": best,
+                "rng": rng,
+                "generator_epoch_start": gen_start,
+            },
+            out / CHECKPOINT_NAME,
+        )
+
+    try:
+        with interrupt.installed():
+            for epoch in range(start_epoch, cfg.epochs):
+                gen_start = generator.get_state()
+                batches = task.epoch_batches(generator)
+                acc = state["accum"] if epoch == start_epoch and state["accum"] else {}
+                acc.setdefault("time", 0.0)
+                t_epoch = time.perf_counter()
+                objective.train()
+                first = skip if epoch == start_epoch else 0
+                for b in range(first, len(batches)):
+                    snapshot = {"rng": rng_states(), "gen": gen_start}
+                    state.update(epoch=epoch, batch=b, accum=dict(acc))
+                    if dist.any(interrupt.requested, device):
+                        raise KeyboardInterrupt
+                    indices, weight = dist.shard(batches[b])
+                    optimizer.zero_grad(set_to_none=True)
+                    try:
+                        loss, logs = objective(indices, epoch, state["step"])
+                        (loss * weight).backward()
+                    except SolveError as exc:
+                        raise TrainingError(
+                            f"training failed at epoch {epoch + 1}, step {state['step'] + 1}: "
+                            f"{exc} The last checkpoint is kept; try a smaller --lr, tighter "
+                            "--rtol/--atol or another --method."
+                        ) from None
+                    optimizer.step()
+                    state["step"] += 1
+                    nfe_f, nfe_b = task.nfe(model)
+                    logs = {"train_loss": float(loss.detach()), **logs}
+                    for k, v in logs.items():
+                        acc[k] = acc.get(k, 0.0) + float(v)
+                    acc["nfe_forward"] = acc.get("nfe_forward", 0) + nfe_f
+                    acc["nfe_backward"] = acc.get("nfe_backward", 0) + nfe_b
+                    acc["n"] = acc.get("n", 0) + 1
+                    bar.set_postfix_str(
+                        f"batch {b + 1}/{len(batches)} loss {logs['train_loss']:.4g} "
+                        f"nfe f/b {nfe_f}/{nfe_b}",
+                        refresh=True,
+                    )
+                acc["time"] += time.perf_counter() - t_epoch
+                # Validation and the epoch's bookkeeping: a boundary of its own.
+                snapshot = {"rng": rng_states(), "gen": gen_start}
+                state.update(epoch=epoch, batch=len(batches), accum=dict(acc))
+                if dist.any(interrupt.requested, device):
+                    raise KeyboardInterrupt
+                t_val = time.perf_counter()
+                val = {}
+                if dist.is_main:
+                    objective.eval()
+                    with torch.no_grad():
+                        val = task.validate(model)
+                if scheduler is not None:
+                    scheduler.step()
+                n = max(acc.get("n", 0), 1)
+                row = {"epoch": epoch + 1, "step": state["step"]}
+                for k, v in acc.items():
+                    if k not in ("n", "time", "nfe_forward", "nfe_backward"):
+                        row[k] = v / n
+                row.update(val)
+                row["nfe_forward"] = int(acc.get("nfe_forward", 0))
+                row["nfe_backward"] = int(acc.get("nfe_backward", 0))
+                row["nfe_forward_per_step"] = row["nfe_forward"] / n
+                row["nfe_backward_per_step"] = row["nfe_backward"] / n
+                row["lr"] = optimizer.param_groups[0]["lr"]
+                row["time_s"] = acc["time"] + time.perf_counter() - t_val
+                if dist.is_main:
+                    _append_metrics(out, row)
+                    value = val[task.val_key]
+                    if value < best["value"]:
+                        best = {"value": float(value), "epoch": epoch + 1}
+                        atomic_save(
+                            {
+                                "format": CHECKPOINT_FORMAT,
+                                "config": cfg.to_dict(),
+                                "model": model.state_dict(),
+                                "epoch": epoch + 1,
+                                "step": state["step"],
+                                "metrics": row,
+                            },
+                            out / BEST_NAME,
+                        )
+                state.update(epoch=epoch + 1, batch=0, accum={})
+                checkpoint(state, rng_states(), generator.get_state())
+                bar.update(1)
+                if dist.is_main:
+                    line = _epoch_line(row, cfg.epochs, task.val_key)
+                    bar.set_postfix_str(line.split(": ", 1)[1], refresh=True)
+                    if not show:
+                        print(line, flush=True)
+    except KeyboardInterrupt:
+        bar.close()
+        # Parameters and optimiser are those of the last completed step (a step is never cut in
+        # half by the first Ctrl-C); the RNG snapshot is the one taken at that boundary.
+        checkpoint(state, snapshot["rng"], snapshot["gen"])
+        if dist.is_main:
+            print(
+                f"neuralode: interrupted at epoch {state['epoch'] + 1}, batch {state['batch']}; "
+                f"checkpoint saved to {out / CHECKPOINT_NAME} (continue with --resume).",
+                file=sys.stderr,
+            )
+        return 130
+    bar.close()
+    dist.barrier()
+    if dist.is_main:
+        report(task, model, out, stdout=sys.stdout)
+    return 0
+
+
+def _epoch_line(row: dict, epochs: int, val_key: str) -> str:
+    parts = [f"loss {_fmt(row['train_loss'])}"]
+    if val_key in row:
+        parts.append(f"{val_key} {_fmt(row[val_key])}")
+    parts.append(f"nfe f/b {row['nfe_forward_per_step']:.0f}/{row['nfe_backward_per_step']:.0f}")
+    parts.append(f"{row['time_s']:.1f}s")
+    return f"epoch {row['epoch']}/{epochs}: " + ", ".join(parts)
+
+
+def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    path = run_dir / METRICS_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _append_metrics(run_dir: Path, row: dict) -> None:
+    with open(run_dir / METRICS_NAME, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def load_model_for_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, dict]:
+    """Rebuild the task and model of a run and load ``best.pt`` (or ``checkpoint.pt``)."""
+    cfg = read_run_config(run_dir)
+    name = BEST_NAME if which == "best" else CHECKPOINT_NAME
+    path = run_dir / name
+    if which == "best" and not path.is_file():
+        path = run_dir / CHECKPOINT_NAME  # e.g. interrupted before the first validation
+    if not path.is_file():
+        raise CLIError(f"{run_dir} has no {name} (was the run trained? see neuralode train).")
+    ck = load_checkpoint(path)
+    task, model = build(cfg)
+    model.load_state_dict(ck["model"])
+    return task, model, ck
+
+
+def report(task: Task, model: nn.Module, run_dir: Path, *, stdout=None, which: str = "best"):
+    """Evaluate the best model on the held-out data, write results/plots, print the summary."""
+    path = run_dir / (BEST_NAME if which == "best" else CHECKPOINT_NAME)
+    if path.is_file():
+        model.load_state_dict(load_checkpoint(path)["model"])
+    model.eval()
+    results = task.evaluate(model)
+    results["checkpoint"] = path.name
+    metrics = _read_metrics(run_dir)
+    from .plots import plot_run
+
+    plots = plot_run(task, model, run_dir, metrics)
+    results["plots"] = [str(p) for p in plots]
+    text = task.summary(results, metrics)
+    text += f"\nPlots: {run_dir / PLOT_DIR}/ ({', '.join(p.name for p in plots)})"
+    text += f"\nRun directory: {run_dir}"
+    tmp = run_dir / f".{RESULTS_NAME}.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    tmp.replace(run_dir / RESULTS_NAME)
+    (run_dir / SUMMARY_NAME).write_text(text + "\n")
+    if stdout is not None:
+        print(text, file=stdout, flush=True)
+    return results
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

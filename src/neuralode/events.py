@@ -1,0 +1,473 @@
+"""Events: root finding on an event function during a solve.
+
+An event function ``g(t, y)`` returns a 0-d tensor (one event for the whole state) or a tensor of
+shape ``(B,)`` (one event per sample of a batch whose state components all start with ``B``). An
+event happens where ``g`` crosses zero in the chosen direction. A zero of ``g`` at the initial time
+is not an event (the crossing must happen after ``t0``).
+
+How it is located: after every accepted step ``g`` is evaluated at the step end and at two interior
+points of the step's continuous extension (cheap: no evaluation of f beyond what dense output
+needs); a sign change in any of the three sub-intervals is refined by the Illinois method (regula
+falsi with Illinois modification) on the continuous extension, to about machine precision in the
+step fraction. A pair of crossings that both fall between two of those check points (the function
+crosses and crosses back within a third of a step) is not seen: this cannot be guaranteed by any
+method that samples ``g``; shorten steps (``dt_max``) if such events matter.
+
+Gradients: the state at the event comes from a second, differentiable solve ending at the located
+time (with whatever gradient method the solve uses), and the event time is re-attached to the graph
+by the implicit function theorem: ``t* = t*_0 - g(t*_0, y*) / D`` with
+``D = dg/dt + dg/dy . f(t*, y*)`` held constant, so that ``dt*/dp = -(dg/dp) / D`` for every ``p``
+that ``g(t*, y*)`` depends on -- ``y0``, the parameters of ``func`` through ``y*``, and the
+parameters of ``g`` itself. The event state is ``y* + f(t*, y*) (t* - t*_0)`` for the same reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._tree import TreeSpec
+
+__all__ = ["Event"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event function and what to do when it fires.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(t, y) -> Tensor``: a 0-d tensor, or shape ``(B,)`` for per-sample events. ``t`` is a
+        0-d time tensor and ``y`` the state in y0's structure. May use autograd internally and
+        may hold parameters (gradients w.r.t. them are returned).
+    direction : {0, 1, -1}, default 0
+        1: only rising crossings (``g`` from negative to non-negative); -1: only falling; 0: both.
+    terminal : bool, default True
+        Terminal events stop the solve (per-sample events stop their sample: its state stays at
+        the event state for later output times). Non-terminal events are recorded and the solve
+        continues (whole-state events only).
+    reset : callable, optional
+        ``reset(t, y) -> y`` applied at each non-terminal event before continuing (e.g. a bouncing
+        ball's velocity flip). Needs ``terminal=False``.
+    max_events : int, default 100
+        Limit on recorded non-terminal events.
+
+    Raises
+    ------
+    ValueError
+        For an invalid direction, a reset on a terminal event, or ``max_events < 1``.
+    """
+
+    fn: Callable
+    direction: int = 0
+    terminal: bool = True
+    reset: Callable | None = None
+    max_events: int = 100
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(
+                f"Event(fn=...) must be callable as fn(t, y), got {type(self.fn).__name__}"
+            )
+        if self.direction not in (-1, 0, 1):
+            raise ValueError(f"Event(direction=...) must be -1, 0 or 1, got {self.direction!r}")
+        if self.reset is not None and self.terminal:
+            raise ValueError(
+                "Event(reset=...) needs terminal=False: a terminal event stops the solve"
+            )
+        if self.reset is not None and not callable(self.reset):
+            raise TypeError("Event(reset=...) must be callable as reset(t, y) -> y")
+        if not (isinstance(self.max_events, int) and self.max_events >= 1):
+            raise ValueError(
+                f"Event(max_events=...) must be a positive integer, got {self.max_events!r}"
+            )
+
+
+def _crossed(ga: torch.Tensor, gb: torch.Tensor, direction: int) -> torch.Tensor:
+    rising = (ga < 0) & (gb >= 0)
+    falling = (ga > 0) & (gb <= 0)
+    if direction > 0:
+        return rising
+    if direction < 0:
+        return falling
+    return rising | falling
+
+
+class EventMonitor:
+    """Stepping-loop monitor that locates events (see the module docstring)."""
+
+    # Interior check points of each step (fractions), besides its end.
+    CHECKS = (1.0 / 3.0, 2.0 / 3.0)
+
+    def __init__(
+        self, event: Event, spec: TreeSpec, time_dtype, per_sample: bool, g0: torch.Tensor
+    ):
+        self.event, self.spec, self.time_dtype = event, spec, time_dtype
+        self.per_sample = per_sample
+        self.g_prev = g0
+        n = g0.shape[0]
+        self.fired = torch.zeros(n, dtype=torch.bool)
+        self.t_event = torch.full((n,), float("nan"), dtype=torch.float64)
+        self.active = torch.ones(
+            n, 1, dtype=spec.dtype if not spec.dtype.is_complex else spec.dtype.to_real()
+        )
+        self.n_g = 0
+
+    def g(self, t: float, yflat: torch.Tensor) -> torch.Tensor:
+        """Event values as a float64 CPU vector (B,) or (1,)."""
+        self.n_g += 1
+        tt = torch.scalar_tensor(t, dtype=self.time_dtype, device=self.spec.device)
+        with torch.no_grad():
+            out = self.event.fn(tt, self.spec.unflatten(yflat))
+        return (
+            check_event_output(out, self.per_sample, self.g_prev.shape[0])
+            .detach()
+            .to("cpu", torch.float64)
+        )
+
+    def __call__(self, view) -> bool:
+        dtype = torch.float64
+        device = view.y.device
+        thetas = list(self.CHECKS)
+        pts = view.at(torch.tensor(thetas, dtype=dtype, device=device))  # (m, B, M)
+        h = view.t_new - view.t
+        gs = [self.g_prev]
+        for th, yq in zip(thetas, pts):
+            gs.append(self.g(view.t + th * h, yq))
+        gs.append(self.g(view.t_new, view.y_new))
+        grid = [0.0, *thetas, 1.0]
+        todo = ~self.fired
+        hit_any = False
+        for b in torch.nonzero(todo).flatten().tolist():
+            for i in range(len(grid) - 1):
+                ga, gb = gs[i][b], gs[i + 1][b]
+                if bool(_crossed(ga, gb, self.event.direction)):
+                    th = self._refine(view, b, grid[i], grid[i + 1], float(ga), float(gb))
+                    self.t_event[b] = view.t + th * h if th < 1.0 else view.t_new
+                    self.fired[b] = True
+                    self.active[b] = 0.0
+                    hit_any = True
+                    break
+        self.g_prev = gs[-1]
+        if not self.per_sample:
+            return hit_any
+        return bool(self.fired.all())
+
+    def _refine(self, view, b: int, a: float, c: float, ga: float, gc: float) -> float:
+        """Illinois iteration for the crossing of sample ``b`` in step fractions ``[a, c]``."""
+        if gc == 0.0:
+            return c
+        side = 0
+        h = view.t_new - view.t
+        for _ in range(100):
+            if c - a <= 1e-14 or abs(h) * (c - a) <= 4 * 2.2e-16 * max(
+                abs(view.t), abs(view.t_new)
+            ):
+                break
+            m = (a * gc - c * ga) / (gc - ga)
+            if not (a < m < c):
+                m = 0.5 * (a + c)
+            ym = view.at(torch.tensor([m], dtype=torch.float64, device=view.y.device))[0]
+            gm = float(self.g(view.t + m * h, ym)[b])
+            if gm == 0.0:
+                return m
+            if (gm > 0) == (gc > 0):
+                c, gc = m, gm
+                if side == 1:
+                    ga *= 0.5
+                side = 1
+            else:
+                a, ga = m, gm
+                if side == -1:
+                    gc *= 0.5
+                side = -1
+        return c
+
+
+def check_event_output(out, per_sample: bool, n: int) -> torch.Tensor:
+    """Validate an event function's output: 0-d (whole state) or (B,) (per sample)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"the event function returned {type(out).__name__}; it must return a tensor"
+        )
+    if per_sample:
+        if out.shape != (n,):
+            raise ValueError(
+                f"the event function returned shape {tuple(out.shape)}; per-sample events need shape ({n},)"
+            )
+        return out.real if out.is_complex() else out
+    if out.numel() != 1:
+        raise ValueError(
+            f"the event function returned shape {tuple(out.shape)}; it must return a 0-d tensor (one "
+            "event for the whole state) or shape (B,) with B the batch size of y0 (per-sample events)"
+        )
+    return (out.real if out.is_complex() else out).reshape(1)
+
+
+# ---------------------------------------------------------------------------- solving with events
+def _leading(y0) -> int | None:
+    x = (
+        y0
+        if isinstance(y0, torch.Tensor)
+        else next(iter(y0.values() if isinstance(y0, dict) else y0))
+    )
+    return x.shape[0] if x.dim() else None
+
+
+def _map(state, fn):
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if isinstance(state, dict):
+        return {k: fn(v) for k, v in state.items()}
+    return tuple(fn(v) for v in state)
+
+
+def _zip_map(fn, *states):
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        return fn(*states)
+    if isinstance(first, dict):
+        return {k: fn(*(s[k] for s in states)) for k in first}
+    return tuple(fn(*parts) for parts in zip(*states))
+
+
+def solve_with_event(solve_fn, func, y0, t: torch.Tensor, event: Event, kwargs: dict):
+    """Solve with an event (see the module docstring). ``solve_fn`` is :func:`neuralode.solve`."""
+    if t.dim() != 1:
+        raise ValueError("solve(..., event=...) needs a 1-D t (shared output times)")
+    time_dtype = kwargs.get("time_dtype", torch.float64)
+    tl = t.detach().to("cpu", torch.float64).tolist()
+    t0 = tl[0]
+    lead = _leading(y0)
+    with torch.no_grad():
+        g0 = event.fn(torch.scalar_tensor(t0, dtype=time_dtype), _map(y0, torch.Tensor.detach))
+    if not isinstance(g0, torch.Tensor):
+        raise TypeError(f"the event function returned {type(g0).__name__}; it must return a tensor")
+    per_sample = (
+        g0.dim() == 1
+        and lead is not None
+        and g0.shape[0] == lead
+        and not (g0.numel() == 1 and lead == 1 and False)
+    )
+    if g0.dim() >= 1 and not per_sample and g0.numel() != 1:
+        check_event_output(g0, False, 1)  # raises with the explanation
+    if per_sample and not event.terminal:
+        raise ValueError(
+            "non-terminal events and resets act on the whole state: return a 0-d tensor from the "
+            "event function (per-sample events of shape (B,) must be terminal)"
+        )
+    if event.terminal:
+        return _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype)
+    return _non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype)
+
+
+def _locate(solve_fn, func, y0, t_start, t_end, event, kwargs, per_sample, time_dtype):
+    """Phase 1 (no graph): the event time(s) in [t_start, t_end], NaN where none."""
+    from ._tree import flatten_state
+
+    y0d = _map(y0, torch.Tensor.detach)
+    spec, y0flat = flatten_state(y0d, batched=per_sample)
+    B = spec.batch if per_sample else 1
+    with torch.no_grad():
+        g0 = check_event_output(
+            event.fn(torch.scalar_tensor(t_start, dtype=time_dtype, device=spec.device), y0d),
+            per_sample,
+            B,
+        ).to("cpu", torch.float64)
+    mon = EventMonitor(event, spec, time_dtype, per_sample, g0)
+    if per_sample:
+        # Samples whose event has fired stop moving (f masked to zero), so their error no longer
+        # shortens the steps of the others.
+        def masked(tt, y):
+            active = mon.active.view(-1).to(spec.device)
+            return _map(
+                func(tt, y), lambda d: d * active.view(-1, *([1] * (d.dim() - 1))).to(d.dtype)
+            )
+
+        f1 = masked
+    else:
+        f1 = func
+    kw = {k: v for k, v in kwargs.items() if k not in ("gradient", "dense_output")}
+    with torch.no_grad():
+        sol = solve_fn(
+            f1,
+            y0d,
+            torch.tensor([t_start, t_end], dtype=torch.float64),
+            gradient="direct",
+            dense_output=False,
+            _monitor=mon,
+            **kw,
+        )
+    return mon.t_event, sol.stats, mon.n_g
+
+
+def _reroute(func, event, t_star: list[float], y_star, per_sample: bool, time_dtype):
+    """Implicit-function-theorem re-attachment of the event time(s) and state(s) to the graph.
+
+    Returns ``(t_event, y_event)`` equal in value to ``(t_star, y_star)``.
+    """
+    from ._tree import flatten_state
+
+    spec, yflat = flatten_state(y_star, batched=per_sample)
+    device = spec.device
+    t_out, rows = [], []
+    for b, ts in enumerate(t_star):
+        if ts != ts:  # NaN: no event for this sample
+            t_out.append(torch.tensor(float("nan"), dtype=time_dtype, device=device))
+            rows.append(yflat[b] if per_sample else yflat[0])
+            continue
+        tt = torch.scalar_tensor(ts, dtype=time_dtype, device=device)
+        with torch.enable_grad():
+            s = torch.zeros((), dtype=time_dtype, device=device, requires_grad=True)
+            fy = spec.flatten(func(tt, spec.unflatten(yflat.detach())), what="func at the event")
+            shift = torch.zeros_like(yflat)
+            if per_sample:
+                shift[b] = fy[b].detach()
+            else:
+                shift = fy.detach()
+            ys = (
+                yflat.detach()
+                + s.to(yflat.real.dtype if yflat.is_complex() else yflat.dtype) * shift
+            )
+            gs = event.fn(tt + s, spec.unflatten(ys))
+            gs = check_event_output(gs, per_sample, len(t_star))[b if per_sample else 0]
+            (D,) = torch.autograd.grad(gs, s, allow_unused=True)
+        if D is None or float(D) == 0.0:
+            raise RuntimeError(
+                f"the event function has zero time derivative along the solution at its root "
+                f"t={ts!r}; the event time is not differentiable (a tangential crossing)"
+            )
+        g_val = check_event_output(event.fn(tt, spec.unflatten(yflat)), per_sample, len(t_star))
+        g_val = g_val[b if per_sample else 0]
+        te = tt - g_val.to(time_dtype) / D.detach()
+        dt = (te - tt).to(yflat.real.dtype if yflat.is_complex() else yflat.dtype)
+        row = (yflat[b] if per_sample else yflat[0]) + (
+            fy[b] if per_sample else fy[0]
+        ).detach() * dt
+        t_out.append(te)
+        rows.append(row)
+    t_event = torch.stack(t_out) if per_sample else t_out[0]
+    y_event = spec.unflatten(torch.stack(rows) if per_sample else rows[0].unsqueeze(0))
+    return t_event, y_event
+
+
+def _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype):
+    from .solution import Solution
+
+    t0, t_end = tl[0], tl[-1]
+    direction = 1.0 if t_end >= t0 else -1.0
+    t_star, stats1, n_g = _locate(
+        solve_fn, func, y0, t0, t_end, event, kwargs, per_sample, time_dtype
+    )
+    fired = ~torch.isnan(t_star)
+    stops = [float(x) if f else t_end for x, f in zip(t_star.tolist(), fired.tolist())]
+    T = len(tl)
+    if per_sample:
+        rows = []
+        for s in stops:
+            row = [x if direction * (x - s) < 0 else s for x in tl] + [s]
+            rows.append(row)
+        grid = torch.tensor(rows, dtype=torch.float64)
+        sol = solve_fn(func, y0, grid, **kwargs)
+        ys_all = sol.ys
+        ys = _map(ys_all, lambda v: v[:T])
+        y_star = _map(ys_all, lambda v: v[T])
+    else:
+        s = stops[0]
+        keep = [x for x in tl if direction * (x - s) < 0]
+        grid = torch.tensor(keep + [s] if keep[-1:] != [s] else keep, dtype=torch.float64)
+        if grid.numel() == 1:
+            grid = torch.tensor([s, s], dtype=torch.float64)[:1]
+        sol = solve_fn(func, y0, grid, **kwargs)
+        n_keep = len(keep)
+        y_star = _map(sol.ys, lambda v: v[-1])
+        ys_part = _map(sol.ys, lambda v: v[:n_keep])
+    t_event, y_event = _reroute(func, event, t_star.tolist(), y_star, per_sample, time_dtype)
+    if per_sample:
+        after = torch.tensor(
+            [[direction * (x - s) > 0 for s in stops] for x in tl], device=t_event.device
+        )  # (T, B): output j of sample b lies past its event
+
+        def fill(out, ev):
+            m = after.view(*after.shape, *([1] * (out.dim() - 2)))
+            return torch.where(m, ev.unsqueeze(0).expand_as(out), out)
+
+        ys = _zip_map(fill, ys, y_event)
+        t_event = torch.where(
+            fired.to(t_event.device), t_event, torch.full_like(t_event, float("nan"))
+        )
+    else:
+        n_after = T - n_keep
+        ys = _zip_map(
+            lambda part, ev: torch.cat([part, ev.unsqueeze(0).expand(n_after, *ev.shape)]),
+            ys_part,
+            y_event,
+        )
+    stats = dict(sol.stats)
+    stats["nfe_event_location"] = stats1.get("nfe", 0)
+    stats["n_event_fn"] = n_g
+    status = "event" if bool(fired.all()) else "success"
+    return Solution(
+        t=t,
+        ys=ys,
+        stats=stats,
+        status=status,
+        t_final=max(stops) if direction > 0 else min(stops),
+        event_t=t_event,
+        event_y=y_event,
+    )
+
+
+def _non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
+    from .solution import Solution
+
+    t_end = tl[-1]
+    direction = 1.0 if t_end >= tl[0] else -1.0
+    t_s, y_s = tl[0], y0
+    out_pieces, ev_t, ev_y = [], [], []
+    stats = {"nfe": 0, "nfe_event_location": 0, "n_event_fn": 0}
+    j = 0  # next output index
+    while True:
+        t_star = float("nan")
+        if len(ev_t) < event.max_events:
+            ts, st1, n_g = _locate(
+                solve_fn, func, y_s, t_s, t_end, event, kwargs, False, time_dtype
+            )
+            t_star = float(ts[0])
+            stats["nfe_event_location"] += st1.get("nfe", 0)
+            stats["n_event_fn"] += n_g
+        seg_end = t_end if t_star != t_star else t_star
+        inner = []
+        while j < len(tl) and direction * (tl[j] - seg_end) < 0:
+            inner.append(tl[j])
+            j += 1
+        if t_star != t_star:  # no more events: finish, outputs up to and including t_end
+            inner += tl[j:]
+            j = len(tl)
+        grid = ([t_s] if not inner or inner[0] != t_s else []) + inner
+        if t_star == t_star:
+            grid.append(t_star)
+        lead = 1 if (not inner or inner[0] != t_s) else 0
+        sol = solve_fn(func, y_s, torch.tensor(grid, dtype=torch.float64), **kwargs)
+        for k, v in sol.stats.items():
+            if k == "nfe":
+                stats["nfe"] += v
+        n_in = len(inner)
+        out_pieces.append(_map(sol.ys, lambda v, lead=lead, n_in=n_in: v[lead : lead + n_in]))
+        if t_star != t_star:
+            break
+        y_star = _map(sol.ys, lambda v: v[-1])
+        te, ye = _reroute(func, event, [t_star], y_star, False, time_dtype)
+        ev_t.append(te)
+        ev_y.append(ye)
+        y_s = event.reset(te, ye) if event.reset is not None else ye
+        t_s = t_star
+    ys = _zip_map(lambda *parts: torch.cat(parts), *out_pieces)
+    event_t = torch.stack(ev_t) if ev_t else torch.zeros(0, dtype=time_dtype)
+    event_y = _zip_map(lambda *parts: torch.stack(parts), *ev_y) if ev_y else None
+    return Solution(
+        t=t, ys=ys, stats=stats, status="success", t_final=t_end, event_t=event_t, event_y=event_y
+    )
