@@ -28,6 +28,7 @@ class MLPField(nn.Module):
 
 
 def _rel(a, b) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
@@ -182,7 +183,9 @@ def test_odeint_adjoint_plain_function_needs_adjoint_params():
     # adjoint_params=() is enough for gradients with respect to y0 only.
     ys = odeint_adjoint(lambda t, y: -y + torch.sin(t), y0, t, adjoint_params=())
     (g,) = torch.autograd.grad(ys.sum(), y0)
-    ref = torch.ones(2, dtype=DT) * (1 + torch.exp(torch.tensor(-0.5, dtype=DT)) + torch.exp(torch.tensor(-1.0, dtype=DT)))
+    ref = torch.ones(2, dtype=DT) * (
+        1 + torch.exp(torch.tensor(-0.5, dtype=DT)) + torch.exp(torch.tensor(-1.0, dtype=DT))
+    )
     assert torch.allclose(g, ref, rtol=1e-6, atol=0)
 
 
@@ -222,7 +225,10 @@ def _err(got, ref) -> float:
 
 def test_odeint_adjoint_seminorm_option():
     ref = _reference_grads()
-    assert _err(_adjoint_grads(rtol=1e-10, atol=1e-10, adjoint_options=dict(norm="seminorm")), ref) < 1e-8
+    assert (
+        _err(_adjoint_grads(rtol=1e-10, atol=1e-10, adjoint_options=dict(norm="seminorm")), ref)
+        < 1e-8
+    )
     assert _err(_adjoint_grads(adjoint_options=dict(norm="default")), ref) < 1e-5
 
 
@@ -238,7 +244,6 @@ def test_odeint_adjoint_misplaced_seminorm_raises():
         (dict(adjoint_options=dict(norm="max")), "must be 'seminorm' or 'default'"),
         (dict(adjoint_options=dict(step_size=0.1)), r"unsupported adjoint_options \['step_size'\]"),
         (dict(method="scipy_solver"), "not differentiable"),
-        (dict(event_fn=lambda t, y: y), "event_fn is not supported"),
     ],
 )
 def test_odeint_adjoint_rejects_bad_arguments(kw, match):
@@ -344,14 +349,30 @@ def test_odeint_adjoint_complex_state_real_parameter():
 @pytest.mark.parametrize(
     "make, exc, match",
     [
-        (lambda: no.Backsolve(rtol=-1.0), ValueError, r"Backsolve\(rtol=\.\.\.\) must be a non-negative"),
+        (
+            lambda: no.Backsolve(rtol=-1.0),
+            ValueError,
+            r"Backsolve\(rtol=\.\.\.\) must be a non-negative",
+        ),
         (lambda: no.Backsolve(atol="1e-6"), ValueError, r"Backsolve\(atol=\.\.\.\)"),
-        (lambda: no.Backsolve(seminorm=1), TypeError, r"Backsolve\(seminorm=\.\.\.\) must be a bool"),
+        (
+            lambda: no.Backsolve(seminorm=1),
+            TypeError,
+            r"Backsolve\(seminorm=\.\.\.\) must be a bool",
+        ),
         (lambda: no.Backsolve(solver="no_such_method"), ValueError, "no_such_method"),
         (lambda: no.Checkpointed(max_checkpoints=1), ValueError, r"integer >= 2, got 1"),
         (lambda: no.Checkpointed(max_checkpoints=2.5), ValueError, r"integer >= 2, got 2\.5"),
-        (lambda: no.solve(lambda t, y: -y, torch.ones(1), [0, 1], gradient="adjont"), ValueError, "unknown gradient method 'adjont'"),
-        (lambda: no.solve(lambda t, y: -y, torch.ones(1), [0, 1], gradient=3), TypeError, "gradient must be a name"),
+        (
+            lambda: no.solve(lambda t, y: -y, torch.ones(1), [0, 1], gradient="adjont"),
+            ValueError,
+            "unknown gradient method 'adjont'",
+        ),
+        (
+            lambda: no.solve(lambda t, y: -y, torch.ones(1), [0, 1], gradient=3),
+            TypeError,
+            "gradient must be a name",
+        ),
     ],
 )
 def test_gradient_configuration_errors(make, exc, match):
@@ -359,7 +380,9 @@ def test_gradient_configuration_errors(make, exc, match):
         make()
 
 
-@pytest.mark.parametrize("name", ["direct", "backsolve", "adjoint", "checkpoint", "checkpointed", "Direct"])
+@pytest.mark.parametrize(
+    "name", ["direct", "backsolve", "adjoint", "checkpoint", "checkpointed", "Direct"]
+)
 def test_gradient_names(name):
     y0 = torch.tensor([1.0], dtype=DT, requires_grad=True)
     sol = no.solve(lambda t, y: -y, y0, [0.0, 1.0], gradient=name, rtol=1e-10, atol=1e-10)

@@ -51,8 +51,11 @@ class TreeSpec:
     def unflatten(self, flat: torch.Tensor, lead: tuple[int, ...] = ()):
         """Rebuild the state from ``flat`` of shape ``(*lead, B, M)``."""
         if self.kind == "tensor":
-            return flat.reshape(*lead, *self.shapes[0])
-        parts = [c.reshape(*lead, *shape) for c, shape in zip(self.components(flat), self.shapes)]
+            return flat.reshape(tuple(lead) + tuple(self.shapes[0]))
+        parts = [
+            c.reshape(tuple(lead) + tuple(shape))
+            for c, shape in zip(self.components(flat), self.shapes)
+        ]
         if self.kind == "tuple":
             return tuple(parts)
         return dict(zip(self.keys, parts))

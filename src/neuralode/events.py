@@ -264,8 +264,42 @@ def solve_with_event(solve_fn, func, y0, t: torch.Tensor, event: Event, kwargs: 
     return _non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype)
 
 
-def _locate(solve_fn, func, y0, t_start, t_end, event, kwargs, per_sample, time_dtype):
-    """Phase 1 (no graph): the event time(s) in [t_start, t_end], NaN where none."""
+def _flow_derivative(
+    func, event, spec, t: float, yflat, per_sample: bool, time_dtype
+) -> torch.Tensor:
+    """``dg/dt`` along the solution at ``(t, y)``: ``dg/dt + dg/dy . f`` per sample (CPU float64).
+
+    One reverse pass through a scalar shift ``s`` of time and state, and one more to separate
+    the samples (``d/du <u, dg/ds>``), so the event function is called once.
+    """
+    B = spec.batch if per_sample else 1
+    tt = torch.scalar_tensor(t, dtype=time_dtype, device=spec.device)
+    with torch.enable_grad():
+        fy = spec.flatten(func(tt, spec.unflatten(yflat)), what="func").detach()
+        s = torch.zeros((), dtype=time_dtype, device=spec.device, requires_grad=True)
+        real = yflat.real.dtype if yflat.is_complex() else yflat.dtype
+        g = check_event_output(
+            event.fn(tt + s, spec.unflatten(yflat.detach() + s.to(real) * fy)), per_sample, B
+        )
+        if not g.requires_grad:
+            return torch.zeros(B, dtype=torch.float64)
+        u = torch.zeros(B, dtype=g.dtype, device=g.device, requires_grad=True)
+        (gs,) = torch.autograd.grad(g, s, u, create_graph=True, allow_unused=True)
+        if gs is None or not gs.requires_grad:
+            return torch.zeros(B, dtype=torch.float64)
+        (D,) = torch.autograd.grad(gs, u, allow_unused=True)
+    return torch.zeros(B, dtype=torch.float64) if D is None else D.detach().to("cpu", torch.float64)
+
+
+def _locate(
+    solve_fn, func, y0, t_start, t_end, event, kwargs, per_sample, time_dtype, restart=False
+):
+    """Phase 1 (no graph): the event time(s) in [t_start, t_end], NaN where none.
+
+    Where ``g`` is zero at the start (or, on a ``restart`` after an event, only rounding noise
+    away from zero), the sign that counts as "before" is the sign in which ``g`` moves along the
+    solution, so a zero at the start is never an event and the next crossing is not missed.
+    """
     from ._tree import flatten_state
 
     y0d = _map(y0, torch.Tensor.detach)
@@ -277,6 +311,13 @@ def _locate(solve_fn, func, y0, t_start, t_end, event, kwargs, per_sample, time_
             per_sample,
             B,
         ).to("cpu", torch.float64)
+    if restart and event.reset is None:
+        flat = torch.ones(B, dtype=torch.bool)  # g is continuous through the event: it is ~0
+    else:
+        flat = (g0 == 0) | (restart & (g0.abs() <= 1e-12))
+    if bool(flat.any()):
+        D = _flow_derivative(func, event, spec, t_start, y0flat, per_sample, time_dtype)
+        g0 = torch.where(flat, torch.sign(D), g0)
     mon = EventMonitor(event, spec, time_dtype, per_sample, g0)
     if per_sample:
         # Samples whose event has fired stop moving (f masked to zero), so their error no longer
@@ -307,7 +348,9 @@ def _locate(solve_fn, func, y0, t_start, t_end, event, kwargs, per_sample, time_
 def _reroute(func, event, t_star: list[float], y_star, per_sample: bool, time_dtype):
     """Implicit-function-theorem re-attachment of the event time(s) and state(s) to the graph.
 
-    Returns ``(t_event, y_event)`` equal in value to ``(t_star, y_star)``.
+    Returns ``t* - g(t*, y*) / D`` (one Newton step on the differentiable solve's own solution,
+    so the value moves by the residual of ``g`` there, about the solve's tolerance) and the
+    state ``y* + f(t*, y*) (t_event - t*)``, with ``D`` held constant.
     """
     from ._tree import flatten_state
 
@@ -335,13 +378,17 @@ def _reroute(func, event, t_star: list[float], y_star, per_sample: bool, time_dt
             gs = event.fn(tt + s, spec.unflatten(ys))
             gs = check_event_output(gs, per_sample, len(t_star))[b if per_sample else 0]
             (D,) = torch.autograd.grad(gs, s, allow_unused=True)
+        g_val = check_event_output(event.fn(tt, spec.unflatten(yflat)), per_sample, len(t_star))
+        g_val = g_val[b if per_sample else 0]
+        if (D is None or float(D) == 0.0) and not (g_val.requires_grad or yflat.requires_grad):
+            t_out.append(tt)  # no gradient wanted: the located time as it is
+            rows.append(yflat[b] if per_sample else yflat[0])
+            continue
         if D is None or float(D) == 0.0:
             raise RuntimeError(
                 f"the event function has zero time derivative along the solution at its root "
                 f"t={ts!r}; the event time is not differentiable (a tangential crossing)"
             )
-        g_val = check_event_output(event.fn(tt, spec.unflatten(yflat)), per_sample, len(t_star))
-        g_val = g_val[b if per_sample else 0]
         te = tt - g_val.to(time_dtype) / D.detach()
         dt = (te - tt).to(yflat.real.dtype if yflat.is_complex() else yflat.dtype)
         row = (yflat[b] if per_sample else yflat[0]) + (
@@ -434,7 +481,16 @@ def _non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
         t_star = float("nan")
         if len(ev_t) < event.max_events:
             ts, st1, n_g = _locate(
-                solve_fn, func, y_s, t_s, t_end, event, kwargs, False, time_dtype
+                solve_fn,
+                func,
+                y_s,
+                t_s,
+                t_end,
+                event,
+                kwargs,
+                False,
+                time_dtype,
+                restart=bool(ev_t),
             )
             t_star = float(ts[0])
             stats["nfe_event_location"] += st1.get("nfe", 0)
@@ -464,7 +520,7 @@ def _non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
         ev_t.append(te)
         ev_y.append(ye)
         y_s = event.reset(te, ye) if event.reset is not None else ye
-        t_s = t_star
+        t_s = float(te)
     ys = _zip_map(lambda *parts: torch.cat(parts), *out_pieces)
     event_t = torch.stack(ev_t) if ev_t else torch.zeros(0, dtype=time_dtype)
     event_y = _zip_map(lambda *parts: torch.stack(parts), *ev_y) if ev_y else None

@@ -29,6 +29,7 @@ RESUMABLE_CHANGES = ("epochs",)
 GRADIENTS = ("direct", "adjoint", "checkpoint")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ class RunConfig:
         Passes over the training data and samples per optimisation step (the global batch,
         split over the processes of a distributed run).
     lr : float
-        Learning rate of the Adam optimiser.
+        Learning rate.
+    optimizer : {"adam", "sgd"}
+        Adam (default) or plain stochastic gradient descent.
     method : str
         Solver name (:func:`neuralode.solvers.available`).
     rtol, atol : float or None
@@ -76,6 +79,7 @@ class RunConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
+    optimizer: str = "adam"
     method: str = "dopri5"
     rtol: float | None = 1e-3
     atol: float | None = 1e-4
@@ -94,6 +98,10 @@ class RunConfig:
         _check_float(self.lr, "lr")
         if self.gradient not in GRADIENTS:
             raise CLIError(f"--gradient must be one of {list(GRADIENTS)}; got {self.gradient!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise CLIError(
+                f"--optimizer must be one of {list(OPTIMIZERS)}; got {self.optimizer!r}."
+            )
         if self.dtype not in DTYPES:
             raise CLIError(f"dtype must be one of {list(DTYPES)}; got {self.dtype!r}.")
         if self.device not in DEVICES:

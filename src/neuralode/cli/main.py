@@ -119,7 +119,8 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
     )
     tr.add_argument("--epochs", type=int, help="passes over the training data")
     tr.add_argument("--batch-size", type=int, help="samples per step (global batch)")
-    tr.add_argument("--lr", type=float, help="Adam learning rate")
+    tr.add_argument("--lr", type=float, help="learning rate")
+    tr.add_argument("--optimizer", help="adam (default) or sgd")
     tr.add_argument("--method", help="solver: dopri5, tsit5, bosh3, rk4, euler, ...")
     tr.add_argument("--rtol", type=float, help="relative tolerance (adaptive methods)")
     tr.add_argument("--atol", type=float, help="absolute tolerance (adaptive methods)")
@@ -146,6 +147,7 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="start from a saved config.json (flags override it)"
     )
     tr.add_argument("--quick", action="store_true", help="tiny settings that run in seconds")
+    _threads_arg(tr)
     tr.add_argument(
         "--no-progress",
         action="store_true",
@@ -161,6 +163,7 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         "  neuralode evaluate runs/pbc --checkpoint last",
     )
     ev.add_argument("run_dir", metavar="RUN_DIR")
+    _threads_arg(ev)
     ev.add_argument(
         "--checkpoint",
         choices=("best", "last"),
@@ -176,8 +179,31 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         epilog="examples:\n  neuralode plot runs/pbc\n  neuralode plot runs/spiral --checkpoint last",
     )
     pl.add_argument("run_dir", metavar="RUN_DIR")
+    _threads_arg(pl)
     pl.add_argument("--checkpoint", choices=("best", "last"), default="best")
     return parser
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch intra-op threads (default: torch's choice). Small models often run "
+        "faster with 1, and 1 per process is right under torchrun. Not part of the "
+        "configuration, but keep it fixed for bit-identical resumes.",
+    )
+
+
+def _set_threads(args) -> None:
+    n = vars(args).get("threads")
+    if n is None:
+        return
+    if n < 1:
+        raise CLIError(f"--threads must be a positive integer; got {n}.")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _data_setting(tokens: list[str], task_cls) -> tuple[str, str | None]:
@@ -236,7 +262,7 @@ def resolve_config(args: argparse.Namespace):
     for flag in ("epochs", "batch_size", "lr", "method", "rtol", "atol", "step_size"):
         if flag in given:
             settings[flag] = given[flag]
-    for flag in ("gradient", "seed", "device", "dtype"):
+    for flag in ("gradient", "seed", "device", "dtype", "optimizer"):
         if flag in given:
             settings[flag] = given[flag]
     _resolve_solver(settings, given, cls.defaults)
@@ -317,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        _set_threads(args)
         return {"train": _cmd_train, "evaluate": _cmd_evaluate, "plot": _cmd_plot}[args.command](
             args
         )

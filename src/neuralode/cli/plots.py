@@ -159,7 +159,9 @@ def plot_spiral(
     return _save(fig, path)
 
 
-def plot_subjects(path: Path, subjects: list[dict], channels: list[str], time_unit: str) -> Path:
+def plot_subjects(
+    path: Path, subjects: list[dict], channels: list, time_unit: str, title: str = ""
+) -> Path:
     """Observed points, continuous reconstruction / extrapolation and a ±2 std band.
 
     Each entry of ``subjects`` has ``id``, ``t_split`` and per channel index ``c``:
@@ -190,6 +192,8 @@ def plot_subjects(path: Path, subjects: list[dict], channels: list[str], time_un
             ax.tick_params(labelsize=7)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper center", ncol=4, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

@@ -218,7 +218,8 @@ def _train(cfg, out, *, resume, progress, dist) -> int:
     if dist.enabled:
         torch.manual_seed(cfg.seed + dist.rank)  # independent noise per rank after the init
     objective = distributed.wrap(_Objective(task, model), dist, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt_cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.optimizer]
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr)
     scheduler = task.make_scheduler(optimizer)
     generator = torch.Generator().manual_seed(cfg.seed)
 

@@ -47,16 +47,18 @@ class ODENetTask(Task):
         vf, tf = self.opt["val_fraction"], self.opt["test_fraction"]
         if not (0 < vf < 1 and 0 < tf < 1 and vf + tf < 1):
             raise CLIError("--set val_fraction / test_fraction must be in (0, 1), sum < 1.")
-        X_tr, X_te, y_tr, y_te = train_test_split(
-            X, y, test_size=tf, stratify=y, random_state=seed
-        )
+        X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=tf, stratify=y, random_state=seed)
         X_tr, X_va, y_tr, y_va = train_test_split(
             X_tr, y_tr, test_size=vf / (1 - tf), stratify=y_tr, random_state=seed
         )
         if self.opt["max_train"]:
             X_tr, y_tr = X_tr[: self.opt["max_train"]], y_tr[: self.opt["max_train"]]
         self.split = {}
-        for name, (a, b) in {"train": (X_tr, y_tr), "val": (X_va, y_va), "test": (X_te, y_te)}.items():
+        for name, (a, b) in {
+            "train": (X_tr, y_tr),
+            "val": (X_va, y_va),
+            "test": (X_te, y_te),
+        }.items():
             self.split[name] = (
                 torch.as_tensor(a, dtype=self.dtype, device=self.device),
                 torch.as_tensor(b, dtype=torch.long, device=self.device),

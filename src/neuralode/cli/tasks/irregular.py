@@ -1,0 +1,413 @@
+"""Shared machinery of the tasks on irregularly sampled series (latent ODE, ODE-RNN).
+
+Data: ``pbcseq`` (embedded), ``physionet DIR`` (raw challenge files, ``"clean"`` pipeline) or
+``csv PATH``; split by subject (seeded), standardised with statistics of the training subjects
+only, times divided by the largest training time (``time_scale="max"``).
+
+Evaluation, on held-out subjects and in standardised units (mean squared error over the
+observed entries of the held-out time points):
+
+* interpolation -- a seeded random 30% of each subject's interior visits are hidden; the model
+  sees the rest and predicts the hidden ones;
+* extrapolation -- the model sees the first half of each subject's visits and predicts the
+  second half.
+
+Training matches both: each sample of a batch is conditioned either on a random subset of its
+points or on a random prefix, and the loss scores all its points.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuralode.data import collate_series, load_csv, load_pbcseq, load_physionet
+from neuralode.data import split_and_normalize
+
+from .. import baselines
+from ..errors import CLIError
+from ..report import nfe_line, table, verdict
+from .base import Task
+
+__all__ = ["IrregularTask", "check_csv_sorted"]
+
+INTERP_FRACTION = 0.3
+EVAL_BATCH = 64
+
+
+def check_csv_sorted(path: str, id_col: str, time_col: str) -> None:
+    """Raise :class:`CLIError` if a subject's times decrease from one row to a later one."""
+    last: dict[str, tuple[float, int]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader)]
+        i, j = header.index(id_col), header.index(time_col)
+        for row in reader:
+            if not row or all(not c.strip() for c in row):
+                continue
+            sid, t = row[i].strip(), float(row[j])
+            if sid in last and t < last[sid][0]:
+                raise CLIError(
+                    f"{path}, line {reader.line_num}: times of subject {sid!r} are not sorted "
+                    f"({time_col} {t:g} after {last[sid][0]:g} on line {last[sid][1]}); sort "
+                    f"the file by {id_col} and {time_col}."
+                )
+            last[sid] = (t, reader.line_num)
+
+
+class IrregularTask(Task):
+    """Base of the latent ODE and ODE-RNN tasks; subclasses add the model-specific parts."""
+
+    datasets = ("pbcseq", "physionet", "csv")
+    val_key = "val_mse"
+    #: Options every irregular task has (subclasses extend them).
+    common_options = dict(
+        val_fraction=0.15,
+        test_fraction=0.15,
+        time_scale="max",
+        max_subjects=0,
+        classify=True,
+        n_samples=16,
+        id_col="id",
+        time_col="time",
+        variable_col="variable",
+        value_col="value",
+        label_col=None,
+    )
+    model_label = "model"
+
+    # -- data -----------------------------------------------------------------------------
+    def load_data(self) -> None:
+        o = self.opt
+        kind, path = self.cfg.data, self.cfg.data_path
+        try:
+            if kind == "pbcseq":
+                ds = load_pbcseq()
+            elif kind == "physionet":
+                ds = load_physionet(path, preprocessing="clean")
+            elif kind == "csv":
+                ds = load_csv(
+                    path,
+                    id_col=o["id_col"],
+                    time_col=o["time_col"],
+                    variable_col=o["variable_col"],
+                    value_col=o["value_col"],
+                    label_col=o["label_col"],
+                )
+                check_csv_sorted(path, o["id_col"], o["time_col"])
+            else:  # guarded by the argument parser
+                raise CLIError(f"task {self.name!r} cannot use --data {kind}.")
+        except (OSError, ValueError, ImportError) as exc:
+            raise CLIError(str(exc)) from None
+        ds = ds.subset([i for i, r in enumerate(ds) if len(r) > 0])
+        if o["max_subjects"]:
+            ds = ds.subset(range(min(o["max_subjects"], len(ds))))
+        vf, tf = o["val_fraction"], o["test_fraction"]
+        if not (0 < vf < 1 and 0 < tf < 1 and vf + tf < 1):
+            raise CLIError("--set val_fraction / test_fraction must be in (0, 1) with sum < 1.")
+        ts = o["time_scale"]
+        try:
+            (train, val, test), self.normalizer = split_and_normalize(
+                ds, (1 - vf - tf, vf, tf), seed=self.cfg.seed, method="standard", time_scale=ts
+            )
+        except ValueError as exc:
+            raise CLIError(f"{kind}: {exc}") from None
+        for name, part in (("training", train), ("validation", val), ("test", test)):
+            if len(part) == 0:
+                raise CLIError(
+                    f"{kind}: {len(ds)} subjects are too few for a {name} split; "
+                    "add subjects or change --set val_fraction / test_fraction."
+                )
+        self.raw, self.parts = ds, {"train": train, "val": val, "test": test}
+        labels = train.labels
+        self.has_labels = bool(o["classify"]) and bool((~torch.isnan(labels)).any())
+        if self.has_labels:
+            lab = labels[~torch.isnan(labels)]
+            if len(torch.unique(lab)) < 2 or not bool(((lab == 0) | (lab == 1)).all()):
+                self.has_labels = False  # a head needs 0/1 labels of both classes
+        self.eval_masks = {s: self._eval_masks(s) for s in ("val", "test")}
+
+    def batch(self, split: str, indices) -> object:
+        part = self.parts[split]
+        return collate_series([part[int(i)] for i in indices], dtype=self.dtype, device=self.device)
+
+    def _eval_masks(self, split: str) -> dict:
+        """Deterministic conditioning / target masks ``(N, T)`` per evaluation setting."""
+        part = self.parts[split]
+        rng = np.random.default_rng(self.cfg.seed + (1 if split == "val" else 2))
+        out = {}
+        for setting in ("interpolation", "extrapolation"):
+            conds, targets = [], []
+            for r in part:
+                n = len(r)
+                cond = np.ones(n, bool)
+                if setting == "interpolation":
+                    if n >= 3:
+                        hide = rng.random(n - 2) < INTERP_FRACTION
+                        if not hide.any():
+                            hide[rng.integers(n - 2)] = True
+                        cond[1:-1] = ~hide
+                elif n >= 2:
+                    cond[math.ceil(n / 2) :] = False
+                conds.append(cond)
+                targets.append(~cond)
+            out[setting] = (conds, targets)
+        return out
+
+    def epoch_batches(self, generator):
+        n = len(self.parts["train"])
+        return list(torch.randperm(n, generator=generator).split(self.cfg.batch_size))
+
+    def train_cond(self, batch) -> torch.Tensor:
+        """Random conditioning points ``(B, T)``: a random prefix or a random subset."""
+        B, T = batch.valid.shape
+        dev = batch.valid.device
+        n = batch.lengths.to(dev)
+        prefix = (
+            torch.arange(T, device=dev)[None, :]
+            < (1 + (torch.rand(B, device=dev) * n).floor().long())[:, None]
+        )
+        p_drop = 0.5 * torch.rand(B, 1, device=dev)
+        subset = torch.rand(B, T, device=dev) >= p_drop
+        subset[:, 0] = True
+        use_prefix = (torch.rand(B, device=dev) < 0.5)[:, None]
+        return torch.where(use_prefix, prefix, subset) & batch.valid
+
+    @staticmethod
+    def conditioned(batch, cond: torch.Tensor):
+        """``batch`` with only the time points ``cond`` observed (the encoder's input)."""
+        m = batch.mask * cond.unsqueeze(-1).to(batch.mask.dtype)
+        return replace(batch, mask=m, values=batch.values * m)
+
+    # -- the model-specific part ----------------------------------------------------------
+    def model_loss(self, model, batch, cond, epoch, step):
+        """``(loss, logs)``: mean over the batch's samples."""
+        raise NotImplementedError
+
+    def predict(self, model, batch, cond, times, n_samples):
+        """``(mean, std)``, each ``(B, Q, C)``, at the query times ``times (B, Q)``."""
+        raise NotImplementedError
+
+    def predict_label(self, model, batch):
+        """Probabilities ``(B,)`` of the label, or ``None`` without a classification head."""
+        return None
+
+    # -- training -------------------------------------------------------------------------
+    def train_loss(self, model, indices, epoch, step):
+        batch = self.batch("train", indices.tolist())
+        return self.model_loss(model, batch, self.train_cond(batch), epoch, step)
+
+    def _mask_tensor(self, rows, batch) -> torch.Tensor:
+        out = torch.zeros(batch.valid.shape, dtype=torch.bool, device=batch.valid.device)
+        for b, r in enumerate(rows):
+            out[b, : len(r)] = torch.as_tensor(r, device=out.device)
+        return out
+
+    def _errors(self, model, split: str, n_samples: int, with_baselines: bool) -> dict:
+        """Squared-error sums and counts per setting (model and baselines) on ``split``."""
+        part = self.parts[split]
+        res = {}
+        for setting, (conds, targets) in self.eval_masks[split].items():
+            sums = {"model": 0.0, "locf": 0.0, "linear": 0.0}
+            count = 0
+            for start in range(0, len(part), EVAL_BATCH):
+                idx = list(range(start, min(start + EVAL_BATCH, len(part))))
+                batch = self.batch(split, idx)
+                cond = self._mask_tensor([conds[i] for i in idx], batch)
+                target = self._mask_tensor([targets[i] for i in idx], batch)
+                tm = batch.mask * target.unsqueeze(-1).to(batch.mask.dtype)
+                if not bool(tm.any()):
+                    continue
+                mean, _ = self.predict(model, batch, cond, batch.times, n_samples)
+                sums["model"] += float(((mean - batch.values) ** 2 * tm).sum())
+                count += int(tm.sum())
+                if with_baselines:
+                    for b, i in enumerate(idx):
+                        sums["locf"] += self._baseline_sse(
+                            baselines.locf, part[i], conds[i], targets[i]
+                        )
+                        sums["linear"] += self._baseline_sse(baselines.linear, part[i], conds[i], targets[i])  # fmt: skip
+            res[setting] = {k: (v / count if count else None) for k, v in sums.items()}
+            res[setting]["n_points"] = count
+        return res
+
+    @staticmethod
+    def _baseline_sse(fn, record, cond, target) -> float:
+        if not target.any():
+            return 0.0
+        t = record.times.double().numpy()
+        y = record.values.double().numpy()
+        m = record.mask.double().numpy()
+        pred = fn(t[cond], y[cond], m[cond], t[target])
+        mt = m[target]
+        return float((((pred - y[target]) ** 2) * mt).sum())
+
+    def validate(self, model):
+        r = self._errors(model, "val", max(2, self.opt["n_samples"] // 4), with_baselines=False)
+        out = {
+            "val_mse_interpolation": r["interpolation"]["model"],
+            "val_mse_extrapolation": r["extrapolation"]["model"],
+        }
+        vals = [v for v in out.values() if v is not None]
+        out["val_mse"] = float(np.mean(vals)) if vals else math.inf
+        if self.has_labels:
+            out["val_auroc"] = self._auroc(model, "val")
+        return out
+
+    def _auroc(self, model, split: str):
+        part = self.parts[split]
+        probs = []
+        for start in range(0, len(part), EVAL_BATCH):
+            batch = self.batch(split, range(start, min(start + EVAL_BATCH, len(part))))
+            probs.append(self.predict_label(model, batch).double().cpu())
+        return baselines.auroc(part.labels.numpy(), torch.cat(probs).numpy())
+
+    # -- evaluation -----------------------------------------------------------------------
+    def evaluate(self, model):
+        with torch.no_grad():
+            errors = self._errors(model, "test", self.opt["n_samples"], with_baselines=True)
+            res = {
+                "task": self.name,
+                "data": self.cfg.data,
+                "subjects": {k: len(v) for k, v in self.parts.items()},
+                "channels": list(self.raw.channels),
+                "time_unit": self.raw.time_unit,
+                "metric": "MSE of standardised values at held-out time points (test subjects)",
+                **errors,
+            }
+            if self.has_labels:
+                res["auroc_model"] = self._auroc(model, "test")
+                tr, te = self.parts["train"], self.parts["test"]
+                if self.raw.static_names:
+                    res["auroc_logistic_static"] = baselines.static_logistic_auroc(
+                        torch.stack([r.static for r in tr]).numpy(),
+                        tr.labels.numpy(),
+                        torch.stack([r.static for r in te]).numpy(),
+                        te.labels.numpy(),
+                        seed=self.cfg.seed,
+                    )
+                res["static_names"] = list(self.raw.static_names)
+        return res
+
+    def summary(self, results, metrics):
+        r = results
+        s = r["subjects"]
+        lines = [
+            f"{self.model_label} on {r['data']}: {sum(s.values())} subjects ({s['train']} train / "
+            f"{s['val']} validation / {s['test']} test, split by subject), "
+            f"{len(r['channels'])} channels, time in {r['time_unit']}",
+            "Held-out test subjects: MSE of standardised values at hidden time points "
+            "(lower is better)",
+        ]
+        rows = []
+        for setting in ("interpolation", "extrapolation"):
+            e = r[setting]
+            rows.append([setting, e["model"], e["locf"], e["linear"], e["n_points"]])
+        lines.append(
+            table(["setting", self.model_label, "LOCF", "linear", "values"], rows, indent="  ")
+        )
+        lines.append(
+            "  (linear: per-subject linear interpolation; beyond the last observation its "
+            "least-squares trend)"
+        )
+        for setting in ("interpolation", "extrapolation"):
+            e = r[setting]
+            lines.append(verdict(e["model"], {"LOCF": e["locf"], "linear": e["linear"]}, setting))
+        if "auroc_model" in r:
+            base = r.get("auroc_logistic_static")
+            names = ", ".join(r.get("static_names", [])) or "none"
+            lines.append("Mortality (label) AUROC on test subjects (higher is better):")
+            lines.append(
+                table(
+                    ["model", "AUROC"],
+                    [
+                        [f"{self.model_label} classification head", r["auroc_model"]],
+                        [f"logistic regression on baseline covariates ({names})", base],
+                    ],
+                )
+            )
+            if base is not None and r["auroc_model"] is not None:
+                lines.append(
+                    verdict(
+                        r["auroc_model"],
+                        {"the logistic regression": base},
+                        "mortality",
+                        higher_better=True,
+                    )  # fmt: skip
+                )
+        else:
+            lines.append(
+                "Mortality AUROC: classification head off (no 0/1 labels, or classify=false)."
+            )
+        lines.append(nfe_line(metrics))
+        return "\n".join(lines)
+
+    # -- plots ----------------------------------------------------------------------------
+    def plot(self, model, plot_dir: Path):
+        from ..plots import plot_subjects
+
+        part = self.parts["test"]
+        order = sorted(range(len(part)), key=lambda i: (-len(part[i]), str(part[i].id)))[:3]
+        batch = self.batch("test", order)
+        conds, _ = self.eval_masks["test"]["extrapolation"]
+        cond = self._mask_tensor([conds[i] for i in order], batch)
+        norm = self.normalizer
+        # The channels most often observed that are not binary, up to four.
+        counts = torch.stack([r.mask.sum(0) for r in part]).sum(0)
+        distinct = [
+            len(torch.unique(torch.cat([r.values[r.mask[:, c] > 0, c] for r in part])))
+            for c in range(part.n_channels)
+        ]
+        chans = [c for c in torch.argsort(counts, descending=True).tolist() if distinct[c] > 2]
+        chans = [(c, self.raw.channels[c]) for c in chans[:4]]
+        t_last = batch.times.max(dim=1).values
+        span = (t_last - batch.times[:, 0]).clamp_min(1e-3)
+        Q = 80
+        grid = torch.linspace(0, 1, Q, dtype=batch.times.dtype, device=batch.times.device)
+        tq = batch.times[:, :1] + grid[None, :] * (span * 1.15)[:, None]
+        with torch.no_grad():
+            mean, std = self.predict(model, batch, cond, tq, self.opt["n_samples"])
+        scale = norm.scale.to(mean.dtype).to(mean.device)
+        phys_mean = norm.inverse_transform(mean)
+        phys_std = std * scale
+        ts = norm.time_scale
+        subjects = []
+        for b, i in enumerate(order):
+            rec = self.raw[self.raw.ids.index(part[i].id)]  # physical units
+            n = len(rec)
+            c_mask = cond[b, :n].cpu().numpy()
+            obs, tgt = {}, {}
+            for c, _ in chans:
+                seen = rec.mask[:, c].numpy() > 0
+                tt, yy = rec.times.numpy(), rec.values[:, c].numpy()
+                obs[c] = (tt[seen & c_mask], yy[seen & c_mask])
+                tgt[c] = (tt[seen & ~c_mask], yy[seen & ~c_mask])
+            n_cond = int(c_mask.sum())
+            subjects.append(
+                {
+                    "id": rec.id,
+                    "t_split": float(rec.times[max(n_cond - 1, 0)]),
+                    "obs": obs,
+                    "target": tgt,
+                    "curve": (
+                        tq[b].double().cpu().numpy() * ts,
+                        phys_mean[b].double().cpu().numpy(),
+                        phys_std[b].double().cpu().numpy(),
+                    ),
+                }
+            )
+        return [
+            plot_subjects(
+                plot_dir / "test_subjects.png",
+                subjects,
+                chans,
+                self.raw.time_unit,
+                title=f"{self.model_label}: held-out test subjects, first half of the visits "
+                "observed (dotted line), second half extrapolated; band = mean ± 2 std",
+            )
+        ]

@@ -1,0 +1,310 @@
+"""The ``neuralode`` command end to end, on tiny settings (``--quick``).
+
+Most runs call :func:`neuralode.cli.main.main` in-process (fast); one test goes through the
+installed console script in a subprocess, one starts two processes for data-parallel training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("tqdm")
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+from neuralode.cli.main import main  # noqa: E402
+
+FAST = ["--no-progress", "--threads", "1"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train(capsys, task, out, *extra):
+    code, stdout, err = run(capsys, "train", task, "--quick", "--out", out, *FAST, *extra)
+    assert code == 0, err
+    return stdout
+
+
+def state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_params(a, b):
+    sa, sb = state(a)["model"], state(b)["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# -- help ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cmd", [[], ["train"], ["evaluate"], ["plot"]])
+def test_help_has_examples(capsys, cmd):
+    code, out, _ = run(capsys, *cmd, "--help")
+    assert code == 0
+    assert "examples:" in out
+    if cmd == ["train"]:
+        for task in ("latent-ode", "ode-rnn", "odenet", "spiral"):
+            assert task in out
+
+
+# -- spiral: train, resume, evaluate, plot -----------------------------------------------------
+def test_spiral_train_resume_evaluate_plot(capsys, tmp_path):
+    out = tmp_path / "spiral"
+    text = train(capsys, "spiral", out)
+    assert "Spiral" in text and "NFE per epoch" in text and "plots" in text
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["task"] == "spiral" and cfg["quick"] is True and cfg["epochs"] == 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "val_loss", "nfe_forward", "nfe_backward", "time_s"):
+        assert all(key in r for r in rows), key
+    assert rows[0]["nfe_forward"] > 0 and rows[0]["nfe_backward"] > 0
+    for name in ("checkpoint.pt", "best.pt", "results.json", "summary.txt"):
+        assert (out / name).is_file(), name
+    for name in ("spiral.png", "training_curves.png", "nfe.png"):
+        assert (out / "plots" / name).stat().st_size > 1000, name
+    ck = state(out / "checkpoint.pt")
+    assert {"torch", "numpy", "python"} <= set(ck["rng"]) and ck["epoch"] == 2
+
+    # Resume to 3 epochs: one more row, same first rows.
+    code, _, err = run(capsys, "train", "spiral", "--quick", "--out", out, "--epochs", 3,
+                       "--resume", *FAST)  # fmt: skip
+    assert code == 0, err
+    rows3 = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows3] == [1, 2, 3] and rows3[:2] == rows
+
+    code, text, err = run(capsys, "evaluate", out, "--threads", 1)
+    assert code == 0, err
+    assert "MSE vs true trajectory" in text
+    assert json.loads((out / "results.json").read_text())["checkpoint"] == "best.pt"
+    (out / "plots" / "spiral.png").unlink()
+    code, text, err = run(capsys, "plot", out, "--checkpoint", "last")
+    assert code == 0, err
+    assert (out / "plots" / "spiral.png").is_file() and "spiral.png" in text
+
+
+def test_same_config_restarts_and_config_round_trip(capsys, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(capsys, "spiral", a, "--seed", 3, "--gradient", "adjoint")
+    # Re-running the identical command starts the run over (same result).
+    before = state(a / "checkpoint.pt")["model"]
+    train(capsys, "spiral", a, "--seed", 3, "--gradient", "adjoint")
+    after = state(a / "checkpoint.pt")["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # --config re-runs the saved configuration elsewhere.
+    code, _, err = run(capsys, "train", "--config", a / "config.json", "--out", b, *FAST)
+    assert code == 0, err
+    assert json.loads((a / "config.json").read_text()) == json.loads(
+        (b / "config.json").read_text()
+    )
+    assert_same_params(a / "checkpoint.pt", b / "checkpoint.pt")
+
+
+def test_resume_is_exact(capsys, tmp_path, monkeypatch):
+    """4 epochs straight == 2 epochs + resume to 4 == Ctrl-C mid-epoch + resume."""
+    common = ["--set", "steps_per_epoch=4"]
+    straight, split, ctrlc = tmp_path / "straight", tmp_path / "split", tmp_path / "ctrlc"
+    train(capsys, "spiral", straight, "--epochs", 4, *common)
+    train(capsys, "spiral", split, "--epochs", 2, *common)
+    train(capsys, "spiral", split, "--epochs", 4, "--resume", *common)
+    assert_same_params(straight / "checkpoint.pt", split / "checkpoint.pt")
+    assert_same_params(straight / "best.pt", split / "best.pt")
+
+    # A real SIGINT in the middle of epoch 2 (step 6): checkpoint, exit 130, exact resume.
+    from neuralode.cli.tasks.spiral import SpiralTask
+
+    original = SpiralTask.train_loss
+    calls = {"n": 0}
+
+    def interrupted(self, model, indices, epoch, step):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, model, indices, epoch, step)
+
+    monkeypatch.setattr(SpiralTask, "train_loss", interrupted)
+    code, _, err = run(capsys, "train", "spiral", "--quick", "--out", ctrlc, "--epochs", 4,
+                       *common, *FAST)  # fmt: skip
+    assert code == 130
+    assert "checkpoint saved" in err and "Traceback" not in err
+    ck = state(ctrlc / "checkpoint.pt")
+    assert (ck["epoch"], ck["batch"], ck["step"]) == (1, 2, 6)
+    monkeypatch.setattr(SpiralTask, "train_loss", original)
+    train(capsys, "spiral", ctrlc, "--epochs", 4, "--resume", *common)
+    assert_same_params(straight / "checkpoint.pt", ctrlc / "checkpoint.pt")
+    rows = [json.loads(x) for x in (ctrlc / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+# -- odenet ----------------------------------------------------------------------------------
+def test_odenet_quick(capsys, tmp_path):
+    text = train(capsys, "odenet", tmp_path / "odenet", "--data", "digits")
+    assert "test accuracy" in text and "NFE" in text
+    res = json.loads((tmp_path / "odenet" / "results.json").read_text())
+    assert 0.0 <= res["test_accuracy"] <= 1.0 and res["test_nfe_forward"] > 0
+
+
+# -- bad input: exit 2, one line, no traceback, nothing lost ---------------------------------
+def _csv(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def bad_inputs(tmp: Path):
+    missing_cols = _csv(tmp / "cols.csv", "id,t,variable,value\np1,0,HR,80\n")
+    nan_time = _csv(tmp / "nan.csv", "id,time,variable,value\np1,0,HR,80\np1,nan,HR,81\n")
+    unsorted = _csv(
+        tmp / "unsorted.csv", "id,time,variable,value\np1,0,HR,80\np1,2,HR,81\np1,1,HR,82\n"
+    )
+    return {
+        "missing data directory": (["--data", "physionet", tmp / "no-such-dir"], "not"),
+        "csv without required columns": (["--data", "csv", missing_cols], "missing required"),
+        "csv with NaN time": (["--data", "csv", nan_time], "NaN"),
+        "csv with unsorted times": (["--data", "csv", unsorted], "not sorted"),
+        "unknown dataset": (["--data", "mnist"], "unknown dataset"),
+        "unknown option": (["--set", "nope=1"], "unknown option"),
+        "adaptive method with a step size": (["--step-size", "0.1"], "no effect"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_inputs(Path("."))))
+def test_bad_input_is_one_line_exit_2(capsys, tmp_path, case):
+    (tmp_path / "runs").mkdir()
+    args, needle = bad_inputs(tmp_path)[case]
+    out = tmp_path / "runs" / "x"
+    code, stdout, err = run(capsys, "train", "latent-ode", "--quick", "--out", out, *args, *FAST)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("neuralode: error: "), err
+    assert needle in lines[0] and "Traceback" not in err
+    assert not out.exists()  # nothing written
+
+
+def test_existing_run_is_never_clobbered(capsys, tmp_path):
+    out = tmp_path / "run"
+    train(capsys, "spiral", out)
+    before = snapshot(out)
+    for args, needle in [
+        (["spiral", "--quick", "--out", out, "--lr", "0.5"], "holds a different run"),
+        (["spiral", "--quick", "--out", out, "--lr", "0.5", "--resume"], "different config"),
+        (["odenet", "--quick", "--out", out], "holds a different run"),
+    ]:
+        code, _, err = run(capsys, "train", *args, *FAST)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert snapshot(out) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "train", "spiral", "--quick", "--out", other, *FAST)
+    assert code == 2 and "holds no neuralode run" in err
+    code, _, err = run(capsys, "train", "spiral", "--quick", "--out", tmp_path / "new",
+                       "--resume", *FAST)  # fmt: skip
+    assert code == 2 and "nothing to resume" in err
+    code, _, err = run(capsys, "evaluate", tmp_path / "nowhere")
+    assert code == 2 and "not found" in err
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_console_script_exit_codes(tmp_path):
+    exe = Path(sys.executable).with_name("neuralode")
+    if not exe.exists():
+        pytest.skip("console script not installed")
+    r = subprocess.run(
+        [exe, "train", "spiral", "--data", "mnist", "--out", tmp_path / "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert r.stderr.startswith("neuralode: error: unknown dataset 'mnist'")
+
+
+# -- two processes (DDP, gloo) == one process on the same global batch -----------------------
+DDP_WORKER = """
+import os, sys
+import torch.multiprocessing as mp
+
+def worker(rank, ports, jobs):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1")
+    from neuralode.cli.main import main
+    for port, args in zip(ports, jobs):
+        os.environ["MASTER_PORT"] = str(port)
+        code = main(args)
+        if code != 0:
+            sys.exit(code)
+
+if __name__ == "__main__":
+    import json
+    ports, jobs = json.loads(sys.argv[1])
+    mp.spawn(worker, args=(ports, jobs), nprocs=2)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one(capsys, tmp_path):
+    # Fixed-step rk4 so that both processes and the single one take identical steps; SGD so
+    # that the parameters after the step are proportional to the averaged gradient.
+    cfg = {
+        "task": "spiral",
+        "data": "spiral",
+        "epochs": 1,
+        "batch_size": 8,
+        "lr": 0.05,
+        "optimizer": "sgd",
+        "method": "rk4",
+        "rtol": None,
+        "atol": None,
+        "step_size": 0.05,
+        "dtype": "float64",
+        "quick": True,
+        "options": {"steps_per_epoch": 1, "hidden": 8, "window": 6},
+    }
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    jobs = []
+    for g in ("direct", "adjoint"):
+        args = ["train", "--config", str(path), "--gradient", g, *FAST]
+        code, _, err = run(capsys, *args, "--out", tmp_path / f"one-{g}")
+        assert code == 0, err
+        jobs.append([*args, "--out", str(tmp_path / f"two-{g}")])
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(DDP_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, script, json.dumps([[_free_port(), _free_port()], jobs])],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for g in ("direct", "adjoint"):
+        one = state(tmp_path / f"one-{g}" / "checkpoint.pt")["model"]
+        two = state(tmp_path / f"two-{g}" / "checkpoint.pt")["model"]
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-10, atol=1e-12, msg=k)
