@@ -210,6 +210,16 @@ class RKStepper:
         return y[samples] + h * torch.einsum("ms,smk->mk", W.to(Kd.dtype), Kg)
 
 
+def make_stepper(method, dtype: torch.dtype, device: torch.device):
+    """The per-solve stepper of a method: :class:`RKStepper` for an explicit Butcher tableau;
+    any other method object provides ``make_stepper(dtype, device)`` returning an object with the
+    same interface (``step``, ``dense_stages``, ``interpolate``, ``last_stage``, ``fsal``, ``S``,
+    ``Sd``, ``tab``) and optionally ``accept(...)``, called after every accepted step."""
+    if isinstance(method, ButcherTableau):
+        return RKStepper(method, dtype, device)
+    return method.make_stepper(dtype, device)
+
+
 # ---------------------------------------------------------------------------- helpers
 def _norm(prob: Problem, scaled: torch.Tensor) -> torch.Tensor:
     if prob.norm is not None:
@@ -304,7 +314,7 @@ def integrate(
         solve after that step with status ``"event"`` (event location uses this).
     """
     tab, ctrl = prob.tableau, prob.controller
-    stepper = stepper or RKStepper(tab, y0.dtype, y0.device)
+    stepper = stepper or make_stepper(tab, y0.dtype, y0.device)
     direction = prob.direction
     t0, t_end = prob.t0, prob.t_end
     adaptive = isinstance(ctrl, PIController)
@@ -613,4 +623,4 @@ def replay_step(
     return y_new, vals, k1
 
 
-__all__ += ["RKStepper", "replay_step", "initial_step", "SolveError"]
+__all__ += ["make_stepper", "RKStepper", "replay_step", "initial_step", "SolveError"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._loop import LoopResult, Problem, RKStepper, VectorField
+from .._loop import LoopResult, Problem, VectorField, make_stepper
 
 __all__ = ["Run", "find_params", "warn_missing_params"]
 
@@ -26,14 +26,14 @@ class Run:
     stats: dict
     result: LoopResult | None = None
     f: VectorField | None = None
-    stepper: RKStepper | None = None
+    stepper: object = None
     extra: dict = field(default_factory=dict)
 
     def vector_field(self) -> VectorField:
         return VectorField(self.func, self.prob.spec, self.time_dtype)
 
-    def new_stepper(self, y0) -> RKStepper:
-        return RKStepper(self.prob.tableau, y0.dtype, y0.device)
+    def new_stepper(self, y0):
+        return make_stepper(self.prob.tableau, y0.dtype, y0.device)
 
 
 def find_params(func, explicit, name: str = "params") -> list[torch.Tensor]:

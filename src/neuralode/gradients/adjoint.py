@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._loop import Problem, RKStepper, VectorField, integrate, replay_step, sorted_outputs_grad
+from .._loop import Problem, VectorField, integrate, make_stepper, replay_step, sorted_outputs_grad
 from .._tree import flatten_state
 from ..controllers import PIController, StepToGrid
 from ..solvers import get_tableau
@@ -266,7 +266,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             norm_components=2 if cfg.seminorm else None,
         )
         if aug_stepper is None:
-            aug_stepper = RKStepper(tab, dtype, device)
+            aug_stepper = make_stepper(tab, dtype, device)
         flat = torch.cat([y, a, *gs]).unsqueeze(0)
         k1_aug = None
         if shared_k1 is not None:

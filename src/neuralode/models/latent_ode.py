@@ -129,7 +129,9 @@ class LatentODE(nn.Module):
         self.decoder_field = MLPVectorField(latent_dim, ode_hidden, 2, "tanh")
         if decoder_hidden:
             self.observation = nn.Sequential(
-                nn.Linear(latent_dim, decoder_hidden), nn.Tanh(), nn.Linear(decoder_hidden, n_channels)
+                nn.Linear(latent_dim, decoder_hidden),
+                nn.Tanh(),
+                nn.Linear(decoder_hidden, n_channels),
             )
         else:
             self.observation = nn.Linear(latent_dim, n_channels)
@@ -166,7 +168,9 @@ class LatentODE(nn.Module):
         """Observation noise per channel, shape ``(C,)``."""
         p = self.to_posterior.weight
         if self.fixed_obs_std is not None:
-            return torch.full((self.n_channels,), self.fixed_obs_std, dtype=p.dtype, device=p.device)
+            return torch.full(
+                (self.n_channels,), self.fixed_obs_std, dtype=p.dtype, device=p.device
+            )
         return F.softplus(self.obs_std_raw) + 0.01
 
     def _check_batch(self, batch) -> None:
@@ -256,14 +260,18 @@ class LatentODE(nn.Module):
         if tq.dim() == 1:
             tq = tq.expand(B, -1)
         if tq.dim() != 2 or tq.shape[0] != B:
-            raise ValueError(f"times must have shape (B, Q) = ({B}, Q) or (Q,), got {tuple(tq.shape)}")
+            raise ValueError(
+                f"times must have shape (B, Q) = ({B}, Q) or (Q,), got {tuple(tq.shape)}"
+            )
         if tq.numel() and float(tq.min()) < self.t0:
             raise ValueError(f"query times must be >= t0 = {self.t0}, got {float(tq.min())}")
         if bool((tq[:, 1:] < tq[:, :-1]).any()):
             raise ValueError("query times must be non-decreasing along each row; sort them")
         grid = torch.cat([torch.full_like(tq[:, :1], self.t0), tq], dim=1).repeat(K, 1)
         self._counter.reset()
-        zs = solve_tracked(self.settings, self._counter, self.decoder_field, z.reshape(K * B, L), grid)
+        zs = solve_tracked(
+            self.settings, self._counter, self.decoder_field, z.reshape(K * B, L), grid
+        )
         zs = zs[1:].reshape(tq.shape[1], K, B, L).permute(1, 2, 0, 3)  # (K, B, Q, L)
         x = self.observation(zs)
         return x[0] if squeeze else x
@@ -345,7 +353,9 @@ class LatentODE(nn.Module):
             raise ValueError("classify=True needs batch.labels (the batch has none)")
 
         mu, std = self.encode(batch, enc_m)
-        eps = torch.randn((n_samples, *mu.shape), generator=generator, dtype=mu.dtype, device=mu.device)
+        eps = torch.randn(
+            (n_samples, *mu.shape), generator=generator, dtype=mu.dtype, device=mu.device
+        )
         z0 = mu + std * eps  # (K, B, L)
         x_hat = self.decode(z0, batch.times)  # (K, B, T, C)
         log_lik = self._log_lik(x_hat, batch.values, tgt_m)  # (K, B)
@@ -430,7 +440,9 @@ class LatentODE(nn.Module):
                 raise ValueError("pass either t_split or encoder_mask, not both")
             encoder_mask, _ = batch.split_time(t_split)
         mu, std = self.encode(batch, encoder_mask)
-        eps = torch.randn((n_samples, *mu.shape), generator=generator, dtype=mu.dtype, device=mu.device)
+        eps = torch.randn(
+            (n_samples, *mu.shape), generator=generator, dtype=mu.dtype, device=mu.device
+        )
         x = self.decode(mu + std * eps, batch.times if query_times is None else query_times)
         mean = x.mean(0)
         var = x.var(0, unbiased=False)
