@@ -115,6 +115,7 @@ class LoopResult:
     n_rejected: int
     steps: list[StepRecord] = field(default_factory=list)
     h_next: float = math.nan  # the controller's proposal for a following step
+    k1_next: torch.Tensor | None = None  # first stage of a following step, if known (FSAL)
 
 
 # ---------------------------------------------------------------------------- one RK step
@@ -523,6 +524,7 @@ def integrate(
         n_rejected=n_rej,
         steps=steps,
         h_next=abs(h),
+        k1_next=k1 if state["status"] in ("success", "event") else None,
     )
 
 

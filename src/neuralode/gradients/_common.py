@@ -59,12 +59,17 @@ def find_params(func, explicit, name: str = "params") -> list[torch.Tensor]:
     return []
 
 
-def warn_missing_params(out: torch.Tensor, params: list[torch.Tensor], method: str) -> None:
+def warn_missing_params(
+    out: torch.Tensor, params: list[torch.Tensor], method: str, state=None
+) -> None:
     """Warn when ``out`` (an evaluation of func) depends on a leaf tensor that requires grad but
-    is not among ``params``: its gradient would silently be missing."""
+    is not among ``params``: its gradient would silently be missing. Leaves sharing storage with
+    ``state`` (a func that calls ``y.requires_grad_()``, as in FFJORD or Hamiltonian networks)
+    are the state itself, not parameters."""
     if not isinstance(out, torch.Tensor) or out.grad_fn is None:
         return
     known = {id(p) for p in params}
+    state_ptr = state.untyped_storage().data_ptr() if state is not None else None
     seen, stack, missing = set(), [out.grad_fn], []
     while stack and len(seen) < 10_000:
         node = stack.pop()
@@ -73,7 +78,8 @@ def warn_missing_params(out: torch.Tensor, params: list[torch.Tensor], method: s
         seen.add(node)
         var = getattr(node, "variable", None)
         if var is not None and id(var) not in known:
-            missing.append(var)
+            if state_ptr is None or var.untyped_storage().data_ptr() != state_ptr:
+                missing.append(var)
         stack.extend(n for n, _ in node.next_functions)
     if missing:
         shapes = ", ".join(str(tuple(v.shape)) for v in missing[:5])
@@ -91,8 +97,9 @@ def warn_missing_params(out: torch.Tensor, params: list[torch.Tensor], method: s
 def check_params(run: Run, y0flat: torch.Tensor, params: list[torch.Tensor], method: str) -> None:
     """Evaluate func once at (t0, y0) with graph building on and warn about missing params."""
     spec = run.prob.spec
+    state = y0flat.detach().clone()
     with torch.enable_grad():
         tt = torch.tensor(run.prob.t0, dtype=run.time_dtype, device=spec.device)
-        out = run.func(tt, spec.unflatten(y0flat.detach()))
+        out = run.func(tt, spec.unflatten(state))
     flat = spec.flatten(out, what="the derivative returned by func", t=run.prob.t0)
-    warn_missing_params(flat, params, method)
+    warn_missing_params(flat, params, method, state=state)

@@ -89,7 +89,7 @@ class Backsolve:
 
     def run(self, run: Run, y0flat: torch.Tensor):
         params = find_params(run.func, self.params, "Backsolve(params=...)")
-        if torch.is_grad_enabled() and (y0flat.requires_grad or params):
+        if torch.is_grad_enabled():
             check_params(run, y0flat, params, "backsolve adjoint")
         return _BacksolveFn.apply(run, self, y0flat, *params)
 
@@ -103,7 +103,7 @@ class _BacksolveFn(torch.autograd.Function):
             res = integrate(
                 run.prob,
                 f,
-                y0flat,
+                y0flat.detach(),  # func must see a plain tensor, not a graph-less view of y0
                 track_grad=False,
                 record="dense" if run.dense else "times",
                 throw=run.throw,
@@ -139,8 +139,13 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     g_sorted = sorted_outputs_grad(prob, g_ys)
     out_t = prob.out_t
 
-    # Where the backward solve must stop: the ends of forward steps with an output exactly there,
-    # and the starts of forward steps with outputs inside them.
+    # The backward solve stops where the adjoint jumps: at outputs exactly on a forward step
+    # boundary, and at the start of each forward step holding outputs (added through that step's
+    # own continuous extension). When it runs at the forward's tolerances it visits every forward
+    # boundary and proposes each forward step as its backward step over the same interval (the
+    # adjoint shares the forward's time scales), so the stops cost no extra steps; the error of
+    # every backward step is still controlled. With looser adjoint tolerances it stops only where
+    # the adjoint jumps and carries its step size across the stops.
     actions: dict[float, list[tuple[str, int]]] = {}
     for k, rec in enumerate(steps):
         taus = out_t[rec.out_lo : rec.out_hi]
@@ -149,7 +154,9 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
         if any(tau != rec.t_new for tau in taus):
             actions.setdefault(rec.t, []).append(("inner", k))
     t_start = steps[-1].t_new if steps else prob.t0
-    points = sorted({t_start, prob.t0, *actions}, key=lambda x: -direction * x)
+    follow_forward = cfg.rtol is None and cfg.atol is None
+    boundaries = {*(r.t for r in steps), *(r.t_new for r in steps)} if follow_forward else actions
+    points = sorted({t_start, prob.t0, *boundaries}, key=lambda x: -direction * x)
 
     # The augmented state (y, a, g_1..g_P), flat, integrated by the same engine.
     p_sizes = [p.numel() for p in params]
@@ -193,14 +200,14 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     ctrl = prob.controller
     rtol = cfg.rtol if cfg.rtol is not None else prob.rtol
     atol = cfg.atol if cfg.atol is not None else prob.atol
-    if isinstance(ctrl, PIController):
+    if tab.adaptive and isinstance(ctrl, PIController):
         actrl = dataclasses.replace(ctrl, dt0=None, norm=None, rtol=0.0, atol=0.0)
-    elif tab.adaptive and cfg.solver is not None:
+    elif tab.adaptive and cfg.solver is not None:  # fixed-step forward, adaptive backward
         actrl = PIController(
             rtol=1e-6 if cfg.rtol is None else cfg.rtol, atol=1e-8 if cfg.atol is None else cfg.atol
         )
         rtol, atol = actrl.rtol, actrl.atol
-    else:  # fixed steps: replay the forward grid backward
+    else:  # a fixed-step method: the forward's steps, backward
         grid = sorted({prob.t0, *(r.t_new for r in steps)})
         actrl = StepToGrid(grid if len(grid) >= 2 else [prob.t0, prob.t_end], jump_t=ctrl.jump_t)
         if tab.adaptive:
@@ -209,12 +216,14 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     aug_atol = _aug_tol(atol, B, M, p_sizes, dtype, device)
 
     replay_gp = [torch.zeros_like(p) for p in params]
-    h_carry = None
     aug_stepper = None
     jumps = set(ctrl.jump_t)
+    k1_next = None  # the first stage for the next segment, when it is already known
+    h_carry = None
     for i, point in enumerate(points):
-        shared_k1 = None
+        acted = False
         for kind, k in actions.get(point, ()):
+            acted = True
             rec = steps[k]
             taus = out_t[rec.out_lo : rec.out_hi]
             if kind == "end":
@@ -224,29 +233,30 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
                     a = a + g.sum(0).reshape(-1)
                 else:
                     a = a.view(B, M).index_add(0, samples[idx], g).reshape(-1)
+                continue
+            k1 = None
+            if _last_at(last, rec.t_first, y.view(B, M)):
+                yk, k1 = last["y"], last["f"]  # reuse the segment's final FSAL stage
             else:
-                k1 = None
-                if last.get("t") == rec.t_first and torch.equal(last["y"], y.view(B, M)):
-                    yk, k1 = last["y"], last["f"]  # reuse the segment's final FSAL stage
-                else:
-                    yk = y.view(B, M).detach().requires_grad_()
-                with torch.enable_grad():
-                    _, vals, k1r = replay_step(prob, run.stepper, fwd_f, rec, yk, samples, k1=k1)
-                    gout = g_sorted[rec.out_lo : rec.out_hi].clone()
-                    at_end = [j for j, tau in enumerate(taus) if tau == rec.t_new]
-                    if at_end:
-                        gout[at_end] = 0
-                    share = rec.t_first == point and k1r.requires_grad
-                    vj = torch.autograd.grad(
-                        vals, [yk, *params], gout, allow_unused=True, retain_graph=share
-                    )
-                if share:
-                    shared_k1 = (k1r, yk)
-                if vj[0] is not None:
-                    a = a + vj[0].reshape(-1)
-                for q, v in enumerate(vj[1:]):
-                    if v is not None:
-                        replay_gp[q] = replay_gp[q] + v
+                yk = y.view(B, M).detach().requires_grad_()
+                last.clear()
+            with torch.enable_grad():
+                _, vals, k1r = replay_step(prob, run.stepper, fwd_f, rec, yk, samples, k1=k1)
+                gout = g_sorted[rec.out_lo : rec.out_hi].clone()
+                at_end = [j for j, tau in enumerate(taus) if tau == rec.t_new]
+                if at_end:
+                    gout[at_end] = 0
+                keep = rec.t_first == point and k1r.requires_grad
+                vj = torch.autograd.grad(
+                    vals, [yk, *params], gout, allow_unused=True, retain_graph=keep
+                )
+            if keep:
+                last.update(t=point, y=yk, f=k1r)
+            if vj[0] is not None:
+                a = a + vj[0].reshape(-1)
+            for q, v in enumerate(vj[1:]):
+                if v is not None:
+                    replay_gp[q] = replay_gp[q] + v
         if i + 1 == len(points):
             break
         nxt = points[i + 1]
@@ -268,18 +278,17 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
         if aug_stepper is None:
             aug_stepper = make_stepper(tab, dtype, device)
         flat = torch.cat([y, a, *gs]).unsqueeze(0)
-        k1_aug = None
-        if shared_k1 is not None:
-            # The replay already evaluated f(t_n, y_n) with a graph: the augmented first stage
-            # is that value and one vector-Jacobian product with the updated adjoint.
-            k1r, yk = shared_k1
-            with torch.enable_grad():
-                vj = torch.autograd.grad(k1r, [yk, *params], -a.view(B, M), allow_unused=True)
-            parts_k1 = [k1r.detach().reshape(-1)]
-            for v, n in zip(vj, [B * M, *p_sizes]):
-                z = torch.zeros(n, dtype=dtype, device=device)
-                parts_k1.append(v.reshape(-1).to(dtype) if v is not None else z)
-            k1_aug = torch.cat(parts_k1).unsqueeze(0)
+        if point in jumps:
+            k1_aug = None
+        elif acted:
+            # The adjoint jumped here. f(t_n, y_n) with its graph is at hand (the previous
+            # segment's last stage or the replay's first), so the augmented first stage costs
+            # one vector-Jacobian product with the new adjoint, and no evaluation of f.
+            k1_aug = None
+            if _last_at(last, point, y.view(B, M)):
+                k1_aug = _aug_stage(last, params, a.view(B, M), p_sizes, dtype, device)
+        else:
+            k1_aug = k1_next  # FSAL across the boundary: nothing changed here
         # Starting at a discontinuity, the first stage sees the limit from the side integrated.
         t_first = math.nextafter(point, nxt) if point in jumps else None
         with torch.no_grad():
@@ -289,14 +298,14 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
                 flat,
                 track_grad=False,
                 stepper=aug_stepper,
-                h0=h_carry,
+                h0=abs(nxt - point) if follow_forward else h_carry,
                 k1=k1_aug,
                 t_first=t_first,
             )
+        k1_next = res.k1_next
+        h_carry = res.h_next
         if last.get("t") != nxt:  # only a stage at the segment's end point can be reused
             last.clear()
-        if isinstance(actrl, PIController):
-            h_carry = res.h_next
         parts = aug_spec.components(res.y_final)
         y, a = parts[0].reshape(-1), parts[1].reshape(-1)
         gs = [c.reshape(-1) for c in parts[2:]]
@@ -315,6 +324,24 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             g = g.real
         grads_p.append(g.to(p.dtype) + extra)
     return [a, *grads_p]
+
+
+def _last_at(last: dict, t: float, y) -> bool:
+    """Whether the kept evaluation of f was made at exactly (t, y)."""
+    return last.get("t") == t and torch.equal(last["y"], y)
+
+
+def _aug_stage(last: dict, params, a, p_sizes, dtype, device):
+    """The augmented vector field at the kept evaluation, for adjoint ``a``: (f, -a^T df/dy,
+    -a^T df/dtheta), flat (1, W)."""
+    fy, yk = last["f"], last["y"]
+    with torch.enable_grad():
+        vj = torch.autograd.grad(fy, [yk, *params], -a, allow_unused=True, retain_graph=True)
+    parts = [fy.detach().reshape(-1)]
+    for v, n in zip(vj, [a.numel(), *p_sizes]):
+        z = torch.zeros(n, dtype=dtype, device=device)
+        parts.append(v.reshape(-1).to(dtype) if v is not None else z)
+    return torch.cat(parts).unsqueeze(0)
 
 
 def _t_float(t) -> float:

@@ -54,7 +54,7 @@ class Checkpointed:
 
     def run(self, run: Run, y0flat: torch.Tensor):
         params = find_params(run.func, self.params, "Checkpointed(params=...)")
-        if torch.is_grad_enabled() and (y0flat.requires_grad or params):
+        if torch.is_grad_enabled():
             check_params(run, y0flat, params, "checkpointed")
         return _CheckpointFn.apply(run, self, y0flat, *params)
 
@@ -68,7 +68,7 @@ class _CheckpointFn(torch.autograd.Function):
             res = integrate(
                 run.prob,
                 f,
-                y0flat,
+                y0flat.detach(),  # func must see a plain tensor, not a graph-less view of y0
                 track_grad=False,
                 record="dense" if run.dense else "states",
                 throw=run.throw,
@@ -87,9 +87,9 @@ class _CheckpointFn(torch.autograd.Function):
         y0flat, *params = ctx.saved_tensors
         prob = run.prob
         if torch.is_grad_enabled():
-            # create_graph=True: replay the whole solve with a graph so that the returned
-            # gradients are themselves differentiable.
-            y0g = y0flat.detach().requires_grad_()
+            # create_graph=True: replay the whole solve with a graph from the saved inputs, so
+            # that the returned gradients are differentiable w.r.t. y0 and the parameters.
+            y0g = y0flat if y0flat.requires_grad else y0flat.detach().requires_grad_()
             f = run.vector_field()
             res = integrate(prob, f, y0g, track_grad=True, throw=False)
             grads = torch.autograd.grad(

@@ -357,14 +357,14 @@ class IrregularTask(Task):
         conds, _ = self.eval_masks["test"]["extrapolation"]
         cond = self._mask_tensor([conds[i] for i in order], batch)
         norm = self.normalizer
-        # The channels most often observed that are not binary, up to four.
+        # The most often observed channels that are not binary or ordinal (> 5 values), up to 4.
         counts = torch.stack([r.mask.sum(0) for r in part]).sum(0)
         distinct = [
             len(torch.unique(torch.cat([r.values[r.mask[:, c] > 0, c] for r in part])))
             for c in range(part.n_channels)
         ]
-        chans = [c for c in torch.argsort(counts, descending=True).tolist() if distinct[c] > 2]
-        chans = [(c, self.raw.channels[c]) for c in chans[:4]]
+        chans = [c for c in torch.argsort(counts, descending=True).tolist() if distinct[c] > 5]
+        chans = [(c, self.raw.channels[c]) for c in (chans or list(range(part.n_channels)))[:4]]
         t_last = batch.times.max(dim=1).values
         span = (t_last - batch.times[:, 0]).clamp_min(1e-3)
         Q = 80

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuralode.models.odenet import ODENetClassifier
+from neuralode.models import ODENetClassifier
 
 from ..errors import CLIError
 from ..report import nfe_line, table

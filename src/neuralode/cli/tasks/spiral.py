@@ -15,13 +15,14 @@ and the ``examples/ode_demo.py`` of torchdiffeq (the problem and the model).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import neuralode
-from neuralode.models.neural_ode import NeuralODE
+from neuralode.models import NeuralODE
 
 from .base import Task
 
@@ -55,11 +56,18 @@ def _true_field(t, y):
     return (y**3) @ A.T
 
 
-def spiral_data(noise_std: float, seed: int, t_end: float = T_END, n: int = N_POINTS):
-    """``(t, y_true, y_noisy)``: float64 tensors ``(n,)``, ``(n, 2)``, ``(n, 2)``."""
+@functools.lru_cache(maxsize=4)
+def _true_trajectory(t_end: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.linspace(0.0, t_end, n, dtype=torch.float64)
     y0 = torch.tensor(Y0, dtype=torch.float64)
-    y = neuralode.solve(_true_field, y0, t, rtol=1e-10, atol=1e-12).ys
+    with torch.no_grad():
+        y = neuralode.solve(_true_field, y0, t, rtol=1e-9, atol=1e-11).ys
+    return t, y
+
+
+def spiral_data(noise_std: float, seed: int, t_end: float = T_END, n: int = N_POINTS):
+    """``(t, y_true, y_noisy)``: float64 tensors ``(n,)``, ``(n, 2)``, ``(n, 2)``."""
+    t, y = (x.clone() for x in _true_trajectory(float(t_end), int(n)))
     g = torch.Generator().manual_seed(10_007 + seed)
     noisy = y + noise_std * torch.randn(y.shape, generator=g, dtype=torch.float64)
     return t, y, noisy
