@@ -119,39 +119,83 @@ def test_same_config_restarts_and_config_round_trip(capsys, tmp_path):
 
 
 def test_resume_is_exact(capsys, tmp_path, monkeypatch):
-    """4 epochs straight == 2 epochs + resume to 4 == Ctrl-C mid-epoch + resume."""
-    common = ["--set", "steps_per_epoch=4"]
+    """Latent ODE (posterior sampling, shuffling): 4 epochs straight == 2 epochs + resume to 4
+    == Ctrl-C in the middle of epoch 2 + resume."""
+    common = ["--set", "max_subjects=32", "--batch-size", 8]  # 22 training subjects: 3 steps
     straight, split, ctrlc = tmp_path / "straight", tmp_path / "split", tmp_path / "ctrlc"
-    train(capsys, "spiral", straight, "--epochs", 4, *common)
-    train(capsys, "spiral", split, "--epochs", 2, *common)
-    train(capsys, "spiral", split, "--epochs", 4, "--resume", *common)
+    train(capsys, "latent-ode", straight, "--epochs", 4, *common)
+    train(capsys, "latent-ode", split, "--epochs", 2, *common)
+    train(capsys, "latent-ode", split, "--epochs", 4, "--resume", *common)
     assert_same_params(straight / "checkpoint.pt", split / "checkpoint.pt")
     assert_same_params(straight / "best.pt", split / "best.pt")
+    opt_a = state(straight / "checkpoint.pt")["optimizer"]["state"]
+    opt_b = state(split / "checkpoint.pt")["optimizer"]["state"]
+    assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
 
-    # A real SIGINT in the middle of epoch 2 (step 6): checkpoint, exit 130, exact resume.
-    from neuralode.cli.tasks.spiral import SpiralTask
+    # A real SIGINT during step 5 (epoch 2, batch 2): checkpoint, exit 130, exact resume.
+    from neuralode.cli.tasks.latent_ode import LatentODETask
 
-    original = SpiralTask.train_loss
+    original = LatentODETask.train_loss
     calls = {"n": 0}
 
     def interrupted(self, model, indices, epoch, step):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == 5:
             signal.raise_signal(signal.SIGINT)
         return original(self, model, indices, epoch, step)
 
-    monkeypatch.setattr(SpiralTask, "train_loss", interrupted)
-    code, _, err = run(capsys, "train", "spiral", "--quick", "--out", ctrlc, "--epochs", 4,
+    monkeypatch.setattr(LatentODETask, "train_loss", interrupted)
+    code, _, err = run(capsys, "train", "latent-ode", "--quick", "--out", ctrlc, "--epochs", 4,
                        *common, *FAST)  # fmt: skip
     assert code == 130
     assert "checkpoint saved" in err and "Traceback" not in err
     ck = state(ctrlc / "checkpoint.pt")
-    assert (ck["epoch"], ck["batch"], ck["step"]) == (1, 2, 6)
-    monkeypatch.setattr(SpiralTask, "train_loss", original)
-    train(capsys, "spiral", ctrlc, "--epochs", 4, "--resume", *common)
+    assert (ck["epoch"], ck["batch"], ck["step"]) == (1, 2, 5)
+    monkeypatch.setattr(LatentODETask, "train_loss", original)
+    train(capsys, "latent-ode", ctrlc, "--epochs", 4, "--resume", *common)
     assert_same_params(straight / "checkpoint.pt", ctrlc / "checkpoint.pt")
     rows = [json.loads(x) for x in (ctrlc / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+# -- latent ODE and ODE-RNN on pbcseq ----------------------------------------------------------
+def test_latent_ode_quick_train_evaluate_plot(capsys, tmp_path):
+    out = tmp_path / "latent"
+    text = train(capsys, "latent-ode", out, "--data", "pbcseq")
+    for needle in ("interpolation", "extrapolation", "LOCF", "linear", "AUROC", "logistic",
+                   "NFE per epoch", "plots"):  # fmt: skip
+        assert needle in text, needle
+    res = json.loads((out / "results.json").read_text())
+    for setting in ("interpolation", "extrapolation"):
+        assert {"model", "locf", "linear", "n_points"} <= set(res[setting])
+        assert res[setting]["n_points"] > 0
+    assert 0 <= res["auroc_model"] <= 1 and 0 <= res["auroc_logistic_static"] <= 1
+    assert (out / "plots" / "test_subjects.png").stat().st_size > 1000
+    code, text2, err = run(capsys, "evaluate", out)
+    assert code == 0, err
+    assert "interpolation" in text2
+    code, _, err = run(capsys, "plot", out)
+    assert code == 0, err
+
+
+def test_ode_rnn_quick_on_csv(capsys, tmp_path):
+    """ODE-RNN through the CSV loader, with a label column (classification head on)."""
+    gen = torch.Generator().manual_seed(0)
+    lines = ["id,time,variable,value,death"]
+    for i in range(40):
+        n = 3 + i % 4
+        times = torch.cumsum(0.2 + torch.rand(n, generator=gen), 0).tolist()
+        level, death = float(torch.randn((), generator=gen)), i % 2
+        for t in times:
+            lines.append(f"s{i},{t:.3f},a,{level + 0.1 * t:.4f},{death}")
+            lines.append(f"s{i},{t:.3f},b,{(-level + death) * t:.4f},{death}")
+    path = _csv(tmp_path / "series.csv", "\n".join(lines) + "\n")
+    out = tmp_path / "odernn"
+    text = train(capsys, "ode-rnn", out, "--data", "csv", path, "--gradient", "checkpoint",
+                 "--set", "label_col=death", "--set", "max_subjects=0")  # fmt: skip
+    assert "ODE-RNN on csv: 40 subjects" in text and "extrapolation" in text and "AUROC" in text
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["nfe_forward"] > 0 and rows[-1]["nfe_backward"] > 0
 
 
 # -- odenet ----------------------------------------------------------------------------------

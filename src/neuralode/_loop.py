@@ -140,7 +140,10 @@ class RKStepper:
         methods without one) and the stages ``(S, B*M)``. Stages are combined with one fused
         ``addmv`` per stage (the stage matrix against a tableau row); the state stays 1-D inside.
         """
-        S, rows, c, shape = self.S, self.rows, self.c, y.shape
+        S, rows, shape = self.S, self.rows, y.shape
+        # Stages at the step end (node 1) are evaluated at t_last: exactly the landing time, or
+        # just before it when the step ends on a discontinuity (jump_t).
+        c = [t_last if ci == 1.0 else t + ci * h for ci in self.c]
         yv = y.reshape(-1)
         fcall = f.flat
         y_new = None
@@ -152,7 +155,7 @@ class RKStepper:
                     y_new = yi
                     ks.append(fcall(t_last, yi))
                 else:
-                    ks.append(fcall(t + c[i] * h, yi))
+                    ks.append(fcall(c[i], yi))
             K = torch.stack(ks)
         else:
             K = torch.empty((S, yv.numel()), dtype=yv.dtype, device=yv.device)
@@ -163,7 +166,7 @@ class RKStepper:
                     y_new = yi
                     K[i] = fcall(t_last, yi)
                 else:
-                    K[i] = fcall(t + c[i] * h, yi)
+                    K[i] = fcall(c[i], yi)
         if y_new is None:
             y_new = torch.addmv(yv, K.T, self.T["b"], alpha=h)
         err = None
@@ -175,11 +178,12 @@ class RKStepper:
     def last_stage(self, K):
         return K[self.S - 1]
 
-    def dense_stages(self, f: VectorField, t: float, h: float, y, K, k_next):
+    def dense_stages(self, f: VectorField, t: float, h: float, y, K, k_next, t_last=None):
         """Stages plus dense stages ``(Sd, B*M)`` for interpolation inside the step.
 
         ``k_next`` is f at the step end (reused as dense stage 0 when the tableau's dense stage
-        0 is the next step's first stage); pass None to have it evaluated.
+        0 is the next step's first stage); pass None to have it evaluated. ``t_last`` is the
+        time used for stages at the step end (just before it when the step ends on a jump).
         """
         tab = self.tab
         if tab.n_dense_stages == 0:
@@ -193,7 +197,9 @@ class RKStepper:
                 continue
             i = self.S + j
             yj = torch.addmv(yv, torch.stack(rows, 1), Ad[j][:i], alpha=h)
-            rows.append(f(t + tab.c_dense[j] * h, yj.view(y.shape)).reshape(-1))
+            cj = tab.c_dense[j]
+            tj = (t + h if t_last is None else t_last) if cj == 1.0 else t + cj * h
+            rows.append(f(tj, yj.view(y.shape)).reshape(-1))
         return torch.stack(rows)
 
     def interpolate(self, Kd, y, h: float, theta: torch.Tensor, samples=None):
@@ -215,7 +221,9 @@ def make_stepper(method, dtype: torch.dtype, device: torch.device):
     """The per-solve stepper of a method: :class:`RKStepper` for an explicit Butcher tableau;
     any other method object provides ``make_stepper(dtype, device)`` returning an object with the
     same interface (``step``, ``dense_stages``, ``interpolate``, ``last_stage``, ``fsal``, ``S``,
-    ``Sd``, ``tab``) and optionally ``accept(...)``, called after every accepted step."""
+    ``Sd``, ``tab``) and optionally ``bind(prob)``, called by :func:`integrate` when a solve
+    starts, ``accept(t, t_new, y, y_new, K)``, called after every accepted step, and ``stats``,
+    a dict of counters merged into ``Solution.stats``."""
     if isinstance(method, ButcherTableau):
         return RKStepper(method, dtype, device)
     return method.make_stepper(dtype, device)
@@ -316,6 +324,12 @@ def integrate(
     """
     tab, ctrl = prob.tableau, prob.controller
     stepper = stepper or make_stepper(tab, y0.dtype, y0.device)
+    # Optional stepper hooks: bind(prob) at the start of every solve (Newton tolerances from
+    # rtol/atol; multistep methods start a fresh history), accept(...) after every accepted step.
+    bind = getattr(stepper, "bind", None)
+    if bind is not None:
+        bind(prob)
+    on_accept = getattr(stepper, "accept", None)
     direction = prob.direction
     t0, t_end = prob.t0, prob.t_end
     adaptive = isinstance(ctrl, PIController)
@@ -345,6 +359,7 @@ def integrate(
 
     t, y = t0, y0
     t_first = t0 if t_first is None else t_first
+    constant = isinstance(ctrl, ConstantStep)
     if k1 is None:
         k1 = f(t_first, y0)
     if adaptive:
@@ -359,6 +374,7 @@ def integrate(
             h = initial_step(prob, f, y0, k1, k_order, ctrl.dt_max)
     elif isinstance(ctrl, ConstantStep):
         h = ctrl.dt
+        k_grid = 1
     else:  # StepToGrid: every grid point is a landing point
         h = math.inf
     prev_err = 1.0
@@ -384,6 +400,20 @@ def integrate(
             )
             break
         h_abs = min(abs(h), ctrl.dt_max) if adaptive else abs(h)
+        if adaptive and not math.isfinite(h_abs):
+            # Only a NaN/inf from func (at the start, or in the error estimate) gets here.
+            _fail(
+                NonFiniteError,
+                f"func returned non-finite values (NaN/inf) at t={t:.17g} after {attempts} step "
+                "attempts, so no step size can be chosen; check func and the state for NaN/inf "
+                "(a division by zero, a log of a negative number, an overflow in float32)",
+                t=t,
+                step=attempts,
+                h=h_abs,
+                throw=throw,
+                state=state,
+            )
+            break
         # Resolution of the time variable: steps below a few ulps of t cannot advance it.
         if adaptive and (h_abs < ctrl.dt_min or h_abs <= 4 * _EPS64 * abs(t) or t + h_abs == t):
             cls = NonFiniteError if last_nonfinite else StepSizeUnderflowError
@@ -392,12 +422,13 @@ def integrate(
                 if last_nonfinite
                 else "the solution may blow up (a singularity) or change too fast to resolve"
             )
+            below = f"dt_min={ctrl.dt_min:.3g}" if h_abs < ctrl.dt_min else "the resolution of t"
             _fail(
                 cls,
                 f"step size underflow at t={t:.17g} after {attempts} step attempts: step size "
-                f"{h_abs:.3g} is below {'dt_min=' + format(ctrl.dt_min, '.3g') if h_abs < ctrl.dt_min else 'the resolution of t'}; "
-                f"{why}. Try: loosen rtol/atol, check func for singularities or NaNs near this t, "
-                "rescale time, or use an implicit method if the problem is stiff",
+                f"{h_abs:.3g} is below {below}; {why}. Try: loosen rtol/atol, check func for "
+                "singularities or NaNs near this t, rescale time, or use an implicit method if "
+                "the problem is stiff",
                 t=t,
                 step=attempts,
                 h=h_abs,
@@ -405,7 +436,16 @@ def integrate(
                 state=state,
             )
             break
-        t_new = t + direction * h_abs
+        if constant:
+            # Fixed steps land on t0 + k dt computed by multiplication (no drift from repeated
+            # addition), so no sliver step appears at the end.
+            while direction * (t0 + direction * k_grid * h_abs - t) <= 0:
+                k_grid += 1
+            t_new = t0 + direction * k_grid * h_abs
+            if abs(t_end - t_new) <= 8 * _EPS64 * max(abs(t_end), h_abs):
+                t_new = t_end
+        else:
+            t_new = t + direction * h_abs
         clipped = False
         while li < len(landings) and direction * (landings[li] - t) <= 0:
             li += 1
@@ -441,6 +481,8 @@ def integrate(
 
         # ---- accepted: record outputs inside (t, t_new]
         n_acc += 1
+        if on_accept is not None:
+            on_accept(t, t_new, y, y_new, K)
         lo = p
         while p < n_out and direction * (prob.out_t[p] - t_new) <= 0:
             p += 1
@@ -450,7 +492,7 @@ def integrate(
             if any(tau != t_new for tau in prob.out_t[lo:p]):
                 if not stepper.fsal and tab.dense_stage_is_next_first:
                     k_next = f(t_last, y_new)
-                Kd = stepper.dense_stages(f, t, h_step, y, K, k_next)
+                Kd = stepper.dense_stages(f, t, h_step, y, K, k_next, t_last)
             vals = _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, p, samples_all)
             out_vals.append(vals)
         if record is not None:
@@ -544,7 +586,7 @@ class StepView:
             if not st.fsal and st.tab.dense_stage_is_next_first and self.k_next is None:
                 self.k_next = self.f(self.t_last, self.y_new)
             self._Kd = st.dense_stages(
-                self.f, self.t, self.t_new - self.t, self.y, self._K, self.k_next
+                self.f, self.t, self.t_new - self.t, self.y, self._K, self.k_next, self.t_last
             )
         return self._Kd
 
@@ -618,7 +660,7 @@ def replay_step(
         k_next = None
         if not stepper.fsal and stepper.tab.dense_stage_is_next_first:
             k_next = f(rec.t_last, y_new)
-        Kd = stepper.dense_stages(f, rec.t, h, y, K, k_next)
+        Kd = stepper.dense_stages(f, rec.t, h, y, K, k_next, rec.t_last)
     vals = _outputs_in_step(
         prob, stepper, Kd, y, y_new, rec.t, rec.t_new, rec.out_lo, rec.out_hi, samples_all
     )

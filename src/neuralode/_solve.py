@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -185,6 +184,8 @@ def solve(
         ys = ys + torch.stack(corr)
         run.stats["nfe_t_gradient"] = fv.nfe + 1
     run.stats.update(n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted)
+    # Counters of steppers that have them (implicit methods: Jacobians, LUs, Newton iterations).
+    run.stats.update(getattr(run.stepper, "stats", None) or {})
 
     T = t_tensor.shape[-1]
     if per_sample:
@@ -347,7 +348,4 @@ def _tolerance(spec: TreeSpec, tol, name: str):
                 f"{name} of shape {tuple(v.shape)} does not broadcast to the state shape {tuple(shape)}"
             ) from None
         flat.append(v.reshape(spec.batch, -1))
-    out = torch.cat(flat, dim=1)
-    if not math.isfinite(float(out.max())):
-        raise ValueError(f"{name} must be finite")
-    return out
+    return torch.cat(flat, dim=1)

@@ -271,7 +271,9 @@ def parse_set(items: list[str], known: dict) -> dict:
         default = known[key]
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if default is not None and value is not None and type(value) is not type(default):
+        # Numbers and flags must keep their type; str / None defaults also take numbers
+        # (e.g. time_scale="max" or 14.0, obs_std="learned" or 0.3): the task validates them.
+        if isinstance(default, (bool, int, float)) and type(value) is not type(default):
             raise CLIError(
                 f"--set {key}: expected a value like {default!r} "
                 f"({type(default).__name__}); got {text!r}."

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-__all__ = ["nfe_line", "table", "verdict"]
+__all__ = ["nfe_line", "time_line", "table", "verdict"]
+
+
+def time_line(metrics: list[dict]) -> str:
+    """``Training time: ...`` from the per-epoch times."""
+    if not metrics:
+        return "Training time: no completed epoch."
+    total = sum(r["time_s"] for r in metrics)
+    return (
+        f"Training time: {total:.1f} s for {len(metrics)} epochs "
+        f"({total / len(metrics):.2f} s per epoch, validation included)"
+    )
 
 
 def nfe_line(metrics: list[dict], max_epochs_shown: int = 5) -> str:

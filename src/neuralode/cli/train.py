@@ -438,7 +438,9 @@ def report(task: Task, model: nn.Module, run_dir: Path, ckpt: Path, *, plots=Tru
     results = task.evaluate(model)
     results["checkpoint"] = ckpt.name
     metrics = _read_metrics(run_dir)
-    text = task.summary(results, metrics)
+    from .report import time_line
+
+    text = task.summary(results, metrics) + "\n" + time_line(metrics)
     if plots:
         from .plots import plot_run
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -172,15 +172,20 @@ class PIController(Controller):
     def __post_init__(self):
         for name in ("rtol", "atol"):
             v = getattr(self, name)
-            vals = v if isinstance(v, (tuple, list)) else [v]
+            vals = (
+                list(v.values())
+                if isinstance(v, Mapping)
+                else v
+                if isinstance(v, (tuple, list))
+                else [v]
+            )
             for x in vals:
-                bad = (
-                    bool((x < 0).any())
-                    if isinstance(x, torch.Tensor)
-                    else not (isinstance(x, (int, float)) and x >= 0)
-                )
+                if isinstance(x, torch.Tensor):
+                    bad = bool((x < 0).any()) or not bool(torch.isfinite(x).all())
+                else:
+                    bad = not (isinstance(x, (int, float)) and 0 <= x < math.inf)
                 if bad:
-                    raise ValueError(f"{name} must be non-negative, got {v!r}")
+                    raise ValueError(f"{name} must be finite and non-negative, got {v!r}")
         if not (0 < self.safety <= 1):
             raise ValueError(f"safety must lie in (0, 1], got {self.safety!r}")
         if not self.ifactor >= 1:

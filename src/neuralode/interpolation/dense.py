@@ -92,6 +92,16 @@ class DenseOutput:
                 Kd = self._dense_stages(i)
                 sj = None if samples is None else samples[torch.tensor(js, device=samples.device)]
                 vals = st.interpolate(Kd, rec.y, h, theta, sj)
+                ends = [k for k, j in enumerate(js) if times[j] == rec.t_new]
+                if ends:  # the step's end state exactly (high-order weights cancel heavily)
+                    y_end = self._steps[i + 1].y if i + 1 < len(self._steps) else self._y_final
+                    idx = torch.tensor(ends, device=vals.device)
+                    end_vals = (
+                        y_end.unsqueeze(0).expand(len(ends), *y_end.shape)
+                        if sj is None
+                        else y_end[sj[idx]]
+                    )
+                    vals = vals.index_put((idx,), end_vals)
             pieces.append(vals)
             order.extend(js)
         out = torch.cat(pieces)

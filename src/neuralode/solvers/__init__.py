@@ -17,6 +17,12 @@
 
 Methods without an embedded error estimate need a fixed-step controller
 (:class:`~neuralode.ConstantStep` or :class:`~neuralode.StepToGrid`).
+
+Implicit methods for stiff problems (``implicit_euler``, ``implicit_midpoint``, ``trapezoid``,
+``sdirk2``, ``trbdf2``, ``radauIIA3``, ``radauIIA5``, ``gl4``, ``gl6``, ``kvaerno5``, ``rodas4``)
+live in :mod:`neuralode.solvers.implicit`, Adams methods (``explicit_adams``, ``implicit_adams``,
+``fixed_adams``) in :mod:`neuralode.solvers.multistep`; :func:`get_tableau` resolves their names
+too (to method objects with their own stepper, not Butcher tableaux).
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ from __future__ import annotations
 from . import bosh3, classic, dopri5, low_order
 from .tableau import ButcherTableau
 
-__all__ = ["ButcherTableau", "get_tableau", "available", "FIXED_STEP", "ADAPTIVE"]
+__all__ = [
+    "ButcherTableau",
+    "get_tableau",
+    "available",
+    "FIXED_STEP",
+    "ADAPTIVE",
+    "IMPLICIT",
+    "MULTISTEP",
+]
 
 _REGISTRY: dict[str, ButcherTableau] = {
     t.name: t
@@ -52,6 +66,13 @@ except ImportError:  # pragma: no cover - during development only
 FIXED_STEP = tuple(n for n, t in _REGISTRY.items() if not t.adaptive)
 ADAPTIVE = tuple(n for n, t in _REGISTRY.items() if t.adaptive)
 
+# Methods that are not explicit Butcher tableaux: they bring their own stepper (make_stepper).
+from . import implicit, multistep  # noqa: E402
+
+_METHODS: dict = {**implicit.METHODS, **multistep.METHODS}
+IMPLICIT = tuple(implicit.METHODS)
+MULTISTEP = tuple(multistep.METHODS)
+
 
 def available() -> tuple[str, ...]:
     """Names of the built-in explicit methods."""
@@ -59,7 +80,12 @@ def available() -> tuple[str, ...]:
 
 
 def get_tableau(solver) -> ButcherTableau:
-    """Resolve a solver given by name or as a :class:`ButcherTableau`.
+    """Resolve a solver given by name, as a :class:`ButcherTableau` or as a method object.
+
+    Names of implicit and multistep methods resolve to method objects
+    (:class:`~neuralode.solvers.implicit.ImplicitRK`,
+    :class:`~neuralode.solvers.implicit.Rosenbrock`, :class:`~neuralode.solvers.multistep.Adams`)
+    that the engine drives through their own stepper.
 
     Raises
     ------
@@ -68,16 +94,17 @@ def get_tableau(solver) -> ButcherTableau:
     TypeError
         For anything that is neither a string nor a tableau.
     """
-    if isinstance(solver, ButcherTableau):
+    if isinstance(solver, ButcherTableau) or callable(getattr(solver, "make_stepper", None)):
         return solver
     if isinstance(solver, str):
-        try:
-            return _REGISTRY[solver]
-        except KeyError:
+        found = _REGISTRY.get(solver) or _METHODS.get(solver)
+        if found is None:
             raise ValueError(
-                f"unknown solver {solver!r}; choose one of {sorted(_REGISTRY)} or pass a "
-                "ButcherTableau"
-            ) from None
+                f"unknown solver {solver!r}; choose one of {sorted(_REGISTRY) + sorted(_METHODS)} "
+                "or pass a ButcherTableau"
+            )
+        return found
     raise TypeError(
-        f"solver must be a method name or a ButcherTableau, got {type(solver).__name__}"
+        f"solver must be a method name, a ButcherTableau or a method object (e.g. "
+        f"neuralode.solvers.implicit.ImplicitRK), got {type(solver).__name__}"
     )

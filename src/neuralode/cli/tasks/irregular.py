@@ -26,8 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neuralode.data import collate_series, load_csv, load_pbcseq, load_physionet
-from neuralode.data import split_and_normalize
+from neuralode.data import (
+    collate_series,
+    load_csv,
+    load_pbcseq,
+    load_physionet,
+    split_and_normalize,
+)
 
 from .. import baselines
 from ..errors import CLIError
@@ -227,11 +232,9 @@ class IrregularTask(Task):
                 sums["model"] += float(((mean - batch.values) ** 2 * tm).sum())
                 count += int(tm.sum())
                 if with_baselines:
-                    for b, i in enumerate(idx):
-                        sums["locf"] += self._baseline_sse(
-                            baselines.locf, part[i], conds[i], targets[i]
-                        )
-                        sums["linear"] += self._baseline_sse(baselines.linear, part[i], conds[i], targets[i])  # fmt: skip
+                    for i in idx:
+                        for name, fn in (("locf", baselines.locf), ("linear", baselines.linear)):
+                            sums[name] += self._baseline_sse(fn, part[i], conds[i], targets[i])
             res[setting] = {k: (v / count if count else None) for k, v in sums.items()}
             res[setting]["n_points"] = count
         return res

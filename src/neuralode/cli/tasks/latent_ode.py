@@ -37,6 +37,7 @@ class LatentODETask(IrregularTask):
         rec_hidden=32,
         ode_hidden=32,
         decoder_hidden=0,
+        obs_std="learned",
         train_samples=1,
         kl_warmup=100,
         bce_weight=1.0,
@@ -50,6 +51,7 @@ class LatentODETask(IrregularTask):
             rec_hidden=o["rec_hidden"],
             ode_hidden=o["ode_hidden"],
             decoder_hidden=o["decoder_hidden"],
+            obs_std=o["obs_std"],
             classify=self.has_labels,
             **self.cfg.solver_kwargs(),
         )

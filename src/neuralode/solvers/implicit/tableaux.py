@@ -1,0 +1,361 @@
+"""Implicit Runge--Kutta tableaux as validated data.
+
+An implicit method is given by Butcher's arrays like an explicit one, except that ``a`` may have
+entries on and above the diagonal. :class:`ImplicitTableau` validates the arrays and derives
+everything the stepper needs from them, never from flags set by hand:
+
+- *structure*: diagonally implicit (``a`` lower triangular: the stages are solved one after the
+  other, each an ``n``-dimensional nonlinear system) or fully implicit (all stages solved
+  together; ``a`` must then be invertible and diagonalisable, so that the ``s n``-dimensional
+  Newton system splits into ``s`` systems of size ``n``, Hairer & Wanner II, sec. IV.8);
+- an *explicit first stage* (``c[0] == 0`` and row 0 of ``a`` zero: ESDIRK), which is simply
+  ``f(t_n, y_n)``;
+- *stiff accuracy* (the last row of ``a`` equals ``b``; then ``y_{n+1}`` is the last stage and
+  ``f(t_{n+1}, y_{n+1})`` is known from the stage equations: the method is FSAL);
+- whether the method is adaptive (it carries embedded weights ``b_hat``).
+
+Dense output is the cubic Hermite interpolant through ``(y_n, f_n, y_{n+1}, f_{n+1})`` for every
+method here (third order; Hairer, Norsett & Wanner I, sec. II.6), which stays well behaved on
+stiff problems because it only uses values on the solution.
+
+The tables (all orders verified by the order-condition and convergence tests):
+
+| name                | stages | order (embedded) | structure          | stability     | source |
+|---------------------|--------|------------------|--------------------|---------------|--------|
+| ``implicit_euler``  | 1      | 1                | DIRK, stiffly acc. | L-stable      | Radau IIA, s = 1 |
+| ``implicit_midpoint`` | 1    | 2                | DIRK               | A-stable      | Gauss, s = 1 |
+| ``trapezoid``       | 2      | 2                | ESDIRK, stiffly acc. | A-stable    | Lobatto IIIA, s = 2 |
+| ``sdirk2``          | 2      | 2                | SDIRK, stiffly acc. | L-stable     | Alexander 1977 |
+| ``trbdf2``          | 3      | 2 (3)            | ESDIRK, stiffly acc. | L-stable    | Bank et al. 1985; Hosea & Shampine 1996 |
+| ``radauIIA3``       | 2      | 3                | fully implicit     | L-stable      | Hairer & Wanner II, Table IV.5.5 |
+| ``radauIIA5``       | 3      | 5                | fully implicit     | L-stable      | Hairer & Wanner II, Table IV.5.6 |
+| ``gl4``             | 2      | 4                | fully implicit     | A-stable      | Hairer & Wanner II, Table IV.5.2 |
+| ``gl6``             | 3      | 6                | fully implicit     | A-stable      | Hairer & Wanner II, Table IV.5.2 |
+| ``kvaerno5``        | 7      | 5 (4)            | ESDIRK, stiffly acc. | L-stable    | Kværnø 2004 |
+
+References
+----------
+Hairer, Wanner. Solving Ordinary Differential Equations II: Stiff and Differential-Algebraic
+Problems, 2nd ed., Springer 1996 (sec. IV.5: Gauss and Radau IIA collocation methods; sec.
+IV.6: SDIRK methods; sec. IV.8: implementation). R. Alexander, Diagonally implicit Runge--Kutta
+methods for stiff ODEs, SIAM J. Numer. Anal. 14 (1977) (the two-stage L-stable SDIRK). R. E.
+Bank, W. M. Coughran, W. Fichtner, E. H. Grosse, D. J. Rose, R. K. Smith, Transient simulation of
+silicon devices and circuits, IEEE Trans. CAD 4 (1985) (TR-BDF2); M. E. Hosea, L. F. Shampine,
+Analysis and implementation of TR-BDF2, Appl. Numer. Math. 20 (1996) (its one-step ESDIRK form
+and the third-order embedded weights). A. Kværnø, Singly diagonally implicit Runge--Kutta methods
+with an explicit first stage, BIT 44 (2004) (the 7-stage 5(4) pair; coefficients as printed
+there to 17 digits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["ImplicitTableau", "TABLEAUX"]
+
+# Published irrational coefficients are written in closed form here (computed in double
+# precision); the 17-digit decimals of Kvaerno's table satisfy the conditions to ~1e-16.
+_TOL = 1e-12
+
+
+@dataclass(frozen=True, eq=False)
+class ImplicitTableau:
+    """Coefficients of an implicit (possibly embedded) Runge--Kutta method.
+
+    Parameters
+    ----------
+    name : str
+        Method name as users pass it.
+    a : sequence of sequences
+        Full ``s x s`` coupling matrix (entries on and above the diagonal allowed).
+    b, c : sequence
+        Weights and nodes (``c[i] == sum(a[i])``).
+    order : int
+        Classical order of the propagated solution.
+    b_hat : sequence, optional
+        Embedded weights (error estimate ``h sum (b - b_hat) k``); ``None`` for fixed-step-only
+        methods.
+    embedded_order : int, optional
+        Order of the embedded solution; required with ``b_hat``.
+    source : str
+        Where the coefficients come from.
+
+    Raises
+    ------
+    ValueError
+        For inconsistent lengths, row sums of ``a`` that differ from ``c``, weights that do not
+        sum to one, a diagonally implicit stage with a zero diagonal entry after the first
+        stage, or a fully implicit ``a`` that is singular or not diagonalisable.
+    """
+
+    name: str
+    a: Sequence[Sequence[float]]
+    b: Sequence[float]
+    c: Sequence[float]
+    order: int
+    b_hat: Sequence[float] | None = None
+    embedded_order: int | None = None
+    source: str = ""
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        a = tuple(tuple(float(v) for v in row) for row in self.a)
+        b = tuple(float(v) for v in self.b)
+        c = tuple(float(v) for v in self.c)
+        s = len(b)
+        if len(c) != s or len(a) != s or any(len(row) != s for row in a):
+            raise ValueError(
+                f"tableau {self.name!r}: a must be {s} x {s} and c have {s} entries (the number "
+                f"of weights b); got a with rows of lengths {[len(r) for r in a]} and {len(c)} nodes"
+            )
+        for i, row in enumerate(a):
+            if abs(math.fsum(row) - c[i]) > _TOL:
+                raise ValueError(
+                    f"tableau {self.name!r}: row {i} of a sums to {math.fsum(row)!r} but "
+                    f"c[{i}] = {c[i]!r}; the row sums of a must equal the nodes c"
+                )
+        if abs(math.fsum(b) - 1.0) > _TOL:
+            raise ValueError(f"tableau {self.name!r}: sum(b) = {math.fsum(b)!r}, must be 1")
+        b_hat = None
+        if self.b_hat is not None:
+            b_hat = tuple(float(v) for v in self.b_hat)
+            if len(b_hat) != s:
+                raise ValueError(f"tableau {self.name!r}: b_hat has {len(b_hat)} entries, not {s}")
+            if abs(math.fsum(b_hat) - 1.0) > _TOL:
+                raise ValueError(f"tableau {self.name!r}: sum(b_hat) = {math.fsum(b_hat)!r}")
+            if self.embedded_order is None:
+                raise ValueError(f"tableau {self.name!r}: b_hat given without embedded_order")
+        set_(self, "a", a)
+        set_(self, "b", b)
+        set_(self, "c", c)
+        set_(self, "b_hat", b_hat)
+        if self.diagonally_implicit:
+            for i in range(s):
+                if a[i][i] == 0.0 and not (i == 0 and self.explicit_first_stage):
+                    raise ValueError(
+                        f"tableau {self.name!r}: stage {i} has a zero diagonal entry; only the "
+                        "first stage of a diagonally implicit method may be explicit"
+                    )
+        else:
+            A = np.array(a)
+            if abs(np.linalg.det(A)) < 1e-12:
+                raise ValueError(
+                    f"tableau {self.name!r}: a fully implicit tableau needs an invertible a"
+                )
+            lam, T = np.linalg.eig(A)
+            if np.linalg.cond(T) > 1e8:
+                raise ValueError(f"tableau {self.name!r}: a is not diagonalisable")
+
+    # ------------------------------------------------------------------ derived structure
+    @property
+    def n_stages(self) -> int:
+        return len(self.b)
+
+    @property
+    def diagonally_implicit(self) -> bool:
+        """Whether ``a`` is lower triangular (stages solved one after the other)."""
+        s = self.n_stages
+        return all(self.a[i][j] == 0.0 for i in range(s) for j in range(i + 1, s))
+
+    @property
+    def explicit_first_stage(self) -> bool:
+        """Whether stage 0 is ``f(t_n, y_n)`` (node 0, zero row): an ESDIRK method."""
+        return self.c[0] == 0.0 and all(v == 0.0 for v in self.a[0])
+
+    @property
+    def stiffly_accurate(self) -> bool:
+        """Whether the last stage is the new state (last row of ``a`` equals ``b``, node 1)."""
+        return self.c[-1] == 1.0 and all(abs(x - y) <= _TOL for x, y in zip(self.a[-1], self.b))
+
+    @property
+    def adaptive(self) -> bool:
+        return self.b_hat is not None
+
+    def error_order(self) -> int:
+        """Exponent base of step-size control: min(order, embedded_order) + 1."""
+        if self.embedded_order is None:
+            raise ValueError(f"method {self.name!r} has no embedded error estimate")
+        return min(self.order, self.embedded_order) + 1
+
+    def eigen(self):
+        """``(lam, T, T_inv)`` with ``a = T diag(lam) T_inv`` (complex, cached).
+
+        Eigenvalues are ordered real ones first, then each complex pair with the positive
+        imaginary part first, so that real problems solve one system per pair.
+        """
+        if "eig" not in self._cache:
+            lam, T = np.linalg.eig(np.array(self.a))
+            order = sorted(range(len(lam)), key=lambda i: (abs(lam[i].imag) > 1e-14, -lam[i].imag))
+            lam, T = lam[order], T[:, order]
+            self._cache["eig"] = (lam, T, np.linalg.inv(T))
+        return self._cache["eig"]
+
+    def simplifying_conditions(self) -> tuple[int, int]:
+        """Largest ``(p, q)`` with B(p) and C(q) satisfied (for the order-condition tests).
+
+        B(p): ``sum_i b_i c_i^(k-1) = 1/k`` for ``k <= p``; C(q): ``sum_j a_ij c_j^(k-1) = c_i^k / k``
+        for ``k <= q``.
+        """
+        b, c, a = np.array(self.b), np.array(self.c), np.array(self.a)
+        p = 0
+        while p < 20 and abs(b @ c**p - 1.0 / (p + 1)) < 1e-12:
+            p += 1
+        q = 0
+        while q < 20 and np.all(np.abs(a @ c**q - c ** (q + 1) / (q + 1)) < 1e-12):
+            q += 1
+        return p, q
+
+    def __repr__(self) -> str:
+        kind = f"{self.order}({self.embedded_order})" if self.adaptive else f"{self.order}"
+        return f"ImplicitTableau({self.name!r}, order {kind}, {self.n_stages} stages)"
+
+
+# ---------------------------------------------------------------------------- the tables
+_S2, _S3, _S6, _S15 = math.sqrt(2.0), math.sqrt(3.0), math.sqrt(6.0), math.sqrt(15.0)
+
+IMPLICIT_EULER = ImplicitTableau(
+    name="implicit_euler",
+    a=[[1.0]],
+    b=[1.0],
+    c=[1.0],
+    order=1,
+    source="backward Euler = Radau IIA with one stage (Hairer & Wanner II, sec. IV.5)",
+)
+
+IMPLICIT_MIDPOINT = ImplicitTableau(
+    name="implicit_midpoint",
+    a=[[0.5]],
+    b=[1.0],
+    c=[0.5],
+    order=2,
+    source="implicit midpoint rule = Gauss with one stage (Hairer & Wanner II, sec. IV.5)",
+)
+
+TRAPEZOID = ImplicitTableau(
+    name="trapezoid",
+    a=[[0.0, 0.0], [0.5, 0.5]],
+    b=[0.5, 0.5],
+    c=[0.0, 1.0],
+    order=2,
+    source="trapezoidal rule = Lobatto IIIA with two stages (Hairer & Wanner II, sec. IV.5)",
+)
+
+_G = 1.0 - _S2 / 2.0  # gamma of SDIRK2 and TR-BDF2, the root of 1 - 4 g + 2 g^2 in (0, 1)
+SDIRK2 = ImplicitTableau(
+    name="sdirk2",
+    a=[[_G, 0.0], [1.0 - _G, _G]],
+    b=[1.0 - _G, _G],
+    c=[_G, 1.0],
+    order=2,
+    source="Alexander 1977, the two-stage L-stable SDIRK method (gamma = 1 - sqrt(2)/2)",
+)
+
+_W = _S2 / 4.0  # TR-BDF2 weights on the first two stages
+TRBDF2 = ImplicitTableau(
+    name="trbdf2",
+    a=[[0.0, 0.0, 0.0], [_G, _G, 0.0], [_W, _W, _G]],
+    b=[_W, _W, _G],
+    c=[0.0, 2.0 * _G, 1.0],
+    order=2,
+    b_hat=[(1.0 - _W) / 3.0, (3.0 * _W + 1.0) / 3.0, _G / 3.0],
+    embedded_order=3,
+    source="Bank et al. 1985 (TR-BDF2); ESDIRK form and 3rd-order embedded weights from Hosea & "
+    "Shampine 1996",
+)
+
+RADAU_IIA3 = ImplicitTableau(
+    name="radauIIA3",
+    a=[[5.0 / 12.0, -1.0 / 12.0], [3.0 / 4.0, 1.0 / 4.0]],
+    b=[3.0 / 4.0, 1.0 / 4.0],
+    c=[1.0 / 3.0, 1.0],
+    order=3,
+    source="Radau IIA, s = 2 (Hairer & Wanner II, Table IV.5.5)",
+)
+
+RADAU_IIA5 = ImplicitTableau(
+    name="radauIIA5",
+    a=[
+        [(88 - 7 * _S6) / 360, (296 - 169 * _S6) / 1800, (-2 + 3 * _S6) / 225],
+        [(296 + 169 * _S6) / 1800, (88 + 7 * _S6) / 360, (-2 - 3 * _S6) / 225],
+        [(16 - _S6) / 36, (16 + _S6) / 36, 1 / 9],
+    ],
+    b=[(16 - _S6) / 36, (16 + _S6) / 36, 1 / 9],
+    c=[(4 - _S6) / 10, (4 + _S6) / 10, 1.0],
+    order=5,
+    source="Radau IIA, s = 3 (Hairer & Wanner II, Table IV.5.6)",
+)
+
+GL4 = ImplicitTableau(
+    name="gl4",
+    a=[[1 / 4, 1 / 4 - _S3 / 6], [1 / 4 + _S3 / 6, 1 / 4]],
+    b=[1 / 2, 1 / 2],
+    c=[1 / 2 - _S3 / 6, 1 / 2 + _S3 / 6],
+    order=4,
+    source="Gauss--Legendre, s = 2 (Hairer & Wanner II, Table IV.5.2)",
+)
+
+GL6 = ImplicitTableau(
+    name="gl6",
+    a=[
+        [5 / 36, 2 / 9 - _S15 / 15, 5 / 36 - _S15 / 30],
+        [5 / 36 + _S15 / 24, 2 / 9, 5 / 36 - _S15 / 24],
+        [5 / 36 + _S15 / 30, 2 / 9 + _S15 / 15, 5 / 36],
+    ],
+    b=[5 / 18, 4 / 9, 5 / 18],
+    c=[1 / 2 - _S15 / 10, 1 / 2, 1 / 2 + _S15 / 10],
+    order=6,
+    source="Gauss--Legendre, s = 3 (Hairer & Wanner II, Table IV.5.2)",
+)
+
+# Kvaerno 2004, the 5(4) ESDIRK pair with 7 stages: gamma = 0.26, stiffly accurate in both the
+# method (row 7) and its embedded companion (row 6), so the error estimate is Y_7 - Y_6.
+_KG = 0.26
+_KV = [
+    [0.0],
+    [_KG],
+    [0.13, 0.84033320996790809],
+    [0.22371961478320505, 0.47675532319799699, -0.06470895363112615],
+    [0.16648564323248321, 0.10450018841591720, 0.03631482272098715, -0.13090704451073998],
+    [0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141, 0.61943039072480676],
+    [
+        0.13659751177640291,
+        0.0,
+        -0.05496908796538376,
+        -0.04118626728321046,
+        0.62993304899016403,
+        0.06962479448202728,
+    ],
+]
+_KA = [row + ([_KG] if i else []) + [0.0] * (6 - i) for i, row in enumerate(_KV)]
+_KA[0] = [0.0] * 7
+KVAERNO5 = ImplicitTableau(
+    name="kvaerno5",
+    a=_KA,
+    b=_KA[6],
+    c=[0.0, 0.52, 1.230333209967908, 0.8957659843500759, 0.43639360985864756, 1.0, 1.0],
+    order=5,
+    b_hat=_KA[5][:6] + [0.0],
+    embedded_order=4,
+    source="Kværnø, BIT 44 (2004), the 7-stage ESDIRK 5(4) pair",
+)
+
+TABLEAUX = {
+    t.name: t
+    for t in (
+        IMPLICIT_EULER,
+        IMPLICIT_MIDPOINT,
+        TRAPEZOID,
+        SDIRK2,
+        TRBDF2,
+        RADAU_IIA3,
+        RADAU_IIA5,
+        GL4,
+        GL6,
+        KVAERNO5,
+    )
+}
