@@ -11,6 +11,9 @@ Differences, all deliberate and documented:
 - Non-FSAL adaptive methods (adaptive_heun, fehlberg2) evaluate f at every new step's start.
 - A fixed-step method given no ``step_size`` (and no ``grid_constructor``) steps between the
   output times only, as torchdiffeq does, but with a warning: this is rarely what is meant.
+- ``dopri8`` is Hairer's DOP853 (with its 7th-order dense output); torchdiffeq's ``dopri8`` is
+  Prince & Dormand's RK8(7)13M. Both are 8th order; results agree to the tolerance, not bitwise.
+- ``options=dict(interp="linear")`` warns and uses cubic Hermite (``"cubic"`` is the default).
 """
 
 from __future__ import annotations
@@ -175,6 +178,16 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
         kwargs.update(solver=method, controller=ctrl)
     elif method in _FIXED:
         opts = _check_options(method, options, _FIXED_OPTS, where)
+        if opts.get("interp", "cubic") != "cubic":
+            warnings.warn(
+                f"options['interp']={opts['interp']!r} is not available: outputs between fixed "
+                "steps use cubic Hermite interpolation (third order; torchdiffeq's 'cubic')",
+                UserWarning,
+                stacklevel=3,
+            )
+        if t.numel() == 1:  # nothing to integrate: the output is y0 (torchdiffeq: y0[None])
+            kwargs.update(solver=_FIXED[method], dt=1.0)
+            return _with_time_dtype(kwargs, opts, y0), opts
         grid = _fixed_grid(t, opts, func, y0)
         jumps = list(opts.get("jump_t", []) if opts.get("jump_t") is not None else [])
         extra = [float(x) for x in (opts.get("step_t") or [])]
@@ -190,9 +203,19 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
         raise ValueError(f"unknown method {method!r}; choose one of {list(TORCHDIFFEQ_METHODS)}")
     if opts.get("max_num_steps") is not None:
         kwargs["max_steps"] = int(opts["max_num_steps"])
+    return _with_time_dtype(kwargs, opts, y0), opts
+
+
+def _with_time_dtype(kwargs: dict, opts: dict, y0) -> dict:
+    """torchdiffeq hands func a time in the state's (real) dtype unless options['dtype'] says
+    otherwise; step control itself always runs in double precision."""
     if opts.get("dtype") is not None:
         kwargs["time_dtype"] = opts["dtype"]
-    return kwargs, opts
+    else:
+        x = y0 if isinstance(y0, torch.Tensor) else next(iter(y0))
+        if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.complex64):
+            kwargs["time_dtype"] = torch.float32
+    return kwargs
 
 
 # With an event function the second time only gives the direction (as in torchdiffeq): the solve

@@ -75,13 +75,14 @@ class HermiteStepper:
     def last_stage(self, K):
         return K[2]
 
-    def dense_stages(self, f, t: float, h: float, y, K, k_next):
-        """``[f_n, slope, f_{n+1}]`` ``(3, B*M)``; ``k_next`` is ``f(t_{n+1}, y_{n+1})`` if known."""
+    def dense_stages(self, f, t: float, h: float, y, K, k_next, t_last=None):
+        """``[f_n, slope, f_{n+1}]`` ``(3, B*M)``; ``k_next`` is ``f(t_{n+1}, y_{n+1})`` if known,
+        ``t_last`` the time of stages at the step end (just before it at a jump)."""
         if K.shape[0] >= 3:
             return K
         if k_next is None:
             y_new = y.reshape(-1) + h * K[1]
-            k_next = f(t + h, y_new.view(y.shape))
+            k_next = f(t + h if t_last is None else t_last, y_new.view(y.shape))
         return torch.cat([K[:2], k_next.reshape(1, -1)])
 
     def interpolate(self, Kd, y, h: float, theta: torch.Tensor, samples=None):

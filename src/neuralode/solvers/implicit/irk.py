@@ -286,11 +286,12 @@ class ImplicitRKStepper(HermiteStepper):
         # Matrix-free: the linearisation point moves with every step (it costs nothing).
         current = self._ensure_jacobian(f, t, y0, force=self.krylov)
         attempt = self._dirk if self.dirk else self._firk
-        sol = attempt(f, t, h, y0, k1d, t_last, scale)
-        if sol is None and not current:
-            # Failed with an old Jacobian: retry once with one at this step's start.
-            self._ensure_jacobian(f, t, y0, force=True)
+        with torch.no_grad():  # the iterations never enter the graph (see _differentiable)
             sol = attempt(f, t, h, y0, k1d, t_last, scale)
+            if sol is None and not current:
+                # Failed with an old Jacobian: retry once with one at this step's start.
+                self._ensure_jacobian(f, t, y0, force=True)
+                sol = attempt(f, t, h, y0, k1d, t_last, scale)
         if sol is None:
             self.counts["n_newton_fail"] += 1
             if self.adaptive_ctrl:
@@ -350,7 +351,7 @@ class ImplicitRKStepper(HermiteStepper):
             g = h * T.a[i][i]
             e = y0 if i == 0 else torch.addmv(y0, torch.stack(ks[:i], 1), self.a_rows[i], alpha=h)
             ti = self._stage_time(t, h, t_last, T.c[i])
-            guess = e + g * (ks[i - 1] if i > 0 else k1d)
+            guess = e + g * self._predict(i, ks, k1d)
             solver = self._solver(g)
 
             def residual(Y, e=e, g=g, ti=ti):
@@ -368,6 +369,30 @@ class ImplicitRKStepper(HermiteStepper):
                 self._last_attempt = self._finish_dirk(h, y0, ks, Ys, rate, used, info)
                 return None
         return self._finish_dirk(h, y0, ks, Ys, rate, used, info)
+
+    def _predict(self, i: int, ks, k1d):
+        """Starting value of stage derivative ``k_i``: the polynomial (degree <= 2) through the
+        first stage derivatives with distinct nodes, extrapolated to ``c_i`` -- for Kvaerno5
+        the stage predictors of OrdinaryDiffEq.jl's implementation. ``f(t_n, y_n)`` serves as
+        the node-0 value for methods without an explicit first stage."""
+        T = self.tableau
+        pts: list[tuple[float, torch.Tensor]] = []
+        if not T.explicit_first_stage:
+            pts.append((0.0, k1d))
+        for j in range(i):
+            if len(pts) == 3:
+                break
+            if all(abs(T.c[j] - cj) > 1e-12 for cj, _ in pts):
+                pts.append((T.c[j], ks[j]))
+        x = T.c[i]
+        out = None
+        for j, (cj, kj) in enumerate(pts):
+            w = 1.0
+            for m, (cm, _) in enumerate(pts):
+                if m != j:
+                    w *= (x - cm) / (cj - cm)
+            out = kj * w if out is None else out + kj * w
+        return out
 
     def _finish_dirk(self, h, y0, ks, Ys, rate, used, info):
         s = self.tableau.n_stages
