@@ -16,9 +16,12 @@ def test_readme_has_quickstart():
 
 
 def test_readme_quickstart_runs(capsys):
+    """Every python block, in order, in one namespace (as a reader pasting them would)."""
+    namespace = {"__name__": "__readme__"}
     for block in _python_blocks():
-        exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
+        exec(compile(block, str(README), "exec"), namespace)
     out = capsys.readouterr().out
     assert "torch.Size([5, 16, 2])" in out
     assert "torch.Size([2, 16, 2])" in out
     assert "torch.Size([7, 16, 2])" in out
+    assert "tensor([0.4515, 0.9030]" in out
