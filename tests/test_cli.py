@@ -103,14 +103,15 @@ def test_spiral_train_resume_evaluate_plot(capsys, tmp_path):
 
 def test_same_config_restarts_and_config_round_trip(capsys, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    train(capsys, "spiral", a, "--seed", 3, "--gradient", "adjoint")
+    train(capsys, "spiral", a, "--seed", 3, "--gradient", "adjoint", "--no-eval")
     # Re-running the identical command starts the run over (same result).
     before = state(a / "checkpoint.pt")["model"]
-    train(capsys, "spiral", a, "--seed", 3, "--gradient", "adjoint")
+    train(capsys, "spiral", a, "--seed", 3, "--gradient", "adjoint", "--no-eval")
     after = state(a / "checkpoint.pt")["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     # --config re-runs the saved configuration elsewhere.
-    code, _, err = run(capsys, "train", "--config", a / "config.json", "--out", b, *FAST)
+    code, _, err = run(capsys, "train", "--config", a / "config.json", "--out", b, "--no-eval",
+                       *FAST)  # fmt: skip
     assert code == 0, err
     assert json.loads((a / "config.json").read_text()) == json.loads(
         (b / "config.json").read_text()
@@ -124,8 +125,9 @@ def test_resume_is_exact(capsys, tmp_path, monkeypatch):
     common = ["--set", "max_subjects=32", "--batch-size", 8]  # 22 training subjects: 3 steps
     straight, split, ctrlc = tmp_path / "straight", tmp_path / "split", tmp_path / "ctrlc"
     train(capsys, "latent-ode", straight, "--epochs", 4, *common)
-    train(capsys, "latent-ode", split, "--epochs", 2, *common)
-    train(capsys, "latent-ode", split, "--epochs", 4, "--resume", *common)
+    train(capsys, "latent-ode", split, "--epochs", 2, "--no-eval", *common)
+    assert not (split / "results.json").exists()
+    train(capsys, "latent-ode", split, "--epochs", 4, "--resume", "--no-eval", *common)
     assert_same_params(straight / "checkpoint.pt", split / "checkpoint.pt")
     assert_same_params(straight / "best.pt", split / "best.pt")
     opt_a = state(straight / "checkpoint.pt")["optimizer"]["state"]
@@ -152,7 +154,7 @@ def test_resume_is_exact(capsys, tmp_path, monkeypatch):
     ck = state(ctrlc / "checkpoint.pt")
     assert (ck["epoch"], ck["batch"], ck["step"]) == (1, 2, 5)
     monkeypatch.setattr(LatentODETask, "train_loss", original)
-    train(capsys, "latent-ode", ctrlc, "--epochs", 4, "--resume", *common)
+    train(capsys, "latent-ode", ctrlc, "--epochs", 4, "--resume", "--no-eval", *common)
     assert_same_params(straight / "checkpoint.pt", ctrlc / "checkpoint.pt")
     rows = [json.loads(x) for x in (ctrlc / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
@@ -242,9 +244,71 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, case):
     assert not out.exists()  # nothing written
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train"], "needs a TASK"),
+        (["train", "nope"], "unknown task"),
+        (["train", "spiral", "--method", "rk4"], "needs --step-size"),
+        (
+            ["train", "spiral", "--method", "rk4", "--step-size", "0.1", "--rtol", "1e-3"],
+            "no effect",
+        ),  # fmt: skip
+        (["train", "spiral", "--method", "nope"], "unknown --method"),
+        (["train", "spiral", "--gradient", "magic"], "--gradient must be one of"),
+        (["train", "spiral", "--epochs", "0"], "--epochs must be an integer >= 1"),
+        (["train", "spiral", "--set", "hidden"], "KEY=VALUE"),
+        (["train", "spiral", "--set", "hidden=wide"], "expected a value like"),
+        (["train", "spiral", "--data", "csv"], "cannot use --data csv"),
+        (["train", "latent-ode", "--data", "csv"], "needs one PATH"),
+        (["train", "latent-ode", "--data", "pbcseq", "extra"], "takes no path"),
+        (["train", "spiral", "--config", "missing.json"], "--config file not found"),
+        (["train", "spiral", "--threads", "0"], "--threads must be a positive integer"),
+        (["train", "spiral", "--epochs", "many"], "invalid int value"),
+        (["evaluate"], "required: RUN_DIR"),
+    ],
+)
+def test_argument_errors(capsys, tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("neuralode: error: "), err
+    assert needle in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_config_file_errors(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, _, err = run(capsys, "train", "--config", bad, "--out", tmp_path / "x")
+    assert code == 2 and "not a valid JSON file" in err
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"task": "odenet", "data": "digits", "colour": "red"}))
+    code, _, err = run(capsys, "train", "--config", other, "--out", tmp_path / "x")
+    assert code == 2 and "unknown setting(s) ['colour']" in err
+    other.write_text(json.dumps({"task": "odenet", "data": "digits"}))
+    code, _, err = run(capsys, "train", "spiral", "--config", other, "--out", tmp_path / "x")
+    assert code == 2 and "differs from the task 'odenet'" in err
+
+
+def test_failed_solve_is_one_line_exit_1(capsys, tmp_path, monkeypatch):
+    import neuralode
+    from neuralode.cli.tasks.spiral import SpiralTask
+
+    def fail(self, model, indices, epoch, step):
+        raise neuralode.StepSizeUnderflowError("step size underflow at t=0.3.", t=0.3, step=9,
+                                               h=1e-16)  # fmt: skip
+
+    monkeypatch.setattr(SpiralTask, "train_loss", fail)
+    code, _, err = run(capsys, "train", "spiral", "--quick", "--out", tmp_path / "r", *FAST)
+    assert code == 1
+    assert err.count("\n") == 1 and "training failed in epoch 1" in err, err
+    assert (tmp_path / "r" / "config.json").is_file()
+
+
 def test_existing_run_is_never_clobbered(capsys, tmp_path):
     out = tmp_path / "run"
-    train(capsys, "spiral", out)
+    train(capsys, "spiral", out, "--no-eval")
     before = snapshot(out)
     for args, needle in [
         (["spiral", "--quick", "--out", out, "--lr", "0.5"], "holds a different run"),
@@ -332,7 +396,7 @@ def test_ddp_two_processes_match_one(capsys, tmp_path):
     path.write_text(json.dumps(cfg))
     jobs = []
     for g in ("direct", "adjoint"):
-        args = ["train", "--config", str(path), "--gradient", g, *FAST]
+        args = ["train", "--config", str(path), "--gradient", g, "--no-eval", *FAST]
         code, _, err = run(capsys, *args, "--out", tmp_path / f"one-{g}")
         assert code == 0, err
         jobs.append([*args, "--out", str(tmp_path / f"two-{g}")])

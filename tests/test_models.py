@@ -13,11 +13,11 @@ from torch import nn
 import neuralode
 from neuralode.data import SubjectSeries, collate_series
 from neuralode.models import (
+    ODERNN,
     LatentODE,
     MLPVectorField,
     NeuralODE,
     ODENetClassifier,
-    ODERNN,
     SolverSettings,
 )
 
@@ -123,7 +123,9 @@ def test_neural_ode_augmentation_strips_extra_dims():
     t = torch.linspace(0, 1, 4, dtype=torch.float64)
     ys = ode(y0, t)
     assert ys.shape == (4, 4, 3)
-    full = neuralode.solve(func, torch.cat([y0, torch.zeros(4, 2, dtype=y0.dtype)], 1), t, rtol=1e-7, atol=1e-9)
+    full = neuralode.solve(
+        func, torch.cat([y0, torch.zeros(4, 2, dtype=y0.dtype)], 1), t, rtol=1e-7, atol=1e-9
+    )
     torch.testing.assert_close(ys, full.ys[..., :3])
     assert full.ys[-1, :, 3:].abs().max() > 1e-3  # the augmented channels did move
     assert ode(y0).shape == (4, 3)
@@ -165,6 +167,8 @@ def test_solver_settings_validation():
         SolverSettings(rtol="1e-3")
     with pytest.raises(ValueError, match="max_steps must be positive"):
         SolverSettings(max_steps=0)
+    with pytest.raises(TypeError, match="max_steps must be an int"):
+        SolverSettings(max_steps=1.5)
 
 
 def test_mlp_vector_field_time_dependence():
@@ -209,6 +213,8 @@ def test_odenet_classifier_bad_inputs():
         ODENetClassifier((8, 8))
     with pytest.raises(ValueError, match="field"):
         ODENetClassifier(field="rnn")
+    with pytest.raises(ValueError, match="n_classes"):
+        ODENetClassifier(n_classes=1)
     with pytest.raises(ValueError, match="downsample=4"):
         ODENetClassifier((1, 8, 8), downsample=4)
 
@@ -255,7 +261,11 @@ def test_odernn_matches_manual_recursion():
     h = torch.zeros(1, 5, dtype=torch.float64)
     t_prev = 0.0
     for j in range(4):
-        h = neuralode.solve(rnn.vector_field, h, [t_prev, float(times[0, j])], **TIGHT).ys[-1] if j else h
+        h = (
+            neuralode.solve(rnn.vector_field, h, [t_prev, float(times[0, j])], **TIGHT).ys[-1]
+            if j
+            else h
+        )
         if mask[0, j].any():
             h = rnn.cell(torch.cat([values[0, j] * mask[0, j], mask[0, j]])[None], h)
         torch.testing.assert_close(hs[0, j], h[0], rtol=1e-7, atol=1e-8)
@@ -301,8 +311,31 @@ def test_odernn_bad_inputs():
         rnn.forward_batch(batch, reverse=True, t_end=1.0)
     with pytest.raises(ValueError, match="h0 must be"):
         rnn(batch.times, batch.values, batch.mask, h0=torch.zeros(2, 5))
+    with pytest.raises(TypeError, match="values must be a floating"):
+        rnn(batch.times, batch.values.long(), batch.mask)
+    bad = batch.times.clone()
+    bad[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        rnn(bad, batch.values, batch.mask)
+    with pytest.raises(ValueError, match=r"t_end must be a float or have shape \(B,\)"):
+        rnn.forward_batch(batch, t_end=torch.zeros(2))
     with pytest.raises(TypeError, match="vector_field must be"):
         ODERNN(2, 4, vector_field=lambda t, h: h)
+
+
+def test_odernn_and_latent_ode_gradient_methods_agree():
+    """Direct, checkpointed (exact, to rounding) and backsolve (to tolerance) gradients."""
+    batch = make_batch(dtype=torch.float64)
+    grads = {}
+    for g in ("direct", "checkpoint", "backsolve"):
+        torch.manual_seed(0)
+        model = LatentODE(2, 3, rec_hidden=6, ode_hidden=8, gradient=g, **TIGHT).double()
+        out = model.loss(batch, n_samples=2, generator=torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        grads[g] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        assert model.nfe_backward > 0
+    torch.testing.assert_close(grads["checkpoint"], grads["direct"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads["backsolve"], grads["direct"], rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,23 +360,31 @@ def test_latent_ode_shapes_and_finite_elbo():
         assert out[k].dim() == 0 and torch.isfinite(out[k]), k
     assert out["n_obs"] == batch.mask.sum()
     assert float(out["kl"]) >= 0
+    assert out["loss"].requires_grad and not out["elbo"].requires_grad
     torch.testing.assert_close(out["elbo"], out["log_lik"] - out["kl"])
     torch.testing.assert_close(out["loss"], -out["elbo"] * B / out["n_obs"])
     assert model.nfe_forward > 0
     out["loss"].backward()
     assert model.nfe_backward > 0
+    assert model.elbo(batch).requires_grad  # a new call: counts start again
+    assert model.nfe_backward is None
 
 
 def test_latent_ode_decode_per_sample_times():
-    """Each sample decoded on its own grid equals decoding it alone on a shared grid."""
+    """Each sample decoded on its own grid equals decoding it alone."""
     model = _latent(rtol=1e-8, atol=1e-10).double()
     z0 = torch.randn(3, 3, dtype=torch.float64)
     times = torch.tensor([[0.0, 0.5, 2.0], [0.3, 0.3, 0.3], [1.0, 1.5, 4.0]], dtype=torch.float64)
     x = model.decode(z0, times)
+    assert x.shape == (3, 3, 2)
     for b in range(3):
-        ref = model.decode(z0[b : b + 1], times[b].unique())
-        torch.testing.assert_close(x[b][times[b] == times[b].unique()[0]][:1], ref[0, :1], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(x[b, -1], ref[0, -1], rtol=1e-6, atol=1e-7)
+        alone = model.decode(z0[b : b + 1], times[b : b + 1])
+        torch.testing.assert_close(x[b], alone[0], rtol=1e-6, atol=1e-7)
+    # A shared 1-D grid is broadcast to every sample.
+    shared = model.decode(z0, times[0])
+    torch.testing.assert_close(shared[0], x[0])
+    with pytest.raises(ValueError, match=r"times must have shape \(B, Q\)"):
+        model.decode(z0, times[:2])
 
 
 def test_latent_ode_training_decreases_loss():
@@ -377,7 +418,9 @@ def test_latent_ode_iwae_bound():
             float(model.loss(batch, iwae=True, generator=torch.Generator().manual_seed(s))["elbo"])
             for s in range(64)
         ]
-        elbo = float(model.loss(batch, n_samples=64, generator=torch.Generator().manual_seed(1))["elbo"])
+        elbo = float(
+            model.loss(batch, n_samples=64, generator=torch.Generator().manual_seed(1))["elbo"]
+        )
     assert abs(sum(vals) / len(vals) - elbo) < 0.1 * abs(elbo)
     with pytest.raises(ValueError, match="kl_weight"):
         model.loss(batch, iwae=True, kl_weight=0.5)
@@ -389,23 +432,22 @@ def test_latent_ode_classification_head():
     assert bool(torch.isnan(batch.labels).any())  # sample 1 is unlabelled
     out = model.loss(batch, generator=torch.Generator().manual_seed(0))
     assert "bce" in out and float(out["bce"]) > 0 and 0 <= float(out["accuracy"]) <= 1
-    # The bce averages over labelled series only: the unlabelled label's value is irrelevant.
-    labels = batch.labels.clone()
-    labels[torch.isnan(labels)] = 1.0
-    other = dataclasses.replace(batch, labels=torch.where(torch.isnan(batch.labels), labels, labels))
+    # The bce averages over labelled series only: labelling the NaN one changes it.
+    labelled = dataclasses.replace(batch, labels=torch.nan_to_num(batch.labels, 1.0))
     with torch.no_grad():
         a = model.loss(batch, generator=torch.Generator().manual_seed(0))["bce"]
-        b = model.loss(other, generator=torch.Generator().manual_seed(0))["bce"]
-    assert float(b) != float(a)  # labelling it changes the average ...
-    nan_again = dataclasses.replace(other, labels=batch.labels)
-    with torch.no_grad():
-        c = model.loss(nan_again, generator=torch.Generator().manual_seed(0))["bce"]
-    assert float(c) == float(a)  # ... and NaN removes it again
+        b = model.loss(labelled, generator=torch.Generator().manual_seed(0))["bce"]
+        # reference: the mean over labelled series of the per-series bce
+        mu, std = model.encode(batch)
+        eps = torch.randn((1, *mu.shape), generator=torch.Generator().manual_seed(0))
+        logits = model.classifier(mu + std * eps)[0, :, 0]
+        keep = ~torch.isnan(batch.labels)
+        ref = nn.functional.binary_cross_entropy_with_logits(logits[keep], batch.labels[keep])
+    torch.testing.assert_close(a, ref)
+    assert float(b) != float(a)
     out["loss"].backward()
     assert model.classifier[0].weight.grad.abs().sum() > 0
-    torch.testing.assert_close(
-        out["loss"], -out["elbo"] * len(batch) / out["n_obs"] + out["bce"]
-    )
+    torch.testing.assert_close(out["loss"], -out["elbo"] * len(batch) / out["n_obs"] + out["bce"])
     p = model.predict_proba(batch)
     assert p.shape == (len(batch),) and bool(((p > 0) & (p < 1)).all())
     with pytest.raises(ValueError, match="needs batch.labels"):
@@ -477,6 +519,8 @@ def test_latent_ode_bad_inputs():
         LatentODE(2, t0=float("nan"))
     with pytest.raises(TypeError, match="model's dtype"):
         model.loss(batch.to(dtype=torch.float64))
+    with pytest.raises(ValueError, match="either t_split or encoder_mask"):
+        model.predict(batch, t_split=1.0, encoder_mask=batch.mask)
 
 
 def test_models_import_without_pandas():

@@ -14,6 +14,12 @@ Differences, all deliberate and documented:
 - ``dopri8`` is Hairer's DOP853 (with its 7th-order dense output); torchdiffeq's ``dopri8`` is
   Prince & Dormand's RK8(7)13M. Both are 8th order; results agree to the tolerance, not bitwise.
 - ``options=dict(interp="linear")`` warns and uses cubic Hermite (``"cubic"`` is the default).
+- Implicit methods solve their stages by Newton's method with autograd Jacobians and converge at
+  their stated orders (torchdiffeq's ``gl4`` has a wrong node and converges at order 1); the
+  adaptive stiff solvers ``kvaerno5`` and ``rodas4`` are available too.
+- Adams methods use variable-step coefficients (exact on uneven grids; output times are added
+  to the grid) and default to order 4: torchdiffeq's default ``max_order=12`` makes
+  ``explicit_adams`` unstable (``y' = -y`` with ``step_size=0.01`` blows up).
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ _FIXED = {
     "rk38": "rk38",
     "rk4_classic": "rk4",
 }
-_NOT_YET = {
-    "explicit_adams",
-    "implicit_adams",
-    "fixed_adams",
+# torchdiffeq's fixed-grid implicit methods (option max_iters: Newton iterations per step) and
+# Adams methods (options max_order, max_iters). neuralode's solve their stages by Newton with
+# autograd Jacobians (torchdiffeq: Broyden), its gl4 has the right nodes (torchdiffeq's repeats
+# the first and converges at order 1), and its Adams coefficients follow the actual grid.
+_IMPLICIT_FIXED = {
     "implicit_euler",
     "implicit_midpoint",
     "trapezoid",
@@ -57,7 +64,12 @@ _NOT_YET = {
     "sdirk2",
     "trbdf2",
 }
-TORCHDIFFEQ_METHODS = tuple(sorted(_ADAPTIVE | set(_FIXED) | {"scipy_solver"}))
+_ADAMS = {"explicit_adams", "implicit_adams", "fixed_adams"}
+# Adaptive stiff solvers offered through odeint as well (not in torchdiffeq).
+_STIFF_ADAPTIVE = {"kvaerno5", "rodas4"}
+TORCHDIFFEQ_METHODS = tuple(
+    sorted(_ADAPTIVE | set(_FIXED) | _IMPLICIT_FIXED | _ADAMS | {"scipy_solver"})
+)
 
 _ADAPTIVE_OPTS = {
     "first_step",
@@ -83,6 +95,8 @@ _FIXED_OPTS = {
     "step_t",
 }
 _SCIPY_OPTS = {"solver", "max_step", "min_step", "first_step"}
+_IMPLICIT_OPTS = _FIXED_OPTS | {"max_iters"}
+_ADAMS_OPTS = _FIXED_OPTS | {"max_iters", "max_order"}
 
 
 def _check_options(method: str, options: dict | None, allowed: set, where: str = "options") -> dict:
@@ -92,7 +106,7 @@ def _check_options(method: str, options: dict | None, allowed: set, where: str =
             "norm='seminorm' belongs in adjoint_options (it applies to the backward solve of "
             "odeint_adjoint): use odeint_adjoint(..., adjoint_options=dict(norm='seminorm'))"
         )
-    all_known = _ADAPTIVE_OPTS | _FIXED_OPTS | _SCIPY_OPTS
+    all_known = _ADAPTIVE_OPTS | _ADAMS_OPTS | _SCIPY_OPTS
     unknown = sorted(set(options) - all_known)
     if unknown:
         raise ValueError(
@@ -146,11 +160,6 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
     method = "dopri5" if method is None else method
     if not isinstance(method, str):
         raise TypeError(f"method must be a string, got {type(method).__name__}")
-    if method in _NOT_YET:
-        raise ValueError(
-            f"method {method!r} (Adams/implicit) is not available in this version of neuralode; "
-            f"available methods: {list(TORCHDIFFEQ_METHODS)}"
-        )
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t, dtype=torch.float64)
     if t.dim() != 1:
@@ -158,7 +167,7 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
             f"t must be 1-D for odeint, got shape {tuple(t.shape)}; use neuralode.solve for per-sample grids"
         )
     kwargs: dict = {}
-    if method in _ADAPTIVE:
+    if method in _ADAPTIVE or method in _STIFF_ADAPTIVE:
         opts = _check_options(method, options, _ADAPTIVE_OPTS, where)
         min_step = float(opts.get("min_step", 0.0))
         max_step = float(opts.get("max_step", math.inf))
@@ -176,8 +185,12 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
             norm=opts.get("norm"),
         )
         kwargs.update(solver=method, controller=ctrl)
-    elif method in _FIXED:
-        opts = _check_options(method, options, _FIXED_OPTS, where)
+    elif method in _FIXED or method in _IMPLICIT_FIXED or method in _ADAMS:
+        allowed = (
+            _FIXED_OPTS if method in _FIXED else _ADAMS_OPTS if method in _ADAMS else _IMPLICIT_OPTS
+        )
+        opts = _check_options(method, options, allowed, where)
+        solver = _fixed_solver(method, opts)
         if opts.get("interp", "cubic") != "cubic":
             warnings.warn(
                 f"options['interp']={opts['interp']!r} is not available: outputs between fixed "
@@ -186,7 +199,7 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
                 stacklevel=3,
             )
         if t.numel() == 1:  # nothing to integrate: the output is y0 (torchdiffeq: y0[None])
-            kwargs.update(solver=_FIXED[method], dt=1.0)
+            kwargs.update(solver=solver, dt=1.0)
             return _with_time_dtype(kwargs, opts, y0), opts
         grid = _fixed_grid(t, opts, func, y0)
         jumps = list(opts.get("jump_t", []) if opts.get("jump_t") is not None else [])
@@ -195,8 +208,13 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
             # Evaluate f just inside each step (next float after its start, previous before its
             # end), as torchdiffeq's perturb does, so discontinuities at grid points are honoured.
             jumps = sorted(set(grid[1:-1]) | {float(x) for x in jumps})
+        if method in _ADAMS:
+            # Output times on the grid: a multistep step cannot be replayed on its own, which
+            # odeint_adjoint would need for outputs inside steps (the variable-step
+            # coefficients make the uneven steps exact).
+            extra += [float(x) for x in t]
         grid = sorted(set(grid) | set(extra) | {float(x) for x in jumps})
-        kwargs.update(solver=_FIXED[method], controller=StepToGrid(grid, jump_t=jumps))
+        kwargs.update(solver=solver, controller=StepToGrid(grid, jump_t=jumps))
     elif method == "scipy_solver":
         return None, _check_options(method, options, _SCIPY_OPTS, where)
     else:
@@ -204,6 +222,22 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
     if opts.get("max_num_steps") is not None:
         kwargs["max_steps"] = int(opts["max_num_steps"])
     return _with_time_dtype(kwargs, opts, y0), opts
+
+
+def _fixed_solver(method: str, opts: dict):
+    """The solver of a fixed-grid method, with torchdiffeq's method options applied."""
+    if method in _FIXED:
+        return _FIXED[method]
+    extra = {}
+    if opts.get("max_iters") is not None:
+        extra["max_iters"] = int(opts["max_iters"])
+    if method in _ADAMS and opts.get("max_order") is not None:
+        # torchdiffeq's max_order is the corrector's order; its explicit_adams then uses
+        # Adams--Bashforth of order max_order - 1. Unlike torchdiffeq (12) the default is 4.
+        order = int(opts["max_order"])
+        extra["max_order"] = order - 1 if method == "explicit_adams" else order
+    tab = get_tableau(method)
+    return tab.with_options(**extra) if extra else tab
 
 
 def _with_time_dtype(kwargs: dict, opts: dict, y0) -> dict:
@@ -263,13 +297,19 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         Tolerances of adaptive methods (tuples give one per component of a tuple state).
     method : str, default "dopri5"
         One of ``dopri8, dopri5, tsit5, bosh3, fehlberg2, adaptive_heun, euler, midpoint,
-        heun2, heun3, rk4`` (Kutta's 3/8 rule, as in torchdiffeq), ``rk38``, ``rk4_classic``,
-        ``scipy_solver``.
+        heun2, heun3, rk4`` (Kutta's 3/8 rule, as in torchdiffeq), ``rk38``, ``rk4_classic``;
+        the fixed-grid implicit methods ``implicit_euler, implicit_midpoint, trapezoid,
+        radauIIA3, radauIIA5, gl4, gl6, sdirk2, trbdf2``; the Adams methods ``explicit_adams,
+        implicit_adams, fixed_adams``; the adaptive stiff solvers ``kvaerno5, rodas4`` (not in
+        torchdiffeq); ``scipy_solver``.
     options : dict, optional
         Adaptive: ``first_step, safety, ifactor, dfactor, max_num_steps, step_t, jump_t, norm,
         dtype, min_step, max_step``. Fixed: ``step_size, grid_constructor, perturb, interp,
-        max_num_steps, dtype``. scipy_solver: ``solver`` (a solve_ivp method), ``min_step``,
-        ``max_step``, ``first_step``.
+        max_num_steps, dtype``; implicit fixed-grid methods also ``max_iters`` (Newton
+        iterations per stage solve, default 10); Adams also ``max_order`` (the corrector's
+        order as in torchdiffeq, default 4) and ``max_iters`` (corrector iterations, default 4).
+        scipy_solver: ``solver`` (a solve_ivp method), ``min_step``, ``max_step``,
+        ``first_step``.
     event_fn : callable, optional
         ``event_fn(t, y) -> Tensor``: solve until it crosses zero (torchdiffeq semantics: ``t[1]``
         only gives the direction). A 0-d output stops the whole solve; an output of shape ``(B,)``

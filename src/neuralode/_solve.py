@@ -34,6 +34,7 @@ def solve(
     throw: bool = True,
     time_dtype: torch.dtype = torch.float64,
     event=None,
+    batch_control: str = "shared",
     _monitor=None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return the state at the times ``t``.
@@ -78,6 +79,24 @@ def solve(
     event : Event, optional
         An event function to locate (terminal, per-sample, non-terminal, with resets); see
         :class:`neuralode.Event`. The Solution then has ``event_t`` and ``event_y``.
+    batch_control : {"shared", "per_sample"}, default "shared"
+        ``"shared"``: one step size and accept/reject decision for the whole state (the error
+        norm is taken over the whole batch). ``"per_sample"``: every sample of the batch (the
+        leading dimension ``B`` that all components of ``y0`` share) has its own time, step size,
+        error norm (RMS over that sample's components), PI control, initial step and
+        accept/reject, so its result does not depend on the rest of the batch; samples that
+        have finished stop costing evaluations. Then ``func`` is called as ``func(t, y)`` with
+        ``t`` of shape ``(A,)`` (each row's own time, ``time_dtype``) and ``y`` holding only the
+        ``A`` rows still being integrated (a time-independent func is unaffected; a
+        time-dependent one must broadcast ``t`` against the batch, e.g. ``t[:, None]``). ``t``
+        may be 1-D (shared output times) or 2-D ``(B, T)`` with rows starting at different times
+        and running in either direction; ``max_steps`` counts each sample's attempts. Needs an
+        adaptive explicit tableau, a :class:`PIController` without ``step_t``/``jump_t``/
+        ``norm``, ``gradient="direct"``, no ``event`` and no gradient with respect to ``t``.
+        ``Solution.t_final`` and ``stats["n_accepted"]``/``["n_rejected"]`` are then ``(B,)``
+        tensors, and ``stats`` adds ``sample_evals`` (rows passed to func),
+        ``wasted_sample_evals`` (rows of samples that had already finished, kept below 1/16 of
+        every evaluation by compacting the batch) and ``wasted_share``.
 
     Returns
     -------
@@ -118,6 +137,27 @@ def solve(
         raise TypeError(f"throw must be a bool, got {throw!r}")
 
     t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64)
+    if batch_control not in ("shared", "per_sample"):
+        raise ValueError(f"batch_control must be 'shared' or 'per_sample', got {batch_control!r}")
+    if batch_control == "per_sample":  # its own loop, in _loop_batched (opt-in)
+        from ._loop_batched import solve_per_sample
+
+        return solve_per_sample(
+            func,
+            y0,
+            t_tensor,
+            tab=tab,
+            controller=controller,
+            rtol=rtol,
+            atol=atol,
+            dt=dt,
+            gradient=grad_method,
+            max_steps=max_steps,
+            dense_output=dense_output,
+            throw=throw,
+            time_dtype=time_dtype,
+            event=event,
+        )
     if event is not None:
         from .events import Event, solve_with_event
 

@@ -24,12 +24,18 @@ class Solution:
     stats : dict
         ``nfe`` (evaluations of func in the forward solve), ``n_accepted``, ``n_rejected``,
         ``n_steps`` (= accepted), and after a backward pass ``nfe_backward`` (evaluations of func
-        or of its vector-Jacobian product during the gradient computation).
+        or of its vector-Jacobian product during the gradient computation). With
+        ``batch_control="per_sample"``: ``n_accepted``, ``n_rejected`` and ``n_steps`` are
+        ``(B,)`` tensors (one count per sample), and ``sample_evals`` (rows passed to func, summed
+        over its calls), ``wasted_sample_evals`` (rows of samples that had already finished),
+        ``wasted_share``, ``n_iterations`` (batched step attempts), ``n_compactions`` and, when
+        samples failed with ``throw=False``, ``failed_samples`` are added.
     status : str
         ``"success"``, or with ``throw=False`` one of ``"max_steps"``, ``"dt_underflow"``,
         ``"nonfinite"``.
-    t_final : float
-        Time the solve reached (the final time on success).
+    t_final : float or Tensor
+        Time the solve reached (the final time on success); with ``batch_control="per_sample"``
+        a ``(B,)`` float64 tensor, each sample's own.
     message : str
         Why the solve stopped early ("" on success).
     event_t : Tensor or None
@@ -57,7 +63,8 @@ class Solution:
 
     @property
     def step_times(self) -> list[float]:
-        """Accepted step boundaries (needs ``dense_output=True``)."""
+        """Accepted step boundaries (needs ``dense_output=True``); with
+        ``batch_control="per_sample"`` one list per sample."""
         if self._dense is None:
             raise ValueError("step_times needs solve(..., dense_output=True)")
         return self._dense.step_times

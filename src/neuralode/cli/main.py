@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from .errors import CLIError, one_line
@@ -67,7 +68,13 @@ def _train_epilog() -> str:
             f"lr {d['lr']:g}, {d['method']} ({tol})"
         )
         opts = ", ".join(f"{k}={v!r}" for k, v in cls.options.items())
-        lines.append(f"              options: {opts}")
+        lines += textwrap.wrap(
+            f"options: {opts}",
+            width=96,
+            initial_indent=" " * 14,
+            subsequent_indent=" " * 23,
+            break_on_hyphens=False,
+        )
     lines += [
         "",
         "data (--data KIND [PATH]):",
@@ -147,6 +154,12 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="start from a saved config.json (flags override it)"
     )
     tr.add_argument("--quick", action="store_true", help="tiny settings that run in seconds")
+    tr.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="train only: skip the held-out evaluation, summary and plots at the end (run "
+        "'neuralode evaluate' / 'neuralode plot' later)",
+    )
     _threads_arg(tr)
     tr.add_argument(
         "--no-progress",
@@ -304,7 +317,13 @@ def _cmd_train(args) -> int:
     given = vars(args)
     out = Path(given.get("out") or f"runs/{cfg.task}")
     progress = False if given.get("no_progress") else None
-    return train(cfg, out, resume=bool(given.get("resume")), progress=progress)
+    return train(
+        cfg,
+        out,
+        resume=bool(given.get("resume")),
+        progress=progress,
+        evaluate=not given.get("no_eval"),
+    )
 
 
 def _cmd_evaluate(args) -> int:

@@ -70,7 +70,10 @@ def verdict(model_value: float, baselines: dict[str, float], what: str, higher_b
         for k, v in baselines.items()
         if v is not None
     }
+    won = [k for k, ok in better.items() if ok]
     lost = [k for k, ok in better.items() if not ok]
     if not lost:
-        return f"  {what}: the model beats {', '.join(better)}."
-    return f"  {what}: the model does NOT beat {', '.join(lost)}."
+        return f"  {what}: the model beats {', '.join(won)}."
+    if not won:
+        return f"  {what}: the model does NOT beat {', '.join(lost)}."
+    return f"  {what}: the model beats {', '.join(won)} but does NOT beat {', '.join(lost)}."

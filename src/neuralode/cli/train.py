@@ -164,16 +164,17 @@ class _Interrupt:
                 signal.signal(signal.SIGINT, self._previous)
 
 
-def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool, unit="epoch", leave=True):
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
         desc=desc,
-        unit="epoch",
+        unit=unit,
         disable=not enabled,
         dynamic_ncols=True,
+        leave=leave,
         file=sys.stderr,
     )
 
@@ -195,23 +196,34 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool | None = None) -> int:
+def train(
+    cfg: RunConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    evaluate: bool = True,
+) -> int:
     """Train ``cfg`` into the run directory ``out``; return the exit status (0, or 130 on Ctrl-C).
 
     Parameters
     ----------
+    resume : bool
+        Continue the run in ``out`` from its ``checkpoint.pt``.
     progress : bool or None
         Progress bar; ``None``: only when stderr is a terminal. Without a bar one line per
         epoch is printed.
+    evaluate : bool
+        Evaluate the best model on the held-out data, print the summary and draw the plots.
     """
     d = distributed.setup(resolve_device(cfg.device).type)
     try:
-        return _train(cfg, out, resume=resume, progress=progress, dist=d)
+        return _train(cfg, out, resume=resume, progress=progress, evaluate=evaluate, dist=d)
     finally:
         distributed.teardown(d)
 
 
-def _train(cfg, out, *, resume, progress, dist) -> int:
+def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
     mode = check_run_dir(out, cfg, resume)
     task, model = build(cfg, dist)  # bad data raises here, before anything is written
     device = task.device
@@ -289,6 +301,9 @@ def _train(cfg, out, *, resume, progress, dist) -> int:
                 t_epoch = time.perf_counter()
                 objective.train()
                 first = skip if epoch == start_epoch else 0
+                inner = _progress_bar(
+                    len(batches), first, f"epoch {epoch + 1}", show, unit="step", leave=False
+                )
                 for b in range(first, len(batches)):
                     snapshot = {"rng": rng_states(), "gen": gen_start}
                     state.update(epoch=epoch, batch=b, accum=dict(acc))
@@ -296,15 +311,8 @@ def _train(cfg, out, *, resume, progress, dist) -> int:
                         raise KeyboardInterrupt
                     indices, weight = dist.shard(batches[b])
                     optimizer.zero_grad(set_to_none=True)
-                    try:
-                        loss, logs = objective(indices, epoch, state["step"])
-                        (loss * weight).backward()
-                    except SolveError as exc:
-                        raise TrainingError(
-                            f"training failed at epoch {epoch + 1}, step {state['step'] + 1}: "
-                            f"{exc} The last checkpoint is kept; try a smaller --lr, tighter "
-                            "--rtol/--atol or another --method."
-                        ) from None
+                    loss, logs = objective(indices, epoch, state["step"])
+                    (loss * weight).backward()
                     optimizer.step()
                     state["step"] += 1
                     nfe_f, nfe_b = task.nfe(model)
@@ -314,11 +322,11 @@ def _train(cfg, out, *, resume, progress, dist) -> int:
                     acc["nfe_forward"] = acc.get("nfe_forward", 0) + nfe_f
                     acc["nfe_backward"] = acc.get("nfe_backward", 0) + nfe_b
                     acc["n"] = acc.get("n", 0) + 1
-                    bar.set_postfix_str(
-                        f"batch {b + 1}/{len(batches)} loss {logs['train_loss']:.4g} "
-                        f"nfe f/b {nfe_f}/{nfe_b}",
-                        refresh=True,
+                    inner.set_postfix_str(
+                        f"loss {logs['train_loss']:.4g}, nfe f/b {nfe_f}/{nfe_b}", refresh=False
                     )
+                    inner.update(1)
+                inner.close()
                 acc["time"] += time.perf_counter() - t_epoch
                 # Validation and the epoch's bookkeeping: a boundary of its own.
                 snapshot = {"rng": rng_states(), "gen": gen_start}
@@ -369,6 +377,12 @@ def _train(cfg, out, *, resume, progress, dist) -> int:
                     bar.set_postfix_str(line.split(": ", 1)[1], refresh=True)
                     if not show:
                         print(line, flush=True)
+    except SolveError as exc:
+        raise TrainingError(
+            f"training failed in epoch {state['epoch'] + 1} (after step {state['step']}): {exc} "
+            "The last checkpoint is kept; try a smaller --lr, tighter --rtol/--atol or another "
+            "--method."
+        ) from None
     except KeyboardInterrupt:
         bar.close()
         # Parameters and optimiser are those of the last completed step (a step is never cut in
@@ -381,9 +395,10 @@ def _train(cfg, out, *, resume, progress, dist) -> int:
                 file=sys.stderr,
             )
         return 130
-    bar.close()
+    finally:
+        bar.close()
     dist.barrier()
-    if dist.is_main:
+    if dist.is_main and evaluate:
         ckpt = out / BEST_NAME if (out / BEST_NAME).is_file() else out / CHECKPOINT_NAME
         model.load_state_dict(load_checkpoint(ckpt)["model"])
         report(task, model, out, ckpt, stdout=sys.stdout)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._loop import LoopResult, Problem, VectorField, make_stepper
+from .._loop import LoopResult, Problem, VectorField, integrate, make_stepper
 
 __all__ = ["Run", "find_params", "warn_missing_params"]
 
@@ -103,3 +103,23 @@ def check_params(run: Run, y0flat: torch.Tensor, params: list[torch.Tensor], met
         out = run.func(tt, spec.unflatten(state))
     flat = spec.flatten(out, what="the derivative returned by func", t=run.prob.t0)
     warn_missing_params(flat, params, method, state=state)
+
+
+def forward_without_graph(run: Run, y0flat: torch.Tensor, record: str, max_states=None):
+    """The forward solve of a custom-gradient method: no graph, ``record`` kept per step."""
+    f = run.vector_field()
+    stepper = run.new_stepper(y0flat)
+    with torch.no_grad():
+        res = integrate(
+            run.prob,
+            f,
+            y0flat.detach(),  # func must see a plain tensor, not a graph-less view of y0
+            track_grad=False,
+            record="dense" if run.dense else record,
+            throw=run.throw,
+            stepper=stepper,
+            max_states=None if run.dense else max_states,
+        )
+    run.result, run.f, run.stepper = res, f, stepper
+    run.stats["nfe"] = f.nfe
+    return res

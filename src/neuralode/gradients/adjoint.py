@@ -12,7 +12,7 @@ from .._loop import Problem, VectorField, integrate, make_stepper, replay_step, 
 from .._tree import flatten_state
 from ..controllers import PIController, StepToGrid
 from ..solvers import get_tableau
-from ._common import Run, check_params, find_params
+from ._common import Run, check_params, find_params, forward_without_graph
 from .checkpoint import add_initial_outputs
 
 __all__ = ["Backsolve"]
@@ -97,20 +97,7 @@ class Backsolve:
 class _BacksolveFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Run, cfg: Backsolve, y0flat, *params):
-        f = run.vector_field()
-        stepper = run.new_stepper(y0flat)
-        with torch.no_grad():
-            res = integrate(
-                run.prob,
-                f,
-                y0flat.detach(),  # func must see a plain tensor, not a graph-less view of y0
-                track_grad=False,
-                record="dense" if run.dense else "times",
-                throw=run.throw,
-                stepper=stepper,
-            )
-        run.result, run.f, run.stepper = res, f, stepper
-        run.stats["nfe"] = f.nfe
+        res = forward_without_graph(run, y0flat, "times")
         ctx.run, ctx.cfg, ctx.params = run, cfg, params
         # A private copy: the caller may modify the returned outputs in place.
         ctx.y_final = res.y_final.detach().clone()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .._loop import integrate, replay_step, sorted_outputs_grad
-from ._common import Run, check_params, find_params
+from ._common import Run, check_params, find_params, forward_without_graph
 
 __all__ = ["Checkpointed"]
 
@@ -62,21 +62,7 @@ class Checkpointed:
 class _CheckpointFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Run, cfg: Checkpointed, y0flat, *params):
-        f = run.vector_field()
-        stepper = run.new_stepper(y0flat)
-        with torch.no_grad():
-            res = integrate(
-                run.prob,
-                f,
-                y0flat.detach(),  # func must see a plain tensor, not a graph-less view of y0
-                track_grad=False,
-                record="dense" if run.dense else "states",
-                throw=run.throw,
-                stepper=stepper,
-                max_states=None if run.dense else cfg.max_checkpoints,
-            )
-        run.result, run.f, run.stepper = res, f, stepper
-        run.stats["nfe"] = f.nfe
+        res = forward_without_graph(run, y0flat, "states", max_states=cfg.max_checkpoints)
         ctx.run, ctx.n_params = run, len(params)
         ctx.save_for_backward(y0flat, *params)
         return res.ys

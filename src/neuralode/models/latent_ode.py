@@ -154,13 +154,16 @@ class LatentODE(nn.Module):
     # -- bookkeeping ---------------------------------------------------------------------------
     @property
     def nfe_forward(self) -> int | None:
-        parts = [c.forward for c in (self.encoder._counter, self._counter) if c.n_solves]
+        parts = [
+            self.encoder.nfe_forward,
+            self._counter.forward if self._counter.n_solves else None,
+        ]
+        parts = [p for p in parts if p is not None]
         return sum(parts) if parts else None
 
     @property
     def nfe_backward(self) -> int | None:
-        parts = [c.backward for c in (self.encoder._counter, self._counter)]
-        parts = [p for p in parts if p is not None]
+        parts = [p for p in (self.encoder.nfe_backward, self._counter.backward) if p is not None]
         return sum(parts) if parts else None
 
     @property
@@ -326,12 +329,14 @@ class LatentODE(nn.Module):
         -------
         dict of 0-d Tensors
             ``loss``: the objective to minimise, ``-sum_b elbo_b / n_obs`` (the bound per
-            scored entry) ``+ bce_weight * bce``; ``elbo``, ``log_lik``, ``kl``: batch means of
+            scored entry, with the KL term weighted by ``kl_weight``) ``+ bce_weight * bce``;
+            ``elbo`` (unweighted), ``log_lik``, ``kl``: batch means of
             the per-series bound, summed log-likelihood of the scored entries and
             ``KL(q(z0) || N(0, I))`` (nats; ``kl`` is the analytical KL also with ``iwae``);
             ``mse``: mean squared error of the decoded means over the scored entries;
             ``n_obs``: number of scored entries; with ``classify=True`` also ``bce`` (mean over
-            labelled series, 0 when none is labelled) and ``accuracy``.
+            labelled series, 0 when none is labelled) and ``accuracy``. Only ``loss`` carries a
+            graph; the other entries are detached, for logging.
 
         Raises
         ------
@@ -339,6 +344,39 @@ class LatentODE(nn.Module):
             As :meth:`encode`; for ``t_split`` together with a mask, ``n_samples < 1``,
             ``iwae`` with ``kl_weight != 1``, or ``classify=True`` with ``batch.labels`` None.
         """
+        out = self._objective(
+            batch,
+            n_samples=n_samples,
+            iwae=iwae,
+            kl_weight=kl_weight,
+            bce_weight=bce_weight,
+            t_split=t_split,
+            encoder_mask=encoder_mask,
+            target_mask=target_mask,
+            generator=generator,
+        )
+        return {k: v if k == "loss" else v.detach() for k, v in out.items()}
+
+    def elbo(self, batch, **kwargs) -> torch.Tensor:
+        """Batch mean of the per-series evidence lower bound (nats), differentiable.
+
+        Takes the keyword arguments of :meth:`loss` (and raises the same errors).
+        """
+        return self._objective(batch, **kwargs)["elbo"]
+
+    def _objective(
+        self,
+        batch,
+        *,
+        n_samples: int = 1,
+        iwae: bool = False,
+        kl_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        t_split=None,
+        encoder_mask: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         check_positive_int(n_samples, "n_samples")
         if iwae and kl_weight != 1.0:
             raise ValueError("iwae=True is a bound only with kl_weight=1.0")
@@ -362,9 +400,10 @@ class LatentODE(nn.Module):
         kl = (0.5 * (mu**2 + std**2 - 1) - torch.log(std)).sum(-1)  # (B,)
         if iwae:
             log_w = log_lik + (-0.5 * (z0**2 - eps**2)).sum(-1) + torch.log(std).sum(-1)
-            elbo = torch.logsumexp(log_w, 0) - math.log(n_samples)
+            elbo = objective = torch.logsumexp(log_w, 0) - math.log(n_samples)
         else:
-            elbo = log_lik.mean(0) - kl_weight * kl
+            elbo = log_lik.mean(0) - kl
+            objective = elbo if kl_weight == 1.0 else log_lik.mean(0) - kl_weight * kl
         n_obs = tgt_m.sum()
         sq = ((x_hat - batch.values) ** 2 * tgt_m).sum(dim=(-2, -1)).mean(0)
         out = {
@@ -374,7 +413,7 @@ class LatentODE(nn.Module):
             "mse": sq.sum() / n_obs.clamp_min(1),
             "n_obs": n_obs.detach(),
         }
-        loss = -elbo.sum() / n_obs.clamp_min(1)
+        loss = -objective.sum() / n_obs.clamp_min(1)
         if self.classifier is not None:
             logits = self.classifier(z0).squeeze(-1)  # (K, B)
             labelled = ~torch.isnan(batch.labels)
@@ -387,10 +426,6 @@ class LatentODE(nn.Module):
             loss = loss + bce_weight * out["bce"]
         out["loss"] = loss
         return out
-
-    def elbo(self, batch, **kwargs) -> torch.Tensor:
-        """Batch mean of the per-series evidence lower bound (nats); see :meth:`loss`."""
-        return self.loss(batch, **kwargs)["elbo"]
 
     # -- prediction ----------------------------------------------------------------------------
     @torch.no_grad()

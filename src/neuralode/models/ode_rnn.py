@@ -206,7 +206,7 @@ class ODERNN(nn.Module):
             Initial hidden state (default zeros).
         t_end : float or Tensor ``(B,)``, optional
             After the last processed point, integrate each started sample on to this time
-            (forward: ``t_end >= `` its last observed time; reverse: ``<=`` its first).
+            (forward: at or after its last observed time; reverse: at or before its first).
 
         Returns
         -------

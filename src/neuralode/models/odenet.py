@@ -14,11 +14,13 @@ __all__ = ["ConcatConv2d", "ConvVectorField", "ODENetClassifier"]
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    # Group normalisation as in Chen et al.'s ODE-Net (min(32, C) groups); fall back to a divisor
-    # of C so that any width (e.g. with augmented channels) works.
-    groups = min(32, channels)
+    # Group normalisation as in Chen et al.'s ODE-Net (32 groups at their width 64), with at
+    # least 2 channels per group: one channel per group normalises each channel of a small
+    # feature map on its own, which on 8x8 digits cost ~2 points of accuracy and twice the NFE.
+    # Falls back to a divisor of C so that any width (e.g. with augmented channels) works.
+    groups = max(1, min(32, channels // 2))
     if channels % groups:
-        groups = math.gcd(channels, 32)
+        groups = math.gcd(channels, groups)
     return nn.GroupNorm(groups, channels)
 
 
@@ -96,7 +98,7 @@ class ODENetClassifier(nn.Module):
         ``(1, 28, 28)``).
     n_classes : int, default 10
         Number of classes (output logits).
-    width : int, default 32
+    width : int, default 64
         Channels of the ODE block (``field="conv"``) or width of its state (``"mlp"``).
     field : {"conv", "mlp"}, default "conv"
         ``"conv"``: convolutional downsampling (a 3x3 convolution, then ``downsample``
@@ -135,7 +137,7 @@ class ODENetClassifier(nn.Module):
         self,
         in_shape: tuple[int, ...] = (1, 8, 8),
         n_classes: int = 10,
-        width: int = 32,
+        width: int = 64,
         *,
         field: str = "conv",
         downsample: int = 1,

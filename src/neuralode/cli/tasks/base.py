@@ -116,5 +116,13 @@ class Task:
         return model_nfe(model)
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer):
-        """An optional learning-rate scheduler, stepped once per epoch."""
-        return None
+        """The learning-rate scheduler, stepped once per epoch: ``lr * lr_decay**epoch`` when the
+        task has an ``lr_decay`` option below 1, none otherwise."""
+        gamma = self.opt.get("lr_decay", 1.0)
+        if not 0 < gamma <= 1:
+            from ..errors import CLIError
+
+            raise CLIError(f"--set lr_decay must be in (0, 1]; got {gamma}.")
+        if gamma == 1.0:
+            return None
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)

@@ -83,6 +83,7 @@ class IrregularTask(Task):
         variable_col="variable",
         value_col="value",
         label_col=None,
+        physionet_sets="set-a",
     )
     model_label = "model"
 
@@ -94,7 +95,9 @@ class IrregularTask(Task):
             if kind == "pbcseq":
                 ds = load_pbcseq()
             elif kind == "physionet":
-                ds = load_physionet(path, preprocessing="clean")
+                sets = [x.strip() for x in str(o["physionet_sets"]).split(",") if x.strip()]
+                ds = load_physionet(path, sets=sets, outcomes=bool(o["classify"]),
+                                    preprocessing="clean")  # fmt: skip
             elif kind == "csv":
                 ds = load_csv(
                     path,

@@ -56,13 +56,15 @@ class ODERNNForecaster(nn.Module):
 
     @property
     def nfe_forward(self) -> int | None:
-        parts = [c.forward for c in (self.rnn._counter, self._counter) if c.n_solves]
+        """Vector field evaluations of the last call: the ODE-RNN's and the readout's solves."""
+        own = self._counter.forward if self._counter.n_solves else None
+        parts = [p for p in (self.rnn.nfe_forward, own) if p is not None]
         return sum(parts) if parts else None
 
     @property
     def nfe_backward(self) -> int | None:
-        parts = [c.backward for c in (self.rnn._counter, self._counter)]
-        parts = [p for p in parts if p is not None]
+        """The same for the backward pass through the last call."""
+        parts = [p for p in (self.rnn.nfe_backward, self._counter.backward) if p is not None]
         return sum(parts) if parts else None
 
     def forward(self, batch, cond_mask: torch.Tensor, times: torch.Tensor):

@@ -25,15 +25,35 @@ from .base import Task
 __all__ = ["ODENetTask"]
 
 
+def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Translate each image ``(B, 1, H, W)`` by a random offset in ``[-k, k]^2`` (zero fill):
+    data augmentation drawn from torch's global generator."""
+    B, _, H, W = x.shape
+    padded = F.pad(x, (k, k, k, k))
+    dy, dx = (torch.randint(0, 2 * k + 1, (B,), device=x.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
+    b = torch.arange(B, device=x.device)[:, None, None]
+    return padded[b, 0, rows, cols][:, None]
+
+
 class ODENetTask(Task):
     name = "odenet"
     summary_line = "ODE-Net image classifier on scikit-learn's 8x8 digits"
     datasets = ("digits",)
     defaults = dict(
-        epochs=15, batch_size=64, lr=3e-3, method="dopri5", rtol=1e-3, atol=1e-4, step_size=None
+        epochs=20, batch_size=64, lr=1e-2, method="dopri5", rtol=1e-3, atol=1e-4, step_size=None
     )
     quick = dict(epochs=1, batch_size=64, width=8, max_train=192)
-    options = dict(width=32, field="conv", val_fraction=0.1, test_fraction=0.2, max_train=0)
+    options = dict(
+        width=64,
+        field="conv",
+        val_fraction=0.1,
+        test_fraction=0.2,
+        max_train=0,
+        lr_decay=0.9,
+        shift=0,
+    )
 
     def load_data(self) -> None:
         from sklearn.datasets import load_digits
@@ -80,7 +100,8 @@ class ODENetTask(Task):
     def train_loss(self, model, indices, epoch, step):
         X, y = self.split["train"]
         idx = indices.to(self.device)
-        logits = model(X[idx])
+        x = _shift(X[idx], self.opt["shift"]) if self.opt["shift"] else X[idx]
+        logits = model(x)
         loss = F.cross_entropy(logits, y[idx])
         acc = (logits.argmax(1) == y[idx]).float().mean()
         return loss, {"train_accuracy": float(acc)}

@@ -84,10 +84,10 @@ class SpiralTask(Task):
     )
     datasets = ("spiral",)
     defaults = dict(
-        epochs=20, batch_size=20, lr=1e-2, method="dopri5", rtol=1e-5, atol=1e-6, step_size=None
+        epochs=30, batch_size=20, lr=1e-2, method="dopri5", rtol=1e-5, atol=1e-6, step_size=None
     )
     quick = dict(epochs=2, batch_size=8, steps_per_epoch=3, hidden=16)
-    options = dict(hidden=50, window=10, steps_per_epoch=50, noise_std=0.02)
+    options = dict(hidden=50, window=10, steps_per_epoch=50, noise_std=0.02, lr_decay=0.9)
 
     def load_data(self) -> None:
         t, y, noisy = spiral_data(self.opt["noise_std"], self.cfg.seed)

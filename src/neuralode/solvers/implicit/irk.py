@@ -41,6 +41,8 @@ from .tableaux import ImplicitTableau
 __all__ = ["ImplicitRK"]
 
 _LINEAR_SOLVERS = ("dense", "krylov")
+# A fixed step whose Newton iteration fails is split in halves, at most this many times.
+_MAX_SUBDIVISIONS = 6
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,11 @@ class ImplicitRK(MethodFace):
     linear_solver : {"dense", "krylov"}, default "dense"
         Dense factorisations of autograd Jacobians, or matrix-free GMRES on Jacobian-vector
         products (for large states).
-    max_iters : int, default 10
-        Newton iterations per stage solve before giving up (adaptive steps are then rejected
-        and retried smaller; fixed steps warn and keep the last iterate).
+    max_iters : int, optional
+        Newton iterations per stage solve before giving up. Default 10 on adaptive steps (which
+        give up early when the observed rate cannot meet the tolerance, and are then rejected
+        and retried smaller); 50 on fixed steps (which iterate while the iteration contracts,
+        and warn and keep the last iterate if it does not converge).
     newton_tol : float, optional
         Tolerance of the Newton iteration on fixed steps, relative and absolute (default 1e-12
         in float64, 100 x machine epsilon otherwise). Adaptive steps derive it from the
@@ -78,7 +82,7 @@ class ImplicitRK(MethodFace):
 
     tableau: ImplicitTableau
     linear_solver: str = "dense"
-    max_iters: int = 10
+    max_iters: int | None = None
     newton_tol: float | None = None
     krylov_rtol: float = 1e-4
     krylov_restart: int = 40
@@ -92,7 +96,9 @@ class ImplicitRK(MethodFace):
             raise ValueError(
                 f"linear_solver must be one of {_LINEAR_SOLVERS}, got {self.linear_solver!r}"
             )
-        if not (isinstance(self.max_iters, int) and self.max_iters >= 1):
+        if self.max_iters is not None and not (
+            isinstance(self.max_iters, int) and self.max_iters >= 1
+        ):
             raise ValueError(f"max_iters must be a positive integer, got {self.max_iters!r}")
         if self.newton_tol is not None and not (0 < self.newton_tol < 1):
             raise ValueError(f"newton_tol must lie in (0, 1), got {self.newton_tol!r}")
@@ -164,6 +170,7 @@ class ImplicitRKStepper(HermiteStepper):
         self.krylov = method.linear_solver == "krylov"
         # Tolerances of the Newton iteration (set by bind).
         self.rtol, self.atol, self.kappa, self.adaptive_ctrl = None, None, 1.0, False
+        self.max_iters = method.max_iters or 50
         # Per-solve state.
         self._jac = None  # dense J, or a JVP object
         self._jac_at = None  # (t, data_ptr) of the point it was computed at
@@ -186,6 +193,7 @@ class ImplicitRKStepper(HermiteStepper):
     def bind(self, prob) -> None:
         """Take the Newton tolerances from the problem (called by the loop at each solve)."""
         self.adaptive_ctrl = bool(getattr(prob.controller, "adaptive", False))
+        self.max_iters = self.method.max_iters or (10 if self.adaptive_ctrl else 50)
         if self.adaptive_ctrl:
             self.rtol, self.atol = prob.rtol, prob.atol
             r = float(self.rtol.max()) if isinstance(self.rtol, torch.Tensor) else float(self.rtol)
@@ -223,6 +231,11 @@ class ImplicitRKStepper(HermiteStepper):
     def _solver(self, key):
         """The iteration matrix for ``h * gamma`` (DIRK, key float) or ``h`` (FIRK)."""
         sol = self._solvers.get(key)
+        if sol is None and self._solvers:
+            # Fixed steps differ from each other by rounding in the last bits: same matrix.
+            (old_key,) = self._solvers
+            if abs(old_key - key) <= 1e-12 * abs(key):
+                sol = self._solvers[old_key]
         if sol is None:
             if self.krylov:
                 sol = self._krylov_solver(key)
@@ -268,7 +281,7 @@ class ImplicitRKStepper(HermiteStepper):
     def _norm(self, dx: torch.Tensor, scale: torch.Tensor) -> float:
         return float(torch.linalg.vector_norm(dx / scale) / math.sqrt(dx.numel()))
 
-    def step(self, f, t: float, h: float, y, k1, t_last: float, track_grad: bool):
+    def step(self, f, t: float, h: float, y, k1, t_last: float, track_grad: bool, _depth=0):
         shape = y.shape
         # A graph is needed only if the state or func's parameters require grad (k1 tells).
         track_grad = track_grad and (y.requires_grad or k1.requires_grad)
@@ -301,13 +314,16 @@ class ImplicitRKStepper(HermiteStepper):
                 err = (scale * (1.8**k)).view(shape)
                 K = self.pack(k1d, torch.zeros_like(y0), k1d if self.fsal else None)
                 return y.detach().clone(), err, K
+            if _depth < _MAX_SUBDIVISIONS:
+                # A fixed step cannot be rejected: take it as two half steps instead.
+                return self._halves(f, t, h, y, k1, t_last, track_grad, _depth)
             warnings.warn(
                 f"{self.method.name}: the Newton iteration did not converge in the fixed step "
-                f"from t={t:.17g} with h={h:.3g} (max_iters={self.method.max_iters}); the step "
-                "is inaccurate. Use a smaller step size or an adaptive method such as "
-                "'kvaerno5' or 'rodas4'",
+                f"from t={t:.17g} with h={h:.3g} (max_iters={self.max_iters}), even split into "
+                f"{2**_MAX_SUBDIVISIONS} substeps; the step is inaccurate. Use a smaller step "
+                "size or an adaptive method such as 'kvaerno5' or 'rodas4'",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=2 + _depth,
             )
             sol = self._last_attempt
         stages, max_rate, max_iters_used = sol
@@ -322,6 +338,32 @@ class ImplicitRKStepper(HermiteStepper):
             err = (h * (self.b_err @ ks)).view(shape)
         k_end = ks[-1] if self.fsal else None
         return y_new.view(shape), err, self.pack(k1d, (y_new - y0) / h, k_end)
+
+    def _halves(self, f, t, h, y, k1, t_last, track_grad, depth):
+        """A fixed step whose Newton iteration failed, taken as two half steps (recursively).
+
+        The rows of ``K`` describe the whole step (its end points and derivatives), so the
+        dense output stays the cubic Hermite interpolant over the step.
+        """
+        self.counts["n_substeps"] = self.counts.get("n_substeps", 0) + 1
+        if depth == 0:
+            warnings.warn(
+                f"{self.method.name}: the Newton iteration did not converge in the fixed step "
+                f"from t={t:.17g} with h={h:.3g}; it is taken in smaller substeps (counted in "
+                "stats['n_substeps']). A smaller step size avoids this",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        t_mid = t + 0.5 * h
+        y_mid, _, K1 = self.step(f, t, t_mid - t, y, k1, t_mid, track_grad, depth + 1)
+        k_mid = K1[2] if K1.shape[0] > 2 else f.flat(t_mid, y_mid.reshape(-1))
+        y_new, _, K2 = self.step(
+            f, t_mid, t + h - t_mid, y_mid, k_mid.view(y.shape), t_last, track_grad, depth + 1
+        )
+        k_end = K2[2] if (self.fsal and K2.shape[0] > 2) else None
+        yv = y.reshape(-1) if track_grad else y.reshape(-1).detach()
+        K = self.pack(k1.reshape(-1), (y_new.reshape(-1) - yv) / h, k_end)
+        return y_new, None, K
 
     def _update_eta(self, res) -> None:
         """Carry ``eta = theta / (1 - theta)`` to the next solve, raised to the power 0.8 so that
@@ -358,7 +400,14 @@ class ImplicitRKStepper(HermiteStepper):
                 return e + g * f.flat(ti, Y) - Y
 
             res = newton(
-                residual, solver.solve, guess, norm, self.kappa, self.method.max_iters, self._eta
+                residual,
+                solver.solve,
+                guess,
+                norm,
+                self.kappa,
+                self.max_iters,
+                self._eta,
+                early_exit=self.adaptive_ctrl,
             )
             self.counts["n_newton"] += res.iters
             self._update_eta(res)
@@ -419,7 +468,14 @@ class ImplicitRKStepper(HermiteStepper):
             return y0 + h * (A @ F) - Y
 
         res = newton(
-            residual, solver.solve, guess, norm, self.kappa, self.method.max_iters, self._eta
+            residual,
+                solver.solve,
+                guess,
+                norm,
+                self.kappa,
+                self.max_iters,
+                self._eta,
+                early_exit=self.adaptive_ctrl,
         )
         self.counts["n_newton"] += res.iters
         self._update_eta(res)

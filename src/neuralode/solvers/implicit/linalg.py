@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["flat_func", "jacobian", "JVP", "DenseSolver", "EigenSolver", "gmres"]
+__all__ = ["flat_func", "jacobian", "JVP", "LUSolve", "DenseSolver", "EigenSolver", "gmres"]
 
 
 def flat_func(f, t: float):
@@ -63,72 +63,179 @@ _LOOP_MAX = 32
 def jacobian(f, t: float, y: torch.Tensor, *, with_t: bool = False):
     """Dense Jacobian ``df/dy`` at ``(t, y)`` (``y`` 1-D, ``(N, N)`` result).
 
-    With ``with_t`` also returns ``df/dt`` ``(N,)``. Built with a graph (differentiable with
-    respect to ``y`` and the parameters of func) when grad mode is on. Small systems use one
-    vector-Jacobian product per row; larger ones ``torch.func.jacrev`` (vectorised), falling
-    back to the row loop for functions that ``vmap`` cannot trace.
+    With ``with_t`` also returns ``df/dt`` ``(N,)``. When grad mode is on the result is
+    differentiable with respect to ``y`` and the parameters of func (second derivatives by
+    double backward). Small systems use one vector-Jacobian product per row, larger ones
+    ``torch.func.jacrev`` (vectorised), falling back to the row loop for functions that
+    ``vmap`` cannot trace, and to finite differences for functions that hide their dependence
+    on the state from autograd (e.g. an adjoint system that detaches its input).
+
+    The Jacobian is always built on a detached copy of ``y``: a graph that reached back through
+    the whole solve would make every backward pass here cost as much as the solve so far
+    (quadratic time). :class:`_Reattach` connects the result to ``y`` afterwards.
     """
     create_graph = torch.is_grad_enabled()
-    if not with_t and y.numel() > _LOOP_MAX:
-        try:
-            return torch.func.jacrev(flat_func(f, t))(y)
-        except Exception:  # e.g. in-place ops or data-dependent control flow in func
-            pass
-    return _jacobian_rows(f, t, y, with_t, create_graph)
-
-
-def _jacobian_rows(f, t, y, with_t, create_graph):
     g = flat_func_t(f)
-    n = y.numel()
+    yl = y.detach().requires_grad_()
     with torch.enable_grad():
-        yy = y if (create_graph and y.requires_grad) else y.detach().requires_grad_()
         tt = f._time(t).requires_grad_(with_t)
-        out = g(tt, yy)
-        inputs = [yy, tt] if with_t else [yy]
-        eye = torch.eye(n, dtype=out.dtype, device=out.device)
-        rows_y, rows_t = [], []
+        out = g(tt, yl)
+    if not out.requires_grad:
+        return _jacobian_fd(g, f._time(t), y.detach(), out.detach(), with_t)
+    n = y.numel()
+    J = ft = None
+    if not with_t and n > _LOOP_MAX:
+        try:
+            with torch.set_grad_enabled(create_graph):
+                J = torch.func.jacrev(flat_func(f, t))(yl)
+        except Exception:  # e.g. in-place ops or data-dependent control flow in func
+            J = None
+    if J is None:
+        J, ft = _jacobian_rows(out, yl, tt, with_t, create_graph)
+    outs = (J,) if not with_t else (J, ft)
+    if not create_graph:
+        outs = tuple(o.detach() for o in outs)
+    elif y.requires_grad:
+        outs = _Reattach.apply(y, yl, *outs)
+    return outs[0] if not with_t else outs
+
+
+def _jacobian_rows(out, yl, tt, with_t, create_graph):
+    n = yl.numel()
+    inputs = [yl, tt] if with_t else [yl]
+    eye = torch.eye(n, dtype=out.dtype, device=out.device)
+    rows_y, rows_t = [], []
+    with torch.enable_grad():
         for i in range(n):
             gi = torch.autograd.grad(
                 out, inputs, eye[i], retain_graph=True, create_graph=create_graph, allow_unused=True
             )
-            rows_y.append(gi[0] if gi[0] is not None else torch.zeros_like(y))
+            rows_y.append(gi[0] if gi[0] is not None else torch.zeros_like(yl))
             if with_t:
                 rows_t.append(gi[1] if gi[1] is not None else torch.zeros_like(tt))
     J = torch.stack(rows_y)
-    if not create_graph:
-        J = J.detach()
-    if not with_t:
-        return J
-    ft = torch.stack(rows_t).to(y.dtype)
-    return J, (ft if create_graph else ft.detach())
+    ft = torch.stack(rows_t).to(yl.dtype) if with_t else None
+    if J.is_complex():
+        # Autograd's vector-Jacobian products of a holomorphic function are conjugated
+        # (v^T conj(J)): undo it to get J itself.
+        J = J.conj()
+        ft = ft.conj() if ft is not None else None
+    return J, ft
+
+
+def _jacobian_fd(g, tt, y, f0, with_t):
+    """Forward differences, one evaluation of func per column (no graph)."""
+    real = y.real if y.is_complex() else y
+    eps = torch.finfo(real.dtype).eps
+    cols = []
+    with torch.no_grad():
+        for j in range(y.numel()):
+            d = math.sqrt(eps) * max(1.0, abs(float(y[j])))
+            yp = y.clone()
+            yp[j] += d
+            cols.append((g(tt, yp) - f0) / d)
+        J = torch.stack(cols, dim=1)
+        if not with_t:
+            return J
+        dt = math.sqrt(eps) * max(1.0, abs(float(tt)))
+        ft = (g(tt + dt, y) - f0) / dt
+    return J, ft
+
+
+class _Reattach(torch.autograd.Function):
+    """Identity on ``outs`` built on the detached copy ``yl`` of ``y``; in the backward pass it
+    adds their dependence on ``y`` (a vector-Jacobian product through the local graph, kept
+    for that purpose) and hands the incoming gradients on to that graph (parameters)."""
+
+    @staticmethod
+    def forward(ctx, y, yl, *outs):
+        ctx.yl = yl
+        ctx.save_for_backward(*outs)
+        return tuple(o.detach().clone() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        outs = ctx.saved_tensors
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        gy = None
+        if pairs:
+            gy = torch.autograd.grad(
+                [o for o, _ in pairs],
+                ctx.yl,
+                [g for _, g in pairs],
+                retain_graph=True,
+                create_graph=torch.is_grad_enabled(),
+                allow_unused=True,
+            )[0]
+        return (gy, None, *(g if o.requires_grad else None for o, g in zip(outs, grads)))
 
 
 class JVP:
     """Jacobian-vector products ``v -> J v`` of func at a fixed ``(t, y)`` (1-D).
 
-    Forward-mode AD (dual numbers; about the cost of one evaluation of func), or two reverse
-    passes (double backward) for functions with operations that forward mode does not support.
+    Forward-mode AD (dual numbers; about the cost of one evaluation of func); two reverse passes
+    (double backward) for functions with operations forward mode does not support; forward
+    differences for functions that hide their dependence on the state from autograd.
     """
 
     def __init__(self, f, t: float, y: torch.Tensor):
         self.g = flat_func(f, t)
         self.y = y.detach()
         self.count = 0
-        self._forward_mode = True
+        self._mode = "forward"
+        self._f0 = None
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.count += 1
         v = v.to(self.y.dtype)
-        if self._forward_mode:
+        if self._mode == "forward":
             try:
                 with torch.no_grad(), fwAD.dual_level():
                     out = self.g(fwAD.make_dual(self.y, v))
                     tangent = fwAD.unpack_dual(out).tangent
-                return torch.zeros_like(v) if tangent is None else tangent
+                if tangent is not None:
+                    return tangent
+                self._mode = "fd"  # no tangent at all: func detaches its input
             except Exception:  # forward-mode AD unsupported by some op in func
-                self._forward_mode = False
-        with torch.enable_grad():
-            return torch.autograd.functional.jvp(self.g, self.y, v)[1].detach()
+                self._mode = "double"
+        if self._mode == "double":
+            try:
+                with torch.enable_grad():
+                    return torch.autograd.functional.jvp(self.g, self.y, v)[1].detach()
+            except RuntimeError:
+                self._mode = "fd"
+        with torch.no_grad():
+            if self._f0 is None:
+                self._f0 = self.g(self.y)
+            vn = float(torch.linalg.vector_norm(v))
+            if vn == 0.0:
+                return torch.zeros_like(v)
+            real = self.y.real if self.y.is_complex() else self.y
+            eps = torch.finfo(real.dtype).eps
+            d = math.sqrt(eps) * (1.0 + float(torch.linalg.vector_norm(self.y))) / vn
+            return (self.g(self.y + d * v) - self._f0) / d
+
+
+class LUSolve(torch.autograd.Function):
+    """``x = W^-1 b`` with a given factorisation of ``W``, differentiable in ``W`` and ``b``.
+
+    The backward pass reuses the factorisation: ``gb = W^-H gx``, ``gW = -gb x^H`` (the
+    generic backward of ``lu_factor``/``lu_solve`` refactorises and is far slower for the small
+    systems of a Rosenbrock step).
+    """
+
+    @staticmethod
+    def forward(ctx, W, b, LU, piv):
+        x = torch.linalg.lu_solve(LU, piv, b.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(LU, piv, x)
+        return x
+
+    @staticmethod
+    def backward(ctx, gx):
+        LU, piv, x = ctx.saved_tensors
+        gb = torch.linalg.lu_solve(LU, piv, gx.unsqueeze(-1), adjoint=True).squeeze(-1)
+        gW = -torch.outer(gb, x.conj()) if ctx.needs_input_grad[0] else None
+        return gW, gb, None, None
 
 
 def _eye_minus(J: torch.Tensor, factor) -> torch.Tensor:
@@ -137,15 +244,30 @@ def _eye_minus(J: torch.Tensor, factor) -> torch.Tensor:
     return M
 
 
+def _factor(M: torch.Tensor):
+    """LU factors of ``M``, or None when ``M`` is singular or not finite (one host sync)."""
+    LU, piv, info = torch.linalg.lu_factor_ex(M)
+    if int(info) != 0 or not bool(torch.isfinite(LU).all()):
+        return None
+    return LU, piv
+
+
 class DenseSolver:
-    """A factorised ``M = I - g J`` (``g = h gamma``): ``solve`` and ``solve_adjoint``."""
+    """A factorised ``M = I - g J`` (``g = h gamma``): ``solve`` and ``solve_adjoint``.
+
+    ``solve`` returns None when ``M`` is singular (the Newton iteration then fails).
+    """
 
     def __init__(self, J: torch.Tensor, g: float):
         self.g = g
-        self.LU, self.piv = torch.linalg.lu_factor(_eye_minus(J, g))
+        factors = _factor(_eye_minus(J, g))
+        self.singular = factors is None
+        self.LU, self.piv = factors if factors is not None else (None, None)
 
-    def solve(self, r: torch.Tensor) -> torch.Tensor:
+    def solve(self, r: torch.Tensor) -> torch.Tensor | None:
         """``M^-1 r`` for ``r`` of shape ``(N,)`` or ``(N, k)``."""
+        if self.singular:
+            return None
         vec = r.dim() == 1
         x = torch.linalg.lu_solve(self.LU, self.piv, r.unsqueeze(-1) if vec else r)
         return x.squeeze(-1) if vec else x
@@ -171,6 +293,7 @@ class EigenSolver:
         self.T = torch.as_tensor(T, dtype=cdtype, device=dev)
         self.Ti = torch.as_tensor(Ti, dtype=cdtype, device=dev)
         self.s = len(lam)
+        self.singular = False
         # reps[i]: index of the system whose solution gives row i, and whether to conjugate it.
         self.reps: list[tuple[int, bool]] = []
         self.factors: dict[int, tuple] = {}
@@ -188,7 +311,10 @@ class EigenSolver:
                 M = _eye_minus(J, h * float(li.real))
             else:
                 M = _eye_minus(J.to(cdtype), h * complex(li))
-            self.factors[i] = torch.linalg.lu_factor(M)
+            factors = _factor(M)
+            if factors is None:
+                self.singular = True
+            self.factors[i] = factors
         self.n_factorisations = len(self.factors)
 
     def _diag_solve(self, Rt: torch.Tensor, adjoint: bool) -> torch.Tensor:
@@ -204,8 +330,10 @@ class EigenSolver:
                 out[i] = out[j].conj()
         return torch.stack([o.to(Rt.dtype) for o in out])
 
-    def solve(self, R: torch.Tensor) -> torch.Tensor:
-        """``M^-1 R`` for stage arrays ``R`` ``(s, N)``."""
+    def solve(self, R: torch.Tensor) -> torch.Tensor | None:
+        """``M^-1 R`` for stage arrays ``R`` ``(s, N)`` (None if ``M`` is singular)."""
+        if self.singular:
+            return None
         Rt = self.Ti @ R.to(self.T.dtype)
         X = self.T @ self._diag_solve(Rt, adjoint=False)
         return X.real.to(R.dtype) if self.real else X

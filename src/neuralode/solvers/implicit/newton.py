@@ -45,7 +45,9 @@ class NewtonResult:
         )
 
 
-def newton(residual, solve, x0, norm, kappa: float, max_iters: int, eta0: float) -> NewtonResult:
+def newton(
+    residual, solve, x0, norm, kappa: float, max_iters: int, eta0: float, early_exit: bool = True
+) -> NewtonResult:
     """Simplified Newton iteration for ``residual(x) = Phi(x) - x = 0``.
 
     Parameters
@@ -60,6 +62,10 @@ def newton(residual, solve, x0, norm, kappa: float, max_iters: int, eta0: float)
         Tolerance on the estimated error of the iterate, in that norm.
     eta0 : float
         ``theta / (1 - theta)`` carried over from the previous solve (first-iteration test).
+    early_exit : bool
+        Give up as soon as the observed rate cannot reach ``kappa`` within ``max_iters``
+        (adaptive steps, which are then retried smaller); fixed steps iterate on while the
+        iteration contracts.
     """
     x = x0
     prev = None
@@ -67,6 +73,8 @@ def newton(residual, solve, x0, norm, kappa: float, max_iters: int, eta0: float)
     eta = eta0
     for k in range(max_iters):
         dx = solve(residual(x))
+        if dx is None:  # singular iteration matrix
+            return NewtonResult(x, False, k + 1, math.inf, True)
         x = x + dx
         dn = norm(dx)
         if not math.isfinite(dn):
@@ -77,7 +85,7 @@ def newton(residual, solve, x0, norm, kappa: float, max_iters: int, eta0: float)
                 return NewtonResult(x, False, k + 1, theta, True)
             eta = theta / (1.0 - theta)
             remaining = max_iters - 1 - k
-            if remaining > 0 and theta**remaining / (1.0 - theta) * dn > kappa:
+            if early_exit and remaining > 0 and theta**remaining / (1.0 - theta) * dn > kappa:
                 # Hairer & Wanner's test: at this rate the tolerance is out of reach.
                 return NewtonResult(x, False, k + 1, theta, True)
         if dn == 0.0 or eta * dn <= kappa:
@@ -125,6 +133,12 @@ class IFTSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, v):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "gradients of gradients (create_graph=True) through the Newton solves of implicit "
+                "Runge--Kutta steps are not supported; use 'rodas4' (differentiable to any "
+                "order) or an explicit method for higher derivatives"
+            )
         return ctx.backsolver.solve_adjoint(v), None
 
 

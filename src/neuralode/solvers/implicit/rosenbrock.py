@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .base import HermiteStepper, MethodFace
-from .linalg import jacobian
+from .linalg import LUSolve, jacobian
 
 __all__ = ["RosenbrockTableau", "Rosenbrock", "RODAS4"]
 
@@ -60,6 +60,11 @@ class RosenbrockTableau:
     m, e : sequence
         Weights of the new state and of the error estimate.
     order, embedded_order : int
+    dense : sequence of two sequences, optional
+        Weights ``d_2j, d_3j`` of the stages in the continuous extension
+        ``y(t_n + theta h) = (1 - theta) y_n + theta (y_{n+1} + (1 - theta) (D_2 + theta D_3))``
+        with ``D_k = sum_j d_kj U_j`` (Hairer & Wanner's RODAS; order 3). Without them the
+        cubic Hermite interpolant is used.
     source : str
 
     Raises
@@ -80,6 +85,7 @@ class RosenbrockTableau:
     e: Sequence[float]
     order: int
     embedded_order: int
+    dense: Sequence[Sequence[float]] = ()
     source: str = ""
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -100,6 +106,8 @@ class RosenbrockTableau:
             )
         if np.max(np.abs(G.sum(1) - np.array(self.gamma_t))) > _TOL:
             raise ValueError(f"tableau {self.name!r}: gamma_t must be the row sums of Gamma")
+        if self.dense and np.array(self.dense).shape != (2, s):
+            raise ValueError(f"tableau {self.name!r}: dense must have 2 rows of {s} weights")
         for label, w in (("m", np.array(self.m)), ("m - e", np.array(self.m) - np.array(self.e))):
             if abs((w @ G).sum() - 1.0) > _TOL:
                 raise ValueError(
@@ -145,7 +153,26 @@ RODAS4_TABLEAU = RosenbrockTableau(
     e=[0, 0, 0, 0, 0, 1.0],
     order=4,
     embedded_order=3,
-    source="Hairer & Wanner II (1996), sec. IV.7: RODAS4 (rodas.f, METH=1)",
+    dense=[
+        [
+            10.12623508344586,
+            -7.487995877610167,
+            -34.80091861555747,
+            -7.992771707568823,
+            1.025137723295662,
+            0.0,
+        ],
+        [
+            -0.6762803392801253,
+            6.087714651680015,
+            16.43084320892478,
+            24.76722511418386,
+            -6.594389125716872,
+            0.0,
+        ],
+    ],
+    source="Hairer & Wanner II (1996), sec. IV.7: RODAS4 (rodas.f, METH=1, with its dense "
+    "output coefficients D21..D35)",
 )
 
 
@@ -160,6 +187,18 @@ class Rosenbrock(MethodFace):
 
     tableau: RosenbrockTableau
     fsal = False
+
+    @property
+    def interpolant_order(self) -> int:
+        return 3
+
+    @property
+    def n_dense_stages(self) -> int:
+        return 0 if self.tableau.dense else 1
+
+    @property
+    def dense_stage_is_next_first(self) -> bool:
+        return not self.tableau.dense
 
     @property
     def name(self) -> str:
@@ -202,6 +241,7 @@ class RosenbrockStepper(HermiteStepper):
         self.m = [float(v) for v in T.m]
         self.e = [float(v) for v in T.e]
         self.gamma = float(T.gamma)
+        self.dense = [[float(v) for v in row] for row in T.dense]
         self._jac_key = None
         self._jac = None
         self.counts = dict(n_jac=0, n_lu=0)
@@ -231,7 +271,7 @@ class RosenbrockStepper(HermiteStepper):
         J, ft = self._jacobian(f, t, yv, track_grad)
         W = J * -1.0
         W.diagonal().add_(1.0 / (h * self.gamma))
-        LU, piv = torch.linalg.lu_factor(W)
+        LU, piv = torch.linalg.lu_factor(W.detach())
         self.counts["n_lu"] += 1
         nonautonomous = bool(ft.abs().max() > 0) if not track_grad else True
         U = []
@@ -251,7 +291,10 @@ class RosenbrockStepper(HermiteStepper):
                     rhs = rhs + (self.C[i][j] / h) * U[j]
             if nonautonomous and self.gamma_t[i]:
                 rhs = rhs + (h * self.gamma_t[i]) * ft
-            U.append(torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1))
+            if track_grad:
+                U.append(LUSolve.apply(W, rhs, LU, piv))
+            else:
+                U.append(torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1))
         y_new = yv
         for mi, Ui in zip(self.m, U):
             if mi:
@@ -262,4 +305,43 @@ class RosenbrockStepper(HermiteStepper):
         if not torch.is_tensor(err):  # pragma: no cover - every table has an estimate
             err = torch.zeros_like(yv)
         K = self.pack(k1v, (y_new - yv) / h)
+        if self.dense:
+            # Rows [f_n, slope, D_2 / h, D_3 / h]: the method's own continuous extension.
+            D = []
+            for row in self.dense:
+                acc = None
+                for dj, Uj in zip(row, U):
+                    if dj:
+                        acc = dj * Uj if acc is None else acc + dj * Uj
+                D.append(acc / h)
+            K = torch.cat([K, torch.stack(D)])
         return y_new.view(shape), err.reshape(shape), K
+
+    # ---------------------------------------------------------------- native dense output
+    @property
+    def S(self) -> int:
+        return 4 if self.dense else 2
+
+    @property
+    def Sd(self) -> int:
+        return 4 if self.dense else 3
+
+    def dense_stages(self, f, t: float, h: float, y, K, k_next, t_last=None):
+        if self.dense:
+            return K
+        return super().dense_stages(f, t, h, y, K, k_next, t_last)
+
+    def interpolate(self, Kd, y, h: float, theta: torch.Tensor, samples=None):
+        """RODAS's extension ``y_n + h [theta slope + (theta - theta^2) D_2/h
+        + (theta^2 - theta^3) D_3/h]`` (rows 1..3 of ``Kd``), else cubic Hermite."""
+        if not self.dense:
+            return super().interpolate(Kd, y, h, theta, samples)
+        t2 = theta * theta
+        zero = torch.zeros_like(theta)
+        W = torch.stack([zero, theta, theta - t2, t2 - t2 * theta], dim=-1).to(Kd.dtype)
+        if samples is None:
+            out = torch.addmm(y.reshape(1, -1), W, Kd, alpha=h)
+            return out.view(theta.shape[0], *y.shape)
+        B, M = y.shape
+        Kg = Kd.view(Kd.shape[0], B, M)[:, samples]
+        return y[samples] + h * torch.einsum("ms,smk->mk", W, Kg)

@@ -1,0 +1,558 @@
+"""Per-sample step control: every sample of a batch takes its own steps.
+
+Selected by ``neuralode.solve(..., batch_control="per_sample")``. Each sample ``b`` of the batch
+has its own time ``t_b``, step size ``h_b``, PI-controller memory and accept/reject decision,
+from its own error norm (RMS over that sample's components), so a sample's solution does not
+depend on which other samples share its batch (as in torchode). Unlike torchode, a sample that
+has reached its final time stops costing evaluations: the loop works on a *working set* of rows
+that it compacts (gathers the unfinished rows) whenever finished rows make up a fraction
+``_COMPACT_FRACTION`` of it, so at most that share of any evaluation of ``func`` is spent on
+finished samples. ``Solution.stats`` reports the sample-evaluations (rows passed to ``func``)
+and how many of them were spent on finished samples.
+
+Everything per sample is a tensor on the state's device: times and step sizes in float64 (step
+control runs in double precision whatever the state's dtype), the state as one flat ``(A, M)``
+tensor for the ``A`` rows of the working set (see :mod:`neuralode._tree`). The stages of all rows
+are combined with one matrix product per stage over the stacked stages (as
+:class:`~neuralode._loop.RKStepper`), scaled row-wise by each row's step size; no Python loop runs
+over samples. The host reads one small tensor per step (outputs due, finished and failed rows)
+to steer the loop. ``func`` gets ``t`` of shape ``(A,)`` (each row's own time) and the ``A`` rows
+of the working set, and is never evaluated outside a sample's interval ``[t0_b, t1_b]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ._solve import _resolve_controller, _tolerance
+from ._tree import TreeSpec, flatten_state
+from .controllers import PIController
+from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from .gradients import Direct
+from .interpolation.dense_batched import PerSampleDense
+from .solution import Solution
+from .solvers.tableau import ButcherTableau
+
+__all__ = ["solve_per_sample", "BatchedField", "BatchedRK"]
+
+_EPS64 = 2.220446049250313e-16
+# Compact the working set once finished rows make up this share of it. Every evaluation of func
+# then spends less than this share on finished samples; a smaller value compacts more often
+# (each compaction gathers ~20 small per-row tensors, about the cost of one or two stages).
+_COMPACT_FRACTION = 1 / 16
+
+
+class BatchedField:
+    """``func`` on rows of the flat state: ``f(t (A,), y (A, M)) -> (A, M)``.
+
+    Counts calls (``nfe``), rows evaluated (``sample_evals``) and rows evaluated that belong to
+    samples which had already finished (``wasted``).
+    """
+
+    def __init__(self, func, spec: TreeSpec, time_dtype: torch.dtype):
+        self.func, self.spec, self.time_dtype = func, spec, time_dtype
+        self.nfe = self.sample_evals = self.wasted = 0
+        self._rest = spec.shapes[0][1:] if spec.kind == "tensor" else None
+        self._specs: dict[int, TreeSpec] = {}
+
+    def _spec(self, A: int) -> TreeSpec:
+        spec = self._specs.get(A)
+        if spec is None:
+            shapes = tuple(torch.Size((A, *s[1:])) for s in self.spec.shapes)
+            spec = self._specs[A] = dataclasses.replace(self.spec, shapes=shapes, batch=A)
+        return spec
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor, idle: int = 0) -> torch.Tensor:
+        A = y.shape[0]
+        self.nfe += 1
+        self.sample_evals += A
+        self.wasted += idle
+        tt = t if t.dtype == self.time_dtype else t.to(self.time_dtype)
+        if self._rest is not None:  # fast path: a single tensor state
+            shape = (A, *self._rest)
+            out = self.func(tt, y.view(shape))
+            if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
+                return out.reshape(A, -1)
+        else:
+            out = self.func(tt, self._spec(A).unflatten(y))
+        return self._spec(A).flatten(out, what="the derivative returned by func")
+
+
+class BatchedRK:
+    """The explicit Runge--Kutta step of a tableau with one step size per row."""
+
+    def __init__(self, tab: ButcherTableau, dtype: torch.dtype, device: torch.device):
+        T = tab.tensors(dtype, device)
+        self.tab, self.S, self.fsal = tab, tab.n_stages, tab.fsal
+        self.Sd = tab.n_stages + tab.n_dense_stages
+        self.rows = [T["a"][i : i + 1, :i] for i in range(self.S)]  # (1, i) each
+        self.b, self.b_err = T["b"].unsqueeze(0), T["b_err"]
+        self.a_dense = T.get("a_dense")
+        self.c = torch.tensor(tab.c, dtype=torch.float64, device=device).unsqueeze(1)
+        self.at_end = {i for i, ci in enumerate(tab.c) if ci == 1.0}
+
+    @staticmethod
+    def _comb(K: torch.Tensor, w: torch.Tensor, shape) -> torch.Tensor:
+        """``sum_j w_j K_j`` for stages ``K`` (i, A*M) and weights ``w`` (1, i), as (A, M): one
+        matrix product (a (1, i) @ (i, A*M) GEMM is cheaper to dispatch than the GEMV)."""
+        return torch.mm(w, K).view(shape)
+
+    def step(self, f, t, h, t_new, y, k1, lo, hi, track: bool, idle: int):
+        """One step of size ``h`` (A,) per row from ``(t, y)`` with first stage ``k1``.
+
+        Returns ``(y_new, err, K)``: new states (A, M), error estimates (A, M, no graph) and the
+        stages (S, A, M).
+        """
+        # Stage times (S, A): nodes 1 use the landing time itself; the others are clamped into
+        # the sample's interval, so rounding in t + c h never evaluates func outside it.
+        tc = torch.clamp(torch.addcmul(t, self.c, h), lo, hi)
+        hc = h.to(y.dtype).unsqueeze(1)
+        shape, ks, K = y.shape, [k1.reshape(-1)], None
+        if not track:  # stages written into one buffer (S, A*M); with autograd a list, stacked
+            K = y.new_empty((self.S, y.numel()))
+            K[0] = ks[0]
+        y_new = None
+        for i in range(1, self.S):
+            inc = self._comb(K[:i] if K is not None else torch.stack(ks), self.rows[i], shape)
+            yi = torch.addcmul(y, hc, inc)
+            ki = f(t_new if i in self.at_end else tc[i], yi, idle).reshape(-1)
+            if self.fsal and i == self.S - 1:
+                y_new = yi
+            if K is None:
+                ks.append(ki)
+            else:
+                K[i] = ki
+        if K is None:
+            K = torch.stack(ks)
+        if y_new is None:
+            y_new = torch.addcmul(y, hc, self._comb(K, self.b, shape))
+        err = self._comb(K.detach(), self.b_err, shape).mul_(hc.detach())
+        return y_new, err, K.view(self.S, *shape)
+
+    def dense_stages(self, f, t, h, t_new, y, y_new, K, lo, hi):
+        """Stages plus dense stages (Sd, n, M) of ``n`` accepted steps, for interpolation."""
+        tab = self.tab
+        if tab.n_dense_stages == 0:
+            return K
+        hc = h.to(y.dtype).unsqueeze(1)
+        rows = list(K.reshape(self.S, -1).unbind(0))
+        for j in range(tab.n_dense_stages):
+            cj = tab.c_dense[j]
+            if j == 0 and tab.dense_stage_is_next_first:
+                yj = y_new  # f at the step end exactly, as the next step's first stage
+            else:
+                w = self.a_dense[j : j + 1, : self.S + j]
+                yj = torch.addcmul(y, hc, self._comb(torch.stack(rows), w, y.shape))
+            tj = t_new if cj == 1.0 else torch.clamp(torch.add(t, h, alpha=cj), lo, hi)
+            rows.append(f(tj, yj).reshape(-1))
+        return torch.stack(rows).view(-1, *y.shape)
+
+    def interpolate(self, Kd, y, h, theta):
+        """Continuous extension of ``n`` steps at fractions ``theta`` (n,): returns (n, M)."""
+        W = self.tab.interpolant_weights(theta).to(y.dtype)  # float64 weights, then cast
+        return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), (W.T.unsqueeze(2) * Kd).sum(0))
+
+
+@dataclasses.dataclass
+class _Rows:
+    """The working set: per-row state of the samples being integrated (row r is sample idx[r])."""
+
+    idx: torch.Tensor  # (A,) sample index
+    y: torch.Tensor  # (A, M) state
+    k1: torch.Tensor  # (A, M) first stage of the next step
+    t: torch.Tensor  # (A,) float64 time reached
+    h: torch.Tensor  # (A,) float64 |step size| of the next attempt (at most dt_max)
+    prev: torch.Tensor  # (A,) float64 previous accepted error (PI control)
+    e: torch.Tensor  # (A,) last scaled error (NaN/inf: func returned non-finite values)
+    t_end: torch.Tensor  # (A,) final time (set to t when a sample fails with throw=False)
+    lo: torch.Tensor  # (A,) lower end of the sample's interval
+    hi: torch.Tensor  # (A,) upper end
+    sdir: torch.Tensor  # (A,) float64 direction of integration, +1 or -1
+    tau: torch.Tensor  # (A, T) output times
+    stau: torch.Tensor  # (A, T) output times times sdir (non-decreasing)
+    nxt: torch.Tensor  # (A,) long: index of the next output not yet written
+    att: torch.Tensor  # (A,) long step attempts
+    nacc: torch.Tensor  # (A,) long accepted steps
+    done: torch.Tensor  # (A,) bool: reached the final time (or failed)
+    stale: torch.Tensor  # (A,) bool: k1 must be evaluated (non-FSAL methods after a step)
+    rtol: float | torch.Tensor  # float or (A, M)
+    atol: float | torch.Tensor
+
+    def take(self, keep: torch.Tensor) -> _Rows:
+        return _Rows(
+            **{
+                k.name: (v.index_select(0, keep) if isinstance(v, torch.Tensor) else v)
+                for k in dataclasses.fields(self)
+                for v in (getattr(self, k.name),)
+            }
+        )
+
+
+def _row_norm(spec: TreeSpec, x: torch.Tensor) -> torch.Tensor:
+    """Per-row mixed RMS norm of ``x`` (A, M): max over components of each component's RMS."""
+    if spec.kind == "tensor":
+        return torch.linalg.vector_norm(x, dim=1).mul_(1.0 / math.sqrt(max(x.shape[1], 1)))
+    parts = [
+        torch.linalg.vector_norm(c, dim=1) * (1.0 / math.sqrt(c.shape[1]))
+        for c in spec.components(x)
+        if c.shape[1]
+    ]
+    return torch.stack(parts).amax(0)
+
+
+def _initial_step(spec, f, w: _Rows, order: int, dt_max: float) -> torch.Tensor:
+    """Hairer's starting step size per sample (HNW I, sec. II.4, p. 169); one evaluation of f."""
+    with torch.no_grad():
+        y0, k1 = w.y, w.k1
+        scale = y0.abs().mul(w.rtol).add(w.atol)
+        d0, d1 = (_row_norm(spec, x / scale).double() for x in (y0, k1))
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+        span = (w.t_end - w.t).abs()
+        h0 = torch.minimum(h0, span).clamp(max=dt_max)
+        t1 = torch.clamp(w.t + w.sdir * h0, w.lo, w.hi)
+        f1 = f(t1, y0 + (w.sdir * h0).to(y0.dtype).unsqueeze(1) * k1)
+        d2 = _row_norm(spec, (f1 - k1) / scale).double() / h0
+        dmax = torch.maximum(d1, d2)
+        h1 = torch.where(
+            ~torch.isfinite(dmax),
+            h0 * 1e-3,
+            torch.where(
+                dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1 / order)
+            ),
+        )
+        return torch.minimum(torch.minimum(100 * h0, h1), span).clamp(max=dt_max)
+
+
+def _stuck(w: _Rows, dt_min: float) -> torch.Tensor:
+    """Unfinished rows whose next step is NaN or cannot advance t (below dt_min or a few ulps:
+    above ``4 eps |t|``, ``t + h != t``)."""
+    return ~(w.done | (w.h > (w.t.abs() * (4 * _EPS64)).clamp_(min=dt_min)))
+
+
+def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) -> None:
+    """Raise for the failing sample of lowest index, or (throw=False) stop the failing samples."""
+    rows = fail.nonzero().squeeze(1).tolist()
+    rows.sort(key=lambda r: int(w.idx[r]))
+    for r in rows:
+        b, t, n, h = int(w.idx[r]), float(w.t[r]), int(w.att[r]), float(w.h[r])
+        where = f"sample {b} at t={t:.17g} after {n} step attempts of this sample"
+        nonfinite = not math.isfinite(float(w.e[r]))
+        if max_steps is not None and n >= max_steps:
+            cls = MaxStepsError
+            msg = (
+                f"{where}: reached max_steps={max_steps} (accepted {int(w.nacc[r])}, last step "
+                f"size {h:.3g}) before its final time {float(w.t_end[r]):.17g}; raise max_steps "
+                "(a limit per sample here), loosen rtol/atol, or check whether the problem is stiff"
+            )
+        elif not math.isfinite(h):
+            cls = NonFiniteError
+            msg = (
+                f"{where}: func returned non-finite values (NaN/inf), so no step size can be "
+                "chosen; check func and the state of this sample for NaN/inf"
+            )
+        else:
+            cls = NonFiniteError if nonfinite else StepSizeUnderflowError
+            why = (
+                "func returned non-finite values (NaN/inf) at every trial step"
+                if nonfinite
+                else "the solution may blow up (a singularity) or change too fast to resolve"
+            )
+            below = f"dt_min={ctrl.dt_min:.3g}" if h < ctrl.dt_min else "the resolution of t"
+            msg = (
+                f"step size underflow for {where}: step size {h:.3g} is below {below}; {why}. "
+                "Try: loosen rtol/atol, check func for singularities or NaNs near this t, rescale "
+                "time, or use an implicit method if the problem is stiff"
+            )
+        if throw:
+            raise cls(msg, t=t, step=n, h=h)
+        state["failed"].append(b)
+        if state["status"] == "success":
+            state["status"], state["message"] = cls.status, msg
+    w.done = w.done | fail
+    w.t_end = torch.where(fail, w.t, w.t_end)  # a failed sample stays where it is
+
+
+def integrate_per_sample(spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, dense):
+    """Integrate every sample over its own output times ``tau`` (B, T) float64.
+
+    Returns ``(ys, y_final, t_final, n_acc, n_rej, state, records)``: outputs flat ``(T*B, M)``
+    in time-major order (row ``j*B + b``; NaN where a sample failed first), the final states and
+    times, per-sample counters, the status dict and, with ``dense``, the step records.
+    """
+    B, T = tau.shape
+    dev, track = y0.device, torch.is_grad_enabled()
+    k = stepper.tab.error_order()
+    f64, i64 = dict(dtype=torch.float64, device=dev), dict(dtype=torch.long, device=dev)
+    t0, t_end = tau[:, 0], tau[:, -1]
+    sdir = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
+    stau = (sdir.unsqueeze(1) * tau).contiguous()
+    ar_T = torch.arange(T, device=dev)
+    # Outputs at a sample's initial time are its initial state.
+    n0 = torch.searchsorted(stau, stau[:, :1].contiguous(), right=True).squeeze(1)
+    r, j = (ar_T < n0.unsqueeze(1)).nonzero().unbind(1)
+    pos, vals = [j * B + r], [y0[r]]
+    state = {"status": "success", "message": "", "failed": [], "compactions": 0, "iterations": 0}
+    tfin, nacc, nrej = t0.clone(), torch.zeros(B, **i64), torch.zeros(B, **i64)
+    finals_pos, finals = [], []
+
+    def flush(w: _Rows, d: torch.Tensor) -> None:  # record the final values of rows d
+        finals_pos.append(w.idx[d])
+        finals.append(w.y[d])
+        tfin[w.idx[d]], nacc[w.idx[d]], nrej[w.idx[d]] = w.t[d], w.nacc[d], (w.att - w.nacc)[d]
+
+    def rows_tol(tol, keep):
+        return tol[keep] if isinstance(tol, torch.Tensor) else tol
+
+    m = (t_end != t0).nonzero().squeeze(1)  # samples with a non-empty interval
+    A = m.shape[0]
+    w = _Rows(
+        idx=m, y=y0[m], k1=y0[m], t=t0[m], h=torch.zeros(A, **f64), prev=torch.ones(A, **f64),
+        e=torch.zeros(A, **f64), t_end=t_end[m], lo=torch.minimum(t0, t_end)[m],
+        hi=torch.maximum(t0, t_end)[m], sdir=sdir[m], tau=tau[m], stau=stau[m], nxt=n0[m],
+        att=torch.zeros(A, **i64), nacc=torch.zeros(A, **i64),
+        done=torch.zeros(A, dtype=torch.bool, device=dev),
+        stale=torch.zeros(A, dtype=torch.bool, device=dev),
+        rtol=rows_tol(rtol, m), atol=rows_tol(atol, m),
+    )  # fmt: skip
+    records = []
+    n_done = n_stale = 0
+    if A:
+        w.k1 = f(w.t, w.y)
+        if ctrl.dt0 is not None:
+            w.h = torch.full((A,), min(float(ctrl.dt0), ctrl.dt_max), **f64)
+        else:
+            w.h = _initial_step(spec, f, w, k, ctrl.dt_max)
+        fail = _stuck(w, ctrl.dt_min)
+        if bool(fail.any()):
+            _handle_failures(w, fail, ctrl, max_steps, throw, state)
+            n_done = int(w.done.sum())
+    # PI control (Gustafsson 1991) per row, as PIController.factor / reject_factor.
+    b1, b2 = (ctrl.icoeff + ctrl.pcoeff) / k, ctrl.pcoeff / k
+
+    while A and n_done < A:
+        state["iterations"] += 1
+        if n_stale:  # non-FSAL methods: f at the start of the steps that follow accepted ones
+            w.k1 = torch.where(w.stale.unsqueeze(1), f(w.t, w.y, n_done), w.k1)
+        # ---- propose: each row's step, clipped to its final time (finished rows: zero steps)
+        t_try = torch.addcmul(w.t, w.sdir, w.h)
+        clipped = w.done | (w.sdir * (t_try - w.t_end) >= 0)
+        t_new = torch.where(clipped, w.t_end, t_try)
+        h_step = t_new - w.t
+        y_new, err, K = stepper.step(f, w.t, h_step, t_new, w.y, w.k1, w.lo, w.hi, track, n_done)
+        # ---- per-sample error norm (RMS over the sample's components) and accept/reject
+        scale = torch.maximum(w.y.detach().abs(), y_new.detach().abs()).mul_(w.rtol).add_(w.atol)
+        e = _row_norm(spec, err.div_(scale)).double()
+        live = ~w.done
+        acc = (e <= 1.0) & live
+        w.att += live
+        w.nacc += acc
+        g = e.pow(-1.0 / k).mul_(ctrl.safety)  # e = 0 -> inf -> ifactor; NaN -> dfactor below
+        up = g if (b1 * k == 1.0 and not b2) else e.pow(-b1).mul_(ctrl.safety)
+        if b2:
+            up = up * w.prev.pow(b2)
+            w.prev = torch.where(acc, e.clamp(min=1e-4), w.prev)
+        hs = h_step.abs()
+        # After a step clipped to the final time keep at least the proposal, as the shared loop.
+        h_up = torch.maximum(hs * up.clamp_(ctrl.dfactor, ctrl.ifactor), w.h * clipped)
+        h_dn = hs * torch.nan_to_num(g.clamp_(ctrl.dfactor, 1.0), nan=ctrl.dfactor)
+        w.h = torch.where(acc, h_up, torch.where(live, h_dn, w.h)).clamp_(max=ctrl.dt_max)
+        w.e = e
+        # ---- advance the accepted rows
+        t_old, y_old, acc1 = w.t, w.y, acc.unsqueeze(1)
+        w.t = torch.where(acc, t_new, w.t)
+        w.y = torch.where(acc1, y_new, w.y)
+        if stepper.fsal:
+            w.k1 = torch.where(acc1, K[-1], w.k1)
+        else:
+            w.stale = acc
+        w.done = w.done | (acc & clipped)
+        fail = _stuck(w, ctrl.dt_min)
+        cnt = torch.searchsorted(w.stau, (w.sdir * w.t).unsqueeze(1), right=True).squeeze(1)
+        n_out, n_done, n_fail, n_acc = torch.stack(
+            [(cnt - w.nxt).sum(), w.done.sum(), fail.sum(), acc.sum()]
+        ).tolist()
+        if max_steps is not None and state["iterations"] >= max_steps and n_done < A:
+            fail, n_fail = ~w.done, 1  # every live row has used max_steps attempts
+        if dense and n_acc:
+            records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K))
+        # ---- outputs inside the accepted steps, from each step's continuous extension
+        if n_out:
+            r, j = ((ar_T >= w.nxt.unsqueeze(1)) & (ar_T < cnt.unsqueeze(1))).nonzero().unbind(1)
+            Kd, kr = K, r
+            if stepper.Sd > stepper.S:  # dense stages, only for the rows with outputs
+                has = cnt > w.nxt
+                ur = has.nonzero().squeeze(1)
+                Kd = stepper.dense_stages(
+                    f,
+                    t_old[ur],
+                    h_step[ur],
+                    w.t[ur],
+                    y_old[ur],
+                    w.y[ur],
+                    K[:, ur],
+                    w.lo[ur],
+                    w.hi[ur],
+                )
+                kr = (torch.cumsum(has, 0) - 1)[r]
+                if stepper.tab.dense_stage_is_next_first:  # reuse f at the step end as k1
+                    w.k1 = w.k1.index_put((ur,), Kd[stepper.S])
+                    w.stale = w.stale & ~has
+            g3 = torch.stack([t_old, h_step, w.t], 1)[r]
+            tau_j = w.tau[r, j]
+            v = stepper.interpolate(Kd[:, kr], y_old[r], g3[:, 1], (tau_j - g3[:, 0]) / g3[:, 1])
+            # Outputs at a step's end take its end state exactly (no interpolation error).
+            v = torch.where((tau_j == g3[:, 2]).unsqueeze(1), w.y[r], v)
+            pos.append(j * B + w.idx[r])
+            vals.append(v)
+            w.nxt = cnt
+        if n_fail:
+            _handle_failures(w, fail, ctrl, max_steps, throw, state)
+            n_done = int(w.done.sum())
+        n_stale = 0 if stepper.fsal else int(w.stale.sum())
+        # ---- compaction: drop finished rows once they are a noticeable share of the working set
+        if n_done and n_done < A and n_done >= _COMPACT_FRACTION * A:
+            flush(w, w.done.nonzero().squeeze(1))
+            w = w.take((~w.done).nonzero().squeeze(1))
+            state["compactions"] += 1
+            n_stale = 0 if stepper.fsal else int(w.stale.sum())
+            A, n_done = A - n_done, 0
+    if A:
+        flush(w, torch.arange(A, device=dev))
+
+    # ---- assemble: outputs never written (failed samples) stay NaN
+    ys = torch.full((T * B, y0.shape[1]), float("nan"), dtype=y0.dtype, device=dev)
+    ys = ys.index_put((torch.cat(pos),), torch.cat(vals))
+    fixed = torch.ones(B, dtype=torch.bool, device=dev)
+    if finals_pos:
+        fixed[torch.cat(finals_pos)] = False
+    keep = fixed.nonzero().squeeze(1)  # samples that never moved
+    y_final = torch.empty_like(y0).index_put(
+        (torch.cat([keep, *finals_pos]),), torch.cat([y0[keep], *finals])
+    )
+    return ys, y_final, tfin, nacc, nrej, state, records
+
+
+# ---------------------------------------------------------------------------- the entry point
+def solve_per_sample(
+    func, y0, t, *, tab, controller, rtol, atol, dt, gradient, max_steps, dense_output, throw,
+    time_dtype, event,
+):  # fmt: skip
+    """``neuralode.solve(..., batch_control="per_sample")``: validate, integrate, wrap up."""
+    opt = "batch_control='per_sample'"
+    if not isinstance(tab, ButcherTableau) or not tab.adaptive:
+        name = getattr(tab, "name", type(tab).__name__)
+        raise ValueError(
+            f"{opt} needs an adaptive explicit Runge-Kutta method (an embedded error estimate), "
+            f"got solver {name!r}; use e.g. 'dopri5', 'tsit5', 'bosh3' or 'dopri8', or "
+            "batch_control='shared' for this solver"
+        )
+    ctrl = _resolve_controller(tab, controller, rtol, atol, dt)
+    if not isinstance(ctrl, PIController):
+        raise ValueError(
+            f"{opt} chooses each sample's steps adaptively and needs a PIController, got "
+            f"{type(ctrl).__name__}; fixed steps are the same for every sample, so use "
+            "batch_control='shared' with them"
+        )
+    if ctrl.step_t or ctrl.jump_t or ctrl.norm is not None:
+        raise ValueError(
+            f"{opt} does not support PIController(step_t=..., jump_t=..., norm=...) yet (the "
+            "error norm is the per-sample RMS norm); use batch_control='shared' for these"
+        )
+    if not isinstance(gradient, Direct):
+        raise ValueError(
+            f"{opt} supports gradient='direct' only, got {type(gradient).__name__}; use "
+            "gradient='direct', or batch_control='shared' for backsolve/checkpointed gradients"
+        )
+    if event is not None:
+        raise ValueError(f"{opt} does not support event=...; use batch_control='shared'")
+    if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{opt} does not support gradients with respect to t; pass t.detach() or use "
+            "batch_control='shared' with a 1-D t"
+        )
+    comps = (
+        list(y0.values())
+        if isinstance(y0, Mapping)
+        else list(y0)
+        if isinstance(y0, (tuple, list))
+        else [y0]
+    )
+    leads = {c.shape[0] if isinstance(c, torch.Tensor) and c.dim() else None for c in comps}
+    if None in leads or len(leads) != 1 or 0 in leads:
+        raise ValueError(
+            f"{opt} needs a state whose components share a non-empty leading batch dimension B "
+            f"(one sample per row); got shapes {[tuple(getattr(c, 'shape', ())) for c in comps]}"
+        )
+    spec, y0flat = flatten_state(y0, batched=True)
+    tau = _check_times(t, spec.batch, opt).to(spec.device)
+    f = BatchedField(func, spec, time_dtype)
+    stepper = BatchedRK(tab, y0flat.dtype, y0flat.device)
+    rt, at = _tolerance(spec, ctrl.rtol, "rtol"), _tolerance(spec, ctrl.atol, "atol")
+    dense = bool(dense_output) if dense_output is not None else True
+    ys, y_final, tfin, nacc, nrej, state, records = integrate_per_sample(
+        spec, f, stepper, y0flat, tau, ctrl, rt, at, max_steps, throw, dense
+    )
+    T = tau.shape[1]
+    stats = {
+        "nfe": f.nfe,
+        "sample_evals": f.sample_evals,
+        "wasted_sample_evals": f.wasted,
+        "wasted_share": f.wasted / max(f.sample_evals, 1),
+        "n_accepted": nacc,
+        "n_rejected": nrej,
+        "n_steps": nacc,
+        "n_iterations": state["iterations"],
+        "n_compactions": state["compactions"],
+    }
+    if state["failed"]:
+        stats["failed_samples"] = sorted(state["failed"])
+        state["message"] += f" (failed samples: {stats['failed_samples']})"
+    dense_obj = None
+    if dense:
+        dense_obj = PerSampleDense(records, stepper, f, spec, y0flat, y_final, tau, tfin)
+    return Solution(
+        t=t,
+        ys=spec.unflatten(ys.view(T, spec.batch, -1), lead=(T,)),
+        stats=stats,
+        status=state["status"],
+        t_final=tfin,
+        message=state["message"],
+        _dense=dense_obj,
+        _per_sample=True,
+    )
+
+
+def _check_times(t: torch.Tensor, B: int, opt: str) -> torch.Tensor:
+    """Validate ``t`` (T,) or (B, T) and return it as (B, T) float64 on the CPU."""
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"t must be a real tensor of times, got dtype {t.dtype}")
+    if t.dim() not in (1, 2) or t.shape[-1] == 0:
+        raise ValueError(
+            f"t must be 1-D (T,) or 2-D (batch, T) with T >= 1, got shape {tuple(t.shape)}"
+        )
+    tl = t.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(tl).all()):
+        raise ValueError("t contains NaN or infinite values")
+    if tl.dim() == 1:
+        d = tl[1:] - tl[:-1]
+        if tl.numel() > 1 and not (bool((d > 0).all()) or bool((d < 0).all())):
+            raise ValueError("a 1-D t must be strictly increasing or strictly decreasing")
+        return tl.unsqueeze(0).expand(B, -1).contiguous()
+    if tl.shape[0] != B:
+        raise ValueError(
+            f"t has shape {tuple(t.shape)} (batch, T) but y0's batch dimension is {B}; a 2-D t "
+            "needs one row of output times per sample"
+        )
+    d = tl[:, 1:] - tl[:, :-1]
+    bad = ~((d >= 0).all(1) | (d <= 0).all(1))
+    if bool(bad.any()):
+        raise ValueError(
+            f"with {opt} each row of a 2-D t must be monotone (rows may start at different "
+            f"times and run in either direction); rows {bad.nonzero().squeeze(1).tolist()[:8]} "
+            "are not"
+        )
+    return tl.contiguous()

@@ -1,0 +1,130 @@
+"""Dense output of a solve with per-sample step control: each sample's own accepted steps."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["PerSampleDense"]
+
+
+class PerSampleDense:
+    """Continuous extension over every sample's accepted steps (``batch_control="per_sample"``).
+
+    The loop keeps, per step of its working set, references to the rows, the accepted mask, the
+    step ends, the states and the stages (no copies during the solve). The first evaluation
+    gathers the accepted rows into one table sorted by sample and time; a query ``(b, tau)``
+    then finds sample ``b``'s step containing ``tau`` by a batched binary search and evaluates
+    that step's interpolant (the method's own, or cubic Hermite). Dense stages that the solve did
+    not need are evaluated for the queried steps on use.
+
+    Not for direct construction: used through :meth:`neuralode.Solution.evaluate`.
+    """
+
+    def __init__(self, records, stepper, f, spec, y0, y_final, tau, t_final):
+        self._records, self._stepper, self._f = records, stepper, f
+        self.spec = spec
+        self._y0, self._y_final = y0, y_final
+        t0, t_end = tau[:, 0], tau[:, -1]
+        self._t0, self._t_final = t0, t_final
+        self._sdir = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
+        self._lo, self._hi = torch.minimum(t0, t_end), torch.maximum(t0, t_end)
+        self._table = None
+
+    def _build(self):
+        if self._table is not None:
+            return self._table
+        cols = [[] for _ in range(7)]
+        for idx, acc, t_old, t_new, h, y_old, y_new, K in self._records:
+            a = acc.nonzero().squeeze(1)
+            for col, x in zip(cols, (idx, t_old, t_new, h, y_old, y_new)):
+                col.append(x[a])
+            cols[6].append(K[:, a])
+        self._records = None
+        B = self._t0.shape[0]
+        dev = self._y0.device
+        if not cols[0]:
+            self._table = (None, torch.zeros(B, dtype=torch.long, device=dev), None, None)
+            return self._table
+        sid, tlo, thi, h, ya, yb = (torch.cat(c) for c in cols[:6])
+        K = torch.cat(cols[6], dim=1)
+        # Rows appear in step order, which is time order per sample: a stable sort by sample
+        # lists every sample's steps consecutively and chronologically.
+        order = torch.sort(sid, stable=True).indices
+        sid, tlo, thi, h, ya, yb = (x[order] for x in (sid, tlo, thi, h, ya, yb))
+        K = K[:, order]
+        counts = torch.bincount(sid, minlength=B)
+        offsets = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(sid.shape[0], device=dev) - offsets[sid]
+        keys = torch.full((B, int(counts.max())), float("inf"), dtype=torch.float64, device=dev)
+        keys[sid, rank] = self._sdir[sid] * thi
+        self._table = ((sid, tlo, thi, h, ya, yb, K), counts, offsets, keys)
+        return self._table
+
+    @property
+    def step_times(self) -> list[list[float]]:
+        """Per sample, its accepted step boundaries ``[t0_b, t_1, ..., t_final_b]``."""
+        steps, counts, offsets, _ = self._build()
+        out = []
+        for b in range(self._t0.shape[0]):
+            n, o = int(counts[b]), int(offsets[b]) if offsets is not None else 0
+            ends = steps[2][o : o + n].tolist() if n else []
+            out.append([float(self._t0[b])] + ends)
+        return out
+
+    def evaluate_flat(self, times: list[float], samples: torch.Tensor | None = None):
+        """Values at ``times``: ``(m, B, M)`` for every sample, or ``(m, M)`` for ``samples``.
+
+        Raises
+        ------
+        ValueError
+            If a time lies outside the queried sample's solved interval ``[t0_b, t_final_b]``.
+        """
+        dev = self._y0.device
+        tq = torch.tensor(times, dtype=torch.float64, device=dev)
+        B, m = self._t0.shape[0], len(times)
+        if samples is None:
+            s = torch.arange(B, device=dev).repeat(m)
+            tq = tq.repeat_interleave(B)
+        else:
+            s = samples.to(dev)
+        lo = torch.minimum(self._t0[s], self._t_final[s])
+        hi = torch.maximum(self._t0[s], self._t_final[s])
+        bad = ((tq < lo) | (tq > hi)).nonzero().squeeze(1)
+        if bad.numel():
+            k = int(bad[0])
+            raise ValueError(
+                f"cannot evaluate the dense output of sample {int(s[k])} at t={float(tq[k])!r}: "
+                f"outside its solved interval [{float(lo[k])!r}, {float(hi[k])!r}] (no "
+                "extrapolation)"
+            )
+        steps, counts, offsets, keys = self._build()
+        if steps is None:  # no sample moved
+            out = self._y0[s]
+        else:
+            sid, tlo, thi, h, ya, yb, K = steps
+            n = counts[s]
+            pos = torch.searchsorted(keys[s], (self._sdir[s] * tq).unsqueeze(1)).squeeze(1)
+            e = torch.where(n > 0, offsets[s] + torch.minimum(pos, n - 1), 0)
+            st = self._stepper
+            if st.Sd > st.S:
+                ue, inv = torch.unique(e, return_inverse=True)
+                b = sid[ue]
+                Kd = st.dense_stages(
+                    self._f,
+                    tlo[ue],
+                    h[ue],
+                    thi[ue],
+                    ya[ue],
+                    yb[ue],
+                    K[:, ue],
+                    self._lo[b],
+                    self._hi[b],
+                )[:, inv]
+            else:
+                Kd = K[:, e]
+            out = st.interpolate(Kd, ya[e], h[e], (tq - tlo[e]) / h[e])
+            # The step's end state exactly at a step end; the initial state where a sample never
+            # moved (a zero-length interval).
+            out = torch.where((tq == thi[e]).unsqueeze(1), yb[e], out)
+            out = torch.where((n > 0).unsqueeze(1), out, self._y0[s])
+        return out.view(m, B, -1) if samples is None else out
