@@ -183,6 +183,8 @@ class NFECounter:
 def solve_tracked(settings: SolverSettings, counter: NFECounter, func, y0, t):
     """``neuralode.solve(func, y0, t, **settings)``: the trajectory ``ys``, NFE recorded."""
     f = func
+    # Workaround: the Direct gradient method leaves stats["nfe_backward"] unset (the Solution
+    # docstring promises it after a backward pass), so count the VJPs with tensor hooks here.
     if isinstance(settings.gradient, Direct) and torch.is_grad_enabled():
         f = counter.hooked(func)
     sol = neuralode.solve(f, y0, t, **settings.solve_kwargs())

@@ -217,25 +217,30 @@ class JVP:
 
 
 class LUSolve(torch.autograd.Function):
-    """``x = W^-1 b`` with a given factorisation of ``W``, differentiable in ``W`` and ``b``.
+    """``x = W^-1 b`` (or ``W^-H b``) with a given factorisation of ``W``, differentiable in
+    ``W`` and ``b`` to any order.
 
-    The backward pass reuses the factorisation: ``gb = W^-H gx``, ``gW = -gb x^H`` (the
-    generic backward of ``lu_factor``/``lu_solve`` refactorises and is far slower for the small
-    systems of a Rosenbrock step).
+    The backward pass reuses the factorisation: ``gb = W^-H gx``, ``gW = -gb x^H`` (for the
+    adjoint solve ``gb = W^-1 gx``, ``gW = -x gb^H``), itself written with this function so that
+    double backward works. The generic backward of ``lu_factor``/``lu_solve`` refactorises and is
+    far slower for the small systems of a Rosenbrock step.
     """
 
     @staticmethod
-    def forward(ctx, W, b, LU, piv):
-        x = torch.linalg.lu_solve(LU, piv, b.unsqueeze(-1)).squeeze(-1)
-        ctx.save_for_backward(LU, piv, x)
+    def forward(ctx, W, b, LU, piv, adjoint=False):
+        x = torch.linalg.lu_solve(LU, piv, b.unsqueeze(-1), adjoint=adjoint).squeeze(-1)
+        ctx.save_for_backward(W, LU, piv, x)
+        ctx.adjoint = adjoint
         return x
 
     @staticmethod
     def backward(ctx, gx):
-        LU, piv, x = ctx.saved_tensors
-        gb = torch.linalg.lu_solve(LU, piv, gx.unsqueeze(-1), adjoint=True).squeeze(-1)
-        gW = -torch.outer(gb, x.conj()) if ctx.needs_input_grad[0] else None
-        return gW, gb, None, None
+        W, LU, piv, x = ctx.saved_tensors
+        gb = LUSolve.apply(W, gx, LU, piv, not ctx.adjoint)
+        gW = None
+        if ctx.needs_input_grad[0]:
+            gW = -torch.outer(x, gb.conj()) if ctx.adjoint else -torch.outer(gb, x.conj())
+        return gW, gb, None, None, None
 
 
 def _eye_minus(J: torch.Tensor, factor) -> torch.Tensor:
