@@ -55,7 +55,9 @@ STEPS[6] = (5, 10, 20)
 def _errors(method, ns):
     errs = []
     for n in ns:
-        sol = neuralode.solve(_forced, Y0, torch.tensor([0.0, T], dtype=F64), solver=method, dt=T / n)
+        sol = neuralode.solve(
+            _forced, Y0, torch.tensor([0.0, T], dtype=F64), solver=method, dt=T / n
+        )
         errs.append(float((sol.ys[-1] - _exact(T)).abs().max()))
     return errs
 
@@ -174,3 +176,45 @@ def test_matrix_free_heat_equation_800_states_is_fast_and_right(method):
     assert float((sol.ys[-1] - exact).abs().max()) < tol
     dense = neuralode.solve(f, u0, t, solver=method, dt=0.1)
     torch.testing.assert_close(sol.ys, dense.ys, rtol=0, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- engine features
+@pytest.mark.parametrize("method", ["kvaerno5", "rodas4", "implicit_adams"])
+def test_events_and_per_sample_grids_work_with_stiff_and_multistep_methods(method):
+    f = lambda t, y: -y  # noqa: E731
+    ev = neuralode.Event(lambda t, y: y[..., 0] - 0.5)
+    sol = neuralode.solve(
+        f,
+        torch.tensor([1.0], dtype=F64),
+        torch.tensor([0.0, 2.0], dtype=F64),
+        solver=method,
+        rtol=1e-9,
+        atol=1e-11,
+        event=ev,
+    )
+    assert float(sol.event_t) == pytest.approx(np.log(2.0), abs=1e-8)
+    y0 = torch.tensor([[1.0], [2.0]], dtype=F64)
+    t = torch.tensor([[0.0, 0.5, 1.0], [0.0, 0.3, 0.6]], dtype=F64)
+    sol = neuralode.solve(f, y0, t, solver=method, rtol=1e-8, atol=1e-10)
+    # Interior outputs come from the dense output (third order for kvaerno5's cubic Hermite).
+    err = (sol.ys[:, :, 0] - y0[:, 0] * torch.exp(-t.T)).abs().max()
+    assert float(err) < 2e-6
+
+
+@pytest.mark.parametrize("method", ["kvaerno5", "rodas4", "radauIIA5"])
+def test_complex_and_float32_states(method):
+    kw = {"rtol": 1e-8, "atol": 1e-10} if get_tableau(method).adaptive else {"dt": 0.01}
+    sol = neuralode.solve(
+        lambda t, y: 1j * y,
+        torch.tensor([1.0 + 0j], dtype=torch.complex128),
+        torch.tensor([0.0, 1.0], dtype=F64),
+        solver=method,
+        **kw,
+    )
+    assert abs(complex(sol.ys[-1, 0]) - complex(np.cos(1.0), np.sin(1.0))) < 1e-6
+    kw32 = {"rtol": 1e-5, "atol": 1e-7} if get_tableau(method).adaptive else {"dt": 0.01}
+    sol = neuralode.solve(
+        lambda t, y: -y, torch.tensor([1.0]), torch.tensor([0.0, 1.0]), solver=method, **kw32
+    )
+    assert sol.ys.dtype == torch.float32
+    assert abs(float(sol.ys[-1, 0]) - np.exp(-1.0)) < 1e-5

@@ -97,7 +97,9 @@ def test_direct_and_checkpointed_agree_on_adaptive_steps():
     grads = []
     for gradient in ("direct", "checkpoint"):
         for solver in ("kvaerno5", "rodas4"):
-            sol = neuralode.solve(m, y0, T3, solver=solver, rtol=1e-8, atol=1e-10, gradient=gradient)
+            sol = neuralode.solve(
+                m, y0, T3, solver=solver, rtol=1e-8, atol=1e-10, gradient=gradient
+            )
             grads.append((solver, torch.autograd.grad(sol.ys.sum(), [y0, m.A, m.b])))
     for (s1, g1), (s2, g2) in zip(grads[:2], grads[2:]):
         assert s1 == s2
@@ -125,8 +127,9 @@ def test_adaptive_gradients_match_the_exact_sensitivities(solver):
     y0 = torch.tensor([1.0, 1.0], dtype=F64, requires_grad=True)
     exact = _exact_grads(m, y0, 1.0)
     rtol = 1e-7 if solver == "trbdf2" else 1e-10
-    sol = neuralode.solve(m, y0, torch.tensor([0.0, 1.0], dtype=F64), solver=solver, rtol=rtol,
-                          atol=rtol * 1e-2)
+    sol = neuralode.solve(
+        m, y0, torch.tensor([0.0, 1.0], dtype=F64), solver=solver, rtol=rtol, atol=rtol * 1e-2
+    )
     got = torch.autograd.grad(sol.ys[-1].sum(), [y0, m.A])
     for g, e in zip(got, exact):
         torch.testing.assert_close(g, e, rtol=1e-4 if solver == "trbdf2" else 1e-7, atol=1e-9)
@@ -172,8 +175,9 @@ def test_second_derivatives_through_rosenbrock_steps():
     y0 = torch.tensor([1.0], dtype=F64)
 
     def final(a):
-        return neuralode.solve(lambda t, y: a * y, y0, torch.tensor([0.0, 1.0], dtype=F64),
-                               solver="rodas4", dt=0.05).ys[-1, 0]
+        return neuralode.solve(
+            lambda t, y: a * y, y0, torch.tensor([0.0, 1.0], dtype=F64), solver="rodas4", dt=0.05
+        ).ys[-1, 0]
 
     (g,) = torch.autograd.grad(final(a), a, create_graph=True)
     (h,) = torch.autograd.grad(g, a)

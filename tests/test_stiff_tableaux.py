@@ -18,7 +18,7 @@ from neuralode.solvers.implicit.rosenbrock import RODAS4_TABLEAU
 from neuralode.solvers.implicit.tableaux import TABLEAUX
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trees(n: int):
     """Rooted trees with ``n`` vertices, each a sorted tuple of its subtrees."""
     if n == 1:

@@ -178,6 +178,7 @@ class ImplicitRKStepper(HermiteStepper):
         self._refresh = True
         self._solvers: dict = {}
         self._eta = 1.0
+        self._cold_start = False
         self.counts = dict(n_jac=0, n_lu=0, n_newton=0, n_newton_fail=0)
         if self.krylov:
             self.counts.update(n_jvp=0, n_krylov=0)
@@ -226,6 +227,8 @@ class ImplicitRKStepper(HermiteStepper):
         self._jac_version += 1
         self._solvers = {}
         self._refresh = False
+        # A new iteration matrix: measure its rate before trusting a single iteration.
+        self._eta = 1.0
         return True
 
     def _solver(self, key):
@@ -297,14 +300,20 @@ class ImplicitRKStepper(HermiteStepper):
         scale = y0.abs() * rtol + atol
         scale = torch.clamp(scale, min=torch.finfo(_real_dtype(self.dtype)).tiny)
         # Matrix-free: the linearisation point moves with every step (it costs nothing).
-        current = self._ensure_jacobian(f, t, y0, force=self.krylov)
+        self._ensure_jacobian(f, t, y0, force=self.krylov)
         attempt = self._dirk if self.dirk else self._firk
         with torch.no_grad():  # the iterations never enter the graph (see _differentiable)
             sol = attempt(f, t, h, y0, k1d, t_last, scale)
-            if sol is None and not current:
-                # Failed with an old Jacobian: retry once with one at this step's start.
+            if sol is None:
+                # Retry once with a Jacobian at this step's start (unless it already is) and
+                # starting values that do not extrapolate f(t_n, y_n) (Hairer & Wanner's choice
+                # for a first step: on a fast transient the extrapolation can lead Newton astray).
                 self._ensure_jacobian(f, t, y0, force=True)
-                sol = attempt(f, t, h, y0, k1d, t_last, scale)
+                self._cold_start = True
+                try:
+                    sol = attempt(f, t, h, y0, k1d, t_last, scale)
+                finally:
+                    self._cold_start = False
         if sol is None:
             self.counts["n_newton_fail"] += 1
             if self.adaptive_ctrl:
@@ -377,13 +386,27 @@ class ImplicitRKStepper(HermiteStepper):
             eta = self._eta
         self._eta = max(eta, self.eps) ** 0.8
 
+    def _refresher(self, f, t_stage: float, key: float, last: bool = False):
+        """For fixed steps: ``x -> solve`` with the Jacobian at the current stage iterate (the
+        last stage's for a fully implicit method), i.e. Newton's method proper when the
+        simplified iteration is too slow. The new Jacobian is kept for the following stages
+        and steps."""
+
+        def refresh(x):
+            yj = (x[-1] if last else x).detach()
+            self._ensure_jacobian(f, t_stage, yj, force=True)
+            self._jac_at = None  # not at a step start: a failure still retries with one
+            return self._solver(key).solve
+
+        return refresh
+
     def _stage_time(self, t, h, t_last, ci):
         return t_last if ci == 1.0 else t + ci * h
 
     def _dirk(self, f, t, h, y0, k1d, t_last, scale):
         T = self.tableau
         s = T.n_stages
-        ks, Ys, info = [None] * s, [None] * s, {}
+        ks, Ys = [None] * s, [None] * s
         rate, used = 0.0, 0
         norm = lambda dx: self._norm(dx, scale)  # noqa: E731
         for i in range(s):
@@ -393,7 +416,9 @@ class ImplicitRKStepper(HermiteStepper):
             g = h * T.a[i][i]
             e = y0 if i == 0 else torch.addmv(y0, torch.stack(ks[:i], 1), self.a_rows[i], alpha=h)
             ti = self._stage_time(t, h, t_last, T.c[i])
-            guess = e + g * self._predict(i, ks, k1d)
+            # Starting value: extrapolated stage derivatives; after a failure, the explicit part
+            # alone (k_i = 0), which is safer in fast transients.
+            guess = e if self._cold_start else e + g * self._predict(i, ks, k1d)
             solver = self._solver(g)
 
             def residual(Y, e=e, g=g, ti=ti):
@@ -408,6 +433,7 @@ class ImplicitRKStepper(HermiteStepper):
                 self.max_iters,
                 self._eta,
                 early_exit=self.adaptive_ctrl,
+                refresh=None if self.adaptive_ctrl else self._refresher(f, ti, g),
             )
             self.counts["n_newton"] += res.iters
             self._update_eta(res)
@@ -415,9 +441,9 @@ class ImplicitRKStepper(HermiteStepper):
             Ys[i] = res.x
             rate, used = max(rate, res.rate), max(used, res.iters)
             if not res.converged:
-                self._last_attempt = self._finish_dirk(h, y0, ks, Ys, rate, used, info)
+                self._last_attempt = self._finish_dirk(h, y0, ks, Ys, rate, used)
                 return None
-        return self._finish_dirk(h, y0, ks, Ys, rate, used, info)
+        return self._finish_dirk(h, y0, ks, Ys, rate, used)
 
     def _predict(self, i: int, ks, k1d):
         """Starting value of stage derivative ``k_i``: the polynomial (degree <= 2) through the
@@ -443,7 +469,7 @@ class ImplicitRKStepper(HermiteStepper):
             out = kj * w if out is None else out + kj * w
         return out
 
-    def _finish_dirk(self, h, y0, ks, Ys, rate, used, info):
+    def _finish_dirk(self, h, y0, ks, Ys, rate, used):
         s = self.tableau.n_stages
         ks = [k if k is not None else torch.zeros_like(y0) for k in ks]
         K = torch.stack(ks)
@@ -458,7 +484,7 @@ class ImplicitRKStepper(HermiteStepper):
         s = T.n_stages
         ts = [self._stage_time(t, h, t_last, ci) for ci in T.c]
         c = torch.tensor(T.c, dtype=self.dtype, device=self.device)
-        guess = y0 + (h * c)[:, None] * k1d
+        guess = y0 + (h * c)[:, None] * (torch.zeros_like(k1d) if self._cold_start else k1d)
         solver = self._solver(h)
         A = self.A
         norm = lambda dx: self._norm(dx, scale)  # noqa: E731
@@ -469,13 +495,14 @@ class ImplicitRKStepper(HermiteStepper):
 
         res = newton(
             residual,
-                solver.solve,
-                guess,
-                norm,
-                self.kappa,
-                self.max_iters,
-                self._eta,
-                early_exit=self.adaptive_ctrl,
+            solver.solve,
+            guess,
+            norm,
+            self.kappa,
+            self.max_iters,
+            self._eta,
+            early_exit=self.adaptive_ctrl,
+            refresh=None if self.adaptive_ctrl else self._refresher(f, ts[-1], h, last=True),
         )
         self.counts["n_newton"] += res.iters
         self._update_eta(res)

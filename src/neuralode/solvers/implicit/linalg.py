@@ -324,7 +324,7 @@ class EigenSolver:
 
     def _diag_solve(self, Rt: torch.Tensor, adjoint: bool) -> torch.Tensor:
         out = [None] * self.s
-        for i, (j, conj) in enumerate(self.reps):
+        for i, (_, conj) in enumerate(self.reps):
             if not conj:
                 LU, piv = self.factors[i]
                 ri = Rt[i] if LU.is_complex() else Rt[i].real

@@ -46,7 +46,15 @@ class NewtonResult:
 
 
 def newton(
-    residual, solve, x0, norm, kappa: float, max_iters: int, eta0: float, early_exit: bool = True
+    residual,
+    solve,
+    x0,
+    norm,
+    kappa: float,
+    max_iters: int,
+    eta0: float,
+    early_exit: bool = True,
+    refresh=None,
 ) -> NewtonResult:
     """Simplified Newton iteration for ``residual(x) = Phi(x) - x = 0``.
 
@@ -66,28 +74,43 @@ def newton(
         Give up as soon as the observed rate cannot reach ``kappa`` within ``max_iters``
         (adaptive steps, which are then retried smaller); fixed steps iterate on while the
         iteration contracts.
+    refresh : callable, optional
+        ``x -> solve``: a new iteration matrix from the Jacobian at the current iterate, used
+        (at most ten times) when the iteration converges slowly (rate above 0.3) or diverges
+        -- Newton's method proper instead of the simplified one, for fixed steps that cannot be
+        rejected.
     """
     x = x0
     prev = None
     theta = None
     eta = eta0
+    refreshes = 10 if refresh is not None else 0
     for k in range(max_iters):
         dx = solve(residual(x))
         if dx is None:  # singular iteration matrix
             return NewtonResult(x, False, k + 1, math.inf, True)
-        x = x + dx
+        x_new = x + dx
         dn = norm(dx)
         if not math.isfinite(dn):
-            return NewtonResult(x, False, k + 1, math.inf, True)
+            return NewtonResult(x_new, False, k + 1, math.inf, True)
         if prev is not None:
             theta = dn / prev if prev > 0 else 0.0
+            if refreshes and theta > 0.3:
+                # Slow or diverging: a Jacobian at the better of the last two iterates.
+                refreshes -= 1
+                if theta >= 1.0:
+                    x_new = x
+                solve = refresh(x_new)
+                x, prev, eta = x_new, None, 1.0
+                continue
             if theta >= 0.99:
-                return NewtonResult(x, False, k + 1, theta, True)
+                return NewtonResult(x_new, False, k + 1, theta, True)
             eta = theta / (1.0 - theta)
             remaining = max_iters - 1 - k
             if early_exit and remaining > 0 and theta**remaining / (1.0 - theta) * dn > kappa:
                 # Hairer & Wanner's test: at this rate the tolerance is out of reach.
                 return NewtonResult(x, False, k + 1, theta, True)
+        x = x_new
         if dn == 0.0 or eta * dn <= kappa:
             return NewtonResult(x, True, k + 1, theta if theta is not None else 0.0, False)
         prev = dn

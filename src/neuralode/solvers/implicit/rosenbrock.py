@@ -213,6 +213,21 @@ class Rosenbrock(MethodFace):
         return self.tableau.embedded_order
 
     def with_options(self, **options):
+        """A copy with another tableau (the only setting of a Rosenbrock method).
+
+        Raises
+        ------
+        ValueError
+            For any other option (Rosenbrock methods have no Newton iteration and always use
+            dense factorisations of exact Jacobians).
+        """
+        unknown = sorted(set(options) - {"tableau"})
+        if unknown:
+            raise ValueError(
+                f"{self.name} has no option(s) {unknown}: Rosenbrock methods have no Newton "
+                "iteration and factorise exact Jacobians; for a matrix-free stiff solver use "
+                "get_tableau('kvaerno5').with_options(linear_solver='krylov')"
+            )
         return dataclasses.replace(self, **options)
 
     def make_stepper(self, dtype: torch.dtype, device: torch.device):
