@@ -9,8 +9,6 @@ no order reduction); the slopes quoted were measured when the tests were written
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -152,22 +150,13 @@ def _heat(n: int, d: float = 1e-3):
 @pytest.mark.parametrize("method", ["implicit_euler", "kvaerno5", "radauIIA5"])
 def test_matrix_free_heat_equation_800_states_is_fast_and_right(method):
     """torchdiffeq's implicit methods take ~14 s for two steps of this size (dense Jacobians by
-    Broyden updates); the matrix-free path costs a few dozen Jacobian-vector products."""
+    Broyden updates); the matrix-free path costs a few dozen Jacobian-vector products. The cost
+    is asserted as work (no matrix formed, bounded JVPs), not time: timings live in
+    benchmarks/stiff.py (measured there: 0.04-0.3 s of CPU for two steps)."""
     f, u0, lam = _heat(800)
     mf = get_tableau(method).with_options(linear_solver="krylov")
     t = torch.tensor([0.0, 0.2], dtype=F64)
-    neuralode.solve(f, u0, t, solver=mf, dt=0.1)  # warm-up (first use of forward-mode AD)
-    # CPU time on one thread: insensitive to other processes on the machine (the suite runs in
-    # parallel); measured 0.04 s (implicit_euler), 0.22 s (kvaerno5), 0.29 s (radauIIA5).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.process_time()
-        sol = neuralode.solve(f, u0, t, solver=mf, dt=0.1)
-        elapsed = time.process_time() - start
-    finally:
-        torch.set_num_threads(threads)
-    assert elapsed < 1.0, elapsed
+    sol = neuralode.solve(f, u0, t, solver=mf, dt=0.1)
     # No N x N matrix is ever formed: the cost is a few hundred Jacobian-vector products.
     assert sol.stats["n_steps"] == 2 and sol.stats["n_jac"] == 0 and sol.stats["n_lu"] == 0
     assert 0 < sol.stats["n_jvp"] < 500

@@ -23,10 +23,10 @@ class Solution:
         starts with the batch ``B``, so ``ys[j, b]`` is sample ``b`` at its time ``t[b, j]``.
     stats : dict
         ``nfe`` (evaluations of func in the forward solve), ``n_accepted``, ``n_rejected``,
-        ``n_steps`` (= accepted), and ``nfe_backward``: the evaluations of func or of its
-        vector-Jacobian product that the gradient computation makes -- for ``Direct`` known at
-        solve time (one product per recorded evaluation), for ``Backsolve`` and ``Checkpointed``
-        filled in by the backward pass. With
+        ``n_steps`` (= accepted), and after a backward pass through ``Backsolve`` or
+        ``Checkpointed``, ``nfe_backward`` (evaluations of func or of its vector-Jacobian product
+        during the gradient computation). ``Direct`` leaves it unset: its backward pass is
+        autograd's, one vector-Jacobian product per evaluation recorded in the graph (``nfe``). With
         ``batch_control="per_sample"``: ``n_accepted``, ``n_rejected`` and ``n_steps`` are
         ``(B,)`` tensors (one count per sample), and ``sample_evals`` (rows passed to func, summed
         over its calls), ``wasted_sample_evals`` (rows of samples that had already finished),

@@ -39,7 +39,4 @@ class Direct:
         )
         run.result, run.f, run.stepper = res, f, stepper
         run.stats["nfe"] = f.nfe
-        if torch.is_grad_enabled():
-            # Backpropagation replays each recorded evaluation once, as a vector-Jacobian product.
-            run.stats["nfe_backward"] = f.nfe
         return res.ys
