@@ -16,6 +16,7 @@ import torch
 from ._tree import TreeSpec, rms_norm
 from .controllers import ConstantStep, PIController
 from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflowError
+from .solvers.explicit_rk import RKStepper, make_stepper
 from .solvers.tableau import ButcherTableau
 
 __all__ = ["Problem", "VectorField", "integrate", "StepRecord", "LoopResult"]
@@ -116,117 +117,6 @@ class LoopResult:
     steps: list[StepRecord] = field(default_factory=list)
     h_next: float = math.nan  # the controller's proposal for a following step
     k1_next: torch.Tensor | None = None  # first stage of a following step, if known (FSAL)
-
-
-# ---------------------------------------------------------------------------- one RK step
-class RKStepper:
-    """The generic explicit Runge--Kutta step for a tableau, in a given dtype/device."""
-
-    def __init__(self, tableau: ButcherTableau, dtype: torch.dtype, device: torch.device):
-        self.tab = tableau
-        self.T = tableau.tensors(dtype, device)
-        self.S = tableau.n_stages
-        self.Sd = tableau.n_stages + tableau.n_dense_stages
-        self.fsal = tableau.fsal
-        self.c = tableau.c
-        # Row i of a, restricted to the stages it combines (a[i, :i]), sliced once.
-        self.rows = [self.T["a"][i, :i] for i in range(self.S)]
-        self.b_err = self.T["b_err"][0] if "b_err" in self.T else None
-
-    def step(self, f: VectorField, t: float, h: float, y, k1, t_last: float, track_grad: bool):
-        """Take one step of size ``h`` from ``(t, y)`` with first stage ``k1``.
-
-        Returns ``(y_new, err, K)``: the new state ``(B, M)``, the error estimate (or None for
-        methods without one) and the stages ``(S, B*M)``. Stages are combined with one fused
-        ``addmv`` per stage (the stage matrix against a tableau row); the state stays 1-D inside.
-        """
-        S, rows, shape = self.S, self.rows, y.shape
-        # Stages at the step end (node 1) are evaluated at t_last: exactly the landing time, or
-        # just before it when the step ends on a discontinuity (jump_t).
-        c = [t_last if ci == 1.0 else t + ci * h for ci in self.c]
-        yv = y.reshape(-1)
-        fcall = f.flat
-        y_new = None
-        if track_grad:
-            ks = [k1.reshape(-1)]
-            for i in range(1, S):
-                yi = torch.addmv(yv, torch.stack(ks, 1), rows[i], alpha=h)
-                if self.fsal and i == S - 1:
-                    y_new = yi
-                    ks.append(fcall(t_last, yi))
-                else:
-                    ks.append(fcall(c[i], yi))
-            K = torch.stack(ks)
-        else:
-            K = torch.empty((S, yv.numel()), dtype=yv.dtype, device=yv.device)
-            K[0] = k1.reshape(-1)
-            for i in range(1, S):
-                yi = torch.addmv(yv, K[:i].T, rows[i], alpha=h)
-                if self.fsal and i == S - 1:
-                    y_new = yi
-                    K[i] = fcall(t_last, yi)
-                else:
-                    K[i] = fcall(c[i], yi)
-        if y_new is None:
-            y_new = torch.addmv(yv, K.T, self.T["b"], alpha=h)
-        err = None
-        if self.b_err is not None:
-            # beta=0 ignores the input: err = h * K^T (b - b_hat), one fused op, no graph.
-            err = torch.addmv(yv.detach(), K.detach().T, self.b_err, beta=0, alpha=h).view(shape)
-        return y_new.view(shape), err, K
-
-    def last_stage(self, K):
-        return K[self.S - 1]
-
-    def dense_stages(self, f: VectorField, t: float, h: float, y, K, k_next, t_last=None):
-        """Stages plus dense stages ``(Sd, B*M)`` for interpolation inside the step.
-
-        ``k_next`` is f at the step end (reused as dense stage 0 when the tableau's dense stage
-        0 is the next step's first stage); pass None to have it evaluated. ``t_last`` is the
-        time used for stages at the step end (just before it when the step ends on a jump).
-        """
-        tab = self.tab
-        if tab.n_dense_stages == 0:
-            return K
-        yv = y.reshape(-1)
-        rows = [K[i] for i in range(self.S)]
-        Ad = self.T["a_dense"]
-        for j in range(tab.n_dense_stages):
-            if j == 0 and tab.dense_stage_is_next_first and k_next is not None:
-                rows.append(k_next.reshape(-1))
-                continue
-            i = self.S + j
-            yj = torch.addmv(yv, torch.stack(rows, 1), Ad[j][:i], alpha=h)
-            cj = tab.c_dense[j]
-            tj = (t + h if t_last is None else t_last) if cj == 1.0 else t + cj * h
-            rows.append(f(tj, yj.view(y.shape)).reshape(-1))
-        return torch.stack(rows)
-
-    def interpolate(self, Kd, y, h: float, theta: torch.Tensor, samples=None):
-        """Values of the continuous extension at ``theta`` (m,) inside a step.
-
-        Shared grid: returns ``(m, B, M)``. Per-sample (``samples`` (m,) long): ``(m, M)``, row
-        ``j`` for sample ``samples[j]``.
-        """
-        W = self.tab.interpolant_weights(theta)  # (m, Sd)
-        if samples is None:
-            out = torch.addmm(y.reshape(1, -1), W.to(Kd.dtype), Kd, alpha=h)
-            return out.view(theta.shape[0], *y.shape)
-        B, M = y.shape
-        Kg = Kd.view(Kd.shape[0], B, M)[:, samples]  # (Sd, m, M)
-        return y[samples] + h * torch.einsum("ms,smk->mk", W.to(Kd.dtype), Kg)
-
-
-def make_stepper(method, dtype: torch.dtype, device: torch.device):
-    """The per-solve stepper of a method: :class:`RKStepper` for an explicit Butcher tableau;
-    any other method object provides ``make_stepper(dtype, device)`` returning an object with the
-    same interface (``step``, ``dense_stages``, ``interpolate``, ``last_stage``, ``fsal``, ``S``,
-    ``Sd``, ``tab``) and optionally ``bind(prob)``, called by :func:`integrate` when a solve
-    starts, ``accept(t, t_new, y, y_new, K)``, called after every accepted step, and ``stats``,
-    a dict of counters merged into ``Solution.stats``."""
-    if isinstance(method, ButcherTableau):
-        return RKStepper(method, dtype, device)
-    return method.make_stepper(dtype, device)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -274,8 +274,8 @@ class AdamsStepper(HermiteStepper):
     def _starter_step(self, f, t, h, y, k1, t_last, track_grad):
         """A fixed step by DOP853's 8th-order tableau while the history fills."""
         if self._starter is None:
-            from ..._loop import RKStepper  # the engine imports the solvers: import late
             from ..dopri8 import TABLEAU
+            from ..explicit_rk import RKStepper
 
             self._starter = RKStepper(TABLEAU, self.dtype, self.device)
         y_new, _, _ = self._starter.step(f, t, h, y, k1, t_last, track_grad)
