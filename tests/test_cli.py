@@ -214,6 +214,17 @@ def _csv(path: Path, text: str) -> Path:
     return path
 
 
+BAD_INPUT_CASES = [
+    "missing data directory",
+    "csv without required columns",
+    "csv with NaN time",
+    "csv with unsorted times",
+    "unknown dataset",
+    "unknown option",
+    "adaptive method with a step size",
+]
+
+
 def bad_inputs(tmp: Path):
     missing_cols = _csv(tmp / "cols.csv", "id,t,variable,value\np1,0,HR,80\n")
     nan_time = _csv(tmp / "nan.csv", "id,time,variable,value\np1,0,HR,80\np1,nan,HR,81\n")
@@ -231,10 +242,12 @@ def bad_inputs(tmp: Path):
     }
 
 
-@pytest.mark.parametrize("case", list(bad_inputs(Path("."))))
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, case):
     (tmp_path / "runs").mkdir()
-    args, needle = bad_inputs(tmp_path)[case]
+    cases = bad_inputs(tmp_path)
+    assert sorted(cases) == sorted(BAD_INPUT_CASES)
+    args, needle = cases[case]
     out = tmp_path / "runs" / "x"
     code, stdout, err = run(capsys, "train", "latent-ode", "--quick", "--out", out, *args, *FAST)
     assert code == 2

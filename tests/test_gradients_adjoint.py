@@ -4,6 +4,7 @@ tuple and complex states, and the user-facing errors of the gradient methods."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -253,7 +254,14 @@ def test_odeint_adjoint_misplaced_seminorm_raises():
     "kw, match",
     [
         (dict(adjoint_options=dict(norm="max")), "must be 'seminorm' or 'default'"),
-        (dict(adjoint_options=dict(step_size=0.1)), r"unsupported adjoint_options \['step_size'\]"),
+        (
+            dict(adjoint_options=dict(grid_constructor=None)),
+            r"unsupported adjoint_options \['grid_constructor'\]",
+        ),
+        (
+            dict(adjoint_options=dict(step_size=-0.1)),
+            r"adjoint_options\['step_size'\] must be positive",
+        ),
         (dict(method="scipy_solver"), "not differentiable"),
     ],
 )
@@ -399,3 +407,25 @@ def test_gradient_names(name):
     sol = no.solve(lambda t, y: -y, y0, [0.0, 1.0], gradient=name, rtol=1e-10, atol=1e-10)
     (g,) = torch.autograd.grad(sol.ys[-1].sum(), y0)
     assert float(g) == pytest.approx(0.36787944117144233, rel=1e-8)
+
+
+def test_odeint_adjoint_fixed_step_adjoint_with_step_size():
+    """torchdiffeq's adjoint_method='rk4' with adjoint_options=dict(step_size=...) after an
+    adaptive forward: the backward takes fixed rk4 steps and approximates the continuous
+    gradient d y(1)/d a = exp(a) for y' = a y."""
+
+    class Decay(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor(-0.8, dtype=DT))
+
+        def forward(self, t, y):
+            return self.a * y
+
+    f = Decay()
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    y = no.odeint_adjoint(
+        f, torch.ones(1, dtype=DT), t, adjoint_method="rk4", adjoint_options=dict(step_size=0.1)
+    )
+    y[-1].sum().backward()
+    assert abs(float(f.a.grad) - math.exp(-0.8)) < 1e-5

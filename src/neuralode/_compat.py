@@ -255,6 +255,7 @@ def _with_time_dtype(kwargs: dict, opts: dict, y0) -> dict:
 # With an event function the second time only gives the direction (as in torchdiffeq): the solve
 # runs until the event. This horizon stands in for "forever".
 _EVENT_HORIZON = 1e15
+_EVENT_MAX_STEPS = 100_000
 
 
 def _event_solve(func, y0, t, kwargs, event_fn, gradient):
@@ -262,8 +263,17 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
     from .events import Event
 
     t = torch.as_tensor(t)
+    if t.numel() != 2:
+        raise ValueError(
+            f"with event_fn, t must hold 2 times (the start and, by its sign, the direction), "
+            f"as in torchdiffeq; got {t.numel()}"
+        )
     t0 = float(t[0])
     sign = 1.0 if float(t[-1]) >= t0 else -1.0
+    if kwargs.get("max_steps") is None:
+        # The solve runs until the event: bound it so that an event that never fires ends with
+        # MaxStepsError instead of running for ever (options['max_num_steps'] overrides).
+        kwargs = dict(kwargs, max_steps=_EVENT_MAX_STEPS)
     ctrl = kwargs.get("controller")
     if isinstance(ctrl, StepToGrid):  # fixed step: keep the step size, drop the grid's end
         g = ctrl.grid
@@ -400,10 +410,14 @@ def odeint_adjoint(
                 "functions for the backward solve are not supported"
             )
     amax = aopts.pop("max_num_steps", None)
+    astep = aopts.pop("step_size", None)
     if aopts:
         raise ValueError(
-            f"unsupported adjoint_options {sorted(aopts)}; supported: norm ('seminorm'), max_num_steps"
+            f"unsupported adjoint_options {sorted(aopts)}; supported: norm ('seminorm'), "
+            "max_num_steps, step_size"
         )
+    if astep is not None and not (float(astep) > 0):
+        raise ValueError(f"adjoint_options['step_size'] must be positive, got {astep!r}")
     if adjoint_method is not None:
         get_tableau("rk38" if adjoint_method == "rk4" else adjoint_method)
     params = tuple(adjoint_params) if adjoint_params is not None else tuple(func.parameters())
@@ -426,6 +440,7 @@ def odeint_adjoint(
         seminorm=seminorm,
         params=params,
         max_steps=None if amax is None else int(amax),
+        dt=None if astep is None else float(astep),
     )
     if event_fn is not None:
         return _event_solve(func, y0, t, kwargs, event_fn, grad)

@@ -77,6 +77,7 @@ class Problem:
     atol: float | torch.Tensor = 0.0
     norm: object = None  # user norm on the state structure, or None
     norm_components: int | None = None  # seminorm: only the first components enter the norm
+    atol_zero: bool = False  # some absolute tolerance is zero (see _scaled_norm)
     _out_t_dev: torch.Tensor | None = None
 
     def out_t_on(self, device) -> torch.Tensor:
@@ -132,6 +133,10 @@ def _norm(prob: Problem, scaled: torch.Tensor) -> torch.Tensor:
 def _scaled_norm(prob: Problem, err, y, y_new) -> torch.Tensor:
     """Scaled error norm as a 0-d tensor (no host sync)."""
     scale = torch.maximum(y.abs(), y_new.abs()).mul_(prob.rtol).add_(prob.atol)
+    if prob.atol_zero:
+        # Pure relative control meets a zero component: floor the scale so that the error is
+        # huge (the step shrinks) instead of NaN.
+        scale.clamp_(min=torch.finfo(scale.dtype).tiny)
     if prob.norm is None and prob.norm_components is None and prob.spec.kind == "tensor":
         # RMS in two fused ops: ||err / scale||_2 / sqrt(n).
         return torch.linalg.vector_norm(err.div_(scale)) * (1.0 / math.sqrt(err.numel()))
@@ -149,6 +154,8 @@ def initial_step(prob: Problem, f: VectorField, y0, k1, order: int, dt_max: floa
     """
     with torch.no_grad():
         scale = y0.abs().mul(prob.rtol).add(prob.atol)
+        if prob.atol_zero:
+            scale.clamp_(min=torch.finfo(scale.dtype).tiny)
         d0 = _norm_of(prob, y0, scale)
         d1 = _norm_of(prob, k1, scale)
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
@@ -291,7 +298,7 @@ def integrate(
             break
         h_abs = min(abs(h), ctrl.dt_max) if adaptive else abs(h)
         if adaptive and not math.isfinite(h_abs):
-            # Only a NaN/inf from func (at the start, or in the error estimate) gets here.
+            # A NaN/inf from func (at the start, or in the error estimate) gets here.
             _fail(
                 NonFiniteError,
                 f"func returned non-finite values (NaN/inf) at t={t:.17g} after {attempts} step "

@@ -179,6 +179,14 @@ def solve(
     per_sample, t0, t_end, out_t, out_sample, out_order = _check_times(t_tensor, y0)
     spec, y0flat = flatten_state(y0, batched=per_sample)
     ctrl = _resolve_controller(tab, controller, rtol, atol, dt)
+    if isinstance(ctrl, StepToGrid) and not (
+        ctrl.grid[0] <= min(t0, t_end) and ctrl.grid[-1] >= max(t0, t_end)
+    ):
+        raise ValueError(
+            f"StepToGrid(grid=...) spans [{ctrl.grid[0]!r}, {ctrl.grid[-1]!r}] but the solve "
+            f"runs over [{min(t0, t_end)!r}, {max(t0, t_end)!r}]; the grid must cover the whole "
+            "interval (add its end points)"
+        )
     prob = Problem(
         spec=spec,
         tableau=tab,
@@ -194,6 +202,8 @@ def solve(
         atol=_tolerance(spec, ctrl.atol, "atol") if ctrl.adaptive else 0.0,
         norm=ctrl.norm if isinstance(ctrl, PIController) else None,
     )
+    if ctrl.adaptive:
+        prob.atol_zero = bool((torch.as_tensor(prob.atol) == 0).any())
     dense = dense_output if dense_output is not None else isinstance(grad_method, Direct)
     samples_all = (
         torch.as_tensor(out_sample, device=spec.device) if out_sample is not None else None
@@ -246,6 +256,7 @@ def solve(
         message=res.message,
         _dense=dense_obj,
         _per_sample=per_sample,
+        _detached=not isinstance(grad_method, Direct),
     )
 
 

@@ -155,6 +155,14 @@ def flatten_state(y0, *, batched: bool, name: str = "y0") -> tuple[TreeSpec, tor
                 f"{name}{'' if kind == 'tensor' else f'[{k!r}]'} has dtype {x.dtype}; the state "
                 "must be floating point or complex (use y0.to(torch.float32) or float64)"
             )
+    for x in tensors:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"{name} has dtype {x.dtype}: half precision cannot hold the error estimates of "
+                "step-size control; solve in float32 (y0.float()) and cast the result"
+            )
+    if sum(x.numel() for x in tensors) == 0:
+        raise ValueError(f"{name} has no elements (shapes {[tuple(x.shape) for x in tensors]})")
     dtypes = {x.dtype for x in tensors}
     if len(dtypes) > 1:
         raise TypeError(

@@ -238,6 +238,11 @@ def solve_with_event(solve_fn, func, y0, t: torch.Tensor, event: Event, kwargs: 
     """Solve with an event (see the module docstring). ``solve_fn`` is :func:`neuralode.solve`."""
     if t.dim() != 1:
         raise ValueError("solve(..., event=...) needs a 1-D t (shared output times)")
+    if kwargs.get("dense_output"):
+        raise ValueError(
+            "dense_output=True is not available together with event=...: the solution is made "
+            "of segments (up to and between events); evaluate a separate solve for dense output"
+        )
     time_dtype = kwargs.get("time_dtype", torch.float64)
     tl = t.detach().to("cpu", torch.float64).tolist()
     t0 = tl[0]
@@ -377,14 +382,21 @@ def _reroute(func, event, t_star: list[float], y_star, per_sample: bool, time_dt
             )
             gs = event.fn(tt + s, spec.unflatten(ys))
             gs = check_event_output(gs, per_sample, len(t_star))[b if per_sample else 0]
-            (D,) = torch.autograd.grad(gs, s, allow_unused=True)
+            D = torch.autograd.grad(gs, s, allow_unused=True)[0] if gs.requires_grad else None
         g_val = check_event_output(event.fn(tt, spec.unflatten(yflat)), per_sample, len(t_star))
         g_val = g_val[b if per_sample else 0]
         if (D is None or float(D) == 0.0) and not (g_val.requires_grad or yflat.requires_grad):
             t_out.append(tt)  # no gradient wanted: the located time as it is
             rows.append(yflat[b] if per_sample else yflat[0])
             continue
-        if D is None or float(D) == 0.0:
+        if D is None:
+            raise RuntimeError(
+                f"the event function is not differentiable along the solution at t={ts!r} (its "
+                "value does not depend on t or y through torch operations, e.g. it returns a "
+                "bool or converts to float), so the event time has no gradient; compute it with "
+                "differentiable torch operations, or detach y0 and the parameters"
+            )
+        if float(D) == 0.0:
             raise RuntimeError(
                 f"the event function has zero time derivative along the solution at its root "
                 f"t={ts!r}; the event time is not differentiable (a tangential crossing)"

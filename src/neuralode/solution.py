@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +34,9 @@ class Solution:
         ``wasted_share``, ``n_iterations`` (batched step attempts), ``n_compactions`` and, when
         samples failed with ``throw=False``, ``failed_samples`` are added.
     status : str
-        ``"success"``, or with ``throw=False`` one of ``"max_steps"``, ``"dt_underflow"``,
-        ``"nonfinite"``.
+        ``"success"``; ``"event"`` when terminal events stopped the solve (every sample's, for
+        per-sample events) -- outputs after the event hold the state at the event; or with
+        ``throw=False`` one of ``"max_steps"``, ``"dt_underflow"``, ``"nonfinite"``.
     t_final : float or Tensor
         Time the solve reached (the final time on success); with ``batch_control="per_sample"``
         a ``(B,)`` float64 tensor, each sample's own.
@@ -58,6 +60,7 @@ class Solution:
     event_y: object = None
     _dense: object = field(default=None, repr=False)
     _per_sample: bool = field(default=False, repr=False)
+    _detached: bool = field(default=False, repr=False)
 
     @property
     def success(self) -> bool:
@@ -95,7 +98,8 @@ class Solution:
         Notes
         -----
         Differentiable with ``gradient="direct"``; with the checkpointed and backsolve gradient
-        methods the dense output holds detached values.
+        methods the dense output holds detached values (a warning says so when gradients are
+        being recorded).
         """
         if self._dense is None:
             raise ValueError(
@@ -103,6 +107,14 @@ class Solution:
                 "at arbitrary times"
             )
         d = self._dense
+        if self._detached and torch.is_grad_enabled():
+            warnings.warn(
+                "Solution.evaluate returns detached values with the checkpointed and backsolve "
+                "gradient methods: no gradient flows through them; use gradient='direct' for a "
+                "differentiable dense output, or put the times in t",
+                UserWarning,
+                stacklevel=2,
+            )
         tq = torch.as_tensor(t, dtype=torch.float64)
         if self._per_sample and tq.dim() == 2:
             B = d.spec.batch

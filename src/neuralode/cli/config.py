@@ -96,6 +96,10 @@ class RunConfig:
         _check_int(self.batch_size, "batch-size", 1)
         _check_int(self.seed, "seed", 0)
         _check_float(self.lr, "lr")
+        # The library's names are accepted too and stored in the CLI's spelling.
+        aliases = {"backsolve": "adjoint", "checkpointed": "checkpoint"}
+        if self.gradient in aliases:
+            object.__setattr__(self, "gradient", aliases[self.gradient])
         if self.gradient not in GRADIENTS:
             raise CLIError(f"--gradient must be one of {list(GRADIENTS)}; got {self.gradient!r}.")
         if self.optimizer not in OPTIMIZERS:

@@ -28,6 +28,13 @@ def _times(value, name: str) -> tuple[float, ...]:
     return tuple(sorted(set(out)))
 
 
+def _all_zero(v) -> bool:
+    vals = (
+        list(v.values()) if isinstance(v, Mapping) else v if isinstance(v, (tuple, list)) else [v]
+    )
+    return all((bool((x == 0).all()) if isinstance(x, torch.Tensor) else x == 0) for x in vals)
+
+
 class Controller:
     """Base class. ``adaptive`` controllers need a solver with an embedded error estimate."""
 
@@ -186,6 +193,11 @@ class PIController(Controller):
                     bad = not (isinstance(x, (int, float)) and 0 <= x < math.inf)
                 if bad:
                     raise ValueError(f"{name} must be finite and non-negative, got {v!r}")
+        if _all_zero(self.rtol) and _all_zero(self.atol):
+            raise ValueError(
+                "rtol and atol are both zero: no error could ever be accepted; give a positive "
+                "rtol or atol (e.g. rtol=1e-6, atol=1e-8)"
+            )
         if not (0 < self.safety <= 1):
             raise ValueError(f"safety must lie in (0, 1], got {self.safety!r}")
         if not self.ifactor >= 1:

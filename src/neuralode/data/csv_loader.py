@@ -159,6 +159,8 @@ def load_csv(
             acc = obs.setdefault(t, {}).setdefault(var, [0.0, 0])
             acc[0] += value
             acc[1] += 1
+    if not subjects:
+        raise ValueError(f"{path}: no data rows after the header; nothing to load")
     if channels is None:
         names = sorted({v for obs in subjects.values() for at_t in obs.values() for v in at_t})
     else:

@@ -10,7 +10,7 @@ import torch
 
 from .._loop import Problem, VectorField, integrate, make_stepper, replay_step, sorted_outputs_grad
 from .._tree import flatten_state
-from ..controllers import PIController, StepToGrid
+from ..controllers import ConstantStep, PIController, StepToGrid
 from ..solvers import get_tableau
 from ._common import Run, check_params, find_params, forward_without_graph
 from .checkpoint import add_initial_outputs
@@ -57,6 +57,9 @@ class Backsolve:
         among them.
     max_steps : int, optional
         Step limit of the backward solve.
+    dt : float, optional
+        Fixed step size of the backward solve (with a fixed-step ``solver``); default: the
+        forward's steps.
 
     Notes
     -----
@@ -76,8 +79,11 @@ class Backsolve:
     seminorm: bool = False
     params: tuple | None = None
     max_steps: int | None = None
+    dt: float | None = None
 
     def __post_init__(self):
+        if self.dt is not None and not (isinstance(self.dt, (int, float)) and self.dt > 0):
+            raise ValueError(f"Backsolve(dt=...) must be a positive step size, got {self.dt!r}")
         for name in ("rtol", "atol"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and v >= 0):
@@ -141,7 +147,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
         if any(tau != rec.t_new for tau in taus):
             actions.setdefault(rec.t, []).append(("inner", k))
     t_start = steps[-1].t_new if steps else prob.t0
-    follow_forward = cfg.rtol is None and cfg.atol is None
+    follow_forward = cfg.rtol is None and cfg.atol is None and cfg.dt is None
     boundaries = {*(r.t for r in steps), *(r.t_new for r in steps)} if follow_forward else actions
     points = sorted({t_start, prob.t0, *boundaries}, key=lambda x: -direction * x)
 
@@ -188,12 +194,18 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     rtol = cfg.rtol if cfg.rtol is not None else prob.rtol
     atol = cfg.atol if cfg.atol is not None else prob.atol
     if tab.adaptive and isinstance(ctrl, PIController):
-        actrl = dataclasses.replace(ctrl, dt0=None, norm=None, rtol=0.0, atol=0.0)
+        # The controller's own tolerances are placeholders: the augmented problem carries the
+        # tolerances laid out over (y, a, params) (aug_rtol/aug_atol below).
+        actrl = dataclasses.replace(ctrl, dt0=None, norm=None, rtol=1.0, atol=1.0)
     elif tab.adaptive and cfg.solver is not None:  # fixed-step forward, adaptive backward
         actrl = PIController(
             rtol=1e-6 if cfg.rtol is None else cfg.rtol, atol=1e-8 if cfg.atol is None else cfg.atol
         )
         rtol, atol = actrl.rtol, actrl.atol
+    elif cfg.dt is not None:  # a fixed step of its own
+        actrl = ConstantStep(cfg.dt, jump_t=ctrl.jump_t)
+        if tab.adaptive:
+            raise ValueError("Backsolve(dt=...) needs a fixed-step solver (e.g. solver='rk4')")
     else:  # a fixed-step method: the forward's steps, backward
         grid = sorted({prob.t0, *(r.t_new for r in steps)})
         actrl = StepToGrid(grid if len(grid) >= 2 else [prob.t0, prob.t_end], jump_t=ctrl.jump_t)

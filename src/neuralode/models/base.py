@@ -258,7 +258,10 @@ class MLPVectorField(nn.Module):
         h = y
         tt = None
         if self.time_dependent:
-            tt = torch.as_tensor(t, dtype=y.dtype, device=y.device).expand(*y.shape[:-1], 1)
+            tt = torch.as_tensor(t, dtype=y.dtype, device=y.device)
+            if tt.dim() == 1 and y.dim() > 1:  # per-sample times (batch_control="per_sample")
+                tt = tt.reshape(-1, *([1] * (y.dim() - 1)))
+            tt = tt.expand(*y.shape[:-1], 1)
         for i, layer in enumerate(self.layers):
             if tt is not None:
                 h = torch.cat([h, tt], dim=-1)

@@ -286,6 +286,10 @@ class LatentODE(nn.Module):
         return (logp * mask).sum(dim=(-2, -1))
 
     # -- objectives ----------------------------------------------------------------------------
+    def forward(self, batch, **kwargs) -> dict:
+        """Same as :meth:`loss` (so that the model can be called, e.g. under DDP)."""
+        return self.loss(batch, **kwargs)
+
     def loss(
         self,
         batch,

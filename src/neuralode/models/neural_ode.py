@@ -153,6 +153,7 @@ class NeuralODE(nn.Module):
         neuralode.SolveError
             If the solve fails (step size underflow, step limit, non-finite state).
         """
+        _check_dtype(self, y0)
         if t is None:
             return self.final(y0)
         if not isinstance(y0, torch.Tensor) or not y0.is_floating_point():
@@ -184,3 +185,19 @@ class NeuralODE(nn.Module):
         tol = f"dt={s.dt}" if s.dt is not None else f"rtol={s.rtol}, atol={s.atol}"
         grad = type(s.gradient).__name__
         return f"solver={s.solver!r}, {tol}, gradient={grad}, augment_dim={self.augment_dim}"
+
+
+def _check_dtype(module: nn.Module, x: torch.Tensor) -> None:
+    """A clear error when the input's dtype differs from the parameters' (instead of a matmul
+    error deep inside the vector field)."""
+    p = next(module.parameters(), None)
+    if (
+        isinstance(x, torch.Tensor)
+        and p is not None
+        and x.is_floating_point()
+        and x.dtype != p.dtype
+    ):
+        raise TypeError(
+            f"the input has dtype {x.dtype} but the model's parameters are {p.dtype}; cast one "
+            f"to the other (model.to({x.dtype}) or x.to({p.dtype}))"
+        )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import MLPVectorField, check_positive_int
-from .neural_ode import NeuralODE
+from .neural_ode import NeuralODE, _check_dtype
 
 __all__ = ["ConcatConv2d", "ConvVectorField", "ODENetClassifier"]
 
@@ -233,4 +233,5 @@ class ODENetClassifier(nn.Module):
         ValueError
             If ``x.shape[1:]`` differs from ``in_shape``.
         """
+        _check_dtype(self, x)
         return self.head(self.features(x))

@@ -74,9 +74,24 @@ IMPLICIT = tuple(implicit.METHODS)
 MULTISTEP = tuple(multistep.METHODS)
 
 
-def available() -> tuple[str, ...]:
-    """Names of the built-in explicit methods."""
-    return tuple(_REGISTRY)
+def available(kind: str = "explicit") -> tuple[str, ...]:
+    """Names of the built-in methods.
+
+    Parameters
+    ----------
+    kind : {"explicit", "implicit", "multistep", "all"}, default "explicit"
+        Explicit Runge--Kutta tableaux; implicit (stiff) methods; Adams methods; or all.
+    """
+    groups = {
+        "explicit": tuple(_REGISTRY),
+        "implicit": tuple(IMPLICIT),
+        "multistep": tuple(MULTISTEP),
+    }
+    if kind == "all":
+        return groups["explicit"] + groups["implicit"] + groups["multistep"]
+    if kind not in groups:
+        raise ValueError(f"kind must be 'explicit', 'implicit', 'multistep' or 'all', got {kind!r}")
+    return groups[kind]
 
 
 def get_tableau(solver) -> ButcherTableau:
