@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,7 +27,7 @@ def model_nfe(model: nn.Module) -> tuple[int, int]:
     return int(f or 0), int(b or 0)
 
 
-class Task:
+class Task(abc.ABC):
     """A training task: data, model, loss, validation, evaluation, plots and summary.
 
     The loop calls, in order: :meth:`load_data` (raise :class:`~neuralode.cli.CLIError` for
@@ -78,33 +79,35 @@ class Task:
         return top
 
     # -- to implement ---------------------------------------------------------------------
+    @abc.abstractmethod
     def load_data(self) -> None:
-        raise NotImplementedError
+        """Load and split the data (rank 0 and every worker alike)."""
 
+    @abc.abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The model, on ``self.device`` in ``self.dtype``."""
 
+    @abc.abstractmethod
     def epoch_batches(self, generator: torch.Generator) -> Sequence[torch.Tensor]:
         """The global batches of one epoch, as index tensors, drawn from ``generator`` only."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train_loss(
         self, model: nn.Module, indices: torch.Tensor, epoch: int, step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean loss over the samples ``indices`` and scalars to log (floats)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Validation metrics; must contain :attr:`val_key`. Runs under ``torch.no_grad``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Held-out results (JSON-ready) for ``results.json`` and :meth:`summary`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def summary(self, results: dict[str, Any], metrics: list[dict]) -> str:
         """A short, human-readable report of :meth:`evaluate`'s results."""
-        raise NotImplementedError
 
     def plot(self, model: nn.Module, plot_dir: Path) -> list[Path]:
         """Task-specific figures (PNG) in ``plot_dir``; return their paths."""

@@ -18,6 +18,7 @@ points or on a random prefix, and the loss scores all its points.
 
 from __future__ import annotations
 
+import abc
 import csv
 import math
 from dataclasses import replace
@@ -193,13 +194,13 @@ class IrregularTask(Task):
         return replace(batch, mask=m, values=batch.values * m)
 
     # -- the model-specific part ----------------------------------------------------------
+    @abc.abstractmethod
     def model_loss(self, model, batch, cond, epoch, step):
         """``(loss, logs)``: mean over the batch's samples."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def predict(self, model, batch, cond, times, n_samples):
         """``(mean, std)``, each ``(B, Q, C)``, at the query times ``times (B, Q)``."""
-        raise NotImplementedError
 
     def predict_label(self, model, batch):
         """Probabilities ``(B,)`` of the label, or ``None`` without a classification head."""
