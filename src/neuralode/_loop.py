@@ -221,6 +221,9 @@ def integrate(
     """
     tab, ctrl = prob.tableau, prob.controller
     stepper = stepper or make_stepper(tab, y0.dtype, y0.device)
+    if hasattr(stepper, "reuse_buffer"):
+        # Stages may share one buffer unless steps keep them (dense output) or a graph does.
+        stepper.reuse_buffer = record != "dense" and not track_grad
     # Optional stepper hooks: bind(prob) at the start of every solve (Newton tolerances from
     # rtol/atol; multistep methods start a fresh history), accept(...) after every accepted step.
     bind = getattr(stepper, "bind", None)
@@ -422,7 +425,8 @@ def integrate(
         if is_jump:
             k1 = None
         elif stepper.fsal:
-            k1 = stepper.last_stage(K).view(y.shape)
+            carry = getattr(stepper, "carry_fsal", stepper.last_stage)
+            k1 = carry(K).view(y.shape)
         else:
             k1 = k_next  # may be None: evaluated at the next step's start
         if stop:

@@ -27,6 +27,11 @@ class RKStepper:
         # Row i of a, restricted to the stages it combines (a[i, :i]), sliced once.
         self.rows = [self.T["a"][i, :i] for i in range(self.S)]
         self.b_err = self.T["b_err"][0] if "b_err" in self.T else None
+        # Without a graph and when no step keeps its stages (no dense output), one stage buffer
+        # serves every step: a fresh large allocation per step costs page faults that dominate
+        # small vector fields. Row 0 holds the first stage across attempts (see carry_fsal).
+        self.reuse_buffer = False
+        self._buf: torch.Tensor | None = None
 
     def step(self, f, t: float, h: float, y, k1, t_last: float, track_grad: bool):
         """Take one step of size ``h`` from ``(t, y)`` with first stage ``k1``.
@@ -53,8 +58,12 @@ class RKStepper:
                     ks.append(fcall(c[i], yi))
             K = torch.stack(ks)
         else:
-            K = torch.empty((S, yv.numel()), dtype=yv.dtype, device=yv.device)
-            K[0] = k1.reshape(-1)
+            K = self._buffer(yv) if self.reuse_buffer else None
+            if K is None:
+                K = torch.empty((S, yv.numel()), dtype=yv.dtype, device=yv.device)
+            k1v = k1.reshape(-1)
+            if k1v.data_ptr() != K[0].data_ptr():
+                K[0] = k1v
             for i in range(1, S):
                 yi = torch.addmv(yv, K[:i].T, rows[i], alpha=h)
                 if self.fsal and i == S - 1:
@@ -70,8 +79,28 @@ class RKStepper:
             err = torch.addmv(yv.detach(), K.detach().T, self.b_err, beta=0, alpha=h).view(shape)
         return y_new.view(shape), err, K
 
+    def _buffer(self, yv: torch.Tensor) -> torch.Tensor:
+        buf = self._buf
+        if (
+            buf is None
+            or buf.shape != (self.S, yv.numel())
+            or buf.dtype != yv.dtype
+            or buf.device != yv.device
+        ):
+            buf = self._buf = torch.empty((self.S, yv.numel()), dtype=yv.dtype, device=yv.device)
+        return buf
+
     def last_stage(self, K):
         return K[self.S - 1]
+
+    def carry_fsal(self, K):
+        """The next step's first stage from an accepted FSAL step's last stage. With the reused
+        buffer it is copied into row 0, where it survives rejected attempts of the next step."""
+        last = K[self.S - 1]
+        if self.reuse_buffer and self._buf is not None and K.data_ptr() == self._buf.data_ptr():
+            K[0].copy_(last)
+            return K[0]
+        return last
 
     def dense_stages(self, f, t: float, h: float, y, K, k_next, t_last=None):
         """Stages plus dense stages ``(Sd, B*M)`` for interpolation inside the step.
