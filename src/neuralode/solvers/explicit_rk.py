@@ -32,6 +32,7 @@ class RKStepper:
         # small vector fields. Row 0 holds the first stage across attempts (see carry_fsal).
         self.reuse_buffer = False
         self._buf: torch.Tensor | None = None
+        self._prefix: list[torch.Tensor] = []
 
     def step(self, f, t: float, h: float, y, k1, t_last: float, track_grad: bool):
         """Take one step of size ``h`` from ``(t, y)`` with first stage ``k1``.
@@ -64,8 +65,9 @@ class RKStepper:
             k1v = k1.reshape(-1)
             if k1v.data_ptr() != K[0].data_ptr():
                 K[0] = k1v
+            prefix = self._prefix if K is self._buf else [K[:i].T for i in range(S)]
             for i in range(1, S):
-                yi = torch.addmv(yv, K[:i].T, rows[i], alpha=h)
+                yi = torch.addmv(yv, prefix[i], rows[i], alpha=h)
                 if self.fsal and i == S - 1:
                     y_new = yi
                     K[i] = fcall(t_last, yi)
@@ -88,6 +90,8 @@ class RKStepper:
             or buf.device != yv.device
         ):
             buf = self._buf = torch.empty((self.S, yv.numel()), dtype=yv.dtype, device=yv.device)
+            # The transposed stage prefixes K[:i]^T, made once per buffer.
+            self._prefix = [buf[:i].T for i in range(self.S)]
         return buf
 
     def last_stage(self, K):
