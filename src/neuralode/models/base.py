@@ -17,7 +17,7 @@ from neuralode.controllers import Controller
 from neuralode.gradients import Direct, get_gradient
 from neuralode.solvers import get_tableau
 
-__all__ = ["SolverSettings", "NFECounter", "MLPVectorField", "solve_tracked"]
+__all__ = ["CountsNFE", "SolverSettings", "NFECounter", "MLPVectorField", "solve_tracked"]
 
 # Model defaults, looser than solve()'s (1e-6 / 1e-8): the vector field is a network fitted to
 # noisy data, so integrating it far below the data's noise buys nothing (Chen et al. 2018 train
@@ -178,6 +178,22 @@ class NFECounter:
         if not engine and self._vjps[0] == 0:
             return None  # no backward pass yet
         return int(sum(engine)) + self._vjps[0]
+
+
+class CountsNFE:
+    """Mixin for models whose solves are recorded in ``self._counter`` (an :class:`NFECounter`)."""
+
+    _counter: NFECounter
+
+    @property
+    def nfe_forward(self) -> int | None:
+        """Evaluations of the vector field in the last forward pass (None before any)."""
+        return self._counter.forward if self._counter.n_solves else None
+
+    @property
+    def nfe_backward(self) -> int | None:
+        """Evaluations in the backward pass through the last forward pass (None before it)."""
+        return self._counter.backward
 
 
 def solve_tracked(settings: SolverSettings, counter: NFECounter, func, y0, t):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import NFECounter, SolverSettings, check_positive_int, solve_tracked
+from .base import CountsNFE, NFECounter, SolverSettings, check_positive_int, solve_tracked
 
 __all__ = ["NeuralODE"]
 
 
-class NeuralODE(nn.Module):
+class NeuralODE(CountsNFE, nn.Module):
     """Continuous-depth layer ``y(t) = y0 + int_{t0}^{t} func(s, y(s)) ds``.
 
     Parameters
@@ -102,14 +102,6 @@ class NeuralODE(nn.Module):
         )
         self.augment_dim = check_positive_int(augment_dim, "augment_dim", minimum=0)
         self._counter = NFECounter()
-
-    @property
-    def nfe_forward(self) -> int | None:
-        return self._counter.forward if self._counter.n_solves else None
-
-    @property
-    def nfe_backward(self) -> int | None:
-        return self._counter.backward
 
     def _augment(self, y0: torch.Tensor) -> torch.Tensor:
         if not self.augment_dim:

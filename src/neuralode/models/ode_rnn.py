@@ -5,12 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import MLPVectorField, NFECounter, SolverSettings, check_positive_int, solve_tracked
+from .base import (
+    CountsNFE,
+    MLPVectorField,
+    NFECounter,
+    SolverSettings,
+    check_positive_int,
+    solve_tracked,
+)
 
 __all__ = ["ODERNN"]
 
 
-class ODERNN(nn.Module):
+class ODERNN(CountsNFE, nn.Module):
     """ODE-RNN over per-sample irregular times with per-channel missingness.
 
     Between observations the hidden state ``h`` follows ``dh/dt = f(h)``; at an observed time
@@ -109,14 +116,6 @@ class ODERNN(nn.Module):
             max_steps=max_steps,
         )
         self._counter = NFECounter()
-
-    @property
-    def nfe_forward(self) -> int | None:
-        return self._counter.forward if self._counter.n_solves else None
-
-    @property
-    def nfe_backward(self) -> int | None:
-        return self._counter.backward
 
     def _evolve(self, h: torch.Tensor, dt: torch.Tensor, sign: float) -> torch.Tensor:
         """Integrate each row of ``h (B, H)`` over its own gap ``dt (B,)`` (float64, >= 0)."""
