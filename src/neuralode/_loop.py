@@ -19,7 +19,7 @@ from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflow
 from .solvers.explicit_rk import RKStepper, make_stepper
 from .solvers.tableau import ButcherTableau
 
-__all__ = ["Problem", "VectorField", "integrate", "StepRecord", "LoopResult"]
+__all__ = ["Problem", "VectorField", "FlatVectorField", "integrate", "StepRecord", "LoopResult"]
 
 _EPS64 = 2.220446049250313e-16
 
@@ -57,6 +57,27 @@ class VectorField:
         else:
             out = self.func(self._time(t), self.spec.unflatten(y.view(self.spec.batch, -1)))
         return self.spec.flatten(out, what="the derivative returned by func", t=t).reshape(-1)
+
+
+class FlatVectorField(VectorField):
+    """The engine's own vector fields (augmented systems) on the flat state.
+
+    ``flat_fn(t: float, y (B, M)) -> (B, M)`` is called directly: no time tensor, no unflatten,
+    no validation. ``func`` (on the structured state, time as a tensor) stays available for the
+    code that needs it (Jacobians of the implicit solvers).
+    """
+
+    def __init__(self, flat_fn, func, spec: TreeSpec, time_dtype: torch.dtype):
+        super().__init__(func, spec, time_dtype)
+        self.flat_fn = flat_fn
+
+    def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.flat_fn(t, y).view(y.shape)
+
+    def flat(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.flat_fn(t, y).view(-1)
 
 
 @dataclass
@@ -143,6 +164,55 @@ def _scaled_norm(prob: Problem, err, y, y_new) -> torch.Tensor:
     return _norm(prob, err / scale)
 
 
+class ErrorNormWork:
+    """The scaled error norm with the default (RMS / mixed) norm, in a few fused passes.
+
+    Two buffers of ``|state|`` serve every step of one solve, and ``|y|`` of an accepted state is
+    carried to the next step as its ``|y_old|`` (one pass over the state fewer per step). Large
+    temporaries allocated per step cost page faults on CPU that can exceed the arithmetic. For
+    tuple and dict states the per-component mean squares come from one scatter-add over the
+    columns instead of a reduction per component (the augmented state of the adjoint has one
+    component per parameter tensor). ``n_components`` restricts the norm to the first components
+    (seminorm). Returns the norm as a float: the step's one host read.
+    """
+
+    def __init__(self, y: torch.Tensor, spec: TreeSpec, n_components: int | None = None):
+        real = y.real.dtype if y.is_complex() else y.dtype
+        self.a = torch.empty(y.shape, dtype=real, device=y.device)
+        self.b = torch.empty_like(self.a)
+        self.of = None  # the state whose |.| self.a holds
+        self.inv_sqrt_n = 1.0 / math.sqrt(max(y.numel(), 1))
+        self.mixed = spec.kind != "tensor"
+        if self.mixed:
+            sizes = torch.tensor(spec.sizes, device=y.device)
+            comp = torch.arange(len(spec.sizes), device=y.device)
+            self.ids = torch.repeat_interleave(comp, sizes)
+            used = list(spec.sizes[:n_components] if n_components is not None else spec.sizes)
+            # Empty components take no part (their mean square would be 0/0).
+            self.used = [i for i, n in enumerate(used) if n > 0]
+            self.inv_counts = 1.0 / (sizes.to(real) * spec.batch).clamp(min=1)
+            self.sums = torch.zeros(len(spec.sizes), dtype=real, device=y.device)
+
+    def __call__(self, prob: Problem, err, y, y_new) -> float:
+        a, b = self.a, self.b
+        if self.of is not y:
+            torch.abs(y, out=a)
+        torch.abs(y_new, out=b)
+        scale = torch.maximum(a, b, out=a).mul_(prob.rtol).add_(prob.atol)
+        if prob.atol_zero:
+            scale.clamp_(min=torch.finfo(scale.dtype).tiny)
+        # b now holds |y_new|: the next step's |y| if this one is accepted.
+        self.a, self.b, self.of = b, a, y_new
+        r = err.div_(scale)
+        if not self.mixed:
+            return float(torch.linalg.vector_norm(r)) * self.inv_sqrt_n
+        sq = (r.abs() if r.is_complex() else r).square().sum(0)  # (M,)
+        ms = self.sums.zero_().index_add_(0, self.ids, sq).mul_(self.inv_counts)
+        if len(self.used) < ms.numel():
+            ms = ms[self.used]
+        return math.sqrt(float(ms.max())) if ms.numel() else 0.0
+
+
 def _norm_of(prob: Problem, x, scale) -> float:
     return float(_norm(prob, x / scale))
 
@@ -156,8 +226,10 @@ def initial_step(prob: Problem, f: VectorField, y0, k1, order: int, dt_max: floa
         scale = y0.abs().mul(prob.rtol).add(prob.atol)
         if prob.atol_zero:
             scale.clamp_(min=torch.finfo(scale.dtype).tiny)
-        d0 = _norm_of(prob, y0, scale)
-        d1 = _norm_of(prob, k1, scale)
+        if prob.norm is None:  # one host read for both norms
+            d0, d1 = torch.stack([_norm(prob, y0 / scale), _norm(prob, k1 / scale)]).tolist()
+        else:  # a user norm may return a Python number
+            d0, d1 = _norm_of(prob, y0, scale), _norm_of(prob, k1, scale)
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
         span = abs(prob.t_end - prob.t0)
         h0 = min(h0, span, dt_max)
@@ -278,6 +350,9 @@ def integrate(
     else:  # StepToGrid: every grid point is a landing point
         h = math.inf
     prev_err = 1.0
+    scaled_norm = _scaled_norm
+    if adaptive and prob.norm is None:
+        scaled_norm = ErrorNormWork(y0, prob.spec, prob.norm_components)
     attempts = n_acc = n_rej = 0
     last_nonfinite = False
     steps: list[StepRecord] = []
@@ -367,9 +442,9 @@ def integrate(
         if adaptive:
             if track_grad:
                 with torch.no_grad():
-                    e = float(_scaled_norm(prob, err, y, y_new))
+                    e = float(scaled_norm(prob, err, y, y_new))
             else:
-                e = float(_scaled_norm(prob, err, y, y_new))
+                e = float(scaled_norm(prob, err, y, y_new))
             accept = e <= 1.0
             last_nonfinite = not math.isfinite(e)
         else:

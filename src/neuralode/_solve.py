@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -203,7 +204,8 @@ def solve(
         norm=ctrl.norm if isinstance(ctrl, PIController) else None,
     )
     if ctrl.adaptive:
-        prob.atol_zero = bool((torch.as_tensor(prob.atol) == 0).any())
+        atol_ = prob.atol
+        prob.atol_zero = atol_ == 0 if isinstance(atol_, float) else bool((atol_ == 0).any())
     dense = dense_output if dense_output is not None else isinstance(grad_method, Direct)
     samples_all = (
         torch.as_tensor(out_sample, device=spec.device) if out_sample is not None else None
@@ -272,6 +274,18 @@ def _check_times(t: torch.Tensor, y0):
         raise ValueError(
             f"t must be 1-D (T,) or 2-D (batch, T) for per-sample grids, got shape {tuple(t.shape)}"
         )
+    if t.dim() == 1 and 0 < t.numel() <= 1024:
+        # The common case in plain Python: one copy to the host, no small tensor operations.
+        out_t = t.detach().to("cpu", torch.float64).tolist()
+        if not all(map(math.isfinite, out_t)):
+            raise ValueError(f"t contains NaN or infinite values: {out_t}")
+        pairs = list(zip(out_t, out_t[1:]))
+        if not (all(a < b for a, b in pairs) or all(a > b for a, b in pairs)):
+            raise ValueError(
+                "t must be strictly increasing or strictly decreasing; got "
+                f"{out_t if len(out_t) <= 10 else str(out_t[:10]) + '...'}"
+            )
+        return False, out_t[0], out_t[-1], out_t, None, None
     tl = t.detach().to("cpu", torch.float64)
     if tl.numel() == 0:
         raise ValueError("t is empty; pass at least the initial time")

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .._loop import Problem, VectorField, integrate, make_stepper, replay_step, sorted_outputs_grad
+from .._loop import (
+    FlatVectorField,
+    Problem,
+    VectorField,
+    integrate,
+    make_stepper,
+    replay_step,
+    sorted_outputs_grad,
+)
 from .._tree import flatten_state
 from ..controllers import ConstantStep, PIController, StepToGrid
 from ..solvers import get_tableau
@@ -165,9 +173,8 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     # an FSAL stage at its end point, so a replay starting there can reuse f(t_n, y_n).
     last: dict = {}
 
-    def aug_func(t, aug):
-        yy, aa = aug[0].view(B, M), aug[1].view(B, M)
-        tf = _t_float(t)
+    def aug_parts(tf: float, yy, aa) -> list:
+        """(f, -a^T df/dy, -a^T df/dtheta_1, ...) at time ``tf``, each flat."""
         with torch.enable_grad():
             yv = yy.detach().requires_grad_()
             fy = inner_f(tf, yv)
@@ -179,16 +186,23 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             else:
                 vj = [None] * (1 + len(params))
         out = [fy.detach().reshape(-1)]
-        out.append(vj[0].reshape(-1) if vj[0] is not None else torch.zeros_like(aug[1]))
+        out.append(vj[0].reshape(-1) if vj[0] is not None else torch.zeros_like(aa).reshape(-1))
         for v, n in zip(vj[1:], p_sizes):
             out.append(
                 v.reshape(-1).to(dtype)
                 if v is not None
                 else torch.zeros(n, dtype=dtype, device=device)
             )
-        return tuple(out)
+        return out
 
-    aug_f = VectorField(aug_func, aug_spec, run.time_dtype)
+    def aug_func(t, aug):  # on the structured augmented state (the implicit solvers' Jacobians)
+        return tuple(aug_parts(_t_float(t), aug[0].view(B, M), aug[1].view(B, M)))
+
+    def aug_flat(tf: float, v):  # on the flat (1, W) augmented state: no unflatten/validation
+        v = v.view(-1)
+        return torch.cat(aug_parts(tf, v[: B * M].view(B, M), v[B * M : 2 * B * M].view(B, M)))
+
+    aug_f = FlatVectorField(aug_flat, aug_func, aug_spec, run.time_dtype)
     tab = get_tableau(cfg.solver) if cfg.solver is not None else prob.tableau
     ctrl = prob.controller
     rtol = cfg.rtol if cfg.rtol is not None else prob.rtol

@@ -32,6 +32,7 @@ class RKStepper:
         # small vector fields. Row 0 holds the first stage across attempts (see carry_fsal).
         self.reuse_buffer = False
         self._buf: torch.Tensor | None = None
+        self._err: torch.Tensor | None = None
         self._prefix: list[torch.Tensor] = []
 
     def step(self, f, t: float, h: float, y, k1, t_last: float, track_grad: bool):
@@ -77,8 +78,11 @@ class RKStepper:
             y_new = torch.addmv(yv, K.T, self.T["b"], alpha=h)
         err = None
         if self.b_err is not None:
-            # beta=0 ignores the input: err = h * K^T (b - b_hat), one fused op, no graph.
-            err = torch.addmv(yv.detach(), K.detach().T, self.b_err, beta=0, alpha=h).view(shape)
+            # beta=0 ignores the input: err = h * K^T (b - b_hat), one fused op, no graph; into a
+            # reused buffer when the stages are (the loop consumes it before the next step).
+            out = self._err if K is self._buf else None
+            err = torch.addmv(yv.detach(), K.detach().T, self.b_err, beta=0, alpha=h, out=out)
+            err = err.view(shape)
         return y_new.view(shape), err, K
 
     def _buffer(self, yv: torch.Tensor) -> torch.Tensor:
@@ -90,6 +94,7 @@ class RKStepper:
             or buf.device != yv.device
         ):
             buf = self._buf = torch.empty((self.S, yv.numel()), dtype=yv.dtype, device=yv.device)
+            self._err = torch.empty_like(yv)
             # The transposed stage prefixes K[:i]^T, made once per buffer.
             self._prefix = [buf[:i].T for i in range(self.S)]
         return buf
