@@ -574,8 +574,8 @@ class StepView:
 def _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all):
     """Output values for sorted outputs ``lo:hi`` lying in the step ``(t, t_new]``.
 
-    Everything stays on the state's device: theta comes from the output times already there, and
-    outputs that coincide with the step end take the end state exactly (no interpolation error).
+    On a GPU theta comes from the output times already on the device (no copy, no sync); outputs
+    that coincide with the step end take the end state exactly (no interpolation error).
     """
     h = t_new - t
     taus = prob.out_t[lo:hi]
@@ -584,14 +584,23 @@ def _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all)
         if samples is None:
             return y_new.unsqueeze(0).expand(hi - lo, *y_new.shape)
         return y_new[samples]
-    tdev = prob.out_t_on(y.device)[lo:hi]
+    # Outputs at the step end are the tail of the sorted slice: they take y_new exactly.
+    m = len(taus)
+    while taus[m - 1] == t_new:
+        m -= 1
     # Interpolant weights are formed in float64 and cast: high-order P matrices cancel heavily.
-    theta = (tdev - t) / h
-    vals = stepper.interpolate(Kd, y, h, theta, samples)
-    if any(tau == t_new for tau in taus):
-        at_end = (tdev == t_new).view(-1, *([1] * (vals.dim() - 1)))
-        end_vals = y_new.unsqueeze(0) if samples is None else y_new[samples]
-        vals = torch.where(at_end, end_vals, vals)
+    if y.device.type == "cpu":  # theta straight from the host floats (the same IEEE arithmetic)
+        theta = torch.tensor([(tau - t) / h for tau in taus[:m]], dtype=torch.float64)
+    else:  # from the output times already on the device (no host-to-device copy)
+        theta = (prob.out_t_on(y.device)[lo : lo + m] - t) / h
+    vals = stepper.interpolate(Kd, y, h, theta, None if samples is None else samples[:m])
+    n_end = len(taus) - m
+    if n_end:
+        if samples is None:
+            end_vals = y_new.unsqueeze(0).expand(n_end, *y_new.shape)
+        else:
+            end_vals = y_new[samples[m:]]
+        vals = torch.cat([vals, end_vals])
     return vals
 
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 __all__ = ["ButcherTableau", "hermite_interpolant"]
@@ -250,11 +251,23 @@ class ButcherTableau:
         self._cache[key] = out
         return out
 
+    def _P_numpy(self) -> np.ndarray:
+        P = self._cache.get("P_numpy")
+        if P is None:
+            P = self._cache["P_numpy"] = self.tensors(torch.float64, torch.device("cpu"))[
+                "P"
+            ].numpy()
+        return P
+
     def interpolant_weights(self, theta: torch.Tensor) -> torch.Tensor:
         """``b_i(theta)`` for all stages and dense stages.
 
         theta : (m,) tensor in [0, 1]. Returns (m, s + n_dense).
         """
+        if theta.device.type == "cpu" and not theta.requires_grad:  # NumPy beats dispatch here
+            P = self._P_numpy()
+            th = theta.numpy()[:, None] ** np.arange(1, P.shape[1] + 1)
+            return torch.from_numpy(th @ P.T).to(theta.dtype)
         P = self.tensors(theta.dtype, theta.device)["P"]  # (S, D)
         D = P.shape[1]
         powers = theta.unsqueeze(-1) ** torch.arange(
