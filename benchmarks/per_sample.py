@@ -20,7 +20,9 @@ counted exactly; shared and torchode: per-sample step attempts after the sample'
 over all step attempts), and the worst error at the output times against scipy's DOP853 at
 rtol = atol = 1e-12.
 
-Run ``python benchmarks/per_sample.py`` (add ``--quick`` for one tolerance and one repeat).
+Run ``python benchmarks/per_sample.py`` (add ``--quick`` for one tolerance and one repeat,
+``--tiny`` for a CI smoke run: batch 32, tolerance 1e-4, one repeat). ``main(argv)`` returns the
+rows (dicts with keys lib, tol, wall, nfe, rows, waste, err).
 """
 
 from __future__ import annotations
@@ -186,8 +188,11 @@ def print_table(rows, out=sys.stdout) -> None:
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one tolerance, one repeat")
+    parser.add_argument(
+        "--tiny", action="store_true", help="CI smoke run: batch 32, tolerance 1e-4, one repeat"
+    )
     parser.add_argument("--d", type=int, choices=[2, 64], default=2, help="state dimension")
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 256)")
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--tols", type=float, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None)
@@ -202,8 +207,10 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
-    tols = args.tols or ([1e-6] if args.quick else [1e-4, 1e-6, 1e-8])
-    repeats = args.repeats or (1 if args.quick else 5)
+    if args.batch is None:
+        args.batch = 32 if args.tiny else 256
+    tols = args.tols or ([1e-4] if args.tiny else [1e-6] if args.quick else [1e-4, 1e-6, 1e-8])
+    repeats = args.repeats or (1 if args.quick or args.tiny else 5)
     hidden = 64 if args.d == 2 else 128
     prob = make_problem(args.d, hidden, args.batch, 0, getattr(torch, args.dtype))
     ref = reference(prob)

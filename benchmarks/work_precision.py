@@ -33,8 +33,10 @@ problems. Differences between the libraries that matter for reading the numbers:
   problems (Lorenz, Arenstorf, the d = 2 MLP).
 
 Run ``python benchmarks/work_precision.py`` (about 4 minutes on 2 cores), ``--quick`` for a
-one-minute subset, ``--problems arenstorf lorenz`` to choose problems, ``--dtype float32`` for
-single precision (tolerances below ~1e-6 are then meaningless).
+one-minute subset, ``--tiny`` for a CI smoke run (two tolerances per method, one repeat: not a
+measurement), ``--problems arenstorf lorenz`` to choose problems, ``--tols 1e-3 1e-6`` to choose
+the tolerances, ``--dtype float32`` for single precision (tolerances below ~1e-6 are then
+meaningless).
 """
 
 from __future__ import annotations
@@ -238,6 +240,13 @@ def run_neuralode(prob, method, tol, y0, t):
     return sol.ys, f.n
 
 
+def run_neuralode_compiled(prob, method, tol, y0, t):
+    # solve(compile=True): compiled chunks of 8 steps. The NFE is the solver's own count (a
+    # Python counter inside compiled code would not run per call).
+    sol = neuralode.solve(prob.f_torch, y0, t, solver=method, rtol=tol, atol=tol, compile=True)
+    return sol.ys, sol.stats["nfe"]
+
+
 def run_torchdiffeq(prob, method, tol, y0, t):
     f = Counter(prob.f_torch)
     ys = torchdiffeq.odeint(f, y0, t, method=method, rtol=tol, atol=tol)
@@ -287,6 +296,7 @@ def run_scipy(prob, method, tol, y0, t):
 
 LIBRARIES = {
     "neuralode": (run_neuralode, {"dopri5", "tsit5", "bosh3", "dopri8"}),
+    "neuralode compiled": (run_neuralode_compiled, {"dopri5", "dopri8"}),
     "torchdiffeq": (run_torchdiffeq, {"dopri5", "bosh3", "dopri8"}),
     "torchode": (run_torchode, {"dopri5", "tsit5"}),
     "scipy": (run_scipy, {"dopri5", "dopri8"}),
@@ -306,6 +316,12 @@ QUICK_TOLS = {
     "bosh3": [1e-3, 1e-5],
     "dopri8": [1e-6, 1e-9],
 }
+TINY_TOLS = {  # --tiny: a CI smoke run of the code path, not a measurement
+    "dopri5": [1e-3, 1e-5],
+    "tsit5": [1e-3, 1e-5],
+    "bosh3": [1e-3, 1e-4],
+    "dopri8": [1e-5, 1e-7],
+}
 
 
 # --------------------------------------------------------------------------- measurement
@@ -321,6 +337,12 @@ class Row:
     note: str = ""
 
 
+# solve(compile=True) on the tiny systems, where per-operation dispatch dominates (each
+# (problem, method) compiles once, ~35 s on 2 cores; off under --tiny unless --compiled).
+COMPILED_PROBLEMS = ("lorenz", "arenstorf")
+COMPILED = {"on": True}
+
+
 def _available(lib: str, method: str, prob: Problem) -> str | None:
     """None if the library runs this method on this problem, else why not."""
     runner, methods = LIBRARIES[lib]
@@ -332,6 +354,8 @@ def _available(lib: str, method: str, prob: Problem) -> str | None:
         return "not installed"
     if lib == "scipy" and not prob.small:
         return "(large problem)"
+    if lib == "neuralode compiled" and (not COMPILED["on"] or prob.name not in COMPILED_PROBLEMS):
+        return "(large problem)"  # compiled stepping is measured on the tiny systems only
     return None
 
 
@@ -463,6 +487,9 @@ def print_summary(rows: list[Row], out=sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tolerances and repeats")
+    parser.add_argument(
+        "--tiny", action="store_true", help="CI smoke run: two tolerances per method, 1 repeat"
+    )
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument(
         "--problems",
@@ -471,6 +498,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
         default=["mlp_d2", "mlp_d64", "lorenz", "arenstorf"],
     )
     parser.add_argument("--methods", nargs="+", choices=list(FULL_TOLS), default=list(FULL_TOLS))
+    parser.add_argument(
+        "--tols", type=float, nargs="+", default=None, help="tolerances (default: per method)"
+    )
+    parser.add_argument(
+        "--compiled",
+        choices=["on", "off"],
+        default=None,
+        help="also run neuralode.solve(..., compile=True) on lorenz/arenstorf with dopri5/dopri8 "
+        "(default: on, off under --tiny)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
     parser.add_argument(
         "--budget",
@@ -491,9 +528,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     dtype = getattr(torch, args.dtype)
-    tols = QUICK_TOLS if args.quick else FULL_TOLS
-    repeats = args.repeats or (1 if args.quick else 3)
-    budget = args.budget or (0.3 if args.quick else 1.0)
+    tols = TINY_TOLS if args.tiny else QUICK_TOLS if args.quick else FULL_TOLS
+    if args.tols:
+        tols = {method: sorted(args.tols, reverse=True) for method in FULL_TOLS}
+    fast = args.quick or args.tiny
+    COMPILED["on"] = (args.compiled or ("off" if args.tiny else "on")) == "on"
+    repeats = args.repeats or (1 if fast else 3)
+    budget = args.budget or (0.1 if args.tiny else 0.3 if args.quick else 1.0)
     factories = make_problems(dtype)
 
     print(

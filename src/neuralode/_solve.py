@@ -36,6 +36,7 @@ def solve(
     time_dtype: torch.dtype = torch.float64,
     event=None,
     batch_control: str = "shared",
+    compile: bool = False,
     _monitor=None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return the state at the times ``t``.
@@ -98,6 +99,24 @@ def solve(
         tensors, and ``stats`` adds ``sample_evals`` (rows passed to func),
         ``wasted_sample_evals`` (rows of samples that had already finished, kept below 1/16 of
         every evaluation by compacting the batch) and ``wasted_share``.
+    compile : bool, default False
+        Run the solve in compiled chunks of steps (:mod:`neuralode._compiled`): the stages with
+        ``func`` inlined, the error norm, accept/reject, the step-size controller and the dense
+        output at the output times are unrolled over 8 steps and compiled by ``torch.compile``
+        (Inductor, C++ wrapper) into one call; the host reads the state of the solve back once
+        per 8 steps. This removes PyTorch's per-operation dispatch cost, which dominates small
+        states and cheap vector fields (Lorenz: about 4 us per evaluation of f against about 45 us
+        eagerly and 6 us for scipy's ``solve_ivp``). The first solve with a given func, dtype and
+        shape compiles for 20-40 s on 2 CPU cores (``torch.compile``'s on-disk cache shortens
+        later processes to seconds); ``func`` must be traceable by ``torch.compile`` without
+        graph breaks. Forward only (no autograd graph: call it under ``torch.no_grad()``), for an
+        explicit adaptive method under a :class:`PIController` without ``step_t``/``jump_t``/
+        ``norm``, a single-tensor state, a 1-D ``t``, no events and no ``dense_output``;
+        anything else raises ValueError. Results agree with the eager engine to the tolerance
+        (step sizes can differ in the last bits; a step never passes more than 8 output times,
+        and with dopri8, whose continuous extension needs three more stages, steps land on every
+        output time instead of interpolating).
+        ``stats`` holds ``nfe``, ``n_accepted`` and ``n_rejected``.
 
     Returns
     -------
@@ -140,6 +159,13 @@ def solve(
     t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64)
     if batch_control not in ("shared", "per_sample"):
         raise ValueError(f"batch_control must be 'shared' or 'per_sample', got {batch_control!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
+    if compile and (batch_control == "per_sample" or event is not None or t_tensor.dim() == 2):
+        raise ValueError(
+            "compile=True does not support batch_control='per_sample', events or a 2-D t; use "
+            "compile=False (the eager engine supports them)"
+        )
     if batch_control == "per_sample":  # its own loop, in _loop_batched (opt-in)
         from ._loop_batched import solve_per_sample
 
@@ -215,6 +241,10 @@ def solve(
         run.extra["monitor"] = _monitor
 
     t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+    if compile:
+        return _solve_compiled(
+            func, y0flat, t_tensor, prob, run, grad_method, dense_output, time_dtype, throw, t_grad
+        )
     if t_grad and per_sample:
         raise ValueError(
             "gradients with respect to a 2-D (per-sample) t are not supported; pass t.detach() "
@@ -259,6 +289,48 @@ def solve(
         _dense=dense_obj,
         _per_sample=per_sample,
         _detached=not isinstance(grad_method, Direct),
+    )
+
+
+def _solve_compiled(
+    func, y0flat, t_tensor, prob, run, grad_method, dense_output, tdt, throw, t_grad
+):
+    """``solve(..., compile=True)``: the forward solve in compiled chunks of steps."""
+    from ._compiled import check_compilable, integrate_compiled
+    from .gradients._common import find_params
+
+    needs_grad = torch.is_grad_enabled() and (
+        t_grad
+        or y0flat.requires_grad
+        or any(p.requires_grad for p in find_params(func, None, "params"))
+        # A tensor requiring grad that func closes over shows in its output.
+        or VectorField(func, prob.spec, tdt)(prob.t0, y0flat).requires_grad
+    )
+    check_compilable(
+        tab=prob.tableau,
+        ctrl=prob.controller,
+        spec=prob.spec,
+        per_sample=False,
+        event=None,
+        dense_output=bool(dense_output),
+        needs_grad=needs_grad or not isinstance(grad_method, Direct),
+    )
+    f = VectorField(func, prob.spec, tdt)
+    res = integrate_compiled(prob, f, y0flat, throw=throw)
+    run.result, run.f = res, f
+    run.stats.update(
+        nfe=f.nfe, n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted
+    )
+    return Solution(
+        t=t_tensor,
+        ys=prob.spec.unflatten(res.ys, lead=(t_tensor.shape[-1],)),
+        stats=run.stats,
+        status=res.status,
+        t_final=res.t_reached,
+        message=res.message,
+        _dense=None,
+        _per_sample=False,
+        _detached=True,
     )
 
 

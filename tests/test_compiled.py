@@ -1,0 +1,171 @@
+"""solve(..., compile=True): compiled chunks of adaptive steps against the eager engine.
+
+Each distinct vector field (and dtype/shape) compiles once (10-30 s on 2 cores), so the tests
+share a few fields and unroll 2 steps per call instead of 8 (shorter compilation, same code).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import neuralode
+import neuralode._compiled as compiled
+
+
+@pytest.fixture(autouse=True)
+def _two_steps_per_call(monkeypatch):
+    monkeypatch.setattr(compiled, "STEPS_PER_CALL", 2)
+
+
+def lorenz(t, u):
+    x, y, z = u.unbind(-1)
+    return torch.stack([10.0 * (y - x), x * (28.0 - z) - y, x * y - (8.0 / 3.0) * z], -1)
+
+
+def blow_up(t, y):  # y' = y^2, y(0) = 1: y = 1 / (1 - t), singular at t = 1
+    return y * y
+
+
+Y0 = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+
+
+def _eager(func, y0, t, **kw):
+    return neuralode.solve(func, y0, t, dense_output=False, **kw)
+
+
+def test_lorenz_matches_eager_step_for_step():
+    t = torch.linspace(0.0, 3.0, 31, dtype=torch.float64)
+    with torch.no_grad():
+        sol = neuralode.solve(lorenz, Y0, t, rtol=1e-8, atol=1e-8, compile=True)
+        ref = _eager(lorenz, Y0, t, rtol=1e-8, atol=1e-8)
+    # The same arithmetic: the same steps, outputs equal up to rounding (chaos amplifies the
+    # last bits over t = 3 only mildly).
+    assert sol.stats["n_accepted"] == ref.stats["n_accepted"]
+    assert sol.stats["n_rejected"] == ref.stats["n_rejected"]
+    assert sol.stats["nfe"] == ref.stats["nfe"]
+    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-10, atol=1e-10)
+    assert sol.status == "success" and sol.t_final == 3.0
+    assert not sol.ys.requires_grad
+
+
+def test_decreasing_time_and_many_outputs_per_step():
+    # 201 output times on [0, 0.4] at a loose tolerance: far more than the 8 outputs a step may
+    # pass, so steps land on every 8th output. Backwards in time from t = 0.4 as well.
+    t = torch.linspace(0.0, 0.4, 201, dtype=torch.float64)
+    ref = solve_ivp(
+        lambda s, u: lorenz(s, torch.from_numpy(u)).numpy(),
+        (0.0, 0.4),
+        Y0.numpy(),
+        method="DOP853",
+        rtol=1e-12,
+        atol=1e-12,
+        t_eval=t.numpy(),
+    ).y.T
+    with torch.no_grad():
+        sol = neuralode.solve(lorenz, Y0, t, rtol=1e-5, atol=1e-5, compile=True)
+        back = neuralode.solve(lorenz, sol.ys[-1], t.flip(0), rtol=1e-9, atol=1e-9, compile=True)
+    err = np.abs(sol.ys.numpy() - ref).max()
+    assert err < 1e-3, err
+    assert sol.stats["n_accepted"] >= 200 // 8  # landed at least on every 8th output
+    assert torch.equal(sol.ys[0], Y0)
+    # Backwards in time (integrated in negated time inside) agrees with the eager engine.
+    with torch.no_grad():
+        back_ref = _eager(lorenz, sol.ys[-1], t.flip(0), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(back.ys, back_ref.ys, rtol=1e-6, atol=1e-6)
+    assert back.t_final == 0.0
+
+
+def test_max_steps_raises_and_partial_solution():
+    t = torch.tensor([0.0, 10.0], dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(neuralode.MaxStepsError, match="max_steps=5"):
+        neuralode.solve(lorenz, Y0, t, rtol=1e-8, atol=1e-8, max_steps=5, compile=True)
+    with torch.no_grad():
+        sol = neuralode.solve(
+            lorenz, Y0, t, rtol=1e-8, atol=1e-8, max_steps=5, compile=True, throw=False
+        )
+    assert sol.status == "max_steps"
+    assert sol.stats["n_accepted"] + sol.stats["n_rejected"] == 5
+    assert 0.0 < sol.t_final < 10.0 and torch.isnan(sol.ys[-1]).all()
+
+
+def test_singularity_reports_step_size_underflow_near_t1():
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    y0 = torch.ones(1, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(neuralode.StepSizeUnderflowError) as info:
+        neuralode.solve(blow_up, y0, t, rtol=1e-6, atol=1e-6, compile=True)
+    assert math.isclose(info.value.t, 1.0, abs_tol=1e-3)
+    assert "compiled stepping" in str(info.value)
+
+
+def test_module_vector_field_float32_batch():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, y):
+            return self.net(y)
+
+    func = Field()
+    y0 = torch.randn(5, 2)
+    t = torch.linspace(0.0, 2.0, 7)
+    with torch.no_grad():
+        sol = neuralode.solve(func, y0, t, solver="tsit5", rtol=1e-5, atol=1e-5, compile=True)
+        ref = _eager(func, y0, t, solver="tsit5", rtol=1e-5, atol=1e-5)
+    assert sol.ys.dtype == torch.float32 and sol.ys.shape == (7, 5, 2)
+    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(solver="rk4", dt=0.1), "explicit adaptive method"),
+        (dict(solver="kvaerno5"), "explicit adaptive method"),
+        (dict(controller=neuralode.PIController(step_t=[0.5])), "step_t/jump_t"),
+        (dict(gradient="adjoint"), "autograd"),
+        (dict(dense_output=True), "dense_output=True"),
+        (dict(batch_control="per_sample"), "per_sample"),
+    ],
+)
+def test_unsupported_combinations_raise_before_compiling(kwargs, match):
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y0 = torch.ones(2, 3, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        neuralode.solve(lambda t, y: -y, y0, t, compile=True, **kwargs)
+
+
+def test_unsupported_states_and_grad_mode_raise():
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y0 = torch.ones(3, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(ValueError, match="tuple state"):
+        neuralode.solve(lambda t, y: (-y[0], -y[1]), (y0, y0), t, compile=True)
+    with pytest.raises(ValueError, match=r"torch.no_grad\(\)"):
+        neuralode.solve(lambda t, y: -y, y0.clone().requires_grad_(), t, compile=True)
+    lin = torch.nn.Linear(3, 3).double()
+    with pytest.raises(ValueError, match="autograd"):
+        neuralode.solve(lambda t, y: lin(y), y0, t, compile=True)  # closed over: not found
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        neuralode.solve(lambda t, y: -y, y0, t, compile="yes")
+
+
+@pytest.mark.parametrize("solver, tol", [("dopri8", 1e-9), ("fehlberg2", 1e-5)])
+def test_methods_with_dense_stages(solver, tol):
+    # fehlberg2's continuous extension uses f at the step end (computed anyway); DOP853's needs
+    # three more stages, so compiled steps land on every output time instead.
+    t = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
+    with torch.no_grad():
+        ref = _eager(lorenz, Y0, t, solver="dopri8", rtol=1e-12, atol=1e-12).ys
+        sol = neuralode.solve(lorenz, Y0, t, solver=solver, rtol=tol, atol=tol, compile=True)
+        eager = _eager(lorenz, Y0, t, solver=solver, rtol=tol, atol=tol)
+    err, err_eager = (float((x - ref).abs().max()) for x in (sol.ys, eager.ys))
+    assert err <= 3 * err_eager + 1e-12, (err, err_eager)
+    if solver == "dopri8":
+        assert sol.stats["n_accepted"] >= 10  # one step end per output time at least
+    else:
+        torch.testing.assert_close(sol.ys, eager.ys, rtol=1e-9, atol=1e-9)
