@@ -1,0 +1,83 @@
+"""Backsolve(outputs=...): how outputs inside forward steps enter the adjoint."""
+
+import pytest
+import torch
+
+import neuralode
+
+
+class Field(torch.nn.Module):
+    def __init__(self, d=2, hidden=16, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = torch.nn.Parameter(torch.randn(hidden, d, generator=g, dtype=torch.float64))
+        self.b1 = torch.nn.Parameter(0.5 * torch.randn(hidden, generator=g, dtype=torch.float64))
+        self.w2 = torch.nn.Parameter(
+            torch.randn(d, hidden, generator=g, dtype=torch.float64) / hidden**0.5
+        )
+
+    def forward(self, t, y):
+        return torch.tanh(y @ self.w1.T + self.b1) @ self.w2.T
+
+
+def _grads(gradient, t, tol, y0=None, seed=0):
+    f = Field(seed=seed)
+    g = torch.Generator().manual_seed(1)
+    y0 = torch.randn(8, 2, generator=g, dtype=torch.float64) if y0 is None else y0
+    y0 = y0.clone().requires_grad_()
+    w = torch.randn(*t.shape, 8, 2, generator=g, dtype=torch.float64)
+    if t.dim() == 2:
+        w = torch.randn(t.shape[1], 8, 2, generator=g, dtype=torch.float64)
+    sol = neuralode.solve(f, y0, t, rtol=tol, atol=tol, gradient=gradient)
+    (sol.ys * w).sum().backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in f.parameters()] + [y0.grad.reshape(-1)])
+    return flat, sol.stats
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+T = torch.linspace(0.0, 2.0, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("outputs", ["replay", "stop", "auto"])
+def test_every_mode_converges_to_the_exact_gradient(outputs):
+    ref, _ = _grads(neuralode.Direct(), T, 1e-12)
+    got, stats = _grads(neuralode.Backsolve(outputs=outputs), T, 1e-10)
+    assert _rel(got, ref) < 1e-7
+    assert stats["backsolve_outputs"] in ("replay", "stop")
+    if outputs != "auto":
+        assert stats["backsolve_outputs"] == outputs
+
+
+def test_stopping_at_outputs_follows_the_continuous_gradient_more_closely():
+    ref, _ = _grads(neuralode.Direct(), T, 1e-12)
+    errs = {}
+    for outputs in ("replay", "stop"):
+        got, stats = _grads(neuralode.Backsolve(outputs=outputs), T, 1e-6)
+        errs[outputs] = _rel(got, ref)
+    assert errs["stop"] < errs["replay"], errs
+
+
+def test_auto_replays_when_outputs_outnumber_steps():
+    many = torch.linspace(0.0, 2.0, 200, dtype=torch.float64)
+    _, stats = _grads(neuralode.Backsolve(), many, 1e-4)
+    assert stats["backsolve_outputs"] == "replay"
+    _, stats = _grads(neuralode.Backsolve(), T, 1e-8)
+    assert stats["backsolve_outputs"] == "stop"
+
+
+def test_stop_with_per_sample_grids():
+    g = torch.Generator().manual_seed(3)
+    t = torch.sort(2.0 * torch.rand(8, 5, generator=g, dtype=torch.float64), dim=1).values
+    t[:, 0] = 0.0
+    ref, _ = _grads(neuralode.Direct(), t, 1e-12)
+    got, stats = _grads(neuralode.Backsolve(outputs="stop"), t, 1e-10)
+    assert stats["backsolve_outputs"] == "stop"
+    assert _rel(got, ref) < 1e-7
+
+
+def test_invalid_outputs_mode():
+    with pytest.raises(ValueError, match="Backsolve\\(outputs=...\\)"):
+        neuralode.Backsolve(outputs="restart")
