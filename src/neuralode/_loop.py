@@ -196,8 +196,8 @@ class ErrorNormWork:
     def __call__(self, prob: Problem, err, y, y_new) -> float:
         a, b = self.a, self.b
         if self.of is not y:
-            torch.abs(y, out=a)
-        torch.abs(y_new, out=b)
+            torch.abs(y.detach(), out=a)
+        torch.abs(y_new.detach(), out=b)
         scale = torch.maximum(a, b, out=a).mul_(prob.rtol).add_(prob.atol)
         if prob.atol_zero:
             scale.clamp_(min=torch.finfo(scale.dtype).tiny)
@@ -440,7 +440,9 @@ def integrate(
         y_new, err, K = stepper.step(f, t, h_step, y, k1, t_last, track_grad)
 
         if adaptive:
-            if track_grad:
+            if scaled_norm is not _scaled_norm:  # its own buffers, detached inside
+                e = scaled_norm(prob, err, y, y_new)
+            elif track_grad:
                 with torch.no_grad():
                     e = float(scaled_norm(prob, err, y, y_new))
             else:
