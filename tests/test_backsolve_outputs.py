@@ -81,3 +81,23 @@ def test_stop_with_per_sample_grids():
 def test_invalid_outputs_mode():
     with pytest.raises(ValueError, match="Backsolve\\(outputs=...\\)"):
         neuralode.Backsolve(outputs="restart")
+
+
+def test_stops_a_few_ulps_apart():
+    # Per-sample rows whose output times differ by rounding (0.1 * 3 vs 0.3): a backward
+    # segment of 5.6e-17 between two stops must not underflow.
+    t = torch.tensor([[0.0, 0.1 * 3, 1.0], [0.0, 0.3, 1.0]] * 4, dtype=torch.float64)
+    ref, _ = _grads(neuralode.Direct(), t, 1e-12)
+    got, stats = _grads(neuralode.Backsolve(outputs="stop"), t, 1e-10)
+    assert _rel(got, ref) < 1e-8
+
+
+def test_forward_dt_min_does_not_bind_the_backward_solve():
+    ctrl = neuralode.PIController(rtol=1e-3, atol=1e-3, dt0=0.3, dt_min=0.2, dt_max=0.3)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for gradient in (neuralode.Direct(), neuralode.Backsolve(outputs="replay")):
+        f = Field()
+        y0 = torch.ones(8, 2, dtype=torch.float64, requires_grad=True)
+        sol = neuralode.solve(f, y0, t, controller=ctrl, gradient=gradient)
+        sol.ys[-1].sum().backward()  # the last forward step is 0.1 < dt_min
+        assert torch.isfinite(y0.grad).all()

@@ -29,6 +29,21 @@ def blow_up(t, y):  # y' = y^2, y(0) = 1: y = 1 / (1 - t), singular at t = 1
     return y * y
 
 
+def decay(t, y):  # y' = -y (second component stays exactly 0 when it starts there)
+    return -y
+
+
+class Scaled(torch.nn.Module):
+    """A field with a Python number attribute: changing it invalidates the compiled code."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = 1.0
+
+    def forward(self, t, y):
+        return -self.k * y
+
+
 Y0 = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
 
 
@@ -128,7 +143,7 @@ def test_module_vector_field_float32_batch():
         (dict(solver="rk4", dt=0.1), "explicit adaptive method"),
         (dict(solver="kvaerno5"), "explicit adaptive method"),
         (dict(controller=neuralode.PIController(step_t=[0.5])), "step_t/jump_t"),
-        (dict(gradient="adjoint"), "autograd"),
+        (dict(gradient="adjoint"), "gradient=Backsolve"),
         (dict(dense_output=True), "dense_output=True"),
         (dict(batch_control="per_sample"), "per_sample"),
     ],
@@ -169,3 +184,63 @@ def test_methods_with_dense_stages(solver, tol):
         assert sol.stats["n_accepted"] >= 10  # one step end per output time at least
     else:
         torch.testing.assert_close(sol.ys, eager.ys, rtol=1e-9, atol=1e-9)
+
+
+def test_decreasing_time_matches_the_eager_engine_exactly():
+    # The first stage is f(t0, y0) in the user's time; the compiled steps run in negated time.
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    for solver in ("dopri5", "tsit5"):
+        with torch.no_grad():
+            sol = neuralode.solve(decay, y0, t, solver=solver, rtol=1e-6, atol=0.0, compile=True)
+            ref = _eager(decay, y0, t, solver=solver, rtol=1e-6, atol=0.0)
+        assert sol.stats["n_accepted"] == ref.stats["n_accepted"]
+        assert sol.stats["n_rejected"] == ref.stats["n_rejected"] == 0
+        torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=0.0)
+        assert abs(float(sol.ys[-1, 0]) / math.e - 1) < 1e-5
+        assert float(sol.ys[-1, 1]) == 0.0  # atol = 0 with a zero component: no 0/0
+
+
+def test_nan_from_func_raises_nonfinite_error():
+    nan_field = Scaled()
+    nan_field.k = math.nan
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(neuralode.NonFiniteError, match="non-finite"):
+        neuralode.solve(nan_field, torch.ones(2, dtype=torch.float64), t, compile=True)
+
+
+def test_changed_python_attribute_runs_eagerly_with_a_warning():
+    f = Scaled()
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    t = torch.linspace(0.0, 1.0, 3, dtype=torch.float64)
+    with torch.no_grad():
+        first = neuralode.solve(f, y0, t, rtol=1e-8, atol=1e-8, compile=True)
+        assert first.stats["compiled"] is True
+        f.k = 2.0
+        with pytest.warns(RuntimeWarning, match="no longer matches"):
+            second = neuralode.solve(f, y0, t, rtol=1e-8, atol=1e-8, compile=True)
+    assert second.stats["compiled"] is False
+    torch.testing.assert_close(second.ys[-1], y0 * math.exp(-2.0), rtol=1e-7, atol=0.0)
+
+
+def test_dt_min_applies_to_the_proposed_step_not_the_last_piece():
+    # dt_max = 0.3 on [0, 1] leaves a last piece of 0.1 < dt_min = 0.2: the eager loop accepts
+    # it (dt_min bounds the controller's proposal), so must the compiled one.
+    ctrl = neuralode.PIController(rtol=1e-3, atol=1e-3, dt0=0.3, dt_min=0.2, dt_max=0.3)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    with torch.no_grad():
+        sol = neuralode.solve(decay, y0, t, controller=ctrl, compile=True)
+        ref = _eager(decay, y0, t, controller=ctrl)
+    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=0.0)
+
+
+def test_single_output_time_and_gradient_methods():
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    with torch.no_grad():
+        sol = neuralode.solve(decay, y0, torch.tensor([0.5]), compile=True)
+        assert torch.equal(sol.ys[0], y0) and sol.stats["compiled"] is False
+        with pytest.raises(ValueError, match="gradient=Checkpointed"):
+            neuralode.solve(
+                decay, y0, torch.tensor([0.0, 1.0]), gradient="checkpoint", compile=True
+            )

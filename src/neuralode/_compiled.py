@@ -25,9 +25,11 @@ a 1-D ``t``, no events, no dense output object, and no autograd graph (forward s
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import types
+import weakref
 
 import torch
 
@@ -46,13 +48,16 @@ STEPS_PER_CALL = 8
 _OUT_WINDOW = 8
 _EPS64 = 2.220446049250313e-16
 _STATUS_UNDERFLOW = 1
+_STATUS_NONFINITE_H = 2
 
 _MAX_CACHED = 16
 _lock = threading.Lock()
-_compiled: dict = {}
+_compiled: dict = {}  # (ids of func's parts, key) -> _Entry
 
 
-def check_compilable(*, tab, ctrl, spec, per_sample, event, dense_output, needs_grad) -> None:
+def check_compilable(
+    *, tab, ctrl, spec, per_sample, event, dense_output, needs_grad, gradient=None
+) -> None:
     """Raise ValueError naming what ``compile=True`` does not support in this call."""
     problems = []
     if not isinstance(tab, ButcherTableau) or not tab.adaptive:
@@ -76,7 +81,12 @@ def check_compilable(*, tab, ctrl, spec, per_sample, event, dense_output, needs_
         problems.append("events")
     if dense_output:
         problems.append("dense_output=True (Solution.evaluate)")
-    if needs_grad:
+    if gradient is not None:
+        problems.append(
+            f"gradient={gradient} (compiled stepping solves forward only, without gradient "
+            "methods; leave gradient at its default and call it under torch.no_grad())"
+        )
+    elif needs_grad:
         problems.append(
             "autograd (an input or a parameter of func requires grad while grad mode is on; "
             "compiled stepping solves forward only: call it under torch.no_grad(), or use "
@@ -89,7 +99,9 @@ def check_compilable(*, tab, ctrl, spec, per_sample, event, dense_output, needs_
         )
 
 
-def _constants(tab: ButcherTableau, ctrl: PIController, time_dtype, steps: int, neg: bool, shape):
+def _constants(
+    tab: ButcherTableau, ctrl: PIController, time_dtype, steps: int, neg: bool, shape, atol_zero
+):
     """Everything the compiled step needs from the tableau and controller, as plain Python
     values (torch.compile bakes them into the kernels and guards on them)."""
     P = tab.tensors(torch.float64, torch.device("cpu"))["P"]
@@ -119,6 +131,7 @@ def _constants(tab: ButcherTableau, ctrl: PIController, time_dtype, steps: int, 
         if tab.n_dense_stages == 0 or (tab.n_dense_stages == 1 and tab.dense_stage_is_next_first)
         else 1,
         tab.n_dense_stages,
+        bool(atol_zero),
     )
 
 
@@ -140,7 +153,7 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
     (A, b, b_err, c, P, fsal, safety, ifac, dfac, pco, ico, k, dt_min, dt_max, tdt, n, neg, shp) = (
         consts[:18]
     )
-    win_n, n_dense = consts[18:]
+    win_n, n_dense, atol_zero = consts[18:]
     interp = win_n == _OUT_WINDOW  # else every step lands on the next output time
     S, D = len(b), len(P[0])
     sgn = -1.0 if neg else 1.0
@@ -164,10 +177,13 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
         clip = t + h_abs >= t_lim
         t_new = torch.where(clip, t_lim, t + h_abs)
         hh = t_new - t
-        under = (hh < dt_min) | (hh <= 4 * _EPS64 * t.abs()) | (t_new == t)
-        bad = active & under
-        status = torch.where(bad, _STATUS_UNDERFLOW, status)
-        active = active & ~under
+        # The eager loop's checks, on the proposed step size (before landing on an output or
+        # the end): below dt_min or the resolution of t; a non-finite step size (NaN from func).
+        under = (h_abs < dt_min) | (h_abs <= 4 * _EPS64 * t.abs()) | (t + h_abs == t)
+        nonfinite_h = ~torch.isfinite(h_abs)
+        status = torch.where(active & under, _STATUS_UNDERFLOW, status)
+        status = torch.where(active & nonfinite_h, _STATUS_NONFINITE_H, status)
+        active = active & ~under & ~nonfinite_h
         hs = hh.to(y.dtype)
         ks = [k1]
         yi = y
@@ -178,6 +194,8 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
         y_new = yi if fsal else _combine(y, hs, b, ks)
         err = _combine(torch.zeros_like(y), hs, b_err, ks)
         scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
+        if atol_zero:  # pure relative control meets a zero component: a huge error, not NaN
+            scale = torch.clamp(scale, min=torch.finfo(scale.dtype).tiny)
         r = (err / scale).abs()
         e = torch.sqrt(torch.mean(r * r)).to(torch.float64)
         finite = torch.isfinite(e)
@@ -217,40 +235,121 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
     return y, k1, t, h, prev_err, out, p, att, st, n_acc, n_rej
 
 
-def _compiled_steps(key):
-    """The compiled ``_steps`` for one (func, constants, dtype, device, shape).
+def _func_parts(func) -> tuple:
+    """The objects that identify func for the cache (a bound method by its object and function:
+    ``model.forward`` is a new object at every attribute access)."""
+    if isinstance(func, types.MethodType):
+        return (func.__self__, func.__func__)
+    return (func,)
+
+
+def _refs(objs) -> tuple:
+    out = []
+    for o in objs:
+        try:
+            out.append(weakref.ref(o))
+        except TypeError:  # not weak-referenceable: keep it (the cache is bounded)
+            out.append(lambda o=o: o)
+    return tuple(out)
+
+
+class _Entry:
+    """One compiled ``_steps`` for one (func, constants, dtype, device, shape)."""
+
+    def __init__(self, parts):
+        self.refs = _refs(parts)
+        clone = types.FunctionType(_steps.__code__.replace(), _steps.__globals__, "_steps")
+        # The C++ wrapper calls the kernels without Python in between: on tiny states this
+        # halves the cost of a call.
+        self.fn = torch.compile(clone, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        self.compiled = False
+
+    def matches(self, parts) -> bool:
+        return len(parts) == len(self.refs) and all(r() is o for r, o in zip(self.refs, parts))
+
+
+def _entry(func, key) -> _Entry:
+    """The cache entry for ``func`` and ``key`` (the rest of what the compiled code depends on).
 
     Each entry compiles its own copy of ``_steps``'s code object: torch.compile keeps its cache
-    (and its recompilation limit, 8 by default) per code object, so many vector fields in one
-    process do not push each other out into eager fallback. The most recent entries are kept.
+    (and its recompilation limit) per code object, so many vector fields in one process do not
+    push each other out. The most recently used entries are kept.
     """
+    parts = _func_parts(func)
+    full_key = (tuple(id(o) for o in parts), key)
     with _lock:
-        fn = _compiled.pop(key, None)
-        if fn is None:
-            clone = types.FunctionType(_steps.__code__.replace(), _steps.__globals__, "_steps")
-            # The C++ wrapper calls the kernels without Python in between: on tiny states
-            # this halves the cost of a call.
-            fn = torch.compile(clone, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-        _compiled[key] = fn  # most recently used last
+        entry = _compiled.pop(full_key, None)
+        if entry is None or not entry.matches(parts):  # new, or an id reused after collection
+            entry = _Entry(parts)
+        _compiled[full_key] = entry  # most recently used last
         while len(_compiled) > _MAX_CACHED:
             _compiled.pop(next(iter(_compiled)))
-    return fn
+    return entry
+
+
+class _Recompile(Exception):
+    """func's compiled code no longer matches it (torch.compile would recompile)."""
+
+
+def _compile_call(entry: _Entry, args):
+    """The entry's first call, which compiles (Inductor's warnings about operators it runs
+    through its fallback executor, e.g. for complex dtypes, are silenced meanwhile)."""
+    quiet = [logging.getLogger(name) for name in ("torch._inductor", "torch._inductor.ir")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        out = entry.fn(*args)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise RuntimeError(
+            f"compile=True: torch.compile could not compile the solve with this func "
+            f"({type(e).__name__}: {first}). func must be traceable by torch.compile without "
+            "graph breaks (no data-dependent Python control flow, no .item()/.tolist(), no "
+            "printing); use compile=False for this func"
+        ) from e
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    entry.compiled = True
+    return out
+
+
+def _recompile_reason(e: Exception) -> str | None:
+    """Why torch.compile refused to recompile (under the "fail_on_recompile" stance), or None
+    if ``e`` is something else."""
+    import torch._dynamo.exc as dynamo_exc
+
+    text = str(e)
+    recompile = (dynamo_exc.RecompileError, dynamo_exc.FailOnRecompileLimitHit)
+    if not isinstance(e, recompile) and "recompile" not in text.lower():
+        return None
+    # The guard that failed, e.g. "f.k == 1.0", is the useful part of the message.
+    why = [ln.strip(" -") for ln in text.splitlines() if "==" in ln or "guard" in ln]
+    return (why[-1] if why else text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def integrate_compiled(
     prob: Problem, f: VectorField, y0: torch.Tensor, *, throw: bool, steps_per_call=None
-) -> LoopResult:
+) -> LoopResult | Exception:
     """The forward solve of :func:`neuralode._loop.integrate` in compiled chunks of steps.
 
     ``y0`` is the flat ``(B, M)`` state. Returns a :class:`LoopResult` with the outputs
-    ``(T, B, M)`` and no step records.
+    ``(T, B, M)`` and no step records, or, when func's compiled code no longer matches func
+    (torch.compile would have to recompile: a Python value func reads has changed), the reason
+    as an exception object, before any step was taken: the caller runs the eager engine.
+
+    Raises
+    ------
+    RuntimeError
+        When torch.compile cannot compile the solve with this func (graph breaks).
     """
     tab, ctrl = prob.tableau, prob.controller
     dev, dtype = y0.device, y0.dtype
     n_steps = steps_per_call or STEPS_PER_CALL
     neg = prob.direction < 0
     sgn = -1.0 if neg else 1.0
-    consts = _constants(tab, ctrl, f.time_dtype, n_steps, neg, prob.spec.shapes[0])
+    consts = _constants(tab, ctrl, f.time_dtype, n_steps, neg, prob.spec.shapes[0], prob.atol_zero)
     n_out = len(prob.out_t)
     f64 = dict(dtype=torch.float64, device=dev)
 
@@ -265,6 +364,7 @@ def integrate_compiled(
     out[:p] = y0
     with torch.no_grad():
         k1 = f(prob.t0, y0)
+        k1_time = -k1 if neg else k1  # the first stage of the negated-time system
         if ctrl.dt0 is not None:
             h0 = ctrl.dt0
         elif prob.t_end == prob.t0:
@@ -279,7 +379,7 @@ def integrate_compiled(
         rtol, atol = rtol.real, atol.real
     state = dict(
         y=y0,
-        k1=k1,
+        k1=k1_time,
         t=scalar(sgn * prob.t0),
         h=scalar(h0),
         prev_err=scalar(1.0),
@@ -290,13 +390,16 @@ def integrate_compiled(
     )
     t_end = scalar(sgn * prob.t_end)
     max_att_t = scalar(max_att, dtype=torch.int64, device=dev)
-    steps = _compiled_steps((id(f.func), consts, dtype, dev, tuple(y0.shape), n_out))
+    entry = _entry(f.func, (consts, dtype, dev, tuple(y0.shape), n_out))
     n_acc = n_rej = 0
     status, message = "success", ""
     per_attempt = tab.n_stages - 1 if tab.fsal else tab.n_stages
-    with torch.no_grad():
+    res = None
+    # Once compiled, a call that would recompile (func's Python state changed: guards fail)
+    # raises instead of silently spending 10-40 s per call; the caller then runs eagerly.
+    with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
         while True:
-            y, k1, t, h, prev_err, out, p_t, att, st, na, nr = steps(
+            args = (
                 f.func,
                 consts,
                 state["y"],
@@ -314,6 +417,19 @@ def integrate_compiled(
                 atol,
                 state["st"],
             )
+            if not entry.compiled:
+                with torch.compiler.set_stance("default"):
+                    res = _compile_call(entry, args)
+            else:
+                try:
+                    res = entry.fn(*args)
+                except Exception as e:
+                    why = _recompile_reason(e)
+                    if why is None:
+                        raise
+                    f.nfe = nfe0
+                    return _Recompile(why)  # the caller runs the eager engine instead
+            y, k1, t, h, prev_err, out, p_t, att, st, na, nr = res
             state.update(y=y, k1=k1, t=t, h=h, prev_err=prev_err, out=out, p=p_t, att=att, st=st)
             # The one host read per call: time, step size, attempts, status.
             t_now, h_now = (sgn * x for x in torch.stack([t, h]).tolist())
@@ -321,6 +437,17 @@ def integrate_compiled(
             acc_now, rej_now = torch.stack([na, nr]).tolist()
             n_acc += acc_now
             n_rej += rej_now
+            if code == _STATUS_NONFINITE_H:
+                msg = (
+                    f"func returned non-finite values (NaN/inf) at t={t_now:.17g} after "
+                    f"{att_now} step attempts (compiled stepping), so no step size can be chosen; "
+                    "check func and the state for NaN/inf (a division by zero, a log of a "
+                    "negative number, an overflow in float32)"
+                )
+                if throw:
+                    raise NonFiniteError(msg, t=t_now, step=att_now, h=abs(h_now))
+                status, message = NonFiniteError.status, msg
+                break
             if code == _STATUS_UNDERFLOW:
                 cls = NonFiniteError if last_nf else StepSizeUnderflowError
                 msg = (

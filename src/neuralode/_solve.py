@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
 
-from ._loop import Problem, VectorField
+from ._loop import Problem, VectorField, integrate
 from ._tree import TreeSpec, flatten_state
 from .controllers import ConstantStep, PIController, StepToGrid
 from .gradients import Direct, get_gradient
@@ -116,7 +117,14 @@ def solve(
         (step sizes can differ in the last bits; a step never passes more than 8 output times,
         and with dopri8, whose continuous extension needs three more stages, steps land on every
         output time instead of interpolating).
-        ``stats`` holds ``nfe``, ``n_accepted`` and ``n_rejected``.
+        A compiled version serves one func, dtype, state shape and number of output times
+        (another number of output times compiles again). ``stats`` holds ``nfe``,
+        ``n_accepted``, ``n_rejected`` and ``compiled``, which is False when the solve ran on
+        the eager engine instead: when there was nothing to integrate (one output time), or
+        when func no longer matches the
+        code compiled for it (a Python number it reads changed, e.g. ``self.k = 1.7``; a
+        RuntimeWarning says so; keep such values in tensors). A func that torch.compile cannot
+        trace raises RuntimeError.
 
     Returns
     -------
@@ -313,10 +321,27 @@ def _solve_compiled(
         per_sample=False,
         event=None,
         dense_output=bool(dense_output),
-        needs_grad=needs_grad or not isinstance(grad_method, Direct),
+        needs_grad=needs_grad,
+        gradient=None if isinstance(grad_method, Direct) else type(grad_method).__name__,
     )
     f = VectorField(func, prob.spec, tdt)
-    res = integrate_compiled(prob, f, y0flat, throw=throw)
+    res = None
+    if prob.t_end != prob.t0:  # (a single output time: nothing to integrate, nor to compile)
+        res = integrate_compiled(prob, f, y0flat, throw=throw)
+        if isinstance(res, Exception):
+            warnings.warn(
+                "compile=True: func no longer matches the code compiled for it (torch.compile "
+                f"would recompile: {res}); a Python number or object that func reads has "
+                "probably changed since the first solve (e.g. an attribute self.k = 1.7). This "
+                "solve runs on the eager engine. Keep such values in tensors (e.g. "
+                "register_buffer) so that one compiled version serves every call",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            res, f = None, VectorField(func, prob.spec, tdt)
+    run.stats["compiled"] = res is not None
+    if res is None:
+        res = integrate(prob, f, y0flat, track_grad=False, throw=throw)
     run.result, run.f = res, f
     run.stats.update(
         nfe=f.nfe, n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted

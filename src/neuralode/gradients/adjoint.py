@@ -241,7 +241,8 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     if tab.adaptive and isinstance(ctrl, PIController):
         # The controller's own tolerances are placeholders: the augmented problem carries the
         # tolerances laid out over (y, a, params) (aug_rtol/aug_atol below).
-        actrl = dataclasses.replace(ctrl, dt0=None, norm=None, rtol=1.0, atol=1.0)
+        # No dt_min: the forward's last step may be shorter than it (clipped to the end).
+        actrl = dataclasses.replace(ctrl, dt0=None, norm=None, rtol=1.0, atol=1.0, dt_min=0.0)
     elif tab.adaptive and cfg.solver is not None:  # fixed-step forward, adaptive backward
         actrl = PIController(
             rtol=1e-6 if cfg.rtol is None else cfg.rtol, atol=1e-8 if cfg.atol is None else cfg.atol
@@ -349,7 +350,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
                 flat,
                 track_grad=False,
                 stepper=aug_stepper,
-                h0=abs(nxt - point) if follow_forward else h_carry,
+                h0=_step_containing(steps, point, nxt, direction) if follow_forward else h_carry,
                 k1=k1_aug,
                 t_first=t_first,
             )
@@ -375,6 +376,23 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             g = g.real
         grads_p.append(g.to(p.dtype) + extra)
     return [a, *grads_p]
+
+
+def _step_containing(steps, point: float, nxt: float, direction: float) -> float:
+    """The length of the forward step that holds the backward segment from ``point`` to ``nxt``
+    (proposed as the backward step: the segment ends it when it is a piece of the step, e.g.
+    between two output times a few ulps apart, without a step size below the resolution)."""
+    lo, hi = 0, len(steps)
+    mid_t = 0.5 * (point + nxt)
+    while lo < hi:  # the first step whose end lies beyond the segment's midpoint
+        m = (lo + hi) // 2
+        if direction * (steps[m].t_new - mid_t) < 0:
+            lo = m + 1
+        else:
+            hi = m
+    if lo < len(steps):
+        return abs(steps[lo].t_new - steps[lo].t)
+    return abs(nxt - point)
 
 
 def _last_at(last: dict, t: float, y) -> bool:
