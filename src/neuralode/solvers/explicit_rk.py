@@ -51,8 +51,12 @@ class RKStepper:
         y_new = None
         if track_grad:
             ks = [k1.reshape(-1)]
+            # Stacked as rows and transposed, the copy is contiguous (faster for large states);
+            # stacked as columns, the backward split is cheaper (faster for small ones).
+            by_rows = yv.numel() >= 4096
             for i in range(1, S):
-                yi = torch.addmv(yv, torch.stack(ks, 1), rows[i], alpha=h)
+                Ki = torch.stack(ks).T if by_rows else torch.stack(ks, 1)
+                yi = torch.addmv(yv, Ki, rows[i], alpha=h)
                 if self.fsal and i == S - 1:
                     y_new = yi
                     ks.append(fcall(t_last, yi))
