@@ -497,7 +497,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         help="wall time (perf_counter, default) or this process's CPU time (process_time: "
         "steadier on a shared, loaded machine)",
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats (default 7, within --budget)"
+    )
     parser.add_argument(
         "--budget",
         type=float,
@@ -522,7 +524,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         tols = QUICK_TOLS if args.quick else FULL_TOLS
         problems, batch, n_out = args.problems, args.batch or 256, args.outputs or 10
     fast = args.quick or args.tiny
-    repeats = args.repeats or (1 if fast else 3)
+    repeats = args.repeats or (1 if fast else 7)
     budget = args.budget if args.budget is not None else (0.3 if fast else 1.0)
 
     print(

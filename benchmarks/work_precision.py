@@ -508,7 +508,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         help="also run neuralode.solve(..., compile=True) on lorenz/arenstorf with dopri5/dopri8 "
         "(default: on, off under --tiny)",
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats (default 7, within --budget)"
+    )
     parser.add_argument(
         "--budget",
         type=float,
@@ -533,7 +535,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         tols = {method: sorted(args.tols, reverse=True) for method in FULL_TOLS}
     fast = args.quick or args.tiny
     COMPILED["on"] = (args.compiled or ("off" if args.tiny else "on")) == "on"
-    repeats = args.repeats or (1 if fast else 3)
+    repeats = args.repeats or (1 if fast else 7)
     budget = args.budget or (0.1 if args.tiny else 0.3 if args.quick else 1.0)
     factories = make_problems(dtype)
 
