@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from neuralode._loop import ErrorNormWork, Problem
+from neuralode._loop import Problem
+from neuralode._norms import ErrorNormWork
 from neuralode._tree import flatten_state, rms_norm
 from neuralode.solvers import get_tableau
 
