@@ -59,6 +59,19 @@ class VectorField:
             out = self.func(self._time(t), self.spec.unflatten(y.view(self.spec.batch, -1)))
         return self.spec.flatten(out, what="the derivative returned by func", t=t).reshape(-1)
 
+    def into(self, t: float, y: torch.Tensor, dst_shaped, dst: torch.Tensor) -> None:
+        """f at ``(t, y)`` (``y`` 1-D) written into a stage row ``dst`` (1-D); ``dst_shaped`` is
+        the same row viewed in the state's shape (or None), which spares a reshape."""
+        shape = self._shape
+        if shape is not None and dst_shaped is not None:
+            self.nfe += 1
+            out = self.func(self._time(t), y.view(shape))
+            if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
+                dst_shaped.copy_(out)
+                return
+            self.nfe -= 1  # validated (and counted) once more by flat()
+        dst.copy_(self.flat(t, y))
+
 
 class FlatVectorField(VectorField):
     """The engine's own vector fields (augmented systems) on the flat state.
@@ -79,6 +92,9 @@ class FlatVectorField(VectorField):
     def flat(self, t: float, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         return self.flat_fn(t, y).view(-1)
+
+    def into(self, t: float, y: torch.Tensor, dst_shaped, dst: torch.Tensor) -> None:
+        dst.copy_(self.flat(t, y))
 
 
 @dataclass

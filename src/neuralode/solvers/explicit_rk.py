@@ -33,6 +33,9 @@ class RKStepper:
         self.reuse_buffer = False
         self._buf: torch.Tensor | None = None
         self._err: torch.Tensor | None = None
+        self._krows: list = []
+        self._krows_shaped: list = []
+        self._krows_shape = None
         self._prefix: list[torch.Tensor] = []
 
     def step(self, f, t: float, h: float, y, k1, t_last: float, track_grad: bool):
@@ -67,17 +70,30 @@ class RKStepper:
             K = self._buffer(yv) if self.reuse_buffer else None
             if K is None:
                 K = torch.empty((S, yv.numel()), dtype=yv.dtype, device=yv.device)
+            if K is self._buf:
+                prefix, krows = self._prefix, self._krows
+                # The rows also viewed in the state's shape: f's output is copied in directly.
+                shape_f = getattr(f, "_shape", None)
+                if shape_f is not None and self._krows_shape != shape_f:
+                    self._krows_shaped = [r.view(shape_f) for r in krows]
+                    self._krows_shape = shape_f
+                kshaped = self._krows_shaped if shape_f is not None else [None] * S
+            else:
+                prefix, krows = [K[:i].T for i in range(S)], list(K)
+                kshaped = [None] * S
             k1v = k1.reshape(-1)
-            if k1v.data_ptr() != K[0].data_ptr():
-                K[0] = k1v
-            prefix = self._prefix if K is self._buf else [K[:i].T for i in range(S)]
+            if k1v.data_ptr() != krows[0].data_ptr():
+                krows[0].copy_(k1v)
+            into = getattr(f, "into", None)
             for i in range(1, S):
                 yi = torch.addmv(yv, prefix[i], rows[i], alpha=h)
+                ti = c[i]
                 if self.fsal and i == S - 1:
-                    y_new = yi
-                    K[i] = fcall(t_last, yi)
+                    y_new, ti = yi, t_last
+                if into is not None:
+                    into(ti, yi, kshaped[i], krows[i])
                 else:
-                    K[i] = fcall(c[i], yi)
+                    krows[i].copy_(fcall(ti, yi))
         if y_new is None:
             y_new = torch.addmv(yv, K.T, self.T["b"], alpha=h)
         err = None
@@ -99,8 +115,10 @@ class RKStepper:
         ):
             buf = self._buf = torch.empty((self.S, yv.numel()), dtype=yv.dtype, device=yv.device)
             self._err = torch.empty_like(yv)
-            # The transposed stage prefixes K[:i]^T, made once per buffer.
+            # The transposed stage prefixes K[:i]^T and the rows, made once per buffer.
             self._prefix = [buf[:i].T for i in range(self.S)]
+            self._krows = list(buf)
+            self._krows_shape = None
         return buf
 
     def last_stage(self, K):
