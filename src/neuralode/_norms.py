@@ -104,7 +104,12 @@ def initial_step(prob: Problem, f: VectorField, y0, k1, order: int, dt_max: floa
         scale = y0.abs().mul(prob.rtol).add(prob.atol)
         if prob.atol_zero:
             scale.clamp_(min=torch.finfo(scale.dtype).tiny)
-        if prob.norm is None:  # one host read for both norms
+        plain = prob.norm is None and prob.norm_components is None and prob.spec.kind == "tensor"
+        if plain:  # RMS norms of y0 and f0 in one reduction and one host read
+            inv = 1.0 / math.sqrt(max(y0.numel(), 1))
+            both = torch.stack([y0, k1]).div_(scale).reshape(2, -1)
+            d0, d1 = (x * inv for x in torch.linalg.vector_norm(both, dim=1).tolist())
+        elif prob.norm is None:  # one host read for both norms
             d0, d1 = torch.stack([_norm(prob, y0 / scale), _norm(prob, k1 / scale)]).tolist()
         else:  # a user norm may return a Python number
             d0, d1 = _norm_of(prob, y0, scale), _norm_of(prob, k1, scale)
@@ -113,7 +118,10 @@ def initial_step(prob: Problem, f: VectorField, y0, k1, order: int, dt_max: floa
         h0 = min(h0, span, dt_max)
         y1 = y0 + (prob.direction * h0) * k1
         f1 = f(prob.t0 + prob.direction * h0, y1)
-        d2 = _norm_of(prob, f1 - k1, scale) / h0
+        if plain:
+            d2 = float(torch.linalg.vector_norm((f1 - k1).div_(scale))) * inv / h0
+        else:
+            d2 = _norm_of(prob, f1 - k1, scale) / h0
         dmax = max(d1, d2)
         if not math.isfinite(dmax):
             h1 = h0 * 1e-3

@@ -473,7 +473,20 @@ def _resolve_controller(tab, controller, rtol, atol, dt):
             f"solver {tab.name!r} is a fixed-step method (no error estimate): pass dt=... or "
             "controller=ConstantStep(dt) / StepToGrid(grid)"
         )
-    return PIController(rtol=1e-6 if rtol is None else rtol, atol=1e-8 if atol is None else atol)
+    rtol = 1e-6 if rtol is None else rtol
+    atol = 1e-8 if atol is None else atol
+    if type(rtol) is float and type(atol) is float:  # immutable: one per tolerance pair
+        key = (rtol, atol)
+        ctrl = _DEFAULT_CONTROLLERS.get(key)
+        if ctrl is None:
+            if len(_DEFAULT_CONTROLLERS) > 64:
+                _DEFAULT_CONTROLLERS.clear()
+            ctrl = _DEFAULT_CONTROLLERS[key] = PIController(rtol=rtol, atol=atol)
+        return ctrl
+    return PIController(rtol=rtol, atol=atol)
+
+
+_DEFAULT_CONTROLLERS: dict = {}
 
 
 def _tolerance(spec: TreeSpec, tol, name: str):

@@ -25,7 +25,10 @@ class RKStepper:
         self.fsal = tableau.fsal
         self.c = tableau.c
         # Row i of a, restricted to the stages it combines (a[i, :i]), sliced once.
-        self.rows = [self.T["a"][i, :i] for i in range(self.S)]
+        rows = self.T.get("_rows")
+        if rows is None:  # cached with the tensors (per dtype and device)
+            rows = self.T["_rows"] = [self.T["a"][i, :i] for i in range(self.S)]
+        self.rows = rows
         self.b_err = self.T["b_err"][0] if "b_err" in self.T else None
         # Without a graph and when no step keeps its stages (no dense output), one stage buffer
         # serves every step: a fresh large allocation per step costs page faults that dominate
