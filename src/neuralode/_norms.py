@@ -74,8 +74,8 @@ class ErrorNormWork:
     def __call__(self, prob: Problem, err, y, y_new) -> float:
         a, b = self.a, self.b
         if self.of is not y:
-            torch.abs(y.detach(), out=a)
-        torch.abs(y_new.detach(), out=b)
+            torch.abs(y.detach() if y.requires_grad else y, out=a)
+        torch.abs(y_new.detach() if y_new.requires_grad else y_new, out=b)
         scale = torch.maximum(a, b, out=a).mul_(prob.rtol).add_(prob.atol)
         if prob.atol_zero:
             scale.clamp_(min=torch.finfo(scale.dtype).tiny)

@@ -84,9 +84,8 @@ class RKStepper:
             else:
                 prefix, krows = [K[:i].T for i in range(S)], list(K)
                 kshaped = [None] * S
-            k1v = k1.reshape(-1)
-            if k1v.data_ptr() != krows[0].data_ptr():
-                krows[0].copy_(k1v)
+            if k1.data_ptr() != krows[0].data_ptr():  # else already there (carry_fsal)
+                krows[0].copy_(k1.reshape(-1))
             into = getattr(f, "into", None)
             for i in range(1, S):
                 yi = torch.addmv(yv, prefix[i], rows[i], alpha=h)
@@ -130,11 +129,11 @@ class RKStepper:
     def carry_fsal(self, K):
         """The next step's first stage from an accepted FSAL step's last stage. With the reused
         buffer it is copied into row 0, where it survives rejected attempts of the next step."""
-        last = K[self.S - 1]
-        if self.reuse_buffer and self._buf is not None and K.data_ptr() == self._buf.data_ptr():
-            K[0].copy_(last)
-            return K[0]
-        return last
+        if K is self._buf:
+            rows = self._krows
+            rows[0].copy_(rows[-1])
+            return rows[0]
+        return K[self.S - 1]
 
     def dense_stages(self, f, t: float, h: float, y, K, k_next, t_last=None):
         """Stages plus dense stages ``(Sd, B*M)`` for interpolation inside the step.
