@@ -18,6 +18,12 @@ because the controller runs in float64 tensor arithmetic (``pow``) instead of Py
 a step never passes more than ``_OUT_WINDOW`` output times (it lands on the last of them). A
 method whose continuous extension needs extra stages (DOP853) lands on every output time.
 
+Failures are those of the eager loop (StepSizeUnderflowError, NonFiniteError, MaxStepsError,
+or a partial solution with ``throw=False``), found at the end of the call in which they happen.
+Each (func, constants, dtype, device, shape, number of outputs) compiles once; afterwards a call
+whose guards fail (func's Python state changed, e.g. a float attribute) is not recompiled:
+:func:`integrate_compiled` returns the reason and the solve runs on the eager engine.
+
 Scope: explicit adaptive methods (a Butcher tableau with an embedded error estimate) under a
 :class:`~neuralode.PIController` without ``step_t``/``jump_t``/``norm``, a single-tensor state,
 a 1-D ``t``, no events, no dense output object, and no autograd graph (forward solves).
