@@ -117,6 +117,8 @@ def solve(
         (step sizes can differ in the last bits; a step never passes more than 8 output times,
         and with dopri8, whose continuous extension needs three more stages, steps land on every
         output time instead of interpolating).
+        Methods without FSAL (dopri8, fehlberg2, adaptive_heun) also evaluate f at the end
+        of rejected attempts, so their NFE is a little higher than the eager engine's.
         A compiled version serves one func, dtype, state shape and number of output times
         (another number of output times compiles again). ``stats`` holds ``nfe``,
         ``n_accepted``, ``n_rejected`` and ``compiled``, which is False when the solve ran on
