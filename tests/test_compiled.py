@@ -244,3 +244,14 @@ def test_single_output_time_and_gradient_methods():
             neuralode.solve(
                 decay, y0, torch.tensor([0.0, 1.0]), gradient="checkpoint", compile=True
             )
+
+
+def test_error_messages_name_what_is_unsupported():
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    t2 = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"a 2-D t \(shape \(2, 2\)\); use compile=False"):
+            neuralode.solve(decay, torch.ones(2, 2, dtype=torch.float64), t2, compile=True)
+        sol = neuralode.solve(decay, y0, torch.tensor([0.0, 1.0]), compile=True)
+        with pytest.raises(ValueError, match=r"compile=True\), which keeps no dense output"):
+            sol.evaluate(torch.tensor([0.5]))

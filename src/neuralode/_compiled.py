@@ -101,7 +101,7 @@ def check_compilable(
     if problems:
         raise ValueError(
             "compile=True does not support " + "; ".join(problems) + ". Use compile=False (the "
-            "eager engine supports all of these)"
+            "eager engine supports " + ("all of these)" if len(problems) > 1 else "it)")
         )
 
 

@@ -102,6 +102,12 @@ class Solution:
         being recorded).
         """
         if self._dense is None:
+            if self.stats.get("compiled") is not None:
+                raise ValueError(
+                    "this Solution comes from solve(..., compile=True), which keeps no dense "
+                    "output; solve with compile=False, dense_output=True to evaluate at "
+                    "arbitrary times (or pass those times in t)"
+                )
             raise ValueError(
                 "this Solution has no dense output; solve with dense_output=True to evaluate "
                 "at arbitrary times"
