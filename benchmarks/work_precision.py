@@ -432,6 +432,9 @@ def _time_at_error(points: list[tuple[float, float]], target: float) -> float | 
 
 def print_equal_error(rows: list[Row], probs: list[Problem], out=sys.stdout) -> None:
     print("\n### Time at equal error (log-log interpolation; ms, and / neuralode)\n", file=out)
+    if all(prob.chaotic for prob in probs):
+        print("(none: errors of a chaotic problem are not comparable; see us/NFE)", file=out)
+        return
     print("| problem | method | target err | library | time (ms) | /neuralode |", file=out)
     print("|---|---|---|---|---:|---:|", file=out)
     for prob in probs:
@@ -466,6 +469,8 @@ def print_summary(rows: list[Row], out=sys.stdout) -> None:
     base = {(r.problem, r.method, r.tol): r.time for r in rows if r.library == "neuralode"}
     for prob in dict.fromkeys(r.problem for r in rows):
         for method in FULL_TOLS:
+            if not any(r.problem == prob and r.method == method and r.time for r in rows):
+                continue  # not run
             cells = []
             for lib in libs:
                 ratios = [
