@@ -78,6 +78,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from work_precision import _fmt_time, _time_at_error  # the sibling script (same folder)
 
 import neuralode
 
@@ -345,10 +346,6 @@ def measure(
 
 
 # --------------------------------------------------------------------------- reporting
-def _fmt_time(s: float) -> str:
-    return f"{s * 1e3:.3g}" if s < 10 else f"{s * 1e3:.0f}"
-
-
 def print_table(rows: list[Row], prob: Problem, out=sys.stdout) -> None:
     print(f"\n### {prob.name}: {prob.description}\n", file=out)
     print(prob.ref_note + "\n", file=out)
@@ -371,16 +368,6 @@ def print_table(rows: list[Row], prob: Problem, out=sys.stdout) -> None:
                 f"{head} {r.nfe_fwd} | {r.nfe_bwd} | {r.err:.1e} | {_fmt_time(r.time)} | {ratio} |",
                 file=out,
             )
-
-
-def _time_at_error(points: list[tuple[float, float]], target: float) -> float | None:
-    """Log-log interpolation of time at error ``target`` from (err, time) points."""
-    pts = sorted((e, s) for e, s in points if e > 0 and s > 0)
-    for (e0, s0), (e1, s1) in zip(pts, pts[1:]):
-        if e0 <= target <= e1 and e1 > e0:
-            w = (math.log(target) - math.log(e0)) / (math.log(e1) - math.log(e0))
-            return math.exp(math.log(s0) + w * (math.log(s1) - math.log(s0)))
-    return None
 
 
 def equal_error_times(rows: list[Row]) -> dict[tuple[str, str, float], float]:

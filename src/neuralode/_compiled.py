@@ -44,7 +44,7 @@ from .controllers import PIController
 from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 from .solvers.tableau import ButcherTableau
 
-__all__ = ["STEPS_PER_CALL", "check_compilable", "integrate_compiled"]
+__all__ = ["STEPS_PER_CALL", "CompiledCodeMismatch", "check_compilable", "integrate_compiled"]
 
 #: Steps unrolled into one compiled call. More steps amortise the call (~40 us) further but
 #: lengthen the first compilation (about 4 s per step for dopri5 on 2 CPU cores, once per
@@ -61,10 +61,9 @@ _lock = threading.Lock()
 _compiled: dict = {}  # (ids of func's parts, key) -> _Entry
 
 
-def check_compilable(
-    *, tab, ctrl, spec, per_sample, event, dense_output, needs_grad, gradient=None
-) -> None:
-    """Raise ValueError naming what ``compile=True`` does not support in this call."""
+def check_compilable(*, tab, ctrl, spec, dense_output, needs_grad, gradient=None) -> None:
+    """Raise ValueError naming what ``compile=True`` does not support in this call (per-sample
+    control, events and 2-D t are refused by ``solve`` before it gets here)."""
     problems = []
     if not isinstance(tab, ButcherTableau) or not tab.adaptive:
         name = getattr(tab, "name", type(tab).__name__)
@@ -81,10 +80,6 @@ def check_compilable(
         problems.append(f"controller {type(ctrl).__name__} (only PIController)")
     if spec.kind != "tensor":
         problems.append(f"a {spec.kind} state (only a single tensor)")
-    if per_sample:
-        problems.append("a 2-D (per-sample) t")
-    if event is not None:
-        problems.append("events")
     if dense_output:
         problems.append("dense_output=True (Solution.evaluate)")
     if gradient is not None:
@@ -238,7 +233,11 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
         n_rej = n_rej + (active & ~accept).to(n_rej.dtype)
         last_nf = torch.where(active, ~finite, last_nf.to(torch.bool)).to(st.dtype)
         st = torch.stack([status.to(st.dtype), last_nf])
-    return y, k1, t, h, prev_err, out, p, att, st, n_acc, n_rej
+    # What the host reads after the call, in one transfer (counts are exact in float64).
+    report = torch.cat(
+        [torch.stack([t, h]), torch.stack([att, n_acc, n_rej]).double(), st.double()]
+    )
+    return y, k1, t, h, prev_err, out, p, att, st, report
 
 
 def _func_parts(func) -> tuple:
@@ -293,8 +292,9 @@ def _entry(func, key) -> _Entry:
     return entry
 
 
-class _Recompile(Exception):
-    """func's compiled code no longer matches it (torch.compile would recompile)."""
+class CompiledCodeMismatch(Exception):
+    """func's compiled code no longer matches it (torch.compile would recompile); raised before
+    any result is returned, so the caller can run the solve on the eager engine instead."""
 
 
 def _compile_call(entry: _Entry, args):
@@ -337,16 +337,17 @@ def _recompile_reason(e: Exception) -> str | None:
 
 def integrate_compiled(
     prob: Problem, f: VectorField, y0: torch.Tensor, *, throw: bool, steps_per_call=None
-) -> LoopResult | Exception:
+) -> LoopResult:
     """The forward solve of :func:`neuralode._loop.integrate` in compiled chunks of steps.
 
     ``y0`` is the flat ``(B, M)`` state. Returns a :class:`LoopResult` with the outputs
-    ``(T, B, M)`` and no step records, or, when func's compiled code no longer matches func
-    (torch.compile would have to recompile: a Python value func reads has changed), the reason
-    as an exception object, before any step was taken: the caller runs the eager engine.
+    ``(T, B, M)`` and no step records.
 
     Raises
     ------
+    CompiledCodeMismatch
+        When func's compiled code no longer matches func (torch.compile would have to
+        recompile: a Python value func reads has changed); the caller runs the eager engine.
     RuntimeError
         When torch.compile cannot compile the solve with this func (graph breaks).
     """
@@ -433,16 +434,15 @@ def integrate_compiled(
                     why = _recompile_reason(e)
                     if why is None:
                         raise
-                    f.nfe = nfe0
-                    return _Recompile(why)  # the caller runs the eager engine instead
-            y, k1, t, h, prev_err, out, p_t, att, st, na, nr = res
+                    raise CompiledCodeMismatch(why) from e
+            y, k1, t, h, prev_err, out, p_t, att, st, report = res
             state.update(y=y, k1=k1, t=t, h=h, prev_err=prev_err, out=out, p=p_t, att=att, st=st)
             # The one host read per call: time, step size, attempts, status.
-            t_now, h_now = (sgn * x for x in torch.stack([t, h]).tolist())
-            att_now, code, last_nf = torch.cat([att.view(1), st]).tolist()
-            acc_now, rej_now = torch.stack([na, nr]).tolist()
-            n_acc += acc_now
-            n_rej += rej_now
+            t_now, h_now, att_now, acc_now, rej_now, code, last_nf = report.tolist()
+            t_now, h_now = sgn * t_now, sgn * h_now
+            att_now, code = int(att_now), int(code)
+            n_acc += int(acc_now)
+            n_rej += int(rej_now)
             if code == _STATUS_NONFINITE_H:
                 msg = (
                     f"func returned non-finite values (NaN/inf) at t={t_now:.17g} after "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._norms import ErrorNormWork, _scaled_norm, initial_step
+from ._norms import ErrorNormWork, initial_step, user_scaled_norm
 from ._tree import TreeSpec
 from .controllers import ConstantStep, PIController
 from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflowError
@@ -63,14 +63,17 @@ class VectorField:
         """f at ``(t, y)`` (``y`` 1-D) written into a stage row ``dst`` (1-D); ``dst_shaped`` is
         the same row viewed in the state's shape (or None), which spares a reshape."""
         shape = self._shape
-        if shape is not None and dst_shaped is not None:
-            self.nfe += 1
-            out = self.func(self._time(t), y.view(shape))
-            if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
-                dst_shaped.copy_(out)
-                return
-            self.nfe -= 1  # validated (and counted) once more by flat()
-        dst.copy_(self.flat(t, y))
+        if shape is None or dst_shaped is None:
+            dst.copy_(self.flat(t, y))
+            return
+        self.nfe += 1
+        out = self.func(self._time(t), y.view(shape))
+        if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
+            dst_shaped.copy_(out)
+        else:  # validated (raises naming what is wrong) without calling func again
+            dst.copy_(
+                self.spec.flatten(out, what="the derivative returned by func", t=t).reshape(-1)
+            )
 
 
 class FlatVectorField(VectorField):
@@ -115,7 +118,7 @@ class Problem:
     atol: float | torch.Tensor = 0.0
     norm: object = None  # user norm on the state structure, or None
     norm_components: int | None = None  # seminorm: only the first components enter the norm
-    atol_zero: bool = False  # some absolute tolerance is zero (see _scaled_norm)
+    atol_zero: bool = False  # some absolute tolerance is zero (the error scale is floored)
     _out_t_dev: torch.Tensor | None = None
 
     def out_t_on(self, device) -> torch.Tensor:
@@ -263,9 +266,12 @@ def integrate(
     else:  # StepToGrid: every grid point is a landing point
         h = math.inf
     prev_err = 1.0
-    scaled_norm = _scaled_norm
-    if adaptive and prob.norm is None:
-        scaled_norm = ErrorNormWork(y0, prob.spec, prob.norm_components)
+    if adaptive:  # the scaled error norm of a step, as a float (the step's one host read)
+        scaled_norm = (
+            user_scaled_norm
+            if prob.norm is not None
+            else ErrorNormWork(y0, prob.spec, prob.norm_components)
+        )
     attempts = n_acc = n_rej = 0
     last_nonfinite = False
     steps: list[StepRecord] = []
@@ -353,13 +359,7 @@ def integrate(
         y_new, err, K = stepper.step(f, t, h_step, y, k1, t_last, track_grad)
 
         if adaptive:
-            if scaled_norm is not _scaled_norm:  # its own buffers, detached inside
-                e = scaled_norm(prob, err, y, y_new)
-            elif track_grad:
-                with torch.no_grad():
-                    e = float(scaled_norm(prob, err, y, y_new))
-            else:
-                e = float(scaled_norm(prob, err, y, y_new))
+            e = scaled_norm(prob, err, y, y_new)
             accept = e <= 1.0
             last_nonfinite = not math.isfinite(e)
         else:

@@ -17,7 +17,7 @@ from ._tree import TreeSpec, rms_norm
 if TYPE_CHECKING:  # type hints only (the loop imports this module)
     from ._loop import Problem, VectorField
 
-__all__ = ["ErrorNormWork", "initial_step"]
+__all__ = ["ErrorNormWork", "initial_step", "user_scaled_norm"]
 
 
 def _norm(prob: Problem, scaled: torch.Tensor) -> torch.Tensor:
@@ -29,17 +29,15 @@ def _norm(prob: Problem, scaled: torch.Tensor) -> torch.Tensor:
     return rms_norm(prob.spec, scaled)
 
 
-def _scaled_norm(prob: Problem, err, y, y_new) -> torch.Tensor:
-    """Scaled error norm as a 0-d tensor (no host sync)."""
-    scale = torch.maximum(y.abs(), y_new.abs()).mul_(prob.rtol).add_(prob.atol)
-    if prob.atol_zero:
-        # Pure relative control meets a zero component: floor the scale so that the error is
-        # huge (the step shrinks) instead of NaN.
-        scale.clamp_(min=torch.finfo(scale.dtype).tiny)
-    if prob.norm is None and prob.norm_components is None and prob.spec.kind == "tensor":
-        # RMS in two fused ops: ||err / scale||_2 / sqrt(n).
-        return torch.linalg.vector_norm(err.div_(scale)) * (1.0 / math.sqrt(err.numel()))
-    return _norm(prob, err / scale)
+def user_scaled_norm(prob: Problem, err, y, y_new) -> float:
+    """The scaled error norm with the controller's own ``norm`` (on the state's structure)."""
+    with torch.no_grad():
+        scale = torch.maximum(y.abs(), y_new.abs()).mul_(prob.rtol).add_(prob.atol)
+        if prob.atol_zero:
+            # Pure relative control meets a zero component: floor the scale so that the error
+            # is huge (the step shrinks) instead of NaN.
+            scale.clamp_(min=torch.finfo(scale.dtype).tiny)
+        return float(_norm(prob, err / scale))
 
 
 class ErrorNormWork:

@@ -253,6 +253,7 @@ def solve(
         atol_ = prob.atol
         prob.atol_zero = atol_ == 0 if isinstance(atol_, float) else bool((atol_ == 0).any())
     dense = dense_output if dense_output is not None else isinstance(grad_method, Direct)
+    dense = dense and not compile  # compiled stepping keeps no steps (dense_output=True raises)
     samples_all = (
         torch.as_tensor(out_sample, device=spec.device) if out_sample is not None else None
     )
@@ -261,21 +262,20 @@ def solve(
         run.extra["monitor"] = _monitor
 
     t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
-    if compile:
-        return _solve_compiled(
-            func, y0flat, t_tensor, prob, run, grad_method, dense_output, time_dtype, throw, t_grad
-        )
     if t_grad and per_sample:
         raise ValueError(
             "gradients with respect to a 2-D (per-sample) t are not supported; pass t.detach() "
             "or solve with a shared 1-D t"
         )
-    y_start = y0flat
-    f0 = None
-    if t_grad:
-        f0 = VectorField(func, spec, time_dtype)(t0, y0flat)
-        y_start = y0flat - (t[0] - t[0].detach()).to(_real(spec.dtype)) * f0
-    ys = grad_method.run(run, y_start)
+    if compile:
+        ys = _run_compiled(run, y0flat, grad_method, dense_output, t_grad)
+    else:
+        y_start = y0flat
+        f0 = None
+        if t_grad:
+            f0 = VectorField(func, spec, time_dtype)(t0, y0flat)
+            y_start = y0flat - (t[0] - t[0].detach()).to(_real(spec.dtype)) * f0
+        ys = grad_method.run(run, y_start)
     res = run.result
     if t_grad:
         fv = VectorField(func, spec, time_dtype)
@@ -312,63 +312,51 @@ def solve(
     )
 
 
-def _solve_compiled(
-    func, y0flat, t_tensor, prob, run, grad_method, dense_output, tdt, throw, t_grad
-):
-    """``solve(..., compile=True)``: the forward solve in compiled chunks of steps."""
-    from ._compiled import check_compilable, integrate_compiled
+def _run_compiled(run: Run, y0flat, grad_method, dense_output, t_grad: bool):
+    """``solve(..., compile=True)`` in place of ``grad_method.run``: the forward solve in
+    compiled chunks of steps (or eagerly, with a warning, when func's compiled code no longer
+    matches it). Fills ``run.result``, ``run.f`` and ``stats`` like the gradient methods."""
+    from ._compiled import CompiledCodeMismatch, check_compilable, integrate_compiled
     from .gradients._common import find_params
 
+    prob, func = run.prob, run.func
     needs_grad = torch.is_grad_enabled() and (
         t_grad
         or y0flat.requires_grad
         or any(p.requires_grad for p in find_params(func, None, "params"))
         # A tensor requiring grad that func closes over shows in its output.
-        or VectorField(func, prob.spec, tdt)(prob.t0, y0flat).requires_grad
+        or run.vector_field()(prob.t0, y0flat).requires_grad
     )
     check_compilable(
         tab=prob.tableau,
         ctrl=prob.controller,
         spec=prob.spec,
-        per_sample=False,
-        event=None,
         dense_output=bool(dense_output),
         needs_grad=needs_grad,
         gradient=None if isinstance(grad_method, Direct) else type(grad_method).__name__,
     )
-    f = VectorField(func, prob.spec, tdt)
+    f = run.vector_field()
     res = None
     if prob.t_end != prob.t0:  # (a single output time: nothing to integrate, nor to compile)
-        res = integrate_compiled(prob, f, y0flat, throw=throw)
-        if isinstance(res, Exception):
+        try:
+            res = integrate_compiled(prob, f, y0flat, throw=run.throw)
+        except CompiledCodeMismatch as why:
             warnings.warn(
                 "compile=True: func no longer matches the code compiled for it (torch.compile "
-                f"would recompile: {res}); a Python number or object that func reads has "
+                f"would recompile: {why}); a Python number or object that func reads has "
                 "probably changed since the first solve (e.g. an attribute self.k = 1.7). This "
                 "solve runs on the eager engine. Keep such values in tensors (e.g. "
                 "register_buffer) so that one compiled version serves every call",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            res, f = None, VectorField(func, prob.spec, tdt)
+            res, f = None, run.vector_field()
     run.stats["compiled"] = res is not None
     if res is None:
-        res = integrate(prob, f, y0flat, track_grad=False, throw=throw)
+        res = integrate(prob, f, y0flat, track_grad=False, throw=run.throw)
     run.result, run.f = res, f
-    run.stats.update(
-        nfe=f.nfe, n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted
-    )
-    return Solution(
-        t=t_tensor,
-        ys=prob.spec.unflatten(res.ys, lead=(t_tensor.shape[-1],)),
-        stats=run.stats,
-        status=res.status,
-        t_final=res.t_reached,
-        message=res.message,
-        _dense=None,
-        _per_sample=False,
-        _detached=True,
-    )
+    run.stats["nfe"] = f.nfe
+    return res.ys
 
 
 def _real(dtype: torch.dtype) -> torch.dtype:
