@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,8 +123,12 @@ def test_mixed_norm_controls_each_component_separately():
         t,
         **kw,
     )
-    assert as_tuple.step_times == alone.step_times
-    assert flat.stats["nfe"] < alone.stats["nfe"]
+    # The same steps; their times agree to rounding only (the tuple's norm reduces over other
+    # tensors, with other vector kernels, than the scalar's).
+    for key in ("n_accepted", "n_rejected", "nfe"):
+        assert as_tuple.stats[key] == alone.stats[key], key
+    np.testing.assert_allclose(as_tuple.step_times, alone.step_times, rtol=1e-12, atol=0)
+    assert flat.stats["nfe"] < 0.8 * alone.stats["nfe"]
 
 
 @pytest.mark.parametrize(
@@ -261,4 +266,5 @@ def test_tolerance_tensor_broadcasts_over_leading_dimensions():
     rtol = torch.tensor([1e-6, 1e-6], dtype=F64)  # (2,) against the state's (3, 2)
     a = neuralode.solve(lambda t, y: -y, y0, t, controller=PIController(rtol=rtol, atol=1e-8))
     b = neuralode.solve(lambda t, y: -y, y0, t, rtol=1e-6, atol=1e-8)
-    assert a.step_times == b.step_times
+    assert a.stats == b.stats
+    np.testing.assert_allclose(a.step_times, b.step_times, rtol=1e-13, atol=0)

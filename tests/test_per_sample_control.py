@@ -293,9 +293,21 @@ def test_non_finite_values_of_one_sample_raise_non_finite_naming_it():
     y0 = torch.tensor([[1.0], [2.0]], dtype=F64)
     with pytest.raises(NonFiniteError, match=r"sample 1 at t=0 .*non-finite"):
         solve(f, y0, torch.tensor([0.0, 1.0], dtype=F64))
-    g = lambda t, y: torch.where(t[:, None] > 0.5, torch.nan, -y)  # noqa: E731
-    with pytest.raises(NonFiniteError, match=r"sample 0 at t=0\.[45].*every trial step"):
-        solve(g, y0, torch.tensor([0.0, 1.0], dtype=F64))
+
+    # Each sample carries the time past which func returns NaN (y[:, 1], constant); only one
+    # sample ever meets it (the other's lies past t = 1), so the sample named does not depend
+    # on which of two failing samples runs out of step attempts first on this machine. Each
+    # index in turn, and the other sample finished or not.
+    def g(t, y):
+        d = torch.cat([-y[:, :1], torch.zeros_like(y[:, 1:])], 1)
+        return torch.where(t[:, None] > y[:, 1:], torch.nan, d)
+
+    for bad, thresholds in ((0, [0.5, 2.0]), (1, [2.0, 0.5])):
+        y0 = torch.tensor([[1.0, thresholds[0]], [2.0, thresholds[1]]], dtype=F64)
+        match = rf"sample {bad} at t=0\.[45].*every trial step"
+        with pytest.raises(NonFiniteError, match=match) as info:
+            solve(g, y0, torch.tensor([0.0, 1.0], dtype=F64))
+        assert 0.5 - 1e-9 < info.value.t <= 0.5
 
 
 # --------------------------------------------------------------------------- unsupported options
