@@ -1,7 +1,11 @@
 """solve(..., compile=True): compiled chunks of adaptive steps against the eager engine.
 
-Each distinct vector field (and dtype/shape) compiles once (10-30 s on 2 cores), so the tests
-share a few fields and unroll 2 steps per call instead of 8 (shorter compilation, same code).
+Each distinct (vector field, method, controller settings, dtype, shape, number of outputs)
+compiles once (10-40 s on 2 cores), so the tests share compiled code where they can: the tests
+of one ``xdist_group`` run in one process and solve with the same field, settings and number of
+outputs (one compilation per group). The tests of the chunk logic (steps masked inside a chunk
+after the end or max_steps) unroll 2 steps per call instead of 8; the others 1 (a smaller graph,
+shorter compilation, the same step: the output window is a step's).
 """
 
 import math
@@ -20,6 +24,11 @@ def _two_steps_per_call(monkeypatch):
     monkeypatch.setattr(compiled, "STEPS_PER_CALL", 2)
 
 
+@pytest.fixture
+def one_step_per_call(monkeypatch):
+    monkeypatch.setattr(compiled, "STEPS_PER_CALL", 1)
+
+
 def lorenz(t, u):
     x, y, z = u.unbind(-1)
     return torch.stack([10.0 * (y - x), x * (28.0 - z) - y, x * y - (8.0 / 3.0) * z], -1)
@@ -31,6 +40,24 @@ def blow_up(t, y):  # y' = y^2, y(0) = 1: y = 1 / (1 - t), singular at t = 1
 
 def decay(t, y):  # y' = -y (second component stays exactly 0 when it starts there)
     return -y
+
+
+class Decay(torch.nn.Module):
+    """y' = -k y with k in a buffer: changing k (to NaN) reuses the compiled code."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("k", torch.ones(1, dtype=torch.float64))
+
+    def forward(self, t, y):
+        return -self.k * y
+
+
+DECAY = Decay()
+# One compiled version (Decay, dopri5, these settings, (2,) float64, 2 outputs) for the tests of
+# the group "compiled-decay".
+DT_CTRL = neuralode.PIController(rtol=1e-3, atol=1e-3, dt0=0.3, dt_min=0.2, dt_max=0.3)
+T01 = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
 
 class Scaled(torch.nn.Module):
@@ -45,14 +72,16 @@ class Scaled(torch.nn.Module):
 
 
 Y0 = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+T31 = torch.linspace(0.0, 3.0, 31, dtype=torch.float64)  # the group "compiled-lorenz": 31 outputs
 
 
 def _eager(func, y0, t, **kw):
     return neuralode.solve(func, y0, t, dense_output=False, **kw)
 
 
+@pytest.mark.xdist_group("compiled-lorenz")
 def test_lorenz_matches_eager_step_for_step():
-    t = torch.linspace(0.0, 3.0, 31, dtype=torch.float64)
+    t = T31
     with torch.no_grad():
         sol = neuralode.solve(lorenz, Y0, t, rtol=1e-8, atol=1e-8, compile=True)
         ref = _eager(lorenz, Y0, t, rtol=1e-8, atol=1e-8)
@@ -66,7 +95,7 @@ def test_lorenz_matches_eager_step_for_step():
     assert not sol.ys.requires_grad
 
 
-def test_decreasing_time_and_many_outputs_per_step():
+def test_decreasing_time_and_many_outputs_per_step(one_step_per_call):
     # 201 output times on [0, 0.4] at a loose tolerance: far more than the 8 outputs a step may
     # pass, so steps land on every 8th output. Backwards in time from t = 0.4 as well.
     t = torch.linspace(0.0, 0.4, 201, dtype=torch.float64)
@@ -93,8 +122,9 @@ def test_decreasing_time_and_many_outputs_per_step():
     assert back.t_final == 0.0
 
 
+@pytest.mark.xdist_group("compiled-lorenz")
 def test_max_steps_raises_and_partial_solution():
-    t = torch.tensor([0.0, 10.0], dtype=torch.float64)
+    t = T31 * (10.0 / 3.0)  # as many outputs as the test above: its compiled code
     with torch.no_grad(), pytest.raises(neuralode.MaxStepsError, match="max_steps=5"):
         neuralode.solve(lorenz, Y0, t, rtol=1e-8, atol=1e-8, max_steps=5, compile=True)
     with torch.no_grad():
@@ -106,7 +136,7 @@ def test_max_steps_raises_and_partial_solution():
     assert 0.0 < sol.t_final < 10.0 and torch.isnan(sol.ys[-1]).all()
 
 
-def test_singularity_reports_step_size_underflow_near_t1():
+def test_singularity_reports_step_size_underflow_near_t1(one_step_per_call):
     t = torch.tensor([0.0, 2.0], dtype=torch.float64)
     y0 = torch.ones(1, dtype=torch.float64)
     with torch.no_grad(), pytest.raises(neuralode.StepSizeUnderflowError) as info:
@@ -115,7 +145,7 @@ def test_singularity_reports_step_size_underflow_near_t1():
     assert "compiled stepping" in str(info.value)
 
 
-def test_module_vector_field_float32_batch():
+def test_module_vector_field_float32_batch(one_step_per_call):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
 
@@ -170,7 +200,7 @@ def test_unsupported_states_and_grad_mode_raise():
 
 
 @pytest.mark.parametrize("solver, tol", [("dopri8", 1e-9), ("fehlberg2", 1e-5)])
-def test_methods_with_dense_stages(solver, tol):
+def test_methods_with_dense_stages(solver, tol, one_step_per_call):
     # fehlberg2's continuous extension uses f at the step end (computed anyway); DOP853's needs
     # three more stages, so compiled steps land on every output time instead.
     t = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
@@ -186,7 +216,7 @@ def test_methods_with_dense_stages(solver, tol):
         torch.testing.assert_close(sol.ys, eager.ys, rtol=1e-9, atol=1e-9)
 
 
-def test_decreasing_time_matches_the_eager_engine_exactly():
+def test_decreasing_time_matches_the_eager_engine_exactly(one_step_per_call):
     # The first stage is f(t0, y0) in the user's time; the compiled steps run in negated time.
     y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
     t = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
@@ -201,15 +231,19 @@ def test_decreasing_time_matches_the_eager_engine_exactly():
         assert float(sol.ys[-1, 1]) == 0.0  # atol = 0 with a zero component: no 0/0
 
 
-def test_nan_from_func_raises_nonfinite_error():
-    nan_field = Scaled()
-    nan_field.k = math.nan
-    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    with torch.no_grad(), pytest.raises(neuralode.NonFiniteError, match="non-finite"):
-        neuralode.solve(nan_field, torch.ones(2, dtype=torch.float64), t, compile=True)
+@pytest.mark.xdist_group("compiled-decay")
+def test_nan_from_func_raises_nonfinite_error(one_step_per_call):
+    y0 = torch.ones(2, dtype=torch.float64)
+    match = r"compiled stepping.*non-finite"  # raised by the compiled steps, not the eager ones
+    DECAY.k.fill_(math.nan)
+    try:
+        with torch.no_grad(), pytest.raises(neuralode.NonFiniteError, match=match):
+            neuralode.solve(DECAY, y0, T01, controller=DT_CTRL, compile=True)
+    finally:
+        DECAY.k.fill_(1.0)
 
 
-def test_changed_python_attribute_runs_eagerly_with_a_warning():
+def test_changed_python_attribute_runs_eagerly_with_a_warning(one_step_per_call):
     f = Scaled()
     y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
     t = torch.linspace(0.0, 1.0, 3, dtype=torch.float64)
@@ -223,15 +257,15 @@ def test_changed_python_attribute_runs_eagerly_with_a_warning():
     torch.testing.assert_close(second.ys[-1], y0 * math.exp(-2.0), rtol=1e-7, atol=0.0)
 
 
-def test_dt_min_applies_to_the_proposed_step_not_the_last_piece():
+@pytest.mark.xdist_group("compiled-decay")
+def test_dt_min_applies_to_the_proposed_step_not_the_last_piece(one_step_per_call):
     # dt_max = 0.3 on [0, 1] leaves a last piece of 0.1 < dt_min = 0.2: the eager loop accepts
     # it (dt_min bounds the controller's proposal), so must the compiled one.
-    ctrl = neuralode.PIController(rtol=1e-3, atol=1e-3, dt0=0.3, dt_min=0.2, dt_max=0.3)
-    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
     y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
     with torch.no_grad():
-        sol = neuralode.solve(decay, y0, t, controller=ctrl, compile=True)
-        ref = _eager(decay, y0, t, controller=ctrl)
+        sol = neuralode.solve(DECAY, y0, T01, controller=DT_CTRL, compile=True)
+        ref = _eager(DECAY, y0, T01, controller=DT_CTRL)
+    assert sol.stats["compiled"] is True and sol.stats["n_accepted"] == 4
     torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=0.0)
 
 
@@ -246,12 +280,14 @@ def test_single_output_time_and_gradient_methods():
             )
 
 
-def test_error_messages_name_what_is_unsupported():
+@pytest.mark.xdist_group("compiled-decay")
+def test_error_messages_name_what_is_unsupported(one_step_per_call):
     y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
     t2 = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
     with torch.no_grad():
         with pytest.raises(ValueError, match=r"a 2-D t \(shape \(2, 2\)\); use compile=False"):
             neuralode.solve(decay, torch.ones(2, 2, dtype=torch.float64), t2, compile=True)
-        sol = neuralode.solve(decay, y0, torch.tensor([0.0, 1.0]), compile=True)
+        sol = neuralode.solve(DECAY, y0, T01, controller=DT_CTRL, compile=True)
+        assert sol.stats["compiled"] is True
         with pytest.raises(ValueError, match=r"compile=True\), which keeps no dense output"):
             sol.evaluate(torch.tensor([0.5]))
