@@ -45,8 +45,6 @@ numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
 numpydoc_validation_checks = set()
 
-# Command-line text keeps its "--" (no typographic dashes or quotes).
-smartquotes = False
 default_role = "code"  # `x` in a docstring is inline code, as most readers of it expect
 # `make docs` builds with -n: every reference must resolve. torch has no inventory here (the
 # build runs offline, so no intersphinx), and private modules are not part of the reference.

@@ -22,12 +22,17 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import inspect
+import re
 from pathlib import Path
 
 from docutils import nodes
 from docutils.parsers.rst import directives
 from docutils.statemachine import StringList
+from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
+
+logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +46,11 @@ def _literal(value) -> str:
     if isinstance(value, str):
         return f'``"{value}"``' if value else '``""``'
     return f"``{value!r}``"
+
+
+def _flags_literal(text: str) -> str:
+    """Flags (``--out``) in help text as literals, so that no typographic dash replaces "--"."""
+    return re.sub(r"(?<![`\w-])(--[A-Za-z][\w-]*)", r"``\1``", text)
 
 
 def _cell(text: str) -> str:
@@ -100,7 +110,7 @@ class CLIFlags(_Generated):
                     name = f"{name} {meta}"
             else:
                 name = action.metavar or action.dest
-            help_text = (action.help or "").replace("%%", "%")
+            help_text = _flags_literal((action.help or "").replace("%%", "%"))
             if action.choices:
                 help_text += f" (one of: {', '.join(map(str, action.choices))})"
             default = action.default
@@ -200,6 +210,10 @@ class Examples(_Generated):
                 raise self.error(f"{path.name} has no module docstring to list it with")
             rel = path.relative_to(ROOT).as_posix()
             lines += [f"``{rel}``", "~" * (len(rel) + 4), "", *doc.splitlines(), ""]
+            # The figure the script writes for the README, where it is in the repository.
+            for image in dict.fromkeys(re.findall(r"docs/([\w.-]+\.png)", doc)):
+                if (ROOT / "docs" / image).is_file():
+                    lines += [f".. image:: /{image}", f"   :alt: {image}", ""]
         return self.render(lines)
 
 
@@ -264,7 +278,51 @@ def resolve_alias(app, env, node, contnode):
     )
 
 
+def hide_private_parameters(app, what, name, obj, options, signature, return_annotation):
+    """``autodoc-process-signature``: leave parameters named ``_x`` (internal hooks) out."""
+    if not signature or what not in ("function", "method", "class", "exception"):
+        return None
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    if not any(p.startswith("_") for p in sig.parameters):
+        return None
+    # Without annotations, as the rest of the signatures (autodoc_typehints = "none").
+    params = [
+        p.replace(annotation=inspect.Parameter.empty)
+        for n, p in sig.parameters.items()
+        if not n.startswith("_")
+    ]
+    if what in ("class", "exception") or (params and params[0].name == "self"):
+        params = [p for p in params if p.name != "self"]
+    text = str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
+    return text, return_annotation
+
+
+def require_data_comments(app, what, name, obj, options, lines):
+    """``autodoc-process-docstring``: a documented constant needs its own ``#:`` comment.
+
+    Without one autodoc shows the docstring of the value's type ("Built-in immutable
+    sequence."); that is replaced by a warning, which fails the build under ``-W``. Write the
+    ``#:`` comment above the assignment and document the constant at its defining module.
+    """
+    if what != "data" or not lines:
+        return
+    type_doc = (type(obj).__doc__ or "").strip().splitlines()
+    if type_doc and lines[0].strip() == type_doc[0].strip():
+        logger.warning(
+            f"{name} has no '#:' comment of its own (autodoc found the docstring of "
+            f"{type(obj).__name__}); add one above its assignment and document it at its "
+            "defining module",
+            type="neuralode",
+        )
+        lines[:] = []
+
+
 def setup(app):
+    app.connect("autodoc-process-docstring", require_data_comments)
+    app.connect("autodoc-process-signature", hide_private_parameters)
     app.connect("missing-reference", resolve_alias)
     app.add_directive("neuralode-cli-flags", CLIFlags)
     app.add_directive("neuralode-task-defaults", TaskDefaults)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = ["OPTION_HELP", "option_help"]
 
+#: ``--set`` option (or ``"TASK.option"``) -> ``(unit, description)``.
 OPTION_HELP: dict[str, tuple[str, str]] = {
     # -- data and splits (all irregular-series tasks; odenet has its own fractions) ------------
     "val_fraction": (

@@ -65,14 +65,18 @@ try:  # high-order tables live in their own modules
 except ImportError:  # pragma: no cover - during development only
     pass
 
+#: Names of the explicit methods without an error estimate (they need a fixed-step controller).
 FIXED_STEP = tuple(n for n, t in _REGISTRY.items() if not t.adaptive)
+#: Names of the explicit methods with an embedded error estimate (adaptive steps).
 ADAPTIVE = tuple(n for n, t in _REGISTRY.items() if t.adaptive)
 
 # Methods that are not explicit Butcher tableaux: they bring their own stepper (make_stepper).
 from . import implicit, multistep  # noqa: E402
 
 _METHODS: dict = {**implicit.METHODS, **multistep.METHODS}
+#: Names of the implicit (stiff) methods of :mod:`neuralode.solvers.implicit`.
 IMPLICIT = tuple(implicit.METHODS)
+#: Names of the Adams methods of :mod:`neuralode.solvers.multistep`.
 MULTISTEP = tuple(multistep.METHODS)
 
 
