@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Development installs pin torch to the CPU wheel through the constraints file.
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: test lint format demo demo-quick bench venv clean
+.PHONY: test lint format docs demo demo-quick bench venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks examples
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples
 
+# The API reference and topic pages (Sphinx + numpydoc) in docs/_build/html. Nitpicky, warnings
+# are errors: a docstring that does not render or a reference that leads nowhere fails the build.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PIP_INSTALL) -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -b html -E -n -W --keep-going -q docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
+
 bench: $(STAMP)
 	$(PIP_INSTALL) -e '.[bench]'
 	$(PY) benchmarks/run_all.py --clock cpu --out benchmarks/latest.md
@@ -43,4 +54,4 @@ demo-quick: $(STAMP)
 	$(VENV)/bin/neuralode train latent-ode --data pbcseq --out runs/demo-quick --quick --threads 1
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache docs/_build

@@ -327,7 +327,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
 
     Returns
     -------
-    Tensor (T, *y0.shape), or a tuple of them for a tuple ``y0``. With ``event_fn``:
+    Tensor ``(T, *y0.shape)``, or a tuple of them for a tuple ``y0``. With ``event_fn``:
     ``(event_t, solution)`` where ``solution`` stacks ``y0`` and the state at the event.
 
     Raises

@@ -146,7 +146,7 @@ class PIController(Controller):
         First step size; by default chosen by Hairer's algorithm (HNW I, sec. II.4), which costs
         one extra evaluation of f.
     dt_min, dt_max : float, default 0, inf
-        Bounds on |h|. A step that would need |h| < dt_min raises StepSizeUnderflowError.
+        Bounds on ``|h|``. A step that would need ``|h| < dt_min`` raises StepSizeUnderflowError.
     step_t : sequence of float, optional
         Times the solver lands on exactly (e.g. where f changes behaviour), without restarting.
     jump_t : sequence of float, optional

@@ -1,19 +1,21 @@
 """Solvers: Butcher tableaux as validated data, run by one generic explicit RK engine.
 
-| name            | order (embedded) | stages | FSAL | dense output              | source |
-|-----------------|------------------|--------|------|---------------------------|--------|
-| ``euler``       | 1                | 1      | no   | cubic Hermite             | Euler 1768 |
-| ``midpoint``    | 2                | 2      | no   | cubic Hermite             | Runge 1895 |
-| ``heun2``       | 2                | 2      | no   | cubic Hermite             | Heun 1900 |
-| ``heun3``       | 3                | 3      | no   | cubic Hermite             | Heun 1900 |
-| ``rk4``         | 4                | 4      | no   | cubic Hermite             | Kutta 1901 |
-| ``rk38``        | 4                | 4      | no   | cubic Hermite             | Kutta 1901 (3/8 rule) |
-| ``adaptive_heun`` | 2 (1)          | 2      | no   | cubic Hermite             | Heun--Euler |
-| ``fehlberg2``   | 2 (1)            | 3      | no   | cubic Hermite             | Fehlberg 1969 |
-| ``bosh3``       | 3 (2)            | 4      | yes  | cubic Hermite             | Bogacki & Shampine 1989 |
-| ``dopri5``      | 5 (4)            | 7      | yes  | 4th order (Shampine 1986) | Dormand & Prince 1980 |
-| ``tsit5``       | 5 (4)            | 7      | yes  | 4th order (Tsitouras)     | Tsitouras 2011 |
-| ``dopri8``      | 8 (5)            | 12     | no   | 7th order (DOP853)        | Prince & Dormand 1981; Hairer et al. 1993 |
+=================  ================  ======  ====  =========================  =========================================
+name               order (embedded)  stages  FSAL  dense output               source
+=================  ================  ======  ====  =========================  =========================================
+``euler``          1                 1       no    cubic Hermite              Euler 1768
+``midpoint``       2                 2       no    cubic Hermite              Runge 1895
+``heun2``          2                 2       no    cubic Hermite              Heun 1900
+``heun3``          3                 3       no    cubic Hermite              Heun 1900
+``rk4``            4                 4       no    cubic Hermite              Kutta 1901
+``rk38``           4                 4       no    cubic Hermite              Kutta 1901 (3/8 rule)
+``adaptive_heun``  2 (1)             2       no    cubic Hermite              Heun--Euler
+``fehlberg2``      2 (1)             3       no    cubic Hermite              Fehlberg 1969
+``bosh3``          3 (2)             4       yes   cubic Hermite              Bogacki & Shampine 1989
+``dopri5``         5 (4)             7       yes   4th order (Shampine 1986)  Dormand & Prince 1980
+``tsit5``          5 (4)             7       yes   4th order (Tsitouras)      Tsitouras 2011
+``dopri8``         8 (5)             12      no    7th order (DOP853)         Prince & Dormand 1981; Hairer et al. 1993
+=================  ================  ======  ====  =========================  =========================================
 
 Methods without an embedded error estimate need a fixed-step controller
 (:class:`~neuralode.ConstantStep` or :class:`~neuralode.StepToGrid`).
@@ -63,14 +65,18 @@ try:  # high-order tables live in their own modules
 except ImportError:  # pragma: no cover - during development only
     pass
 
+#: Names of the explicit methods without an error estimate (they need a fixed-step controller).
 FIXED_STEP = tuple(n for n, t in _REGISTRY.items() if not t.adaptive)
+#: Names of the explicit methods with an embedded error estimate (adaptive steps).
 ADAPTIVE = tuple(n for n, t in _REGISTRY.items() if t.adaptive)
 
 # Methods that are not explicit Butcher tableaux: they bring their own stepper (make_stepper).
 from . import implicit, multistep  # noqa: E402
 
 _METHODS: dict = {**implicit.METHODS, **multistep.METHODS}
+#: Names of the implicit (stiff) methods of :mod:`neuralode.solvers.implicit`.
 IMPLICIT = tuple(implicit.METHODS)
+#: Names of the Adams methods of :mod:`neuralode.solvers.multistep`.
 MULTISTEP = tuple(multistep.METHODS)
 
 

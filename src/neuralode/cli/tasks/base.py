@@ -35,8 +35,8 @@ class Task(abc.ABC):
     :meth:`epoch_batches` and per step :meth:`train_loss`, then :meth:`validate`; after
     training :meth:`evaluate`, :meth:`summary` and :meth:`plot`.
 
-    Class attributes
-    ----------------
+    Attributes
+    ----------
     name : str
         The task's command-line name.
     datasets : tuple of str

@@ -1,18 +1,20 @@
 """Implicit solvers for stiff problems: implicit Runge--Kutta methods and Rosenbrock methods.
 
-| name                | order (embedded) | adaptive | kind                         | source |
-|---------------------|------------------|----------|------------------------------|--------|
-| ``implicit_euler``  | 1                | no       | DIRK (Radau IIA, s = 1)      | Hairer & Wanner II, IV.5 |
-| ``implicit_midpoint`` | 2              | no       | DIRK (Gauss, s = 1)          | Hairer & Wanner II, IV.5 |
-| ``trapezoid``       | 2                | no       | ESDIRK (Lobatto IIIA, s = 2) | Hairer & Wanner II, IV.5 |
-| ``sdirk2``          | 2                | no       | SDIRK, L-stable              | Alexander 1977 |
-| ``trbdf2``          | 2 (3)            | yes      | ESDIRK, L-stable             | Bank et al. 1985; Hosea & Shampine 1996 |
-| ``radauIIA3``       | 3                | no       | fully implicit, L-stable     | Hairer & Wanner II, IV.5 |
-| ``radauIIA5``       | 5                | no       | fully implicit, L-stable     | Hairer & Wanner II, IV.5 |
-| ``gl4``             | 4                | no       | fully implicit, A-stable     | Hairer & Wanner II, IV.5 |
-| ``gl6``             | 6                | no       | fully implicit, A-stable     | Hairer & Wanner II, IV.5 |
-| ``kvaerno5``        | 5 (4)            | yes      | ESDIRK, L-stable             | Kværnø 2004 |
-| ``rodas4``          | 4 (3)            | yes      | Rosenbrock, L-stable         | Hairer & Wanner II, IV.7 |
+=====================  ================  ========  ============================  =======================================
+name                   order (embedded)  adaptive  kind                          source
+=====================  ================  ========  ============================  =======================================
+``implicit_euler``     1                 no        DIRK (Radau IIA, s = 1)       Hairer & Wanner II, IV.5
+``implicit_midpoint``  2                 no        DIRK (Gauss, s = 1)           Hairer & Wanner II, IV.5
+``trapezoid``          2                 no        ESDIRK (Lobatto IIIA, s = 2)  Hairer & Wanner II, IV.5
+``sdirk2``             2                 no        SDIRK, L-stable               Alexander 1977
+``trbdf2``             2 (3)             yes       ESDIRK, L-stable              Bank et al. 1985; Hosea & Shampine 1996
+``radauIIA3``          3                 no        fully implicit, L-stable      Hairer & Wanner II, IV.5
+``radauIIA5``          5                 no        fully implicit, L-stable      Hairer & Wanner II, IV.5
+``gl4``                4                 no        fully implicit, A-stable      Hairer & Wanner II, IV.5
+``gl6``                6                 no        fully implicit, A-stable      Hairer & Wanner II, IV.5
+``kvaerno5``           5 (4)             yes       ESDIRK, L-stable              Kværnø 2004
+``rodas4``             4 (3)             yes       Rosenbrock, L-stable          Hairer & Wanner II, IV.7
+=====================  ================  ========  ============================  =======================================
 
 Every method has the cubic Hermite dense output (third order). The implicit Runge--Kutta methods
 (:class:`ImplicitRK`) solve their stage equations by a simplified Newton iteration with Jacobian

@@ -1,10 +1,12 @@
-"""Multistep methods: variable-step Adams (see :mod:`.adams`).
+"""Multistep methods: variable-step Adams (see ``neuralode.solvers.multistep.adams``).
 
-| name             | order | adaptive | kind                                            |
-|------------------|-------|----------|-------------------------------------------------|
-| ``explicit_adams`` | 4 (``max_order``) | no  | Adams--Bashforth                        |
-| ``implicit_adams`` | 4 (``max_order``) | yes | Adams--Bashforth--Moulton, P(EC)^m E    |
-| ``fixed_adams``    | 4 (``max_order``) | no  | Adams--Bashforth--Moulton, P(EC)^m E    |
+==================  =================  ========  ====================================
+name                order              adaptive  kind
+==================  =================  ========  ====================================
+``explicit_adams``  4 (``max_order``)  no        Adams--Bashforth
+``implicit_adams``  4 (``max_order``)  yes       Adams--Bashforth--Moulton, P(EC)^m E
+``fixed_adams``     4 (``max_order``)  no        Adams--Bashforth--Moulton, P(EC)^m E
+==================  =================  ========  ====================================
 """
 
 from __future__ import annotations

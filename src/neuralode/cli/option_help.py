@@ -1,0 +1,165 @@
+"""What each ``--set KEY=VALUE`` option of ``neuralode train`` means: its unit and a description.
+
+The options and their defaults are defined by the tasks (``Task.options`` and the ``--quick``
+overrides in ``Task.quick``, see :mod:`neuralode.cli.tasks`); this table says what they mean.
+The documentation's command-line page is generated from both at build time, and a test checks
+that every option of every task is described here (and nothing else is), so a new option cannot
+go undocumented.
+
+``OPTION_HELP[key]`` is ``(unit, description)``; a key ``"TASK.key"`` overrides ``"key"`` for one
+task where the same name means something different there.
+"""
+
+from __future__ import annotations
+
+__all__ = ["OPTION_HELP", "option_help"]
+
+#: ``--set`` option (or ``"TASK.option"``) -> ``(unit, description)``.
+OPTION_HELP: dict[str, tuple[str, str]] = {
+    # -- data and splits (all irregular-series tasks; odenet has its own fractions) ------------
+    "val_fraction": (
+        "fraction of subjects",
+        "Share of the subjects held out for validation (picks ``best.pt``); in (0, 1), and "
+        "``val_fraction + test_fraction < 1``.",
+    ),
+    "test_fraction": (
+        "fraction of subjects",
+        "Share of the subjects held out for the final evaluation; in (0, 1).",
+    ),
+    "odenet.val_fraction": (
+        "fraction of images",
+        "Share of the training images held out for validation (picks ``best.pt``); in (0, 1).",
+    ),
+    "odenet.test_fraction": (
+        "fraction of images",
+        "Share of the images held out (stratified) for the final evaluation; in (0, 1), and "
+        "``val_fraction + test_fraction < 1``.",
+    ),
+    "time_scale": (
+        'data time unit, or ``"max"``',
+        'Times are divided by this before the ODE sees them: ``"max"`` divides by the longest '
+        "training follow-up (so training times span [0, 1]); a positive number divides by it "
+        "(e.g. ``48`` for 48-hour ICU stays); ``null`` leaves them unchanged.",
+    ),
+    "max_subjects": (
+        "subjects",
+        "Use only the first N subjects with at least one observation (``0``: all of them).",
+    ),
+    "classify": (
+        "flag",
+        "Train a classification head on the final state when the data has 0/1 labels of both "
+        "classes (PhysioNet in-hospital mortality, a CSV ``label_col``); reports its AUROC.",
+    ),
+    "n_samples": (
+        "samples",
+        "Latent trajectories drawn per subject when evaluating the latent ODE (validation uses "
+        "a quarter of them, at least 2); the ODE-RNN is deterministic and ignores it.",
+    ),
+    "id_col": ("CSV column", "Column of the subject identifier (``--data csv`` only)."),
+    "time_col": (
+        "CSV column",
+        "Column of the observation time, in the data's own unit (``--data csv`` only); rows "
+        "must be sorted by id and time.",
+    ),
+    "variable_col": ("CSV column", "Column naming the measured channel (``--data csv`` only)."),
+    "value_col": ("CSV column", "Column of the measured value (``--data csv`` only)."),
+    "label_col": (
+        "CSV column or ``null``",
+        "Column of a per-subject 0/1 label for the classification head (``--data csv`` only); "
+        "``null``: no label.",
+    ),
+    "physionet_sets": (
+        "comma-separated names",
+        "Which PhysioNet 2012 sets to read from the data folder, e.g. ``set-a`` or "
+        "``set-a,set-b`` (``--data physionet`` only).",
+    ),
+    # -- model sizes ---------------------------------------------------------------------------
+    "latent_dim": ("dimensions", "Size of the latent state ``z`` of the latent ODE."),
+    "rec_hidden": ("units", "Hidden size of the ODE-RNN encoder (GRU state)."),
+    "ode_hidden": (
+        "units",
+        "Width of the MLP vector fields (two linear layers with tanh) of the encoder and the "
+        "latent dynamics.",
+    ),
+    "ode-rnn.ode_hidden": (
+        "units",
+        "Width of the MLP vector field that evolves the hidden state between observations.",
+    ),
+    "decoder_hidden": (
+        "units",
+        "Hidden width of the observation model from ``z`` to the channels; ``0``: a linear map "
+        "(as in Rubanova et al. 2019).",
+    ),
+    "hidden": ("units", "Hidden size of the ODE-RNN (GRU state and the ODE's state)."),
+    "spiral.hidden": ("units", "Hidden width of the MLP vector field ``f(y) = MLP(y^3)``."),
+    "width": (
+        "channels",
+        "Channels of the ODE block (``field=conv``), or width of its state (``field=mlp``).",
+    ),
+    "field": (
+        "``conv`` or ``mlp``",
+        "Vector field of the ODE block: a convolutional one on the downsampled image, or a "
+        "time-dependent MLP on a linear embedding of the flattened image.",
+    ),
+    # -- likelihood and loss ---------------------------------------------------------------------
+    "obs_std": (
+        'normalised data units, or ``"learned"``',
+        "Observation noise of the latent ODE's Gaussian likelihood: a fixed positive number, or "
+        '``"learned"`` for one learned value per channel.',
+    ),
+    "train_samples": (
+        "samples",
+        "Latent trajectories drawn per subject for the training ELBO (more than 1: the IWAE "
+        "bound).",
+    ),
+    "kl_warmup": (
+        "optimisation steps",
+        "The KL term's weight rises linearly from ``1/kl_warmup`` to 1 over this many steps.",
+    ),
+    "bce_weight": (
+        "weight",
+        "Weight of the classification head's binary cross-entropy in the loss (with ``classify``).",
+    ),
+    "lr_decay": (
+        "factor per epoch",
+        "The learning rate is multiplied by this after each epoch; in (0, 1], ``1``: constant.",
+    ),
+    # -- odenet ------------------------------------------------------------------------------------
+    "max_train": (
+        "images",
+        "Use only the first N training images (``0``: all of them).",
+    ),
+    "shift": (
+        "pixels",
+        "Data augmentation: translate each training image by a random offset in "
+        "``[-shift, shift]`` in each direction, zero-filled (``0``: none).",
+    ),
+    # -- spiral ------------------------------------------------------------------------------------
+    "window": (
+        "samples",
+        "Length of the windows of consecutive samples fitted per step (each integrated from its "
+        "first noisy sample); 2 to 1000.",
+    ),
+    "steps_per_epoch": ("optimisation steps", "Batches of random windows per epoch."),
+    "noise_std": (
+        "state units",
+        "Standard deviation of the Gaussian noise added to the spiral's samples.",
+    ),
+}
+
+
+def option_help(task: str, key: str) -> tuple[str, str]:
+    """``(unit, description)`` of the ``--set`` option ``key`` of ``task``.
+
+    Raises
+    ------
+    KeyError
+        If the option is not described in :data:`OPTION_HELP`.
+    """
+    found = OPTION_HELP.get(f"{task}.{key}") or OPTION_HELP.get(key)
+    if found is None:
+        raise KeyError(
+            f"--set option {key!r} of task {task!r} is not described in "
+            "neuralode.cli.option_help.OPTION_HELP; add its unit and description there."
+        )
+    return found
