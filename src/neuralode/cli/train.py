@@ -50,7 +50,7 @@ SUMMARY_NAME = "summary.txt"
 PLOT_DIR = "plots"
 #: Files a fresh run (same configuration, no --resume) replaces.
 RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, RESULTS_NAME, SUMMARY_NAME)
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain data (weights_only)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
