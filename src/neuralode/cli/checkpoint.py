@@ -87,9 +87,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only load failed" in str(exc).lower():
-            found = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln]
-            detail = f" ({found[0].rstrip('.')})" if found else ""
+        # The weights-only unpickler names each class or function a pickle would import
+        # ("GLOBAL module.name"); any other failure is a damaged or foreign file.
+        found = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln]
+        if found:
+            detail = f" ({found[0].rstrip('.')})"
             raise CLIError(
                 f"refusing to load {path}: it holds Python objects besides tensors and plain "
                 f"data{detail}, and unpickling them could execute code. neuralode never writes "

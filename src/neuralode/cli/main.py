@@ -327,20 +327,20 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .train import load_run, report
+    from .train import open_run, report
 
     run_dir = Path(args.run_dir)
-    task, model, ckpt = load_run(run_dir, args.checkpoint)
+    task, model, ckpt = open_run(run_dir, args.checkpoint)
     report(task, model, run_dir, ckpt, plots=False, stdout=sys.stdout)
     return 0
 
 
 def _cmd_plot(args) -> int:
     from .plots import plot_run
-    from .train import _read_metrics, load_run
+    from .train import _read_metrics, open_run
 
     run_dir = Path(args.run_dir)
-    task, model, ckpt = load_run(run_dir, args.checkpoint)
+    task, model, ckpt = open_run(run_dir, args.checkpoint)
     paths = plot_run(task, model, run_dir, _read_metrics(run_dir))
     print(f"Plots of {run_dir} (model: {ckpt.name}):")
     for p in paths:

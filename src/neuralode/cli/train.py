@@ -42,7 +42,7 @@ from .errors import CLIError, TrainingError
 from .tasks import get_task
 from .tasks.base import Task
 
-__all__ = ["train", "check_run_dir", "resolve_device", "build", "load_run", "report"]
+__all__ = ["train", "check_run_dir", "resolve_device", "build", "open_run", "report"]
 
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
@@ -234,6 +234,7 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
     optimizer = opt_cls(model.parameters(), lr=cfg.lr)
     scheduler = task.make_scheduler(optimizer)
     generator = torch.Generator().manual_seed(cfg.seed)
+    exported = task.export()  # channel names, normaliser, ...: for neuralode.load_run
 
     start_epoch, skip, step, best = 0, 0, 0, {"value": math.inf, "epoch": None}
     accum: dict = {}
@@ -277,6 +278,7 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
             {
                 "format": CHECKPOINT_FORMAT,
                 "config": cfg.to_dict(),
+                "data": exported,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
@@ -362,6 +364,7 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
                             {
                                 "format": CHECKPOINT_FORMAT,
                                 "config": cfg.to_dict(),
+                                "data": exported,
                                 "model": model.state_dict(),
                                 "epoch": epoch + 1,
                                 "step": state["step"],
@@ -427,8 +430,9 @@ def _append_metrics(run_dir: Path, row: dict) -> None:
         fh.flush()
 
 
-def load_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]:
-    """Rebuild the task and model of a run with the weights of ``best.pt`` or ``checkpoint.pt``.
+def open_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]:
+    """The task (with its data) and the model of a run, with the weights of ``best.pt`` or
+    ``checkpoint.pt`` (for ``neuralode evaluate`` / ``plot``).
 
     ``which="best"`` falls back to ``checkpoint.pt`` for a run interrupted before its first
     validation.
@@ -441,6 +445,13 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]
         raise CLIError(f"{run_dir} holds no checkpoint yet; train it first (neuralode train).")
     ck = load_checkpoint(path)
     task, model = build(cfg)
+    stored = ck.get("data", {}).get("channels")
+    if stored is not None and list(stored) != list(task.export()["channels"]):
+        raise CLIError(
+            f"the data of {run_dir} has changed since training: channels "
+            f"{list(task.export()['channels'])} now, {list(stored)} in {path.name}; evaluate "
+            "on the data the model was trained on."
+        )
     model.load_state_dict(ck["model"])
     model.eval()
     return task, model, path

@@ -109,6 +109,21 @@ class Task(abc.ABC):
     def summary(self, results: dict[str, Any], metrics: list[dict]) -> str:
         """A short, human-readable report of :meth:`evaluate`'s results."""
 
+    def export(self) -> dict[str, Any]:
+        """What, besides the configuration and the weights, rebuilds the model and applies it to
+        new data without the training data (e.g. channel names, the fitted normaliser).
+
+        Tensors and plain data only (saved in every checkpoint, read with
+        ``weights_only=True``); :meth:`restore` takes it back. Default: nothing.
+        """
+        return {}
+
+    def restore(self, exported: dict[str, Any]) -> None:
+        """Take :meth:`export`'s output in place of :meth:`load_data`, so that
+        :meth:`build_model` works without the data (:func:`neuralode.load_run`). Default: a
+        task whose model needs nothing but the configuration ignores it."""
+        del exported
+
     def plot(self, model: nn.Module, plot_dir: Path) -> list[Path]:
         """Task-specific figures (PNG) in ``plot_dir``; return their paths."""
         return []

@@ -133,6 +133,7 @@ class IrregularTask(Task):
                     "add subjects or change --set val_fraction / test_fraction."
                 )
         self.raw, self.parts = ds, {"train": train, "val": val, "test": test}
+        self.channels, self.time_unit = tuple(ds.channels), ds.time_unit
         labels = train.labels
         self.has_labels = bool(o["classify"]) and bool((~torch.isnan(labels)).any())
         if self.has_labels:
@@ -140,6 +141,24 @@ class IrregularTask(Task):
             if len(torch.unique(lab)) < 2 or not bool(((lab == 0) | (lab == 1)).all()):
                 self.has_labels = False  # a head needs 0/1 labels of both classes
         self.eval_masks = {s: self._eval_masks(s) for s in ("val", "test")}
+
+    def export(self):
+        from ..runs import normalizer_state
+
+        return {
+            "channels": list(self.channels),
+            "time_unit": self.time_unit,
+            "has_labels": bool(self.has_labels),
+            "normalizer": normalizer_state(self.normalizer),
+        }
+
+    def restore(self, exported):
+        from ..runs import normalizer_from_state
+
+        self.channels = tuple(exported["channels"])
+        self.time_unit = exported["time_unit"]
+        self.has_labels = bool(exported["has_labels"])
+        self.normalizer = normalizer_from_state(exported["normalizer"])
 
     def batch(self, split: str, indices) -> object:
         part = self.parts[split]

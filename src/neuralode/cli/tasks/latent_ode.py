@@ -50,7 +50,7 @@ class LatentODETask(IrregularTask):
     def build_model(self):
         o = self.opt
         return LatentODE(
-            self.parts["train"].n_channels,
+            len(self.channels),
             o["latent_dim"],
             rec_hidden=o["rec_hidden"],
             ode_hidden=o["ode_hidden"],

@@ -109,7 +109,7 @@ class ODERNNTask(IrregularTask):
 
     def build_model(self):
         return ODERNNForecaster(
-            self.parts["train"].n_channels,
+            len(self.channels),
             self.opt["hidden"],
             self.opt["ode_hidden"],
             self.has_labels,
