@@ -148,7 +148,10 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
     )
     tr.add_argument("--out", metavar="DIR", help="run directory (default runs/TASK)")
     tr.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from checkpoint.pt"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint.pt, with its own config.json (only "
+        "--epochs may change)",
     )
     tr.add_argument(
         "--config", metavar="FILE", help="start from a saved config.json (flags override it)"
@@ -280,6 +283,7 @@ def resolve_config(args: argparse.Namespace):
             settings[flag] = given[flag]
     _resolve_solver(settings, given, cls.defaults)
     options.update(parse_set(given.get("set", []), cls.options))
+    cls.check_options(options, settings["data"])
     settings["options"] = options
     return RunConfig.from_dict(settings, source="configuration")
 
@@ -310,12 +314,76 @@ def _resolve_solver(settings: dict, given: dict, defaults: dict) -> None:
                 settings[k] = defaults.get(k) or fallback
 
 
+#: Flags of ``train`` that set a configuration field of the same name.
+_CONFIG_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "method", "rtol", "atol", "step_size",
+                 "gradient", "seed", "device", "dtype")  # fmt: skip
+
+
+def resolve_resume(args: argparse.Namespace, out: Path):
+    """The configuration of the run in ``out`` (its own ``config.json``), with the flags given.
+
+    Only the number of epochs may change; another flag that differs from the run's value is an
+    error that says so (a flag equal to it is accepted).
+    """
+    from .config import CONFIG_NAME, RESUMABLE_CHANGES, RunConfig, parse_set, read_run_config
+    from .tasks import get_task
+
+    given = vars(args)
+    if not (out / CONFIG_NAME).is_file():
+        raise CLIError(f"--resume: nothing to resume in {out} (no {CONFIG_NAME}).")
+    if "config" in given:
+        raise CLIError(
+            f"--resume continues the run in {out} with its own {CONFIG_NAME}; drop --config."
+        )
+    saved = read_run_config(out)
+    cls = get_task(saved.task)
+    changed = []
+
+    def compare(flag: str, old, new) -> None:
+        if old != new:
+            changed.append(f"{flag} {new!r} given, {old!r} in the run")
+
+    if given.get("task"):
+        compare("TASK", saved.task, given["task"])
+        if given["task"] != saved.task:
+            raise CLIError(
+                f"--resume: {out} holds a run of task {saved.task!r}, not {given['task']!r}."
+            )
+    if given.get("quick"):
+        compare("--quick", saved.quick, True)
+    if "data" in given:
+        kind, path = _data_setting(given["data"], cls)
+        compare("--data", [saved.data, saved.data_path], [kind, path])
+    aliases = {"backsolve": "adjoint", "checkpointed": "checkpoint"}
+    for flag in _CONFIG_FLAGS:
+        if flag in given and flag not in RESUMABLE_CHANGES:
+            value = aliases.get(given[flag], given[flag]) if flag == "gradient" else given[flag]
+            compare("--" + flag.replace("_", "-"), getattr(saved, flag), value)
+    for key, value in parse_set(given.get("set", []), cls.options).items():
+        compare(f"--set {key}", saved.options.get(key), value)
+    if changed:
+        raise CLIError(
+            f"--resume: {out} holds a run with a different configuration than the flags given "
+            f"({'; '.join(changed)}); only --{', --'.join(RESUMABLE_CHANGES)} may change when "
+            "resuming. Drop those flags, or start a new run with another --out."
+        )
+    d = saved.to_dict()
+    d.update({k: given[k] for k in RESUMABLE_CHANGES if k in given})
+    return RunConfig.from_dict(d, source=str(out / CONFIG_NAME))
+
+
 def _cmd_train(args) -> int:
     from .train import train
 
-    cfg = resolve_config(args)
     given = vars(args)
-    out = Path(given.get("out") or f"runs/{cfg.task}")
+    if given.get("resume"):
+        if not given.get("out"):
+            raise CLIError("--resume needs --out RUN_DIR (the run to continue).")
+        out = Path(given["out"])
+        cfg = resolve_resume(args, out)
+    else:
+        cfg = resolve_config(args)
+        out = Path(given.get("out") or f"runs/{cfg.task}")
     progress = False if given.get("no_progress") else None
     return train(
         cfg,

@@ -66,8 +66,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
     """Decide what to do with ``out`` before anything is written.
 
-    Returns ``"new"`` (missing or empty folder), ``"restart"`` (a run with the same
-    configuration: start over) or ``"resume"``.
+    Returns ``"new"`` (missing or empty folder), ``"restart"`` (an unfinished run with the
+    same configuration: start over), ``"resume"`` or ``"finished"`` (the run has done
+    ``cfg.epochs`` epochs already: nothing to do).
 
     Raises
     ------
@@ -101,11 +102,13 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
             f"--out {out} holds a different run ({what}); pick another --out, or pass --resume "
             "to continue that run."
         )
-    if resume:
-        if not (out / CHECKPOINT_NAME).is_file():
-            raise CLIError(f"--resume: {out} has no {CHECKPOINT_NAME} to resume from.")
-        return "resume"
-    return "restart"
+    if resume and not (out / CHECKPOINT_NAME).is_file():
+        raise CLIError(f"--resume: {out} has no {CHECKPOINT_NAME} to resume from.")
+    if (out / CHECKPOINT_NAME).is_file():
+        done = load_checkpoint(out / CHECKPOINT_NAME)["epoch"]
+        if done >= cfg.epochs:
+            return "finished"
+    return "resume" if resume else "restart"
 
 
 def build(cfg: RunConfig, dist: distributed.Dist | None = None) -> tuple[Task, nn.Module]:
@@ -225,6 +228,16 @@ def train(
 
 def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
     mode = check_run_dir(out, cfg, resume)
+    if mode == "finished":
+        if dist.is_main:
+            done = load_checkpoint(out / CHECKPOINT_NAME)["epoch"]
+            print(
+                f"neuralode: {out} already holds this run, finished ({done} epochs); "
+                f"nothing to do. See its summary.txt or run 'neuralode evaluate {out}'; train "
+                "it further with --resume --epochs N, or choose another --out to train again.",
+                file=sys.stderr,
+            )
+        return 0
     task, model = build(cfg, dist)  # bad data raises here, before anything is written
     device = task.device
     if dist.enabled:

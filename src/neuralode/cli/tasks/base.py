@@ -56,6 +56,9 @@ class Task(abc.ABC):
     defaults: ClassVar[dict] = {}
     quick: ClassVar[dict] = {}
     options: ClassVar[dict] = {}
+    #: Allowed values of each option (:mod:`neuralode.cli.options`), checked before anything
+    #: is written.
+    option_rules: ClassVar[dict] = {}
     #: Name of the validation metric used to pick ``best.pt`` (lower is better).
     val_key: ClassVar[str] = "val_loss"
 
@@ -77,6 +80,14 @@ class Task(abc.ABC):
                 (opts if k in opts else top)[k] = v
         top["options"] = opts
         return top
+
+    @classmethod
+    def check_options(cls, options: dict, data: str) -> None:
+        """Raise :class:`~neuralode.cli.CLIError` for an option value outside its rule, or one
+        that has no effect with the dataset ``data``."""
+        from ..options import check_options
+
+        check_options(options, cls.option_rules, cls.name)
 
     # -- to implement ---------------------------------------------------------------------
     @abc.abstractmethod

@@ -37,6 +37,7 @@ from neuralode.data import (
 
 from .. import baselines
 from ..errors import CLIError
+from ..options import choice, either, fraction, integer, number, text
 from ..report import nfe_line, table, verdict
 from .base import Task
 
@@ -86,7 +87,40 @@ class IrregularTask(Task):
         label_col=None,
         physionet_sets="set-a",
     )
+    common_rules = dict(
+        val_fraction=fraction(),
+        test_fraction=fraction(),
+        time_scale=either(choice("max"), number(0)),
+        max_subjects=integer(0),
+        classify=choice(True, False),
+        n_samples=integer(1),
+        id_col=text(),
+        time_col=text(),
+        variable_col=text(),
+        value_col=text(),
+        label_col=text(optional=True),
+        physionet_sets=text(),
+    )
+    #: Options that only mean something for one dataset kind.
+    data_options = dict(
+        id_col="csv",
+        time_col="csv",
+        variable_col="csv",
+        value_col="csv",
+        label_col="csv",
+        physionet_sets="physionet",
+    )
     model_label = "model"
+
+    @classmethod
+    def check_options(cls, options, data):
+        super().check_options(options, data)
+        for key, kind in cls.data_options.items():
+            if data != kind and options.get(key) != cls.options[key]:
+                raise CLIError(
+                    f"--set {key} has no effect with --data {data}; it applies to --data {kind} "
+                    "only (pbcseq and physionet have their own columns and label)."
+                )
 
     # -- data -----------------------------------------------------------------------------
     def load_data(self) -> None:

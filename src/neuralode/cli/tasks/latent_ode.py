@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from neuralode.models import LatentODE
 
+from ..options import choice, either, integer, number
 from .irregular import IrregularTask
 
 __all__ = ["LatentODETask"]
@@ -45,6 +46,19 @@ class LatentODETask(IrregularTask):
         lr_decay=1.0,
         kl_warmup=100,
         bce_weight=1.0,
+    )
+
+    option_rules = dict(
+        IrregularTask.common_rules,
+        latent_dim=integer(1),
+        rec_hidden=integer(1),
+        ode_hidden=integer(1),
+        decoder_hidden=integer(0),
+        obs_std=either(choice("learned"), number(0)),
+        train_samples=integer(1),
+        lr_decay=number(0, maximum=1),
+        kl_warmup=integer(0),
+        bce_weight=number(0, strict=False),
     )
 
     def build_model(self):
