@@ -2,8 +2,8 @@
 
 Bad input -- a missing data folder, a malformed CSV, an unknown dataset, an output directory
 that holds a different run, ... -- is reported as one line ``neuralode: error: ...`` on stderr
-with exit status 2, before anything is written. Ctrl-C during training writes a checkpoint and
-exits with status 130.
+with exit status 2, before anything is written. Ctrl-C (SIGINT) or SIGTERM during training
+writes a checkpoint at the last completed step and exits with status 130 / 143.
 """
 
 from __future__ import annotations
@@ -162,6 +162,13 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="train only: skip the held-out evaluation, summary and plots at the end (run "
         "'neuralode evaluate' / 'neuralode plot' later)",
+    )
+    tr.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="also write checkpoint.pt every N steps (default: at the end of each epoch, and on "
+        "Ctrl-C / SIGTERM)",
     )
     _threads_arg(tr)
     tr.add_argument(
@@ -385,12 +392,16 @@ def _cmd_train(args) -> int:
         cfg = resolve_config(args)
         out = Path(given.get("out") or f"runs/{cfg.task}")
     progress = False if given.get("no_progress") else None
+    every = given.get("checkpoint_every")
+    if every is not None and every < 1:
+        raise CLIError(f"--checkpoint-every must be a positive number of steps; got {every}.")
     return train(
         cfg,
         out,
         resume=bool(given.get("resume")),
         progress=progress,
         evaluate=not given.get("no_eval"),
+        checkpoint_every=every,
     )
 
 
@@ -418,7 +429,8 @@ def _cmd_plot(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``neuralode`` command with ``argv`` (default ``sys.argv[1:]``); return the exit
-    status: 0 success, 1 training failed, 2 bad input, 130 interrupted."""
+    status: 0 success, 1 training failed, 2 bad input, 130 / 143 interrupted (SIGINT /
+    SIGTERM)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         wants_help = any(a in ("-h", "--help") for a in argv)

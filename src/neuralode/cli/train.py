@@ -137,34 +137,49 @@ class _Objective(nn.Module):
 
 
 class _Interrupt:
-    """Turns the first SIGINT (Ctrl-C) into a flag checked at step boundaries.
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a flag checked at step boundaries.
 
-    A step is never cut in half, so the checkpoint written on Ctrl-C is consistent; a second
-    Ctrl-C interrupts at once.
+    SIGTERM is what schedulers and clusters send before preemption (followed by SIGKILL after a
+    grace period), so it is handled like Ctrl-C. A step is never cut in half, so the checkpoint
+    written on the signal is consistent and the run resumes exactly; a second signal interrupts
+    at once.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signal number``, the shell's convention: 130 (SIGINT), 143 (SIGTERM)."""
+        return 128 + int(self.signum or signal.SIGINT)
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(
-            "\nneuralode: stopping after this step (Ctrl-C again to stop now)...", file=sys.stderr
+            f"\nneuralode: {name} received: stopping after this step (again to stop now)...",
+            file=sys.stderr,
+            flush=True,
         )
 
     @contextmanager
     def installed(self):
         main = threading.current_thread() is threading.main_thread()
         if main:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handler)
         try:
             yield self
         finally:
             if main:
-                signal.signal(signal.SIGINT, self._previous)
+                for s, h in self._previous.items():
+                    signal.signal(s, h)
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool, unit="epoch", leave=True):
@@ -206,8 +221,10 @@ def train(
     resume: bool = False,
     progress: bool | None = None,
     evaluate: bool = True,
+    checkpoint_every: int | None = None,
 ) -> int:
-    """Train ``cfg`` into the run directory ``out``; return the exit status (0, or 130 on Ctrl-C).
+    """Train ``cfg`` into the run directory ``out``; return the exit status (0, or 130 / 143
+    after Ctrl-C / SIGTERM, with a checkpoint at the last completed step).
 
     Parameters
     ----------
@@ -218,15 +235,19 @@ def train(
         epoch is printed.
     evaluate : bool
         Evaluate the best model on the held-out data, print the summary and draw the plots.
+    checkpoint_every : int or None
+        Also write ``checkpoint.pt`` every this many optimisation steps (besides each epoch's
+        end), so that a run killed without warning loses at most that many steps.
     """
     d = distributed.setup(resolve_device(cfg.device).type)
     try:
-        return _train(cfg, out, resume=resume, progress=progress, evaluate=evaluate, dist=d)
+        return _train(cfg, out, resume=resume, progress=progress, evaluate=evaluate, dist=d,
+                      checkpoint_every=checkpoint_every)  # fmt: skip
     finally:
         distributed.teardown(d)
 
 
-def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
+def _train(cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None) -> int:
     mode = check_run_dir(out, cfg, resume)
     if mode == "finished":
         if dist.is_main:
@@ -341,6 +362,10 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
                         f"loss {logs['train_loss']:.4g}, nfe f/b {nfe_f}/{nfe_b}", refresh=False
                     )
                     inner.update(1)
+                    if checkpoint_every and state["step"] % checkpoint_every == 0:
+                        # The boundary before batch b + 1: the same state a signal there saves.
+                        at = {"epoch": epoch, "batch": b + 1, "step": state["step"]}
+                        checkpoint({**at, "accum": dict(acc)}, rng_states(), gen_start)
                 inner.close()
                 acc["time"] += time.perf_counter() - t_epoch
                 # Validation and the epoch's bookkeeping: a boundary of its own.
@@ -406,11 +431,13 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
         checkpoint(state, snapshot["rng"], snapshot["gen"])
         if dist.is_main:
             print(
-                f"neuralode: interrupted at epoch {state['epoch'] + 1}, batch {state['batch']}; "
-                f"checkpoint saved to {out / CHECKPOINT_NAME} (continue with --resume).",
+                f"neuralode: interrupted at epoch {state['epoch'] + 1}, batch {state['batch']} "
+                f"(step {state['step']}); checkpoint saved to {out / CHECKPOINT_NAME} (continue "
+                f"with: neuralode train --out {out} --resume).",
                 file=sys.stderr,
+                flush=True,
             )
-        return 130
+        return interrupt.exit_code
     finally:
         bar.close()
     dist.barrier()
