@@ -181,7 +181,8 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         "evaluate",
         help="evaluate a run's model on its held-out data",
         description="Evaluate the best model of RUN_DIR (or its last checkpoint) on the held-out "
-        "data; print the summary and write results.json and summary.txt.",
+        "data; print the summary and write results.json and summary.txt (results_last.json "
+        "and summary_last.txt for --checkpoint last).",
         epilog="examples:\n  neuralode evaluate runs/pbc\n"
         "  neuralode evaluate runs/pbc --checkpoint last",
     )
@@ -433,7 +434,8 @@ def _cmd_evaluate(args) -> int:
 
     run_dir = Path(args.run_dir)
     task, model, ckpt = open_run(run_dir, args.checkpoint)
-    report(task, model, run_dir, ckpt, plots=False, stdout=sys.stdout)
+    tag = "last" if args.checkpoint == "last" else None
+    report(task, model, run_dir, ckpt, plots=False, stdout=sys.stdout, tag=tag)
     return 0
 
 

@@ -49,7 +49,8 @@ RESULTS_NAME = "results.json"
 SUMMARY_NAME = "summary.txt"
 PLOT_DIR = "plots"
 #: Files a fresh run (same configuration, no --resume) replaces.
-RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, RESULTS_NAME, SUMMARY_NAME)
+RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, RESULTS_NAME, SUMMARY_NAME,
+             "results_last.json", "summary_last.txt")  # fmt: skip
 CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain data (weights_only)
 
 
@@ -497,9 +498,22 @@ def open_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]
     return task, model, path
 
 
-def report(task: Task, model: nn.Module, run_dir: Path, ckpt: Path, *, plots=True, stdout=None):
+def report(
+    task: Task,
+    model: nn.Module,
+    run_dir: Path,
+    ckpt: Path,
+    *,
+    plots=True,
+    stdout=None,
+    tag: str | None = None,
+):
     """Evaluate ``model`` (loaded from ``ckpt``) on the held-out data; write ``results.json``,
-    ``summary.txt`` and (``plots=True``) the figures; print the summary to ``stdout``."""
+    ``summary.txt`` and (``plots=True``) the figures; print the summary to ``stdout``.
+
+    ``tag="last"`` writes ``results_last.json`` / ``summary_last.txt`` beside the best model's
+    files instead of over them.
+    """
     model.eval()
     results = task.evaluate(model)
     results["checkpoint"] = ckpt.name
@@ -516,10 +530,14 @@ def report(task: Task, model: nn.Module, run_dir: Path, ckpt: Path, *, plots=Tru
     elif (run_dir / PLOT_DIR).is_dir():
         text += f"\nPlots: {run_dir / PLOT_DIR}/ (neuralode plot {run_dir} redraws them)"
     text += f"\nRun directory: {run_dir} (model: {ckpt.name})"
-    tmp = run_dir / f".{RESULTS_NAME}.tmp"
+    results_name, summary_name = RESULTS_NAME, SUMMARY_NAME
+    if tag:
+        results_name = results_name.replace(".json", f"_{tag}.json")
+        summary_name = summary_name.replace(".txt", f"_{tag}.txt")
+    tmp = run_dir / f".{results_name}.tmp"
     tmp.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    tmp.replace(run_dir / RESULTS_NAME)
-    (run_dir / SUMMARY_NAME).write_text(text + "\n")
+    tmp.replace(run_dir / results_name)
+    (run_dir / summary_name).write_text(text + "\n")
     if stdout is not None:
         print(text, file=stdout, flush=True)
     return results

@@ -225,6 +225,10 @@ class IrregularTask(Task):
         n = len(self.parts["train"])
         return list(torch.randperm(n, generator=generator).split(self.cfg.batch_size))
 
+    def eval_generator(self) -> torch.Generator:
+        """A fresh generator for the random draws of an evaluation (seeded by the run's seed)."""
+        return torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1_000_003)
+
     def train_cond(self, batch) -> torch.Tensor:
         """Random conditioning points ``(B, T)``: a random prefix or a random subset."""
         B, T = batch.valid.shape
@@ -252,8 +256,9 @@ class IrregularTask(Task):
         """``(loss, logs)``: mean over the batch's samples."""
 
     @abc.abstractmethod
-    def predict(self, model, batch, cond, times, n_samples):
-        """``(mean, std)``, each ``(B, Q, C)``, at the query times ``times (B, Q)``."""
+    def predict(self, model, batch, cond, times, n_samples, generator=None):
+        """``(mean, std)``, each ``(B, Q, C)``, at the query times ``times (B, Q)``; random
+        draws (posterior samples) from ``generator``."""
 
     def predict_label(self, model, batch):
         """Probabilities ``(B,)`` of the label, or ``None`` without a classification head."""
@@ -274,6 +279,10 @@ class IrregularTask(Task):
         """Squared-error sums and counts per setting (model and baselines) on ``split``."""
         part = self.parts[split]
         res = {}
+        # Posterior samples from a generator of their own, seeded per evaluation: the numbers
+        # do not depend on what drew from torch's global generator before (training, an
+        # earlier evaluation), so `neuralode evaluate` reproduces those printed after training.
+        gen = self.eval_generator()
         for setting, (conds, targets) in self.eval_masks[split].items():
             sums = {"model": 0.0, "locf": 0.0, "linear": 0.0}
             count = 0
@@ -285,7 +294,7 @@ class IrregularTask(Task):
                 tm = batch.mask * target.unsqueeze(-1).to(batch.mask.dtype)
                 if not bool(tm.any()):
                     continue
-                mean, _ = self.predict(model, batch, cond, batch.times, n_samples)
+                mean, _ = self.predict(model, batch, cond, batch.times, n_samples, gen)
                 sums["model"] += float(((mean - batch.values) ** 2 * tm).sum())
                 count += int(tm.sum())
                 if with_baselines:
@@ -431,7 +440,9 @@ class IrregularTask(Task):
         grid = torch.linspace(0, 1, Q, dtype=batch.times.dtype, device=batch.times.device)
         tq = batch.times[:, :1] + grid[None, :] * (span * 1.15)[:, None]
         with torch.no_grad():
-            mean, std = self.predict(model, batch, cond, tq, self.opt["n_samples"])
+            mean, std = self.predict(
+                model, batch, cond, tq, self.opt["n_samples"], self.eval_generator()
+            )
         scale = norm.scale.to(mean.dtype).to(mean.device)
         phys_mean = norm.inverse_transform(mean)
         phys_std = std * scale

@@ -94,9 +94,11 @@ class LatentODETask(IrregularTask):
             logs["train_bce"] = float(out["bce"].detach())
         return out["loss"], logs
 
-    def predict(self, model, batch, cond, times, n_samples):
+    def predict(self, model, batch, cond, times, n_samples, generator=None):
         enc = batch.mask * cond.unsqueeze(-1).to(batch.mask.dtype)
-        return model.predict(batch, times, n_samples=n_samples, encoder_mask=enc)
+        return model.predict(
+            batch, times, n_samples=n_samples, encoder_mask=enc, generator=generator
+        )
 
     def predict_label(self, model, batch):
         return model.predict_proba(batch)

@@ -140,7 +140,7 @@ class ODERNNTask(IrregularTask):
             logs["train_bce"] = float(bce.detach())
         return loss, logs
 
-    def predict(self, model, batch, cond, times, n_samples):
+    def predict(self, model, batch, cond, times, n_samples, generator=None):
         enc = batch.mask * cond.unsqueeze(-1).to(batch.mask.dtype)
         mean, _ = model(batch, enc, times)
         return mean, torch.zeros_like(mean)  # deterministic: no spread
