@@ -170,6 +170,12 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         help="also write checkpoint.pt every N steps (default: at the end of each epoch, and on "
         "Ctrl-C / SIGTERM)",
     )
+    tr.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="log losses, validation metrics, NFE and solver steps per epoch to RUN_DIR/"
+        "tensorboard (needs: pip install 'neuralode[tensorboard]')",
+    )
     _threads_arg(tr)
     tr.add_argument(
         "--no-progress",
@@ -419,6 +425,10 @@ def _cmd_train(args) -> int:
     every = given.get("checkpoint_every")
     if every is not None and every < 1:
         raise CLIError(f"--checkpoint-every must be a positive number of steps; got {every}.")
+    if given.get("tensorboard"):
+        from .tracking import check_tensorboard
+
+        check_tensorboard()
     return train(
         cfg,
         out,
@@ -426,6 +436,7 @@ def _cmd_train(args) -> int:
         progress=progress,
         evaluate=not given.get("no_eval"),
         checkpoint_every=every,
+        tensorboard=bool(given.get("tensorboard")),
     )
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from neuralode.errors import SolveError
+from neuralode.models.base import recording_steps
 
 from . import distributed
 from .checkpoint import (
@@ -223,6 +224,7 @@ def train(
     progress: bool | None = None,
     evaluate: bool = True,
     checkpoint_every: int | None = None,
+    tensorboard: bool = False,
 ) -> int:
     """Train ``cfg`` into the run directory ``out``; return the exit status (0, or 130 / 143
     after Ctrl-C / SIGTERM, with a checkpoint at the last completed step).
@@ -239,16 +241,20 @@ def train(
     checkpoint_every : int or None
         Also write ``checkpoint.pt`` every this many optimisation steps (besides each epoch's
         end), so that a run killed without warning loses at most that many steps.
+    tensorboard : bool
+        Log each epoch's metrics to ``out/tensorboard`` (:mod:`neuralode.cli.tracking`).
     """
     d = distributed.setup(resolve_device(cfg.device).type)
     try:
         return _train(cfg, out, resume=resume, progress=progress, evaluate=evaluate, dist=d,
-                      checkpoint_every=checkpoint_every)  # fmt: skip
+                      checkpoint_every=checkpoint_every, tensorboard=tensorboard)  # fmt: skip
     finally:
         distributed.teardown(d)
 
 
-def _train(cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None) -> int:
+def _train(
+    cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None, tensorboard=False
+) -> int:
     mode = check_run_dir(out, cfg, resume)
     if mode == "finished":
         if dist.is_main:
@@ -295,11 +301,17 @@ def _train(cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None)
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / PLOT_DIR, ignore_errors=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
         cfg.save(out)
         rows = [r for r in _read_metrics(out) if r["epoch"] <= start_epoch]
         _write_metrics(out, rows)
     dist.barrier()
 
+    tb = None
+    if tensorboard and dist.is_main:
+        from .tracking import TensorBoardLog
+
+        tb = TensorBoardLog(out, start_epoch)
     show = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
     bar = _progress_bar(cfg.epochs, min(start_epoch, cfg.epochs), cfg.task, show)
     interrupt = _Interrupt()
@@ -348,7 +360,8 @@ def _train(cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None)
                         raise KeyboardInterrupt
                     indices, weight = dist.shard(batches[b])
                     optimizer.zero_grad(set_to_none=True)
-                    loss, logs = objective(indices, epoch, state["step"])
+                    with recording_steps() as steps:
+                        loss, logs = objective(indices, epoch, state["step"])
                     (loss * weight).backward()
                     optimizer.step()
                     state["step"] += 1
@@ -359,6 +372,9 @@ def _train(cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None)
                     acc["nfe_forward"] = acc.get("nfe_forward", 0) + nfe_f
                     acc["nfe_backward"] = acc.get("nfe_backward", 0) + nfe_b
                     acc["n"] = acc.get("n", 0) + 1
+                    for k, v in (("solves", steps.n_solves), ("accepted", steps.n_accepted),
+                                 ("rejected", steps.n_rejected), ("span", steps.span)):  # fmt: skip
+                        acc[f"solver_{k}"] = acc.get(f"solver_{k}", 0.0) + v
                     inner.set_postfix_str(
                         f"loss {logs['train_loss']:.4g}, nfe f/b {nfe_f}/{nfe_b}", refresh=False
                     )
@@ -382,16 +398,7 @@ def _train(cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None)
                         val = task.validate(model)
                 if scheduler is not None:
                     scheduler.step()
-                n = max(acc.get("n", 0), 1)
-                row = {"epoch": epoch + 1, "step": state["step"]}
-                for k, v in acc.items():
-                    if k not in ("n", "time", "nfe_forward", "nfe_backward"):
-                        row[k] = v / n
-                row.update(val)
-                row["nfe_forward"] = int(acc.get("nfe_forward", 0))
-                row["nfe_backward"] = int(acc.get("nfe_backward", 0))
-                row["nfe_forward_per_step"] = row["nfe_forward"] / n
-                row["nfe_backward_per_step"] = row["nfe_backward"] / n
+                row = _epoch_row(acc, val, epoch + 1, state["step"])
                 row["lr"] = optimizer.param_groups[0]["lr"]
                 row["time_s"] = acc["time"] + time.perf_counter() - t_val
                 if dist.is_main:
@@ -417,8 +424,13 @@ def _train(cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None)
                 if dist.is_main:
                     line = _epoch_line(row, cfg.epochs, task.val_key)
                     bar.set_postfix_str(line.split(": ", 1)[1], refresh=True)
-                    if not show:
+                    if show:  # above the bar: the line stays in the terminal's scroll-back
+                        bar.write(line, file=sys.stdout)
+                        sys.stdout.flush()
+                    else:
                         print(line, flush=True)
+                    if tb is not None:
+                        tb.log(row)
     except SolveError as exc:
         raise TrainingError(
             f"training failed in epoch {state['epoch'] + 1} (after step {state['step']}): {exc} "
@@ -441,12 +453,36 @@ def _train(cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None)
         return interrupt.exit_code
     finally:
         bar.close()
+        if tb is not None:
+            tb.close()
     dist.barrier()
     if dist.is_main and evaluate:
         ckpt = out / BEST_NAME if (out / BEST_NAME).is_file() else out / CHECKPOINT_NAME
         model.load_state_dict(load_checkpoint(ckpt)["model"])
         report(task, model, out, ckpt, stdout=sys.stdout)
     return 0
+
+
+def _epoch_row(acc: dict, val: dict, epoch: int, step: int) -> dict:
+    """The ``metrics.jsonl`` row of an epoch from the sums over its steps and the validation."""
+    n = max(acc.get("n", 0), 1)
+    row = {"epoch": epoch, "step": step}
+    for k, v in acc.items():
+        if k not in ("n", "time", "nfe_forward", "nfe_backward") and not k.startswith("solver_"):
+            row[k] = v / n
+    row.update(val)
+    row["nfe_forward"] = int(acc.get("nfe_forward", 0))
+    row["nfe_backward"] = int(acc.get("nfe_backward", 0))
+    row["nfe_forward_per_step"] = row["nfe_forward"] / n
+    row["nfe_backward_per_step"] = row["nfe_backward"] / n
+    solves, accepted = acc.get("solver_solves", 0), acc.get("solver_accepted", 0)
+    if solves and accepted:
+        # Forward solves of the training steps: time integrated per accepted step, and steps
+        # per solve (per-sample solves count the average sample).
+        row["mean_step_size"] = acc["solver_span"] / accepted
+        row["accepted_steps_per_solve"] = accepted / solves
+        row["rejected_steps_per_solve"] = acc["solver_rejected"] / solves
+    return row
 
 
 def _epoch_line(row: dict, epochs: int, val_key: str) -> str:
