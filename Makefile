@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip setuptools wheel
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e '.[test,data,cli]'
+	$(PIP_INSTALL) -e '.[test,data,cli,tensorboard]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -8,6 +8,7 @@ torchdiffeq-compatible face is :func:`odeint` / :func:`odeint_adjoint`.
 
 from ._compat import odeint, odeint_adjoint, odeint_event
 from ._solve import solve
+from .cli.runs import TrainedRun, load_run
 from .controllers import ConstantStep, PIController, StepToGrid
 from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflowError
 from .events import Event
@@ -31,6 +32,8 @@ __all__ = [
     "Checkpointed",
     "ButcherTableau",
     "Event",
+    "load_run",
+    "TrainedRun",
     "SolveError",
     "StepSizeUnderflowError",
     "MaxStepsError",

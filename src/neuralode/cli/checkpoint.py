@@ -1,15 +1,22 @@
-"""Checkpoints: atomic writes and the random number generator states needed for exact resumes.
+"""Checkpoints: atomic writes, safe loading and the random number generator states of exact resumes.
 
 A checkpoint holds the model and optimiser states, the position in training (epoch, step, batch
 within the epoch), the state of every random number generator that training draws from --
 torch's (CPU and CUDA), numpy's, Python's ``random`` and the explicit ``torch.Generator`` that
 shuffles the data -- and the running epoch statistics. Restoring all of them makes an
 interrupted and resumed run bit-identical to an uninterrupted one on CPU.
+
+Everything in a checkpoint is tensors and plain data (dicts, lists, tuples, str, int, float,
+bool, None): the generator states are converted to tensors and ints (:func:`rng_states`), so
+files are read with ``torch.load(..., weights_only=True)``, whose unpickler refuses any other
+Python object. Opening a run directory someone else made (``neuralode evaluate``/``plot``,
+:func:`neuralode.load_run`) therefore never runs code from it.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -46,31 +53,92 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def _advice(path: Path) -> str:
+    """What to do when ``path`` cannot be used."""
+    run = path.parent
+    if path.name == BEST_NAME:
+        return (
+            f"use the last checkpoint instead (neuralode evaluate {run} --checkpoint last), or "
+            "train the run again"
+        )
+    if path.name == CHECKPOINT_NAME:
+        return (
+            f"use the best model instead (--checkpoint best), or start the run again without "
+            f"--resume (delete {run} or choose another --out)"
+        )
+    return "use another checkpoint, or train again"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint written by :func:`atomic_save` onto the CPU.
+    """Load a checkpoint written by :func:`atomic_save` onto the CPU, never running code from it.
+
+    The file is unpickled with ``weights_only=True``: tensors and plain data only.
 
     Raises
     ------
     CLIError
-        If the file is missing or unreadable.
+        If the file is missing; if it holds other Python objects (refused: unpickling them
+        could execute code); or if it is damaged (truncated, corrupt, not a checkpoint). The
+        message names the file and says what to do.
     """
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"checkpoint not found: {path}")
     try:
-        # weights_only=False: the file holds RNG states and numpy's state tuple besides tensors;
-        # it is our own file, written by atomic_save.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CLIError(f"cannot read checkpoint {path}: {exc}") from None
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # The weights-only unpickler names each class or function a pickle would import
+        # ("GLOBAL module.name"); any other failure is a damaged or foreign file.
+        found = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln]
+        if found:
+            detail = f" ({found[0].rstrip('.')})"
+            raise CLIError(
+                f"refusing to load {path}: it holds Python objects besides tensors and plain "
+                f"data{detail}, and unpickling them could execute code. neuralode never writes "
+                "such files; open only checkpoints you trust, or "
+                f"{_advice(path)}."
+            ) from None
+        raise _damaged(path, exc) from None
+    except Exception as exc:  # noqa: BLE001 - any other failure: the file is not readable
+        raise _damaged(path, exc) from None
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise CLIError(f"{path} is not a neuralode checkpoint (no model state); {_advice(path)}.")
+    return ck
+
+
+def _damaged(path: Path, exc: BaseException) -> CLIError:
+    # PyTorch's own text (zip reader internals) does not help the user; the size does (a
+    # truncated copy, an interrupted transfer, an empty file).
+    size = path.stat().st_size
+    return CLIError(
+        f"checkpoint {path} is damaged (truncated or corrupt, {size} bytes) and cannot be "
+        f"read; {_advice(path)}."
+    )
 
 
 def rng_states(generator: torch.Generator | None = None) -> dict:
-    """The states of torch (CPU, CUDA), numpy, Python ``random`` and ``generator``."""
+    """The states of torch (CPU, CUDA), numpy, Python ``random`` and ``generator``.
+
+    As tensors and plain numbers only (so that checkpoints load with ``weights_only=True``);
+    :func:`set_rng_states` converts them back.
+    """
+    key, mt, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
     states = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "key": str(key),
+            "state": torch.from_numpy(np.asarray(mt, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        # Python's Mersenne Twister words are < 2**32 and fit int64 exactly.
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -82,8 +150,18 @@ def rng_states(generator: torch.Generator | None = None) -> dict:
 def set_rng_states(states: dict, generator: torch.Generator | None = None) -> None:
     """Restore what :func:`rng_states` captured."""
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state(
+        (
+            n["key"],
+            n["state"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    p = states["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     if generator is not None and "generator" in states:

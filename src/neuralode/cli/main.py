@@ -2,8 +2,8 @@
 
 Bad input -- a missing data folder, a malformed CSV, an unknown dataset, an output directory
 that holds a different run, ... -- is reported as one line ``neuralode: error: ...`` on stderr
-with exit status 2, before anything is written. Ctrl-C during training writes a checkpoint and
-exits with status 130.
+with exit status 2, before anything is written. Ctrl-C (SIGINT) or SIGTERM during training
+writes a checkpoint at the last completed step and exits with status 130 / 143.
 """
 
 from __future__ import annotations
@@ -148,7 +148,10 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
     )
     tr.add_argument("--out", metavar="DIR", help="run directory (default runs/TASK)")
     tr.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from checkpoint.pt"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint.pt, with its own config.json (only "
+        "--epochs may change)",
     )
     tr.add_argument(
         "--config", metavar="FILE", help="start from a saved config.json (flags override it)"
@@ -159,6 +162,19 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="train only: skip the held-out evaluation, summary and plots at the end (run "
         "'neuralode evaluate' / 'neuralode plot' later)",
+    )
+    tr.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="also write checkpoint.pt every N steps (default: at the end of each epoch, and on "
+        "Ctrl-C / SIGTERM)",
+    )
+    tr.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="log losses, validation metrics, NFE and solver steps per epoch to RUN_DIR/"
+        "tensorboard (needs: pip install 'neuralode[tensorboard]')",
     )
     _threads_arg(tr)
     tr.add_argument(
@@ -171,7 +187,8 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         "evaluate",
         help="evaluate a run's model on its held-out data",
         description="Evaluate the best model of RUN_DIR (or its last checkpoint) on the held-out "
-        "data; print the summary and write results.json and summary.txt.",
+        "data; print the summary and write results.json and summary.txt (results_last.json "
+        "and summary_last.txt for --checkpoint last).",
         epilog="examples:\n  neuralode evaluate runs/pbc\n"
         "  neuralode evaluate runs/pbc --checkpoint last",
     )
@@ -200,23 +217,46 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
 def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=int,
         metavar="N",
-        help="torch intra-op threads (default: torch's choice). Small models often run "
-        "faster with 1, and 1 per process is right under torchrun. Not part of the "
-        "configuration, but keep it fixed for bit-identical resumes.",
+        help="torch intra-op threads: a number, or 'auto' for torch's choice (one per core). "
+        "Default: 1, or OMP_NUM_THREADS when it is set. Not part of the configuration, but "
+        "keep it fixed for bit-identical resumes.",
     )
 
 
+_TORCH_DEFAULT_THREADS: list = [None]
+
+
 def _set_threads(args) -> None:
-    n = vars(args).get("threads")
-    if n is None:
-        return
-    if n < 1:
-        raise CLIError(f"--threads must be a positive integer; got {n}.")
+    """Default to one intra-op thread unless asked (``--threads``, ``OMP_NUM_THREADS``).
+
+    Why 1: the models trained here are small (widths of tens to a few hundred, batches of tens),
+    so a step is a long chain of small operations whose parallel speed-up is slight, while
+    torch's default (one OpenMP thread per core, spin-waiting between operations) collapses
+    when the cores are shared: on a loaded 2-core machine ``neuralode train spiral`` took 204 s
+    with the default and 31.6 s with one thread. One thread is also right per process under
+    torchrun, and on GPUs the thread count hardly matters. ``--threads auto`` restores torch's
+    choice, e.g. for wide convolutional ODE-Nets on an idle many-core machine.
+    """
     import torch
 
-    torch.set_num_threads(n)
+    n = vars(args).get("threads")
+    if n is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return  # the user's explicit choice; torch has read it
+        n = "1"
+    if _TORCH_DEFAULT_THREADS[0] is None:  # before this process changed it
+        _TORCH_DEFAULT_THREADS[0] = torch.get_num_threads()
+    if n == "auto":
+        torch.set_num_threads(_TORCH_DEFAULT_THREADS[0])
+        return
+    try:
+        count = int(n)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise CLIError(f"--threads must be a positive integer or 'auto'; got {n!r}.")
+    torch.set_num_threads(count)
 
 
 def _data_setting(tokens: list[str], task_cls) -> tuple[str, str | None]:
@@ -280,6 +320,7 @@ def resolve_config(args: argparse.Namespace):
             settings[flag] = given[flag]
     _resolve_solver(settings, given, cls.defaults)
     options.update(parse_set(given.get("set", []), cls.options))
+    cls.check_options(options, settings["data"])
     settings["options"] = options
     return RunConfig.from_dict(settings, source="configuration")
 
@@ -310,37 +351,111 @@ def _resolve_solver(settings: dict, given: dict, defaults: dict) -> None:
                 settings[k] = defaults.get(k) or fallback
 
 
+#: Flags of ``train`` that set a configuration field of the same name.
+_CONFIG_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "method", "rtol", "atol", "step_size",
+                 "gradient", "seed", "device", "dtype")  # fmt: skip
+
+
+def resolve_resume(args: argparse.Namespace, out: Path):
+    """The configuration of the run in ``out`` (its own ``config.json``), with the flags given.
+
+    Only the number of epochs may change; another flag that differs from the run's value is an
+    error that says so (a flag equal to it is accepted).
+    """
+    from .config import CONFIG_NAME, RESUMABLE_CHANGES, RunConfig, parse_set, read_run_config
+    from .tasks import get_task
+
+    given = vars(args)
+    if not (out / CONFIG_NAME).is_file():
+        raise CLIError(f"--resume: nothing to resume in {out} (no {CONFIG_NAME}).")
+    if "config" in given:
+        raise CLIError(
+            f"--resume continues the run in {out} with its own {CONFIG_NAME}; drop --config."
+        )
+    saved = read_run_config(out)
+    cls = get_task(saved.task)
+    changed = []
+
+    def compare(flag: str, old, new) -> None:
+        if old != new:
+            changed.append(f"{flag} {new!r} given, {old!r} in the run")
+
+    if given.get("task"):
+        compare("TASK", saved.task, given["task"])
+        if given["task"] != saved.task:
+            raise CLIError(
+                f"--resume: {out} holds a run of task {saved.task!r}, not {given['task']!r}."
+            )
+    if given.get("quick"):
+        compare("--quick", saved.quick, True)
+    if "data" in given:
+        kind, path = _data_setting(given["data"], cls)
+        compare("--data", [saved.data, saved.data_path], [kind, path])
+    aliases = {"backsolve": "adjoint", "checkpointed": "checkpoint"}
+    for flag in _CONFIG_FLAGS:
+        if flag in given and flag not in RESUMABLE_CHANGES:
+            value = aliases.get(given[flag], given[flag]) if flag == "gradient" else given[flag]
+            compare("--" + flag.replace("_", "-"), getattr(saved, flag), value)
+    for key, value in parse_set(given.get("set", []), cls.options).items():
+        compare(f"--set {key}", saved.options.get(key), value)
+    if changed:
+        raise CLIError(
+            f"--resume: {out} holds a run with a different configuration than the flags given "
+            f"({'; '.join(changed)}); only --{', --'.join(RESUMABLE_CHANGES)} may change when "
+            "resuming. Drop those flags, or start a new run with another --out."
+        )
+    d = saved.to_dict()
+    d.update({k: given[k] for k in RESUMABLE_CHANGES if k in given})
+    return RunConfig.from_dict(d, source=str(out / CONFIG_NAME))
+
+
 def _cmd_train(args) -> int:
     from .train import train
 
-    cfg = resolve_config(args)
     given = vars(args)
-    out = Path(given.get("out") or f"runs/{cfg.task}")
+    if given.get("resume"):
+        if not given.get("out"):
+            raise CLIError("--resume needs --out RUN_DIR (the run to continue).")
+        out = Path(given["out"])
+        cfg = resolve_resume(args, out)
+    else:
+        cfg = resolve_config(args)
+        out = Path(given.get("out") or f"runs/{cfg.task}")
     progress = False if given.get("no_progress") else None
+    every = given.get("checkpoint_every")
+    if every is not None and every < 1:
+        raise CLIError(f"--checkpoint-every must be a positive number of steps; got {every}.")
+    if given.get("tensorboard"):
+        from .tracking import check_tensorboard
+
+        check_tensorboard()
     return train(
         cfg,
         out,
         resume=bool(given.get("resume")),
         progress=progress,
         evaluate=not given.get("no_eval"),
+        checkpoint_every=every,
+        tensorboard=bool(given.get("tensorboard")),
     )
 
 
 def _cmd_evaluate(args) -> int:
-    from .train import load_run, report
+    from .train import open_run, report
 
     run_dir = Path(args.run_dir)
-    task, model, ckpt = load_run(run_dir, args.checkpoint)
-    report(task, model, run_dir, ckpt, plots=False, stdout=sys.stdout)
+    task, model, ckpt = open_run(run_dir, args.checkpoint)
+    tag = "last" if args.checkpoint == "last" else None
+    report(task, model, run_dir, ckpt, plots=False, stdout=sys.stdout, tag=tag)
     return 0
 
 
 def _cmd_plot(args) -> int:
     from .plots import plot_run
-    from .train import _read_metrics, load_run
+    from .train import _read_metrics, open_run
 
     run_dir = Path(args.run_dir)
-    task, model, ckpt = load_run(run_dir, args.checkpoint)
+    task, model, ckpt = open_run(run_dir, args.checkpoint)
     paths = plot_run(task, model, run_dir, _read_metrics(run_dir))
     print(f"Plots of {run_dir} (model: {ckpt.name}):")
     for p in paths:
@@ -350,7 +465,8 @@ def _cmd_plot(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``neuralode`` command with ``argv`` (default ``sys.argv[1:]``); return the exit
-    status: 0 success, 1 training failed, 2 bad input, 130 interrupted."""
+    status: 0 success, 1 training failed, 2 bad input, 130 / 143 interrupted (SIGINT /
+    SIGTERM)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         wants_help = any(a in ("-h", "--help") for a in argv)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from neuralode.errors import SolveError
+from neuralode.models.base import recording_steps
 
 from . import distributed
 from .checkpoint import (
@@ -42,15 +43,16 @@ from .errors import CLIError, TrainingError
 from .tasks import get_task
 from .tasks.base import Task
 
-__all__ = ["train", "check_run_dir", "resolve_device", "build", "load_run", "report"]
+__all__ = ["train", "check_run_dir", "resolve_device", "build", "open_run", "report"]
 
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
 SUMMARY_NAME = "summary.txt"
 PLOT_DIR = "plots"
 #: Files a fresh run (same configuration, no --resume) replaces.
-RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, RESULTS_NAME, SUMMARY_NAME)
-CHECKPOINT_FORMAT = 1
+RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, RESULTS_NAME, SUMMARY_NAME,
+             "results_last.json", "summary_last.txt")  # fmt: skip
+CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain data (weights_only)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -66,8 +68,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
     """Decide what to do with ``out`` before anything is written.
 
-    Returns ``"new"`` (missing or empty folder), ``"restart"`` (a run with the same
-    configuration: start over) or ``"resume"``.
+    Returns ``"new"`` (missing or empty folder), ``"restart"`` (an unfinished run with the
+    same configuration: start over), ``"resume"`` or ``"finished"`` (the run has done
+    ``cfg.epochs`` epochs already: nothing to do).
 
     Raises
     ------
@@ -101,11 +104,13 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
             f"--out {out} holds a different run ({what}); pick another --out, or pass --resume "
             "to continue that run."
         )
-    if resume:
-        if not (out / CHECKPOINT_NAME).is_file():
-            raise CLIError(f"--resume: {out} has no {CHECKPOINT_NAME} to resume from.")
-        return "resume"
-    return "restart"
+    if resume and not (out / CHECKPOINT_NAME).is_file():
+        raise CLIError(f"--resume: {out} has no {CHECKPOINT_NAME} to resume from.")
+    if (out / CHECKPOINT_NAME).is_file():
+        done = load_checkpoint(out / CHECKPOINT_NAME)["epoch"]
+        if done >= cfg.epochs:
+            return "finished"
+    return "resume" if resume else "restart"
 
 
 def build(cfg: RunConfig, dist: distributed.Dist | None = None) -> tuple[Task, nn.Module]:
@@ -134,34 +139,49 @@ class _Objective(nn.Module):
 
 
 class _Interrupt:
-    """Turns the first SIGINT (Ctrl-C) into a flag checked at step boundaries.
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a flag checked at step boundaries.
 
-    A step is never cut in half, so the checkpoint written on Ctrl-C is consistent; a second
-    Ctrl-C interrupts at once.
+    SIGTERM is what schedulers and clusters send before preemption (followed by SIGKILL after a
+    grace period), so it is handled like Ctrl-C. A step is never cut in half, so the checkpoint
+    written on the signal is consistent and the run resumes exactly; a second signal interrupts
+    at once.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signal number``, the shell's convention: 130 (SIGINT), 143 (SIGTERM)."""
+        return 128 + int(self.signum or signal.SIGINT)
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(
-            "\nneuralode: stopping after this step (Ctrl-C again to stop now)...", file=sys.stderr
+            f"\nneuralode: {name} received: stopping after this step (again to stop now)...",
+            file=sys.stderr,
+            flush=True,
         )
 
     @contextmanager
     def installed(self):
         main = threading.current_thread() is threading.main_thread()
         if main:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handler)
         try:
             yield self
         finally:
             if main:
-                signal.signal(signal.SIGINT, self._previous)
+                for s, h in self._previous.items():
+                    signal.signal(s, h)
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool, unit="epoch", leave=True):
@@ -203,8 +223,11 @@ def train(
     resume: bool = False,
     progress: bool | None = None,
     evaluate: bool = True,
+    checkpoint_every: int | None = None,
+    tensorboard: bool = False,
 ) -> int:
-    """Train ``cfg`` into the run directory ``out``; return the exit status (0, or 130 on Ctrl-C).
+    """Train ``cfg`` into the run directory ``out``; return the exit status (0, or 130 / 143
+    after Ctrl-C / SIGTERM, with a checkpoint at the last completed step).
 
     Parameters
     ----------
@@ -215,16 +238,34 @@ def train(
         epoch is printed.
     evaluate : bool
         Evaluate the best model on the held-out data, print the summary and draw the plots.
+    checkpoint_every : int or None
+        Also write ``checkpoint.pt`` every this many optimisation steps (besides each epoch's
+        end), so that a run killed without warning loses at most that many steps.
+    tensorboard : bool
+        Log each epoch's metrics to ``out/tensorboard`` (:mod:`neuralode.cli.tracking`).
     """
     d = distributed.setup(resolve_device(cfg.device).type)
     try:
-        return _train(cfg, out, resume=resume, progress=progress, evaluate=evaluate, dist=d)
+        return _train(cfg, out, resume=resume, progress=progress, evaluate=evaluate, dist=d,
+                      checkpoint_every=checkpoint_every, tensorboard=tensorboard)  # fmt: skip
     finally:
         distributed.teardown(d)
 
 
-def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
+def _train(
+    cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None, tensorboard=False
+) -> int:
     mode = check_run_dir(out, cfg, resume)
+    if mode == "finished":
+        if dist.is_main:
+            done = load_checkpoint(out / CHECKPOINT_NAME)["epoch"]
+            print(
+                f"neuralode: {out} already holds this run, finished ({done} epochs); "
+                f"nothing to do. See its summary.txt or run 'neuralode evaluate {out}'; train "
+                "it further with --resume --epochs N, or choose another --out to train again.",
+                file=sys.stderr,
+            )
+        return 0
     task, model = build(cfg, dist)  # bad data raises here, before anything is written
     device = task.device
     if dist.enabled:
@@ -234,6 +275,7 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
     optimizer = opt_cls(model.parameters(), lr=cfg.lr)
     scheduler = task.make_scheduler(optimizer)
     generator = torch.Generator().manual_seed(cfg.seed)
+    exported = task.export()  # channel names, normaliser, ...: for neuralode.load_run
 
     start_epoch, skip, step, best = 0, 0, 0, {"value": math.inf, "epoch": None}
     accum: dict = {}
@@ -259,11 +301,17 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / PLOT_DIR, ignore_errors=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
         cfg.save(out)
         rows = [r for r in _read_metrics(out) if r["epoch"] <= start_epoch]
         _write_metrics(out, rows)
     dist.barrier()
 
+    tb = None
+    if tensorboard and dist.is_main:
+        from .tracking import TensorBoardLog
+
+        tb = TensorBoardLog(out, start_epoch)
     show = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
     bar = _progress_bar(cfg.epochs, min(start_epoch, cfg.epochs), cfg.task, show)
     interrupt = _Interrupt()
@@ -277,6 +325,7 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
             {
                 "format": CHECKPOINT_FORMAT,
                 "config": cfg.to_dict(),
+                "data": exported,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
@@ -311,7 +360,8 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
                         raise KeyboardInterrupt
                     indices, weight = dist.shard(batches[b])
                     optimizer.zero_grad(set_to_none=True)
-                    loss, logs = objective(indices, epoch, state["step"])
+                    with recording_steps() as steps:
+                        loss, logs = objective(indices, epoch, state["step"])
                     (loss * weight).backward()
                     optimizer.step()
                     state["step"] += 1
@@ -322,10 +372,17 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
                     acc["nfe_forward"] = acc.get("nfe_forward", 0) + nfe_f
                     acc["nfe_backward"] = acc.get("nfe_backward", 0) + nfe_b
                     acc["n"] = acc.get("n", 0) + 1
+                    for k, v in (("solves", steps.n_solves), ("accepted", steps.n_accepted),
+                                 ("rejected", steps.n_rejected), ("span", steps.span)):  # fmt: skip
+                        acc[f"solver_{k}"] = acc.get(f"solver_{k}", 0.0) + v
                     inner.set_postfix_str(
                         f"loss {logs['train_loss']:.4g}, nfe f/b {nfe_f}/{nfe_b}", refresh=False
                     )
                     inner.update(1)
+                    if checkpoint_every and state["step"] % checkpoint_every == 0:
+                        # The boundary before batch b + 1: the same state a signal there saves.
+                        at = {"epoch": epoch, "batch": b + 1, "step": state["step"]}
+                        checkpoint({**at, "accum": dict(acc)}, rng_states(), gen_start)
                 inner.close()
                 acc["time"] += time.perf_counter() - t_epoch
                 # Validation and the epoch's bookkeeping: a boundary of its own.
@@ -341,16 +398,7 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
                         val = task.validate(model)
                 if scheduler is not None:
                     scheduler.step()
-                n = max(acc.get("n", 0), 1)
-                row = {"epoch": epoch + 1, "step": state["step"]}
-                for k, v in acc.items():
-                    if k not in ("n", "time", "nfe_forward", "nfe_backward"):
-                        row[k] = v / n
-                row.update(val)
-                row["nfe_forward"] = int(acc.get("nfe_forward", 0))
-                row["nfe_backward"] = int(acc.get("nfe_backward", 0))
-                row["nfe_forward_per_step"] = row["nfe_forward"] / n
-                row["nfe_backward_per_step"] = row["nfe_backward"] / n
+                row = _epoch_row(acc, val, epoch + 1, state["step"])
                 row["lr"] = optimizer.param_groups[0]["lr"]
                 row["time_s"] = acc["time"] + time.perf_counter() - t_val
                 if dist.is_main:
@@ -362,6 +410,7 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
                             {
                                 "format": CHECKPOINT_FORMAT,
                                 "config": cfg.to_dict(),
+                                "data": exported,
                                 "model": model.state_dict(),
                                 "epoch": epoch + 1,
                                 "step": state["step"],
@@ -375,8 +424,13 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
                 if dist.is_main:
                     line = _epoch_line(row, cfg.epochs, task.val_key)
                     bar.set_postfix_str(line.split(": ", 1)[1], refresh=True)
-                    if not show:
+                    if show:  # above the bar: the line stays in the terminal's scroll-back
+                        bar.write(line, file=sys.stdout)
+                        sys.stdout.flush()
+                    else:
                         print(line, flush=True)
+                    if tb is not None:
+                        tb.log(row)
     except SolveError as exc:
         raise TrainingError(
             f"training failed in epoch {state['epoch'] + 1} (after step {state['step']}): {exc} "
@@ -390,19 +444,45 @@ def _train(cfg, out, *, resume, progress, evaluate, dist) -> int:
         checkpoint(state, snapshot["rng"], snapshot["gen"])
         if dist.is_main:
             print(
-                f"neuralode: interrupted at epoch {state['epoch'] + 1}, batch {state['batch']}; "
-                f"checkpoint saved to {out / CHECKPOINT_NAME} (continue with --resume).",
+                f"neuralode: interrupted at epoch {state['epoch'] + 1}, batch {state['batch']} "
+                f"(step {state['step']}); checkpoint saved to {out / CHECKPOINT_NAME} (continue "
+                f"with: neuralode train --out {out} --resume).",
                 file=sys.stderr,
+                flush=True,
             )
-        return 130
+        return interrupt.exit_code
     finally:
         bar.close()
+        if tb is not None:
+            tb.close()
     dist.barrier()
     if dist.is_main and evaluate:
         ckpt = out / BEST_NAME if (out / BEST_NAME).is_file() else out / CHECKPOINT_NAME
         model.load_state_dict(load_checkpoint(ckpt)["model"])
         report(task, model, out, ckpt, stdout=sys.stdout)
     return 0
+
+
+def _epoch_row(acc: dict, val: dict, epoch: int, step: int) -> dict:
+    """The ``metrics.jsonl`` row of an epoch from the sums over its steps and the validation."""
+    n = max(acc.get("n", 0), 1)
+    row = {"epoch": epoch, "step": step}
+    for k, v in acc.items():
+        if k not in ("n", "time", "nfe_forward", "nfe_backward") and not k.startswith("solver_"):
+            row[k] = v / n
+    row.update(val)
+    row["nfe_forward"] = int(acc.get("nfe_forward", 0))
+    row["nfe_backward"] = int(acc.get("nfe_backward", 0))
+    row["nfe_forward_per_step"] = row["nfe_forward"] / n
+    row["nfe_backward_per_step"] = row["nfe_backward"] / n
+    solves, accepted = acc.get("solver_solves", 0), acc.get("solver_accepted", 0)
+    if solves and accepted:
+        # Forward solves of the training steps: time integrated per accepted step, and steps
+        # per solve (per-sample solves count the average sample).
+        row["mean_step_size"] = acc["solver_span"] / accepted
+        row["accepted_steps_per_solve"] = accepted / solves
+        row["rejected_steps_per_solve"] = acc["solver_rejected"] / solves
+    return row
 
 
 def _epoch_line(row: dict, epochs: int, val_key: str) -> str:
@@ -427,8 +507,9 @@ def _append_metrics(run_dir: Path, row: dict) -> None:
         fh.flush()
 
 
-def load_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]:
-    """Rebuild the task and model of a run with the weights of ``best.pt`` or ``checkpoint.pt``.
+def open_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]:
+    """The task (with its data) and the model of a run, with the weights of ``best.pt`` or
+    ``checkpoint.pt`` (for ``neuralode evaluate`` / ``plot``).
 
     ``which="best"`` falls back to ``checkpoint.pt`` for a run interrupted before its first
     validation.
@@ -441,14 +522,34 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]
         raise CLIError(f"{run_dir} holds no checkpoint yet; train it first (neuralode train).")
     ck = load_checkpoint(path)
     task, model = build(cfg)
+    stored = ck.get("data", {}).get("channels")
+    if stored is not None and list(stored) != list(task.export()["channels"]):
+        raise CLIError(
+            f"the data of {run_dir} has changed since training: channels "
+            f"{list(task.export()['channels'])} now, {list(stored)} in {path.name}; evaluate "
+            "on the data the model was trained on."
+        )
     model.load_state_dict(ck["model"])
     model.eval()
     return task, model, path
 
 
-def report(task: Task, model: nn.Module, run_dir: Path, ckpt: Path, *, plots=True, stdout=None):
+def report(
+    task: Task,
+    model: nn.Module,
+    run_dir: Path,
+    ckpt: Path,
+    *,
+    plots=True,
+    stdout=None,
+    tag: str | None = None,
+):
     """Evaluate ``model`` (loaded from ``ckpt``) on the held-out data; write ``results.json``,
-    ``summary.txt`` and (``plots=True``) the figures; print the summary to ``stdout``."""
+    ``summary.txt`` and (``plots=True``) the figures; print the summary to ``stdout``.
+
+    ``tag="last"`` writes ``results_last.json`` / ``summary_last.txt`` beside the best model's
+    files instead of over them.
+    """
     model.eval()
     results = task.evaluate(model)
     results["checkpoint"] = ckpt.name
@@ -465,10 +566,14 @@ def report(task: Task, model: nn.Module, run_dir: Path, ckpt: Path, *, plots=Tru
     elif (run_dir / PLOT_DIR).is_dir():
         text += f"\nPlots: {run_dir / PLOT_DIR}/ (neuralode plot {run_dir} redraws them)"
     text += f"\nRun directory: {run_dir} (model: {ckpt.name})"
-    tmp = run_dir / f".{RESULTS_NAME}.tmp"
+    results_name, summary_name = RESULTS_NAME, SUMMARY_NAME
+    if tag:
+        results_name = results_name.replace(".json", f"_{tag}.json")
+        summary_name = summary_name.replace(".txt", f"_{tag}.txt")
+    tmp = run_dir / f".{results_name}.tmp"
     tmp.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    tmp.replace(run_dir / RESULTS_NAME)
-    (run_dir / SUMMARY_NAME).write_text(text + "\n")
+    tmp.replace(run_dir / results_name)
+    (run_dir / summary_name).write_text(text + "\n")
     if stdout is not None:
         print(text, file=stdout, flush=True)
     return results

@@ -7,6 +7,7 @@ Everything here sits on the public API (:func:`neuralode.solve`, :mod:`neuralode
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,15 @@ from neuralode.controllers import Controller
 from neuralode.gradients import Direct, get_gradient
 from neuralode.solvers import get_tableau
 
-__all__ = ["CountsNFE", "SolverSettings", "NFECounter", "MLPVectorField", "solve_tracked"]
+__all__ = [
+    "CountsNFE",
+    "SolverSettings",
+    "NFECounter",
+    "MLPVectorField",
+    "StepRecord",
+    "recording_steps",
+    "solve_tracked",
+]
 
 # Model defaults, looser than solve()'s (1e-6 / 1e-8): the vector field is a network fitted to
 # noisy data, so integrating it far below the data's noise buys nothing (Chen et al. 2018 train
@@ -196,6 +205,55 @@ class CountsNFE:
         return self._counter.backward
 
 
+class StepRecord:
+    """Accepted / rejected steps and integrated time spans of the solves made by the models
+    inside a :func:`recording_steps` block (forward solves)."""
+
+    def __init__(self) -> None:
+        self.n_solves = 0
+        self.n_accepted = 0.0
+        self.n_rejected = 0.0
+        self.span = 0.0
+
+    def add(self, stats: dict, t: torch.Tensor) -> None:
+        """Count one solve over the output times ``t``: ``(T,)``, or ``(B, T)`` per sample (then
+        step counts and spans are averages over the samples)."""
+        tt = torch.as_tensor(t).detach()
+        self.n_solves += 1
+        self.n_accepted += _mean(stats.get("n_accepted", 0))
+        self.n_rejected += _mean(stats.get("n_rejected", 0))
+        self.span += float((tt[..., -1] - tt[..., 0]).abs().double().mean()) if tt.numel() else 0.0
+
+    @property
+    def mean_step(self) -> float | None:
+        """Average accepted step size (time integrated per accepted step); ``None`` without steps."""
+        return self.span / self.n_accepted if self.n_accepted else None
+
+
+def _mean(x) -> float:
+    return float(torch.as_tensor(x, dtype=torch.float64).mean())
+
+
+_STEP_RECORDS: list[StepRecord] = []
+
+
+@contextmanager
+def recording_steps():
+    """Record the step counts of every :func:`solve_tracked` solve inside the block.
+
+    Yields
+    ------
+    StepRecord
+        Filled in as the models solve (costs one host read per solve; nothing outside a block).
+    """
+    record = StepRecord()
+    _STEP_RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _STEP_RECORDS.remove(record)
+
+
 def solve_tracked(settings: SolverSettings, counter: NFECounter, func, y0, t):
     """``neuralode.solve(func, y0, t, **settings)``: the trajectory ``ys``, NFE recorded."""
     f = func
@@ -205,6 +263,8 @@ def solve_tracked(settings: SolverSettings, counter: NFECounter, func, y0, t):
         f = counter.hooked(func)
     sol = neuralode.solve(f, y0, t, **settings.solve_kwargs())
     counter.record(sol.stats)
+    for record in _STEP_RECORDS:
+        record.add(sol.stats, t)
     return sol.ys
 
 

@@ -56,6 +56,9 @@ class Task(abc.ABC):
     defaults: ClassVar[dict] = {}
     quick: ClassVar[dict] = {}
     options: ClassVar[dict] = {}
+    #: Allowed values of each option (:mod:`neuralode.cli.options`), checked before anything
+    #: is written.
+    option_rules: ClassVar[dict] = {}
     #: Name of the validation metric used to pick ``best.pt`` (lower is better).
     val_key: ClassVar[str] = "val_loss"
 
@@ -77,6 +80,14 @@ class Task(abc.ABC):
                 (opts if k in opts else top)[k] = v
         top["options"] = opts
         return top
+
+    @classmethod
+    def check_options(cls, options: dict, data: str) -> None:
+        """Raise :class:`~neuralode.cli.CLIError` for an option value outside its rule, or one
+        that has no effect with the dataset ``data``."""
+        from ..options import check_options
+
+        check_options(options, cls.option_rules, cls.name)
 
     # -- to implement ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -108,6 +119,21 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def summary(self, results: dict[str, Any], metrics: list[dict]) -> str:
         """A short, human-readable report of :meth:`evaluate`'s results."""
+
+    def export(self) -> dict[str, Any]:
+        """What, besides the configuration and the weights, rebuilds the model and applies it to
+        new data without the training data (e.g. channel names, the fitted normaliser).
+
+        Tensors and plain data only (saved in every checkpoint, read with
+        ``weights_only=True``); :meth:`restore` takes it back. Default: nothing.
+        """
+        return {}
+
+    def restore(self, exported: dict[str, Any]) -> None:
+        """Take :meth:`export`'s output in place of :meth:`load_data`, so that
+        :meth:`build_model` works without the data (:func:`neuralode.load_run`). Default: a
+        task whose model needs nothing but the configuration ignores it."""
+        del exported
 
     def plot(self, model: nn.Module, plot_dir: Path) -> list[Path]:
         """Task-specific figures (PNG) in ``plot_dir``; return their paths."""

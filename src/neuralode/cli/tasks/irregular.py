@@ -37,6 +37,7 @@ from neuralode.data import (
 
 from .. import baselines
 from ..errors import CLIError
+from ..options import choice, either, fraction, integer, number, text
 from ..report import nfe_line, table, verdict
 from .base import Task
 
@@ -86,7 +87,40 @@ class IrregularTask(Task):
         label_col=None,
         physionet_sets="set-a",
     )
+    common_rules = dict(
+        val_fraction=fraction(),
+        test_fraction=fraction(),
+        time_scale=either(choice("max"), number(0)),
+        max_subjects=integer(0),
+        classify=choice(True, False),
+        n_samples=integer(1),
+        id_col=text(),
+        time_col=text(),
+        variable_col=text(),
+        value_col=text(),
+        label_col=text(optional=True),
+        physionet_sets=text(),
+    )
+    #: Options that only mean something for one dataset kind.
+    data_options = dict(
+        id_col="csv",
+        time_col="csv",
+        variable_col="csv",
+        value_col="csv",
+        label_col="csv",
+        physionet_sets="physionet",
+    )
     model_label = "model"
+
+    @classmethod
+    def check_options(cls, options, data):
+        super().check_options(options, data)
+        for key, kind in cls.data_options.items():
+            if data != kind and options.get(key) != cls.options[key]:
+                raise CLIError(
+                    f"--set {key} has no effect with --data {data}; it applies to --data {kind} "
+                    "only (pbcseq and physionet have their own columns and label)."
+                )
 
     # -- data -----------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -133,6 +167,7 @@ class IrregularTask(Task):
                     "add subjects or change --set val_fraction / test_fraction."
                 )
         self.raw, self.parts = ds, {"train": train, "val": val, "test": test}
+        self.channels, self.time_unit = tuple(ds.channels), ds.time_unit
         labels = train.labels
         self.has_labels = bool(o["classify"]) and bool((~torch.isnan(labels)).any())
         if self.has_labels:
@@ -140,6 +175,24 @@ class IrregularTask(Task):
             if len(torch.unique(lab)) < 2 or not bool(((lab == 0) | (lab == 1)).all()):
                 self.has_labels = False  # a head needs 0/1 labels of both classes
         self.eval_masks = {s: self._eval_masks(s) for s in ("val", "test")}
+
+    def export(self):
+        from ..runs import normalizer_state
+
+        return {
+            "channels": list(self.channels),
+            "time_unit": self.time_unit,
+            "has_labels": bool(self.has_labels),
+            "normalizer": normalizer_state(self.normalizer),
+        }
+
+    def restore(self, exported):
+        from ..runs import normalizer_from_state
+
+        self.channels = tuple(exported["channels"])
+        self.time_unit = exported["time_unit"]
+        self.has_labels = bool(exported["has_labels"])
+        self.normalizer = normalizer_from_state(exported["normalizer"])
 
     def batch(self, split: str, indices) -> object:
         part = self.parts[split]
@@ -172,6 +225,10 @@ class IrregularTask(Task):
         n = len(self.parts["train"])
         return list(torch.randperm(n, generator=generator).split(self.cfg.batch_size))
 
+    def eval_generator(self) -> torch.Generator:
+        """A fresh generator for the random draws of an evaluation (seeded by the run's seed)."""
+        return torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1_000_003)
+
     def train_cond(self, batch) -> torch.Tensor:
         """Random conditioning points ``(B, T)``: a random prefix or a random subset."""
         B, T = batch.valid.shape
@@ -199,8 +256,9 @@ class IrregularTask(Task):
         """``(loss, logs)``: mean over the batch's samples."""
 
     @abc.abstractmethod
-    def predict(self, model, batch, cond, times, n_samples):
-        """``(mean, std)``, each ``(B, Q, C)``, at the query times ``times (B, Q)``."""
+    def predict(self, model, batch, cond, times, n_samples, generator=None):
+        """``(mean, std)``, each ``(B, Q, C)``, at the query times ``times (B, Q)``; random
+        draws (posterior samples) from ``generator``."""
 
     def predict_label(self, model, batch):
         """Probabilities ``(B,)`` of the label, or ``None`` without a classification head."""
@@ -221,6 +279,10 @@ class IrregularTask(Task):
         """Squared-error sums and counts per setting (model and baselines) on ``split``."""
         part = self.parts[split]
         res = {}
+        # Posterior samples from a generator of their own, seeded per evaluation: the numbers
+        # do not depend on what drew from torch's global generator before (training, an
+        # earlier evaluation), so `neuralode evaluate` reproduces those printed after training.
+        gen = self.eval_generator()
         for setting, (conds, targets) in self.eval_masks[split].items():
             sums = {"model": 0.0, "locf": 0.0, "linear": 0.0}
             count = 0
@@ -232,7 +294,7 @@ class IrregularTask(Task):
                 tm = batch.mask * target.unsqueeze(-1).to(batch.mask.dtype)
                 if not bool(tm.any()):
                     continue
-                mean, _ = self.predict(model, batch, cond, batch.times, n_samples)
+                mean, _ = self.predict(model, batch, cond, batch.times, n_samples, gen)
                 sums["model"] += float(((mean - batch.values) ** 2 * tm).sum())
                 count += int(tm.sum())
                 if with_baselines:
@@ -378,7 +440,9 @@ class IrregularTask(Task):
         grid = torch.linspace(0, 1, Q, dtype=batch.times.dtype, device=batch.times.device)
         tq = batch.times[:, :1] + grid[None, :] * (span * 1.15)[:, None]
         with torch.no_grad():
-            mean, std = self.predict(model, batch, cond, tq, self.opt["n_samples"])
+            mean, std = self.predict(
+                model, batch, cond, tq, self.opt["n_samples"], self.eval_generator()
+            )
         scale = norm.scale.to(mean.dtype).to(mean.device)
         phys_mean = norm.inverse_transform(mean)
         phys_std = std * scale

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from neuralode.models import LatentODE
 
+from ..options import choice, either, integer, number
 from .irregular import IrregularTask
 
 __all__ = ["LatentODETask"]
@@ -47,10 +48,23 @@ class LatentODETask(IrregularTask):
         bce_weight=1.0,
     )
 
+    option_rules = dict(
+        IrregularTask.common_rules,
+        latent_dim=integer(1),
+        rec_hidden=integer(1),
+        ode_hidden=integer(1),
+        decoder_hidden=integer(0),
+        obs_std=either(choice("learned"), number(0)),
+        train_samples=integer(1),
+        lr_decay=number(0, maximum=1),
+        kl_warmup=integer(0),
+        bce_weight=number(0, strict=False),
+    )
+
     def build_model(self):
         o = self.opt
         return LatentODE(
-            self.parts["train"].n_channels,
+            len(self.channels),
             o["latent_dim"],
             rec_hidden=o["rec_hidden"],
             ode_hidden=o["ode_hidden"],
@@ -80,9 +94,11 @@ class LatentODETask(IrregularTask):
             logs["train_bce"] = float(out["bce"].detach())
         return out["loss"], logs
 
-    def predict(self, model, batch, cond, times, n_samples):
+    def predict(self, model, batch, cond, times, n_samples, generator=None):
         enc = batch.mask * cond.unsqueeze(-1).to(batch.mask.dtype)
-        return model.predict(batch, times, n_samples=n_samples, encoder_mask=enc)
+        return model.predict(
+            batch, times, n_samples=n_samples, encoder_mask=enc, generator=generator
+        )
 
     def predict_label(self, model, batch):
         return model.predict_proba(batch)

@@ -22,6 +22,7 @@ from torch import nn
 from neuralode.models import ODERNN, SolverSettings
 from neuralode.models.base import NFECounter, solve_tracked
 
+from ..options import integer, number
 from .irregular import IrregularTask
 
 __all__ = ["ODERNNTask", "ODERNNForecaster"]
@@ -106,10 +107,16 @@ class ODERNNTask(IrregularTask):
     )
     quick = dict(epochs=2, batch_size=16, max_subjects=48, hidden=8, ode_hidden=8)
     options = dict(IrregularTask.common_options, hidden=32, ode_hidden=32, bce_weight=1.0)
+    option_rules = dict(
+        IrregularTask.common_rules,
+        hidden=integer(1),
+        ode_hidden=integer(1),
+        bce_weight=number(0, strict=False),
+    )
 
     def build_model(self):
         return ODERNNForecaster(
-            self.parts["train"].n_channels,
+            len(self.channels),
             self.opt["hidden"],
             self.opt["ode_hidden"],
             self.has_labels,
@@ -133,7 +140,7 @@ class ODERNNTask(IrregularTask):
             logs["train_bce"] = float(bce.detach())
         return loss, logs
 
-    def predict(self, model, batch, cond, times, n_samples):
+    def predict(self, model, batch, cond, times, n_samples, generator=None):
         enc = batch.mask * cond.unsqueeze(-1).to(batch.mask.dtype)
         mean, _ = model(batch, enc, times)
         return mean, torch.zeros_like(mean)  # deterministic: no spread

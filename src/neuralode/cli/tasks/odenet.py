@@ -19,6 +19,7 @@ from torch import nn
 from neuralode.models import ODENetClassifier
 
 from ..errors import CLIError
+from ..options import choice, fraction, integer, number
 from ..report import nfe_line, table
 from .base import Task
 
@@ -53,6 +54,16 @@ class ODENetTask(Task):
         max_train=0,
         lr_decay=0.9,
         shift=0,
+    )
+
+    option_rules = dict(
+        width=integer(1),
+        field=choice("conv", "mlp"),
+        val_fraction=fraction(),
+        test_fraction=fraction(),
+        max_train=integer(0),
+        lr_decay=number(0, maximum=1),
+        shift=integer(0, 7),  # pixels of an 8x8 image
     )
 
     def load_data(self) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 import neuralode
 from neuralode.models import NeuralODE
 
+from ..options import integer, number
 from .base import Task
 
 __all__ = ["SpiralTask", "SpiralField", "spiral_data"]
@@ -88,6 +89,13 @@ class SpiralTask(Task):
     )
     quick = dict(epochs=2, batch_size=8, steps_per_epoch=3, hidden=16)
     options = dict(hidden=50, window=10, steps_per_epoch=50, noise_std=0.02, lr_decay=0.9)
+    option_rules = dict(
+        hidden=integer(1),
+        window=integer(2, N_POINTS),
+        steps_per_epoch=integer(1),
+        noise_std=number(0, strict=False),
+        lr_decay=number(0, maximum=1),
+    )
 
     def load_data(self) -> None:
         t, y, noisy = spiral_data(self.opt["noise_std"], self.cfg.seed)
