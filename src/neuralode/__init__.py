@@ -11,7 +11,7 @@ from ._solve import solve
 from .controllers import ConstantStep, PIController, StepToGrid
 from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflowError
 from .events import Event
-from .gradients import Backsolve, Checkpointed, Direct
+from .gradients import Backsolve, Checkpointed, Direct, Reversible
 from .solution import Solution
 from .solvers import ButcherTableau
 
@@ -29,6 +29,7 @@ __all__ = [
     "Direct",
     "Backsolve",
     "Checkpointed",
+    "Reversible",
     "ButcherTableau",
     "Event",
     "SolveError",
