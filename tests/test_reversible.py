@@ -286,3 +286,29 @@ def test_contractive_problem_reconstruction_vs_backsolve():
     assert abs(float(bad.ys[-1, 0])) > 1e100
     with pytest.raises(no.NonFiniteError, match="coupling"):
         no.solve(f, y0, [0.0, 16.0], solver="rk4", dt=dt, gradient="reversible")
+
+
+def test_event_time_gradient_matches_direct():
+    """A terminal event y_0 = 0 of y'' = -k (y = 1 + 2 t - k t^2 / 2): the event time and its
+    gradient w.r.t. y0 and k through a reversible solve."""
+    k = torch.tensor(1.3, dtype=DT, requires_grad=True)
+
+    def f(t, y):
+        return torch.stack([y[..., 1], -k * torch.ones_like(y[..., 0])], -1)
+
+    ev = no.Event(lambda t, y: y[..., 0], terminal=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 10.0], dtype=DT)
+    out = {}
+    for name, g in (("direct", "direct"), ("reversible", no.Reversible(params=(k,)))):
+        sol = no.solve(f, y0, t, solver="dopri5", rtol=1e-10, atol=1e-12, event=ev, gradient=g)
+        out[name] = (sol.event_t.detach(), torch.autograd.grad(sol.event_t, [y0, k]))
+    kk = 1.3
+    t_star = (2 + math.sqrt(4 + 2 * kk)) / kk
+    assert float(out["reversible"][0]) == pytest.approx(t_star, rel=1e-9)
+    for a, b in zip(out["reversible"][1], out["direct"][1]):
+        assert _rel(a, b) < 1e-7
+    # dt*/dk from the implicit function theorem: dt*/dk = (t*^2 / 2) / (2 - k t*).
+    assert float(out["reversible"][1][1]) == pytest.approx(
+        (t_star**2 / 2) / (2 - kk * t_star), rel=1e-7
+    )
