@@ -10,7 +10,9 @@ in two families that are compared member by member:
 - backprop (autograd through the solver): ``neuralode Direct`` (``neuralode.odeint``, the
   torchdiffeq-compatible face), ``neuralode Checkpointed`` (``neuralode.solve(...,
   gradient=Checkpointed())``: the same gradient as Direct, states stored at steps and each step
-  replayed in the backward pass), ``torchdiffeq odeint`` and ``torchode``
+  replayed in the backward pass), ``neuralode Reversible`` (``gradient=Reversible()``: the exact
+  gradient of McCallum & Foster's reversible version of dopri5, which is a different solve with
+  the same tolerance, at constant autograd memory), ``torchdiffeq odeint`` and ``torchode``
   (``AutoDiffAdjoint(Dopri5, IntegralController)``);
 - adjoint (a backward solve of the adjoint system): ``neuralode Backsolve``
   (``neuralode.odeint_adjoint``), ``torchdiffeq odeint_adjoint`` (default adjoint options: the
@@ -216,6 +218,12 @@ def run_checkpointed(func, y0, t, tol):
     ).ys
 
 
+def run_reversible(func, y0, t, tol):
+    return neuralode.solve(
+        func, y0, t, solver="dopri5", rtol=tol, atol=tol, gradient=neuralode.Reversible()
+    ).ys
+
+
 def run_backsolve(func, y0, t, tol):
     return neuralode.odeint_adjoint(func, y0, t, rtol=tol, atol=tol, method="dopri5")
 
@@ -262,6 +270,7 @@ class Config:
 CONFIGS = [
     Config("neuralode Direct", "backprop", "neuralode", run_direct),
     Config("neuralode Checkpointed", "backprop", "neuralode", run_checkpointed),
+    Config("neuralode Reversible", "backprop", "neuralode", run_reversible),
     Config("torchdiffeq odeint", "backprop", "torchdiffeq", run_torchdiffeq),
     Config("torchode", "backprop", "torchode", run_torchode),
     Config("neuralode Backsolve", "adjoint", "neuralode", run_backsolve),

@@ -12,7 +12,7 @@ from .cli.runs import TrainedRun, load_run
 from .controllers import ConstantStep, PIController, StepToGrid
 from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflowError
 from .events import Event
-from .gradients import Backsolve, Checkpointed, Direct
+from .gradients import Backsolve, Checkpointed, Direct, Reversible
 from .solution import Solution
 from .solvers import ButcherTableau
 
@@ -30,6 +30,7 @@ __all__ = [
     "Direct",
     "Backsolve",
     "Checkpointed",
+    "Reversible",
     "ButcherTableau",
     "Event",
     "load_run",

@@ -67,8 +67,9 @@ def solve(
     dt : float, optional
         Shortcut for ``controller=ConstantStep(dt)``.
     gradient : str or gradient method, default "direct"
-        ``"direct"``, ``"backsolve"`` (alias ``"adjoint"``), ``"checkpoint"`` or an instance of
-        :class:`Direct`, :class:`Backsolve`, :class:`Checkpointed`.
+        ``"direct"``, ``"backsolve"`` (alias ``"adjoint"``), ``"checkpoint"``, ``"reversible"`` or
+        an instance of :class:`Direct`, :class:`Backsolve`, :class:`Checkpointed`,
+        :class:`Reversible` (which solves with the reversible version of the method).
     max_steps : int, optional
         Limit on step attempts (accepted + rejected) over the whole solve. Default: none.
     dense_output : bool, optional

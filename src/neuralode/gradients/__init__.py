@@ -9,9 +9,12 @@
 - :class:`Checkpointed` -- exact gradients (equal to Direct to rounding) with bounded memory: the
   forward pass stores the state at accepted steps (at most ``max_checkpoints`` of them), the
   backward pass recomputes each step with autograd.
+- :class:`Reversible` -- exact gradients of an algebraically reversible version of the explicit
+  Runge--Kutta method (McCallum & Foster 2024) in memory constant in the number of steps: the
+  backward pass reconstructs every state by inverting the steps.
 
 Pass one as ``neuralode.solve(..., gradient=...)``; the strings ``"direct"``, ``"backsolve"``
-(alias ``"adjoint"``) and ``"checkpoint"`` select the defaults.
+(alias ``"adjoint"``), ``"checkpoint"`` and ``"reversible"`` select the defaults.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from __future__ import annotations
 from .adjoint import Backsolve
 from .checkpoint import Checkpointed
 from .direct import Direct
+from .reversible import Reversible
 
-__all__ = ["Direct", "Backsolve", "Checkpointed", "get_gradient"]
+__all__ = ["Direct", "Backsolve", "Checkpointed", "Reversible", "get_gradient"]
 
 
 def get_gradient(gradient):
@@ -33,7 +37,7 @@ def get_gradient(gradient):
     TypeError
         For anything else.
     """
-    if isinstance(gradient, (Direct, Backsolve, Checkpointed)):
+    if isinstance(gradient, (Direct, Backsolve, Checkpointed, Reversible)):
         return gradient
     if isinstance(gradient, str):
         key = gradient.lower()
@@ -43,9 +47,12 @@ def get_gradient(gradient):
             return Backsolve()
         if key in ("checkpoint", "checkpointed"):
             return Checkpointed()
+        if key == "reversible":
+            return Reversible()
         raise ValueError(
             f"unknown gradient method {gradient!r}; choose 'direct', 'backsolve' (or 'adjoint'), "
-            "'checkpoint', or pass Direct(), Backsolve(...), Checkpointed(...)"
+            "'checkpoint', 'reversible', or pass Direct(), Backsolve(...), Checkpointed(...), "
+            "Reversible(...)"
         )
     raise TypeError(
         f"gradient must be a name or a gradient method object, got {type(gradient).__name__}"

@@ -1,0 +1,314 @@
+"""Reversible gradients (issue 16): the algebraically reversible Runge--Kutta scheme of McCallum &
+Foster (2024), its exact gradients in constant autograd memory, its convergence order, and how
+exactly the backward pass reconstructs the states."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import neuralode as no
+from neuralode.gradients.reversible import reconstruction_error
+
+DT = torch.float64
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+class MLP(nn.Module):
+    def __init__(self, d=3, hidden=16, seed=0, scale=1.0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d)).to(DT)
+        self.scale = scale
+
+    def forward(self, t, y):
+        return self.scale * self.net(y) + 0.1 * torch.sin(t) * y
+
+
+def _problem(seed=0):
+    func = MLP(seed=seed)
+    torch.manual_seed(seed + 100)
+    y0 = torch.randn(4, 3, dtype=DT)
+    t = torch.linspace(0.0, 1.0, 5, dtype=DT)
+    c = torch.randn(5, 4, 3, dtype=DT)
+    return func, y0, t, c
+
+
+def _loss_and_grads(func, y0, t, c, gradient, create_graph=False, **kw):
+    y0 = y0.detach().requires_grad_()
+    sol = no.solve(func, y0, t, gradient=gradient, **kw)
+    loss = (sol.ys * c).sum()
+    grads = torch.autograd.grad(loss, [y0, *func.parameters()], create_graph=create_graph)
+    return loss.detach(), grads, sol
+
+
+# --------------------------------------------------------------------------- the scheme itself
+def test_forward_is_the_reversible_scheme_written_by_hand():
+    """Euler on y' = a y: y1 = lam y + (1 - lam) z + h a z, z1 = z - (-h) a y1 (the backward
+    Euler increment from t1), written out in plain arithmetic."""
+    a, lam, h, n = -0.7, 0.9, 0.1, 10
+    y = z = 1.3
+    ref = [y]
+    for _ in range(n):
+        y = lam * y + (1 - lam) * z + h * a * z
+        z = z + h * a * y
+        ref.append(y)
+    t = torch.linspace(0, 1, n + 1, dtype=DT)
+    sol = no.solve(
+        lambda t, y: a * y,
+        torch.tensor([1.3], dtype=DT),
+        t,
+        solver="euler",
+        dt=h,
+        gradient=no.Reversible(coupling=lam),
+    )
+    assert torch.allclose(sol.ys[:, 0], torch.tensor(ref, dtype=DT), rtol=1e-14, atol=0)
+    assert sol.stats["n_steps"] == n
+    assert sol.stats["nfe"] == 2 * n  # two Euler increments per step
+
+
+def test_string_and_coupling_validation():
+    func, y0, t, _ = _problem()
+    a = no.solve(func, y0, t, solver="rk4", dt=0.1, gradient="reversible").ys
+    b = no.solve(func, y0, t, solver="rk4", dt=0.1, gradient=no.Reversible(0.999)).ys
+    assert torch.equal(a, b)
+    for bad in (0.0, -0.5, 1.5, "x", True):
+        with pytest.raises(ValueError, match="coupling"):
+            no.Reversible(coupling=bad)
+    assert no.Reversible(coupling=1).coupling == 1.0
+
+
+def test_unsupported_combinations_raise():
+    func, y0, t, _ = _problem()
+    with pytest.raises(ValueError, match="dense_output"):
+        no.solve(func, y0, t, solver="rk4", dt=0.1, gradient="reversible", dense_output=True)
+    with pytest.raises(ValueError, match="explicit Runge--Kutta"):
+        no.solve(func, y0, t, solver="kvaerno5", gradient="reversible")
+    with pytest.raises(ValueError, match="gradient='direct'"):
+        no.solve(func, y0, t, gradient="reversible", batch_control="per_sample")
+
+
+# --------------------------------------------------------------------------- exact gradients
+def test_fixed_steps_gradient_equals_finite_differences_and_autograd_through_scheme():
+    func, y0, t, c = _problem()
+    kw = dict(solver="rk4", dt=0.05)
+    loss, g_rev, sol = _loss_and_grads(func, y0, t, c, "reversible", **kw)
+    assert sol.stats["n_steps"] == 20
+    # Autograd through the same scheme: create_graph=True replays the reversible solve with a
+    # graph and differentiates it by autograd.
+    _, g_graph, _ = _loss_and_grads(func, y0, t, c, "reversible", create_graph=True, **kw)
+    for a, b in zip(g_rev, g_graph):
+        assert _rel(a, b) < 1e-12
+    # Central finite differences of the reversible forward itself.
+    p = next(func.parameters())
+
+    def value(y0_, delta_p=None):
+        with torch.no_grad():
+            if delta_p is not None:
+                p.add_(delta_p)
+            out = (no.solve(func, y0_, t, gradient="reversible", **kw).ys * c).sum()
+            if delta_p is not None:
+                p.sub_(delta_p)
+        return float(out)
+
+    eps = 1e-6
+    for idx in [(0, 0), (2, 1), (3, 2)]:
+        e = torch.zeros_like(y0)
+        e[idx] = eps
+        fd = (value(y0 + e) - value(y0 - e)) / (2 * eps)
+        assert abs(fd - float(g_rev[0][idx])) <= 1e-7 * abs(float(g_rev[0][idx])) + 1e-9
+    for idx in [(0, 0), (5, 1), (15, 2)]:
+        e = torch.zeros_like(p)
+        e[idx] = eps
+        fd = (value(y0, e) - value(y0, -e)) / (2 * eps)
+        assert abs(fd - float(g_rev[1][idx])) <= 1e-7 * abs(float(g_rev[1][idx])) + 1e-9
+
+
+def test_gradcheck_with_time_dependent_field_and_step_to_grid():
+    torch.manual_seed(3)
+    w = torch.randn(2, 2, dtype=DT, requires_grad=True)
+    grid = [0.0, 0.1, 0.25, 0.3, 0.55, 0.7, 1.0]
+
+    def f(t, y):
+        return torch.tanh(y @ w) * torch.cos(t)
+
+    def fn(y0, w_):
+        return no.solve(
+            f,
+            y0,
+            torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=DT),
+            solver="midpoint",
+            controller=no.StepToGrid(grid),
+            gradient=no.Reversible(coupling=0.9, params=(w_,)),
+        ).ys
+
+    y0 = torch.randn(3, 2, dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (y0, w), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_adaptive_tight_tolerance_agrees_with_direct():
+    func, y0, t, c = _problem(seed=1)
+    kw = dict(solver="dopri5", rtol=1e-11, atol=1e-13)
+    _, g_rev, sol = _loss_and_grads(func, y0, t, c, "reversible", **kw)
+    _, g_dir, _ = _loss_and_grads(func, y0, t, c, "direct", **kw)
+    assert sol.stats["n_rejected"] >= 0 and sol.stats["n_steps"] >= 10
+    for a, b in zip(g_rev, g_dir):
+        assert _rel(a, b) < 1e-6
+    # Also equal to autograd through the adaptive reversible solve (same accepted steps).
+    _, g_graph, _ = _loss_and_grads(func, y0, t, c, "reversible", create_graph=True, **kw)
+    for a, b in zip(g_rev, g_graph):
+        assert _rel(a, b) < 1e-11
+
+
+def test_tuple_state_and_per_sample_grid():
+    torch.manual_seed(4)
+    lin = nn.Linear(4, 4).to(DT)
+
+    def f(t, y):
+        q, p = y
+        out = torch.tanh(lin(torch.cat([q, p], -1)))
+        return p, out[:, :2] - q
+
+    q0 = torch.randn(3, 2, dtype=DT, requires_grad=True)
+    p0 = torch.randn(3, 2, dtype=DT, requires_grad=True)
+    # Per-sample output grids: steps land on the union of all rows' times.
+    t2 = torch.tensor([[0.0, 0.3, 1.0], [0.0, 0.5, 0.8], [0.0, 0.3, 0.6]], dtype=DT)
+    kw = dict(solver="rk4", dt=0.1, gradient=no.Reversible(params=tuple(lin.parameters())))
+    sol = no.solve(f, (q0, p0), t2, **kw)
+    # Values: the same as a shared grid holding every landing time, row b picked for sample b.
+    union = torch.unique(t2)
+    shared = no.solve(f, (q0, p0), union, **kw)
+    for b in range(3):
+        for j in range(3):
+            k = int((union == t2[b, j]).nonzero())
+            assert torch.allclose(sol.ys[0][j, b], shared.ys[0][k, b], rtol=1e-13, atol=1e-15)
+            assert torch.allclose(sol.ys[1][j, b], shared.ys[1][k, b], rtol=1e-13, atol=1e-15)
+    loss = (sol.ys[0] ** 2).sum() + (sol.ys[1] * 0.3).sum()
+    inputs = [q0, p0, *lin.parameters()]
+    g = torch.autograd.grad(loss, inputs)
+    g_graph = torch.autograd.grad(
+        (lambda s: (s.ys[0] ** 2).sum() + (s.ys[1] * 0.3).sum())(no.solve(f, (q0, p0), t2, **kw)),
+        inputs,
+        create_graph=True,
+    )
+    for a, b in zip(g, g_graph):
+        assert _rel(a, b) < 1e-12
+
+
+# --------------------------------------------------------------------------- memory
+def _saved_bytes(gradient, n):
+    func = MLP(d=8, hidden=32, seed=2)
+    y0 = torch.randn(16, 8, dtype=DT, requires_grad=True)
+    seen = {}
+
+    def pack(x):
+        seen[(x.untyped_storage().data_ptr(), x.device)] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        sol = no.solve(func, y0, [0.0, 1.0], solver="rk4", dt=1.0 / n, gradient=gradient)
+    sol.ys[-1].sum().backward()
+    assert sol.stats["n_steps"] == n
+    return sum(seen.values())
+
+
+def test_autograd_memory_is_flat_in_the_number_of_steps():
+    rev = [_saved_bytes("reversible", n) for n in (40, 400)]
+    direct = [_saved_bytes("direct", n) for n in (40, 400)]
+    assert rev[1] == rev[0]  # the final pair and the parameters, whatever the steps
+    assert direct[1] > 8 * direct[0]  # Direct keeps every step's graph
+    assert rev[0] < direct[0] / 10
+
+
+# --------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("solver,order", [("midpoint", 2), ("heun3", 3), ("rk4", 4)])
+def test_convergence_order(solver, order):
+    """y' = y cos t, y(0) = 1: y(2) = exp(sin 2). Log-log slope of the error over dt."""
+    exact = math.exp(math.sin(2.0))
+    errs, ns = [], [20, 40, 80, 160]
+    for n in ns:
+        sol = no.solve(
+            lambda t, y: y * torch.cos(t),
+            torch.tensor([1.0], dtype=DT),
+            [0.0, 2.0],
+            solver=solver,
+            dt=2.0 / n,
+            gradient="reversible",
+        )
+        errs.append(abs(float(sol.ys[-1, 0]) - exact))
+    slopes = [math.log(errs[i] / errs[i + 1], 2) for i in range(len(ns) - 1)]
+    assert abs(slopes[-1] - order) < 0.25, slopes
+
+
+def test_reconstruction_at_rounding_level_for_a_neural_field_over_many_steps():
+    func = MLP(d=4, hidden=16, seed=5)
+    y0 = torch.randn(8, 4, dtype=DT)
+    err, sol = reconstruction_error(func, y0, [0.0, 2.0], solver="rk4", dt=2.0 / 2000)
+    assert sol.stats["n_steps"] == 2000
+    assert err < 1e-13
+
+
+def test_contractive_problem_reconstruction_vs_backsolve():
+    """y' = -50 y over [0, 10]: the reversible scheme needs a coupling matched to the decay
+    (lam = R(h mu)^2); then the states are reconstructed to rounding, where solving the state
+    backward (Backsolve's reconstruction) is only as good as its tolerance."""
+    mu, dt = -50.0, 0.005
+    a = mu * dt
+    R = 1 + a + a * a / 2 + a**3 / 6 + a**4 / 24  # rk4's stability function
+    y0 = torch.tensor([1.0], dtype=DT)
+
+    def f(t, y):
+        return mu * y
+
+    err, sol = reconstruction_error(f, y0, [0.0, 10.0], coupling=R * R, solver="rk4", dt=dt)
+    assert err < 1e-8
+    assert float(sol.ys[-1, 0]) == pytest.approx(R**2000, rel=1e-3)
+    # Backsolve's reconstruction: the state solved backward from y(10).
+    y_end = torch.tensor([math.exp(-500.0)], dtype=DT)
+    back = no.solve(f, y_end, [10.0, 0.0], solver="dopri5", rtol=1e-6, atol=0.0)
+    back_err = abs(float(back.ys[-1, 0]) - 1.0)
+    assert 1e-6 < back_err < 1e-3
+    # 1 % away from the matched coupling the reconstruction has lost most digits ...
+    err_off, _ = reconstruction_error(
+        f, y0, [0.0, 10.0], coupling=R * R * 1.01, solver="rk4", dt=dt
+    )
+    assert err_off > 1e-7
+    # ... and the default coupling does not damp the parasitic mode: the solution grows (to
+    # about 1e210 by t = 10) instead of decaying, and overflows a little later.
+    bad = no.solve(f, y0, [0.0, 10.0], solver="rk4", dt=dt, gradient="reversible")
+    assert abs(float(bad.ys[-1, 0])) > 1e100
+    with pytest.raises(no.NonFiniteError, match="coupling"):
+        no.solve(f, y0, [0.0, 16.0], solver="rk4", dt=dt, gradient="reversible")
+
+
+def test_event_time_gradient_matches_direct():
+    """A terminal event y_0 = 0 of y'' = -k (y = 1 + 2 t - k t^2 / 2): the event time and its
+    gradient w.r.t. y0 and k through a reversible solve."""
+    k = torch.tensor(1.3, dtype=DT, requires_grad=True)
+
+    def f(t, y):
+        return torch.stack([y[..., 1], -k * torch.ones_like(y[..., 0])], -1)
+
+    ev = no.Event(lambda t, y: y[..., 0], terminal=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 10.0], dtype=DT)
+    out = {}
+    for name, g in (("direct", "direct"), ("reversible", no.Reversible(params=(k,)))):
+        sol = no.solve(f, y0, t, solver="dopri5", rtol=1e-10, atol=1e-12, event=ev, gradient=g)
+        out[name] = (sol.event_t.detach(), torch.autograd.grad(sol.event_t, [y0, k]))
+    kk = 1.3
+    t_star = (2 + math.sqrt(4 + 2 * kk)) / kk
+    assert float(out["reversible"][0]) == pytest.approx(t_star, rel=1e-9)
+    for a, b in zip(out["reversible"][1], out["direct"][1]):
+        assert _rel(a, b) < 1e-7
+    # dt*/dk from the implicit function theorem: dt*/dk = (t*^2 / 2) / (2 - k t*).
+    assert float(out["reversible"][1][1]) == pytest.approx(
+        (t_star**2 / 2) / (2 - kk * t_star), rel=1e-7
+    )
