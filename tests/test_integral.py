@@ -109,7 +109,11 @@ GRADIENTS = [
 ]
 
 
-@pytest.mark.parametrize("gradient", GRADIENTS, ids=lambda g: repr(g)[:40])
+@pytest.mark.parametrize(
+    "gradient",
+    GRADIENTS,
+    ids=["direct", "backsolve", "backsolve-seminorm", "backsolve-replay", "checkpointed"],
+)
 def test_integral_gradients_match_finite_differences(gradient):
     torch.manual_seed(0)
     f, g = Rate(), Cost()
