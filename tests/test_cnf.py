@@ -140,6 +140,17 @@ def test_gradients_match_finite_differences(gradient, trace):
     assert checked >= 6
 
 
+@pytest.mark.parametrize("gradient", ["direct", "backsolve", "checkpoint"])
+def test_nfe_forward_and_backward(gradient):
+    torch.manual_seed(5)
+    flow = CNF(MLPVectorField(2, hidden=8, time_dependent=True), gradient=gradient)
+    out = flow.loss(torch.randn(16, 2))
+    assert out.nfe == flow.nfe_forward >= 8 and flow.nfe_backward is None
+    out.loss.backward()
+    # Direct: one vector-Jacobian product per evaluation the loss depends on (not the trace's).
+    assert 0 < flow.nfe_backward <= (flow.nfe_forward if gradient == "direct" else 10**4)
+
+
 def test_cnf_errors():
     f = Linear(torch.eye(2, dtype=D))
     with pytest.raises(ValueError, match="trace must be"):

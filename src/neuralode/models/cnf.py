@@ -59,10 +59,11 @@ class _Dynamics(nn.Module):
     An ``nn.Module`` owning the field, so that Backsolve/Checkpointed find its parameters; the
     Hutchinson noise is fixed for the solve."""
 
-    def __init__(self, field, estimator: str, e, kinetic: bool, jacobian: bool):
+    def __init__(self, field, estimator: str, e, kinetic: bool, jacobian: bool, tick=None):
         super().__init__()
         self.field, self.estimator, self.e = field, estimator, e
         self.kinetic, self.jacobian = kinetic, jacobian
+        self.tick = tick  # counts autograd's passes through each evaluation (Direct's backward)
 
     def forward(self, t, state):
         z = state[0]
@@ -85,6 +86,11 @@ class _Dynamics(nn.Module):
                 create_graph=create,
             )
         out = [dz if create else dz.detach(), -div if create else -div.detach()]
+        if self.tick is not None and create:
+            # An alias of dz that only the solver uses: its gradient hook fires once per
+            # evaluation in the backward pass (not in the trace's own vector-Jacobian products).
+            out[0] = dz.view_as(dz)
+            out[0].register_hook(self.tick)
         if self.kinetic:
             out.append(-kinetic_energy(out[0]))
         if self.jacobian:
@@ -135,7 +141,8 @@ class CNF(CountsNFE, nn.Module):
     The regularisers change the trained field, not the log-density: :meth:`log_prob` is exact
     (up to the solver tolerance and, with Hutchinson, the estimator's noise, which averages out
     over a batch). ``nfe_forward`` / ``nfe_backward`` (from :class:`CountsNFE`) give the NFE of
-    the last call; ``nfe_backward`` is None with ``gradient="direct"`` (autograd's pass).
+    the last call; with ``gradient="direct"`` ``nfe_backward`` counts autograd's vector-Jacobian products through
+    the recorded evaluations (one per evaluation that the result depends on).
 
     References
     ----------
@@ -261,11 +268,18 @@ class CNF(CountsNFE, nn.Module):
         self._check_x(x)
         kinetic, jacobian = "kinetic" in self.weights, "jacobian" in self.weights
         e = sample_noise(x, self.noise) if self.trace == "hutchinson" else None
-        dyn = _Dynamics(self.field, self.trace, e, kinetic, jacobian)
+        self._counter.reset()
+        tick = None
+        if isinstance(self.settings.gradient, neuralode.Direct) and torch.is_grad_enabled():
+            box = self._counter._vjps  # NFECounter's count of vector-Jacobian products
+
+            def tick(_grad):
+                box[0] += 1
+
+        dyn = _Dynamics(self.field, self.trace, e, kinetic, jacobian, tick)
         zero = x.new_zeros(x.shape[0])
         state = (x, zero) + (zero,) * (int(kinetic) + int(jacobian))
         t = torch.tensor([self.t1, self.t0], dtype=torch.float64)
-        self._counter.reset()
         sol = neuralode.solve(dyn, state, t, **self.settings.solve_kwargs())
         self._counter.record(sol.stats)
         z0, delta = sol.ys[0][-1], sol.ys[1][-1]

@@ -88,7 +88,7 @@ class CNFTask(Task):
     )
     datasets = ("faithful", "digits") + TOY
     defaults = dict(
-        epochs=40, batch_size=64, lr=5e-3, method="dopri5", rtol=1e-5, atol=1e-5, step_size=None
+        epochs=300, batch_size=64, lr=5e-3, method="dopri5", rtol=1e-5, atol=1e-5, step_size=None
     )
     quick = dict(epochs=2, batch_size=64, hidden=8, max_train=128, n_toy=400)
     options = dict(
