@@ -38,6 +38,8 @@ def solve(
     event=None,
     batch_control: str = "shared",
     compile: bool = False,
+    integral=None,
+    integral_in_error_norm: bool = True,
     _monitor=None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return the state at the times ``t``.
@@ -128,6 +130,19 @@ def solve(
         code compiled for it (a Python number it reads changed, e.g. ``self.k = 1.7``; a
         RuntimeWarning says so; keep such values in tensors). A func that torch.compile cannot
         trace raises RuntimeError.
+    integral : callable, optional
+        A running cost ``g(t, y) -> Tensor`` (any shape, y0's dtype; called like ``func``).
+        ``int_{t0}^{t_j} g(t, y(t)) dt`` is computed alongside the state and returned as
+        ``Solution.integral`` with shape ``(T, *g's output shape)``. It is integrated as one more
+        component of the state (:mod:`neuralode._integral`), so it works with every gradient
+        method, per-sample grids and control (g must then return one row per sample, ``(B,
+        ...)``), events (``Solution.event_integral``) and dense output
+        (:meth:`Solution.evaluate_integral`). g is evaluated once more at ``(t0, y0)`` to learn
+        its shape. Not with ``compile=True``.
+    integral_in_error_norm : bool, default True
+        Whether the integral's local error enters step-size control (as another component of
+        the mixed norm, with the state's tolerances). False leaves it out (steps are those of
+        the solve without the integral; its error is then not controlled).
 
     Returns
     -------
@@ -158,6 +173,14 @@ def solve(
     """
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    if integral is not None:  # integral= is one more state component: see _integral.py
+        from ._integral import solve_with_integral
+
+        kw = dict(solver=solver, controller=controller, rtol=rtol, atol=atol, dt=dt)
+        kw.update(gradient=gradient, max_steps=max_steps, dense_output=dense_output, throw=throw)
+        kw.update(time_dtype=time_dtype, event=event, batch_control=batch_control)
+        kw.update(compile=compile, _monitor=_monitor)
+        return solve_with_integral(solve, func, y0, t, integral, integral_in_error_norm, kw)
     tab = get_tableau(solver)
     grad_method = get_gradient(gradient)
     if time_dtype not in (torch.float32, torch.float64):

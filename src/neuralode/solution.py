@@ -48,6 +48,13 @@ class Solution:
         Differentiable (implicit function theorem, see :mod:`neuralode.events`).
     event_y : state or None
         The state at the event(s), shaped like ``event_t`` times the state (per-sample: y0's shape).
+    integral : Tensor or None
+        With ``solve(..., integral=g)``: ``int_{t0}^{t_j} g(t, y(t)) dt`` at each output time,
+        shape ``(T, *g's output shape)`` (for per-sample grids g's output starts with ``B`` and
+        row ``[j, b]`` is sample ``b``'s integral up to ``t[b, j]``). None otherwise.
+    event_integral : Tensor or None
+        With ``integral=`` and ``event=``: the integral up to the event(s), shaped like
+        ``event_y``.
     """
 
     t: torch.Tensor
@@ -58,9 +65,12 @@ class Solution:
     message: str = ""
     event_t: torch.Tensor | None = None
     event_y: object = None
+    integral: torch.Tensor | None = None
+    event_integral: torch.Tensor | None = None
     _dense: object = field(default=None, repr=False)
     _per_sample: bool = field(default=False, repr=False)
     _detached: bool = field(default=False, repr=False)
+    _dense_integral: object = field(default=None, repr=False)
 
     @property
     def success(self) -> bool:
@@ -112,14 +122,32 @@ class Solution:
                 "this Solution has no dense output; solve with dense_output=True to evaluate "
                 "at arbitrary times"
             )
-        d = self._dense
+        return self._evaluate(self._dense, t)
+
+    def evaluate_integral(self, t) -> torch.Tensor:
+        """The running-cost integral of ``solve(..., integral=g)`` at arbitrary times inside the
+        solved interval (dense output of the integral, as :meth:`evaluate` for the state).
+
+        Returns shape ``(*Q, *g's output shape)`` (per-sample queries ``(B, Q)``: ``(Q, B,
+        ...)``). Raises ValueError without ``integral=`` or without dense output.
+        """
+        if self.integral is None:
+            raise ValueError("evaluate_integral needs a solve with integral=g")
+        if self._dense_integral is None:
+            raise ValueError(
+                "this Solution has no dense output; solve with dense_output=True to evaluate "
+                "the integral at arbitrary times"
+            )
+        return self._evaluate(self._dense_integral, t)
+
+    def _evaluate(self, d, t):
         if self._detached and torch.is_grad_enabled():
             warnings.warn(
                 "Solution.evaluate returns detached values with the checkpointed and backsolve "
                 "gradient methods: no gradient flows through them; use gradient='direct' for a "
                 "differentiable dense output, or put the times in t",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         tq = torch.as_tensor(t, dtype=torch.float64)
         if self._per_sample and tq.dim() == 2:

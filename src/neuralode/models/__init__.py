@@ -7,6 +7,8 @@
   irregular times with per-channel masks.
 - :class:`LatentODE` -- VAE with an ODE-RNN encoder and latent ODE decoder; ELBO / IWAE,
   interpolation, extrapolation, optional classification from ``z0``.
+- :class:`CNF` -- a continuous normalising flow (FFJORD): ``log_prob``, ``sample``, and a loss
+  with the RNODE regularisers (kinetic energy, Jacobian Frobenius norm).
 - Building blocks: :class:`MLPVectorField`, :class:`ConvVectorField`, :class:`ConcatConv2d`,
   :class:`SolverSettings`.
 
@@ -17,9 +19,11 @@ References
 Chen, Rubanova, Bettencourt, Duvenaud, "Neural Ordinary Differential Equations", NeurIPS 2018.
 Rubanova, Chen, Duvenaud, "Latent ODEs for Irregularly-Sampled Time Series", NeurIPS 2019.
 Dupont, Doucet, Teh, "Augmented Neural ODEs", NeurIPS 2019.
+Grathwohl et al., "FFJORD", ICLR 2019. Finlay et al., "How to train your neural ODE", ICML 2020.
 """
 
 from .base import MLPVectorField, SolverSettings
+from .cnf import CNF, CNFLoss
 from .latent_ode import LatentODE
 from .neural_ode import NeuralODE
 from .ode_rnn import ODERNN
@@ -30,6 +34,8 @@ __all__ = [
     "ODENetClassifier",
     "ODERNN",
     "LatentODE",
+    "CNF",
+    "CNFLoss",
     "MLPVectorField",
     "ConvVectorField",
     "ConcatConv2d",

@@ -9,6 +9,7 @@ __all__ = ["TASKS", "get_task", "Task"]
 
 #: name -> "module:Class", imported on first use (keeps ``neuralode --help`` fast).
 TASKS = {
+    "cnf": "neuralode.cli.tasks.cnf:CNFTask",
     "latent-ode": "neuralode.cli.tasks.latent_ode:LatentODETask",
     "ode-rnn": "neuralode.cli.tasks.ode_rnn:ODERNNTask",
     "odenet": "neuralode.cli.tasks.odenet:ODENetTask",
