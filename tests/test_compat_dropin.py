@@ -265,3 +265,22 @@ def test_non_terminal_event_gradients_through_later_segments(gradient):
     )
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_event_fn_shape_may_switch_between_scalar_and_batch_of_one():
+    """A state with leading dimension 1: shape () and (1,) from the event function both work."""
+    calls = []
+
+    def f(t, y):
+        return y[1], -9.8 * torch.ones_like(y[1])
+
+    def event_fn(t, y):
+        calls.append(t)
+        g = y[0] - 1.0
+        return g if t < 0.5 else g.reshape(())  # (1,) early on, () later
+
+    y0 = (torch.tensor([5.0], dtype=D64), torch.tensor([0.0], dtype=D64))
+    te, sol = odeint_event(f, y0, torch.tensor(0.0, dtype=D64), event_fn=event_fn)
+    assert float(te) == pytest.approx((2 * 4.0 / 9.8) ** 0.5, rel=1e-7)
+    assert float(sol[0][-1]) == pytest.approx(1.0, abs=1e-7)
+    assert len(calls) > 2

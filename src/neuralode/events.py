@@ -194,6 +194,10 @@ def check_event_output(out, per_sample: bool, n: int) -> torch.Tensor:
             f"the event function returned {type(out).__name__}; it must return a tensor"
         )
     if per_sample:
+        if n == 1 and out.numel() == 1:
+            # A batch of one: shape () and (1,) say the same (torchdiffeq accepts both, and
+            # event functions that return torch.zeros_like(t) past a horizon rely on it).
+            out = out.reshape(1)
         if out.shape != (n,):
             raise ValueError(
                 f"the event function returned shape {tuple(out.shape)}; per-sample events need shape ({n},)"
