@@ -268,8 +268,10 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
             f"with event_fn, t must hold 2 times (the start and, by its sign, the direction), "
             f"as in torchdiffeq; got {t.numel()}"
         )
-    t0 = float(t[0])
-    sign = 1.0 if float(t[-1]) >= t0 else -1.0
+    t0 = float(t[0].detach())
+    sign = 1.0 if float(t[-1].detach()) >= t0 else -1.0
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
     if kwargs.get("max_steps") is None:
         # The solve runs until the event: bound it so that an event that never fires ends with
         # MaxStepsError instead of running for ever (options['max_num_steps'] overrides).
@@ -281,7 +283,10 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
         from .controllers import ConstantStep
 
         kwargs = dict(kwargs, controller=ConstantStep(dt, jump_t=ctrl.jump_t))
-    tt = torch.tensor([t0, t0 + sign * _EVENT_HORIZON], dtype=torch.float64)
+    # The start time stays in the graph (t0 may require grad, e.g. a previous event time).
+    tt = torch.cat(
+        [t[:1].to(torch.float64), t[:1].detach().to(torch.float64) + sign * _EVENT_HORIZON]
+    )
     sol = solve(
         func, y0, tt, gradient=gradient, dense_output=False, event=Event(event_fn), **kwargs
     )

@@ -194,6 +194,10 @@ def check_event_output(out, per_sample: bool, n: int) -> torch.Tensor:
             f"the event function returned {type(out).__name__}; it must return a tensor"
         )
     if per_sample:
+        if n == 1 and out.numel() == 1:
+            # A batch of one: shape () and (1,) say the same (torchdiffeq accepts both, and
+            # event functions that return torch.zeros_like(t) past a horizon rely on it).
+            out = out.reshape(1)
         if out.shape != (n,):
             raise ValueError(
                 f"the event function returned shape {tuple(out.shape)}; per-sample events need shape ({n},)"
@@ -413,6 +417,25 @@ def _reroute(func, event, t_star: list[float], y_star, per_sample: bool, time_dt
     return t_event, y_event
 
 
+def _grid(parts, device) -> torch.Tensor:
+    """A 1-D float64 grid from pieces that are floats or (differentiable) tensors."""
+    out = [
+        p.reshape(-1).to(device=device, dtype=torch.float64)
+        if isinstance(p, torch.Tensor)
+        else torch.tensor([p], dtype=torch.float64, device=device)
+        for p in parts
+    ]
+    return torch.cat(out)
+
+
+def _time_shift(func, tt: torch.Tensor, y, per_sample: bool):
+    """``(tt - tt.detach()) * f(tt, y)``: the first-order effect on ``y`` of moving the time
+    ``tt`` along the solution; zero in value, it carries ``d/dtt`` into the graph."""
+    d = tt - tt.detach()
+    f = func(tt.detach(), y)
+    return _map(f, lambda v: d.to(v.real.dtype if v.is_complex() else v.dtype) * v)
+
+
 def _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype):
     from .solution import Solution
 
@@ -424,24 +447,43 @@ def _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype):
     fired = ~torch.isnan(t_star)
     stops = [float(x) if f else t_end for x, f in zip(t_star.tolist(), fired.tolist())]
     T = len(tl)
+    t_grad = t.requires_grad and torch.is_grad_enabled()
     if per_sample:
         rows = []
         for s in stops:
             row = [x if direction * (x - s) < 0 else s for x in tl] + [s]
             rows.append(row)
         grid = torch.tensor(rows, dtype=torch.float64)
-        sol = solve_fn(func, y0, grid, **kwargs)
+        # solve() takes no gradient w.r.t. a 2-D t: move t0 by hand (y0 shifted by
+        # -(t0 - t0.detach()) f(t0, y0)), and each output before its sample's event below.
+        tt = t.to(torch.float64)
+        y_start = y0
+        if t_grad:
+            y_start = _zip_map(
+                lambda a, b: a - b, y0, _time_shift(func, tt[0].to(time_dtype), y0, True)
+            )
+        sol = solve_fn(func, y_start, grid, **kwargs)
         ys_all = sol.ys
         ys = _map(ys_all, lambda v: v[:T])
         y_star = _map(ys_all, lambda v: v[T])
+        if t_grad:
+            shifts = [_time_shift(func, tt[0].to(time_dtype), y0, True)] + [
+                _time_shift(func, tt[j].to(time_dtype), _map(ys, lambda v, j=j: v[j]), True)
+                for j in range(1, T)
+            ]
+            ys = _zip_map(lambda v, *sh: v + torch.stack(sh), ys, *shifts)
     else:
         s = stops[0]
         keep = [x for x in tl if direction * (x - s) < 0]
-        grid = torch.tensor(keep + [s] if keep[-1:] != [s] else keep, dtype=torch.float64)
-        if grid.numel() == 1:
-            grid = torch.tensor([s, s], dtype=torch.float64)[:1]
-        sol = solve_fn(func, y0, grid, **kwargs)
         n_keep = len(keep)
+        # Built from t itself, so that solve() carries the gradients w.r.t. the output times
+        # (and t0) that t may require; the stop time is a located value (no graph): its
+        # gradient comes back through the implicit function theorem in _reroute.
+        parts = [t[:n_keep]] if n_keep else []
+        if keep[-1:] != [s]:
+            parts.append(s)
+        grid = _grid(parts, t.device)
+        sol = solve_fn(func, y0, grid, **kwargs)
         y_star = _map(sol.ys, lambda v: v[-1])
         ys_part = _map(sol.ys, lambda v: v[:n_keep])
     t_event, y_event = _reroute(func, event, t_star.tolist(), y_star, per_sample, time_dtype)
@@ -485,18 +527,21 @@ def _non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
 
     t_end = tl[-1]
     direction = 1.0 if t_end >= tl[0] else -1.0
-    t_s, y_s = tl[0], y0
+    # The start of each segment: t[0], then each (differentiable) event time, so that gradients
+    # w.r.t. the event times (and through them t0, y0 and the parameters) reach later segments.
+    t_s, y_s = t[0], y0
     out_pieces, ev_t, ev_y = [], [], []
     stats = {"nfe": 0, "nfe_event_location": 0, "n_event_fn": 0}
     j = 0  # next output index
     while True:
         t_star = float("nan")
+        ts_f = float(t_s.detach())
         if len(ev_t) < event.max_events:
             ts, st1, n_g = _locate(
                 solve_fn,
                 func,
                 y_s,
-                t_s,
+                ts_f,
                 t_end,
                 event,
                 kwargs,
@@ -508,22 +553,20 @@ def _non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
             stats["nfe_event_location"] += st1.get("nfe", 0)
             stats["n_event_fn"] += n_g
         seg_end = t_end if t_star != t_star else t_star
-        inner = []
+        j0 = j
         while j < len(tl) and direction * (tl[j] - seg_end) < 0:
-            inner.append(tl[j])
             j += 1
         if t_star != t_star:  # no more events: finish, outputs up to and including t_end
-            inner += tl[j:]
             j = len(tl)
-        grid = ([t_s] if not inner or inner[0] != t_s else []) + inner
+        lead = 1 if (j == j0 or tl[j0] != ts_f) else 0
+        parts = ([t_s] if lead else []) + ([t[j0:j]] if j > j0 else [])
         if t_star == t_star:
-            grid.append(t_star)
-        lead = 1 if (not inner or inner[0] != t_s) else 0
-        sol = solve_fn(func, y_s, torch.tensor(grid, dtype=torch.float64), **kwargs)
+            parts.append(t_star)
+        sol = solve_fn(func, y_s, _grid(parts, t.device), **kwargs)
         for k, v in sol.stats.items():
             if k == "nfe":
                 stats["nfe"] += v
-        n_in = len(inner)
+        n_in = j - j0
         out_pieces.append(_map(sol.ys, lambda v, lead=lead, n_in=n_in: v[lead : lead + n_in]))
         if t_star != t_star:
             break
@@ -532,7 +575,7 @@ def _non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
         ev_t.append(te)
         ev_y.append(ye)
         y_s = event.reset(te, ye) if event.reset is not None else ye
-        t_s = float(te)
+        t_s = te
     ys = _zip_map(lambda *parts: torch.cat(parts), *out_pieces)
     event_t = torch.stack(ev_t) if ev_t else torch.zeros(0, dtype=time_dtype)
     event_y = _zip_map(lambda *parts: torch.stack(parts), *ev_y) if ev_y else None

@@ -1,0 +1,286 @@
+"""The torchdiffeq face as a drop-in: behaviours that code written for torchdiffeq relies on.
+
+Event gradients are checked against a bouncing ball whose trajectory has a closed form (free fall
+between bounces: dopri5 integrates a quadratic exactly, so the only error is the event location),
+differentiated by autograd through the closed form.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import neuralode
+from neuralode import odeint, odeint_adjoint, odeint_event
+
+D64 = torch.float64
+EPS_RESET = 1e-7  # lift after each bounce, so the next solve does not start on the event
+
+
+# ----------------------------------------------------------------------------- closed form
+def _fall_time(p, v, g, r):
+    """Time until p + v s - g s^2 / 2 falls to r (the later root)."""
+    return (v + torch.sqrt(v * v + 2 * g * (p - r))) / g
+
+
+def ball_closed_form(t0, p0, v0, g, absorb, r, n):
+    """Event times and post-bounce states of n bounces; also the segment starts."""
+    t, p, v = t0, p0, v0
+    segs, events = [(t, p, v)], []
+    for _ in range(n):
+        s = _fall_time(p, v, g, r)
+        t = t + s
+        v_hit = v - g * s
+        events.append((t, r + 0 * p, v_hit))
+        p, v = r + EPS_RESET, -v_hit * (1 - absorb)
+        segs.append((t, p, v))
+    return segs, events
+
+
+class Ball(nn.Module):
+    """y = (pos, vel); event pos - r; a reset lifts by EPS_RESET and damps the velocity."""
+
+    def __init__(self, g=9.8, absorb=0.2, r=0.2):
+        super().__init__()
+        self.g = nn.Parameter(torch.tensor(g, dtype=D64))
+        self.absorb = nn.Parameter(torch.tensor(absorb, dtype=D64))
+        self.r = nn.Parameter(torch.tensor(r, dtype=D64))
+
+    def forward(self, t, y):
+        pos, vel = y
+        return vel, -self.g * torch.ones_like(vel)
+
+    def event_fn(self, t, y):
+        return y[0] - self.r
+
+    def reset(self, y):
+        pos, vel = y
+        return pos + EPS_RESET, -vel * (1 - self.absorb)
+
+
+def _chain(ball, t0, p0, v0, n, interface, **kw):
+    """torchdiffeq's bouncing_ball.py pattern: each odeint_event starts at the previous event."""
+    t, state = t0, (p0, v0)
+    times, states = [], []
+    for _ in range(n):
+        te, sol = odeint_event(
+            ball,
+            state,
+            t,
+            event_fn=ball.event_fn,
+            odeint_interface=interface,
+            rtol=1e-10,
+            atol=1e-10,
+            **kw,
+        )
+        times.append(te)
+        states.append(tuple(s[-1] for s in sol))
+        state = ball.reset(states[-1])
+        t = te
+    return times, states
+
+
+def _inputs():
+    t0 = torch.tensor(0.3, dtype=D64, requires_grad=True)
+    p0 = torch.tensor(10.0, dtype=D64, requires_grad=True)
+    v0 = torch.tensor(0.5, dtype=D64, requires_grad=True)
+    return t0, p0, v0
+
+
+def _grads(out, ins):
+    gs = torch.autograd.grad(out, ins, allow_unused=True, retain_graph=True)
+    return [0.0 if g is None else float(g) for g in gs]
+
+
+@pytest.mark.parametrize("interface", [odeint, odeint_adjoint], ids=["odeint", "adjoint"])
+def test_chained_odeint_event_gradients_match_closed_form(interface):
+    ball = Ball()
+    t0, p0, v0 = _inputs()
+    times, states = _chain(ball, t0, p0, v0, 3, interface)
+    ins = [t0, p0, v0, ball.g, ball.absorb, ball.r]
+    ref_ball = Ball()
+    _, ev = ball_closed_form(t0, p0, v0, ref_ball.g, ref_ball.absorb, ref_ball.r, 3)
+    ref_ins = [t0, p0, v0, ref_ball.g, ref_ball.absorb, ref_ball.r]
+    assert float(times[-1].detach()) == pytest.approx(float(ev[-1][0].detach()), abs=1e-8)
+    # d(last event time) and d(velocity at the last event) w.r.t. everything
+    for got_out, ref_out in ((times[-1], ev[-1][0]), (states[-1][1], ev[-1][2])):
+        got = _grads(got_out, ins)
+        ref = _grads(ref_out, ref_ins)
+        for name, a, b in zip(["t0", "p0", "v0", "g", "absorb", "r"], got, ref):
+            assert a == pytest.approx(b, rel=1e-6, abs=1e-7), name
+    # the t0 gradient of an event time is exactly 1 (time-invariant ODE)
+    assert _grads(times[-1], [t0])[0] == pytest.approx(1.0, abs=1e-7)
+
+
+def test_chained_odeint_event_central_differences():
+    """Finite differences of the whole chain (independent of the closed form)."""
+    ball = Ball()
+
+    def last_time(t0, p0, v0):
+        with torch.no_grad():
+            return float(_chain(ball, t0, p0, v0, 3, odeint)[0][-1])
+
+    t0, p0, v0 = _inputs()
+    got = _grads(_chain(ball, t0, p0, v0, 3, odeint)[0][-1], [t0, p0, v0])
+    h = 1e-4
+    base = [0.3, 10.0, 0.5]
+    for i in range(3):
+        up, dn = list(base), list(base)
+        up[i] += h
+        dn[i] -= h
+        fd = (last_time(*_t64(up)) - last_time(*_t64(dn))) / (2 * h)
+        assert got[i] == pytest.approx(fd, rel=1e-5, abs=1e-6)
+
+
+def _t64(xs):
+    return [torch.tensor(x, dtype=D64) for x in xs]
+
+
+def test_odeint_event_gradcheck_t0_y0():
+    ball = Ball()
+
+    def fn(t0, p0, v0):
+        times, states = _chain(ball, t0, p0, v0, 2, odeint)
+        return times[-1], states[-1][1]
+
+    assert torch.autograd.gradcheck(fn, _inputs(), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gradient", ["direct", "backsolve"])
+def test_terminal_event_gradient_wrt_every_output_time(gradient):
+    ball = Ball()
+    t0, p0, v0 = _inputs()
+    # the ball hits r near t = 0.3 + 1.48; outputs before and after the event
+    t = torch.tensor([0.3, 0.7, 1.2, 1.6, 2.5, 3.0], dtype=D64, requires_grad=True)
+    grad = (
+        neuralode.Backsolve(params=tuple(ball.parameters()))
+        if gradient == "backsolve"
+        else gradient
+    )
+    sol = neuralode.solve(
+        ball,
+        (p0, v0),
+        torch.cat([t0.reshape(1), t[1:]]),
+        rtol=1e-10,
+        atol=1e-10,
+        event=neuralode.Event(ball.event_fn),
+        gradient=grad,
+    )
+    pos = sol.ys[0]
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], dtype=D64)
+    loss = (w * pos).sum() + sol.event_t + sol.event_y[1]
+    ins = [t, t0, p0, v0, ball.g]
+    got = torch.autograd.grad(loss, ins)
+
+    ref_ball = Ball()
+    tr = t.detach().clone().requires_grad_(True)
+    t0r, p0r, v0r = _inputs()
+    g = ref_ball.g
+    _, ev = ball_closed_form(t0r, p0r, v0r, g, ref_ball.absorb, ref_ball.r, 1)
+    te = ev[0][0]
+    times = torch.cat([t0r.reshape(1), tr[1:]])
+    s = torch.minimum(times, te.expand(6)) - t0r
+    pos_ref = p0r + v0r * s - g / 2 * s * s
+    loss_ref = (w * pos_ref).sum() + te + ev[0][2]
+    ref = torch.autograd.grad(loss_ref, [tr, t0r, p0r, v0r, g])
+    assert float(sol.event_t) == pytest.approx(float(te), abs=1e-8)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_per_sample_event_gradient_wrt_t():
+    g = torch.tensor(9.8, dtype=D64, requires_grad=True)
+
+    def f(t, y):
+        return torch.stack([y[:, 1], -g * torch.ones_like(y[:, 1])], dim=1)
+
+    y0 = torch.tensor([[5.0, 0.0], [2.0, 1.0]], dtype=D64, requires_grad=True)
+    t = torch.tensor([0.1, 0.5, 0.8, 1.5], dtype=D64, requires_grad=True)
+    sol = neuralode.solve(
+        f, y0, t, rtol=1e-10, atol=1e-10, event=neuralode.Event(lambda t, y: y[:, 0])
+    )
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]], dtype=D64)
+    loss = (w * sol.ys[:, :, 0]).sum() + sol.event_t.sum()
+    got = torch.autograd.grad(loss, [t, y0, g])
+
+    tr = t.detach().clone().requires_grad_(True)
+    y0r = y0.detach().clone().requires_grad_(True)
+    gr = g.detach().clone().requires_grad_(True)
+    p, v = y0r[:, 0], y0r[:, 1]
+    te = tr[0] + _fall_time(p, v, gr, 0.0)
+    s = torch.minimum(tr[:, None], te[None, :]) - tr[0]  # (T, B)
+    pos = p + v * s - gr / 2 * s * s
+    loss_ref = (w * pos).sum() + te.sum()
+    ref = torch.autograd.grad(loss_ref, [tr, y0r, gr])
+    torch.testing.assert_close(sol.event_t.detach(), te.detach(), rtol=0, atol=1e-8)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("gradient", ["direct", "backsolve"])
+def test_non_terminal_event_gradients_through_later_segments(gradient):
+    """Outputs after two bounces depend on t0, y0 and g through the event times."""
+    ball = Ball()
+    t0, p0, v0 = _inputs()
+    t = torch.tensor([0.3, 1.0, 2.2, 3.0, 4.5], dtype=D64, requires_grad=True)
+    grad = (
+        neuralode.Backsolve(params=tuple(ball.parameters()))
+        if gradient == "backsolve"
+        else gradient
+    )
+    sol = neuralode.solve(
+        ball,
+        (p0, v0),
+        torch.cat([t0.reshape(1), t[1:]]),
+        rtol=1e-10,
+        atol=1e-10,
+        gradient=grad,
+        event=neuralode.Event(ball.event_fn, terminal=False, reset=lambda t, y: ball.reset(y)),
+    )
+    assert sol.event_t.shape == (2,)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=D64)
+    loss = (w * sol.ys[0]).sum() + (w * sol.ys[1]).sum() + sol.event_t[1]
+    ins = [t, t0, p0, v0, ball.g, ball.absorb, ball.r]
+    got = torch.autograd.grad(loss, ins)
+
+    ref_ball = Ball()
+    tr = t.detach().clone().requires_grad_(True)
+    t0r, p0r, v0r = _inputs()
+    segs, ev = ball_closed_form(t0r, p0r, v0r, ref_ball.g, ref_ball.absorb, ref_ball.r, 2)
+    times = torch.cat([t0r.reshape(1), tr[1:]])
+    pos, vel = [], []
+    for tj in times:
+        k = sum(int(float(tj) > float(e[0])) for e in ev)
+        ts, ps, vs = segs[k]
+        s = tj - ts
+        pos.append(ps + vs * s - ref_ball.g / 2 * s * s)
+        vel.append(vs - ref_ball.g * s)
+    loss_ref = (w * torch.stack(pos)).sum() + (w * torch.stack(vel)).sum() + ev[1][0]
+    ref = torch.autograd.grad(
+        loss_ref, [tr, t0r, p0r, v0r, ref_ball.g, ref_ball.absorb, ref_ball.r]
+    )
+    torch.testing.assert_close(
+        sol.event_t.detach(), torch.stack([e[0] for e in ev]).detach(), rtol=0, atol=1e-8
+    )
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_event_fn_shape_may_switch_between_scalar_and_batch_of_one():
+    """A state with leading dimension 1: shape () and (1,) from the event function both work."""
+    calls = []
+
+    def f(t, y):
+        return y[1], -9.8 * torch.ones_like(y[1])
+
+    def event_fn(t, y):
+        calls.append(t)
+        g = y[0] - 1.0
+        return g if t < 0.5 else g.reshape(())  # (1,) early on, () later
+
+    y0 = (torch.tensor([5.0], dtype=D64), torch.tensor([0.0], dtype=D64))
+    te, sol = odeint_event(f, y0, torch.tensor(0.0, dtype=D64), event_fn=event_fn)
+    assert float(te) == pytest.approx((2 * 4.0 / 9.8) ** 0.5, rel=1e-7)
+    assert float(sol[0][-1]) == pytest.approx(1.0, abs=1e-7)
+    assert len(calls) > 2
