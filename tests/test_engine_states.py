@@ -122,7 +122,8 @@ def test_mixed_norm_controls_each_component_separately():
         t,
         **kw,
     )
-    assert as_tuple.step_times == alone.step_times
+    # The same steps (to rounding: the two norms sum in different orders).
+    assert as_tuple.step_times == pytest.approx(alone.step_times, rel=1e-10, abs=0)
     assert flat.stats["nfe"] < alone.stats["nfe"]
 
 

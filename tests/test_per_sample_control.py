@@ -294,7 +294,8 @@ def test_non_finite_values_of_one_sample_raise_non_finite_naming_it():
     with pytest.raises(NonFiniteError, match=r"sample 1 at t=0 .*non-finite"):
         solve(f, y0, torch.tensor([0.0, 1.0], dtype=F64))
     g = lambda t, y: torch.where(t[:, None] > 0.5, torch.nan, -y)  # noqa: E731
-    with pytest.raises(NonFiniteError, match=r"sample 0 at t=0\.[45].*every trial step"):
+    # Both samples meet NaN past t = 0.5; either may run out of step size first.
+    with pytest.raises(NonFiniteError, match=r"sample [01] at t=0\.[45].*every trial step"):
         solve(g, y0, torch.tensor([0.0, 1.0], dtype=F64))
 
 

@@ -28,10 +28,11 @@ from collections.abc import Mapping
 
 import torch
 
+from ._failures import step_failure
+from ._norms import ErrorNorm, initial_norm
 from ._solve import _resolve_controller, _tolerance
 from ._tree import TreeSpec, flatten_state
 from .controllers import PIController
-from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 from .gradients import Direct
 from .interpolation.dense_batched import PerSampleDense
 from .solution import Solution
@@ -39,7 +40,6 @@ from .solvers.tableau import ButcherTableau
 
 __all__ = ["solve_per_sample", "BatchedField", "BatchedRK"]
 
-_EPS64 = 2.220446049250313e-16
 # Compact the working set once finished rows make up this share of it. Every evaluation of func
 # then spends less than this share on finished samples; a smaller value compacts more often
 # (each compaction gathers ~20 small per-row tensors, about the cost of one or two stages).
@@ -192,45 +192,10 @@ class _Rows:
         )
 
 
-def _row_norm(spec: TreeSpec, x: torch.Tensor) -> torch.Tensor:
-    """Per-row mixed RMS norm of ``x`` (A, M): max over components of each component's RMS."""
-    if spec.kind == "tensor":
-        return torch.linalg.vector_norm(x, dim=1).mul_(1.0 / math.sqrt(max(x.shape[1], 1)))
-    parts = [
-        torch.linalg.vector_norm(c, dim=1) * (1.0 / math.sqrt(c.shape[1]))
-        for c in spec.components(x)
-        if c.shape[1]
-    ]
-    return torch.stack(parts).amax(0)
-
-
-def _initial_step(spec, f, w: _Rows, order: int, dt_max: float) -> torch.Tensor:
-    """Hairer's starting step size per sample (HNW I, sec. II.4, p. 169); one evaluation of f."""
-    with torch.no_grad():
-        y0, k1 = w.y, w.k1
-        scale = y0.abs().mul(w.rtol).add(w.atol)
-        d0, d1 = (_row_norm(spec, x / scale).double() for x in (y0, k1))
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
-        span = (w.t_end - w.t).abs()
-        h0 = torch.minimum(h0, span).clamp(max=dt_max)
-        t1 = torch.clamp(w.t + w.sdir * h0, w.lo, w.hi)
-        f1 = f(t1, y0 + (w.sdir * h0).to(y0.dtype).unsqueeze(1) * k1)
-        d2 = _row_norm(spec, (f1 - k1) / scale).double() / h0
-        dmax = torch.maximum(d1, d2)
-        h1 = torch.where(
-            ~torch.isfinite(dmax),
-            h0 * 1e-3,
-            torch.where(
-                dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1 / order)
-            ),
-        )
-        return torch.minimum(torch.minimum(100 * h0, h1), span).clamp(max=dt_max)
-
-
-def _stuck(w: _Rows, dt_min: float) -> torch.Tensor:
-    """Unfinished rows whose next step is NaN or cannot advance t (below dt_min or a few ulps:
-    above ``4 eps |t|``, ``t + h != t``)."""
-    return ~(w.done | (w.h > (w.t.abs() * (4 * _EPS64)).clamp_(min=dt_min)))
+def _stuck(ctrl, w: _Rows) -> torch.Tensor:
+    """Unfinished rows whose next step cannot be taken: a non-finite step size, or the
+    controller's underflow rule (the shared driver's, on each row)."""
+    return ~w.done & (ctrl.underflows(w.h, w.t) | ~torch.isfinite(w.h))
 
 
 def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) -> None:
@@ -239,34 +204,15 @@ def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) 
     rows.sort(key=lambda r: int(w.idx[r]))
     for r in rows:
         b, t, n, h = int(w.idx[r]), float(w.t[r]), int(w.att[r]), float(w.h[r])
-        where = f"sample {b} at t={t:.17g} after {n} step attempts of this sample"
-        nonfinite = not math.isfinite(float(w.e[r]))
         if max_steps is not None and n >= max_steps:
-            cls = MaxStepsError
-            msg = (
-                f"{where}: reached max_steps={max_steps} (accepted {int(w.nacc[r])}, last step "
-                f"size {h:.3g}) before its final time {float(w.t_end[r]):.17g}; raise max_steps "
-                "(a limit per sample here), loosen rtol/atol, or check whether the problem is stiff"
-            )
-        elif not math.isfinite(h):
-            cls = NonFiniteError
-            msg = (
-                f"{where}: func returned non-finite values (NaN/inf), so no step size can be "
-                "chosen; check func and the state of this sample for NaN/inf"
-            )
+            cause = "max_steps"
         else:
-            cls = NonFiniteError if nonfinite else StepSizeUnderflowError
-            why = (
-                "func returned non-finite values (NaN/inf) at every trial step"
-                if nonfinite
-                else "the solution may blow up (a singularity) or change too fast to resolve"
-            )
-            below = f"dt_min={ctrl.dt_min:.3g}" if h < ctrl.dt_min else "the resolution of t"
-            msg = (
-                f"step size underflow for {where}: step size {h:.3g} is below {below}; {why}. "
-                "Try: loosen rtol/atol, check func for singularities or NaNs near this t, rescale "
-                "time, or use an implicit method if the problem is stiff"
-            )
+            cause = "nonfinite_h" if not math.isfinite(h) else "underflow"
+        cls, msg = step_failure(
+            cause, t=t, attempts=n, h=h, dt_min=ctrl.dt_min, nonfinite=not math.isfinite(float(w.e[r])),
+            max_steps=max_steps, t_end=float(w.t_end[r]), n_acc=int(w.nacc[r]),
+            n_rej=n - int(w.nacc[r]), sample=b,
+        )  # fmt: skip
         if throw:
             raise cls(msg, t=t, step=n, h=h)
         state["failed"].append(b)
@@ -276,7 +222,9 @@ def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) 
     w.t_end = torch.where(fail, w.t, w.t_end)  # a failed sample stays where it is
 
 
-def integrate_per_sample(spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, dense):
+def integrate_per_sample(
+    spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, dense, floor=False
+):
     """Integrate every sample over its own output times ``tau`` (B, T) float64.
 
     Returns ``(ys, y_final, t_final, n_acc, n_rej, state, records)``: outputs flat ``(T*B, M)``
@@ -320,18 +268,17 @@ def integrate_per_sample(spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps,
     )  # fmt: skip
     records = []
     n_done = n_stale = 0
+    norm = ErrorNorm(y0[:1], spec)
     if A:
         w.k1 = f(w.t, w.y)
-        if ctrl.dt0 is not None:
-            w.h = torch.full((A,), min(float(ctrl.dt0), ctrl.dt_max), **f64)
-        else:
-            w.h = _initial_step(spec, f, w, k, ctrl.dt_max)
-        fail = _stuck(w, ctrl.dt_min)
+        nrm = initial_norm(norm, w.y, w.rtol, w.atol, floor, rows=True)
+        # Hairer's trial step, with its time clamped into each sample's interval.
+        fc = lambda t_, y_: f(torch.clamp(t_, w.lo, w.hi), y_)  # noqa: E731
+        w.h = ctrl.initial_step(nrm, fc, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
+        fail = _stuck(ctrl, w)
         if bool(fail.any()):
             _handle_failures(w, fail, ctrl, max_steps, throw, state)
             n_done = int(w.done.sum())
-    # PI control (Gustafsson 1991) per row, as PIController.factor / reject_factor.
-    b1, b2 = (ctrl.icoeff + ctrl.pcoeff) / k, ctrl.pcoeff / k
 
     while A and n_done < A:
         state["iterations"] += 1
@@ -343,24 +290,15 @@ def integrate_per_sample(spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps,
         t_new = torch.where(clipped, w.t_end, t_try)
         h_step = t_new - w.t
         y_new, err, K = stepper.step(f, w.t, h_step, t_new, w.y, w.k1, w.lo, w.hi, track, n_done)
-        # ---- per-sample error norm (RMS over the sample's components) and accept/reject
-        scale = torch.maximum(w.y.detach().abs(), y_new.detach().abs()).mul_(w.rtol).add_(w.atol)
-        e = _row_norm(spec, err.div_(scale)).double()
+        # ---- per-sample error norm (over the sample's components) and accept/reject
+        e = norm.rows(err, w.y, y_new, w.rtol, w.atol, floor)
         live = ~w.done
         acc = (e <= 1.0) & live
         w.att += live
         w.nacc += acc
-        g = e.pow(-1.0 / k).mul_(ctrl.safety)  # e = 0 -> inf -> ifactor; NaN -> dfactor below
-        up = g if (b1 * k == 1.0 and not b2) else e.pow(-b1).mul_(ctrl.safety)
-        if b2:
-            up = up * w.prev.pow(b2)
-            w.prev = torch.where(acc, e.clamp(min=1e-4), w.prev)
-        hs = h_step.abs()
-        # After a step clipped to the final time keep at least the proposal, as the shared loop.
-        h_up = torch.maximum(hs * up.clamp_(ctrl.dfactor, ctrl.ifactor), w.h * clipped)
-        h_dn = hs * torch.nan_to_num(g.clamp_(ctrl.dfactor, 1.0), nan=ctrl.dfactor)
-        w.h = torch.where(acc, h_up, torch.where(live, h_dn, w.h)).clamp_(max=ctrl.dt_max)
-        w.e = e
+        h_next, prev = ctrl.adapt(h_step.abs(), w.h, e, w.prev, k, acc, clipped)
+        w.h = torch.where(live, h_next, w.h).clamp_(max=ctrl.dt_max)
+        w.prev, w.e = prev, e
         # ---- advance the accepted rows
         t_old, y_old, acc1 = w.t, w.y, acc.unsqueeze(1)
         w.t = torch.where(acc, t_new, w.t)
@@ -370,7 +308,7 @@ def integrate_per_sample(spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps,
         else:
             w.stale = acc
         w.done = w.done | (acc & clipped)
-        fail = _stuck(w, ctrl.dt_min)
+        fail = _stuck(ctrl, w)
         cnt = torch.searchsorted(w.stau, (w.sdir * w.t).unsqueeze(1), right=True).squeeze(1)
         n_out, n_done, n_fail, n_acc = torch.stack(
             [(cnt - w.nxt).sum(), w.done.sum(), fail.sum(), acc.sum()]
@@ -493,8 +431,9 @@ def solve_per_sample(
     stepper = BatchedRK(tab, y0flat.dtype, y0flat.device)
     rt, at = _tolerance(spec, ctrl.rtol, "rtol"), _tolerance(spec, ctrl.atol, "atol")
     dense = bool(dense_output) if dense_output is not None else True
+    floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
     ys, y_final, tfin, nacc, nrej, state, records = integrate_per_sample(
-        spec, f, stepper, y0flat, tau, ctrl, rt, at, max_steps, throw, dense
+        spec, f, stepper, y0flat, tau, ctrl, rt, at, max_steps, throw, dense, floor
     )
     T = tau.shape[1]
     stats = {
