@@ -81,11 +81,16 @@ class ErrorNorm:
             self.inv_counts = 1.0 / (sizes.to(real) * spec.batch).clamp(min=1)
             self.sums = torch.zeros(len(spec.sizes), dtype=real, device=y.device)
 
+    @staticmethod
+    def rms_rows(r: torch.Tensor) -> torch.Tensor:
+        """RMS of each row of a scaled ``r`` (B, M) (a tensor state): (B,) float64."""
+        return torch.linalg.vector_norm(r, dim=1).double() * (1.0 / math.sqrt(max(r.shape[1], 1)))
+
     def reduce(self, r: torch.Tensor, rows: bool = False):
         """The norm of an already scaled ``r`` (B, M): a float, or (B,) float64 per row."""
         if not self.mixed:
             if rows:
-                return torch.linalg.vector_norm(r, dim=1).double().mul_(self.inv_sqrt_m)
+                return self.rms_rows(r)
             return float(torch.linalg.vector_norm(r)) * self.inv_sqrt_n
         sq = (r.abs() if r.is_complex() else r).square()
         if rows:

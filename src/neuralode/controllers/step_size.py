@@ -22,6 +22,28 @@ __all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController"]
 _EPS64 = 2.220446049250313e-16
 
 
+def underflows(h, t, dt_min: float):
+    """Whether a step of size ``|h|`` from ``t`` cannot be taken: below ``dt_min`` (a step of
+    exactly ``dt_min`` is allowed) or below the resolution of ``t`` (a few ulps, or ``t + h``
+    rounds to ``t``). Floats or tensors; NaN never underflows (it is non-finite)."""
+    return (h < dt_min) | (h <= 4 * _EPS64 * abs(t)) | (t + h == t)
+
+
+def pi_update(safety, ifactor, dfactor, pcoeff, icoeff, h, h_prop, e, prev, k, accept, clipped):
+    """The I/PI step-size update (Gustafsson 1991; Soderlind 2003) of :meth:`PIController.adapt`,
+    on floats or tensors (compiled stepping calls it inside the compiled graph)."""
+    ep = maximum(e, 1e-100)  # e = 0 would divide by zero: ifactor (set below) either way
+    up = safety * ep ** (-(icoeff + pcoeff) / k)
+    if pcoeff:
+        up = up * prev ** (pcoeff / k)
+    up = where(e == 0, ifactor, minimum(ifactor, maximum(dfactor, up)))
+    h_acc = h * up
+    h_acc = where(clipped, maximum(h_prop, h_acc), h_acc)
+    down = minimum(1.0, maximum(dfactor, safety * ep ** (-1.0 / k)))
+    h_rej = h * where(isfinite(e), down, dfactor)
+    return where(accept, h_acc, h_rej), where(accept, maximum(e, 1e-4), prev)
+
+
 # -------------------------------------------- arithmetic on floats or (B,) tensors alike
 def where(cond, a, b):
     """``a`` where ``cond`` else ``b``: ``torch.where`` for tensors, a conditional for bools."""
@@ -97,10 +119,8 @@ class Controller:
     dt_max: float = math.inf
 
     def underflows(self, h, t):
-        """Whether a step of size ``|h|`` from ``t`` cannot be taken: below ``dt_min`` (a step of
-        exactly ``dt_min`` is allowed) or below the resolution of ``t`` (a few ulps, or ``t + h``
-        rounds to ``t``). Floats or (B,) tensors; NaN never underflows (it is non-finite)."""
-        return (h < self.dt_min) | (h <= 4 * _EPS64 * abs(t)) | (t + h == t)
+        """Whether a step of size ``|h|`` from ``t`` cannot be taken (see :func:`underflows`)."""
+        return underflows(h, t, self.dt_min)
 
 
 @dataclass(frozen=True)
@@ -307,28 +327,15 @@ class PIController(Controller):
         error of 0 gives ``ifactor``); after a rejected one ``h * clip(safety e^(-1/k),
         dfactor, 1)`` (``dfactor`` for a non-finite error), never an increase.
         """
-        ep = maximum(e, 1e-100)  # e = 0 would divide by zero: ifactor (set below) either way
-        up = self.safety * ep ** (-(self.icoeff + self.pcoeff) / k)
-        if self.pcoeff:
-            up = up * prev ** (self.pcoeff / k)
-        up = where(e == 0, self.ifactor, minimum(self.ifactor, maximum(self.dfactor, up)))
-        h_acc = h * up
-        h_acc = where(clipped, maximum(h_prop, h_acc), h_acc)
-        down = minimum(1.0, maximum(self.dfactor, self.safety * ep ** (-1.0 / k)))
-        h_rej = h * where(isfinite(e), down, self.dfactor)
-        return where(accept, h_acc, h_rej), where(accept, maximum(e, 1e-4), prev)
+        return pi_update(
+            self.safety, self.ifactor, self.dfactor, self.pcoeff, self.icoeff,
+            h, h_prop, e, prev, k, accept, clipped,
+        )  # fmt: skip
 
     def factor(self, err: float, prev_err: float, k: int) -> float:
         """Step-size multiplier after an accepted step with scaled error ``err``."""
-        if err == 0.0:
-            return self.ifactor
-        f = self.safety * err ** (-(self.icoeff + self.pcoeff) / k)
-        if self.pcoeff:
-            f *= prev_err ** (self.pcoeff / k)
-        return min(self.ifactor, max(self.dfactor, f))
+        return self.adapt(1.0, 0.0, err, prev_err, k, True, False)[0]
 
     def reject_factor(self, err: float, k: int) -> float:
         """Step-size multiplier after a rejected step (never an increase)."""
-        if not math.isfinite(err):
-            return self.dfactor
-        return min(1.0, max(self.dfactor, self.safety * err ** (-1.0 / k)))
+        return self.adapt(1.0, 0.0, err, 1.0, k, False, False)[0]
