@@ -36,9 +36,10 @@ from .controllers import PIController
 from .gradients import Direct
 from .interpolation.dense_batched import PerSampleDense
 from .solution import Solution
+from .solvers.explicit_rk import make_stepper
 from .solvers.tableau import ButcherTableau
 
-__all__ = ["solve_per_sample", "BatchedField", "BatchedRK"]
+__all__ = ["solve_per_sample", "BatchedField"]
 
 # Compact the working set once finished rows make up this share of it. Every evaluation of func
 # then spends less than this share on finished samples; a smaller value compacts more often
@@ -50,12 +51,15 @@ class BatchedField:
     """``func`` on rows of the flat state: ``f(t (A,), y (A, M)) -> (A, M)``.
 
     Counts calls (``nfe``), rows evaluated (``sample_evals``) and rows evaluated that belong to
-    samples which had already finished (``wasted``).
+    samples which had already finished (``wasted``: the driver sets ``idle``). With ``lo``/``hi``
+    set (each row's interval), stage times are clamped into them, so rounding in ``t + c h``
+    never evaluates func outside a sample's interval.
     """
 
     def __init__(self, func, spec: TreeSpec, time_dtype: torch.dtype):
         self.func, self.spec, self.time_dtype = func, spec, time_dtype
-        self.nfe = self.sample_evals = self.wasted = 0
+        self.nfe = self.sample_evals = self.wasted = self.idle = 0
+        self.lo = self.hi = None
         self._rest = spec.shapes[0][1:] if spec.kind == "tensor" else None
         self._specs: dict[int, TreeSpec] = {}
 
@@ -66,11 +70,13 @@ class BatchedField:
             spec = self._specs[A] = dataclasses.replace(self.spec, shapes=shapes, batch=A)
         return spec
 
-    def __call__(self, t: torch.Tensor, y: torch.Tensor, idle: int = 0) -> torch.Tensor:
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         A = y.shape[0]
         self.nfe += 1
         self.sample_evals += A
-        self.wasted += idle
+        self.wasted += self.idle
+        if self.lo is not None and self.lo.shape[0] == A:
+            t = torch.clamp(t, self.lo, self.hi)
         tt = t if t.dtype == self.time_dtype else t.to(self.time_dtype)
         if self._rest is not None:  # fast path: a single tensor state
             shape = (A, *self._rest)
@@ -81,80 +87,12 @@ class BatchedField:
             out = self.func(tt, self._spec(A).unflatten(y))
         return self._spec(A).flatten(out, what="the derivative returned by func")
 
+    def flat(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """f on the 1-D state ``(A*M,)`` of the rows at times ``t`` (A,); returns 1-D."""
+        return self(t, y.view(t.shape[0], -1)).reshape(-1)
 
-class BatchedRK:
-    """The explicit Runge--Kutta step of a tableau with one step size per row."""
-
-    def __init__(self, tab: ButcherTableau, dtype: torch.dtype, device: torch.device):
-        T = tab.tensors(dtype, device)
-        self.tab, self.S, self.fsal = tab, tab.n_stages, tab.fsal
-        self.Sd = tab.n_stages + tab.n_dense_stages
-        self.rows = [T["a"][i : i + 1, :i] for i in range(self.S)]  # (1, i) each
-        self.b, self.b_err = T["b"].unsqueeze(0), T["b_err"]
-        self.a_dense = T.get("a_dense")
-        self.c = torch.tensor(tab.c, dtype=torch.float64, device=device).unsqueeze(1)
-        self.at_end = {i for i, ci in enumerate(tab.c) if ci == 1.0}
-
-    @staticmethod
-    def _comb(K: torch.Tensor, w: torch.Tensor, shape) -> torch.Tensor:
-        """``sum_j w_j K_j`` for stages ``K`` (i, A*M) and weights ``w`` (1, i), as (A, M): one
-        matrix product (a (1, i) @ (i, A*M) GEMM is cheaper to dispatch than the GEMV)."""
-        return torch.mm(w, K).view(shape)
-
-    def step(self, f, t, h, t_new, y, k1, lo, hi, track: bool, idle: int):
-        """One step of size ``h`` (A,) per row from ``(t, y)`` with first stage ``k1``.
-
-        Returns ``(y_new, err, K)``: new states (A, M), error estimates (A, M, no graph) and the
-        stages (S, A, M).
-        """
-        # Stage times (S, A): nodes 1 use the landing time itself; the others are clamped into
-        # the sample's interval, so rounding in t + c h never evaluates func outside it.
-        tc = torch.clamp(torch.addcmul(t, self.c, h), lo, hi)
-        hc = h.to(y.dtype).unsqueeze(1)
-        shape, ks, K = y.shape, [k1.reshape(-1)], None
-        if not track:  # stages written into one buffer (S, A*M); with autograd a list, stacked
-            K = y.new_empty((self.S, y.numel()))
-            K[0] = ks[0]
-        y_new = None
-        for i in range(1, self.S):
-            inc = self._comb(K[:i] if K is not None else torch.stack(ks), self.rows[i], shape)
-            yi = torch.addcmul(y, hc, inc)
-            ki = f(t_new if i in self.at_end else tc[i], yi, idle).reshape(-1)
-            if self.fsal and i == self.S - 1:
-                y_new = yi
-            if K is None:
-                ks.append(ki)
-            else:
-                K[i] = ki
-        if K is None:
-            K = torch.stack(ks)
-        if y_new is None:
-            y_new = torch.addcmul(y, hc, self._comb(K, self.b, shape))
-        err = self._comb(K.detach(), self.b_err, shape).mul_(hc.detach())
-        return y_new, err, K.view(self.S, *shape)
-
-    def dense_stages(self, f, t, h, t_new, y, y_new, K, lo, hi):
-        """Stages plus dense stages (Sd, n, M) of ``n`` accepted steps, for interpolation."""
-        tab = self.tab
-        if tab.n_dense_stages == 0:
-            return K
-        hc = h.to(y.dtype).unsqueeze(1)
-        rows = list(K.reshape(self.S, -1).unbind(0))
-        for j in range(tab.n_dense_stages):
-            cj = tab.c_dense[j]
-            if j == 0 and tab.dense_stage_is_next_first:
-                yj = y_new  # f at the step end exactly, as the next step's first stage
-            else:
-                w = self.a_dense[j : j + 1, : self.S + j]
-                yj = torch.addcmul(y, hc, self._comb(torch.stack(rows), w, y.shape))
-            tj = t_new if cj == 1.0 else torch.clamp(torch.add(t, h, alpha=cj), lo, hi)
-            rows.append(f(tj, yj).reshape(-1))
-        return torch.stack(rows).view(-1, *y.shape)
-
-    def interpolate(self, Kd, y, h, theta):
-        """Continuous extension of ``n`` steps at fractions ``theta`` (n,): returns (n, M)."""
-        W = self.tab.interpolant_weights(theta).to(y.dtype)  # float64 weights, then cast
-        return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), (W.T.unsqueeze(2) * Kd).sum(0))
+    def into(self, t, y, dst_shaped, dst: torch.Tensor) -> None:
+        dst.copy_(self.flat(t, y))
 
 
 @dataclasses.dataclass
@@ -270,11 +208,10 @@ def integrate_per_sample(
     n_done = n_stale = 0
     norm = ErrorNorm(y0[:1], spec)
     if A:
+        f.lo, f.hi = w.lo, w.hi  # every evaluation stays inside its sample's interval
         w.k1 = f(w.t, w.y)
         nrm = initial_norm(norm, w.y, w.rtol, w.atol, floor, rows=True)
-        # Hairer's trial step, with its time clamped into each sample's interval.
-        fc = lambda t_, y_: f(torch.clamp(t_, w.lo, w.hi), y_)  # noqa: E731
-        w.h = ctrl.initial_step(nrm, fc, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
+        w.h = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
         fail = _stuck(ctrl, w)
         if bool(fail.any()):
             _handle_failures(w, fail, ctrl, max_steps, throw, state)
@@ -282,14 +219,17 @@ def integrate_per_sample(
 
     while A and n_done < A:
         state["iterations"] += 1
+        f.lo, f.hi, f.idle = w.lo, w.hi, n_done
         if n_stale:  # non-FSAL methods: f at the start of the steps that follow accepted ones
-            w.k1 = torch.where(w.stale.unsqueeze(1), f(w.t, w.y, n_done), w.k1)
+            w.k1 = torch.where(w.stale.unsqueeze(1), f(w.t, w.y), w.k1)
         # ---- propose: each row's step, clipped to its final time (finished rows: zero steps)
         t_try = torch.addcmul(w.t, w.sdir, w.h)
         clipped = w.done | (w.sdir * (t_try - w.t_end) >= 0)
         t_new = torch.where(clipped, w.t_end, t_try)
         h_step = t_new - w.t
-        y_new, err, K = stepper.step(f, w.t, h_step, t_new, w.y, w.k1, w.lo, w.hi, track, n_done)
+        y_new, err, K = stepper.step(f, w.t, h_step, w.y, w.k1, t_new, track)
+        K = K.view(-1, *w.y.shape)
+        f.idle = 0
         # ---- per-sample error norm (over the sample's components) and accept/reject
         e = norm.rows(err, w.y, y_new, w.rtol, w.atol, floor)
         live = ~w.done
@@ -324,17 +264,10 @@ def integrate_per_sample(
             if stepper.Sd > stepper.S:  # dense stages, only for the rows with outputs
                 has = cnt > w.nxt
                 ur = has.nonzero().squeeze(1)
+                f.lo, f.hi = w.lo[ur], w.hi[ur]
                 Kd = stepper.dense_stages(
-                    f,
-                    t_old[ur],
-                    h_step[ur],
-                    w.t[ur],
-                    y_old[ur],
-                    w.y[ur],
-                    K[:, ur],
-                    w.lo[ur],
-                    w.hi[ur],
-                )
+                    f, t_old[ur], h_step[ur], y_old[ur], K[:, ur], None, w.t[ur]
+                ).view(-1, ur.shape[0], K.shape[2])
                 kr = (torch.cumsum(has, 0) - 1)[r]
                 if stepper.tab.dense_stage_is_next_first:  # reuse f at the step end as k1
                     w.k1 = w.k1.index_put((ur,), Kd[stepper.S])
@@ -428,7 +361,7 @@ def solve_per_sample(
     spec, y0flat = flatten_state(y0, batched=True)
     tau = _check_times(t, spec.batch, opt).to(spec.device)
     f = BatchedField(func, spec, time_dtype)
-    stepper = BatchedRK(tab, y0flat.dtype, y0flat.device)
+    stepper = make_stepper(tab, y0flat.dtype, y0flat.device)
     rt, at = _tolerance(spec, ctrl.rtol, "rtol"), _tolerance(spec, ctrl.atol, "atol")
     dense = bool(dense_output) if dense_output is not None else True
     floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
