@@ -33,7 +33,6 @@ from ._norms import ErrorNorm, initial_norm
 from ._solve import _resolve_controller, _tolerance
 from ._tree import TreeSpec, flatten_state
 from .controllers import PIController
-from .gradients import Direct
 from .interpolation.dense_batched import PerSampleDense
 from .solution import Solution
 from .solvers.explicit_rk import make_stepper
@@ -161,13 +160,18 @@ def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) 
 
 
 def integrate_per_sample(
-    spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, dense, floor=False
-):
+    spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, record=None, floor=False,
+    on_step=None, outputs=True,
+):  # fmt: skip
     """Integrate every sample over its own output times ``tau`` (B, T) float64.
 
     Returns ``(ys, y_final, t_final, n_acc, n_rej, state, records)``: outputs flat ``(T*B, M)``
     in time-major order (row ``j*B + b``; NaN where a sample failed first), the final states and
-    times, per-sample counters, the status dict and, with ``dense``, the step records.
+    times, per-sample counters, the status dict and the step records: with ``record="dense"``
+    the stages of every iteration (dense output); with ``"replay"`` what a replay of the
+    iteration needs (checkpointed gradients) goes to ``state["replay"]``; ``"both"``. ``on_step(acc, t_old, h_step, y_old, calls)`` is
+    called after every accept/reject decision with the rows' stage inputs ``f.calls`` (the
+    adjoint's parameter integral). ``outputs=False`` skips the outputs between the ends.
     """
     B, T = tau.shape
     dev, track = y0.device, torch.is_grad_enabled()
@@ -181,7 +185,8 @@ def integrate_per_sample(
     n0 = torch.searchsorted(stau, stau[:, :1].contiguous(), right=True).squeeze(1)
     r, j = (ar_T < n0.unsqueeze(1)).nonzero().unbind(1)
     pos, vals = [j * B + r], [y0[r]]
-    state = {"status": "success", "message": "", "failed": [], "compactions": 0, "iterations": 0}
+    state = {"status": "success", "message": "", "failed": [], "compactions": 0, "iterations": 0,
+             "replay": []}  # fmt: skip
     tfin, nacc, nrej = t0.clone(), torch.zeros(B, **i64), torch.zeros(B, **i64)
     finals_pos, finals = [], []
 
@@ -227,6 +232,8 @@ def integrate_per_sample(
         clipped = w.done | (w.sdir * (t_try - w.t_end) >= 0)
         t_new = torch.where(clipped, w.t_end, t_try)
         h_step = t_new - w.t
+        if on_step is not None:
+            f.calls = []
         y_new, err, K = stepper.step(f, w.t, h_step, w.y, w.k1, t_new, track)
         K = K.view(-1, *w.y.shape)
         f.idle = 0
@@ -239,6 +246,8 @@ def integrate_per_sample(
         h_next, prev = ctrl.adapt(h_step.abs(), w.h, e, w.prev, k, acc, clipped)
         w.h = torch.where(live, h_next, w.h).clamp_(max=ctrl.dt_max)
         w.prev, w.e = prev, e
+        if on_step is not None:
+            on_step(acc, w.t, h_step, w.y, f.calls)
         # ---- advance the accepted rows
         t_old, y_old, acc1 = w.t, w.y, acc.unsqueeze(1)
         w.t = torch.where(acc, t_new, w.t)
@@ -255,31 +264,24 @@ def integrate_per_sample(
         ).tolist()
         if max_steps is not None and state["iterations"] >= max_steps and n_done < A:
             fail, n_fail = ~w.done, 1  # every live row has used max_steps attempts
-        if dense and n_acc:
+        if record in ("dense", "both") and n_acc:
             records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K))
         # ---- outputs inside the accepted steps, from each step's continuous extension
-        if n_out:
+        r = tau_j = None
+        if n_out and outputs:
             r, j = ((ar_T >= w.nxt.unsqueeze(1)) & (ar_T < cnt.unsqueeze(1))).nonzero().unbind(1)
-            Kd, kr = K, r
-            if stepper.Sd > stepper.S:  # dense stages, only for the rows with outputs
-                has = cnt > w.nxt
-                ur = has.nonzero().squeeze(1)
-                f.lo, f.hi = w.lo[ur], w.hi[ur]
-                Kd = stepper.dense_stages(
-                    f, t_old[ur], h_step[ur], y_old[ur], K[:, ur], None, w.t[ur]
-                ).view(-1, ur.shape[0], K.shape[2])
-                kr = (torch.cumsum(has, 0) - 1)[r]
-                if stepper.tab.dense_stage_is_next_first:  # reuse f at the step end as k1
-                    w.k1 = w.k1.index_put((ur,), Kd[stepper.S])
-                    w.stale = w.stale & ~has
-            g3 = torch.stack([t_old, h_step, w.t], 1)[r]
             tau_j = w.tau[r, j]
-            v = stepper.interpolate(Kd[:, kr], y_old[r], g3[:, 1], (tau_j - g3[:, 0]) / g3[:, 1])
-            # Outputs at a step's end take its end state exactly (no interpolation error).
-            v = torch.where((tau_j == g3[:, 2]).unsqueeze(1), w.y[r], v)
+            v, k_end = step_outputs(stepper, f, K, t_old, h_step, w.t, y_old, w.y, w.lo, w.hi,
+                                    cnt > w.nxt, r, tau_j)  # fmt: skip
+            if k_end is not None:  # f at the step end (a dense stage): the next k1
+                w.k1 = w.k1.index_put((k_end[0],), k_end[1])
+                w.stale = w.stale & ~(cnt > w.nxt)
             pos.append(j * B + w.idx[r])
             vals.append(v)
             w.nxt = cnt
+        if record in ("replay", "both") and n_acc:
+            state["replay"].append((w.idx, acc, t_old, w.t, h_step, y_old, w.lo, w.hi, r, tau_j,
+                            None if r is None else j))  # fmt: skip
         if n_fail:
             _handle_failures(w, fail, ctrl, max_steps, throw, state)
             n_done = int(w.done.sum())
@@ -305,6 +307,41 @@ def integrate_per_sample(
         (torch.cat([keep, *finals_pos]),), torch.cat([y0[keep], *finals])
     )
     return ys, y_final, tfin, nacc, nrej, state, records
+
+
+@dataclasses.dataclass
+class RowsRun:
+    """One per-sample solve: what a gradient method needs to run and differentiate it."""
+
+    spec: TreeSpec
+    func: object
+    time_dtype: torch.dtype
+    f: BatchedField
+    stepper: object
+    tau: torch.Tensor  # (B, T) float64 output times
+    ctrl: PIController
+    rtol: float | torch.Tensor
+    atol: float | torch.Tensor
+    max_steps: int | None
+    throw: bool
+    dense: bool
+    floor: bool
+    stats: dict = dataclasses.field(default_factory=dict)
+    result: tuple | None = None  # (y_final, t_final, n_acc, n_rej, state, records)
+
+    def integrate(self, y0, record=None):
+        """The forward solve; fills ``result`` and returns the outputs flat (T*B, M)."""
+        ys, *rest = integrate_per_sample(
+            self.spec, self.f, self.stepper, y0, self.tau, self.ctrl, self.rtol, self.atol,
+            self.max_steps, self.throw, _both(record, "dense" if self.dense else None),
+            self.floor,
+        )  # fmt: skip
+        self.result = tuple(rest)
+        return ys
+
+
+def _both(a, b):
+    return "both" if (a and b) else (a or b)
 
 
 # ---------------------------------------------------------------------------- the entry point
@@ -333,10 +370,10 @@ def solve_per_sample(
             f"{opt} does not support PIController(step_t=..., jump_t=..., norm=...) yet (the "
             "error norm is the per-sample RMS norm); use batch_control='shared' for these"
         )
-    if not isinstance(gradient, Direct):
+    if not getattr(gradient, "per_sample", False):
         raise ValueError(
-            f"{opt} supports gradient='direct' only, got {type(gradient).__name__}; use "
-            "gradient='direct', or batch_control='shared' for backsolve/checkpointed gradients"
+            f"{opt} does not support gradient={type(gradient).__name__}(...) (it declares no "
+            "per-sample implementation); use 'direct', 'checkpoint' or 'backsolve'"
         )
     if event is not None:
         raise ValueError(f"{opt} does not support event=...; use batch_control='shared'")
@@ -363,13 +400,16 @@ def solve_per_sample(
     f = BatchedField(func, spec, time_dtype)
     stepper = make_stepper(tab, y0flat.dtype, y0flat.device)
     rt, at = _tolerance(spec, ctrl.rtol, "rtol"), _tolerance(spec, ctrl.atol, "atol")
-    dense = bool(dense_output) if dense_output is not None else True
+    direct = getattr(gradient, "exact_autograd", False)
+    dense = bool(dense_output) if dense_output is not None else direct
     floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
-    ys, y_final, tfin, nacc, nrej, state, records = integrate_per_sample(
-        spec, f, stepper, y0flat, tau, ctrl, rt, at, max_steps, throw, dense, floor
-    )
+    run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
+                  dense, floor)  # fmt: skip
+    ys = gradient.run_rows(run, y0flat)
+    y_final, tfin, nacc, nrej, state, records = run.result
     T = tau.shape[1]
-    stats = {
+    stats = run.stats  # the same dict: a backward pass adds its counters (nfe_backward)
+    stats.update({
         "nfe": f.nfe,
         "sample_evals": f.sample_evals,
         "wasted_sample_evals": f.wasted,
@@ -379,7 +419,7 @@ def solve_per_sample(
         "n_steps": nacc,
         "n_iterations": state["iterations"],
         "n_compactions": state["compactions"],
-    }
+    })  # fmt: skip
     if state["failed"]:
         stats["failed_samples"] = sorted(state["failed"])
         state["message"] += f" (failed samples: {stats['failed_samples']})"
@@ -395,7 +435,28 @@ def solve_per_sample(
         message=state["message"],
         _dense=dense_obj,
         _per_sample=True,
+        _detached=not direct,
     )
+
+
+def step_outputs(stepper, f, K, t_old, h, t_new, y_old, y_new, lo, hi, has, r, tau_j):
+    """Values at the output times ``tau_j`` inside the steps of rows ``r`` (rows ``has`` hold
+    outputs): the step's continuous extension, and the end state exactly at a step's end.
+    Returns ``(values (n, M), k_end)`` where ``k_end = (rows, f at their step ends)`` when the
+    dense stages evaluated it (the next step's first stage), else None."""
+    Kd, kr, k_end = K, r, None
+    if stepper.Sd > stepper.S:  # dense stages, only for the rows with outputs
+        ur = has.nonzero().squeeze(1)
+        f.lo, f.hi = lo[ur], hi[ur]
+        Kd = stepper.dense_stages(f, t_old[ur], h[ur], y_old[ur], K[:, ur], None, t_new[ur])
+        Kd = Kd.view(-1, ur.shape[0], K.shape[2])
+        f.lo, f.hi = lo, hi
+        kr = (torch.cumsum(has, 0) - 1)[r]
+        if stepper.tab.dense_stage_is_next_first:
+            k_end = (ur, Kd[stepper.S])
+    g3 = torch.stack([t_old, h, t_new], 1)[r]
+    v = stepper.interpolate(Kd[:, kr], y_old[r], g3[:, 1], (tau_j - g3[:, 0]) / g3[:, 1])
+    return torch.where((tau_j == g3[:, 2]).unsqueeze(1), y_new[r], v), k_end
 
 
 def _check_times(t: torch.Tensor, B: int, opt: str) -> torch.Tensor:
