@@ -211,15 +211,11 @@ def integrate(
     """
     tab, ctrl = prob.tableau, prob.controller
     stepper = stepper or make_stepper(tab, y0.dtype, y0.device)
-    if hasattr(stepper, "reuse_buffer"):
-        # Stages may share one buffer unless steps keep them (dense output) or a graph does.
-        stepper.reuse_buffer = record != "dense" and not track_grad
-    # Optional stepper hooks: bind(prob) at the start of every solve (Newton tolerances from
-    # rtol/atol; multistep methods start a fresh history), accept(...) after every accepted step.
-    bind = getattr(stepper, "bind", None)
-    if bind is not None:
-        bind(prob)
-    on_accept = getattr(stepper, "accept", None)
+    # Stages may share one buffer unless steps keep them (dense output) or a graph does.
+    stepper.reuse_buffer = record != "dense" and not track_grad
+    # The Stepper hooks: bind(prob) at the start of every solve (Newton tolerances from rtol/atol;
+    # multistep methods start a fresh history), accept(...) after every accepted step.
+    stepper.bind(prob)
     direction = prob.direction
     t0, t_end = prob.t0, prob.t_end
     adaptive = ctrl.adaptive
@@ -335,8 +331,7 @@ def integrate(
 
         # ---- accepted: record outputs inside (t, t_new]
         n_acc += 1
-        if on_accept is not None:
-            on_accept(t, t_new, y, y_new, K)
+        stepper.accept(t, t_new, y, y_new, K)
         lo = p
         while p < n_out and direction * (prob.out_t[p] - t_new) <= 0:
             p += 1
@@ -376,8 +371,7 @@ def integrate(
         if is_jump:
             k1 = None
         elif stepper.fsal:
-            carry = getattr(stepper, "carry_fsal", stepper.last_stage)
-            k1 = carry(K).view(y.shape)
+            k1 = stepper.carry_fsal(K).view(y.shape)
         else:
             k1 = k_next  # may be None: evaluated at the next step's start
         if stop:

@@ -33,6 +33,7 @@ from ._norms import ErrorNorm, initial_norm
 from ._solve import _resolve_controller, _tolerance
 from ._tree import TreeSpec, flatten_state
 from .controllers import PIController
+from .gradients import capable
 from .interpolation.dense_batched import PerSampleDense
 from .solution import Solution
 from .solvers.explicit_rk import make_stepper
@@ -370,7 +371,7 @@ def solve_per_sample(
             f"{opt} does not support PIController(step_t=..., jump_t=..., norm=...) yet (the "
             "error norm is the per-sample RMS norm); use batch_control='shared' for these"
         )
-    if not getattr(gradient, "per_sample", False):
+    if not capable(gradient, "per_sample"):
         raise ValueError(
             f"{opt} does not support gradient={type(gradient).__name__}(...) (it declares no "
             "per-sample implementation); use 'direct', 'checkpoint' or 'backsolve'"
@@ -400,7 +401,7 @@ def solve_per_sample(
     f = BatchedField(func, spec, time_dtype)
     stepper = make_stepper(tab, y0flat.dtype, y0flat.device)
     rt, at = _tolerance(spec, ctrl.rtol, "rtol"), _tolerance(spec, ctrl.atol, "atol")
-    direct = getattr(gradient, "exact_autograd", False)
+    direct = capable(gradient, "exact_autograd")
     dense = bool(dense_output) if dense_output is not None else direct
     floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
     run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from .stepper import Stepper
 from .tableau import ButcherTableau
 
 __all__ = ["RKStepper", "make_stepper"]
 
 
-class RKStepper:
+class RKStepper(Stepper):
     """The generic explicit Runge--Kutta step for a tableau, in a given dtype/device."""
 
     def __init__(self, tableau: ButcherTableau, dtype: torch.dtype, device: torch.device):
@@ -130,9 +131,6 @@ class RKStepper:
             self._krows_shape = None
         return buf
 
-    def last_stage(self, K):
-        return K[self.S - 1]
-
     def carry_fsal(self, K):
         """The next step's first stage from an accepted FSAL step's last stage. With the reused
         buffer it is copied into row 0, where it survives rejected attempts of the next step."""
@@ -203,11 +201,8 @@ def _combiner(yv: torch.Tensor, h, shape):
 
 def make_stepper(method, dtype: torch.dtype, device: torch.device):
     """The per-solve stepper of a method: :class:`RKStepper` for an explicit Butcher tableau;
-    any other method object provides ``make_stepper(dtype, device)`` returning an object with the
-    same interface (``step``, ``dense_stages``, ``interpolate``, ``last_stage``, ``fsal``, ``S``,
-    ``Sd``, ``tab``) and optionally ``bind(prob)``, called by :func:`integrate` when a solve
-    starts, ``accept(t, t_new, y, y_new, K)``, called after every accepted step, and ``stats``,
-    a dict of counters merged into ``Solution.stats``."""
+    any other method object provides ``make_stepper(dtype, device)`` returning a
+    :class:`~neuralode.solvers.stepper.Stepper`."""
     if isinstance(method, ButcherTableau):
         return RKStepper(method, dtype, device)
     return method.make_stepper(dtype, device)
