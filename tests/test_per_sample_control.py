@@ -324,8 +324,6 @@ T = torch.tensor([0.0, 1.0], dtype=F64)
         (dict(dt=0.1, **PS), ValueError, r"needs a PIController, got ConstantStep; fixed steps are the same for every sample"),
         (dict(controller=PIController(step_t=[0.5]), **PS), ValueError, r"does not support PIController\(step_t=..., jump_t=..., norm=...\)"),
         (dict(controller=PIController(norm=lambda e: e.abs().max()), **PS), ValueError, r"does not support PIController\(step_t"),
-        (dict(gradient="backsolve", **PS), ValueError, r"supports gradient='direct' only, got Backsolve"),
-        (dict(gradient="checkpoint", **PS), ValueError, r"supports gradient='direct' only, got Checkpointed"),
         (dict(event=neuralode.Event(lambda t, y: y[:, 0] - 0.5), **PS), ValueError, r"does not support event=..."),
         (dict(rtol=1e-3, controller=PIController(), **PS), ValueError, r"pass rtol inside the controller"),
         (dict(y0=torch.tensor(1.0, dtype=F64), **PS), ValueError, r"needs a state whose components share a non-empty leading batch dimension B .*got shapes \[\(\)\]"),

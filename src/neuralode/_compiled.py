@@ -39,9 +39,11 @@ import weakref
 
 import torch
 
-from ._loop import LoopResult, Problem, VectorField, initial_step
+from ._failures import step_failure
+from ._loop import LoopResult, Problem, VectorField
+from ._norms import ErrorNorm, error_scale, initial_norm
 from .controllers import PIController
-from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from .controllers.step_size import pi_update, underflows
 from .solvers.tableau import ButcherTableau
 
 __all__ = ["STEPS_PER_CALL", "CompiledCodeMismatch", "check_compilable", "integrate_compiled"]
@@ -180,7 +182,7 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
         hh = t_new - t
         # The eager loop's checks, on the proposed step size (before landing on an output or
         # the end): below dt_min or the resolution of t; a non-finite step size (NaN from func).
-        under = (h_abs < dt_min) | (h_abs <= 4 * _EPS64 * t.abs()) | (t + h_abs == t)
+        under = underflows(h_abs, t, dt_min)
         nonfinite_h = ~torch.isfinite(h_abs)
         status = torch.where(active & under, _STATUS_UNDERFLOW, status)
         status = torch.where(active & nonfinite_h, _STATUS_NONFINITE_H, status)
@@ -194,11 +196,9 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
             ks.append(call(ti, yi))
         y_new = yi if fsal else _combine(y, hs, b, ks)
         err = _combine(torch.zeros_like(y), hs, b_err, ks)
-        scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
-        if atol_zero:  # pure relative control meets a zero component: a huge error, not NaN
-            scale = torch.clamp(scale, min=torch.finfo(scale.dtype).tiny)
-        r = (err / scale).abs()
-        e = torch.sqrt(torch.mean(r * r)).to(torch.float64)
+        # The engine's one scaled error norm (one row: the whole state shares the step).
+        scale = error_scale(y.abs(), y_new.abs(), rtol, atol, atol_zero)
+        e = ErrorNorm.rms_rows((err / scale).reshape(1, -1))[0]
         finite = torch.isfinite(e)
         accept = active & (e <= 1.0)
         k_last = ks[-1] if fsal else call(t_new, y_new)
@@ -214,17 +214,11 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
             vals = y_new.expand(win_n, *y_new.shape)
         out = out.index_put((idx,), torch.where(inside.view(-1, 1, 1), vals, out[idx]))
         p = p + inside.sum()
-        # Step-size control: the eager PIController's formulas.
-        e_pos = torch.clamp(e, min=1e-300)
-        f_acc = safety * e_pos ** (-(ico + pco) / k)
-        if pco:
-            f_acc = f_acc * prev_err ** (pco / k)
-        f_acc = torch.where(e == 0, ifac, torch.clamp(f_acc, dfac, ifac))
-        h_acc = hh * f_acc
-        h_acc = torch.where(clip, torch.maximum(h_abs, h_acc), h_acc)
-        f_rej = torch.where(finite, torch.clamp(safety * e_pos ** (-1.0 / k), dfac, 1.0), dfac)
-        h = torch.where(accept, h_acc, torch.where(active, hh * f_rej, h))
-        prev_err = torch.where(accept, torch.clamp(e, min=1e-4), prev_err)
+        # Step-size control: the PIController's own update (the same function as eagerly).
+        h_next, prev_err = pi_update(
+            safety, ifac, dfac, pco, ico, hh, h_abs, e, prev_err, k, accept, clip
+        )
+        h = torch.where(active, h_next, h)
         y = torch.where(accept, y_new, y)
         k1 = torch.where(accept, k_last, k1)
         t = torch.where(accept, t_new, t)
@@ -372,12 +366,12 @@ def integrate_compiled(
     with torch.no_grad():
         k1 = f(prob.t0, y0)
         k1_time = -k1 if neg else k1  # the first stage of the negated-time system
-        if ctrl.dt0 is not None:
-            h0 = ctrl.dt0
-        elif prob.t_end == prob.t0:
+        if prob.t_end == prob.t0:
             h0 = 0.0
         else:
-            h0 = initial_step(prob, f, y0, k1, tab.error_order(), ctrl.dt_max)
+            nrm = initial_norm(ErrorNorm(y0, prob.spec), y0, prob.rtol, prob.atol, prob.atol_zero)
+            span = abs(prob.t_end - prob.t0)
+            h0 = ctrl.initial_step(nrm, f, prob.t0, y0, k1, prob.direction, span, tab.error_order())
     nfe0 = f.nfe
     max_att = prob.max_steps if prob.max_steps is not None else 2**62
     rtol = prob.rtol if isinstance(prob.rtol, torch.Tensor) else scalar(prob.rtol, dtype=dtype)
@@ -443,47 +437,24 @@ def integrate_compiled(
             att_now, code = int(att_now), int(code)
             n_acc += int(acc_now)
             n_rej += int(rej_now)
+            cause = None
             if code == _STATUS_NONFINITE_H:
-                msg = (
-                    f"func returned non-finite values (NaN/inf) at t={t_now:.17g} after "
-                    f"{att_now} step attempts (compiled stepping), so no step size can be chosen; "
-                    "check func and the state for NaN/inf (a division by zero, a log of a "
-                    "negative number, an overflow in float32)"
-                )
-                if throw:
-                    raise NonFiniteError(msg, t=t_now, step=att_now, h=abs(h_now))
-                status, message = NonFiniteError.status, msg
+                cause = "nonfinite_h"
+            elif code == _STATUS_UNDERFLOW:
+                cause = "underflow"
+            elif sgn * t_now >= sgn * prob.t_end:
                 break
-            if code == _STATUS_UNDERFLOW:
-                cls = NonFiniteError if last_nf else StepSizeUnderflowError
-                msg = (
-                    f"step size underflow at t={t_now:.17g} after {att_now} step attempts "
-                    f"(compiled stepping): step size {abs(h_now):.3g}; "
-                    + (
-                        "func returned non-finite values (NaN/inf) at every trial step"
-                        if last_nf
-                        else "the solution may blow up (a singularity) or change too fast to "
-                        "resolve"
-                    )
-                    + ". Try: loosen rtol/atol, check func for singularities or NaNs near this "
-                    "t, or use an implicit method if the problem is stiff"
-                )
+            elif att_now >= max_att:
+                cause = "max_steps"
+            if cause is not None:
+                cls, msg = step_failure(
+                    cause, t=t_now, attempts=att_now, h=abs(h_now), dt_min=ctrl.dt_min,
+                    nonfinite=bool(last_nf), max_steps=prob.max_steps, t_end=prob.t_end,
+                    n_acc=n_acc, n_rej=n_rej, engine="compiled stepping",
+                )  # fmt: skip
                 if throw:
                     raise cls(msg, t=t_now, step=att_now, h=abs(h_now))
                 status, message = cls.status, msg
-                break
-            if sgn * t_now >= sgn * prob.t_end:
-                break
-            if att_now >= max_att:
-                msg = (
-                    f"reached max_steps={prob.max_steps} step attempts at t={t_now:.17g} "
-                    f"(accepted {n_acc}, rejected {n_rej}, last step size {abs(h_now):.3g}) "
-                    f"before the final time {prob.t_end:.17g} (compiled stepping); raise "
-                    "max_steps, loosen rtol/atol, or use an implicit method if the problem is stiff"
-                )
-                if throw:
-                    raise MaxStepsError(msg, t=t_now, step=att_now, h=abs(h_now))
-                status, message = MaxStepsError.status, msg
                 break
     f.nfe = nfe0 + att_now * per_attempt
     return LoopResult(

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._norms import ErrorNormWork, initial_step, user_scaled_norm
+from ._failures import step_failure
+from ._norms import ErrorNorm, initial_norm, user_scaled_norm
 from ._tree import TreeSpec
-from .controllers import ConstantStep, PIController
-from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflowError
+from .controllers import ConstantStep
+from .errors import SolveError
 from .solvers.explicit_rk import RKStepper, make_stepper
 from .solvers.tableau import ButcherTableau
 
@@ -162,9 +163,10 @@ class LoopResult:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _fail(exc_type, msg, *, t, step, h, throw, state):
+def _fail(cause, *, throw, state, **where):
+    exc_type, msg = step_failure(cause, **where)
     if throw:
-        raise exc_type(msg, t=t, step=step, h=h)
+        raise exc_type(msg, t=where["t"], step=where["attempts"], h=where["h"])
     state["status"] = exc_type.status
     state["message"] = msg
 
@@ -209,18 +211,14 @@ def integrate(
     """
     tab, ctrl = prob.tableau, prob.controller
     stepper = stepper or make_stepper(tab, y0.dtype, y0.device)
-    if hasattr(stepper, "reuse_buffer"):
-        # Stages may share one buffer unless steps keep them (dense output) or a graph does.
-        stepper.reuse_buffer = record != "dense" and not track_grad
-    # Optional stepper hooks: bind(prob) at the start of every solve (Newton tolerances from
-    # rtol/atol; multistep methods start a fresh history), accept(...) after every accepted step.
-    bind = getattr(stepper, "bind", None)
-    if bind is not None:
-        bind(prob)
-    on_accept = getattr(stepper, "accept", None)
+    # Stages may share one buffer unless steps keep them (dense output) or a graph does.
+    stepper.reuse_buffer = record != "dense" and not track_grad
+    # The Stepper hooks: bind(prob) at the start of every solve (Newton tolerances from rtol/atol;
+    # multistep methods start a fresh history), accept(...) after every accepted step.
+    stepper.bind(prob)
     direction = prob.direction
     t0, t_end = prob.t0, prob.t_end
-    adaptive = isinstance(ctrl, PIController)
+    adaptive = ctrl.adaptive
     jumps = set(ctrl.jump_t)
     landings = sorted(
         {
@@ -250,28 +248,23 @@ def integrate(
     constant = isinstance(ctrl, ConstantStep)
     if k1 is None:
         k1 = f(t_first, y0)
-    if adaptive:
+    if adaptive:  # the scaled error norm of a step, as a float (the step's one host read)
+        norm = ErrorNorm(y0, prob.spec, prob.norm_components)
+        scaled_norm = user_scaled_norm if prob.norm is not None else norm
         k_order = tab.error_order()
         if h0 is not None:  # carried over from a previous segment: no restart of step control
             h = h0
-        elif ctrl.dt0 is not None:
-            h = ctrl.dt0
         elif t_end == t0:
             h = 0.0
         else:
-            h = initial_step(prob, f, y0, k1, k_order, ctrl.dt_max)
+            nrm = initial_norm(norm, y0, prob.rtol, prob.atol, prob.atol_zero, prob=prob)
+            h = ctrl.initial_step(nrm, f, t0, y0, k1, direction, abs(t_end - t0), k_order)
     elif isinstance(ctrl, ConstantStep):
         h = ctrl.dt
         k_grid = 1
     else:  # StepToGrid: every grid point is a landing point
         h = math.inf
     prev_err = 1.0
-    if adaptive:  # the scaled error norm of a step, as a float (the step's one host read)
-        scaled_norm = (
-            user_scaled_norm
-            if prob.norm is not None
-            else ErrorNormWork(y0, prob.spec, prob.norm_components)
-        )
     attempts = n_acc = n_rej = 0
     last_nonfinite = False
     steps: list[StepRecord] = []
@@ -281,54 +274,21 @@ def integrate(
     while direction * (t_end - t) > 0:
         if prob.max_steps is not None and attempts >= prob.max_steps:
             _fail(
-                MaxStepsError,
-                f"reached max_steps={prob.max_steps} step attempts at t={t:.17g} (accepted "
-                f"{n_acc}, rejected {n_rej}, last step size {h:.3g}) before the final time "
-                f"{t_end:.17g}; raise max_steps, loosen rtol/atol, or check whether the problem is "
-                "stiff (an implicit method would take far fewer steps)",
-                t=t,
-                step=attempts,
-                h=h,
-                throw=throw,
-                state=state,
-            )
+                "max_steps", t=t, attempts=attempts, h=h, max_steps=prob.max_steps,
+                t_end=t_end, n_acc=n_acc, n_rej=n_rej, throw=throw, state=state,
+            )  # fmt: skip
             break
         h_abs = min(abs(h), ctrl.dt_max) if adaptive else abs(h)
         if adaptive and not math.isfinite(h_abs):
             # A NaN/inf from func (at the start, or in the error estimate) gets here.
-            _fail(
-                NonFiniteError,
-                f"func returned non-finite values (NaN/inf) at t={t:.17g} after {attempts} step "
-                "attempts, so no step size can be chosen; check func and the state for NaN/inf "
-                "(a division by zero, a log of a negative number, an overflow in float32)",
-                t=t,
-                step=attempts,
-                h=h_abs,
-                throw=throw,
-                state=state,
-            )
+            _fail("nonfinite_h", t=t, attempts=attempts, h=h_abs, throw=throw, state=state)
             break
-        # Resolution of the time variable: steps below a few ulps of t cannot advance it.
-        if adaptive and (h_abs < ctrl.dt_min or h_abs <= 4 * _EPS64 * abs(t) or t + h_abs == t):
-            cls = NonFiniteError if last_nonfinite else StepSizeUnderflowError
-            why = (
-                "func returned non-finite values (NaN/inf) at every trial step"
-                if last_nonfinite
-                else "the solution may blow up (a singularity) or change too fast to resolve"
-            )
-            below = f"dt_min={ctrl.dt_min:.3g}" if h_abs < ctrl.dt_min else "the resolution of t"
+        # Below dt_min, or below the resolution of t (a few ulps): the controller's one rule.
+        if adaptive and ctrl.underflows(h_abs, t):
             _fail(
-                cls,
-                f"step size underflow at t={t:.17g} after {attempts} step attempts: step size "
-                f"{h_abs:.3g} is below {below}; {why}. Try: loosen rtol/atol, check func for "
-                "singularities or NaNs near this t, rescale time, or use an implicit method if "
-                "the problem is stiff",
-                t=t,
-                step=attempts,
-                h=h_abs,
-                throw=throw,
-                state=state,
-            )
+                "underflow", t=t, attempts=attempts, h=h_abs, dt_min=ctrl.dt_min,
+                nonfinite=last_nonfinite, throw=throw, state=state,
+            )  # fmt: skip
             break
         if constant:
             # Fixed steps land on t0 + k dt computed by multiplication (no drift from repeated
@@ -366,13 +326,12 @@ def integrate(
             accept = True
         if not accept:
             n_rej += 1
-            h = abs(h_step) * ctrl.reject_factor(e, k_order)
+            h, _ = ctrl.adapt(abs(h_step), h_abs, e, prev_err, k_order, False, clipped)
             continue
 
         # ---- accepted: record outputs inside (t, t_new]
         n_acc += 1
-        if on_accept is not None:
-            on_accept(t, t_new, y, y_new, K)
+        stepper.accept(t, t_new, y, y_new, K)
         lo = p
         while p < n_out and direction * (prob.out_t[p] - t_new) <= 0:
             p += 1
@@ -406,17 +365,13 @@ def integrate(
             k_next = view.k_next
         # ---- advance
         if adaptive:
-            fac = ctrl.factor(e, prev_err, k_order)
-            h_next = abs(h_step) * fac
-            h = max(h_abs, h_next) if clipped else h_next
-            prev_err = max(e, 1e-4)
+            h, prev_err = ctrl.adapt(abs(h_step), h_abs, e, prev_err, k_order, True, clipped)
         t, y = t_new, y_new
         t_first = math.nextafter(t_new, t_new + direction) if is_jump else t_new
         if is_jump:
             k1 = None
         elif stepper.fsal:
-            carry = getattr(stepper, "carry_fsal", stepper.last_stage)
-            k1 = carry(K).view(y.shape)
+            k1 = stepper.carry_fsal(K).view(y.shape)
         else:
             k1 = k_next  # may be None: evaluated at the next step's start
         if stop:
@@ -426,15 +381,7 @@ def integrate(
     if state["status"] == "success" and not adaptive:
         # Fixed steps make no per-step decision, so finiteness is checked once, at the end.
         if not bool(torch.isfinite(y).all()):
-            state["status"] = "nonfinite"
-            msg = (
-                f"the state became non-finite (NaN/inf) during a fixed-step solve that ended at "
-                f"t={t:.17g} after {attempts} steps of size {h:.3g}; use a smaller step, an "
-                "adaptive method, or check func for singularities"
-            )
-            if throw:
-                raise NonFiniteError(msg, t=t, step=attempts, h=h)
-            state["message"] = msg
+            _fail("nonfinite_fixed", t=t, attempts=attempts, h=h, throw=throw, state=state)
 
     if p < n_out:  # stopped early (throw=False): missing outputs are NaN
         fill = torch.full(
@@ -567,4 +514,4 @@ def replay_step(
     return y_new, vals, k1
 
 
-__all__ += ["make_stepper", "RKStepper", "replay_step", "initial_step", "SolveError"]
+__all__ += ["make_stepper", "RKStepper", "replay_step", "SolveError"]

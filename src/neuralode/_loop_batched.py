@@ -28,18 +28,19 @@ from collections.abc import Mapping
 
 import torch
 
+from ._failures import step_failure
+from ._norms import ErrorNorm, initial_norm
 from ._solve import _resolve_controller, _tolerance
 from ._tree import TreeSpec, flatten_state
 from .controllers import PIController
-from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
-from .gradients import Direct
+from .gradients import capable
 from .interpolation.dense_batched import PerSampleDense
 from .solution import Solution
+from .solvers.explicit_rk import make_stepper
 from .solvers.tableau import ButcherTableau
 
-__all__ = ["solve_per_sample", "BatchedField", "BatchedRK"]
+__all__ = ["solve_per_sample", "BatchedField"]
 
-_EPS64 = 2.220446049250313e-16
 # Compact the working set once finished rows make up this share of it. Every evaluation of func
 # then spends less than this share on finished samples; a smaller value compacts more often
 # (each compaction gathers ~20 small per-row tensors, about the cost of one or two stages).
@@ -50,12 +51,15 @@ class BatchedField:
     """``func`` on rows of the flat state: ``f(t (A,), y (A, M)) -> (A, M)``.
 
     Counts calls (``nfe``), rows evaluated (``sample_evals``) and rows evaluated that belong to
-    samples which had already finished (``wasted``).
+    samples which had already finished (``wasted``: the driver sets ``idle``). With ``lo``/``hi``
+    set (each row's interval), stage times are clamped into them, so rounding in ``t + c h``
+    never evaluates func outside a sample's interval.
     """
 
     def __init__(self, func, spec: TreeSpec, time_dtype: torch.dtype):
         self.func, self.spec, self.time_dtype = func, spec, time_dtype
-        self.nfe = self.sample_evals = self.wasted = 0
+        self.nfe = self.sample_evals = self.wasted = self.idle = 0
+        self.lo = self.hi = None
         self._rest = spec.shapes[0][1:] if spec.kind == "tensor" else None
         self._specs: dict[int, TreeSpec] = {}
 
@@ -66,11 +70,13 @@ class BatchedField:
             spec = self._specs[A] = dataclasses.replace(self.spec, shapes=shapes, batch=A)
         return spec
 
-    def __call__(self, t: torch.Tensor, y: torch.Tensor, idle: int = 0) -> torch.Tensor:
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         A = y.shape[0]
         self.nfe += 1
         self.sample_evals += A
-        self.wasted += idle
+        self.wasted += self.idle
+        if self.lo is not None and self.lo.shape[0] == A:
+            t = torch.clamp(t, self.lo, self.hi)
         tt = t if t.dtype == self.time_dtype else t.to(self.time_dtype)
         if self._rest is not None:  # fast path: a single tensor state
             shape = (A, *self._rest)
@@ -81,80 +87,12 @@ class BatchedField:
             out = self.func(tt, self._spec(A).unflatten(y))
         return self._spec(A).flatten(out, what="the derivative returned by func")
 
+    def flat(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """f on the 1-D state ``(A*M,)`` of the rows at times ``t`` (A,); returns 1-D."""
+        return self(t, y.view(t.shape[0], -1)).reshape(-1)
 
-class BatchedRK:
-    """The explicit Runge--Kutta step of a tableau with one step size per row."""
-
-    def __init__(self, tab: ButcherTableau, dtype: torch.dtype, device: torch.device):
-        T = tab.tensors(dtype, device)
-        self.tab, self.S, self.fsal = tab, tab.n_stages, tab.fsal
-        self.Sd = tab.n_stages + tab.n_dense_stages
-        self.rows = [T["a"][i : i + 1, :i] for i in range(self.S)]  # (1, i) each
-        self.b, self.b_err = T["b"].unsqueeze(0), T["b_err"]
-        self.a_dense = T.get("a_dense")
-        self.c = torch.tensor(tab.c, dtype=torch.float64, device=device).unsqueeze(1)
-        self.at_end = {i for i, ci in enumerate(tab.c) if ci == 1.0}
-
-    @staticmethod
-    def _comb(K: torch.Tensor, w: torch.Tensor, shape) -> torch.Tensor:
-        """``sum_j w_j K_j`` for stages ``K`` (i, A*M) and weights ``w`` (1, i), as (A, M): one
-        matrix product (a (1, i) @ (i, A*M) GEMM is cheaper to dispatch than the GEMV)."""
-        return torch.mm(w, K).view(shape)
-
-    def step(self, f, t, h, t_new, y, k1, lo, hi, track: bool, idle: int):
-        """One step of size ``h`` (A,) per row from ``(t, y)`` with first stage ``k1``.
-
-        Returns ``(y_new, err, K)``: new states (A, M), error estimates (A, M, no graph) and the
-        stages (S, A, M).
-        """
-        # Stage times (S, A): nodes 1 use the landing time itself; the others are clamped into
-        # the sample's interval, so rounding in t + c h never evaluates func outside it.
-        tc = torch.clamp(torch.addcmul(t, self.c, h), lo, hi)
-        hc = h.to(y.dtype).unsqueeze(1)
-        shape, ks, K = y.shape, [k1.reshape(-1)], None
-        if not track:  # stages written into one buffer (S, A*M); with autograd a list, stacked
-            K = y.new_empty((self.S, y.numel()))
-            K[0] = ks[0]
-        y_new = None
-        for i in range(1, self.S):
-            inc = self._comb(K[:i] if K is not None else torch.stack(ks), self.rows[i], shape)
-            yi = torch.addcmul(y, hc, inc)
-            ki = f(t_new if i in self.at_end else tc[i], yi, idle).reshape(-1)
-            if self.fsal and i == self.S - 1:
-                y_new = yi
-            if K is None:
-                ks.append(ki)
-            else:
-                K[i] = ki
-        if K is None:
-            K = torch.stack(ks)
-        if y_new is None:
-            y_new = torch.addcmul(y, hc, self._comb(K, self.b, shape))
-        err = self._comb(K.detach(), self.b_err, shape).mul_(hc.detach())
-        return y_new, err, K.view(self.S, *shape)
-
-    def dense_stages(self, f, t, h, t_new, y, y_new, K, lo, hi):
-        """Stages plus dense stages (Sd, n, M) of ``n`` accepted steps, for interpolation."""
-        tab = self.tab
-        if tab.n_dense_stages == 0:
-            return K
-        hc = h.to(y.dtype).unsqueeze(1)
-        rows = list(K.reshape(self.S, -1).unbind(0))
-        for j in range(tab.n_dense_stages):
-            cj = tab.c_dense[j]
-            if j == 0 and tab.dense_stage_is_next_first:
-                yj = y_new  # f at the step end exactly, as the next step's first stage
-            else:
-                w = self.a_dense[j : j + 1, : self.S + j]
-                yj = torch.addcmul(y, hc, self._comb(torch.stack(rows), w, y.shape))
-            tj = t_new if cj == 1.0 else torch.clamp(torch.add(t, h, alpha=cj), lo, hi)
-            rows.append(f(tj, yj).reshape(-1))
-        return torch.stack(rows).view(-1, *y.shape)
-
-    def interpolate(self, Kd, y, h, theta):
-        """Continuous extension of ``n`` steps at fractions ``theta`` (n,): returns (n, M)."""
-        W = self.tab.interpolant_weights(theta).to(y.dtype)  # float64 weights, then cast
-        return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), (W.T.unsqueeze(2) * Kd).sum(0))
+    def into(self, t, y, dst_shaped, dst: torch.Tensor) -> None:
+        dst.copy_(self.flat(t, y))
 
 
 @dataclasses.dataclass
@@ -192,45 +130,10 @@ class _Rows:
         )
 
 
-def _row_norm(spec: TreeSpec, x: torch.Tensor) -> torch.Tensor:
-    """Per-row mixed RMS norm of ``x`` (A, M): max over components of each component's RMS."""
-    if spec.kind == "tensor":
-        return torch.linalg.vector_norm(x, dim=1).mul_(1.0 / math.sqrt(max(x.shape[1], 1)))
-    parts = [
-        torch.linalg.vector_norm(c, dim=1) * (1.0 / math.sqrt(c.shape[1]))
-        for c in spec.components(x)
-        if c.shape[1]
-    ]
-    return torch.stack(parts).amax(0)
-
-
-def _initial_step(spec, f, w: _Rows, order: int, dt_max: float) -> torch.Tensor:
-    """Hairer's starting step size per sample (HNW I, sec. II.4, p. 169); one evaluation of f."""
-    with torch.no_grad():
-        y0, k1 = w.y, w.k1
-        scale = y0.abs().mul(w.rtol).add(w.atol)
-        d0, d1 = (_row_norm(spec, x / scale).double() for x in (y0, k1))
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
-        span = (w.t_end - w.t).abs()
-        h0 = torch.minimum(h0, span).clamp(max=dt_max)
-        t1 = torch.clamp(w.t + w.sdir * h0, w.lo, w.hi)
-        f1 = f(t1, y0 + (w.sdir * h0).to(y0.dtype).unsqueeze(1) * k1)
-        d2 = _row_norm(spec, (f1 - k1) / scale).double() / h0
-        dmax = torch.maximum(d1, d2)
-        h1 = torch.where(
-            ~torch.isfinite(dmax),
-            h0 * 1e-3,
-            torch.where(
-                dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1 / order)
-            ),
-        )
-        return torch.minimum(torch.minimum(100 * h0, h1), span).clamp(max=dt_max)
-
-
-def _stuck(w: _Rows, dt_min: float) -> torch.Tensor:
-    """Unfinished rows whose next step is NaN or cannot advance t (below dt_min or a few ulps:
-    above ``4 eps |t|``, ``t + h != t``)."""
-    return ~(w.done | (w.h > (w.t.abs() * (4 * _EPS64)).clamp_(min=dt_min)))
+def _stuck(ctrl, w: _Rows) -> torch.Tensor:
+    """Unfinished rows whose next step cannot be taken: a non-finite step size, or the
+    controller's underflow rule (the shared driver's, on each row)."""
+    return ~w.done & (ctrl.underflows(w.h, w.t) | ~torch.isfinite(w.h))
 
 
 def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) -> None:
@@ -239,34 +142,15 @@ def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) 
     rows.sort(key=lambda r: int(w.idx[r]))
     for r in rows:
         b, t, n, h = int(w.idx[r]), float(w.t[r]), int(w.att[r]), float(w.h[r])
-        where = f"sample {b} at t={t:.17g} after {n} step attempts of this sample"
-        nonfinite = not math.isfinite(float(w.e[r]))
         if max_steps is not None and n >= max_steps:
-            cls = MaxStepsError
-            msg = (
-                f"{where}: reached max_steps={max_steps} (accepted {int(w.nacc[r])}, last step "
-                f"size {h:.3g}) before its final time {float(w.t_end[r]):.17g}; raise max_steps "
-                "(a limit per sample here), loosen rtol/atol, or check whether the problem is stiff"
-            )
-        elif not math.isfinite(h):
-            cls = NonFiniteError
-            msg = (
-                f"{where}: func returned non-finite values (NaN/inf), so no step size can be "
-                "chosen; check func and the state of this sample for NaN/inf"
-            )
+            cause = "max_steps"
         else:
-            cls = NonFiniteError if nonfinite else StepSizeUnderflowError
-            why = (
-                "func returned non-finite values (NaN/inf) at every trial step"
-                if nonfinite
-                else "the solution may blow up (a singularity) or change too fast to resolve"
-            )
-            below = f"dt_min={ctrl.dt_min:.3g}" if h < ctrl.dt_min else "the resolution of t"
-            msg = (
-                f"step size underflow for {where}: step size {h:.3g} is below {below}; {why}. "
-                "Try: loosen rtol/atol, check func for singularities or NaNs near this t, rescale "
-                "time, or use an implicit method if the problem is stiff"
-            )
+            cause = "nonfinite_h" if not math.isfinite(h) else "underflow"
+        cls, msg = step_failure(
+            cause, t=t, attempts=n, h=h, dt_min=ctrl.dt_min, nonfinite=not math.isfinite(float(w.e[r])),
+            max_steps=max_steps, t_end=float(w.t_end[r]), n_acc=int(w.nacc[r]),
+            n_rej=n - int(w.nacc[r]), sample=b,
+        )  # fmt: skip
         if throw:
             raise cls(msg, t=t, step=n, h=h)
         state["failed"].append(b)
@@ -276,12 +160,19 @@ def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) 
     w.t_end = torch.where(fail, w.t, w.t_end)  # a failed sample stays where it is
 
 
-def integrate_per_sample(spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, dense):
+def integrate_per_sample(
+    spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, record=None, floor=False,
+    on_step=None, outputs=True,
+):  # fmt: skip
     """Integrate every sample over its own output times ``tau`` (B, T) float64.
 
     Returns ``(ys, y_final, t_final, n_acc, n_rej, state, records)``: outputs flat ``(T*B, M)``
     in time-major order (row ``j*B + b``; NaN where a sample failed first), the final states and
-    times, per-sample counters, the status dict and, with ``dense``, the step records.
+    times, per-sample counters, the status dict and the step records: with ``record="dense"``
+    the stages of every iteration (dense output); with ``"replay"`` what a replay of the
+    iteration needs (checkpointed gradients) goes to ``state["replay"]``; ``"both"``. ``on_step(acc, t_old, h_step, y_old, calls)`` is
+    called after every accept/reject decision with the rows' stage inputs ``f.calls`` (the
+    adjoint's parameter integral). ``outputs=False`` skips the outputs between the ends.
     """
     B, T = tau.shape
     dev, track = y0.device, torch.is_grad_enabled()
@@ -295,7 +186,8 @@ def integrate_per_sample(spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps,
     n0 = torch.searchsorted(stau, stau[:, :1].contiguous(), right=True).squeeze(1)
     r, j = (ar_T < n0.unsqueeze(1)).nonzero().unbind(1)
     pos, vals = [j * B + r], [y0[r]]
-    state = {"status": "success", "message": "", "failed": [], "compactions": 0, "iterations": 0}
+    state = {"status": "success", "message": "", "failed": [], "compactions": 0, "iterations": 0,
+             "replay": []}  # fmt: skip
     tfin, nacc, nrej = t0.clone(), torch.zeros(B, **i64), torch.zeros(B, **i64)
     finals_pos, finals = [], []
 
@@ -320,47 +212,43 @@ def integrate_per_sample(spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps,
     )  # fmt: skip
     records = []
     n_done = n_stale = 0
+    norm = ErrorNorm(y0[:1], spec)
     if A:
+        f.lo, f.hi = w.lo, w.hi  # every evaluation stays inside its sample's interval
         w.k1 = f(w.t, w.y)
-        if ctrl.dt0 is not None:
-            w.h = torch.full((A,), min(float(ctrl.dt0), ctrl.dt_max), **f64)
-        else:
-            w.h = _initial_step(spec, f, w, k, ctrl.dt_max)
-        fail = _stuck(w, ctrl.dt_min)
+        nrm = initial_norm(norm, w.y, w.rtol, w.atol, floor, rows=True)
+        w.h = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
+        fail = _stuck(ctrl, w)
         if bool(fail.any()):
             _handle_failures(w, fail, ctrl, max_steps, throw, state)
             n_done = int(w.done.sum())
-    # PI control (Gustafsson 1991) per row, as PIController.factor / reject_factor.
-    b1, b2 = (ctrl.icoeff + ctrl.pcoeff) / k, ctrl.pcoeff / k
 
     while A and n_done < A:
         state["iterations"] += 1
+        f.lo, f.hi, f.idle = w.lo, w.hi, n_done
         if n_stale:  # non-FSAL methods: f at the start of the steps that follow accepted ones
-            w.k1 = torch.where(w.stale.unsqueeze(1), f(w.t, w.y, n_done), w.k1)
+            w.k1 = torch.where(w.stale.unsqueeze(1), f(w.t, w.y), w.k1)
         # ---- propose: each row's step, clipped to its final time (finished rows: zero steps)
         t_try = torch.addcmul(w.t, w.sdir, w.h)
         clipped = w.done | (w.sdir * (t_try - w.t_end) >= 0)
         t_new = torch.where(clipped, w.t_end, t_try)
         h_step = t_new - w.t
-        y_new, err, K = stepper.step(f, w.t, h_step, t_new, w.y, w.k1, w.lo, w.hi, track, n_done)
-        # ---- per-sample error norm (RMS over the sample's components) and accept/reject
-        scale = torch.maximum(w.y.detach().abs(), y_new.detach().abs()).mul_(w.rtol).add_(w.atol)
-        e = _row_norm(spec, err.div_(scale)).double()
+        if on_step is not None:
+            f.calls = []
+        y_new, err, K = stepper.step(f, w.t, h_step, w.y, w.k1, t_new, track)
+        K = K.view(-1, *w.y.shape)
+        f.idle = 0
+        # ---- per-sample error norm (over the sample's components) and accept/reject
+        e = norm.rows(err, w.y, y_new, w.rtol, w.atol, floor)
         live = ~w.done
         acc = (e <= 1.0) & live
         w.att += live
         w.nacc += acc
-        g = e.pow(-1.0 / k).mul_(ctrl.safety)  # e = 0 -> inf -> ifactor; NaN -> dfactor below
-        up = g if (b1 * k == 1.0 and not b2) else e.pow(-b1).mul_(ctrl.safety)
-        if b2:
-            up = up * w.prev.pow(b2)
-            w.prev = torch.where(acc, e.clamp(min=1e-4), w.prev)
-        hs = h_step.abs()
-        # After a step clipped to the final time keep at least the proposal, as the shared loop.
-        h_up = torch.maximum(hs * up.clamp_(ctrl.dfactor, ctrl.ifactor), w.h * clipped)
-        h_dn = hs * torch.nan_to_num(g.clamp_(ctrl.dfactor, 1.0), nan=ctrl.dfactor)
-        w.h = torch.where(acc, h_up, torch.where(live, h_dn, w.h)).clamp_(max=ctrl.dt_max)
-        w.e = e
+        h_next, prev = ctrl.adapt(h_step.abs(), w.h, e, w.prev, k, acc, clipped)
+        w.h = torch.where(live, h_next, w.h).clamp_(max=ctrl.dt_max)
+        w.prev, w.e = prev, e
+        if on_step is not None:
+            on_step(acc, w.t, h_step, w.y, f.calls)
         # ---- advance the accepted rows
         t_old, y_old, acc1 = w.t, w.y, acc.unsqueeze(1)
         w.t = torch.where(acc, t_new, w.t)
@@ -370,45 +258,31 @@ def integrate_per_sample(spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps,
         else:
             w.stale = acc
         w.done = w.done | (acc & clipped)
-        fail = _stuck(w, ctrl.dt_min)
+        fail = _stuck(ctrl, w)
         cnt = torch.searchsorted(w.stau, (w.sdir * w.t).unsqueeze(1), right=True).squeeze(1)
         n_out, n_done, n_fail, n_acc = torch.stack(
             [(cnt - w.nxt).sum(), w.done.sum(), fail.sum(), acc.sum()]
         ).tolist()
         if max_steps is not None and state["iterations"] >= max_steps and n_done < A:
             fail, n_fail = ~w.done, 1  # every live row has used max_steps attempts
-        if dense and n_acc:
+        if record in ("dense", "both") and n_acc:
             records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K))
         # ---- outputs inside the accepted steps, from each step's continuous extension
-        if n_out:
+        r = tau_j = None
+        if n_out and outputs:
             r, j = ((ar_T >= w.nxt.unsqueeze(1)) & (ar_T < cnt.unsqueeze(1))).nonzero().unbind(1)
-            Kd, kr = K, r
-            if stepper.Sd > stepper.S:  # dense stages, only for the rows with outputs
-                has = cnt > w.nxt
-                ur = has.nonzero().squeeze(1)
-                Kd = stepper.dense_stages(
-                    f,
-                    t_old[ur],
-                    h_step[ur],
-                    w.t[ur],
-                    y_old[ur],
-                    w.y[ur],
-                    K[:, ur],
-                    w.lo[ur],
-                    w.hi[ur],
-                )
-                kr = (torch.cumsum(has, 0) - 1)[r]
-                if stepper.tab.dense_stage_is_next_first:  # reuse f at the step end as k1
-                    w.k1 = w.k1.index_put((ur,), Kd[stepper.S])
-                    w.stale = w.stale & ~has
-            g3 = torch.stack([t_old, h_step, w.t], 1)[r]
             tau_j = w.tau[r, j]
-            v = stepper.interpolate(Kd[:, kr], y_old[r], g3[:, 1], (tau_j - g3[:, 0]) / g3[:, 1])
-            # Outputs at a step's end take its end state exactly (no interpolation error).
-            v = torch.where((tau_j == g3[:, 2]).unsqueeze(1), w.y[r], v)
+            v, k_end = step_outputs(stepper, f, K, t_old, h_step, w.t, y_old, w.y, w.lo, w.hi,
+                                    cnt > w.nxt, r, tau_j)  # fmt: skip
+            if k_end is not None:  # f at the step end (a dense stage): the next k1
+                w.k1 = w.k1.index_put((k_end[0],), k_end[1])
+                w.stale = w.stale & ~(cnt > w.nxt)
             pos.append(j * B + w.idx[r])
             vals.append(v)
             w.nxt = cnt
+        if record in ("replay", "both") and n_acc:
+            state["replay"].append((w.idx, acc, t_old, w.t, h_step, y_old, w.lo, w.hi, r, tau_j,
+                            None if r is None else j))  # fmt: skip
         if n_fail:
             _handle_failures(w, fail, ctrl, max_steps, throw, state)
             n_done = int(w.done.sum())
@@ -434,6 +308,41 @@ def integrate_per_sample(spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps,
         (torch.cat([keep, *finals_pos]),), torch.cat([y0[keep], *finals])
     )
     return ys, y_final, tfin, nacc, nrej, state, records
+
+
+@dataclasses.dataclass
+class RowsRun:
+    """One per-sample solve: what a gradient method needs to run and differentiate it."""
+
+    spec: TreeSpec
+    func: object
+    time_dtype: torch.dtype
+    f: BatchedField
+    stepper: object
+    tau: torch.Tensor  # (B, T) float64 output times
+    ctrl: PIController
+    rtol: float | torch.Tensor
+    atol: float | torch.Tensor
+    max_steps: int | None
+    throw: bool
+    dense: bool
+    floor: bool
+    stats: dict = dataclasses.field(default_factory=dict)
+    result: tuple | None = None  # (y_final, t_final, n_acc, n_rej, state, records)
+
+    def integrate(self, y0, record=None):
+        """The forward solve; fills ``result`` and returns the outputs flat (T*B, M)."""
+        ys, *rest = integrate_per_sample(
+            self.spec, self.f, self.stepper, y0, self.tau, self.ctrl, self.rtol, self.atol,
+            self.max_steps, self.throw, _both(record, "dense" if self.dense else None),
+            self.floor,
+        )  # fmt: skip
+        self.result = tuple(rest)
+        return ys
+
+
+def _both(a, b):
+    return "both" if (a and b) else (a or b)
 
 
 # ---------------------------------------------------------------------------- the entry point
@@ -462,10 +371,10 @@ def solve_per_sample(
             f"{opt} does not support PIController(step_t=..., jump_t=..., norm=...) yet (the "
             "error norm is the per-sample RMS norm); use batch_control='shared' for these"
         )
-    if not isinstance(gradient, Direct):
+    if not capable(gradient, "per_sample"):
         raise ValueError(
-            f"{opt} supports gradient='direct' only, got {type(gradient).__name__}; use "
-            "gradient='direct', or batch_control='shared' for backsolve/checkpointed gradients"
+            f"{opt} does not support gradient={type(gradient).__name__}(...) (it declares no "
+            "per-sample implementation); use 'direct', 'checkpoint' or 'backsolve'"
         )
     if event is not None:
         raise ValueError(f"{opt} does not support event=...; use batch_control='shared'")
@@ -490,14 +399,18 @@ def solve_per_sample(
     spec, y0flat = flatten_state(y0, batched=True)
     tau = _check_times(t, spec.batch, opt).to(spec.device)
     f = BatchedField(func, spec, time_dtype)
-    stepper = BatchedRK(tab, y0flat.dtype, y0flat.device)
+    stepper = make_stepper(tab, y0flat.dtype, y0flat.device)
     rt, at = _tolerance(spec, ctrl.rtol, "rtol"), _tolerance(spec, ctrl.atol, "atol")
-    dense = bool(dense_output) if dense_output is not None else True
-    ys, y_final, tfin, nacc, nrej, state, records = integrate_per_sample(
-        spec, f, stepper, y0flat, tau, ctrl, rt, at, max_steps, throw, dense
-    )
+    direct = capable(gradient, "exact_autograd")
+    dense = bool(dense_output) if dense_output is not None else direct
+    floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
+    run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
+                  dense, floor)  # fmt: skip
+    ys = gradient.run_rows(run, y0flat)
+    y_final, tfin, nacc, nrej, state, records = run.result
     T = tau.shape[1]
-    stats = {
+    stats = run.stats  # the same dict: a backward pass adds its counters (nfe_backward)
+    stats.update({
         "nfe": f.nfe,
         "sample_evals": f.sample_evals,
         "wasted_sample_evals": f.wasted,
@@ -507,7 +420,7 @@ def solve_per_sample(
         "n_steps": nacc,
         "n_iterations": state["iterations"],
         "n_compactions": state["compactions"],
-    }
+    })  # fmt: skip
     if state["failed"]:
         stats["failed_samples"] = sorted(state["failed"])
         state["message"] += f" (failed samples: {stats['failed_samples']})"
@@ -523,7 +436,28 @@ def solve_per_sample(
         message=state["message"],
         _dense=dense_obj,
         _per_sample=True,
+        _detached=not direct,
     )
+
+
+def step_outputs(stepper, f, K, t_old, h, t_new, y_old, y_new, lo, hi, has, r, tau_j):
+    """Values at the output times ``tau_j`` inside the steps of rows ``r`` (rows ``has`` hold
+    outputs): the step's continuous extension, and the end state exactly at a step's end.
+    Returns ``(values (n, M), k_end)`` where ``k_end = (rows, f at their step ends)`` when the
+    dense stages evaluated it (the next step's first stage), else None."""
+    Kd, kr, k_end = K, r, None
+    if stepper.Sd > stepper.S:  # dense stages, only for the rows with outputs
+        ur = has.nonzero().squeeze(1)
+        f.lo, f.hi = lo[ur], hi[ur]
+        Kd = stepper.dense_stages(f, t_old[ur], h[ur], y_old[ur], K[:, ur], None, t_new[ur])
+        Kd = Kd.view(-1, ur.shape[0], K.shape[2])
+        f.lo, f.hi = lo, hi
+        kr = (torch.cumsum(has, 0) - 1)[r]
+        if stepper.tab.dense_stage_is_next_first:
+            k_end = (ur, Kd[stepper.S])
+    g3 = torch.stack([t_old, h, t_new], 1)[r]
+    v = stepper.interpolate(Kd[:, kr], y_old[r], g3[:, 1], (tau_j - g3[:, 0]) / g3[:, 1])
+    return torch.where((tau_j == g3[:, 2]).unsqueeze(1), y_new[r], v), k_end
 
 
 def _check_times(t: torch.Tensor, B: int, opt: str) -> torch.Tensor:

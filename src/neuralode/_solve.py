@@ -11,7 +11,7 @@ import torch
 from ._loop import Problem, VectorField, integrate
 from ._tree import TreeSpec, flatten_state
 from .controllers import ConstantStep, PIController, StepToGrid
-from .gradients import Direct, get_gradient
+from .gradients import capable, get_gradient
 from .gradients._common import Run
 from .interpolation import DenseOutput
 from .solution import Solution
@@ -276,7 +276,7 @@ def solve(
     if ctrl.adaptive:
         atol_ = prob.atol
         prob.atol_zero = atol_ == 0 if isinstance(atol_, float) else bool((atol_ == 0).any())
-    dense = dense_output if dense_output is not None else isinstance(grad_method, Direct)
+    dense = dense_output if dense_output is not None else capable(grad_method, "exact_autograd")
     dense = dense and not compile  # compiled stepping keeps no steps (dense_output=True raises)
     samples_all = (
         torch.as_tensor(out_sample, device=spec.device) if out_sample is not None else None
@@ -311,7 +311,8 @@ def solve(
         run.stats["nfe_t_gradient"] = fv.nfe + 1
     run.stats.update(n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted)
     # Counters of steppers that have them (implicit methods: Jacobians, LUs, Newton iterations).
-    run.stats.update(getattr(run.stepper, "stats", None) or {})
+    if run.stepper is not None and run.stepper.stats:
+        run.stats.update(run.stepper.stats)
 
     T = t_tensor.shape[-1]
     if per_sample:
@@ -332,7 +333,7 @@ def solve(
         message=res.message,
         _dense=dense_obj,
         _per_sample=per_sample,
-        _detached=not isinstance(grad_method, Direct),
+        _detached=not capable(grad_method, "exact_autograd"),
     )
 
 
@@ -357,7 +358,7 @@ def _run_compiled(run: Run, y0flat, grad_method, dense_output, t_grad: bool):
         spec=prob.spec,
         dense_output=bool(dense_output),
         needs_grad=needs_grad,
-        gradient=None if isinstance(grad_method, Direct) else type(grad_method).__name__,
+        gradient=None if capable(grad_method, "exact_autograd") else type(grad_method).__name__,
     )
     f = run.vector_field()
     res = None

@@ -1,4 +1,13 @@
-"""Step-size controllers (settings only; per-solve state lives in the loop)."""
+"""Step-size controllers (settings only; per-solve state lives in the loop).
+
+A controller owns its formulas: the first step size (:meth:`PIController.initial_step`), the
+next step size after an accepted or rejected step (:meth:`PIController.adapt`) and the rule
+for a step that is too small (:meth:`Controller.underflows`). Each is written once in
+arithmetic that works on Python floats (the host-float driver: one step size for the whole
+batch) and on ``(B,)`` float64 tensors (the masked per-row driver: one step size per sample):
+the helpers below dispatch ``where``/``minimum``/``maximum`` on the argument type and propagate
+NaN either way, so the drivers cannot drift apart.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,71 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController"]
+
+_EPS64 = 2.220446049250313e-16
+
+
+def underflows(h, t, dt_min: float):
+    """Whether a step of size ``|h|`` from ``t`` cannot be taken: below ``dt_min`` (a step of
+    exactly ``dt_min`` is allowed) or below the resolution of ``t`` (a few ulps, or ``t + h``
+    rounds to ``t``). Floats or tensors; NaN never underflows (it is non-finite)."""
+    return (h < dt_min) | (h <= 4 * _EPS64 * abs(t)) | (t + h == t)
+
+
+def pi_update(safety, ifactor, dfactor, pcoeff, icoeff, h, h_prop, e, prev, k, accept, clipped):
+    """The I/PI step-size update (Gustafsson 1991; Soderlind 2003) of :meth:`PIController.adapt`,
+    on floats or tensors (compiled stepping calls it inside the compiled graph)."""
+    ep = maximum(e, 1e-100)  # e = 0 would divide by zero: ifactor (set below) either way
+    up = safety * ep ** (-(icoeff + pcoeff) / k)
+    if pcoeff:
+        up = up * prev ** (pcoeff / k)
+    up = where(e == 0, ifactor, minimum(ifactor, maximum(dfactor, up)))
+    h_acc = h * up
+    h_acc = where(clipped, maximum(h_prop, h_acc), h_acc)
+    down = minimum(1.0, maximum(dfactor, safety * ep ** (-1.0 / k)))
+    h_rej = h * where(isfinite(e), down, dfactor)
+    return where(accept, h_acc, h_rej), where(accept, maximum(e, 1e-4), prev)
+
+
+# -------------------------------------------- arithmetic on floats or (B,) tensors alike
+def where(cond, a, b):
+    """``a`` where ``cond`` else ``b``: ``torch.where`` for tensors, a conditional for bools."""
+    if isinstance(cond, torch.Tensor):
+        return torch.where(cond, a, b)
+    return a if cond else b
+
+
+def minimum(a, b):
+    """Elementwise minimum that propagates NaN (as ``torch.minimum``) for floats too."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not isinstance(b, torch.Tensor):
+            return torch.clamp(a, max=b)
+        if not isinstance(a, torch.Tensor):
+            return torch.clamp(b, max=a)
+        return torch.minimum(a, b)
+    return a if (a != a or a <= b) else b
+
+
+def maximum(a, b):
+    """Elementwise maximum that propagates NaN (as ``torch.maximum``) for floats too."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not isinstance(b, torch.Tensor):
+            return torch.clamp(a, min=b)
+        if not isinstance(a, torch.Tensor):
+            return torch.clamp(b, min=a)
+        return torch.maximum(a, b)
+    return a if (a != a or a >= b) else b
+
+
+def isfinite(x):
+    return torch.isfinite(x) if isinstance(x, torch.Tensor) else math.isfinite(x)
+
+
+def per_row(h, x: torch.Tensor):
+    """``h * x`` for a step size ``h`` that is a float or a (B,) tensor (one per row of x)."""
+    if isinstance(h, torch.Tensor):
+        return h.to(x.dtype).unsqueeze(1) * x
+    return h * x
 
 
 def _times(value, name: str) -> tuple[float, ...]:
@@ -43,6 +117,10 @@ class Controller:
     jump_t: tuple[float, ...] = ()
     dt_min: float = 0.0
     dt_max: float = math.inf
+
+    def underflows(self, h, t):
+        """Whether a step of size ``|h|`` from ``t`` cannot be taken (see :func:`underflows`)."""
+        return underflows(h, t, self.dt_min)
 
 
 @dataclass(frozen=True)
@@ -213,17 +291,51 @@ class PIController(Controller):
         object.__setattr__(self, "step_t", _times(self.step_t, "step_t"))
         object.__setattr__(self, "jump_t", _times(self.jump_t, "jump_t"))
 
+    def initial_step(self, norm, f, t0, y0, k1, direction, span, order: int):
+        """Hairer's starting step size (Hairer, Norsett & Wanner I, sec. II.4, algorithm p. 169).
+
+        ``norm(x)`` is the scaled norm of ``x`` with the scale of ``y0`` (a float, or a (B,)
+        tensor per row); ``t0``, ``direction`` and ``span`` (the length of the interval) are
+        floats or (B,) float64 tensors. Costs one evaluation ``f(t, y)``; never steps past the
+        interval. With ``dt0`` set, that is the answer (no evaluation).
+        """
+        if self.dt0 is not None:
+            return minimum(self.dt0 + 0.0 * span, self.dt_max)
+        with torch.no_grad():
+            d0, d1 = norm(y0), norm(k1)
+            # 0.01 d0/d1, or 1e-6 when either norm is tiny (the floor only guards the division).
+            h0 = where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / maximum(d1, 1e-5))
+            h0 = minimum(minimum(h0, span), self.dt_max)
+            f1 = f(t0 + direction * h0, y0 + per_row(direction * h0, k1))
+            d2 = norm(f1 - k1) / h0
+            dmax = maximum(d1, d2)
+            h1 = where(
+                dmax <= 1e-15,
+                maximum(1e-6, h0 * 1e-3),
+                (0.01 / maximum(dmax, 1e-15)) ** (1 / order),
+            )
+            h1 = where(isfinite(dmax), h1, h0 * 1e-3)
+            return minimum(minimum(minimum(100 * h0, h1), span), self.dt_max)
+
+    def adapt(self, h, h_prop, e, prev, k: int, accept, clipped):
+        """Next ``|step size|`` and error memory after a step of size ``|h|`` with scaled error
+        ``e`` (accepted where ``accept``; ``clipped`` where it was shortened to land on a time,
+        then at least the proposal ``h_prop`` is kept). ``prev`` is the previous accepted error
+        (PI control). Floats or (B,) tensors alike; returns ``(h_next, prev_next)``.
+
+        After an accepted step ``h * clip(safety e^(-b1/k) prev^(b2/k), dfactor, ifactor)`` (an
+        error of 0 gives ``ifactor``); after a rejected one ``h * clip(safety e^(-1/k),
+        dfactor, 1)`` (``dfactor`` for a non-finite error), never an increase.
+        """
+        return pi_update(
+            self.safety, self.ifactor, self.dfactor, self.pcoeff, self.icoeff,
+            h, h_prop, e, prev, k, accept, clipped,
+        )  # fmt: skip
+
     def factor(self, err: float, prev_err: float, k: int) -> float:
         """Step-size multiplier after an accepted step with scaled error ``err``."""
-        if err == 0.0:
-            return self.ifactor
-        f = self.safety * err ** (-(self.icoeff + self.pcoeff) / k)
-        if self.pcoeff:
-            f *= prev_err ** (self.pcoeff / k)
-        return min(self.ifactor, max(self.dfactor, f))
+        return self.adapt(1.0, 0.0, err, prev_err, k, True, False)[0]
 
     def reject_factor(self, err: float, k: int) -> float:
         """Step-size multiplier after a rejected step (never an increase)."""
-        if not math.isfinite(err):
-            return self.dfactor
-        return min(1.0, max(self.dfactor, self.safety * err ** (-1.0 / k)))
+        return self.adapt(1.0, 0.0, err, 1.0, k, False, False)[0]

@@ -118,6 +118,19 @@ class Backsolve:
         if not isinstance(self.seminorm, bool):
             raise TypeError(f"Backsolve(seminorm=...) must be a bool, got {self.seminorm!r}")
 
+    exact_autograd = False  # capabilities: a custom backward pass, with a per-sample version
+    per_sample = True
+
+    def run_rows(self, run, y0flat: torch.Tensor):
+        """The per-sample solve (``batch_control="per_sample"``): the backward solve of
+        ``(y, a)`` runs per sample on the per-sample driver; the parameter integral is left
+        out of its error norm (as ``seminorm=True``); ``outputs`` does not apply (the adjoint
+        jumps at every output time)."""
+        from .rows import backsolve_rows
+
+        params = find_params(run.func, self.params, "Backsolve(params=...)")
+        return backsolve_rows(self, run, y0flat, params)
+
     def run(self, run: Run, y0flat: torch.Tensor):
         params = find_params(run.func, self.params, "Backsolve(params=...)")
         if torch.is_grad_enabled():

@@ -52,6 +52,23 @@ class Checkpointed:
                 f"Checkpointed(max_checkpoints=...) must be an integer >= 2, got {self.max_checkpoints!r}"
             )
 
+    exact_autograd = False  # capabilities: a custom backward pass, with a per-sample version
+    per_sample = True
+
+    def run_rows(self, run, y0flat: torch.Tensor):
+        """The per-sample solve (``batch_control="per_sample"``): every iteration of the
+        per-sample driver is replayed with autograd in the backward pass (max_checkpoints does
+        not apply: every iteration's states are kept)."""
+        from .rows import checkpointed_rows
+
+        if self.max_checkpoints is not None:
+            raise ValueError(
+                "Checkpointed(max_checkpoints=...) is not supported with "
+                "batch_control='per_sample' (every iteration's states are kept); leave it unset"
+            )
+        params = find_params(run.func, self.params, "Checkpointed(params=...)")
+        return checkpointed_rows(run, y0flat, params)
+
     def run(self, run: Run, y0flat: torch.Tensor):
         params = find_params(run.func, self.params, "Checkpointed(params=...)")
         if torch.is_grad_enabled():

@@ -24,6 +24,15 @@ class Direct:
     ``dy(1)/da = y0 = 1`` exactly, where the continuous sensitivity is ``exp(a)``.
     """
 
+    #: Capabilities (the drivers ask these instead of checking the type): autograd through the
+    #: solver's own operations, and a per-sample implementation.
+    exact_autograd = True
+    per_sample = True
+
+    def run_rows(self, run, y0flat: torch.Tensor):
+        """The per-sample solve (``batch_control="per_sample"``) with autograd through it."""
+        return run.integrate(y0flat)
+
     def run(self, run: Run, y0flat: torch.Tensor):
         f = run.vector_field()
         stepper = run.new_stepper(y0flat)

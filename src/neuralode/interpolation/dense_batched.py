@@ -109,16 +109,9 @@ class PerSampleDense:
             if st.Sd > st.S:
                 ue, inv = torch.unique(e, return_inverse=True)
                 b = sid[ue]
-                Kd = st.dense_stages(
-                    self._f,
-                    tlo[ue],
-                    h[ue],
-                    thi[ue],
-                    ya[ue],
-                    yb[ue],
-                    K[:, ue],
-                    self._lo[b],
-                    self._hi[b],
+                self._f.lo, self._f.hi = self._lo[b], self._hi[b]
+                Kd = st.dense_stages(self._f, tlo[ue], h[ue], ya[ue], K[:, ue], None, thi[ue]).view(
+                    -1, ue.shape[0], K.shape[2]
                 )[:, inv]
             else:
                 Kd = K[:, e]

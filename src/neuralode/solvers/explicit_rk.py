@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from .stepper import Stepper
 from .tableau import ButcherTableau
 
 __all__ = ["RKStepper", "make_stepper"]
 
 
-class RKStepper:
+class RKStepper(Stepper):
     """The generic explicit Runge--Kutta step for a tableau, in a given dtype/device."""
 
     def __init__(self, tableau: ButcherTableau, dtype: torch.dtype, device: torch.device):
@@ -41,18 +42,22 @@ class RKStepper:
         self._krows_shape = None
         self._prefix: list[torch.Tensor] = []
 
-    def step(self, f, t: float, h: float, y, k1, t_last: float, track_grad: bool):
+    def step(self, f, t, h, y, k1, t_last, track_grad: bool):
         """Take one step of size ``h`` from ``(t, y)`` with first stage ``k1``.
 
-        Returns ``(y_new, err, K)``: the new state ``(B, M)``, the error estimate (or None for
-        methods without one) and the stages ``(S, B*M)``. Stages are combined with one fused
-        ``addmv`` per stage (the stage matrix against a tableau row); the state stays 1-D inside.
+        ``t``, ``h`` and ``t_last`` are floats (one step for the whole state ``(B, M)``) or
+        ``(B,)`` float64 tensors (one step per row: per-sample control). Returns ``(y_new, err,
+        K)``: the new state ``(B, M)``, the error estimate (or None for methods without one) and
+        the stages ``(S, B*M)``. Stages are combined with one fused ``addmv`` per stage (the
+        stage matrix against a tableau row; per row: ``mv`` and ``addcmul`` with the row's
+        step size); the state stays 1-D inside.
         """
         S, rows, shape = self.S, self.rows, y.shape
         # Stages at the step end (node 1) are evaluated at t_last: exactly the landing time, or
         # just before it when the step ends on a discontinuity (jump_t).
         c = [t_last if ci == 1.0 else t + ci * h for ci in self.c]
         yv = y.reshape(-1)
+        comb = _combiner(yv, h, shape)
         fcall = f.flat
         y_new = None
         if track_grad:
@@ -62,7 +67,7 @@ class RKStepper:
             by_rows = yv.numel() >= 4096
             for i in range(1, S):
                 Ki = torch.stack(ks).T if by_rows else torch.stack(ks, 1)
-                yi = torch.addmv(yv, Ki, rows[i], alpha=h)
+                yi = comb(Ki, rows[i])
                 if self.fsal and i == S - 1:
                     y_new = yi
                     ks.append(fcall(t_last, yi))
@@ -88,7 +93,7 @@ class RKStepper:
                 krows[0].copy_(k1.reshape(-1))
             into = getattr(f, "into", None)
             for i in range(1, S):
-                yi = torch.addmv(yv, prefix[i], rows[i], alpha=h)
+                yi = comb(prefix[i], rows[i])
                 ti = c[i]
                 if self.fsal and i == S - 1:
                     y_new, ti = yi, t_last
@@ -97,13 +102,16 @@ class RKStepper:
                 else:
                     krows[i].copy_(fcall(ti, yi))
         if y_new is None:
-            y_new = torch.addmv(yv, K.T, self.T["b"], alpha=h)
+            y_new = comb(K.T, self.T["b"])
         err = None
         if self.b_err is not None:
             # beta=0 ignores the input: err = h * K^T (b - b_hat), one fused op, no graph; into a
             # reused buffer when the stages are (the loop consumes it before the next step).
             out = self._err if K is self._buf else None
-            err = torch.addmv(yv.detach(), K.detach().T, self.b_err, beta=0, alpha=h, out=out)
+            if isinstance(h, torch.Tensor):
+                err = torch.mv(K.detach().T, self.b_err, out=out).mul_(comb.hv)
+            else:
+                err = torch.addmv(yv.detach(), K.detach().T, self.b_err, beta=0, alpha=h, out=out)
             err = err.view(shape)
         return y_new.view(shape), err, K
 
@@ -123,9 +131,6 @@ class RKStepper:
             self._krows_shape = None
         return buf
 
-    def last_stage(self, K):
-        return K[self.S - 1]
-
     def carry_fsal(self, K):
         """The next step's first stage from an accepted FSAL step's last stage. With the reused
         buffer it is copied into row 0, where it survives rejected attempts of the next step."""
@@ -135,7 +140,7 @@ class RKStepper:
             return rows[0]
         return K[self.S - 1]
 
-    def dense_stages(self, f, t: float, h: float, y, K, k_next, t_last=None):
+    def dense_stages(self, f, t, h, y, K, k_next, t_last=None):
         """Stages plus dense stages ``(Sd, B*M)`` for interpolation inside the step.
 
         ``k_next`` is f at the step end (reused as dense stage 0 when the tableau's dense stage
@@ -146,6 +151,8 @@ class RKStepper:
         if tab.n_dense_stages == 0:
             return K
         yv = y.reshape(-1)
+        comb = _combiner(yv, h, y.shape)
+        K = K.reshape(self.S, -1)
         rows = [K[i] for i in range(self.S)]
         Ad = self.T["a_dense"]
         for j in range(tab.n_dense_stages):
@@ -153,19 +160,23 @@ class RKStepper:
                 rows.append(k_next.reshape(-1))
                 continue
             i = self.S + j
-            yj = torch.addmv(yv, torch.stack(rows, 1), Ad[j][:i], alpha=h)
+            yj = comb(torch.stack(rows, 1), Ad[j][:i])
             cj = tab.c_dense[j]
             tj = (t + h if t_last is None else t_last) if cj == 1.0 else t + cj * h
             rows.append(f(tj, yj.view(y.shape)).reshape(-1))
         return torch.stack(rows)
 
-    def interpolate(self, Kd, y, h: float, theta: torch.Tensor, samples=None):
+    def interpolate(self, Kd, y, h, theta: torch.Tensor, samples=None):
         """Values of the continuous extension at ``theta`` (m,) inside a step.
 
         Shared grid: returns ``(m, B, M)``. Per-sample (``samples`` (m,) long): ``(m, M)``, row
-        ``j`` for sample ``samples[j]``.
+        ``j`` for sample ``samples[j]``. Per row (``h`` a (B,) tensor: row ``j`` of ``y`` is
+        its own step, at its own fraction ``theta[j]``; ``Kd`` (Sd, B, M)): ``(B, M)``.
         """
         W = self.tab.interpolant_weights(theta)  # (m, Sd)
+        if isinstance(h, torch.Tensor):  # float64 weights, then cast
+            inc = (W.T.to(y.dtype).unsqueeze(2) * Kd.view(-1, *y.shape)).sum(0)
+            return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), inc)
         if samples is None:
             out = torch.addmm(y.reshape(1, -1), W.to(Kd.dtype), Kd, alpha=h)
             return out.view(theta.shape[0], *y.shape)
@@ -174,13 +185,24 @@ class RKStepper:
         return y[samples] + h * torch.einsum("ms,smk->mk", W.to(Kd.dtype), Kg)
 
 
+def _combiner(yv: torch.Tensor, h, shape):
+    """``(K, w) -> yv + h K w``: the one Runge--Kutta stage combination, for a float step
+    size (one fused ``addmv``) or one step size per row of the state ``shape`` (B, M)."""
+    if not isinstance(h, torch.Tensor):
+        return lambda K, w: torch.addmv(yv, K, w, alpha=h)
+    hv = h.to(yv.dtype).unsqueeze(1).expand(shape).reshape(-1)
+
+    def comb(K, w):
+        return torch.addcmul(yv, hv, torch.mv(K, w))
+
+    comb.hv = hv
+    return comb
+
+
 def make_stepper(method, dtype: torch.dtype, device: torch.device):
     """The per-solve stepper of a method: :class:`RKStepper` for an explicit Butcher tableau;
-    any other method object provides ``make_stepper(dtype, device)`` returning an object with the
-    same interface (``step``, ``dense_stages``, ``interpolate``, ``last_stage``, ``fsal``, ``S``,
-    ``Sd``, ``tab``) and optionally ``bind(prob)``, called by :func:`integrate` when a solve
-    starts, ``accept(t, t_new, y, y_new, K)``, called after every accepted step, and ``stats``,
-    a dict of counters merged into ``Solution.stats``."""
+    any other method object provides ``make_stepper(dtype, device)`` returning a
+    :class:`~neuralode.solvers.stepper.Stepper`."""
     if isinstance(method, ButcherTableau):
         return RKStepper(method, dtype, device)
     return method.make_stepper(dtype, device)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ..stepper import Stepper
+
 __all__ = ["MethodFace", "HermiteStepper", "hermite_weights"]
 
 
@@ -60,11 +62,8 @@ class MethodFace:
         return not self.fsal
 
 
-class HermiteStepper:
+class HermiteStepper(Stepper):
     """Stage layout ``[f_n, slope, (f_{n+1})]`` and the cubic Hermite dense output."""
-
-    tab = None
-    fsal = False
 
     @property
     def S(self) -> int:

@@ -1,0 +1,76 @@
+"""The one builder of failure messages: every driver names the same cause in the same words."""
+
+from __future__ import annotations
+
+from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+
+__all__ = ["step_failure"]
+
+
+def step_failure(
+    cause: str,
+    *,
+    t: float,
+    attempts: int,
+    h: float,
+    dt_min: float = 0.0,
+    nonfinite: bool = False,
+    max_steps: int | None = None,
+    t_end: float | None = None,
+    n_acc: int = 0,
+    n_rej: int = 0,
+    sample: int | None = None,
+    engine: str = "",
+):
+    """``(exception class, message)`` for a solve that cannot go on.
+
+    ``cause`` is ``"max_steps"`` (the step limit), ``"nonfinite_h"`` (no finite step size: func
+    returned NaN/inf), ``"underflow"`` (the step size fell below ``dt_min`` or the resolution of
+    ``t``; with ``nonfinite`` because every trial step was non-finite) or ``"nonfinite_fixed"``
+    (the state became non-finite during a fixed-step solve). ``sample`` names the sample under
+    per-sample control; ``engine`` (e.g. ``"compiled stepping"``) is added in parentheses.
+    """
+    tag = f" ({engine})" if engine else ""
+    if sample is None:
+        where = f"at t={t:.17g} after {attempts} step attempts"
+    else:
+        where = f"for sample {sample} at t={t:.17g} after {attempts} step attempts of this sample"
+    if cause == "max_steps":
+        head = (
+            f"reached max_steps={max_steps} step attempts at t={t:.17g}"
+            if sample is None
+            else f"{where[4:]}: reached max_steps={max_steps}"
+        )
+        limit = " (a limit per sample here)" if sample is not None else ""
+        return MaxStepsError, (
+            f"{head} (accepted {n_acc}, rejected {n_rej}, last step size {h:.3g}) before "
+            f"{'its' if sample is not None else 'the'} final time {t_end:.17g}{tag}; raise "
+            f"max_steps{limit}, loosen rtol/atol, or check whether the problem is stiff (an "
+            "implicit method would take far fewer steps)"
+        )
+    if cause == "nonfinite_h":
+        return NonFiniteError, (
+            f"func returned non-finite values (NaN/inf) {where}{tag}, so no step size can be "
+            "chosen; check func and the state for non-finite values (a division by zero, a log "
+            "of a negative number, an overflow in float32)"
+        )
+    if cause == "nonfinite_fixed":
+        return NonFiniteError, (
+            f"the state became non-finite (NaN/inf) during a fixed-step solve that ended at "
+            f"t={t:.17g} after {attempts} steps of size {h:.3g}{tag}; use a smaller step, an "
+            "adaptive method, or check func for singularities"
+        )
+    if cause != "underflow":
+        raise AssertionError(f"unknown failure cause {cause!r}")
+    why = (
+        "func returned non-finite values (NaN/inf) at every trial step"
+        if nonfinite
+        else "the solution may blow up (a singularity) or change too fast to resolve"
+    )
+    below = f"dt_min={dt_min:.3g}" if h < dt_min else "the resolution of t"
+    cls = NonFiniteError if nonfinite else StepSizeUnderflowError
+    return cls, (
+        f"step size underflow {where}{tag}: step size {h:.3g} is below {below}; {why}. Try: "
+        "loosen rtol/atol, check func for singularities or NaNs near this t, rescale time, or "
+        "use an implicit method if the problem is stiff"
+    )
