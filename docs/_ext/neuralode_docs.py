@@ -5,7 +5,8 @@
 - ``.. neuralode-task-defaults::`` -- per task: data kinds and the default top-level settings
   (``Task.defaults``).
 - ``.. neuralode-set-options::`` -- per task, every ``--set`` option with its default, its
-  ``--quick`` value, its unit and its meaning (``Task.options``, ``Task.quick`` and
+  ``--quick`` value, the values it allows, its unit and its meaning (``Task.options``,
+  ``Task.quick``, ``Task.option_rules``, ``Task.data_options`` and
   :data:`neuralode.cli.option_help.OPTION_HELP`). An option without a description is an error.
 - ``.. neuralode-examples::`` -- every script in ``examples/`` with its module docstring.
 
@@ -184,14 +185,19 @@ class SetOptions(_Generated):
                 except KeyError as exc:
                     raise self.error(str(exc.args[0])) from None
                 quick = _literal(cls.quick[key]) if key in cls.quick else ""
-                rows.append([f"``{key}``", _literal(default), quick, unit, text])
+                rule = getattr(cls, "option_rules", {}).get(key)
+                allowed = rule.description if rule is not None else ""
+                only = getattr(cls, "data_options", {}).get(key)
+                if only:
+                    allowed += f" (only with ``--data {only}``)"
+                rows.append([f"``{key}``", _literal(default), quick, allowed, unit, text])
             lines += [
                 f".. rubric:: ``neuralode train {name} --set KEY=VALUE``",
                 "",
                 *_list_table(
-                    ["option", "default", "``--quick``", "unit", "meaning"],
+                    ["option", "default", "``--quick``", "allowed", "unit", "meaning"],
                     rows,
-                    [16, 12, 9, 15, 48],
+                    [14, 10, 8, 16, 12, 40],
                 ),
             ]
         return self.render(lines)
@@ -269,6 +275,17 @@ def resolve_alias(app, env, node, contnode):
         ends = [name for name in documented if name.endswith("." + target)]
         if len(ends) == 1:
             found = ends[0]
+    if found is None and cls and node["reftype"] == "attr" and "." not in target:
+        # An attribute listed in its class's numpydoc "Attributes" section has no target of
+        # its own: lead to the class.
+        for cand in candidates:
+            owner = cand.rpartition(".")[0]
+            obj = _import(owner)
+            if obj is not None and target in getattr(obj, "__annotations__", {}):
+                ids = [name for name in documented if _import(name) is obj]
+                if len(ids) == 1:
+                    found = ids[0]
+                    break
     if found is None:
         return None
     return domain.resolve_xref(

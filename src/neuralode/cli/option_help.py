@@ -55,23 +55,21 @@ OPTION_HELP: dict[str, tuple[str, str]] = {
         "Latent trajectories drawn per subject when evaluating the latent ODE (validation uses "
         "a quarter of them, at least 2); the ODE-RNN is deterministic and ignores it.",
     ),
-    "id_col": ("CSV column", "Column of the subject identifier (``--data csv`` only)."),
+    "id_col": ("CSV column", "Column of the subject identifier."),
     "time_col": (
         "CSV column",
-        "Column of the observation time, in the data's own unit (``--data csv`` only); rows "
-        "must be sorted by id and time.",
+        "Column of the observation time, in the data's own unit.",
     ),
-    "variable_col": ("CSV column", "Column naming the measured channel (``--data csv`` only)."),
-    "value_col": ("CSV column", "Column of the measured value (``--data csv`` only)."),
+    "variable_col": ("CSV column", "Column naming the measured channel."),
+    "value_col": ("CSV column", "Column of the measured value."),
     "label_col": (
         "CSV column or ``null``",
-        "Column of a per-subject 0/1 label for the classification head (``--data csv`` only); "
-        "``null``: no label.",
+        "Column of a per-subject 0/1 label for the classification head; ``null``: no label.",
     ),
     "physionet_sets": (
         "comma-separated names",
         "Which PhysioNet 2012 sets to read from the data folder, e.g. ``set-a`` or "
-        "``set-a,set-b`` (``--data physionet`` only).",
+        "``set-a,set-b``.",
     ),
     # -- model sizes ---------------------------------------------------------------------------
     "latent_dim": ("dimensions", "Size of the latent state ``z`` of the latent ODE."),
@@ -133,6 +131,51 @@ OPTION_HELP: dict[str, tuple[str, str]] = {
         "pixels",
         "Data augmentation: translate each training image by a random offset in "
         "``[-shift, shift]`` in each direction, zero-filled (``0``: none).",
+    ),
+    # -- cnf ---------------------------------------------------------------------------------------
+    "cnf.hidden": ("units", "Width of the hidden layers of the MLP vector field (softplus)."),
+    "n_layers": (
+        "layers",
+        "Linear layers of the CNF's MLP vector field (``n_layers - 1`` hidden layers).",
+    ),
+    "trace": (
+        "``auto``, ``exact`` or ``hutchinson``",
+        "How the divergence ``tr(df/dz)`` is computed during training: exactly (``d`` "
+        "vector-Jacobian products per evaluation) or by Hutchinson's estimator (FFJORD); "
+        "``auto``: exact up to 8 dimensions. Held-out log-likelihoods always use the exact trace.",
+    ),
+    "noise": (
+        "``rademacher`` or ``gaussian``",
+        "Distribution of the noise vector of Hutchinson's estimator (with ``trace=hutchinson``).",
+    ),
+    "kinetic": (
+        "weight",
+        "Weight of the RNODE kinetic-energy regulariser ``int ||f||^2 dt`` in the loss "
+        "(``0``: off).",
+    ),
+    "jacobian": (
+        "weight",
+        "Weight of the RNODE Jacobian Frobenius-norm regulariser ``int ||df/dz||_F^2 dt`` in "
+        "the loss (``0``: off).",
+    ),
+    "t1": (
+        "flow time",
+        "End time of the flow: the base density lives at 0, the data at ``t1``.",
+    ),
+    "cnf.val_fraction": (
+        "fraction of samples",
+        "Share of the data held out for validation (picks ``best.pt``); "
+        "``val_fraction + test_fraction < 1``.",
+    ),
+    "cnf.test_fraction": (
+        "fraction of samples",
+        "Share of the data held out for the final evaluation (held-out NLL).",
+    ),
+    "cnf.max_train": ("samples", "Use only the first N training samples (``0``: all of them)."),
+    "n_toy": (
+        "samples",
+        "Points drawn from a toy density (``8gaussians``, ``moons``, ``checkerboard``) before "
+        "the split; at least 50.",
     ),
     # -- spiral ------------------------------------------------------------------------------------
     "window": (
