@@ -184,20 +184,23 @@ class SetOptions(_Generated):
                     unit, text = option_help(name, key)
                 except KeyError as exc:
                     raise self.error(str(exc.args[0])) from None
-                quick = _literal(cls.quick[key]) if key in cls.quick else ""
+                shown = _literal(default)
+                if key in cls.quick:
+                    shown += f" (``--quick``: {_literal(cls.quick[key])})"
                 rule = getattr(cls, "option_rules", {}).get(key)
-                allowed = rule.description if rule is not None else ""
+                if rule is not None:
+                    unit += f"; {rule.description}"
                 only = getattr(cls, "data_options", {}).get(key)
                 if only:
-                    allowed += f" (only with ``--data {only}``)"
-                rows.append([f"``{key}``", _literal(default), quick, allowed, unit, text])
+                    text += f" Only with ``--data {only}``."
+                rows.append([f"``{key}``", shown, unit, text])
             lines += [
                 f".. rubric:: ``neuralode train {name} --set KEY=VALUE``",
                 "",
                 *_list_table(
-                    ["option", "default", "``--quick``", "allowed", "unit", "meaning"],
+                    ["option", "default", "unit; allowed values", "meaning"],
                     rows,
-                    [14, 10, 8, 16, 12, 40],
+                    [16, 16, 22, 46],
                 ),
             ]
         return self.render(lines)

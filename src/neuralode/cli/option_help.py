@@ -19,27 +19,27 @@ OPTION_HELP: dict[str, tuple[str, str]] = {
     # -- data and splits (all irregular-series tasks; odenet has its own fractions) ------------
     "val_fraction": (
         "fraction of subjects",
-        "Share of the subjects held out for validation (picks ``best.pt``); in (0, 1), and "
+        "Share of the subjects held out for validation (picks ``best.pt``); "
         "``val_fraction + test_fraction < 1``.",
     ),
     "test_fraction": (
         "fraction of subjects",
-        "Share of the subjects held out for the final evaluation; in (0, 1).",
+        "Share of the subjects held out for the final evaluation.",
     ),
     "odenet.val_fraction": (
         "fraction of images",
-        "Share of the training images held out for validation (picks ``best.pt``); in (0, 1).",
+        "Share of the training images held out for validation (picks ``best.pt``).",
     ),
     "odenet.test_fraction": (
         "fraction of images",
-        "Share of the images held out (stratified) for the final evaluation; in (0, 1), and "
+        "Share of the images held out (stratified) for the final evaluation; "
         "``val_fraction + test_fraction < 1``.",
     ),
     "time_scale": (
-        'data time unit, or ``"max"``',
+        "data time units",
         'Times are divided by this before the ODE sees them: ``"max"`` divides by the longest '
         "training follow-up (so training times span [0, 1]); a positive number divides by it "
-        "(e.g. ``48`` for 48-hour ICU stays); ``null`` leaves them unchanged.",
+        "(e.g. ``48`` for 48-hour ICU stays; ``1``: unchanged).",
     ),
     "max_subjects": (
         "subjects",
@@ -120,7 +120,7 @@ OPTION_HELP: dict[str, tuple[str, str]] = {
     ),
     "lr_decay": (
         "factor per epoch",
-        "The learning rate is multiplied by this after each epoch; in (0, 1], ``1``: constant.",
+        "The learning rate is multiplied by this after each epoch (``1``: constant).",
     ),
     # -- odenet ------------------------------------------------------------------------------------
     "max_train": (
@@ -181,7 +181,7 @@ OPTION_HELP: dict[str, tuple[str, str]] = {
     "window": (
         "samples",
         "Length of the windows of consecutive samples fitted per step (each integrated from its "
-        "first noisy sample); 2 to 1000.",
+        "first noisy sample).",
     ),
     "steps_per_epoch": ("optimisation steps", "Batches of random windows per epoch."),
     "noise_std": (
