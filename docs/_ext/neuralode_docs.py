@@ -25,6 +25,7 @@ import ast
 import importlib
 import inspect
 import re
+import warnings
 from pathlib import Path
 
 from docutils import nodes
@@ -340,7 +341,22 @@ def require_data_comments(app, what, name, obj, options, lines):
         lines[:] = []
 
 
+def _route_numpydoc_warnings() -> None:
+    """numpydoc reports a docstring it cannot parse (an unknown section, ...) with a Python
+    ``UserWarning``, which ``-W`` would not catch: report it as a Sphinx warning instead."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "numpydoc" in str(filename):
+            logger.warning(f"numpydoc: {message}", type="neuralode")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def setup(app):
+    _route_numpydoc_warnings()
     app.connect("autodoc-process-docstring", require_data_comments)
     app.connect("autodoc-process-signature", hide_private_parameters)
     app.connect("missing-reference", resolve_alias)
