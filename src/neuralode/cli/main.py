@@ -441,7 +441,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .train import open_run, report
+    from .evaluation import open_run, report
 
     run_dir = Path(args.run_dir)
     task, model, ckpt = open_run(run_dir, args.checkpoint)
@@ -451,8 +451,9 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_plot(args) -> int:
+    from .evaluation import open_run
     from .plots import plot_run
-    from .train import _read_metrics, open_run
+    from .train import _read_metrics
 
     run_dir = Path(args.run_dir)
     task, model, ckpt = open_run(run_dir, args.checkpoint)
