@@ -87,6 +87,29 @@ def test_load_run_errors(tmp_path, latent_run):
     (partial / "best.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is damaged"):
         neuralode.load_run(partial)
+    # A best.pt without the stored data settings (written before they were stored).
+    ck = torch.load(latent_run / "best.pt", map_location="cpu", weights_only=True)
+    del ck["data"]
+    ck["format"] = 1
+    torch.save(ck, partial / "best.pt")
+    with pytest.raises(ValueError, match="older neuralode \\(checkpoint format 1\\)"):
+        neuralode.load_run(partial)
+
+
+def test_evaluate_refuses_data_that_changed_since_training(capsys, tmp_path):
+    path = tmp_path / "series.csv"
+    rows = [f"s{i},{t},a,{i + t}" for i in range(12) for t in range(4)]
+    path.write_text("id,time,variable,value\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "ode-rnn", "--quick", "--data", "csv", str(path), "--out", str(out),
+                 "--no-eval", *FAST]) == 0  # fmt: skip
+    path.write_text(path.read_text() + "s0,5,b,1.0\n")  # a new channel "b"
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the data of" in err and "has changed since training: channels ['a', 'b'] now, ['a']" in err
+    )
 
 
 def test_readme_use_a_trained_model_runs(latent_run, monkeypatch, capsys):
