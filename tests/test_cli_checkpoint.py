@@ -137,3 +137,12 @@ def test_foreign_and_old_files_are_named(tmp_path):
     torch.save({"model": {}, "rng": {"numpy": np.random.get_state()}}, old)
     with pytest.raises(CLIError, match="it would import numpy.*earlier version of neuralode"):
         load_checkpoint(old)
+
+
+def test_identical_command_restarts_a_run_whose_checkpoint_is_damaged(capsys, tmp_path,
+                                                                      spiral_run):  # fmt: skip
+    run = _copy_run(spiral_run, tmp_path / "run")
+    (run / "checkpoint.pt").write_bytes(b"")
+    code, _, err = _run(capsys, "train", "spiral", "--quick", "--out", run, "--no-eval", *FAST)
+    assert code == 0 and "starting it over" in err, err
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2

@@ -107,7 +107,12 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
     if resume and not (out / CHECKPOINT_NAME).is_file():
         raise CLIError(f"--resume: {out} has no {CHECKPOINT_NAME} to resume from.")
     if (out / CHECKPOINT_NAME).is_file():
-        done = load_checkpoint(out / CHECKPOINT_NAME)["epoch"]
+        try:
+            done = load_checkpoint(out / CHECKPOINT_NAME)["epoch"]
+        except CLIError:
+            if resume:
+                raise
+            done = -1  # unreadable: the identical command starts over, like any unfinished run
         if done >= cfg.epochs:
             return "finished"
     return "resume" if resume else "restart"
