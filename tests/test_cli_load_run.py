@@ -121,7 +121,13 @@ def test_readme_use_a_trained_model_runs(latent_run, monkeypatch, capsys):
     exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
     assert out.startswith("latent-ode years ('ascites', 'hepato', 'spiders', 'edema')")
-    values = re.search(r"bilirubin \(mg/dl\): \[(.*)\]", out).group(1).split(",")
-    assert len(values) == 7 and all(0.05 < float(v) < 50 for v in values)
+    rows = {}
+    for name in ("bilirubin (mg/dl)", "  - 2 std", "  + 2 std"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(name + " ["))
+        rows[name] = [float(v) for v in line[len(name) + 2 : -1].split(",")]
+    mid, lo, hi = rows["bilirubin (mg/dl)"], rows["  - 2 std"], rows["  + 2 std"]
+    assert len(mid) == 7 and all(0.05 < v < 50 for v in mid)
+    # Rounded to 2 decimals: the band brackets the mean up to that rounding.
+    assert all(a <= m + 0.01 and m <= b + 0.01 and a < b for a, m, b in zip(lo, mid, hi))
     p = float(re.search(r"P\(death during follow-up\) = (\S+)", out).group(1))
     assert 0 < p < 1
