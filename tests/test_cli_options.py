@@ -63,6 +63,11 @@ def _csv(tmp: Path) -> Path:
         ("ode-rnn", ["--set", "time_scale=-2"], "must be 'max' or a number > 0"),
         ("odenet", ["--set", "field=rnn"], "must be one of 'conv', 'mlp'"),
         (
+            "ode-rnn",
+            ["--data", "csv", "CSV", "--set", "id_col="],
+            "--set id_col=: must be a non-empty string",
+        ),  # fmt: skip
+        (
             "latent-ode",
             ["--set", "label_col=death"],
             "--set label_col has no effect with --data pbcseq",
@@ -135,6 +140,10 @@ def test_resume_uses_the_runs_own_config(capsys, tmp_path, custom_run):
         (["--gradient", "direct"], "--gradient 'direct' given, 'adjoint' in the run"),
         (["--config", "CFG"], "with its own config.json; drop --config"),
         (["--quick", "--seed", "0"], "--seed 0 given, 4 in the run"),
+        (
+            ["--data", "spiral", "--method", "rk4", "--step-size", "0.1"],
+            "--method 'rk4' given, 'dopri5' in the run; --step-size 0.1 given, None in the run",
+        ),  # fmt: skip
     ],
 )
 def test_resume_refuses_flags_that_cannot_change(capsys, tmp_path, custom_run, args, needle):
@@ -148,6 +157,14 @@ def test_resume_refuses_flags_that_cannot_change(capsys, tmp_path, custom_run, a
     if "--config" not in args:
         assert "only --epochs may change when resuming" in err
     assert snapshot(out) == before
+
+
+def test_resume_names_the_run_and_its_task(capsys, tmp_path, custom_run):
+    out = _copy(custom_run, tmp_path / "run")
+    code, _, err = run(capsys, "train", "odenet", "--out", out, "--resume", *FAST)
+    assert code == 2 and "holds a run of task 'spiral', not 'odenet'" in err
+    code, _, err = run(capsys, "train", "spiral", "--resume", *FAST)
+    assert code == 2 and "--resume needs --out RUN_DIR (the run to continue)." in err
 
 
 def test_identical_command_on_a_finished_run_says_so(capsys, tmp_path, custom_run):

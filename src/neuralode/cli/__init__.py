@@ -3,7 +3,8 @@
 ``neuralode train TASK ...`` writes a run directory (resolved configuration, per-epoch
 metrics, atomic checkpoints with RNG states, the best model, plots and an evaluation summary);
 ``neuralode evaluate RUN_DIR`` and ``neuralode plot RUN_DIR`` work on a finished or interrupted
-run. Entry point: :func:`neuralode.cli.main.main`.
+run; :func:`neuralode.load_run` opens a run directory from Python (the trained model, its
+configuration and normaliser). Entry point: :func:`neuralode.cli.main.main`.
 """
 
 from .errors import CLIError

@@ -1,5 +1,7 @@
 """Simple baselines the models are printed next to.
 
+* Subject mean: per subject and channel, the mean of the conditioning observations (the
+  training mean, 0 after standardisation, for a channel never observed for the subject).
 * Last observation carried forward (LOCF): per subject and channel, the last conditioning
   observation at or before the query time; before the first one, the first one (next
   observation carried backward); a channel never observed for the subject gets the training
@@ -16,12 +18,27 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["locf", "linear", "static_logistic_auroc", "auroc"]
+__all__ = ["subject_mean", "locf", "linear", "static_logistic_auroc", "auroc"]
 
 
 def _channel_obs(t: np.ndarray, y: np.ndarray, m: np.ndarray, c: int):
     sel = m[:, c] > 0
     return t[sel], y[sel, c]
+
+
+def subject_mean(t, y, m, tq, fill: float = 0.0) -> np.ndarray:
+    """Per-channel mean of the conditioning observations, at every query time ``tq (Q,)``.
+
+    ``t (n,)``, ``y (n, C)``, ``m (n, C)``: the subject's conditioning times, values and mask;
+    returns ``(Q, C)``.
+    """
+    C = y.shape[1]
+    out = np.full((len(tq), C), fill, dtype=float)
+    for c in range(C):
+        _, yo = _channel_obs(t, y, m, c)
+        if len(yo):
+            out[:, c] = yo.mean()
+    return out
 
 
 def locf(t, y, m, tq, fill: float = 0.0) -> np.ndarray:

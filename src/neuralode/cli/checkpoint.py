@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -89,14 +90,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as exc:
         # The weights-only unpickler names each class or function a pickle would import
         # ("GLOBAL module.name"); any other failure is a damaged or foreign file.
-        found = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln]
+        found = re.findall(r"GLOBAL ([\w.]+)", str(exc))
         if found:
-            detail = f" ({found[0].rstrip('.')})"
+            detail = f" (it would import {found[0]})"
+            # Before checkpoint format 2, checkpoint.pt held numpy's RNG state as numpy objects.
+            old = (
+                " (a checkpoint.pt written by an earlier version of neuralode holds numpy "
+                "objects too: start that run again)"
+                if found[0].startswith("numpy")
+                else ""
+            )
             raise CLIError(
                 f"refusing to load {path}: it holds Python objects besides tensors and plain "
-                f"data{detail}, and unpickling them could execute code. neuralode never writes "
-                "such files; open only checkpoints you trust, or "
-                f"{_advice(path)}."
+                f"data{detail}, and unpickling them could execute code. neuralode writes no "
+                f"such files{old}; open only checkpoints you trust, or {_advice(path)}."
             ) from None
         raise _damaged(path, exc) from None
     except Exception as exc:  # noqa: BLE001 - any other failure: the file is not readable

@@ -87,16 +87,19 @@ def _train_epilog() -> str:
         "examples:",
         "  neuralode train latent-ode --data pbcseq --out runs/pbc",
         "  neuralode train latent-ode --data physionet ~/physionet2012 --epochs 30",
-        "  neuralode train ode-rnn --data csv visits.csv --set label_col=death",
+        "  neuralode train ode-rnn --data csv visits.csv --set label_col=death --set time_unit=days",
         "  neuralode train odenet --data digits --method rk4 --step-size 0.1",
         "  neuralode train spiral --gradient adjoint --out runs/spiral",
-        "  neuralode train spiral --out runs/spiral --epochs 40 --resume  # continue to 40",
+        "  neuralode train --out runs/spiral --epochs 40 --resume  # continue to 40 epochs",
+        "  neuralode train spiral --out runs/spiral --tensorboard --checkpoint-every 100",
         "  neuralode train --config runs/spiral/config.json --out runs/spiral-again",
         "  neuralode train spiral --quick --no-progress --out /tmp/smoke  # seconds",
         "",
         "The run directory gets config.json (the resolved configuration), metrics.jsonl (one row",
         "per epoch), checkpoint.pt (resume point, written atomically), best.pt (best validation),",
-        "results.json / summary.txt (held-out evaluation) and plots/*.png.",
+        "results.json / summary.txt (held-out evaluation), plots/*.png and, with --tensorboard,",
+        "tensorboard/. --resume uses the run's own config.json (only --epochs may change);",
+        "Ctrl-C and SIGTERM write a checkpoint at the last completed step (exit 130 / 143).",
     ]
     return "\n".join(lines)
 
@@ -445,7 +448,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .train import open_run, report
+    from .evaluation import open_run, report
 
     run_dir = Path(args.run_dir)
     task, model, ckpt = open_run(run_dir, args.checkpoint)
@@ -455,8 +458,9 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_plot(args) -> int:
+    from .evaluation import open_run
     from .plots import plot_run
-    from .train import _read_metrics, open_run
+    from .train import _read_metrics
 
     run_dir = Path(args.run_dir)
     task, model, ckpt = open_run(run_dir, args.checkpoint)

@@ -9,10 +9,14 @@ import numpy as np
 
 __all__ = [
     "plot_run",
+    "best_epoch",
+    "training_curves_figure",
+    "nfe_figure",
     "plot_training_curves",
     "plot_nfe",
     "plot_spiral",
     "plot_subjects",
+    "subjects_figure",
     "plot_digits",
 ]
 
@@ -52,54 +56,110 @@ def plot_run(task, model, run_dir: Path, metrics: list[dict]) -> list[Path]:
     return paths
 
 
-def plot_training_curves(path: Path, metrics: list[dict], val_key: str) -> Path:
-    import pandas as pd
+#: Validation metrics where higher is better: drawn on an axis of their own.
+_SCORES = ("auroc", "accuracy")
 
-    df = pd.DataFrame(metrics)
-    extra = [
-        c
-        for c in df.columns
-        if c.startswith("val_") and c != val_key and pd.api.types.is_numeric_dtype(df[c])
+
+def best_epoch(metrics: list[dict], val_key: str) -> int | None:
+    """The epoch whose model is ``best.pt``: the first with the lowest ``val_key``."""
+    best, value = None, float("inf")
+    for r in metrics:
+        v = r.get(val_key)
+        if isinstance(v, (int, float)) and v < value:
+            best, value = r["epoch"], v
+    return best
+
+
+def training_curves_figure(metrics: list[dict], val_key: str):
+    """Losses, validation errors and validation scores on axes of their own, best epoch marked.
+
+    Panels: the training loss and its terms (``train_*``, ``kl``); the validation errors
+    (``val_key`` -- the metric that picks ``best.pt`` -- and the other ``val_*`` of its kind);
+    the scores (AUROC, accuracy; only when there are any). A dotted vertical line in
+    each panel and a star on ``val_key`` mark the best epoch.
+    """
+    epochs = [r["epoch"] for r in metrics]
+
+    def series(key):
+        return [r.get(key, np.nan) if r.get(key) is not None else np.nan for r in metrics]
+
+    keys = {k for r in metrics for k, v in r.items() if isinstance(v, (int, float))}
+    train_keys = ["train_loss"] + sorted(k for k in keys if k.startswith("train_") and
+                                         k != "train_loss" and not _is_score(k))  # fmt: skip
+    train_keys += [k for k in ("kl",) if k in keys]
+    val_keys = [val_key] + sorted(
+        k for k in keys if k.startswith("val_") and k != val_key and not _is_score(k)
+    )
+    score_keys = sorted(k for k in keys if _is_score(k) and k.startswith(("val_", "train_")))
+    # (title, keys, y label, log scale when all values are positive)
+    panels = [
+        ("Training loss", train_keys, "loss", True),
+        ("Validation error", val_keys, "error", True),
     ]
-    fig = _figure(5.0 * (1 + bool(extra)), 3.6)
-    axes = fig.subplots(1, 1 + bool(extra), squeeze=False)[0]
-    ax = axes[0]
-    ax.plot(df["epoch"], df["train_loss"], "o-", ms=3, label="train loss")
-    if val_key in df:
-        ax.plot(df["epoch"], df[val_key], "s-", ms=3, label=val_key.replace("_", " "))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    if (df["train_loss"] > 0).all() and (val_key not in df or (df[val_key] > 0).all()):
-        ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("Training curves")
-    if extra:
-        ax = axes[1]
-        for c in extra:
-            ax.plot(df["epoch"], df[c], "o-", ms=3, label=c.replace("_", " "))
+    if score_keys:
+        panels.append(("Accuracy / AUROC", score_keys, "score (higher is better)", False))
+    fig = _figure(4.6 * len(panels), 3.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    best = best_epoch(metrics, val_key)
+    for ax, (title, ks, ylabel, log) in zip(axes, panels):
+        for k in ks:
+            if k not in keys:
+                continue
+            label = k.replace("_", " ") + (" (picks best.pt)" if k == val_key else "")
+            ax.plot(epochs, series(k), "o-", ms=3, label=label)
+        values = np.array([v for k in ks if k in keys for v in series(k)], dtype=float)
+        if log and values.size and np.all(values[np.isfinite(values)] > 0):
+            ax.set_yscale("log")
+        if best is not None:
+            ax.axvline(best, color="0.4", ls=":", lw=1, label=f"best epoch ({best})")
+        if best is not None and title == "Validation error":
+            ax.plot([best], [series(val_key)[epochs.index(best)]], "*", color="C3", ms=12)
         ax.set_xlabel("epoch")
-        ax.legend()
-        ax.set_title("Validation metrics")
-    return _save(fig, path)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _is_score(key: str) -> bool:
+    return any(s in key for s in _SCORES)
+
+
+def plot_training_curves(path: Path, metrics: list[dict], val_key: str) -> Path:
+    """:func:`training_curves_figure` saved as PNG."""
+    return _save(training_curves_figure(metrics, val_key), path)
+
+
+def nfe_figure(metrics: list[dict]):
+    """NFE per training step (forward and backward pass) and, when recorded, the solver's mean
+    accepted step size, per epoch."""
+    epochs = [r["epoch"] for r in metrics]
+    has_steps = any("mean_step_size" in r for r in metrics)
+    fig = _figure(4.8 * (1 + has_steps), 3.6)
+    axes = fig.subplots(1, 1 + has_steps, squeeze=False)[0]
+    a = axes[0]
+    a.plot(epochs, [r["nfe_forward_per_step"] for r in metrics], "o-", ms=3,
+           label="forward pass")  # fmt: skip
+    a.plot(epochs, [r["nfe_backward_per_step"] for r in metrics], "s-", ms=3,
+           label="backward pass")  # fmt: skip
+    a.set_title("Function evaluations per training step")
+    a.set_xlabel("epoch")
+    a.set_ylabel("NFE per step (mean over the epoch)")
+    a.legend(fontsize=8)
+    if has_steps:
+        b = axes[1]
+        b.plot(epochs, [r.get("mean_step_size", np.nan) for r in metrics], "o-", ms=3,
+               label="mean accepted step (forward solves)")  # fmt: skip
+        b.set_title("Solver step size")
+        b.set_xlabel("epoch")
+        b.set_ylabel("step size (model time units)")
+        b.legend(fontsize=8)
+    return fig
 
 
 def plot_nfe(path: Path, metrics: list[dict]) -> Path:
-    import pandas as pd
-
-    df = pd.DataFrame(metrics)
-    fig = _figure(10.0, 3.6)
-    a, b = fig.subplots(1, 2)
-    a.plot(df["epoch"], df["nfe_forward"], "o-", ms=3, label="forward")
-    a.plot(df["epoch"], df["nfe_backward"], "s-", ms=3, label="backward")
-    a.set_title("NFE per epoch (training steps)")
-    b.plot(df["epoch"], df["nfe_forward_per_step"], "o-", ms=3, label="forward")
-    b.plot(df["epoch"], df["nfe_backward_per_step"], "s-", ms=3, label="backward")
-    b.set_title("NFE per training step")
-    for ax in (a, b):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("function evaluations")
-        ax.legend()
-    return _save(fig, path)
+    """:func:`nfe_figure` saved as PNG."""
+    return _save(nfe_figure(metrics), path)
 
 
 def plot_spiral(
@@ -122,16 +182,19 @@ def plot_spiral(
     fig = _figure(15.0, 4.6)
     ax_t, ax_p, ax_f = fig.subplots(1, 3)
     for k, (name, c) in enumerate((("x", "C0"), ("y", "C1"))):
-        ax_t.plot(data_t, data_y[:, k], ".", ms=2, color=c, alpha=0.35, label=f"{name} data")
-        ax_t.plot(pred_t, pred_y[:, k], "-", color=c, lw=1.4, label=f"{name} learned")
+        ax_t.plot(data_t, data_y[:, k], ".", ms=2, color=c, alpha=0.35,
+                  label=f"{name}: noisy data")  # fmt: skip
+        ax_t.plot(pred_t, pred_y[:, k], "-", color=c, lw=1.4,
+                  label=f"{name}: learned ODE from y(0)")  # fmt: skip
     ax_t.axvline(t_data_end, color="k", ls=":", lw=1)
     ax_t.set_xlabel("t")
     ax_t.set_title("Trajectories (learned from y(0); dotted: end of data)")
     ax_t.legend(ncol=2, fontsize=8)
 
     ax_p.plot(data_y[:, 0], data_y[:, 1], ".", ms=2, color="0.5", alpha=0.5, label="noisy data")
-    ax_p.plot(true_y[:, 0], true_y[:, 1], "-", color="C2", lw=1, label="true")
-    ax_p.plot(pred_y[:, 0], pred_y[:, 1], "--", color="C3", lw=1.4, label="learned")
+    ax_p.plot(true_y[:, 0], true_y[:, 1], "-", color="C2", lw=1, label="true trajectory")
+    ax_p.plot(pred_y[:, 0], pred_y[:, 1], "--", color="C3", lw=1.4,
+              label="learned trajectory from y(0)")  # fmt: skip
     ax_p.set_aspect("equal")
     ax_p.set_title("Phase portrait")
     ax_p.legend(fontsize=8)
@@ -166,13 +229,33 @@ def plot_spiral(
 
 
 def plot_subjects(
-    path: Path, subjects: list[dict], channels: list, time_unit: str, title: str = ""
+    path: Path,
+    subjects: list[dict],
+    channels: list,
+    time_unit: str,
+    title: str = "",
+    curve_label: str = "model prediction",
+    band_label: str | None = "mean ± 2 std",
 ) -> Path:
-    """Observed points, continuous reconstruction / extrapolation and a ±2 std band.
+    """:func:`subjects_figure` saved as PNG."""
+    fig = subjects_figure(subjects, channels, time_unit, title, curve_label, band_label)
+    return _save(fig, path)
+
+
+def subjects_figure(
+    subjects: list[dict],
+    channels: list,
+    time_unit: str,
+    title: str = "",
+    curve_label: str = "model prediction",
+    band_label: str | None = "mean ± 2 std",
+):
+    """Observed points, the model's continuous prediction and (``band_label``) a ±2 std band.
 
     Each entry of ``subjects`` has ``id``, ``t_split`` and per channel index ``c``:
     ``obs[c] = (t, y)`` conditioning points, ``target[c] = (t, y)`` held-out points and
-    ``curve = (t (Q,), mean (Q, C), std (Q, C))``.
+    ``curve = (t (Q,), mean (Q, C), std (Q, C))``. ``band_label=None`` (a deterministic
+    model) draws no band.
     """
     rows, cols = len(subjects), len(channels)
     fig = _figure(3.0 * cols, 2.3 * rows)
@@ -181,26 +264,27 @@ def plot_subjects(
         tq, mean, std = (np.asarray(x, dtype=float) for x in s["curve"])
         for j, (c, name) in enumerate(channels):
             ax = axes[i, j]
-            ax.fill_between(tq, mean[:, c] - 2 * std[:, c], mean[:, c] + 2 * std[:, c],
-                            color="C0", alpha=0.2, lw=0, label="mean ± 2 std")  # fmt: skip
-            ax.plot(tq, mean[:, c], "-", color="C0", lw=1.3, label="model")
+            if band_label is not None:
+                ax.fill_between(tq, mean[:, c] - 2 * std[:, c], mean[:, c] + 2 * std[:, c],
+                                color="C0", alpha=0.2, lw=0, label=band_label)  # fmt: skip
+            ax.plot(tq, mean[:, c], "-", color="C0", lw=1.3, label=curve_label)
             to, yo = s["obs"][c]
             tt, yt = s["target"][c]
-            ax.plot(to, yo, "o", color="k", ms=3.5, label="observed (input)")
-            ax.plot(tt, yt, "x", color="C3", ms=5, mew=1.5, label="held out")
-            ax.axvline(s["t_split"], color="0.4", ls=":", lw=1)
+            ax.plot(to, yo, "o", color="k", ms=3.5, label="observed, given to the model")
+            ax.plot(tt, yt, "x", color="C3", ms=5, mew=1.5, label="held out, to be predicted")
+            ax.axvline(s["t_split"], color="0.4", ls=":", lw=1, label="last observation given")
             if i == 0:
                 ax.set_title(name, fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"subject {s['id']}", fontsize=9)
             if i == rows - 1:
-                ax.set_xlabel(time_unit, fontsize=8)
+                ax.set_xlabel(f"time ({time_unit})", fontsize=8)
             ax.tick_params(labelsize=7)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8)
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return fig
 
 
 def plot_digits(path: Path, images, labels, predicted) -> Path:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .._loop import LoopResult
-from .._norms import ErrorNormWork, initial_step, user_scaled_norm
+from .._norms import ErrorNorm, initial_norm, user_scaled_norm
 from ..controllers import ConstantStep, PIController
 from ..errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 from ..solvers.explicit_rk import RKStepper
@@ -229,14 +229,15 @@ def integrate_reversible(run: Run, lam: float, y0flat, *, keep_states: bool = Fa
     t, t_first = t0, t0
     if adaptive:
         k_order = prob.tableau.error_order()
-        norm = user_scaled_norm if prob.norm is not None else ErrorNormWork(y0flat, prob.spec)
-        if ctrl.dt0 is not None:
-            h = ctrl.dt0
-        elif t_end == t0:
+        work = ErrorNorm(y0flat, prob.spec)
+        norm = user_scaled_norm if prob.norm is not None else work
+        if t_end == t0:
             h = 0.0
         else:
+            nrm = initial_norm(work, y0flat, prob.rtol, prob.atol, prob.atol_zero, prob=prob)
             with torch.no_grad():
-                h = initial_step(prob, f, y0flat, f(t0, y0flat), k_order, ctrl.dt_max)
+                k1 = f(t0, y0flat)
+            h = ctrl.initial_step(nrm, f, t0, y0flat, k1, direction, abs(t_end - t0), k_order)
         prev_err = 1.0
     else:
         h = ctrl.dt if constant else math.inf

@@ -19,7 +19,6 @@ points or on a random prefix, and the loss scores all its points.
 from __future__ import annotations
 
 import abc
-import csv
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -41,30 +40,16 @@ from ..options import choice, either, fraction, integer, number, text
 from ..report import nfe_line, table, verdict
 from .base import Task
 
-__all__ = ["IrregularTask", "check_csv_sorted"]
+__all__ = ["IrregularTask"]
 
 INTERP_FRACTION = 0.3
+#: Baselines of the held-out evaluation (results key, function), see :mod:`..baselines`.
+BASELINES = (
+    ("mean", baselines.subject_mean),
+    ("locf", baselines.locf),
+    ("linear", baselines.linear),
+)
 EVAL_BATCH = 64
-
-
-def check_csv_sorted(path: str, id_col: str, time_col: str) -> None:
-    """Raise :class:`CLIError` if a subject's times decrease from one row to a later one."""
-    last: dict[str, tuple[float, int]] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader)]
-        i, j = header.index(id_col), header.index(time_col)
-        for row in reader:
-            if not row or all(not c.strip() for c in row):
-                continue
-            sid, t = row[i].strip(), float(row[j])
-            if sid in last and t < last[sid][0]:
-                raise CLIError(
-                    f"{path}, line {reader.line_num}: times of subject {sid!r} are not sorted "
-                    f"({time_col} {t:g} after {last[sid][0]:g} on line {last[sid][1]}); sort "
-                    f"the file by {id_col} and {time_col}."
-                )
-            last[sid] = (t, reader.line_num)
 
 
 class IrregularTask(Task):
@@ -85,6 +70,7 @@ class IrregularTask(Task):
         variable_col="variable",
         value_col="value",
         label_col=None,
+        time_unit=None,
         physionet_sets="set-a",
     )
     common_rules = dict(
@@ -99,6 +85,7 @@ class IrregularTask(Task):
         variable_col=text(),
         value_col=text(),
         label_col=text(optional=True),
+        time_unit=text(optional=True),
         physionet_sets=text(),
     )
     #: Options that only mean something for one dataset kind.
@@ -108,9 +95,13 @@ class IrregularTask(Task):
         variable_col="csv",
         value_col="csv",
         label_col="csv",
+        time_unit="csv",
         physionet_sets="physionet",
     )
     model_label = "model"
+    #: Legends of the held-out subjects' figure: the curve and (``None``: no band) the band.
+    curve_label = "model prediction"
+    band_label: str | None = None
 
     @classmethod
     def check_options(cls, options, data):
@@ -141,8 +132,8 @@ class IrregularTask(Task):
                     variable_col=o["variable_col"],
                     value_col=o["value_col"],
                     label_col=o["label_col"],
+                    time_unit=o["time_unit"] or "unspecified",
                 )
-                check_csv_sorted(path, o["id_col"], o["time_col"])
             else:  # guarded by the argument parser
                 raise CLIError(f"task {self.name!r} cannot use --data {kind}.")
         except (OSError, ValueError, ImportError) as exc:
@@ -225,6 +216,16 @@ class IrregularTask(Task):
         n = len(self.parts["train"])
         return list(torch.randperm(n, generator=generator).split(self.cfg.batch_size))
 
+    def label_name(self) -> str:
+        """How summaries name the label: the dataset's own meaning of it (pbcseq, physionet)
+        or, for a CSV, neutrally by its column."""
+        if self.cfg.data == "pbcseq":
+            return "mortality (death during follow-up)"
+        if self.cfg.data == "physionet":
+            return "in-hospital mortality"
+        col = self.opt["label_col"]
+        return f"label {col!r}" if col else "label"
+
     def eval_generator(self) -> torch.Generator:
         """A fresh generator for the random draws of an evaluation (seeded by the run's seed)."""
         return torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1_000_003)
@@ -284,7 +285,7 @@ class IrregularTask(Task):
         # earlier evaluation), so `neuralode evaluate` reproduces those printed after training.
         gen = self.eval_generator()
         for setting, (conds, targets) in self.eval_masks[split].items():
-            sums = {"model": 0.0, "locf": 0.0, "linear": 0.0}
+            sums = {"model": 0.0, "mean": 0.0, "locf": 0.0, "linear": 0.0}
             count = 0
             for start in range(0, len(part), EVAL_BATCH):
                 idx = list(range(start, min(start + EVAL_BATCH, len(part))))
@@ -299,7 +300,7 @@ class IrregularTask(Task):
                 count += int(tm.sum())
                 if with_baselines:
                     for i in idx:
-                        for name, fn in (("locf", baselines.locf), ("linear", baselines.linear)):
+                        for name, fn in BASELINES:
                             sums[name] += self._baseline_sse(fn, part[i], conds[i], targets[i])
             res[setting] = {k: (v / count if count else None) for k, v in sums.items()}
             res[setting]["n_points"] = count
@@ -346,6 +347,7 @@ class IrregularTask(Task):
                 "subjects": {k: len(v) for k, v in self.parts.items()},
                 "channels": list(self.raw.channels),
                 "time_unit": self.raw.time_unit,
+                "label": self.label_name(),
                 "metric": "MSE of standardised values at held-out time points (test subjects)",
                 **errors,
             }
@@ -374,23 +376,28 @@ class IrregularTask(Task):
             "(lower is better)",
         ]
         rows = []
+        names = {"mean": "subject mean", "locf": "LOCF", "linear": "linear"}
         for setting in ("interpolation", "extrapolation"):
             e = r[setting]
-            rows.append([setting, e["model"], e["locf"], e["linear"], e["n_points"]])
+            rows.append([setting, e["model"], *(e.get(k) for k in names), e["n_points"]])
         lines.append(
-            table(["setting", self.model_label, "LOCF", "linear", "values"], rows, indent="  ")
+            table(["setting", self.model_label, *names.values(), "values"], rows, indent="  ")
         )
         lines.append(
-            "  (linear: per-subject linear interpolation; beyond the last observation its "
-            "least-squares trend)"
+            "  (subject mean: mean of the subject's observed values of the channel; LOCF: last "
+            "observation carried forward; linear: per-subject linear interpolation, beyond the "
+            "last observation its least-squares trend)"
         )
         for setting in ("interpolation", "extrapolation"):
             e = r[setting]
-            lines.append(verdict(e["model"], {"LOCF": e["locf"], "linear": e["linear"]}, setting))
+            base = {n: e[k] for k, n in names.items() if e.get(k) is not None}
+            lines.append(verdict(e["model"], base, setting))
+        label = r.get("label", "label")
+        title = label[:1].upper() + label[1:]
         if "auroc_model" in r:
             base = r.get("auroc_logistic_static")
             names = ", ".join(r.get("static_names", [])) or "none"
-            lines.append("Mortality (label) AUROC on test subjects (higher is better):")
+            lines.append(f"{title} AUROC on test subjects (higher is better):")
             lines.append(
                 table(
                     ["model", "AUROC"],
@@ -405,13 +412,13 @@ class IrregularTask(Task):
                     verdict(
                         r["auroc_model"],
                         {"the logistic regression": base},
-                        "mortality",
+                        label,
                         higher_better=True,
                     )  # fmt: skip
                 )
         else:
             lines.append(
-                "Mortality AUROC: classification head off (no 0/1 labels, or classify=false)."
+                f"{title} AUROC: classification head off (no 0/1 labels, or classify=false)."
             )
         lines.append(nfe_line(metrics))
         return "\n".join(lines)
@@ -472,13 +479,19 @@ class IrregularTask(Task):
                     ),
                 }
             )
+        band = self.band_label
+        title = (
+            f"{self.model_label}, held-out test subjects: first half of the observations given "
+            "(to the dotted line), second half predicted"
+        )
         return [
             plot_subjects(
                 plot_dir / "test_subjects.png",
                 subjects,
                 chans,
                 self.raw.time_unit,
-                title=f"{self.model_label}: held-out test subjects, first half of the visits "
-                "observed (dotted line), second half extrapolated; band = mean ± 2 std",
+                title=title,
+                curve_label=self.curve_label,
+                band_label=band,
             )
         ]

@@ -25,6 +25,8 @@ class LatentODETask(IrregularTask):
     name = "latent-ode"
     summary_line = "latent ODE (ODE-RNN encoder) on irregular series: the demo"
     model_label = "latent ODE"
+    curve_label = "latent ODE: posterior predictive mean"
+    band_label = "mean ± 2 std over posterior samples"
     defaults = dict(
         epochs=60, batch_size=32, lr=1e-2, method="dopri5", rtol=1e-3, atol=1e-4, step_size=None
     )

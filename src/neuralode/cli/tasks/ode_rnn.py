@@ -102,6 +102,7 @@ class ODERNNTask(IrregularTask):
     name = "ode-rnn"
     summary_line = "ODE-RNN forecaster on irregular series"
     model_label = "ODE-RNN"
+    curve_label = "ODE-RNN prediction (deterministic: no band)"
     defaults = dict(
         epochs=40, batch_size=32, lr=1e-2, method="dopri5", rtol=1e-3, atol=1e-4, step_size=None
     )
