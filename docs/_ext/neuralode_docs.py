@@ -279,13 +279,13 @@ def resolve_alias(app, env, node, contnode):
         ends = [name for name in documented if name.endswith("." + target)]
         if len(ends) == 1:
             found = ends[0]
-    if found is None and cls and node["reftype"] == "attr" and "." not in target:
+    if found is None and node["reftype"] == "attr":
         # An attribute listed in its class's numpydoc "Attributes" section has no target of
         # its own: lead to the class.
         for cand in candidates:
-            owner = cand.rpartition(".")[0]
-            obj = _import(owner)
-            if obj is not None and target in getattr(obj, "__annotations__", {}):
+            owner, _, attr = cand.rpartition(".")
+            obj = _import(owner) if owner else None
+            if inspect.isclass(obj) and attr in getattr(obj, "__annotations__", {}):
                 ids = [name for name in documented if _import(name) is obj]
                 if len(ids) == 1:
                     found = ids[0]

@@ -60,6 +60,11 @@ OPTION_HELP: dict[str, tuple[str, str]] = {
         "CSV column",
         "Column of the observation time, in the data's own unit.",
     ),
+    "time_unit": (
+        "name, or ``null``",
+        "The unit of the CSV's time column (e.g. ``days``), for axis labels, reports and "
+        ':attr:`~neuralode.TrainedRun.time_unit`; ``null``: "unspecified".',
+    ),
     "variable_col": ("CSV column", "Column naming the measured channel."),
     "value_col": ("CSV column", "Column of the measured value."),
     "label_col": (
