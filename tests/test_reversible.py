@@ -282,8 +282,10 @@ def test_contractive_problem_reconstruction_vs_backsolve():
     assert err_off > 1e-7
     # ... and the default coupling does not damp the parasitic mode: the solution grows (to
     # about 1e210 by t = 10) instead of decaying, and overflows a little later.
-    bad = no.solve(f, y0, [0.0, 10.0], solver="rk4", dt=dt, gradient="reversible")
+    with pytest.warns(RuntimeWarning, match="parasitic mode has grown"):
+        bad = no.solve(f, y0, [0.0, 10.0], solver="rk4", dt=dt, gradient="reversible")
     assert abs(float(bad.ys[-1, 0])) > 1e100
+    assert bad.stats["reversible_gap"] > 1.0
     with pytest.raises(no.NonFiniteError, match="coupling"):
         no.solve(f, y0, [0.0, 16.0], solver="rk4", dt=dt, gradient="reversible")
 
@@ -312,3 +314,43 @@ def test_event_time_gradient_matches_direct():
     assert float(out["reversible"][1][1]) == pytest.approx(
         (t_star**2 / 2) / (2 - kk * t_star), rel=1e-7
     )
+
+
+# --------------------------------------------------------------------------- DETEST accuracy
+# Global error (scaled as in test_engine_detest.py) of plain dopri5 and of its reversible version
+# at rtol = 1e-6, atol = 1e-8, outputs at t = 0, 1, ..., 20, measured when this was written:
+#   A3 2.0e-6 / 6.6e-6, A4 5.4e-7 / 2.7e-8, D1 1.4e-4 / 9.5e-5, D3 6.4e-5 / 1.0e-3;
+# at rtol 1e-9 the reversible errors are 3.5e-9, 4.5e-10, 5.3e-7, 8.1e-7.
+@pytest.mark.parametrize("name", ["A3", "A4", "D1", "D3"])
+def test_detest_accuracy_against_plain_dopri5(name):
+    from test_engine_detest import PROBLEMS, T_OUT
+
+    _, f, y0, exact = PROBLEMS[name]
+    ref = torch.as_tensor(exact(T_OUT))
+    t = torch.tensor(T_OUT, dtype=DT)
+    y0 = torch.tensor(y0, dtype=DT)
+    errs = {}
+    for g in ("direct", "reversible"):
+        for rtol in (1e-6, 1e-9):
+            ys = no.solve(
+                lambda tt, y: f(tt, y, torch), y0, t, rtol=rtol, atol=rtol / 100, gradient=g
+            ).ys
+            errs[g, rtol] = float((ys - ref).abs().max() / max(1.0, float(ref.abs().max())))
+    assert errs["reversible", 1e-6] <= 25 * errs["direct", 1e-6]
+    assert errs["reversible", 1e-9] <= max(errs["reversible", 1e-6] / 30, 1e-9)
+
+
+def test_detest_dissipative_chain_is_flagged():
+    """C1, the linear chain (eigenvalue -1, ten-fold): adaptive steps of 0.1-0.5 are far above
+    (1 - coupling) / |mu|, so the parasitic mode grows like exp(t) and the default coupling
+    gives a wrong solution; the gap between y and z flags it."""
+    from test_engine_detest import PROBLEMS, T_OUT
+
+    _, f, y0, exact = PROBLEMS["C1"]
+    t = torch.tensor(T_OUT, dtype=DT)
+    with pytest.warns(RuntimeWarning, match="parasitic mode has grown"):
+        sol = no.solve(
+            lambda tt, y: f(tt, y, torch), torch.tensor(y0, dtype=DT), t, gradient="reversible"
+        )
+    assert sol.stats["reversible_gap"] > 1.0
+    assert float((sol.ys - torch.as_tensor(exact(T_OUT))).abs().max()) > 1.0
