@@ -146,8 +146,6 @@ class Reversible:
                 "scheme has no continuous extension; put the times you need in t (steps land on "
                 "every output time) or use gradient='direct'"
             )
-        if run.prob.norm_components is not None:
-            raise ValueError("Reversible() does not support a seminorm (norm_components)")
         params = find_params(run.func, self.params, "Reversible(params=...)")
         if torch.is_grad_enabled():
             check_params(run, y0flat, params, "reversible")
