@@ -55,8 +55,10 @@ class Reversible:
     heun3, rk4). Each step costs two steps of the method (``2 * stages`` evaluations of f; one
     fewer per half for FSAL methods without error control, whose last stage only serves the
     error estimate). On DETEST problems with dopri5 at rtol 1e-6 (outputs at t = 0, 1, ..., 20)
-    its global error is 0.05-16x the plain method's (A3, A4, two-body orbits D1, D3), but on the
-    dissipative chain C1 it is wrong (error 3e6): see ``coupling``. ``stats["reversible_gap"]``
+    its global error is 0.05-16x the plain method's on A3, A4, the two-body orbits D1, D3 and
+    the forced Duffing E3, but it is wrong on the dissipative chain C1 (error 3e6), on the
+    predator-prey B1 (error 12) and on van der Pol E2 (steps collapse), whose strongly
+    contracting phases excite the parasitic mode: see ``coupling``. ``stats["reversible_gap"]``
     is ``max|y - z| / max|y|`` at the end; both states approximate the solution, so a gap above
     0.1 means the parasitic mode has taken over and a RuntimeWarning says so.
 
