@@ -72,6 +72,12 @@ def test_forward_is_the_reversible_scheme_written_by_hand():
     assert torch.allclose(sol.ys[:, 0], torch.tensor(ref, dtype=DT), rtol=1e-14, atol=0)
     assert sol.stats["n_steps"] == n
     assert sol.stats["nfe"] == 2 * n  # two Euler increments per step
+    # FSAL dopri5 at fixed steps: its 7th stage only serves the error estimate, so each half
+    # takes 6 evaluations; with error control the first half takes all 7.
+    fixed = no.solve(
+        lambda t, y: -y, torch.ones(1, dtype=DT), [0, 1], dt=0.1, gradient="reversible"
+    )
+    assert fixed.stats["nfe"] == 10 * 12
 
 
 def test_string_and_coupling_validation():

@@ -163,7 +163,7 @@ def _increment(st: RKStepper, f, t: float, h: float, t_first: float, t_last: flo
     when none is wanted."""
     shape = x.shape
     xv = x.reshape(-1)
-    S = st.S - 1 if (st.fsal and not err) else st.S
+    S = st.S - 1 if (st.fsal and st.tab.b[-1] == 0.0 and not err) else st.S
     ks = [f.flat(t_first, xv)]
     for i in range(1, S):
         ci = st.c[i]
