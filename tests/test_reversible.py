@@ -72,6 +72,12 @@ def test_forward_is_the_reversible_scheme_written_by_hand():
     assert torch.allclose(sol.ys[:, 0], torch.tensor(ref, dtype=DT), rtol=1e-14, atol=0)
     assert sol.stats["n_steps"] == n
     assert sol.stats["nfe"] == 2 * n  # two Euler increments per step
+    # FSAL dopri5 at fixed steps: its 7th stage only serves the error estimate, so each half
+    # takes 6 evaluations; with error control the first half takes all 7.
+    fixed = no.solve(
+        lambda t, y: -y, torch.ones(1, dtype=DT), [0, 1], dt=0.1, gradient="reversible"
+    )
+    assert fixed.stats["nfe"] == 10 * 12
 
 
 def test_string_and_coupling_validation():
@@ -282,8 +288,10 @@ def test_contractive_problem_reconstruction_vs_backsolve():
     assert err_off > 1e-7
     # ... and the default coupling does not damp the parasitic mode: the solution grows (to
     # about 1e210 by t = 10) instead of decaying, and overflows a little later.
-    bad = no.solve(f, y0, [0.0, 10.0], solver="rk4", dt=dt, gradient="reversible")
+    with pytest.warns(RuntimeWarning, match="parasitic mode has grown"):
+        bad = no.solve(f, y0, [0.0, 10.0], solver="rk4", dt=dt, gradient="reversible")
     assert abs(float(bad.ys[-1, 0])) > 1e100
+    assert bad.stats["reversible_gap"] > 1.0
     with pytest.raises(no.NonFiniteError, match="coupling"):
         no.solve(f, y0, [0.0, 16.0], solver="rk4", dt=dt, gradient="reversible")
 
@@ -312,3 +320,110 @@ def test_event_time_gradient_matches_direct():
     assert float(out["reversible"][1][1]) == pytest.approx(
         (t_star**2 / 2) / (2 - kk * t_star), rel=1e-7
     )
+
+
+# --------------------------------------------------------------------------- DETEST accuracy
+# Global error (scaled as in test_engine_detest.py) of plain dopri5 and of its reversible version
+# at rtol = 1e-6, atol = 1e-8, outputs at t = 0, 1, ..., 20, measured when this was written:
+#   A3 2.0e-6 / 6.6e-6, A4 5.4e-7 / 2.7e-8, D1 1.4e-4 / 9.5e-5, D3 6.4e-5 / 1.0e-3;
+# at rtol 1e-9 the reversible errors are 3.5e-9, 4.5e-10, 5.3e-7, 8.1e-7.
+@pytest.mark.parametrize("name", ["A3", "A4", "D1", "D3"])
+def test_detest_accuracy_against_plain_dopri5(name):
+    from test_engine_detest import PROBLEMS, T_OUT
+
+    _, f, y0, exact = PROBLEMS[name]
+    ref = torch.as_tensor(exact(T_OUT))
+    t = torch.tensor(T_OUT, dtype=DT)
+    y0 = torch.tensor(y0, dtype=DT)
+    errs = {}
+    for g in ("direct", "reversible"):
+        for rtol in (1e-6, 1e-9):
+            ys = no.solve(
+                lambda tt, y: f(tt, y, torch), y0, t, rtol=rtol, atol=rtol / 100, gradient=g
+            ).ys
+            errs[g, rtol] = float((ys - ref).abs().max() / max(1.0, float(ref.abs().max())))
+    assert errs["reversible", 1e-6] <= 25 * errs["direct", 1e-6]
+    assert errs["reversible", 1e-9] <= max(errs["reversible", 1e-6] / 30, 1e-9)
+
+
+@pytest.mark.parametrize("name", ["C1", "B1"])
+def test_detest_contracting_problems_are_flagged(name):
+    """C1, the linear chain (eigenvalue -1, ten-fold): adaptive steps of 0.1-0.5 are far above
+    (1 - coupling) / |mu|, so the parasitic mode grows like exp(t) and the default coupling
+    gives a wrong solution; B1 (predator-prey) likewise through its contracting phases. The gap
+    between y and z flags both."""
+    from test_engine_detest import PROBLEMS, T_OUT
+
+    _, f, y0, exact = PROBLEMS[name]
+    t = torch.tensor(T_OUT, dtype=DT)
+    with pytest.warns(RuntimeWarning, match="parasitic mode has grown"):
+        sol = no.solve(
+            lambda tt, y: f(tt, y, torch), torch.tensor(y0, dtype=DT), t, gradient="reversible"
+        )
+    assert sol.stats["reversible_gap"] > 1.0
+    if exact is not None:
+        ref = torch.as_tensor(exact(T_OUT))
+    else:
+        ref = no.solve(
+            lambda tt, y: f(tt, y, torch), torch.tensor(y0, dtype=DT), t, rtol=1e-10, atol=1e-12
+        ).ys
+    assert float((sol.ys - ref).abs().max()) > 1.0
+
+
+def test_gradients_of_gradients_and_time_gradients():
+    func, y0, t, c = _problem(seed=2)
+    kw = dict(solver="rk4", dt=0.05)
+    v = torch.randn_like(y0)
+
+    def gv(y0_):
+        y0_ = y0_.detach().requires_grad_()
+        loss = (no.solve(func, y0_, t, gradient="reversible", **kw).ys * c).sum()
+        (g,) = torch.autograd.grad(loss, y0_, create_graph=True)
+        return g, y0_
+
+    g, y0g = gv(y0)
+    (hv,) = torch.autograd.grad((g * v).sum(), y0g)  # Hessian-vector product
+    eps = 1e-5
+    fd = (gv(y0 + eps * v)[0] - gv(y0 - eps * v)[0]).detach() / (2 * eps)
+    assert _rel(hv, fd) < 1e-6
+    # Gradients w.r.t. the output times (continuous formula) agree with Direct's.
+    out = []
+    for g_ in ("direct", "reversible"):
+        tt = t.clone().requires_grad_()
+        ys = no.solve(func, y0, tt, solver="dopri5", rtol=1e-10, atol=1e-12, gradient=g_).ys
+        out.append(torch.autograd.grad((ys * c).sum(), tt)[0])
+    assert _rel(out[1], out[0]) < 1e-6
+
+
+def test_jump_times_use_one_sided_limits():
+    """f = a y before t = 0.5 and b y after: with jump_t=[0.5], the second half of the step that
+    ends at 0.5 sees a (left limit) and the first half of the next step sees b."""
+    a, b, lam, h = -0.4, 0.9, 0.95, 0.1
+
+    def rate(t):
+        return a if t < 0.5 else b
+
+    y = z = 1.0
+    for k in range(10):  # without jump_t the step ending at 0.5 would see b
+        t0, t1 = k * h, (k + 1) * h
+        y_new = lam * y + (1 - lam) * z + h * rate(t0) * z
+        z = z + h * (a if t1 <= 0.5 + 1e-12 else b) * y_new
+        y = y_new
+    sol = no.solve(
+        lambda t, y: (a if float(t) < 0.5 else b) * y,
+        torch.tensor([1.0], dtype=DT),
+        [0.0, 1.0],
+        solver="euler",
+        controller=no.ConstantStep(h, jump_t=[0.5]),
+        gradient=no.Reversible(coupling=lam),
+    )
+    assert float(sol.ys[-1, 0]) == pytest.approx(y, rel=1e-13)
+    plain = no.solve(
+        lambda t, y: (a if float(t) < 0.5 else b) * y,
+        torch.tensor([1.0], dtype=DT),
+        [0.0, 1.0],
+        solver="euler",
+        dt=h,
+        gradient=no.Reversible(coupling=lam),
+    )
+    assert abs(float(plain.ys[-1, 0]) - y) > 1e-3  # without jump_t, t = 0.5 sees b
