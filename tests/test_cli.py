@@ -50,6 +50,22 @@ def assert_same_params(a, b):
         assert torch.equal(sa[k], sb[k]), k
 
 
+def assert_plot(path: Path, colour: bool = True) -> None:
+    """A readable PNG of at least 150 x 100 pixels with a drawing on it: 2-90 % of the pixels
+    unlike the background and (``colour``) some coloured ones (data lines/markers; an empty
+    set of axes is black on white)."""
+    import matplotlib.image
+    import numpy as np
+
+    rgb = matplotlib.image.imread(path)[..., :3]
+    assert rgb.shape[0] >= 100 and rgb.shape[1] >= 150, (path.name, rgb.shape)
+    ink = float((np.abs(rgb - rgb[0, 0]).max(-1) > 0.1).mean())
+    assert 0.02 < ink < 0.9, (path.name, ink)
+    if colour:
+        coloured = float(((rgb.max(-1) - rgb.min(-1)) > 0.3).mean())
+        assert coloured > 5e-4, (path.name, coloured)
+
+
 def snapshot(folder: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -80,7 +96,7 @@ def test_spiral_train_resume_evaluate_plot(capsys, tmp_path):
     for name in ("checkpoint.pt", "best.pt", "results.json", "summary.txt"):
         assert (out / name).is_file(), name
     for name in ("spiral.png", "training_curves.png", "nfe.png"):
-        assert (out / "plots" / name).stat().st_size > 1000, name
+        assert_plot(out / "plots" / name)
     ck = state(out / "checkpoint.pt")
     assert {"torch", "numpy", "python"} <= set(ck["rng"]) and ck["epoch"] == 2
 
@@ -98,7 +114,8 @@ def test_spiral_train_resume_evaluate_plot(capsys, tmp_path):
     (out / "plots" / "spiral.png").unlink()
     code, text, err = run(capsys, "plot", out, "--checkpoint", "last")
     assert code == 0, err
-    assert (out / "plots" / "spiral.png").is_file() and "spiral.png" in text
+    assert "spiral.png" in text
+    assert_plot(out / "plots" / "spiral.png")
 
 
 def test_same_config_restarts_and_config_round_trip(capsys, tmp_path):
@@ -172,8 +189,13 @@ def test_latent_ode_quick_train_evaluate_plot(capsys, tmp_path):
     for setting in ("interpolation", "extrapolation"):
         assert {"model", "locf", "linear", "n_points"} <= set(res[setting])
         assert res[setting]["n_points"] > 0
-    assert 0 <= res["auroc_model"] <= 1 and 0 <= res["auroc_logistic_static"] <= 1
-    assert (out / "plots" / "test_subjects.png").stat().st_size > 1000
+    # --quick does not train the classification head (its AUROC is any number in [0, 1]), but
+    # the evaluation around it is checked: the logistic regression on the static covariates
+    # predicts death on PBC (0.83 measured; 0.5 is chance, shuffled labels) and linear
+    # interpolation beats carrying the last value forward at held-out interior points.
+    assert 0 <= res["auroc_model"] <= 1 and res["auroc_logistic_static"] >= 0.7
+    assert res["interpolation"]["linear"] < res["interpolation"]["locf"]
+    assert_plot(out / "plots" / "test_subjects.png")
     code, text2, err = run(capsys, "evaluate", out)
     assert code == 0, err
     assert "interpolation" in text2
@@ -195,18 +217,26 @@ def test_ode_rnn_quick_on_csv(capsys, tmp_path):
     path = _csv(tmp_path / "series.csv", "\n".join(lines) + "\n")
     out = tmp_path / "odernn"
     text = train(capsys, "ode-rnn", out, "--data", "csv", path, "--gradient", "checkpoint",
-                 "--set", "label_col=death", "--set", "max_subjects=0")  # fmt: skip
+                 "--set", "label_col=death", "--set", "max_subjects=0", "--epochs", 6)  # fmt: skip
     assert "ODE-RNN on csv: 40 subjects" in text and "extrapolation" in text and "AUROC" in text
+    # The label is written into channel b, so 6 epochs learn it: AUROC 1.0 on the 6 test
+    # subjects measured; chance (an untrained head: 0.2 after the 2 epochs of --quick) is 0.5.
+    assert json.loads((out / "results.json").read_text())["auroc_model"] >= 0.75
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["nfe_forward"] > 0 and rows[-1]["nfe_backward"] > 0
 
 
 # -- odenet ----------------------------------------------------------------------------------
 def test_odenet_quick(capsys, tmp_path):
-    text = train(capsys, "odenet", tmp_path / "odenet", "--data", "digits")
+    # One epoch over the whole training split (45 steps) instead of --quick's 192 images.
+    text = train(capsys, "odenet", tmp_path / "odenet", "--data", "digits", "--batch-size", 32,
+                 "--set", "max_train=0")  # fmt: skip
     assert "test accuracy" in text and "NFE" in text
     res = json.loads((tmp_path / "odenet" / "results.json").read_text())
-    assert 0.0 <= res["test_accuracy"] <= 1.0 and res["test_nfe_forward"] > 0
+    # 10 classes: chance (untrained, or --quick's 3 steps) is 0.10; measured 0.29-0.41 over
+    # seeds 0-2 (0.41 with the default seed 0).
+    assert res["test_accuracy"] >= 0.2 and res["test_nfe_forward"] > 0
+    assert_plot(tmp_path / "odenet" / "plots" / "digits.png", colour=False)
 
 
 # -- bad input: exit 2, one line, no traceback, nothing lost ---------------------------------

@@ -27,7 +27,7 @@ steps times the tolerance (it is 26-7000x rtol here; the same holds for torchdif
 Tolerance proportionality is checked too: 1000x tighter tolerances must reduce the error at
 least 10x (until it reaches the accuracy of the reference).
 
-NFE bound: see :data:`NFE`.
+NFE bound: see :data:`NFE_FACTOR` (against scipy's driver running the same pair).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
+from scipy.integrate import DOP853, RK23, RK45, solve_ivp
 
 import neuralode
 
@@ -111,149 +112,67 @@ PROBLEMS = {
     ),
 }
 
-# NFE (evaluations of func, forward solve) per (problem, method, rtol), atol = rtol / 100, with
-# outputs at T_OUT. Recorded by running this file as a script (``python
-# tests/test_engine_detest.py``), which prints this table from the current engine. The engine
-# matches scipy's RK45/RK23 within a few percent on dopri5/bosh3 (e.g. D1: 668 vs 668 at 1e-6;
-# E2: 4340 vs 4304 at 1e-9); dopri8 takes more steps than DOP853 because it controls the 5th-order
-# estimate alone (see solvers/dopri8.py). A test fails when NFE exceeds 1.3x the recorded
-# value: a regression in step-size control. Re-record after a deliberate change.
-NFE = {
-    ("A2", "dopri5", 1e-03): 44,
-    ("A2", "dopri5", 1e-06): 110,
-    ("A2", "dopri5", 1e-09): 368,
-    ("A2", "tsit5", 1e-03): 50,
-    ("A2", "tsit5", 1e-06): 98,
-    ("A2", "tsit5", 1e-09): 272,
-    ("A2", "bosh3", 1e-03): 47,
-    ("A2", "bosh3", 1e-06): 356,
-    ("A2", "bosh3", 1e-09): 3431,
-    ("A2", "dopri8", 1e-03): 104,
-    ("A2", "dopri8", 1e-06): 215,
-    ("A2", "dopri8", 1e-09): 508,
-    ("A2", "fehlberg2", 1e-03): 29,
-    ("A2", "fehlberg2", 1e-06): 403,
-    ("A2", "adaptive_heun", 1e-03): 141,
-    ("A2", "adaptive_heun", 1e-06): 4107,
-    ("A3", "dopri5", 1e-03): 182,
-    ("A3", "dopri5", 1e-06): 530,
-    ("A3", "dopri5", 1e-09): 1712,
-    ("A3", "tsit5", 1e-03): 182,
-    ("A3", "tsit5", 1e-06): 566,
-    ("A3", "tsit5", 1e-09): 1802,
-    ("A3", "bosh3", 1e-03): 248,
-    ("A3", "bosh3", 1e-06): 1871,
-    ("A3", "bosh3", 1e-09): 17366,
-    ("A3", "dopri8", 1e-03): 301,
-    ("A3", "dopri8", 1e-06): 672,
-    ("A3", "dopri8", 1e-09): 1894,
-    ("A3", "fehlberg2", 1e-03): 115,
-    ("A3", "fehlberg2", 1e-06): 2676,
-    ("A3", "adaptive_heun", 1e-03): 918,
-    ("A3", "adaptive_heun", 1e-06): 27721,
-    ("A4", "dopri5", 1e-03): 38,
-    ("A4", "dopri5", 1e-06): 110,
-    ("A4", "dopri5", 1e-09): 326,
-    ("A4", "tsit5", 1e-03): 38,
-    ("A4", "tsit5", 1e-06): 104,
-    ("A4", "tsit5", 1e-09): 320,
-    ("A4", "bosh3", 1e-03): 44,
-    ("A4", "bosh3", 1e-06): 275,
-    ("A4", "bosh3", 1e-09): 2477,
-    ("A4", "dopri8", 1e-03): 59,
-    ("A4", "dopri8", 1e-06): 138,
-    ("A4", "dopri8", 1e-09): 367,
-    ("A4", "fehlberg2", 1e-03): 26,
-    ("A4", "fehlberg2", 1e-06): 396,
-    ("A4", "adaptive_heun", 1e-03): 136,
-    ("A4", "adaptive_heun", 1e-06): 4003,
-    ("B1", "dopri5", 1e-03): 332,
-    ("B1", "dopri5", 1e-06): 986,
-    ("B1", "dopri5", 1e-09): 3356,
-    ("B1", "tsit5", 1e-03): 350,
-    ("B1", "tsit5", 1e-06): 1058,
-    ("B1", "tsit5", 1e-09): 3308,
-    ("B1", "bosh3", 1e-03): 473,
-    ("B1", "bosh3", 1e-06): 3662,
-    ("B1", "dopri8", 1e-03): 559,
-    ("B1", "dopri8", 1e-06): 1345,
-    ("B1", "dopri8", 1e-09): 3504,
-    ("B1", "fehlberg2", 1e-03): 184,
-    ("B1", "fehlberg2", 1e-06): 5290,
-    ("B1", "adaptive_heun", 1e-03): 1779,
-    ("C1", "dopri5", 1e-03): 116,
-    ("C1", "dopri5", 1e-06): 350,
-    ("C1", "dopri5", 1e-09): 1298,
-    ("C1", "tsit5", 1e-03): 104,
-    ("C1", "tsit5", 1e-06): 314,
-    ("C1", "tsit5", 1e-09): 1142,
-    ("C1", "bosh3", 1e-03): 107,
-    ("C1", "bosh3", 1e-06): 992,
-    ("C1", "bosh3", 1e-09): 9863,
-    ("C1", "dopri8", 1e-03): 173,
-    ("C1", "dopri8", 1e-06): 377,
-    ("C1", "dopri8", 1e-09): 970,
-    ("C1", "fehlberg2", 1e-03): 92,
-    ("C1", "fehlberg2", 1e-06): 1462,
-    ("C1", "adaptive_heun", 1e-03): 499,
-    ("C1", "adaptive_heun", 1e-06): 15455,
-    ("D1", "dopri5", 1e-03): 200,
-    ("D1", "dopri5", 1e-06): 668,
-    ("D1", "dopri5", 1e-09): 2360,
-    ("D1", "tsit5", 1e-03): 206,
-    ("D1", "tsit5", 1e-06): 752,
-    ("D1", "tsit5", 1e-09): 2714,
-    ("D1", "bosh3", 1e-03): 293,
-    ("D1", "bosh3", 1e-06): 2618,
-    ("D1", "dopri8", 1e-03): 288,
-    ("D1", "dopri8", 1e-06): 632,
-    ("D1", "dopri8", 1e-09): 1854,
-    ("D1", "fehlberg2", 1e-03): 91,
-    ("D1", "fehlberg2", 1e-06): 3162,
-    ("D1", "adaptive_heun", 1e-03): 1064,
-    ("D3", "dopri5", 1e-03): 284,
-    ("D3", "dopri5", 1e-06): 920,
-    ("D3", "dopri5", 1e-09): 2882,
-    ("D3", "tsit5", 1e-03): 314,
-    ("D3", "tsit5", 1e-06): 1016,
-    ("D3", "tsit5", 1e-09): 3098,
-    ("D3", "bosh3", 1e-03): 410,
-    ("D3", "bosh3", 1e-06): 3419,
-    ("D3", "dopri8", 1e-03): 553,
-    ("D3", "dopri8", 1e-06): 1231,
-    ("D3", "dopri8", 1e-09): 2842,
-    ("D3", "fehlberg2", 1e-03): 93,
-    ("D3", "fehlberg2", 1e-06): 4462,
-    ("D3", "adaptive_heun", 1e-03): 1522,
-    ("E2", "dopri5", 1e-03): 440,
-    ("E2", "dopri5", 1e-06): 1424,
-    ("E2", "dopri5", 1e-09): 4340,
-    ("E2", "tsit5", 1e-03): 434,
-    ("E2", "tsit5", 1e-06): 1310,
-    ("E2", "tsit5", 1e-09): 3974,
-    ("E2", "bosh3", 1e-03): 518,
-    ("E2", "bosh3", 1e-06): 3983,
-    ("E2", "dopri8", 1e-03): 735,
-    ("E2", "dopri8", 1e-06): 1789,
-    ("E2", "dopri8", 1e-09): 4335,
-    ("E2", "fehlberg2", 1e-03): 233,
-    ("E2", "fehlberg2", 1e-06): 6091,
-    ("E2", "adaptive_heun", 1e-03): 2133,
-    ("E3", "dopri5", 1e-03): 374,
-    ("E3", "dopri5", 1e-06): 1130,
-    ("E3", "dopri5", 1e-09): 3776,
-    ("E3", "tsit5", 1e-03): 326,
-    ("E3", "tsit5", 1e-06): 1040,
-    ("E3", "tsit5", 1e-09): 3638,
-    ("E3", "bosh3", 1e-03): 686,
-    ("E3", "bosh3", 1e-06): 5522,
-    ("E3", "dopri8", 1e-03): 483,
-    ("E3", "dopri8", 1e-06): 1321,
-    ("E3", "dopri8", 1e-09): 3269,
-    ("E3", "fehlberg2", 1e-03): 353,
-    ("E3", "fehlberg2", 1e-06): 10296,
-    ("E3", "adaptive_heun", 1e-03): 3457,
+# NFE bound. The work of each method is compared with scipy's driver running the same embedded
+# pair (solve_ivp; classical I controller with safety 0.9 and step factors in [0.2, 10], Hairer's
+# initial step: the textbook algorithm, Hairer, Norsett & Wanner I, sec. II.4): RK45 and RK23 are
+# dopri5's and bosh3's pairs; the pairs scipy lacks are given to its RungeKutta driver below from
+# their publications; tsit5 (also 5(4), and at least as efficient by design, Tsitouras 2011) is
+# compared with RK45. NFE may exceed scipy's by at most NFE_FACTOR (measured: 0.74-1.15x), plus,
+# for dopri8, the three extra stages of its 7th-order dense output for each of the 21 outputs.
+NFE_FACTOR = 1.3
+DENSE_EXTRA = {"dopri8": 3 * len(T_OUT)}
+
+
+class _HeunEuler(RK23):
+    """Heun's 2nd-order method with the embedded Euler solution (Heun 1900; HNW I, II.4)."""
+
+    order, error_estimator_order, n_stages = 2, 1, 2
+    C = np.array([0.0, 1.0])
+    A = np.array([[0.0, 0.0], [1.0, 0.0]])
+    B = np.array([0.5, 0.5])
+    E = np.array([0.5, -0.5, 0.0])  # b - b_hat (b_hat = Euler), nothing on f(t + h, y_new)
+    P = None  # no dense output needed: scipy is run without t_eval
+
+
+class _Fehlberg21(RK23):
+    """RKF 2(1) (Fehlberg 1969, NASA TR R-315, Table XIII), propagating the 2nd-order solution."""
+
+    order, error_estimator_order, n_stages = 2, 1, 3
+    C = np.array([0.0, 0.5, 1.0])
+    A = np.array([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [1 / 256, 255 / 256, 0.0]])
+    B = np.array([1 / 512, 255 / 256, 1 / 512])
+    E = np.array([1 / 512 - 1 / 256, 0.0, 1 / 512, 0.0])
+    P = None
+
+
+class _DOP853Err5(DOP853):
+    """DOP853 controlling its 5th-order error estimate alone with exponent 1/6, as dopri8 does
+    (see neuralode/solvers/dopri8.py), instead of DOP853's combined 8th-order estimate."""
+
+    error_estimator_order = 5
+
+    def _estimate_error_norm(self, K, h, scale):
+        return abs(h) * np.linalg.norm(K.T @ self.E5 / scale) / math.sqrt(len(scale))
+
+
+SCIPY_PAIR = {
+    "dopri5": RK45,
+    "tsit5": RK45,
+    "bosh3": RK23,
+    "dopri8": _DOP853Err5,
+    "fehlberg2": _Fehlberg21,
+    "adaptive_heun": _HeunEuler,
 }
+
+
+def _scipy(problem: str, method: str, rtol: float):
+    _, f, y0, _ = PROBLEMS[problem]
+    r = solve_ivp(
+        lambda t, y: f(t, y, np), (0.0, 20.0), y0, method=SCIPY_PAIR[method], rtol=rtol,
+        atol=rtol * 1e-2,
+    )  # fmt: skip
+    assert r.success, r.message
+    return r
 
 
 def _cases():
@@ -277,8 +196,6 @@ def _reference(problem: str) -> np.ndarray:
     _, f, y0, exact = PROBLEMS[problem]
     if exact is not None:
         return exact(T_OUT)
-    from scipy.integrate import solve_ivp
-
     r = solve_ivp(
         lambda t, y: f(t, y, np),
         (T_OUT[0], T_OUT[-1]),
@@ -316,8 +233,9 @@ def test_detest_accuracy_and_nfe(problem, method):
         assert sol.success and sol.stats["n_accepted"] > 0
         bound = FACTOR[cls] * METHOD_FACTOR.get(method, 1.0) * rtol
         assert err <= bound, f"rtol={rtol:g}: scaled global error {err:.3g} > {bound:.3g}"
-        recorded = NFE[(problem, method, rtol)]
-        assert nfe <= 1.3 * recorded, f"rtol={rtol:g}: NFE {nfe} > 1.3 x recorded {recorded}"
+        ref = _scipy(problem, method, rtol).nfev
+        bound = NFE_FACTOR * ref + DENSE_EXTRA.get(method, 0)
+        assert nfe <= bound, f"rtol={rtol:g}: NFE {nfe} > {bound:.0f} (scipy's driver: {ref})"
         errs.append(err)
     for loose, tight in zip(errs, errs[1:]):  # tolerance proportionality
         assert tight <= max(loose / 10, REF_ACCURACY), errs
@@ -325,8 +243,6 @@ def test_detest_accuracy_and_nfe(problem, method):
 
 def test_references_agree_with_closed_forms():
     """The scipy reference procedure is accurate enough where a closed form is known."""
-    from scipy.integrate import solve_ivp
-
     for problem in ("A3", "C1", "D3"):
         _, f, y0, exact = PROBLEMS[problem]
         r = solve_ivp(
@@ -341,14 +257,13 @@ def test_references_agree_with_closed_forms():
         assert np.abs(r.y.T - exact(T_OUT)).max() < 5e-11
 
 
-def test_nfe_table_covers_exactly_the_cases_run():
-    run = {(p, m, tol) for p, m in _cases() for tol in _tols(p, m)}
-    assert set(NFE) == run
-
-
-if __name__ == "__main__":  # print the NFE table from the current engine
-    print("NFE = {")
-    for p, m in _cases():
-        for tol in _tols(p, m):
-            print(f"    ({p!r}, {m!r}, {tol:.0e}): {_run(p, m, tol)[1]},")
-    print("}")
+@pytest.mark.parametrize("method", ["fehlberg2", "adaptive_heun", "dopri8"])
+def test_scipy_pairs_are_the_methods_they_stand_for(method):
+    """The pairs given to scipy's driver integrate with their order: A3 (y = exp(sin t)) within
+    the accuracy criterion at rtol 1e-6, and 1000x tighter tolerances give a smaller error."""
+    errs = []
+    for rtol in (1e-3, 1e-6):
+        r = _scipy("A3", method, rtol)
+        errs.append(abs(r.y[0, -1] - math.exp(math.sin(20.0))) / math.e)
+    assert errs[1] <= FACTOR["A"] * METHOD_FACTOR.get(method, 1.0) * 1e-6, errs
+    assert errs[1] < errs[0] / 10, errs

@@ -72,7 +72,8 @@ def test_non_fsal_methods_match_the_textbook_formulas(method, step):
         solver=method,
         controller=ConstantStep(0.25),
     )
-    assert float(sol.ys[-1, 0]) == pytest.approx(expected, rel=1e-15, abs=1e-15)
+    # To rounding (1e-14: the stages are summed in another order than the formula here).
+    assert float(sol.ys[-1, 0]) == pytest.approx(expected, rel=1e-14, abs=1e-15)
     if method == "adaptive_heun":
         # Issue #2: 0.61117; reusing f at the embedded (Euler) point, as torchdiffeq 0.2.x does,
         # gives 0.63744 instead.
@@ -203,7 +204,7 @@ def test_constant_step_backward_and_larger_than_the_interval():
         dt=2.0,
     )
     assert one.step_times == [0.0, 0.5]
-    assert float(one.ys[-1, 0]) == pytest.approx(_rk4_decay_factor(0.5), rel=1e-15)
+    assert float(one.ys[-1, 0]) == pytest.approx(_rk4_decay_factor(0.5), rel=1e-14)
 
 
 @pytest.mark.parametrize(("t_end", "n"), [(1.0, 10), (4.0, 6), (2.0, 7), (10.0, 100), (1.0, 3)])

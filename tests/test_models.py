@@ -359,7 +359,12 @@ def test_latent_ode_shapes_and_finite_elbo():
     for k in ("loss", "elbo", "log_lik", "kl", "mse"):
         assert out[k].dim() == 0 and torch.isfinite(out[k]), k
     assert out["n_obs"] == batch.mask.sum()
-    assert float(out["kl"]) >= 0
+    # KL(q(z0|x) || N(0, I)) per series, averaged: against torch.distributions' closed form
+    with torch.no_grad():
+        q, prior = torch.distributions.Normal(mu, std), torch.distributions.Normal(0.0, 1.0)
+        kl = torch.distributions.kl_divergence(q, prior).sum(-1).mean()
+    assert float(kl) > 0
+    torch.testing.assert_close(out["kl"], kl, rtol=1e-5, atol=1e-6)
     assert out["loss"].requires_grad and not out["elbo"].requires_grad
     torch.testing.assert_close(out["elbo"], out["log_lik"] - out["kl"])
     torch.testing.assert_close(out["loss"], -out["elbo"] * B / out["n_obs"])
