@@ -151,6 +151,33 @@ def test_nfe_forward_and_backward(gradient):
     assert 0 < flow.nfe_backward <= (flow.nfe_forward if gradient == "direct" else 10**4)
 
 
+def test_regularizers_left_out_of_the_error_norm_cost_no_steps():
+    torch.manual_seed(6)
+    field = MLPVectorField(2, hidden=16, time_dependent=True).to(D)
+    with torch.no_grad():
+        for p in field.parameters():
+            p.mul_(3.0)  # a field with some structure, so that steps are not all the same
+    x = torch.randn(64, 2, dtype=D)
+    regs = {"kinetic": 0.1, "jacobian": 0.1}
+    plain = CNF(field, rtol=1e-6, atol=1e-6)
+    excl = CNF(field, regularizers=regs, rtol=1e-6, atol=1e-6)
+    incl = CNF(field, regularizers=regs, regularizers_in_error_norm=True, rtol=1e-6, atol=1e-6)
+    ctrl = CNF(field, regularizers=regs, controller=neuralode.PIController(rtol=1e-6, atol=1e-6))
+    with torch.no_grad():
+        lp = plain.log_prob(x)
+        le, re_ = excl.log_prob_and_regularizers(x)
+        li, ri = incl.log_prob_and_regularizers(x)
+        ctrl.log_prob(x)
+    assert abs(excl.nfe_forward - plain.nfe_forward) <= 2
+    assert abs(ctrl.nfe_forward - plain.nfe_forward) <= 2
+    assert incl.nfe_forward > excl.nfe_forward
+    torch.testing.assert_close(le, lp, rtol=1e-6, atol=1e-6)
+    for k in regs:  # still accurate: the steps resolve z, which the integrands depend on
+        torch.testing.assert_close(re_[k], ri[k], rtol=1e-3, atol=0)
+    with pytest.raises(TypeError, match="regularizers_in_error_norm must be a bool"):
+        CNF(field, regularizers_in_error_norm=1)
+
+
 def test_cnf_errors():
     f = Linear(torch.eye(2, dtype=D))
     with pytest.raises(ValueError, match="trace must be"):
