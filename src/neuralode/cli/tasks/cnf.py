@@ -328,9 +328,12 @@ class CNFTask(Task):
         b.set_title(f"training data ({len(data)})")
         c.scatter(samples[:, 0], samples[:, 1], s=3, c="tab:orange")
         c.set_title("samples of the flow")
+        names = ("eruption (min)", "waiting (min)") if self.cfg.data == "faithful" else ("x1", "x2")
         for ax in (a, b, c):
             ax.set_xlim(lo[0], hi[0])
             ax.set_ylim(lo[1], hi[1])
+            ax.set_xlabel(names[0])
+        a.set_ylabel(names[1])
         paths.append(_save(fig, plot_dir / "density.png"))
         # Trajectories from the base (t0) to data space (t1).
         with torch.no_grad():
