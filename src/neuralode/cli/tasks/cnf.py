@@ -192,7 +192,9 @@ class CNFTask(Task):
         logs = {"train_nll": float(out.nll.detach()) + self.log_scale}
         for k, v in out.regularizers.items():
             logs[f"train_{k}"] = float(v.detach())
-        return out.loss, logs
+        # The constant log-Jacobian of the standardisation puts the loss in the data's units
+        # (comparable with val_nll); it does not change the gradient.
+        return out.loss + self.log_scale, logs
 
     def _nll(self, model: CNF, split: str, batch: int = 1024) -> tuple[float, float]:
         """Mean held-out NLL (nats per sample, data units) and mean NFE per solve."""
