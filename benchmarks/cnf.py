@@ -21,7 +21,8 @@ regularisers ``{"kinetic": w, "jacobian": w}`` (``--reg-weight``, default 0.01, 
 norm); reports the validation NLL (exact trace, 1,000 held-out points) every ``--every``
 iterations, the forward NFE per iteration and the wall time.
 
-Run ``python benchmarks/cnf.py`` (``--quick`` for 30 + 60 iterations). ``main(argv)`` returns
+Run ``python benchmarks/cnf.py`` (``--quick`` for 30 + 60 iterations, ``--tiny`` for a CI
+smoke run). ``main(argv)`` returns
 ``{"speed": rows, "rnode": rows}``.
 """
 
@@ -189,10 +190,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CI smoke run: a few iterations, batch 32")
     p.add_argument("--skip-rnode", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
         a.iters, a.speed_iters, a.every = 60, 30, 20
+    if a.tiny:
+        a.iters, a.speed_iters, a.every, a.batch = 4, 3, 2, 32
     torch.set_num_threads(1)
     print(
         f"# CNF benchmark: torch {torch.__version__}, "

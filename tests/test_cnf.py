@@ -151,6 +151,33 @@ def test_nfe_forward_and_backward(gradient):
     assert 0 < flow.nfe_backward <= (flow.nfe_forward if gradient == "direct" else 10**4)
 
 
+def test_regularizers_left_out_of_the_error_norm_cost_no_steps():
+    torch.manual_seed(6)
+    field = MLPVectorField(2, hidden=16, time_dependent=True).to(D)
+    with torch.no_grad():
+        for p in field.parameters():
+            p.mul_(3.0)  # a field with some structure, so that steps are not all the same
+    x = torch.randn(64, 2, dtype=D)
+    regs = {"kinetic": 0.1, "jacobian": 0.1}
+    plain = CNF(field, rtol=1e-6, atol=1e-6)
+    excl = CNF(field, regularizers=regs, rtol=1e-6, atol=1e-6)
+    incl = CNF(field, regularizers=regs, regularizers_in_error_norm=True, rtol=1e-6, atol=1e-6)
+    ctrl = CNF(field, regularizers=regs, controller=neuralode.PIController(rtol=1e-6, atol=1e-6))
+    with torch.no_grad():
+        lp = plain.log_prob(x)
+        le, re_ = excl.log_prob_and_regularizers(x)
+        li, ri = incl.log_prob_and_regularizers(x)
+        ctrl.log_prob(x)
+    assert abs(excl.nfe_forward - plain.nfe_forward) <= 2
+    assert abs(ctrl.nfe_forward - plain.nfe_forward) <= 2
+    assert incl.nfe_forward > excl.nfe_forward
+    torch.testing.assert_close(le, lp, rtol=1e-6, atol=1e-6)
+    for k in regs:  # still accurate: the steps resolve z, which the integrands depend on
+        torch.testing.assert_close(re_[k], ri[k], rtol=1e-3, atol=0)
+    with pytest.raises(TypeError, match="regularizers_in_error_norm must be a bool"):
+        CNF(field, regularizers_in_error_norm=1)
+
+
 def test_cnf_errors():
     f = Linear(torch.eye(2, dtype=D))
     with pytest.raises(ValueError, match="trace must be"):
@@ -240,17 +267,52 @@ def test_torchdiffeq_cnf_example_formulation_runs(adjoint):
     assert all(math.isfinite(v) for v in losses)
 
     # The same field as a CNF with the exact trace gives the same log-density.
-    class Field(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, t, z):
-            return self.inner(t, (z, None))[0]
-
     with torch.no_grad():
         logp0 = torch.zeros(16, 1, dtype=D)
         z_t, logp_t = neuralode.odeint(func, (x, logp0), t, atol=1e-9, rtol=1e-9)
         ref = std_normal_logpdf(z_t[-1]) - logp_t[-1].view(-1)
-    got = CNF(Field(func), rtol=1e-9, atol=1e-9).log_prob(x).detach()
+    got = CNF(HyperCNFField(func), rtol=1e-9, atol=1e-9).log_prob(x).detach()
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+class WithKinetic(nn.Module):
+    """FFJORD-style code with an extra regularisation state: (z, logp, E) -> (dz, -tr, |dz|^2)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, t, states):
+        dz, dlogp = self.inner(t, states[:2])
+        return dz, dlogp, dz.square().sum(1, keepdim=True)
+
+
+def test_torchdiffeq_style_extra_regularisation_state():
+    torch.manual_seed(7)
+    func = WithKinetic(HyperCNF()).to(D)
+    x = torch.randn(8, 2, dtype=D)
+    zeros = torch.zeros(8, 1, dtype=D)
+    t = torch.tensor([1.0, 0.0], dtype=D)
+    grads = []
+    for odeint in (neuralode.odeint, neuralode.odeint_adjoint):
+        func.zero_grad()
+        z_t, logp_t, e_t = odeint(func, (x, zeros, zeros), t, rtol=1e-8, atol=1e-8)
+        loss = -(std_normal_logpdf(z_t[-1]) - logp_t[-1].view(-1)).mean() - 0.1 * e_t[-1].mean()
+        loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in func.parameters()]))
+    # Integrated from t1 = 1 down to 0, the energy state is minus the kinetic energy integral.
+    field = HyperCNFField(func.inner)
+    _, regs = CNF(
+        field, regularizers={"kinetic": 1.0}, rtol=1e-8, atol=1e-8
+    ).log_prob_and_regularizers(x)
+    torch.testing.assert_close(-e_t[-1].view(-1), regs["kinetic"].detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+class HyperCNFField(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, t, z):
+        return self.inner(t, (z, None))[0]

@@ -14,6 +14,7 @@ vector-Jacobian product (Hutchinson) or Jacobian rows (exact) as the trace.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -126,6 +127,11 @@ class CNF(CountsNFE, nn.Module):
         ``weight * mean(integral)``. Default: none.
     dim : int, optional
         Data dimension, for :meth:`sample` (default: ``base.event_shape`` or ``field.dim``).
+    regularizers_in_error_norm : bool, default False
+        Whether the regulariser integrals take part in step-size control. By default they are
+        left out (they do not feed back into the dynamics; their local errors would only
+        shorten steps), so the regularised solve takes the steps of the unregularised one.
+        With adaptive tolerances given as numbers (``rtol``/``atol`` or a ``PIController``).
     solver, rtol, atol, dt, controller, gradient, max_steps
         How the flow is integrated (:class:`~neuralode.models.SolverSettings`); the default
         tolerances are FFJORD's, ``rtol = atol = 1e-5``.
@@ -175,6 +181,7 @@ class CNF(CountsNFE, nn.Module):
         base=None,
         regularizers: Mapping | None = None,
         dim: int | None = None,
+        regularizers_in_error_norm: bool = False,
         solver="dopri5",
         rtol: float | None = None,
         atol: float | None = None,
@@ -231,6 +238,11 @@ class CNF(CountsNFE, nn.Module):
         self.base = base
         self.weights = {k: float(v) for k, v in weights.items()}
         self.dim = dim
+        if not isinstance(regularizers_in_error_norm, bool):
+            raise TypeError(
+                f"regularizers_in_error_norm must be a bool, got {regularizers_in_error_norm!r}"
+            )
+        self.regularizers_in_error_norm = regularizers_in_error_norm
         self._counter = NFECounter()
 
     # -- densities -------------------------------------------------------------------------
@@ -280,7 +292,8 @@ class CNF(CountsNFE, nn.Module):
         zero = x.new_zeros(x.shape[0])
         state = (x, zero) + (zero,) * (int(kinetic) + int(jacobian))
         t = torch.tensor([self.t1, self.t0], dtype=torch.float64)
-        sol = neuralode.solve(dyn, state, t, **self.settings.solve_kwargs())
+        kw = self._solve_kwargs(len(state) - 2, x.dtype)
+        sol = neuralode.solve(dyn, state, t, **kw)
         self._counter.record(sol.stats)
         z0, delta = sol.ys[0][-1], sol.ys[1][-1]
         regs, k = {}, 2
@@ -289,6 +302,33 @@ class CNF(CountsNFE, nn.Module):
                 regs[name] = sol.ys[k][-1]
                 k += 1
         return self.base_log_prob(z0) - delta, regs
+
+    def _solve_kwargs(self, n_reg: int, dtype: torch.dtype) -> dict:
+        """Solver options for the state ``(z, Delta, regularisers...)``.
+
+        The regulariser integrals are not fed back into the dynamics and only their gradient
+        matters, so by default they are left out of step-size control (``rtol = 0`` and an
+        absolute tolerance at the dtype's largest number make their scaled error zero; the
+        mixed norm then takes the maximum over ``z`` and ``Delta`` only): the steps are those of
+        the unregularised log-density solve, and the regularisers do not cost steps of their own.
+        """
+        kw = self.settings.solve_kwargs()
+        if not n_reg or self.regularizers_in_error_norm:
+            return kw
+        big = torch.finfo(dtype).max
+        ctrl = kw.get("controller")
+        if "rtol" in kw:
+            kw["rtol"] = (kw["rtol"],) * 2 + (0.0,) * n_reg
+            kw["atol"] = (kw["atol"],) * 2 + (big,) * n_reg
+        elif isinstance(ctrl, neuralode.PIController) and all(
+            isinstance(v, (int, float)) for v in (ctrl.rtol, ctrl.atol)
+        ):
+            kw["controller"] = dataclasses.replace(
+                ctrl,
+                rtol=(ctrl.rtol,) * 2 + (0.0,) * n_reg,
+                atol=(ctrl.atol,) * 2 + (big,) * n_reg,
+            )
+        return kw
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log p(x)`` in nats per sample, ``(B,)`` (see :meth:`log_prob_and_regularizers`)."""

@@ -192,7 +192,9 @@ class CNFTask(Task):
         logs = {"train_nll": float(out.nll.detach()) + self.log_scale}
         for k, v in out.regularizers.items():
             logs[f"train_{k}"] = float(v.detach())
-        return out.loss, logs
+        # The constant log-Jacobian of the standardisation puts the loss in the data's units
+        # (comparable with val_nll); it does not change the gradient.
+        return out.loss + self.log_scale, logs
 
     def _nll(self, model: CNF, split: str, batch: int = 1024) -> tuple[float, float]:
         """Mean held-out NLL (nats per sample, data units) and mean NFE per solve."""
@@ -328,9 +330,12 @@ class CNFTask(Task):
         b.set_title(f"training data ({len(data)})")
         c.scatter(samples[:, 0], samples[:, 1], s=3, c="tab:orange")
         c.set_title("samples of the flow")
+        names = ("eruption (min)", "waiting (min)") if self.cfg.data == "faithful" else ("x1", "x2")
         for ax in (a, b, c):
             ax.set_xlim(lo[0], hi[0])
             ax.set_ylim(lo[1], hi[1])
+            ax.set_xlabel(names[0])
+        a.set_ylabel(names[1])
         paths.append(_save(fig, plot_dir / "density.png"))
         # Trajectories from the base (t0) to data space (t1).
         with torch.no_grad():
