@@ -29,6 +29,9 @@ functions return (no solve is repeated):
   evaluation); on Arenstorf at equal error. Above 1: neuralode is no slower;
 - per-sample control: the largest share of sample-evaluations spent on samples that had already
   finished, over the tolerances run.
+- issue #12 (``training.py``): the training step of a spiral neural ODE (``odeint``,
+  ``odeint_adjoint`` and ``compile=True`` against torchdiffeq: torchdiffeq time / neuralode time)
+  and the fixed-step Euler sampling loop (neuralode time / a hand-written loop).
 
 A header describes the machine (CPU, cores, load, library versions, threads, dtypes, date).
 ``--tiny`` runs every script in its ``--tiny`` mode (seconds; the compile measurement only with
@@ -60,6 +63,7 @@ if HERE not in sys.path:  # the sibling scripts, when imported from elsewhere (t
 
 import gradients  # noqa: E402
 import per_sample  # noqa: E402
+import training  # noqa: E402
 import work_precision as wp  # noqa: E402
 
 import neuralode  # noqa: E402
@@ -85,6 +89,11 @@ TARGETS = {
     "per_sample": Target("per-sample control: evaluations on finished samples", 0.10, "<=", "%"),
     "compile_field": Target("torch.compile of the vector field: gain", None, ">="),
     "compile_step": Target("torch.compile of the step: gain", None, ">="),
+    # issue #12: the training step and the sampling loop (benchmarks/training.py)
+    "train_direct": Target("training step: odeint vs torchdiffeq odeint", 3.0, ">="),
+    "train_adjoint": Target("training step: odeint_adjoint vs torchdiffeq's", 3.0, ">="),
+    "train_compiled": Target("training step: compile=True vs torchdiffeq odeint", 10.0, ">="),
+    "euler_loop": Target("Euler sampling loop: time / hand-written loop", 1.10, "<=", ""),
 }
 FORWARD_WORKLOADS = ("mlp_d2", "mlp_d64")
 FORWARD_TARGETS = (1e-3, 1e-5, 1e-7)  # as work_precision.print_equal_error
@@ -381,6 +390,26 @@ def compile_rows(args, clock, wp_runs: dict[str, list]) -> list[dict]:
     return rows
 
 
+def training_target_rows(rows: list[dict]) -> list[dict]:
+    """The issue-#12 rows from benchmarks/training.py's rows."""
+    by = {r["name"]: r for r in rows}
+    spec = [
+        ("train_direct", "training step: neuralode odeint", "spiral, batch 16, dopri5 1e-6, fp32"),
+        ("train_adjoint", "training step: neuralode odeint_adjoint", "spiral, adjoint"),
+        ("train_compiled", "training step: neuralode compile=True", "spiral, compile=True"),
+        ("euler_loop", "euler sampling: neuralode odeint euler", "Euler 50 steps, batch 256"),
+    ]
+    out = []
+    for key, name, workload in spec:
+        r = by.get(name)
+        if r is None:
+            out.append(target_row(key, workload, None, "not run"))
+            continue
+        cell = f"{r['ratio']:.2f}x ({r['ms']:.1f} ms{'; ' + r['note'] if r['note'] else ''})"
+        out.append(target_row(key, workload, r["ratio"], cell))
+    return out
+
+
 # --------------------------------------------------------------------------- machine
 def cpu_model() -> str:
     try:
@@ -463,6 +492,10 @@ def plan(args) -> dict[str, tuple[Callable, list[str]]]:
         ),
         "gradients": (gradients.main, []),
         "per_sample d=2": (per_sample.main, ["--d", "2"]),
+        "training": (
+            training.main,
+            [] if (args.compile or not args.tiny) else ["--compiled", "off"],
+        ),
     }
     if not args.tiny:
         runs["per_sample d=64"] = (per_sample.main, ["--d", "64"])
@@ -512,6 +545,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     wp_runs: dict[str, list] = {}
     ps_runs: dict[int, list[dict]] = {}
     grad_rows: list = []
+    train_rows: list = []
     f_costs: dict[tuple[str, str], float] = {}
     for name, (fn, sub_argv) in plan(args).items():
         print(f"\n\n## {name}: {Path(fn.__code__.co_filename).name} {' '.join(sub_argv)}\n")
@@ -524,6 +558,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f_costs.update(measure_f_costs(dtype, clock))
         elif fn is gradients.main:
             grad_rows = rows
+        elif fn is training.main:
+            train_rows = rows
         else:
             ps_runs[int(name.split("=")[1])] = rows
         sys.stdout.flush()
@@ -536,6 +572,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         + tiny_system_rows(wp_runs)
         + per_sample_rows(ps_runs)
         + compile_rows(args, clock, wp_runs)
+        + training_target_rows(train_rows)
     )
     total = time.perf_counter() - start
     command = " ".join(["python benchmarks/run_all.py", *(sys.argv[1:] if argv is None else argv)])

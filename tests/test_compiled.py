@@ -190,11 +190,9 @@ def test_unsupported_states_and_grad_mode_raise():
     y0 = torch.ones(3, dtype=torch.float64)
     with torch.no_grad(), pytest.raises(ValueError, match="tuple state"):
         neuralode.solve(lambda t, y: (-y[0], -y[1]), (y0, y0), t, compile=True)
-    with pytest.raises(ValueError, match=r"torch.no_grad\(\)"):
-        neuralode.solve(lambda t, y: -y, y0.clone().requires_grad_(), t, compile=True)
-    lin = torch.nn.Linear(3, 3).double()
-    with pytest.raises(ValueError, match="autograd"):
-        neuralode.solve(lambda t, y: lin(y), y0, t, compile=True)  # closed over: not found
+    # (Grad mode works: tests/test_compiled_gradients.py; gradients w.r.t. t do not.)
+    with pytest.raises(ValueError, match=r"gradients with respect to t"):
+        neuralode.solve(lambda t, y: -y, y0, t.clone().requires_grad_(), compile=True)
     with pytest.raises(TypeError, match="compile must be a bool"):
         neuralode.solve(lambda t, y: -y, y0, t, compile="yes")
 

@@ -64,3 +64,126 @@ def test_non_finite_func_at_the_start_names_the_cause_in_every_driver(batch_cont
     t = torch.tensor([0.0, 1.0], dtype=F64)
     with pytest.raises(NonFiniteError, match=r"func returned non-finite values \(NaN/inf\)"):
         neuralode.solve(lambda t, y: y / 0.0 - y / 0.0, y0, t, batch_control=batch_control)
+
+
+# --------------------------------------------------------------------------- the matrix
+import neuralode._compiled as compiled  # noqa: E402
+from neuralode import MaxStepsError  # noqa: E402
+
+DRIVERS = ["shared", "per_sample", "compiled"]
+
+
+def _osc(t, y):
+    """A damped oscillator, row-wise (the same field for every driver)."""
+    return torch.stack([y[:, 1], -y[:, 0] - 0.1 * y[:, 1]], 1)
+
+
+def _blow_up(t, y):  # y' = y^2 from y(0) = 1: singular at t = 1
+    return y * y
+
+
+YB = torch.tensor([[1.0, 0.0], [0.5, 0.5], [-0.2, 1.0]], dtype=F64)
+TB = torch.linspace(0.0, 3.0, 7, dtype=F64)
+
+
+def _solve(driver, func, y0, t, **kw):
+    if driver == "compiled":
+        with torch.no_grad():
+            return neuralode.solve(func, y0, t, compile=True, **kw)
+    return neuralode.solve(func, y0, t, batch_control=driver, **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _two_steps_per_call():
+    """Compiled cases unroll 2 steps per call (shorter compilation, the same code)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiled, "STEPS_PER_CALL", 2)
+        yield
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3"])
+def test_same_values_and_step_counts_through_every_driver(driver, solver):
+    if driver == "compiled" and solver != "dopri5":
+        pytest.skip("one compiled case (compilation is slow); the others share its code")
+    kw = dict(solver=solver, rtol=1e-8, atol=1e-10)
+    sol = _solve(driver, _osc, YB, TB, **kw)
+    if driver == "per_sample":
+        # Each sample takes exactly the steps the shared driver takes for it alone.
+        for b in range(YB.shape[0]):
+            alone = neuralode.solve(_osc, YB[b : b + 1], TB, dense_output=False, **kw)
+            assert int(sol.stats["n_accepted"][b]) == alone.stats["n_accepted"]
+            assert int(sol.stats["n_rejected"][b]) == alone.stats["n_rejected"]
+            torch.testing.assert_close(sol.ys[:, b], alone.ys[:, 0], rtol=1e-12, atol=1e-12)
+    else:
+        ref = neuralode.solve(_osc, YB, TB, dense_output=False, **kw)
+        assert sol.stats["n_accepted"] == ref.stats["n_accepted"]
+        assert sol.stats["n_rejected"] == ref.stats["n_rejected"]
+        torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_step_size_underflow_is_the_same_failure_everywhere(driver):
+    y0 = torch.ones(2, 1, dtype=F64)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    with pytest.raises(StepSizeUnderflowError, match=r"step size underflow .* blow up") as ei:
+        _solve(driver, _blow_up, y0, t)
+    assert abs(ei.value.t - 1.0) < 1e-2
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_max_steps_is_the_same_failure_everywhere(driver):
+    with pytest.raises(MaxStepsError, match=r"reached max_steps=5") as ei:
+        _solve(driver, _osc, YB, TB, max_steps=5)
+    assert ei.value.step == 5
+
+
+@pytest.mark.parametrize("driver", ["shared", "per_sample"])
+def test_non_finite_values_are_the_same_failure_everywhere(driver):
+    def f(t, y):
+        return y * torch.where(y > 2.0, torch.nan, 1.0)
+
+    with pytest.raises(NonFiniteError, match=r"non-finite values \(NaN/inf\)"):
+        _solve(driver, f, torch.ones(2, 1, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64))
+
+
+@pytest.mark.parametrize("gradient", ["direct", "checkpoint", "backsolve"])
+def test_gradients_agree_between_shared_and_per_sample_drivers(gradient):
+    """Per-sample gradients of a batch equal the sum over samples solved alone (shared)."""
+    w = torch.tensor([0.3, -0.2], dtype=F64, requires_grad=True)
+
+    def f(t, y):
+        return _osc(t, y) + w * y
+
+    kw = dict(rtol=1e-9, atol=1e-11, gradient=gradient)
+    if gradient != "direct":
+        kw["gradient"] = (neuralode.Checkpointed if gradient == "checkpoint" else
+                          neuralode.Backsolve)(params=[w])  # fmt: skip
+    y0 = YB.clone().requires_grad_()
+    ys = neuralode.solve(f, y0, TB, batch_control="per_sample", **kw).ys
+    got = torch.autograd.grad(ys.square().sum(), [y0, w])
+    want_y0, want_w = [], torch.zeros_like(w)
+    for b in range(YB.shape[0]):
+        yb = YB[b : b + 1].clone().requires_grad_()
+        ysb = neuralode.solve(f, yb, TB, **kw).ys
+        gy, gw = torch.autograd.grad(ysb.square().sum(), [yb, w])
+        want_y0.append(gy)
+        want_w = want_w + gw
+    tol = dict(rtol=1e-9, atol=1e-11) if gradient != "backsolve" else dict(rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(got[0], torch.cat(want_y0), **tol)
+    torch.testing.assert_close(got[1], want_w, **tol)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(solver="kvaerno5"), r"compile=True does not support solver 'kvaerno5'"),
+        (dict(solver="rk4", dt=0.1), r"compile=True does not support solver 'rk4'"),
+        (dict(y0=(YB, YB)), r"compile=True does not support a tuple state"),
+    ],
+)  # fmt: skip
+def test_what_compiled_stepping_still_refuses_raises_naming_it(kw, match):
+    y0 = kw.pop("y0", YB)
+    func = (lambda t, s: (-s[0], -s[1])) if isinstance(y0, tuple) else _osc
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        neuralode.solve(func, y0, TB, compile=True, **kw)

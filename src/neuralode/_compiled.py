@@ -26,7 +26,8 @@ whose guards fail (func's Python state changed, e.g. a float attribute) is not r
 
 Scope: explicit adaptive methods (a Butcher tableau with an embedded error estimate) under a
 :class:`~neuralode.PIController` without ``step_t``/``jump_t``/``norm``, a single-tensor state,
-a 1-D ``t``, no events, no dense output object, and no autograd graph (forward solves).
+a 1-D ``t``, no events and no dense output object. Under autograd (Direct gradients) the
+compiled chunks are differentiated by autograd (``torch.compile`` builds their backward too).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ _lock = threading.Lock()
 _compiled: dict = {}  # (ids of func's parts, key) -> _Entry
 
 
-def check_compilable(*, tab, ctrl, spec, dense_output, needs_grad, gradient=None) -> None:
+def check_compilable(
+    *, tab, ctrl, spec, dense_output, needs_grad, gradient=None, t_grad=False
+) -> None:
     """Raise ValueError naming what ``compile=True`` does not support in this call (per-sample
     control, events and 2-D t are refused by ``solve`` before it gets here)."""
     problems = []
@@ -86,15 +89,11 @@ def check_compilable(*, tab, ctrl, spec, dense_output, needs_grad, gradient=None
         problems.append("dense_output=True (Solution.evaluate)")
     if gradient is not None:
         problems.append(
-            f"gradient={gradient} (compiled stepping solves forward only, without gradient "
-            "methods; leave gradient at its default and call it under torch.no_grad())"
+            f"gradient={gradient} (compiled stepping differentiates by autograd through the "
+            "compiled steps: use gradient='direct', the default)"
         )
-    elif needs_grad:
-        problems.append(
-            "autograd (an input or a parameter of func requires grad while grad mode is on; "
-            "compiled stepping solves forward only: call it under torch.no_grad(), or use "
-            "compile=False for training)"
-        )
+    if t_grad:
+        problems.append("gradients with respect to t (pass t.detach())")
     if problems:
         raise ValueError(
             "compile=True does not support " + "; ".join(problems) + ". Use compile=False (the "
@@ -197,15 +196,17 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
         y_new = yi if fsal else _combine(y, hs, b, ks)
         err = _combine(torch.zeros_like(y), hs, b_err, ks)
         # The engine's one scaled error norm (one row: the whole state shares the step).
-        scale = error_scale(y.abs(), y_new.abs(), rtol, atol, atol_zero)
-        e = ErrorNorm.rms_rows((err / scale).reshape(1, -1))[0]
+        scale = error_scale(y.detach().abs(), y_new.detach().abs(), rtol, atol, atol_zero)
+        e = ErrorNorm.rms_rows((err.detach() / scale).reshape(1, -1))[0]
         finite = torch.isfinite(e)
         accept = active & (e <= 1.0)
         k_last = ks[-1] if fsal else call(t_new, y_new)
         # Outputs passed by the step: values from the step's continuous extension.
         inside = accept & (taus <= t_new)
         if interp:
-            theta = (taus - t) / hh
+            # Outside the step (padding at inf, steps of length 0 past the end) theta is set
+            # to 0: masked values must stay finite, or their zero gradients would become NaN.
+            theta = torch.where(inside, (taus - t) / hh, 0.0)
             W = ((theta.unsqueeze(-1) ** powers).unsqueeze(1) * Pm).sum(-1).to(y.dtype)
             Kst = torch.stack(ks + [k_last] if n_dense else ks)  # (Sd, B, M)
             vals = y + hs * (W.view(win_n, -1, 1, 1) * Kst).sum(1)
@@ -330,7 +331,13 @@ def _recompile_reason(e: Exception) -> str | None:
 
 
 def integrate_compiled(
-    prob: Problem, f: VectorField, y0: torch.Tensor, *, throw: bool, steps_per_call=None
+    prob: Problem,
+    f: VectorField,
+    y0: torch.Tensor,
+    *,
+    throw: bool,
+    steps_per_call=None,
+    track_grad: bool = False,
 ) -> LoopResult:
     """The forward solve of :func:`neuralode._loop.integrate` in compiled chunks of steps.
 
@@ -363,15 +370,17 @@ def integrate_compiled(
     while p < n_out and prob.out_t[p] == prob.t0:
         p += 1
     out[:p] = y0
-    with torch.no_grad():
-        k1 = f(prob.t0, y0)
-        k1_time = -k1 if neg else k1  # the first stage of the negated-time system
+    k1 = f(prob.t0, y0)  # (with its graph under autograd: the first stage of the first step)
+    k1_time = -k1 if neg else k1  # the first stage of the negated-time system
+    with torch.no_grad():  # step sizes are constants of the discrete solve
         if prob.t_end == prob.t0:
             h0 = 0.0
         else:
             nrm = initial_norm(ErrorNorm(y0, prob.spec), y0, prob.rtol, prob.atol, prob.atol_zero)
             span = abs(prob.t_end - prob.t0)
-            h0 = ctrl.initial_step(nrm, f, prob.t0, y0, k1, prob.direction, span, tab.error_order())
+            h0 = ctrl.initial_step(
+                nrm, f, prob.t0, y0.detach(), k1.detach(), prob.direction, span, tab.error_order()
+            )
     nfe0 = f.nfe
     max_att = prob.max_steps if prob.max_steps is not None else 2**62
     rtol = prob.rtol if isinstance(prob.rtol, torch.Tensor) else scalar(prob.rtol, dtype=dtype)
@@ -398,7 +407,8 @@ def integrate_compiled(
     res = None
     # Once compiled, a call that would recompile (func's Python state changed: guards fail)
     # raises instead of silently spending 10-40 s per call; the caller then runs eagerly.
-    with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+    # Under autograd (Direct gradients) the compiled chunks carry their backward graphs.
+    with torch.set_grad_enabled(track_grad), torch.compiler.set_stance("fail_on_recompile"):
         while True:
             args = (
                 f.func,

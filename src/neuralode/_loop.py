@@ -16,14 +16,11 @@ import torch
 from ._failures import step_failure
 from ._norms import ErrorNorm, initial_norm, user_scaled_norm
 from ._tree import TreeSpec
-from .controllers import ConstantStep
 from .errors import SolveError
 from .solvers.explicit_rk import RKStepper, make_stepper
 from .solvers.tableau import ButcherTableau
 
 __all__ = ["Problem", "VectorField", "FlatVectorField", "integrate", "StepRecord", "LoopResult"]
-
-_EPS64 = 2.220446049250313e-16
 
 
 class VectorField:
@@ -219,16 +216,7 @@ def integrate(
     direction = prob.direction
     t0, t_end = prob.t0, prob.t_end
     adaptive = ctrl.adaptive
-    jumps = set(ctrl.jump_t)
-    landings = sorted(
-        {
-            x
-            for x in (*ctrl.step_t, *ctrl.jump_t)
-            if direction * (x - t0) > 0 and direction * (t_end - x) > 0
-        },
-        reverse=direction < 0,
-    )
-    li = 0
+    landings = ctrl.landing_times(t0, t_end)
     n_out = len(prob.out_t)
     samples_all = (
         torch.tensor(prob.out_sample, device=y0.device) if prob.out_sample is not None else None
@@ -245,25 +233,20 @@ def integrate(
 
     t, y = t0, y0
     t_first = t0 if t_first is None else t_first
-    constant = isinstance(ctrl, ConstantStep)
     if k1 is None:
         k1 = f(t_first, y0)
+    nrm = k_order = None
     if adaptive:  # the scaled error norm of a step, as a float (the step's one host read)
         norm = ErrorNorm(y0, prob.spec, prob.norm_components)
         scaled_norm = user_scaled_norm if prob.norm is not None else norm
         k_order = tab.error_order()
-        if h0 is not None:  # carried over from a previous segment: no restart of step control
-            h = h0
-        elif t_end == t0:
-            h = 0.0
-        else:
-            nrm = initial_norm(norm, y0, prob.rtol, prob.atol, prob.atol_zero, prob=prob)
-            h = ctrl.initial_step(nrm, f, t0, y0, k1, direction, abs(t_end - t0), k_order)
-    elif isinstance(ctrl, ConstantStep):
-        h = ctrl.dt
-        k_grid = 1
-    else:  # StepToGrid: every grid point is a landing point
-        h = math.inf
+        nrm = initial_norm(norm, y0, prob.rtol, prob.atol, prob.atol_zero, prob=prob)
+    if h0 is not None and adaptive:  # carried over from a previous segment: no restart
+        h = h0
+    elif t_end == t0:
+        h = 0.0
+    else:
+        h = ctrl.initial_step(nrm, f, t0, y0, k1, direction, abs(t_end - t0), k_order)
     prev_err = 1.0
     attempts = n_acc = n_rej = 0
     last_nonfinite = False
@@ -278,7 +261,7 @@ def integrate(
                 t_end=t_end, n_acc=n_acc, n_rej=n_rej, throw=throw, state=state,
             )  # fmt: skip
             break
-        h_abs = min(abs(h), ctrl.dt_max) if adaptive else abs(h)
+        h_abs = min(abs(h), ctrl.dt_max)
         if adaptive and not math.isfinite(h_abs):
             # A NaN/inf from func (at the start, or in the error estimate) gets here.
             _fail("nonfinite_h", t=t, attempts=attempts, h=h_abs, throw=throw, state=state)
@@ -290,25 +273,9 @@ def integrate(
                 nonfinite=last_nonfinite, throw=throw, state=state,
             )  # fmt: skip
             break
-        if constant:
-            # Fixed steps land on t0 + k dt computed by multiplication (no drift from repeated
-            # addition), so no sliver step appears at the end.
-            while direction * (t0 + direction * k_grid * h_abs - t) <= 0:
-                k_grid += 1
-            t_new = t0 + direction * k_grid * h_abs
-            if abs(t_end - t_new) <= 8 * _EPS64 * max(abs(t_end), h_abs):
-                t_new = t_end
-        else:
-            t_new = t + direction * h_abs
-        clipped = False
-        while li < len(landings) and direction * (landings[li] - t) <= 0:
-            li += 1
-        land = landings[li] if li < len(landings) else None
-        if land is not None and direction * (t_new - land) >= 0:
-            t_new, clipped = land, True
-        if direction * (t_new - t_end) >= 0:
-            t_new, clipped, land = t_end, True, None
-        is_jump = clipped and land is not None and t_new == land and land in jumps
+        # The controller proposes the step end and lands it on step_t/jump_t and the end.
+        t_try = ctrl.propose(t, h_abs, t0, t_end, direction)
+        t_new, clipped, is_jump = ctrl.land(t, t_try, t_end, direction, landings)
         h_step = t_new - t
         # At a discontinuity the last stage sees the left limit and the next step's first stage
         # the right limit (the next float on either side, as torchdiffeq's perturb does).

@@ -117,6 +117,7 @@ class _Rows:
     nacc: torch.Tensor  # (A,) long accepted steps
     done: torch.Tensor  # (A,) bool: reached the final time (or failed)
     stale: torch.Tensor  # (A,) bool: k1 must be evaluated (non-FSAL methods after a step)
+    tf: torch.Tensor  # (A,) float64 time at which k1 was evaluated (just past t after a jump)
     rtol: float | torch.Tensor  # float or (A, M)
     atol: float | torch.Tensor
 
@@ -133,7 +134,8 @@ class _Rows:
 def _stuck(ctrl, w: _Rows) -> torch.Tensor:
     """Unfinished rows whose next step cannot be taken: a non-finite step size, or the
     controller's underflow rule (the shared driver's, on each row)."""
-    return ~w.done & (ctrl.underflows(w.h, w.t) | ~torch.isfinite(w.h))
+    bad = ~torch.isfinite(w.h) if ctrl.adaptive else False  # (StepToGrid: an infinite step)
+    return ~w.done & (ctrl.underflows(w.h, w.t) | bad)
 
 
 def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) -> None:
@@ -176,7 +178,7 @@ def integrate_per_sample(
     """
     B, T = tau.shape
     dev, track = y0.device, torch.is_grad_enabled()
-    k = stepper.tab.error_order()
+    k = stepper.tab.error_order() if ctrl.adaptive else None
     f64, i64 = dict(dtype=torch.float64, device=dev), dict(dtype=torch.long, device=dev)
     t0, t_end = tau[:, 0], tau[:, -1]
     sdir = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
@@ -207,17 +209,19 @@ def integrate_per_sample(
         hi=torch.maximum(t0, t_end)[m], sdir=sdir[m], tau=tau[m], stau=stau[m], nxt=n0[m],
         att=torch.zeros(A, **i64), nacc=torch.zeros(A, **i64),
         done=torch.zeros(A, dtype=torch.bool, device=dev),
-        stale=torch.zeros(A, dtype=torch.bool, device=dev),
+        stale=torch.zeros(A, dtype=torch.bool, device=dev), tf=t0[m],
         rtol=rows_tol(rtol, m), atol=rows_tol(atol, m),
     )  # fmt: skip
     records = []
     n_done = n_stale = 0
     norm = ErrorNorm(y0[:1], spec)
+    landings = torch.tensor(sorted({*ctrl.step_t, *ctrl.jump_t}), **f64)
     if A:
         f.lo, f.hi = w.lo, w.hi  # every evaluation stays inside its sample's interval
         w.k1 = f(w.t, w.y)
         nrm = initial_norm(norm, w.y, w.rtol, w.atol, floor, rows=True)
         w.h = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
+        w.h = torch.zeros(A, **f64) + w.h  # fixed-step controllers give a float
         fail = _stuck(ctrl, w)
         if bool(fail.any()):
             _handle_failures(w, fail, ctrl, max_steps, throw, state)
@@ -229,17 +233,25 @@ def integrate_per_sample(
         if n_stale:  # non-FSAL methods: f at the start of the steps that follow accepted ones
             w.k1 = torch.where(w.stale.unsqueeze(1), f(w.t, w.y), w.k1)
         # ---- propose: each row's step, clipped to its final time (finished rows: zero steps)
-        t_try = torch.addcmul(w.t, w.sdir, w.h)
-        clipped = w.done | (w.sdir * (t_try - w.t_end) >= 0)
-        t_new = torch.where(clipped, w.t_end, t_try)
+        t_start = torch.where(w.sdir > 0, w.lo, w.hi)
+        t_try = ctrl.propose(w.t, w.h, t_start, w.t_end, w.sdir)
+        t_new, clipped, jump = ctrl.land(w.t, t_try, w.t_end, w.sdir, landings)
+        t_new = torch.where(w.done, w.t_end, t_new)  # finished rows: zero steps
+        clipped, jump = clipped | w.done, jump & ~w.done
+        at_end = t_new == w.t_end
         h_step = t_new - w.t
+        # At a jump_t the last stage sees the left limit (the next float before it).
+        t_last = torch.where(jump, torch.nextafter(t_new, w.t), t_new)
         if on_step is not None:
             f.calls = []
-        y_new, err, K = stepper.step(f, w.t, h_step, w.y, w.k1, t_new, track)
+        y_new, err, K = stepper.step(f, w.t, h_step, w.y, w.k1, t_last, track)
         K = K.view(-1, *w.y.shape)
         f.idle = 0
         # ---- per-sample error norm (over the sample's components) and accept/reject
-        e = norm.rows(err, w.y, y_new, w.rtol, w.atol, floor)
+        if ctrl.adaptive:
+            e = norm.rows(err, w.y, y_new, w.rtol, w.atol, floor)
+        else:  # fixed steps: every step is accepted
+            e = torch.zeros(w.t.shape, **f64)
         live = ~w.done
         acc = (e <= 1.0) & live
         w.att += live
@@ -257,12 +269,19 @@ def integrate_per_sample(
             w.k1 = torch.where(acc1, K[-1], w.k1)
         else:
             w.stale = acc
-        w.done = w.done | (acc & clipped)
+        w.done = w.done | (acc & at_end)
+        jumped = acc & jump
         fail = _stuck(ctrl, w)
         cnt = torch.searchsorted(w.stau, (w.sdir * w.t).unsqueeze(1), right=True).squeeze(1)
-        n_out, n_done, n_fail, n_acc = torch.stack(
-            [(cnt - w.nxt).sum(), w.done.sum(), fail.sum(), acc.sum()]
+        n_out, n_done, n_fail, n_acc, n_jump = torch.stack(
+            [(cnt - w.nxt).sum(), w.done.sum(), fail.sum(), acc.sum(), jumped.sum()]
         ).tolist()
+        tf_old, w.tf = w.tf, torch.where(acc, w.t, w.tf)
+        if n_jump:  # past a jump_t, f afresh at the right limit (the next float after it)
+            t_first = torch.nextafter(w.t, w.t + w.sdir)
+            w.k1 = torch.where(jumped.unsqueeze(1), f(t_first, w.y), w.k1)
+            w.stale = w.stale & ~jumped
+            w.tf = torch.where(jumped, t_first, w.tf)
         if max_steps is not None and state["iterations"] >= max_steps and n_done < A:
             fail, n_fail = ~w.done, 1  # every live row has used max_steps attempts
         if record in ("dense", "both") and n_acc:
@@ -281,8 +300,8 @@ def integrate_per_sample(
             vals.append(v)
             w.nxt = cnt
         if record in ("replay", "both") and n_acc:
-            state["replay"].append((w.idx, acc, t_old, w.t, h_step, y_old, w.lo, w.hi, r, tau_j,
-                            None if r is None else j))  # fmt: skip
+            state["replay"].append((w.idx, acc, tf_old, t_old, w.t, t_last, h_step, y_old, w.lo,
+                                    w.hi, r, tau_j, None if r is None else j))  # fmt: skip
         if n_fail:
             _handle_failures(w, fail, ctrl, max_steps, throw, state)
             n_done = int(w.done.sum())
@@ -352,24 +371,20 @@ def solve_per_sample(
 ):  # fmt: skip
     """``neuralode.solve(..., batch_control="per_sample")``: validate, integrate, wrap up."""
     opt = "batch_control='per_sample'"
-    if not isinstance(tab, ButcherTableau) or not tab.adaptive:
+    if not isinstance(tab, ButcherTableau):
         name = getattr(tab, "name", type(tab).__name__)
         raise ValueError(
-            f"{opt} needs an adaptive explicit Runge-Kutta method (an embedded error estimate), "
-            f"got solver {name!r}; use e.g. 'dopri5', 'tsit5', 'bosh3' or 'dopri8', or "
-            "batch_control='shared' for this solver"
+            f"{opt} needs an explicit Runge-Kutta method (a Butcher tableau: its stages combine "
+            f"with one step size per row), got solver {name!r}; implicit, Rosenbrock and Adams "
+            "methods solve one (Newton) system or keep one history for the whole batch. Use e.g. "
+            "'dopri5', 'tsit5', 'rk4', or batch_control='shared' for this solver"
         )
     ctrl = _resolve_controller(tab, controller, rtol, atol, dt)
-    if not isinstance(ctrl, PIController):
+    if getattr(ctrl, "norm", None) is not None:
         raise ValueError(
-            f"{opt} chooses each sample's steps adaptively and needs a PIController, got "
-            f"{type(ctrl).__name__}; fixed steps are the same for every sample, so use "
-            "batch_control='shared' with them"
-        )
-    if ctrl.step_t or ctrl.jump_t or ctrl.norm is not None:
-        raise ValueError(
-            f"{opt} does not support PIController(step_t=..., jump_t=..., norm=...) yet (the "
-            "error norm is the per-sample RMS norm); use batch_control='shared' for these"
+            f"{opt} does not support PIController(norm=...): a norm on the whole state's "
+            "structure cannot measure one sample (the per-sample error norm is the RMS over each "
+            "sample's components); use batch_control='shared' with a custom norm"
         )
     if not capable(gradient, "per_sample"):
         raise ValueError(
@@ -400,10 +415,21 @@ def solve_per_sample(
     tau = _check_times(t, spec.batch, opt).to(spec.device)
     f = BatchedField(func, spec, time_dtype)
     stepper = make_stepper(tab, y0flat.dtype, y0flat.device)
-    rt, at = _tolerance(spec, ctrl.rtol, "rtol"), _tolerance(spec, ctrl.atol, "atol")
+    if ctrl.adaptive:
+        rt, at = _tolerance(spec, ctrl.rtol, "rtol"), _tolerance(spec, ctrl.atol, "atol")
+    else:
+        rt = at = 1.0  # no error norm with fixed steps
+    grid = getattr(ctrl, "grid", None)
+    if grid is not None and not (grid[0] <= float(tau.min()) and grid[-1] >= float(tau.max())):
+        raise ValueError(
+            f"StepToGrid(grid=...) spans [{grid[0]!r}, {grid[-1]!r}] but the samples' intervals "
+            f"span [{float(tau.min())!r}, {float(tau.max())!r}]; the grid must cover them all"
+        )
     direct = capable(gradient, "exact_autograd")
     dense = bool(dense_output) if dense_output is not None else direct
     floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
+    if not ctrl.adaptive:
+        floor = False
     run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
                   dense, floor)  # fmt: skip
     ys = gradient.run_rows(run, y0flat)

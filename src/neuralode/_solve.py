@@ -113,7 +113,10 @@ def solve(
         eagerly and 7 us for scipy's ``solve_ivp``). The first solve with a given func, dtype and
         shape compiles for 20-40 s on 2 CPU cores (``torch.compile``'s on-disk cache shortens
         later processes to seconds); ``func`` must be traceable by ``torch.compile`` without
-        graph breaks. Forward only (no autograd graph: call it under ``torch.no_grad()``), for an
+        graph breaks. Under autograd (``gradient="direct"``) gradients flow through the compiled
+        chunks (torch.compile compiles their backward too; a solve under grad mode compiles
+        once more than one under ``torch.no_grad()``); other gradient methods and gradients with
+        respect to ``t`` raise ValueError. For an
         explicit adaptive method under a :class:`PIController` without ``step_t``/``jump_t``/
         ``norm``, a single-tensor state, a 1-D ``t``, no events and no ``dense_output``;
         anything else raises ValueError. Results agree with the eager engine to the tolerance
@@ -359,12 +362,13 @@ def _run_compiled(run: Run, y0flat, grad_method, dense_output, t_grad: bool):
         dense_output=bool(dense_output),
         needs_grad=needs_grad,
         gradient=None if capable(grad_method, "exact_autograd") else type(grad_method).__name__,
+        t_grad=t_grad,
     )
     f = run.vector_field()
     res = None
     if prob.t_end != prob.t0:  # (a single output time: nothing to integrate, nor to compile)
         try:
-            res = integrate_compiled(prob, f, y0flat, throw=run.throw)
+            res = integrate_compiled(prob, f, y0flat, throw=run.throw, track_grad=needs_grad)
         except CompiledCodeMismatch as why:
             warnings.warn(
                 "compile=True: func no longer matches the code compiled for it (torch.compile "
@@ -378,7 +382,7 @@ def _run_compiled(run: Run, y0flat, grad_method, dense_output, t_grad: bool):
             res, f = None, run.vector_field()
     run.stats["compiled"] = res is not None
     if res is None:
-        res = integrate(prob, f, y0flat, track_grad=False, throw=run.throw)
+        res = integrate(prob, f, y0flat, track_grad=needs_grad, throw=run.throw)
     run.result, run.f = res, f
     run.stats["nfe"] = f.nfe
     return res.ys

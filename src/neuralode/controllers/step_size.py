@@ -11,6 +11,7 @@ NaN either way, so the drivers cannot drift apart.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +123,72 @@ class Controller:
         """Whether a step of size ``|h|`` from ``t`` cannot be taken (see :func:`underflows`)."""
         return underflows(h, t, self.dt_min)
 
+    # The controller protocol: the drivers ask these and never branch on the controller's type.
+    def initial_step(self, norm, f, t0, y0, k1, direction, span, order: int):
+        """The first step size (fixed-step controllers: their step; no evaluation)."""
+        return math.inf
+
+    def propose(self, t, h, t0, t_end, direction):
+        """The end of the next step before landings: ``t + direction h`` (floats or (B,)
+        tensors)."""
+        return t + direction * h
+
+    def adapt(self, h, h_prop, e, prev, k: int, accept, clipped):
+        """Next step size and error memory (fixed steps: unchanged)."""
+        return h_prop, prev
+
+    def landing_times(self, t0: float, t_end: float) -> tuple[float, ...]:
+        """``step_t`` and ``jump_t`` strictly inside the solve interval, increasing."""
+        lo, hi = min(t0, t_end), max(t0, t_end)
+        return tuple(sorted({x for x in (*self.step_t, *self.jump_t) if lo < x < hi}))
+
+    def land(self, t, t_try, t_end, direction, landings):
+        """``(t_new, clipped, is_jump)``: the proposed step end ``t_try`` clipped to the next
+        landing time after ``t`` (``landings``, increasing) and to ``t_end``; ``is_jump`` where it
+        ends on a ``jump_t``. Floats (``landings`` a tuple), or (B,) tensors (``landings`` a
+        float64 tensor; ``direction`` and ``t_end`` per row)."""
+        if isinstance(t, torch.Tensor):
+            return self._land_rows(t, t_try, t_end, direction, landings)
+        land = None
+        if landings:
+            if direction > 0:
+                i = bisect.bisect_right(landings, t)
+                land = landings[i] if i < len(landings) else None
+            else:
+                i = bisect.bisect_left(landings, t) - 1
+                land = landings[i] if i >= 0 else None
+        if land is not None and direction * (t_try - land) >= 0:
+            return land, True, land in self.jump_t  # landings lie strictly inside
+        if direction * (t_try - t_end) >= 0:
+            return t_end, True, False
+        return t_try, False, False
+
+    def _land_rows(self, t, t_try, t_end, sdir, L):
+        """:meth:`land` per row (``L`` sorted float64, ``sdir`` each row's direction)."""
+        n = L.shape[0]
+        if n:
+            up = torch.searchsorted(L, t.contiguous(), right=True)
+            dn = torch.searchsorted(L, t.contiguous(), right=False) - 1
+            i = torch.where(sdir > 0, up, dn)
+            ok = (i >= 0) & (i < n)
+            land = torch.where(ok, L[i.clamp(0, n - 1)], t_end)
+            # A landing beyond the end is no landing: the end comes first.
+            ok = ok & (sdir * (t_end - land) > 0)
+            to_land = ok & (sdir * (t_try - land) >= 0)
+            t_new = torch.where(to_land, land, t_try)
+        else:
+            to_land = torch.zeros_like(t, dtype=torch.bool)
+            t_new = t_try
+        at_end = sdir * (t_new - t_end) >= 0
+        t_new = torch.where(at_end, t_end, t_new)
+        jump = to_land & ~at_end
+        if self.jump_t and n:
+            J = torch.tensor(self.jump_t, dtype=L.dtype, device=L.device)
+            jump = jump & torch.isin(t_new, J)
+        else:
+            jump = jump & False
+        return t_new, to_land | at_end, jump
+
 
 @dataclass(frozen=True)
 class ConstantStep(Controller):
@@ -155,6 +222,20 @@ class ConstantStep(Controller):
         object.__setattr__(self, "dt", float(abs(dt)))
         object.__setattr__(self, "step_t", _times(self.step_t, "step_t"))
         object.__setattr__(self, "jump_t", _times(self.jump_t, "jump_t"))
+
+    def initial_step(self, norm, f, t0, y0, k1, direction, span, order: int):
+        return self.dt
+
+    def propose(self, t, h, t0, t_end, direction):
+        """The next point ``t0 + k dt`` after ``t``, computed by multiplication (no drift from
+        repeated addition, so no sliver step at the end); within 8 ulps of ``t_end`` it is
+        ``t_end``. Floats or (B,) tensors."""
+        fl = torch.floor if isinstance(t, torch.Tensor) else math.floor
+        k = fl(direction * (t - t0) / self.dt) + 1
+        t_new = t0 + direction * k * self.dt
+        t_new = where(direction * (t_new - t) <= 0, t0 + direction * (k + 1) * self.dt, t_new)
+        near = abs(t_end - t_new) <= 8 * _EPS64 * maximum(abs(t_end), self.dt)
+        return where(near, t_end, t_new)
 
 
 @dataclass(frozen=True)
@@ -197,6 +278,9 @@ class StepToGrid(Controller):
     @property
     def step_t(self) -> tuple[float, ...]:  # type: ignore[override]
         return self.grid
+
+    def initial_step(self, norm, f, t0, y0, k1, direction, span, order: int):
+        return math.inf  # every step ends on the next grid point (a landing)
 
 
 @dataclass(frozen=True)

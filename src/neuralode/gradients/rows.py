@@ -69,14 +69,14 @@ class _CheckpointRows(torch.autograd.Function):
         a = torch.zeros((B, g.shape[1]), dtype=g.dtype, device=g.device)
         gp = [torch.zeros_like(p) for p in params]
         nfe0 = f.nfe
-        for idx, acc, t0, t1, h, y_old, lo, hi, r, tau_j, j in reversed(state["replay"]):
+        for idx, acc, tf, t0, t1, tl, h, y_old, lo, hi, r, tau_j, j in reversed(state["replay"]):
             ar = acc.nonzero().squeeze(1)
             rows = idx[ar]
             yk = y_old[ar].detach().requires_grad_()
             f.lo, f.hi, f.idle = lo[ar], hi[ar], 0
             with torch.enable_grad():
-                k1 = f(t0[ar], yk)
-                y_new, _, K = st.step(f, t0[ar], h[ar], yk, k1, t1[ar], True)
+                k1 = f(tf[ar], yk)  # (just past t0 after a jump_t)
+                y_new, _, K = st.step(f, t0[ar], h[ar], yk, k1, tl[ar], True)
                 K = K.view(-1, *yk.shape)
                 outs, cots = [y_new], [a[rows]]
                 if r is not None:
@@ -127,10 +127,10 @@ def backsolve_rows(cfg, run, y0flat, params):
             "chooses its own adaptive steps backward too); leave dt unset"
         )
     tab = get_tableau(cfg.solver) if cfg.solver is not None else run.stepper.tab
-    if not tab.adaptive:
+    if not tab.adaptive and run.ctrl.adaptive:
         raise ValueError(
-            f"Backsolve(solver={tab.name!r}) with batch_control='per_sample' needs an adaptive "
-            "method for the backward solve; use e.g. 'dopri5'"
+            f"Backsolve(solver={tab.name!r}) with batch_control='per_sample' and adaptive "
+            "forward steps needs an adaptive method for the backward solve; use e.g. 'dopri5'"
         )
     return _BacksolveRows.apply(run, cfg, y0flat, *params)
 
@@ -161,7 +161,9 @@ class _BacksolveRows(torch.autograd.Function):
         f = _AdjointRows(inner, aug_spec)
         tab = get_tableau(cfg.solver) if cfg.solver is not None else run.stepper.tab
         stepper = make_stepper(tab, y_final.dtype, y_final.device)
-        ctrl = dataclasses.replace(run.ctrl, dt0=None, dt_min=0.0)
+        ctrl = run.ctrl  # fixed steps: the same controller, backward from each sample's end
+        if ctrl.adaptive:  # no dt_min: a forward step clipped to an output may be shorter
+            ctrl = dataclasses.replace(ctrl, dt0=None, dt_min=0.0)
         rt = run.rtol if cfg.rtol is None else float(cfg.rtol)
         at = run.atol if cfg.atol is None else float(cfg.atol)
         rt, at = (torch.cat([x, x], 1) if isinstance(x, torch.Tensor) else x for x in (rt, at))
