@@ -284,3 +284,97 @@ def test_event_fn_shape_may_switch_between_scalar_and_batch_of_one():
     assert float(te) == pytest.approx((2 * 4.0 / 9.8) ** 0.5, rel=1e-7)
     assert float(sol[0][-1]) == pytest.approx(1.0, abs=1e-7)
     assert len(calls) > 2
+
+
+# ----------------------------------------------------------------------------- step callbacks
+class _Logged(nn.Module):
+    """y' = -y with every torchdiffeq callback recording (name, t0, dt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor(1.0, dtype=D64))
+        self.log = []
+        for name in (
+            "callback_step",
+            "callback_accept_step",
+            "callback_reject_step",
+            "callback_step_adjoint",
+            "callback_accept_step_adjoint",
+            "callback_reject_step_adjoint",
+        ):
+            setattr(self, name, self._recorder(name))
+
+    def _recorder(self, name):
+        def cb(t0, y0, dt):
+            assert isinstance(t0, torch.Tensor) and isinstance(dt, torch.Tensor)
+            self.log.append((name, float(t0), float(dt)))
+
+        return cb
+
+    def forward(self, t, y):
+        return -self.k * y
+
+
+def test_fixed_step_callbacks_forward_and_adjoint():
+    f = _Logged()
+    y0 = torch.tensor([1.0, 2.0], dtype=D64)
+    with pytest.warns(UserWarning, match="not called by fixed-step methods"):
+        ys = odeint_adjoint(
+            f, y0, torch.tensor([0.0, 1.0], dtype=D64), method="rk4", options=dict(step_size=0.1)
+        )
+    fwd = [e for e in f.log if e[0] == "callback_step"]
+    assert len(fwd) == 10 and len(f.log) == 10  # no accept/reject callbacks for fixed steps
+    assert [e[1] for e in fwd] == pytest.approx([0.1 * i for i in range(10)])
+    assert all(e[2] == pytest.approx(0.1) for e in fwd)
+    f.log.clear()
+    ys.sum().backward()
+    back = [e for e in f.log if e[0] == "callback_step_adjoint"]
+    assert len(back) == 10 and len(f.log) == 10
+    assert [e[1] for e in back] == pytest.approx([1.0 - 0.1 * i for i in range(10)])
+    assert all(e[2] == pytest.approx(-0.1) for e in back)
+
+
+def test_adaptive_callbacks_order_and_counts():
+    """Every attempt: callback_step, then accept or reject; rejections do happen here."""
+    f = _Logged()
+    y0 = torch.tensor([1.0], dtype=D64)
+    # a first step far too large forces rejections
+    ys = odeint_adjoint(
+        f,
+        y0,
+        torch.tensor([0.0, 5.0], dtype=D64),
+        rtol=1e-8,
+        atol=1e-10,
+        options=dict(first_step=4.0),
+    )
+    log = list(f.log)
+    steps = [e for e in log if e[0] == "callback_step"]
+    acc = [e for e in log if e[0] == "callback_accept_step"]
+    rej = [e for e in log if e[0] == "callback_reject_step"]
+    assert len(rej) >= 1 and len(acc) >= 5
+    assert len(steps) == len(acc) + len(rej)
+    # strictly alternating: step, decision, step, decision, ...
+    assert [e[0] for e in log[::2]] == ["callback_step"] * len(steps)
+    for s, d in zip(log[::2], log[1::2]):
+        assert d[1:] == s[1:]  # the decision is about the attempt just made
+    assert sum(e[2] for e in acc) == pytest.approx(5.0)
+    f.log.clear()
+    ys.sum().backward()
+    back = [e[0] for e in f.log]
+    assert "callback_step" not in back and back.count("callback_step_adjoint") >= 1
+    assert back.count("callback_step_adjoint") == back.count(
+        "callback_accept_step_adjoint"
+    ) + back.count("callback_reject_step_adjoint")
+    assert sum(e[2] for e in f.log if e[0] == "callback_accept_step_adjoint") == pytest.approx(-5.0)
+
+
+def test_scipy_solver_warns_that_callbacks_are_not_called():
+    f = _Logged()
+    with pytest.warns(UserWarning, match="does not call func's step callbacks"):
+        odeint(
+            f,
+            torch.tensor([1.0], dtype=D64),
+            torch.tensor([0.0, 1.0], dtype=D64),
+            method="scipy_solver",
+        )
+    assert f.log == []
