@@ -7,6 +7,8 @@ differentiated by autograd through the closed form.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -378,3 +380,149 @@ def test_scipy_solver_warns_that_callbacks_are_not_called():
             method="scipy_solver",
         )
     assert f.log == []
+
+
+# ----------------------------------------------------------------------------- perturb / jump_t
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("method", ["euler", "rk4", "midpoint", "gl4", "radauIIA5", "trapezoid"])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_perturb_never_evaluates_f_on_a_step_boundary(dtype, method, adjoint):
+    seen = []
+
+    def f(t, x):
+        seen.append(float(t))
+        return -x
+
+    x0 = torch.tensor([1.0, 2.0], dtype=dtype, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=dtype)
+    kw = dict(adjoint_params=()) if adjoint else {}
+    solver = odeint_adjoint if adjoint else odeint
+    xs = solver(f, x0, t, method=method, options=dict(step_size=0.5, perturb=True), **kw)
+    assert seen and not {0.0, 0.5, 1.0} & set(seen)
+    # just inside: within a few ulps of the boundaries in the state's dtype
+    ulp = torch.finfo(dtype).eps
+    assert 0 < min(seen) < ulp
+    seen.clear()
+    if adjoint:
+        xs.sum().backward()
+        assert seen and not {0.0, 0.5, 1.0} & set(seen)
+    # the solution is the method's, unchanged by the perturbation (f is continuous here)
+    ref = solver(lambda t, x: -x, x0, t, method=method, options=dict(step_size=0.5), **kw)
+    torch.testing.assert_close(xs, ref, rtol=10 * ulp, atol=10 * ulp)
+
+
+def test_perturb_without_it_f_is_evaluated_on_the_boundaries():
+    seen = []
+
+    def f(t, x):
+        seen.append(float(t))
+        return -x
+
+    odeint(
+        f, torch.tensor([1.0]), torch.tensor([0.0, 1.0]), method="rk4", options=dict(step_size=0.5)
+    )
+    assert {0.0, 0.5, 1.0} <= set(seen)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5"])
+def test_float32_jump_t_is_honoured(method):
+    """y' = (-1)^floor(t): with jump_t at the integers f never sees the far side's value
+    before a jump, so few steps are needed and the error is small -- in float32 too."""
+
+    def run(jumps):
+        nfe = [0]
+
+        def f(t, y):
+            nfe[0] += 1
+            return torch.where(torch.floor(t) % 2 == 0, 1.0, -1.0).to(y.dtype) * torch.ones_like(y)
+
+        opts = {} if jumps is None else dict(jump_t=jumps)
+        y = odeint(
+            f,
+            torch.zeros(1),
+            torch.tensor([0.0, 10.0]),
+            rtol=1e-5,
+            atol=1e-6,
+            method=method,
+            options=opts,
+        )
+        return float(y[-1]), nfe[0]
+
+    y_plain, nfe_plain = run(None)
+    y_jump, nfe_jump = run(torch.arange(1.0, 10.0))
+    assert abs(y_jump - 0.0) < 1e-5  # exact answer 0: five rises and five falls
+    assert nfe_jump < nfe_plain / 2
+
+
+# ----------------------------------------------------------------------------- adjoint parameters
+class _Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([[-0.5, 1.0], [-1.0, -0.5]], dtype=D64))
+        self.nfe = 0
+
+    def forward(self, t, y):
+        self.nfe += 1
+        return y @ self.w
+
+
+def test_odeint_adjoint_forward_costs_what_odeint_costs():
+    """No evaluation of func of its own for the parameter check."""
+    y0 = torch.tensor([1.0, 0.5], dtype=D64, requires_grad=True)
+    t = torch.linspace(0, 2, 5, dtype=D64)
+    f1, f2 = _Counted(), _Counted()
+    with torch.no_grad():
+        odeint(f1, y0, t)
+    odeint_adjoint(f2, y0, t)
+    assert f2.nfe == f1.nfe
+
+
+def test_no_warning_for_non_leaf_adjoint_params_and_their_gradients_arrive():
+    import warnings
+
+    raw = torch.tensor([0.3, -0.2], dtype=D64, requires_grad=True)
+    coeffs = raw * 2.0  # not a leaf (as spline coefficients are)
+
+    class F(nn.Module):
+        def forward(self, t, y):
+            return -y + coeffs * torch.sin(t)
+
+    y0 = torch.tensor([1.0, 0.5], dtype=D64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=D64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = odeint_adjoint(F(), y0, t, adjoint_params=(coeffs,), rtol=1e-10, atol=1e-12)
+        ys[-1].sum().backward()
+    # d y(1) / d c_i = int_0^1 e^{-(1-s)} sin s ds, times 2 for raw
+    ref = 2 * (math.sin(1.0) - math.cos(1.0) + math.exp(-1.0)) / 2
+    torch.testing.assert_close(raw.grad, torch.full((2,), ref, dtype=D64), rtol=1e-7, atol=0)
+
+
+def test_no_warning_when_func_makes_its_own_leaves():
+    import warnings
+
+    class F(nn.Module):
+        def forward(self, t, y):
+            k = torch.tensor(1.0, dtype=D64, requires_grad=True)  # a fresh leaf every call
+            return -k * y
+
+    y0 = torch.tensor([1.0], dtype=D64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = odeint_adjoint(F(), y0, torch.tensor([0.0, 1.0], dtype=D64), adjoint_params=())
+        ys[-1].sum().backward()
+    assert float(y0.grad) == pytest.approx(math.exp(-1.0), rel=1e-6)
+
+
+def test_a_lost_gradient_is_still_reported():
+    w = torch.tensor(0.7, dtype=D64, requires_grad=True)
+
+    class F(nn.Module):
+        def forward(self, t, y):
+            return -w * y
+
+    y0 = torch.tensor([1.0], dtype=D64, requires_grad=True)
+    with pytest.warns(UserWarning, match="not among the parameters"):
+        ys = odeint_adjoint(F(), y0, torch.tensor([0.0, 1.0], dtype=D64))
+        ys[-1].sum().backward()
+    assert w.grad is None

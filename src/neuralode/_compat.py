@@ -30,7 +30,13 @@ import warnings
 import torch
 from torch import nn
 
-from ._compat_hooks import FORWARD, callbacks_of, hook_adjoint_callbacks, hook_callbacks
+from ._compat_hooks import (
+    FORWARD,
+    Perturbed,
+    callbacks_of,
+    hook_adjoint_callbacks,
+    hook_callbacks,
+)
 from ._solve import solve
 from .controllers import PIController, StepToGrid
 from .gradients import Backsolve, Direct
@@ -208,13 +214,16 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
         if opts.get("perturb"):
             # Evaluate f just inside each step (next float after its start, previous before its
             # end), as torchdiffeq's perturb does, so discontinuities at grid points are honoured.
-            jumps = sorted(set(grid[1:-1]) | {float(x) for x in jumps})
+            # The ends too: f is never evaluated exactly at t[0] or t[-1] either.
+            jumps = sorted(set(grid) | {float(x) for x in jumps})
         if method in _ADAMS:
             # Output times on the grid: a multistep step cannot be replayed on its own, which
             # odeint_adjoint would need for outputs inside steps (the variable-step
             # coefficients make the uneven steps exact).
             extra += [float(x) for x in t]
         grid = sorted(set(grid) | set(extra) | {float(x) for x in jumps})
+        if opts.get("perturb"):
+            solver = Perturbed(get_tableau(solver))
         kwargs.update(solver=solver, controller=StepToGrid(grid, jump_t=jumps))
     elif method == "scipy_solver":
         return None, _check_options(method, options, _SCIPY_OPTS, where)

@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from .controllers.step_size import time_beside
 from .solvers import get_tableau
 from .solvers.explicit_rk import make_stepper
 
@@ -167,3 +168,67 @@ def _usable(func, names, adaptive: bool, where: str, stacklevel: int):
         )
         cbs = (cbs[0], None, None)
     return cbs if cbs[0] is not None else None
+
+
+class Perturbed:
+    """A fixed-step solver for torchdiffeq's ``options=dict(perturb=True)``: f is never
+    evaluated exactly at a step's ends, but just inside them (the next representable time in the
+    time dtype, as torchdiffeq's ``Perturb.NEXT``/``PREV``). The grid points are also jump times
+    of the controller (the loop then evaluates the first stage of every step just inside it);
+    this wrapper catches what the loop does not see: evaluations inside a method's step at its
+    ends, such as the Jacobian of an implicit method at the step start.
+    """
+
+    def __init__(self, method):
+        self._method = method
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._method, name)
+
+    def make_stepper(self, dtype, device):
+        return _PerturbedStepper(make_stepper(self._method, dtype, device))
+
+
+class _PerturbedStepper:
+    def __init__(self, inner):
+        object.__setattr__(self, "_inner", inner)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._inner, name, value)
+
+    def step(self, f, t, h, y, k1, t_last, track_grad):
+        return self._inner.step(_Inside(f, t, t + h), t, h, y, k1, t_last, track_grad)
+
+
+class _Inside:
+    """A vector field whose evaluations at ``a`` or ``b`` move just inside ``[a, b]``."""
+
+    def __init__(self, f, a: float, b: float):
+        self._f, self._a, self._b = f, a, b
+
+    def _move(self, t: float) -> float:
+        if t == self._a:
+            return time_beside(t, self._b, self._f.time_dtype)
+        if t == self._b:
+            return time_beside(t, self._a, self._f.time_dtype)
+        return t
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __call__(self, t, y):
+        return self._f(self._move(t), y)
+
+    def flat(self, t, y):
+        return self._f.flat(self._move(t), y)
+
+    def into(self, t, y, *args):
+        return self._f.into(self._move(t), y, *args)
+
+    def _time(self, t):
+        return self._f._time(self._move(t))

@@ -16,6 +16,7 @@ import torch
 from ._norms import ErrorNormWork, initial_step, user_scaled_norm
 from ._tree import TreeSpec
 from .controllers import ConstantStep, PIController
+from .controllers.step_size import time_beside
 from .errors import MaxStepsError, NonFiniteError, SolveError, StepSizeUnderflowError
 from .solvers.explicit_rk import RKStepper, make_stepper
 from .solvers.tableau import ButcherTableau
@@ -246,7 +247,8 @@ def integrate(
         )
 
     t, y = t0, y0
-    t_first = t0 if t_first is None else t_first
+    if t_first is None:  # a discontinuity at t0: f's limit from inside the interval
+        t_first = time_beside(t0, t_end, f.time_dtype) if t0 in jumps and t_end != t0 else t0
     constant = isinstance(ctrl, ConstantStep)
     if k1 is None:
         k1 = f(t_first, y0)
@@ -348,11 +350,11 @@ def integrate(
             t_new, clipped = land, True
         if direction * (t_new - t_end) >= 0:
             t_new, clipped, land = t_end, True, None
-        is_jump = clipped and land is not None and t_new == land and land in jumps
+        is_jump = clipped and t_new in jumps  # (a landing or the end time)
         h_step = t_new - t
         # At a discontinuity the last stage sees the left limit and the next step's first stage
         # the right limit (the next float on either side, as torchdiffeq's perturb does).
-        t_last = math.nextafter(t_new, t) if is_jump else t_new
+        t_last = time_beside(t_new, t, f.time_dtype) if is_jump else t_new
         if k1 is None:
             k1 = f(t_first, y)
         attempts += 1
@@ -411,7 +413,7 @@ def integrate(
             h = max(h_abs, h_next) if clipped else h_next
             prev_err = max(e, 1e-4)
         t, y = t_new, y_new
-        t_first = math.nextafter(t_new, t_new + direction) if is_jump else t_new
+        t_first = time_beside(t_new, t_new + direction, f.time_dtype) if is_jump else t_new
         if is_jump:
             k1 = None
         elif stepper.fsal:

@@ -8,7 +8,26 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController"]
+__all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController", "time_beside"]
+
+
+def time_beside(x: float, toward: float, time_dtype: torch.dtype) -> float:
+    """The time closest to ``x`` on the side of ``toward`` that f sees as different from ``x``.
+
+    At a discontinuity (``jump_t``) f is evaluated there, just inside the interval being
+    stepped. In double precision that is ``math.nextafter``; f receives its time in
+    ``time_dtype``, and with float32 the next double rounds back onto ``x``, so the step is taken
+    to the next float32 instead (or to float32's rounding of ``x`` when that already lies on the
+    ``toward`` side).
+    """
+    if time_dtype != torch.float32:
+        return math.nextafter(x, toward)
+    up = toward > x
+    x32 = torch.tensor(x, dtype=torch.float32)
+    if (float(x32) > x) if up else (float(x32) < x):
+        return float(x32)
+    far = torch.tensor(math.inf if up else -math.inf, dtype=torch.float32)
+    return float(torch.nextafter(x32, far))
 
 
 def _times(value, name: str) -> tuple[float, ...]:
