@@ -7,6 +7,8 @@ differentiated by autograd through the closed form.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -284,3 +286,243 @@ def test_event_fn_shape_may_switch_between_scalar_and_batch_of_one():
     assert float(te) == pytest.approx((2 * 4.0 / 9.8) ** 0.5, rel=1e-7)
     assert float(sol[0][-1]) == pytest.approx(1.0, abs=1e-7)
     assert len(calls) > 2
+
+
+# ----------------------------------------------------------------------------- step callbacks
+class _Logged(nn.Module):
+    """y' = -y with every torchdiffeq callback recording (name, t0, dt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor(1.0, dtype=D64))
+        self.log = []
+        for name in (
+            "callback_step",
+            "callback_accept_step",
+            "callback_reject_step",
+            "callback_step_adjoint",
+            "callback_accept_step_adjoint",
+            "callback_reject_step_adjoint",
+        ):
+            setattr(self, name, self._recorder(name))
+
+    def _recorder(self, name):
+        def cb(t0, y0, dt):
+            assert isinstance(t0, torch.Tensor) and isinstance(dt, torch.Tensor)
+            self.log.append((name, float(t0), float(dt)))
+
+        return cb
+
+    def forward(self, t, y):
+        return -self.k * y
+
+
+def test_fixed_step_callbacks_forward_and_adjoint():
+    f = _Logged()
+    y0 = torch.tensor([1.0, 2.0], dtype=D64)
+    with pytest.warns(UserWarning, match="not called by fixed-step methods"):
+        ys = odeint_adjoint(
+            f, y0, torch.tensor([0.0, 1.0], dtype=D64), method="rk4", options=dict(step_size=0.1)
+        )
+    fwd = [e for e in f.log if e[0] == "callback_step"]
+    assert len(fwd) == 10 and len(f.log) == 10  # no accept/reject callbacks for fixed steps
+    assert [e[1] for e in fwd] == pytest.approx([0.1 * i for i in range(10)])
+    assert all(e[2] == pytest.approx(0.1) for e in fwd)
+    f.log.clear()
+    ys.sum().backward()
+    back = [e for e in f.log if e[0] == "callback_step_adjoint"]
+    assert len(back) == 10 and len(f.log) == 10
+    assert [e[1] for e in back] == pytest.approx([1.0 - 0.1 * i for i in range(10)])
+    assert all(e[2] == pytest.approx(-0.1) for e in back)
+
+
+def test_adaptive_callbacks_order_and_counts():
+    """Every attempt: callback_step, then accept or reject; rejections do happen here."""
+    f = _Logged()
+    y0 = torch.tensor([1.0], dtype=D64)
+    # a first step far too large forces rejections
+    ys = odeint_adjoint(
+        f,
+        y0,
+        torch.tensor([0.0, 5.0], dtype=D64),
+        rtol=1e-8,
+        atol=1e-10,
+        options=dict(first_step=4.0),
+    )
+    log = list(f.log)
+    steps = [e for e in log if e[0] == "callback_step"]
+    acc = [e for e in log if e[0] == "callback_accept_step"]
+    rej = [e for e in log if e[0] == "callback_reject_step"]
+    assert len(rej) >= 1 and len(acc) >= 5
+    assert len(steps) == len(acc) + len(rej)
+    # strictly alternating: step, decision, step, decision, ...
+    assert [e[0] for e in log[::2]] == ["callback_step"] * len(steps)
+    for s, d in zip(log[::2], log[1::2]):
+        assert d[1:] == s[1:]  # the decision is about the attempt just made
+    assert sum(e[2] for e in acc) == pytest.approx(5.0)
+    f.log.clear()
+    ys.sum().backward()
+    back = [e[0] for e in f.log]
+    assert "callback_step" not in back and back.count("callback_step_adjoint") >= 1
+    assert back.count("callback_step_adjoint") == back.count(
+        "callback_accept_step_adjoint"
+    ) + back.count("callback_reject_step_adjoint")
+    assert sum(e[2] for e in f.log if e[0] == "callback_accept_step_adjoint") == pytest.approx(-5.0)
+
+
+def test_scipy_solver_warns_that_callbacks_are_not_called():
+    f = _Logged()
+    with pytest.warns(UserWarning, match="does not call func's step callbacks"):
+        odeint(
+            f,
+            torch.tensor([1.0], dtype=D64),
+            torch.tensor([0.0, 1.0], dtype=D64),
+            method="scipy_solver",
+        )
+    assert f.log == []
+
+
+# ----------------------------------------------------------------------------- perturb / jump_t
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("method", ["euler", "rk4", "midpoint", "gl4", "radauIIA5", "trapezoid"])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_perturb_never_evaluates_f_on_a_step_boundary(dtype, method, adjoint):
+    seen = []
+
+    def f(t, x):
+        seen.append(float(t))
+        return -x
+
+    x0 = torch.tensor([1.0, 2.0], dtype=dtype, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=dtype)
+    kw = dict(adjoint_params=()) if adjoint else {}
+    solver = odeint_adjoint if adjoint else odeint
+    xs = solver(f, x0, t, method=method, options=dict(step_size=0.5, perturb=True), **kw)
+    assert seen and not {0.0, 0.5, 1.0} & set(seen)
+    # just inside: within a few ulps of the boundaries in the state's dtype
+    ulp = torch.finfo(dtype).eps
+    assert 0 < min(seen) < ulp
+    seen.clear()
+    if adjoint:
+        xs.sum().backward()
+        assert seen and not {0.0, 0.5, 1.0} & set(seen)
+    # the solution is the method's, unchanged by the perturbation (f is continuous here)
+    ref = solver(lambda t, x: -x, x0, t, method=method, options=dict(step_size=0.5), **kw)
+    torch.testing.assert_close(xs, ref, rtol=10 * ulp, atol=10 * ulp)
+
+
+def test_perturb_without_it_f_is_evaluated_on_the_boundaries():
+    seen = []
+
+    def f(t, x):
+        seen.append(float(t))
+        return -x
+
+    odeint(
+        f, torch.tensor([1.0]), torch.tensor([0.0, 1.0]), method="rk4", options=dict(step_size=0.5)
+    )
+    assert {0.0, 0.5, 1.0} <= set(seen)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5"])
+def test_float32_jump_t_is_honoured(method):
+    """y' = (-1)^floor(t): with jump_t at the integers f never sees the far side's value
+    before a jump, so few steps are needed and the error is small -- in float32 too."""
+
+    def run(jumps):
+        nfe = [0]
+
+        def f(t, y):
+            nfe[0] += 1
+            return torch.where(torch.floor(t) % 2 == 0, 1.0, -1.0).to(y.dtype) * torch.ones_like(y)
+
+        opts = {} if jumps is None else dict(jump_t=jumps)
+        y = odeint(
+            f,
+            torch.zeros(1),
+            torch.tensor([0.0, 10.0]),
+            rtol=1e-5,
+            atol=1e-6,
+            method=method,
+            options=opts,
+        )
+        return float(y[-1]), nfe[0]
+
+    y_plain, nfe_plain = run(None)
+    y_jump, nfe_jump = run(torch.arange(1.0, 10.0))
+    assert abs(y_jump - 0.0) < 1e-5  # exact answer 0: five rises and five falls
+    assert nfe_jump < nfe_plain / 2
+
+
+# ----------------------------------------------------------------------------- adjoint parameters
+class _Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([[-0.5, 1.0], [-1.0, -0.5]], dtype=D64))
+        self.nfe = 0
+
+    def forward(self, t, y):
+        self.nfe += 1
+        return y @ self.w
+
+
+def test_odeint_adjoint_forward_costs_what_odeint_costs():
+    """No evaluation of func of its own for the parameter check."""
+    y0 = torch.tensor([1.0, 0.5], dtype=D64, requires_grad=True)
+    t = torch.linspace(0, 2, 5, dtype=D64)
+    f1, f2 = _Counted(), _Counted()
+    with torch.no_grad():
+        odeint(f1, y0, t)
+    odeint_adjoint(f2, y0, t)
+    assert f2.nfe == f1.nfe
+
+
+def test_no_warning_for_non_leaf_adjoint_params_and_their_gradients_arrive():
+    import warnings
+
+    raw = torch.tensor([0.3, -0.2], dtype=D64, requires_grad=True)
+    coeffs = raw * 2.0  # not a leaf (as spline coefficients are)
+
+    class F(nn.Module):
+        def forward(self, t, y):
+            return -y + coeffs * torch.sin(t)
+
+    y0 = torch.tensor([1.0, 0.5], dtype=D64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=D64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = odeint_adjoint(F(), y0, t, adjoint_params=(coeffs,), rtol=1e-10, atol=1e-12)
+        ys[-1].sum().backward()
+    # d y(1) / d c_i = int_0^1 e^{-(1-s)} sin s ds, times 2 for raw
+    ref = 2 * (math.sin(1.0) - math.cos(1.0) + math.exp(-1.0)) / 2
+    torch.testing.assert_close(raw.grad, torch.full((2,), ref, dtype=D64), rtol=1e-7, atol=0)
+
+
+def test_no_warning_when_func_makes_its_own_leaves():
+    import warnings
+
+    class F(nn.Module):
+        def forward(self, t, y):
+            k = torch.tensor(1.0, dtype=D64, requires_grad=True)  # a fresh leaf every call
+            return -k * y
+
+    y0 = torch.tensor([1.0], dtype=D64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = odeint_adjoint(F(), y0, torch.tensor([0.0, 1.0], dtype=D64), adjoint_params=())
+        ys[-1].sum().backward()
+    assert float(y0.grad) == pytest.approx(math.exp(-1.0), rel=1e-6)
+
+
+def test_a_lost_gradient_is_still_reported():
+    w = torch.tensor(0.7, dtype=D64, requires_grad=True)
+
+    class F(nn.Module):
+        def forward(self, t, y):
+            return -w * y
+
+    y0 = torch.tensor([1.0], dtype=D64, requires_grad=True)
+    with pytest.warns(UserWarning, match="not among the parameters"):
+        ys = odeint_adjoint(F(), y0, torch.tensor([0.0, 1.0], dtype=D64))
+        ys[-1].sum().backward()
+    assert w.grad is None

@@ -30,6 +30,13 @@ import warnings
 import torch
 from torch import nn
 
+from ._compat_hooks import (
+    FORWARD,
+    Perturbed,
+    callbacks_of,
+    hook_adjoint_callbacks,
+    hook_callbacks,
+)
 from ._solve import solve
 from .controllers import PIController, StepToGrid
 from .gradients import Backsolve, Direct
@@ -207,13 +214,16 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
         if opts.get("perturb"):
             # Evaluate f just inside each step (next float after its start, previous before its
             # end), as torchdiffeq's perturb does, so discontinuities at grid points are honoured.
-            jumps = sorted(set(grid[1:-1]) | {float(x) for x in jumps})
+            # The ends too: f is never evaluated exactly at t[0] or t[-1] either.
+            jumps = sorted(set(grid) | {float(x) for x in jumps})
         if method in _ADAMS:
             # Output times on the grid: a multistep step cannot be replayed on its own, which
             # odeint_adjoint would need for outputs inside steps (the variable-step
             # coefficients make the uneven steps exact).
             extra += [float(x) for x in t]
         grid = sorted(set(grid) | set(extra) | {float(x) for x in jumps})
+        if opts.get("perturb"):
+            solver = Perturbed(get_tableau(solver))
         kwargs.update(solver=solver, controller=StepToGrid(grid, jump_t=jumps))
     elif method == "scipy_solver":
         return None, _check_options(method, options, _SCIPY_OPTS, where)
@@ -255,6 +265,8 @@ def _with_time_dtype(kwargs: dict, opts: dict, y0) -> dict:
 # With an event function the second time only gives the direction (as in torchdiffeq): the solve
 # runs until the event. This horizon stands in for "forever".
 _EVENT_HORIZON = 1e15
+# torchdiffeq's method names that mean another tableau in neuralode.
+_ADJ_NAMES = {"rk4": "rk38", "rk4_classic": "rk4"}
 _EVENT_MAX_STEPS = 100_000
 
 
@@ -346,10 +358,27 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     if kwargs is None:
         if event_fn is not None:
             raise ValueError("method='scipy_solver' does not support event_fn")
+        if callbacks_of(func, FORWARD) is not None:
+            warnings.warn(
+                "method='scipy_solver' does not call func's step callbacks (scipy takes the steps)",
+                UserWarning,
+                stacklevel=2,
+            )
         return _scipy_solve(func, y0, t, rtol, atol, opts)
+    _hook_forward(func, kwargs)
     if event_fn is not None:
         return _event_solve(func, y0, t, kwargs, event_fn, Direct())
     return solve(func, y0, t, gradient=Direct(), dense_output=False, **kwargs).ys
+
+
+def _hook_forward(func, kwargs) -> None:
+    """func's torchdiffeq step callbacks (callback_step, ...) on the forward solve."""
+    kwargs["solver"] = hook_callbacks(
+        func,
+        kwargs["solver"],
+        adaptive=isinstance(kwargs.get("controller"), PIController),
+        stacklevel=4,
+    )
 
 
 def odeint_adjoint(
@@ -424,7 +453,7 @@ def odeint_adjoint(
     if astep is not None and not (float(astep) > 0):
         raise ValueError(f"adjoint_options['step_size'] must be positive, got {astep!r}")
     if adjoint_method is not None:
-        get_tableau("rk38" if adjoint_method == "rk4" else adjoint_method)
+        get_tableau(_ADJ_NAMES.get(adjoint_method, adjoint_method))
     params = tuple(adjoint_params) if adjoint_params is not None else tuple(func.parameters())
     art = (
         adjoint_rtol
@@ -436,12 +465,25 @@ def odeint_adjoint(
         if adjoint_atol is not None
         else (atol if isinstance(atol, (int, float)) else None)
     )
+    asolver = None if adjoint_method is None else _ADJ_NAMES.get(adjoint_method, adjoint_method)
+    # func's step callbacks: the backward solve runs the forward's method unless adjoint_method
+    # names another (which then carries the *_adjoint callbacks itself).
+    adaptive = isinstance(kwargs.get("controller"), PIController)
+    if asolver is None and not adaptive and get_tableau(kwargs["solver"]).adaptive:
+        asolver = "rk4"  # what Backsolve runs on a fixed grid for a method with an estimate
+    if asolver is None:
+        kwargs["solver"] = hook_callbacks(
+            func, kwargs["solver"], adaptive=adaptive, adjoint_adaptive=adaptive
+        )
+    else:
+        _hook_forward(func, kwargs)
+        asolver = hook_adjoint_callbacks(
+            func, asolver, adaptive=get_tableau(asolver).adaptive or adaptive
+        )
     grad = Backsolve(
         rtol=art,
         atol=aat,
-        solver=None
-        if adjoint_method is None
-        else ("rk38" if adjoint_method == "rk4" else adjoint_method),
+        solver=asolver,
         seminorm=seminorm,
         params=params,
         max_steps=None if amax is None else int(amax),

@@ -16,6 +16,7 @@ import torch
 from ._failures import step_failure
 from ._norms import ErrorNorm, initial_norm, user_scaled_norm
 from ._tree import TreeSpec
+from .controllers.step_size import time_beside
 from .errors import SolveError
 from .solvers.explicit_rk import RKStepper, make_stepper
 from .solvers.tableau import ButcherTableau
@@ -232,7 +233,8 @@ def integrate(
         )
 
     t, y = t0, y0
-    t_first = t0 if t_first is None else t_first
+    if t_first is None:  # a discontinuity at t0: f's limit from inside the interval
+        t_first = time_beside(t0, t_end, f.time_dtype) if t0 in ctrl.jump_t and t_end != t0 else t0
     if k1 is None:
         k1 = f(t_first, y0)
     nrm = k_order = None
@@ -279,7 +281,7 @@ def integrate(
         h_step = t_new - t
         # At a discontinuity the last stage sees the left limit and the next step's first stage
         # the right limit (the next float on either side, as torchdiffeq's perturb does).
-        t_last = math.nextafter(t_new, t) if is_jump else t_new
+        t_last = time_beside(t_new, t, f.time_dtype) if is_jump else t_new
         if k1 is None:
             k1 = f(t_first, y)
         attempts += 1
@@ -334,7 +336,7 @@ def integrate(
         if adaptive:
             h, prev_err = ctrl.adapt(abs(h_step), h_abs, e, prev_err, k_order, True, clipped)
         t, y = t_new, y_new
-        t_first = math.nextafter(t_new, t_new + direction) if is_jump else t_new
+        t_first = time_beside(t_new, t_new + direction, f.time_dtype) if is_jump else t_new
         if is_jump:
             k1 = None
         elif stepper.fsal:

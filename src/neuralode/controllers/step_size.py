@@ -18,7 +18,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController"]
+__all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController", "time_beside"]
+
+
+def time_beside(x: float, toward: float, time_dtype: torch.dtype) -> float:
+    """The time closest to ``x`` on the side of ``toward`` that f sees as different from ``x``.
+
+    At a discontinuity (``jump_t``) f is evaluated there, just inside the interval being
+    stepped. In double precision that is ``math.nextafter``; f receives its time in
+    ``time_dtype``, and with float32 the next double rounds back onto ``x``, so the step is taken
+    to the next float32 instead (or to float32's rounding of ``x`` when that already lies on the
+    ``toward`` side).
+    """
+    if time_dtype != torch.float32:
+        return math.nextafter(x, toward)
+    up = toward > x
+    x32 = torch.tensor(x, dtype=torch.float32)
+    if (float(x32) > x) if up else (float(x32) < x):
+        return float(x32)
+    far = torch.tensor(math.inf if up else -math.inf, dtype=torch.float32)
+    return float(torch.nextafter(x32, far))
+
 
 _EPS64 = 2.220446049250313e-16
 
@@ -159,8 +179,8 @@ class Controller:
                 land = landings[i] if i >= 0 else None
         if land is not None and direction * (t_try - land) >= 0:
             return land, True, land in self.jump_t  # landings lie strictly inside
-        if direction * (t_try - t_end) >= 0:
-            return t_end, True, False
+        if direction * (t_try - t_end) >= 0:  # a jump at the end: its left limit (perturb)
+            return t_end, True, t_end in self.jump_t
         return t_try, False, False
 
     def _land_rows(self, t, t_try, t_end, sdir, L):
@@ -181,12 +201,11 @@ class Controller:
             t_new = t_try
         at_end = sdir * (t_new - t_end) >= 0
         t_new = torch.where(at_end, t_end, t_new)
-        jump = to_land & ~at_end
-        if self.jump_t and n:
-            J = torch.tensor(self.jump_t, dtype=L.dtype, device=L.device)
-            jump = jump & torch.isin(t_new, J)
+        if self.jump_t:  # on a jump_t landing, or at an end that is one (its left limit)
+            J = torch.tensor(self.jump_t, dtype=t_new.dtype, device=t_new.device)
+            jump = (to_land | at_end) & torch.isin(t_new, J)
         else:
-            jump = jump & False
+            jump = torch.zeros_like(at_end)
         return t_new, to_land | at_end, jump
 
 

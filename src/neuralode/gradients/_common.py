@@ -10,7 +10,7 @@ from torch import nn
 
 from .._loop import LoopResult, Problem, VectorField, integrate, make_stepper
 
-__all__ = ["Run", "find_params", "warn_missing_params"]
+__all__ = ["Run", "find_params", "warn_missing_params", "ParamCheck"]
 
 
 @dataclass
@@ -59,21 +59,21 @@ def find_params(func, explicit, name: str = "params") -> list[torch.Tensor]:
     return []
 
 
-def warn_missing_params(
-    out: torch.Tensor, params: list[torch.Tensor], method: str, state=None
-) -> None:
-    """Warn when ``out`` (an evaluation of func) depends on a leaf tensor that requires grad but
-    is not among ``params``: its gradient would silently be missing. Leaves sharing storage with
-    ``state`` (a func that calls ``y.requires_grad_()``, as in FFJORD or Hamiltonian networks)
-    are the state itself, not parameters."""
+def missing_params(out: torch.Tensor, params: list[torch.Tensor], state=None) -> list:
+    """The leaf tensors requiring grad that ``out`` (an evaluation of func) depends on other
+    than through ``params``: their gradients would be missing. A parameter that is not a leaf
+    (e.g. spline coefficients computed from leaves) passes its gradient on to the leaves it is
+    made from, so the search stops there. Leaves sharing storage with ``state`` (a func that
+    calls ``y.requires_grad_()``, as in FFJORD or Hamiltonian networks) are the state itself."""
     if not isinstance(out, torch.Tensor) or out.grad_fn is None:
-        return
+        return []
     known = {id(p) for p in params}
+    through = {p.grad_fn for p in params if p.grad_fn is not None}
     state_ptr = state.untyped_storage().data_ptr() if state is not None else None
     seen, stack, missing = set(), [out.grad_fn], []
     while stack and len(seen) < 10_000:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node in seen or node in through:
             continue
         seen.add(node)
         var = getattr(node, "variable", None)
@@ -81,6 +81,51 @@ def warn_missing_params(
             if state_ptr is None or var.untyped_storage().data_ptr() != state_ptr:
                 missing.append(var)
         stack.extend(n for n, _ in node.next_functions)
+    return missing
+
+
+class ParamCheck:
+    """Warns, from func's own evaluations during the backward solve (no extra evaluation),
+    when a gradient is really lost: a leaf requiring grad that func uses but that is not among
+    the parameters, and that is the same tensor in two evaluations (a leaf that func creates
+    afresh on every call has no gradient anyone could read)."""
+
+    def __init__(self, params: list[torch.Tensor], method: str, output_needs_grad: bool):
+        self.params, self.method = params, method
+        self.output_needs_grad = output_needs_grad
+        self.first: dict | None = None
+        self.done = False
+
+    def __call__(self, out: torch.Tensor, state) -> None:
+        if self.done:
+            return
+        found = missing_params(out, self.params, state=state)
+        if self.first is None:
+            self.first = {id(v): v for v in found}
+            if found and not self.output_needs_grad:
+                # No backward pass will come (nothing else requires grad): say it now.
+                _warn_missing(found, self.method, stacklevel=7)
+            if not found or not self.output_needs_grad:
+                self.done = True
+            return
+        self.done = True
+        lost = [v for v in found if self.first.get(id(v)) is v]
+        self.first = None
+        if lost:
+            _warn_missing(lost, self.method, stacklevel=5)
+
+
+def warn_missing_params(
+    out: torch.Tensor, params: list[torch.Tensor], method: str, state=None
+) -> None:
+    """Warn when ``out`` (an evaluation of func) depends on a leaf tensor that requires grad but
+    is not among ``params`` (see :func:`missing_params`)."""
+    missing = missing_params(out, params, state=state)
+    if missing:
+        _warn_missing(missing, method, stacklevel=5)
+
+
+def _warn_missing(missing: list, method: str, stacklevel: int) -> None:
     if missing:
         shapes = ", ".join(str(tuple(v.shape)) for v in missing[:5])
         warnings.warn(
@@ -90,7 +135,7 @@ def warn_missing_params(
             "explicitly (Backsolve(params=...)/Checkpointed(params=...), or adjoint_params=... "
             "for odeint_adjoint).",
             UserWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
 
 
@@ -105,9 +150,34 @@ def check_params(run: Run, y0flat: torch.Tensor, params: list[torch.Tensor], met
     warn_missing_params(flat, params, method, state=state)
 
 
-def forward_without_graph(run: Run, y0flat: torch.Tensor, record: str, max_states=None):
-    """The forward solve of a custom-gradient method: no graph, ``record`` kept per step."""
-    f = run.vector_field()
+class _FirstChecked(VectorField):
+    """A vector field whose first evaluation (f at the start, which the loop needs anyway) is
+    made with graph building on and shown to ``check(out, state)``: the parameter check costs
+    no evaluation of f of its own."""
+
+    def __init__(self, func, spec, time_dtype, check):
+        super().__init__(func, spec, time_dtype)
+        self._check = check
+
+    def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        check, self._check = self._check, None
+        if check is None:
+            return super().__call__(t, y)
+        state = y.detach().clone()
+        with torch.enable_grad():
+            out = super().__call__(t, state)
+        check(out, state)
+        return out.detach()
+
+
+def forward_without_graph(run: Run, y0flat: torch.Tensor, record: str, max_states=None, check=None):
+    """The forward solve of a custom-gradient method: no graph, ``record`` kept per step.
+    ``check(out, state)``, if given, sees func's first evaluation with its graph."""
+    f = (
+        run.vector_field()
+        if check is None
+        else _FirstChecked(run.func, run.prob.spec, run.time_dtype, check)
+    )
     stepper = run.new_stepper(y0flat)
     with torch.no_grad():
         res = integrate(

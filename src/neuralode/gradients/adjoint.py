@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +18,9 @@ from .._loop import (
 )
 from .._tree import flatten_state
 from ..controllers import ConstantStep, PIController, StepToGrid
+from ..controllers.step_size import time_beside
 from ..solvers import get_tableau
-from ._common import Run, check_params, find_params, forward_without_graph
+from ._common import ParamCheck, Run, find_params, forward_without_graph
 from .checkpoint import add_initial_outputs
 
 __all__ = ["Backsolve"]
@@ -134,14 +134,20 @@ class Backsolve:
     def run(self, run: Run, y0flat: torch.Tensor):
         params = find_params(run.func, self.params, "Backsolve(params=...)")
         if torch.is_grad_enabled():
-            check_params(run, y0flat, params, "backsolve adjoint")
+            # Seen on func's first evaluation in the forward solve and confirmed on the first
+            # of the backward solve (see ParamCheck): no evaluation of f of its own.
+            run.extra["param_check"] = ParamCheck(
+                params,
+                "backsolve adjoint",
+                output_needs_grad=y0flat.requires_grad or bool(params),
+            )
         return _BacksolveFn.apply(run, self, y0flat, *params)
 
 
 class _BacksolveFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Run, cfg: Backsolve, y0flat, *params):
-        res = forward_without_graph(run, y0flat, "times")
+        res = forward_without_graph(run, y0flat, "times", check=run.extra.get("param_check"))
         ctx.run, ctx.cfg, ctx.params = run, cfg, params
         # A private copy: the caller may modify the returned outputs in place.
         ctx.y_final = res.y_final.detach().clone()
@@ -210,6 +216,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     gs = [torch.zeros(n, dtype=dtype, device=device) for n in p_sizes]
     aug_spec, _ = flatten_state((y, a, *gs), batched=False, name="augmented state")
 
+    check = run.extra.get("param_check")
     inner_f = VectorField(run.func, spec, run.time_dtype)  # inside the augmented dynamics
     fwd_f = VectorField(run.func, spec, run.time_dtype)  # replays of forward steps
 
@@ -222,6 +229,8 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
         with torch.enable_grad():
             yv = yy.detach().requires_grad_()
             fy = inner_f(tf, yv)
+            if check is not None:
+                check(fy, yv)
             if fy.requires_grad:
                 vj = torch.autograd.grad(
                     fy, [yv, *params], -aa, allow_unused=True, retain_graph=True
@@ -355,7 +364,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
         else:
             k1_aug = k1_next  # FSAL across the boundary: nothing changed here
         # Starting at a discontinuity, the first stage sees the limit from the side integrated.
-        t_first = math.nextafter(point, nxt) if point in jumps else None
+        t_first = time_beside(point, nxt, run.time_dtype) if point in jumps else None
         with torch.no_grad():
             res = integrate(
                 aug_prob,

@@ -1,0 +1,234 @@
+"""torchdiffeq's step callbacks, as a method object wrapping a solver.
+
+torchdiffeq calls ``func.callback_step(t0, y0, dt)`` before every step attempt, and, with
+adaptive methods, ``func.callback_accept_step(t0, y0, dt)`` or ``func.callback_reject_step(t0,
+y0, dt)`` after it; the ``*_adjoint`` variants during the backward solve of ``odeint_adjoint``.
+The engine drives any method object that provides ``make_stepper`` (see
+:func:`neuralode.solvers.explicit_rk.make_stepper`), so the callbacks are a wrapper around the
+method's stepper: no branch in the stepping loop.
+
+- ``step`` is called once per attempt: it calls ``callback_step`` first. An attempt that is not
+  followed by ``accept`` was rejected: the rejection is reported just before the next attempt
+  (so callbacks come in torchdiffeq's order: step, reject, step, ..., step, accept).
+- Replays of accepted steps (the backsolve adjoint recomputes steps that hold outputs; the
+  checkpointed method recomputes every step) are recognised by their ``(t, dt)`` and do not
+  call the callbacks again.
+- ``t0`` and ``dt`` are 0-d tensors of the state's real dtype (as torchdiffeq gives them); ``y0``
+  is the state in y0's structure (the forward solve) or the augmented state ``(y, adj_y,
+  adj_params...)`` with flat components (the backward solve).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .controllers.step_size import time_beside
+from .solvers import get_tableau
+from .solvers.explicit_rk import make_stepper
+
+FORWARD = ("callback_step", "callback_accept_step", "callback_reject_step")
+ADJOINT = tuple(name + "_adjoint" for name in FORWARD)
+
+
+def callbacks_of(func, names) -> tuple | None:
+    """The callbacks of ``func`` among ``names`` (None for each missing), or None if none."""
+    found = tuple(getattr(func, n, None) for n in names)
+    found = tuple(c if callable(c) else None for c in found)
+    return found if any(c is not None for c in found) else None
+
+
+class WithCallbacks:
+    """A solver (tableau or method object) whose steps call torchdiffeq-style callbacks.
+
+    ``forward`` and ``backward`` are (step, accept, reject) triples, None where absent. The
+    backsolve adjoint integrates its augmented state with the forward's method unless told
+    otherwise: solves of the forward state's structure (the first one bound) call ``forward``,
+    any other (the augmented state) ``backward``. ``backward_only`` marks a method used by the
+    backward solve alone (an explicit ``adjoint_method``).
+    """
+
+    def __init__(self, method, forward=None, backward=None, backward_only=False):
+        self._method = method
+        self._forward, self._backward = forward, backward
+        self._backward_only = backward_only
+        self._forward_spec = None
+
+    def __getattr__(self, name):  # the method's own properties (adaptive, order, ...)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._method, name)
+
+    def make_stepper(self, dtype, device):
+        return _CallbackStepper(make_stepper(self._method, dtype, device), self)
+
+    def callbacks_for(self, spec) -> tuple:
+        if self._backward_only:
+            return self._backward or _NONE
+        if self._forward_spec is None:
+            self._forward_spec = spec
+        same = spec == self._forward_spec
+        return (self._forward if same else self._backward) or _NONE
+
+
+_NONE = (None, None, None)
+
+
+class _CallbackStepper:
+    _own = ("_inner", "_owner", "_cb", "_spec", "_pending", "_accepted")
+
+    def __init__(self, inner, owner: WithCallbacks):
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "_cb", _NONE)
+        object.__setattr__(self, "_spec", None)
+        object.__setattr__(self, "_pending", None)
+        object.__setattr__(self, "_accepted", set())
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):  # e.g. the loop's reuse_buffer
+        if name in self._own:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._inner, name, value)
+
+    def _args(self, t: float, y: torch.Tensor, h: float):
+        real = y.real.dtype if y.is_complex() else y.dtype
+        tt = torch.tensor(t, dtype=real, device=y.device)
+        dt = torch.tensor(h, dtype=real, device=y.device)
+        state = self._spec.unflatten(y) if self._spec is not None else y
+        return tt, state, dt
+
+    def bind(self, prob):
+        self._spec = prob.spec
+        self._cb = self._owner.callbacks_for(prob.spec)
+        self._pending = None
+        inner = getattr(self._inner, "bind", None)
+        if inner is not None:
+            inner(prob)
+
+    def step(self, f, t, h, y, k1, t_last, track_grad):
+        on_step, _, on_reject = self._cb
+        if (t, h) not in self._accepted:  # not a replay of an accepted step
+            if self._pending is not None and on_reject is not None:
+                on_reject(*self._args(*self._pending))
+            if on_step is not None:
+                on_step(*self._args(t, y, h))
+            self._pending = (t, y, h)
+        return self._inner.step(f, t, h, y, k1, t_last, track_grad)
+
+    def accept(self, t, t_new, y, y_new, K):
+        on_accept = self._cb[1]
+        h = t_new - t
+        self._accepted.add((t, h))
+        self._pending = None
+        if on_accept is not None:
+            on_accept(*self._args(t, y, h))
+        inner = getattr(self._inner, "accept", None)
+        if inner is not None:
+            inner(t, t_new, y, y_new, K)
+
+
+def hook_callbacks(func, solver, *, adaptive: bool, adjoint_adaptive=None, stacklevel=3):
+    """``solver`` wrapped so that its steps call func's torchdiffeq callbacks (the forward set;
+    with ``adjoint_adaptive`` not None, the solver also serves the backward solve of the
+    backsolve adjoint, which calls the ``*_adjoint`` set); ``solver`` itself when func has none.
+    Fixed-step methods have no accept/reject decision: those callbacks are ignored with a
+    warning, as in torchdiffeq."""
+    fwd = _usable(func, FORWARD, adaptive, "forward solve", stacklevel + 1)
+    back = None
+    if adjoint_adaptive is not None:
+        back = _usable(func, ADJOINT, adjoint_adaptive, "backward solve", stacklevel + 1)
+    if fwd is None and back is None:
+        return solver
+    return WithCallbacks(get_tableau(solver), fwd, back)
+
+
+def hook_adjoint_callbacks(func, solver, *, adaptive: bool, stacklevel=3):
+    """An explicit ``adjoint_method`` wrapped to call func's ``*_adjoint`` callbacks."""
+    back = _usable(func, ADJOINT, adaptive, "backward solve", stacklevel + 1)
+    if back is None:
+        return solver
+    return WithCallbacks(get_tableau(solver), None, back, backward_only=True)
+
+
+def _usable(func, names, adaptive: bool, where: str, stacklevel: int):
+    cbs = callbacks_of(func, names)
+    if cbs is None:
+        return None
+    if not adaptive and (cbs[1] is not None or cbs[2] is not None):
+        warnings.warn(
+            f"{names[1]}/{names[2]} are not called by fixed-step methods ({where}): every "
+            "step is accepted",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+        cbs = (cbs[0], None, None)
+    return cbs if cbs[0] is not None else None
+
+
+class Perturbed:
+    """A fixed-step solver for torchdiffeq's ``options=dict(perturb=True)``: f is never
+    evaluated exactly at a step's ends, but just inside them (the next representable time in the
+    time dtype, as torchdiffeq's ``Perturb.NEXT``/``PREV``). The grid points are also jump times
+    of the controller (the loop then evaluates the first stage of every step just inside it);
+    this wrapper catches what the loop does not see: evaluations inside a method's step at its
+    ends, such as the Jacobian of an implicit method at the step start.
+    """
+
+    def __init__(self, method):
+        self._method = method
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._method, name)
+
+    def make_stepper(self, dtype, device):
+        return _PerturbedStepper(make_stepper(self._method, dtype, device))
+
+
+class _PerturbedStepper:
+    def __init__(self, inner):
+        object.__setattr__(self, "_inner", inner)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._inner, name, value)
+
+    def step(self, f, t, h, y, k1, t_last, track_grad):
+        return self._inner.step(_Inside(f, t, t + h), t, h, y, k1, t_last, track_grad)
+
+
+class _Inside:
+    """A vector field whose evaluations at ``a`` or ``b`` move just inside ``[a, b]``."""
+
+    def __init__(self, f, a: float, b: float):
+        self._f, self._a, self._b = f, a, b
+
+    def _move(self, t: float) -> float:
+        if t == self._a:
+            return time_beside(t, self._b, self._f.time_dtype)
+        if t == self._b:
+            return time_beside(t, self._a, self._f.time_dtype)
+        return t
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __call__(self, t, y):
+        return self._f(self._move(t), y)
+
+    def flat(self, t, y):
+        return self._f.flat(self._move(t), y)
+
+    def into(self, t, y, *args):
+        return self._f.into(self._move(t), y, *args)
+
+    def _time(self, t):
+        return self._f._time(self._move(t))
