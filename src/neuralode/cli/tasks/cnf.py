@@ -114,8 +114,9 @@ class CNFTask(Task):
     def load_data(self) -> None:
         o = self.opt
         for key in ("kinetic", "jacobian", "acceleration"):
-            if not (isinstance(o[key], (int, float)) and o[key] >= 0):
-                raise CLIError(f"--set {key} must be a number >= 0; got {o[key]!r}.")
+            w = o.get(key, 0.0)  # (runs saved before an option existed lack it)
+            if isinstance(w, bool) or not (isinstance(w, (int, float)) and w >= 0):
+                raise CLIError(f"--set {key} must be a number >= 0; got {w!r}.")
         if o["trace"] not in ("auto", "exact", "hutchinson"):
             raise CLIError(f"--set trace must be auto, exact or hutchinson; got {o['trace']!r}.")
         if o["noise"] not in ("rademacher", "gaussian"):
@@ -176,7 +177,8 @@ class CNFTask(Task):
             activation="softplus",
             time_dependent=True,
         )
-        regs = {k: float(o[k]) for k in ("kinetic", "jacobian", "acceleration") if o[k] > 0}
+        names = ("kinetic", "jacobian", "acceleration")
+        regs = {k: float(o.get(k, 0.0)) for k in names if o.get(k, 0.0) > 0}
         return self._cnf(field, self._trace(), regs)
 
     def _exact(self, model: CNF) -> CNF:
