@@ -57,10 +57,10 @@ class CNFLoss:
 
 class _Dynamics(nn.Module):
     """``(f, -tr J, -||f||^2, -||J||_F^2, -||d^2z/dt^2||^2)`` on the state ``(z, Delta, ...)``
-    (the regularisers that are on), for a solve that
-    runs from t1 back to t0 (the negative signs make the regulariser integrals positive there).
-    An ``nn.Module`` owning the field, so that Backsolve/Checkpointed find its parameters; the
-    Hutchinson noise is fixed for the solve."""
+    (the regularisers that are on), for a solve that runs from t1 back to t0 (the negative
+    signs make the regulariser integrals positive there). An ``nn.Module`` owning the field, so
+    that Backsolve/Checkpointed find its parameters; the Hutchinson noise is fixed for the
+    solve."""
 
     def __init__(self, field, estimator: str, e, regs: tuple, tick=None):
         super().__init__()
