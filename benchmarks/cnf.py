@@ -4,8 +4,9 @@ and RNODE-regularised vs unregularised training.
 Part 1 (time per training iteration): one FFJORD training iteration (log-density of a batch by
 one solve from t1 = 1 back to t0 = 0, mean NLL, backward, Adam step) of the same vector field
 (``MLPVectorField(2, hidden=32, n_layers=3, softplus, time_dependent)``, float32, batch 256 of the
-8-Gaussians density, exact trace by 2 vector-Jacobian products, dopri5 at rtol = atol = 1e-5,
-gradients by autograd through the solver), three ways:
+8-Gaussians density, exact trace by 2 vector-Jacobian products; and on 64-D dequantised digits,
+hidden 128, batch 128, Hutchinson's trace with one Rademacher draw per solve), dopri5 at
+rtol = atol = 1e-5, gradients by autograd through the solver, three ways:
 
 - ``neuralode CNF``: :class:`neuralode.models.CNF` (state ``(z, Delta)``, :func:`neuralode.solve`);
 - ``neuralode odeint``: torchdiffeq's formulation (a module returning ``(dz/dt, -trace)`` on the
@@ -62,12 +63,14 @@ def std_normal_logpdf(z: torch.Tensor) -> torch.Tensor:
 
 class TorchdiffeqStyle(nn.Module):
     """torchdiffeq's examples/cnf.py structure: ``forward(t, (z, logp)) -> (dz/dt, -trace)``,
-    the trace by one ``autograd.grad`` per dimension; counts its evaluations."""
+    the trace by one ``autograd.grad`` per dimension, or FFJORD's Hutchinson estimate with the
+    noise ``self.e`` fixed for the solve when it is set; counts its evaluations."""
 
     def __init__(self, field: nn.Module):
         super().__init__()
         self.field = field
         self.nfe = 0
+        self.e = None
 
     def forward(self, t, states):
         z = states[0]
@@ -75,24 +78,42 @@ class TorchdiffeqStyle(nn.Module):
         with torch.set_grad_enabled(True):
             z.requires_grad_(True)
             dz = self.field(t, z)
+            if self.e is not None:
+                v = torch.autograd.grad(dz, z, self.e, create_graph=True)[0]
+                return dz, -(v * self.e).sum(1, keepdim=True)
             trace = torch.zeros(z.shape[0], dtype=z.dtype)
             for i in range(z.shape[1]):
                 trace = trace + torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i]
         return dz, -trace.view(-1, 1)
 
 
-def make_field(seed: int) -> nn.Module:
+def make_field(seed: int, dim: int = 2) -> nn.Module:
     torch.manual_seed(seed)
-    return MLPVectorField(2, hidden=32, n_layers=3, activation="softplus", time_dependent=True)
+    hidden = 32 if dim == 2 else 128
+    return MLPVectorField(
+        dim, hidden=hidden, n_layers=3, activation="softplus", time_dependent=True
+    )
+
+
+def digits(n: int, rng: np.random.Generator) -> torch.Tensor:
+    """Dequantised, standardised 8x8 digits (64-D), ``n`` drawn with replacement."""
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data.astype(np.float64)
+    X = X[rng.integers(0, len(X), n)] + rng.random((n, 64))
+    return torch.as_tensor((X - 7.0) / 6.0, dtype=torch.float32)
 
 
 def _clock(kind: str):
     return time.process_time if kind == "cpu" else time.perf_counter
 
 
-def speed(iters: int, batch: int, seed: int, clock: str) -> list[dict]:
+def speed(iters: int, batch: int, seed: int, clock: str, data: str = "8gaussians") -> list[dict]:
     rng = np.random.default_rng(seed)
-    batches = [eight_gaussians(batch, rng) for _ in range(iters)]
+    sample = eight_gaussians if data == "8gaussians" else digits
+    batches = [sample(batch, rng) for _ in range(iters)]
+    dim = batches[0].shape[1]
+    hutch = dim > 2  # FFJORD's choice: Hutchinson beyond a few dimensions
     t = torch.tensor([1.0, 0.0])
     now = _clock(clock)
     runs = {}
@@ -106,6 +127,8 @@ def speed(iters: int, batch: int, seed: int, clock: str) -> list[dict]:
         def step(state, x):
             func = state["model"]
             func.nfe = 0
+            if hutch:  # one Rademacher draw per solve, as CNF(trace="hutchinson")
+                func.e = torch.randint(0, 2, x.shape).to(x.dtype).mul_(2).sub_(1)
             logp = torch.zeros(x.shape[0], 1)
             z_t, logp_t = odeint(func, (x, logp), t, rtol=TOL, atol=TOL, method="dopri5")
             loss = -(std_normal_logpdf(z_t[-1]) - logp_t[-1].view(-1)).mean()
@@ -114,11 +137,18 @@ def speed(iters: int, batch: int, seed: int, clock: str) -> list[dict]:
 
         return step
 
-    runs["neuralode CNF"] = (CNF(make_field(seed), rtol=TOL, atol=TOL), cnf_step)
-    runs["neuralode odeint"] = (TorchdiffeqStyle(make_field(seed)), odeint_step(neuralode.odeint))
+    trace = "hutchinson" if hutch else "exact"
+    runs["neuralode CNF"] = (
+        CNF(make_field(seed, dim), trace=trace, rtol=TOL, atol=TOL),
+        cnf_step,
+    )
+    runs["neuralode odeint"] = (
+        TorchdiffeqStyle(make_field(seed, dim)),
+        odeint_step(neuralode.odeint),
+    )
     if torchdiffeq is not None:
         runs["torchdiffeq odeint"] = (
-            TorchdiffeqStyle(make_field(seed)),
+            TorchdiffeqStyle(make_field(seed, dim)),
             odeint_step(torchdiffeq.odeint),
         )
     state = {}
@@ -192,6 +222,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CI smoke run: a few iterations, batch 32")
     p.add_argument("--skip-rnode", action="store_true")
+    p.add_argument("--skip-digits", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
         a.iters, a.speed_iters, a.every = 60, 30, 20
@@ -203,18 +234,26 @@ def main(argv=None):
         f"torchdiffeq {getattr(torchdiffeq, '__version__', 'absent')}, "
         f"{platform.processor() or platform.machine()}, 1 thread, clock {a.clock}"
     )
-    rows = speed(a.speed_iters, a.batch, a.seed, a.clock)
-    base = next((r for r in rows if r["lib"] == "torchdiffeq odeint"), None)
-    print(f"\n## Time per training iteration (batch {a.batch}, 2-D, dopri5, tol {TOL:g})")
-    print("| implementation | time / iter (ms) | forward NFE | vs torchdiffeq |")
-    print("|---|---:|---:|---:|")
-    for r in rows:
-        ratio = base["time_per_iter"] / r["time_per_iter"] if base else float("nan")
-        print(
-            f"| {r['lib']} | {1e3 * r['time_per_iter']:.1f} | {r['nfe_forward']:.1f} | "
-            f"{ratio:.2f}x |"
-        )
-    out = {"speed": rows, "rnode": []}
+    out = {"speed": [], "rnode": []}
+    for data in ("8gaussians", "digits"):
+        if data == "digits" and a.skip_digits:
+            continue
+        batch = a.batch if data == "8gaussians" else a.batch // 2
+        rows = speed(a.speed_iters, batch, a.seed, a.clock, data)
+        for r in rows:
+            r["data"] = data
+        out["speed"] += rows
+        base = next((r for r in rows if r["lib"] == "torchdiffeq odeint"), None)
+        what = "2-D, exact trace" if data == "8gaussians" else "digits 64-D, Hutchinson trace"
+        print(f"\n## Time per training iteration ({what}, batch {batch}, dopri5, tol {TOL:g})")
+        print("| implementation | time / iter (ms) | forward NFE | vs torchdiffeq |")
+        print("|---|---:|---:|---:|")
+        for r in rows:
+            ratio = base["time_per_iter"] / r["time_per_iter"] if base else float("nan")
+            print(
+                f"| {r['lib']} | {1e3 * r['time_per_iter']:.1f} | {r['nfe_forward']:.1f} | "
+                f"{ratio:.2f}x |"
+            )
     if not a.skip_rnode:
         rn = rnode(a.iters, a.batch, a.seed, a.reg_weight, a.every, a.clock, a.lr)
         out["rnode"] = rn

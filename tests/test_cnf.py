@@ -84,18 +84,51 @@ def test_regularizers_of_linear_flow():
     A = torch.tensor([[a, -w], [w, a]], dtype=D)
     x = torch.tensor([[1.0, 2.0], [-0.5, 0.1]], dtype=D)
     for trace in ("exact", "hutchinson"):  # Hutchinson is exact here: ||e^T A||^2 = 2(a^2+w^2)
-        flow = CNF(Linear(A), trace=trace, regularizers={"kinetic": 0.5, "jacobian": 2.0}, **TIGHT)
+        weights = {"kinetic": 0.5, "jacobian": 2.0, "acceleration": 0.3}
+        flow = CNF(Linear(A), trace=trace, regularizers=weights, **TIGHT)
         logp, regs = flow.log_prob_and_regularizers(x)
         ke = (a * a + w * w) * x.square().sum(1) * (1 - math.exp(-2 * a)) / (2 * a)
         torch.testing.assert_close(regs["kinetic"], ke, rtol=1e-8, atol=0)
+        # d^2z/dt^2 = A^2 z and |A^2 z| = (a^2 + w^2) |z|.
+        torch.testing.assert_close(regs["acceleration"], (a * a + w * w) * ke, rtol=1e-8, atol=0)
         torch.testing.assert_close(
             regs["jacobian"], torch.full((2,), 2 * (a * a + w * w), dtype=D), rtol=1e-8, atol=0
         )
         out = flow.loss(x)
-        want = -logp.mean() + 0.5 * ke.mean() + 2.0 * 2 * (a * a + w * w)
+        want = (
+            -logp.mean()
+            + 0.5 * ke.mean()
+            + 2.0 * 2 * (a * a + w * w)
+            + 0.3 * (a * a + w * w) * ke.mean()
+        )
         assert out.loss.item() == pytest.approx(want.item(), rel=1e-8)
         assert out.nll.item() == pytest.approx(-logp.mean().item(), rel=1e-10)
         assert out.nfe == flow.nfe_forward > 0
+
+
+class Forced(nn.Module):
+    """f(t, z) = A z + c sin(t): d^2z/dt^2 = A f + c cos(t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = nn.Parameter(torch.tensor([[0.3, -1.0], [0.7, 0.2]], dtype=D))
+        self.c = nn.Parameter(torch.tensor([0.5, -2.0], dtype=D))
+
+    def forward(self, t, z):
+        return z @ self.A.T + self.c * torch.sin(t).to(z.dtype)
+
+
+def test_acceleration_of_a_forced_linear_flow():
+    f = Forced()
+    x = torch.tensor([[1.0, -0.5], [0.2, 0.3]], dtype=D)
+    with torch.no_grad():
+        _, regs = CNF(f, regularizers={"acceleration": 1.0}, **TIGHT).log_prob_and_regularizers(x)
+
+        def acc2(t, z):
+            return (f(t, z) @ f.A.T + f.c * torch.cos(t).to(z.dtype)).square().sum(1)
+
+        ref = neuralode.solve(f, x, torch.tensor([1.0, 0.0], dtype=D), integral=acc2, **TIGHT)
+    torch.testing.assert_close(regs["acceleration"], -ref.integral[-1], rtol=1e-8, atol=0)
 
 
 GRADIENTS = [Direct(), Backsolve(), Backsolve(seminorm=True), Checkpointed()]
@@ -111,7 +144,7 @@ def test_gradients_match_finite_differences(gradient, trace):
     flow = CNF(
         field,
         trace=trace,
-        regularizers={"kinetic": 0.1, "jacobian": 0.05},
+        regularizers={"kinetic": 0.1, "jacobian": 0.05, "acceleration": 0.02},
         gradient=gradient,
         rtol=1e-10,
         atol=1e-10,

@@ -231,6 +231,20 @@ def test_integral_with_terminal_event():
     assert sol.event_integral.item() == pytest.approx(0.375, rel=1e-7)
 
 
+def test_integral_with_resetting_events():
+    # y' = -y from 1, reset to 2y whenever y falls to 0.5 (t = ln 2, 2 ln 2): each period adds
+    # int y^2 = (1 - 1/4) / 2 = 0.375; the reset leaves the integral unchanged.
+    ev = Event(lambda t, y: y[0] - 0.5, terminal=False, reset=lambda t, y: 2 * y)
+    t = torch.tensor([0.0, 2.0], dtype=D)
+    sol = neuralode.solve(decay, torch.tensor([1.0], dtype=D), t, integral=squares, event=ev, **TOL)
+    torch.testing.assert_close(sol.event_t, torch.tensor([1.0, 2.0], dtype=D) * math.log(2))
+    torch.testing.assert_close(
+        sol.event_integral[:, 0], torch.tensor([0.375, 0.75], dtype=D), rtol=1e-7, atol=0
+    )
+    rest = 2.0 - 2 * math.log(2)
+    assert sol.integral[-1].item() == pytest.approx(0.75 + (1 - math.exp(-2 * rest)) / 2, rel=1e-7)
+
+
 def test_integral_with_fixed_steps():
     y0 = torch.tensor([1.0], dtype=D)
     t = torch.tensor([0.0, 1.0], dtype=D)

@@ -14,6 +14,7 @@ from neuralode.regularizers import (
     jacobian_terms,
     kinetic_energy,
     sample_noise,
+    total_derivative,
 )
 
 D = torch.float64
@@ -81,6 +82,31 @@ def test_exact_terms_match_autograd_jacobian():
         assert div[b].item() == pytest.approx(torch.trace(J).item(), rel=1e-12, abs=1e-12)
         assert frob[b].item() == pytest.approx(J.square().sum().item(), rel=1e-12)
     torch.testing.assert_close(kinetic_energy(field(0.0, z)), field(0.0, z).square().sum(1))
+
+
+def test_total_derivative_is_the_acceleration():
+    # f(t, z) = A z + c sin(t): d^2z/dt^2 = A f + c cos(t).
+    A = torch.tensor([[0.3, -1.0], [0.7, 0.2]], dtype=D)
+    c = torch.tensor([0.5, -2.0], dtype=D)
+
+    def f(t, z):
+        return z @ A.T + c * torch.sin(t)
+
+    z = torch.randn(3, 2, dtype=D, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    t = torch.tensor(0.4, dtype=D, requires_grad=True)
+    dz = f(t, z)
+    want = dz @ A.T + c * torch.cos(t)
+    torch.testing.assert_close(total_derivative(dz, z, t), want.detach(), rtol=1e-12, atol=1e-12)
+    # Autonomous: t unused.
+    z = torch.randn(3, 3, dtype=D, generator=torch.Generator().manual_seed(8)).requires_grad_()
+    dz = field(0.0, z)
+    J = [
+        torch.autograd.functional.jacobian(lambda x: field(0.0, x[None])[0], z[b]) for b in range(3)
+    ]
+    want = torch.stack([J[b] @ dz[b] for b in range(3)])
+    torch.testing.assert_close(total_derivative(dz, z, t), want.detach(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="autograd recording"):
+        total_derivative(torch.zeros(3, 2, dtype=D), z, t)
 
 
 @pytest.mark.parametrize("noise", ["rademacher", "gaussian"])

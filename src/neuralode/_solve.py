@@ -139,7 +139,7 @@ def solve(
         ``Solution.integral`` with shape ``(T, *g's output shape)``. It is integrated as one more
         component of the state (:mod:`neuralode._integral`), so it works with every gradient
         method, per-sample grids and control (g must then return one row per sample, ``(B,
-        ...)``), events (``Solution.event_integral``) and dense output
+        ...)``), whole-state events (``Solution.event_integral``) and dense output
         (:meth:`Solution.evaluate_integral`). g is evaluated once more at ``(t0, y0)`` to learn
         its shape. Not with ``compile=True``.
     integral_in_error_norm : bool, default True

@@ -42,6 +42,7 @@ import torch
 __all__ = [
     "kinetic_energy",
     "jacobian_terms",
+    "total_derivative",
     "sample_noise",
     "KineticEnergy",
     "JacobianFrobenius",
@@ -167,7 +168,8 @@ def jacobian_terms(
                 f"estimator='hutchinson' needs noise e of z's shape {tuple(z.shape)}, got "
                 f"{None if e is None else tuple(e.shape)}; draw it with sample_noise(z)"
             )
-        (v,) = torch.autograd.grad(dz, z, e, create_graph=create_graph)
+        # retain_graph: dz's graph may serve more derivatives (the acceleration, autograd).
+        (v,) = torch.autograd.grad(dz, z, e, create_graph=create_graph, retain_graph=True)
         div = (v * e).sum(1)
         return div, (v.square().sum(1) if frobenius else None)
     d = z.shape[1]
@@ -181,6 +183,62 @@ def jacobian_terms(
         if frobenius:
             frob = frob + row.square().sum(1)
     return div, frob
+
+
+def total_derivative(
+    dz: torch.Tensor, z: torch.Tensor, t: torch.Tensor, *, create_graph: bool | None = None
+) -> torch.Tensor:
+    """The acceleration ``d^2 z/dt^2 = df/dt + (df/dz) f`` along the flow, per sample.
+
+    ``||d^2 z/dt^2||^2`` integrated over time is the second-order Taylor regulariser of
+    TayNODE (Kelly et al. 2020, ``K = 2``), which penalises curved, quickly changing
+    trajectories. Computed by the double vector-Jacobian product trick (a Jacobian-vector
+    product from two reverse passes), without a Jacobian.
+
+    Parameters
+    ----------
+    dz : Tensor (B, d)
+        ``f(t, z)`` computed with autograd recording from ``z`` and ``t`` (both requiring grad).
+    z : Tensor (B, d)
+    t : Tensor (0-d)
+        The time ``dz`` was computed at, requiring grad (e.g. ``t.detach().requires_grad_()``;
+        for an autonomous field its derivative is zero).
+    create_graph : bool, optional
+        Keep the graph (default: whether gradient recording is enabled).
+
+    Returns
+    -------
+    Tensor (B, d)
+
+    References
+    ----------
+    Kelly, Bettencourt, Johnson, Duvenaud, "Learning Differential Equations that are Easy to
+    Solve", NeurIPS 2020.
+    """
+    _check_batch(dz, "dz")
+    if create_graph is None:
+        create_graph = torch.is_grad_enabled()
+    if not dz.requires_grad:
+        raise RuntimeError(
+            "total_derivative needs dz = f(t, z) computed with autograd recording from z and t "
+            "that require grad"
+        )
+    u = torch.zeros_like(dz, requires_grad=True)
+    # (J^T u, f_t . u), linear in u; differentiating it w.r.t. u along (f, 1) gives J f + f_t.
+    gz, gt = torch.autograd.grad(dz, (z, t), u, create_graph=True, allow_unused=True)
+    outs, tangents = [], []
+    if gz is not None:
+        outs.append(gz)
+        tangents.append(dz)
+    if gt is not None and gt.requires_grad:
+        outs.append(gt)
+        tangents.append(torch.ones_like(gt))
+    if not outs or not any(o.requires_grad for o in outs):  # f does not depend on t or z
+        return torch.zeros_like(dz)
+    (acc,) = torch.autograd.grad(
+        outs, u, tangents, create_graph=create_graph, retain_graph=True, allow_unused=True
+    )
+    return torch.zeros_like(dz) if acc is None else acc
 
 
 def _with_grad(func, t, z):

