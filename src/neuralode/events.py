@@ -327,7 +327,10 @@ def _locate(
     if bool(flat.any()):
         D = _flow_derivative(func, event, spec, t_start, y0flat, per_sample, time_dtype)
         g0 = torch.where(flat, torch.sign(D), g0)
-    mon = EventMonitor(event, spec, time_dtype, per_sample, g0)
+    # The monitor sees the solve's own flat layout: t is 1-D here, so the state is one row
+    # (components concatenated whole), not the per-sample rows of ``spec``.
+    solve_spec = spec if not per_sample else flatten_state(y0d, batched=False)[0]
+    mon = EventMonitor(event, solve_spec, time_dtype, per_sample, g0)
     if per_sample:
         # Samples whose event has fired stop moving (f masked to zero), so their error no longer
         # shortens the steps of the others.
