@@ -30,6 +30,10 @@ REQUIRED = {
 }  # fmt: skip
 
 
+# One process runs this file's tests (pytest-xdist), so the benchmark pipeline runs once.
+pytestmark = pytest.mark.xdist_group("benchmarks")
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out_file = tmp_path_factory.mktemp("bench") / "latest.md"
