@@ -1,9 +1,10 @@
 """solve(..., compile=True): compiled chunks of adaptive steps against the eager engine.
 
 Each distinct (vector field, method, controller settings, dtype, shape, number of outputs)
-compiles once (10-40 s on 2 cores), so the tests share compiled code where they can: the tests
-of one ``xdist_group`` run in one process and solve with the same field, settings and number of
-outputs (one compilation per group). The tests of the chunk logic (steps masked inside a chunk
+compiles once (10-40 s on 2 cores), so the tests share compiled code where they can: one
+process runs the whole file (one ``xdist_group``; the first compilation in a process also pays
+for loading Inductor), and the fields and grids marked "shared" below serve several tests with
+the same field, settings and number of outputs. The tests of the chunk logic (steps masked inside a chunk
 after the end or max_steps) unroll 2 steps per call instead of 8; the others 1 (a smaller graph,
 shorter compilation, the same step: the output window is a step's).
 """
@@ -17,6 +18,8 @@ from scipy.integrate import solve_ivp
 
 import neuralode
 import neuralode._compiled as compiled
+
+pytestmark = pytest.mark.xdist_group("compiled")
 
 
 @pytest.fixture(autouse=True)
@@ -56,21 +59,20 @@ class Decay(torch.nn.Module):
 
 
 DECAY = Decay()
-# One compiled version (Decay, dopri5, these settings, (2,) float64, 2 outputs) for the tests of
-# the group "compiled-decay".
+# Shared: one compiled version (DECAY, dopri5, DT_CTRL, (2,) float64, 2 outputs) for the NaN,
+# changed-attribute, dt_min and error-message tests.
 DT_CTRL = neuralode.PIController(rtol=1e-3, atol=1e-3, dt0=0.3, dt_min=0.2, dt_max=0.3)
 T01 = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
 
 Y0 = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-T31 = torch.linspace(0.0, 3.0, 31, dtype=torch.float64)  # the group "compiled-lorenz": 31 outputs
+T31 = torch.linspace(0.0, 3.0, 31, dtype=torch.float64)  # shared: Lorenz with 31 outputs
 
 
 def _eager(func, y0, t, **kw):
     return neuralode.solve(func, y0, t, dense_output=False, **kw)
 
 
-@pytest.mark.xdist_group("compiled-lorenz")
 def test_lorenz_matches_eager_step_for_step():
     t = T31
     with torch.no_grad():
@@ -113,7 +115,6 @@ def test_decreasing_time_and_many_outputs_per_step(one_step_per_call):
     assert back.t_final == 0.0
 
 
-@pytest.mark.xdist_group("compiled-lorenz")
 def test_max_steps_raises_and_partial_solution():
     t = T31 * (10.0 / 3.0)  # as many outputs as the test above: its compiled code
     with torch.no_grad(), pytest.raises(neuralode.MaxStepsError, match="max_steps=5"):
@@ -222,7 +223,6 @@ def test_decreasing_time_matches_the_eager_engine_exactly(one_step_per_call):
         assert float(sol.ys[-1, 1]) == 0.0  # atol = 0 with a zero component: no 0/0
 
 
-@pytest.mark.xdist_group("compiled-decay")
 def test_nan_from_func_raises_nonfinite_error(one_step_per_call):
     y0 = torch.ones(2, dtype=torch.float64)
     match = r"compiled stepping.*non-finite"  # raised by the compiled steps, not the eager ones
@@ -234,7 +234,6 @@ def test_nan_from_func_raises_nonfinite_error(one_step_per_call):
         DECAY.k.fill_(1.0)
 
 
-@pytest.mark.xdist_group("compiled-decay")
 def test_changed_python_attribute_runs_eagerly_with_a_warning(one_step_per_call):
     y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
     try:
@@ -252,7 +251,6 @@ def test_changed_python_attribute_runs_eagerly_with_a_warning(one_step_per_call)
     torch.testing.assert_close(second.ys[-1], y0 * math.exp(-2.0), rtol=1e-3, atol=0.0)
 
 
-@pytest.mark.xdist_group("compiled-decay")
 def test_dt_min_applies_to_the_proposed_step_not_the_last_piece(one_step_per_call):
     # dt_max = 0.3 on [0, 1] leaves a last piece of 0.1 < dt_min = 0.2: the eager loop accepts
     # it (dt_min bounds the controller's proposal), so must the compiled one.
@@ -275,7 +273,6 @@ def test_single_output_time_and_gradient_methods():
             )
 
 
-@pytest.mark.xdist_group("compiled-decay")
 def test_error_messages_name_what_is_unsupported(one_step_per_call):
     y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
     t2 = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
