@@ -4,9 +4,9 @@ Each distinct (vector field, method, controller settings, dtype, shape, number o
 compiles once (10-40 s on 2 cores), so the tests share compiled code where they can: one
 process runs the whole file (one ``xdist_group``; the first compilation in a process also pays
 for loading Inductor), and the fields and grids marked "shared" below serve several tests with
-the same field, settings and number of outputs. The tests of the chunk logic (steps masked inside a chunk
-after the end or max_steps) unroll 2 steps per call instead of 8; the others 1 (a smaller graph,
-shorter compilation, the same step: the output window is a step's).
+the same field, settings and number of outputs. The tests of the chunk logic (steps masked
+inside a chunk after the end or max_steps) unroll 2 steps per call instead of 8; the others 1
+(a smaller graph, shorter compilation, the same step: the output window is a step's).
 """
 
 import math
@@ -116,7 +116,7 @@ def test_decreasing_time_and_many_outputs_per_step(one_step_per_call):
 
 
 def test_max_steps_raises_and_partial_solution():
-    t = T31 * (10.0 / 3.0)  # as many outputs as the test above: its compiled code
+    t = T31 * (10.0 / 3.0)  # 31 outputs: test_lorenz_matches_eager_step_for_step's code
     with torch.no_grad(), pytest.raises(neuralode.MaxStepsError, match="max_steps=5"):
         neuralode.solve(lorenz, Y0, t, rtol=1e-8, atol=1e-8, max_steps=5, compile=True)
     with torch.no_grad():
