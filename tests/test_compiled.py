@@ -2,7 +2,7 @@
 
 Each distinct (vector field, method, controller settings, dtype, shape, number of outputs)
 compiles once (10-40 s on 2 cores), so the tests share compiled code where they can: one
-process runs the whole file (one ``xdist_group``; the first compilation in a process also pays
+process runs the whole file (tests/conftest.py; the first compilation in a process also pays
 for loading Inductor), and the fields and grids marked "shared" below serve several tests with
 the same field, settings and number of outputs. The tests of the chunk logic (steps masked
 inside a chunk after the end or max_steps) unroll 2 steps per call instead of 8; the others 1
@@ -18,8 +18,6 @@ from scipy.integrate import solve_ivp
 
 import neuralode
 import neuralode._compiled as compiled
-
-pytestmark = pytest.mark.xdist_group("compiled")
 
 
 @pytest.fixture(autouse=True)
