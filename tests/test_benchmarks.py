@@ -30,6 +30,7 @@ REQUIRED = {
 }  # fmt: skip
 
 
+# One process runs this file's tests under pytest-xdist (tests/conftest.py): the pipeline once.
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out_file = tmp_path_factory.mktemp("bench") / "latest.md"

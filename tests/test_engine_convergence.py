@@ -9,6 +9,7 @@ measured when the tests were written.
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import numpy as np
 import pytest
@@ -129,10 +130,15 @@ def _solve_vdp(method, t):
     return neuralode.solve(_vdp, torch.tensor([2.0, 0.0], dtype=F64), t, solver=method, **kw)
 
 
+@cache
+def _vdp_on_0_3(method):
+    """The solve on [0, 3] that the two tests below inspect (they only read it)."""
+    return _solve_vdp(method, torch.tensor([0.0, 3.0], dtype=F64))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_dense_output_equals_the_states_at_accepted_steps(method):
-    t = torch.tensor([0.0, 3.0], dtype=F64)
-    sol = _solve_vdp(method, t)
+    sol = _vdp_on_0_3(method)
     steps = sol.step_times
     assert steps[0] == 0.0 and steps[-1] == 3.0 and len(steps) == sol.stats["n_accepted"] + 1
     # Re-solving with outputs exactly at the step ends returns the step states themselves
@@ -147,7 +153,7 @@ def test_dense_output_equals_the_states_at_accepted_steps(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_dense_output_is_continuous_across_step_boundaries(method):
-    sol = _solve_vdp(method, torch.tensor([0.0, 3.0], dtype=F64))
+    sol = _vdp_on_0_3(method)
     inner = torch.tensor(sol.step_times[1:-1], dtype=F64)
     eps = 1e-9
     left = sol.evaluate(inner - eps)

@@ -72,7 +72,9 @@ def test_invalid_output_times(t, exc, match):
 
 def test_times_given_as_a_list_are_accepted():
     sol = solve(t=[0.0, 0.5, 1.0])
-    assert sol.ys.shape == (3, 2)
+    assert sol.ys.shape == (3, 2) and sol.ys.dtype == F64
+    exact = torch.exp(-torch.tensor([0.0, 0.5, 1.0], dtype=F64))[:, None].expand(3, 2)
+    torch.testing.assert_close(sol.ys, exact, rtol=1e-6, atol=1e-8)
 
 
 YB = torch.ones(3, 2, dtype=F64)
