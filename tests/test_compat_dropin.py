@@ -526,3 +526,96 @@ def test_a_lost_gradient_is_still_reported():
         ys = odeint_adjoint(F(), y0, torch.tensor([0.0, 1.0], dtype=D64))
         ys[-1].sum().backward()
     assert w.grad is None
+
+
+# ----------------------------------------------------------------------------- options
+def test_unknown_options_warn_on_the_compatible_face_and_raise_natively():
+    y0 = torch.tensor([1.0], dtype=D64)
+    t = torch.tensor([0.0, 1.0], dtype=D64)
+    with pytest.warns(UserWarning, match=r"unknown options \['solver_step'\].*ignored"):
+        y = odeint(lambda t, y: -y, y0, t, options=dict(solver_step=0.1))
+    assert float(y[-1]) == pytest.approx(math.exp(-1.0), rel=1e-6)
+    with pytest.warns(UserWarning, match=r"adjoint_options \['grid_constructor'\] are ignored"):
+        odeint_adjoint(lambda t, y: -y, y0, t, adjoint_params=(),
+                       adjoint_options=dict(grid_constructor=None))  # fmt: skip
+    with pytest.raises(TypeError):  # the native face stays strict
+        neuralode.PIController(solver_step=0.1)
+
+
+def _heun_textbook(f, y, t0, h, n):
+    t = t0
+    for _ in range(n):
+        k1 = f(t, y)
+        k2 = f(t + h, y + h * k1)
+        y = y + h / 2 * (k1 + k2)
+        t = t + h
+    return y
+
+
+def test_min_step_equal_to_max_step_forces_fixed_steps_on_an_adaptive_method():
+    """first_step = min_step = max_step = h: every step is h, accepted whatever its error."""
+
+    def f(t, y):
+        return -2 * y + torch.sin(3 * t)
+
+    y0 = torch.tensor([1.0], dtype=D64)
+    h, n = 0.25, 8
+    opts = dict(first_step=h, min_step=h, max_step=h)
+    y = odeint(f, y0, torch.tensor([0.0, h * n], dtype=D64), rtol=1e-12, atol=1e-12,
+               method="adaptive_heun", options=opts)  # fmt: skip
+    ref = _heun_textbook(f, y0, torch.tensor(0.0, dtype=D64), h, n)
+    torch.testing.assert_close(y[-1], ref, rtol=1e-14, atol=1e-14)
+
+
+def test_min_step_accepts_the_step_at_min_step_instead_of_raising():
+    def f(t, y):
+        return torch.cos(10 * t) * torch.ones_like(y)
+
+    y0 = torch.tensor([0.0], dtype=D64)
+    t = torch.tensor([0.0, 4.0], dtype=D64)
+    with pytest.raises(neuralode.StepSizeUnderflowError):  # natively: the default raises
+        neuralode.solve(f, y0, t, controller=neuralode.PIController(rtol=1e-10, atol=1e-10,
+                                                                    dt_min=0.1))  # fmt: skip
+    forced = neuralode.PIController(rtol=1e-10, atol=1e-10, dt_min=0.1, force_dt_min=True)
+    sol = neuralode.solve(f, y0, t, controller=forced)
+    assert sol.stats["n_accepted"] == 40 and sol.stats["n_rejected"] == 0
+    y = odeint(f, y0, t, rtol=1e-10, atol=1e-10, options=dict(min_step=0.1))
+    torch.testing.assert_close(y[-1], sol.ys[-1])
+    assert abs(float(y[-1]) - math.sin(40.0) / 10) < 1e-2  # error no longer controlled
+
+
+def test_adjoint_norm_callable_sees_torchdiffeq_layout():
+    adjoint_params = (torch.rand(7, dtype=D64, requires_grad=True),
+                      torch.rand((), dtype=D64, requires_grad=True))  # fmt: skip
+    calls = []
+
+    def adjoint_norm(parts):
+        calls.append(tuple(p.shape for p in parts))
+        return max(p.abs().max() for p in parts)
+
+    y0 = (torch.tensor(1.0, dtype=D64, requires_grad=True),
+          torch.tensor([[0.5, 0.5], [0.1, 0.1]], dtype=D64))  # fmt: skip
+
+    def f(t, y):
+        return y[0] * adjoint_params[1], y[1] * adjoint_params[0][:4].view(2, 2)
+
+    t = torch.tensor([0.0, 1.0], dtype=D64)
+    ys = odeint_adjoint(f, y0, t, adjoint_params=adjoint_params,
+                        adjoint_options=dict(norm=adjoint_norm))  # fmt: skip
+    ys[0][-1].backward()
+    assert calls and set(calls) == {
+        (
+            torch.Size([]),
+            torch.Size([]),
+            torch.Size([2, 2]),
+            torch.Size([]),
+            torch.Size([2, 2]),
+            torch.Size([7]),
+            torch.Size([]),
+        )  # fmt: skip
+    }
+    # gradients as with the default norm, to the tolerance
+    g_custom = y0[0].grad.clone()
+    y0[0].grad = None
+    odeint_adjoint(f, y0, t, adjoint_params=adjoint_params)[0][-1].backward()
+    torch.testing.assert_close(g_custom, y0[0].grad, rtol=1e-5, atol=1e-8)

@@ -33,6 +33,7 @@ from torch import nn
 from ._compat_hooks import (
     FORWARD,
     Perturbed,
+    adjoint_norm,
     callbacks_of,
     hook_adjoint_callbacks,
     hook_callbacks,
@@ -116,16 +117,21 @@ def _check_options(method: str, options: dict | None, allowed: set, where: str =
     all_known = _ADAPTIVE_OPTS | _ADAMS_OPTS | _SCIPY_OPTS
     unknown = sorted(set(options) - all_known)
     if unknown:
-        raise ValueError(
-            f"unknown {where} {unknown} for method {method!r}; valid ones are {sorted(allowed)}"
+        # torchdiffeq warns and runs (code in the wild passes misspelled keys and relies on
+        # it); the native face raises (STYLE.md: strict inputs).
+        warnings.warn(
+            f"unknown {where} {unknown} for method {method!r} are ignored; valid ones are "
+            f"{sorted(allowed)}",
+            UserWarning,
+            stacklevel=4,
         )
-    unused = sorted(set(options) - allowed)
+    unused = sorted(set(options) - allowed - set(unknown))
     if unused:  # torchdiffeq warns here too ("Unexpected arguments"): stay drop-in
         warnings.warn(
-            f"{where} {unused} have no effect with method {method!r}", UserWarning, stacklevel=3
+            f"{where} {unused} have no effect with method {method!r}", UserWarning, stacklevel=4
         )
-        for k in unused:
-            options.pop(k)
+    for k in (*unknown, *unused):
+        options.pop(k)
     return options
 
 
@@ -187,6 +193,8 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
             dt0=None if opts.get("first_step") is None else abs(float(opts["first_step"])),
             dt_min=min_step,
             dt_max=max_step,
+            # torchdiffeq accepts a step at min_step whatever its error
+            force_dt_min=min_step > 0,
             step_t=opts.get("step_t"),
             jump_t=opts.get("jump_t"),
             norm=opts.get("norm"),
@@ -433,22 +441,26 @@ def odeint_adjoint(
             "method='scipy_solver' is not differentiable; use odeint without gradients"
         )
     aopts = dict(adjoint_options or {})
-    seminorm = False
+    seminorm, anorm = False, None
     if "norm" in aopts:
         norm = aopts.pop("norm")
         if norm == "seminorm":
             seminorm = True
+        elif callable(norm):
+            anorm = norm
         elif norm not in (None, "default"):
             raise ValueError(
-                f"adjoint_options['norm'] must be 'seminorm' or 'default', got {norm!r}; custom norm "
-                "functions for the backward solve are not supported"
+                f"adjoint_options['norm'] must be 'seminorm', 'default' or a callable "
+                f"norm(tensor_tuple) -> Tensor, got {norm!r}"
             )
     amax = aopts.pop("max_num_steps", None)
     astep = aopts.pop("step_size", None)
-    if aopts:
-        raise ValueError(
-            f"unsupported adjoint_options {sorted(aopts)}; supported: norm ('seminorm'), "
-            "max_num_steps, step_size"
+    if aopts:  # torchdiffeq passes them to the backward solver; here they have no effect
+        warnings.warn(
+            f"adjoint_options {sorted(aopts)} are ignored; supported: norm ('seminorm', "
+            "'default' or a callable), max_num_steps, step_size",
+            UserWarning,
+            stacklevel=2,
         )
     if astep is not None and not (float(astep) > 0):
         raise ValueError(f"adjoint_options['step_size'] must be positive, got {astep!r}")
@@ -485,6 +497,7 @@ def odeint_adjoint(
         atol=aat,
         solver=asolver,
         seminorm=seminorm,
+        norm=None if anorm is None else adjoint_norm(anorm, y0, params),
         params=params,
         max_steps=None if amax is None else int(amax),
         dt=None if astep is None else float(astep),

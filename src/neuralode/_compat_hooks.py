@@ -232,3 +232,26 @@ class _Inside:
 
     def _time(self, t):
         return self._f._time(self._move(t))
+
+
+def adjoint_norm(user_norm, y0, params):
+    """torchdiffeq's layout for a user's ``adjoint_options['norm']``: the backward solve's
+    scaled error as ``(t, y, adj_y, adj_param_1, ...)`` for a tensor state and ``(t, y_1, ...,
+    y_n, adj_y_1, ..., adj_y_n, adj_param_1, ...)`` for a tuple state, each in its own shape.
+    neuralode does not integrate the adjoint of t: its entry is a 0-d zero."""
+    shapes = [y0.shape] if isinstance(y0, torch.Tensor) else [c.shape for c in y0]
+    sizes = [int(torch.Size(sh).numel()) for sh in shapes]
+    p_shapes = [p.shape for p in params if p.requires_grad]
+
+    def norm(parts):
+        y, adj, *gs = parts
+
+        def split(v):
+            return [c.view(sh) for c, sh in zip(torch.split(v.reshape(-1), sizes), shapes)]
+
+        real = y.real.dtype if y.is_complex() else y.dtype
+        t = torch.zeros((), dtype=real, device=y.device)
+        ps = [g.view(sh) for g, sh in zip(gs, p_shapes)]
+        return user_norm((t, *split(y), *split(adj), *ps))
+
+    return norm

@@ -295,7 +295,7 @@ def integrate(
                 state=state,
             )
             break
-        h_abs = min(abs(h), ctrl.dt_max) if adaptive else abs(h)
+        h_abs = ctrl.bounded(abs(h), last_nonfinite) if adaptive else abs(h)
         if adaptive and not math.isfinite(h_abs):
             # A NaN/inf from func (at the start, or in the error estimate) gets here.
             _fail(
@@ -362,7 +362,7 @@ def integrate(
 
         if adaptive:
             e = scaled_norm(prob, err, y, y_new)
-            accept = e <= 1.0
+            accept = e <= 1.0 or ctrl.accepts(e, min(h_abs, abs(h_step)))
             last_nonfinite = not math.isfinite(e)
         else:
             accept = True

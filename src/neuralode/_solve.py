@@ -186,6 +186,11 @@ def solve(
                 f"compile=True does not support {' and '.join(hit)}; use compile=False (the "
                 "eager engine supports it)"
             )
+    if getattr(controller, "force_dt_min", False) and (compile or batch_control == "per_sample"):
+        raise ValueError(
+            "PIController(force_dt_min=True) is supported by the default driver only; use "
+            "compile=False and batch_control='shared', or force_dt_min=False"
+        )
     if batch_control == "per_sample":  # its own loop, in _loop_batched (opt-in)
         from ._loop_batched import solve_per_sample
 

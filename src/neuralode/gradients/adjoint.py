@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,6 +67,11 @@ class Backsolve:
         among them.
     max_steps : int, optional
         Step limit of the backward solve.
+    norm : callable, optional
+        ``norm(scaled_error) -> 0-d tensor`` for the backward solve's error control, given the
+        scaled error of the augmented state as a tuple ``(y, adj_y, adj_param_1, ...)`` of flat
+        tensors (the parameters' adjoints in the order of ``params``). Replaces the default
+        (the maximum over components of each component's RMS) and ``seminorm``.
     dt : float, optional
         Fixed step size of the backward solve (with a fixed-step ``solver``); default: the
         forward's steps.
@@ -101,6 +106,7 @@ class Backsolve:
     max_steps: int | None = None
     dt: float | None = None
     outputs: str = "auto"
+    norm: object = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.outputs not in ("auto", "replay", "stop"):
@@ -115,6 +121,8 @@ class Backsolve:
                 raise ValueError(f"Backsolve({name}=...) must be a non-negative number, got {v!r}")
         if self.solver is not None:
             get_tableau(self.solver)
+        if self.norm is not None and not callable(self.norm):
+            raise TypeError(f"Backsolve(norm=...) must be callable, got {self.norm!r}")
         if not isinstance(self.seminorm, bool):
             raise TypeError(f"Backsolve(seminorm=...) must be a bool, got {self.seminorm!r}")
 
@@ -334,6 +342,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             max_steps=cfg.max_steps,
             rtol=aug_rtol,
             atol=aug_atol,
+            norm=cfg.norm,
             norm_components=2 if cfg.seminorm else None,
         )
         if aug_stepper is None:
