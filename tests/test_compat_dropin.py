@@ -619,3 +619,58 @@ def test_adjoint_norm_callable_sees_torchdiffeq_layout():
     y0[0].grad = None
     odeint_adjoint(f, y0, t, adjoint_params=adjoint_params)[0][-1].backward()
     torch.testing.assert_close(g_custom, y0[0].grad, rtol=1e-5, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_step_limit_is_both_max_steps_error_and_assertion_error():
+    y0 = torch.tensor([1.0], dtype=D64)
+    t = torch.tensor([0.0, 10.0], dtype=D64)
+    with pytest.raises(AssertionError, match=r"^max_num_steps exceeded \(5>=5\): ") as info:
+        odeint(lambda t, y: -y, y0, t, options=dict(max_num_steps=5))
+    assert isinstance(info.value, neuralode.MaxStepsError)
+    assert "raise max_steps" in str(info.value)  # neuralode's explanation follows
+    with pytest.raises(AssertionError, match="max_num_steps exceeded"):
+        odeint_adjoint(lambda t, y: -y, y0, t, adjoint_params=(), options=dict(max_num_steps=5))
+
+
+def test_underflow_is_both_step_size_underflow_and_assertion_error():
+    y0 = torch.tensor([1.0], dtype=D64)
+    t = torch.tensor([0.0, 2.0], dtype=D64)
+    with pytest.raises(AssertionError, match=r"^underflow in dt ") as info:
+        odeint(lambda t, y: y * y, y0, t)  # blows up at t = 1
+    assert isinstance(info.value, neuralode.StepSizeUnderflowError)
+    assert info.value.t == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(AssertionError, match=r"^underflow in dt ") as info:
+        odeint(lambda t, y: y * float("nan"), y0, t)
+    assert isinstance(info.value, neuralode.NonFiniteError)
+    # the native face raises neuralode's errors only
+    with pytest.raises(neuralode.StepSizeUnderflowError) as info:
+        neuralode.solve(lambda t, y: y * y, y0, t)
+    assert not isinstance(info.value, AssertionError)
+
+
+# ----------------------------------------------------------------------------- scipy_solver
+@pytest.mark.parametrize("solver", ["RK45", "LSODA"])
+def test_scipy_solver_single_time_and_reverse_time(solver):
+    y0 = torch.tensor([1.0, 2.0], dtype=D64)
+    opts = dict(solver=solver)
+    y = odeint(lambda t, y: -y, y0, torch.tensor([0.5], dtype=D64), method="scipy_solver",
+               options=opts)  # fmt: skip
+    assert y.shape == (1, 2) and torch.equal(y[0], y0)
+    t = torch.tensor([1.0, 0.5, 0.0], dtype=D64)
+    y = odeint(lambda t, y: -y, y0, t, method="scipy_solver", options=opts, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(y, y0 * torch.exp(1.0 - t)[:, None], rtol=1e-6, atol=0)
+
+
+def test_scipy_solver_adjoint_gradients_match_odeint():
+    f = _Counted()
+    y0 = torch.tensor([[2.0, 0.0]], dtype=D64, requires_grad=True)
+    t = torch.linspace(0.0, 3.0, 5, dtype=D64, requires_grad=True)
+    w = torch.linspace(0.1, 1.0, 10, dtype=D64).view(5, 1, 2)
+    ys = odeint_adjoint(f, y0, t, method="scipy_solver", options=dict(solver="DOP853"),
+                        rtol=1e-10, atol=1e-12)  # fmt: skip
+    got = torch.autograd.grad((w * ys).sum(), [y0, t, f.w])
+    ref_ys = odeint(f, y0, t, rtol=1e-10, atol=1e-12)
+    ref = torch.autograd.grad((w * ref_ys).sum(), [y0, t, f.w])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)

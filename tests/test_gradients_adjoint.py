@@ -259,7 +259,6 @@ def test_odeint_adjoint_misplaced_seminorm_raises():
             dict(adjoint_options=dict(step_size=-0.1)),
             r"adjoint_options\['step_size'\] must be positive",
         ),
-        (dict(method="scipy_solver"), "not differentiable"),
     ],
 )
 def test_odeint_adjoint_rejects_bad_arguments(kw, match):

@@ -37,7 +37,9 @@ from ._compat_hooks import (
     callbacks_of,
     hook_adjoint_callbacks,
     hook_callbacks,
+    torchdiffeq_errors,
 )
+from ._compat_scipy import scipy_odeint, scipy_odeint_adjoint
 from ._solve import solve
 from .controllers import PIController, StepToGrid
 from .gradients import Backsolve, Direct
@@ -372,11 +374,12 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
                 UserWarning,
                 stacklevel=2,
             )
-        return _scipy_solve(func, y0, t, rtol, atol, opts)
+        return scipy_odeint(func, y0, t, rtol, atol, opts)
     _hook_forward(func, kwargs)
-    if event_fn is not None:
-        return _event_solve(func, y0, t, kwargs, event_fn, Direct())
-    return solve(func, y0, t, gradient=Direct(), dense_output=False, **kwargs).ys
+    with torchdiffeq_errors():
+        if event_fn is not None:
+            return _event_solve(func, y0, t, kwargs, event_fn, Direct())
+        return solve(func, y0, t, gradient=Direct(), dense_output=False, **kwargs).ys
 
 
 def _hook_forward(func, kwargs) -> None:
@@ -436,10 +439,11 @@ def odeint_adjoint(
             "explicitly with adjoint_params=(...) (adjoint_params=() if there are none)"
         )
     kwargs, opts = _translate(func, y0, t, rtol, atol, method, options)
-    if kwargs is None:
-        raise ValueError(
-            "method='scipy_solver' is not differentiable; use odeint without gradients"
-        )
+    if kwargs is None:  # scipy_solver: scipy on the backward solve too
+        if event_fn is not None:
+            raise ValueError("method='scipy_solver' does not support event_fn")
+        params = tuple(adjoint_params) if adjoint_params is not None else tuple(func.parameters())
+        return scipy_odeint_adjoint(func, y0, t, rtol, atol, opts, params)
     aopts = dict(adjoint_options or {})
     seminorm, anorm = False, None
     if "norm" in aopts:
@@ -502,9 +506,10 @@ def odeint_adjoint(
         max_steps=None if amax is None else int(amax),
         dt=None if astep is None else float(astep),
     )
-    if event_fn is not None:
-        return _event_solve(func, y0, t, kwargs, event_fn, grad)
-    return solve(func, y0, t, gradient=grad, dense_output=False, **kwargs).ys
+    with torchdiffeq_errors():
+        if event_fn is not None:
+            return _event_solve(func, y0, t, kwargs, event_fn, grad)
+        return solve(func, y0, t, gradient=grad, dense_output=False, **kwargs).ys
 
 
 def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None, **kwargs):
@@ -535,37 +540,3 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     t0 = torch.as_tensor(t0).reshape(-1)[:1]
     t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
     return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
-
-
-def _scipy_solve(func, y0, t, rtol, atol, opts):
-    """Forward a solve to scipy.integrate.solve_ivp (no gradients), as torchdiffeq does."""
-    try:
-        from scipy.integrate import solve_ivp
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("method='scipy_solver' needs scipy: pip install scipy") from e
-    if isinstance(y0, (tuple, list)):
-        raise ValueError("method='scipy_solver' supports tensor states only")
-    t = torch.as_tensor(t)
-    shape, dtype, device = y0.shape, y0.dtype, y0.device
-    tt = t.detach().cpu().double().numpy()
-
-    def rhs(s, y):
-        with torch.no_grad():
-            yt = torch.as_tensor(y, dtype=dtype, device=device).reshape(shape)
-            out = func(torch.tensor(s, dtype=t.dtype, device=device), yt)
-        return out.detach().cpu().reshape(-1).numpy()
-
-    kw = {k: opts[k] for k in ("max_step", "min_step", "first_step") if k in opts}
-    sol = solve_ivp(
-        rhs,
-        (tt[0], tt[-1]),
-        y0.detach().cpu().reshape(-1).numpy(),
-        method=opts.get("solver", "LSODA"),
-        t_eval=tt,
-        rtol=rtol,
-        atol=atol,
-        **kw,
-    )
-    if not sol.success:
-        raise RuntimeError(f"scipy solve_ivp failed: {sol.message}")
-    return torch.as_tensor(sol.y.T, dtype=dtype, device=device).reshape(len(tt), *shape)

@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from .controllers.step_size import time_beside
+from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 from .solvers import get_tableau
 from .solvers.explicit_rk import make_stepper
 
@@ -255,3 +256,43 @@ def adjoint_norm(user_norm, y0, params):
         return user_norm((t, *split(y), *split(adj), *ps))
 
     return norm
+
+
+# ----------------------------------------------------------------------------- errors
+class MaxNumStepsExceeded(MaxStepsError, AssertionError):
+    """``max_num_steps`` exceeded on the compatible face: a :class:`~neuralode.MaxStepsError`
+    that is also the ``AssertionError`` torchdiffeq raises (training scripts catch that)."""
+
+
+class DtUnderflow(StepSizeUnderflowError, AssertionError):
+    """Step-size underflow on the compatible face (torchdiffeq: ``AssertionError('underflow in
+    dt ...')``)."""
+
+
+class NonFiniteUnderflow(NonFiniteError, AssertionError):
+    """A non-finite state or derivative on the compatible face (torchdiffeq ends such solves
+    with ``AssertionError('underflow in dt nan')``)."""
+
+
+_AS_TORCHDIFFEQ = (
+    (MaxStepsError, MaxNumStepsExceeded, "max_num_steps exceeded ({step}>={step})"),
+    (StepSizeUnderflowError, DtUnderflow, "underflow in dt {h}"),
+    (NonFiniteError, NonFiniteUnderflow, "underflow in dt {h}"),
+)
+
+
+class torchdiffeq_errors:
+    """Re-raise neuralode's solve errors as torchdiffeq's: the same classes (subclassed) and
+    also ``AssertionError``, with torchdiffeq's message first and neuralode's after it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is None or isinstance(exc, AssertionError):
+            return False
+        for base, cls, prefix in _AS_TORCHDIFFEQ:
+            if isinstance(exc, base):
+                head = prefix.format(step=exc.step, h=exc.h)
+                raise cls(f"{head}: {exc}", t=exc.t, step=exc.step, h=exc.h) from exc
+        return False
