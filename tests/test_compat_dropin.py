@@ -674,3 +674,24 @@ def test_scipy_solver_adjoint_gradients_match_odeint():
     ref = torch.autograd.grad((w * ref_ys).sum(), [y0, t, f.w])
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- odeint_dense
+def test_odeint_dense_matches_closed_form_and_torchdiffeq():
+    y0 = torch.tensor([1.0, -2.0], dtype=D64, requires_grad=True)
+    t0, t1 = torch.tensor(0.0, dtype=D64), torch.tensor(2.0, dtype=D64)
+    fn = neuralode.odeint_dense(lambda t, y: -y, y0, t0, t1, rtol=1e-9, atol=1e-12)
+    q = torch.tensor([0.0, 0.3, 1.7, 2.0], dtype=D64)
+    y = fn(q)
+    assert y.shape == (4, 2)
+    torch.testing.assert_close(y, y0 * torch.exp(-q)[:, None], rtol=1e-7, atol=1e-9)
+    assert fn(torch.tensor(0.3, dtype=D64)).shape == (2,)
+    (g,) = torch.autograd.grad(fn(torch.tensor(1.0, dtype=D64)).sum(), y0)
+    torch.testing.assert_close(g, torch.full((2,), math.exp(-1.0), dtype=D64), rtol=1e-7, atol=0)
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    ref = torchdiffeq.odeint_dense(lambda t, y: -y, y0.detach(), t0, t1, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        fn(torch.tensor(1.3, dtype=D64)), ref(torch.tensor(1.3, dtype=D64)), rtol=1e-7, atol=1e-9
+    )
+    with pytest.raises(ValueError, match="tensor y0"):
+        neuralode.odeint_dense(lambda t, y: y, (y0,), t0, t1)

@@ -45,7 +45,7 @@ from .controllers import PIController, StepToGrid
 from .gradients import Backsolve, Direct
 from .solvers import get_tableau
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_event", "TORCHDIFFEQ_METHODS"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "TORCHDIFFEQ_METHODS"]
 
 _ADAPTIVE = {"dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun"}
 # torchdiffeq's "rk4" is Kutta's 3/8 rule (rk4_alt_step_func); "rk4_classic" is offered in
@@ -510,6 +510,47 @@ def odeint_adjoint(
         if event_fn is not None:
             return _event_solve(func, y0, t, kwargs, event_fn, grad)
         return solve(func, y0, t, gradient=grad, dense_output=False, **kwargs).ys
+
+
+def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):
+    """Solve over ``[t0, t1]`` and return the dense output; torchdiffeq 0.2.5's ``odeint_dense``.
+
+    Parameters
+    ----------
+    func, y0, rtol, atol, method, options :
+        As for :func:`odeint` (torchdiffeq allows ``method="dopri5"`` only; any method works
+        here, with its own dense output).
+    t0, t1 : Tensor or float
+        Start and end of the interval (``t1 < t0`` integrates backward).
+
+    Returns
+    -------
+    callable
+        ``dense_output_fn(t_eval)``: the solution at ``t_eval`` (0-d or ``(K,)`` tensor of times
+        in ``[t0, t1]``), of shape ``(*t_eval.shape, *y0.shape)``; differentiable w.r.t. ``y0``
+        and the parameters of ``func`` by autograd through the solver.
+
+    Raises
+    ------
+    ValueError
+        For a tuple ``y0`` (as in torchdiffeq), invalid options, or query times outside
+        ``[t0, t1]`` (when ``dense_output_fn`` is called).
+    """
+    if not isinstance(y0, torch.Tensor):
+        raise ValueError("odeint_dense needs a tensor y0 (torchdiffeq supports no tuple states)")
+    dt = torch.as_tensor(t0).dtype if isinstance(t0, torch.Tensor) else torch.float64
+    t = torch.stack([torch.as_tensor(t0, dtype=dt).reshape(()), torch.as_tensor(t1).to(dt)])
+    kwargs, opts = _translate(func, y0, t, rtol, atol, method, options)
+    if kwargs is None:
+        raise ValueError("method='scipy_solver' has no dense output in odeint_dense")
+    _hook_forward(func, kwargs)
+    with torchdiffeq_errors():
+        sol = solve(func, y0, t, gradient=Direct(), dense_output=True, **kwargs)
+
+    def dense_output_fn(t_eval):
+        return sol.evaluate(t_eval)
+
+    return dense_output_fn
 
 
 def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None, **kwargs):
