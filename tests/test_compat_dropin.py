@@ -695,3 +695,25 @@ def test_odeint_dense_matches_closed_form_and_torchdiffeq():
     )
     with pytest.raises(ValueError, match="tensor y0"):
         neuralode.odeint_dense(lambda t, y: y, (y0,), t0, t1)
+
+
+# ----------------------------------------------------------------------------- mixed dtypes
+@pytest.mark.parametrize("interface", [odeint, odeint_adjoint], ids=["odeint", "adjoint"])
+def test_mixed_dtype_tuple_state_is_promoted_as_torchdiffeq_does(interface):
+    seen = set()
+
+    def f(t, y):
+        seen.add((t.dtype, y[0].dtype, y[1].dtype))
+        return -y[0].float(), -2 * y[1]  # func may return the component's original dtype
+
+    a = torch.tensor([1.0], dtype=torch.float32, requires_grad=True)
+    b = torch.tensor([2.0], dtype=D64)
+    kw = dict(adjoint_params=()) if interface is odeint_adjoint else {}
+    ys = interface(f, (a, b), torch.tensor([0.0, 1.0]), rtol=1e-9, atol=1e-10, **kw)
+    assert ys[0].dtype == ys[1].dtype == D64  # torchdiffeq's outputs are all promoted too
+    assert seen == {(D64, D64, D64)}
+    assert float(ys[0][-1].detach()) == pytest.approx(math.exp(-1.0), rel=1e-8)
+    assert float(ys[1][-1]) == pytest.approx(2 * math.exp(-2.0), rel=1e-8)
+    ys[0][-1].sum().backward()
+    assert a.grad.dtype == torch.float32
+    assert float(a.grad) == pytest.approx(math.exp(-1.0), rel=1e-6)

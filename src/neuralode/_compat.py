@@ -266,9 +266,13 @@ def _with_time_dtype(kwargs: dict, opts: dict, y0) -> dict:
     if opts.get("dtype") is not None:
         kwargs["time_dtype"] = opts["dtype"]
     else:
-        x = y0 if isinstance(y0, torch.Tensor) else next(iter(y0))
-        if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.complex64):
-            kwargs["time_dtype"] = torch.float32
+        parts = [y0] if isinstance(y0, torch.Tensor) else list(y0)
+        if parts and all(isinstance(x, torch.Tensor) for x in parts):
+            dtype = parts[0].dtype
+            for x in parts[1:]:  # a tuple mixing dtypes is solved in the promoted one
+                dtype = torch.promote_types(dtype, x.dtype)
+            if dtype in (torch.float32, torch.complex64):
+                kwargs["time_dtype"] = torch.float32
     return kwargs
 
 
@@ -317,6 +321,29 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
     else:
         traj = torch.stack([y0, sol.event_y])
     return sol.event_t.to(t.dtype if t.is_floating_point() else torch.float64), traj
+
+
+def _promoted(func, y0):
+    """A tuple state mixing dtypes (e.g. float32 and float64 components) solved as torchdiffeq
+    does: every component in the promoted dtype (torchdiffeq concatenates them, so its outputs
+    and func's inputs all have that dtype), and func's derivatives cast to it."""
+    if not isinstance(y0, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in y0):
+        return func, y0
+    dtypes = {x.dtype for x in y0}
+    if len(dtypes) <= 1:
+        return func, y0
+    common = y0[0].dtype
+    for x in y0[1:]:
+        common = torch.promote_types(common, x.dtype)
+    y0 = tuple(x.to(common) for x in y0)
+
+    def promoted_func(t, y):
+        out = func(t, y)
+        if isinstance(out, (tuple, list)):
+            return tuple(o.to(common) if isinstance(o, torch.Tensor) else o for o in out)
+        return out
+
+    return promoted_func, y0
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
@@ -376,6 +403,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
             )
         return scipy_odeint(func, y0, t, rtol, atol, opts)
     _hook_forward(func, kwargs)
+    func, y0 = _promoted(func, y0)
     with torchdiffeq_errors():
         if event_fn is not None:
             return _event_solve(func, y0, t, kwargs, event_fn, Direct())
@@ -506,6 +534,7 @@ def odeint_adjoint(
         max_steps=None if amax is None else int(amax),
         dt=None if astep is None else float(astep),
     )
+    func, y0 = _promoted(func, y0)
     with torchdiffeq_errors():
         if event_fn is not None:
             return _event_solve(func, y0, t, kwargs, event_fn, grad)
