@@ -717,3 +717,46 @@ def test_mixed_dtype_tuple_state_is_promoted_as_torchdiffeq_does(interface):
     ys[0][-1].sum().backward()
     assert a.grad.dtype == torch.float32
     assert float(a.grad) == pytest.approx(math.exp(-1.0), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- reference cycles
+def test_module_keeping_its_adjoint_output_is_collectable():
+    import gc
+    import weakref
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2).to(D64)
+
+        def forward(self, t, y):
+            return self.lin(y)
+
+    m = M()
+    m.out = odeint_adjoint(m, torch.ones(1, 2, dtype=D64), torch.tensor([0.0, 1.0], dtype=D64))
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+
+
+def test_odeint_event_with_adjoint_leaves_no_cyclic_garbage():
+    import gc
+
+    ball = Ball()
+
+    def once():
+        t0, p0, v0 = _inputs()
+        times, _ = _chain(ball, t0, p0, v0, 1, odeint_adjoint)
+        times[-1].backward()
+
+    once()
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.collect()
+        once()
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert before == 0 and found == 0

@@ -288,7 +288,7 @@ def solve(
         corr = [(t[0] - t[0].detach()).to(_real(spec.dtype)) * f0]
         for j in range(1, len(out_t)):
             corr.append((t[j] - t[j].detach()).to(_real(spec.dtype)) * fv(out_t[j], ys[j]))
-        ys = ys + torch.stack(corr)
+        ys = ys + torch.stack(corr).reshape(ys.shape)
         run.stats["nfe_t_gradient"] = fv.nfe + 1
     run.stats.update(n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted)
     # Counters of steppers that have them (implicit methods: Jacobians, LUs, Newton iterations).

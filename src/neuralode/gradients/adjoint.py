@@ -146,7 +146,17 @@ class _BacksolveFn(torch.autograd.Function):
         ctx.run, ctx.cfg, ctx.params = run, cfg, params
         # A private copy: the caller may modify the returned outputs in place.
         ctx.y_final = res.y_final.detach().clone()
-        return res.ys
+        # The outputs must not stay reachable from ctx (ctx.run.result): an output kept on the
+        # module that made it (self.out = odeint_adjoint(self, ...)) would form a cycle through
+        # autograd's C++ graph that the garbage collector cannot see, and never be freed.
+        ys, res.ys = res.ys, None
+        # For a tensor state the output leaves in the state's shape: the caller's result is this
+        # node's own output (no view after it), so that such a cycle stays visible to gc.
+        spec = run.prob.spec
+        ctx.flat_shape = ys.shape
+        if spec.kind == "tensor" and run.samples_all is None:
+            ys = ys.reshape(ys.shape[0], *spec.shapes[0])
+        return ys
 
     @staticmethod
     def backward(ctx, g_ys):
@@ -156,7 +166,7 @@ class _BacksolveFn(torch.autograd.Function):
                 "adjoint; use gradient='checkpoint' (exact, bounded memory) or 'direct'"
             )
         run, cfg, params = ctx.run, ctx.cfg, list(ctx.params)
-        grads = _backward(run, cfg, params, ctx.y_final, g_ys)
+        grads = _backward(run, cfg, params, ctx.y_final, g_ys.reshape(ctx.flat_shape))
         return (None, None, *grads)
 
 
