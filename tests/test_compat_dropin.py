@@ -526,3 +526,237 @@ def test_a_lost_gradient_is_still_reported():
         ys = odeint_adjoint(F(), y0, torch.tensor([0.0, 1.0], dtype=D64))
         ys[-1].sum().backward()
     assert w.grad is None
+
+
+# ----------------------------------------------------------------------------- options
+def test_unknown_options_warn_on_the_compatible_face_and_raise_natively():
+    y0 = torch.tensor([1.0], dtype=D64)
+    t = torch.tensor([0.0, 1.0], dtype=D64)
+    with pytest.warns(UserWarning, match=r"unknown options \['solver_step'\].*ignored"):
+        y = odeint(lambda t, y: -y, y0, t, options=dict(solver_step=0.1))
+    assert float(y[-1]) == pytest.approx(math.exp(-1.0), rel=1e-6)
+    with pytest.warns(UserWarning, match=r"adjoint_options \['grid_constructor'\] are ignored"):
+        odeint_adjoint(lambda t, y: -y, y0, t, adjoint_params=(),
+                       adjoint_options=dict(grid_constructor=None))  # fmt: skip
+    with pytest.raises(TypeError):  # the native face stays strict
+        neuralode.PIController(solver_step=0.1)
+
+
+def _heun_textbook(f, y, t0, h, n):
+    t = t0
+    for _ in range(n):
+        k1 = f(t, y)
+        k2 = f(t + h, y + h * k1)
+        y = y + h / 2 * (k1 + k2)
+        t = t + h
+    return y
+
+
+def test_min_step_equal_to_max_step_forces_fixed_steps_on_an_adaptive_method():
+    """first_step = min_step = max_step = h: every step is h, accepted whatever its error."""
+
+    def f(t, y):
+        return -2 * y + torch.sin(3 * t)
+
+    y0 = torch.tensor([1.0], dtype=D64)
+    h, n = 0.25, 8
+    opts = dict(first_step=h, min_step=h, max_step=h)
+    y = odeint(f, y0, torch.tensor([0.0, h * n], dtype=D64), rtol=1e-12, atol=1e-12,
+               method="adaptive_heun", options=opts)  # fmt: skip
+    ref = _heun_textbook(f, y0, torch.tensor(0.0, dtype=D64), h, n)
+    torch.testing.assert_close(y[-1], ref, rtol=1e-14, atol=1e-14)
+
+
+def test_min_step_accepts_the_step_at_min_step_instead_of_raising():
+    def f(t, y):
+        return torch.cos(10 * t) * torch.ones_like(y)
+
+    y0 = torch.tensor([0.0], dtype=D64)
+    t = torch.tensor([0.0, 4.0], dtype=D64)
+    with pytest.raises(neuralode.StepSizeUnderflowError):  # natively: the default raises
+        neuralode.solve(f, y0, t, controller=neuralode.PIController(rtol=1e-10, atol=1e-10,
+                                                                    dt_min=0.1))  # fmt: skip
+    forced = neuralode.PIController(rtol=1e-10, atol=1e-10, dt_min=0.1, force_dt_min=True)
+    sol = neuralode.solve(f, y0, t, controller=forced)
+    assert sol.stats["n_accepted"] == 40 and sol.stats["n_rejected"] == 0
+    y = odeint(f, y0, t, rtol=1e-10, atol=1e-10, options=dict(min_step=0.1))
+    torch.testing.assert_close(y[-1], sol.ys[-1])
+    assert abs(float(y[-1]) - math.sin(40.0) / 10) < 1e-2  # error no longer controlled
+
+
+def test_adjoint_norm_callable_sees_torchdiffeq_layout():
+    adjoint_params = (torch.rand(7, dtype=D64, requires_grad=True),
+                      torch.rand((), dtype=D64, requires_grad=True))  # fmt: skip
+    calls = []
+
+    def adjoint_norm(parts):
+        calls.append(tuple(p.shape for p in parts))
+        return max(p.abs().max() for p in parts)
+
+    y0 = (torch.tensor(1.0, dtype=D64, requires_grad=True),
+          torch.tensor([[0.5, 0.5], [0.1, 0.1]], dtype=D64))  # fmt: skip
+
+    def f(t, y):
+        return y[0] * adjoint_params[1], y[1] * adjoint_params[0][:4].view(2, 2)
+
+    t = torch.tensor([0.0, 1.0], dtype=D64)
+    ys = odeint_adjoint(f, y0, t, adjoint_params=adjoint_params,
+                        adjoint_options=dict(norm=adjoint_norm))  # fmt: skip
+    ys[0][-1].backward()
+    assert calls and set(calls) == {
+        (
+            torch.Size([]),
+            torch.Size([]),
+            torch.Size([2, 2]),
+            torch.Size([]),
+            torch.Size([2, 2]),
+            torch.Size([7]),
+            torch.Size([]),
+        )  # fmt: skip
+    }
+    # gradients as with the default norm, to the tolerance
+    g_custom = y0[0].grad.clone()
+    y0[0].grad = None
+    odeint_adjoint(f, y0, t, adjoint_params=adjoint_params)[0][-1].backward()
+    torch.testing.assert_close(g_custom, y0[0].grad, rtol=1e-5, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_step_limit_is_both_max_steps_error_and_assertion_error():
+    y0 = torch.tensor([1.0], dtype=D64)
+    t = torch.tensor([0.0, 10.0], dtype=D64)
+    with pytest.raises(AssertionError, match=r"^max_num_steps exceeded \(5>=5\): ") as info:
+        odeint(lambda t, y: -y, y0, t, options=dict(max_num_steps=5))
+    assert isinstance(info.value, neuralode.MaxStepsError)
+    assert "raise max_steps" in str(info.value)  # neuralode's explanation follows
+    with pytest.raises(AssertionError, match="max_num_steps exceeded"):
+        odeint_adjoint(lambda t, y: -y, y0, t, adjoint_params=(), options=dict(max_num_steps=5))
+
+
+def test_underflow_is_both_step_size_underflow_and_assertion_error():
+    y0 = torch.tensor([1.0], dtype=D64)
+    t = torch.tensor([0.0, 2.0], dtype=D64)
+    with pytest.raises(AssertionError, match=r"^underflow in dt ") as info:
+        odeint(lambda t, y: y * y, y0, t)  # blows up at t = 1
+    assert isinstance(info.value, neuralode.StepSizeUnderflowError)
+    assert info.value.t == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(AssertionError, match=r"^underflow in dt ") as info:
+        odeint(lambda t, y: y * float("nan"), y0, t)
+    assert isinstance(info.value, neuralode.NonFiniteError)
+    # the native face raises neuralode's errors only
+    with pytest.raises(neuralode.StepSizeUnderflowError) as info:
+        neuralode.solve(lambda t, y: y * y, y0, t)
+    assert not isinstance(info.value, AssertionError)
+
+
+# ----------------------------------------------------------------------------- scipy_solver
+@pytest.mark.parametrize("solver", ["RK45", "LSODA"])
+def test_scipy_solver_single_time_and_reverse_time(solver):
+    y0 = torch.tensor([1.0, 2.0], dtype=D64)
+    opts = dict(solver=solver)
+    y = odeint(lambda t, y: -y, y0, torch.tensor([0.5], dtype=D64), method="scipy_solver",
+               options=opts)  # fmt: skip
+    assert y.shape == (1, 2) and torch.equal(y[0], y0)
+    t = torch.tensor([1.0, 0.5, 0.0], dtype=D64)
+    y = odeint(lambda t, y: -y, y0, t, method="scipy_solver", options=opts, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(y, y0 * torch.exp(1.0 - t)[:, None], rtol=1e-6, atol=0)
+
+
+def test_scipy_solver_adjoint_gradients_match_odeint():
+    f = _Counted()
+    y0 = torch.tensor([[2.0, 0.0]], dtype=D64, requires_grad=True)
+    t = torch.linspace(0.0, 3.0, 5, dtype=D64, requires_grad=True)
+    w = torch.linspace(0.1, 1.0, 10, dtype=D64).view(5, 1, 2)
+    ys = odeint_adjoint(f, y0, t, method="scipy_solver", options=dict(solver="DOP853"),
+                        rtol=1e-10, atol=1e-12)  # fmt: skip
+    got = torch.autograd.grad((w * ys).sum(), [y0, t, f.w])
+    ref_ys = odeint(f, y0, t, rtol=1e-10, atol=1e-12)
+    ref = torch.autograd.grad((w * ref_ys).sum(), [y0, t, f.w])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- odeint_dense
+def test_odeint_dense_matches_closed_form_and_torchdiffeq():
+    y0 = torch.tensor([1.0, -2.0], dtype=D64, requires_grad=True)
+    t0, t1 = torch.tensor(0.0, dtype=D64), torch.tensor(2.0, dtype=D64)
+    fn = neuralode.odeint_dense(lambda t, y: -y, y0, t0, t1, rtol=1e-9, atol=1e-12)
+    q = torch.tensor([0.0, 0.3, 1.7, 2.0], dtype=D64)
+    y = fn(q)
+    assert y.shape == (4, 2)
+    torch.testing.assert_close(y, y0 * torch.exp(-q)[:, None], rtol=1e-7, atol=1e-9)
+    assert fn(torch.tensor(0.3, dtype=D64)).shape == (2,)
+    (g,) = torch.autograd.grad(fn(torch.tensor(1.0, dtype=D64)).sum(), y0)
+    torch.testing.assert_close(g, torch.full((2,), math.exp(-1.0), dtype=D64), rtol=1e-7, atol=0)
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    ref = torchdiffeq.odeint_dense(lambda t, y: -y, y0.detach(), t0, t1, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        fn(torch.tensor(1.3, dtype=D64)), ref(torch.tensor(1.3, dtype=D64)), rtol=1e-7, atol=1e-9
+    )
+    with pytest.raises(ValueError, match="tensor y0"):
+        neuralode.odeint_dense(lambda t, y: y, (y0,), t0, t1)
+
+
+# ----------------------------------------------------------------------------- mixed dtypes
+@pytest.mark.parametrize("interface", [odeint, odeint_adjoint], ids=["odeint", "adjoint"])
+def test_mixed_dtype_tuple_state_is_promoted_as_torchdiffeq_does(interface):
+    seen = set()
+
+    def f(t, y):
+        seen.add((t.dtype, y[0].dtype, y[1].dtype))
+        return -y[0].float(), -2 * y[1]  # func may return the component's original dtype
+
+    a = torch.tensor([1.0], dtype=torch.float32, requires_grad=True)
+    b = torch.tensor([2.0], dtype=D64)
+    kw = dict(adjoint_params=()) if interface is odeint_adjoint else {}
+    ys = interface(f, (a, b), torch.tensor([0.0, 1.0]), rtol=1e-9, atol=1e-10, **kw)
+    assert ys[0].dtype == ys[1].dtype == D64  # torchdiffeq's outputs are all promoted too
+    assert seen == {(D64, D64, D64)}
+    assert float(ys[0][-1].detach()) == pytest.approx(math.exp(-1.0), rel=1e-8)
+    assert float(ys[1][-1]) == pytest.approx(2 * math.exp(-2.0), rel=1e-8)
+    ys[0][-1].sum().backward()
+    assert a.grad.dtype == torch.float32
+    assert float(a.grad) == pytest.approx(math.exp(-1.0), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- reference cycles
+def test_module_keeping_its_adjoint_output_is_collectable():
+    import gc
+    import weakref
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2).to(D64)
+
+        def forward(self, t, y):
+            return self.lin(y)
+
+    m = M()
+    m.out = odeint_adjoint(m, torch.ones(1, 2, dtype=D64), torch.tensor([0.0, 1.0], dtype=D64))
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+
+
+def test_odeint_event_with_adjoint_leaves_no_cyclic_garbage():
+    import gc
+
+    ball = Ball()
+
+    def once():
+        t0, p0, v0 = _inputs()
+        times, _ = _chain(ball, t0, p0, v0, 1, odeint_adjoint)
+        times[-1].backward()
+
+    once()
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.collect()
+        once()
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert before == 0 and found == 0

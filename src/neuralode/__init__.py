@@ -6,7 +6,7 @@ small immutable objects for *how to step* (a solver), *how to choose steps* (a c
 torchdiffeq-compatible face is :func:`odeint` / :func:`odeint_adjoint`.
 """
 
-from ._compat import odeint, odeint_adjoint, odeint_event
+from ._compat import odeint, odeint_adjoint, odeint_dense, odeint_event
 from ._solve import solve
 from .cli.runs import TrainedRun, load_run
 from .controllers import ConstantStep, PIController, StepToGrid
@@ -23,6 +23,7 @@ __all__ = [
     "odeint",
     "odeint_adjoint",
     "odeint_event",
+    "odeint_dense",
     "Solution",
     "PIController",
     "ConstantStep",

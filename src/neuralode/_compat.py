@@ -33,16 +33,19 @@ from torch import nn
 from ._compat_hooks import (
     FORWARD,
     Perturbed,
+    adjoint_norm,
     callbacks_of,
     hook_adjoint_callbacks,
     hook_callbacks,
+    torchdiffeq_errors,
 )
+from ._compat_scipy import scipy_odeint, scipy_odeint_adjoint
 from ._solve import solve
 from .controllers import PIController, StepToGrid
 from .gradients import Backsolve, Direct
 from .solvers import get_tableau
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_event", "TORCHDIFFEQ_METHODS"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "TORCHDIFFEQ_METHODS"]
 
 _ADAPTIVE = {"dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun"}
 # torchdiffeq's "rk4" is Kutta's 3/8 rule (rk4_alt_step_func); "rk4_classic" is offered in
@@ -116,16 +119,21 @@ def _check_options(method: str, options: dict | None, allowed: set, where: str =
     all_known = _ADAPTIVE_OPTS | _ADAMS_OPTS | _SCIPY_OPTS
     unknown = sorted(set(options) - all_known)
     if unknown:
-        raise ValueError(
-            f"unknown {where} {unknown} for method {method!r}; valid ones are {sorted(allowed)}"
+        # torchdiffeq warns and runs (code in the wild passes misspelled keys and relies on
+        # it); the native face raises (STYLE.md: strict inputs).
+        warnings.warn(
+            f"unknown {where} {unknown} for method {method!r} are ignored; valid ones are "
+            f"{sorted(allowed)}",
+            UserWarning,
+            stacklevel=4,
         )
-    unused = sorted(set(options) - allowed)
+    unused = sorted(set(options) - allowed - set(unknown))
     if unused:  # torchdiffeq warns here too ("Unexpected arguments"): stay drop-in
         warnings.warn(
-            f"{where} {unused} have no effect with method {method!r}", UserWarning, stacklevel=3
+            f"{where} {unused} have no effect with method {method!r}", UserWarning, stacklevel=4
         )
-        for k in unused:
-            options.pop(k)
+    for k in (*unknown, *unused):
+        options.pop(k)
     return options
 
 
@@ -187,6 +195,8 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
             dt0=None if opts.get("first_step") is None else abs(float(opts["first_step"])),
             dt_min=min_step,
             dt_max=max_step,
+            # torchdiffeq accepts a step at min_step whatever its error
+            force_dt_min=min_step > 0,
             step_t=opts.get("step_t"),
             jump_t=opts.get("jump_t"),
             norm=opts.get("norm"),
@@ -256,9 +266,13 @@ def _with_time_dtype(kwargs: dict, opts: dict, y0) -> dict:
     if opts.get("dtype") is not None:
         kwargs["time_dtype"] = opts["dtype"]
     else:
-        x = y0 if isinstance(y0, torch.Tensor) else next(iter(y0))
-        if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.complex64):
-            kwargs["time_dtype"] = torch.float32
+        parts = [y0] if isinstance(y0, torch.Tensor) else list(y0)
+        if parts and all(isinstance(x, torch.Tensor) for x in parts):
+            dtype = parts[0].dtype
+            for x in parts[1:]:  # a tuple mixing dtypes is solved in the promoted one
+                dtype = torch.promote_types(dtype, x.dtype)
+            if dtype in (torch.float32, torch.complex64):
+                kwargs["time_dtype"] = torch.float32
     return kwargs
 
 
@@ -307,6 +321,29 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
     else:
         traj = torch.stack([y0, sol.event_y])
     return sol.event_t.to(t.dtype if t.is_floating_point() else torch.float64), traj
+
+
+def _promoted(func, y0):
+    """A tuple state mixing dtypes (e.g. float32 and float64 components) solved as torchdiffeq
+    does: every component in the promoted dtype (torchdiffeq concatenates them, so its outputs
+    and func's inputs all have that dtype), and func's derivatives cast to it."""
+    if not isinstance(y0, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in y0):
+        return func, y0
+    dtypes = {x.dtype for x in y0}
+    if len(dtypes) <= 1:
+        return func, y0
+    common = y0[0].dtype
+    for x in y0[1:]:
+        common = torch.promote_types(common, x.dtype)
+    y0 = tuple(x.to(common) for x in y0)
+
+    def promoted_func(t, y):
+        out = func(t, y)
+        if isinstance(out, (tuple, list)):
+            return tuple(o.to(common) if isinstance(o, torch.Tensor) else o for o in out)
+        return out
+
+    return promoted_func, y0
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
@@ -364,11 +401,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
                 UserWarning,
                 stacklevel=2,
             )
-        return _scipy_solve(func, y0, t, rtol, atol, opts)
+        return scipy_odeint(func, y0, t, rtol, atol, opts)
     _hook_forward(func, kwargs)
-    if event_fn is not None:
-        return _event_solve(func, y0, t, kwargs, event_fn, Direct())
-    return solve(func, y0, t, gradient=Direct(), dense_output=False, **kwargs).ys
+    func, y0 = _promoted(func, y0)
+    with torchdiffeq_errors():
+        if event_fn is not None:
+            return _event_solve(func, y0, t, kwargs, event_fn, Direct())
+        return solve(func, y0, t, gradient=Direct(), dense_output=False, **kwargs).ys
 
 
 def _hook_forward(func, kwargs) -> None:
@@ -428,27 +467,32 @@ def odeint_adjoint(
             "explicitly with adjoint_params=(...) (adjoint_params=() if there are none)"
         )
     kwargs, opts = _translate(func, y0, t, rtol, atol, method, options)
-    if kwargs is None:
-        raise ValueError(
-            "method='scipy_solver' is not differentiable; use odeint without gradients"
-        )
+    if kwargs is None:  # scipy_solver: scipy on the backward solve too
+        if event_fn is not None:
+            raise ValueError("method='scipy_solver' does not support event_fn")
+        params = tuple(adjoint_params) if adjoint_params is not None else tuple(func.parameters())
+        return scipy_odeint_adjoint(func, y0, t, rtol, atol, opts, params)
     aopts = dict(adjoint_options or {})
-    seminorm = False
+    seminorm, anorm = False, None
     if "norm" in aopts:
         norm = aopts.pop("norm")
         if norm == "seminorm":
             seminorm = True
+        elif callable(norm):
+            anorm = norm
         elif norm not in (None, "default"):
             raise ValueError(
-                f"adjoint_options['norm'] must be 'seminorm' or 'default', got {norm!r}; custom norm "
-                "functions for the backward solve are not supported"
+                f"adjoint_options['norm'] must be 'seminorm', 'default' or a callable "
+                f"norm(tensor_tuple) -> Tensor, got {norm!r}"
             )
     amax = aopts.pop("max_num_steps", None)
     astep = aopts.pop("step_size", None)
-    if aopts:
-        raise ValueError(
-            f"unsupported adjoint_options {sorted(aopts)}; supported: norm ('seminorm'), "
-            "max_num_steps, step_size"
+    if aopts:  # torchdiffeq passes them to the backward solver; here they have no effect
+        warnings.warn(
+            f"adjoint_options {sorted(aopts)} are ignored; supported: norm ('seminorm', "
+            "'default' or a callable), max_num_steps, step_size",
+            UserWarning,
+            stacklevel=2,
         )
     if astep is not None and not (float(astep) > 0):
         raise ValueError(f"adjoint_options['step_size'] must be positive, got {astep!r}")
@@ -485,13 +529,57 @@ def odeint_adjoint(
         atol=aat,
         solver=asolver,
         seminorm=seminorm,
+        norm=None if anorm is None else adjoint_norm(anorm, y0, params),
         params=params,
         max_steps=None if amax is None else int(amax),
         dt=None if astep is None else float(astep),
     )
-    if event_fn is not None:
-        return _event_solve(func, y0, t, kwargs, event_fn, grad)
-    return solve(func, y0, t, gradient=grad, dense_output=False, **kwargs).ys
+    func, y0 = _promoted(func, y0)
+    with torchdiffeq_errors():
+        if event_fn is not None:
+            return _event_solve(func, y0, t, kwargs, event_fn, grad)
+        return solve(func, y0, t, gradient=grad, dense_output=False, **kwargs).ys
+
+
+def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):
+    """Solve over ``[t0, t1]`` and return the dense output; torchdiffeq 0.2.5's ``odeint_dense``.
+
+    Parameters
+    ----------
+    func, y0, rtol, atol, method, options :
+        As for :func:`odeint` (torchdiffeq allows ``method="dopri5"`` only; any method works
+        here, with its own dense output).
+    t0, t1 : Tensor or float
+        Start and end of the interval (``t1 < t0`` integrates backward).
+
+    Returns
+    -------
+    callable
+        ``dense_output_fn(t_eval)``: the solution at ``t_eval`` (0-d or ``(K,)`` tensor of times
+        in ``[t0, t1]``), of shape ``(*t_eval.shape, *y0.shape)``; differentiable w.r.t. ``y0``
+        and the parameters of ``func`` by autograd through the solver.
+
+    Raises
+    ------
+    ValueError
+        For a tuple ``y0`` (as in torchdiffeq), invalid options, or query times outside
+        ``[t0, t1]`` (when ``dense_output_fn`` is called).
+    """
+    if not isinstance(y0, torch.Tensor):
+        raise ValueError("odeint_dense needs a tensor y0 (torchdiffeq supports no tuple states)")
+    dt = torch.as_tensor(t0).dtype if isinstance(t0, torch.Tensor) else torch.float64
+    t = torch.stack([torch.as_tensor(t0, dtype=dt).reshape(()), torch.as_tensor(t1).to(dt)])
+    kwargs, opts = _translate(func, y0, t, rtol, atol, method, options)
+    if kwargs is None:
+        raise ValueError("method='scipy_solver' has no dense output in odeint_dense")
+    _hook_forward(func, kwargs)
+    with torchdiffeq_errors():
+        sol = solve(func, y0, t, gradient=Direct(), dense_output=True, **kwargs)
+
+    def dense_output_fn(t_eval):
+        return sol.evaluate(t_eval)
+
+    return dense_output_fn
 
 
 def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None, **kwargs):
@@ -522,37 +610,3 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     t0 = torch.as_tensor(t0).reshape(-1)[:1]
     t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
     return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
-
-
-def _scipy_solve(func, y0, t, rtol, atol, opts):
-    """Forward a solve to scipy.integrate.solve_ivp (no gradients), as torchdiffeq does."""
-    try:
-        from scipy.integrate import solve_ivp
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("method='scipy_solver' needs scipy: pip install scipy") from e
-    if isinstance(y0, (tuple, list)):
-        raise ValueError("method='scipy_solver' supports tensor states only")
-    t = torch.as_tensor(t)
-    shape, dtype, device = y0.shape, y0.dtype, y0.device
-    tt = t.detach().cpu().double().numpy()
-
-    def rhs(s, y):
-        with torch.no_grad():
-            yt = torch.as_tensor(y, dtype=dtype, device=device).reshape(shape)
-            out = func(torch.tensor(s, dtype=t.dtype, device=device), yt)
-        return out.detach().cpu().reshape(-1).numpy()
-
-    kw = {k: opts[k] for k in ("max_step", "min_step", "first_step") if k in opts}
-    sol = solve_ivp(
-        rhs,
-        (tt[0], tt[-1]),
-        y0.detach().cpu().reshape(-1).numpy(),
-        method=opts.get("solver", "LSODA"),
-        t_eval=tt,
-        rtol=rtol,
-        atol=atol,
-        **kw,
-    )
-    if not sol.success:
-        raise RuntimeError(f"scipy solve_ivp failed: {sol.message}")
-    return torch.as_tensor(sol.y.T, dtype=dtype, device=device).reshape(len(tt), *shape)

@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from .controllers.step_size import time_beside
+from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 from .solvers import get_tableau
 from .solvers.explicit_rk import make_stepper
 
@@ -232,3 +233,66 @@ class _Inside:
 
     def _time(self, t):
         return self._f._time(self._move(t))
+
+
+def adjoint_norm(user_norm, y0, params):
+    """torchdiffeq's layout for a user's ``adjoint_options['norm']``: the backward solve's
+    scaled error as ``(t, y, adj_y, adj_param_1, ...)`` for a tensor state and ``(t, y_1, ...,
+    y_n, adj_y_1, ..., adj_y_n, adj_param_1, ...)`` for a tuple state, each in its own shape.
+    neuralode does not integrate the adjoint of t: its entry is a 0-d zero."""
+    shapes = [y0.shape] if isinstance(y0, torch.Tensor) else [c.shape for c in y0]
+    sizes = [int(torch.Size(sh).numel()) for sh in shapes]
+    p_shapes = [p.shape for p in params if p.requires_grad]
+
+    def norm(parts):
+        y, adj, *gs = parts
+
+        def split(v):
+            return [c.view(sh) for c, sh in zip(torch.split(v.reshape(-1), sizes), shapes)]
+
+        real = y.real.dtype if y.is_complex() else y.dtype
+        t = torch.zeros((), dtype=real, device=y.device)
+        ps = [g.view(sh) for g, sh in zip(gs, p_shapes)]
+        return user_norm((t, *split(y), *split(adj), *ps))
+
+    return norm
+
+
+# ----------------------------------------------------------------------------- errors
+class MaxNumStepsExceeded(MaxStepsError, AssertionError):
+    """``max_num_steps`` exceeded on the compatible face: a :class:`~neuralode.MaxStepsError`
+    that is also the ``AssertionError`` torchdiffeq raises (training scripts catch that)."""
+
+
+class DtUnderflow(StepSizeUnderflowError, AssertionError):
+    """Step-size underflow on the compatible face (torchdiffeq: ``AssertionError('underflow in
+    dt ...')``)."""
+
+
+class NonFiniteUnderflow(NonFiniteError, AssertionError):
+    """A non-finite state or derivative on the compatible face (torchdiffeq ends such solves
+    with ``AssertionError('underflow in dt nan')``)."""
+
+
+_AS_TORCHDIFFEQ = (
+    (MaxStepsError, MaxNumStepsExceeded, "max_num_steps exceeded ({step}>={step})"),
+    (StepSizeUnderflowError, DtUnderflow, "underflow in dt {h}"),
+    (NonFiniteError, NonFiniteUnderflow, "underflow in dt {h}"),
+)
+
+
+class torchdiffeq_errors:
+    """Re-raise neuralode's solve errors as torchdiffeq's: the same classes (subclassed) and
+    also ``AssertionError``, with torchdiffeq's message first and neuralode's after it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is None or isinstance(exc, AssertionError):
+            return False
+        for base, cls, prefix in _AS_TORCHDIFFEQ:
+            if isinstance(exc, base):
+                head = prefix.format(step=exc.step, h=exc.h)
+                raise cls(f"{head}: {exc}", t=exc.t, step=exc.step, h=exc.h) from exc
+        return False

@@ -263,7 +263,7 @@ def integrate(
                 t_end=t_end, n_acc=n_acc, n_rej=n_rej, throw=throw, state=state,
             )  # fmt: skip
             break
-        h_abs = min(abs(h), ctrl.dt_max)
+        h_abs = ctrl.bounded(abs(h), last_nonfinite)
         if adaptive and not math.isfinite(h_abs):
             # A NaN/inf from func (at the start, or in the error estimate) gets here.
             _fail("nonfinite_h", t=t, attempts=attempts, h=h_abs, throw=throw, state=state)
@@ -289,7 +289,7 @@ def integrate(
 
         if adaptive:
             e = scaled_norm(prob, err, y, y_new)
-            accept = e <= 1.0
+            accept = e <= 1.0 or ctrl.accepts(e, min(h_abs, abs(h_step)))
             last_nonfinite = not math.isfinite(e)
         else:
             accept = True

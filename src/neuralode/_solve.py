@@ -213,6 +213,11 @@ def solve(
                 f"compile=True does not support {' and '.join(hit)}; use compile=False (the "
                 "eager engine supports it)"
             )
+    if getattr(controller, "force_dt_min", False) and (compile or batch_control == "per_sample"):
+        raise ValueError(
+            "PIController(force_dt_min=True) is supported by the default driver only; use "
+            "compile=False and batch_control='shared', or force_dt_min=False"
+        )
     if batch_control == "per_sample":  # its own loop, in _loop_batched (opt-in)
         from ._loop_batched import solve_per_sample
 
@@ -310,7 +315,7 @@ def solve(
         corr = [(t[0] - t[0].detach()).to(_real(spec.dtype)) * f0]
         for j in range(1, len(out_t)):
             corr.append((t[j] - t[j].detach()).to(_real(spec.dtype)) * fv(out_t[j], ys[j]))
-        ys = ys + torch.stack(corr)
+        ys = ys + torch.stack(corr).reshape(ys.shape)
         run.stats["nfe_t_gradient"] = fv.nfe + 1
     run.stats.update(n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted)
     # Counters of steppers that have them (implicit methods: Jacobians, LUs, Newton iterations).

@@ -51,7 +51,8 @@ class TreeSpec:
     def unflatten(self, flat: torch.Tensor, lead: tuple[int, ...] = ()):
         """Rebuild the state from ``flat`` of shape ``(*lead, B, M)``."""
         if self.kind == "tensor":
-            return flat.reshape(tuple(lead) + tuple(self.shapes[0]))
+            shape = tuple(lead) + tuple(self.shapes[0])
+            return flat if flat.shape == shape else flat.reshape(shape)
         parts = [
             c.reshape(tuple(lead) + tuple(shape))
             for c, shape in zip(self.components(flat), self.shapes)

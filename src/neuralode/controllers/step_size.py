@@ -157,6 +157,10 @@ class Controller:
         """Next step size and error memory (fixed steps: unchanged)."""
         return h_prop, prev
 
+    def bounded(self, h_abs, nonfinite: bool = False):
+        """The step size to try: ``|h|`` capped at ``dt_max``."""
+        return min(h_abs, self.dt_max)
+
     def landing_times(self, t0: float, t_end: float) -> tuple[float, ...]:
         """``step_t`` and ``jump_t`` strictly inside the solve interval, increasing."""
         lo, hi = min(t0, t_end), max(t0, t_end)
@@ -327,7 +331,13 @@ class PIController(Controller):
         First step size; by default chosen by Hairer's algorithm (HNW I, sec. II.4), which costs
         one extra evaluation of f.
     dt_min, dt_max : float, default 0, inf
-        Bounds on ``|h|``. A step that would need ``|h| < dt_min`` raises StepSizeUnderflowError.
+        Bounds on ``|h|``. A step that would need ``|h| < dt_min`` raises StepSizeUnderflowError
+        (unless ``force_dt_min``).
+    force_dt_min : bool, default False
+        Take steps of at least ``dt_min`` and accept a step of ``dt_min`` or less even when it
+        fails the error test (torchdiffeq's ``min_step``, diffrax's ``force_dtmin``): the error
+        is no longer controlled there. A non-finite error still fails the solve.
+        ``dt0 = dt_min = dt_max = h`` gives fixed steps ``h`` with an adaptive method.
     step_t : sequence of float, optional
         Times the solver lands on exactly (e.g. where f changes behaviour), without restarting.
     jump_t : sequence of float, optional
@@ -355,6 +365,7 @@ class PIController(Controller):
     step_t: tuple[float, ...] = ()
     jump_t: tuple[float, ...] = ()
     norm: Callable | None = field(default=None, compare=False)
+    force_dt_min: bool = False
     adaptive = True
 
     def __post_init__(self):
@@ -391,6 +402,8 @@ class PIController(Controller):
             raise ValueError(
                 f"need 0 <= dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}"
             )
+        if not isinstance(self.force_dt_min, bool):
+            raise TypeError(f"force_dt_min must be a bool, got {self.force_dt_min!r}")
         object.__setattr__(self, "step_t", _times(self.step_t, "step_t"))
         object.__setattr__(self, "jump_t", _times(self.jump_t, "jump_t"))
 
@@ -434,6 +447,21 @@ class PIController(Controller):
             self.safety, self.ifactor, self.dfactor, self.pcoeff, self.icoeff,
             h, h_prop, e, prev, k, accept, clipped,
         )  # fmt: skip
+
+    def bounded(self, h_abs: float, nonfinite: bool) -> float:
+        """The step size to try: ``|h|`` within ``[dt_min, dt_max]`` when ``force_dt_min``
+        (unless the last error was non-finite: then the loop reports the failure), else
+        ``|h|`` capped at ``dt_max`` (below ``dt_min`` the loop raises)."""
+        h_abs = min(h_abs, self.dt_max)
+        if self.force_dt_min and not nonfinite:
+            h_abs = max(h_abs, self.dt_min)
+        return h_abs
+
+    def accepts(self, err: float, h_abs: float) -> bool:
+        """Whether a step of size ``h_abs`` with scaled error ``err`` is accepted."""
+        if err <= 1.0:
+            return True
+        return self.force_dt_min and h_abs <= self.dt_min and math.isfinite(err)
 
     def factor(self, err: float, prev_err: float, k: int) -> float:
         """Step-size multiplier after an accepted step with scaled error ``err``."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,6 +67,11 @@ class Backsolve:
         among them.
     max_steps : int, optional
         Step limit of the backward solve.
+    norm : callable, optional
+        ``norm(scaled_error) -> 0-d tensor`` for the backward solve's error control, given the
+        scaled error of the augmented state as a tuple ``(y, adj_y, adj_param_1, ...)`` of flat
+        tensors (the parameters' adjoints in the order of ``params``). Replaces the default
+        (the maximum over components of each component's RMS) and ``seminorm``.
     dt : float, optional
         Fixed step size of the backward solve (with a fixed-step ``solver``); default: the
         forward's steps.
@@ -101,6 +106,7 @@ class Backsolve:
     max_steps: int | None = None
     dt: float | None = None
     outputs: str = "auto"
+    norm: object = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.outputs not in ("auto", "replay", "stop"):
@@ -115,6 +121,8 @@ class Backsolve:
                 raise ValueError(f"Backsolve({name}=...) must be a non-negative number, got {v!r}")
         if self.solver is not None:
             get_tableau(self.solver)
+        if self.norm is not None and not callable(self.norm):
+            raise TypeError(f"Backsolve(norm=...) must be callable, got {self.norm!r}")
         if not isinstance(self.seminorm, bool):
             raise TypeError(f"Backsolve(seminorm=...) must be a bool, got {self.seminorm!r}")
 
@@ -151,7 +159,17 @@ class _BacksolveFn(torch.autograd.Function):
         ctx.run, ctx.cfg, ctx.params = run, cfg, params
         # A private copy: the caller may modify the returned outputs in place.
         ctx.y_final = res.y_final.detach().clone()
-        return res.ys
+        # The outputs must not stay reachable from ctx (ctx.run.result): an output kept on the
+        # module that made it (self.out = odeint_adjoint(self, ...)) would form a cycle through
+        # autograd's C++ graph that the garbage collector cannot see, and never be freed.
+        ys, res.ys = res.ys, None
+        # For a tensor state the output leaves in the state's shape: the caller's result is this
+        # node's own output (no view after it), so that such a cycle stays visible to gc.
+        spec = run.prob.spec
+        ctx.flat_shape = ys.shape
+        if spec.kind == "tensor" and run.samples_all is None:
+            ys = ys.reshape(ys.shape[0], *spec.shapes[0])
+        return ys
 
     @staticmethod
     def backward(ctx, g_ys):
@@ -161,7 +179,7 @@ class _BacksolveFn(torch.autograd.Function):
                 "adjoint; use gradient='checkpoint' (exact, bounded memory) or 'direct'"
             )
         run, cfg, params = ctx.run, ctx.cfg, list(ctx.params)
-        grads = _backward(run, cfg, params, ctx.y_final, g_ys)
+        grads = _backward(run, cfg, params, ctx.y_final, g_ys.reshape(ctx.flat_shape))
         return (None, None, *grads)
 
 
@@ -347,6 +365,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             max_steps=cfg.max_steps,
             rtol=aug_rtol,
             atol=aug_atol,
+            norm=cfg.norm,
             norm_components=2 if cfg.seminorm else None,
         )
         if aug_stepper is None:

@@ -82,7 +82,11 @@ class _CheckpointFn(torch.autograd.Function):
         res = forward_without_graph(run, y0flat, "states", max_states=cfg.max_checkpoints)
         ctx.run, ctx.n_params = run, len(params)
         ctx.save_for_backward(y0flat, *params)
-        return res.ys
+        # The outputs must not stay reachable from ctx (ctx.run.result): an output kept on the
+        # module that made it (self.out = odeint_adjoint(self, ...)) would form a cycle through
+        # autograd's C++ graph that the garbage collector cannot see, and never be freed.
+        ys, res.ys = res.ys, None
+        return ys
 
     @staticmethod
     def backward(ctx, g_ys):
