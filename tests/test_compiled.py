@@ -160,8 +160,8 @@ def test_module_vector_field_float32_batch(one_step_per_call):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(solver="rk4", dt=0.1), "explicit adaptive method"),
-        (dict(solver="kvaerno5"), "explicit adaptive method"),
+        (dict(solver="rk4", controller=neuralode.ConstantStep(0.1, jump_t=[0.5])), "step_t/jump_t"),
+        (dict(solver="kvaerno5"), "explicit Runge-Kutta method"),
         (dict(controller=neuralode.PIController(step_t=[0.5])), "step_t/jump_t"),
         (dict(gradient="adjoint"), "gradient=Backsolve"),
         (dict(dense_output=True), "dense_output=True"),

@@ -68,7 +68,7 @@ def test_non_finite_func_at_the_start_names_the_cause_in_every_driver(batch_cont
 
 # --------------------------------------------------------------------------- the matrix
 import neuralode._compiled as compiled  # noqa: E402
-from neuralode import MaxStepsError  # noqa: E402
+from neuralode import ConstantStep, MaxStepsError, StepToGrid  # noqa: E402
 
 DRIVERS = ["shared", "per_sample", "compiled"]
 
@@ -120,6 +120,21 @@ def test_same_values_and_step_counts_through_every_driver(driver, solver):
         assert sol.stats["n_accepted"] == ref.stats["n_accepted"]
         assert sol.stats["n_rejected"] == ref.stats["n_rejected"]
         torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("fixed", ["dt", "grid"])
+def test_fixed_steps_give_the_same_values_through_every_driver(driver, fixed):
+    ctrl = ConstantStep(0.1) if fixed == "dt" else StepToGrid(torch.linspace(0.0, 3.0, 13))
+    if driver == "compiled" and fixed == "grid":
+        pytest.skip("one compiled fixed-step case (compilation is slow)")
+    sol = _solve(driver, _osc, YB, TB, solver="rk4", controller=ctrl)
+    ref = neuralode.solve(_osc, YB, TB, solver="rk4", controller=ctrl, dense_output=False)
+    n = sol.stats["n_accepted"]
+    assert (n.tolist() if isinstance(n, torch.Tensor) else [n]) == [ref.stats["n_accepted"]] * (
+        YB.shape[0] if driver == "per_sample" else 1
+    )
+    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -178,7 +193,6 @@ def test_gradients_agree_between_shared_and_per_sample_drivers(gradient):
     ("kw", "match"),
     [
         (dict(solver="kvaerno5"), r"compile=True does not support solver 'kvaerno5'"),
-        (dict(solver="rk4", dt=0.1), r"compile=True does not support solver 'rk4'"),
         (dict(y0=(YB, YB)), r"compile=True does not support a tuple state"),
     ],
 )  # fmt: skip

@@ -43,8 +43,8 @@ import torch
 from ._failures import step_failure
 from ._loop import LoopResult, Problem, VectorField
 from ._norms import ErrorNorm, error_scale, initial_norm
-from .controllers import PIController
-from .controllers.step_size import pi_update, underflows
+from .controllers import ConstantStep, PIController, StepToGrid
+from .controllers.step_size import grid_point, pi_update, underflows
 from .solvers.tableau import ButcherTableau
 
 __all__ = ["STEPS_PER_CALL", "CompiledCodeMismatch", "check_compilable", "integrate_compiled"]
@@ -70,19 +70,17 @@ def check_compilable(
     """Raise ValueError naming what ``compile=True`` does not support in this call (per-sample
     control, events and 2-D t are refused by ``solve`` before it gets here)."""
     problems = []
-    if not isinstance(tab, ButcherTableau) or not tab.adaptive:
+    if not isinstance(tab, ButcherTableau):
         name = getattr(tab, "name", type(tab).__name__)
         problems.append(
-            f"solver {name!r} (compiled stepping needs an explicit adaptive method: dopri5, "
-            "tsit5, bosh3, dopri8, fehlberg2, adaptive_heun)"
+            f"solver {name!r} (compiled stepping needs an explicit Runge-Kutta method: e.g. "
+            "dopri5, tsit5, bosh3, dopri8, rk4, euler)"
         )
-    if isinstance(ctrl, PIController):
-        if ctrl.step_t or ctrl.jump_t:
+    if ctrl is not None:
+        if ctrl.jump_t or (ctrl.step_t and not isinstance(ctrl, StepToGrid)):
             problems.append("step_t/jump_t (landing points)")
-        if ctrl.norm is not None:
+        if getattr(ctrl, "norm", None) is not None:
             problems.append("a custom error norm")
-    elif ctrl is not None:
-        problems.append(f"controller {type(ctrl).__name__} (only PIController)")
     if spec.kind != "tensor":
         problems.append(f"a {spec.kind} state (only a single tensor)")
     if dense_output:
@@ -107,19 +105,23 @@ def _constants(
     """Everything the compiled step needs from the tableau and controller, as plain Python
     values (torch.compile bakes them into the kernels and guards on them)."""
     P = tab.tensors(torch.float64, torch.device("cpu"))["P"]
+    # Fixed steps (ConstantStep, StepToGrid): every step accepted, no error estimate; the PI
+    # settings below are placeholders then (their result is not used).
+    pi = ctrl if ctrl.adaptive else PIController()
+    b_hat = tab.b_hat if tab.adaptive else tab.b
     return (
         tuple(tuple(float(x) for x in row) for row in tab.a),
         tuple(float(x) for x in tab.b),
-        tuple(float(x) - float(y) for x, y in zip(tab.b, tab.b_hat)),
+        tuple(float(x) - float(y) for x, y in zip(tab.b, b_hat)),
         tuple(float(x) for x in tab.c),
         tuple(tuple(float(x) for x in row) for row in P.tolist()),
         bool(tab.fsal),
-        float(ctrl.safety),
-        float(ctrl.ifactor),
-        float(ctrl.dfactor),
-        float(ctrl.pcoeff),
-        float(ctrl.icoeff),
-        int(tab.error_order()),
+        float(pi.safety),
+        float(pi.ifactor),
+        float(pi.dfactor),
+        float(pi.pcoeff),
+        float(pi.icoeff),
+        int(tab.error_order()) if tab.adaptive else 1,
         float(ctrl.dt_min),
         float(ctrl.dt_max),
         time_dtype,
@@ -134,6 +136,9 @@ def _constants(
         else 1,
         tab.n_dense_stages,
         bool(atol_zero),
+        # "dt" (ConstantStep: t0 + k dt), "grid" (StepToGrid) or "" (adaptive), and dt
+        "dt" if isinstance(ctrl, ConstantStep) else "grid" if isinstance(ctrl, StepToGrid) else "",
+        float(getattr(ctrl, "dt", 0.0)),
     )
 
 
@@ -145,7 +150,9 @@ def _combine(base, h, coeffs, ks):
     return base if acc is None else base + h * acc
 
 
-def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att, rtol, atol, st):
+def _steps(
+    f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att, rtol, atol, st, grid
+):
     """``steps`` masked adaptive steps; every argument but f/consts is a tensor.
 
     Time ``t`` runs forward (a decreasing solve is integrated in negated time, ``neg``).
@@ -155,7 +162,7 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
     (A, b, b_err, c, P, fsal, safety, ifac, dfac, pco, ico, k, dt_min, dt_max, tdt, n, neg, shp) = (
         consts[:18]
     )
-    win_n, n_dense, atol_zero = consts[18:]
+    win_n, n_dense, atol_zero, fixed, dt = consts[18:]
     interp = win_n == _OUT_WINDOW  # else every step lands on the next output time
     S, D = len(b), len(P[0])
     sgn = -1.0 if neg else 1.0
@@ -174,15 +181,21 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
         active = (t < t_end) & (att < max_att) & (status == 0)
         idx = p + win
         taus = out_t[idx]
-        h_abs = torch.clamp(h, max=dt_max)
+        if fixed == "dt":  # the next point t0 + k dt (grid[0] is t0)
+            h_abs = grid_point(t, grid[0], t_end, 1.0, dt) - t
+        elif fixed == "grid":  # the next grid point
+            i = torch.searchsorted(grid, t.reshape(1), right=True).clamp(max=grid.shape[0] - 1)
+            h_abs = grid[i][0] - t
+        else:
+            h_abs = torch.clamp(h, max=dt_max)
         t_lim = torch.minimum(t_end, taus[-1])
         clip = t + h_abs >= t_lim
         t_new = torch.where(clip, t_lim, t + h_abs)
         hh = t_new - t
         # The eager loop's checks, on the proposed step size (before landing on an output or
         # the end): below dt_min or the resolution of t; a non-finite step size (NaN from func).
-        under = underflows(h_abs, t, dt_min)
-        nonfinite_h = ~torch.isfinite(h_abs)
+        under = underflows(h_abs, t, dt_min) & (fixed == "")
+        nonfinite_h = ~torch.isfinite(h_abs) & (fixed == "")
         status = torch.where(active & under, _STATUS_UNDERFLOW, status)
         status = torch.where(active & nonfinite_h, _STATUS_NONFINITE_H, status)
         active = active & ~under & ~nonfinite_h
@@ -198,6 +211,8 @@ def _steps(f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att,
         # The engine's one scaled error norm (one row: the whole state shares the step).
         scale = error_scale(y.detach().abs(), y_new.detach().abs(), rtol, atol, atol_zero)
         e = ErrorNorm.rms_rows((err.detach() / scale).reshape(1, -1))[0]
+        if fixed:  # fixed steps: no error estimate, every step is accepted
+            e = torch.zeros_like(e)
         finite = torch.isfinite(e)
         accept = active & (e <= 1.0)
         k_last = ks[-1] if fsal else call(t_new, y_new)
@@ -376,10 +391,15 @@ def integrate_compiled(
         if prob.t_end == prob.t0:
             h0 = 0.0
         else:
-            nrm = initial_norm(ErrorNorm(y0, prob.spec), y0, prob.rtol, prob.atol, prob.atol_zero)
+            nrm = order = None
+            if ctrl.adaptive:
+                nrm = initial_norm(
+                    ErrorNorm(y0, prob.spec), y0, prob.rtol, prob.atol, prob.atol_zero
+                )
+                order = tab.error_order()
             span = abs(prob.t_end - prob.t0)
             h0 = ctrl.initial_step(
-                nrm, f, prob.t0, y0.detach(), k1.detach(), prob.direction, span, tab.error_order()
+                nrm, f, prob.t0, y0.detach(), k1.detach(), prob.direction, span, order
             )
     nfe0 = f.nfe
     max_att = prob.max_steps if prob.max_steps is not None else 2**62
@@ -399,6 +419,9 @@ def integrate_compiled(
         st=torch.zeros(2, dtype=torch.int64, device=dev),
     )
     t_end = scalar(sgn * prob.t_end)
+    # Fixed steps: t0 (ConstantStep) or the grid points (StepToGrid), in integration time.
+    pts = sorted(sgn * x for x in ctrl.grid) if isinstance(ctrl, StepToGrid) else [sgn * prob.t0]
+    grid = scalar(pts)
     max_att_t = scalar(max_att, dtype=torch.int64, device=dev)
     entry = _entry(f.func, (consts, dtype, dev, tuple(y0.shape), n_out))
     n_acc = n_rej = 0
@@ -427,6 +450,7 @@ def integrate_compiled(
                 rtol,
                 atol,
                 state["st"],
+                grid,
             )
             if not entry.compiled:
                 with torch.compiler.set_stance("default"):
@@ -467,6 +491,13 @@ def integrate_compiled(
                 status, message = cls.status, msg
                 break
     f.nfe = nfe0 + att_now * per_attempt
+    if status == "success" and not ctrl.adaptive and not bool(torch.isfinite(state["y"]).all()):
+        # Fixed steps make no per-step decision: finiteness is checked once, at the end.
+        cls, msg = step_failure("nonfinite_fixed", t=t_now, attempts=att_now, h=abs(h_now),
+                                engine="compiled stepping")  # fmt: skip
+        if throw:
+            raise cls(msg, t=t_now, step=att_now, h=abs(h_now))
+        status, message = cls.status, msg
     return LoopResult(
         ys=state["out"][:n_out],
         y_final=state["y"],

@@ -96,9 +96,13 @@ def solve(
         ``A`` rows still being integrated (a time-independent func is unaffected; a
         time-dependent one must broadcast ``t`` against the batch, e.g. ``t[:, None]``). ``t``
         may be 1-D (shared output times) or 2-D ``(B, T)`` with rows starting at different times
-        and running in either direction; ``max_steps`` counts each sample's attempts. Needs an
-        adaptive explicit tableau, a :class:`PIController` without ``step_t``/``jump_t``/
-        ``norm``, ``gradient="direct"``, no ``event`` and no gradient with respect to ``t``.
+        and running in either direction; ``max_steps`` counts each sample's attempts. Works with
+        every explicit Runge--Kutta tableau and controller (``step_t``/``jump_t`` per sample;
+        ``ConstantStep`` on each sample's own grid ``t0_b + k dt``) and every gradient method
+        (``"checkpoint"`` replays the per-sample iterations: equal to Direct to rounding;
+        ``"backsolve"`` solves the adjoint per sample backward, its parameter integral left out
+        of the error norm). Raises ValueError for implicit/Adams methods, a custom ``norm``,
+        ``event`` and gradients with respect to ``t``.
         ``Solution.t_final`` and ``stats["n_accepted"]``/``["n_rejected"]`` are then ``(B,)``
         tensors, and ``stats`` adds ``sample_evals`` (rows passed to func),
         ``wasted_sample_evals`` (rows of samples that had already finished, kept below 1/16 of
@@ -117,9 +121,11 @@ def solve(
         chunks (torch.compile compiles their backward too; a solve under grad mode compiles
         once more than one under ``torch.no_grad()``); other gradient methods and gradients with
         respect to ``t`` raise ValueError. For an
-        explicit adaptive method under a :class:`PIController` without ``step_t``/``jump_t``/
-        ``norm``, a single-tensor state, a 1-D ``t``, no events and no ``dense_output``;
-        anything else raises ValueError. Results agree with the eager engine to the tolerance
+        explicit Runge--Kutta method under a :class:`PIController` without ``step_t``/
+        ``jump_t``/``norm``, or fixed steps (``ConstantStep`` without landings, ``StepToGrid``;
+        a fixed step never passes more than 8 output times either: it lands on the 8th), a
+        single-tensor state, a 1-D ``t``, no events and no ``dense_output``; anything else
+        raises ValueError. Results agree with the eager engine to the tolerance
         (step sizes can differ in the last bits; a step never passes more than 8 output times,
         and with dopri8, whose continuous extension needs three more stages, steps land on every
         output time instead of interpolating).

@@ -50,6 +50,18 @@ def underflows(h, t, dt_min: float):
     return (h < dt_min) | (h <= 4 * _EPS64 * abs(t)) | (t + h == t)
 
 
+def grid_point(t, t0, t_end, direction, dt: float):
+    """The next point ``t0 + k dt`` after ``t``, computed by multiplication (no drift from
+    repeated addition, so no sliver step at the end); within 8 ulps of ``t_end`` it is
+    ``t_end``. Floats or tensors (compiled stepping calls it inside the compiled graph)."""
+    fl = torch.floor if isinstance(t, torch.Tensor) else math.floor
+    k = fl(direction * (t - t0) / dt) + 1
+    t_new = t0 + direction * k * dt
+    t_new = where(direction * (t_new - t) <= 0, t0 + direction * (k + 1) * dt, t_new)
+    near = abs(t_end - t_new) <= 8 * _EPS64 * maximum(abs(t_end), dt)
+    return where(near, t_end, t_new)
+
+
 def pi_update(safety, ifactor, dfactor, pcoeff, icoeff, h, h_prop, e, prev, k, accept, clipped):
     """The I/PI step-size update (Gustafsson 1991; Soderlind 2003) of :meth:`PIController.adapt`,
     on floats or tensors (compiled stepping calls it inside the compiled graph)."""
@@ -250,15 +262,8 @@ class ConstantStep(Controller):
         return self.dt
 
     def propose(self, t, h, t0, t_end, direction):
-        """The next point ``t0 + k dt`` after ``t``, computed by multiplication (no drift from
-        repeated addition, so no sliver step at the end); within 8 ulps of ``t_end`` it is
-        ``t_end``. Floats or (B,) tensors."""
-        fl = torch.floor if isinstance(t, torch.Tensor) else math.floor
-        k = fl(direction * (t - t0) / self.dt) + 1
-        t_new = t0 + direction * k * self.dt
-        t_new = where(direction * (t_new - t) <= 0, t0 + direction * (k + 1) * self.dt, t_new)
-        near = abs(t_end - t_new) <= 8 * _EPS64 * maximum(abs(t_end), self.dt)
-        return where(near, t_end, t_new)
+        """The next point ``t0 + k dt`` after ``t`` (see :func:`grid_point`)."""
+        return grid_point(t, t0, t_end, direction, self.dt)
 
 
 @dataclass(frozen=True)
