@@ -31,6 +31,7 @@ from torch import nn
 from neuralode.models import CNF, MLPVectorField
 
 from ..errors import CLIError
+from ..options import choice, fraction, integer, number
 from ..report import table, verdict
 from .base import Task
 
@@ -104,6 +105,20 @@ class CNFTask(Task):
         max_train=0,
         n_toy=3000,
         lr_decay=1.0,
+    )
+    option_rules = dict(
+        hidden=integer(1),
+        n_layers=integer(1),
+        trace=choice("auto", "exact", "hutchinson"),
+        noise=choice("rademacher", "gaussian"),
+        kinetic=number(0, strict=False),
+        jacobian=number(0, strict=False),
+        t1=number(0),
+        val_fraction=fraction(),
+        test_fraction=fraction(),
+        max_train=integer(0),
+        n_toy=integer(50),
+        lr_decay=number(0, maximum=1),
     )
     val_key = "val_nll"
 
