@@ -4,8 +4,13 @@ CLI work of issue 15); one test per defect, each failing before its fix."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
@@ -36,3 +41,94 @@ def test_cnf_task_trains_and_its_options_are_validated(capsys, tmp_path):
                        "n_layers=0", "--out", bad, *FAST)  # fmt: skip
     assert code == 2 and "--set n_layers=0: must be an integer >= 1" in err
     assert not bad.exists()
+
+
+# -- signals ------------------------------------------------------------------------------
+SPIRAL = ["train", "spiral", "--quick", "--no-eval", *FAST]  # 2 epochs of 3 steps
+
+
+def _params(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _position(path: Path) -> tuple:
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    return ck["epoch"], ck["batch"], ck["step"]
+
+
+@pytest.fixture(scope="module")
+def straight_spiral(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main([*SPIRAL, "--out", str(out)]) == 0
+    return out
+
+
+def _raise_after(monkeypatch, owner, name: str, at: int) -> None:
+    """``owner.name`` runs, then raises KeyboardInterrupt on its ``at``-th call: a second
+    Ctrl-C that lands right after it (the first one only sets a flag)."""
+    original = getattr(owner, name)
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == at:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        # After the optimiser's 5th step (epoch 2, 2nd batch), before the step is counted.
+        (torch.optim.Adam, "step", 5),
+        # After the learning rate's decay at the end of epoch 2 (call 1 is the constructor's).
+        (torch.optim.lr_scheduler.ExponentialLR, "step", 3),
+    ],
+    ids=["optimizer-step", "epoch-end"],
+)
+def test_a_second_signal_inside_a_step_keeps_the_previous_checkpoint(
+    capsys, monkeypatch, tmp_path, straight_spiral, where
+):
+    # A forced stop used to save the half-done step's parameters (or decayed learning rate)
+    # with the position before it: the resumed run applied it twice, silently inexact.
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _raise_after(m, *where)
+        code, _, err = run(capsys, *SPIRAL, "--out", out)
+    assert code == 130
+    assert "stopped at once" in err and f"the previous checkpoint {out / 'checkpoint.pt'}" in err
+    assert _position(out / "checkpoint.pt") == (1, 0, 3)  # the end of epoch 1
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--no-eval", *FAST)
+    assert code == 0, err
+    a, b = _params(straight_spiral / "checkpoint.pt"), _params(out / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_signal_during_the_last_validation_stops_before_the_evaluation(
+    capsys, monkeypatch, tmp_path, straight_spiral
+):
+    # A SIGTERM during the last epoch's validation used to be ignored: exit 0, and the held-out
+    # evaluation and plots ran after "stopping after this step".
+    from neuralode.cli.tasks.spiral import SpiralTask
+
+    original, calls = SpiralTask.validate, [0]
+
+    def validate(self, model):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model)
+
+    monkeypatch.setattr(SpiralTask, "validate", validate)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "spiral", "--quick", "--out", out, *FAST)
+    assert code == 143, err
+    assert "the held-out evaluation is skipped (run: neuralode evaluate" in err
+    assert not (out / "results.json").exists()
+    assert _position(out / "checkpoint.pt") == (2, 0, 6)
+    a, b = _params(straight_spiral / "checkpoint.pt"), _params(out / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -322,6 +322,10 @@ def _train(
     interrupt = _Interrupt()
     state = {"epoch": start_epoch, "batch": skip, "step": step, "accum": accum}
     snapshot = {"rng": rng_states(), "gen": generator.get_state()}
+    # True while the model, optimiser, scheduler or best model are ahead of ``state`` (inside
+    # an optimiser step or an epoch's bookkeeping): a second signal there must not write a
+    # checkpoint, which would resume from a state that is neither this step nor the next.
+    torn = False
 
     def checkpoint(at: dict, rng: dict, gen_start: torch.Tensor) -> None:
         if not dist.is_main:
@@ -368,6 +372,7 @@ def _train(
                     with recording_steps() as steps:
                         loss, logs = objective(indices, epoch, state["step"])
                     (loss * weight).backward()
+                    torn = True
                     optimizer.step()
                     state["step"] += 1
                     nfe_f, nfe_b = task.nfe(model)
@@ -380,6 +385,7 @@ def _train(
                     for k, v in (("solves", steps.n_solves), ("accepted", steps.n_accepted),
                                  ("rejected", steps.n_rejected), ("span", steps.span)):  # fmt: skip
                         acc[f"solver_{k}"] = acc.get(f"solver_{k}", 0.0) + v
+                    torn = False
                     inner.set_postfix_str(
                         f"loss {logs['train_loss']:.4g}, nfe f/b {nfe_f}/{nfe_b}", refresh=False
                     )
@@ -401,6 +407,7 @@ def _train(
                     objective.eval()
                     with torch.no_grad():
                         val = task.validate(model)
+                torn = True  # until this epoch's checkpoint is written
                 if scheduler is not None:
                     scheduler.step()
                 row = _epoch_row(acc, val, epoch + 1, state["step"])
@@ -425,6 +432,7 @@ def _train(
                         )
                 state.update(epoch=epoch + 1, batch=0, accum={})
                 checkpoint(state, rng_states(), generator.get_state())
+                torn = False
                 bar.update(1)
                 if dist.is_main:
                     line = _epoch_line(row, cfg.epochs, task.val_key)
@@ -444,6 +452,22 @@ def _train(
         ) from None
     except KeyboardInterrupt:
         bar.close()
+        if torn:  # a second signal cut a step or an epoch's bookkeeping in half
+            if dist.is_main:
+                kept = out / CHECKPOINT_NAME
+                where = (
+                    f"the previous checkpoint {kept} is kept (continue with: neuralode train "
+                    f"--out {out} --resume)"
+                    if kept.is_file()
+                    else "no checkpoint was written yet (run the same command again to start over)"
+                )
+                print(
+                    "neuralode: stopped at once, in the middle of a step or of an epoch's "
+                    f"bookkeeping, which is not saved; {where}.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return interrupt.exit_code
         # Parameters and optimiser are those of the last completed step (a step is never cut in
         # half by the first Ctrl-C); the RNG snapshot is the one taken at that boundary.
         checkpoint(state, snapshot["rng"], snapshot["gen"])
@@ -461,6 +485,15 @@ def _train(
         if tb is not None:
             tb.close()
     dist.barrier()
+    if interrupt.requested:  # the signal came during the last epoch's validation or checkpoint
+        if dist.is_main:
+            print(
+                f"neuralode: training finished ({cfg.epochs} epochs, checkpoint saved); the "
+                f"held-out evaluation is skipped (run: neuralode evaluate {out}).",
+                file=sys.stderr,
+                flush=True,
+            )
+        return interrupt.exit_code
     if dist.is_main and evaluate:
         ckpt = out / BEST_NAME if (out / BEST_NAME).is_file() else out / CHECKPOINT_NAME
         from .evaluation import report
