@@ -132,3 +132,34 @@ def test_signal_during_the_last_validation_stops_before_the_evaluation(
     assert _position(out / "checkpoint.pt") == (2, 0, 6)
     a, b = _params(straight_spiral / "checkpoint.pt"), _params(out / "checkpoint.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- checkpoints that belong to another run -----------------------------------------------
+def test_a_checkpoint_of_another_run_is_named_not_a_traceback(capsys, tmp_path, straight_spiral):
+    # A best.pt / checkpoint.pt copied from another run (or an edited config.json) ended in
+    # PyTorch's "Error(s) in loading state_dict" traceback (evaluate, plot, --resume) or, in
+    # load_run, a RuntimeError / KeyError.
+    import shutil
+
+    import neuralode
+
+    other = tmp_path / "other"
+    assert main([*SPIRAL, "--out", str(other), "--set", "hidden=8"]) == 0
+    capsys.readouterr()
+    mixed = tmp_path / "mixed"
+    shutil.copytree(straight_spiral, mixed)
+    for name in ("best.pt", "checkpoint.pt"):
+        shutil.copy(other / name, mixed / name)
+    expect = f"does not belong to the run in {mixed}: it was written with another configuration"
+    for args in (["evaluate", mixed], ["plot", mixed], ["evaluate", mixed, "--checkpoint", "last"],
+                 ["train", "--out", mixed, "--resume", "--epochs", 3, *FAST]):  # fmt: skip
+        code, _, err = run(capsys, *args)
+        assert code == 2 and expect in err and "options.hidden: 8 -> 16" in err, (args, err)
+        assert "Traceback" not in err
+    with pytest.raises(ValueError, match="options.hidden: 8 -> 16"):
+        neuralode.load_run(mixed)
+    # The same run with more epochs (--resume) still opens.
+    code, _, err = run(capsys, "train", "--out", other, "--resume", "--epochs", 3, "--no-eval",
+                       *FAST)  # fmt: skip
+    assert code == 0, err
+    assert neuralode.load_run(other, checkpoint="last").epoch == 3

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, check_belongs, load_checkpoint
 from .config import CONFIG_NAME, RunConfig, read_run_config
 from .errors import CLIError
 
@@ -166,7 +166,9 @@ def load_run(
     ValueError
         If ``checkpoint`` is not ``"best"``/``"last"``; if the checkpoint is damaged, holds
         anything but tensors and plain data (refused: loading it could execute code) or was
-        written by an older version; if ``config.json`` is invalid.
+        written by an older version; if it was written with another configuration than
+        ``config.json`` (a file from another run, an edited ``config.json``); if
+        ``config.json`` is invalid.
 
     Examples
     --------
@@ -191,6 +193,7 @@ def load_run(
     try:
         cfg = read_run_config(run_dir)
         ck = load_checkpoint(path)
+        check_belongs(ck, cfg, path)
     except CLIError as exc:
         raise ValueError(str(exc)) from None
     dev = torch.device(device)

@@ -34,6 +34,7 @@ from .checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
     atomic_save,
+    check_belongs,
     load_checkpoint,
     rng_states,
     set_rng_states,
@@ -286,6 +287,7 @@ def _train(
     accum: dict = {}
     if mode == "resume":
         ck = load_checkpoint(out / CHECKPOINT_NAME)
+        check_belongs(ck, cfg, out / CHECKPOINT_NAME)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         if scheduler is not None and ck.get("scheduler") is not None:
