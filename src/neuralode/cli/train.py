@@ -54,6 +54,7 @@ PLOT_DIR = "plots"
 RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, RESULTS_NAME, SUMMARY_NAME,
              "results_last.json", "summary_last.txt")  # fmt: skip
 CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain data (weights_only)
+LOCK_NAME = ".lock"
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -82,7 +83,7 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
     """
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file, not a directory.")
-    has_files = out.is_dir() and any(out.iterdir())
+    has_files = out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
     if not (out / CONFIG_NAME).is_file():
         if has_files:
             raise CLIError(
@@ -117,6 +118,44 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
         if done >= cfg.epochs:
             return "finished"
     return "resume" if resume else "restart"
+
+
+class _RunLock:
+    """An exclusive lock on ``RUN_DIR/.lock`` while a process trains the run.
+
+    A second ``neuralode train`` on the same ``--out`` (an identical command, ``--resume``)
+    would otherwise train into the same files at the same time -- or start the run over,
+    deleting them -- and leave a mix of both. POSIX advisory locks (``flock``) are released
+    by the system when the process ends, however it ends; where there are none (Windows) the
+    lock is skipped. The directory is locked as soon as it exists (nothing is created before
+    the checks).
+    """
+
+    def __init__(self, out: Path | None) -> None:
+        self.out, self.fh = out, None
+
+    def acquire(self) -> None:
+        if self.out is None or self.fh is not None or not self.out.is_dir():
+            return
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks (Windows)
+            return
+        fh = open(self.out / LOCK_NAME, "ab")  # empty: only its lock matters
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise CLIError(
+                f"--out {self.out} is being trained by another neuralode process right now; "
+                "wait for it to finish or stop it (Ctrl-C), or choose another --out."
+            ) from None
+        self.fh = fh
+
+    def release(self) -> None:
+        if self.fh is not None:
+            self.fh.close()  # closing the file releases the lock
+            self.fh = None
 
 
 def build(cfg: RunConfig, dist: distributed.Dist | None = None) -> tuple[Task, nn.Module]:
@@ -251,15 +290,28 @@ def train(
         Log each epoch's metrics to ``out/tensorboard`` (:mod:`neuralode.cli.tracking`).
     """
     d = distributed.setup(resolve_device(cfg.device).type)
+    lock = _RunLock(out if d.is_main else None)
     try:
+        lock.acquire()
         return _train(cfg, out, resume=resume, progress=progress, evaluate=evaluate, dist=d,
-                      checkpoint_every=checkpoint_every, tensorboard=tensorboard)  # fmt: skip
+                      checkpoint_every=checkpoint_every, tensorboard=tensorboard,
+                      lock=lock)  # fmt: skip
     finally:
+        lock.release()
         distributed.teardown(d)
 
 
 def _train(
-    cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None, tensorboard=False
+    cfg,
+    out,
+    *,
+    resume,
+    progress,
+    evaluate,
+    dist,
+    checkpoint_every=None,
+    tensorboard=False,
+    lock=None,
 ) -> int:
     mode = check_run_dir(out, cfg, resume)
     if mode == "finished":
@@ -299,6 +351,8 @@ def _train(
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if lock is not None:
+            lock.acquire()  # a new directory: locked now that it exists
         if mode == "restart":
             print(
                 f"neuralode: {out} holds a run with the same configuration; starting it over "
