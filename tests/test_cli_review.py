@@ -192,3 +192,27 @@ def test_a_run_being_trained_is_not_trained_by_a_second_command(capsys, tmp_path
     fresh.mkdir()
     (fresh / ".lock").touch()
     assert main([*SPIRAL, "--out", str(fresh), "--epochs", "1"]) == 0
+
+
+# -- load_run's arguments -----------------------------------------------------------------
+def test_load_run_names_a_bad_device(straight_spiral):
+    # A wrong device ended in torch's own errors: "Torch not compiled with CUDA enabled"
+    # (AssertionError), "Expected one of cpu, cuda, ... device type at start of device string",
+    # "device() received an invalid combination of arguments".
+    import neuralode
+
+    with pytest.raises(ValueError, match=r"device must name a device such as 'cpu'.*got 'gpu'"):
+        neuralode.load_run(straight_spiral, device="gpu")
+    with pytest.raises(TypeError, match="device must be a str .* got NoneType None"):
+        neuralode.load_run(straight_spiral, device=None)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        with pytest.raises(ValueError, match=r"device='cuda': no CUDA device is available; use"):
+            neuralode.load_run(straight_spiral, device="cuda")
+    else:
+        with pytest.raises(ValueError, match=rf"device='cuda:{n}': there are {n} CUDA device"):
+            neuralode.load_run(straight_spiral, device=f"cuda:{n}")
+        run = neuralode.load_run(straight_spiral, device="cuda")
+        assert all(p.device.type == "cuda" for p in run.model.parameters())
+    run = neuralode.load_run(straight_spiral, device=torch.device("cpu"))
+    assert all(p.device.type == "cpu" for p in run.model.parameters())

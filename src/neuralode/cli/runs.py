@@ -161,10 +161,13 @@ def load_run(
 
     Raises
     ------
+    TypeError
+        If ``device`` is not a str, int or torch.device.
     FileNotFoundError
         If ``run_dir``, its ``config.json`` or the checkpoint does not exist.
     ValueError
-        If ``checkpoint`` is not ``"best"``/``"last"``; if the checkpoint is damaged, holds
+        If ``checkpoint`` is not ``"best"``/``"last"``; if ``device`` is not a device name or
+        names a CUDA device that is not there; if the checkpoint is damaged, holds
         anything but tensors and plain data (refused: loading it could execute code) or was
         written by an older version; if it was written with another configuration than
         ``config.json`` (a file from another run, an edited ``config.json``); if
@@ -196,7 +199,7 @@ def load_run(
         check_belongs(ck, cfg, path)
     except CLIError as exc:
         raise ValueError(str(exc)) from None
-    dev = torch.device(device)
+    dev = _device(device)
     task, model = build_from_checkpoint(cfg, ck, path, dev)
     model.eval()
     return TrainedRun(
@@ -209,6 +212,31 @@ def load_run(
         epoch=int(ck.get("epoch", 0)),
         metrics=ck.get("metrics"),
     )
+
+
+def _device(device) -> torch.device:
+    """``device`` as a :class:`torch.device`, checked before anything is loaded onto it."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(
+            f"device must be a str such as 'cpu' or 'cuda:0', or a torch.device; got "
+            f"{type(device).__name__} {device!r}."
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"device must name a device such as 'cpu', 'cuda' or 'cuda:1'; got {device!r}."
+        ) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device={device!r}: no CUDA device is available; use device='cpu'.")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(
+                f"device={device!r}: there are {n} CUDA device(s) (cuda:0 to cuda:{n - 1}); "
+                "choose one of them or device='cpu'."
+            )
+    return dev
 
 
 def build_from_checkpoint(cfg: RunConfig, ck: dict, path: Path, device: torch.device):
