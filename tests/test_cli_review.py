@@ -216,3 +216,28 @@ def test_load_run_names_a_bad_device(straight_spiral):
         assert all(p.device.type == "cuda" for p in run.model.parameters())
     run = neuralode.load_run(straight_spiral, device=torch.device("cpu"))
     assert all(p.device.type == "cpu" for p in run.model.parameters())
+
+
+# -- metrics.jsonl cut short --------------------------------------------------------------
+def test_a_metrics_row_cut_short_by_a_crash_is_left_out(capsys, tmp_path, straight_spiral):
+    # A crash (SIGKILL, full disk) while metrics.jsonl was appended left half a row: evaluate,
+    # plot and --resume all ended in a JSONDecodeError traceback.
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight_spiral, out)
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 3, "step": 9, "train_lo')
+    code, text, err = run(capsys, "evaluate", out)
+    assert code == 0, err
+    assert "Training time:" in text and "for 2 epochs" in text
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", 3, "--no-eval", *FAST)
+    assert code == 0, err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # A damaged row elsewhere is named, with what to do.
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    code, _, err = run(capsys, "plot", out)
+    assert code == 2 and f"{out / 'metrics.jsonl'}, line 2: not a row of per-epoch" in err
+    assert "delete that line" in err

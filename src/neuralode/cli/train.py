@@ -245,13 +245,30 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool, unit="epoc
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``; a last row cut short (a crash while it was appended) is
+    left out: its epoch has no checkpoint either and is trained again on ``--resume``."""
     path = run_dir / METRICS_NAME
     if not path.is_file():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+            if number == len(lines) and not text.endswith("\n"):
+                break
+        if not isinstance(row, dict) or "epoch" not in row:
+            raise CLIError(
+                f"{path}, line {number}: not a row of per-epoch metrics ({line[:40]!r}); the "
+                "file is damaged: delete that line (the plots and the summary's training time "
+                "use the others)."
+            )
+        rows.append(row)
     return rows
 
 
