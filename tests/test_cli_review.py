@@ -241,3 +241,19 @@ def test_a_metrics_row_cut_short_by_a_crash_is_left_out(capsys, tmp_path, straig
     code, _, err = run(capsys, "plot", out)
     assert code == 2 and f"{out / 'metrics.jsonl'}, line 2: not a row of per-epoch" in err
     assert "delete that line" in err
+
+
+# -- CSV data -----------------------------------------------------------------------------
+def test_csv_whose_subjects_have_one_time_point_is_refused(capsys, tmp_path):
+    # Every subject observed at a single time: training ran with val_mse inf every epoch, no
+    # best.pt, and an evaluation table of dashes, with exit status 0.
+    path = tmp_path / "single.csv"
+    rows = [f"s{i},0,{v},{i + k},{i % 2}" for i in range(30) for k, v in enumerate("xy")]
+    path.write_text("id,time,variable,value,death\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "runs" / "x"
+    for task in ("ode-rnn", "latent-ode"):
+        code, _, err = run(capsys, "train", task, "--quick", "--data", "csv", path, "--out", out,
+                           *FAST)  # fmt: skip
+        assert code == 2, err
+        assert "csv: no training subject has two or more observation times (30 of 30" in err
+        assert not out.exists()

@@ -157,6 +157,16 @@ class IrregularTask(Task):
                     f"{kind}: {len(ds)} subjects are too few for a {name} split; "
                     "add subjects or change --set val_fraction / test_fraction."
                 )
+            # One time point leaves nothing to learn or predict (no course, no held-out point):
+            # training would run with val_mse = inf and evaluate nothing.
+            if not any(len(r) >= 2 for r in part):
+                single = sum(len(r) < 2 for r in ds)
+                raise CLIError(
+                    f"{kind}: no {name} subject has two or more observation times "
+                    f"({single} of {len(ds)} subjects have a single one), so there is nothing "
+                    "to learn or predict; give the subjects several observation times, or "
+                    "change --set val_fraction / test_fraction."
+                )
         self.raw, self.parts = ds, {"train": train, "val": val, "test": test}
         self.channels, self.time_unit = tuple(ds.channels), ds.time_unit
         labels = train.labels
