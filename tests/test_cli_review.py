@@ -257,3 +257,17 @@ def test_csv_whose_subjects_have_one_time_point_is_refused(capsys, tmp_path):
         assert code == 2, err
         assert "csv: no training subject has two or more observation times (30 of 30" in err
         assert not out.exists()
+
+
+def test_csv_with_a_byte_order_mark_is_read(tmp_path):
+    # Excel's "CSV UTF-8" starts the file with a byte order mark: the first column was read as
+    # '\ufeffid' and the file refused ("missing required column(s) ['id']").
+    from neuralode.data import load_csv
+
+    text = "id,time,variable,value\na,0,x,1.0\na,1,x,2.0\nb,0.5,y,3.0\n"
+    plain, bom = tmp_path / "plain.csv", tmp_path / "bom.csv"
+    plain.write_text(text, encoding="utf-8")
+    bom.write_text(text, encoding="utf-8-sig")
+    a, b = load_csv(plain), load_csv(bom)
+    assert b.ids == a.ids == ["a", "b"] and b.channels == a.channels
+    assert all(torch.equal(x.values.nan_to_num(-1), y.values.nan_to_num(-1)) for x, y in zip(a, b))
