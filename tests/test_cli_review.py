@@ -271,3 +271,29 @@ def test_csv_with_a_byte_order_mark_is_read(tmp_path):
     a, b = load_csv(plain), load_csv(bom)
     assert b.ids == a.ids == ["a", "b"] and b.channels == a.channels
     assert all(torch.equal(x.values.nan_to_num(-1), y.values.nan_to_num(-1)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize(
+    "label, needle",
+    [
+        (lambda i: 3 + 2 * (i % 2), "got values 3, 5."),
+        (lambda i: 0, "got values 0."),
+        (lambda i: "", "got no label."),
+    ],  # fmt: skip
+    ids=["not-0-1", "one-class", "empty"],
+)
+def test_a_label_column_the_head_cannot_use_is_an_error(capsys, tmp_path, label, needle):
+    # --set label_col=COLUMN with labels 3/5 (or a single class, or none) switched the
+    # classification head off silently; the summary only said "classification head off".
+    path = tmp_path / "series.csv"
+    rows = [f"s{i},{t},x,{i + t},{label(i)}" for i in range(30) for t in range(3)]
+    path.write_text("id,time,variable,value,outcome\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "runs" / "x"
+    args = ["train", "ode-rnn", "--quick", "--data", "csv", path, "--out", out, *FAST]
+    code, _, err = run(capsys, *args, "--set", "label_col=outcome")
+    assert code == 2, err
+    assert "--set label_col=outcome: the classification head needs labels 0 and 1" in err
+    assert needle in err and "--set classify=false" in err and not out.exists()
+    code, _, err = run(capsys, *args, "--set", "label_col=outcome", "--set", "classify=false",
+                       "--epochs", 1, "--no-eval")  # fmt: skip
+    assert code == 0, err
