@@ -297,3 +297,24 @@ def test_a_label_column_the_head_cannot_use_is_an_error(capsys, tmp_path, label,
     code, _, err = run(capsys, *args, "--set", "label_col=outcome", "--set", "classify=false",
                        "--epochs", 1, "--no-eval")  # fmt: skip
     assert code == 0, err
+
+
+def test_load_run_of_a_cnf_run(capsys, tmp_path):
+    # load_run on a cnf run ended in AttributeError: 'CNFTask' object has no attribute 'dim'.
+    pytest.importorskip("sklearn")
+    import neuralode
+    from neuralode.cli.evaluation import open_run
+    from neuralode.models import CNF
+
+    out = tmp_path / "cnf"
+    code, _, err = run(capsys, "train", "cnf", "--quick", "--data", "8gaussians", "--epochs", 1,
+                       "--set", "n_toy=100", "--no-eval", "--out", out, *FAST)  # fmt: skip
+    assert code == 0, err
+    loaded = neuralode.load_run(out)
+    assert isinstance(loaded.model, CNF) and not loaded.model.training
+    task, model, _ = open_run(out)
+    x = task.split["test"][:16]
+    with torch.no_grad():
+        expected = task._exact(model).log_prob(x)
+        got = task._exact(loaded.model).log_prob(x)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

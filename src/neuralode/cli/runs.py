@@ -67,8 +67,10 @@ class TrainedRun:
     model : torch.nn.Module
         The trained model in eval mode, on the requested device, in the run's dtype
         (``config.dtype``): :class:`~neuralode.models.LatentODE` (task ``latent-ode``), the
-        ODE-RNN forecaster (``ode-rnn``), :class:`~neuralode.models.NeuralODE` (``spiral``) or
-        :class:`~neuralode.models.ODENetClassifier` (``odenet``).
+        ODE-RNN forecaster (``ode-rnn``), :class:`~neuralode.models.NeuralODE` (``spiral``),
+        :class:`~neuralode.models.ODENetClassifier` (``odenet``) or
+        :class:`~neuralode.models.CNF` (``cnf``, on data standardised with the training split's
+        mean and std).
     config : RunConfig
         The run's configuration (its ``config.json``).
     normalizer : Normalizer or None

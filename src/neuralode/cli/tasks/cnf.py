@@ -160,6 +160,21 @@ class CNFTask(Task):
         }
         self.dim = X.shape[1]
 
+    def export(self):
+        # The data's dimension rebuilds the flow; the training split's mean and std map new
+        # data into its standardised space (neuralode.load_run).
+        return {
+            "dim": int(self.dim),
+            "mean": torch.as_tensor(self.mean, dtype=torch.float64),
+            "std": torch.as_tensor(self.std, dtype=torch.float64),
+        }
+
+    def restore(self, exported):
+        self.dim = int(exported["dim"])
+        self.mean = exported["mean"].numpy()
+        self.std = exported["std"].numpy()
+        self.log_scale = float(np.log(self.std).sum())
+
     # -- model ----------------------------------------------------------------------------
     def _trace(self) -> str:
         if self.opt["trace"] != "auto":
