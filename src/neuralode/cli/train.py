@@ -11,8 +11,10 @@ an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -54,7 +56,6 @@ PLOT_DIR = "plots"
 RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, RESULTS_NAME, SUMMARY_NAME,
              "results_last.json", "summary_last.txt")  # fmt: skip
 CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain data (weights_only)
-LOCK_NAME = ".lock"
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -83,7 +84,7 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
     """
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file, not a directory.")
-    has_files = out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
+    has_files = out.is_dir() and any(out.iterdir())
     if not (out / CONFIG_NAME).is_file():
         if has_files:
             raise CLIError(
@@ -121,41 +122,43 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
 
 
 class _RunLock:
-    """An exclusive lock on ``RUN_DIR/.lock`` while a process trains the run.
+    """An exclusive lock on the run directory while a process trains the run.
 
     A second ``neuralode train`` on the same ``--out`` (an identical command, ``--resume``)
     would otherwise train into the same files at the same time -- or start the run over,
-    deleting them -- and leave a mix of both. POSIX advisory locks (``flock``) are released
-    by the system when the process ends, however it ends; where there are none (Windows) the
-    lock is skipped. The directory is locked as soon as it exists (nothing is created before
-    the checks).
+    deleting them -- and leave a mix of both. The lock is a POSIX advisory lock (``flock``)
+    on the directory itself, so nothing is written for it, and the system releases it when
+    the process ends, however it ends. Where there is none (Windows, some network file
+    systems) training goes on unlocked. A new directory is locked as soon as it exists.
     """
 
     def __init__(self, out: Path | None) -> None:
-        self.out, self.fh = out, None
+        self.out, self.fd = out, None
 
     def acquire(self) -> None:
-        if self.out is None or self.fh is not None or not self.out.is_dir():
+        if self.out is None or self.fd is not None or not self.out.is_dir():
             return
         try:
             import fcntl
         except ImportError:  # no advisory locks (Windows)
             return
-        fh = open(self.out / LOCK_NAME, "ab")  # empty: only its lock matters
+        fd = os.open(self.out, os.O_RDONLY)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            raise CLIError(
-                f"--out {self.out} is being trained by another neuralode process right now; "
-                "wait for it to finish or stop it (Ctrl-C), or choose another --out."
-            ) from None
-        self.fh = fh
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise CLIError(
+                    f"--out {self.out} is being trained by another neuralode process right "
+                    "now; wait for it to finish or stop it (Ctrl-C), or choose another --out."
+                ) from None
+            return  # the file system has no locks
+        self.fd = fd
 
     def release(self) -> None:
-        if self.fh is not None:
-            self.fh.close()  # closing the file releases the lock
-            self.fh = None
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
 
 
 def build(cfg: RunConfig, dist: distributed.Dist | None = None) -> tuple[Task, nn.Module]:
