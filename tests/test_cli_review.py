@@ -315,3 +315,18 @@ def test_load_run_of_a_cnf_run(capsys, tmp_path):
         expected = task._exact(model).log_prob(x)
         got = task._exact(loaded.model).log_prob(x)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_help_and_errors_name_every_task(capsys):
+    # 'neuralode train --help' described TASK as "latent-ode, ode-rnn, odenet or spiral" and
+    # --data without the cnf datasets; a missing TASK listed the same four.
+    from neuralode.cli.main import DATA_KINDS
+    from neuralode.cli.tasks import TASKS
+
+    code, text, _ = run(capsys, "train", "--help")
+    assert code == 0
+    usage = text.split("tasks (TASK)")[0]  # the options, before the epilog's task list
+    assert all(name in usage for name in TASKS)
+    assert all(kind in usage for kind in DATA_KINDS)
+    code, _, err = run(capsys, "train", "--epochs", 1)
+    assert code == 2 and all(name in err for name in TASKS)
