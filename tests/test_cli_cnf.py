@@ -88,9 +88,9 @@ def test_digits_are_dequantised():
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--set", "trace=brute"], "trace must be auto, exact or hutchinson"),
-        (["--set", "kinetic=-1"], "kinetic must be a number >= 0"),
-        (["--set", "noise=uniform"], "noise must be rademacher or gaussian"),
+        (["--set", "trace=brute"], "trace=brute: must be one of 'auto', 'exact', 'hutchinson'"),
+        (["--set", "kinetic=-1"], "kinetic=-1.0: must be a number >= 0"),
+        (["--set", "noise=uniform"], "noise=uniform: must be one of 'rademacher', 'gaussian'"),
         (["--data", "spiral"], "cannot use --data spiral"),
     ],
 )
@@ -103,13 +103,13 @@ def test_bad_options(capsys, tmp_path, args, needle):
 def test_reported_nll_is_in_data_units(capsys, tmp_path):
     # The reported NLL is in the data's units: evaluate() of a loaded run agrees with the
     # model's log-density of the raw test points plus the standardisation's log-Jacobian.
-    from neuralode.cli.train import load_run
+    from neuralode.cli.evaluation import open_run
 
     out = tmp_path / "moons"
     code, _, err = run(capsys, "train", "cnf", "--quick", "--data", "moons", "--out", out, *FAST,
                        "--epochs", 1)  # fmt: skip
     assert code == 0, err
-    task, model, _ = load_run(out)
+    task, model, _ = open_run(out)
     with torch.no_grad():
         nll = -model.log_prob(task.split["test"]).double().mean().item()
     res = json.loads((out / "results.json").read_text())

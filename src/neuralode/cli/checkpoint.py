@@ -28,7 +28,7 @@ import torch
 
 from .errors import CLIError
 
-__all__ = ["atomic_save", "load_checkpoint", "rng_states", "set_rng_states"]
+__all__ = ["atomic_save", "load_checkpoint", "check_belongs", "rng_states", "set_rng_states"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -111,6 +111,35 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ck, dict) or "model" not in ck:
         raise CLIError(f"{path} is not a neuralode checkpoint (no model state); {_advice(path)}.")
     return ck
+
+
+def check_belongs(ck: dict, cfg, path: str | os.PathLike) -> None:
+    """Raise :class:`CLIError` if the checkpoint ``ck`` read from ``path`` was written with
+    another configuration than ``cfg`` (the run's ``config.json``).
+
+    A file copied from another run, or an edited ``config.json``, would otherwise end in
+    PyTorch's list of mismatched weights, or worse, in a model that loads but is not the one
+    described. The number of epochs (``--resume``), the data's path (moved data) and the
+    device (another machine) may differ.
+    """
+    from .config import CONFIG_NAME, RunConfig, config_diff
+
+    path = Path(path)
+    saved = ck.get("config")
+    if not isinstance(saved, dict):
+        return  # not recorded: nothing to compare
+    try:
+        diff = config_diff(RunConfig.from_dict(saved, source=str(path)), cfg,
+                           ignore=("epochs", "data_path", "device"))  # fmt: skip
+    except CLIError as exc:
+        diff = [str(exc)]
+    if diff:
+        what = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+        raise CLIError(
+            f"{path} does not belong to the run in {path.parent}: it was written with another "
+            f"configuration than its {CONFIG_NAME} ({what}; checkpoint -> {CONFIG_NAME}). "
+            f"Restore the run's {CONFIG_NAME}, or open the run the checkpoint came from."
+        )
 
 
 def _damaged(path: Path, exc: BaseException) -> CLIError:

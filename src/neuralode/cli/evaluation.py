@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, check_belongs, load_checkpoint
 from .config import read_run_config
 from .errors import CLIError
 from .tasks.base import Task
@@ -33,6 +33,7 @@ def open_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]
     if not path.is_file():
         raise CLIError(f"{run_dir} holds no checkpoint yet; train it first (neuralode train).")
     ck = load_checkpoint(path)
+    check_belongs(ck, cfg, path)
     task, model = build(cfg)
     stored = ck.get("data", {}).get("channels")
     if stored is not None and list(stored) != list(task.export()["channels"]):

@@ -124,12 +124,15 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         epilog=_train_epilog() if with_task_help else None,
         argument_default=S,
     )
-    tr.add_argument("task", nargs="?", metavar="TASK", help="latent-ode, ode-rnn, odenet or spiral")
+    tr.add_argument(
+        "task", nargs="?", metavar="TASK", help="cnf, latent-ode, ode-rnn, odenet or spiral"
+    )
     tr.add_argument(
         "--data",
         nargs="+",
         metavar=("KIND", "PATH"),
-        help="pbcseq | physionet DIR | csv PATH | digits | spiral",
+        help="pbcseq | physionet DIR | csv PATH | digits | spiral | faithful | 8gaussians | moons | "
+        "checkerboard",
     )
     tr.add_argument("--epochs", type=int, help="passes over the training data")
     tr.add_argument("--batch-size", type=int, help="samples per step (global batch)")
@@ -292,7 +295,9 @@ def resolve_config(args: argparse.Namespace):
     file = load_config_file(given["config"]) if "config" in given else {}
     task = given.get("task") or file.get("task")
     if task is None:
-        raise CLIError("train needs a TASK (latent-ode, ode-rnn, odenet, spiral) or --config FILE.")
+        raise CLIError(
+            "train needs a TASK (cnf, latent-ode, ode-rnn, odenet, spiral) or --config FILE."
+        )
     if given.get("task") and file.get("task") and given["task"] != file["task"]:
         raise CLIError(
             f"TASK {given['task']!r} differs from the task {file['task']!r} of --config "

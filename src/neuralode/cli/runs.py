@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, check_belongs, load_checkpoint
 from .config import CONFIG_NAME, RunConfig, read_run_config
 from .errors import CLIError
 
@@ -67,8 +67,10 @@ class TrainedRun:
     model : torch.nn.Module
         The trained model in eval mode, on the requested device, in the run's dtype
         (``config.dtype``): :class:`~neuralode.models.LatentODE` (task ``latent-ode``), the
-        ODE-RNN forecaster (``ode-rnn``), :class:`~neuralode.models.NeuralODE` (``spiral``) or
-        :class:`~neuralode.models.ODENetClassifier` (``odenet``).
+        ODE-RNN forecaster (``ode-rnn``), :class:`~neuralode.models.NeuralODE` (``spiral``),
+        :class:`~neuralode.models.ODENetClassifier` (``odenet``) or
+        :class:`~neuralode.models.CNF` (``cnf``, on data standardised with the training split's
+        mean and std).
     config : RunConfig
         The run's configuration (its ``config.json``).
     normalizer : Normalizer or None
@@ -161,12 +163,17 @@ def load_run(
 
     Raises
     ------
+    TypeError
+        If ``device`` is not a str, int or torch.device.
     FileNotFoundError
         If ``run_dir``, its ``config.json`` or the checkpoint does not exist.
     ValueError
-        If ``checkpoint`` is not ``"best"``/``"last"``; if the checkpoint is damaged, holds
+        If ``checkpoint`` is not ``"best"``/``"last"``; if ``device`` is not a device name or
+        names a CUDA device that is not there; if the checkpoint is damaged, holds
         anything but tensors and plain data (refused: loading it could execute code) or was
-        written by an older version; if ``config.json`` is invalid.
+        written by an older version; if it was written with another configuration than
+        ``config.json`` (a file from another run, an edited ``config.json``); if
+        ``config.json`` is invalid.
 
     Examples
     --------
@@ -191,9 +198,10 @@ def load_run(
     try:
         cfg = read_run_config(run_dir)
         ck = load_checkpoint(path)
+        check_belongs(ck, cfg, path)
     except CLIError as exc:
         raise ValueError(str(exc)) from None
-    dev = torch.device(device)
+    dev = _device(device)
     task, model = build_from_checkpoint(cfg, ck, path, dev)
     model.eval()
     return TrainedRun(
@@ -206,6 +214,31 @@ def load_run(
         epoch=int(ck.get("epoch", 0)),
         metrics=ck.get("metrics"),
     )
+
+
+def _device(device) -> torch.device:
+    """``device`` as a :class:`torch.device`, checked before anything is loaded onto it."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(
+            f"device must be a str such as 'cpu' or 'cuda:0', or a torch.device; got "
+            f"{type(device).__name__} {device!r}."
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"device must name a device such as 'cpu', 'cuda' or 'cuda:1'; got {device!r}."
+        ) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device={device!r}: no CUDA device is available; use device='cpu'.")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(
+                f"device={device!r}: there are {n} CUDA device(s) (cuda:0 to cuda:{n - 1}); "
+                "choose one of them or device='cpu'."
+            )
+    return dev
 
 
 def build_from_checkpoint(cfg: RunConfig, ck: dict, path: Path, device: torch.device):

@@ -11,8 +11,10 @@ an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -34,6 +36,7 @@ from .checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
     atomic_save,
+    check_belongs,
     load_checkpoint,
     rng_states,
     set_rng_states,
@@ -116,6 +119,46 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
         if done >= cfg.epochs:
             return "finished"
     return "resume" if resume else "restart"
+
+
+class _RunLock:
+    """An exclusive lock on the run directory while a process trains the run.
+
+    A second ``neuralode train`` on the same ``--out`` (an identical command, ``--resume``)
+    would otherwise train into the same files at the same time -- or start the run over,
+    deleting them -- and leave a mix of both. The lock is a POSIX advisory lock (``flock``)
+    on the directory itself, so nothing is written for it, and the system releases it when
+    the process ends, however it ends. Where there is none (Windows, some network file
+    systems) training goes on unlocked. A new directory is locked as soon as it exists.
+    """
+
+    def __init__(self, out: Path | None) -> None:
+        self.out, self.fd = out, None
+
+    def acquire(self) -> None:
+        if self.out is None or self.fd is not None or not self.out.is_dir():
+            return
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks (Windows)
+            return
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise CLIError(
+                    f"--out {self.out} is being trained by another neuralode process right "
+                    "now; wait for it to finish or stop it (Ctrl-C), or choose another --out."
+                ) from None
+            return  # the file system has no locks
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
 
 
 def build(cfg: RunConfig, dist: distributed.Dist | None = None) -> tuple[Task, nn.Module]:
@@ -205,13 +248,30 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool, unit="epoc
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``; a last row cut short (a crash while it was appended) is
+    left out: its epoch has no checkpoint either and is trained again on ``--resume``."""
     path = run_dir / METRICS_NAME
     if not path.is_file():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+            if number == len(lines) and not text.endswith("\n"):
+                break
+        if not isinstance(row, dict) or "epoch" not in row:
+            raise CLIError(
+                f"{path}, line {number}: not a row of per-epoch metrics ({line[:40]!r}); the "
+                "file is damaged: delete that line (the plots and the summary's training time "
+                "use the others)."
+            )
+        rows.append(row)
     return rows
 
 
@@ -250,15 +310,28 @@ def train(
         Log each epoch's metrics to ``out/tensorboard`` (:mod:`neuralode.cli.tracking`).
     """
     d = distributed.setup(resolve_device(cfg.device).type)
+    lock = _RunLock(out if d.is_main else None)
     try:
+        lock.acquire()
         return _train(cfg, out, resume=resume, progress=progress, evaluate=evaluate, dist=d,
-                      checkpoint_every=checkpoint_every, tensorboard=tensorboard)  # fmt: skip
+                      checkpoint_every=checkpoint_every, tensorboard=tensorboard,
+                      lock=lock)  # fmt: skip
     finally:
+        lock.release()
         distributed.teardown(d)
 
 
 def _train(
-    cfg, out, *, resume, progress, evaluate, dist, checkpoint_every=None, tensorboard=False
+    cfg,
+    out,
+    *,
+    resume,
+    progress,
+    evaluate,
+    dist,
+    checkpoint_every=None,
+    tensorboard=False,
+    lock=None,
 ) -> int:
     mode = check_run_dir(out, cfg, resume)
     if mode == "finished":
@@ -286,6 +359,7 @@ def _train(
     accum: dict = {}
     if mode == "resume":
         ck = load_checkpoint(out / CHECKPOINT_NAME)
+        check_belongs(ck, cfg, out / CHECKPOINT_NAME)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         if scheduler is not None and ck.get("scheduler") is not None:
@@ -297,6 +371,8 @@ def _train(
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if lock is not None:
+            lock.acquire()  # a new directory: locked now that it exists
         if mode == "restart":
             print(
                 f"neuralode: {out} holds a run with the same configuration; starting it over "
@@ -322,6 +398,10 @@ def _train(
     interrupt = _Interrupt()
     state = {"epoch": start_epoch, "batch": skip, "step": step, "accum": accum}
     snapshot = {"rng": rng_states(), "gen": generator.get_state()}
+    # True while the model, optimiser, scheduler or best model are ahead of ``state`` (inside
+    # an optimiser step or an epoch's bookkeeping): a second signal there must not write a
+    # checkpoint, which would resume from a state that is neither this step nor the next.
+    torn = False
 
     def checkpoint(at: dict, rng: dict, gen_start: torch.Tensor) -> None:
         if not dist.is_main:
@@ -368,6 +448,7 @@ def _train(
                     with recording_steps() as steps:
                         loss, logs = objective(indices, epoch, state["step"])
                     (loss * weight).backward()
+                    torn = True
                     optimizer.step()
                     state["step"] += 1
                     nfe_f, nfe_b = task.nfe(model)
@@ -380,6 +461,7 @@ def _train(
                     for k, v in (("solves", steps.n_solves), ("accepted", steps.n_accepted),
                                  ("rejected", steps.n_rejected), ("span", steps.span)):  # fmt: skip
                         acc[f"solver_{k}"] = acc.get(f"solver_{k}", 0.0) + v
+                    torn = False
                     inner.set_postfix_str(
                         f"loss {logs['train_loss']:.4g}, nfe f/b {nfe_f}/{nfe_b}", refresh=False
                     )
@@ -401,6 +483,7 @@ def _train(
                     objective.eval()
                     with torch.no_grad():
                         val = task.validate(model)
+                torn = True  # until this epoch's checkpoint is written
                 if scheduler is not None:
                     scheduler.step()
                 row = _epoch_row(acc, val, epoch + 1, state["step"])
@@ -425,6 +508,7 @@ def _train(
                         )
                 state.update(epoch=epoch + 1, batch=0, accum={})
                 checkpoint(state, rng_states(), generator.get_state())
+                torn = False
                 bar.update(1)
                 if dist.is_main:
                     line = _epoch_line(row, cfg.epochs, task.val_key)
@@ -444,6 +528,22 @@ def _train(
         ) from None
     except KeyboardInterrupt:
         bar.close()
+        if torn:  # a second signal cut a step or an epoch's bookkeeping in half
+            if dist.is_main:
+                kept = out / CHECKPOINT_NAME
+                where = (
+                    f"the previous checkpoint {kept} is kept (continue with: neuralode train "
+                    f"--out {out} --resume)"
+                    if kept.is_file()
+                    else "no checkpoint was written yet (run the same command again to start over)"
+                )
+                print(
+                    "neuralode: stopped at once, in the middle of a step or of an epoch's "
+                    f"bookkeeping, which is not saved; {where}.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return interrupt.exit_code
         # Parameters and optimiser are those of the last completed step (a step is never cut in
         # half by the first Ctrl-C); the RNG snapshot is the one taken at that boundary.
         checkpoint(state, snapshot["rng"], snapshot["gen"])
@@ -461,6 +561,15 @@ def _train(
         if tb is not None:
             tb.close()
     dist.barrier()
+    if interrupt.requested:  # the signal came during the last epoch's validation or checkpoint
+        if dist.is_main:
+            print(
+                f"neuralode: training finished ({cfg.epochs} epochs, checkpoint saved); the "
+                f"held-out evaluation is skipped (run: neuralode evaluate {out}).",
+                file=sys.stderr,
+                flush=True,
+            )
+        return interrupt.exit_code
     if dist.is_main and evaluate:
         ckpt = out / BEST_NAME if (out / BEST_NAME).is_file() else out / CHECKPOINT_NAME
         from .evaluation import report

@@ -90,7 +90,7 @@ def load_csv(
     subjects: dict[str, dict[float, dict[str, list[float]]]] = {}
     labels: dict[str, tuple[float, int]] = {}
     allowed = None if channels is None else {str(c) for c in channels}
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # a BOM (Excel) is skipped
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:

@@ -32,6 +32,7 @@ from torch import nn
 from neuralode.models import CNF, MLPVectorField
 
 from ..errors import CLIError
+from ..options import choice, fraction, integer, number
 from ..report import table, verdict
 from .base import Task
 
@@ -108,6 +109,20 @@ class CNFTask(Task):
         n_toy=3000,
         lr_decay=1.0,
     )
+    option_rules = dict(
+        hidden=integer(1),
+        n_layers=integer(1),
+        trace=choice("auto", "exact", "hutchinson"),
+        noise=choice("rademacher", "gaussian"),
+        kinetic=number(0, strict=False),
+        jacobian=number(0, strict=False),
+        t1=number(0),
+        val_fraction=fraction(),
+        test_fraction=fraction(),
+        max_train=integer(0),
+        n_toy=integer(50),
+        lr_decay=number(0, maximum=1),
+    )
     val_key = "val_nll"
 
     # -- data -----------------------------------------------------------------------------
@@ -148,6 +163,21 @@ class CNFTask(Task):
             for k, v in self.np_split.items()
         }
         self.dim = X.shape[1]
+
+    def export(self):
+        # The data's dimension rebuilds the flow; the training split's mean and std map new
+        # data into its standardised space (neuralode.load_run).
+        return {
+            "dim": int(self.dim),
+            "mean": torch.as_tensor(self.mean, dtype=torch.float64),
+            "std": torch.as_tensor(self.std, dtype=torch.float64),
+        }
+
+    def restore(self, exported):
+        self.dim = int(exported["dim"])
+        self.mean = exported["mean"].numpy()
+        self.std = exported["std"].numpy()
+        self.log_scale = float(np.log(self.std).sum())
 
     # -- model ----------------------------------------------------------------------------
     def _trace(self) -> str:

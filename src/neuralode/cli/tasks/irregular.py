@@ -157,6 +157,16 @@ class IrregularTask(Task):
                     f"{kind}: {len(ds)} subjects are too few for a {name} split; "
                     "add subjects or change --set val_fraction / test_fraction."
                 )
+            # One time point leaves nothing to learn or predict (no course, no held-out point):
+            # training would run with val_mse = inf and evaluate nothing.
+            if not any(len(r) >= 2 for r in part):
+                single = sum(len(r) < 2 for r in ds)
+                raise CLIError(
+                    f"{kind}: no {name} subject has two or more observation times "
+                    f"({single} of {len(ds)} subjects have a single one), so there is nothing "
+                    "to learn or predict; give the subjects several observation times, or "
+                    "change --set val_fraction / test_fraction."
+                )
         self.raw, self.parts = ds, {"train": train, "val": val, "test": test}
         self.channels, self.time_unit = tuple(ds.channels), ds.time_unit
         labels = train.labels
@@ -165,6 +175,16 @@ class IrregularTask(Task):
             lab = labels[~torch.isnan(labels)]
             if len(torch.unique(lab)) < 2 or not bool(((lab == 0) | (lab == 1)).all()):
                 self.has_labels = False  # a head needs 0/1 labels of both classes
+        if kind == "csv" and o["label_col"] is not None and o["classify"] and not self.has_labels:
+            # Asked for by name: not silently dropped.
+            found = sorted({float(x) for x in labels[~torch.isnan(labels)].tolist()})
+            shown = ", ".join(f"{x:g}" for x in found[:6]) + (", ..." if len(found) > 6 else "")
+            raise CLIError(
+                f"--set label_col={o['label_col']}: the classification head needs labels 0 and "
+                f"1, both present among the {len(train)} training subjects; got "
+                f"{'values ' + shown if found else 'no label'}. Recode the column, or pass "
+                "--set classify=false to train without the head."
+            )
         self.eval_masks = {s: self._eval_masks(s) for s in ("val", "test")}
 
     def export(self):
