@@ -155,7 +155,12 @@ class _BacksolveFn(torch.autograd.Function):
         spec = run.prob.spec
         ctx.flat_shape = ys.shape
         if spec.kind == "tensor" and run.samples_all is None:
-            ys = ys.reshape(ys.shape[0], *spec.shapes[0])
+            shape = (ys.shape[0], *spec.shapes[0])
+            # Not a view (the caller may modify the output in place): the fresh contiguous
+            # tensor takes the new shape itself; a view (of y0 for a single output) is copied.
+            if ys._base is not None or not ys.is_contiguous():
+                ys = ys.clone(memory_format=torch.contiguous_format)
+            ys.set_(ys.untyped_storage(), ys.storage_offset(), shape)
         return ys
 
     @staticmethod
