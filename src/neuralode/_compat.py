@@ -20,6 +20,13 @@ Differences, all deliberate and documented:
 - Adams methods use variable-step coefficients (exact on uneven grids; output times are added
   to the grid) and default to order 4: torchdiffeq's default ``max_order=12`` makes
   ``explicit_adams`` unstable (``y' = -y`` with ``step_size=0.01`` blows up).
+- A state stays in its dtype and func gets times in its precision (float32 states: float32).
+- Step callbacks get the state in y0's structure; a callable ``adjoint_options['norm']`` gets a
+  0-d zero for the adjoint of t (not integrated); ``odeint_dense`` takes any method.
+
+Like torchdiffeq: unknown options warn; solve failures raise ``AssertionError`` (also
+neuralode's SolveError subclasses, see ``_compat_hooks``); ``perturb``, ``jump_t``, ``min_step``
+and the step callbacks behave as in torchdiffeq; tuple states mixing dtypes are promoted.
 """
 
 from __future__ import annotations
