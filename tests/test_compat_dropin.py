@@ -760,3 +760,25 @@ def test_odeint_event_with_adjoint_leaves_no_cyclic_garbage():
     finally:
         gc.enable()
     assert before == 0 and found == 0
+
+
+def test_event_fn_constant_past_a_horizon_gives_a_constant_event_time_with_a_warning():
+    """torchdiffeq's learn_physics.py: g = zeros_like(t) past a horizon ends the solve there;
+    that event time depends on nothing, so its gradient is zero (said by a warning)."""
+    g = torch.tensor(9.8, dtype=D64, requires_grad=True)
+
+    def f(t, y):
+        return y[1], -g * torch.ones_like(y[1])
+
+    def event_fn(t, y):
+        if t > 0.5:
+            return torch.zeros_like(t)
+        return y[0] - 0.0  # the floor is far below: never reached before the horizon
+
+    y0 = (torch.tensor([100.0], dtype=D64), torch.tensor([0.0], dtype=D64))
+    with pytest.warns(UserWarning, match="treated as a constant"):
+        te, sol = odeint_event(f, y0, torch.tensor(0.0, dtype=D64), event_fn=event_fn)
+    assert 0.5 < float(te) < 2.0  # somewhere past the horizon (g jumps to 0 there)
+    assert not te.requires_grad
+    (dg,) = torch.autograd.grad(sol[0][-1].sum(), g)  # the state still has its gradient
+    assert float(dg) == pytest.approx(-0.5 * float(te) ** 2, rel=1e-6)
