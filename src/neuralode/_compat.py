@@ -39,6 +39,7 @@ from torch import nn
 
 from ._compat_hooks import (
     FORWARD,
+    DeferredAdjointNorm,
     Perturbed,
     adjoint_norm,
     callbacks_of,
@@ -536,7 +537,9 @@ def odeint_adjoint(
         atol=aat,
         solver=asolver,
         seminorm=seminorm,
-        norm=None if anorm is None else adjoint_norm(anorm, y0, params),
+        norm=DeferredAdjointNorm(y0, params, seminorm)
+        if anorm is None
+        else adjoint_norm(anorm, y0, params),
         params=params,
         max_steps=None if amax is None else int(amax),
         dt=None if astep is None else float(astep),
