@@ -45,6 +45,7 @@ from ._compat_hooks import (
     callbacks_of,
     hook_adjoint_callbacks,
     hook_callbacks,
+    promoted,
     torchdiffeq_errors,
 )
 from ._compat_scipy import scipy_odeint, scipy_odeint_adjoint
@@ -331,29 +332,6 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
     return sol.event_t.to(t.dtype if t.is_floating_point() else torch.float64), traj
 
 
-def _promoted(func, y0):
-    """A tuple state mixing dtypes (e.g. float32 and float64 components) solved as torchdiffeq
-    does: every component in the promoted dtype (torchdiffeq concatenates them, so its outputs
-    and func's inputs all have that dtype), and func's derivatives cast to it."""
-    if not isinstance(y0, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in y0):
-        return func, y0
-    dtypes = {x.dtype for x in y0}
-    if len(dtypes) <= 1:
-        return func, y0
-    common = y0[0].dtype
-    for x in y0[1:]:
-        common = torch.promote_types(common, x.dtype)
-    y0 = tuple(x.to(common) for x in y0)
-
-    def promoted_func(t, y):
-        out = func(t, y)
-        if isinstance(out, (tuple, list)):
-            return tuple(o.to(common) if isinstance(o, torch.Tensor) else o for o in out)
-        return out
-
-    return promoted_func, y0
-
-
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
     """Solve an ODE with torchdiffeq's interface; gradients by autograd through the solver.
 
@@ -411,7 +389,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
             )
         return scipy_odeint(func, y0, t, rtol, atol, opts)
     _hook_forward(func, kwargs)
-    func, y0 = _promoted(func, y0)
+    func, y0 = promoted(func, y0)
     with torchdiffeq_errors():
         if event_fn is not None:
             return _event_solve(func, y0, t, kwargs, event_fn, Direct())
@@ -544,7 +522,7 @@ def odeint_adjoint(
         max_steps=None if amax is None else int(amax),
         dt=None if astep is None else float(astep),
     )
-    func, y0 = _promoted(func, y0)
+    func, y0 = promoted(func, y0)
     with torchdiffeq_errors():
         if event_fn is not None:
             return _event_solve(func, y0, t, kwargs, event_fn, grad)

@@ -353,3 +353,26 @@ class DeferredAdjointNorm:
 
     def __call__(self, parts):  # (Backsolve validates that norm is callable)
         return self.resolve()(parts)
+
+
+def promoted(func, y0):
+    """A tuple state mixing dtypes (e.g. float32 and float64 components) solved as torchdiffeq
+    does: every component in the promoted dtype (torchdiffeq concatenates them, so its outputs
+    and func's inputs all have that dtype), and func's derivatives cast to it."""
+    if not isinstance(y0, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in y0):
+        return func, y0
+    dtypes = {x.dtype for x in y0}
+    if len(dtypes) <= 1:
+        return func, y0
+    common = y0[0].dtype
+    for x in y0[1:]:
+        common = torch.promote_types(common, x.dtype)
+    y0 = tuple(x.to(common) for x in y0)
+
+    def promoted_func(t, y):
+        out = func(t, y)
+        if isinstance(out, (tuple, list)):
+            return tuple(o.to(common) if isinstance(o, torch.Tensor) else o for o in out)
+        return out
+
+    return promoted_func, y0
