@@ -591,7 +591,7 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     Returns
     -------
     (event_t, solution) :
-        The event time (differentiable w.r.t. y0, the parameters of func and those of
+        The event time (differentiable w.r.t. ``t0``, y0, the parameters of func and those of
         event_fn, by the implicit function theorem) and ``stack([y0, y(event_t)])``.
     """
     odeint_interface = odeint if odeint_interface is None else odeint_interface
