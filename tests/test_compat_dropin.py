@@ -760,3 +760,52 @@ def test_odeint_event_with_adjoint_leaves_no_cyclic_garbage():
     finally:
         gc.enable()
     assert before == 0 and found == 0
+
+
+def test_event_fn_constant_past_a_horizon_gives_a_constant_event_time_with_a_warning():
+    """torchdiffeq's learn_physics.py: g = zeros_like(t) past a horizon ends the solve there;
+    that event time depends on nothing, so its gradient is zero (said by a warning)."""
+    g = torch.tensor(9.8, dtype=D64, requires_grad=True)
+
+    def f(t, y):
+        return y[1], -g * torch.ones_like(y[1])
+
+    def event_fn(t, y):
+        if t > 0.5:
+            return torch.zeros_like(t)
+        return y[0] - 0.0  # the floor is far below: never reached before the horizon
+
+    y0 = (torch.tensor([100.0], dtype=D64), torch.tensor([0.0], dtype=D64))
+    with pytest.warns(UserWarning, match="treated as a constant"):
+        te, sol = odeint_event(f, y0, torch.tensor(0.0, dtype=D64), event_fn=event_fn)
+    assert 0.5 < float(te) < 2.0  # somewhere past the horizon (g jumps to 0 there)
+    assert not te.requires_grad
+    (dg,) = torch.autograd.grad(sol[0][-1].sum(), g)  # the state still has its gradient
+    assert float(dg) == pytest.approx(-0.5 * float(te) ** 2, rel=1e-6)
+
+
+def test_adjoint_norm_replaced_on_grad_fn_is_used_with_torchdiffeq_layout():
+    """torchdiffeq exposes adjoint_options on the output's grad_fn; replacing the norm there
+    before backward() changes the backward solve's norm."""
+    p = torch.rand(3, dtype=D64, requires_grad=True)
+
+    def f(t, y):
+        return -y * p.sum()
+
+    y0 = torch.full((2, 2), 1.0, dtype=D64, requires_grad=True)
+    ys = odeint_adjoint(f, y0, torch.tensor([0.0, 1.0], dtype=D64), adjoint_params=(p,))
+    opts = ys.grad_fn.adjoint_options
+    default = opts["norm"]
+    seen = []
+
+    def spy(parts):
+        seen.append(tuple(x.shape for x in parts))
+        return default(parts)
+
+    opts["norm"] = spy
+    ys.sum().backward()
+    assert seen and set(seen) == {(torch.Size([]), (2, 2), (2, 2), (3,))}
+    g_spy = y0.grad.clone()
+    y0.grad = None
+    odeint_adjoint(f, y0, torch.tensor([0.0, 1.0], dtype=D64), adjoint_params=(p,)).sum().backward()
+    torch.testing.assert_close(g_spy, y0.grad, rtol=1e-5, atol=1e-8)

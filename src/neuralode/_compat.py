@@ -20,6 +20,13 @@ Differences, all deliberate and documented:
 - Adams methods use variable-step coefficients (exact on uneven grids; output times are added
   to the grid) and default to order 4: torchdiffeq's default ``max_order=12`` makes
   ``explicit_adams`` unstable (``y' = -y`` with ``step_size=0.01`` blows up).
+- A state stays in its dtype and func gets times in its precision (float32 states: float32).
+- Step callbacks get the state in y0's structure; a callable ``adjoint_options['norm']`` gets a
+  0-d zero for the adjoint of t (not integrated); ``odeint_dense`` takes any method.
+
+Like torchdiffeq: unknown options warn; solve failures raise ``AssertionError`` (also
+neuralode's SolveError subclasses, see ``_compat_hooks``); ``perturb``, ``jump_t``, ``min_step``
+and the step callbacks behave as in torchdiffeq; tuple states mixing dtypes are promoted.
 """
 
 from __future__ import annotations
@@ -32,11 +39,13 @@ from torch import nn
 
 from ._compat_hooks import (
     FORWARD,
+    DeferredAdjointNorm,
     Perturbed,
     adjoint_norm,
     callbacks_of,
     hook_adjoint_callbacks,
     hook_callbacks,
+    promoted,
     torchdiffeq_errors,
 )
 from ._compat_scipy import scipy_odeint, scipy_odeint_adjoint
@@ -323,29 +332,6 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
     return sol.event_t.to(t.dtype if t.is_floating_point() else torch.float64), traj
 
 
-def _promoted(func, y0):
-    """A tuple state mixing dtypes (e.g. float32 and float64 components) solved as torchdiffeq
-    does: every component in the promoted dtype (torchdiffeq concatenates them, so its outputs
-    and func's inputs all have that dtype), and func's derivatives cast to it."""
-    if not isinstance(y0, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in y0):
-        return func, y0
-    dtypes = {x.dtype for x in y0}
-    if len(dtypes) <= 1:
-        return func, y0
-    common = y0[0].dtype
-    for x in y0[1:]:
-        common = torch.promote_types(common, x.dtype)
-    y0 = tuple(x.to(common) for x in y0)
-
-    def promoted_func(t, y):
-        out = func(t, y)
-        if isinstance(out, (tuple, list)):
-            return tuple(o.to(common) if isinstance(o, torch.Tensor) else o for o in out)
-        return out
-
-    return promoted_func, y0
-
-
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
     """Solve an ODE with torchdiffeq's interface; gradients by autograd through the solver.
 
@@ -403,7 +389,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
             )
         return scipy_odeint(func, y0, t, rtol, atol, opts)
     _hook_forward(func, kwargs)
-    func, y0 = _promoted(func, y0)
+    func, y0 = promoted(func, y0)
     with torchdiffeq_errors():
         if event_fn is not None:
             return _event_solve(func, y0, t, kwargs, event_fn, Direct())
@@ -529,12 +515,14 @@ def odeint_adjoint(
         atol=aat,
         solver=asolver,
         seminorm=seminorm,
-        norm=None if anorm is None else adjoint_norm(anorm, y0, params),
+        norm=DeferredAdjointNorm(y0, params, seminorm)
+        if anorm is None
+        else adjoint_norm(anorm, y0, params),
         params=params,
         max_steps=None if amax is None else int(amax),
         dt=None if astep is None else float(astep),
     )
-    func, y0 = _promoted(func, y0)
+    func, y0 = promoted(func, y0)
     with torchdiffeq_errors():
         if event_fn is not None:
             return _event_solve(func, y0, t, kwargs, event_fn, grad)
@@ -603,7 +591,7 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     Returns
     -------
     (event_t, solution) :
-        The event time (differentiable w.r.t. y0, the parameters of func and those of
+        The event time (differentiable w.r.t. ``t0``, y0, the parameters of func and those of
         event_fn, by the implicit function theorem) and ``stack([y0, y(event_t)])``.
     """
     odeint_interface = odeint if odeint_interface is None else odeint_interface

@@ -296,3 +296,83 @@ class torchdiffeq_errors:
                 head = prefix.format(step=exc.step, h=exc.h)
                 raise cls(f"{head}: {exc}", t=exc.t, step=exc.step, h=exc.h) from exc
         return False
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().pow(2).mean().sqrt()
+
+
+class DeferredAdjointNorm:
+    """The adjoint norm of an ``odeint_adjoint`` call without a norm callable, decided when the
+    backward pass starts. torchdiffeq exposes its adjoint options on the output's ``grad_fn``
+    (``adjoint_options["norm"]``) and code may replace the norm there before ``backward()``;
+    ``options`` is that dict. Untouched, neuralode's own norm runs (``resolve()`` gives None);
+    replaced, the replacement is called with torchdiffeq's layout for it: ``(t, y, adj_y,
+    adj_params...)`` with ``y``, ``adj_y`` in y0's shape (tensor states) or flat (tuple states),
+    and a 0-d zero for ``t``. ``options["norm"]`` starts as :meth:`default`, torchdiffeq's
+    formula (max of ``|t|``, the RMS of ``y`` and ``adj_y`` -- the max over components' RMS for
+    tuple states -- and, unless ``seminorm``, each parameter adjoint's RMS)."""
+
+    def __init__(self, y0, params, seminorm: bool):
+        self.tensor = isinstance(y0, torch.Tensor)
+        self.shape = y0.shape if self.tensor else None
+        comps = [y0] if self.tensor else list(y0)
+        self.sizes = [int(c.numel()) for c in comps]
+        self.p_shapes = [p.shape for p in params if p.requires_grad]
+        self.seminorm = seminorm
+        sizes = self.sizes
+
+        def state_norm(v: torch.Tensor) -> torch.Tensor:
+            return max(_rms(c) for c in torch.split(v.reshape(-1), sizes))
+
+        def default(parts):  # a closure, not a bound method: no reference cycle through self
+            t, y, adj, *ps = parts
+            out = [t.abs(), state_norm(y), state_norm(adj)]
+            if not seminorm:
+                out += [_rms(p) for p in ps]
+            return max(out)
+
+        self.default = default
+        self.options = {"norm": default}
+
+    def resolve(self):
+        fn = self.options.get("norm")
+        if fn is self.default or fn is None:
+            return None
+
+        def norm(parts):
+            y, adj, *gs = parts
+            real = y.real.dtype if y.is_complex() else y.dtype
+            t = torch.zeros((), dtype=real, device=y.device)
+            if self.tensor:
+                y, adj = y.view(self.shape), adj.view(self.shape)
+            ps = [g.view(sh) for g, sh in zip(gs, self.p_shapes)]
+            return fn((t, y, adj, *ps))
+
+        return norm
+
+    def __call__(self, parts):  # (Backsolve validates that norm is callable)
+        return self.resolve()(parts)
+
+
+def promoted(func, y0):
+    """A tuple state mixing dtypes (e.g. float32 and float64 components) solved as torchdiffeq
+    does: every component in the promoted dtype (torchdiffeq concatenates them, so its outputs
+    and func's inputs all have that dtype), and func's derivatives cast to it."""
+    if not isinstance(y0, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in y0):
+        return func, y0
+    dtypes = {x.dtype for x in y0}
+    if len(dtypes) <= 1:
+        return func, y0
+    common = y0[0].dtype
+    for x in y0[1:]:
+        common = torch.promote_types(common, x.dtype)
+    y0 = tuple(x.to(common) for x in y0)
+
+    def promoted_func(t, y):
+        out = func(t, y)
+        if isinstance(out, (tuple, list)):
+            return tuple(o.to(common) if isinstance(o, torch.Tensor) else o for o in out)
+        return out
+
+    return promoted_func, y0

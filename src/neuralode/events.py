@@ -23,6 +23,7 @@ parameters of ``g`` itself. The event state is ``y* + f(t*, y*) (t* - t*_0)`` fo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -394,6 +395,21 @@ def _reroute(func, event, t_star: list[float], y_star, per_sample: bool, time_dt
         g_val = g_val[b if per_sample else 0]
         if (D is None or float(D) == 0.0) and not (g_val.requires_grad or yflat.requires_grad):
             t_out.append(tt)  # no gradient wanted: the located time as it is
+            rows.append(yflat[b] if per_sample else yflat[0])
+            continue
+        if D is None and not g_val.requires_grad:
+            # g's value at the event depends on nothing differentiable (e.g. an event function
+            # that returns torch.zeros_like(t) past a horizon): the event time is a constant.
+            # torchdiffeq gives it a zero gradient silently; say so.
+            warnings.warn(
+                f"the event function's value at the event t={ts!r} does not depend on t, the "
+                "state or any parameter through torch operations: the event time is treated as "
+                "a constant (zero gradient). If it should depend on them, compute the event "
+                "function with differentiable torch operations (no float(), no bool)",
+                UserWarning,
+                stacklevel=5,
+            )
+            t_out.append(tt)
             rows.append(yflat[b] if per_sample else yflat[0])
             continue
         if D is None:

@@ -157,6 +157,8 @@ class _BacksolveFn(torch.autograd.Function):
     def forward(ctx, run: Run, cfg: Backsolve, y0flat, *params):
         res = forward_without_graph(run, y0flat, "times", check=run.extra.get("param_check"))
         ctx.run, ctx.cfg, ctx.params = run, cfg, params
+        if hasattr(cfg.norm, "options"):  # torchdiffeq's grad_fn.adjoint_options
+            ctx.adjoint_options = cfg.norm.options
         # A private copy: the caller may modify the returned outputs in place.
         ctx.y_final = res.y_final.detach().clone()
         # The outputs must not stay reachable from ctx (ctx.run.result): an output kept on the
@@ -168,7 +170,12 @@ class _BacksolveFn(torch.autograd.Function):
         spec = run.prob.spec
         ctx.flat_shape = ys.shape
         if spec.kind == "tensor" and run.samples_all is None:
-            ys = ys.reshape(ys.shape[0], *spec.shapes[0])
+            shape = (ys.shape[0], *spec.shapes[0])
+            # Not a view (the caller may modify the output in place): the fresh contiguous
+            # tensor takes the new shape itself; a view (of y0 for a single output) is copied.
+            if ys._base is not None or not ys.is_contiguous():
+                ys = ys.clone(memory_format=torch.contiguous_format)
+            ys.set_(ys.untyped_storage(), ys.storage_offset(), shape)
         return ys
 
     @staticmethod
@@ -300,6 +307,8 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     aug_rtol = _aug_tol(rtol, B, M, p_sizes, dtype, device)
     aug_atol = _aug_tol(atol, B, M, p_sizes, dtype, device)
 
+    # A norm object with resolve() decides only now (the torchdiffeq face's adjoint_options).
+    norm = cfg.norm.resolve() if hasattr(cfg.norm, "resolve") else cfg.norm
     replay_gp = [torch.zeros_like(p) for p in params]
     aug_stepper = None
     jumps = set(ctrl.jump_t)
@@ -365,7 +374,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             max_steps=cfg.max_steps,
             rtol=aug_rtol,
             atol=aug_atol,
-            norm=cfg.norm,
+            norm=norm,
             norm_components=2 if cfg.seminorm else None,
         )
         if aug_stepper is None:
