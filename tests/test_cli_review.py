@@ -330,3 +330,26 @@ def test_help_and_errors_name_every_task(capsys):
     assert all(kind in usage for kind in DATA_KINDS)
     code, _, err = run(capsys, "train", "--epochs", 1)
     assert code == 2 and all(name in err for name in TASKS)
+
+
+def test_evaluate_and_plot_take_a_device(capsys, tmp_path, straight_spiral):
+    # A run trained with --device cuda could not be evaluated on a machine without a GPU: the
+    # error said "use --device cpu", which evaluate and plot did not accept.
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight_spiral, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "device": "cuda"}))
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "evaluate", out)
+        assert code == 2 and "no CUDA device is available; use --device cpu" in err
+    code, text, err = run(capsys, "evaluate", out, "--device", "cpu")
+    assert code == 0, err
+    first = text
+    code, text, err = run(capsys, "evaluate", out, "--device", "cpu")
+    assert code == 0 and text == first  # deterministic on one device
+    code, text, err = run(capsys, "plot", out, "--device", "cpu")
+    assert code == 0 and "spiral.png" in text, err
+    code, _, err = run(capsys, "plot", out, "--device", "gpu")
+    assert code == 2 and "--device must be one of ['auto', 'cpu', 'cuda']; got 'gpu'" in err

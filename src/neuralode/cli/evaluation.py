@@ -19,14 +19,18 @@ from .train import PLOT_DIR, RESULTS_NAME, SUMMARY_NAME, _read_metrics, build
 __all__ = ["open_run", "report"]
 
 
-def open_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]:
+def open_run(
+    run_dir: Path, which: str = "best", device: str | None = None
+) -> tuple[Task, nn.Module, Path]:
     """The task (with its data) and the model of a run, with the weights of ``best.pt`` or
     ``checkpoint.pt`` (for ``neuralode evaluate`` / ``plot``).
 
     ``which="best"`` falls back to ``checkpoint.pt`` for a run interrupted before its first
-    validation.
+    validation. ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``) replaces the run's own.
     """
     cfg = read_run_config(run_dir)
+    if device is not None:
+        cfg = cfg.replace(device=device)
     path = run_dir / (BEST_NAME if which == "best" else CHECKPOINT_NAME)
     if which == "best" and not path.is_file():
         path = run_dir / CHECKPOINT_NAME

@@ -204,6 +204,7 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
     )
     ev.add_argument("run_dir", metavar="RUN_DIR")
     _threads_arg(ev)
+    _device_arg(ev)
     ev.add_argument(
         "--checkpoint",
         choices=("best", "last"),
@@ -220,8 +221,17 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
     )
     pl.add_argument("run_dir", metavar="RUN_DIR")
     _threads_arg(pl)
+    _device_arg(pl)
     pl.add_argument("--checkpoint", choices=("best", "last"), default="best")
     return parser
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        help="auto, cpu or cuda: where to evaluate (default: the run's own --device; e.g. "
+        "--device cpu for a run trained with --device cuda, on a machine without a GPU)",
+    )
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
@@ -456,7 +466,7 @@ def _cmd_evaluate(args) -> int:
     from .evaluation import open_run, report
 
     run_dir = Path(args.run_dir)
-    task, model, ckpt = open_run(run_dir, args.checkpoint)
+    task, model, ckpt = open_run(run_dir, args.checkpoint, device=args.device)
     tag = "last" if args.checkpoint == "last" else None
     report(task, model, run_dir, ckpt, plots=False, stdout=sys.stdout, tag=tag)
     return 0
@@ -468,7 +478,7 @@ def _cmd_plot(args) -> int:
     from .train import _read_metrics
 
     run_dir = Path(args.run_dir)
-    task, model, ckpt = open_run(run_dir, args.checkpoint)
+    task, model, ckpt = open_run(run_dir, args.checkpoint, device=args.device)
     paths = plot_run(task, model, run_dir, _read_metrics(run_dir))
     print(f"Plots of {run_dir} (model: {ckpt.name}):")
     for p in paths:
