@@ -353,3 +353,24 @@ def test_evaluate_and_plot_take_a_device(capsys, tmp_path, straight_spiral):
     assert code == 0 and "spiral.png" in text, err
     code, _, err = run(capsys, "plot", out, "--device", "gpu")
     assert code == 2 and "--device must be one of ['auto', 'cpu', 'cuda']; got 'gpu'" in err
+
+
+def test_a_solve_past_the_step_limit_stops_training_instead_of_filling_memory(capsys, tmp_path):
+    # '--method euler --step-size 1e-9' on the spiral kept 2e8 steps for backpropagation: it
+    # grew past 21 GB before it was killed. Each solve now has a step limit (--max-steps).
+    from neuralode.cli.config import MAX_STEPS_PER_SOLVE
+
+    out = tmp_path / "run"
+    args = ["train", "spiral", "--quick", "--method", "euler", "--no-eval", *FAST]
+    code, _, err = run(capsys, *args, "--step-size", 1e-3, "--max-steps", 100, "--out", out)
+    assert code == 1  # a window of 10 samples spans 0.225: 225 steps
+    assert "training failed in epoch 1" in err and "reached max_steps=100 step attempts" in err
+    assert "a larger --step-size (fixed-step methods) or --max-steps N" in err
+    code, _, err = run(capsys, *args, "--step-size", 0.05, "--out", tmp_path / "ok")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    assert cfg["max_steps"] == MAX_STEPS_PER_SOLVE == 10_000
+    code, _, err = run(
+        capsys, *args, "--step-size", 0.05, "--max-steps", 0, "--out", tmp_path / "x"
+    )
+    assert code == 2 and "--max-steps must be an integer >= 1; got 0" in err

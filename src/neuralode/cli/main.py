@@ -147,6 +147,13 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         help="direct (backpropagate through the solver), adjoint (backsolve adjoint, constant "
         "memory) or checkpoint (exact, bounded memory)",
     )
+    tr.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help="step attempts allowed per solve (default 10000); a solve that needs more stops "
+        "training with the time and step size it reached, instead of filling the memory",
+    )
     tr.add_argument("--seed", type=int, help="seed of split, initialisation and shuffling")
     tr.add_argument("--device", help="auto (default), cpu or cuda")
     tr.add_argument("--dtype", help="float32 (default) or float64")
@@ -337,7 +344,7 @@ def resolve_config(args: argparse.Namespace):
     for flag in ("epochs", "batch_size", "lr", "method", "rtol", "atol", "step_size"):
         if flag in given:
             settings[flag] = given[flag]
-    for flag in ("gradient", "seed", "device", "dtype", "optimizer"):
+    for flag in ("gradient", "seed", "device", "dtype", "optimizer", "max_steps"):
         if flag in given:
             settings[flag] = given[flag]
     _resolve_solver(settings, given, cls.defaults)
@@ -375,7 +382,7 @@ def _resolve_solver(settings: dict, given: dict, defaults: dict) -> None:
 
 #: Flags of ``train`` that set a configuration field of the same name.
 _CONFIG_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "method", "rtol", "atol", "step_size",
-                 "gradient", "seed", "device", "dtype")  # fmt: skip
+                 "max_steps", "gradient", "seed", "device", "dtype")  # fmt: skip
 
 
 def resolve_resume(args: argparse.Namespace, out: Path):

@@ -524,7 +524,8 @@ def _train(
         raise TrainingError(
             f"training failed in epoch {state['epoch'] + 1} (after step {state['step']}): {exc} "
             "The last checkpoint is kept; try a smaller --lr, tighter --rtol/--atol or another "
-            "--method."
+            "--method; past the step limit, a larger --step-size (fixed-step methods) or "
+            "--max-steps N."
         ) from None
     except KeyboardInterrupt:
         bar.close()
