@@ -396,3 +396,21 @@ def test_obs_std_learned_can_be_set(capsys, tmp_path):
     code, _, err = run(capsys, *args[:-len(FAST) - 2], "--out", tmp_path / "x", *FAST,
                        "--set", "obs_std=wide")  # fmt: skip
     assert code == 2 and "--set obs_std: expected a value like 0.3 (float); got 'wide'" in err
+
+
+def test_evaluate_refuses_data_whose_values_changed_since_training(capsys, tmp_path):
+    # Only a change of channels was caught: with the same channels but other values (a CSV
+    # edited or re-exported), evaluate silently re-split and re-scaled and printed other
+    # numbers (interpolation MSE 0.76 instead of 1.21) for the same best.pt.
+    path = tmp_path / "series.csv"
+    rows = [f"s{i},{t},a,{i + t}" for i in range(12) for t in range(4)]
+    path.write_text("id,time,variable,value\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "ode-rnn", "--quick", "--data", "csv", path, "--out", out,
+                       "--no-eval", *FAST)  # fmt: skip
+    assert code == 0, err
+    assert run(capsys, "evaluate", out)[0] == 0  # the same data: fine
+    path.write_text(path.read_text().replace("s3,2,a,5", "s3,2,a,50"))
+    code, _, err = run(capsys, "evaluate", out)
+    assert code == 2 and f"the data of {out} has changed since training: normalizer." in err
+    assert "evaluate on the data the model was trained on" in err
