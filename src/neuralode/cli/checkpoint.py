@@ -11,10 +11,14 @@ bool, None): the generator states are converted to tensors and ints (:func:`rng_
 files are read with ``torch.load(..., weights_only=True)``, whose unpickler refuses any other
 Python object. Opening a run directory someone else made (``neuralode evaluate``/``plot``,
 :func:`neuralode.load_run`) therefore never runs code from it.
+
+While a process trains a run, :class:`RunLock` keeps a second one from training the same
+directory.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -28,7 +32,13 @@ import torch
 
 from .errors import CLIError
 
-__all__ = ["atomic_save", "load_checkpoint", "check_belongs", "rng_states", "set_rng_states"]
+__all__ = [
+    "atomic_save",
+    "load_checkpoint",
+    "check_belongs",
+    "rng_states",
+    "set_rng_states",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -202,3 +212,43 @@ def set_rng_states(states: dict, generator: torch.Generator | None = None) -> No
         torch.cuda.set_rng_state_all(states["cuda"])
     if generator is not None and "generator" in states:
         generator.set_state(states["generator"])
+
+
+class RunLock:
+    """An exclusive lock on the run directory while a process trains the run.
+
+    A second ``neuralode train`` on the same ``--out`` (an identical command, ``--resume``)
+    would otherwise train into the same files at the same time -- or start the run over,
+    deleting them -- and leave a mix of both. The lock is a POSIX advisory lock (``flock``)
+    on the directory itself, so nothing is written for it, and the system releases it when
+    the process ends, however it ends. Where there is none (Windows, some network file
+    systems) training goes on unlocked. A new directory is locked as soon as it exists.
+    """
+
+    def __init__(self, out: Path | None) -> None:
+        self.out, self.fd = out, None
+
+    def acquire(self) -> None:
+        if self.out is None or self.fd is not None or not self.out.is_dir():
+            return
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks (Windows)
+            return
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise CLIError(
+                    f"--out {self.out} is being trained by another neuralode process right "
+                    "now; wait for it to finish or stop it (Ctrl-C), or choose another --out."
+                ) from None
+            return  # the file system has no locks
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None

@@ -26,6 +26,13 @@ CONFIG_NAME = "config.json"
 #: the data or the optimiser).
 RESUMABLE_CHANGES = ("epochs",)
 
+#: Step attempts allowed per solve. The models trained here take tens to hundreds of steps per
+#: solve; one that needs far more (a tiny --step-size, tolerances the dtype cannot meet,
+#: dynamics gone stiff in training) would keep every step for backpropagation until the
+#: machine runs out of memory (``--method euler --step-size 1e-9`` on the spiral filled 21 GB):
+#: it fails instead, saying where and with which step size.
+MAX_STEPS_PER_SOLVE = 10_000
+
 GRADIENTS = ("direct", "adjoint", "checkpoint")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
@@ -58,6 +65,9 @@ class RunConfig:
         Tolerances of adaptive solvers (``None`` for fixed-step ones).
     step_size : float or None
         Step of fixed-step solvers, in the model's time unit (``None`` for adaptive ones).
+    max_steps : int
+        Step attempts allowed per solve (default :data:`MAX_STEPS_PER_SOLVE`); a solve that
+        needs more fails training with the time and step size it reached.
     gradient : {"direct", "adjoint", "checkpoint"}
         How the solves are differentiated (``"adjoint"`` is the backsolve adjoint method).
     seed : int
@@ -84,6 +94,7 @@ class RunConfig:
     rtol: float | None = 1e-3
     atol: float | None = 1e-4
     step_size: float | None = None
+    max_steps: int = MAX_STEPS_PER_SOLVE
     gradient: str = "direct"
     seed: int = 0
     quick: bool = False
@@ -95,6 +106,7 @@ class RunConfig:
         _check_int(self.epochs, "epochs", 1)
         _check_int(self.batch_size, "batch-size", 1)
         _check_int(self.seed, "seed", 0)
+        _check_int(self.max_steps, "max-steps", 1)
         _check_float(self.lr, "lr")
         # The library's names are accepted too and stored in the CLI's spelling.
         aliases = {"backsolve": "adjoint", "checkpointed": "checkpoint"}
@@ -180,7 +192,11 @@ class RunConfig:
 
     def solver_kwargs(self) -> dict:
         """Keyword arguments of :func:`neuralode.solve` for this configuration."""
-        kw: dict[str, Any] = {"solver": self.method, "gradient": self.solver_gradient}
+        kw: dict[str, Any] = {
+            "solver": self.method,
+            "gradient": self.solver_gradient,
+            "max_steps": self.max_steps,
+        }
         if self.step_size is not None:
             kw["dt"] = self.step_size
         else:
@@ -254,11 +270,13 @@ def config_diff(old: RunConfig, new: RunConfig, ignore: tuple[str, ...] = ()) ->
     return out
 
 
-def parse_set(items: list[str], known: dict) -> dict:
+def parse_set(items: list[str], known: dict, rules: dict | None = None) -> dict:
     """``["hidden=64", "classify=false"]`` -> ``{"hidden": 64, "classify": False}``.
 
     Values are read as JSON where possible (numbers, true/false, null, lists) and as strings
-    otherwise; keys must be among ``known`` (the task's options).
+    otherwise; keys must be among ``known`` (the task's options). A value of another type than
+    the default is refused unless the option's rule in ``rules`` (the task's
+    ``option_rules``) allows it, e.g. ``obs_std="learned"`` besides numbers.
     """
     out = {}
     for item in items:
@@ -277,7 +295,12 @@ def parse_set(items: list[str], known: dict) -> dict:
             value = float(value)
         # Numbers and flags must keep their type; str / None defaults also take numbers
         # (e.g. time_scale="max" or 14.0, obs_std="learned" or 0.3): the task validates them.
-        if isinstance(default, (bool, int, float)) and type(value) is not type(default):
+        allowed = rules is not None and key in rules and rules[key].ok(value)
+        if (
+            isinstance(default, (bool, int, float))
+            and type(value) is not type(default)
+            and not allowed
+        ):
             raise CLIError(
                 f"--set {key}: expected a value like {default!r} "
                 f"({type(default).__name__}); got {text!r}."

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,18 @@ from .train import PLOT_DIR, RESULTS_NAME, SUMMARY_NAME, _read_metrics, build
 __all__ = ["open_run", "report"]
 
 
-def open_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]:
+def open_run(
+    run_dir: Path, which: str = "best", device: str | None = None
+) -> tuple[Task, nn.Module, Path]:
     """The task (with its data) and the model of a run, with the weights of ``best.pt`` or
     ``checkpoint.pt`` (for ``neuralode evaluate`` / ``plot``).
 
     ``which="best"`` falls back to ``checkpoint.pt`` for a run interrupted before its first
-    validation.
+    validation. ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``) replaces the run's own.
     """
     cfg = read_run_config(run_dir)
+    if device is not None:
+        cfg = cfg.replace(device=device)
     path = run_dir / (BEST_NAME if which == "best" else CHECKPOINT_NAME)
     if which == "best" and not path.is_file():
         path = run_dir / CHECKPOINT_NAME
@@ -42,9 +47,41 @@ def open_run(run_dir: Path, which: str = "best") -> tuple[Task, nn.Module, Path]
             f"{list(task.export()['channels'])} now, {list(stored)} in {path.name}; evaluate "
             "on the data the model was trained on."
         )
+    changed = _changed(ck.get("data"), task.export())
+    if changed:
+        raise CLIError(
+            f"the data of {run_dir} has changed since training: {', '.join(changed)} of the "
+            f"training split differ from those stored in {path.name}, so the split or the "
+            "scaling would not be the model's; evaluate on the data the model was trained on."
+        )
     model.load_state_dict(ck["model"])
     model.eval()
     return task, model, path
+
+
+def _changed(stored, now, prefix: str = "") -> list[str]:
+    """Names of the entries of a task's :meth:`~Task.export` (channels, normaliser statistics,
+    ...) stored in the checkpoint that differ from those of the data loaded now (entries an
+    older version did not store are not compared)."""
+    if stored is None:
+        return []
+    if isinstance(stored, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(stored):  # what the checkpoint recorded (older ones record less)
+            if key not in now:
+                out.append(prefix + key)
+            else:
+                out += _changed(stored[key], now[key], f"{prefix}{key}.")
+        return out
+    name = prefix.rstrip(".") or "data"
+    if isinstance(stored, torch.Tensor) or isinstance(now, torch.Tensor):
+        a, b = torch.as_tensor(stored).double(), torch.as_tensor(now).double()
+        # The same data gives the same statistics up to the summation order of the machine.
+        same = a.shape == b.shape and torch.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True)
+        return [] if same else [name]
+    if isinstance(stored, float) and isinstance(now, float):
+        return [] if math.isclose(stored, now, rel_tol=1e-9, abs_tol=1e-12) else [name]
+    return [] if stored == now else [name]
 
 
 def report(

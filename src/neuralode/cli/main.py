@@ -147,6 +147,13 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
         help="direct (backpropagate through the solver), adjoint (backsolve adjoint, constant "
         "memory) or checkpoint (exact, bounded memory)",
     )
+    tr.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help="step attempts allowed per solve (default 10000); a solve that needs more stops "
+        "training with the time and step size it reached, instead of filling the memory",
+    )
     tr.add_argument("--seed", type=int, help="seed of split, initialisation and shuffling")
     tr.add_argument("--device", help="auto (default), cpu or cuda")
     tr.add_argument("--dtype", help="float32 (default) or float64")
@@ -204,6 +211,7 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
     )
     ev.add_argument("run_dir", metavar="RUN_DIR")
     _threads_arg(ev)
+    _device_arg(ev)
     ev.add_argument(
         "--checkpoint",
         choices=("best", "last"),
@@ -220,8 +228,17 @@ def build_parser(with_task_help: bool = True) -> argparse.ArgumentParser:
     )
     pl.add_argument("run_dir", metavar="RUN_DIR")
     _threads_arg(pl)
+    _device_arg(pl)
     pl.add_argument("--checkpoint", choices=("best", "last"), default="best")
     return parser
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        help="auto, cpu or cuda: where to evaluate (default: the run's own --device; e.g. "
+        "--device cpu for a run trained with --device cuda, on a machine without a GPU)",
+    )
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
@@ -327,11 +344,11 @@ def resolve_config(args: argparse.Namespace):
     for flag in ("epochs", "batch_size", "lr", "method", "rtol", "atol", "step_size"):
         if flag in given:
             settings[flag] = given[flag]
-    for flag in ("gradient", "seed", "device", "dtype", "optimizer"):
+    for flag in ("gradient", "seed", "device", "dtype", "optimizer", "max_steps"):
         if flag in given:
             settings[flag] = given[flag]
     _resolve_solver(settings, given, cls.defaults)
-    options.update(parse_set(given.get("set", []), cls.options))
+    options.update(parse_set(given.get("set", []), cls.options, cls.option_rules))
     cls.check_options(options, settings["data"])
     settings["options"] = options
     return RunConfig.from_dict(settings, source="configuration")
@@ -365,7 +382,7 @@ def _resolve_solver(settings: dict, given: dict, defaults: dict) -> None:
 
 #: Flags of ``train`` that set a configuration field of the same name.
 _CONFIG_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "method", "rtol", "atol", "step_size",
-                 "gradient", "seed", "device", "dtype")  # fmt: skip
+                 "max_steps", "gradient", "seed", "device", "dtype")  # fmt: skip
 
 
 def resolve_resume(args: argparse.Namespace, out: Path):
@@ -408,7 +425,7 @@ def resolve_resume(args: argparse.Namespace, out: Path):
         if flag in given and flag not in RESUMABLE_CHANGES:
             value = aliases.get(given[flag], given[flag]) if flag == "gradient" else given[flag]
             compare("--" + flag.replace("_", "-"), getattr(saved, flag), value)
-    for key, value in parse_set(given.get("set", []), cls.options).items():
+    for key, value in parse_set(given.get("set", []), cls.options, cls.option_rules).items():
         compare(f"--set {key}", saved.options.get(key), value)
     if changed:
         raise CLIError(
@@ -456,7 +473,7 @@ def _cmd_evaluate(args) -> int:
     from .evaluation import open_run, report
 
     run_dir = Path(args.run_dir)
-    task, model, ckpt = open_run(run_dir, args.checkpoint)
+    task, model, ckpt = open_run(run_dir, args.checkpoint, device=args.device)
     tag = "last" if args.checkpoint == "last" else None
     report(task, model, run_dir, ckpt, plots=False, stdout=sys.stdout, tag=tag)
     return 0
@@ -468,7 +485,7 @@ def _cmd_plot(args) -> int:
     from .train import _read_metrics
 
     run_dir = Path(args.run_dir)
-    task, model, ckpt = open_run(run_dir, args.checkpoint)
+    task, model, ckpt = open_run(run_dir, args.checkpoint, device=args.device)
     paths = plot_run(task, model, run_dir, _read_metrics(run_dir))
     print(f"Plots of {run_dir} (model: {ckpt.name}):")
     for p in paths:

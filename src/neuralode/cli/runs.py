@@ -117,16 +117,32 @@ class TrainedRun:
 
         Raises
         ------
+        TypeError
+            If ``data`` is neither a dataset nor a sequence of ``SubjectSeries``.
         ValueError
-            If the run has no normaliser (a task without series), or the channels differ.
+            If the run has no normaliser (a task without series), the channels differ, or
+            ``data`` is empty.
         """
-        from neuralode.data import IrregularDataset, collate_series
+        from neuralode.data import IrregularDataset, SubjectSeries, collate_series
 
         if self.normalizer is None:
             raise ValueError(
                 f"prepare() is for series tasks; the {self.config.task!r} model takes tensors "
                 "directly."
             )
+        if not isinstance(data, IrregularDataset):
+            iterable = hasattr(data, "__iter__") and not isinstance(data, (str, bytes))
+            items = list(data) if iterable else None
+            if items is None or not all(isinstance(r, SubjectSeries) for r in items):
+                raise TypeError(
+                    "prepare() takes an IrregularDataset or a list of SubjectSeries (times and "
+                    f"values (n_i, {len(self.channels)}) in physical units); got "
+                    f"{type(data).__name__}. Wrap each series: SubjectSeries(id, times=..., "
+                    "values=...)."
+                )
+            data = items
+        if len(data) == 0:
+            raise ValueError("prepare() needs at least one series; got none.")
         if isinstance(data, IrregularDataset):
             channels, unit = data.channels, data.time_unit
         else:

@@ -11,10 +11,8 @@ an uninterrupted run.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -35,6 +33,7 @@ from . import distributed
 from .checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
+    RunLock,
     atomic_save,
     check_belongs,
     load_checkpoint,
@@ -119,46 +118,6 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
         if done >= cfg.epochs:
             return "finished"
     return "resume" if resume else "restart"
-
-
-class _RunLock:
-    """An exclusive lock on the run directory while a process trains the run.
-
-    A second ``neuralode train`` on the same ``--out`` (an identical command, ``--resume``)
-    would otherwise train into the same files at the same time -- or start the run over,
-    deleting them -- and leave a mix of both. The lock is a POSIX advisory lock (``flock``)
-    on the directory itself, so nothing is written for it, and the system releases it when
-    the process ends, however it ends. Where there is none (Windows, some network file
-    systems) training goes on unlocked. A new directory is locked as soon as it exists.
-    """
-
-    def __init__(self, out: Path | None) -> None:
-        self.out, self.fd = out, None
-
-    def acquire(self) -> None:
-        if self.out is None or self.fd is not None or not self.out.is_dir():
-            return
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks (Windows)
-            return
-        fd = os.open(self.out, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise CLIError(
-                    f"--out {self.out} is being trained by another neuralode process right "
-                    "now; wait for it to finish or stop it (Ctrl-C), or choose another --out."
-                ) from None
-            return  # the file system has no locks
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the lock
-            self.fd = None
 
 
 def build(cfg: RunConfig, dist: distributed.Dist | None = None) -> tuple[Task, nn.Module]:
@@ -310,7 +269,7 @@ def train(
         Log each epoch's metrics to ``out/tensorboard`` (:mod:`neuralode.cli.tracking`).
     """
     d = distributed.setup(resolve_device(cfg.device).type)
-    lock = _RunLock(out if d.is_main else None)
+    lock = RunLock(out if d.is_main else None)
     try:
         lock.acquire()
         return _train(cfg, out, resume=resume, progress=progress, evaluate=evaluate, dist=d,
@@ -524,7 +483,8 @@ def _train(
         raise TrainingError(
             f"training failed in epoch {state['epoch'] + 1} (after step {state['step']}): {exc} "
             "The last checkpoint is kept; try a smaller --lr, tighter --rtol/--atol or another "
-            "--method."
+            "--method; past the step limit, a larger --step-size (fixed-step methods) or "
+            "--max-steps N."
         ) from None
     except KeyboardInterrupt:
         bar.close()
