@@ -46,7 +46,7 @@ from ._loop import LoopResult, Problem, VectorField
 from ._norms import ErrorNorm, error_scale, initial_norm
 from .controllers import ConstantStep, PIController, StepToGrid
 from .controllers.step_size import grid_point, pi_update, underflows
-from .solvers.tableau import ButcherTableau
+from .solvers.tableau import ButcherTableau, weights_at
 
 __all__ = ["STEPS_PER_CALL", "CompiledCodeMismatch", "check_compilable", "integrate_compiled"]
 
@@ -163,10 +163,9 @@ def _steps(
     )
     win_n, n_dense, atol_zero, fixed, dt = consts[18:]
     interp = win_n == _OUT_WINDOW  # else every step lands on the next output time
-    S, D = len(b), len(P[0])
+    S = len(b)
     sgn = -1.0 if neg else 1.0
     win = torch.arange(win_n, device=y.device)
-    powers = torch.arange(1, D + 1, dtype=torch.float64, device=y.device)
     Pm = torch.tensor(P, dtype=torch.float64, device=y.device)  # (Sd, D)
     n_acc = torch.zeros((), dtype=torch.int64, device=y.device)
     n_rej = torch.zeros((), dtype=torch.int64, device=y.device)
@@ -236,7 +235,7 @@ def _steps(
             # Outside the step (padding at inf, steps of length 0 past the end) theta is set
             # to 0: masked values must stay finite, or their zero gradients would become NaN.
             theta = torch.where(inside, (taus - t) / hh, 0.0)
-            W = ((theta.unsqueeze(-1) ** powers).unsqueeze(1) * Pm).sum(-1).to(y.dtype)
+            W = weights_at(theta, Pm).to(y.dtype)  # the method's own interpolant
             Kst = torch.stack(ks + [k_last] if n_dense else ks)  # (Sd, B, M)
             vals = y + hs * (W.view(win_n, -1, 1, 1) * Kst).sum(1)
             vals = torch.where((taus == t_new).view(-1, 1, 1), y_new, vals)
