@@ -24,9 +24,10 @@ Each (func, constants, dtype, device, shape, number of outputs) compiles once; a
 whose guards fail (func's Python state changed, e.g. a float attribute) is not recompiled:
 :func:`integrate_compiled` returns the reason and the solve runs on the eager engine.
 
-Scope: explicit adaptive methods (a Butcher tableau with an embedded error estimate) under a
-:class:`~neuralode.PIController` without ``step_t``/``jump_t``/``norm``, a single-tensor state,
-a 1-D ``t``, no events and no dense output object. Under autograd (Direct gradients) the
+Scope: explicit Runge--Kutta methods (Butcher tableaux) under a
+:class:`~neuralode.PIController` without ``step_t``/``jump_t``/``norm``, or fixed steps
+(:class:`~neuralode.ConstantStep` without landings, :class:`~neuralode.StepToGrid`), a tensor,
+tuple or dict state, a 1-D ``t``, no events and no dense output object. Under autograd (Direct gradients) the
 compiled chunks are differentiated by autograd (``torch.compile`` builds their backward too).
 """
 
@@ -45,7 +46,7 @@ from ._loop import LoopResult, Problem, VectorField
 from ._norms import ErrorNorm, error_scale, initial_norm
 from .controllers import ConstantStep, PIController, StepToGrid
 from .controllers.step_size import grid_point, pi_update, underflows
-from .solvers.tableau import ButcherTableau
+from .solvers.tableau import ButcherTableau, weights_at
 
 __all__ = ["STEPS_PER_CALL", "CompiledCodeMismatch", "check_compilable", "integrate_compiled"]
 
@@ -81,8 +82,6 @@ def check_compilable(
             problems.append("step_t/jump_t (landing points)")
         if getattr(ctrl, "norm", None) is not None:
             problems.append("a custom error norm")
-    if spec.kind != "tensor":
-        problems.append(f"a {spec.kind} state (only a single tensor)")
     if dense_output:
         problems.append("dense_output=True (Solution.evaluate)")
     if gradient is not None:
@@ -164,17 +163,31 @@ def _steps(
     )
     win_n, n_dense, atol_zero, fixed, dt = consts[18:]
     interp = win_n == _OUT_WINDOW  # else every step lands on the next output time
-    S, D = len(b), len(P[0])
+    S = len(b)
     sgn = -1.0 if neg else 1.0
     win = torch.arange(win_n, device=y.device)
-    powers = torch.arange(1, D + 1, dtype=torch.float64, device=y.device)
     Pm = torch.tensor(P, dtype=torch.float64, device=y.device)  # (Sd, D)
     n_acc = torch.zeros((), dtype=torch.int64, device=y.device)
     n_rej = torch.zeros((), dtype=torch.int64, device=y.device)
 
-    def call(tt, yy):  # func on the user's state shape, in the user's time
-        out_ = f((sgn * tt).to(tdt), yy.view(shp)).reshape(yy.shape)
+    kind, keys, shapes, sizes = shp
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def call(tt, yy):  # func on the user's state structure, in the user's time
+        if kind == "tensor":
+            out_ = f((sgn * tt).to(tdt), yy.view(shapes[0])).reshape(yy.shape)
+        else:
+            parts = [yy[:, o : o + n_].reshape(s_) for o, n_, s_ in zip(offs, sizes, shapes)]
+            res = f((sgn * tt).to(tdt), tuple(parts) if kind == "tuple" else dict(zip(keys, parts)))
+            vals = list(res) if kind == "tuple" else [res[k_] for k_ in keys]
+            out_ = torch.cat([v.reshape(yy.shape[0], -1) for v in vals], 1)
         return -out_ if neg else out_
+
+    def norm(r):  # the engine's one RMS / mixed norm (one row: the batch shares the step)
+        if kind == "tensor":
+            return ErrorNorm.rms_rows(r.reshape(1, -1))[0]
+        comps = [r[:, o : o + n_].reshape(1, -1) for o, n_ in zip(offs, sizes) if n_]
+        return torch.stack([ErrorNorm.rms_rows(c_)[0] for c_ in comps]).amax()
 
     for _ in range(n):
         status, last_nf = st[0], st[1]
@@ -210,7 +223,7 @@ def _steps(
         err = _combine(torch.zeros_like(y), hs, b_err, ks)
         # The engine's one scaled error norm (one row: the whole state shares the step).
         scale = error_scale(y.detach().abs(), y_new.detach().abs(), rtol, atol, atol_zero)
-        e = ErrorNorm.rms_rows((err.detach() / scale).reshape(1, -1))[0]
+        e = norm(err.detach() / scale)
         if fixed:  # fixed steps: no error estimate, every step is accepted
             e = torch.zeros_like(e)
         finite = torch.isfinite(e)
@@ -222,7 +235,7 @@ def _steps(
             # Outside the step (padding at inf, steps of length 0 past the end) theta is set
             # to 0: masked values must stay finite, or their zero gradients would become NaN.
             theta = torch.where(inside, (taus - t) / hh, 0.0)
-            W = ((theta.unsqueeze(-1) ** powers).unsqueeze(1) * Pm).sum(-1).to(y.dtype)
+            W = weights_at(theta, Pm).to(y.dtype)  # the method's own interpolant
             Kst = torch.stack(ks + [k_last] if n_dense else ks)  # (Sd, B, M)
             vals = y + hs * (W.view(win_n, -1, 1, 1) * Kst).sum(1)
             vals = torch.where((taus == t_new).view(-1, 1, 1), y_new, vals)
@@ -372,7 +385,9 @@ def integrate_compiled(
     n_steps = steps_per_call or STEPS_PER_CALL
     neg = prob.direction < 0
     sgn = -1.0 if neg else 1.0
-    consts = _constants(tab, ctrl, f.time_dtype, n_steps, neg, prob.spec.shapes[0], prob.atol_zero)
+    sp = prob.spec  # the state's layout, as plain values (a tuple/dict state is flat inside)
+    layout = (sp.kind, tuple(sp.keys), tuple(tuple(x) for x in sp.shapes), tuple(sp.sizes))
+    consts = _constants(tab, ctrl, f.time_dtype, n_steps, neg, layout, prob.atol_zero)
     n_out = len(prob.out_t)
     f64 = dict(dtype=torch.float64, device=dev)
 

@@ -43,7 +43,13 @@ class VectorField:
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
         """f at ``(t, y)`` with ``y`` flat ``(B, M)``; returns ``(B, M)``."""
         self.nfe += 1
-        out = self.func(self._time(t), self.spec.unflatten(y))
+        shape = self._shape
+        if shape is not None:  # a single tensor: a check and a reshape (the first stage)
+            out = self.func(self._time(t), y.view(shape))
+            if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
+                return out.view(y.shape)
+        else:
+            out = self.func(self._time(t), self.spec.unflatten(y))
         return self.spec.flatten(out, what="the derivative returned by func", t=t)
 
     def flat(self, t: float, y: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,7 @@ def solve(
         explicit Runge--Kutta method under a :class:`PIController` without ``step_t``/
         ``jump_t``/``norm``, or fixed steps (``ConstantStep`` without landings, ``StepToGrid``;
         a fixed step never passes more than 8 output times either: it lands on the 8th), a
-        single-tensor state, a 1-D ``t``, no events and no ``dense_output``; anything else
+        tensor, tuple or dict state, a 1-D ``t``, no events and no ``dense_output``; anything else
         raises ValueError. Results agree with the eager engine to the tolerance
         (step sizes can differ in the last bits; a step never passes more than 8 output times,
         and with dopri8, whose continuous extension needs three more stages, steps land on every

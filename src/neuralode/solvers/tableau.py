@@ -268,18 +268,22 @@ class ButcherTableau:
             P = self._P_numpy()
             th = theta.numpy()[:, None] ** np.arange(1, P.shape[1] + 1)
             return torch.from_numpy(th @ P.T).to(theta.dtype)
-        P = self.tensors(theta.dtype, theta.device)["P"]  # (S, D)
-        D = P.shape[1]
-        powers = theta.unsqueeze(-1) ** torch.arange(
-            1, D + 1, dtype=theta.dtype, device=theta.device
-        )
-        return powers @ P.T
+        return weights_at(theta, self.tensors(theta.dtype, theta.device)["P"])
 
     def __repr__(self) -> str:
         kind = f"{self.order}({self.embedded_order})" if self.adaptive else f"{self.order}"
         return (
             f"ButcherTableau({self.name!r}, order {kind}, {self.n_stages} stages, fsal={self.fsal})"
         )
+
+
+def weights_at(theta: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """Interpolant weights ``b_i(theta) = sum_d P[i, d] theta^(d+1)`` at ``theta`` (m,) for the
+    polynomial coefficients ``P`` (S, D): (m, S). (Compiled stepping calls it in its graph.)"""
+    powers = theta.unsqueeze(-1) ** torch.arange(
+        1, P.shape[1] + 1, dtype=theta.dtype, device=theta.device
+    )
+    return powers @ P.T
 
 
 def hermite_interpolant(a, b, c):
