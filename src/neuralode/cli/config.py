@@ -66,7 +66,7 @@ class RunConfig:
     step_size : float or None
         Step of fixed-step solvers, in the model's time unit (``None`` for adaptive ones).
     max_steps : int
-        Step attempts allowed per solve (default :data:`MAX_STEPS_PER_SOLVE`); a solve that
+        Step attempts allowed per solve (default ``MAX_STEPS_PER_SOLVE`` = 10,000); a solve that
         needs more fails training with the time and step size it reached.
     gradient : {"direct", "adjoint", "checkpoint"}
         How the solves are differentiated (``"adjoint"`` is the backsolve adjoint method).

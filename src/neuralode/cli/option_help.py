@@ -158,6 +158,11 @@ OPTION_HELP: dict[str, tuple[str, str]] = {
         "Weight of the RNODE kinetic-energy regulariser ``int ||f||^2 dt`` in the loss "
         "(``0``: off).",
     ),
+    "acceleration": (
+        "weight",
+        "Weight of TayNODE's second-order regulariser ``int ||d^2 z/dt^2||^2 dt`` (Kelly et al. "
+        "2020) in the loss (``0``: off).",
+    ),
     "jacobian": (
         "weight",
         "Weight of the RNODE Jacobian Frobenius-norm regulariser ``int ||df/dz||_F^2 dt`` in "

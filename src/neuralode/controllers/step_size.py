@@ -262,7 +262,7 @@ class ConstantStep(Controller):
         return self.dt
 
     def propose(self, t, h, t0, t_end, direction):
-        """The next point ``t0 + k dt`` after ``t`` (see :func:`grid_point`)."""
+        """The next point ``t0 + k dt`` after ``t`` (the module function ``grid_point``)."""
         return grid_point(t, t0, t_end, direction, self.dt)
 
 

@@ -116,6 +116,7 @@ class CNFTask(Task):
         noise=choice("rademacher", "gaussian"),
         kinetic=number(0, strict=False),
         jacobian=number(0, strict=False),
+        acceleration=number(0, strict=False),
         t1=number(0),
         val_fraction=fraction(),
         test_fraction=fraction(),
