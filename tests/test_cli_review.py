@@ -456,3 +456,12 @@ def test_a_second_signal_after_a_periodic_checkpoint_keeps_it(
     assert code == 0, err
     a, b = _params(straight_spiral / "checkpoint.pt"), _params(out / "checkpoint.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_csv_path_that_is_a_directory_says_so(capsys, tmp_path):
+    # '--data csv DIR' said "CSV file not found: DIR" although DIR exists.
+    out = tmp_path / "runs" / "x"
+    code, _, err = run(capsys, "train", "ode-rnn", "--quick", "--data", "csv", tmp_path, "--out",
+                       out, *FAST)  # fmt: skip
+    assert code == 2 and f"{tmp_path} is a directory, not a CSV file; pass the file" in err
+    assert not out.exists()
