@@ -437,3 +437,31 @@ def test_prepare_names_what_it_takes(capsys, tmp_path):
     one = SubjectSeries("a", times=[0.0, 1.0], values=torch.zeros(2, C))
     batch = trained.prepare(iter([one]))  # any iterable of series
     assert batch.values.shape == (1, 2, C)
+
+
+def test_a_second_signal_after_a_periodic_checkpoint_keeps_it(
+    capsys, monkeypatch, tmp_path, straight_spiral
+):
+    # Right after a --checkpoint-every save, before the next step's boundary, a forced stop
+    # overwrote that checkpoint with the position before the step and the parameters after it.
+    import neuralode.cli.train as train_module
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _raise_after(m, train_module, "atomic_save", 1)  # the periodic save after step 2
+        code, _, err = run(capsys, *SPIRAL, "--out", out, "--checkpoint-every", 2)
+    assert code == 130 and "stopped at once" in err
+    assert _position(out / "checkpoint.pt") == (0, 2, 2)
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--no-eval", *FAST)
+    assert code == 0, err
+    a, b = _params(straight_spiral / "checkpoint.pt"), _params(out / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_csv_path_that_is_a_directory_says_so(capsys, tmp_path):
+    # '--data csv DIR' said "CSV file not found: DIR" although DIR exists.
+    out = tmp_path / "runs" / "x"
+    code, _, err = run(capsys, "train", "ode-rnn", "--quick", "--data", "csv", tmp_path, "--out",
+                       out, *FAST)  # fmt: skip
+    assert code == 2 and f"{tmp_path} is a directory, not a CSV file; pass the file" in err
+    assert not out.exists()

@@ -357,9 +357,10 @@ def _train(
     interrupt = _Interrupt()
     state = {"epoch": start_epoch, "batch": skip, "step": step, "accum": accum}
     snapshot = {"rng": rng_states(), "gen": generator.get_state()}
-    # True while the model, optimiser, scheduler or best model are ahead of ``state`` (inside
-    # an optimiser step or an epoch's bookkeeping): a second signal there must not write a
-    # checkpoint, which would resume from a state that is neither this step nor the next.
+    # True from an optimiser step (or an epoch's bookkeeping) to the next boundary, while the
+    # model, optimiser, scheduler or best model are ahead of ``state`` and ``snapshot``: a
+    # second signal there must not write a checkpoint, which would resume from a state that
+    # is neither this step nor the next (the previous checkpoint is kept instead).
     torn = False
 
     def checkpoint(at: dict, rng: dict, gen_start: torch.Tensor) -> None:
@@ -400,6 +401,7 @@ def _train(
                 for b in range(first, len(batches)):
                     snapshot = {"rng": rng_states(), "gen": gen_start}
                     state.update(epoch=epoch, batch=b, accum=dict(acc))
+                    torn = False
                     if dist.any(interrupt.requested, device):
                         raise KeyboardInterrupt
                     indices, weight = dist.shard(batches[b])
@@ -420,7 +422,6 @@ def _train(
                     for k, v in (("solves", steps.n_solves), ("accepted", steps.n_accepted),
                                  ("rejected", steps.n_rejected), ("span", steps.span)):  # fmt: skip
                         acc[f"solver_{k}"] = acc.get(f"solver_{k}", 0.0) + v
-                    torn = False
                     inner.set_postfix_str(
                         f"loss {logs['train_loss']:.4g}, nfe f/b {nfe_f}/{nfe_b}", refresh=False
                     )
@@ -434,6 +435,7 @@ def _train(
                 # Validation and the epoch's bookkeeping: a boundary of its own.
                 snapshot = {"rng": rng_states(), "gen": gen_start}
                 state.update(epoch=epoch, batch=len(batches), accum=dict(acc))
+                torn = False
                 if dist.any(interrupt.requested, device):
                     raise KeyboardInterrupt
                 t_val = time.perf_counter()
@@ -442,7 +444,7 @@ def _train(
                     objective.eval()
                     with torch.no_grad():
                         val = task.validate(model)
-                torn = True  # until this epoch's checkpoint is written
+                torn = True
                 if scheduler is not None:
                     scheduler.step()
                 row = _epoch_row(acc, val, epoch + 1, state["step"])
@@ -467,7 +469,6 @@ def _train(
                         )
                 state.update(epoch=epoch + 1, batch=0, accum={})
                 checkpoint(state, rng_states(), generator.get_state())
-                torn = False
                 bar.update(1)
                 if dist.is_main:
                     line = _epoch_line(row, cfg.epochs, task.val_key)

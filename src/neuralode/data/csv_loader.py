@@ -77,6 +77,8 @@ def load_csv(
     ------
     FileNotFoundError
         If ``path`` does not exist.
+    IsADirectoryError
+        If ``path`` is a directory.
     ValueError
         Naming the file and the 1-based line number (header = line 1): an empty file; missing
         required columns (lists the missing and the found ones); a row with a different number
@@ -85,6 +87,8 @@ def load_csv(
         inconsistent label; a variable not in ``channels``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a CSV file; pass the file itself.")
     if not path.is_file():
         raise FileNotFoundError(f"CSV file not found: {path}")
     subjects: dict[str, dict[float, dict[str, list[float]]]] = {}
