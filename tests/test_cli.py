@@ -219,6 +219,7 @@ def test_ode_rnn_quick_on_csv(capsys, tmp_path):
     text = train(capsys, "ode-rnn", out, "--data", "csv", path, "--gradient", "checkpoint",
                  "--set", "label_col=death", "--set", "max_subjects=0", "--epochs", 6)  # fmt: skip
     assert "ODE-RNN on csv: 40 subjects" in text and "extrapolation" in text and "AUROC" in text
+    assert "time unit not given (--set time_unit=...)" in text and "time in unspecified" not in text
     # The label is written into channel b, so 6 epochs learn it: AUROC 1.0 on the 6 test
     # subjects with the default seed (also after 10 epochs; 0.75-1.0 with seeds 1-3, whose
     # splits differ); chance is 0.5 (the head after --quick's 2 epochs: 0.2).

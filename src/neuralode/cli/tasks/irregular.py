@@ -391,7 +391,12 @@ class IrregularTask(Task):
         lines = [
             f"{self.model_label} on {r['data']}: {sum(s.values())} subjects ({s['train']} train / "
             f"{s['val']} validation / {s['test']} test, split by subject), "
-            f"{len(r['channels'])} channels, time in {r['time_unit']}",
+            f"{len(r['channels'])} channels, "
+            + (
+                f"time in {r['time_unit']}"
+                if r["time_unit"] != "unspecified"
+                else "time unit not given (--set time_unit=...)"
+            ),
             "Held-out test subjects: MSE of standardised values at hidden time points "
             "(lower is better)",
         ]
