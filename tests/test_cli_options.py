@@ -175,6 +175,8 @@ def test_identical_command_on_a_finished_run_says_so(capsys, tmp_path, custom_ru
     code, stdout, err = run(capsys, *args)
     assert code == 0 and stdout == ""
     assert "already holds this run, finished (1 epochs); nothing to do" in err
+    # --no-eval wrote no summary.txt: the message does not point to one.
+    assert "It was not evaluated: run 'neuralode evaluate" in err and "summary.txt" not in err
     assert snapshot(out) == before
     code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", 1, *FAST)
     assert code == 0 and "finished (1 epochs)" in err

@@ -296,10 +296,16 @@ def _train(
     if mode == "finished":
         if dist.is_main:
             done = load_checkpoint(out / CHECKPOINT_NAME)["epoch"]
+            # A run stopped during its last validation is finished but was never evaluated.
+            see = (
+                f"See its {SUMMARY_NAME} or run 'neuralode evaluate {out}'"
+                if (out / SUMMARY_NAME).exists()
+                else f"It was not evaluated: run 'neuralode evaluate {out}'"
+            )
             print(
                 f"neuralode: {out} already holds this run, finished ({done} epochs); "
-                f"nothing to do. See its summary.txt or run 'neuralode evaluate {out}'; train "
-                "it further with --resume --epochs N, or choose another --out to train again.",
+                f"nothing to do. {see}; train it further with --resume --epochs N, or choose "
+                "another --out to train again.",
                 file=sys.stderr,
             )
         return 0
