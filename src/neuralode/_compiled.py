@@ -56,7 +56,6 @@ __all__ = ["STEPS_PER_CALL", "CompiledCodeMismatch", "check_compilable", "integr
 STEPS_PER_CALL = 8
 #: Output times one step may pass (a step that would pass more lands on the last of them).
 _OUT_WINDOW = 8
-_EPS64 = 2.220446049250313e-16
 _STATUS_UNDERFLOW = 1
 _STATUS_NONFINITE_H = 2
 

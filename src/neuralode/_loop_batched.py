@@ -13,9 +13,10 @@ and how many of them were spent on finished samples.
 Everything per sample is a tensor on the state's device: times and step sizes in float64 (step
 control runs in double precision whatever the state's dtype), the state as one flat ``(A, M)``
 tensor for the ``A`` rows of the working set (see :mod:`neuralode._tree`). The stages of all rows
-are combined with one matrix product per stage over the stacked stages (as
-:class:`~neuralode._loop.RKStepper`), scaled row-wise by each row's step size; no Python loop runs
-over samples. The host reads one small tensor per step (outputs due, finished and failed rows)
+are combined by the engine's one stepper (:class:`~neuralode.solvers.explicit_rk.RKStepper`
+with a ``(A,)`` tensor of step sizes: one matrix-vector product per stage, scaled row-wise); the
+error norm, the controller's initial step, proposal (with landings on ``step_t``/``jump_t``) and
+PI update, and the failure messages are the shared driver's; no Python loop runs over samples. The host reads one small tensor per step (outputs due, finished and failed rows)
 to steer the loop. ``func`` gets ``t`` of shape ``(A,)`` (each row's own time) and the ``A`` rows
 of the working set, and is never evaluated outside a sample's interval ``[t0_b, t1_b]``.
 """

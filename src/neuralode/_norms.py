@@ -124,11 +124,23 @@ ErrorNormWork = ErrorNorm  # the earlier name
 
 
 def initial_norm(work: ErrorNorm, y0, rtol, atol, floor: bool, rows=False, prob=None):
-    """``x -> ||x / (atol + rtol |y0|)||`` for Hairer's initial step: a float, or (B,) per row.
-    With ``prob`` carrying a user norm, that norm (shared control only)."""
+    """``norm(*xs)``: ``||x / (atol + rtol |y0|)||`` of each ``x`` for Hairer's initial step (a
+    float, or (B,) per row; a tuple for several ``x``). With ``prob`` carrying a user norm, that
+    norm (shared control only). A shared tensor state takes several norms in one reduction and
+    one host read."""
     with torch.no_grad():
-        a = y0.detach().abs()
-        scale = error_scale(a, a, rtol, atol, floor)
-    if prob is not None and prob.norm is not None:
-        return lambda x: float(_norm(prob, x / scale))
-    return lambda x: work.reduce(x / scale, rows=rows)
+        scale = y0.detach().abs().mul_(rtol).add_(atol)
+        if floor:
+            scale.clamp_(min=torch.finfo(scale.dtype).tiny)
+
+    def norm(*xs):
+        if prob is not None and prob.norm is not None:
+            vals = [float(_norm(prob, x / scale)) for x in xs]
+        elif not rows and not work.mixed:
+            both = torch.stack(xs).div_(scale).reshape(len(xs), -1)
+            vals = [v * work.inv_sqrt_n for v in torch.linalg.vector_norm(both, dim=1).tolist()]
+        else:
+            vals = [work.reduce(x / scale, rows=rows) for x in xs]
+        return vals[0] if len(vals) == 1 else tuple(vals)
+
+    return norm

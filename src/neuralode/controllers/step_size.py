@@ -415,15 +415,15 @@ class PIController(Controller):
     def initial_step(self, norm, f, t0, y0, k1, direction, span, order: int):
         """Hairer's starting step size (Hairer, Norsett & Wanner I, sec. II.4, algorithm p. 169).
 
-        ``norm(x)`` is the scaled norm of ``x`` with the scale of ``y0`` (a float, or a (B,)
-        tensor per row); ``t0``, ``direction`` and ``span`` (the length of the interval) are
+        ``norm(*xs)`` gives the scaled norms of ``xs`` with the scale of ``y0`` (floats, or (B,)
+        tensors per row); ``t0``, ``direction`` and ``span`` (the length of the interval) are
         floats or (B,) float64 tensors. Costs one evaluation ``f(t, y)``; never steps past the
         interval. With ``dt0`` set, that is the answer (no evaluation).
         """
         if self.dt0 is not None:
             return minimum(self.dt0 + 0.0 * span, self.dt_max)
         with torch.no_grad():
-            d0, d1 = norm(y0), norm(k1)
+            d0, d1 = norm(y0, k1)
             # 0.01 d0/d1, or 1e-6 when either norm is tiny (the floor only guards the division).
             h0 = where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / maximum(d1, 1e-5))
             h0 = minimum(minimum(h0, span), self.dt_max)
