@@ -809,3 +809,33 @@ def test_adjoint_norm_replaced_on_grad_fn_is_used_with_torchdiffeq_layout():
     y0.grad = None
     odeint_adjoint(f, y0, torch.tensor([0.0, 1.0], dtype=D64), adjoint_params=(p,)).sum().backward()
     torch.testing.assert_close(g_spy, y0.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_odeint_adjoint_backward_failure_is_torchdiffeqs_assertion_error():
+    """A failing backward solve raises what torchdiffeq raises there (scripts catch
+    AssertionError around loss.backward()), and is still neuralode's MaxStepsError."""
+    w = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(w.detach().clone())
+
+        def forward(self, t, y):
+            return -self.w * y
+
+    f = Field()
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 5.0], dtype=torch.float64)
+    ys = neuralode.odeint_adjoint(
+        f, y0, t, rtol=1e-10, atol=1e-12, adjoint_options=dict(max_num_steps=3)
+    )
+    with pytest.raises(AssertionError, match=r"^max_num_steps exceeded") as info:
+        ys[-1].sum().backward()
+    assert isinstance(info.value, neuralode.MaxStepsError)
+    # The native face keeps neuralode's own class (not an AssertionError).
+    back = neuralode.Backsolve(rtol=1e-10, atol=1e-12, max_steps=3)
+    sol = neuralode.solve(f, y0, t, rtol=1e-10, atol=1e-12, gradient=back)
+    with pytest.raises(neuralode.MaxStepsError) as info:
+        sol.ys[-1].sum().backward()
+    assert not isinstance(info.value, AssertionError)

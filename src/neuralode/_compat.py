@@ -521,6 +521,7 @@ def odeint_adjoint(
         params=params,
         max_steps=None if amax is None else int(amax),
         dt=None if astep is None else float(astep),
+        errors=torchdiffeq_errors,  # the backward solve fails as torchdiffeq's does
     )
     func, y0 = promoted(func, y0)
     with torchdiffeq_errors():

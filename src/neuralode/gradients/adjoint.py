@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -85,6 +86,11 @@ class Backsolve:
         2-4x more accurate at moderate tolerances in ``benchmarks/gradients.py``). ``"auto"``:
         ``"stop"`` when such outputs are no more than the forward steps, else ``"replay"``.
         ``Solution.stats["backsolve_outputs"]`` records the choice.
+    errors : callable, optional
+        A context-manager factory (``errors() -> context manager``) the backward solve runs
+        inside, e.g. to re-raise its failures as other exception types; the torchdiffeq face
+        passes one that raises torchdiffeq's ``AssertionError``, as in the forward solve.
+        Default: failures raise neuralode's :class:`~neuralode.SolveError` subclasses.
 
     Notes
     -----
@@ -107,6 +113,7 @@ class Backsolve:
     dt: float | None = None
     outputs: str = "auto"
     norm: object = field(default=None, compare=False)
+    errors: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.outputs not in ("auto", "replay", "stop"):
@@ -121,6 +128,10 @@ class Backsolve:
                 raise ValueError(f"Backsolve({name}=...) must be a non-negative number, got {v!r}")
         if self.solver is not None:
             get_tableau(self.solver)
+        if self.errors is not None and not callable(self.errors):
+            raise TypeError(
+                f"Backsolve(errors=...) must be a context-manager factory, got {self.errors!r}"
+            )
         if self.norm is not None and not callable(self.norm):
             raise TypeError(f"Backsolve(norm=...) must be callable, got {self.norm!r}")
         if not isinstance(self.seminorm, bool):
@@ -186,7 +197,8 @@ class _BacksolveFn(torch.autograd.Function):
                 "adjoint; use gradient='checkpoint' (exact, bounded memory) or 'direct'"
             )
         run, cfg, params = ctx.run, ctx.cfg, list(ctx.params)
-        grads = _backward(run, cfg, params, ctx.y_final, g_ys.reshape(ctx.flat_shape))
+        with cfg.errors() if cfg.errors is not None else contextlib.nullcontext():
+            grads = _backward(run, cfg, params, ctx.y_final, g_ys.reshape(ctx.flat_shape))
         return (None, None, *grads)
 
 
