@@ -265,8 +265,6 @@ def test_integral_errors():
         neuralode.solve(decay, y0, t, integral=lambda t, y: 1.0)
     with pytest.raises(ValueError, match="same shape at every time"):
         neuralode.solve(decay, y0, t, integral=lambda t, y: y if float(t) == 0 else y.sum())
-    with pytest.raises(ValueError, match="compile=True"):
-        neuralode.solve(decay, y0, t, integral=squares, compile=True)
     with pytest.raises(ValueError, match=r"must return shape \(B, \.\.\.\) with B = 2"):
         neuralode.solve(
             decay,

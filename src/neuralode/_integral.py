@@ -179,11 +179,6 @@ def solve_with_integral(solve_fn, func, y0, t, g, in_error_norm: bool, kwargs: d
         raise TypeError(f"integral must be callable as g(t, y) -> Tensor, got {type(g).__name__}")
     if not isinstance(in_error_norm, bool):
         raise TypeError(f"integral_in_error_norm must be a bool, got {in_error_norm!r}")
-    if kwargs.get("compile"):
-        raise ValueError(
-            "compile=True supports a single-tensor state, and integral= adds a component to the "
-            "state; use compile=False with integral=..., or solve without the integral"
-        )
     kind, keys, comps = _components(y0)
     if not comps or not all(isinstance(c, torch.Tensor) for c in comps):
         raise TypeError("y0 must hold tensors (a tensor, or a tuple/dict of tensors)")

@@ -146,8 +146,9 @@ def solve(
         component of the state (:mod:`neuralode._integral`), so it works with every gradient
         method, per-sample grids and control (g must then return one row per sample, ``(B,
         ...)``), whole-state events (``Solution.event_integral``) and dense output
-        (:meth:`Solution.evaluate_integral`). g is evaluated once more at ``(t0, y0)`` to learn
-        its shape. Not with ``compile=True``.
+        (:meth:`Solution.evaluate_integral`), and ``compile=True`` (the augmented state is a
+        tuple state; g must then be traceable too). g is evaluated once more at ``(t0, y0)`` to
+        learn its shape.
     integral_in_error_norm : bool, default True
         Whether the integral's local error enters step-size control (as another component of
         the mixed norm, with the state's tolerances). False leaves it out (steps are those of
@@ -320,7 +321,9 @@ def solve(
         # Output 0 is y0 itself, which does not move with t0: undo the shift applied to y0.
         corr = [(t[0] - t[0].detach()).to(_real(spec.dtype)) * f0]
         for j in range(1, len(out_t)):
-            corr.append((t[j] - t[j].detach()).to(_real(spec.dtype)) * fv(out_t[j], ys[j]))
+            # (Backsolve returns a tensor state's outputs in y0's shape, the others flat.)
+            y_j = ys[j].reshape(y0flat.shape)
+            corr.append((t[j] - t[j].detach()).to(_real(spec.dtype)) * fv(out_t[j], y_j))
         ys = ys + torch.stack(corr).reshape(ys.shape)
         run.stats["nfe_t_gradient"] = fv.nfe + 1
     run.stats.update(n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted)

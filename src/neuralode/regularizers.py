@@ -298,7 +298,9 @@ class JacobianFrobenius:
     Raises
     ------
     ValueError
-        For an unknown estimator or Hutchinson without noise.
+        For an unknown estimator or Hutchinson without noise; when called, for noise of
+        another shape than the state (Hutchinson with ``batch_control="per_sample"``, which
+        passes only the rows still being integrated: use the exact estimator there).
     """
 
     def __init__(self, func, estimator: str = "exact", e: torch.Tensor | None = None):
@@ -320,7 +322,11 @@ class JacobianFrobenius:
             e = self.e
             if e is not None and e.shape != zz.shape:  # per-sample control: rows still running
                 raise ValueError(
-                    f"the noise e has shape {tuple(e.shape)} but the state {tuple(zz.shape)}"
+                    f"JacobianFrobenius(estimator='hutchinson'): the noise e has shape "
+                    f"{tuple(e.shape)} but g was called with a state of shape "
+                    f"{tuple(zz.shape)}. With batch_control='per_sample' the solver passes only "
+                    "the rows still being integrated, which the fixed noise cannot follow; use "
+                    "estimator='exact' there, or batch_control='shared'"
                 )
             _, frob = jacobian_terms(dz, zz, estimator=self.estimator, e=e, create_graph=create)
         return frob

@@ -41,6 +41,9 @@ def time_beside(x: float, toward: float, time_dtype: torch.dtype) -> float:
 
 
 _EPS64 = 2.220446049250313e-16
+# Relative distance below which a step end is merged with the landing just beyond it: the
+# resolution of t in :func:`underflows`.
+_SLIVER = 4 * _EPS64
 
 
 def underflows(h, t, dt_min: float):
@@ -193,9 +196,12 @@ class Controller:
             else:
                 i = bisect.bisect_left(landings, t) - 1
                 land = landings[i] if i >= 0 else None
-        if land is not None and direction * (t_try - land) >= 0:
+        # A step ending within a few ulps short of a landing ends on it: the sliver step left
+        # over would be below the resolution of t (an adjoint solve replaying it underflows).
+        if land is not None and direction * (t_try - land) >= -_SLIVER * abs(land):
             return land, True, land in self.jump_t  # landings lie strictly inside
-        if direction * (t_try - t_end) >= 0:  # a jump at the end: its left limit (perturb)
+        # (A jump at the end: its left limit, perturb.)
+        if direction * (t_try - t_end) >= -_SLIVER * abs(t_end):
             return t_end, True, t_end in self.jump_t
         return t_try, False, False
 
@@ -210,12 +216,12 @@ class Controller:
             land = torch.where(ok, L[i.clamp(0, n - 1)], t_end)
             # A landing beyond the end is no landing: the end comes first.
             ok = ok & (sdir * (t_end - land) > 0)
-            to_land = ok & (sdir * (t_try - land) >= 0)
+            to_land = ok & (sdir * (t_try - land) >= -_SLIVER * land.abs())
             t_new = torch.where(to_land, land, t_try)
         else:
             to_land = torch.zeros_like(t, dtype=torch.bool)
             t_new = t_try
-        at_end = sdir * (t_new - t_end) >= 0
+        at_end = sdir * (t_new - t_end) >= -_SLIVER * abs(t_end)
         t_new = torch.where(at_end, t_end, t_new)
         if self.jump_t:  # on a jump_t landing, or at an end that is one (its left limit)
             J = torch.tensor(self.jump_t, dtype=t_new.dtype, device=t_new.device)

@@ -254,6 +254,7 @@ def integrate_reversible(run: Run, lam: float, y0flat, *, keep_states: bool = Fa
     k_grid, li = 1, 0
     records, states = [], [] if keep_states else None
     attempts = n_acc = n_rej = 0
+    last_nonfinite = False
     status, message = "success", ""
 
     def fail(cls, msg, hh):
@@ -272,7 +273,8 @@ def integrate_reversible(run: Run, lam: float, y0flat, *, keep_states: bool = Fa
                 h,
             )
             break
-        h_abs = min(abs(h), ctrl.dt_max) if adaptive else abs(h)
+        # The controller bounds the step (to [dt_min, dt_max] with force_dt_min).
+        h_abs = ctrl.bounded(abs(h), last_nonfinite) if adaptive else abs(h)
         if adaptive and (
             not math.isfinite(h_abs) or h_abs < ctrl.dt_min or t + direction * h_abs == t
         ):
@@ -311,7 +313,8 @@ def integrate_reversible(run: Run, lam: float, y0flat, *, keep_states: bool = Fa
         y_new, F, e_est = _forward_half(st, f, lam, t, t_new, t_first, t_last, y, z, adaptive)
         if adaptive:
             e = norm(prob, e_est, z, z + F)
-            if not e <= 1.0:
+            last_nonfinite = not math.isfinite(e)
+            if not (e <= 1.0 or ctrl.accepts(e, min(h_abs, abs(t_new - t)))):
                 n_rej += 1
                 h = abs(t_new - t) * ctrl.reject_factor(e, k_order)
                 continue
