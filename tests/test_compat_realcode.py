@@ -1,0 +1,78 @@
+"""The torchdiffeq face under patterns found in real projects written for torchdiffeq 0.2.5.
+
+Each test reproduces, in a few lines of our own, a usage seen when running published
+torchdiffeq code (latent ODEs, augmented neural ODEs, FFJORD, neural CDEs, torchdiffeq's own
+examples) against neuralode through a ``torchdiffeq`` shim; the expected behaviour is
+torchdiffeq 0.2.5's, checked against closed forms where a value is involved.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from neuralode import odeint, odeint_adjoint
+
+D64 = torch.float64
+
+
+class _Decay(nn.Module):
+    """dy/dt = -k y, with only accept/reject step callbacks (no ``callback_step``)."""
+
+    def __init__(self, k=1.5):
+        super().__init__()
+        self.k = k
+        self.accepted, self.rejected = [], []
+
+    def forward(self, t, y):
+        return -self.k * y
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.accepted.append((float(t0), float(dt)))
+
+    def callback_reject_step(self, t0, y0, dt):
+        self.rejected.append((float(t0), float(dt)))
+
+
+@pytest.mark.parametrize("solver", [odeint, odeint_adjoint])
+def test_accept_and_reject_callbacks_alone_are_called(solver):
+    """A func that records its accepted steps, but defines no callback_step (as code that logs
+    step sizes does): torchdiffeq calls the accept and reject callbacks on their own."""
+    f = _Decay()
+    y0 = torch.tensor([1.0, 2.0], dtype=D64)
+    t = torch.tensor([0.0, 4.0], dtype=D64)
+    ys = solver(f, y0, t, rtol=1e-8, atol=1e-10, options=dict(first_step=3.0))
+    assert len(f.accepted) >= 5
+    assert len(f.rejected) >= 1  # a first step of 3.0 at this tolerance is rejected
+    # the accepted steps follow each other from 0 and cover [0, 4] (torchdiffeq's last step may
+    # end past 4 and interpolate; neuralode's ends on 4)
+    assert f.accepted[0][0] == 0.0
+    assert f.accepted[-1][0] < 4.0 <= sum(dt for _, dt in f.accepted) * (1 + 1e-12)
+    for (t0, dt), (t1, _) in zip(f.accepted, f.accepted[1:]):
+        assert t1 == pytest.approx(t0 + dt, rel=1e-12)
+    torch.testing.assert_close(ys[-1], y0 * math.exp(-1.5 * 4.0), rtol=1e-6, atol=0)
+
+
+class _RejectsOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rejected = []
+
+    def forward(self, t, y):
+        return -1.5 * y
+
+    def callback_reject_step(self, t0, y0, dt):
+        assert isinstance(t0, torch.Tensor) and isinstance(dt, torch.Tensor)
+        self.rejected.append((float(t0), float(dt)))
+
+
+def test_reject_callback_alone_is_called():
+    f = _RejectsOnly()
+    y0 = torch.tensor([1.0], dtype=D64)
+    t = torch.tensor([0.0, 4.0], dtype=D64)
+    odeint(f, y0, t, rtol=1e-8, atol=1e-10, options=dict(first_step=3.0))
+    assert len(f.rejected) >= 1
+    assert f.rejected[0] == (0.0, 3.0)  # the first attempt, rejected
