@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuralode import odeint, odeint_adjoint
+from neuralode import odeint, odeint_adjoint, odeint_event
 
 D64 = torch.float64
 
@@ -76,3 +76,50 @@ def test_reject_callback_alone_is_called():
     odeint(f, y0, t, rtol=1e-8, atol=1e-10, options=dict(first_step=3.0))
     assert len(f.rejected) >= 1
     assert f.rejected[0] == (0.0, 3.0)  # the first attempt, rejected
+
+
+# --------------------------------------------------------------- events that reach zero and stay
+def _fall(t, y):
+    return torch.full_like(y, -0.1)
+
+
+def _horizon_event(t, y):
+    """torchdiffeq's learn_physics example: a real event (y = 0, at t = 10 here), and a
+    terminal time made by returning zero past a horizon (1.5)."""
+    if t > 1.5:
+        return torch.zeros_like(t)
+    return y.sum()
+
+
+def _clamped_event(t, y):
+    """Continuous, and zero for every t >= 1.5."""
+    return torch.clamp(1.5 - t, min=0.0) * torch.ones_like(y.sum())
+
+
+@pytest.mark.parametrize("event_fn", [_horizon_event, _clamped_event])
+@pytest.mark.parametrize("t0_shape", [(), (1,)])
+def test_event_is_where_g_first_reaches_zero_and_stays(event_fn, t0_shape):
+    """An event function that becomes exactly zero and stays zero fires where it first gets
+    there (torchdiffeq: 1.5 to its tolerance), not at whichever later time a check point or a
+    step end happened to sample a zero."""
+    y0 = torch.tensor([1.0], dtype=D64)
+    t0 = torch.zeros(t0_shape, dtype=D64)
+    t_ev, sol = odeint_event(_fall, y0, t0, event_fn=event_fn, rtol=1e-8, atol=1e-8)
+    assert float(t_ev) == pytest.approx(1.5, abs=1e-7)
+    torch.testing.assert_close(sol[-1], torch.tensor([0.85], dtype=D64), rtol=0, atol=1e-7)
+
+
+def test_event_that_reaches_zero_exactly_at_a_step_end_is_located():
+    """g = t - 1 with steps that land on t = 1 exactly (fixed step 0.25): the zero at the step end
+    is the event."""
+    y0 = torch.tensor([1.0], dtype=D64)
+    t_ev, sol = odeint_event(
+        _fall,
+        y0,
+        torch.tensor(0.0, dtype=D64),
+        event_fn=lambda t, y: (1.0 - t) * torch.ones_like(y.sum()),
+        method="rk4",
+        options=dict(step_size=0.25),
+    )
+    assert float(t_ev) == pytest.approx(1.0, abs=1e-8)  # torchdiffeq: 5e-10 off
+    torch.testing.assert_close(sol[-1], torch.tensor([0.9], dtype=D64), rtol=0, atol=1e-9)
