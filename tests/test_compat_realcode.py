@@ -9,6 +9,7 @@ torchdiffeq 0.2.5's, checked against closed forms where a value is involved.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -123,3 +124,30 @@ def test_event_that_reaches_zero_exactly_at_a_step_end_is_located():
     )
     assert float(t_ev) == pytest.approx(1.0, abs=1e-8)  # torchdiffeq: 5e-10 off
     torch.testing.assert_close(sol[-1], torch.tensor([0.9], dtype=D64), rtol=0, atol=1e-9)
+
+
+def test_constant_event_value_warns_once_in_a_training_loop():
+    """torchdiffeq's learn_physics example: the horizon event (g = zeros_like(t)) fires in every
+    iteration while the state requires grad; the zero-gradient warning is shown once per call
+    site under Python's default filter, not once per iteration."""
+    k = torch.tensor(0.1, dtype=D64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for horizon in (1.5, 1.6, 1.7):
+
+            def event_fn(t, y, horizon=horizon):
+                if t > horizon:
+                    return torch.zeros_like(t)
+                return y.sum()
+
+            t_ev, _ = odeint_event(
+                lambda t, y: -k * torch.ones_like(y),
+                torch.tensor([1.0], dtype=D64),
+                torch.tensor(0.0, dtype=D64),
+                event_fn=event_fn,
+                rtol=1e-8,
+                atol=1e-8,
+            )
+            assert float(t_ev) == pytest.approx(horizon, abs=1e-7)
+    msgs = [str(w.message) for w in caught if "does not depend on" in str(w.message)]
+    assert len(msgs) == 1

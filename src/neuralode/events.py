@@ -400,9 +400,10 @@ def _reroute(func, event, t_star: list[float], y_star, per_sample: bool, time_dt
         if D is None and not g_val.requires_grad:
             # g's value at the event depends on nothing differentiable (e.g. an event function
             # that returns torch.zeros_like(t) past a horizon): the event time is a constant.
-            # torchdiffeq gives it a zero gradient silently; say so.
+            # torchdiffeq gives it a zero gradient silently; say so, once per call site (the
+            # message holds no event time, so a training loop does not repeat it every step).
             warnings.warn(
-                f"the event function's value at the event t={ts!r} does not depend on t, the "
+                "the event function's value at the event does not depend on t, the "
                 "state or any parameter through torch operations: the event time is treated as "
                 "a constant (zero gradient). If it should depend on them, compute the event "
                 "function with differentiable torch operations (no float(), no bool)",
