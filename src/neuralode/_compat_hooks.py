@@ -168,7 +168,8 @@ def _usable(func, names, adaptive: bool, where: str, stacklevel: int):
             stacklevel=stacklevel + 1,
         )
         cbs = (cbs[0], None, None)
-    return cbs if cbs[0] is not None else None
+    # accept/reject alone are enough (torchdiffeq calls each callback that func defines)
+    return cbs if any(c is not None for c in cbs) else None
 
 
 class Perturbed:

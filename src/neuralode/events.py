@@ -158,31 +158,31 @@ class EventMonitor:
         return bool(self.fired.all())
 
     def _refine(self, view, b: int, a: float, c: float, ga: float, gc: float) -> float:
-        """Illinois iteration for the crossing of sample ``b`` in step fractions ``[a, c]``."""
-        if gc == 0.0:
-            return c
+        """The first crossing of sample ``b`` in step fractions ``[a, c]``: where ``g`` leaves
+        the sign it has at ``a`` (``ga != 0``). Illinois iteration while ``g`` takes the other
+        sign at the bracket's end; bisection once it is exactly zero there, since ``g`` may stay
+        zero after it gets there (``torch.zeros_like(t)`` past a horizon, a clamp): the event is
+        then where ``g`` reaches zero, as in torchdiffeq, not wherever a zero was sampled."""
         side = 0
         h = view.t_new - view.t
-        for _ in range(100):
+        for _ in range(200):
             if c - a <= 1e-14 or abs(h) * (c - a) <= 4 * 2.2e-16 * max(
                 abs(view.t), abs(view.t_new)
             ):
                 break
-            m = (a * gc - c * ga) / (gc - ga)
+            m = 0.5 * (a + c) if gc == 0.0 else (a * gc - c * ga) / (gc - ga)
             if not (a < m < c):
                 m = 0.5 * (a + c)
             ym = view.at(torch.tensor([m], dtype=torch.float64, device=view.y.device))[0]
             gm = float(self.g(view.t + m * h, ym)[b])
-            if gm == 0.0:
-                return m
-            if (gm > 0) == (gc > 0):
+            if gm == 0.0 or (gm > 0) != (ga > 0):  # crossed by m
                 c, gc = m, gm
                 if side == 1:
                     ga *= 0.5
                 side = 1
             else:
                 a, ga = m, gm
-                if side == -1:
+                if side == -1 and gc != 0.0:
                     gc *= 0.5
                 side = -1
         return c
@@ -400,9 +400,10 @@ def _reroute(func, event, t_star: list[float], y_star, per_sample: bool, time_dt
         if D is None and not g_val.requires_grad:
             # g's value at the event depends on nothing differentiable (e.g. an event function
             # that returns torch.zeros_like(t) past a horizon): the event time is a constant.
-            # torchdiffeq gives it a zero gradient silently; say so.
+            # torchdiffeq gives it a zero gradient silently; say so, once per call site (the
+            # message holds no event time, so a training loop does not repeat it every step).
             warnings.warn(
-                f"the event function's value at the event t={ts!r} does not depend on t, the "
+                "the event function's value at the event does not depend on t, the "
                 "state or any parameter through torch operations: the event time is treated as "
                 "a constant (zero gradient). If it should depend on them, compute the event "
                 "function with differentiable torch operations (no float(), no bool)",
