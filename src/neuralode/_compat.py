@@ -323,7 +323,13 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
         [t[:1].to(torch.float64), t[:1].detach().to(torch.float64) + sign * _EVENT_HORIZON]
     )
     sol = solve(
-        func, y0, tt, gradient=gradient, dense_output=False, event=Event(event_fn), **kwargs
+        func,
+        y0,
+        tt,
+        gradient=gradient,
+        dense_output=False,
+        event=Event(event_fn, constant_ok=True),
+        **kwargs,
     )
     if isinstance(y0, (tuple, list)):
         traj = tuple(torch.stack([a, b]) for a, b in zip(y0, sol.event_y))

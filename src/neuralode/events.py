@@ -55,6 +55,12 @@ class Event:
         ball's velocity flip). Needs ``terminal=False``.
     max_events : int, default 100
         Limit on recorded non-terminal events.
+    constant_ok : bool, default False
+        What to do when gradients are recorded but the event function's value at the event
+        depends on nothing differentiable (neither t, the state nor a parameter, e.g. it calls
+        ``float()``): False raises RuntimeError, since the event time's gradient would silently
+        be zero; True treats the event time as a constant with a UserWarning (the torchdiffeq
+        face, where event functions such as ``zeros_like(t)`` past a horizon are common).
 
     Raises
     ------
@@ -67,6 +73,7 @@ class Event:
     terminal: bool = True
     reset: Callable | None = None
     max_events: int = 100
+    constant_ok: bool = False
 
     def __post_init__(self):
         if not callable(self.fn):
@@ -397,7 +404,7 @@ def _reroute(func, event, t_star: list[float], y_star, per_sample: bool, time_dt
             t_out.append(tt)  # no gradient wanted: the located time as it is
             rows.append(yflat[b] if per_sample else yflat[0])
             continue
-        if D is None and not g_val.requires_grad:
+        if D is None and not g_val.requires_grad and event.constant_ok:
             # g's value at the event depends on nothing differentiable (e.g. an event function
             # that returns torch.zeros_like(t) past a horizon): the event time is a constant.
             # torchdiffeq gives it a zero gradient silently; say so, once per call site (the
