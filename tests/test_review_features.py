@@ -163,3 +163,31 @@ def test_cnf_regularizers_positive_whichever_way_time_runs(t0, t1):
     w[1:-1:2], w[2:-1:2] = 4.0, 2.0
     kinetic = (w[:, None] * vals).sum(0) * span / 2000 / 3
     torch.testing.assert_close(regs["kinetic"], kinetic, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_control", ["shared", "per_sample"])
+def test_backsolve_output_times_one_ulp_apart(batch_control):
+    # y' = -a y with outputs at 0.5 and the next float: L = sum_j y(t_j) . w, dL/dy0 =
+    # sum_j e^{-a t_j} w, dL/da = -sum_j t_j e^{-a t_j} y0 . w. The per-sample backward solve
+    # raised StepSizeUnderflowError on the one-ulp segment between the two outputs.
+    a = torch.tensor(0.8, dtype=D, requires_grad=True)
+    y0 = torch.tensor([[1.0, 2.0], [-0.5, 0.3]], dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, math.nextafter(0.5, 1.0), 1.0], dtype=D)
+    w = torch.tensor([1.0, -3.0], dtype=D)
+
+    class Decay(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(a.detach().clone())
+
+        def forward(self, t, y):
+            return -self.a * y
+
+    field = Decay()
+    sol = neuralode.solve(field, y0, t, gradient="backsolve", batch_control=batch_control,
+                          rtol=1e-11, atol=1e-12)  # fmt: skip
+    (sol.ys * w).sum().backward()
+    e = torch.exp(-0.8 * t)
+    torch.testing.assert_close(y0.grad, e.sum() * w.expand(2, 2), rtol=1e-8, atol=1e-10)
+    want_a = -(t * e).sum() * (y0.detach() * w).sum()
+    torch.testing.assert_close(field.a.grad, want_a, rtol=1e-8, atol=1e-10)
