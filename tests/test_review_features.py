@@ -128,3 +128,66 @@ def test_compile_with_integral_and_gradients():
     torch.testing.assert_close(out[1][0], want, rtol=1e-6, atol=1e-9)
     for eager, compiled in zip(out[0], out[1]):
         torch.testing.assert_close(compiled, eager, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("t0, t1", [(0.0, 1.0), (1.0, 0.0), (0.5, -1.5)])
+def test_cnf_regularizers_positive_whichever_way_time_runs(t0, t1):
+    # f = A z: ||df/dz||_F^2 = ||A||_F^2 along every trajectory, so its integral over the
+    # interval is ||A||_F^2 |t1 - t0|; the kinetic energy is int ||A z(s)||^2 ds with
+    # z(s) = e^{A (s - t1)} x. With t0 > t1 both came out negative (the loss then rewarded
+    # large kinetic energy and Jacobians).
+    from neuralode.models import CNF
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A = torch.nn.Parameter(torch.tensor([[0.3, -0.2], [0.1, -0.5]], dtype=D))
+
+        def forward(self, t, z):
+            return z @ self.A.T
+
+    field = Linear()
+    x = torch.tensor([[0.5, -1.0], [1.2, 0.3]], dtype=D)
+    flow = CNF(field, t0=t0, t1=t1, rtol=1e-10, atol=1e-10,
+               regularizers={"kinetic": 1.0, "jacobian": 1.0})  # fmt: skip
+    _, regs = flow.log_prob_and_regularizers(x)
+    A = field.A.detach()
+    span = abs(t1 - t0)
+    torch.testing.assert_close(
+        regs["jacobian"], A.square().sum().expand(2) * span, rtol=1e-9, atol=1e-12
+    )
+    s = torch.linspace(t0, t1, 2001, dtype=D)  # Simpson's rule over the interval
+    vals = torch.stack([(x @ torch.linalg.matrix_exp(A * (si - t1)).T @ A.T).square().sum(1)
+                        for si in s])  # fmt: skip
+    w = torch.ones(2001, dtype=D)
+    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+    kinetic = (w[:, None] * vals).sum(0) * span / 2000 / 3
+    torch.testing.assert_close(regs["kinetic"], kinetic, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_control", ["shared", "per_sample"])
+def test_backsolve_output_times_one_ulp_apart(batch_control):
+    # y' = -a y with outputs at 0.5 and the next float: L = sum_j y(t_j) . w, dL/dy0 =
+    # sum_j e^{-a t_j} w, dL/da = -sum_j t_j e^{-a t_j} y0 . w. The per-sample backward solve
+    # raised StepSizeUnderflowError on the one-ulp segment between the two outputs.
+    a = torch.tensor(0.8, dtype=D, requires_grad=True)
+    y0 = torch.tensor([[1.0, 2.0], [-0.5, 0.3]], dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, math.nextafter(0.5, 1.0), 1.0], dtype=D)
+    w = torch.tensor([1.0, -3.0], dtype=D)
+
+    class Decay(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(a.detach().clone())
+
+        def forward(self, t, y):
+            return -self.a * y
+
+    field = Decay()
+    sol = neuralode.solve(field, y0, t, gradient="backsolve", batch_control=batch_control,
+                          rtol=1e-11, atol=1e-12)  # fmt: skip
+    (sol.ys * w).sum().backward()
+    e = torch.exp(-0.8 * t)
+    torch.testing.assert_close(y0.grad, e.sum() * w.expand(2, 2), rtol=1e-8, atol=1e-10)
+    want_a = -(t * e).sum() * (y0.detach() * w).sum()
+    torch.testing.assert_close(field.a.grad, want_a, rtol=1e-8, atol=1e-10)

@@ -64,7 +64,8 @@ class Reversible:
 
     Steps: fixed (:class:`~neuralode.ConstantStep`, :class:`~neuralode.StepToGrid`) or adaptive
     (:class:`~neuralode.PIController`, from the method's embedded error estimate of the
-    ``Psi(t_n, z_n, h)`` half of the step, checked before the second half is computed). Every
+    ``Psi(t_n, z_n, h)`` half of the step, checked before the second half is computed; its
+    ``dt_min``, ``dt_max`` and ``force_dt_min`` hold as in the other gradient methods). Every
     output time is a landing point (steps are clipped to end on it): there is no dense output,
     and the value at an output time is the scheme's state there.
 

@@ -312,7 +312,10 @@ class CNF(CountsNFE, nn.Module):
         sol = neuralode.solve(dyn, state, t, **kw)
         self._counter.record(sol.stats)
         z0, delta = sol.ys[0][-1], sol.ys[1][-1]
-        regs = {name: sol.ys[2 + i][-1] for i, name in enumerate(regs_on)}
+        # _Dynamics integrates -r from t1 to t0, which is +int r dt only for t1 > t0: the
+        # regularisers are integrals over the interval, positive whichever way time runs.
+        sign = 1.0 if self.t1 > self.t0 else -1.0
+        regs = {name: sign * sol.ys[2 + i][-1] for i, name in enumerate(regs_on)}
         return self.base_log_prob(z0) - delta, regs
 
     def _solve_kwargs(self, n_reg: int, dtype: torch.dtype) -> dict:
