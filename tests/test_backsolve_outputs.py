@@ -107,3 +107,27 @@ def test_forward_dt_min_does_not_bind_the_backward_solve():
     for gradient in (neuralode.Direct(), neuralode.Backsolve(outputs="replay")):
         # Both within 1e-5 of it (1e-6 measured: steps of 0.3 at rtol 1e-3 on a smooth field).
         assert _rel(grads(gradient, controller=ctrl), ref) < 1e-5, gradient
+
+
+@pytest.mark.parametrize("tols", [{}, {"rtol": 1e-10, "atol": 1e-12}])
+def test_backsolve_max_steps_bounds_the_whole_backward_solve(tols):
+    """Backsolve(max_steps=N) counts step attempts over the whole backward solve, also when it
+    follows the forward steps segment by segment (no tolerances of its own given)."""
+    w = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 5.0], dtype=torch.float64)
+
+    def f(t, y):
+        return -w * y
+
+    def run(max_steps):
+        back = neuralode.Backsolve(max_steps=max_steps, params=[w], **tols)
+        sol = neuralode.solve(f, y0, t, rtol=1e-10, atol=1e-12, gradient=back)
+        sol.ys[-1].sum().backward()
+        return sol
+
+    n_forward = run(None).stats["n_accepted"]  # 131 steps forward at this tolerance
+    assert n_forward > 20
+    with pytest.raises(neuralode.MaxStepsError, match=r"Backsolve\(max_steps=10\)"):
+        run(10)
+    run(20 * n_forward)  # a generous limit is not reached

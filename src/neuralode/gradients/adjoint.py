@@ -20,6 +20,7 @@ from .._loop import (
 from .._tree import flatten_state
 from ..controllers import ConstantStep, PIController, StepToGrid
 from ..controllers.step_size import time_beside
+from ..errors import MaxStepsError
 from ..solvers import get_tableau
 from ._common import ParamCheck, Run, find_params, forward_without_graph
 from .checkpoint import add_initial_outputs
@@ -326,6 +327,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
     jumps = set(ctrl.jump_t)
     k1_next = None  # the first stage for the next segment, when it is already known
     h_carry = None
+    used = 0  # step attempts of the backward solve so far (all segments)
     for i, point in enumerate(points):
         acted = False
         for kind, k in actions.get(point, ()):
@@ -383,7 +385,8 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             out_sample=None,
             out_order=None,
             n_out_rows=0,
-            max_steps=cfg.max_steps,
+            # max_steps bounds the whole backward solve, over all its segments.
+            max_steps=None if cfg.max_steps is None else max(cfg.max_steps - used, 0),
             rtol=aug_rtol,
             atol=aug_atol,
             norm=norm,
@@ -405,17 +408,30 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             k1_aug = k1_next  # FSAL across the boundary: nothing changed here
         # Starting at a discontinuity, the first stage sees the limit from the side integrated.
         t_first = time_beside(point, nxt, run.time_dtype) if point in jumps else None
-        with torch.no_grad():
-            res = integrate(
-                aug_prob,
-                aug_f,
-                flat,
-                track_grad=False,
-                stepper=aug_stepper,
-                h0=_step_containing(steps, point, nxt, direction) if follow_forward else h_carry,
-                k1=k1_aug,
-                t_first=t_first,
-            )
+        try:
+            with torch.no_grad():
+                res = integrate(
+                    aug_prob,
+                    aug_f,
+                    flat,
+                    track_grad=False,
+                    stepper=aug_stepper,
+                    h0=_step_containing(steps, point, nxt, direction)
+                    if follow_forward
+                    else h_carry,
+                    k1=k1_aug,
+                    t_first=t_first,
+                )
+        except MaxStepsError as e:
+            raise MaxStepsError(
+                f"the backward (adjoint) solve reached Backsolve(max_steps={cfg.max_steps}) "
+                f"step attempts at t={e.t:.17g}, before it got back to t0={prob.t0:.17g}; raise "
+                "Backsolve(max_steps=...) or loosen its rtol/atol",
+                t=e.t,
+                step=used + e.step,
+                h=e.h,
+            ) from e
+        used += res.n_accepted + res.n_rejected
         k1_next = res.k1_next
         h_carry = res.h_next
         if last.get("t") != nxt:  # only a stage at the segment's end point can be reused
