@@ -31,10 +31,10 @@ import torch
 
 from ._failures import step_failure
 from ._norms import ErrorNorm, initial_norm
-from ._solve import _resolve_controller, _tolerance
-from ._tree import TreeSpec, flatten_state
+from ._tree import TreeSpec, flat_tolerance, flatten_state
 from .controllers import PIController
-from .gradients import capable
+from .controllers.resolve import resolve_controller
+from .gradients._common import capable
 from .interpolation.dense_batched import PerSampleDense
 from .solution import Solution
 from .solvers.explicit_rk import make_stepper
@@ -380,7 +380,7 @@ def solve_per_sample(
             "methods solve one (Newton) system or keep one history for the whole batch. Use e.g. "
             "'dopri5', 'tsit5', 'rk4', or batch_control='shared' for this solver"
         )
-    ctrl = _resolve_controller(tab, controller, rtol, atol, dt)
+    ctrl = resolve_controller(tab, controller, rtol, atol, dt)
     if getattr(ctrl, "norm", None) is not None:
         raise ValueError(
             f"{opt} does not support PIController(norm=...): a norm on the whole state's "
@@ -417,7 +417,7 @@ def solve_per_sample(
     f = BatchedField(func, spec, time_dtype)
     stepper = make_stepper(tab, y0flat.dtype, y0flat.device)
     if ctrl.adaptive:
-        rt, at = _tolerance(spec, ctrl.rtol, "rtol"), _tolerance(spec, ctrl.atol, "atol")
+        rt, at = flat_tolerance(spec, ctrl.rtol, "rtol"), flat_tolerance(spec, ctrl.atol, "atol")
     else:
         rt = at = 1.0  # no error norm with fixed steps
     grid = getattr(ctrl, "grid", None)

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 import torch
 
 from ._loop import Problem, VectorField, integrate
-from ._tree import TreeSpec, flatten_state
-from .controllers import ConstantStep, PIController, StepToGrid
+from ._tree import flat_tolerance, flatten_state
+from .controllers import PIController, StepToGrid
+from .controllers.resolve import resolve_controller
 from .gradients import capable, get_gradient
 from .gradients._common import Run
 from .interpolation import DenseOutput
@@ -264,7 +265,7 @@ def solve(
         return solve_with_event(solve, func, y0, t_tensor, event, kwargs)
     per_sample, t0, t_end, out_t, out_sample, out_order = _check_times(t_tensor, y0)
     spec, y0flat = flatten_state(y0, batched=per_sample)
-    ctrl = _resolve_controller(tab, controller, rtol, atol, dt)
+    ctrl = resolve_controller(tab, controller, rtol, atol, dt)
     if isinstance(ctrl, StepToGrid) and not (
         ctrl.grid[0] <= min(t0, t_end) and ctrl.grid[-1] >= max(t0, t_end)
     ):
@@ -284,8 +285,8 @@ def solve(
         out_order=None if out_order is None else torch.as_tensor(out_order, device=spec.device),
         n_out_rows=len(out_t),
         max_steps=max_steps,
-        rtol=_tolerance(spec, ctrl.rtol, "rtol") if ctrl.adaptive else 0.0,
-        atol=_tolerance(spec, ctrl.atol, "atol") if ctrl.adaptive else 0.0,
+        rtol=flat_tolerance(spec, ctrl.rtol, "rtol") if ctrl.adaptive else 0.0,
+        atol=flat_tolerance(spec, ctrl.atol, "atol") if ctrl.adaptive else 0.0,
         norm=ctrl.norm if isinstance(ctrl, PIController) else None,
     )
     if ctrl.adaptive:
@@ -483,87 +484,3 @@ def _leading_batch(y0):
     if vals and isinstance(vals[0], torch.Tensor) and vals[0].dim():
         return vals[0].shape[0]
     return None
-
-
-def _resolve_controller(tab, controller, rtol, atol, dt):
-    if controller is not None:
-        given = [n for n, v in (("rtol", rtol), ("atol", atol), ("dt", dt)) if v is not None]
-        if given:
-            raise ValueError(
-                f"pass {', '.join(given)} inside the controller, not next to controller=... "
-                "(e.g. PIController(rtol=..., atol=...) or ConstantStep(dt))"
-            )
-        if not isinstance(controller, (PIController, ConstantStep, StepToGrid)):
-            raise TypeError(
-                "controller must be PIController, ConstantStep or StepToGrid, got "
-                f"{type(controller).__name__}"
-            )
-        if controller.adaptive and not tab.adaptive:
-            raise ValueError(
-                f"solver {tab.name!r} has no embedded error estimate, so it cannot be used with "
-                "an adaptive controller; use ConstantStep(dt) or StepToGrid(grid), or an adaptive "
-                "method such as 'dopri5'"
-            )
-        return controller
-    if dt is not None:
-        if rtol is not None or atol is not None:
-            raise ValueError(
-                "rtol/atol have no effect with a fixed step dt; pass either dt or rtol/atol"
-            )
-        return ConstantStep(dt)
-    if not tab.adaptive:
-        raise ValueError(
-            f"solver {tab.name!r} is a fixed-step method (no error estimate): pass dt=... or "
-            "controller=ConstantStep(dt) / StepToGrid(grid)"
-        )
-    rtol = 1e-6 if rtol is None else rtol
-    atol = 1e-8 if atol is None else atol
-    if type(rtol) is float and type(atol) is float:  # immutable: one per tolerance pair
-        key = (rtol, atol)
-        ctrl = _DEFAULT_CONTROLLERS.get(key)
-        if ctrl is None:
-            if len(_DEFAULT_CONTROLLERS) > 64:
-                _DEFAULT_CONTROLLERS.clear()
-            ctrl = _DEFAULT_CONTROLLERS[key] = PIController(rtol=rtol, atol=atol)
-        return ctrl
-    return PIController(rtol=rtol, atol=atol)
-
-
-_DEFAULT_CONTROLLERS: dict = {}
-
-
-def _tolerance(spec: TreeSpec, tol, name: str):
-    """A float, or a tolerance tensor laid out like the flat state ``(B, M)``."""
-    real = _real(spec.dtype)
-    if isinstance(tol, (int, float)):
-        return float(tol)
-    if isinstance(tol, torch.Tensor) and tol.numel() == 1:
-        return float(tol)
-    if spec.kind == "tensor":
-        parts = [tol]
-    elif spec.kind == "tuple":
-        if not isinstance(tol, (tuple, list)) or len(tol) != len(spec.shapes):
-            raise ValueError(
-                f"{name} for a tuple state must be a number or a tuple of {len(spec.shapes)} "
-                f"numbers/tensors (one per component), got {tol!r}"
-            )
-        parts = list(tol)
-    else:
-        if not isinstance(tol, Mapping) or set(tol) != set(spec.keys):
-            raise ValueError(
-                f"{name} for a dict state must be a number or a dict with keys {list(spec.keys)}"
-            )
-        parts = [tol[k] for k in spec.keys]
-    flat = []
-    for v, shape in zip(parts, spec.shapes):
-        v = torch.as_tensor(v, dtype=real, device=spec.device)
-        if bool((v < 0).any()) or not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{name} must be finite and non-negative, got {v.tolist()}")
-        try:
-            v = v.expand(shape)
-        except RuntimeError:
-            raise ValueError(
-                f"{name} of shape {tuple(v.shape)} does not broadcast to the state shape {tuple(shape)}"
-            ) from None
-        flat.append(v.reshape(spec.batch, -1))
-    return torch.cat(flat, dim=1)

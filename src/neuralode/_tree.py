@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TreeSpec", "flatten_state", "rms_norm"]
+__all__ = ["TreeSpec", "flatten_state", "flat_tolerance", "rms_norm"]
 
 
 @dataclass(frozen=True)
@@ -206,3 +206,40 @@ def rms_norm(spec: TreeSpec, scaled: torch.Tensor) -> torch.Tensor:
         return scaled.abs().square().mean().sqrt()
     norms = [c.abs().square().mean().sqrt() for c in spec.components(scaled) if c.numel()]
     return torch.stack(norms).max()
+
+
+def flat_tolerance(spec: TreeSpec, tol, name: str):
+    """A float, or a tolerance tensor laid out like the flat state ``(B, M)``."""
+    real = spec.dtype.to_real() if spec.dtype.is_complex else spec.dtype
+    if isinstance(tol, (int, float)):
+        return float(tol)
+    if isinstance(tol, torch.Tensor) and tol.numel() == 1:
+        return float(tol)
+    if spec.kind == "tensor":
+        parts = [tol]
+    elif spec.kind == "tuple":
+        if not isinstance(tol, (tuple, list)) or len(tol) != len(spec.shapes):
+            raise ValueError(
+                f"{name} for a tuple state must be a number or a tuple of {len(spec.shapes)} "
+                f"numbers/tensors (one per component), got {tol!r}"
+            )
+        parts = list(tol)
+    else:
+        if not isinstance(tol, Mapping) or set(tol) != set(spec.keys):
+            raise ValueError(
+                f"{name} for a dict state must be a number or a dict with keys {list(spec.keys)}"
+            )
+        parts = [tol[k] for k in spec.keys]
+    flat = []
+    for v, shape in zip(parts, spec.shapes):
+        v = torch.as_tensor(v, dtype=real, device=spec.device)
+        if bool((v < 0).any()) or not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite and non-negative, got {v.tolist()}")
+        try:
+            v = v.expand(shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {tuple(v.shape)} does not broadcast to the state shape {tuple(shape)}"
+            ) from None
+        flat.append(v.reshape(spec.batch, -1))
+    return torch.cat(flat, dim=1)

@@ -19,22 +19,13 @@ Pass one as ``neuralode.solve(..., gradient=...)``; the strings ``"direct"``, ``
 
 from __future__ import annotations
 
+from ._common import capable
 from .adjoint import Backsolve
 from .checkpoint import Checkpointed
 from .direct import Direct
 from .reversible import Reversible
 
 __all__ = ["Direct", "Backsolve", "Checkpointed", "Reversible", "get_gradient", "capable"]
-
-
-def capable(gradient, capability: str) -> bool:
-    """Whether a gradient method declares a capability (class attributes, False if absent):
-
-    - ``exact_autograd``: the solve runs under autograd, differentiated through its own
-      operations (dense output keeps the graph; compiled stepping can run in its place);
-    - ``per_sample``: it has ``run_rows(run, y0flat)`` for ``batch_control="per_sample"``.
-    """
-    return bool(getattr(type(gradient), capability, False))
 
 
 def get_gradient(gradient):

@@ -10,7 +10,7 @@ from torch import nn
 
 from .._loop import LoopResult, Problem, VectorField, integrate, make_stepper
 
-__all__ = ["Run", "find_params", "warn_missing_params", "ParamCheck"]
+__all__ = ["Run", "capable", "find_params", "warn_missing_params", "ParamCheck"]
 
 
 @dataclass
@@ -193,3 +193,13 @@ def forward_without_graph(run: Run, y0flat: torch.Tensor, record: str, max_state
     run.result, run.f, run.stepper = res, f, stepper
     run.stats["nfe"] = f.nfe
     return res
+
+
+def capable(gradient, capability: str) -> bool:
+    """Whether a gradient method declares a capability (class attributes, False if absent):
+
+    - ``exact_autograd``: the solve runs under autograd, differentiated through its own
+      operations (dense output keeps the graph; compiled stepping can run in its place);
+    - ``per_sample``: it has ``run_rows(run, y0flat)`` for ``batch_control="per_sample"``.
+    """
+    return bool(getattr(type(gradient), capability, False))

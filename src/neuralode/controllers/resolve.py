@@ -1,0 +1,59 @@
+"""From ``solve``'s step-control arguments to a controller object (shared by every driver)."""
+
+from __future__ import annotations
+
+from .step_size import ConstantStep, PIController, StepToGrid
+
+__all__ = ["resolve_controller"]
+
+
+def resolve_controller(tab, controller, rtol, atol, dt):
+    """The controller of a solve from ``solve``'s ``controller``/``rtol``/``atol``/``dt``
+    arguments and the method's tableau ``tab``: the one given (checked against the method), a
+    :class:`ConstantStep` for ``dt``, else a :class:`PIController` (defaults rtol 1e-6, atol
+    1e-8; one cached instance per float tolerance pair, since controllers are immutable).
+    Raises ValueError/TypeError naming the conflicting or wrong argument."""
+    if controller is not None:
+        given = [n for n, v in (("rtol", rtol), ("atol", atol), ("dt", dt)) if v is not None]
+        if given:
+            raise ValueError(
+                f"pass {', '.join(given)} inside the controller, not next to controller=... "
+                "(e.g. PIController(rtol=..., atol=...) or ConstantStep(dt))"
+            )
+        if not isinstance(controller, (PIController, ConstantStep, StepToGrid)):
+            raise TypeError(
+                "controller must be PIController, ConstantStep or StepToGrid, got "
+                f"{type(controller).__name__}"
+            )
+        if controller.adaptive and not tab.adaptive:
+            raise ValueError(
+                f"solver {tab.name!r} has no embedded error estimate, so it cannot be used with "
+                "an adaptive controller; use ConstantStep(dt) or StepToGrid(grid), or an adaptive "
+                "method such as 'dopri5'"
+            )
+        return controller
+    if dt is not None:
+        if rtol is not None or atol is not None:
+            raise ValueError(
+                "rtol/atol have no effect with a fixed step dt; pass either dt or rtol/atol"
+            )
+        return ConstantStep(dt)
+    if not tab.adaptive:
+        raise ValueError(
+            f"solver {tab.name!r} is a fixed-step method (no error estimate): pass dt=... or "
+            "controller=ConstantStep(dt) / StepToGrid(grid)"
+        )
+    rtol = 1e-6 if rtol is None else rtol
+    atol = 1e-8 if atol is None else atol
+    if type(rtol) is float and type(atol) is float:  # immutable: one per tolerance pair
+        key = (rtol, atol)
+        ctrl = _DEFAULT_CONTROLLERS.get(key)
+        if ctrl is None:
+            if len(_DEFAULT_CONTROLLERS) > 64:
+                _DEFAULT_CONTROLLERS.clear()
+            ctrl = _DEFAULT_CONTROLLERS[key] = PIController(rtol=rtol, atol=atol)
+        return ctrl
+    return PIController(rtol=rtol, atol=atol)
+
+
+_DEFAULT_CONTROLLERS: dict = {}
