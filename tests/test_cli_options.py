@@ -181,3 +181,12 @@ def test_identical_command_on_a_finished_run_says_so(capsys, tmp_path, custom_ru
     code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", 1, *FAST)
     assert code == 0 and "finished (1 epochs)" in err
     assert snapshot(out) == before
+
+
+def test_cnf_split_fractions_must_leave_training_data(capsys, tmp_path):
+    """Each fraction passes its own rule; together they leave nothing to train on."""
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "cnf", "--quick", "--out", out, "--set",
+                       "val_fraction=0.6", "--set", "test_fraction=0.5", *FAST)  # fmt: skip
+    assert code == 2 and "val_fraction + test_fraction must be below 1" in err
+    assert "got 0.6 + 0.5" in err and not out.exists()

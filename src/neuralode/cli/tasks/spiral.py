@@ -102,11 +102,6 @@ class SpiralTask(Task):
         self.t = t.to(self.device)
         self.y_true = y.to(self.device, self.dtype)
         self.y = noisy.to(self.device, self.dtype)
-        w = self.opt["window"]
-        if not 2 <= w <= N_POINTS:
-            from ..errors import CLIError
-
-            raise CLIError(f"--set window must be between 2 and {N_POINTS}; got {w}.")
 
     def build_model(self) -> nn.Module:
         return NeuralODE(SpiralField(self.opt["hidden"]), **self.cfg.solver_kwargs())
