@@ -322,7 +322,6 @@ T = torch.tensor([0.0, 1.0], dtype=F64)
         (dict(solver="rk4", **PS), ValueError, r"solver 'rk4' is a fixed-step method \(no error estimate\): pass dt=..."),
         (dict(solver="radauIIA5", **PS), ValueError, r"batch_control='per_sample' needs an explicit Runge-Kutta method .* got solver 'radauIIA5'"),
         (dict(controller=PIController(norm=lambda e: e.abs().max()), **PS), ValueError, r"does not support PIController\(norm=...\): a norm on the whole state"),
-        (dict(event=neuralode.Event(lambda t, y: y[:, 0] - 0.5), **PS), ValueError, r"does not support event=..."),
         (dict(rtol=1e-3, controller=PIController(), **PS), ValueError, r"pass rtol inside the controller"),
         (dict(y0=torch.tensor(1.0, dtype=F64), **PS), ValueError, r"needs a state whose components share a non-empty leading batch dimension B .*got shapes \[\(\)\]"),
         (dict(y0=(torch.ones(2, 1), torch.ones(3, 1)), **PS), ValueError, r"share a non-empty leading batch dimension .*\[\(2, 1\), \(3, 1\)\]"),
@@ -342,14 +341,6 @@ def test_unsupported_combinations_and_bad_inputs_raise(kw, exc, match):
     args.update(kw)
     with pytest.raises(exc, match=match):
         neuralode.solve(args.pop("func"), args.pop("y0"), args.pop("t"), **args)
-
-
-def test_gradient_with_respect_to_t_is_refused():
-    t = T.clone().requires_grad_()
-    with pytest.raises(
-        ValueError, match=r"does not support gradients with respect to t; pass t.detach\(\)"
-    ):
-        solve(lambda t, y: -y, Y0, t)  # fmt: skip
 
 
 def test_dense_output_outside_a_samples_interval_raises_naming_the_sample():

@@ -92,12 +92,6 @@ def test_grid_that_does_not_cover_a_sample_raises():
                         batch_control="per_sample")  # fmt: skip
 
 
-def test_events_under_per_sample_control_are_still_refused():
-    ev = neuralode.Event(lambda t, y: y[:, 0] - 0.5)
-    with pytest.raises(ValueError, match=r"batch_control='per_sample' does not support event=..."):
-        neuralode.solve(lambda t, y: -y, Y0, T, event=ev, batch_control="per_sample")
-
-
 def test_backsolve_with_fixed_steps_approximates_direct():
     """Fixed rk4 steps per sample, backward with the same controller: the gradient of the
     continuous problem to the method's accuracy (Direct: of the discrete solve)."""

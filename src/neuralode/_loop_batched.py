@@ -165,7 +165,7 @@ def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) 
 
 def integrate_per_sample(
     spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, record=None, floor=False,
-    on_step=None, outputs=True,
+    on_step=None, outputs=True, monitor=None,
 ):  # fmt: skip
     """Integrate every sample over its own output times ``tau`` (B, T) float64.
 
@@ -176,6 +176,9 @@ def integrate_per_sample(
     iteration needs (checkpointed gradients) goes to ``state["replay"]``; ``"both"``. ``on_step(acc, t_old, h_step, y_old, calls)`` is
     called after every accept/reject decision with the rows' stage inputs ``f.calls`` (the
     adjoint's parameter integral). ``outputs=False`` skips the outputs between the ends.
+    ``monitor(w, acc, t_old, h_step, y_old, K, t_last)`` (events, see :mod:`._events_rows`)
+    sees every iteration's rows after the accepted ones advanced and returns the rows to stop
+    where they are (a ``(A,)`` bool mask) or None.
     """
     B, T = tau.shape
     dev, track = y0.device, torch.is_grad_enabled()
@@ -271,6 +274,10 @@ def integrate_per_sample(
         else:
             w.stale = acc
         w.done = w.done | (acc & at_end)
+        if monitor is not None:  # events: rows whose event fired stop at their step's end
+            stop = monitor(w, acc, t_old, h_step, y_old, K, t_last)
+            if stop is not None:
+                w.done, w.t_end = w.done | stop, torch.where(stop, w.t, w.t_end)
         jumped = acc & jump
         fail = _stuck(ctrl, w)
         cnt = torch.searchsorted(w.stau, (w.sdir * w.t).unsqueeze(1), right=True).squeeze(1)
@@ -392,13 +399,7 @@ def solve_per_sample(
             f"{opt} does not support gradient={type(gradient).__name__}(...) (it declares no "
             "per-sample implementation); use 'direct', 'checkpoint' or 'backsolve'"
         )
-    if event is not None:
-        raise ValueError(f"{opt} does not support event=...; use batch_control='shared'")
-    if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            f"{opt} does not support gradients with respect to t; pass t.detach() or use "
-            "batch_control='shared' with a 1-D t"
-        )
+    t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
     comps = (
         list(y0.values())
         if isinstance(y0, Mapping)
@@ -431,9 +432,30 @@ def solve_per_sample(
     floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
     if not ctrl.adaptive:
         floor = False
+    if event is not None:  # located per sample, then a differentiable solve to each event
+        from ._events_rows import solve_rows_with_event
+
+        if dense_output:
+            raise ValueError(
+                "dense_output=True is not available together with event=...: the solution is "
+                "made of segments (up to and between events); evaluate a separate solve"
+            )
+        kw = dict(tab=tab, controller=controller, rtol=rtol, atol=atol, dt=dt,
+                  gradient=gradient, max_steps=max_steps, throw=throw, time_dtype=time_dtype)  # fmt: skip
+        ctx = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
+                      False, floor)  # fmt: skip
+        return solve_rows_with_event(solve_per_sample, ctx, y0, t, event, kw)
     run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
                   dense, floor)  # fmt: skip
-    ys = gradient.run_rows(run, y0flat)
+    y_start = y0flat
+    if t_grad:  # dL/dt by the continuous derivatives: y0 moves with t0 by -f(t0, y0) dt0
+        shift = _time_shift(t, tau)
+        f0 = BatchedField(func, spec, time_dtype)(tau[:, 0], y0flat)
+        y_start = y0flat - shift[:, :1].to(_real(y0flat.dtype)) * f0
+    ys = gradient.run_rows(run, y_start)
+    if t_grad:
+        ys, n_t = _output_time_shift(func, spec, time_dtype, shift, tau, ys)
+        run.stats["nfe_t_gradient"] = n_t + 1
     y_final, tfin, nacc, nrej, state, records = run.result
     T = tau.shape[1]
     stats = run.stats  # the same dict: a backward pass adds its counters (nfe_backward)
@@ -453,7 +475,7 @@ def solve_per_sample(
         state["message"] += f" (failed samples: {stats['failed_samples']})"
     dense_obj = None
     if dense:
-        dense_obj = PerSampleDense(records, stepper, f, spec, y0flat, y_final, tau, tfin)
+        dense_obj = PerSampleDense(records, stepper, f, spec, y_start, y_final, tau, tfin)
     return Solution(
         t=t,
         ys=spec.unflatten(ys.view(T, spec.batch, -1), lead=(T,)),
@@ -465,6 +487,30 @@ def solve_per_sample(
         _per_sample=True,
         _detached=not direct,
     )
+
+
+def _real(dtype: torch.dtype) -> torch.dtype:
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
+def _time_shift(t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``t - t.detach()`` as ``(B, T)`` (a 1-D t serves every sample): zero in value, it
+    carries ``d/dt`` into the graph."""
+    d = t - t.detach()
+    return d.unsqueeze(0).expand(tau.shape[0], -1) if d.dim() == 1 else d
+
+
+def _output_time_shift(func, spec, time_dtype, shift, tau, ys):
+    """Add ``(t_bj - t_bj.detach()) f(t_bj, y_bj)`` to every output (flat ``(T*B, M)``,
+    time-major): ``dy(t_j)/dt_j = f(t_j, y(t_j))``. With the shift of y0 by ``-f(t0, y0) dt0``
+    this gives the continuous derivatives (an output at t0 is then unmoved by t0). One
+    evaluation of f over the ``T*B`` output rows; rows that are NaN (a failed sample) get none.
+    Returns the outputs and the number of evaluations of f."""
+    fv = BatchedField(func, spec, time_dtype)
+    ok = torch.isfinite(ys).all(1)
+    fy = fv(tau.T.reshape(-1), torch.where(ok.unsqueeze(1), ys, torch.zeros_like(ys)))
+    d = torch.where(ok, shift.T.reshape(-1), torch.zeros_like(shift.T.reshape(-1)))
+    return ys + d.to(_real(ys.dtype)).unsqueeze(1) * fy, fv.nfe
 
 
 def step_outputs(stepper, f, K, t_old, h, t_new, y_old, y_new, lo, hi, has, r, tau_j):

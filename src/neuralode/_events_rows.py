@@ -1,0 +1,386 @@
+"""Events under per-sample step control (``solve(..., batch_control="per_sample", event=...)``).
+
+Every sample locates its own event inside its own steps: the event function is evaluated on the
+rows being integrated, like ``func`` (``g(t (A,), y) -> (A,)``, each row at its own time), at
+the end of every accepted step and at two interior points of the step's continuous extension
+(as the shared driver's :class:`~neuralode.events.EventMonitor` does); a sign change in one of
+the three sub-intervals is refined, for all rows that crossed at once, by the Illinois method on
+that row's continuous extension. A sample whose event fired stops there (its later steps cost
+nothing); the others go on.
+
+Then, as in :mod:`neuralode.events`, a second solve with the chosen gradient method runs each
+sample up to its located event (a 2-D grid of output times that ends at it), and the event time
+is re-attached to the graph by the implicit function theorem, per sample:
+``t*_b = s_b - g_b(s_b, y_b) / D_b`` with ``D_b = dg_b/dt + dg_b/dy . f(s_b, y_b)`` held
+constant, so that ``dt*_b/dp = -(dg_b/dp) / D_b``; the event state is
+``y_b + f(s_b, y_b) (t*_b - s_b)``. Gradients therefore work with every per-sample gradient
+method (Direct, Checkpointed, Backsolve), and with respect to ``t``.
+
+Non-terminal events run in segments: each segment locates, for every sample still running, its
+next event, solves up to it, applies ``reset`` to the samples whose event fired and starts them
+again at their (differentiable) event times; the segments end when no sample has one more
+event. Event times and states come back time-major like ``ys``: ``event_t`` of shape
+``(K, B)`` with ``K`` the largest number of events of a sample, NaN-padded.
+
+Rows must be independent (as everywhere under per-sample control): ``g_b`` depends on row ``b``
+only; ``D`` for all rows comes from one reverse pass through the sum of the rows' values.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .events import _crossed
+from .solution import Solution
+
+__all__ = ["solve_rows_with_event"]
+
+_EPS64 = 2.220446049250313e-16
+
+
+class RowEventFn:
+    """The event function on flat rows: ``(t (n,) float64, y (n, M)) -> (n,)``, validated."""
+
+    def __init__(self, event, field):
+        self.event, self.field, self.calls = event, field, 0
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = y.shape[0]
+        self.calls += 1
+        out = self.event.fn(t.to(self.field.time_dtype), self.field._spec(n).unflatten(y))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"the event function returned {type(out).__name__}; it must return a tensor"
+            )
+        if n == 1 and out.numel() == 1:
+            out = out.reshape(1)
+        if out.shape != (n,):
+            raise ValueError(
+                "with batch_control='per_sample' the event function is called like func, with t "
+                f"of shape (A,) and the A rows being integrated, and must return shape (A,) (one "
+                f"value per row); got shape {tuple(out.shape)} for A={n}"
+            )
+        return out.real if out.is_complex() else out
+
+
+class RowEventMonitor:
+    """Per-row event location inside the accepted steps (see the module docstring)."""
+
+    CHECKS = (1.0 / 3.0, 2.0 / 3.0)
+
+    def __init__(self, gfn: RowEventFn, stepper, f, direction: int, g0: torch.Tensor):
+        self.gfn, self.stepper, self.f, self.direction = gfn, stepper, f, direction
+        self.g_prev = g0.clone()
+        self.t_event = torch.full_like(g0, float("nan"))
+
+    def _at(self, Kd, y, h, theta):
+        return self.stepper.interpolate(Kd, y, h, theta)
+
+    def __call__(self, w, acc, t_old, h, y_old, K, t_last):
+        ar = acc.nonzero().squeeze(1)
+        n = ar.numel()
+        if n == 0:
+            return None
+        st, M = self.stepper, y_old.shape[1]
+        t0, hh, t1, y0 = t_old[ar], h[ar], w.t[ar], y_old[ar]
+        Kd = K[:, ar]
+        if st.Sd > st.S:  # dense stages of the accepted steps (inside each row's interval)
+            f = self.f
+            f.lo, f.hi = w.lo[ar], w.hi[ar]
+            Kd = st.dense_stages(f, t0, hh, y0, Kd, None, t_last[ar]).view(-1, n, M)
+            f.lo, f.hi = w.lo, w.hi
+        full = lambda x: torch.full((n,), x, dtype=torch.float64, device=t0.device)  # noqa: E731
+        pts = [self._at(Kd, y0, hh, full(th)) for th in self.CHECKS]
+        ts = torch.cat([t0 + th * hh for th in self.CHECKS] + [t1])
+        gs = self.gfn(ts, torch.cat([*pts, w.y[ar]])).to(torch.float64).view(-1, n)
+        gs = torch.cat([self.g_prev[w.idx[ar]].unsqueeze(0), gs])  # (4, n)
+        cross = _crossed(gs[:-1], gs[1:], self.direction)  # (3, n)
+        hit = cross.any(0)
+        self.g_prev[w.idx[ar]] = gs[-1]
+        if not bool(hit.any()):
+            return None
+        r = hit.nonzero().squeeze(1)
+        i = cross[:, r].to(torch.int8).argmax(0)  # the first sub-interval that crossed
+        grid = torch.tensor([0.0, *self.CHECKS, 1.0], dtype=torch.float64, device=t0.device)
+        c = self._refine(Kd[:, r], y0[r], t0[r], hh[r], t1[r], grid[i], grid[i + 1],
+                         gs[i, r], gs[i + 1, r])  # fmt: skip
+        self.t_event[w.idx[ar[r]]] = torch.where(c < 1.0, t0[r] + c * hh[r], t1[r])
+        stop = torch.zeros_like(acc)
+        stop[ar[r]] = True
+        return stop
+
+    def _refine(self, Kd, y0, t0, h, t1, a, c, ga, gc):
+        """The first crossing of each row in step fractions ``[a, c]`` (``g(a) != 0``): the
+        shared monitor's Illinois iteration (bisection once ``g`` is exactly zero at the
+        bracket's end), for every row at once; a row stops when its bracket is at the
+        resolution of t."""
+        side = torch.zeros_like(a)
+        scale = 4 * _EPS64 * torch.maximum(t0.abs(), t1.abs())
+        for _ in range(200):
+            live = ((c - a) > 1e-14) & (h.abs() * (c - a) > scale)
+            if not bool(live.any()):
+                break
+            m = torch.where(gc == 0.0, 0.5 * (a + c), (a * gc - c * ga) / (gc - ga))
+            m = torch.where((a < m) & (m < c), m, 0.5 * (a + c))
+            gm = self.gfn(t0 + m * h, self._at(Kd, y0, h, m)).to(torch.float64)
+            left = live & ((gm == 0.0) | ((gm > 0) != (ga > 0)))  # crossed by m: [a, m]
+            right = live & ~left
+            ga = torch.where(left & (side == 1), 0.5 * ga, ga)
+            gc = torch.where(right & (side == -1) & (gc != 0.0), 0.5 * gc, gc)
+            c, gc = torch.where(left, m, c), torch.where(left, gm, gc)
+            a, ga = torch.where(right, m, a), torch.where(right, gm, ga)
+            side = torch.where(left, 1.0, torch.where(right, -1.0, side))
+        return c
+
+
+def _flow_derivative(field, gfn, t, y) -> torch.Tensor:
+    """``dg_b/dt + dg_b/dy . f`` along each row's solution at ``(t_b, y_b)``, float64."""
+    with torch.enable_grad():
+        fy = field(t, y.detach()).detach()
+        s = torch.zeros_like(t, requires_grad=True)
+        real = y.real.dtype if y.is_complex() else y.dtype
+        g = gfn(t + s, y.detach() + s.to(real).unsqueeze(1) * fy)
+        if not g.requires_grad:
+            return torch.zeros_like(t)
+        (D,) = torch.autograd.grad(g.sum(), s, allow_unused=True)
+    return torch.zeros_like(t) if D is None else D.detach().to(torch.float64)
+
+
+def _locate(ctx, gfn, event, y_s, t_s, t_end, restart: bool):
+    """Phase 1 (no graph): each sample's first event in ``[t_s, t_end]``, NaN where none.
+
+    A zero of g at the start (after an event: g near zero) is not an event: the sign that
+    counts as "before" is then the sign in which g moves along the solution (as in the shared
+    path)."""
+    from ._loop_batched import BatchedField, integrate_per_sample
+
+    f = BatchedField(ctx.func, ctx.spec, ctx.time_dtype)
+    with torch.no_grad():
+        g0 = gfn(t_s, y_s).to(torch.float64, copy=True)  # (g may return a view of y)
+    if restart and event.reset is None:
+        flat = torch.ones_like(g0, dtype=torch.bool)  # g is continuous through the event
+    else:
+        flat = (g0 == 0) | (restart & (g0.abs() <= 1e-12))
+    flat = flat & (t_s != t_end)
+    if bool(flat.any()):
+        r = flat.nonzero().squeeze(1)
+        g0[r] = torch.sign(_flow_derivative(f, gfn, t_s[r], y_s[r]))
+    mon = RowEventMonitor(gfn, ctx.stepper, f, event.direction, g0)
+    with torch.no_grad():
+        integrate_per_sample(
+            ctx.spec, f, ctx.stepper, y_s, torch.stack([t_s, t_end], 1), ctx.ctrl, ctx.rtol,
+            ctx.atol, ctx.max_steps, ctx.throw, None, ctx.floor, outputs=False, monitor=mon,
+        )  # fmt: skip
+    return mon.t_event, f.nfe
+
+
+def _reroute(ctx, gfn, event, t_star, y_star):
+    """Implicit-function-theorem re-attachment of the rows' event times and states (rows of
+    ``t_star`` (n,) float64, ``y_star`` (n, M) from the differentiable solve)."""
+    from ._loop_batched import BatchedField
+
+    field = BatchedField(ctx.func, ctx.spec, ctx.time_dtype)
+    real = y_star.real.dtype if y_star.is_complex() else y_star.dtype
+    with torch.enable_grad():
+        fy = field(t_star, y_star.detach()).detach()
+        s = torch.zeros_like(t_star, requires_grad=True)
+        gs = gfn(t_star + s, y_star.detach() + s.to(real).unsqueeze(1) * fy)
+        D = None
+        if gs.requires_grad:
+            (D,) = torch.autograd.grad(gs.sum(), s, allow_unused=True)
+    g_val = gfn(t_star, y_star)
+    if (D is None or bool((D == 0).all())) and not (g_val.requires_grad or y_star.requires_grad):
+        return t_star, y_star  # no gradient wanted: the located times as they are
+    if D is None and not g_val.requires_grad and event.constant_ok:
+        warnings.warn(
+            "the event function's value at the event does not depend on t, the state or any "
+            "parameter through torch operations: the event time is treated as a constant (zero "
+            "gradient). If it should depend on them, compute the event function with "
+            "differentiable torch operations (no float(), no bool)",
+            UserWarning,
+            stacklevel=6,
+        )
+        return t_star, y_star
+    if D is None:
+        raise RuntimeError(
+            f"the event function is not differentiable along the solution at t={t_star.tolist()!r}"
+            " (its value does not depend on t or y through torch operations, e.g. it returns a "
+            "bool or converts to float), so the event time has no gradient; compute it with "
+            "differentiable torch operations, or detach y0 and the parameters"
+        )
+    if bool((D == 0).any()):
+        bad = t_star[D == 0].tolist()
+        raise RuntimeError(
+            f"the event function has zero time derivative along the solution at its root "
+            f"t={bad!r}; the event time is not differentiable (a tangential crossing)"
+        )
+    te = t_star - g_val.to(torch.float64) / D.detach().to(torch.float64)
+    return te, y_star + fy * (te - t_star).to(real).unsqueeze(1)
+
+
+def _flat(spec, state, L: int) -> torch.Tensor:
+    """A state with a leading dimension ``L`` as ``(L, B, M)``."""
+    if spec.kind == "tensor":
+        parts = [state]
+    else:
+        parts = list(state) if spec.kind == "tuple" else [state[k] for k in spec.keys]
+    return torch.cat([p.reshape(L, spec.batch, -1) for p in parts], -1)
+
+
+def _times(t: torch.Tensor, B: int) -> torch.Tensor:
+    """``t`` as a (B, T) float64 tensor, keeping its graph."""
+    tt = t.to(torch.float64)
+    return tt.unsqueeze(0).expand(B, -1) if tt.dim() == 1 else tt
+
+
+def solve_rows_with_event(solve_rows, ctx, y0, t, event, kw: dict) -> Solution:
+    """``solve(..., batch_control="per_sample", event=...)``: see the module docstring.
+
+    ``solve_rows`` is :func:`neuralode._loop_batched.solve_per_sample`, ``ctx`` the validated
+    :class:`~neuralode._loop_batched.RowsRun` of the solve (no event) and ``kw`` its options.
+    """
+    from .events import Event
+
+    if not isinstance(event, Event):
+        raise TypeError(f"event must be a neuralode.Event, got {type(event).__name__}")
+    from ._tree import flatten_state
+
+    _, y0flat = flatten_state(y0, batched=True)
+    gfn = RowEventFn(event, ctx.f)
+    kw = dict(kw, dense_output=False, event=None)
+    if event.terminal:
+        return _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw)
+    return _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw)
+
+
+def _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw):
+    spec, tau = ctx.spec, ctx.tau
+    B, T = tau.shape
+    sdir = torch.where(tau[:, -1] >= tau[:, 0], 1.0, -1.0).to(torch.float64)
+    t_star, nfe1 = _locate(ctx, gfn, event, y0flat.detach(), tau[:, 0], tau[:, -1], False)
+    fired = ~torch.isnan(t_star)
+    stops = torch.where(fired, t_star, tau[:, -1])
+    # Phase 2: the outputs before its event keep their (possibly differentiable) times, the
+    # others sit at the event; one more column ends every row at its event (or its end).
+    tt = _times(t, B)
+    before = (sdir.unsqueeze(1) * (tau - stops.unsqueeze(1)) < 0) | ~fired.unsqueeze(1)
+    before[:, 0] = True
+    end = torch.where(fired, t_star, tt[:, -1])
+    grid = torch.cat([torch.where(before, tt, end.unsqueeze(1)), end.unsqueeze(1)], 1)
+    sol = solve_rows(ctx.func, y0, grid, **kw)
+    ysf = _flat(spec, sol.ys, T + 1)
+    y_star = ysf[T]
+    t_event = torch.full((B,), float("nan"), dtype=torch.float64, device=tau.device)
+    y_event = y_star
+    r = fired.nonzero().squeeze(1)
+    if r.numel():
+        te, ye = _reroute(ctx, gfn, event, t_star[r], y_star[r])
+        t_event = t_event.index_put((r,), te)
+        y_event = y_star.index_put((r,), ye)
+    after = (sdir.unsqueeze(1) * (tau - stops.unsqueeze(1)) > 0) & fired.unsqueeze(1)  # (B, T)
+    ys = torch.where(after.T.unsqueeze(2), y_event.unsqueeze(0), ysf[:T])
+    stats = dict(sol.stats)
+    stats.update(nfe_event_location=nfe1, n_event_fn=gfn.calls)
+    status = (
+        sol.status if sol.status != "success" else ("event" if bool(fired.all()) else "success")
+    )
+    return Solution(
+        t=t,
+        ys=spec.unflatten(ys, lead=(T,)),
+        stats=stats,
+        status=status,
+        t_final=torch.where(fired, stops, sol.t_final),
+        message=sol.message,
+        event_t=t_event.to(ctx.time_dtype),
+        event_y=spec.unflatten(y_event),
+        _per_sample=True,
+        _detached=sol._detached,
+    )
+
+
+def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
+    spec, tau = ctx.spec, ctx.tau
+    B, T = tau.shape
+    dev = tau.device
+    sdir = torch.where(tau[:, -1] >= tau[:, 0], 1.0, -1.0).to(torch.float64)
+    stau = (sdir.unsqueeze(1) * tau).contiguous()
+    tt = _times(t, B)
+    t_end = tau[:, -1]
+    t_s, y_s = tt[:, 0], y0flat  # each sample's segment start (differentiable)
+    nxt = torch.zeros(B, dtype=torch.long, device=dev)  # next output not yet written
+    live = t_end != tau[:, 0]
+    pos, vals = [], []
+    if not bool(live.all()):  # samples with an empty interval: every output is y0
+        r = (~live).nonzero().squeeze(1)
+        j = torch.arange(T, device=dev)
+        rr, jj = r.repeat_interleave(T), j.repeat(r.numel())
+        pos.append(jj * B + rr)
+        vals.append(y0flat[rr])
+        nxt = torch.where(live, nxt, T)
+    ev_t, ev_y = [], []
+    stats = {"nfe": 0, "nfe_event_location": 0}
+    status, message = "success", ""
+    k = 0
+    while bool(live.any()):
+        ts_f = t_s.detach().to(torch.float64)
+        t_star = torch.full((B,), float("nan"), dtype=torch.float64, device=dev)
+        if k < event.max_events:
+            seg = torch.where(live, t_end, ts_f)  # finished samples: an empty interval
+            t_star, n1 = _locate(ctx, gfn, event, y_s.detach(), ts_f, seg, k > 0)
+            stats["nfe_event_location"] += n1
+        fired = live & ~torch.isnan(t_star)
+        # Outputs of this segment: strictly before the event, or all the rest without one.
+        cnt = torch.searchsorted(stau, (sdir * t_star).unsqueeze(1).contiguous()).squeeze(1)
+        stop = torch.where(fired, cnt, torch.where(live, T, nxt))
+        n_out = int((stop - nxt).max())
+        idx = nxt.unsqueeze(1) + torch.arange(n_out, device=dev)
+        valid = idx < stop.unsqueeze(1)
+        end = torch.where(fired, t_star, torch.where(live, tt[:, -1], t_s))
+        outs = torch.where(valid, tt.gather(1, idx.clamp(max=T - 1)), end.unsqueeze(1))
+        grid = torch.cat([t_s.unsqueeze(1), outs, end.unsqueeze(1)], 1)
+        grid = torch.where(live.unsqueeze(1), grid, t_s.unsqueeze(1))
+        sol = solve_rows(ctx.func, spec.unflatten(y_s), grid, **kw)
+        stats["nfe"] += sol.stats["nfe"]
+        if sol.status != "success" and status == "success":
+            status, message = sol.status, sol.message
+        ysf = _flat(spec, sol.ys, n_out + 2)
+        r, c = valid.nonzero().unbind(1)
+        pos.append(idx[r, c] * B + r)
+        vals.append(ysf[1 + c, r])
+        nxt = stop
+        y_end = ysf[n_out + 1]
+        if not bool(fired.any()):
+            break
+        rf = fired.nonzero().squeeze(1)
+        te, ye = _reroute(ctx, gfn, event, t_star[rf], y_end[rf])
+        nan = torch.full((B,), float("nan"), dtype=torch.float64, device=dev)
+        ev_t.append(nan.index_put((rf,), te))
+        ev_y.append(torch.full_like(y_end, float("nan")).index_put((rf,), ye))  # before reset
+        if event.reset is not None:  # reset(t (n,), the n rows) -> the n rows
+            n = rf.numel()
+            new = event.reset(te.to(ctx.time_dtype), ctx.f._spec(n).unflatten(ye))
+            ye = ctx.f._spec(n).flatten(new, what="the state returned by Event(reset=...)")
+        t_s = torch.where(fired, nan.index_put((rf,), te), torch.where(live, tt[:, -1], t_s))
+        y_s = torch.where(fired.unsqueeze(1), y_end.index_put((rf,), ye), y_end)
+        live = fired
+        k += 1
+    ys = torch.full((T * B, y0flat.shape[1]), float("nan"), dtype=y0flat.dtype, device=dev)
+    ys = ys.index_put((torch.cat(pos),), torch.cat(vals)).view(T, B, -1)
+    stats["n_event_fn"] = gfn.calls
+    K = len(ev_t)
+    event_t = torch.stack(ev_t) if K else torch.zeros((0, B), dtype=torch.float64, device=dev)
+    event_y = torch.stack(ev_y) if K else torch.zeros((0, *y0flat.shape), dtype=y0flat.dtype)
+    return Solution(
+        t=t,
+        ys=spec.unflatten(ys, lead=(T,)),
+        stats=stats,
+        status=status,
+        t_final=t_end.clone(),
+        message=message,
+        event_t=event_t.to(ctx.time_dtype),
+        event_y=spec.unflatten(event_y, lead=(K,)),
+        _per_sample=True,
+        _detached=sol._detached,
+    )
