@@ -140,7 +140,7 @@ def test_dense_output_with_checkpointed_gradients():
 @pytest.mark.parametrize(
     ("gradient", "match"),
     [
-        (Backsolve(dt=0.1), r"Backsolve\(dt=...\) is not supported with batch_control='per_sample'"),
+        (Backsolve(dt=0.1), r"Backsolve\(dt=...\) needs a fixed-step solver for the backward solve \(e.g. solver='rk4'\), got 'dopri5'"),
         (Backsolve(solver="rk4"), r"Backsolve\(solver='rk4'\) with batch_control='per_sample' and adaptive forward steps needs an adaptive"),
         (Checkpointed(max_checkpoints=4), r"max_checkpoints=...\) is not supported with batch_control='per_sample'"),
     ],

@@ -21,6 +21,7 @@ import torch
 
 from .._loop_batched import BatchedField, integrate_per_sample, step_outputs
 from .._tree import flatten_state
+from ..controllers import ConstantStep
 from ..solvers import get_tableau
 from ..solvers.explicit_rk import make_stepper
 
@@ -123,13 +124,14 @@ class _AdjointRows(BatchedField):
 
 
 def backsolve_rows(cfg, run, y0flat, params):
-    if cfg.dt is not None:
-        raise ValueError(
-            "Backsolve(dt=...) is not supported with batch_control='per_sample' (every sample "
-            "chooses its own adaptive steps backward too); leave dt unset"
-        )
     tab = get_tableau(cfg.solver) if cfg.solver is not None else run.stepper.tab
-    if not tab.adaptive and run.ctrl.adaptive:
+    if cfg.dt is not None:  # fixed steps of dt backward from each sample's output times
+        if tab.adaptive:
+            raise ValueError(
+                f"Backsolve(dt=...) needs a fixed-step solver for the backward solve (e.g. "
+                f"solver='rk4'), got {tab.name!r}"
+            )
+    elif not tab.adaptive and run.ctrl.adaptive:
         raise ValueError(
             f"Backsolve(solver={tab.name!r}) with batch_control='per_sample' and adaptive "
             "forward steps needs an adaptive method for the backward solve; use e.g. 'dopri5'"
@@ -164,7 +166,9 @@ class _BacksolveRows(torch.autograd.Function):
         tab = get_tableau(cfg.solver) if cfg.solver is not None else run.stepper.tab
         stepper = make_stepper(tab, y_final.dtype, y_final.device)
         ctrl = run.ctrl  # fixed steps: the same controller, backward from each sample's end
-        if ctrl.adaptive:  # no dt_min: a forward step clipped to an output may be shorter
+        if cfg.dt is not None:  # steps of dt from each output time back to the previous one
+            ctrl = ConstantStep(cfg.dt, jump_t=ctrl.jump_t)
+        elif ctrl.adaptive:  # no dt_min: a forward step clipped to an output may be shorter
             ctrl = dataclasses.replace(ctrl, dt0=None, dt_min=0.0)
         rt = run.rtol if cfg.rtol is None else float(cfg.rtol)
         at = run.atol if cfg.atol is None else float(cfg.atol)
