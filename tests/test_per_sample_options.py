@@ -2,8 +2,10 @@
 
 ``Backsolve(dt=...)``: the backward solve takes fixed steps of ``dt`` per sample (from each
 output time back to the previous one); its gradients converge to Direct's at the order of the
-backward method. ``Checkpointed(max_checkpoints=...)`` and ``PIController(norm=...)`` keep a
-precise ValueError (tested here and in test_per_sample_gradients.py / test_per_sample_control.py).
+backward method. ``PIController(norm=...)``: each sample's scaled error is measured by the norm
+as the shared driver measures that sample solved alone, so each sample takes exactly the steps
+of that solve. ``Checkpointed(max_checkpoints=...)`` and ``Backsolve(norm=...)`` keep a precise
+ValueError (tested here and in test_per_sample_gradients.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 import neuralode
-from neuralode import Backsolve
+from neuralode import Backsolve, PIController
 
 F64 = torch.float64
 PS = dict(batch_control="per_sample")
@@ -69,3 +71,65 @@ def test_backsolve_dt_needs_a_fixed_step_backward_method():
         ValueError, match=r"Backsolve\(dt=...\) needs a fixed-step solver .*got 'tsit5'"
     ):
         grads(Field(), Backsolve(dt=0.1, solver="tsit5"))
+
+
+# --------------------------------------------------------------------------- custom norm
+def vdp(t, y):
+    return torch.stack([y[:, 1], 2.0 * (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], -1)
+
+
+def vdp_tuple(t, y):
+    x, v = y
+    return v, 2.0 * (1 - x**2) * v - x
+
+
+def max_norm(e):
+    return e.abs().max()
+
+
+def weighted_norm(e):  # tuple state: position error counts 4x
+    x, v = e
+    return torch.maximum(4.0 * x.abs().max(), v.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple"])
+def test_custom_norm_gives_each_sample_the_steps_it_takes_alone(kind):
+    """The per-row meaning of a custom norm: each sample accepts and rejects exactly the steps
+    the shared driver takes for it alone with that norm (and they differ from the RMS norm's)."""
+    y0 = torch.tensor([[2.0, 0.0], [0.5, 0.3], [1.0, -1.0]], dtype=F64)
+    t = torch.linspace(0.0, 5.0, 6, dtype=F64)
+    if kind == "tensor":
+        func, norm, state = vdp, max_norm, y0
+    else:
+        func, norm, state = vdp_tuple, weighted_norm, (y0[:, :1], y0[:, 1:])
+    ctrl = PIController(rtol=1e-6, atol=1e-8, norm=norm)
+    sol = neuralode.solve(func, state, t, controller=ctrl, **PS)
+    rms = neuralode.solve(func, state, t, rtol=1e-6, atol=1e-8, **PS)
+    assert sol.stats["n_accepted"].tolist() != rms.stats["n_accepted"].tolist()
+    for b in range(3):
+        one = state[b : b + 1] if kind == "tensor" else tuple(c[b : b + 1] for c in state)
+        alone = neuralode.solve(func, one, t, controller=ctrl)
+        assert int(sol.stats["n_accepted"][b]) == alone.stats["n_accepted"]
+        assert int(sol.stats["n_rejected"][b]) == alone.stats["n_rejected"]
+        got = sol.ys[:, b] if kind == "tensor" else torch.cat([c[:, b] for c in sol.ys], -1)
+        want = alone.ys[:, 0] if kind == "tensor" else torch.cat([c[:, 0] for c in alone.ys], -1)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_custom_norm_that_vmap_cannot_run_raises_naming_the_rule():
+    ctrl = PIController(norm=lambda e: torch.tensor(float(e.abs().max()), dtype=F64))
+    with pytest.raises(ValueError, match=r"PIController\(norm=...\) is applied to each sample's"):
+        neuralode.solve(vdp, Y0, T2, controller=ctrl, **PS)
+
+
+def test_custom_norm_must_return_a_scalar():
+    ctrl = PIController(norm=lambda e: e.abs().amax(0))
+    with pytest.raises(ValueError, match=r"must return a 0-d tensor .*got \(2,\)"):
+        neuralode.solve(vdp, Y0, T2, controller=ctrl, **PS)
+
+
+def test_backsolve_norm_is_refused_under_per_sample_control():
+    with pytest.raises(
+        ValueError, match=r"Backsolve\(norm=...\) is not supported with batch_control='per_sample'"
+    ):
+        grads(Field(), Backsolve(norm=max_norm))

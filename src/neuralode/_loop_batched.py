@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import torch
 
 from ._failures import step_failure
+from ._norm_rows import RowUserNorm
 from ._norms import ErrorNorm, initial_norm
 from ._tree import TreeSpec, flat_tolerance, flatten_state
 from .controllers import PIController
@@ -218,7 +219,8 @@ def integrate_per_sample(
     )  # fmt: skip
     records = []
     n_done = n_stale = 0
-    norm = ErrorNorm(y0[:1], spec)
+    user = getattr(ctrl, "norm", None)  # PIController(norm=...): see _norm_rows
+    norm = ErrorNorm(y0[:1], spec) if user is None else RowUserNorm(user, spec)
     landings = torch.tensor(sorted({*ctrl.step_t, *ctrl.jump_t}), **f64)
     if A:
         f.lo, f.hi = w.lo, w.hi  # every evaluation stays inside its sample's interval
@@ -388,12 +390,6 @@ def solve_per_sample(
             "'dopri5', 'tsit5', 'rk4', or batch_control='shared' for this solver"
         )
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
-    if getattr(ctrl, "norm", None) is not None:
-        raise ValueError(
-            f"{opt} does not support PIController(norm=...): a norm on the whole state's "
-            "structure cannot measure one sample (the per-sample error norm is the RMS over each "
-            "sample's components); use batch_control='shared' with a custom norm"
-        )
     if not capable(gradient, "per_sample"):
         raise ValueError(
             f"{opt} does not support gradient={type(gradient).__name__}(...) (it declares no "

@@ -124,6 +124,13 @@ class _AdjointRows(BatchedField):
 
 
 def backsolve_rows(cfg, run, y0flat, params):
+    if cfg.norm is not None:
+        raise ValueError(
+            "Backsolve(norm=...) is not supported with batch_control='per_sample': the backward "
+            "solve measures each sample's (y, a) by its own RMS norm and keeps the parameter "
+            "integral out of the state (as seminorm=True), so a norm on the augmented tuple "
+            "(y, adj_y, adj_params...) has nothing to act on; leave norm unset"
+        )
     tab = get_tableau(cfg.solver) if cfg.solver is not None else run.stepper.tab
     if cfg.dt is not None:  # fixed steps of dt backward from each sample's output times
         if tab.adaptive:
@@ -169,7 +176,7 @@ class _BacksolveRows(torch.autograd.Function):
         if cfg.dt is not None:  # steps of dt from each output time back to the previous one
             ctrl = ConstantStep(cfg.dt, jump_t=ctrl.jump_t)
         elif ctrl.adaptive:  # no dt_min: a forward step clipped to an output may be shorter
-            ctrl = dataclasses.replace(ctrl, dt0=None, dt_min=0.0)
+            ctrl = dataclasses.replace(ctrl, dt0=None, dt_min=0.0, norm=None)
         rt = run.rtol if cfg.rtol is None else float(cfg.rtol)
         at = run.atol if cfg.atol is None else float(cfg.atol)
         rt, at = (torch.cat([x, x], 1) if isinstance(x, torch.Tensor) else x for x in (rt, at))
