@@ -19,6 +19,12 @@ error norm, the controller's initial step, proposal (with landings on ``step_t``
 PI update, and the failure messages are the shared driver's; no Python loop runs over samples. The host reads one small tensor per step (outputs due, finished and failed rows)
 to steer the loop. ``func`` gets ``t`` of shape ``(A,)`` (each row's own time) and the ``A`` rows
 of the working set, and is never evaluated outside a sample's interval ``[t0_b, t1_b]``.
+
+Events (each sample's own, located inside its own steps) are in :mod:`._events_rows`, a custom
+``PIController(norm=...)`` per sample in :mod:`._norm_rows`. Gradients with respect to ``t``
+use the continuous derivatives, as the shared driver: ``y0`` is shifted by ``-f(t0, y0) dt0``
+and each output by ``f(t_j, y(t_j)) dt_j`` (zero in value; one more evaluation of f over the
+output rows).
 """
 
 from __future__ import annotations

@@ -43,16 +43,21 @@ class Event:
     fn : callable
         ``fn(t, y) -> Tensor``: a 0-d tensor, or shape ``(B,)`` for per-sample events. ``t`` is a
         0-d time tensor and ``y`` the state in y0's structure. May use autograd internally and
-        may hold parameters (gradients w.r.t. them are returned).
+        may hold parameters (gradients w.r.t. them are returned). Under
+        ``batch_control="per_sample"`` it is called like ``func`` there: ``t`` of shape
+        ``(A,)`` (each row's own time), ``y`` the ``A`` rows being integrated, and it returns
+        shape ``(A,)``; each value may depend on its own row only.
     direction : {0, 1, -1}, default 0
         1: only rising crossings (``g`` from negative to non-negative); -1: only falling; 0: both.
     terminal : bool, default True
         Terminal events stop the solve (per-sample events stop their sample: its state stays at
         the event state for later output times). Non-terminal events are recorded and the solve
-        continues (whole-state events only).
+        continues (whole-state events, or any event under ``batch_control="per_sample"``, where
+        ``Solution.event_t`` is ``(K, B)``: event ``k`` of sample ``b``, NaN-padded).
     reset : callable, optional
         ``reset(t, y) -> y`` applied at each non-terminal event before continuing (e.g. a bouncing
-        ball's velocity flip). Needs ``terminal=False``.
+        ball's velocity flip). Needs ``terminal=False``. Under ``batch_control="per_sample"``
+        it gets the ``n`` rows whose event fired and their times ``(n,)``.
     max_events : int, default 100
         Limit on recorded non-terminal events.
     constant_ok : bool, default False

@@ -44,7 +44,8 @@ class Solution:
         Why the solve stopped early ("" on success).
     event_t : Tensor or None
         With ``event=``: the event time -- 0-d for a whole-state terminal event, ``(B,)`` for
-        per-sample events (NaN where a sample had none), ``(n_events,)`` for non-terminal events.
+        per-sample events (NaN where a sample had none), ``(n_events,)`` for non-terminal events
+        (``(K, B)`` under ``batch_control="per_sample"``: event ``k`` of sample ``b``, NaN-padded).
         Differentiable (implicit function theorem, see :mod:`neuralode.events`).
     event_y : state or None
         The state at the event(s), shaped like ``event_t`` times the state (per-sample: y0's shape).

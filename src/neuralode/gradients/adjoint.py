@@ -73,10 +73,12 @@ class Backsolve:
         ``norm(scaled_error) -> 0-d tensor`` for the backward solve's error control, given the
         scaled error of the augmented state as a tuple ``(y, adj_y, adj_param_1, ...)`` of flat
         tensors (the parameters' adjoints in the order of ``params``). Replaces the default
-        (the maximum over components of each component's RMS) and ``seminorm``.
+        (the maximum over components of each component's RMS) and ``seminorm``. Not available
+        under ``batch_control="per_sample"`` (ValueError).
     dt : float, optional
         Fixed step size of the backward solve (with a fixed-step ``solver``); default: the
-        forward's steps.
+        forward's steps. Under ``batch_control="per_sample"``: steps of ``dt`` for each sample
+        from each of its output times back to the previous one.
     outputs : {"auto", "replay", "stop"}, default "auto"
         How outputs strictly inside forward steps enter the adjoint. ``"replay"``: the backward
         solve stops only at forward step boundaries and adds them by differentiating the
