@@ -86,6 +86,31 @@ def test_free_fall_terminal_events_match_closed_form_and_shared_path():
     assert all_hit.status == "event"
 
 
+def test_many_samples_with_compaction_match_the_closed_form():
+    """40 balls from random heights and velocities: the working set is compacted as samples
+    stop at their events; every impact time matches the closed form, the high ones never hit."""
+    gen = torch.Generator().manual_seed(3)
+    h0 = 0.2 + 10.0 * torch.rand(40, generator=gen, dtype=F64)
+    v0 = 4.0 * torch.rand(40, generator=gen, dtype=F64) - 2.0
+    y0 = torch.stack([h0, v0], 1)
+    sol = neuralode.solve(free_fall, y0, tensor([0.0, 1.0]), event=Event(ground), **PS, **TIGHT)
+    want = tensor([drop_time(h, v) for h, v in zip(h0.tolist(), v0.tolist())])
+    want = torch.where(want <= 1.0, want, math.nan)
+    assert 5 < int(torch.isnan(want).sum()) < 35
+    torch.testing.assert_close(sol.event_t, want, atol=1e-10, rtol=0, equal_nan=True)
+
+
+def test_per_sample_event_with_a_running_cost_integral():
+    """integral= with per-sample events: the integral of y up to each event (y' = -y reaching
+    1/2 at ln(2 y0)): y0 - 1/2."""
+    y0 = tensor([[1.0], [2.0]])
+    sol = neuralode.solve(lambda t, y: -y, y0, tensor([0.0, 3.0]), integral=lambda t, y: y,
+                          event=Event(lambda t, y: y[:, 0] - 0.5), **PS, **TIGHT)  # fmt: skip
+    torch.testing.assert_close(sol.event_t, tensor([math.log(2.0), math.log(4.0)]), atol=1e-9,
+                               rtol=0)  # fmt: skip
+    torch.testing.assert_close(sol.event_integral, tensor([[0.5], [1.5]]), atol=1e-9, rtol=0)
+
+
 def test_decay_to_a_level_on_per_sample_grids_with_different_starts():
     """2-D t: rows start at different times; t* = t0_b + ln(y0/c)/k_b for each sample."""
     c = 0.25
