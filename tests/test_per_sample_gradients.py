@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import neuralode
-from neuralode import Backsolve, Checkpointed
+from neuralode import Backsolve
 
 F64 = torch.float64
 PS = dict(batch_control="per_sample")
@@ -142,7 +142,6 @@ def test_dense_output_with_checkpointed_gradients():
     [
         (Backsolve(dt=0.1), r"Backsolve\(dt=...\) needs a fixed-step solver for the backward solve \(e.g. solver='rk4'\), got 'dopri5'"),
         (Backsolve(solver="rk4"), r"Backsolve\(solver='rk4'\) with batch_control='per_sample' and adaptive forward steps needs an adaptive"),
-        (Checkpointed(max_checkpoints=4), r"max_checkpoints=...\) is not supported with batch_control='per_sample'"),
     ],
 )  # fmt: skip
 def test_what_is_still_refused_raises_naming_it(gradient, match):

@@ -4,8 +4,9 @@
 output time back to the previous one); its gradients converge to Direct's at the order of the
 backward method. ``PIController(norm=...)``: each sample's scaled error is measured by the norm
 as the shared driver measures that sample solved alone, so each sample takes exactly the steps
-of that solve. ``Checkpointed(max_checkpoints=...)`` and ``Backsolve(norm=...)`` keep a precise
-ValueError (tested here and in test_per_sample_gradients.py).
+of that solve. ``Checkpointed(max_checkpoints=...)``: at most that many iterations keep their
+states, the rest are recomputed; gradients stay equal to Direct's to rounding.
+``Backsolve(norm=...)`` keeps a precise ValueError.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 import neuralode
-from neuralode import Backsolve, PIController
+from neuralode import Backsolve, Checkpointed, PIController
 
 F64 = torch.float64
 PS = dict(batch_control="per_sample")
@@ -133,3 +134,35 @@ def test_backsolve_norm_is_refused_under_per_sample_control():
         ValueError, match=r"Backsolve\(norm=...\) is not supported with batch_control='per_sample'"
     ):
         grads(Field(), Backsolve(norm=max_norm))
+
+
+# --------------------------------------------------------------------------- max_checkpoints
+class TimeField(Field):
+    def forward(self, t, y):
+        return self.net(y) * (1.0 + 0.3 * torch.sin(3.0 * t)).unsqueeze(1)
+
+
+@pytest.mark.parametrize("max_checkpoints", [2, 3, 7])
+def test_checkpointed_with_bounded_states_equals_direct(max_checkpoints):
+    """Samples with their own grids (the working set compacts); the states kept are bounded
+    and the others recomputed (more backward evaluations), the gradients equal to rounding."""
+    func = TimeField()
+    gen = torch.Generator().manual_seed(1)
+    y0 = torch.randn(6, 2, generator=gen, dtype=F64)
+    t = torch.sort(3.0 * torch.rand(6, 5, generator=gen, dtype=F64), 1).values
+    tight = dict(rtol=1e-9, atol=1e-11)
+
+    def run(gradient):
+        y = y0.clone().requires_grad_()
+        sol = neuralode.solve(func, y, t, gradient=gradient, **PS, **tight)
+        g = torch.autograd.grad(sol.ys.square().sum(), [y, *func.parameters()])
+        return g, sol.stats
+
+    ref, _ = run("direct")
+    full, st_full = run("checkpoint")
+    got, st = run(Checkpointed(max_checkpoints=max_checkpoints))
+    assert st_full["n_checkpoints"] > 20  # one per iteration with an accepted step
+    assert st["n_checkpoints"] <= max_checkpoints
+    assert st["nfe_backward"] > st_full["nfe_backward"]  # the dropped states, recomputed
+    assert max_diff(got, ref) < 1e-11
+    assert max_diff(got, full) < 1e-11

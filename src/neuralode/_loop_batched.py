@@ -172,7 +172,7 @@ def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) 
 
 def integrate_per_sample(
     spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, record=None, floor=False,
-    on_step=None, outputs=True, monitor=None,
+    on_step=None, outputs=True, monitor=None, max_states=None,
 ):  # fmt: skip
     """Integrate every sample over its own output times ``tau`` (B, T) float64.
 
@@ -185,7 +185,9 @@ def integrate_per_sample(
     adjoint's parameter integral). ``outputs=False`` skips the outputs between the ends.
     ``monitor(w, acc, t_old, h_step, y_old, K, t_last)`` (events, see :mod:`._events_rows`)
     sees every iteration's rows after the accepted ones advanced and returns the rows to stop
-    where they are (a ``(A,)`` bool mask) or None.
+    where they are (a ``(A,)`` bool mask) or None. ``max_states`` bounds the replay records
+    that keep their states (``Checkpointed(max_checkpoints=...)``): past it, every second one
+    drops its state (the first is always kept), to be recomputed in the backward pass.
     """
     B, T = tau.shape
     dev, track = y0.device, torch.is_grad_enabled()
@@ -316,8 +318,14 @@ def integrate_per_sample(
             vals.append(v)
             w.nxt = cnt
         if record in ("replay", "both") and n_acc:
-            state["replay"].append((w.idx, acc, tf_old, t_old, w.t, t_last, h_step, y_old, w.lo,
-                                    w.hi, r, tau_j, None if r is None else j))  # fmt: skip
+            state["replay"].append([w.idx, acc, tf_old, t_old, w.t, t_last, h_step, y_old, w.lo,
+                                    w.hi, r, tau_j, None if r is None else j])  # fmt: skip
+            kept = state.setdefault("kept", [])
+            kept.append(len(state["replay"]) - 1)
+            if max_states is not None and len(kept) > max_states:
+                for q in kept[1::2]:
+                    state["replay"][q][7] = None  # its state is recomputed in the backward pass
+                state["kept"] = kept[::2]
         if n_fail:
             _handle_failures(w, fail, ctrl, max_steps, throw, state)
             n_done = int(w.done.sum())
@@ -365,12 +373,12 @@ class RowsRun:
     stats: dict = dataclasses.field(default_factory=dict)
     result: tuple | None = None  # (y_final, t_final, n_acc, n_rej, state, records)
 
-    def integrate(self, y0, record=None):
+    def integrate(self, y0, record=None, max_states=None):
         """The forward solve; fills ``result`` and returns the outputs flat (T*B, M)."""
         ys, *rest = integrate_per_sample(
             self.spec, self.f, self.stepper, y0, self.tau, self.ctrl, self.rtol, self.atol,
             self.max_steps, self.throw, _both(record, "dense" if self.dense else None),
-            self.floor,
+            self.floor, max_states=max_states,
         )  # fmt: skip
         self.result = tuple(rest)
         return ys

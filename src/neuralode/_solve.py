@@ -102,13 +102,13 @@ def solve(
         ``ConstantStep`` on each sample's own grid ``t0_b + k dt``; ``PIController(norm=...)``
         measures each sample's scaled error, batch dimension 1, as the shared driver would for
         that sample alone, vectorised by ``torch.func.vmap``) and every gradient method
-        (``"checkpoint"`` replays the per-sample iterations: equal to Direct to rounding;
+        (``"checkpoint"`` replays the per-sample iterations: equal to Direct to rounding,
+        ``max_checkpoints`` bounding the iterations whose states are kept;
         ``"backsolve"`` solves the adjoint per sample backward, its parameter integral left out
         of the error norm; ``Backsolve(dt=...)`` steps it by ``dt``), gradients with respect to
         a 1-D or 2-D ``t``, and events (each sample locates its own; the event function is
         called like ``func`` and returns ``(A,)``; see :class:`neuralode.Event`). Raises
-        ValueError for implicit/Adams methods, ``Checkpointed(max_checkpoints=...)`` and
-        ``Backsolve(norm=...)``.
+        ValueError for implicit/Adams methods and ``Backsolve(norm=...)``.
         ``Solution.t_final`` and ``stats["n_accepted"]``/``["n_rejected"]`` are then ``(B,)``
         tensors, and ``stats`` adds ``sample_evals`` (rows passed to func),
         ``wasted_sample_evals`` (rows of samples that had already finished, kept below 1/16 of

@@ -29,7 +29,9 @@ class Checkpointed:
     Parameters
     ----------
     max_checkpoints : int, optional
-        Upper bound on stored states (>= 2). Default: one per accepted step.
+        Upper bound on stored states (>= 2). Default: one per accepted step. Under
+        ``batch_control="per_sample"``: on stored working-set states, one per iteration of the
+        per-sample driver by default (``Solution.stats["n_checkpoints"]`` counts those kept).
     params : sequence of Tensor, optional
         Tensors to differentiate besides y0. Default: the parameters of ``func`` when it is an
         ``nn.Module``.
@@ -57,17 +59,13 @@ class Checkpointed:
 
     def run_rows(self, run, y0flat: torch.Tensor):
         """The per-sample solve (``batch_control="per_sample"``): every iteration of the
-        per-sample driver is replayed with autograd in the backward pass (max_checkpoints does
-        not apply: every iteration's states are kept)."""
+        per-sample driver is replayed with autograd in the backward pass; ``max_checkpoints``
+        bounds the iterations whose working-set states are kept (the others are recomputed
+        from the previous kept one, as in the shared solve)."""
         from .rows import checkpointed_rows
 
-        if self.max_checkpoints is not None:
-            raise ValueError(
-                "Checkpointed(max_checkpoints=...) is not supported with "
-                "batch_control='per_sample' (every iteration's states are kept); leave it unset"
-            )
         params = find_params(run.func, self.params, "Checkpointed(params=...)")
-        return checkpointed_rows(run, y0flat, params)
+        return checkpointed_rows(run, y0flat, params, self.max_checkpoints)
 
     def run(self, run: Run, y0flat: torch.Tensor):
         params = find_params(run.func, self.params, "Checkpointed(params=...)")

@@ -5,7 +5,10 @@ size; these are the two memory-saving gradient methods written against it:
 
 - checkpointed: the forward solve (no graph) keeps, per iteration of the driver, the states of
   the rows that took a step; the backward pass replays each iteration with autograd, in reverse,
-  for the rows it accepted (the same arithmetic as the forward: equal to Direct to rounding);
+  for the rows it accepted (the same arithmetic as the forward: equal to Direct to rounding).
+  With ``max_checkpoints`` at most that many iterations keep their states (every second one is
+  dropped whenever the bound is passed); the backward pass recomputes the others, without a
+  graph, from the previous kept one (at most about twice the forward work);
 - backsolve adjoint: the forward solve keeps nothing; the backward pass integrates ``(y, a)``
   per sample from each sample's final time back to its initial one, with the per-sample driver
   itself (the adjoint state ``a`` jumps by the output gradients at the sample's output times),
@@ -45,15 +48,37 @@ def _initial_outputs(a, g, tau, B):
 
 
 # ---------------------------------------------------------------------------- checkpointed
-def checkpointed_rows(run, y0flat, params):
-    return _CheckpointRows.apply(run, y0flat, *params)
+def checkpointed_rows(run, y0flat, params, max_checkpoints=None):
+    return _CheckpointRows.apply(run, max_checkpoints, y0flat, *params)
+
+
+def _recompute(f, st, recs, i: int, j: int, B: int) -> dict:
+    """The working-set states of iterations ``j..i`` from the kept state of iteration ``j``
+    (no graph): each sample's state advanced by the steps its rows accepted."""
+    olds = {j: recs[j][7]}
+    if j == i:
+        return olds
+    Y = torch.empty((B, olds[j].shape[1]), dtype=olds[j].dtype, device=olds[j].device)
+    Y[recs[j][0]] = olds[j]
+    with torch.no_grad():
+        for k in range(j, i):
+            idx, acc, tf, t0, _, tl, h, _, lo, hi = recs[k][:10]
+            ar = acc.nonzero().squeeze(1)
+            yk = olds[k][ar]
+            f.lo, f.hi, f.idle = lo[ar], hi[ar], 0
+            y_new, _, _ = st.step(f, t0[ar], h[ar], yk, f(tf[ar], yk), tl[ar], False)
+            Y[idx[ar]] = y_new
+            olds[k + 1] = Y[recs[k + 1][0]]
+    return olds
 
 
 class _CheckpointRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, y0flat, *params):
+    def forward(ctx, run, max_checkpoints, y0flat, *params):
         with torch.no_grad():
-            ys = run.integrate(y0flat.detach(), record="replay")
+            ys = run.integrate(y0flat.detach(), record="replay", max_states=max_checkpoints)
+        recs = run.result[4]["replay"]
+        run.stats["n_checkpoints"] = sum(rec[7] is not None for rec in recs)  # states kept
         ctx.run = run
         ctx.save_for_backward(*params)
         return ys
@@ -72,29 +97,45 @@ class _CheckpointRows(torch.autograd.Function):
         a = torch.zeros((B, g.shape[1]), dtype=g.dtype, device=g.device)
         gp = [torch.zeros_like(p) for p in params]
         nfe0 = f.nfe
-        for idx, acc, tf, t0, t1, tl, h, y_old, lo, hi, r, tau_j, j in reversed(state["replay"]):
-            ar = acc.nonzero().squeeze(1)
-            rows = idx[ar]
-            yk = y_old[ar].detach().requires_grad_()
-            f.lo, f.hi, f.idle = lo[ar], hi[ar], 0
-            with torch.enable_grad():
-                k1 = f(tf[ar], yk)  # (just past t0 after a jump_t)
-                y_new, _, K = st.step(f, t0[ar], h[ar], yk, k1, tl[ar], True)
-                K = K.view(-1, *yk.shape)
-                outs, cots = [y_new], [a[rows]]
-                if r is not None:
-                    sub = (torch.cumsum(acc, 0) - 1)[r]  # rows with outputs, within ar
-                    has = torch.zeros(ar.shape[0], dtype=torch.bool, device=ar.device)
-                    has[sub] = True
-                    v, _ = step_outputs(st, f, K, t0[ar], h[ar], t1[ar], yk, y_new, lo[ar],
-                                        hi[ar], has, sub, tau_j)  # fmt: skip
-                    outs.append(v)
-                    cots.append(g[j * B + idx[r]])
-                grads = torch.autograd.grad(outs, [yk, *params], cots, allow_unused=True)
-            a = a.index_copy(0, rows, grads[0] if grads[0] is not None else torch.zeros_like(yk))
-            _sum_into(gp, grads[1:])
+        recs = state["replay"]
+        i = len(recs) - 1
+        while i >= 0:  # segments that end at a kept state, from the last
+            k0 = i
+            while recs[k0][7] is None:
+                k0 -= 1
+            olds = _recompute(f, st, recs, i, k0, B)
+            for k in range(i, k0 - 1, -1):
+                a = _replay(f, st, recs[k], olds[k], a, g, B, params, gp)
+            i = k0 - 1
         run.stats["nfe_backward"] = f.nfe - nfe0
-        return (None, _initial_outputs(a, g, run.tau, B), *gp)
+        return (None, None, _initial_outputs(a, g, run.tau, B), *gp)
+
+
+def _replay(f, st, rec, y_old, a, g, B, params, gp):
+    """One iteration replayed with autograd for its accepted rows: the adjoint of their states
+    before it (``a`` updated) and the parameters' gradients (added to ``gp``)."""
+    idx, acc, tf, t0, t1, tl, h, _, lo, hi, r, tau_j, j = rec
+    ar = acc.nonzero().squeeze(1)
+    rows = idx[ar]
+    yk = y_old[ar].detach().requires_grad_()
+    f.lo, f.hi, f.idle = lo[ar], hi[ar], 0
+    with torch.enable_grad():
+        k1 = f(tf[ar], yk)  # (just past t0 after a jump_t)
+        y_new, _, K = st.step(f, t0[ar], h[ar], yk, k1, tl[ar], True)
+        K = K.view(-1, *yk.shape)
+        outs, cots = [y_new], [a[rows]]
+        if r is not None:
+            sub = (torch.cumsum(acc, 0) - 1)[r]  # rows with outputs, within ar
+            has = torch.zeros(ar.shape[0], dtype=torch.bool, device=ar.device)
+            has[sub] = True
+            v, _ = step_outputs(st, f, K, t0[ar], h[ar], t1[ar], yk, y_new, lo[ar],
+                                hi[ar], has, sub, tau_j)  # fmt: skip
+            outs.append(v)
+            cots.append(g[j * B + idx[r]])
+        grads = torch.autograd.grad(outs, [yk, *params], cots, allow_unused=True)
+    a = a.index_copy(0, rows, grads[0] if grads[0] is not None else torch.zeros_like(yk))
+    _sum_into(gp, grads[1:])
+    return a
 
 
 # ---------------------------------------------------------------------------- backsolve
