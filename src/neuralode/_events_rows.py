@@ -332,7 +332,8 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
             stats["nfe_event_location"] += n1
         fired = live & ~torch.isnan(t_star)
         # Outputs of this segment: strictly before the event, or all the rest without one.
-        cnt = torch.searchsorted(stau, (sdir * t_star).unsqueeze(1).contiguous()).squeeze(1)
+        q = sdir * torch.where(fired, t_star, t_end)  # (no NaN into searchsorted)
+        cnt = torch.searchsorted(stau, q.unsqueeze(1).contiguous()).squeeze(1)
         stop = torch.where(fired, cnt, torch.where(live, T, nxt))
         n_out = int((stop - nxt).max())
         idx = nxt.unsqueeze(1) + torch.arange(n_out, device=dev)
