@@ -388,3 +388,31 @@ def test_non_differentiable_event_function_raises_when_gradients_are_needed():
     with torch.no_grad():
         sol = neuralode.solve(free_fall, y0, tensor([0.0, 1.0]), event=ev, **PS)
     assert sol.event_t.item() == pytest.approx(drop_time(1.0), abs=1e-9)
+
+
+def test_tangential_crossing_is_not_differentiable():
+    """sign(y - 1/2) changes sign with zero derivative: located, but no IFT gradient."""
+    ev = Event(lambda t, y: torch.sign(y[:, 0] - 0.5))
+    y0 = tensor([[0.0], [0.2]])
+    sol = neuralode.solve(lambda t, y: torch.ones_like(y), y0, tensor([0.0, 1.0]), event=ev, **PS)
+    torch.testing.assert_close(sol.event_t, tensor([0.5, 0.3]), atol=1e-10, rtol=0)
+    with pytest.raises(RuntimeError, match="zero time derivative .* tangential crossing"):
+        neuralode.solve(lambda t, y: torch.ones_like(y), y0.clone().requires_grad_(),
+                        tensor([0.0, 1.0]), event=ev, **PS)  # fmt: skip
+
+
+def test_shared_path_refusals_point_to_per_sample_control():
+    """What the shared driver refuses for events, per-sample control does: the messages say so."""
+    y0 = tensor([[1.0, 0.0], [4.0, 0.0]])
+    t = tensor([0.0, 1.0])
+    ev = Event(ground, terminal=False)
+    with pytest.raises(
+        ValueError, match=r"must be terminal\), or solve with batch_control='per_sample'"
+    ):
+        neuralode.solve(free_fall, y0, t, event=ev)
+    with pytest.raises(ValueError, match=r"for a 2-D t .* use batch_control='per_sample'"):
+        neuralode.solve(free_fall, y0, torch.stack([t, t]), event=Event(ground))
+    # ... and there both work.
+    sol = neuralode.solve(free_fall, y0, torch.stack([t, 2 * t]), event=Event(ground), **PS)
+    torch.testing.assert_close(sol.event_t, tensor([drop_time(1.0), drop_time(4.0)]),
+                               atol=1e-10, rtol=0)  # fmt: skip

@@ -254,7 +254,11 @@ def _zip_map(fn, *states):
 def solve_with_event(solve_fn, func, y0, t: torch.Tensor, event: Event, kwargs: dict):
     """Solve with an event (see the module docstring). ``solve_fn`` is :func:`neuralode.solve`."""
     if t.dim() != 1:
-        raise ValueError("solve(..., event=...) needs a 1-D t (shared output times)")
+        raise ValueError(
+            "solve(..., event=...) needs a 1-D t (shared output times) with "
+            "batch_control='shared'; for a 2-D t (one grid per sample) use "
+            "batch_control='per_sample', where each sample locates its own events"
+        )
     if kwargs.get("dense_output"):
         raise ValueError(
             "dense_output=True is not available together with event=...: the solution is made "
@@ -279,7 +283,8 @@ def solve_with_event(solve_fn, func, y0, t: torch.Tensor, event: Event, kwargs: 
     if per_sample and not event.terminal:
         raise ValueError(
             "non-terminal events and resets act on the whole state: return a 0-d tensor from the "
-            "event function (per-sample events of shape (B,) must be terminal)"
+            "event function (per-sample events of shape (B,) must be terminal), or solve with "
+            "batch_control='per_sample', where each sample has its own non-terminal events"
         )
     if event.terminal:
         return _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype)
