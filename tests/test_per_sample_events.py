@@ -416,3 +416,13 @@ def test_shared_path_refusals_point_to_per_sample_control():
     sol = neuralode.solve(free_fall, y0, torch.stack([t, 2 * t]), event=Event(ground), **PS)
     torch.testing.assert_close(sol.event_t, tensor([drop_time(1.0), drop_time(4.0)]),
                                atol=1e-10, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_single_output_time_has_nothing_to_locate(terminal):
+    y0 = tensor([[1.0], [2.0]], requires_grad=True)
+    ev = Event(lambda t, y: y[:, 0] - 0.5, terminal=terminal)
+    sol = neuralode.solve(lambda t, y: -y, y0, tensor([0.0]), event=ev, **PS)
+    torch.testing.assert_close(sol.ys[0], y0.detach(), atol=0, rtol=0)
+    assert sol.event_t.shape == ((2,) if terminal else (0, 2))
+    assert bool(torch.isnan(sol.event_t).all())

@@ -33,6 +33,7 @@ import warnings
 import torch
 
 from .events import _crossed
+from .gradients._common import capable
 from .solution import Solution
 
 __all__ = ["solve_rows_with_event"]
@@ -59,8 +60,9 @@ class RowEventFn:
         if out.shape != (n,):
             raise ValueError(
                 "with batch_control='per_sample' the event function is called like func, with t "
-                f"of shape (A,) and the A rows being integrated, and must return shape (A,) (one "
-                f"value per row); got shape {tuple(out.shape)} for A={n}"
+                "of shape (A,) and A rows of the state (the rows being integrated, or points "
+                "inside their steps, several per sample, evaluated together), and must return "
+                f"shape (A,) (one value per row); got shape {tuple(out.shape)} for A={n}"
             )
         return out.real if out.is_complex() else out
 
@@ -296,7 +298,7 @@ def _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw):
         event_t=t_event.to(ctx.time_dtype),
         event_y=spec.unflatten(y_event),
         _per_sample=True,
-        _detached=sol._detached,
+        _detached=not capable(kw["gradient"], "exact_autograd"),
     )
 
 
@@ -372,7 +374,9 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
     stats["n_event_fn"] = gfn.calls
     K = len(ev_t)
     event_t = torch.stack(ev_t) if K else torch.zeros((0, B), dtype=torch.float64, device=dev)
-    event_y = torch.stack(ev_y) if K else torch.zeros((0, *y0flat.shape), dtype=y0flat.dtype)
+    event_y = (
+        torch.stack(ev_y) if K else torch.zeros((0, *y0flat.shape), dtype=y0flat.dtype, device=dev)
+    )
     return Solution(
         t=t,
         ys=spec.unflatten(ys, lead=(T,)),
@@ -383,5 +387,5 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
         event_t=event_t.to(ctx.time_dtype),
         event_y=spec.unflatten(event_y, lead=(K,)),
         _per_sample=True,
-        _detached=sol._detached,
+        _detached=not capable(kw["gradient"], "exact_autograd"),
     )
