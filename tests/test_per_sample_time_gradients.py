@@ -112,3 +112,14 @@ def test_gradients_of_other_samples_survive_a_failed_sample():
     (g,) = torch.autograd.grad(sol.ys[:, 0].sum(), t)
     want = tensor([math.exp(-0.2) + math.exp(-1.0), -math.exp(-0.2), -math.exp(-1.0)])
     torch.testing.assert_close(g, want, atol=1e-8, rtol=1e-7)
+
+
+def test_shared_driver_refusal_of_a_2d_t_gradient_points_to_per_sample_control():
+    y0 = tensor([[1.0, 0.7], [2.0, 1.5]])
+    t = tensor([[0.0, 0.5], [0.0, 1.0]], True)
+    with pytest.raises(ValueError, match=r"2-D \(per-sample\) t .* use batch_control='per_sample'"):
+        neuralode.solve(decay_with_rate, y0, t)
+    (g,) = torch.autograd.grad(neuralode.solve(decay_with_rate, y0, t, **PS).ys[-1, :, 0].sum(), t)
+    want = [0.7 * math.exp(-0.35), 1.5 * 2.0 * math.exp(-1.5)]
+    torch.testing.assert_close(g, tensor([[want[0], -want[0]], [want[1], -want[1]]]), atol=1e-6,
+                               rtol=1e-6)  # fmt: skip

@@ -309,8 +309,9 @@ def solve(
     t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
     if t_grad and per_sample:
         raise ValueError(
-            "gradients with respect to a 2-D (per-sample) t are not supported; pass t.detach() "
-            "or solve with a shared 1-D t"
+            "gradients with respect to a 2-D (per-sample) t are not supported with "
+            "batch_control='shared'; use batch_control='per_sample' (which supports them), pass "
+            "t.detach(), or solve with a shared 1-D t"
         )
     if compile:
         ys = _run_compiled(run, y0flat, grad_method, dense_output, t_grad)
