@@ -381,7 +381,7 @@ def solve_per_sample(
             "'dopri5', 'tsit5', 'rk4', or batch_control='shared' for this solver"
         )
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
-    if getattr(ctrl, "norm", None) is not None:
+    if ctrl.norm is not None:
         raise ValueError(
             f"{opt} does not support PIController(norm=...): a norm on the whole state's "
             "structure cannot measure one sample (the per-sample error norm is the RMS over each "
@@ -420,12 +420,7 @@ def solve_per_sample(
         rt, at = flat_tolerance(spec, ctrl.rtol, "rtol"), flat_tolerance(spec, ctrl.atol, "atol")
     else:
         rt = at = 1.0  # no error norm with fixed steps
-    grid = getattr(ctrl, "grid", None)
-    if grid is not None and not (grid[0] <= float(tau.min()) and grid[-1] >= float(tau.max())):
-        raise ValueError(
-            f"StepToGrid(grid=...) spans [{grid[0]!r}, {grid[-1]!r}] but the samples' intervals "
-            f"span [{float(tau.min())!r}, {float(tau.max())!r}]; the grid must cover them all"
-        )
+    ctrl.check_span(float(tau.min()), float(tau.max()))
     direct = capable(gradient, "exact_autograd")
     dense = bool(dense_output) if dense_output is not None else direct
     floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
