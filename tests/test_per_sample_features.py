@@ -86,7 +86,8 @@ def test_checkpointed_gradients_with_jumps_equal_direct():
 def test_grid_that_does_not_cover_a_sample_raises():
     t = torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=F64)
     with pytest.raises(
-        ValueError, match=r"StepToGrid\(grid=...\) spans \[0.0, 1.0\] but the samples"
+        ValueError,
+        match=r"StepToGrid\(grid=...\) spans \[0.0, 1.0\] but the solve runs over \[0.0, 2.0\]",
     ):
         neuralode.solve(lambda t, y: -y, Y0, t, solver="rk4", controller=StepToGrid([0.0, 0.5, 1.0]),
                         batch_control="per_sample")  # fmt: skip

@@ -227,7 +227,7 @@ def integrate_per_sample(
     )  # fmt: skip
     records = []
     n_done = n_stale = 0
-    user = getattr(ctrl, "norm", None)  # PIController(norm=...): see _norm_rows
+    user = ctrl.norm  # PIController(norm=...): see _norm_rows
     norm = ErrorNorm(y0[:1], spec) if user is None else RowUserNorm(user, spec)
     landings = torch.tensor(sorted({*ctrl.step_t, *ctrl.jump_t}), **f64)
     if A:
@@ -431,12 +431,7 @@ def solve_per_sample(
         rt, at = flat_tolerance(spec, ctrl.rtol, "rtol"), flat_tolerance(spec, ctrl.atol, "atol")
     else:
         rt = at = 1.0  # no error norm with fixed steps
-    grid = getattr(ctrl, "grid", None)
-    if grid is not None and not (grid[0] <= float(tau.min()) and grid[-1] >= float(tau.max())):
-        raise ValueError(
-            f"StepToGrid(grid=...) spans [{grid[0]!r}, {grid[-1]!r}] but the samples' intervals "
-            f"span [{float(tau.min())!r}, {float(tau.max())!r}]; the grid must cover them all"
-        )
+    ctrl.check_span(float(tau.min()), float(tau.max()))
     direct = capable(gradient, "exact_autograd")
     dense = bool(dense_output) if dense_output is not None else direct
     floor = at == 0 if isinstance(at, float) else bool((at == 0).any())

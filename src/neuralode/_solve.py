@@ -10,7 +10,6 @@ import torch
 
 from ._loop import Problem, VectorField, integrate
 from ._tree import flat_tolerance, flatten_state
-from .controllers import PIController, StepToGrid
 from .controllers.resolve import resolve_controller
 from .gradients import capable, get_gradient
 from .gradients._common import Run
@@ -271,14 +270,7 @@ def solve(
     per_sample, t0, t_end, out_t, out_sample, out_order = _check_times(t_tensor, y0)
     spec, y0flat = flatten_state(y0, batched=per_sample)
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
-    if isinstance(ctrl, StepToGrid) and not (
-        ctrl.grid[0] <= min(t0, t_end) and ctrl.grid[-1] >= max(t0, t_end)
-    ):
-        raise ValueError(
-            f"StepToGrid(grid=...) spans [{ctrl.grid[0]!r}, {ctrl.grid[-1]!r}] but the solve "
-            f"runs over [{min(t0, t_end)!r}, {max(t0, t_end)!r}]; the grid must cover the whole "
-            "interval (add its end points)"
-        )
+    ctrl.check_span(min(t0, t_end), max(t0, t_end))
     prob = Problem(
         spec=spec,
         tableau=tab,
@@ -292,7 +284,7 @@ def solve(
         max_steps=max_steps,
         rtol=flat_tolerance(spec, ctrl.rtol, "rtol") if ctrl.adaptive else 0.0,
         atol=flat_tolerance(spec, ctrl.atol, "atol") if ctrl.adaptive else 0.0,
-        norm=ctrl.norm if isinstance(ctrl, PIController) else None,
+        norm=ctrl.norm,
     )
     if ctrl.adaptive:
         atol_ = prob.atol

@@ -14,8 +14,8 @@ from torch import nn
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, check_belongs, load_checkpoint
 from .config import read_run_config
 from .errors import CLIError
+from .rundir import PLOT_DIR, RESULTS_NAME, SUMMARY_NAME, build, read_metrics
 from .tasks.base import Task
-from .train import PLOT_DIR, RESULTS_NAME, SUMMARY_NAME, _read_metrics, build
 
 __all__ = ["open_run", "report"]
 
@@ -103,7 +103,7 @@ def report(
     model.eval()
     results = task.evaluate(model)
     results["checkpoint"] = ckpt.name
-    metrics = _read_metrics(run_dir)
+    metrics = read_metrics(run_dir)
     from .report import time_line
 
     text = task.summary(results, metrics) + "\n" + time_line(metrics)

@@ -482,11 +482,11 @@ def _cmd_evaluate(args) -> int:
 def _cmd_plot(args) -> int:
     from .evaluation import open_run
     from .plots import plot_run
-    from .train import _read_metrics
+    from .rundir import read_metrics
 
     run_dir = Path(args.run_dir)
     task, model, ckpt = open_run(run_dir, args.checkpoint, device=args.device)
-    paths = plot_run(task, model, run_dir, _read_metrics(run_dir))
+    paths = plot_run(task, model, run_dir, read_metrics(run_dir))
     print(f"Plots of {run_dir} (model: {ckpt.name}):")
     for p in paths:
         print(f"  {p}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import signal
 import sys
@@ -22,7 +21,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -42,29 +40,20 @@ from .checkpoint import (
 )
 from .config import CONFIG_NAME, RESUMABLE_CHANGES, RunConfig, config_diff, read_run_config
 from .errors import CLIError, TrainingError
-from .tasks import get_task
+from .rundir import (
+    METRICS_NAME,
+    PLOT_DIR,
+    RUN_FILES,
+    SUMMARY_NAME,
+    build,
+    read_metrics,
+    resolve_device,
+)
 from .tasks.base import Task
 
 __all__ = ["train", "check_run_dir", "resolve_device", "build"]
 
-METRICS_NAME = "metrics.jsonl"
-RESULTS_NAME = "results.json"
-SUMMARY_NAME = "summary.txt"
-PLOT_DIR = "plots"
-#: Files a fresh run (same configuration, no --resume) replaces.
-RUN_FILES = (METRICS_NAME, CHECKPOINT_NAME, BEST_NAME, RESULTS_NAME, SUMMARY_NAME,
-             "results_last.json", "summary_last.txt")  # fmt: skip
 CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain data (weights_only)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError("--device cuda: no CUDA device is available; use --device cpu.")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
@@ -118,19 +107,6 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> str:
         if done >= cfg.epochs:
             return "finished"
     return "resume" if resume else "restart"
-
-
-def build(cfg: RunConfig, dist: distributed.Dist | None = None) -> tuple[Task, nn.Module]:
-    """Load the data and build the (seeded) model of ``cfg`` on its device."""
-    dist = dist or distributed.Dist()
-    device = resolve_device(cfg.device, dist.local_rank)
-    task = get_task(cfg.task)(cfg, device, dist)
-    task.load_data()
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = task.build_model().to(device=device, dtype=task.dtype)
-    return task, model
 
 
 class _Objective(nn.Module):
@@ -204,34 +180,6 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool, unit="epoc
         leave=leave,
         file=sys.stderr,
     )
-
-
-def _read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of ``metrics.jsonl``; a last row cut short (a crash while it was appended) is
-    left out: its epoch has no checkpoint either and is trained again on ``--resume``."""
-    path = run_dir / METRICS_NAME
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    lines = text.splitlines()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-            if number == len(lines) and not text.endswith("\n"):
-                break
-        if not isinstance(row, dict) or "epoch" not in row:
-            raise CLIError(
-                f"{path}, line {number}: not a row of per-epoch metrics ({line[:40]!r}); the "
-                "file is damaged: delete that line (the plots and the summary's training time "
-                "use the others)."
-            )
-        rows.append(row)
-    return rows
 
 
 def _fmt(x) -> str:
@@ -349,7 +297,7 @@ def _train(
             shutil.rmtree(out / PLOT_DIR, ignore_errors=True)
             shutil.rmtree(out / "tensorboard", ignore_errors=True)
         cfg.save(out)
-        rows = [r for r in _read_metrics(out) if r["epoch"] <= start_epoch]
+        rows = [r for r in read_metrics(out) if r["epoch"] <= start_epoch]
         _write_metrics(out, rows)
     dist.barrier()
 

@@ -153,6 +153,11 @@ class Controller:
     jump_t: tuple[float, ...] = ()
     dt_min: float = 0.0
     dt_max: float = math.inf
+    norm = None  # a custom error norm (PIController(norm=...)); None: the engine's scaled RMS
+
+    def check_span(self, lo: float, hi: float) -> None:
+        """Raise ValueError if this controller cannot step over ``[lo, hi]`` (every sample's
+        interval lies inside it)."""
 
     def underflows(self, h, t):
         """Whether a step of size ``|h|`` from ``t`` cannot be taken (see :func:`underflows`)."""
@@ -315,6 +320,14 @@ class StepToGrid(Controller):
 
     def initial_step(self, norm, f, t0, y0, k1, direction, span, order: int):
         return math.inf  # every step ends on the next grid point (a landing)
+
+    def check_span(self, lo: float, hi: float) -> None:
+        if not (self.grid[0] <= lo and self.grid[-1] >= hi):
+            raise ValueError(
+                f"StepToGrid(grid=...) spans [{self.grid[0]!r}, {self.grid[-1]!r}] but the solve "
+                f"runs over [{lo!r}, {hi!r}]; the grid must cover the whole interval (add its end "
+                "points)"
+            )
 
 
 @dataclass(frozen=True)
