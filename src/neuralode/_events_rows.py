@@ -231,9 +231,9 @@ def _flat(spec, state, L: int) -> torch.Tensor:
     return torch.cat([p.reshape(L, spec.batch, -1) for p in parts], -1)
 
 
-def _times(t: torch.Tensor, B: int) -> torch.Tensor:
-    """``t`` as a (B, T) float64 tensor, keeping its graph."""
-    tt = t.to(torch.float64)
+def _times(t: torch.Tensor, B: int, device) -> torch.Tensor:
+    """``t`` as a (B, T) float64 tensor on the state's device, keeping its graph."""
+    tt = t.to(device=device, dtype=torch.float64)
     return tt.unsqueeze(0).expand(B, -1) if tt.dim() == 1 else tt
 
 
@@ -266,7 +266,7 @@ def _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw):
     stops = torch.where(fired, t_star, tau[:, -1])
     # Phase 2: the outputs before its event keep their (possibly differentiable) times, the
     # others sit at the event; one more column ends every row at its event (or its end).
-    tt = _times(t, B)
+    tt = _times(t, B, tau.device)
     before = (sdir.unsqueeze(1) * (tau - stops.unsqueeze(1)) < 0) | ~fired.unsqueeze(1)
     before[:, 0] = True
     end = torch.where(fired, t_star, tt[:, -1])
@@ -308,7 +308,7 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
     dev = tau.device
     sdir = torch.where(tau[:, -1] >= tau[:, 0], 1.0, -1.0).to(torch.float64)
     stau = (sdir.unsqueeze(1) * tau).contiguous()
-    tt = _times(t, B)
+    tt = _times(t, B, tau.device)
     t_end = tau[:, -1]
     t_s, y_s = tt[:, 0], y0flat  # each sample's segment start (differentiable)
     nxt = torch.zeros(B, dtype=torch.long, device=dev)  # next output not yet written

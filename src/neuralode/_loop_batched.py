@@ -501,7 +501,7 @@ def _real(dtype: torch.dtype) -> torch.dtype:
 def _time_shift(t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """``t - t.detach()`` as ``(B, T)`` (a 1-D t serves every sample): zero in value, it
     carries ``d/dt`` into the graph."""
-    d = t - t.detach()
+    d = (t - t.detach()).to(tau.device)  # (t may live on the CPU, the state elsewhere)
     return d.unsqueeze(0).expand(tau.shape[0], -1) if d.dim() == 1 else d
 
 
