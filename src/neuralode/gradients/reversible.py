@@ -122,6 +122,7 @@ class Reversible:
     """
 
     coupling: float = 0.999
+    restart_gap: float | None = 10.0
     params: tuple | None = None
 
     def __post_init__(self):
@@ -134,6 +135,16 @@ class Reversible:
                 "the default 0.999 suits non-stiff problems, smaller values damp decaying modes"
             )
         object.__setattr__(self, "coupling", float(lam))
+        gap = self.restart_gap
+        if gap is not None and (
+            isinstance(gap, bool) or not isinstance(gap, (int, float)) or not gap > 0
+        ):
+            raise ValueError(
+                f"Reversible(restart_gap=...) must be a positive number or None, got {gap!r}; "
+                "the default 10 restarts when the two states differ by 10 tolerances"
+            )
+        if gap is not None:
+            object.__setattr__(self, "restart_gap", float(gap))
 
     def run(self, run: Run, y0flat: torch.Tensor):
         tab = run.prob.tableau
@@ -207,12 +218,30 @@ def _landings(prob) -> list[float]:
     return sorted(pts, reverse=d < 0)
 
 
-def integrate_reversible(run: Run, lam: float, y0flat, *, keep_states: bool = False):
+# Tolerances that scale the gap |y - z| when steps are fixed (no rtol/atol given): the solve's
+# default tolerances, so that a fixed-step solve keeps the two states as close as an adaptive
+# solve at the defaults would.
+_FIXED_RTOL, _FIXED_ATOL = 1e-6, 1e-8
+
+
+def gap_norm(y, z, rtol, atol) -> float:
+    """``max_i |y_i - z_i| / (atol_i + rtol_i * max(|y_i|, |z_i|))``: the distance of the two
+    states in units of the tolerance (max norm: one row going astray is not averaged away)."""
+    scale = torch.maximum(y.abs(), z.abs()).mul_(rtol).add_(atol)
+    scale.clamp_(min=torch.finfo(scale.dtype).tiny)
+    return float((y - z).abs_().div_(scale).max())
+
+
+def integrate_reversible(
+    run: Run, lam: float, y0flat, *, restart_gap=None, keep_states: bool = False
+):
     """The reversible solve from ``prob.t0`` to ``prob.t_end`` (with a graph if grad mode is on).
 
-    Returns ``(LoopResult, records, z_final, states)``: ``records`` holds per accepted step
-    ``(t, t_new, t_first, t_last, out_lo, out_hi)``; ``states`` the pairs ``(y_n, z_n)`` at every
-    step start when ``keep_states`` (for measuring the reconstruction), else None.
+    Returns ``(LoopResult, records, z_final, states, restarts)``: ``records`` holds per accepted
+    step ``(t, t_new, t_first, t_last, out_lo, out_hi)``; ``states`` the pairs ``(y_n, z_n)`` at
+    every step start when ``keep_states`` (for measuring the reconstruction), else None;
+    ``restarts`` maps the index of each accepted step after which ``z`` was reset to ``y`` (the
+    gap exceeded ``restart_gap``) to the pair ``(y, z)`` just before the reset.
     """
     prob = run.prob
     ctrl = prob.controller
@@ -254,6 +283,11 @@ def integrate_reversible(run: Run, lam: float, y0flat, *, keep_states: bool = Fa
         h = ctrl.dt if constant else math.inf
     k_grid, li = 1, 0
     records, states = [], [] if keep_states else None
+    restarts = {}
+    if adaptive:
+        g_rtol, g_atol = prob.rtol, prob.atol
+    else:
+        g_rtol, g_atol = _FIXED_RTOL, _FIXED_ATOL
     attempts = n_acc = n_rej = 0
     last_nonfinite = False
     status, message = "success", ""
@@ -284,8 +318,8 @@ def integrate_reversible(run: Run, lam: float, y0flat, *, keep_states: bool = Fa
                 cls,
                 f"step size underflow or non-finite error estimate at t={t:.17g} after "
                 f"{attempts} step attempts (step size {h_abs:.3g}) in the reversible solve; check "
-                "func for NaN/inf, loosen rtol/atol, or lower Reversible(coupling=...) if the "
-                "problem has fast decaying modes",
+                "func for NaN/inf, loosen rtol/atol, or, if the problem has fast decaying modes, "
+                "keep restarts on (Reversible(restart_gap=10.0), the default) or lower it",
                 h_abs,
             )
             break
@@ -329,6 +363,15 @@ def integrate_reversible(run: Run, lam: float, y0flat, *, keep_states: bool = Fa
         if p > lo:
             out_vals.append(out_rows(y_new, lo, p))
         records.append((t, t_new, t_first, t_last, lo, p))
+        if restart_gap is not None:
+            with torch.no_grad():
+                gap = gap_norm(y_new, z, g_rtol, g_atol)
+            if gap > restart_gap:
+                # The parasitic mode y - z has grown: keep the pair for the backward pass and
+                # restart the second state from the solution (z = y is differentiable: the
+                # backward pass adds z's cotangent to y's there).
+                restarts[len(records) - 1] = (y_new, z)
+                z = y_new
         if adaptive:
             h_next = abs(t_new - t) * ctrl.factor(e, prev_err, k_order)
             h = max(h_abs, h_next) if clipped else h_next
@@ -343,7 +386,8 @@ def integrate_reversible(run: Run, lam: float, y0flat, *, keep_states: bool = Fa
         message = (
             f"the reversible solve became non-finite (NaN/inf) by t={t:.17g} after {n_acc} steps; "
             f"with coupling={lam} the scheme damps decaying modes only for |h * eigenvalue| below "
-            "about -log(coupling): lower Reversible(coupling=...) (e.g. 0.5) or take smaller steps"
+            "about -log(coupling): check func for NaN/inf, keep restarts on "
+            "(Reversible(restart_gap=10.0), the default) or lower it, or take smaller steps"
         )
         if run.throw:
             raise NonFiniteError(message, t=t, step=attempts, h=h)
@@ -370,18 +414,21 @@ def integrate_reversible(run: Run, lam: float, y0flat, *, keep_states: bool = Fa
     with torch.no_grad():
         gap = float((y - z).abs().max() / y.abs().max().clamp_min(1e-300))
     run.stats["reversible_gap"] = gap
+    run.stats["reversible_restarts"] = len(restarts)
     # y and z both approximate the solution; they drift apart only when the parasitic mode
     # grows (a decaying mode too fast for the coupling), so a large gap flags a wrong solution.
-    if status == "success" and math.isfinite(gap) and gap > 0.1:
+    # With restarts the gap stays within restart_gap tolerances by construction.
+    if restart_gap is None and status == "success" and math.isfinite(gap) and gap > 0.1:
         warnings.warn(
             f"the two states of the reversible scheme differ by {gap:.2g} (relative, max norm) at "
             f"t={t:.6g}: its parasitic mode has grown and the solution is unreliable. Decaying "
             f"dynamics faster than about (1 - coupling) / step size (coupling={lam}) excite it; "
-            "lower Reversible(coupling=...), take smaller steps, or use gradient='checkpoint'",
+            "turn restarts on (Reversible(restart_gap=10.0), the default), take smaller steps, or "
+            "use gradient='checkpoint'",
             RuntimeWarning,
             stacklevel=5,
         )
-    return res, records, z, states
+    return res, records, z, states, restarts
 
 
 # ---------------------------------------------------------------------------- autograd
@@ -389,20 +436,27 @@ class _ReversibleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Run, cfg: Reversible, y0flat, *params):
         with torch.no_grad():
-            res, records, z, _ = integrate_reversible(run, cfg.coupling, y0flat.detach())
+            res, records, z, _, restarts = integrate_reversible(
+                run, cfg.coupling, y0flat.detach(), restart_gap=cfg.restart_gap
+            )
         ctx.run, ctx.cfg, ctx.records = run, cfg, records
-        # Saved for backward: the final pair (and the inputs, to replay for double backward).
-        ctx.save_for_backward(res.y_final, z, y0flat, *params)
+        ctx.n_params, ctx.restart_at = len(params), list(restarts)
+        # Saved for backward: the final pair, the pairs at restarts (and the inputs, to replay
+        # for double backward).
+        pairs = [x for pair in restarts.values() for x in pair]
+        ctx.save_for_backward(res.y_final, z, y0flat, *params, *pairs)
         return res.ys
 
     @staticmethod
     def backward(ctx, g_ys):
         run, lam = ctx.run, ctx.cfg.coupling
-        y, z, y0flat, *params = ctx.saved_tensors
+        y, z, y0flat, *rest = ctx.saved_tensors
+        params, pairs = rest[: ctx.n_params], rest[ctx.n_params :]
+        restarts = {k: (pairs[2 * i], pairs[2 * i + 1]) for i, k in enumerate(ctx.restart_at)}
         if torch.is_grad_enabled():
             # create_graph=True: replay the whole reversible solve with a graph.
             y0g = y0flat if y0flat.requires_grad else y0flat.detach().requires_grad_()
-            res, _, _, _ = integrate_reversible(run, lam, y0g)
+            res, _, _, _, _ = integrate_reversible(run, lam, y0g, restart_gap=ctx.cfg.restart_gap)
             grads = torch.autograd.grad(
                 res.ys, [y0g, *params], g_ys, create_graph=True, allow_unused=True
             )
@@ -436,7 +490,12 @@ class _ReversibleFn(torch.autograd.Function):
                 if gq is not None:
                     gp[i] = gp[i] + gq
 
-        for t, t_new, t_first, t_last, lo, hi in reversed(ctx.records):
+        for k in range(len(ctx.records) - 1, -1, -1):
+            t, t_new, t_first, t_last, lo, hi = ctx.records[k]
+            pair = restarts.get(k)
+            if pair is not None:  # z was reset to y after this step: restore the stored pair
+                ay, az = ay + az, torch.zeros_like(az)
+                y, z = pair
             ay = add_outputs(ay, lo, hi)
             # z_{n+1} = z_n - G(y_{n+1}): the cotangent of z_{n+1} flows into y_{n+1}.
             with torch.enable_grad():
@@ -464,7 +523,9 @@ class _ReversibleFn(torch.autograd.Function):
         return (None, None, a, *gp)
 
 
-def reconstruction_error(func, y0, t, *, coupling: float = 0.999, **solve_kwargs):
+def reconstruction_error(
+    func, y0, t, *, coupling: float = 0.999, restart_gap: float | None = 10.0, **solve_kwargs
+):
     """How exactly the backward pass reconstructs the states: a diagnostic.
 
     Solves with ``gradient=Reversible(coupling)`` (``solve_kwargs`` go to :func:`neuralode.solve`),
@@ -475,7 +536,8 @@ def reconstruction_error(func, y0, t, *, coupling: float = 0.999, **solve_kwargs
     """
     from .._solve import solve
 
-    sol = solve(func, y0, t, gradient=_Probe(coupling=coupling), **solve_kwargs)
+    probe = _Probe(coupling=coupling, restart_gap=restart_gap)
+    sol = solve(func, y0, t, gradient=probe, **solve_kwargs)
     return sol.stats["reconstruction_error"], sol
 
 
@@ -486,12 +548,16 @@ class _Probe(Reversible):
     def run(self, run: Run, y0flat: torch.Tensor):
         lam = self.coupling
         with torch.no_grad():
-            res, records, z, states = integrate_reversible(run, lam, y0flat, keep_states=True)
+            res, records, z, states, restarts = integrate_reversible(
+                run, lam, y0flat, restart_gap=self.restart_gap, keep_states=True
+            )
             y = res.y_final
             f, st = run.vector_field(), run.stepper
             worst = 0.0
-            for rec, (ys, zs) in zip(reversed(records), reversed(states)):
-                y, z = _invert(st, f, lam, rec[:4], y, z)
+            for k in range(len(records) - 1, -1, -1):
+                y, z = restarts.get(k, (y, z))
+                ys, zs = states[k]
+                y, z = _invert(st, f, lam, records[k][:4], y, z)
                 scale = max(float(ys.abs().max()), float(zs.abs().max()))
                 if scale > 0:
                     err = max(float((y - ys).abs().max()), float((z - zs).abs().max()))
