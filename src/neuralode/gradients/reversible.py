@@ -3,23 +3,16 @@ memory that does not grow with the number of steps (McCallum & Foster 2024)."""
 
 from __future__ import annotations
 
-import math
-import warnings
+import copy
 from dataclasses import dataclass
 
 import torch
 
-from .._loop import LoopResult
-from .._norms import ErrorNorm, initial_norm, user_scaled_norm
-from ..controllers import ConstantStep, PIController
-from ..errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
-from ..solvers.explicit_rk import RKStepper
 from ..solvers.tableau import ButcherTableau
 from ._common import Run, check_params, find_params
+from ._reversible_loop import integrate_reversible
 
 __all__ = ["Reversible"]
-
-_EPS64 = 2.220446049250313e-16
 
 
 @dataclass(frozen=True)
@@ -166,271 +159,6 @@ class Reversible:
         return _ReversibleFn.apply(run, self, y0flat, *params)
 
 
-# ---------------------------------------------------------------------------- one step
-def _increment(st: RKStepper, f, t: float, h: float, t_first: float, t_last: float, x, err):
-    """The increment ``Psi`` of one step of the tableau from ``(t, x)`` over ``h`` (``x`` flat
-    ``(B, M)``); with ``err`` also the embedded error estimate. ``t_first``/``t_last`` are the
-    times of the stages at the step's two ends (one-sided limits at a discontinuity). An FSAL
-    tableau's last stage (f at the new state) only serves the error estimate: it is skipped
-    when none is wanted."""
-    shape = x.shape
-    xv = x.reshape(-1)
-    S = st.S - 1 if (st.fsal and st.tab.b[-1] == 0.0 and not err) else st.S
-    ks = [f.flat(t_first, xv)]
-    for i in range(1, S):
-        ci = st.c[i]
-        xi = torch.addmv(xv, torch.stack(ks, 1), st.rows[i], alpha=h)
-        ks.append(f.flat(t_last if ci == 1.0 else t + ci * h, xi))
-    K = torch.stack(ks, 1)  # (N, S)
-    inc = torch.mv(K, st.T["b"][:S]).mul(h).view(shape)
-    if not err:
-        return inc, None
-    e = torch.mv(K.detach(), st.b_err).mul_(h).view(shape)
-    return inc, e
-
-
-def _forward_half(st, f, lam, t, t_new, t_first, t_last, y, z, err=False):
-    """``y_{n+1}`` from ``(y_n, z_n)`` (and the error estimate of the increment)."""
-    F, e = _increment(st, f, t, t_new - t, t_first, t_last, z, err)
-    return lam * y + (1.0 - lam) * z + F, F, e
-
-
-def _backward_half(st, f, t, t_new, t_first, t_last, y_new):
-    """``Psi(t_{n+1}, y_{n+1}, -h)``: the increment of the step from ``t_new`` back to ``t``."""
-    G, _ = _increment(st, f, t_new, t - t_new, t_last, t_first, y_new, False)
-    return G
-
-
-def _invert(st, f, lam, rec, y_new, z_new):
-    """``(y_n, z_n)`` from ``(y_{n+1}, z_{n+1})``: the algebraic inverse of one step."""
-    t, t_new, t_first, t_last = rec
-    z = z_new + _backward_half(st, f, t, t_new, t_first, t_last, y_new)
-    F, _ = _increment(st, f, t, t_new - t, t_first, t_last, z, False)
-    return (y_new - (1.0 - lam) * z - F) / lam, z
-
-
-# ---------------------------------------------------------------------------- forward loop
-def _landings(prob) -> list[float]:
-    """Times every step lands on: output times, the controller's step_t and jump_t."""
-    ctrl, d, t0, t1 = prob.controller, prob.direction, prob.t0, prob.t_end
-    pts = {x for x in (*prob.out_t, *ctrl.step_t, *ctrl.jump_t) if d * (x - t0) > 0}
-    pts = {x for x in pts if d * (t1 - x) > 0}
-    return sorted(pts, reverse=d < 0)
-
-
-# Tolerances that scale the gap |y - z| when steps are fixed (no rtol/atol given): the solve's
-# default tolerances, so that a fixed-step solve keeps the two states as close as an adaptive
-# solve at the defaults would.
-_FIXED_RTOL, _FIXED_ATOL = 1e-6, 1e-8
-
-
-def gap_norm(y, z, rtol, atol) -> float:
-    """``max_i |y_i - z_i| / (atol_i + rtol_i * max(|y_i|, |z_i|))``: the distance of the two
-    states in units of the tolerance (max norm: one row going astray is not averaged away)."""
-    scale = torch.maximum(y.abs(), z.abs()).mul_(rtol).add_(atol)
-    scale.clamp_(min=torch.finfo(scale.dtype).tiny)
-    return float((y - z).abs_().div_(scale).max())
-
-
-def integrate_reversible(
-    run: Run, lam: float, y0flat, *, restart_gap=None, keep_states: bool = False
-):
-    """The reversible solve from ``prob.t0`` to ``prob.t_end`` (with a graph if grad mode is on).
-
-    Returns ``(LoopResult, records, z_final, states, restarts)``: ``records`` holds per accepted
-    step ``(t, t_new, t_first, t_last, out_lo, out_hi)``; ``states`` the pairs ``(y_n, z_n)`` at
-    every step start when ``keep_states`` (for measuring the reconstruction), else None;
-    ``restarts`` maps the index of each accepted step after which ``z`` was reset to ``y`` (the
-    gap exceeded ``restart_gap``) to the pair ``(y, z)`` just before the reset.
-    """
-    prob = run.prob
-    ctrl = prob.controller
-    f = run.vector_field()
-    st = RKStepper(prob.tableau, y0flat.dtype, y0flat.device)
-    direction, t0, t_end = prob.direction, prob.t0, prob.t_end
-    adaptive = isinstance(ctrl, PIController)
-    constant = isinstance(ctrl, ConstantStep)
-    jumps = set(ctrl.jump_t)
-    landings = _landings(prob)
-    samples = run.samples_all
-    n_out = len(prob.out_t)
-
-    def out_rows(y, lo, hi):
-        if samples is None:
-            return y.unsqueeze(0).expand(hi - lo, *y.shape)
-        return y[samples[lo:hi]]
-
-    out_vals, p = [], 0
-    while p < n_out and prob.out_t[p] == t0:
-        p += 1
-    if p:
-        out_vals.append(out_rows(y0flat, 0, p))
-    y = z = y0flat
-    t, t_first = t0, t0
-    if adaptive:
-        k_order = prob.tableau.error_order()
-        work = ErrorNorm(y0flat, prob.spec)
-        norm = user_scaled_norm if prob.norm is not None else work
-        if t_end == t0:
-            h = 0.0
-        else:
-            nrm = initial_norm(work, y0flat, prob.rtol, prob.atol, prob.atol_zero, prob=prob)
-            with torch.no_grad():
-                k1 = f(t0, y0flat)
-            h = ctrl.initial_step(nrm, f, t0, y0flat, k1, direction, abs(t_end - t0), k_order)
-        prev_err = 1.0
-    else:
-        h = ctrl.dt if constant else math.inf
-    k_grid, li = 1, 0
-    records, states = [], [] if keep_states else None
-    restarts = {}
-    if adaptive:
-        g_rtol, g_atol = prob.rtol, prob.atol
-    else:
-        g_rtol, g_atol = _FIXED_RTOL, _FIXED_ATOL
-    attempts = n_acc = n_rej = 0
-    last_nonfinite = False
-    status, message = "success", ""
-
-    def fail(cls, msg, hh):
-        nonlocal status, message
-        if run.throw:
-            raise cls(msg, t=t, step=attempts, h=hh)
-        status, message = cls.status, msg
-
-    while direction * (t_end - t) > 0:
-        if prob.max_steps is not None and attempts >= prob.max_steps:
-            fail(
-                MaxStepsError,
-                f"reached max_steps={prob.max_steps} step attempts at t={t:.17g} (accepted "
-                f"{n_acc}, rejected {n_rej}) before the final time {t_end:.17g}; raise max_steps "
-                "or loosen rtol/atol",
-                h,
-            )
-            break
-        # The controller bounds the step (to [dt_min, dt_max] with force_dt_min).
-        h_abs = ctrl.bounded(abs(h), last_nonfinite) if adaptive else abs(h)
-        if adaptive and (
-            not math.isfinite(h_abs) or h_abs < ctrl.dt_min or t + direction * h_abs == t
-        ):
-            cls = StepSizeUnderflowError if math.isfinite(h_abs) else NonFiniteError
-            fail(
-                cls,
-                f"step size underflow or non-finite error estimate at t={t:.17g} after "
-                f"{attempts} step attempts (step size {h_abs:.3g}) in the reversible solve; check "
-                "func for NaN/inf, loosen rtol/atol, or, if the problem has fast decaying modes, "
-                "keep restarts on (Reversible(restart_gap=10.0), the default) or lower it",
-                h_abs,
-            )
-            break
-        # A step of (nearly) zero length is not the identity here (it still mixes y and z), so
-        # grid points and landings a few ulps apart are merged instead of leaving a sliver step.
-        tiny = 8 * _EPS64 * max(abs(t), abs(t_end), h_abs if math.isfinite(h_abs) else 0.0)
-        if constant:
-            while direction * (t0 + direction * k_grid * h_abs - t) <= tiny:
-                k_grid += 1
-            t_new = t0 + direction * k_grid * h_abs
-            if abs(t_end - t_new) <= tiny:
-                t_new = t_end
-        else:
-            t_new = t + direction * h_abs
-        clipped = False
-        while li < len(landings) and direction * (landings[li] - t) <= tiny:
-            li += 1
-        land = landings[li] if li < len(landings) else None
-        if land is not None and direction * (t_new - land) >= -tiny:
-            t_new, clipped = land, True
-        if direction * (t_new - t_end) >= -tiny:
-            t_new, clipped, land = t_end, True, None
-        is_jump = clipped and land is not None and t_new == land and land in jumps
-        t_last = math.nextafter(t_new, t) if is_jump else t_new
-        attempts += 1
-        y_new, F, e_est = _forward_half(st, f, lam, t, t_new, t_first, t_last, y, z, adaptive)
-        if adaptive:
-            e = norm(prob, e_est, z, z + F)
-            last_nonfinite = not math.isfinite(e)
-            if not (e <= 1.0 or ctrl.accepts(e, min(h_abs, abs(t_new - t)))):
-                n_rej += 1
-                h = abs(t_new - t) * ctrl.reject_factor(e, k_order)
-                continue
-        n_acc += 1
-        if keep_states:
-            states.append((y, z))
-        z = z - _backward_half(st, f, t, t_new, t_first, t_last, y_new)
-        lo = p
-        while p < n_out and direction * (prob.out_t[p] - t_new) <= 0:
-            p += 1
-        if p > lo:
-            out_vals.append(out_rows(y_new, lo, p))
-        records.append((t, t_new, t_first, t_last, lo, p))
-        if restart_gap is not None:
-            with torch.no_grad():
-                gap = gap_norm(y_new, z, g_rtol, g_atol)
-            if gap > restart_gap:
-                # The parasitic mode y - z has grown: keep the pair for the backward pass and
-                # restart the second state from the solution (z = y is differentiable: the
-                # backward pass adds z's cotangent to y's there).
-                restarts[len(records) - 1] = (y_new, z)
-                z = y_new
-        if adaptive:
-            h_next = abs(t_new - t) * ctrl.factor(e, prev_err, k_order)
-            h = max(h_abs, h_next) if clipped else h_next
-            prev_err = max(e, 1e-4)
-        t, y = t_new, y_new
-        t_first = math.nextafter(t_new, t_new + direction) if is_jump else t_new
-
-    if status == "success" and not (
-        bool(torch.isfinite(y).all()) and bool(torch.isfinite(z).all())
-    ):
-        status = NonFiniteError.status
-        message = (
-            f"the reversible solve became non-finite (NaN/inf) by t={t:.17g} after {n_acc} steps; "
-            f"with coupling={lam} the scheme damps decaying modes only for |h * eigenvalue| below "
-            "about -log(coupling): check func for NaN/inf, keep restarts on "
-            "(Reversible(restart_gap=10.0), the default) or lower it, or take smaller steps"
-        )
-        if run.throw:
-            raise NonFiniteError(message, t=t, step=attempts, h=h)
-    if p < n_out:  # stopped early (throw=False): missing outputs are NaN
-        shape = y0flat.shape if samples is None else y0flat.shape[1:]
-        out_vals.append(
-            torch.full((n_out - p, *shape), math.nan, dtype=y0flat.dtype, device=y0flat.device)
-        )
-    ys = torch.cat(out_vals) if out_vals else y0flat.new_zeros((0, *y0flat.shape))
-    if prob.out_order is not None:
-        ys = ys[prob.out_order]
-    res = LoopResult(
-        ys=ys,
-        y_final=y,
-        t_reached=t,
-        status=status,
-        message=message,
-        n_accepted=n_acc,
-        n_rejected=n_rej,
-    )
-    run.result, run.f = res, f
-    run.stepper = st
-    run.stats["nfe"] = f.nfe
-    with torch.no_grad():
-        gap = float((y - z).abs().max() / y.abs().max().clamp_min(1e-300))
-    run.stats["reversible_gap"] = gap
-    run.stats["reversible_restarts"] = len(restarts)
-    # y and z both approximate the solution; they drift apart only when the parasitic mode
-    # grows (a decaying mode too fast for the coupling), so a large gap flags a wrong solution.
-    # With restarts the gap stays within restart_gap tolerances by construction.
-    if restart_gap is None and status == "success" and math.isfinite(gap) and gap > 0.1:
-        warnings.warn(
-            f"the two states of the reversible scheme differ by {gap:.2g} (relative, max norm) at "
-            f"t={t:.6g}: its parasitic mode has grown and the solution is unreliable. Decaying "
-            f"dynamics faster than about (1 - coupling) / step size (coupling={lam}) excite it; "
-            "turn restarts on (Reversible(restart_gap=10.0), the default), take smaller steps, or "
-            "use gradient='checkpoint'",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-    return res, records, z, states, restarts
-
-
 # ---------------------------------------------------------------------------- autograd
 class _ReversibleFn(torch.autograd.Function):
     @staticmethod
@@ -473,50 +201,59 @@ class _ReversibleFn(torch.autograd.Function):
         if prob.out_order is not None:
             g[prob.out_order] = g_ys
         f = run.vector_field()
-        st = run.stepper
+        sch = copy.copy(
+            run.extra["reversible_scheme"]
+        )  # the forward's scheme (stage buffer), counting NFE anew
+        sch.f = f
+        inc = sch.increment
         ay = torch.zeros_like(y)
         az = torch.zeros_like(z)
         gp = [torch.zeros_like(q) for q in params]
+        c_z = 1.0 - lam
 
         def add_outputs(a, lo, hi):
             if hi <= lo:
                 return a
             if samples is None:
-                return a + g[lo:hi].sum(0)
-            return a.index_add(0, samples[lo:hi], g[lo:hi])
+                return a.add_(g[lo:hi].sum(0))
+            return a.index_add_(0, samples[lo:hi], g[lo:hi])
 
-        def accumulate(grads):
+        def accumulate(grads, sign):
             for i, gq in enumerate(grads):
                 if gq is not None:
-                    gp[i] = gp[i] + gq
+                    gp[i].add_(gq, alpha=sign)
 
+        # Per step, two VJPs in sequence (the second's cotangent needs the first's result):
+        # z_{n+1} = z_n - G(y_{n+1}) sends -J_G^T a_z into y_{n+1}; then
+        # y_{n+1} = lam y_n + (1 - lam) z_n + F(z_n) sends lam a_y to y_n and
+        # (1 - lam) a_y + J_F^T a_y to z_n. Each increment is evaluated once, with a graph; its
+        # value also serves the reconstruction.
         for k in range(len(ctx.records) - 1, -1, -1):
             t, t_new, t_first, t_last, lo, hi = ctx.records[k]
             pair = restarts.get(k)
             if pair is not None:  # z was reset to y after this step: restore the stored pair
-                ay, az = ay + az, torch.zeros_like(az)
+                ay, az = ay.add_(az), torch.zeros_like(az)
                 y, z = pair
             ay = add_outputs(ay, lo, hi)
-            # z_{n+1} = z_n - G(y_{n+1}): the cotangent of z_{n+1} flows into y_{n+1}.
             with torch.enable_grad():
                 y1 = y.detach().requires_grad_()
-                G = _backward_half(st, f, t, t_new, t_first, t_last, y1)
-            gy, *gG = torch.autograd.grad(G, [y1, *params], -az, allow_unused=True)
-            accumulate(gG)
-            ay_tot = ay + gy if gy is not None else ay
-            z_prev = z + G.detach()
-            # y_{n+1} = lam y_n + (1 - lam) z_n + F(z_n).
+                G = inc(t_new, t - t_new, t_last, t_first, y1)[0]
+            gy, *gG = torch.autograd.grad(G, [y1, *params], az, allow_unused=True)
+            accumulate(gG, -1.0)
+            if gy is not None:
+                ay = ay.sub_(gy)
+            z_prev = torch.add(z, G.detach())
             with torch.enable_grad():
                 z0 = z_prev.detach().requires_grad_()
-                F, _ = _increment(st, f, t, t_new - t, t_first, t_last, z0, False)
-            gz, *gF = torch.autograd.grad(F, [z0, *params], ay_tot, allow_unused=True)
-            accumulate(gF)
-            y = (y - (1.0 - lam) * z_prev - F.detach()) / lam
+                F = inc(t, t_new - t, t_first, t_last, z0)[0]
+            gz, *gF = torch.autograd.grad(F, [z0, *params], ay, allow_unused=True)
+            accumulate(gF, 1.0)
+            y = sch.unmix(y, z_prev, F.detach())
             z = z_prev
-            az = az + (1.0 - lam) * ay_tot
+            az = az.add_(ay, alpha=c_z)
             if gz is not None:
-                az = az + gz
-            ay = lam * ay_tot
+                az = az.add_(gz)
+            ay = ay.mul_(lam)
         n0 = ctx.records[0][4] if ctx.records else len(prob.out_t)
         a = add_outputs(ay + az, 0, n0)  # y_0 = z_0 = y0
         run.stats["nfe_backward"] = f.nfe
@@ -552,12 +289,12 @@ class _Probe(Reversible):
                 run, lam, y0flat, restart_gap=self.restart_gap, keep_states=True
             )
             y = res.y_final
-            f, st = run.vector_field(), run.stepper
+            sch = run.extra["reversible_scheme"]
             worst = 0.0
             for k in range(len(records) - 1, -1, -1):
                 y, z = restarts.get(k, (y, z))
                 ys, zs = states[k]
-                y, z = _invert(st, f, lam, records[k][:4], y, z)
+                y, z = sch.invert(records[k][:4], y, z)
                 scale = max(float(ys.abs().max()), float(zs.abs().max()))
                 if scale > 0:
                     err = max(float((y - ys).abs().max()), float((z - zs).abs().max()))
