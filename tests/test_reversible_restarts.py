@@ -200,3 +200,30 @@ def test_memory_grows_only_with_the_restarts():
     assert b_stiff == b40 + 2 * state * n_rs
     b_ck, _ = _saved_bytes(stiff, y0, 100, gradient="checkpoint")
     assert b_ck < b40  # Checkpointed keeps its states outside autograd; compare counts instead
+
+
+def test_rounding_alone_does_not_restart_in_float32():
+    """In float32 rounding moves y and z apart by a few hundred ulps over 1,000 steps (3e-4
+    relative on this field): the gap tolerances are floored at 1000 ulps, so a non-stiff
+    float32 solve does not restart, fixed or adaptive at the default rtol 1e-6."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 16))
+
+    def f(t, y):
+        return net(y)
+
+    y0 = torch.randn(64, 16)
+    with torch.no_grad():
+        fixed = no.solve(f, y0, [0.0, 1.0], solver="rk38", dt=1e-3, gradient="reversible")
+        adaptive = no.solve(f, y0, torch.linspace(0, 1, 11), gradient="reversible")
+    assert fixed.stats["n_steps"] == 1000
+    assert fixed.stats["reversible_restarts"] == 0
+    assert adaptive.stats["reversible_restarts"] == 0
+    # The gap tolerance floor: 1000 ulps relative, 10 ulps absolute.
+    from neuralode.gradients._reversible_loop import gap_tolerances
+
+    prob = type("P", (), {"rtol": 1e-9, "atol": 0.0})()
+    rtol, atol = gap_tolerances(prob, True, torch.float32)
+    assert rtol == pytest.approx(1000 * 2.0**-23) and atol == pytest.approx(10 * 2.0**-23)
+    assert gap_tolerances(prob, True, torch.float64) == (1e-9, 10 * 2.0**-52)
+    assert gap_tolerances(prob, False, torch.float64) == (1e-6, 1e-8)
