@@ -33,14 +33,32 @@ class Reversible:
         z_n = z_{n+1} + Psi(t_{n+1}, y_{n+1}, -h)
         y_n = (y_{n+1} - (1 - lam) * z_n - Psi(t_n, z_n, h)) / lam
 
-    The forward pass keeps no graph and stores only the step times and the final pair. The
-    backward pass walks the steps in reverse: it reconstructs ``(y_n, z_n)`` from
-    ``(y_{n+1}, z_{n+1})`` with the inverse above, and backpropagates through that step with the
-    vector field's vector-Jacobian products (``torch.autograd.grad`` on the two increments of one
-    step). The gradient is the exact gradient of the reversible scheme (equal to autograd
-    through it, to rounding), autograd memory is one step's graph whatever the number of steps,
-    and the backward pass costs about twice the forward (the increments are re-evaluated with a
-    graph, then differentiated).
+    The forward pass keeps no graph and stores only the step times and the final pair (plus the
+    pairs at restarts, below). The backward pass walks the steps in reverse: it reconstructs
+    ``(y_n, z_n)`` from ``(y_{n+1}, z_{n+1})`` with the inverse above, and backpropagates through
+    that step with the vector field's vector-Jacobian products (``torch.autograd.grad`` on each of
+    the two increments of the step, evaluated once with a graph; their values also serve the
+    reconstruction). The gradient is the exact gradient of the reversible scheme (equal to
+    autograd through it, to rounding), autograd memory is one step's graph whatever the number
+    of steps, and the backward pass costs about twice the forward.
+
+    **Restarts.** Linearised, a decaying mode of f with ``|h mu|`` above about ``1 - lam`` makes
+    the parasitic mode ``y - z`` grow (see ``coupling``), and without a remedy the solution goes
+    wrong on dissipative problems with the default coupling (DETEST C1: error 3e6; B1: 12; E2:
+    step collapse; ``y' = -50 y`` over [0, 10] grows to 1e210). So after every accepted step the
+    gap ``max_i |y_i - z_i| / (atol_i + rtol_i * max(|y_i|, |z_i|))`` is measured with the solve's
+    tolerances (1e-6 and 1e-8 for fixed steps; floored at 1000 and 10 ulps of the dtype, so that
+    rounding alone never counts); above ``restart_gap`` the pair is stored and ``z`` restarts from
+    ``y`` (``z_{n+1} := y_{n+1}``, which makes the next step the plain method's). The backward
+    pass takes the stored pair when it reaches that step, so the scheme stays exactly invertible
+    and the gradient exact (``z := y`` is differentiated like any assignment), reconstruction
+    errors do not carry across a restart, and memory grows by two states per restart only:
+    ``stats["reversible_restarts"]`` counts them. Neural-ODE-like solves do not restart (MLP
+    fields on [0, 1], float32 and float64, 10 to 10,000 fixed steps or dopri5 at rtol 1e-3 to
+    1e-7); long solves restart now and then as local errors accumulate in the gap, and
+    contracting ones where their decay requires (dopri5 at rtol 1e-6 on [0, 20]: A3 1 restart
+    in 79 steps, E3 7 in 167, the orbits D1 and D3 12 in 100 and 128, C1 6 in 66, B1 5 in 148,
+    E2 9 in 180; ``y' = -50 y`` over [0, 10]: about a third of the steps).
 
     **The solution is the reversible scheme's**, not the plain method's at the same steps: the
     two differ by the method's local errors, and the reversible solution converges at the order
@@ -48,12 +66,11 @@ class Reversible:
     heun3, rk4). Each step costs two steps of the method (``2 * stages`` evaluations of f; one
     fewer per half for FSAL methods without error control, whose last stage only serves the
     error estimate). On DETEST problems with dopri5 at rtol 1e-6 (outputs at t = 0, 1, ..., 20)
-    its global error is 0.05-16x the plain method's on A3, A4, the two-body orbits D1, D3 and
-    the forced Duffing E3, but it is wrong on the dissipative chain C1 (error 3e6), on the
-    predator-prey B1 (error 12) and on van der Pol E2 (steps collapse), whose strongly
-    contracting phases excite the parasitic mode: see ``coupling``. ``stats["reversible_gap"]``
-    is ``max|y - z| / max|y|`` at the end; both states approximate the solution, so a gap above
-    0.1 means the parasitic mode has taken over and a RuntimeWarning says so.
+    and the defaults its global error is 0.05-18x the plain method's (A3 2.3x, A4 0.05x, B1 18x,
+    C1 9x, D1 1.9x, D3 11x, E2 0.6x, E3 1.5x) and within the engine suite's bound
+    (``FACTOR[class] * rtol``) on all of them. ``stats["reversible_gap"]`` is
+    ``max|y - z| / max|y|`` at the end; with restarts turned off (``restart_gap=None``) a gap
+    above 0.1 means the parasitic mode has taken over, and a RuntimeWarning says so.
 
     Steps: fixed (:class:`~neuralode.ConstantStep`, :class:`~neuralode.StepToGrid`) or adaptive
     (:class:`~neuralode.PIController`, from the method's embedded error estimate of the
@@ -78,36 +95,50 @@ class Reversible:
         solve; a larger one keeps the reconstruction accurate over more steps; ``lam = 1`` does
         not damp ``y - z`` at all. So the scheme suits dynamics whose decay over one step is small
         against ``1 - lam`` (non-stiff, oscillatory or mildly dissipative fields); fast decay
-        needs smaller steps, or a coupling matched to it (``lam = R(h mu)**2``, which only one
-        decay rate can match). Roughly, local errors are amplified by ``exp(a T)`` over a solve of
-        length ``T`` with a mode decaying like ``exp(-a t)`` once ``a h > 1 - lam``: harmless for
-        ``a T`` of a few units (a neural ODE on [0, 1]), fatal for long dissipative solves.
-        Measured on ``y' = -50 y`` over [0, 10] with rk4 and
-        ``dt = 0.005`` (``tests/test_reversible.py``): the default overflows (NonFiniteError);
-        ``lam = R(h mu)**2 = 0.6065`` solves and reconstructs the states to about 1e-9; 1 %
-        away from it the reconstruction error is about 1e-6 and the solution is wrong.
+        needs smaller steps, restarts (``restart_gap``, on by default), or a coupling matched
+        to it (``lam = R(h mu)**2``, which only one decay rate can match). Without restarts,
+        local errors are amplified by roughly ``exp(a T)`` over a solve of length ``T`` with a
+        mode decaying like ``exp(-a t)`` once ``a h > 1 - lam``. Measured on ``y' = -50 y`` over
+        [0, 10] with rk4 and ``dt = 0.005`` (``tests/test_reversible.py``): without restarts the
+        default overflows; ``lam = R(h mu)**2 = 0.6065`` solves and reconstructs the states to
+        about 1e-9, and 1 % away from it the solution is wrong; with restarts (the default) the
+        default coupling is as accurate as plain rk4 (49 restarts in 2,000 steps).
     params : sequence of Tensor, optional
         Tensors to differentiate besides ``y0``. Default: the parameters of ``func`` when it is
         an ``nn.Module``.
+    restart_gap : float or None, default 10.0
+        Restart ``z`` from ``y`` after an accepted step whose gap (above; in units of the
+        tolerance) exceeds this. The gap's effect on the solution per step is about
+        ``|lam - R(h mu)|`` times the gap, small against the local error for non-stiff steps
+        while the gap is a few tolerances, so 10 keeps neural-ODE-like solves free of restarts and
+        contracting ones accurate. Smaller: more restarts (memory) and a solution closer to the
+        plain method's; larger: fewer restarts, larger errors on contracting problems; None: no
+        restarts (constant memory whatever the problem; wrong on dissipative ones at the default
+        coupling).
 
     Raises
     ------
     ValueError
-        For a coupling outside (0, 1], a solver that is not an explicit Runge--Kutta tableau, or
-        ``dense_output=True`` (the scheme has no continuous extension).
+        For a coupling outside (0, 1], a ``restart_gap`` that is not positive or None, a solver
+        that is not an explicit Runge--Kutta tableau, or ``dense_output=True`` (the scheme has no
+        continuous extension). ``batch_control="per_sample"`` is refused by the solve (the two
+        states of the scheme advance with one step size; use the shared step).
 
     Notes
     -----
     Gradients of gradients (``create_graph=True``) replay the whole reversible solve with a
     graph (memory then grows with the steps, as with :class:`~neuralode.Direct`).
-    Gradients with respect to ``t`` use the continuous derivatives, as for the other methods.
+    Gradients with respect to ``t`` use the continuous derivatives, as for the other methods;
+    event times are differentiated by the implicit function theorem at the event, as with
+    :class:`~neuralode.Direct` and :class:`~neuralode.Checkpointed`.
 
     References
     ----------
     S. McCallum and J. Foster, "Efficient, accurate and stable gradients for neural ODEs",
     arXiv:2410.11648, 2024 (the reversible scheme for any explicit Runge--Kutta method, its
     coupling parameter and the default 0.999; their adaptive version sums the error estimates of
-    both halves, this one uses the first half's, so that a rejected step costs one half).
+    both halves, this one uses the first half's, so that a rejected step costs one half; the
+    restarts are this library's addition).
     P. Kidger, J. Foster, X. Li and T. Lyons, "Efficient and accurate gradients for neural SDEs",
     NeurIPS 2021 (the reversible Heun method that this generalises).
     J. Zhuang, N. Dvornek, S. Tatikonda and J. Duncan, "MALI: a memory efficient and reverse
@@ -115,8 +146,8 @@ class Reversible:
     """
 
     coupling: float = 0.999
-    restart_gap: float | None = 10.0
     params: tuple | None = None
+    restart_gap: float | None = 10.0  # after params: Reversible(lam, params) keeps its meaning
 
     def __post_init__(self):
         lam = self.coupling
