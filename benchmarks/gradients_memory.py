@@ -23,16 +23,23 @@ forward + backward:
   Checkpointed, ``odeint_adjoint`` for Backsolve and Reversible).
 
 ``Checkpointed(16)`` bounds the stored states to 16 (recomputing the dropped ones in the backward
-pass). ``Reversible`` solves with McCallum & Foster's reversible version of the method (two
-method steps per step, coupling 0.999): its gradient is exact for that scheme, whose solution
-differs from plain rk 3/8 at the same steps, so its ``grad err`` is measured against the same
-reference as the others.
+pass); ``Checkpointed(sqrt n)`` to ``isqrt(n)``, the two-level choice that holds the fewest
+states (``k`` checkpoints plus a replayed segment of about ``n / k``). ``Reversible`` solves
+with McCallum & Foster's reversible version of the method (two method steps per step, coupling
+0.999, restarts where the two states drift apart): its gradient is exact for that scheme, whose
+solution differs from plain rk 3/8 at the same steps, so its ``grad err`` is measured against
+the same reference as the others. When Reversible runs, a second table puts it side by side
+with the exact methods of bounded memory: its time over theirs (above 1: Reversible is slower)
+and every method's peak memory. ``--clock cpu`` times process CPU time instead of wall time
+(steadier on a loaded machine, with ``--threads 1``).
 
 Usage::
 
     python benchmarks/gradients_memory.py                # float32, d = 16, n up to 10000
     python benchmarks/gradients_memory.py --max-direct-steps 10000   # Direct at 10000 too
     python benchmarks/gradients_memory.py --dtype float64 --dim 2 --steps 10 100 1000
+    python benchmarks/gradients_memory.py --steps 1000 4000 10000 --clock cpu \
+        --methods checkpoint checkpoint16 checkpoint_sqrt reversible backsolve
 
 Needs ``torchdiffeq`` (``pip install neuralode[bench]``); without it those rows are skipped.
 """

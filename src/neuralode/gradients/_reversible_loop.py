@@ -139,12 +139,17 @@ def gap_tolerances(prob, adaptive: bool, dtype: torch.dtype):
     return rtol, atol
 
 
-def gap_norm(y, z, rtol, atol) -> float:
+def gap_norm(y, z, rtol, atol, work=None) -> float:
     """``max_i |y_i - z_i| / (atol_i + rtol_i * max(|y_i|, |z_i|))``: the distance of the two
-    states in units of the tolerance (max norm: one row going astray is not averaged away)."""
-    scale = torch.maximum(y.abs(), z.abs()).mul_(rtol).add_(atol)
-    scale.clamp_(min=torch.finfo(scale.dtype).tiny)
-    return float((y - z).abs_().div_(scale).max())
+    states in units of the tolerance (max norm: one row going astray is not averaged away).
+    ``atol`` is positive (floored by :func:`gap_tolerances`); ``work``, two tensors shaped like
+    ``y``, spares the allocations."""
+    if work is None or y.is_complex():
+        scale = torch.maximum(y.abs(), z.abs()).mul_(rtol).add_(atol)
+        return float((y - z).abs().div_(scale).max())
+    a, b = work
+    scale = torch.maximum(torch.abs(y, out=a), torch.abs(z, out=b), out=a).mul_(rtol).add_(atol)
+    return float(torch.sub(y, z, out=b).abs_().div_(scale).max())
 
 
 def integrate_reversible(
@@ -200,6 +205,9 @@ def integrate_reversible(
     records, states = [], [] if keep_states else None
     restarts = {}
     g_rtol, g_atol = gap_tolerances(prob, adaptive, y0flat.dtype)
+    gap_work = None
+    if restart_gap is not None:  # measured without a graph (the restart decision is discrete)
+        gap_work = (torch.empty_like(y0flat), torch.empty_like(y0flat))
     attempts = n_acc = n_rej = 0
     last_nonfinite = False
     status, message = "success", ""
@@ -277,7 +285,7 @@ def integrate_reversible(
         records.append((t, t_new, t_first, t_last, lo, p))
         if restart_gap is not None:
             with torch.no_grad():
-                gap = gap_norm(y_new, z, g_rtol, g_atol)
+                gap = gap_norm(y_new, z, g_rtol, g_atol, gap_work)
             if gap > restart_gap:
                 # The parasitic mode y - z has grown: keep the pair for the backward pass and
                 # restart the second state from the solution (z = y is differentiable: the
