@@ -197,9 +197,10 @@ def test_memory_grows_only_with_the_restarts():
     b_stiff, st = _saved_bytes(stiff, y0, 100)
     n_rs = st["reversible_restarts"]
     assert 0 < n_rs < 50
-    assert b_stiff == b40 + 2 * state * n_rs
-    b_ck, _ = _saved_bytes(stiff, y0, 100, gradient="checkpoint")
-    assert b_ck < b40  # Checkpointed keeps its states outside autograd; compare counts instead
+    # Two states per restart (one fewer if the last step restarts: then z_final is y_final).
+    assert b40 + 2 * state * (n_rs - 1) <= b_stiff <= b40 + 2 * state * n_rs
+    b_direct, _ = _saved_bytes(stiff, y0, 100, gradient="direct")
+    assert b_stiff < b_direct / 5  # Direct keeps every step's graph
 
 
 def test_rounding_alone_does_not_restart_in_float32():
