@@ -232,9 +232,8 @@ class _ReversibleFn(torch.autograd.Function):
         if prob.out_order is not None:
             g[prob.out_order] = g_ys
         f = run.vector_field()
-        sch = copy.copy(
-            run.extra["reversible_scheme"]
-        )  # the forward's scheme (stage buffer), counting NFE anew
+        # The forward's scheme (tableau, coupling), with a vector field that counts NFE anew.
+        sch = copy.copy(run.extra["reversible_scheme"])
         sch.f = f
         inc = sch.increment
         ay = torch.zeros_like(y)
