@@ -23,16 +23,23 @@ forward + backward:
   Checkpointed, ``odeint_adjoint`` for Backsolve and Reversible).
 
 ``Checkpointed(16)`` bounds the stored states to 16 (recomputing the dropped ones in the backward
-pass). ``Reversible`` solves with McCallum & Foster's reversible version of the method (two
-method steps per step, coupling 0.999): its gradient is exact for that scheme, whose solution
-differs from plain rk 3/8 at the same steps, so its ``grad err`` is measured against the same
-reference as the others.
+pass); ``Checkpointed(sqrt n)`` to ``isqrt(n)``, the two-level choice that holds the fewest
+states (``k`` checkpoints plus a replayed segment of about ``n / k``). ``Reversible`` solves
+with McCallum & Foster's reversible version of the method (two method steps per step, coupling
+0.999, restarts where the two states drift apart): its gradient is exact for that scheme, whose
+solution differs from plain rk 3/8 at the same steps, so its ``grad err`` is measured against
+the same reference as the others. When Reversible runs, a second table puts it side by side
+with the exact methods of bounded memory: its time over theirs (above 1: Reversible is slower)
+and every method's peak memory. ``--clock cpu`` times process CPU time instead of wall time
+(steadier on a loaded machine, with ``--threads 1``).
 
 Usage::
 
     python benchmarks/gradients_memory.py                # float32, d = 16, n up to 10000
     python benchmarks/gradients_memory.py --max-direct-steps 10000   # Direct at 10000 too
     python benchmarks/gradients_memory.py --dtype float64 --dim 2 --steps 10 100 1000
+    python benchmarks/gradients_memory.py --steps 1000 4000 10000 --clock cpu \
+        --methods checkpoint checkpoint16 checkpoint_sqrt reversible backsolve
 
 Needs ``torchdiffeq`` (``pip install neuralode[bench]``); without it those rows are skipped.
 """
@@ -53,6 +60,7 @@ METHODS = [
     "backsolve",
     "checkpoint",
     "checkpoint16",
+    "checkpoint_sqrt",
     "reversible",
     "torchdiffeq",
     "torchdiffeq_adjoint",
@@ -62,6 +70,7 @@ LABELS = {
     "backsolve": "neuralode Backsolve",
     "checkpoint": "neuralode Checkpointed",
     "checkpoint16": "neuralode Checkpointed(16)",
+    "checkpoint_sqrt": "neuralode Checkpointed(sqrt n)",
     "reversible": "neuralode Reversible",
     "torchdiffeq": "torchdiffeq odeint",
     "torchdiffeq_adjoint": "torchdiffeq odeint_adjoint",
@@ -70,6 +79,7 @@ PEER = {
     "direct": "torchdiffeq",
     "checkpoint": "torchdiffeq",
     "checkpoint16": "torchdiffeq",
+    "checkpoint_sqrt": "torchdiffeq",
     "backsolve": "torchdiffeq_adjoint",
     "reversible": "torchdiffeq_adjoint",
 }
@@ -107,12 +117,22 @@ def _solve_fn(method: str, n: int):
     def t_of(y0):
         return torch.tensor([0.0, 1.0], dtype=y0.dtype, device=y0.device)
 
-    if method in ("direct", "backsolve", "checkpoint", "checkpoint16", "reversible"):
+    if method in (
+        "direct",
+        "backsolve",
+        "checkpoint",
+        "checkpoint16",
+        "checkpoint_sqrt",
+        "reversible",
+    ):
         grad = {
             "direct": no.Direct(),
             "backsolve": no.Backsolve(),
             "checkpoint": no.Checkpointed(),
             "checkpoint16": no.Checkpointed(max_checkpoints=16),
+            # Two-level checkpointing stores at most k states and replays a segment of about
+            # n / k states at a time: k = sqrt(n) minimises the states held (about 2 sqrt(n)).
+            "checkpoint_sqrt": no.Checkpointed(max_checkpoints=max(2, math.isqrt(n))),
             "reversible": no.Reversible(),
         }[method]
 
@@ -155,7 +175,7 @@ def _peak_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _one(args, method, n, dtype, device, ref):
+def _one(args, method, n, dtype, device, ref, clock=time.perf_counter):
     """One forward + backward; returns (time, autograd bytes, gradient error)."""
     import torch
 
@@ -171,14 +191,14 @@ def _one(args, method, n, dtype, device, ref):
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         yT = run(func, y0)
     loss = (yT * c).sum()
     grads = torch.autograd.grad(loss, [y0, *func.parameters()], allow_unused=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - t0
+    elapsed = clock() - t0
     g = torch.cat(
         [
             (torch.zeros_like(x) if gx is None else gx).reshape(-1).double()
@@ -197,6 +217,7 @@ def worker(args) -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     method = args.worker
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     ref = _reference_grad(args, device)
     _one(args, method, 3, dtype, device, ref)  # warm up kernels and the allocator
     if device.type == "cuda":
@@ -209,7 +230,7 @@ def worker(args) -> None:
         repeat = args.repeat if n <= 100 else 1  # long runs are timed once
         times = []
         for _ in range(repeat):
-            el, saved, err = _one(args, method, n, dtype, device, ref)
+            el, saved, err = _one(args, method, n, dtype, device, ref, clock)
             times.append(el)
         peak = _peak_bytes(device) - base
         print(
@@ -249,6 +270,8 @@ def _run_worker(args, method: str, dtype: str) -> list[dict]:
         str(args.repeat),
         "--device",
         args.device,
+        "--clock",
+        args.clock,
         "--steps",
         *map(str, args.steps),
         "--max-direct-steps",
@@ -300,6 +323,39 @@ def table(rows: list[dict], dtype: str, args) -> str:
     return "\n".join(lines)
 
 
+def reversible_table(rows: list[dict], args) -> str:
+    """Reversible against the exact methods of bounded memory, side by side per n: time ratios
+    (> 1: Reversible is slower) and the peak memory growth of each."""
+    by = {(r["method"], r["n"]): r for r in rows if not r.get("skipped")}
+    others = [
+        m
+        for m in ("checkpoint", "checkpoint16", "checkpoint_sqrt", "backsolve", "direct")
+        if any(k[0] == m for k in by)
+    ]
+    mem = "peak MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    head = " | ".join(f"x {LABELS[m].removeprefix('neuralode ')}" for m in others)
+    lines = [
+        f"Reversible / others, time ratio ({args.clock} clock) and {mem} (Reversible; others)",
+        "",
+        f"| n steps | Reversible s | {head} | {mem}: Reversible; "
+        + "; ".join(LABELS[m].removeprefix("neuralode ") for m in others)
+        + " |",
+        "|---:|---:|" + "---:|" * len(others) + "---|",
+    ]
+    for n in sorted(args.steps):
+        r = by.get(("reversible", n))
+        if r is None:
+            continue
+        ratios = [f"{r['time'] / by[(m, n)]['time']:.2f}" if (m, n) in by else "-" for m in others]
+        peaks = [_mib(max(r["peak"], 0))] + [
+            _mib(max(by[(m, n)]["peak"], 0)) if (m, n) in by else "-" for m in others
+        ]
+        lines.append(
+            f"| {n} | {r['time']:.3f} | " + " | ".join(ratios) + f" | {'; '.join(peaks)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float64"])
@@ -319,6 +375,12 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall time, or process CPU time (steadier on a loaded machine; use with --threads 1)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.max_steps = {"direct": args.max_direct_steps, "torchdiffeq": args.max_direct_steps}
@@ -334,6 +396,9 @@ def main(argv=None) -> None:
             rows += _run_worker(args, m, dtype)
         print(table(rows, dtype, args))
         print()
+        if any(r["method"] == "reversible" for r in rows):
+            print(reversible_table(rows, args))
+            print()
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 

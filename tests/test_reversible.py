@@ -67,11 +67,31 @@ def test_forward_is_the_reversible_scheme_written_by_hand():
         t,
         solver="euler",
         dt=h,
-        gradient=no.Reversible(coupling=lam),
+        gradient=no.Reversible(coupling=lam, restart_gap=None),
     )
     assert torch.allclose(sol.ys[:, 0], torch.tensor(ref, dtype=DT), rtol=1e-14, atol=0)
     assert sol.stats["n_steps"] == n
     assert sol.stats["nfe"] == 2 * n  # two Euler increments per step
+    # With restarts: after a step whose gap |y - z| exceeds restart_gap tolerances (fixed
+    # steps: rtol 1e-6, atol 1e-8), z restarts from y (here after every second step).
+    y = z = 1.3
+    ref, n_rs = [y], 0
+    for _ in range(n):
+        y = lam * y + (1 - lam) * z + h * a * z
+        z = z + h * a * y
+        if abs(y - z) / (1e-8 + 1e-6 * max(abs(y), abs(z))) > 1e4:
+            z, n_rs = y, n_rs + 1
+        ref.append(y)
+    sol = no.solve(
+        lambda t, y: a * y,
+        torch.tensor([1.3], dtype=DT),
+        t,
+        solver="euler",
+        dt=h,
+        gradient=no.Reversible(coupling=lam, restart_gap=1e4),
+    )
+    assert torch.allclose(sol.ys[:, 0], torch.tensor(ref, dtype=DT), rtol=1e-14, atol=0)
+    assert sol.stats["reversible_restarts"] == n_rs == 5
     # FSAL dopri5 at fixed steps: its 7th stage only serves the error estimate, so each half
     # takes 6 evaluations; with error control the first half takes all 7.
     fixed = no.solve(
@@ -286,14 +306,17 @@ def test_contractive_problem_reconstruction_vs_backsolve():
         f, y0, [0.0, 10.0], coupling=R * R * 1.01, solver="rk4", dt=dt
     )
     assert err_off > 1e-7
-    # ... and the default coupling does not damp the parasitic mode: the solution grows (to
-    # about 1e210 by t = 10) instead of decaying, and overflows a little later.
+    # ... and without restarts the default coupling does not damp the parasitic mode: the
+    # solution grows (to about 1e210 by t = 10) instead of decaying, and overflows a little
+    # later (with restarts, the default, it is right: tests/test_reversible_restarts.py).
+    no_restarts = no.Reversible(restart_gap=None)
     with pytest.warns(RuntimeWarning, match="parasitic mode has grown"):
-        bad = no.solve(f, y0, [0.0, 10.0], solver="rk4", dt=dt, gradient="reversible")
+        bad = no.solve(f, y0, [0.0, 10.0], solver="rk4", dt=dt, gradient=no_restarts)
     assert abs(float(bad.ys[-1, 0])) > 1e100
     assert bad.stats["reversible_gap"] > 1.0
+    assert bad.stats["reversible_restarts"] == 0
     with pytest.raises(no.NonFiniteError, match="coupling"):
-        no.solve(f, y0, [0.0, 16.0], solver="rk4", dt=dt, gradient="reversible")
+        no.solve(f, y0, [0.0, 16.0], solver="rk4", dt=dt, gradient=no_restarts)
 
 
 def test_event_time_gradient_matches_direct():
@@ -347,18 +370,22 @@ def test_detest_accuracy_against_plain_dopri5(name):
 
 
 @pytest.mark.parametrize("name", ["C1", "B1"])
-def test_detest_contracting_problems_are_flagged(name):
+def test_detest_contracting_problems_are_flagged_without_restarts(name):
     """C1, the linear chain (eigenvalue -1, ten-fold): adaptive steps of 0.1-0.5 are far above
-    (1 - coupling) / |mu|, so the parasitic mode grows like exp(t) and the default coupling
-    gives a wrong solution; B1 (predator-prey) likewise through its contracting phases. The gap
-    between y and z flags both."""
+    (1 - coupling) / |mu|, so the parasitic mode grows like exp(t) and without restarts the
+    default coupling gives a wrong solution; B1 (predator-prey) likewise through its contracting
+    phases. The gap between y and z flags both (with restarts, the default, both are right:
+    tests/test_reversible_restarts.py)."""
     from test_engine_detest import PROBLEMS, T_OUT
 
     _, f, y0, exact = PROBLEMS[name]
     t = torch.tensor(T_OUT, dtype=DT)
     with pytest.warns(RuntimeWarning, match="parasitic mode has grown"):
         sol = no.solve(
-            lambda tt, y: f(tt, y, torch), torch.tensor(y0, dtype=DT), t, gradient="reversible"
+            lambda tt, y: f(tt, y, torch),
+            torch.tensor(y0, dtype=DT),
+            t,
+            gradient=no.Reversible(restart_gap=None),
         )
     assert sol.stats["reversible_gap"] > 1.0
     if exact is not None:
@@ -415,7 +442,7 @@ def test_jump_times_use_one_sided_limits():
         [0.0, 1.0],
         solver="euler",
         controller=no.ConstantStep(h, jump_t=[0.5]),
-        gradient=no.Reversible(coupling=lam),
+        gradient=no.Reversible(coupling=lam, restart_gap=None),
     )
     assert float(sol.ys[-1, 0]) == pytest.approx(y, rel=1e-13)
     plain = no.solve(
@@ -424,6 +451,6 @@ def test_jump_times_use_one_sided_limits():
         [0.0, 1.0],
         solver="euler",
         dt=h,
-        gradient=no.Reversible(coupling=lam),
+        gradient=no.Reversible(coupling=lam, restart_gap=None),
     )
     assert abs(float(plain.ys[-1, 0]) - y) > 1e-3  # without jump_t, t = 0.5 sees b

@@ -1,0 +1,351 @@
+"""The forward loop of the reversible Runge--Kutta scheme (McCallum & Foster 2024) and its
+one step, forward and inverted; :mod:`neuralode.gradients.reversible` differentiates it."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .._loop import LoopResult
+from .._norms import ErrorNorm, initial_norm, user_scaled_norm
+from ..controllers import ConstantStep, PIController
+from ..errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from ..solvers.explicit_rk import RKStepper
+from ..solvers.tableau import ButcherTableau
+from ._common import Run
+
+__all__ = ["Scheme", "integrate_reversible", "gap_norm"]
+
+_EPS64 = 2.220446049250313e-16
+
+
+# ---------------------------------------------------------------------------- one step
+class Scheme:
+    """The reversible step for one solve: the tableau's stages, the coupling, and a stage
+    buffer reused by every graph-free increment (a fresh stage matrix per increment costs more
+    than the arithmetic for small fields).
+
+    ``increment(t, h, t_first, t_last, x)`` is ``Psi``, the increment of one step of the tableau
+    from ``(t, x)`` over ``h`` (``x`` flat ``(B, M)``; ``h`` may be negative); ``t_first`` and
+    ``t_last`` are the times of the stages at the step's two ends (one-sided limits at a
+    discontinuity). With ``err`` it also returns the embedded error estimate. An FSAL tableau's
+    last stage (f at the new state) only serves the error estimate: it is skipped when none is
+    wanted. Under grad mode the stages are stacked (a graph); otherwise they are written into the
+    buffer (the result is a fresh tensor either way).
+    """
+
+    def __init__(self, tab: ButcherTableau, f, lam: float, like: torch.Tensor):
+        st = RKStepper(tab, like.dtype, like.device)
+        self.f, self.lam = f, lam
+        self.rows, self.c = st.rows, st.c
+        self.b_err = st.b_err
+        self.S = st.S
+        self.S_plain = st.S - 1 if (st.fsal and tab.b[-1] == 0.0) else st.S
+        self.b = {n: st.T["b"][:n] for n in {self.S, self.S_plain}}
+        self.K: torch.Tensor | None = None
+
+    def _buffers(self, xv):
+        K = self.K
+        if K is None or K.shape[1] != xv.numel() or K.dtype != xv.dtype:
+            K = self.K = torch.empty((self.S, xv.numel()), dtype=xv.dtype, device=xv.device)
+            self.prefix = [K[:i].T for i in range(self.S + 1)]
+            shape = getattr(self.f, "_shape", None)
+            self.krows = list(K)
+            self.kshaped = [r.view(shape) for r in K] if shape is not None else [None] * self.S
+        return K
+
+    def increment(self, t: float, h: float, t_first: float, t_last: float, x, err=False):
+        shape, f, rows, c = x.shape, self.f, self.rows, self.c
+        xv = x.reshape(-1)
+        S = self.S if err else self.S_plain
+        if torch.is_grad_enabled():
+            ks = [f.flat(t_first, xv)]
+            for i in range(1, S):
+                xi = torch.addmv(xv, torch.stack(ks).T, rows[i], alpha=h)
+                ks.append(f.flat(t_last if c[i] == 1.0 else t + c[i] * h, xi))
+            K = torch.stack(ks).T  # (N, S), laid out as the buffer's (bitwise the same sums)
+        else:
+            self._buffers(xv)
+            krows, kshaped, prefix = self.krows, self.kshaped, self.prefix
+            f.into(t_first, xv, kshaped[0], krows[0])
+            for i in range(1, S):
+                xi = torch.addmv(xv, prefix[i], rows[i], alpha=h)
+                f.into(t_last if c[i] == 1.0 else t + c[i] * h, xi, kshaped[i], krows[i])
+            K = prefix[S]
+        inc = torch.mv(K, self.b[S]).mul_(h).view(shape)
+        if not err:
+            return inc, None
+        return inc, torch.mv(K.detach(), self.b_err).mul_(h).view(shape)
+
+    def forward_half(self, t, t_new, t_first, t_last, y, z, err=False):
+        """``y_{n+1} = lam y_n + (1 - lam) z_n + Psi(t_n, z_n, h)``; returns ``(y_{n+1}, Psi,
+        error estimate)``."""
+        F, e = self.increment(t, t_new - t, t_first, t_last, z, err)
+        return torch.mul(y, self.lam).add_(z, alpha=1.0 - self.lam).add_(F), F, e
+
+    def backward_half(self, t, t_new, t_first, t_last, y_new):
+        """``Psi(t_{n+1}, y_{n+1}, -h)``: the increment of the step from ``t_new`` back to
+        ``t`` (``z_{n+1} = z_n - `` this)."""
+        return self.increment(t_new, t - t_new, t_last, t_first, y_new)[0]
+
+    def invert(self, rec, y_new, z_new):
+        """``(y_n, z_n)`` from ``(y_{n+1}, z_{n+1})``: the algebraic inverse of one step."""
+        t, t_new, t_first, t_last = rec
+        z = z_new + self.backward_half(t, t_new, t_first, t_last, y_new)
+        F, _ = self.increment(t, t_new - t, t_first, t_last, z)
+        return self.unmix(y_new, z, F), z
+
+    def unmix(self, y_new, z, F):
+        """``y_n = (y_{n+1} - (1 - lam) z_n - Psi(t_n, z_n, h)) / lam``."""
+        return torch.sub(y_new, F).sub_(z, alpha=1.0 - self.lam).div_(self.lam)
+
+
+# ---------------------------------------------------------------------------- forward loop
+def _landings(prob) -> list[float]:
+    """Times every step lands on: output times, the controller's step_t and jump_t."""
+    ctrl, d, t0, t1 = prob.controller, prob.direction, prob.t0, prob.t_end
+    pts = {x for x in (*prob.out_t, *ctrl.step_t, *ctrl.jump_t) if d * (x - t0) > 0}
+    pts = {x for x in pts if d * (t1 - x) > 0}
+    return sorted(pts, reverse=d < 0)
+
+
+# Tolerances that scale the gap |y - z| when steps are fixed (no rtol/atol given): the solve's
+# default tolerances, so that a fixed-step solve keeps the two states as close as an adaptive
+# solve at the defaults would.
+_FIXED_RTOL, _FIXED_ATOL = 1e-6, 1e-8
+# Rounding alone moves y and z apart by up to a few hundred ulps over long solves (measured in
+# float32: 3e-4 relative at 1,000 steps of an MLP field), which must not cause restarts: the gap
+# tolerances are floored at 1000 ulps (relative) and 10 ulps (absolute); in float64 the floor
+# is 2.2e-13, below any tolerance in use.
+_ULPS_REL, _ULPS_ABS = 1000.0, 10.0
+
+
+def gap_tolerances(prob, adaptive: bool, dtype: torch.dtype):
+    """``(rtol, atol)`` that scale the gap: the solve's (fixed steps: 1e-6, 1e-8), floored
+    by the rounding level of ``dtype``."""
+    rtol, atol = (prob.rtol, prob.atol) if adaptive else (_FIXED_RTOL, _FIXED_ATOL)
+    eps = torch.finfo(dtype).eps
+    lo_r, lo_a = _ULPS_REL * eps, _ULPS_ABS * eps
+    if isinstance(rtol, torch.Tensor):
+        rtol = rtol.clamp(min=lo_r)
+    else:
+        rtol = max(rtol, lo_r)
+    if isinstance(atol, torch.Tensor):
+        atol = atol.clamp(min=lo_a)
+    else:
+        atol = max(atol, lo_a)
+    return rtol, atol
+
+
+def gap_norm(y, z, rtol, atol, work=None) -> float:
+    """``max_i |y_i - z_i| / (atol_i + rtol_i * max(|y_i|, |z_i|))``: the distance of the two
+    states in units of the tolerance (max norm: one row going astray is not averaged away).
+    ``atol`` is positive (floored by :func:`gap_tolerances`); ``work``, two tensors shaped like
+    ``y``, spares the allocations."""
+    if work is None or y.is_complex():
+        scale = torch.maximum(y.abs(), z.abs()).mul_(rtol).add_(atol)
+        return float((y - z).abs().div_(scale).max())
+    a, b = work
+    scale = torch.maximum(torch.abs(y, out=a), torch.abs(z, out=b), out=a).mul_(rtol).add_(atol)
+    return float(torch.sub(y, z, out=b).abs_().div_(scale).max())
+
+
+def integrate_reversible(
+    run: Run, lam: float, y0flat, *, restart_gap=None, keep_states: bool = False
+):
+    """The reversible solve from ``prob.t0`` to ``prob.t_end`` (with a graph if grad mode is on).
+
+    Returns ``(LoopResult, records, z_final, states, restarts)``: ``records`` holds per accepted
+    step ``(t, t_new, t_first, t_last, out_lo, out_hi)``; ``states`` the pairs ``(y_n, z_n)`` at
+    every step start when ``keep_states`` (for measuring the reconstruction), else None;
+    ``restarts`` maps the index of each accepted step after which ``z`` was reset to ``y`` (the
+    gap exceeded ``restart_gap``) to the pair ``(y, z)`` just before the reset.
+    """
+    prob = run.prob
+    ctrl = prob.controller
+    f = run.vector_field()
+    sch = Scheme(prob.tableau, f, lam, y0flat)
+    direction, t0, t_end = prob.direction, prob.t0, prob.t_end
+    adaptive = isinstance(ctrl, PIController)
+    constant = isinstance(ctrl, ConstantStep)
+    jumps = set(ctrl.jump_t)
+    landings = _landings(prob)
+    samples = run.samples_all
+    n_out = len(prob.out_t)
+
+    def out_rows(y, lo, hi):
+        if samples is None:
+            return y.unsqueeze(0).expand(hi - lo, *y.shape)
+        return y[samples[lo:hi]]
+
+    out_vals, p = [], 0
+    while p < n_out and prob.out_t[p] == t0:
+        p += 1
+    if p:
+        out_vals.append(out_rows(y0flat, 0, p))
+    y = z = y0flat
+    t, t_first = t0, t0
+    if adaptive:
+        k_order = prob.tableau.error_order()
+        work = ErrorNorm(y0flat, prob.spec)
+        norm = user_scaled_norm if prob.norm is not None else work
+        if t_end == t0:
+            h = 0.0
+        else:
+            nrm = initial_norm(work, y0flat, prob.rtol, prob.atol, prob.atol_zero, prob=prob)
+            with torch.no_grad():
+                k1 = f(t0, y0flat)
+            h = ctrl.initial_step(nrm, f, t0, y0flat, k1, direction, abs(t_end - t0), k_order)
+        prev_err = 1.0
+    else:
+        h = ctrl.dt if constant else math.inf
+    k_grid, li = 1, 0
+    records, states = [], [] if keep_states else None
+    restarts = {}
+    g_rtol, g_atol = gap_tolerances(prob, adaptive, y0flat.dtype)
+    gap_work = None
+    if restart_gap is not None:  # measured without a graph (the restart decision is discrete)
+        gap_work = (torch.empty_like(y0flat), torch.empty_like(y0flat))
+    attempts = n_acc = n_rej = 0
+    last_nonfinite = False
+    status, message = "success", ""
+
+    def fail(cls, msg, hh):
+        nonlocal status, message
+        if run.throw:
+            raise cls(msg, t=t, step=attempts, h=hh)
+        status, message = cls.status, msg
+
+    while direction * (t_end - t) > 0:
+        if prob.max_steps is not None and attempts >= prob.max_steps:
+            fail(
+                MaxStepsError,
+                f"reached max_steps={prob.max_steps} step attempts at t={t:.17g} (accepted "
+                f"{n_acc}, rejected {n_rej}) before the final time {t_end:.17g}; raise max_steps "
+                "or loosen rtol/atol",
+                h,
+            )
+            break
+        # The controller bounds the step (to [dt_min, dt_max] with force_dt_min).
+        h_abs = ctrl.bounded(abs(h), last_nonfinite) if adaptive else abs(h)
+        if adaptive and (
+            not math.isfinite(h_abs) or h_abs < ctrl.dt_min or t + direction * h_abs == t
+        ):
+            cls = StepSizeUnderflowError if math.isfinite(h_abs) else NonFiniteError
+            fail(
+                cls,
+                f"step size underflow or non-finite error estimate at t={t:.17g} after "
+                f"{attempts} step attempts (step size {h_abs:.3g}) in the reversible solve; check "
+                "func for NaN/inf, loosen rtol/atol, or, if the problem has fast decaying modes, "
+                "keep restarts on (Reversible(restart_gap=10.0), the default) or lower it",
+                h_abs,
+            )
+            break
+        # A step of (nearly) zero length is not the identity here (it still mixes y and z), so
+        # grid points and landings a few ulps apart are merged instead of leaving a sliver step.
+        tiny = 8 * _EPS64 * max(abs(t), abs(t_end), h_abs if math.isfinite(h_abs) else 0.0)
+        if constant:
+            while direction * (t0 + direction * k_grid * h_abs - t) <= tiny:
+                k_grid += 1
+            t_new = t0 + direction * k_grid * h_abs
+            if abs(t_end - t_new) <= tiny:
+                t_new = t_end
+        else:
+            t_new = t + direction * h_abs
+        clipped = False
+        while li < len(landings) and direction * (landings[li] - t) <= tiny:
+            li += 1
+        land = landings[li] if li < len(landings) else None
+        if land is not None and direction * (t_new - land) >= -tiny:
+            t_new, clipped = land, True
+        if direction * (t_new - t_end) >= -tiny:
+            t_new, clipped, land = t_end, True, None
+        is_jump = clipped and land is not None and t_new == land and land in jumps
+        t_last = math.nextafter(t_new, t) if is_jump else t_new
+        attempts += 1
+        y_new, F, e_est = sch.forward_half(t, t_new, t_first, t_last, y, z, adaptive)
+        if adaptive:
+            e = norm(prob, e_est, z, z + F)
+            last_nonfinite = not math.isfinite(e)
+            if not (e <= 1.0 or ctrl.accepts(e, min(h_abs, abs(t_new - t)))):
+                n_rej += 1
+                h = abs(t_new - t) * ctrl.reject_factor(e, k_order)
+                continue
+        n_acc += 1
+        if keep_states:
+            states.append((y, z))
+        z = torch.sub(z, sch.backward_half(t, t_new, t_first, t_last, y_new))
+        lo = p
+        while p < n_out and direction * (prob.out_t[p] - t_new) <= 0:
+            p += 1
+        if p > lo:
+            out_vals.append(out_rows(y_new, lo, p))
+        records.append((t, t_new, t_first, t_last, lo, p))
+        if restart_gap is not None:
+            with torch.no_grad():
+                gap = gap_norm(y_new, z, g_rtol, g_atol, gap_work)
+            if gap > restart_gap:
+                # The parasitic mode y - z has grown: keep the pair for the backward pass and
+                # restart the second state from the solution (z = y is differentiable: the
+                # backward pass adds z's cotangent to y's there).
+                restarts[len(records) - 1] = (y_new, z)
+                z = y_new
+        if adaptive:
+            h_next = abs(t_new - t) * ctrl.factor(e, prev_err, k_order)
+            h = max(h_abs, h_next) if clipped else h_next
+            prev_err = max(e, 1e-4)
+        t, y = t_new, y_new
+        t_first = math.nextafter(t_new, t_new + direction) if is_jump else t_new
+
+    if status == "success" and not (
+        bool(torch.isfinite(y).all()) and bool(torch.isfinite(z).all())
+    ):
+        status = NonFiniteError.status
+        message = (
+            f"the reversible solve became non-finite (NaN/inf) by t={t:.17g} after {n_acc} steps; "
+            f"with coupling={lam} the scheme damps decaying modes only for |h * eigenvalue| below "
+            "about -log(coupling): check func for NaN/inf, keep restarts on "
+            "(Reversible(restart_gap=10.0), the default) or lower it, or take smaller steps"
+        )
+        if run.throw:
+            raise NonFiniteError(message, t=t, step=attempts, h=h)
+    if p < n_out:  # stopped early (throw=False): missing outputs are NaN
+        shape = y0flat.shape if samples is None else y0flat.shape[1:]
+        out_vals.append(
+            torch.full((n_out - p, *shape), math.nan, dtype=y0flat.dtype, device=y0flat.device)
+        )
+    ys = torch.cat(out_vals) if out_vals else y0flat.new_zeros((0, *y0flat.shape))
+    if prob.out_order is not None:
+        ys = ys[prob.out_order]
+    res = LoopResult(
+        ys=ys,
+        y_final=y,
+        t_reached=t,
+        status=status,
+        message=message,
+        n_accepted=n_acc,
+        n_rejected=n_rej,
+    )
+    run.result, run.f = res, f
+    run.extra["reversible_scheme"] = sch
+    run.stats["nfe"] = f.nfe
+    with torch.no_grad():
+        gap = float((y - z).abs().max() / y.abs().max().clamp_min(1e-300))
+    run.stats["reversible_gap"] = gap
+    run.stats["reversible_restarts"] = len(restarts)
+    # y and z both approximate the solution; they drift apart only when the parasitic mode
+    # grows (a decaying mode too fast for the coupling), so a large gap flags a wrong solution.
+    # With restarts the gap stays within restart_gap tolerances by construction.
+    if restart_gap is None and status == "success" and math.isfinite(gap) and gap > 0.1:
+        warnings.warn(
+            f"the two states of the reversible scheme differ by {gap:.2g} (relative, max norm) at "
+            f"t={t:.6g}: its parasitic mode has grown and the solution is unreliable. Decaying "
+            f"dynamics faster than about (1 - coupling) / step size (coupling={lam}) excite it; "
+            "turn restarts on (Reversible(restart_gap=10.0), the default), take smaller steps, or "
+            "use gradient='checkpoint'",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+    return res, records, z, states, restarts
