@@ -168,7 +168,10 @@ def _locate(ctx, gfn, event, y_s, t_s, t_end, restart: bool):
     flat = flat & (t_s != t_end)
     if bool(flat.any()):
         r = flat.nonzero().squeeze(1)
-        g0[r] = torch.sign(_flow_derivative(f, gfn, t_s[r], y_s[r]))
+        # "Before" is the sign g takes just after the start in each row's direction of
+        # integration: g(t_s + s) ~ s D, with s < 0 for a row solved backward in time.
+        sdir = torch.where(t_end[r] >= t_s[r], 1.0, -1.0).to(torch.float64)
+        g0[r] = sdir * torch.sign(_flow_derivative(f, gfn, t_s[r], y_s[r]))
     mon = RowEventMonitor(gfn, ctx.stepper, f, event.direction, g0)
     with torch.no_grad():
         integrate_per_sample(

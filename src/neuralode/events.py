@@ -344,7 +344,10 @@ def _locate(
         flat = (g0 == 0) | (restart & (g0.abs() <= 1e-12))
     if bool(flat.any()):
         D = _flow_derivative(func, event, spec, t_start, y0flat, per_sample, time_dtype)
-        g0 = torch.where(flat, torch.sign(D), g0)
+        # "Before" is the sign g takes just after the start in the direction of integration:
+        # g(t0 + s) ~ s D, with s < 0 backward in time.
+        sdir = 1.0 if t_end >= t_start else -1.0
+        g0 = torch.where(flat, sdir * torch.sign(D), g0)
     # The monitor sees the solve's own flat layout: t is 1-D here, so the state is one row
     # (components concatenated whole), not the per-sample rows of ``spec``.
     solve_spec = spec if not per_sample else flatten_state(y0d, batched=False)[0]
