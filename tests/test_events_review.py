@@ -88,3 +88,49 @@ def test_backward_bouncing_ball_mirrors_forward(bc, direction):
     # Closed form of the first bounce: a drop from height 1 takes sqrt(2/g).
     first = float(fwd.event_t.reshape(-1)[0])
     assert abs(first - math.sqrt(2 / GRAV)) < 1e-8
+
+
+# ------------------------------------------- 2. per-sample Backsolve with a failed sample (throw=False)
+GRADS = ["direct", "checkpoint", "backsolve"]
+
+
+def _blowup(t, y):
+    return y**2  # y = y0 / (1 - y0 t): sample y0=1 blows up at t=1, y0=0.2 at t=5
+
+
+@pytest.mark.parametrize("extra", [None, "event", "integral"])
+@pytest.mark.parametrize("gradient", GRADS)
+def test_per_sample_failed_sample_gradients(gradient, extra):
+    # Backsolve integrated the failed sample back from the end, where it never got to, and
+    # raised StepSizeUnderflowError. Its outputs before the failure have gradients as under
+    # Direct (dy(t)/dy0 = 1 / (1 - y0 t)^2); those past it are NaN constants.
+    y = torch.tensor([[1.0], [0.2]], dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 0.9, 2.0, 3.0], dtype=D)
+    kw = dict(batch_control="per_sample", throw=False, gradient=gradient, rtol=1e-9, atol=1e-12)
+    if extra == "event":
+        kw["event"] = Event(lambda t, y: y[:, 0] - 1e30)  # never reached by the survivor
+    if extra == "integral":
+        kw["integral"] = lambda t, y: y[:, 0]
+    sol = neuralode.solve(_blowup, y, t, **kw)
+    assert sol.status != "success"
+    assert abs(float(sol.t_final[0]) - 1.0) < 1e-3 and float(sol.t_final[1]) == 3.0
+    assert torch.isnan(sol.ys[3:, 0]).all()
+    loss = sol.ys[-1, 1].sum() + sol.ys[1:3, 0].sum()
+    want = [1 / 0.5**2 + 1 / 0.1**2, 1 / 0.4**2]
+    if extra == "integral":  # d/dy0 of int_0^t y = -ln(1 - y0 t): t / (1 - y0 t)
+        loss = loss + sol.integral[-1, 1] + sol.integral[1, 0]
+        want = [want[0] + 0.5 / 0.5, want[1] + 3.0 / 0.4]
+    (gy,) = torch.autograd.grad(loss, y)
+    torch.testing.assert_close(gy.reshape(-1), torch.tensor(want, dtype=D), rtol=1e-5, atol=0)
+
+
+def test_per_sample_backsolve_failed_sample_end_only():
+    y = torch.tensor([[1.0], [0.2]], dtype=D, requires_grad=True)
+    sol = neuralode.solve(
+        _blowup, y, torch.tensor([0.0, 2.0], dtype=D), batch_control="per_sample", throw=False,
+        gradient="backsolve",
+    )  # fmt: skip
+    (gy,) = torch.autograd.grad(sol.ys[-1, 1].sum(), y)
+    torch.testing.assert_close(
+        gy.reshape(-1), torch.tensor([0.0, 1 / 0.6**2], dtype=D), rtol=1e-4, atol=0
+    )

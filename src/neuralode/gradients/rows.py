@@ -14,6 +14,9 @@ size; these are the two memory-saving gradient methods written against it:
   itself (the adjoint state ``a`` jumps by the output gradients at the sample's output times),
   and accumulates the parameter integral ``-int a^T df/dtheta dt`` from the accepted steps'
   stages with one vector-Jacobian product per iteration. Memory is flat in the number of steps.
+  A sample that failed (``throw=False``) is solved back from its last written output, so both
+  methods give, as Direct does, the gradients of its outputs before the failure (the NaN ones
+  past it are constants).
 """
 
 from __future__ import annotations
@@ -187,12 +190,37 @@ def backsolve_rows(cfg, run, y0flat, params):
     return _BacksolveRows.apply(run, cfg, y0flat, *params)
 
 
+def _failed_restart(run, ys):
+    """Where the backward solve of each failed sample (``throw=False``) starts, or None.
+
+    A failed sample stops at its failure time; its outputs from there on are NaN constants
+    (no gradient), as under Direct. Its backward solve starts at its last written output
+    ``L_b`` (the state there is that output, the adjoint its output gradient) instead of the
+    end, where the state never got to. Returns ``(rows, L, y_L)``: the failed samples (n,),
+    their last written output index (n,) and the states there (n, M).
+    """
+    failed = run.result[4]["failed"]
+    if not failed:
+        return None
+    tau, tfin = run.tau, run.result[1]
+    B, T = tau.shape
+    rows = torch.tensor(sorted(failed), dtype=torch.long, device=tau.device)
+    tr = tau[rows]
+    sdir = torch.where(tr[:, -1:] >= tr[:, :1], 1.0, -1.0)
+    # Outputs are written at step ends, up to and including the time the sample failed at.
+    written = sdir * (tr - tfin[rows].unsqueeze(1)) <= 0
+    written[:, 0] = True
+    L = (written.long() * torch.arange(T, device=tau.device)).amax(1)
+    return rows, L, ys[L * B + rows].detach()
+
+
 class _BacksolveRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, cfg, y0flat, *params):
         with torch.no_grad():
             ys = run.integrate(y0flat.detach())
         ctx.run, ctx.cfg = run, cfg
+        ctx.failed = _failed_restart(run, ys)
         ctx.save_for_backward(*params)
         return ys
 
@@ -244,8 +272,13 @@ class _BacksolveRows(torch.autograd.Function):
 
         a = g[(T - 1) * B :].clone()
         ya = torch.cat([y_final, a], 1)
+        if ctx.failed is not None:  # failed samples start at their last written output
+            rows, L, y_L = ctx.failed
+            ya[rows] = torch.cat([y_L, torch.where((L == T - 1).unsqueeze(1), a[rows], 0)], 1)
         for j in range(T - 2, -1, -1):
             seg = torch.stack([tau[:, j + 1], tau[:, j]], 1)
+            if ctx.failed is not None:  # no segment past a failed sample's last output
+                seg[rows] = torch.where((j >= L).unsqueeze(1), tau[rows, L].unsqueeze(1), seg[rows])
             # Output times a few ulps apart: no step fits between them (it would underflow),
             # and the adjoint moves by O(ulp) there, so the row's segment is left out.
             sliver = (seg[:, 0] - seg[:, 1]).abs() <= 8 * _EPS64 * seg.abs().amax(1)
@@ -255,6 +288,9 @@ class _BacksolveRows(torch.autograd.Function):
                     aug_spec, f, stepper, ya, seg, ctrl, rt, at, cfg.max_steps, True, None,
                     floor, on_step=on_step, outputs=False,
                 )  # fmt: skip
-            ya = torch.cat([ya[:, :M], ya[:, M:] + g[j * B : (j + 1) * B]], 1)
+            gj = g[j * B : (j + 1) * B]
+            if ctx.failed is not None:  # outputs past a failed sample's last one: NaN constants
+                gj = gj.index_put((rows,), torch.where((j > L).unsqueeze(1), 0, gj[rows]))
+            ya = torch.cat([ya[:, :M], ya[:, M:] + gj], 1)
         run.stats["nfe_backward"] = inner.nfe  # func calls (each with a VJP), as forward
         return (None, None, ya[:, M:], *gp)
