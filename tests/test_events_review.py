@@ -134,3 +134,58 @@ def test_per_sample_backsolve_failed_sample_end_only():
     torch.testing.assert_close(
         gy.reshape(-1), torch.tensor([0.0, 1 / 0.6**2], dtype=D), rtol=1e-4, atol=0
     )
+
+
+# --------------------------------- 3. tensors captured by func, not among the gradient's params
+MISSING = "require grad but are not among the parameters"
+
+
+class _Decay(torch.nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(1.0, dtype=D))
+        self.k = k  # a tensor from outside: not a parameter of the module
+
+    def forward(self, t, y):
+        return -self.a * self.k * y
+
+
+@pytest.mark.parametrize("bc", ["shared", "per_sample"])
+@pytest.mark.parametrize("gradient", ["backsolve", "checkpoint"])
+@pytest.mark.parametrize("field", ["module", "lambda"])
+def test_captured_tensor_warns(field, gradient, bc):
+    # Per-sample Backsolve/Checkpointed dropped dL/dk silently; the shared Backsolve with a
+    # lambda too when the gradient asked for was only w.r.t. k (its backward never ran).
+    k = torch.tensor(0.7, dtype=D, requires_grad=True)
+    f = _Decay(k) if field == "module" else (lambda t, y: -k * y)
+    y0 = torch.ones(2, 1, dtype=D, requires_grad=True)
+    with pytest.warns(UserWarning, match=f"{MISSING} of the .*shapes \\(\\)"):
+        sol = neuralode.solve(
+            f, y0, torch.tensor([0.0, 1.0], dtype=D), batch_control=bc, gradient=gradient, **TOL
+        )
+    (gk,) = torch.autograd.grad(sol.ys[-1].sum(), k, allow_unused=True)
+    assert gk is None
+    if field == "module":  # the module's own parameter still gets its gradient: -2 k e^{-k}
+        (ga,) = torch.autograd.grad(sol.ys[-1].sum(), f.a)
+        assert float(ga) == pytest.approx(-2 * 0.7 * math.exp(-0.7), rel=1e-6)
+
+
+@pytest.mark.parametrize("bc", ["shared", "per_sample"])
+@pytest.mark.parametrize("gradient", ["backsolve", "checkpoint"])
+def test_no_warning_for_explicit_params_or_fresh_leaves(gradient, bc):
+    import warnings
+
+    k = torch.tensor(0.7, dtype=D, requires_grad=True)
+    gm = (neuralode.Backsolve if gradient == "backsolve" else neuralode.Checkpointed)(params=(k,))
+    y0 = torch.ones(2, 1, dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+
+    def fresh(t, y):  # a leaf made afresh on every call has no gradient anyone could read
+        return -torch.tensor(0.7, dtype=D, requires_grad=True) * y
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = neuralode.solve(lambda t, y: -k * y, y0, t, batch_control=bc, gradient=gm, **TOL)
+        neuralode.solve(fresh, y0, t, batch_control=bc, gradient=gradient, **TOL)
+    (gk,) = torch.autograd.grad(sol.ys[-1].sum(), k)
+    assert float(gk) == pytest.approx(-2 * math.exp(-0.7), rel=1e-6)

@@ -10,7 +10,15 @@ from torch import nn
 
 from .._loop import LoopResult, Problem, VectorField, integrate, make_stepper
 
-__all__ = ["Run", "capable", "find_params", "warn_missing_params", "ParamCheck"]
+__all__ = [
+    "Run",
+    "capable",
+    "find_params",
+    "warn_missing_params",
+    "ParamCheck",
+    "check_params",
+    "check_params_rows",
+]
 
 
 @dataclass
@@ -139,15 +147,37 @@ def _warn_missing(missing: list, method: str, stacklevel: int) -> None:
         )
 
 
+def _check_by_evaluation(call, y0flat: torch.Tensor, params: list, method: str) -> None:
+    """Evaluate ``call(state) -> flat f`` at y0 with graph building on and warn (through
+    :class:`ParamCheck`) about tensors func uses that are not among ``params``; a second
+    evaluation, only when the first found some, confirms that they are the same tensors."""
+    check = ParamCheck(params, method, output_needs_grad=True)
+    while not check.done:
+        state = y0flat.detach().clone()
+        with torch.enable_grad():
+            out = call(state)
+        check(out, state)
+
+
 def check_params(run: Run, y0flat: torch.Tensor, params: list[torch.Tensor], method: str) -> None:
-    """Evaluate func once at (t0, y0) with graph building on and warn about missing params."""
+    """Evaluate func at (t0, y0) with graph building on and warn about missing params."""
     spec = run.prob.spec
-    state = y0flat.detach().clone()
-    with torch.enable_grad():
-        tt = torch.tensor(run.prob.t0, dtype=run.time_dtype, device=spec.device)
+    tt = torch.tensor(run.prob.t0, dtype=run.time_dtype, device=spec.device)
+
+    def call(state):
         out = run.func(tt, spec.unflatten(state))
-    flat = spec.flatten(out, what="the derivative returned by func", t=run.prob.t0)
-    warn_missing_params(flat, params, method, state=state)
+        return spec.flatten(out, what="the derivative returned by func", t=run.prob.t0)
+
+    _check_by_evaluation(call, y0flat, params, method)
+
+
+def check_params_rows(run, y0flat: torch.Tensor, params: list[torch.Tensor], method: str) -> None:
+    """:func:`check_params` for a per-sample solve (``run`` a ``RowsRun``): func on every row
+    at its initial time (its own field, so the solve's counters are not touched)."""
+    from .._loop_batched import BatchedField
+
+    f = BatchedField(run.func, run.spec, run.time_dtype)
+    _check_by_evaluation(lambda state: f(run.tau[:, 0], state), y0flat, params, method)
 
 
 class _FirstChecked(VectorField):
@@ -160,13 +190,18 @@ class _FirstChecked(VectorField):
         self._check = check
 
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
-        check, self._check = self._check, None
+        check = self._check
         if check is None:
             return super().__call__(t, y)
         state = y.detach().clone()
         with torch.enable_grad():
             out = super().__call__(t, state)
         check(out, state)
+        # A ParamCheck that found something confirms it on the next evaluation (in the forward
+        # solve: a gradient that will not be asked for, w.r.t. the tensor it is lost for, is
+        # then still reported); any other check sees the first evaluation only.
+        if not (isinstance(check, ParamCheck) and not check.done):
+            self._check = None
         return out.detach()
 
 

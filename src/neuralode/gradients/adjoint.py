@@ -22,7 +22,7 @@ from ..controllers import ConstantStep, PIController, StepToGrid
 from ..controllers.step_size import time_beside
 from ..errors import MaxStepsError
 from ..solvers import get_tableau
-from ._common import ParamCheck, Run, find_params, forward_without_graph
+from ._common import ParamCheck, Run, check_params_rows, find_params, forward_without_graph
 from .checkpoint import add_initial_outputs
 
 __all__ = ["Backsolve"]
@@ -65,8 +65,13 @@ class Backsolve:
         40% or more of the backward evaluations.
     params : sequence of Tensor, optional
         Tensors to differentiate besides y0. Default: the parameters of ``func`` when it is an
-        ``nn.Module``. A warning is given when func uses a tensor requiring grad that is not
-        among them.
+        ``nn.Module`` (or a bound method of one); none for a plain function or lambda. A
+        UserWarning is given, during the forward solve and under either ``batch_control``,
+        when func uses a tensor requiring grad that is not among them (a closure's captured
+        tensor, a module attribute that is not a parameter): its gradient is not computed
+        (``None``/unchanged). Found from func's graph on its first evaluations (no extra
+        evaluation in the shared solve; one or two under ``"per_sample"``); a tensor that
+        func creates afresh on every call is not reported.
     max_steps : int, optional
         Step limit of the backward solve.
     norm : callable, optional
@@ -151,6 +156,8 @@ class Backsolve:
         from .rows import backsolve_rows
 
         params = find_params(run.func, self.params, "Backsolve(params=...)")
+        if torch.is_grad_enabled():
+            check_params_rows(run, y0flat, params, "backsolve adjoint")
         return backsolve_rows(self, run, y0flat, params)
 
     def run(self, run: Run, y0flat: torch.Tensor):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .._loop import integrate, replay_step, sorted_outputs_grad
-from ._common import Run, check_params, find_params, forward_without_graph
+from ._common import Run, check_params, check_params_rows, find_params, forward_without_graph
 
 __all__ = ["Checkpointed"]
 
@@ -34,7 +34,10 @@ class Checkpointed:
         per-sample driver by default (``Solution.stats["n_checkpoints"]`` counts those kept).
     params : sequence of Tensor, optional
         Tensors to differentiate besides y0. Default: the parameters of ``func`` when it is an
-        ``nn.Module``.
+        ``nn.Module`` (or a bound method of one); none for a plain function or lambda. A
+        UserWarning is given (one or two evaluations of func at the start with graph building
+        on, under either ``batch_control``) when func uses a tensor requiring grad that is not
+        among them: its gradient is not computed (``None``/unchanged).
 
     References
     ----------
@@ -65,6 +68,8 @@ class Checkpointed:
         from .rows import checkpointed_rows
 
         params = find_params(run.func, self.params, "Checkpointed(params=...)")
+        if torch.is_grad_enabled():
+            check_params_rows(run, y0flat, params, "checkpointed")
         return checkpointed_rows(run, y0flat, params, self.max_checkpoints)
 
     def run(self, run: Run, y0flat: torch.Tensor):
