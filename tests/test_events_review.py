@@ -189,3 +189,29 @@ def test_no_warning_for_explicit_params_or_fresh_leaves(gradient, bc):
         neuralode.solve(fresh, y0, t, batch_control=bc, gradient=gradient, **TOL)
     (gk,) = torch.autograd.grad(sol.ys[-1].sum(), k)
     assert float(gk) == pytest.approx(-2 * math.exp(-0.7), rel=1e-6)
+
+
+# ------------------------------------------------- 4. per-sample Backsolve and outputs=
+def _osc_batch():
+    return torch.tensor([[1.0, 0.0], [0.5, 0.3]], dtype=D, requires_grad=True)
+
+
+def test_per_sample_backsolve_refuses_replay_and_records_stop():
+    # outputs= was ignored silently under per-sample control (and stats had no record).
+    t = torch.linspace(0.0, 10.0, 50, dtype=D)
+    with pytest.raises(ValueError, match="outputs='replay'.*per_sample.*gradient='checkpoint'"):
+        neuralode.solve(
+            _osc, _osc_batch(), t, batch_control="per_sample",
+            gradient=neuralode.Backsolve(outputs="replay"),
+        )  # fmt: skip
+    for outputs in ("auto", "stop"):
+        y0 = _osc_batch()
+        sol = neuralode.solve(
+            _osc, y0, t, batch_control="per_sample", gradient=neuralode.Backsolve(outputs=outputs),
+            **TOL,
+        )  # fmt: skip
+        assert sol.stats["backsolve_outputs"] == "stop"
+        (gy,) = torch.autograd.grad(sol.ys[-1, :, 0].sum(), y0)
+        # y0(10) = a cos 10 + b sin 10 for y = (a, b)
+        want = torch.tensor([[math.cos(10.0), math.sin(10.0)]] * 2, dtype=D)
+        torch.testing.assert_close(gy, want, rtol=0, atol=1e-7)

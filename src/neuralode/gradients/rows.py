@@ -14,6 +14,9 @@ size; these are the two memory-saving gradient methods written against it:
   itself (the adjoint state ``a`` jumps by the output gradients at the sample's output times),
   and accumulates the parameter integral ``-int a^T df/dtheta dt`` from the accepted steps'
   stages with one vector-Jacobian product per iteration. Memory is flat in the number of steps.
+  The backward solve runs segment by segment between consecutive output times, each started
+  afresh (an initial step selection per segment): its cost grows with the number of output
+  times (the shared driver's ``outputs="replay"`` through forward steps is not available here).
   A sample that failed (``throw=False``) is solved back from its last written output, so both
   methods give, as Direct does, the gradients of its outputs before the failure (the NaN ones
   past it are constants).
@@ -175,6 +178,15 @@ def backsolve_rows(cfg, run, y0flat, params):
             "integral out of the state (as seminorm=True), so a norm on the augmented tuple "
             "(y, adj_y, adj_params...) has nothing to act on; leave norm unset"
         )
+    if cfg.outputs == "replay":
+        raise ValueError(
+            "Backsolve(outputs='replay') is not available with batch_control='per_sample': the "
+            "per-sample backward solve stops at every output time of each sample (as "
+            "outputs='stop'; its cost grows with the number of output times). Use "
+            "outputs='auto' or 'stop', gradient='checkpoint' (exact, its backward cost is flat "
+            "in the output times), or batch_control='shared' for many output times"
+        )
+    run.stats["backsolve_outputs"] = "stop"
     tab = get_tableau(cfg.solver) if cfg.solver is not None else run.stepper.tab
     if cfg.dt is not None:  # fixed steps of dt backward from each sample's output times
         if tab.adaptive:
