@@ -215,3 +215,45 @@ def test_per_sample_backsolve_refuses_replay_and_records_stop():
         # y0(10) = a cos 10 + b sin 10 for y = (a, b)
         want = torch.tensor([[math.cos(10.0), math.sin(10.0)]] * 2, dtype=D)
         torch.testing.assert_close(gy, want, rtol=0, atol=1e-7)
+
+
+# ------------------------------------------ 5. max_steps limits the whole solve across events
+def _ball_event(bc):
+    g = (lambda t, y: y[:, 0]) if bc == "per_sample" else (lambda t, y: y[0, 0])
+    return Event(g, direction=-1, terminal=False, reset=_bounce)
+
+
+def test_max_steps_counts_all_segments_shared():
+    # Each segment between events had a fresh budget: max_steps=8 let ~34 steps through.
+    y0, t = torch.tensor([[1.0, 0.0]], dtype=D), torch.linspace(0.0, 5.0, 6, dtype=D)
+    ev = _ball_event("shared")
+    ref = neuralode.solve(_fall(1.0), y0, t, event=ev)
+    total = ref.stats["n_accepted"] + ref.stats["n_rejected"]
+    assert ref.stats["n_steps"] == ref.stats["n_accepted"] and total > 20
+    ok = neuralode.solve(_fall(1.0), y0, t, event=ev, max_steps=total)
+    assert ok.status == "success"
+    torch.testing.assert_close(ok.ys, ref.ys)
+    with pytest.raises(neuralode.MaxStepsError, match=f"max_steps={total - 1} .*whole solve"):
+        neuralode.solve(_fall(1.0), y0, t, event=ev, max_steps=total - 1)
+    with pytest.raises(neuralode.MaxStepsError, match="max_steps=8 "):
+        neuralode.solve(_fall(1.0), y0, t, event=ev, max_steps=8)
+    part = neuralode.solve(_fall(1.0), y0, t, event=ev, max_steps=20, throw=False)
+    assert part.status == "max_steps" and "max_steps=20" in part.message
+    assert 0.0 < part.t_final < 5.0
+    later = t > part.t_final
+    assert torch.isnan(part.ys[later]).all() and not torch.isnan(part.ys[~later]).any()
+
+
+def test_max_steps_counts_all_segments_per_sample():
+    y0 = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=D)
+    t = torch.linspace(0.0, 5.0, 6, dtype=D)
+    ev = _ball_event("per_sample")
+    with pytest.raises(neuralode.MaxStepsError, match="after 8 step attempts.*max_steps=8"):
+        neuralode.solve(_fall(1.0), y0, t, event=ev, batch_control="per_sample", max_steps=8)
+    ok = neuralode.solve(_fall(1.0), y0, t, event=ev, batch_control="per_sample", max_steps=200)
+    assert ok.status == "success" and not torch.isnan(ok.ys).any()
+    part = neuralode.solve(
+        _fall(1.0), y0, t, event=ev, batch_control="per_sample", max_steps=20, throw=False
+    )
+    assert part.status == "max_steps"
+    assert torch.isnan(part.ys[-1]).all()  # neither sample reached t=5 within 20 attempts

@@ -150,7 +150,7 @@ def _flow_derivative(field, gfn, t, y) -> torch.Tensor:
     return torch.zeros_like(t) if D is None else D.detach().to(torch.float64)
 
 
-def _locate(ctx, gfn, event, y_s, t_s, t_end, restart: bool):
+def _locate(ctx, gfn, event, y_s, t_s, t_end, restart: bool, used=None):
     """Phase 1 (no graph): each sample's first event in ``[t_s, t_end]``, NaN where none.
 
     A zero of g at the start (after an event: g near zero) is not an event: the sign that
@@ -177,6 +177,7 @@ def _locate(ctx, gfn, event, y_s, t_s, t_end, restart: bool):
         integrate_per_sample(
             ctx.spec, f, ctx.stepper, y_s, torch.stack([t_s, t_end], 1), ctx.ctrl, ctx.rtol,
             ctx.atol, ctx.max_steps, ctx.throw, None, ctx.floor, outputs=False, monitor=mon,
+            used=used,
         )  # fmt: skip
     return mon.t_event, f.nfe
 
@@ -327,13 +328,15 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
     ev_t, ev_y = [], []
     stats = {"nfe": 0, "nfe_event_location": 0}
     status, message = "success", ""
+    # max_steps limits each sample's step attempts over the whole solve, across segments.
+    used = torch.zeros((B, 2), dtype=torch.long, device=dev)  # accepted, rejected
     k = 0
     while bool(live.any()):
         ts_f = t_s.detach().to(torch.float64)
         t_star = torch.full((B,), float("nan"), dtype=torch.float64, device=dev)
         if k < event.max_events:
             seg = torch.where(live, t_end, ts_f)  # finished samples: an empty interval
-            t_star, n1 = _locate(ctx, gfn, event, y_s.detach(), ts_f, seg, k > 0)
+            t_star, n1 = _locate(ctx, gfn, event, y_s.detach(), ts_f, seg, k > 0, used)
             stats["nfe_event_location"] += n1
         fired = live & ~torch.isnan(t_star)
         # Outputs of this segment: strictly before the event, or all the rest without one.
@@ -347,8 +350,9 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
         outs = torch.where(valid, tt.gather(1, idx.clamp(max=T - 1)), end.unsqueeze(1))
         grid = torch.cat([t_s.unsqueeze(1), outs, end.unsqueeze(1)], 1)
         grid = torch.where(live.unsqueeze(1), grid, t_s.unsqueeze(1))
-        sol = solve_rows(ctx.func, spec.unflatten(y_s), grid, **kw)
+        sol = solve_rows(ctx.func, spec.unflatten(y_s), grid, **kw, _used=used)
         stats["nfe"] += sol.stats["nfe"]
+        used = used + torch.stack([sol.stats["n_accepted"], sol.stats["n_rejected"]], 1)
         if sol.status != "success" and status == "success":
             status, message = sol.status, sol.message
         ysf = _flat(spec, sol.ys, n_out + 2)

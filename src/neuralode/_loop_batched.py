@@ -146,20 +146,22 @@ def _stuck(ctrl, w: _Rows) -> torch.Tensor:
     return ~w.done & (ctrl.underflows(w.h, w.t) | bad)
 
 
-def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) -> None:
+def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict, used=None) -> None:
     """Raise for the failing sample of lowest index, or (throw=False) stop the failing samples."""
     rows = fail.nonzero().squeeze(1).tolist()
     rows.sort(key=lambda r: int(w.idx[r]))
     for r in rows:
         b, t, n, h = int(w.idx[r]), float(w.t[r]), int(w.att[r]), float(w.h[r])
+        n_acc = int(w.nacc[r])
+        if used is not None:  # accepted and rejected steps in earlier segments (events)
+            n, n_acc = n + int(used[b].sum()), n_acc + int(used[b, 0])
         if max_steps is not None and n >= max_steps:
             cause = "max_steps"
         else:
             cause = "nonfinite_h" if not math.isfinite(h) else "underflow"
         cls, msg = step_failure(
             cause, t=t, attempts=n, h=h, dt_min=ctrl.dt_min, nonfinite=not math.isfinite(float(w.e[r])),
-            max_steps=max_steps, t_end=float(w.t_end[r]), n_acc=int(w.nacc[r]),
-            n_rej=n - int(w.nacc[r]), sample=b,
+            max_steps=max_steps, t_end=float(w.t_end[r]), n_acc=n_acc, n_rej=n - n_acc, sample=b,
         )  # fmt: skip
         if throw:
             raise cls(msg, t=t, step=n, h=h)
@@ -172,7 +174,7 @@ def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict) 
 
 def integrate_per_sample(
     spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, record=None, floor=False,
-    on_step=None, outputs=True, monitor=None, max_states=None,
+    on_step=None, outputs=True, monitor=None, max_states=None, used=None,
 ):  # fmt: skip
     """Integrate every sample over its own output times ``tau`` (B, T) float64.
 
@@ -188,6 +190,8 @@ def integrate_per_sample(
     where they are (a ``(A,)`` bool mask) or None. ``max_states`` bounds the replay records
     that keep their states (``Checkpointed(max_checkpoints=...)``): past it, every second one
     drops its state (the first is always kept), to be recomputed in the backward pass.
+    ``used`` (B, 2) long: the steps each sample accepted and rejected in earlier solves of the
+    same solve (segments between events), counted toward ``max_steps``.
     """
     B, T = tau.shape
     dev, track = y0.device, torch.is_grad_enabled()
@@ -237,9 +241,17 @@ def integrate_per_sample(
         w.h = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
         w.h = torch.zeros(A, **f64) + w.h  # fixed-step controllers give a float
         fail = _stuck(ctrl, w)
+        if used is not None and max_steps is not None:  # no attempt left from earlier segments
+            fail = fail | (used[m].sum(1) >= max_steps)
         if bool(fail.any()):
-            _handle_failures(w, fail, ctrl, max_steps, throw, state)
+            _handle_failures(w, fail, ctrl, max_steps, throw, state, used)
             n_done = int(w.done.sum())
+    # The iteration from which a row may have used max_steps attempts (every live row makes
+    # one per iteration), so the per-row check costs no host read before it.
+    it_max = max_steps
+    if max_steps is not None and used is not None:
+        used_att = used.sum(1)
+        it_max = max_steps - int(used_att.max())
 
     while A and n_done < A:
         state["iterations"] += 1
@@ -300,8 +312,12 @@ def integrate_per_sample(
             w.k1 = torch.where(jumped.unsqueeze(1), f(t_first, w.y), w.k1)
             w.stale = w.stale & ~jumped
             w.tf = torch.where(jumped, t_first, w.tf)
-        if max_steps is not None and state["iterations"] >= max_steps and n_done < A:
-            fail, n_fail = ~w.done, 1  # every live row has used max_steps attempts
+        if it_max is not None and state["iterations"] >= it_max and n_done < A:
+            if used is None:
+                fail, n_fail = ~w.done, 1  # every live row has used max_steps attempts
+            else:
+                fail = fail | (~w.done & (w.att + used_att[w.idx] >= max_steps))
+                n_fail = int(fail.sum())
         if record in ("dense", "both") and n_acc:
             records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K))
         # ---- outputs inside the accepted steps, from each step's continuous extension
@@ -327,7 +343,7 @@ def integrate_per_sample(
                     state["replay"][q][7] = None  # its state is recomputed in the backward pass
                 state["kept"] = kept[::2]
         if n_fail:
-            _handle_failures(w, fail, ctrl, max_steps, throw, state)
+            _handle_failures(w, fail, ctrl, max_steps, throw, state, used)
             n_done = int(w.done.sum())
         n_stale = 0 if stepper.fsal else int(w.stale.sum())
         # ---- compaction: drop finished rows once they are a noticeable share of the working set
@@ -372,13 +388,15 @@ class RowsRun:
     floor: bool
     stats: dict = dataclasses.field(default_factory=dict)
     result: tuple | None = None  # (y_final, t_final, n_acc, n_rej, state, records)
+    # steps in earlier segments of the solve (events; see integrate_per_sample)
+    used: torch.Tensor | None = None
 
     def integrate(self, y0, record=None, max_states=None):
         """The forward solve; fills ``result`` and returns the outputs flat (T*B, M)."""
         ys, *rest = integrate_per_sample(
             self.spec, self.f, self.stepper, y0, self.tau, self.ctrl, self.rtol, self.atol,
             self.max_steps, self.throw, _both(record, "dense" if self.dense else None),
-            self.floor, max_states=max_states,
+            self.floor, max_states=max_states, used=self.used,
         )  # fmt: skip
         self.result = tuple(rest)
         return ys
@@ -391,9 +409,10 @@ def _both(a, b):
 # ---------------------------------------------------------------------------- the entry point
 def solve_per_sample(
     func, y0, t, *, tab, controller, rtol, atol, dt, gradient, max_steps, dense_output, throw,
-    time_dtype, event,
+    time_dtype, event, _used=None,
 ):  # fmt: skip
-    """``neuralode.solve(..., batch_control="per_sample")``: validate, integrate, wrap up."""
+    """``neuralode.solve(..., batch_control="per_sample")``: validate, integrate, wrap up.
+    ``_used``: see :func:`integrate_per_sample` (the event driver's segments)."""
     opt = "batch_control='per_sample'"
     if not isinstance(tab, ButcherTableau):
         name = getattr(tab, "name", type(tab).__name__)
@@ -451,7 +470,7 @@ def solve_per_sample(
                       False, floor)  # fmt: skip
         return solve_rows_with_event(solve_per_sample, ctx, y0, t, event, kw)
     run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
-                  dense, floor)  # fmt: skip
+                  dense, floor, used=_used)  # fmt: skip
     y_start = y0flat
     if t_grad:  # dL/dt by the continuous derivatives: y0 moves with t0 by -f(t0, y0) dt0
         shift = _time_shift(t, tau)

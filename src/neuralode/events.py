@@ -288,7 +288,9 @@ def solve_with_event(solve_fn, func, y0, t: torch.Tensor, event: Event, kwargs: 
         )
     if event.terminal:
         return _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype)
-    return _non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype)
+    from ._events_segments import non_terminal
+
+    return non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype)
 
 
 def _flow_derivative(
@@ -559,66 +561,4 @@ def _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype):
         t_final=max(stops) if direction > 0 else min(stops),
         event_t=t_event,
         event_y=y_event,
-    )
-
-
-def _non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
-    from .solution import Solution
-
-    t_end = tl[-1]
-    direction = 1.0 if t_end >= tl[0] else -1.0
-    # The start of each segment: t[0], then each (differentiable) event time, so that gradients
-    # w.r.t. the event times (and through them t0, y0 and the parameters) reach later segments.
-    t_s, y_s = t[0], y0
-    out_pieces, ev_t, ev_y = [], [], []
-    stats = {"nfe": 0, "nfe_event_location": 0, "n_event_fn": 0}
-    j = 0  # next output index
-    while True:
-        t_star = float("nan")
-        ts_f = float(t_s.detach())
-        if len(ev_t) < event.max_events:
-            ts, st1, n_g = _locate(
-                solve_fn,
-                func,
-                y_s,
-                ts_f,
-                t_end,
-                event,
-                kwargs,
-                False,
-                time_dtype,
-                restart=bool(ev_t),
-            )
-            t_star = float(ts[0])
-            stats["nfe_event_location"] += st1.get("nfe", 0)
-            stats["n_event_fn"] += n_g
-        seg_end = t_end if t_star != t_star else t_star
-        j0 = j
-        while j < len(tl) and direction * (tl[j] - seg_end) < 0:
-            j += 1
-        if t_star != t_star:  # no more events: finish, outputs up to and including t_end
-            j = len(tl)
-        lead = 1 if (j == j0 or tl[j0] != ts_f) else 0
-        parts = ([t_s] if lead else []) + ([t[j0:j]] if j > j0 else [])
-        if t_star == t_star:
-            parts.append(t_star)
-        sol = solve_fn(func, y_s, _grid(parts, t.device), **kwargs)
-        for k, v in sol.stats.items():
-            if k == "nfe":
-                stats["nfe"] += v
-        n_in = j - j0
-        out_pieces.append(_map(sol.ys, lambda v, lead=lead, n_in=n_in: v[lead : lead + n_in]))
-        if t_star != t_star:
-            break
-        y_star = _map(sol.ys, lambda v: v[-1])
-        te, ye = _reroute(func, event, [t_star], y_star, False, time_dtype)
-        ev_t.append(te)
-        ev_y.append(ye)
-        y_s = event.reset(te, ye) if event.reset is not None else ye
-        t_s = te
-    ys = _zip_map(lambda *parts: torch.cat(parts), *out_pieces)
-    event_t = torch.stack(ev_t) if ev_t else torch.zeros(0, dtype=time_dtype)
-    event_y = _zip_map(lambda *parts: torch.stack(parts), *ev_y) if ev_y else None
-    return Solution(
-        t=t, ys=ys, stats=stats, status="success", t_final=t_end, event_t=event_t, event_y=event_y
     )
