@@ -257,3 +257,44 @@ def test_max_steps_counts_all_segments_per_sample():
     )
     assert part.status == "max_steps"
     assert torch.isnan(part.ys[-1]).all()  # neither sample reached t=5 within 20 attempts
+
+
+# ------------------------- 6. per-sample non-terminal events: t_final and stats over segments
+def test_per_sample_non_terminal_failed_sample_t_final_and_stats():
+    # y' = y^2: sample 1 (y0 = 1) blows up at t = 1; sample 2 (y0 = -1, y = -1/(1+t)) crosses
+    # -0.6 at t = 2/3; sample 0 (y0 = 0.5) has no event. t_final was [2, 2, 2] and the stats
+    # had no per-sample counts.
+    y0 = torch.tensor([[0.5], [1.0], [-1.0]], dtype=D)
+    t = torch.linspace(0.0, 1.9, 5, dtype=D)
+    ev = Event(lambda t, y: y[:, 0] + 0.6, terminal=False)
+    kw = dict(batch_control="per_sample", throw=False, rtol=1e-8, atol=1e-10)
+    sol = neuralode.solve(_blowup, y0, t, event=ev, **kw)
+    plain = neuralode.solve(_blowup, y0, t, **kw)
+    assert sol.status == "dt_underflow"
+    assert sol.t_final.shape == (3,)
+    assert float(sol.t_final[0]) == 1.9 and float(sol.t_final[2]) == 1.9
+    assert abs(float(sol.t_final[1]) - 1.0) < 1e-3
+    torch.testing.assert_close(sol.t_final, plain.t_final)
+    assert sol.stats["failed_samples"] == [1]
+    assert abs(float(sol.event_t[0, 2]) - 2.0 / 3.0) < 1e-7
+    for key in ("n_accepted", "n_rejected", "n_steps"):
+        v = sol.stats[key]
+        assert isinstance(v, torch.Tensor) and v.shape == (3,) and v.dtype == torch.long
+    torch.testing.assert_close(sol.stats["n_steps"], sol.stats["n_accepted"])
+    # Samples 0 and 1 have no event: one segment each, the steps of the plain solve.
+    torch.testing.assert_close(sol.stats["n_accepted"][:2], plain.stats["n_accepted"][:2])
+    # Sample 2 runs in two segments (to its event, then on): more steps than without it.
+    assert int(sol.stats["n_accepted"][2]) > int(plain.stats["n_accepted"][2]) > 0
+    assert sol.stats["sample_evals"] >= plain.stats["sample_evals"] > 0
+    assert "n_iterations" in sol.stats and "wasted_share" in sol.stats
+
+
+def test_shared_terminal_event_failed_solve_reports_its_status():
+    # A terminal event solve that failed (throw=False) said status "success", t_final = end.
+    sol = neuralode.solve(
+        _blowup, torch.tensor([[1.0]], dtype=D), torch.linspace(0.0, 2.0, 5, dtype=D),
+        event=Event(lambda t, y: y[0, 0] - 1e30), throw=False,
+    )  # fmt: skip
+    assert sol.status == "dt_underflow" and "underflow" in sol.message
+    assert abs(sol.t_final - 1.0) < 1e-3
+    assert torch.isnan(sol.ys[3:]).all()

@@ -326,8 +326,10 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
         vals.append(y0flat[rr])
         nxt = torch.where(live, nxt, T)
     ev_t, ev_y = [], []
-    stats = {"nfe": 0, "nfe_event_location": 0}
+    stats = {"nfe": 0, "nfe_event_location": 0, "sample_evals": 0, "wasted_sample_evals": 0,
+             "n_iterations": 0, "n_compactions": 0}  # fmt: skip
     status, message = "success", ""
+    t_fin, failed = t_end.clone(), set()
     # max_steps limits each sample's step attempts over the whole solve, across segments.
     used = torch.zeros((B, 2), dtype=torch.long, device=dev)  # accepted, rejected
     k = 0
@@ -351,10 +353,16 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
         grid = torch.cat([t_s.unsqueeze(1), outs, end.unsqueeze(1)], 1)
         grid = torch.where(live.unsqueeze(1), grid, t_s.unsqueeze(1))
         sol = solve_rows(ctx.func, spec.unflatten(y_s), grid, **kw, _used=used)
-        stats["nfe"] += sol.stats["nfe"]
+        for key in ("nfe", "sample_evals", "wasted_sample_evals", "n_iterations", "n_compactions"):
+            stats[key] += sol.stats[key]
         used = used + torch.stack([sol.stats["n_accepted"], sol.stats["n_rejected"]], 1)
         if sol.status != "success" and status == "success":
             status, message = sol.status, sol.message
+        if sol.stats.get("failed_samples"):  # throw=False: these stop where they failed
+            bad = torch.tensor(sol.stats["failed_samples"], dtype=torch.long, device=dev)
+            failed.update(sol.stats["failed_samples"])
+            t_fin[bad] = sol.t_final[bad]
+            fired = fired.index_put((bad,), torch.tensor(False, device=dev))
         ysf = _flat(spec, sol.ys, n_out + 2)
         r, c = valid.nonzero().unbind(1)
         pos.append(idx[r, c] * B + r)
@@ -379,6 +387,10 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
     ys = torch.full((T * B, y0flat.shape[1]), float("nan"), dtype=y0flat.dtype, device=dev)
     ys = ys.index_put((torch.cat(pos),), torch.cat(vals)).view(T, B, -1)
     stats["n_event_fn"] = gfn.calls
+    stats.update(n_accepted=used[:, 0], n_rejected=used[:, 1], n_steps=used[:, 0].clone())
+    stats["wasted_share"] = stats["wasted_sample_evals"] / max(stats["sample_evals"], 1)
+    if failed:
+        stats["failed_samples"] = sorted(failed)
     K = len(ev_t)
     event_t = torch.stack(ev_t) if K else torch.zeros((0, B), dtype=torch.float64, device=dev)
     event_y = (
@@ -389,7 +401,7 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
         ys=spec.unflatten(ys, lead=(T,)),
         stats=stats,
         status=status,
-        t_final=t_end.clone(),
+        t_final=t_fin,
         message=message,
         event_t=event_t.to(ctx.time_dtype),
         event_y=spec.unflatten(event_y, lead=(K,)),

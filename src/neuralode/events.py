@@ -553,12 +553,16 @@ def _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype):
     stats["nfe_event_location"] = stats1.get("nfe", 0)
     stats["n_event_fn"] = n_g
     status = "event" if bool(fired.all()) else "success"
+    t_final = max(stops) if direction > 0 else min(stops)
+    if sol.status != "success":  # throw=False: the solve failed before its end or event
+        status, t_final = sol.status, sol.t_final
     return Solution(
         t=t,
         ys=ys,
         stats=stats,
         status=status,
-        t_final=max(stops) if direction > 0 else min(stops),
+        t_final=t_final,
+        message=sol.message,
         event_t=t_event,
         event_y=y_event,
     )
