@@ -298,3 +298,47 @@ def test_shared_terminal_event_failed_solve_reports_its_status():
     assert sol.status == "dt_underflow" and "underflow" in sol.message
     assert abs(sol.t_final - 1.0) < 1e-3
     assert torch.isnan(sol.ys[3:]).all()
+
+
+# ------------------------------------------------------------------ 7. clearer error messages
+def _decay(t, y):
+    return -y
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_per_sample_event_with_captured_per_sample_constant_says_why(terminal):
+    y0 = torch.tensor([[1.0], [2.0], [3.0]], dtype=D)
+    thr = torch.tensor([0.5, 0.4, 0.3], dtype=D)
+    ev = Event(lambda t, y: y[:, 0] - thr, terminal=terminal)
+    with pytest.raises(ValueError, match=r"event function.*rows being integrated.*in the state"):
+        neuralode.solve(_decay, y0, torch.tensor([0.0, 3.0], dtype=D), event=ev,
+                        batch_control="per_sample")  # fmt: skip
+    # What the message suggests works: the threshold as a state component with zero derivative.
+    z0 = torch.cat([y0, thr.unsqueeze(1)], 1)
+    sol = neuralode.solve(
+        lambda t, z: torch.stack([-z[:, 0], torch.zeros_like(z[:, 1])], 1), z0,
+        torch.tensor([0.0, 3.0], dtype=D), event=Event(lambda t, z: z[:, 0] - z[:, 1]),
+        batch_control="per_sample", **TOL,
+    )  # fmt: skip
+    want = torch.log(y0[:, 0] / thr)  # y0 e^{-t} = thr
+    torch.testing.assert_close(sol.event_t, want, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("bc", ["shared", "per_sample"])
+def test_reset_with_wrong_shape_names_reset(bc):
+    g = (lambda t, y: y[:, 0] - 0.5) if bc == "per_sample" else (lambda t, y: y[0, 0] - 0.5)
+    ev = Event(g, terminal=False, reset=lambda t, y: y[:, :1].repeat(1, 2))
+    with pytest.raises(ValueError, match=r"returned by Event\(reset=...\) has shape") as info:
+        neuralode.solve(_decay, torch.tensor([[1.0], [2.0]], dtype=D),
+                        torch.tensor([0.0, 3.0], dtype=D), event=ev, batch_control=bc)  # fmt: skip
+    assert "func must return" not in str(info.value)
+
+
+@pytest.mark.parametrize("bc", ["shared", "per_sample"])
+def test_evaluate_on_an_event_solve_says_what_works(bc):
+    g = (lambda t, y: y[:, 0] - 0.5) if bc == "per_sample" else (lambda t, y: y[0, 0] - 0.5)
+    sol = neuralode.solve(_decay, torch.tensor([[1.0]], dtype=D),
+                          torch.tensor([0.0, 3.0], dtype=D), event=Event(g), batch_control=bc)  # fmt: skip
+    with pytest.raises(ValueError, match=r"event=.*Put the times you need in t") as info:
+        sol.evaluate(torch.tensor([0.5], dtype=D))
+    assert "solve with dense_output=True to evaluate" not in str(info.value)

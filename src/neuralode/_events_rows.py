@@ -47,10 +47,25 @@ class RowEventFn:
     def __init__(self, event, field):
         self.event, self.field, self.calls = event, field, 0
 
+    def _rows_hint(self, n: int) -> str:
+        B = self.field.spec.batch
+        return (
+            f"under batch_control='per_sample' the event function is called like func, on the "
+            f"A rows being integrated (here A={n}; the batch has B={B}), so a per-sample "
+            f"constant of shape ({B},) captured from outside (e.g. a threshold) does not line up "
+            "with them: carry it in the state instead (a component with zero derivative, "
+            "returned by func as zeros), where each row brings its own"
+        )
+
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = y.shape[0]
         self.calls += 1
-        out = self.event.fn(t.to(self.field.time_dtype), self.field._spec(n).unflatten(y))
+        try:
+            out = self.event.fn(t.to(self.field.time_dtype), self.field._spec(n).unflatten(y))
+        except RuntimeError as e:
+            if n != self.field.spec.batch and "size" in str(e):
+                raise ValueError(f"the event function failed ({e}); {self._rows_hint(n)}") from e
+            raise
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"the event function returned {type(out).__name__}; it must return a tensor"
@@ -63,6 +78,7 @@ class RowEventFn:
                 "of shape (A,) and A rows of the state (the rows being integrated, or points "
                 "inside their steps, several per sample, evaluated together), and must return "
                 f"shape (A,) (one value per row); got shape {tuple(out.shape)} for A={n}"
+                + (f". Note: {self._rows_hint(n)}" if out.shape == (self.field.spec.batch,) else "")
             )
         return out.real if out.is_complex() else out
 

@@ -13,6 +13,7 @@ import re
 import torch
 
 from ._failures import step_failure
+from ._tree import flatten_state
 from .errors import MaxStepsError
 from .events import _grid, _locate, _map, _reroute, _zip_map
 
@@ -41,6 +42,7 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
     # The start of each segment: t[0], then each (differentiable) event time, so that gradients
     # w.r.t. the event times (and through them t0, y0 and the parameters) reach later segments.
     t_s, y_s = t[0], y0
+    spec = flatten_state(y0, batched=False)[0]
     out_pieces, ev_t, ev_y = [], [], []
     stats = {"nfe": 0, "n_accepted": 0, "n_rejected": 0, "nfe_event_location": 0, "n_event_fn": 0}
     status, message, t_final = "success", "", t_end
@@ -101,7 +103,10 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
         te, ye = _reroute(func, event, [t_star], y_star, False, time_dtype)
         ev_t.append(te)
         ev_y.append(ye)
-        y_s = event.reset(te, ye) if event.reset is not None else ye
+        y_s = ye
+        if event.reset is not None:  # checked like y0: same structure, shapes and dtype
+            y_s = event.reset(te, ye)
+            spec.flatten(y_s, what="the state returned by Event(reset=...)")
         t_s = te
     if j < len(tl):  # a failed solve (throw=False): outputs never reached are NaN
         n = len(tl) - j

@@ -99,10 +99,14 @@ class TreeSpec:
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{label}{where} is {type(x).__name__}, expected a tensor")
             if x.shape != shape:
+                fix = (
+                    "func must return dy/dt with exactly the state's shape"
+                    if "func" in what
+                    else "it must have exactly the state's shape"
+                )
                 raise ValueError(
                     f"{label}{where} has shape {tuple(x.shape)} but the state has shape "
-                    f"{tuple(shape)}; func must return dy/dt with exactly the state's shape "
-                    "(no broadcasting)"
+                    f"{tuple(shape)}; {fix} (no broadcasting)"
                 )
             if x.dtype != self.dtype:
                 raise TypeError(

@@ -119,11 +119,21 @@ class Solution:
                     "output; solve with compile=False, dense_output=True to evaluate at "
                     "arbitrary times (or pass those times in t)"
                 )
+            self._no_dense_with_events()
             raise ValueError(
                 "this Solution has no dense output; solve with dense_output=True to evaluate "
                 "at arbitrary times"
             )
         return self._evaluate(self._dense, t)
+
+    def _no_dense_with_events(self) -> None:
+        if self.event_t is not None:
+            raise ValueError(
+                "this Solution comes from solve(..., event=...), which keeps no dense output "
+                "(dense_output=True is refused with events: the solution is made of segments "
+                "up to and between events). Put the times you need in t, or solve again "
+                "without event= up to the event time (Solution.event_t) with dense_output=True"
+            )
 
     def evaluate_integral(self, t) -> torch.Tensor:
         """The running-cost integral of ``solve(..., integral=g)`` at arbitrary times inside the
@@ -135,6 +145,7 @@ class Solution:
         if self.integral is None:
             raise ValueError("evaluate_integral needs a solve with integral=g")
         if self._dense_integral is None:
+            self._no_dense_with_events()
             raise ValueError(
                 "this Solution has no dense output; solve with dense_output=True to evaluate "
                 "the integral at arbitrary times"
