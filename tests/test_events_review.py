@@ -342,3 +342,23 @@ def test_evaluate_on_an_event_solve_says_what_works(bc):
     with pytest.raises(ValueError, match=r"event=.*Put the times you need in t") as info:
         sol.evaluate(torch.tensor([0.5], dtype=D))
     assert "solve with dense_output=True to evaluate" not in str(info.value)
+
+
+# ----------------------------------------- 8. a custom norm returning one element per sample
+def test_per_sample_norm_may_return_a_one_element_tensor():
+    # The shared driver takes a norm of shape (1,); per sample it was refused.
+    y0 = torch.tensor([[1.0, 0.0], [0.3, 0.7]], dtype=D)
+    t = torch.linspace(0.0, 5.0, 4, dtype=D)
+
+    def solve(norm):
+        ctrl = neuralode.PIController(rtol=1e-6, atol=1e-8, norm=norm)
+        return neuralode.solve(_osc, y0, t, controller=ctrl, batch_control="per_sample")
+
+    scalar = solve(lambda x: x.abs().max())
+    one = solve(lambda x: x.abs().max().reshape(1))
+    torch.testing.assert_close(one.ys, scalar.ys)
+    torch.testing.assert_close(one.stats["n_accepted"], scalar.stats["n_accepted"])
+    exact = torch.stack([y0[:, 0] * math.cos(5.0) + y0[:, 1] * math.sin(5.0)])
+    torch.testing.assert_close(one.ys[-1, :, 0], exact[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"0-d \(or one-element\) tensor.*got shape \(2,\)"):
+        solve(lambda x: x.abs().amax(0).reshape(-1)[:2])

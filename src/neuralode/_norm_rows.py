@@ -4,7 +4,7 @@ Per-sample control promises that a sample's steps are those it would take solved
 the per-row meaning of a custom norm is the norm the shared driver would compute for that
 sample alone: ``norm`` receives one sample's scaled error in y0's structure with a batch
 dimension of 1 (the same scaling ``atol + rtol * max(|y_n|, |y_{n+1}|)``, floored where some
-atol is zero) and returns a 0-d tensor. It is vectorised over the rows with
+atol is zero) and returns a 0-d tensor (or a one-element one). It is vectorised over the rows with
 :func:`torch.func.vmap`, so it must use torch operations only (no ``.item()``, ``float()`` or
 Python branches on values); the initial step uses it too, as on the shared path.
 """
@@ -46,11 +46,19 @@ class RowUserNorm:
                     f"failed: {why}. Write the norm with torch operations only (no .item(), "
                     "float() or Python branches on values)"
                 ) from why
-        if not isinstance(out, torch.Tensor) or out.shape != (r.shape[0],):
+        A = r.shape[0]
+        if (
+            isinstance(out, torch.Tensor)
+            and out.dim() > 1
+            and out.shape[0] == A
+            and out[0].numel() == 1
+        ):
+            out = out.reshape(A)  # a one-element tensor per sample, as the shared driver takes
+        if not isinstance(out, torch.Tensor) or out.shape != (A,):
             got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
-                "PIController(norm=...) must return a 0-d tensor (the norm of one sample's "
-                f"scaled error), got {got}"
+                "PIController(norm=...) must return a 0-d (or one-element) tensor (the norm of "
+                f"one sample's scaled error), got shape {got}"
             )
         return out.real.to(torch.float64) if out.is_complex() else out.to(torch.float64)
 

@@ -24,7 +24,8 @@ class Checkpointed:
     the missing states from the previous checkpoint (at most about twice the forward work).
 
     Gradients of gradients (``create_graph=True``) are supported by replaying the whole solve
-    with a graph in the backward pass (then memory is that of :class:`Direct`).
+    with a graph in the backward pass (then memory is that of :class:`Direct`); not under
+    ``batch_control="per_sample"``, where they raise RuntimeError (use :class:`Direct` there).
 
     Parameters
     ----------
