@@ -360,5 +360,5 @@ def test_per_sample_norm_may_return_a_one_element_tensor():
     torch.testing.assert_close(one.stats["n_accepted"], scalar.stats["n_accepted"])
     exact = torch.stack([y0[:, 0] * math.cos(5.0) + y0[:, 1] * math.sin(5.0)])
     torch.testing.assert_close(one.ys[-1, :, 0], exact[0], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match=r"0-d \(or one-element\) tensor.*got shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"0-d tensor \(or a one-element one.*got \(2,\)"):
         solve(lambda x: x.abs().amax(0).reshape(-1)[:2])

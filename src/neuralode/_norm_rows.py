@@ -57,8 +57,8 @@ class RowUserNorm:
         if not isinstance(out, torch.Tensor) or out.shape != (A,):
             got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
-                "PIController(norm=...) must return a 0-d (or one-element) tensor (the norm of "
-                f"one sample's scaled error), got shape {got}"
+                "PIController(norm=...) must return a 0-d tensor (or a one-element one: the "
+                f"norm of one sample's scaled error), got {got}"
             )
         return out.real.to(torch.float64) if out.is_complex() else out.to(torch.float64)
 
