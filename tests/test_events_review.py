@@ -90,6 +90,26 @@ def test_backward_bouncing_ball_mirrors_forward(bc, direction):
     assert abs(first - math.sqrt(2 / GRAV)) < 1e-8
 
 
+@pytest.mark.parametrize("gradient", ["direct", "checkpoint", "backsolve"])
+@pytest.mark.parametrize("bc", ["shared", "per_sample"])
+def test_backward_bouncing_ball_gradients_mirror_forward(bc, gradient):
+    g = (lambda t, y: y[:, 0]) if bc == "per_sample" else (lambda t, y: y[0, 0])
+    ev = Event(g, terminal=False, reset=_bounce)
+    tf = torch.tensor([0.0, 2.0], dtype=D)
+    grads = []
+    for sign, tt in ((-1.0, tf), (1.0, -tf)):
+        y0 = torch.tensor([[1.0, 0.0]], dtype=D, requires_grad=True)
+        sol = neuralode.solve(
+            _fall(sign), y0, tt, event=ev, batch_control=bc, gradient=gradient, **TOL
+        )
+        assert sol.event_t.numel() == 3
+        grads.append([torch.autograd.grad(x, y0, retain_graph=True)[0]
+                      for x in (sol.event_t.sum(), sol.ys[-1].sum())])  # fmt: skip
+    (te_f, y_f), (te_b, y_b) = grads
+    torch.testing.assert_close(te_b, -te_f, rtol=1e-6, atol=1e-8)  # event times mirrored
+    torch.testing.assert_close(y_b, y_f, rtol=1e-6, atol=1e-8)
+
+
 # ------------------------------------------- 2. per-sample Backsolve with a failed sample (throw=False)
 GRADS = ["direct", "checkpoint", "backsolve"]
 
