@@ -53,7 +53,8 @@ class Event:
         Terminal events stop the solve (per-sample events stop their sample: its state stays at
         the event state for later output times). Non-terminal events are recorded and the solve
         continues (whole-state events, or any event under ``batch_control="per_sample"``, where
-        ``Solution.event_t`` is ``(K, B)``: event ``k`` of sample ``b``, NaN-padded).
+        ``Solution.event_t`` is ``(K, B)``: event ``k`` of sample ``b``, NaN-padded). The solve's
+        ``max_steps`` counts the step attempts of all segments between events together.
     reset : callable, optional
         ``reset(t, y) -> y`` applied at each non-terminal event before continuing (e.g. a bouncing
         ball's velocity flip). Needs ``terminal=False``. Under ``batch_control="per_sample"``
