@@ -101,10 +101,16 @@ def test_gradient_with_respect_to_a_per_sample_t_is_refused():
     t = torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 0.5]], dtype=F64, requires_grad=True)
     with pytest.raises(
         ValueError,
-        match=r"gradients with respect to a 2-D \(per-sample\) t are not supported; pass t.detach\(\)",
+        match=r"gradients with respect to a 2-D \(per-sample\) t are not supported with "
+        r"batch_control='shared'; use batch_control='per_sample' \(which supports them\), pass "
+        r"t.detach\(\)",
     ):
         solve(y0=YB, t=t)
-    solve(y0=YB, t=t.detach())  # the suggested fix works
+    solve(y0=YB, t=t.detach())  # the suggested fixes work
+    ys = solve(y0=YB, t=t, batch_control="per_sample").ys
+    g = torch.autograd.grad(ys.sum(), t)[0]  # y = exp(-(t - t0)), two components of 1
+    e = 2 * torch.exp(-t.detach()[:, 1])
+    torch.testing.assert_close(g, torch.stack([e, -e], 1), rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- initial state
