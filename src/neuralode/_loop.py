@@ -8,6 +8,8 @@ as one flat ``(B, M)`` tensor (see :mod:`neuralode._tree`).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -51,6 +53,16 @@ class VectorField:
         else:
             out = self.func(self._time(t), self.spec.unflatten(y))
         return self.spec.flatten(out, what="the derivative returned by func", t=t)
+
+    def shaped(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        """f at ``(t, y)`` with ``y`` in the state's own shape (a single-tensor state); returns
+        that shape (the fixed-step driver keeps its state so: no reshapes per evaluation)."""
+        self.nfe += 1
+        out = self.func(self._time(t), y)
+        if type(out) is torch.Tensor and out.shape == self._shape and out.dtype == self.spec.dtype:
+            return out
+        flat = self.spec.flatten(out, what="the derivative returned by func", t=t)
+        return flat.view(self._shape)
 
     def flat(self, t: float, y: torch.Tensor) -> torch.Tensor:
         """f at ``(t, y)`` with ``y`` 1-D ``(B*M,)``; returns 1-D."""
@@ -220,6 +232,8 @@ def integrate(
     # The Stepper hooks: bind(prob) at the start of every solve (Newton tolerances from rtol/atol;
     # multistep methods start a fresh history), accept(...) after every accepted step.
     stepper.bind(prob)
+    if not ctrl.adaptive and record is None and monitor is None and type(stepper) is RKStepper:
+        return _integrate_fixed(prob, f, y0, stepper, k1, t_first, throw)
     direction = prob.direction
     t0, t_end = prob.t0, prob.t_end
     adaptive = ctrl.adaptive
@@ -239,8 +253,8 @@ def integrate(
         )
 
     t, y = t0, y0
-    if t_first is None:  # a discontinuity at t0: f's limit from inside the interval
-        t_first = time_beside(t0, t_end, f.time_dtype) if t0 in ctrl.jump_t and t_end != t0 else t0
+    if t_first is None:
+        t_first = _first_time(ctrl, t0, t_end, f.time_dtype)
     if k1 is None:
         k1 = f(t_first, y0)
     nrm = k_order = None
@@ -313,11 +327,9 @@ def integrate(
         k_next = None
         Kd = None
         if p > lo:
-            if any(tau != t_new for tau in prob.out_t[lo:p]):
-                if not stepper.fsal and tab.dense_stage_is_next_first:
-                    k_next = f(t_last, y_new)
-                Kd = stepper.dense_stages(f, t, h_step, y, K, k_next, t_last)
-            vals = _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, p, samples_all)
+            vals, Kd, k_next = _step_outputs(
+                prob, stepper, f, K, y, y_new, t, t_new, t_last, lo, p, samples_all
+            )
             out_vals.append(vals)
         if record is not None:
             rec = StepRecord(t, t_new, t_first, t_last, lo, p)
@@ -354,21 +366,8 @@ def integrate(
             break
 
     if state["status"] == "success" and not adaptive:
-        # Fixed steps make no per-step decision, so finiteness is checked once, at the end.
-        if not bool(torch.isfinite(y).all()):
-            _fail("nonfinite_fixed", t=t, attempts=attempts, h=h, throw=throw, state=state)
-
-    if p < n_out:  # stopped early (throw=False): missing outputs are NaN
-        fill = torch.full(
-            (n_out - p, *(y0.shape if samples_all is None else y0.shape[1:])),
-            float("nan"),
-            dtype=y0.dtype,
-            device=y0.device,
-        )
-        out_vals.append(fill)
-    ys = torch.cat(out_vals) if out_vals else y0.new_zeros((0, *y0.shape))
-    if prob.out_order is not None:
-        ys = ys[prob.out_order]
+        _check_fixed_end(y, t, attempts, h, throw, state)
+    ys = _gather_outputs(prob, out_vals, p, y0, samples_all)
     return LoopResult(
         ys=ys,
         y_final=y,
@@ -381,6 +380,167 @@ def integrate(
         h_next=abs(h),
         k1_next=k1 if state["status"] in ("success", "event") else None,
     )
+
+
+def _first_time(ctrl, t0: float, t_end: float, time_dtype) -> float:
+    """Time of the first stage: ``t0``, or f's limit from inside the interval where ``t0`` is a
+    discontinuity (``jump_t``)."""
+    return time_beside(t0, t_end, time_dtype) if t0 in ctrl.jump_t and t_end != t0 else t0
+
+
+def _check_fixed_end(y, t, attempts, h, throw, state) -> None:
+    """Fixed steps make no per-step decision, so finiteness is checked once, at the end."""
+    if not _all_finite(y):
+        _fail("nonfinite_fixed", t=t, attempts=attempts, h=h, throw=throw, state=state)
+
+
+def _all_finite(y: torch.Tensor) -> bool:
+    """Whether every entry of ``y`` is finite: ``y - y`` is 0 there and NaN at an inf or NaN, so
+    its sum is 0 exactly when all are (two passes; ``isfinite(y).all()`` takes several)."""
+    y = y.detach()
+    if y.is_complex():
+        return bool(torch.isfinite(y).all())
+    return math.isfinite(float((y - y).sum()))
+
+
+def _gather_outputs(prob, out_vals, p, y0, samples_all) -> torch.Tensor:
+    """The recorded outputs in result order; those not reached (stopped early: throw=False)
+    are NaN."""
+    n_out = len(prob.out_t)
+    if p < n_out:
+        fill = torch.full(
+            (n_out - p, *(y0.shape if samples_all is None else y0.shape[1:])),
+            float("nan"),
+            dtype=y0.dtype,
+            device=y0.device,
+        )
+        out_vals.append(fill)
+    ys = torch.cat(out_vals) if out_vals else y0.new_zeros((0, *y0.shape))
+    return ys if prob.out_order is None else ys[prob.out_order]
+
+
+def _step_outputs(prob, stepper, f, K, y, y_new, t, t_new, t_last, lo, hi, samples_all):
+    """``(values, Kd, k_next)`` of the sorted outputs ``lo:hi`` in the accepted step ``(t,
+    t_new]``: the dense stages ``Kd`` (None when every output is at the step end) and f at the
+    step end where the interpolant needed it (the next step's first stage), else None. ``K``:
+    the stages ``(S, B*M)``, or a list of them (stacked only when an output needs them)."""
+    k_next = Kd = None
+    if any(tau != t_new for tau in prob.out_t[lo:hi]):
+        if isinstance(K, list):
+            K = torch.stack(K).view(len(K), -1)
+        if not stepper.fsal and stepper.tab.dense_stage_is_next_first:
+            k_next = f(t_last, y_new)
+        Kd = stepper.dense_stages(f, t, t_new - t, y, K, k_next, t_last)
+    vals = _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all)
+    return vals, Kd, k_next
+
+
+def _fixed_plan(ctrl, t0: float, t_end: float, time_dtype):
+    """The steps of a fixed-step controller from ``t0`` to ``t_end``: ``(t, t_new, t_last,
+    is_jump)`` per step, from the controller's own ``initial_step``/``bounded``/``propose``/
+    ``land`` (the rules the general loop applies step by step), and ``t_last`` just before a
+    jump as there. Plans of up to ``_PLAN_CACHED`` steps are cached per (controller, interval,
+    time dtype): a sampling loop solves the same grid again and again."""
+    try:
+        plan = _cached_plan(ctrl, t0, t_end, time_dtype)
+    except TypeError:  # an unhashable (user-defined) controller
+        plan = None
+    return _plan_steps(ctrl, t0, t_end, time_dtype) if plan is None else plan
+
+
+_PLAN_CACHED = 8192
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_plan(ctrl, t0, t_end, time_dtype):
+    plan = tuple(itertools.islice(_plan_steps(ctrl, t0, t_end, time_dtype), _PLAN_CACHED + 1))
+    return plan if len(plan) <= _PLAN_CACHED else None
+
+
+def _plan_steps(ctrl, t0, t_end, time_dtype):
+    direction = 1.0 if t_end >= t0 else -1.0
+    landings = ctrl.landing_times(t0, t_end)
+    h = 0.0 if t_end == t0 else ctrl.initial_step(None, None, t0, None, None, direction, 0, 0)
+    h_abs = ctrl.bounded(abs(h), False)
+    t = t0
+    while direction * (t_end - t) > 0:
+        t_try = ctrl.propose(t, h_abs, t0, t_end, direction)
+        t_new, _, is_jump = ctrl.land(t, t_try, t_end, direction, landings)
+        yield t, t_new, time_beside(t_new, t, time_dtype) if is_jump else t_new, is_jump
+        t = t_new
+
+
+def _integrate_fixed(prob, f, y0, stepper, k1, t_first, throw) -> LoopResult:
+    """The host-float driver for fixed steps without records or a monitor (no error estimate,
+    no per-step decision, no host read): the controller's plan of steps, the stages as a list
+    in the state's own shape (:meth:`RKStepper.stages`, whose stage combination is the
+    engine's one), outputs at step ends taken from the state itself and others interpolated.
+    Same steps, same evaluations and the same results as the general loop."""
+    ctrl, t0, t_end, direction = prob.controller, prob.t0, prob.t_end, prob.direction
+    out_t, n_out, max_steps = prob.out_t, len(prob.out_t), prob.max_steps
+    flat_shape = y0.shape
+    # A single-tensor state in its own shape, f called on it directly; otherwise flat (B, M).
+    natural = type(f) is VectorField and f._shape is not None
+    fcall = f.shaped if natural else f
+    shape = f._shape if natural else flat_shape
+    samples_all = (
+        torch.tensor(prob.out_sample, device=y0.device) if prob.out_sample is not None else None
+    )
+    out_vals: list[torch.Tensor] = []
+    p = 0
+    while p < n_out and out_t[p] == t0:  # outputs at the initial time: the initial state
+        p += 1
+    if p:
+        out_vals.append(
+            y0.unsqueeze(0).expand(p, *y0.shape) if samples_all is None else y0[samples_all[:p]]
+        )
+    if t_first is None:
+        t_first = _first_time(ctrl, t0, t_end, f.time_dtype)
+    y = y0.view(shape)
+    k = None if k1 is None else k1.view(shape)
+    fsal = stepper.fsal
+    state = {"status": "success", "message": ""}
+    n, t, h = 0, t0, math.nan
+    next_out = out_t[p] if p < n_out else None
+    for t, t_new, t_last, is_jump in _fixed_plan(ctrl, t0, t_end, f.time_dtype):
+        h = t_new - t
+        if max_steps is not None and n >= max_steps:
+            _fail(
+                "max_steps", t=t, attempts=n, h=h, max_steps=max_steps, t_end=t_end, n_acc=n,
+                n_rej=0, throw=throw, state=state,
+            )  # fmt: skip
+            break
+        n += 1
+        if k is None:
+            k = fcall(t_first, y)
+        y_new, ks = stepper.stages(fcall, t, h, y, k, t_last)
+        k_end = ks[-1] if fsal else None
+        if next_out is not None and direction * (next_out - t_new) <= 0:
+            lo = p
+            while p < n_out and direction * (out_t[p] - t_new) <= 0:
+                p += 1
+            next_out = out_t[p] if p < n_out else None
+            yf, yf_new = y.view(flat_shape), y_new.view(flat_shape)
+            vals, _, k_next = _step_outputs(
+                prob, stepper, f, ks, yf, yf_new, t, t_new, t_last, lo, p, samples_all
+            )
+            out_vals.append(vals)
+            if k_next is not None:  # f at the step end, for the interpolant: the next k1
+                k_end = k_next.view(shape)
+        y, t = y_new, t_new
+        if is_jump:
+            k, t_first = None, time_beside(t_new, t_new + direction, f.time_dtype)
+        else:
+            k, t_first = k_end, t_new
+    y = y.view(flat_shape)
+    if state["status"] == "success":
+        _check_fixed_end(y, t, n, h, throw, state)
+    ys = _gather_outputs(prob, out_vals, p, y0, samples_all)
+    return LoopResult(
+        ys=ys, y_final=y, t_reached=t, status=state["status"], message=state["message"],
+        n_accepted=n, n_rejected=0, h_next=abs(h),
+        k1_next=None if k is None or state["status"] != "success" else k.view(flat_shape),
+    )  # fmt: skip
 
 
 class StepView:

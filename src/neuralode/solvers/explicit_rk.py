@@ -31,6 +31,12 @@ class RKStepper(Stepper):
             rows = self.T["_rows"] = [self.T["a"][i, :i] for i in range(self.S)]
         self.rows = rows
         self.b_err = self.T["b_err"][0] if "b_err" in self.T else None
+        # Row i of a (row S: b) as (j, w) where it has one nonzero weight w (at stage j), else
+        # None: such a combination is one torch.add (see combine).
+        single = self.T.get("_single")
+        if single is None:
+            single = self.T["_single"] = [_single(row) for row in (*tableau.a, tableau.b)]
+        self.single = single
         # Without a graph and when no step keeps its stages (no dense output), one stage buffer
         # serves every step: a fresh large allocation per step costs page faults that dominate
         # small vector fields. Row 0 holds the first stage across attempts (see carry_fsal).
@@ -48,31 +54,15 @@ class RKStepper(Stepper):
         ``t``, ``h`` and ``t_last`` are floats (one step for the whole state ``(B, M)``) or
         ``(B,)`` float64 tensors (one step per row: per-sample control). Returns ``(y_new, err,
         K)``: the new state ``(B, M)``, the error estimate (or None for methods without one) and
-        the stages ``(S, B*M)``. Stages are combined with one fused ``addmv`` per stage (the
-        stage matrix against a tableau row; per row: ``mv`` and ``addcmul`` with the row's
-        step size); the state stays 1-D inside.
+        the stages ``(S, B*M)``. Each stage state is one combination :meth:`combine` (the state
+        stays 1-D inside); without a graph the stages are written into a reused buffer.
         """
-        S, rows, shape = self.S, self.rows, y.shape
-        # Stages at the step end (node 1) are evaluated at t_last: exactly the landing time, or
-        # just before it when the step ends on a discontinuity (jump_t).
-        c = [t_last if ci == 1.0 else t + ci * h for ci in self.c]
+        S, shape = self.S, y.shape
         yv = y.reshape(-1)
         comb = _combiner(yv, h, shape)
-        fcall = f.flat
         y_new = None
         if track_grad:
-            ks = [k1.reshape(-1)]
-            # Stacked as rows and transposed, the copy is contiguous (faster for large states);
-            # stacked as columns, the backward split is cheaper (faster for small ones).
-            by_rows = yv.numel() >= 4096
-            for i in range(1, S):
-                Ki = torch.stack(ks).T if by_rows else torch.stack(ks, 1)
-                yi = comb(Ki, rows[i])
-                if self.fsal and i == S - 1:
-                    y_new = yi
-                    ks.append(fcall(t_last, yi))
-                else:
-                    ks.append(fcall(c[i], yi))
+            y_new, ks = self.stages(f.flat, t, h, yv, k1.reshape(-1), t_last, comb)
             K = torch.stack(ks)
         else:
             K = self._buffer(yv) if self.reuse_buffer else None
@@ -93,16 +83,17 @@ class RKStepper(Stepper):
                 krows[0].copy_(k1.reshape(-1))
             into = getattr(f, "into", None)
             for i in range(1, S):
-                yi = comb(prefix[i], rows[i])
-                ti = c[i]
+                yi = self.combine(yv, h, krows, i, comb, prefix[i])
+                ci = self.c[i]
+                ti = t_last if ci == 1.0 else t + ci * h
                 if self.fsal and i == S - 1:
                     y_new, ti = yi, t_last
                 if into is not None:
                     into(ti, yi, kshaped[i], krows[i])
                 else:
-                    krows[i].copy_(fcall(ti, yi))
-        if y_new is None:
-            y_new = comb(K.T, self.T["b"])
+                    krows[i].copy_(f.flat(ti, yi))
+            if y_new is None:
+                y_new = self.combine(yv, h, krows, S, comb, K.T)
         err = None
         if self.b_err is not None:
             # beta=0 ignores the input: err = h * K^T (b - b_hat), one fused op, no graph; into a
@@ -114,6 +105,54 @@ class RKStepper(Stepper):
                 err = torch.addmv(yv.detach(), K.detach().T, self.b_err, beta=0, alpha=h, out=out)
             err = err.view(shape)
         return y_new.view(shape), err, K
+
+    def stages(self, fcall, t, h, y, k1, t_last, comb=None):
+        """The stages of one step as a list (each shaped like ``y``) and the new state.
+
+        ``fcall(t, y) -> f`` in ``y``'s shape. The path with a graph (and the fixed-step
+        driver's, which keeps the state in the user's shape): no buffer, no copies; FSAL methods
+        take the new state from the last stage's combination. ``comb`` is the step's
+        :func:`_combiner` (made here when a row needs it).
+        """
+        S = self.S
+        ks = [k1]
+        y_new = None
+        for i in range(1, S):
+            yi = self.combine(y, h, ks, i, comb)
+            ci = self.c[i]
+            if self.fsal and i == S - 1:
+                y_new = yi
+                ks.append(fcall(t_last, yi))
+            else:
+                ks.append(fcall(t_last if ci == 1.0 else t + ci * h, yi))
+        if y_new is None:
+            y_new = self.combine(y, h, ks, S, comb)
+        return y_new, ks
+
+    def combine(self, y, h, ks, i, comb=None, K=None):
+        """``y + h sum_j w_j k_j``: the state of stage ``i`` (row ``i`` of ``a``; ``i == S``: the
+        new state, with ``b``) from the stages ``ks`` (a list, or the rows of the stage buffer).
+
+        The one Runge--Kutta stage combination. A row with one nonzero weight (explicit Euler,
+        the midpoint rule, the first stages of most methods) is one ``torch.add`` with
+        ``alpha = h w``; other rows are one fused ``addmv`` of the stage matrix (``K``, the
+        buffer's transposed prefix, or the stacked list) against the row (per-row step sizes:
+        ``mv`` and ``addcmul``, see :func:`_combiner`).
+        """
+        one = self.single[i]
+        if one is not None and not isinstance(h, torch.Tensor):
+            return torch.add(y, ks[one[0]], alpha=h * one[1])
+        if comb is None:
+            comb = _combiner(y.reshape(-1), h, y.shape)
+        if K is None:
+            # Stacked as rows and transposed, the copy is contiguous (faster for large states);
+            # stacked as columns, the backward split is cheaper (faster for small ones).
+            if y.numel() >= 4096:
+                K = torch.stack(ks[:i]).view(i, -1).T
+            else:
+                K = torch.stack(ks[:i], -1).view(-1, i)
+        out = comb(K, self.rows[i] if i < self.S else self.T["b"])
+        return out if y.dim() == 1 else out.view(y.shape)
 
     def _buffer(self, yv: torch.Tensor) -> torch.Tensor:
         buf = self._buf
@@ -183,6 +222,11 @@ class RKStepper(Stepper):
         B, M = y.shape
         Kg = Kd.view(Kd.shape[0], B, M)[:, samples]  # (Sd, m, M)
         return y[samples] + h * torch.einsum("ms,smk->mk", W.to(Kd.dtype), Kg)
+
+
+def _single(row) -> tuple[int, float] | None:
+    nonzero = [(j, float(w)) for j, w in enumerate(row) if w != 0.0]
+    return nonzero[0] if len(nonzero) == 1 else None
 
 
 def _combiner(yv: torch.Tensor, h, shape):
