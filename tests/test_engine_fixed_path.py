@@ -169,3 +169,17 @@ def test_fixed_steps_without_dense_output_take_the_fixed_path(monkeypatch):
     assert calls == [1]
     ys = neuralode.odeint(lambda t, y: -y, y0, t, method="euler", options=dict(step_size=0.5))
     assert calls == [1, 1] and float(ys[-1, 0]) == pytest.approx(0.25, rel=1e-14)
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "dopri5"])
+def test_fixed_path_scalar_state(method):
+    y0 = torch.tensor(1.0, dtype=F64)  # a 0-d state, kept 0-d by the fixed path
+    t = torch.tensor([0.0, 0.35, 1.0], dtype=F64)
+    (lean, t_lean), (loop, t_loop) = _both(
+        lambda t, y: -y * torch.cos(t), y0, t, solver=method, dt=0.05
+    )
+    assert t_lean == t_loop and lean.ys.shape == (3,)
+    _close(lean.ys, loop.ys)
+    assert float(lean.ys[-1]) == pytest.approx(
+        math.exp(-math.sin(1.0)), rel=0.05 if method == "euler" else 1e-5
+    )

@@ -24,6 +24,7 @@ from ._loop import (
     _first_time,
     _gather_outputs,
     _step_outputs,
+    _view,
 )
 from .controllers.step_size import time_beside
 
@@ -91,8 +92,8 @@ def _integrate_fixed(prob, f, y0, stepper, k1, t_first, throw) -> LoopResult:
         )
     if t_first is None:
         t_first = _first_time(ctrl, t0, t_end, f.time_dtype)
-    y = y0.view(shape)
-    k = None if k1 is None else k1.view(shape)
+    y = _view(y0, shape)
+    k = None if k1 is None else _view(k1, shape)
     fsal = stepper.fsal
     state = {"status": "success", "message": ""}
     n, t, h = 0, t0, math.nan
@@ -115,24 +116,24 @@ def _integrate_fixed(prob, f, y0, stepper, k1, t_first, throw) -> LoopResult:
             while p < n_out and direction * (out_t[p] - t_new) <= 0:
                 p += 1
             next_out = out_t[p] if p < n_out else None
-            yf, yf_new = y.view(flat_shape), y_new.view(flat_shape)
+            yf, yf_new = y.view(*flat_shape), y_new.view(*flat_shape)
             vals, _, k_next = _step_outputs(
                 prob, stepper, f, ks, yf, yf_new, t, t_new, t_last, lo, p, samples_all
             )
             out_vals.append(vals)
             if k_next is not None:  # f at the step end, for the interpolant: the next k1
-                k_end = k_next.view(shape)
+                k_end = _view(k_next, shape)
         y, t = y_new, t_new
         if is_jump:
             k, t_first = None, time_beside(t_new, t_new + direction, f.time_dtype)
         else:
             k, t_first = k_end, t_new
-    y = y.view(flat_shape)
+    y = y.view(*flat_shape)
     if state["status"] == "success":
         _check_fixed_end(y, t, n, h, throw, state)
     ys = _gather_outputs(prob, out_vals, p, y0, samples_all)
     return LoopResult(
         ys=ys, y_final=y, t_reached=t, status=state["status"], message=state["message"],
         n_accepted=n, n_rejected=0, h_next=abs(h),
-        k1_next=None if k is None or state["status"] != "success" else k.view(flat_shape),
+        k1_next=None if k is None or state["status"] != "success" else k.view(*flat_shape),
     )  # fmt: skip

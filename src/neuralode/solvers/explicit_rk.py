@@ -47,6 +47,7 @@ class RKStepper(Stepper):
         self._krows_shaped: list = []
         self._krows_shape = None
         self._prefix: list[torch.Tensor] = []
+        self._bufT: torch.Tensor | None = None
 
     def step(self, f, t, h, y, k1, t_last, track_grad: bool):
         """Take one step of size ``h`` from ``(t, y)`` with first stage ``k1``.
@@ -93,18 +94,21 @@ class RKStepper(Stepper):
                 else:
                     krows[i].copy_(f.flat(ti, yi))
             if y_new is None:
-                y_new = self.combine(yv, h, krows, S, comb, K.T)
+                y_new = self.combine(yv, h, krows, S, comb, self._bufT if K is self._buf else K.T)
         err = None
         if self.b_err is not None:
             # beta=0 ignores the input: err = h * K^T (b - b_hat), one fused op, no graph; into a
             # reused buffer when the stages are (the loop consumes it before the next step).
-            out = self._err if K is self._buf else None
+            out, KT = (self._err, self._bufT) if K is self._buf else (None, None)
+            if KT is None:
+                KT = (K.detach() if K.requires_grad else K).T
             if isinstance(h, torch.Tensor):
-                err = torch.mv(K.detach().T, self.b_err, out=out).mul_(comb.hv)
+                err = torch.mv(KT, self.b_err, out=out).mul_(comb.hv)
             else:
-                err = torch.addmv(yv.detach(), K.detach().T, self.b_err, beta=0, alpha=h, out=out)
-            err = err.view(shape)
-        return y_new.view(shape), err, K
+                yd = yv.detach() if yv.requires_grad else yv  # (beta=0: shape and dtype only)
+                err = torch.addmv(yd, KT, self.b_err, beta=0, alpha=h, out=out)
+            err = err.view(*shape)
+        return y_new.view(*shape), err, K
 
     def stages(self, fcall, t, h, y, k1, t_last, comb=None):
         """The stages of one step as a list (each shaped like ``y``) and the new state.
@@ -152,7 +156,7 @@ class RKStepper(Stepper):
             else:
                 K = torch.stack(ks[:i], -1).view(-1, i)
         out = comb(K, self.rows[i] if i < self.S else self.T["b"])
-        return out if y.dim() == 1 else out.view(y.shape)
+        return out if y.dim() == 1 else out.view_as(y)
 
     def _buffer(self, yv: torch.Tensor) -> torch.Tensor:
         buf = self._buf
@@ -166,6 +170,7 @@ class RKStepper(Stepper):
             self._err = torch.empty_like(yv)
             # The transposed stage prefixes K[:i]^T and the rows, made once per buffer.
             self._prefix = [buf[:i].T for i in range(self.S)]
+            self._bufT = buf.T
             self._krows = list(buf)
             self._krows_shape = None
         return buf
@@ -202,7 +207,7 @@ class RKStepper(Stepper):
             yj = comb(torch.stack(rows, 1), Ad[j][:i])
             cj = tab.c_dense[j]
             tj = (t + h if t_last is None else t_last) if cj == 1.0 else t + cj * h
-            rows.append(f(tj, yj.view(y.shape)).reshape(-1))
+            rows.append(f(tj, yj.view(*y.shape)).reshape(-1))
         return torch.stack(rows)
 
     def interpolate(self, Kd, y, h, theta: torch.Tensor, samples=None):
