@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ._failures import step_failure
@@ -483,7 +484,7 @@ def _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all)
         m -= 1
     # Interpolant weights are formed in float64 and cast: high-order P matrices cancel heavily.
     if y.device.type == "cpu":  # theta straight from the host floats (the same IEEE arithmetic)
-        theta = torch.tensor([(tau - t) / h for tau in taus[:m]], dtype=torch.float64)
+        theta = torch.from_numpy(np.array([(tau - t) / h for tau in taus[:m]]))
     else:  # from the output times already on the device (no host-to-device copy)
         theta = (prob.out_t_on(y.device)[lo : lo + m] - t) / h
     vals = stepper.interpolate(Kd, y, h, theta, None if samples is None else samples[:m])
