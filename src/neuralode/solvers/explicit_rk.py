@@ -74,7 +74,9 @@ class RKStepper(Stepper):
                 # The rows also viewed in the state's shape: f's output is copied in directly.
                 shape_f = getattr(f, "_shape", None)
                 if shape_f is not None and self._krows_shape != shape_f:
-                    self._krows_shaped = [r.view(shape_f) for r in krows]
+                    self._krows_shaped = [
+                        r.view(*shape_f) if shape_f else r.view(()) for r in krows
+                    ]
                     self._krows_shape = shape_f
                 kshaped = self._krows_shaped if shape_f is not None else [None] * S
             else:
@@ -151,10 +153,13 @@ class RKStepper(Stepper):
         if K is None:
             # Stacked as rows and transposed, the copy is contiguous (faster for large states);
             # stacked as columns, the backward split is cheaper (faster for small ones).
+            # (1-D stages stack into the matrix directly: no view, no autograd node for one.)
+            flat = y.dim() == 1
             if y.numel() >= 4096:
-                K = torch.stack(ks[:i]).view(i, -1).T
+                K = torch.stack(ks[:i]) if flat else torch.stack(ks[:i]).view(i, -1)
+                K = K.T
             else:
-                K = torch.stack(ks[:i], -1).view(-1, i)
+                K = torch.stack(ks[:i], -1) if flat else torch.stack(ks[:i], -1).view(-1, i)
         out = comb(K, self.rows[i] if i < self.S else self.T["b"])
         return out if y.dim() == 1 else out.view_as(y)
 
