@@ -174,8 +174,8 @@ class RKStepper(Stepper):
             buf = self._buf = torch.empty((self.S, yv.numel()), dtype=yv.dtype, device=yv.device)
             self._err = torch.empty_like(yv)
             # The transposed stage prefixes K[:i]^T and the rows, made once per buffer.
-            self._prefix = [buf[:i].T for i in range(self.S)]
-            self._bufT = buf.T
+            bufT = self._bufT = buf.T  # (one slice per prefix: K[:i]^T = (K^T)[:, :i])
+            self._prefix = [bufT[:, :i] for i in range(self.S)]
             self._krows = list(buf)
             self._krows_shape = None
         return buf
