@@ -183,3 +183,16 @@ def test_fixed_path_scalar_state(method):
     assert float(lean.ys[-1]) == pytest.approx(
         math.exp(-math.sin(1.0)), rel=0.05 if method == "euler" else 1e-5
     )
+
+
+def test_fixed_path_plans_longer_than_the_cache_run_uncached():
+    from neuralode import _loop_fixed
+
+    n = _loop_fixed._PLAN_CACHED + 500
+    y0, t = torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
+    for _ in range(2):  # the second call finds the cache's "too long" answer
+        sol = neuralode.solve(
+            lambda t, y: -y, y0, t, solver="euler", dt=1.0 / n, dense_output=False
+        )
+        assert sol.stats["nfe"] == n and sol.t_final == 1.0
+        assert float(sol.ys[-1, 0]) == pytest.approx((1 - 1.0 / n) ** n, rel=1e-10)

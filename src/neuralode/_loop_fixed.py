@@ -44,7 +44,7 @@ def _fixed_plan(ctrl, t0: float, t_end: float, time_dtype):
     return _plan_steps(ctrl, t0, t_end, time_dtype) if plan is None else plan
 
 
-_PLAN_CACHED = 8192
+_PLAN_CACHED = 2048  # steps; 32 plans at most: a few MB in the worst case
 
 
 @functools.lru_cache(maxsize=32)
