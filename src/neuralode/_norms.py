@@ -67,7 +67,7 @@ class ErrorNorm:
         self.a = torch.empty(y.shape, dtype=real, device=y.device)
         self.b = torch.empty_like(self.a)
         self.of = None  # the state whose |.| self.a holds
-        self._tols = None  # (prob, rtol, atol): the tolerances as tensors, made on first use
+        self._tols = None  # (rtol, atol, as tensors): made on first use, for those objects
         self.inv_sqrt_n = 1.0 / math.sqrt(max(y.numel(), 1))
         self.inv_sqrt_m = 1.0 / math.sqrt(max(y.shape[-1], 1))
         self.mixed = spec.kind != "tensor"
@@ -110,10 +110,10 @@ class ErrorNorm:
         if self.of is not y:
             torch.abs(y.detach() if y.requires_grad else y, out=a)
         torch.abs(y_new.detach() if y_new.requires_grad else y_new, out=b)
-        tols = self._tols
-        if tols is None or tols[0] is not prob:
-            tols = self._tols = (prob, self._tensor(prob.rtol), self._tensor(prob.atol))
-        scale = error_scale(a, b, tols[1], tols[2], prob.atol_zero, out=a)
+        rtol, atol, tols = prob.rtol, prob.atol, self._tols
+        if tols is None or tols[0] is not rtol or tols[1] is not atol:
+            tols = self._tols = (rtol, atol, self._tensor(rtol), self._tensor(atol))
+        scale = error_scale(a, b, tols[2], tols[3], prob.atol_zero, out=a)
         # b now holds |y_new|: the next step's |y| if this one is accepted.
         self.a, self.b, self.of = b, a, y_new
         return self.reduce(err.div_(scale))
