@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ._failures import step_failure
@@ -22,6 +23,12 @@ from .solvers.explicit_rk import RKStepper, make_stepper
 from .solvers.tableau import ButcherTableau
 
 __all__ = ["Problem", "VectorField", "FlatVectorField", "integrate", "StepRecord", "LoopResult"]
+
+
+def _view(x: torch.Tensor, shape) -> torch.Tensor:
+    """``x.view(shape)``; the sizes are passed unpacked, which PyTorch parses about twice as
+    fast as a ``torch.Size`` (a per-evaluation cost on small states)."""
+    return x.view(*shape) if shape else x.view(())
 
 
 class VectorField:
@@ -45,19 +52,29 @@ class VectorField:
         self.nfe += 1
         shape = self._shape
         if shape is not None:  # a single tensor: a check and a reshape (the first stage)
-            out = self.func(self._time(t), y.view(shape))
+            out = self.func(self._time(t), _view(y, shape))
             if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
-                return out.view(y.shape)
+                return out.view(*y.shape)
         else:
             out = self.func(self._time(t), self.spec.unflatten(y))
         return self.spec.flatten(out, what="the derivative returned by func", t=t)
+
+    def shaped(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        """f at ``(t, y)`` with ``y`` in the state's own shape (a single-tensor state); returns
+        that shape (the fixed-step driver keeps its state so: no reshapes per evaluation)."""
+        self.nfe += 1
+        out = self.func(self._time(t), y)
+        if type(out) is torch.Tensor and out.shape == self._shape and out.dtype == self.spec.dtype:
+            return out
+        flat = self.spec.flatten(out, what="the derivative returned by func", t=t)
+        return _view(flat, self._shape)
 
     def flat(self, t: float, y: torch.Tensor) -> torch.Tensor:
         """f at ``(t, y)`` with ``y`` 1-D ``(B*M,)``; returns 1-D."""
         self.nfe += 1
         shape = self._shape
         if shape is not None:
-            out = self.func(self._time(t), y.view(shape))
+            out = self.func(self._time(t), _view(y, shape))
             if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
                 return out.reshape(-1)
         else:
@@ -72,7 +89,7 @@ class VectorField:
             dst.copy_(self.flat(t, y))
             return
         self.nfe += 1
-        out = self.func(self._time(t), y.view(shape))
+        out = self.func(self._time(t), _view(y, shape))
         if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
             dst_shaped.copy_(out)
         else:  # validated (raises naming what is wrong) without calling func again
@@ -95,7 +112,7 @@ class FlatVectorField(VectorField):
 
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        return self.flat_fn(t, y).view(y.shape)
+        return self.flat_fn(t, y).view(*y.shape)
 
     def flat(self, t: float, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
@@ -220,6 +237,8 @@ def integrate(
     # The Stepper hooks: bind(prob) at the start of every solve (Newton tolerances from rtol/atol;
     # multistep methods start a fresh history), accept(...) after every accepted step.
     stepper.bind(prob)
+    if not ctrl.adaptive and record is None and monitor is None and type(stepper) is RKStepper:
+        return _integrate_fixed(prob, f, y0, stepper, k1, t_first, throw)
     direction = prob.direction
     t0, t_end = prob.t0, prob.t_end
     adaptive = ctrl.adaptive
@@ -239,8 +258,8 @@ def integrate(
         )
 
     t, y = t0, y0
-    if t_first is None:  # a discontinuity at t0: f's limit from inside the interval
-        t_first = time_beside(t0, t_end, f.time_dtype) if t0 in ctrl.jump_t and t_end != t0 else t0
+    if t_first is None:
+        t_first = _first_time(ctrl, t0, t_end, f.time_dtype)
     if k1 is None:
         k1 = f(t_first, y0)
     nrm = k_order = None
@@ -313,11 +332,9 @@ def integrate(
         k_next = None
         Kd = None
         if p > lo:
-            if any(tau != t_new for tau in prob.out_t[lo:p]):
-                if not stepper.fsal and tab.dense_stage_is_next_first:
-                    k_next = f(t_last, y_new)
-                Kd = stepper.dense_stages(f, t, h_step, y, K, k_next, t_last)
-            vals = _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, p, samples_all)
+            vals, Kd, k_next = _step_outputs(
+                prob, stepper, f, K, y, y_new, t, t_new, t_last, lo, p, samples_all
+            )
             out_vals.append(vals)
         if record is not None:
             rec = StepRecord(t, t_new, t_first, t_last, lo, p)
@@ -346,7 +363,7 @@ def integrate(
         if is_jump:
             k1 = None
         elif stepper.fsal:
-            k1 = stepper.carry_fsal(K).view(y.shape)
+            k1 = stepper.carry_fsal(K).view(*y.shape)
         else:
             k1 = k_next  # may be None: evaluated at the next step's start
         if stop:
@@ -354,21 +371,8 @@ def integrate(
             break
 
     if state["status"] == "success" and not adaptive:
-        # Fixed steps make no per-step decision, so finiteness is checked once, at the end.
-        if not bool(torch.isfinite(y).all()):
-            _fail("nonfinite_fixed", t=t, attempts=attempts, h=h, throw=throw, state=state)
-
-    if p < n_out:  # stopped early (throw=False): missing outputs are NaN
-        fill = torch.full(
-            (n_out - p, *(y0.shape if samples_all is None else y0.shape[1:])),
-            float("nan"),
-            dtype=y0.dtype,
-            device=y0.device,
-        )
-        out_vals.append(fill)
-    ys = torch.cat(out_vals) if out_vals else y0.new_zeros((0, *y0.shape))
-    if prob.out_order is not None:
-        ys = ys[prob.out_order]
+        _check_fixed_end(y, t, attempts, h, throw, state)
+    ys = _gather_outputs(prob, out_vals, p, y0, samples_all)
     return LoopResult(
         ys=ys,
         y_final=y,
@@ -381,6 +385,59 @@ def integrate(
         h_next=abs(h),
         k1_next=k1 if state["status"] in ("success", "event") else None,
     )
+
+
+def _first_time(ctrl, t0: float, t_end: float, time_dtype) -> float:
+    """Time of the first stage: ``t0``, or f's limit from inside the interval where ``t0`` is a
+    discontinuity (``jump_t``)."""
+    return time_beside(t0, t_end, time_dtype) if t0 in ctrl.jump_t and t_end != t0 else t0
+
+
+def _check_fixed_end(y, t, attempts, h, throw, state) -> None:
+    """Fixed steps make no per-step decision, so finiteness is checked once, at the end."""
+    if not _all_finite(y):
+        _fail("nonfinite_fixed", t=t, attempts=attempts, h=h, throw=throw, state=state)
+
+
+def _all_finite(y: torch.Tensor) -> bool:
+    """Whether every entry of ``y`` is finite: ``y - y`` is 0 there and NaN at an inf or NaN, so
+    its sum is 0 exactly when all are (two passes; ``isfinite(y).all()`` takes several)."""
+    y = y.detach()
+    if y.is_complex():
+        return bool(torch.isfinite(y).all())
+    return math.isfinite(float((y - y).sum()))
+
+
+def _gather_outputs(prob, out_vals, p, y0, samples_all) -> torch.Tensor:
+    """The recorded outputs in result order; those not reached (stopped early: throw=False)
+    are NaN."""
+    n_out = len(prob.out_t)
+    if p < n_out:
+        fill = torch.full(
+            (n_out - p, *(y0.shape if samples_all is None else y0.shape[1:])),
+            float("nan"),
+            dtype=y0.dtype,
+            device=y0.device,
+        )
+        out_vals.append(fill)
+    ys = torch.cat(out_vals) if out_vals else y0.new_zeros((0, *y0.shape))
+    return ys if prob.out_order is None else ys[prob.out_order]
+
+
+def _step_outputs(prob, stepper, f, K, y, y_new, t, t_new, t_last, lo, hi, samples_all):
+    """``(values, Kd, k_next)`` of the sorted outputs ``lo:hi`` in the accepted step ``(t,
+    t_new]``: the dense stages ``Kd`` (None when every output is at the step end) and f at the
+    step end where the interpolant needed it (the next step's first stage), else None. ``K``:
+    the stages ``(S, B*M)``, or a list of them (stacked only when an output needs them)."""
+    k_next = Kd = None
+    if any(tau != t_new for tau in prob.out_t[lo:hi]):
+        if isinstance(K, list):
+            K = torch.stack(K).view(len(K), -1)
+        if not stepper.fsal and stepper.tab.dense_stage_is_next_first:
+            k_next = f(t_last, y_new)
+        Kd = stepper.dense_stages(f, t, t_new - t, y, K, k_next, t_last)
+    vals = _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all)
+    return vals, Kd, k_next
 
 
 class StepView:
@@ -427,7 +484,7 @@ def _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all)
         m -= 1
     # Interpolant weights are formed in float64 and cast: high-order P matrices cancel heavily.
     if y.device.type == "cpu":  # theta straight from the host floats (the same IEEE arithmetic)
-        theta = torch.tensor([(tau - t) / h for tau in taus[:m]], dtype=torch.float64)
+        theta = torch.from_numpy(np.array([(tau - t) / h for tau in taus[:m]]))
     else:  # from the output times already on the device (no host-to-device copy)
         theta = (prob.out_t_on(y.device)[lo : lo + m] - t) / h
     vals = stepper.interpolate(Kd, y, h, theta, None if samples is None else samples[:m])
@@ -490,3 +547,5 @@ def replay_step(
 
 
 __all__ += ["make_stepper", "RKStepper", "replay_step", "SolveError"]
+
+from ._loop_fixed import _integrate_fixed  # noqa: E402  (it builds on the helpers above)

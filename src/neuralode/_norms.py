@@ -67,6 +67,7 @@ class ErrorNorm:
         self.a = torch.empty(y.shape, dtype=real, device=y.device)
         self.b = torch.empty_like(self.a)
         self.of = None  # the state whose |.| self.a holds
+        self._tols = None  # (rtol, atol, as tensors): made on first use, for those objects
         self.inv_sqrt_n = 1.0 / math.sqrt(max(y.numel(), 1))
         self.inv_sqrt_m = 1.0 / math.sqrt(max(y.shape[-1], 1))
         self.mixed = spec.kind != "tensor"
@@ -109,10 +110,21 @@ class ErrorNorm:
         if self.of is not y:
             torch.abs(y.detach() if y.requires_grad else y, out=a)
         torch.abs(y_new.detach() if y_new.requires_grad else y_new, out=b)
-        scale = error_scale(a, b, prob.rtol, prob.atol, prob.atol_zero, out=a)
+        rtol, atol, tols = prob.rtol, prob.atol, self._tols
+        if tols is None or tols[0] is not rtol or tols[1] is not atol:
+            tols = self._tols = (rtol, atol, self._tensor(rtol), self._tensor(atol))
+        scale = error_scale(a, b, tols[2], tols[3], prob.atol_zero, out=a)
         # b now holds |y_new|: the next step's |y| if this one is accepted.
         self.a, self.b, self.of = b, a, y_new
         return self.reduce(err.div_(scale))
+
+    def _tensor(self, tol):
+        """A float tolerance as a 0-d tensor of the norm's dtype (the same value the float
+        converts to in the arithmetic): an in-place op with a Python number costs about twice
+        one with a tensor, a per-step cost on small states."""
+        if isinstance(tol, torch.Tensor):
+            return tol
+        return torch.full((), tol, dtype=self.a.dtype, device=self.a.device)
 
     def rows(self, err, y, y_new, rtol, atol, floor: bool) -> torch.Tensor:
         """The scaled norm of each row's error: (A,) float64 (``err`` is overwritten)."""

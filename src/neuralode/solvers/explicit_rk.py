@@ -31,6 +31,12 @@ class RKStepper(Stepper):
             rows = self.T["_rows"] = [self.T["a"][i, :i] for i in range(self.S)]
         self.rows = rows
         self.b_err = self.T["b_err"][0] if "b_err" in self.T else None
+        # Row i of a (row S: b) as (j, w) where it has one nonzero weight w (at stage j), else
+        # None: such a combination is one torch.add (see combine).
+        single = self.T.get("_single")
+        if single is None:
+            single = self.T["_single"] = [_single(row) for row in (*tableau.a, tableau.b)]
+        self.single = single
         # Without a graph and when no step keeps its stages (no dense output), one stage buffer
         # serves every step: a fresh large allocation per step costs page faults that dominate
         # small vector fields. Row 0 holds the first stage across attempts (see carry_fsal).
@@ -41,6 +47,7 @@ class RKStepper(Stepper):
         self._krows_shaped: list = []
         self._krows_shape = None
         self._prefix: list[torch.Tensor] = []
+        self._bufT: torch.Tensor | None = None
 
     def step(self, f, t, h, y, k1, t_last, track_grad: bool):
         """Take one step of size ``h`` from ``(t, y)`` with first stage ``k1``.
@@ -48,31 +55,15 @@ class RKStepper(Stepper):
         ``t``, ``h`` and ``t_last`` are floats (one step for the whole state ``(B, M)``) or
         ``(B,)`` float64 tensors (one step per row: per-sample control). Returns ``(y_new, err,
         K)``: the new state ``(B, M)``, the error estimate (or None for methods without one) and
-        the stages ``(S, B*M)``. Stages are combined with one fused ``addmv`` per stage (the
-        stage matrix against a tableau row; per row: ``mv`` and ``addcmul`` with the row's
-        step size); the state stays 1-D inside.
+        the stages ``(S, B*M)``. Each stage state is one combination :meth:`combine` (the state
+        stays 1-D inside); without a graph the stages are written into a reused buffer.
         """
-        S, rows, shape = self.S, self.rows, y.shape
-        # Stages at the step end (node 1) are evaluated at t_last: exactly the landing time, or
-        # just before it when the step ends on a discontinuity (jump_t).
-        c = [t_last if ci == 1.0 else t + ci * h for ci in self.c]
+        S, shape = self.S, y.shape
         yv = y.reshape(-1)
         comb = _combiner(yv, h, shape)
-        fcall = f.flat
         y_new = None
         if track_grad:
-            ks = [k1.reshape(-1)]
-            # Stacked as rows and transposed, the copy is contiguous (faster for large states);
-            # stacked as columns, the backward split is cheaper (faster for small ones).
-            by_rows = yv.numel() >= 4096
-            for i in range(1, S):
-                Ki = torch.stack(ks).T if by_rows else torch.stack(ks, 1)
-                yi = comb(Ki, rows[i])
-                if self.fsal and i == S - 1:
-                    y_new = yi
-                    ks.append(fcall(t_last, yi))
-                else:
-                    ks.append(fcall(c[i], yi))
+            y_new, ks = self.stages(f.flat, t, h, yv, k1.reshape(-1), t_last, comb)
             K = torch.stack(ks)
         else:
             K = self._buffer(yv) if self.reuse_buffer else None
@@ -83,7 +74,9 @@ class RKStepper(Stepper):
                 # The rows also viewed in the state's shape: f's output is copied in directly.
                 shape_f = getattr(f, "_shape", None)
                 if shape_f is not None and self._krows_shape != shape_f:
-                    self._krows_shaped = [r.view(shape_f) for r in krows]
+                    self._krows_shaped = [
+                        r.view(*shape_f) if shape_f else r.view(()) for r in krows
+                    ]
                     self._krows_shape = shape_f
                 kshaped = self._krows_shaped if shape_f is not None else [None] * S
             else:
@@ -93,27 +86,82 @@ class RKStepper(Stepper):
                 krows[0].copy_(k1.reshape(-1))
             into = getattr(f, "into", None)
             for i in range(1, S):
-                yi = comb(prefix[i], rows[i])
-                ti = c[i]
+                yi = self.combine(yv, h, krows, i, comb, prefix[i])
+                ci = self.c[i]
+                ti = t_last if ci == 1.0 else t + ci * h
                 if self.fsal and i == S - 1:
                     y_new, ti = yi, t_last
                 if into is not None:
                     into(ti, yi, kshaped[i], krows[i])
                 else:
-                    krows[i].copy_(fcall(ti, yi))
-        if y_new is None:
-            y_new = comb(K.T, self.T["b"])
+                    krows[i].copy_(f.flat(ti, yi))
+            if y_new is None:
+                y_new = self.combine(yv, h, krows, S, comb, self._bufT if K is self._buf else K.T)
         err = None
         if self.b_err is not None:
             # beta=0 ignores the input: err = h * K^T (b - b_hat), one fused op, no graph; into a
             # reused buffer when the stages are (the loop consumes it before the next step).
-            out = self._err if K is self._buf else None
+            out, KT = (self._err, self._bufT) if K is self._buf else (None, None)
+            if KT is None:
+                KT = (K.detach() if K.requires_grad else K).T
             if isinstance(h, torch.Tensor):
-                err = torch.mv(K.detach().T, self.b_err, out=out).mul_(comb.hv)
+                err = torch.mv(KT, self.b_err, out=out).mul_(comb.hv)
             else:
-                err = torch.addmv(yv.detach(), K.detach().T, self.b_err, beta=0, alpha=h, out=out)
-            err = err.view(shape)
-        return y_new.view(shape), err, K
+                yd = yv.detach() if yv.requires_grad else yv  # (beta=0: shape and dtype only)
+                err = torch.addmv(yd, KT, self.b_err, beta=0, alpha=h, out=out)
+            err = err.view(*shape)
+        return y_new.view(*shape), err, K
+
+    def stages(self, fcall, t, h, y, k1, t_last, comb=None):
+        """The stages of one step as a list (each shaped like ``y``) and the new state.
+
+        ``fcall(t, y) -> f`` in ``y``'s shape. The path with a graph (and the fixed-step
+        driver's, which keeps the state in the user's shape): no buffer, no copies; FSAL methods
+        take the new state from the last stage's combination. ``comb`` is the step's
+        :func:`_combiner` (made here when a row needs it).
+        """
+        S = self.S
+        ks = [k1]
+        y_new = None
+        for i in range(1, S):
+            yi = self.combine(y, h, ks, i, comb)
+            ci = self.c[i]
+            if self.fsal and i == S - 1:
+                y_new = yi
+                ks.append(fcall(t_last, yi))
+            else:
+                ks.append(fcall(t_last if ci == 1.0 else t + ci * h, yi))
+        if y_new is None:
+            y_new = self.combine(y, h, ks, S, comb)
+        return y_new, ks
+
+    def combine(self, y, h, ks, i, comb=None, K=None):
+        """``y + h sum_j w_j k_j``: the state of stage ``i`` (row ``i`` of ``a``; ``i == S``: the
+        new state, with ``b``) from the stages ``ks`` (a list, or the rows of the stage buffer).
+
+        The one Runge--Kutta stage combination. A row with one nonzero weight (explicit Euler,
+        the midpoint rule, the first stages of most methods) is one ``torch.add`` with
+        ``alpha = h w``; other rows are one fused ``addmv`` of the stage matrix (``K``, the
+        buffer's transposed prefix, or the stacked list) against the row (per-row step sizes:
+        ``mv`` and ``addcmul``, see :func:`_combiner`).
+        """
+        one = self.single[i]
+        if one is not None and not isinstance(h, torch.Tensor):
+            return torch.add(y, ks[one[0]], alpha=h * one[1])
+        if comb is None:
+            comb = _combiner(y.reshape(-1), h, y.shape)
+        if K is None:
+            # Stacked as rows and transposed, the copy is contiguous (faster for large states);
+            # stacked as columns, the backward split is cheaper (faster for small ones).
+            # (1-D stages stack into the matrix directly: no view, no autograd node for one.)
+            flat = y.dim() == 1
+            if y.numel() >= 4096:
+                K = torch.stack(ks[:i]) if flat else torch.stack(ks[:i]).view(i, -1)
+                K = K.T
+            else:
+                K = torch.stack(ks[:i], -1) if flat else torch.stack(ks[:i], -1).view(-1, i)
+        out = comb(K, self.rows[i] if i < self.S else self.T["b"])
+        return out if y.dim() == 1 else out.view_as(y)
 
     def _buffer(self, yv: torch.Tensor) -> torch.Tensor:
         buf = self._buf
@@ -126,7 +174,8 @@ class RKStepper(Stepper):
             buf = self._buf = torch.empty((self.S, yv.numel()), dtype=yv.dtype, device=yv.device)
             self._err = torch.empty_like(yv)
             # The transposed stage prefixes K[:i]^T and the rows, made once per buffer.
-            self._prefix = [buf[:i].T for i in range(self.S)]
+            bufT = self._bufT = buf.T  # (one slice per prefix: K[:i]^T = (K^T)[:, :i])
+            self._prefix = [bufT[:, :i] for i in range(self.S)]
             self._krows = list(buf)
             self._krows_shape = None
         return buf
@@ -163,7 +212,7 @@ class RKStepper(Stepper):
             yj = comb(torch.stack(rows, 1), Ad[j][:i])
             cj = tab.c_dense[j]
             tj = (t + h if t_last is None else t_last) if cj == 1.0 else t + cj * h
-            rows.append(f(tj, yj.view(y.shape)).reshape(-1))
+            rows.append(f(tj, yj.view(*y.shape)).reshape(-1))
         return torch.stack(rows)
 
     def interpolate(self, Kd, y, h, theta: torch.Tensor, samples=None):
@@ -173,16 +222,22 @@ class RKStepper(Stepper):
         ``j`` for sample ``samples[j]``. Per row (``h`` a (B,) tensor: row ``j`` of ``y`` is
         its own step, at its own fraction ``theta[j]``; ``Kd`` (Sd, B, M)): ``(B, M)``.
         """
-        W = self.tab.interpolant_weights(theta)  # (m, Sd)
         if isinstance(h, torch.Tensor):  # float64 weights, then cast
-            inc = (W.T.to(y.dtype).unsqueeze(2) * Kd.view(-1, *y.shape)).sum(0)
+            W = self.tab.interpolant_weights(theta, y.dtype)  # (m, Sd)
+            inc = (W.T.unsqueeze(2) * Kd.view(-1, *y.shape)).sum(0)
             return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), inc)
+        W = self.tab.interpolant_weights(theta, Kd.dtype)
         if samples is None:
-            out = torch.addmm(y.reshape(1, -1), W.to(Kd.dtype), Kd, alpha=h)
+            out = torch.addmm(y.reshape(1, -1), W, Kd, alpha=h)
             return out.view(theta.shape[0], *y.shape)
         B, M = y.shape
         Kg = Kd.view(Kd.shape[0], B, M)[:, samples]  # (Sd, m, M)
-        return y[samples] + h * torch.einsum("ms,smk->mk", W.to(Kd.dtype), Kg)
+        return y[samples] + h * torch.einsum("ms,smk->mk", W, Kg)
+
+
+def _single(row) -> tuple[int, float] | None:
+    nonzero = [(j, float(w)) for j, w in enumerate(row) if w != 0.0]
+    return nonzero[0] if len(nonzero) == 1 else None
 
 
 def _combiner(yv: torch.Tensor, h, shape):

@@ -259,22 +259,31 @@ class ButcherTableau:
             ].numpy()
         return P
 
-    def interpolant_weights(self, theta: torch.Tensor) -> torch.Tensor:
+    def interpolant_weights(self, theta: torch.Tensor, dtype: torch.dtype | None = None):
         """``b_i(theta)`` for all stages and dense stages.
 
-        theta : (m,) tensor in [0, 1]. Returns (m, s + n_dense).
+        theta : (m,) tensor in [0, 1]. Returns (m, s + n_dense) in ``dtype`` (default theta's;
+        formed in theta's precision, then cast).
         """
         if theta.device.type == "cpu" and not theta.requires_grad:  # NumPy beats dispatch here
             P = self._P_numpy()
             th = theta.numpy()[:, None] ** np.arange(1, P.shape[1] + 1)
-            return torch.from_numpy(th @ P.T).to(theta.dtype)
-        return weights_at(theta, self.tensors(theta.dtype, theta.device)["P"])
+            W = th @ P.T
+            np_dtype = _NUMPY_REAL.get(dtype or theta.dtype)
+            if np_dtype is not None:  # the cast in NumPy (no dispatch)
+                return torch.from_numpy(W.astype(np_dtype, copy=False))
+            return torch.from_numpy(W).to(dtype)
+        W = weights_at(theta, self.tensors(theta.dtype, theta.device)["P"])
+        return W if dtype is None else W.to(dtype)
 
     def __repr__(self) -> str:
         kind = f"{self.order}({self.embedded_order})" if self.adaptive else f"{self.order}"
         return (
             f"ButcherTableau({self.name!r}, order {kind}, {self.n_stages} stages, fsal={self.fsal})"
         )
+
+
+_NUMPY_REAL = {torch.float64: np.float64, torch.float32: np.float32}
 
 
 def weights_at(theta: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
