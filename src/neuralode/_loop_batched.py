@@ -350,8 +350,14 @@ class RowsRun:
     stats: dict = dataclasses.field(default_factory=dict)
     result: tuple | None = None  # (y_final, t_final, n_acc, n_rej, state, records)
 
+    compile: bool = False  # solve(..., compile=True): compiled chunks (neuralode._compiled)
+
     def integrate(self, y0, record=None):
         """The forward solve; fills ``result`` and returns the outputs flat (T*B, M)."""
+        if self.compile:
+            from ._compiled import run_rows
+
+            return run_rows(self, y0, record)
         ys, *rest = integrate_per_sample(
             self.spec, self.f, self.stepper, y0, self.tau, self.ctrl, self.rtol, self.atol,
             self.max_steps, self.throw, _both(record, "dense" if self.dense else None),
@@ -368,7 +374,7 @@ def _both(a, b):
 # ---------------------------------------------------------------------------- the entry point
 def solve_per_sample(
     func, y0, t, *, tab, controller, rtol, atol, dt, gradient, max_steps, dense_output, throw,
-    time_dtype, event,
+    time_dtype, event, compile=False,
 ):  # fmt: skip
     """``neuralode.solve(..., batch_control="per_sample")``: validate, integrate, wrap up."""
     opt = "batch_control='per_sample'"
@@ -427,12 +433,12 @@ def solve_per_sample(
             f"span [{float(tau.min())!r}, {float(tau.max())!r}]; the grid must cover them all"
         )
     direct = capable(gradient, "exact_autograd")
-    dense = bool(dense_output) if dense_output is not None else direct
+    dense = bool(dense_output) if dense_output is not None else direct and not compile
     floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
     if not ctrl.adaptive:
         floor = False
     run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
-                  dense, floor)  # fmt: skip
+                  dense, floor, compile=compile)  # fmt: skip
     ys = gradient.run_rows(run, y0flat)
     y_final, tfin, nacc, nrej, state, records = run.result
     T = tau.shape[1]

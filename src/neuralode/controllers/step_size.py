@@ -207,28 +207,36 @@ class Controller:
 
     def _land_rows(self, t, t_try, t_end, sdir, L):
         """:meth:`land` per row (``L`` sorted float64, ``sdir`` each row's direction)."""
-        n = L.shape[0]
-        if n:
-            up = torch.searchsorted(L, t.contiguous(), right=True)
-            dn = torch.searchsorted(L, t.contiguous(), right=False) - 1
-            i = torch.where(sdir > 0, up, dn)
-            ok = (i >= 0) & (i < n)
-            land = torch.where(ok, L[i.clamp(0, n - 1)], t_end)
-            # A landing beyond the end is no landing: the end comes first.
-            ok = ok & (sdir * (t_end - land) > 0)
-            to_land = ok & (sdir * (t_try - land) >= -_SLIVER * land.abs())
-            t_new = torch.where(to_land, land, t_try)
-        else:
-            to_land = torch.zeros_like(t, dtype=torch.bool)
-            t_new = t_try
-        at_end = sdir * (t_new - t_end) >= -_SLIVER * abs(t_end)
-        t_new = torch.where(at_end, t_end, t_new)
-        if self.jump_t:  # on a jump_t landing, or at an end that is one (its left limit)
-            J = torch.tensor(self.jump_t, dtype=t_new.dtype, device=t_new.device)
-            jump = (to_land | at_end) & torch.isin(t_new, J)
-        else:
-            jump = torch.zeros_like(at_end)
-        return t_new, to_land | at_end, jump
+        J = None
+        if self.jump_t:
+            J = torch.tensor(self.jump_t, dtype=t_try.dtype, device=t_try.device)
+        return land_rows(t, t_try, t_end, sdir, L, J)
+
+
+def land_rows(t, t_try, t_end, sdir, L, J=None):
+    """:meth:`Controller.land` on (B,) float64 tensors: ``L`` the sorted landing times, ``J``
+    the jump times (a tensor, or None). Compiled stepping calls it inside its graph."""
+    n = L.shape[0]
+    if n:
+        up = torch.searchsorted(L, t.contiguous(), right=True)
+        dn = torch.searchsorted(L, t.contiguous(), right=False) - 1
+        i = torch.where(sdir > 0, up, dn)
+        ok = (i >= 0) & (i < n)
+        land = torch.where(ok, L[i.clamp(0, n - 1)], t_end)
+        # A landing beyond the end is no landing: the end comes first.
+        ok = ok & (sdir * (t_end - land) > 0)
+        to_land = ok & (sdir * (t_try - land) >= -_SLIVER * land.abs())
+        t_new = torch.where(to_land, land, t_try)
+    else:
+        to_land = torch.zeros_like(t, dtype=torch.bool)
+        t_new = t_try
+    at_end = sdir * (t_new - t_end) >= -_SLIVER * t_end.abs()
+    t_new = torch.where(at_end, t_end, t_new)
+    if J is not None:  # on a jump_t landing, or at an end that is one (its left limit)
+        jump = (to_land | at_end) & torch.isin(t_new, J)
+    else:
+        jump = torch.zeros_like(at_end)
+    return t_new, to_land | at_end, jump
 
 
 @dataclass(frozen=True)
