@@ -161,25 +161,35 @@ def jumpy(t, y):  # y' = -y + 1 before t = 0.4, -y after (a discontinuity at 0.4
 
 
 @pytest.mark.parametrize("batch_control", ["shared", "per_sample"])
-def test_step_t_and_jump_t_landings_equal_eager(batch_control):
+def test_step_t_and_jump_t_landings_and_t_gradients_equal_eager(batch_control):
+    """Landings on step_t and jump_t (per row); with shared control also the gradients with
+    respect to a 1-D t (one compiled version serves both)."""
     ctrl = neuralode.PIController(rtol=1e-6, atol=1e-8, step_t=[0.25], jump_t=[0.4])
     y0 = torch.tensor([[1.0], [2.0]], dtype=F64)
-    t = torch.linspace(0.0, 1.0, 4, dtype=F64)
+    shared = batch_control == "shared"
     kw = dict(solver="bosh3", controller=ctrl, batch_control=batch_control, dense_output=True)
-    with torch.no_grad():
-        sol = neuralode.solve(jumpy, y0, t, compile=True, **kw)
-        ref = neuralode.solve(jumpy, y0, t, **kw)
+
+    def run(compile):
+        t = torch.linspace(0.0, 1.0, 4, dtype=F64).requires_grad_(shared)
+        sol = neuralode.solve(jumpy, y0, t, compile=compile, **kw)
+        grad = torch.autograd.grad(sol.ys.square().sum(), t)[0] if shared else None
+        return sol, grad
+
+    (sol, got), (ref, want) = run(True), run(False)
     assert sol.stats["compiled"] is True
     torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=1e-14)
     n_acc, n_rej = sol.stats["n_accepted"], sol.stats["n_rejected"]
     assert torch.equal(torch.as_tensor(n_acc), torch.as_tensor(ref.stats["n_accepted"]))
     assert torch.equal(torch.as_tensor(n_rej), torch.as_tensor(ref.stats["n_rejected"]))
-    times = sol.step_times if batch_control == "shared" else sol.step_times[1]
+    times = sol.step_times if shared else sol.step_times[1]
     assert 0.25 in times and 0.4 in times  # landed exactly
     # Closed form: y = 1 + (y0 - 1) e^-t before 0.4, then decay.
     y04 = 1.0 + (y0 - 1.0) * torch.exp(torch.tensor(-0.4, dtype=F64))
-    want = y04 * torch.exp(torch.tensor(-0.6, dtype=F64))
-    torch.testing.assert_close(sol.ys[-1], want, rtol=1e-5, atol=0.0)
+    want_y = y04 * torch.exp(torch.tensor(-0.6, dtype=F64))
+    torch.testing.assert_close(sol.ys[-1].detach(), want_y, rtol=1e-5, atol=0.0)
+    if shared:  # dL/dt_j = <dL/dy(t_j), f(t_j, y(t_j))>, as eagerly
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert float(got[-1]) != 0.0
 
 
 def test_fixed_steps_per_sample_on_each_samples_grid():
@@ -193,17 +203,6 @@ def test_fixed_steps_per_sample_on_each_samples_grid():
     assert sol.stats["compiled"] is True
     assert torch.equal(sol.stats["n_accepted"], ref.stats["n_accepted"])  # 4 steps each
     torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-13, atol=0.0)
-
-
-def test_gradients_with_respect_to_t_equal_eager():
-    t = torch.tensor([0.0, 0.4, 1.0], dtype=F64)
-
-    def grads(compile):
-        tt = t.clone().requires_grad_()
-        sol = neuralode.solve(jumpy, Y0[:, :1], tt, solver="bosh3", compile=compile, **TOL)
-        return torch.autograd.grad(sol.ys.square().sum(), tt)[0]
-
-    torch.testing.assert_close(grads(True), grads(False), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(
