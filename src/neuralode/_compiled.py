@@ -64,8 +64,13 @@ __all__ = [
 #: lengthen the first compilation (about 4 s per step for dopri5 on 2 CPU cores, once per
 #: vector field, dtype and shape; later runs reuse torch.compile's on-disk cache).
 STEPS_PER_CALL = 8
-#: Output times one step may pass (a step that would pass more lands on the last of them).
+#: Output times one step may pass (a step that would pass more lands on the last of them):
+#: with the whole batch at each output time (shared control, 1-D t) the window costs memory
+#: ``window * B * M`` per step; with one sample per output time (per-sample control, or a 2-D
+#: t) only ``window * M``, so the window is wider there (a 2-D t of 256 samples has 256
+#: output times in every time span).
 _OUT_WINDOW = 8
+_OUT_WINDOW_ROWS = 256
 
 _MAX_CACHED = 16
 _lock = threading.Lock()
@@ -97,8 +102,9 @@ def check_compilable(*, tab, ctrl, gradient=None) -> None:
         )
 
 
-def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record) -> Consts:
-    """The chunk's constants for this tableau, controller and state layout."""
+def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_out) -> Consts:
+    """The chunk's constants for this tableau, controller and state layout (``n_out`` output
+    times per row)."""
     P = tab.tensors(torch.float64, torch.device("cpu"))["P"]
     # Fixed steps (ConstantStep, StepToGrid): every step accepted, no error estimate; the PI
     # settings below are placeholders then (their result is not used).
@@ -133,7 +139,7 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record) ->
             tuple(tuple(x) for x in spec.shapes),
             tuple(spec.sizes),
         ),  # fmt: skip
-        window=_OUT_WINDOW if cheap else 1,
+        window=min(_OUT_WINDOW_ROWS if rows or pick else _OUT_WINDOW, n_out) if cheap else 1,
         n_dense=int(tab.n_dense_stages),
         floor=bool(floor) and ctrl.adaptive,
         propose="pi" if ctrl.adaptive else "dt" if isinstance(ctrl, ConstantStep) else "inf",
@@ -321,9 +327,10 @@ def integrate_compiled(
     d, t0, t_end = prob.direction, prob.t0, prob.t_end
     pick = prob.out_sample is not None
     n_steps = steps_per_call or STEPS_PER_CALL
+    n_out = len(prob.out_t)
     C = _consts(tab, ctrl, f.time_dtype, n_steps, prob.spec, prob.atol_zero, rows=False,
-                pick=pick, record=record)  # fmt: skip
-    n_out, W = len(prob.out_t), C.window
+                pick=pick, record=record, n_out=n_out)  # fmt: skip
+    W = C.window
     f64 = dict(dtype=torch.float64, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)
     out_t = torch.tensor([list(prob.out_t) + [d * math.inf] * W], **f64)
@@ -437,7 +444,7 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     T = tau.shape[1]
     n_steps = steps_per_call or STEPS_PER_CALL
     C = _consts(tab, ctrl, f.time_dtype, n_steps, spec, run.floor, rows=True, pick=False,
-                record=bool(run.dense))  # fmt: skip
+                record=bool(run.dense), n_out=T)  # fmt: skip
     W = C.window
     f64 = dict(dtype=torch.float64, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)

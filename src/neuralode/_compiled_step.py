@@ -181,22 +181,29 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         # ---- outputs passed by the accepted steps, from each step's continuous extension
         writes = (accept | due).unsqueeze(1)
         inside = writes & (sdir.unsqueeze(1) * (taus - t_new.unsqueeze(1)) <= 0)
-        y3 = y.view(R, 1, n, M)
-        yn3 = torch.where(zero.unsqueeze(1), y, y_new).view(R, 1, n, M)
+        y_end = torch.where(zero.unsqueeze(1), y, y_new)
+        Kst = torch.stack(ks + [k_last] if C.n_dense else ks).view(-1, R, n, M)
+        if C.pick:  # one sample per slot: only those samples are interpolated
+            sel = k["pick"].gather(1, idx)  # (R, W)
+            y3, yn3 = y.view(R, n, M)[rix, sel], y_end.view(R, n, M)[rix, sel]  # (R, W, M)
+            Kst = Kst[:, rix, sel]  # (Sd, R, W, M)
+            eq = "rws,srwm->rwm"
+        else:
+            y3, yn3 = y.view(R, 1, n, M), y_end.view(R, 1, n, M)
+            eq = "rws,srnm->rwnm"
         if C.window > 1:
             # Outside the step theta is 0: masked values must stay finite, or their zero
             # gradients would become NaN.
             step_in = inside & ~zero.unsqueeze(1)
             theta = torch.where(step_in, (taus - t.unsqueeze(1)) / h_step.unsqueeze(1), 0.0)
             Wt = weights_at(theta, Pm).to(y.dtype)  # (R, W, Sd), the method's own interpolant
-            Kst = torch.stack(ks + [k_last] if C.n_dense else ks).view(-1, R, n, M)
-            vals = y3 + hs.view(R, 1, 1, 1) * torch.einsum("rws,srnm->rwnm", Wt, Kst)
-            vals = torch.where((taus == t_new.unsqueeze(1)).view(R, -1, 1, 1), yn3, vals)
+            vals = y3 + hs.view([R] + [1] * (y3.dim() - 1)) * torch.einsum(eq, Wt, Kst)
+            at_end = (taus == t_new.unsqueeze(1)).view(R, -1, *[1] * (y3.dim() - 2))
+            vals = torch.where(at_end, yn3, vals)
         else:  # the step ended on the output time
-            vals = yn3.expand(R, C.window, n, M)
-        if C.pick:  # one sample per slot
-            sel = k["pick"].gather(1, idx).view(R, -1, 1, 1).expand(R, C.window, 1, M)
-            vals = vals.gather(2, sel)
+            vals = yn3.expand(R, C.window, *yn3.shape[2:])
+        if C.pick:
+            vals = vals.unsqueeze(2)  # (R, W, 1, M)
         old = out[rix, idx]
         out = out.index_put((rix, idx), torch.where(inside.view(R, -1, 1, 1), vals, old))
         p = p + inside.sum(1)
