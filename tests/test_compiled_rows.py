@@ -159,37 +159,64 @@ def test_shared_control_2d_t_and_dense_output_equal_eager(shared_2d):
         torch.testing.assert_close(sol.evaluate(q), ref.evaluate(q), rtol=1e-10, atol=1e-12)
 
 
-def jumpy(t, y):  # y' = -y + 1 before t = 0.4, -y after (a discontinuity at 0.4)
-    return -y + (t < 0.4).to(y.dtype).reshape(-1, 1)
+def test_checkpointed_gradients_replay_the_compiled_checkpoints(shared_2d):
+    """Checkpointed with shared control: the forward in compiled chunks (the same compiled
+    version as the dense solve above: both record every step), the backward replays each step
+    eagerly from its compiled checkpoint. Equal to eager Checkpointed and Direct to rounding."""
+    t, _ = shared_2d
+
+    def grads(compile, gradient):
+        y0 = Y0.clone().requires_grad_()
+        sol = neuralode.solve(FIELD, y0, t, compile=compile, gradient=gradient, **TOL)
+        loss = sol.ys.square().sum() + sol.ys[-1, :, 0].sum()
+        return sol, torch.autograd.grad(loss, [y0, *FIELD.parameters()])
+
+    sol, got = grads(True, "checkpoint")
+    assert sol.stats["compiled"] is True
+    for other in (grads(False, "checkpoint")[1], grads(False, "direct")[1]):
+        for g, w in zip(got, other, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+def jumpy(t, s):
+    """A tuple state (a, b): a' = -a + 1 before t = 0.4, -a after (a discontinuity at 0.4),
+    and b' = -b + 2 before, -b after (b = 2a when b0 = 2 a0)."""
+    a, b = s
+    step = (t < 0.4).to(a.dtype).reshape(-1, 1)
+    return (-a + step, -b + 2.0 * step)
 
 
 @pytest.mark.parametrize("batch_control", ["shared", "per_sample"])
 def test_step_t_and_jump_t_landings_and_t_gradients_equal_eager(batch_control):
-    """Landings on step_t and jump_t (per row); with shared control also the gradients with
-    respect to a 1-D t (one compiled version serves both)."""
+    """Landings on step_t and jump_t (per row) with a tuple state (the mixed norm per row);
+    with shared control also the gradients with respect to a 1-D t (one compiled version
+    serves both)."""
     ctrl = neuralode.PIController(rtol=1e-6, atol=1e-8, step_t=[0.25], jump_t=[0.4])
-    y0 = torch.tensor([[1.0], [2.0]], dtype=F64)
+    a0 = torch.tensor([[1.0], [2.0]], dtype=F64)
     shared = batch_control == "shared"
     kw = dict(solver="bosh3", controller=ctrl, batch_control=batch_control, dense_output=True)
 
     def run(compile):
         t = torch.linspace(0.0, 1.0, 4, dtype=F64).requires_grad_(shared)
-        sol = neuralode.solve(jumpy, y0, t, compile=compile, **kw)
-        grad = torch.autograd.grad(sol.ys.square().sum(), t)[0] if shared else None
+        sol = neuralode.solve(jumpy, (a0, 2.0 * a0), t, compile=compile, **kw)
+        loss = sol.ys[0].square().sum() + sol.ys[1].sum()
+        grad = torch.autograd.grad(loss, t)[0] if shared else None
         return sol, grad
 
     (sol, got), (ref, want) = run(True), run(False)
     assert sol.stats["compiled"] is True
-    torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-12, atol=1e-14)
+    for x, w in zip(sol.ys, ref.ys, strict=True):
+        torch.testing.assert_close(x, w, rtol=1e-12, atol=1e-14)
     n_acc, n_rej = sol.stats["n_accepted"], sol.stats["n_rejected"]
     assert torch.equal(torch.as_tensor(n_acc), torch.as_tensor(ref.stats["n_accepted"]))
     assert torch.equal(torch.as_tensor(n_rej), torch.as_tensor(ref.stats["n_rejected"]))
     times = sol.step_times if shared else sol.step_times[1]
     assert 0.25 in times and 0.4 in times  # landed exactly
-    # Closed form: y = 1 + (y0 - 1) e^-t before 0.4, then decay.
-    y04 = 1.0 + (y0 - 1.0) * torch.exp(torch.tensor(-0.4, dtype=F64))
-    want_y = y04 * torch.exp(torch.tensor(-0.6, dtype=F64))
-    torch.testing.assert_close(sol.ys[-1].detach(), want_y, rtol=1e-5, atol=0.0)
+    # Closed form: a = 1 + (a0 - 1) e^-t before 0.4, then decay; b = 2a.
+    a04 = 1.0 + (a0 - 1.0) * torch.exp(torch.tensor(-0.4, dtype=F64))
+    want_a = a04 * torch.exp(torch.tensor(-0.6, dtype=F64))
+    torch.testing.assert_close(sol.ys[0][-1].detach(), want_a, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(sol.ys[1][-1].detach(), 2.0 * want_a, rtol=1e-5, atol=0.0)
     if shared:  # dL/dt_j = <dL/dy(t_j), f(t_j, y(t_j))>, as eagerly
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         assert float(got[-1]) != 0.0
@@ -213,6 +240,8 @@ def test_fixed_steps_per_sample_on_each_samples_grid():
     [
         (dict(batch_control="per_sample", gradient="backsolve"), "gradient=Backsolve"),
         (dict(batch_control="per_sample", gradient="checkpoint"), "gradient=Checkpointed"),
+        (dict(gradient="backsolve"), "gradient=Backsolve"),
+        (dict(gradient=neuralode.Checkpointed(max_checkpoints=4)), "max_checkpoints"),
         (dict(controller=neuralode.PIController(norm=lambda e: e.abs().max())), "custom error"),
         (dict(event=neuralode.Event(lambda t, y: y[0, 0])), "event="),
     ],

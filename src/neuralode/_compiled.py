@@ -64,13 +64,14 @@ __all__ = [
 #: lengthen the first compilation (about 4 s per step for dopri5 on 2 CPU cores, once per
 #: vector field, dtype and shape; later runs reuse torch.compile's on-disk cache).
 STEPS_PER_CALL = 8
-#: Output times one step may pass (a step that would pass more lands on the last of them):
-#: with the whole batch at each output time (shared control, 1-D t) the window costs memory
-#: ``window * B * M`` per step; with one sample per output time (per-sample control, or a 2-D
-#: t) only ``window * M``, so the window is wider there (a 2-D t of 256 samples has 256
-#: output times in every time span).
+#: Output times one step may pass (a step that would pass more lands on the last of them).
+#: Each costs an interpolation per step: of the whole batch with shared control and a 1-D t
+#: (``B * M`` values), of one sample per row with per-sample control (``B * M`` over the
+#: rows), of one sample with shared control and a 2-D t (``M``: the window can be wide, and
+#: must be, since the samples' output times interleave: 256 samples put 256 in every span).
 _OUT_WINDOW = 8
-_OUT_WINDOW_ROWS = 256
+_OUT_WINDOW_ROWS = 32
+_OUT_WINDOW_PICK = 4096
 
 _MAX_CACHED = 16
 _lock = threading.Lock()
@@ -93,7 +94,8 @@ def check_compilable(*, tab, ctrl, gradient=None) -> None:
     if gradient is not None:
         problems.append(
             f"gradient={gradient} (compiled stepping differentiates by autograd through the "
-            "compiled steps: use gradient='direct', the default)"
+            "compiled steps, or replays their checkpoints: use gradient='direct', the default, "
+            "or 'checkpoint' with shared control)"
         )
     if problems:
         raise ValueError(
@@ -139,7 +141,9 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
             tuple(tuple(x) for x in spec.shapes),
             tuple(spec.sizes),
         ),  # fmt: skip
-        window=min(_OUT_WINDOW_ROWS if rows or pick else _OUT_WINDOW, n_out) if cheap else 1,
+        window=min(_OUT_WINDOW_PICK if pick else _OUT_WINDOW_ROWS if rows else _OUT_WINDOW, n_out)
+        if cheap
+        else 1,  # fmt: skip
         n_dense=int(tab.n_dense_stages),
         floor=bool(floor) and ctrl.adaptive,
         propose="pi" if ctrl.adaptive else "dt" if isinstance(ctrl, ConstantStep) else "inf",
@@ -307,14 +311,16 @@ def _split(report: list, R: int, steps: int):
 
 def integrate_compiled(
     prob: Problem, f: VectorField, y0: torch.Tensor, *, throw: bool, steps_per_call=None,
-    track_grad: bool = False, record: bool = False,
+    track_grad: bool = False, record: str | None = None,
 ) -> LoopResult:  # fmt: skip
     """The forward solve of :func:`neuralode._loop.integrate` (shared control) in compiled
     chunks of steps.
 
     ``y0`` is the flat ``(B, M)`` state; ``prob.out_sample`` set (a 2-D ``t``) gives each
     output one sample. Returns a :class:`LoopResult` with the outputs in result order and,
-    with ``record``, a :class:`StepRecord` (times, state, stages) per accepted step.
+    with ``record`` ``"states"`` or ``"dense"``, a :class:`StepRecord` per accepted step (times,
+    outputs, the state at its start; with ``"dense"`` also its stages), as the eager loop keeps
+    them (checkpointed gradients replay them).
 
     Raises
     ------
@@ -329,7 +335,7 @@ def integrate_compiled(
     n_steps = steps_per_call or STEPS_PER_CALL
     n_out = len(prob.out_t)
     C = _consts(tab, ctrl, f.time_dtype, n_steps, prob.spec, prob.atol_zero, rows=False,
-                pick=pick, record=record, n_out=n_out)  # fmt: skip
+                pick=pick, record=record is not None, n_out=n_out)  # fmt: skip
     W = C.window
     f64 = dict(dtype=torch.float64, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)
@@ -372,18 +378,26 @@ def integrate_compiled(
         k["pick"] = torch.tensor([list(prob.out_sample) + [0] * W], **i64)
     steps: list[StepRecord] = []
     keep_next = not tab.fsal and tab.dense_stage_is_next_first
-    done = {}
+    done = dict(p=p, t_first=t_first)
 
     def on_report(report, rec, state):
         (t_now,), (h_now,), (att,), (acc,), (code,), (nf,), (busy,) = _split(report, 1, n_steps)[0]
         if rec is not None:
             t_o, t_n, ok = _split(report, 1, n_steps)[1]
             for i in (i for i in range(n_steps) if ok[i]):
-                steps.append(StepRecord(
-                    t_o[i], t_n[i], t_o[i], t_n[i], 0, 0, y=rec["y"][i],
-                    K=rec["K"][i].reshape(tab.n_stages, -1),
-                    k_next=rec["k_next"][i] if keep_next else None,
-                ))  # fmt: skip
+                lo = hi = done["p"]  # the outputs in (t, t_new]
+                while hi < n_out and d * (prob.out_t[hi] - t_n[i]) <= 0:
+                    hi += 1
+                # At a jump_t the last stage saw the left limit, the next first one the right.
+                jump = t_n[i] in ctrl.jump_t
+                t_last = time_beside(t_n[i], t_o[i], f.time_dtype) if jump else t_n[i]
+                r = StepRecord(t_o[i], t_n[i], done["t_first"], t_last, lo, hi, y=rec["y"][i])
+                if record == "dense":
+                    r.K = rec["K"][i].reshape(tab.n_stages, -1)
+                    r.k_next = rec["k_next"][i] if keep_next else None
+                steps.append(r)
+                done["p"] = hi
+                done["t_first"] = time_beside(t_n[i], t_n[i] + d, f.time_dtype) if jump else t_n[i]
         done.update(t=t_now, h=abs(h_now), att=int(att), acc=int(acc))
         cause = None
         if code == STATUS_NONFINITE_H:
@@ -564,3 +578,17 @@ def warn_mismatch(why, stacklevel: int) -> None:
         RuntimeWarning,
         stacklevel=stacklevel,
     )
+
+
+def forward_or_none(run, f: VectorField, y0: torch.Tensor, record: str | None):
+    """The forward solve of a custom-gradient method (no graph) in compiled chunks, keeping
+    ``record`` per step; None (after a warning) when func's compiled code no longer matches
+    it, for the caller to run it eagerly."""
+    result = None
+    if run.prob.t_end != run.prob.t0:  # (a single output time: nothing to integrate)
+        try:
+            result = integrate_compiled(run.prob, f, y0, throw=run.throw, record=record)
+        except CompiledCodeMismatch as why:
+            warn_mismatch(why, stacklevel=6)
+    run.stats["compiled"] = result is not None
+    return result

@@ -219,12 +219,21 @@ def solve(
             )
         from ._compiled import check_compilable
 
-        exact = capable(grad_method, "exact_autograd")
+        # Direct: autograd through the compiled chunks; Checkpointed (shared control): the
+        # forward compiled, the backward replays its checkpoints eagerly.
+        ok = capable(grad_method, "exact_autograd") or (
+            capable(grad_method, "compiled_forward") and batch_control == "shared"
+        )
         check_compilable(
             tab=tab,
             ctrl=resolve_controller(tab, controller, rtol, atol, dt),
-            gradient=None if exact else type(grad_method).__name__,
+            gradient=None if ok else type(grad_method).__name__,
         )
+        if getattr(grad_method, "max_checkpoints", None) is not None:
+            raise ValueError(
+                "compile=True keeps a checkpoint at every step: Checkpointed(max_checkpoints=...) "
+                "is not supported with it; use Checkpointed() or compile=False"
+            )
     if getattr(controller, "force_dt_min", False) and (compile or batch_control == "per_sample"):
         raise ValueError(
             "PIController(force_dt_min=True) is supported by the default driver only; use "
@@ -318,9 +327,10 @@ def solve(
     if t_grad:
         f0 = VectorField(func, spec, time_dtype)(t0, y0flat)
         y_start = y0flat - (t[0] - t[0].detach()).to(_real(spec.dtype)) * f0
-    if compile:
+    if compile and capable(grad_method, "exact_autograd"):
         ys = _run_compiled(run, y_start, t_grad)
     else:
+        run.extra["compile"] = compile  # (Checkpointed: its forward in compiled chunks)
         ys = grad_method.run(run, y_start)
     res = run.result
     if t_grad:
@@ -381,17 +391,17 @@ def _run_compiled(run: Run, y0flat, t_grad: bool):
         run.stepper = run.new_stepper(y0flat)
     f = run.vector_field()
     res = None
+    rec = "dense" if run.dense else None
     if prob.t_end != prob.t0:  # (a single output time: nothing to integrate, nor to compile)
         try:
             res = integrate_compiled(
-                prob, f, y0flat, throw=run.throw, track_grad=needs_grad, record=run.dense
+                prob, f, y0flat, throw=run.throw, track_grad=needs_grad, record=rec
             )
         except CompiledCodeMismatch as why:
             warn_mismatch(why, stacklevel=4)
             res, f = None, run.vector_field()
     run.stats["compiled"] = res is not None
     if res is None:
-        rec = "dense" if run.dense else None
         res = integrate(
             prob, f, y0flat, track_grad=needs_grad, throw=run.throw, record=rec,
             stepper=run.stepper,

@@ -179,17 +179,24 @@ def forward_without_graph(run: Run, y0flat: torch.Tensor, record: str, max_state
         else _FirstChecked(run.func, run.prob.spec, run.time_dtype, check)
     )
     stepper = run.new_stepper(y0flat)
-    with torch.no_grad():
-        res = integrate(
-            run.prob,
-            f,
-            y0flat.detach(),  # func must see a plain tensor, not a graph-less view of y0
-            track_grad=False,
-            record="dense" if run.dense else record,
-            throw=run.throw,
-            stepper=stepper,
-            max_states=None if run.dense else max_states,
-        )
+    res = None
+    if run.extra.get("compile"):  # solve(..., compile=True): the forward in compiled chunks
+        from .._compiled import forward_or_none
+
+        with torch.no_grad():
+            res = forward_or_none(run, f, y0flat.detach(), "dense" if run.dense else record)
+    if res is None:
+        with torch.no_grad():
+            res = integrate(
+                run.prob,
+                f,
+                y0flat.detach(),  # func must see a plain tensor, not a graph-less view of y0
+                track_grad=False,
+                record="dense" if run.dense else record,
+                throw=run.throw,
+                stepper=stepper,
+                max_states=None if run.dense else max_states,
+            )
     run.result, run.f, run.stepper = res, f, stepper
     run.stats["nfe"] = f.nfe
     return res
@@ -200,6 +207,8 @@ def capable(gradient, capability: str) -> bool:
 
     - ``exact_autograd``: the solve runs under autograd, differentiated through its own
       operations (dense output keeps the graph; compiled stepping can run in its place);
-    - ``per_sample``: it has ``run_rows(run, y0flat)`` for ``batch_control="per_sample"``.
+    - ``per_sample``: it has ``run_rows(run, y0flat)`` for ``batch_control="per_sample"``;
+    - ``compiled_forward``: its forward solve (:func:`forward_without_graph`) may run in
+      compiled chunks (``compile=True``, shared control).
     """
     return bool(getattr(type(gradient), capability, False))
