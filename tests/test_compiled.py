@@ -161,7 +161,7 @@ def test_module_vector_field_float32_batch(one_step_per_call):
     "kwargs, match",
     [
         (dict(solver="kvaerno5"), "explicit Runge-Kutta method"),
-        (dict(gradient="adjoint"), "gradient=Backsolve"),
+        (dict(gradient="reversible"), "gradient=Reversible"),
         (dict(controller=neuralode.PIController(norm=lambda e: e.abs().max())), "custom error"),
     ],
 )
@@ -258,8 +258,10 @@ def test_single_output_time_and_gradient_methods():
     with torch.no_grad():
         sol = neuralode.solve(decay, y0, torch.tensor([0.5]), compile=True)
         assert torch.equal(sol.ys[0], y0) and sol.stats["compiled"] is False
-        with pytest.raises(ValueError, match="gradient=Backsolve"):
-            neuralode.solve(decay, y0, torch.tensor([0.0, 1.0]), gradient="adjoint", compile=True)
+        with pytest.raises(ValueError, match="gradient=Reversible"):
+            neuralode.solve(
+                decay, y0, torch.tensor([0.0, 1.0]), gradient="reversible", compile=True
+            )
 
 
 def test_error_messages_name_what_is_unsupported(one_step_per_call):

@@ -159,23 +159,32 @@ def test_shared_control_2d_t_and_dense_output_equal_eager(shared_2d):
         torch.testing.assert_close(sol.evaluate(q), ref.evaluate(q), rtol=1e-10, atol=1e-12)
 
 
-def test_checkpointed_gradients_replay_the_compiled_checkpoints(shared_2d):
-    """Checkpointed with shared control: the forward in compiled chunks (the same compiled
-    version as the dense solve above: both record every step), the backward replays each step
-    eagerly from its compiled checkpoint. Equal to eager Checkpointed and Direct to rounding."""
+def _grads(t, compile, gradient):
+    y0 = Y0.clone().requires_grad_()
+    sol = neuralode.solve(FIELD, y0, t, compile=compile, gradient=gradient, **TOL)
+    loss = sol.ys.square().sum() + sol.ys[-1, :, 0].sum()
+    return sol, torch.autograd.grad(loss, [y0, *FIELD.parameters()])
+
+
+def test_checkpointed_and_backsolve_gradients_from_a_compiled_forward(shared_2d):
+    """Shared control: the forward in compiled chunks (the same compiled version as the dense
+    solve above: both record every step). Checkpointed replays each step eagerly from its
+    compiled checkpoint: equal to eager Checkpointed and Direct to rounding. Backsolve solves
+    the adjoint backward eagerly over the compiled forward's steps: equal to eager Backsolve
+    to rounding, and to Direct within the tolerance."""
     t, _ = shared_2d
-
-    def grads(compile, gradient):
-        y0 = Y0.clone().requires_grad_()
-        sol = neuralode.solve(FIELD, y0, t, compile=compile, gradient=gradient, **TOL)
-        loss = sol.ys.square().sum() + sol.ys[-1, :, 0].sum()
-        return sol, torch.autograd.grad(loss, [y0, *FIELD.parameters()])
-
-    sol, got = grads(True, "checkpoint")
+    direct = _grads(t, False, "direct")[1]
+    sol, got = _grads(t, True, "checkpoint")
     assert sol.stats["compiled"] is True
-    for other in (grads(False, "checkpoint")[1], grads(False, "direct")[1]):
+    for other in (_grads(t, False, "checkpoint")[1], direct):
         for g, w in zip(got, other, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+    sol, got = _grads(t, True, "backsolve")
+    assert sol.stats["compiled"] is True
+    for g, w in zip(got, _grads(t, False, "backsolve")[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
+    for g, w in zip(got, direct, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 def jumpy(t, s):
@@ -240,7 +249,7 @@ def test_fixed_steps_per_sample_on_each_samples_grid():
     [
         (dict(batch_control="per_sample", gradient="backsolve"), "gradient=Backsolve"),
         (dict(batch_control="per_sample", gradient="checkpoint"), "gradient=Checkpointed"),
-        (dict(gradient="backsolve"), "gradient=Backsolve"),
+        (dict(gradient="reversible"), "gradient=Reversible"),
         (dict(gradient=neuralode.Checkpointed(max_checkpoints=4)), "max_checkpoints"),
         (dict(controller=neuralode.PIController(norm=lambda e: e.abs().max())), "custom error"),
         (dict(event=neuralode.Event(lambda t, y: y[0, 0])), "event="),

@@ -318,9 +318,9 @@ def integrate_compiled(
 
     ``y0`` is the flat ``(B, M)`` state; ``prob.out_sample`` set (a 2-D ``t``) gives each
     output one sample. Returns a :class:`LoopResult` with the outputs in result order and,
-    with ``record`` ``"states"`` or ``"dense"``, a :class:`StepRecord` per accepted step (times,
-    outputs, the state at its start; with ``"dense"`` also its stages), as the eager loop keeps
-    them (checkpointed gradients replay them).
+    with ``record`` ``"times"``, ``"states"`` or ``"dense"``, a :class:`StepRecord` per
+    accepted step (times and outputs; the state at its start; also its stages), as the eager
+    loop keeps them (for the backsolve adjoint, checkpointed gradients and dense output).
 
     Raises
     ------
@@ -391,7 +391,9 @@ def integrate_compiled(
                 # At a jump_t the last stage saw the left limit, the next first one the right.
                 jump = t_n[i] in ctrl.jump_t
                 t_last = time_beside(t_n[i], t_o[i], f.time_dtype) if jump else t_n[i]
-                r = StepRecord(t_o[i], t_n[i], done["t_first"], t_last, lo, hi, y=rec["y"][i])
+                r = StepRecord(t_o[i], t_n[i], done["t_first"], t_last, lo, hi)
+                if record != "times":  # (the backsolve adjoint keeps no states)
+                    r.y = rec["y"][i]
                 if record == "dense":
                     r.K = rec["K"][i].reshape(tab.n_stages, -1)
                     r.k_next = rec["k_next"][i] if keep_next else None

@@ -129,8 +129,13 @@ def solve(
         traceable by ``torch.compile`` without graph breaks. Under autograd
         (``gradient="direct"``) gradients flow through the compiled chunks (torch.compile
         compiles their backward too; a solve under grad mode compiles once more than one under
-        ``torch.no_grad()``), and gradients with respect to a 1-D ``t`` work as eagerly. Other
-        gradient methods, events, implicit/Adams methods and a custom ``norm`` raise ValueError.
+        ``torch.no_grad()``), and gradients with respect to a 1-D ``t`` work as eagerly. With
+        ``gradient="checkpoint"`` (shared control; without ``max_checkpoints``) the forward
+        runs in compiled chunks that record a checkpoint per accepted step, and the backward
+        pass replays the steps eagerly from them; with ``gradient="backsolve"`` (shared
+        control) the forward runs in compiled chunks and the adjoint solve backward runs on
+        the eager engine. Reversible, per-sample Checkpointed/Backsolve, events,
+        implicit/Adams methods and a custom ``norm`` raise ValueError.
         Results agree with the eager engine to the tolerance: the error estimate is summed in
         another order (its last bits, and so the step sizes, differ relatively by about 1e-10;
         the accepted/rejected counts are normally the same), a step never passes more than 8
@@ -219,8 +224,8 @@ def solve(
             )
         from ._compiled import check_compilable
 
-        # Direct: autograd through the compiled chunks; Checkpointed (shared control): the
-        # forward compiled, the backward replays its checkpoints eagerly.
+        # Direct: autograd through the compiled chunks; Checkpointed and Backsolve (shared
+        # control): the forward compiled, the backward (replay, adjoint solve) eager.
         ok = capable(grad_method, "exact_autograd") or (
             capable(grad_method, "compiled_forward") and batch_control == "shared"
         )
