@@ -29,8 +29,10 @@ gradients) the compiled chunks are differentiated by autograd (``torch.compile``
 backward too).
 
 Scope: explicit Runge--Kutta methods (Butcher tableaux) under any controller without a custom
-``norm`` (``step_t``/``jump_t`` included), a tensor, tuple or dict state, a 1-D or 2-D ``t``,
-Direct gradients; no events.
+``norm`` (``step_t``/``jump_t`` included), a tensor, tuple or dict state, a 1-D or 2-D ``t``;
+Direct gradients (autograd through the chunks), and with shared control Checkpointed and
+Backsolve (:func:`forward_or_none`: the forward compiled, keeping the step records their eager
+backward passes use); no events.
 """
 
 from __future__ import annotations

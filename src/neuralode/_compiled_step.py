@@ -13,7 +13,8 @@ accept/reject decision, PI memory, status and output times (all ``(R,)`` or ``(R
 Rows that have finished (or failed) take steps of length zero whose results are masked out with
 ``torch.where``. Times are float64 and signed (each row's direction ``sdir``), as in the eager
 per-row driver; every formula is the engine's own: the controller's landing rule
-(:func:`~neuralode.controllers.step_size.land_rows`), step proposal
+(:func:`~neuralode.controllers.step_size.land_rows`, with
+:func:`~neuralode.controllers.step_size.time_beside` at a ``jump_t``), step proposal
 (:func:`~neuralode.controllers.step_size.grid_point`), underflow rule and PI update
 (:func:`~neuralode.controllers.step_size.pi_update`), the scaled error norm
 (:func:`~neuralode._norms.error_scale`, :meth:`~neuralode._norms.ErrorNorm.rms_rows`) and the
@@ -27,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from ._norms import ErrorNorm, error_scale
-from .controllers.step_size import grid_point, land_rows, pi_update, underflows
+from .controllers.step_size import grid_point, land_rows, pi_update, time_beside, underflows
 from .solvers.tableau import weights_at
 
 __all__ = ["Consts", "chunk", "STATUS_UNDERFLOW", "STATUS_NONFINITE_H"]
@@ -71,18 +72,6 @@ def _combine(base, h, coeffs, ks):
         if a != 0.0:
             acc = k * a if acc is None else acc + k * a
     return base if acc is None else base + h * acc
-
-
-def _beside(x, toward, time_dtype):
-    """:func:`~neuralode.controllers.step_size.time_beside` on tensors: the next time after
-    ``x`` toward ``toward`` that func (in ``time_dtype``) sees as different from ``x``."""
-    if time_dtype != torch.float32:
-        return torch.nextafter(x, toward)
-    up = toward > x
-    x32 = x.to(torch.float32)
-    past = torch.where(up, x32.double() > x, x32.double() < x)
-    far = torch.where(up, torch.inf, -torch.inf).to(torch.float32)
-    return torch.where(past, x32, torch.nextafter(x32, far)).double()
 
 
 def chunk(f, C: Consts, s: dict, k: dict) -> dict:
@@ -158,7 +147,7 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         h_step = t_new - t
         hs = h_step.to(y.dtype).unsqueeze(1)  # (R, 1): broadcasts over the rows of y
         # At a jump_t the last stage sees the left limit (the next float before it).
-        t_last = torch.where(jump, _beside(t_new, t, C.time_dtype), t_new) if C.jumps else t_new
+        t_last = torch.where(jump, time_beside(t_new, t, C.time_dtype), t_new) if C.jumps else t_new
         # ---- the stages
         ks = [k1]
         yi = y
@@ -217,7 +206,7 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         acc2 = accept.unsqueeze(1)
         y = torch.where(acc2, y_new, y)
         if C.jumps:  # past a jump_t, f afresh at the right limit (the next float after it)
-            k_jump = call(_beside(t_new, t_new + sdir, C.time_dtype), y_new)
+            k_jump = call(time_beside(t_new, t_new + sdir, C.time_dtype), y_new)
             k_last = torch.where(jump.unsqueeze(1), k_jump, k_last)
         k1 = torch.where(acc2, k_last, k1)
         t = torch.where(accept, t_new, t)

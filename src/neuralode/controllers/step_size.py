@@ -21,15 +21,23 @@ import torch
 __all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController", "time_beside"]
 
 
-def time_beside(x: float, toward: float, time_dtype: torch.dtype) -> float:
+def time_beside(x, toward, time_dtype: torch.dtype):
     """The time closest to ``x`` on the side of ``toward`` that f sees as different from ``x``.
 
     At a discontinuity (``jump_t``) f is evaluated there, just inside the interval being
     stepped. In double precision that is ``math.nextafter``; f receives its time in
     ``time_dtype``, and with float32 the next double rounds back onto ``x``, so the step is taken
     to the next float32 instead (or to float32's rounding of ``x`` when that already lies on the
-    ``toward`` side).
+    ``toward`` side). Floats, or float64 tensors (compiled stepping calls it in its graph).
     """
+    if isinstance(x, torch.Tensor):
+        if time_dtype != torch.float32:
+            return torch.nextafter(x, toward)
+        up = toward > x
+        x32 = x.to(torch.float32)
+        past = torch.where(up, x32.double() > x, x32.double() < x)
+        far = torch.where(up, torch.inf, -torch.inf).to(torch.float32)
+        return torch.where(past, x32, torch.nextafter(x32, far)).double()
     if time_dtype != torch.float32:
         return math.nextafter(x, toward)
     up = toward > x
