@@ -244,6 +244,20 @@ def test_fixed_steps_per_sample_on_each_samples_grid():
     torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-13, atol=0.0)
 
 
+@pytest.mark.parametrize("time_dtype", [torch.float32, torch.float64])
+def test_time_beside_on_tensors_equals_the_float_rule(time_dtype):
+    # The compiled step's jump_t limits use the tensor form of the eager loop's rule.
+    from neuralode.controllers.step_size import time_beside
+
+    xs = [0.4, 1.0, -2.5, 0.1, 1e-3, 3.0000001]
+    for toward in (10.0, -10.0):
+        got = time_beside(torch.tensor(xs, dtype=F64), torch.tensor(toward, dtype=F64), time_dtype)
+        want = [time_beside(x, toward, time_dtype) for x in xs]
+        assert got.tolist() == want  # the same IEEE operations: exactly equal
+        t_f = got.to(time_dtype)  # f sees a time different from x, on the side of `toward`
+        assert bool(((t_f.double() - torch.tensor(xs, dtype=F64)) * toward > 0).all())
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
