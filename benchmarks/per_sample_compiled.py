@@ -10,7 +10,8 @@ output times each; dopri5 at ``rtol = atol = tol``), solved four ways:
   per call; finished samples take steps of length zero, no compaction);
 - ``eager shared`` / ``compiled shared``: one step size for the batch, the 2-D ``t``.
 
-Columns: wall time of a solve (median of the repeats after the first call, forward under
+Columns: wall time of a solve (``--clock cpu``: process CPU time; median of the repeats after
+the first call, forward under
 no_grad, the modes interleaved), the first call's time (compilation included; torch.compile's
 on-disk cache shortens it in later processes), NFE, the worst error at the output times against
 scipy's DOP853 at rtol = atol = 1e-12, the worst difference from the eager solve of the same
@@ -52,18 +53,18 @@ def solve(prob, tol, mode):
     )
 
 
-def measure(prob, tol: float, repeats: int, ref) -> list[dict]:
+def measure(prob, tol: float, repeats: int, ref, clock=time.perf_counter) -> list[dict]:
     first, times, sols = {}, {m: [] for m in MODES}, {}
     with torch.no_grad():
         for mode in MODES:  # the first call compiles (compiled modes)
-            start = time.perf_counter()
+            start = clock()
             sols[mode] = solve(prob, tol, mode)
-            first[mode] = time.perf_counter() - start
+            first[mode] = clock() - start
         for _ in range(repeats):
             for mode in MODES:
-                start = time.perf_counter()
+                start = clock()
                 sols[mode] = solve(prob, tol, mode)
-                times[mode].append(time.perf_counter() - start)
+                times[mode].append(clock() - start)
     rows = []
     for mode in MODES:
         sol = sols[mode]
@@ -99,7 +100,14 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--tols", type=float, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a loaded machine)",
+    )
     args = parser.parse_args(argv)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     tols = args.tols or ([1e-6] if args.quick else [1e-4, 1e-6])
     repeats = args.repeats or (3 if args.quick else 5)
@@ -108,12 +116,12 @@ def main(argv: list[str] | None = None):
     print(
         f"# compile=True with per-sample control: MLP d=2, hidden 64, batch {args.batch}, spans "
         f"log-uniform in [0.1, 5], dopri5, {args.dtype}; torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {args.threads} thread(s), median of "
-        f"{repeats} interleaved repeats\n"
+        f"{platform.processor() or platform.machine()}, {args.threads} thread(s), {args.clock} "
+        f"clock, median of {repeats} interleaved repeats\n"
     )
     rows = []
     for tol in tols:
-        rows.extend(measure(prob, tol, repeats, ref))
+        rows.extend(measure(prob, tol, repeats, ref, clock))
     print_table(rows)
     return rows
 

@@ -586,8 +586,10 @@ def warn_mismatch(why, stacklevel: int) -> None:
 
 def forward_or_none(run, f: VectorField, y0: torch.Tensor, record: str | None):
     """The forward solve of a custom-gradient method (no graph) in compiled chunks, keeping
-    ``record`` per step; None (after a warning) when func's compiled code no longer matches
-    it, for the caller to run it eagerly."""
+    ``record`` per step, when the solve asked for compiled stepping; else None, and None (after
+    a warning) when func's compiled code no longer matches it: the caller runs it eagerly."""
+    if not run.extra.get("compile"):
+        return None
     result = None
     if run.prob.t_end != run.prob.t0:  # (a single output time: nothing to integrate)
         try:

@@ -176,17 +176,19 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
             sel = k["pick"].gather(1, idx)  # (R, W)
             y3, yn3 = y.view(R, n, M)[rix, sel], y_end.view(R, n, M)[rix, sel]  # (R, W, M)
             Kst = Kst[:, rix, sel]  # (Sd, R, W, M)
-            eq = "rws,srwm->rwm"
         else:
             y3, yn3 = y.view(R, 1, n, M), y_end.view(R, 1, n, M)
-            eq = "rws,srnm->rwnm"
+            Kst = Kst.unsqueeze(2)  # (Sd, R, 1, n, M)
         if C.window > 1:
             # Outside the step theta is 0: masked values must stay finite, or their zero
             # gradients would become NaN.
             step_in = inside & ~zero.unsqueeze(1)
             theta = torch.where(step_in, (taus - t.unsqueeze(1)) / h_step.unsqueeze(1), 0.0)
             Wt = weights_at(theta, Pm).to(y.dtype)  # (R, W, Sd), the method's own interpolant
-            vals = y3 + hs.view([R] + [1] * (y3.dim() - 1)) * torch.einsum(eq, Wt, Kst)
+            # sum_s W[r, w, s] K[s, r, ...] as one fused loop (a batched matmul of (1, Sd) by
+            # (Sd, M) matrices would call a kernel per output time).
+            Ws = Wt.permute(2, 0, 1).reshape(*Wt.shape[2:], R, -1, *[1] * (y3.dim() - 2))
+            vals = y3 + hs.view([R] + [1] * (y3.dim() - 1)) * (Ws * Kst).sum(0)
             at_end = (taus == t_new.unsqueeze(1)).view(R, -1, *[1] * (y3.dim() - 2))
             vals = torch.where(at_end, yn3, vals)
         else:  # the step ended on the output time

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._compiled import forward_or_none
 from .._loop import LoopResult, Problem, VectorField, integrate, make_stepper
 
 __all__ = ["Run", "capable", "find_params", "warn_missing_params", "ParamCheck"]
@@ -179,24 +180,20 @@ def forward_without_graph(run: Run, y0flat: torch.Tensor, record: str, max_state
         else _FirstChecked(run.func, run.prob.spec, run.time_dtype, check)
     )
     stepper = run.new_stepper(y0flat)
-    res = None
-    if run.extra.get("compile"):  # solve(..., compile=True): the forward in compiled chunks
-        from .._compiled import forward_or_none
-
-        with torch.no_grad():
-            res = forward_or_none(run, f, y0flat.detach(), "dense" if run.dense else record)
-    if res is None:
-        with torch.no_grad():
-            res = integrate(
-                run.prob,
-                f,
-                y0flat.detach(),  # func must see a plain tensor, not a graph-less view of y0
-                track_grad=False,
-                record="dense" if run.dense else record,
-                throw=run.throw,
-                stepper=stepper,
-                max_states=None if run.dense else max_states,
-            )
+    with torch.no_grad():
+        # compile=True: the forward in compiled chunks (None: run it here instead)
+        res = forward_or_none(
+            run, f, y0flat.detach(), "dense" if run.dense else record
+        ) or integrate(
+            run.prob,
+            f,
+            y0flat.detach(),  # func must see a plain tensor, not a graph-less view of y0
+            track_grad=False,
+            record="dense" if run.dense else record,
+            throw=run.throw,
+            stepper=stepper,
+            max_states=None if run.dense else max_states,
+        )
     run.result, run.f, run.stepper = res, f, stepper
     run.stats["nfe"] = f.nfe
     return res
