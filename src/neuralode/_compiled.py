@@ -265,6 +265,31 @@ def _recompile_reason(e: Exception) -> str | None:
     return (why[-1] if why else text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
+def _chunk_inputs(C, ctrl, y0, k1, t0, t_end, sdir, h0, out, p, out_t, max_steps, rtol, atol,
+                  landings, pick=None):  # fmt: skip
+    """The chunk's state ``s`` and constants ``k`` (see :func:`~neuralode._compiled_step.chunk`)
+    for rows from ``t0`` to ``t_end`` in directions ``sdir`` ((R,) float64) with first step
+    sizes ``h0``. Every tensor is its own (torch.compile guards on which inputs alias)."""
+    R, dev = t0.shape[0], y0.device
+    f64, i64 = dict(dtype=torch.float64, device=dev), dict(dtype=torch.int64, device=dev)
+    s = dict(
+        y=y0, k1=k1, t=t0.clone(), h=torch.zeros(R, **f64) + h0, prev=torch.ones(R, **f64),
+        out=out, p=p, att=torch.zeros(R, **i64), nacc=torch.zeros(R, **i64),
+        st=torch.zeros(R, **i64), nf=torch.zeros(R, dtype=torch.bool, device=dev),
+    )  # fmt: skip
+    k = dict(
+        t_end=t_end, t0=t0, sdir=sdir, lo=torch.minimum(t0, t_end), hi=torch.maximum(t0, t_end),
+        out_t=out_t.contiguous(), rtol=_tolerance(rtol, y0.dtype, dev),
+        max_att=torch.tensor(max_steps if max_steps is not None else 2**62, **i64),
+        atol=_tolerance(atol, y0.dtype, dev), L=torch.tensor(landings, **f64),
+    )  # fmt: skip
+    if C.jumps:
+        k["J"] = torch.tensor(ctrl.jump_t, **f64)
+    if pick is not None:
+        k["pick"] = pick
+    return s, k
+
+
 def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report) -> dict:
     """Call the compiled chunk until ``on_report(report, records, state)`` returns True.
 
@@ -359,25 +384,11 @@ def integrate_compiled(
             order = tab.error_order()
         h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), d, abs(t_end - t0), order)
     nfe0 = f.nfe
-    max_att = prob.max_steps if prob.max_steps is not None else 2**62
-    s = dict(
-        y=y0, k1=k1, t=torch.tensor([t0], **f64), h=torch.tensor([h0], **f64),
-        prev=torch.ones(1, **f64), out=out, p=torch.tensor([p], **i64),
-        att=torch.zeros(1, **i64), nacc=torch.zeros(1, **i64), st=torch.zeros(1, **i64),
-        nf=torch.zeros(1, dtype=torch.bool, device=dev),
-    )  # fmt: skip
-    k = dict(
-        t_end=torch.tensor([t_end], **f64), t0=torch.tensor([t0], **f64),
-        sdir=torch.tensor([d], **f64), lo=torch.tensor([min(t0, t_end)], **f64),
-        hi=torch.tensor([max(t0, t_end)], **f64), out_t=out_t,
-        max_att=torch.tensor(max_att, **i64), rtol=_tolerance(prob.rtol, dtype, dev),
-        atol=_tolerance(prob.atol, dtype, dev),
-        L=torch.tensor(ctrl.landing_times(t0, t_end), **f64),
-    )  # fmt: skip
-    if C.jumps:
-        k["J"] = torch.tensor(ctrl.jump_t, **f64)
-    if pick:
-        k["pick"] = torch.tensor([list(prob.out_sample) + [0] * W], **i64)
+    tt = [torch.tensor([x], **f64) for x in (t0, t_end, d)]
+    pick_t = torch.tensor([list(prob.out_sample) + [0] * W], **i64) if pick else None
+    s, k = _chunk_inputs(C, ctrl, y0, k1, *tt, h0, out, torch.tensor([p], **i64), out_t,
+                         prob.max_steps, prob.rtol, prob.atol,
+                         ctrl.landing_times(t0, t_end), pick_t)  # fmt: skip
     steps: list[StepRecord] = []
     keep_next = not tab.fsal and tab.dense_stage_is_next_first
     done = dict(p=p, t_first=t_first)
@@ -464,8 +475,6 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     C = _consts(tab, ctrl, f.time_dtype, n_steps, spec, run.floor, rows=True, pick=False,
                 record=bool(run.dense), n_out=T)  # fmt: skip
     W = C.window
-    f64 = dict(dtype=torch.float64, device=dev)
-    i64 = dict(dtype=torch.int64, device=dev)
     t0, t_end = tau[:, 0].contiguous(), tau[:, -1].contiguous()
     sdir = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
     stau = (sdir.unsqueeze(1) * tau).contiguous()
@@ -488,21 +497,8 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
             order = tab.error_order()
         h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), sdir, (t_end - t0).abs(),
                                order)  # fmt: skip
-    h0 = torch.zeros(B, **f64) + h0  # (fixed-step controllers give a float)
-    max_att = run.max_steps if run.max_steps is not None else 2**62
-    s = dict(
-        y=y0, k1=k1, t=t0.clone(), h=h0, prev=torch.ones(B, **f64), out=out, p=n0,
-        att=torch.zeros(B, **i64), nacc=torch.zeros(B, **i64), st=torch.zeros(B, **i64),
-        nf=torch.zeros(B, dtype=torch.bool, device=dev),
-    )  # fmt: skip
-    k = dict(
-        t_end=t_end, t0=t0, sdir=sdir, lo=lo, hi=hi, out_t=out_t.contiguous(),
-        max_att=torch.tensor(max_att, **i64), rtol=_tolerance(run.rtol, dtype, dev),
-        atol=_tolerance(run.atol, dtype, dev),
-        L=torch.tensor(sorted({*ctrl.step_t, *ctrl.jump_t}), **f64),
-    )  # fmt: skip
-    if C.jumps:
-        k["J"] = torch.tensor(ctrl.jump_t, **f64)
+    s, k = _chunk_inputs(C, ctrl, y0, k1, t0, t_end, sdir, h0, out, n0, out_t, run.max_steps,
+                         run.rtol, run.atol, sorted({*ctrl.step_t, *ctrl.jump_t}))  # fmt: skip
     state = {"status": "success", "message": "", "failed": [], "compactions": 0,
              "iterations": 0, "replay": []}  # fmt: skip
     records, failed, last = [], set(), {}
