@@ -244,6 +244,14 @@ def test_fixed_steps_per_sample_on_each_samples_grid():
     torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-13, atol=0.0)
 
 
+def test_nothing_to_integrate_per_sample_runs_eagerly_without_compiling():
+    t = torch.tensor([[0.5, 0.5], [0.2, 0.2], [1.0, 1.0]], dtype=F64)
+    with torch.no_grad():
+        sol = neuralode.solve(FIELD, Y0, t, batch_control="per_sample", compile=True)
+    assert sol.stats["compiled"] is False
+    assert torch.equal(sol.ys, Y0.expand(2, 3, 2))
+
+
 @pytest.mark.parametrize("time_dtype", [torch.float32, torch.float64])
 def test_time_beside_on_tensors_equals_the_float_rule(time_dtype):
     # The compiled step's jump_t limits use the tensor form of the eager loop's rule.

@@ -552,19 +552,20 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
 
 def run_rows(run, y0: torch.Tensor, record=None):
     """``RowsRun.integrate`` under ``compile=True``: the per-sample solve in compiled chunks
-    (or eagerly, with a warning, when func's compiled code no longer matches it)."""
-    try:
-        ys, *rest = integrate_rows_compiled(run, y0)
-        run.stats["compiled"] = True
-    except CompiledCodeMismatch as why:
-        warn_mismatch(why, stacklevel=7)
-        run.stats["compiled"], run.compile = False, False
+    (or eagerly: with a warning when func's compiled code no longer matches it, silently when
+    no sample has anything to integrate)."""
+    if not bool((run.tau[:, 0] == run.tau[:, -1]).all()):
         try:
-            return run.integrate(y0, record)
-        finally:
-            run.compile = True
-    run.result = tuple(rest)
-    return ys
+            ys, *rest = integrate_rows_compiled(run, y0)
+            run.stats["compiled"], run.result = True, tuple(rest)
+            return ys
+        except CompiledCodeMismatch as why:
+            warn_mismatch(why, stacklevel=7)
+    run.stats["compiled"], run.compile = False, False
+    try:
+        return run.integrate(y0, record)
+    finally:
+        run.compile = True
 
 
 def warn_mismatch(why, stacklevel: int) -> None:
