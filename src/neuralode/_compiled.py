@@ -14,11 +14,12 @@ The same chunk serves both kinds of control: shared (one row: one step size and 
 the whole batch, a 1-D or a 2-D ``t``; :func:`integrate_compiled` in place of the host-float
 driver) and per-sample (one row per sample; :func:`integrate_rows_compiled` in place of the
 eager per-row driver), and records every step's times, state and stages for dense output when
-asked. The arithmetic is the eager drivers' (see :mod:`neuralode._compiled_step`). Step sizes
-can differ from the eager loop in the last bits (the controller's ``pow`` in float64 tensors
-instead of Python floats), and a step never passes more than ``_OUT_WINDOW`` output times (it
-lands on the last of them). A method whose continuous extension needs extra stages (DOP853)
-lands on every output time.
+asked. The arithmetic is the eager drivers' (see :mod:`neuralode._compiled_step`), but sums
+run in another order: the error estimate, which cancels heavily, then differs in its last bits
+and the step sizes relatively by about 1e-10 (the accepted/rejected counts are normally the
+same). A step never passes more than a window of output times (it lands on the last of them:
+``_OUT_WINDOW`` with the whole batch at each output, wider with one sample per output). A
+method whose continuous extension needs extra stages (DOP853) lands on every output time.
 
 Failures are those of the eager drivers (StepSizeUnderflowError, NonFiniteError, MaxStepsError,
 or a partial solution with ``throw=False``), found at the end of the call in which they happen.
