@@ -139,7 +139,8 @@ def solve(
         Results agree with the eager engine to the tolerance: the error estimate is summed in
         another order (its last bits, and so the step sizes, differ relatively by about 1e-10;
         the accepted/rejected counts are normally the same), a step never passes more than 8
-        output times (it lands on the 8th), and with dopri8, whose continuous extension needs
+        output times (32 per sample with per-sample control, 4096 with a 2-D ``t``: it lands
+        on the last of them), and with dopri8, whose continuous extension needs
         three more stages, steps land on every output time instead of interpolating. Methods
         without FSAL (dopri8, fehlberg2, adaptive_heun) also evaluate f at the end of rejected
         attempts, so their NFE is a little higher than the eager engine's. A compiled version
