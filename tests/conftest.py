@@ -20,6 +20,7 @@ torch.set_num_threads(1)
 # xdist 3.8 renames the items' ``_nodeid``, which pytest 9 no longer reads.)
 WHOLE_FILES = (
     "tests/test_compiled.py",
+    "tests/test_compiled_rows.py",
     "tests/test_benchmarks.py",
     "tests/test_data.py",
     "tests/test_stiff_problems.py",

@@ -1,34 +1,39 @@
 """Compiled stepping: several adaptive steps per call of one ``torch.compile``'d function.
 
-The eager loop (:mod:`neuralode._loop`) pays PyTorch's dispatch cost (a few microseconds) for
-every operation of a step and reads the error norm back to the host once per step. On small
+The eager drivers pay PyTorch's dispatch cost (a few microseconds) for every operation of a
+step, and the host-float driver reads the error norm back to the host once per step. On small
 states and cheap vector fields that cost dominates: a Lorenz step is ~60 tiny operations. Here
-the whole step -- the stages (the vector field inlined), the error norm, the accept/reject
-decision, the step-size controller, and the dense output at the output times the step passes --
-is written with tensor operations only, unrolled ``steps_per_call`` times and compiled into one
-kernel sequence by ``torch.compile`` (Inductor, with its C++ wrapper: no Python between the
-kernels). Rejected steps and steps after the end are masked with ``torch.where`` instead of
-branched on, so nothing leaves the device inside a call; the host reads back the time, the
-status and the step count once per call.
+the masked per-row step of :mod:`neuralode._compiled_step` -- the stages (the vector field
+inlined), the error norm, the accept/reject decision, the step-size controller with its
+landings, and the outputs at the output times the step passes -- is unrolled ``steps_per_call``
+times and compiled into one kernel sequence by ``torch.compile`` (Inductor, with its C++
+wrapper: no Python between the kernels). Nothing leaves the device inside a call; the host
+reads back the rows' times, step sizes, counters and status once per call.
 
-The arithmetic is the eager engine's: the same tableau coefficients, the same RMS error norm,
-the same I/PI controller formulas, outputs from the same continuous extension (outputs at a step
-end take the end state exactly). Step sizes can differ from the eager loop in the last bits,
-because the controller runs in float64 tensor arithmetic (``pow``) instead of Python floats, and
-a step never passes more than ``_OUT_WINDOW`` output times (it lands on the last of them). A
+The same chunk serves both kinds of control: shared (one row: one step size and error norm for
+the whole batch, a 1-D or a 2-D ``t``; :func:`integrate_compiled` in place of the host-float
+driver) and per-sample (one row per sample; :func:`integrate_rows_compiled` in place of the
+eager per-row driver), and records every step's times, state and stages for dense output when
+asked. The arithmetic is the eager drivers' (see :mod:`neuralode._compiled_step`), but sums
+run in another order: the error estimate, which cancels heavily, then differs in its last bits
+and the step sizes relatively by about 1e-10 (the accepted/rejected counts are normally the
+same). A step never passes more than a window of output times (it lands on the last of them:
+``_OUT_WINDOW`` with the whole batch at each output, wider with one sample per output). A
 method whose continuous extension needs extra stages (DOP853) lands on every output time.
 
-Failures are those of the eager loop (StepSizeUnderflowError, NonFiniteError, MaxStepsError,
+Failures are those of the eager drivers (StepSizeUnderflowError, NonFiniteError, MaxStepsError,
 or a partial solution with ``throw=False``), found at the end of the call in which they happen.
-Each (func, constants, dtype, device, shape, number of outputs) compiles once; afterwards a call
-whose guards fail (func's Python state changed, e.g. a float attribute) is not recompiled:
-:func:`integrate_compiled` returns the reason and the solve runs on the eager engine.
+Each (func, constants, dtype, device, shapes) compiles once; afterwards a call whose guards fail
+(func's Python state changed, e.g. a float attribute) is not recompiled: the faces raise
+:class:`CompiledCodeMismatch` and the solve runs on the eager engine. Under autograd (Direct
+gradients) the compiled chunks are differentiated by autograd (``torch.compile`` builds their
+backward too).
 
-Scope: explicit Runge--Kutta methods (Butcher tableaux) under a
-:class:`~neuralode.PIController` without ``step_t``/``jump_t``/``norm``, or fixed steps
-(:class:`~neuralode.ConstantStep` without landings, :class:`~neuralode.StepToGrid`), a tensor,
-tuple or dict state, a 1-D ``t``, no events and no dense output object. Under autograd (Direct gradients) the
-compiled chunks are differentiated by autograd (``torch.compile`` builds their backward too).
+Scope: explicit Runge--Kutta methods (Butcher tableaux) under any controller without a custom
+``norm`` (``step_t``/``jump_t`` included), a tensor, tuple or dict state, a 1-D or 2-D ``t``;
+Direct gradients (autograd through the chunks), and with shared control Checkpointed and
+Backsolve (:func:`forward_or_none`: the forward compiled, keeping the step records their eager
+backward passes use); no events.
 """
 
 from __future__ import annotations
@@ -37,38 +42,49 @@ import logging
 import math
 import threading
 import types
+import warnings
 import weakref
 
 import torch
 
+from ._compiled_step import STATUS_NONFINITE_H, STATUS_UNDERFLOW, Consts, chunk
 from ._failures import step_failure
-from ._loop import LoopResult, Problem, VectorField
-from ._norms import ErrorNorm, error_scale, initial_norm
-from .controllers import ConstantStep, PIController, StepToGrid
-from .controllers.step_size import grid_point, pi_update, underflows
-from .solvers.tableau import ButcherTableau, weights_at
+from ._loop import LoopResult, Problem, StepRecord, VectorField
+from ._norms import ErrorNorm, initial_norm
+from .controllers import ConstantStep, PIController
+from .controllers.step_size import time_beside
+from .solvers.tableau import ButcherTableau
 
-__all__ = ["STEPS_PER_CALL", "CompiledCodeMismatch", "check_compilable", "integrate_compiled"]
+__all__ = [
+    "STEPS_PER_CALL",
+    "CompiledCodeMismatch",
+    "check_compilable",
+    "integrate_compiled",
+    "integrate_rows_compiled",
+]
 
 #: Steps unrolled into one compiled call. More steps amortise the call (~40 us) further but
 #: lengthen the first compilation (about 4 s per step for dopri5 on 2 CPU cores, once per
 #: vector field, dtype and shape; later runs reuse torch.compile's on-disk cache).
 STEPS_PER_CALL = 8
 #: Output times one step may pass (a step that would pass more lands on the last of them).
+#: Each costs an interpolation per step: of the whole batch with shared control and a 1-D t
+#: (``B * M`` values), of one sample per row with per-sample control (``B * M`` over the
+#: rows), of one sample with shared control and a 2-D t (``M``: the window can be wide, and
+#: must be, since the samples' output times interleave: 256 samples put 256 in every span).
 _OUT_WINDOW = 8
-_STATUS_UNDERFLOW = 1
-_STATUS_NONFINITE_H = 2
+_OUT_WINDOW_ROWS = 32
+_OUT_WINDOW_PICK = 4096
 
 _MAX_CACHED = 16
 _lock = threading.Lock()
 _compiled: dict = {}  # (ids of func's parts, key) -> _Entry
 
 
-def check_compilable(
-    *, tab, ctrl, spec, dense_output, needs_grad, gradient=None, t_grad=False
-) -> None:
-    """Raise ValueError naming what ``compile=True`` does not support in this call (per-sample
-    control, events and 2-D t are refused by ``solve`` before it gets here)."""
+def check_compilable(*, tab, ctrl, gradient=None) -> None:
+    """Raise ValueError naming what ``compile=True`` does not support in this call (events are
+    refused by ``solve`` before it gets here). ``gradient`` is the name of a gradient method
+    other than Direct, or None."""
     problems = []
     if not isinstance(tab, ButcherTableau):
         name = getattr(tab, "name", type(tab).__name__)
@@ -76,20 +92,14 @@ def check_compilable(
             f"solver {name!r} (compiled stepping needs an explicit Runge-Kutta method: e.g. "
             "dopri5, tsit5, bosh3, dopri8, rk4, euler)"
         )
-    if ctrl is not None:
-        if ctrl.jump_t or (ctrl.step_t and not isinstance(ctrl, StepToGrid)):
-            problems.append("step_t/jump_t (landing points)")
-        if getattr(ctrl, "norm", None) is not None:
-            problems.append("a custom error norm")
-    if dense_output:
-        problems.append("dense_output=True (Solution.evaluate)")
+    if getattr(ctrl, "norm", None) is not None:
+        problems.append("a custom error norm")
     if gradient is not None:
         problems.append(
             f"gradient={gradient} (compiled stepping differentiates by autograd through the "
-            "compiled steps: use gradient='direct', the default)"
+            "compiled steps, or replays their checkpoints: use gradient='direct', the default, "
+            "or 'checkpoint' with shared control)"
         )
-    if t_grad:
-        problems.append("gradients with respect to t (pass t.detach())")
     if problems:
         raise ValueError(
             "compile=True does not support " + "; ".join(problems) + ". Use compile=False (the "
@@ -97,169 +107,68 @@ def check_compilable(
         )
 
 
-def _constants(
-    tab: ButcherTableau, ctrl: PIController, time_dtype, steps: int, neg: bool, shape, atol_zero
-):
-    """Everything the compiled step needs from the tableau and controller, as plain Python
-    values (torch.compile bakes them into the kernels and guards on them)."""
+def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_out) -> Consts:
+    """The chunk's constants for this tableau, controller and state layout (``n_out`` output
+    times per row)."""
     P = tab.tensors(torch.float64, torch.device("cpu"))["P"]
     # Fixed steps (ConstantStep, StepToGrid): every step accepted, no error estimate; the PI
     # settings below are placeholders then (their result is not used).
     pi = ctrl if ctrl.adaptive else PIController()
     b_hat = tab.b_hat if tab.adaptive else tab.b
-    return (
-        tuple(tuple(float(x) for x in row) for row in tab.a),
-        tuple(float(x) for x in tab.b),
-        tuple(float(x) - float(y) for x, y in zip(tab.b, b_hat)),
-        tuple(float(x) for x in tab.c),
-        tuple(tuple(float(x) for x in row) for row in P.tolist()),
-        bool(tab.fsal),
-        float(pi.safety),
-        float(pi.ifactor),
-        float(pi.dfactor),
-        float(pi.pcoeff),
-        float(pi.icoeff),
-        int(tab.error_order()) if tab.adaptive else 1,
-        float(ctrl.dt_min),
-        float(ctrl.dt_max),
-        time_dtype,
-        int(steps),
-        bool(neg),
-        tuple(shape),
-        # Outputs inside a step come from the continuous extension when it needs no extra
-        # evaluations (no dense stages, or only f at the step end); otherwise (DOP853's 7th-order
-        # extension has three more stages) steps land on every output time instead.
-        _OUT_WINDOW
-        if tab.n_dense_stages == 0 or (tab.n_dense_stages == 1 and tab.dense_stage_is_next_first)
-        else 1,
-        tab.n_dense_stages,
-        bool(atol_zero),
-        # "dt" (ConstantStep: t0 + k dt), "grid" (StepToGrid) or "" (adaptive), and dt
-        "dt" if isinstance(ctrl, ConstantStep) else "grid" if isinstance(ctrl, StepToGrid) else "",
-        float(getattr(ctrl, "dt", 0.0)),
+    # Outputs inside a step come from the continuous extension when it needs no extra
+    # evaluations (no dense stages, or only f at the step end); otherwise (DOP853's 7th-order
+    # extension has three more stages) steps land on every output time instead.
+    cheap = tab.n_dense_stages == 0 or (tab.n_dense_stages == 1 and tab.dense_stage_is_next_first)
+    return Consts(
+        a=tuple(tuple(float(x) for x in row) for row in tab.a),
+        b=tuple(float(x) for x in tab.b),
+        b_err=tuple(float(x) - float(y) for x, y in zip(tab.b, b_hat)),
+        c=tuple(float(x) for x in tab.c),
+        P=tuple(tuple(float(x) for x in row) for row in P.tolist()),
+        fsal=bool(tab.fsal),
+        pi=(
+            float(pi.safety),
+            float(pi.ifactor),
+            float(pi.dfactor),
+            float(pi.pcoeff),
+            float(pi.icoeff),
+        ),  # fmt: skip
+        order=int(tab.error_order()) if tab.adaptive else 1,
+        dt_min=float(ctrl.dt_min),
+        dt_max=float(ctrl.dt_max),
+        time_dtype=time_dtype,
+        steps=int(steps),
+        layout=(
+            spec.kind,
+            tuple(spec.keys),
+            tuple(tuple(x) for x in spec.shapes),
+            tuple(spec.sizes),
+        ),  # fmt: skip
+        window=min(_OUT_WINDOW_PICK if pick else _OUT_WINDOW_ROWS if rows else _OUT_WINDOW, n_out)
+        if cheap
+        else 1,  # fmt: skip
+        n_dense=int(tab.n_dense_stages),
+        floor=bool(floor) and ctrl.adaptive,
+        propose="pi" if ctrl.adaptive else "dt" if isinstance(ctrl, ConstantStep) else "inf",
+        dt=float(getattr(ctrl, "dt", 0.0)),
+        rows=rows,
+        pick=pick,
+        record=record,
+        jumps=bool(ctrl.jump_t),
     )
 
 
-def _combine(base, h, coeffs, ks):
-    acc = None
-    for a, k in zip(coeffs, ks):
-        if a != 0.0:
-            acc = k * a if acc is None else acc + k * a
-    return base if acc is None else base + h * acc
+def _tolerance(tol, dtype, dev):
+    """rtol/atol as a tensor of the state's (real) dtype."""
+    if not isinstance(tol, torch.Tensor):
+        tol = torch.tensor(tol, dtype=dtype, device=dev)
+    return tol.real if tol.is_complex() else tol
 
 
-def _steps(
-    f, consts, y, k1, t, h, prev_err, t_end, out_t, out, p, att, max_att, rtol, atol, st, grid
-):
-    """``steps`` masked adaptive steps; every argument but f/consts is a tensor.
-
-    Time ``t`` runs forward (a decreasing solve is integrated in negated time, ``neg``).
-    ``out_t``/``out`` are padded with ``_OUT_WINDOW`` slots; ``p`` is the first unrecorded
-    output; a step passes at most ``win_n`` outputs (it lands on the last); ``att`` counts step attempts, ``st`` holds the status and last-error-finite flag.
-    """
-    (A, b, b_err, c, P, fsal, safety, ifac, dfac, pco, ico, k, dt_min, dt_max, tdt, n, neg, shp) = (
-        consts[:18]
-    )
-    win_n, n_dense, atol_zero, fixed, dt = consts[18:]
-    interp = win_n == _OUT_WINDOW  # else every step lands on the next output time
-    S = len(b)
-    sgn = -1.0 if neg else 1.0
-    win = torch.arange(win_n, device=y.device)
-    Pm = torch.tensor(P, dtype=torch.float64, device=y.device)  # (Sd, D)
-    n_acc = torch.zeros((), dtype=torch.int64, device=y.device)
-    n_rej = torch.zeros((), dtype=torch.int64, device=y.device)
-
-    kind, keys, shapes, sizes = shp
-    offs = [sum(sizes[:i]) for i in range(len(sizes))]
-
-    def call(tt, yy):  # func on the user's state structure, in the user's time
-        if kind == "tensor":
-            out_ = f((sgn * tt).to(tdt), yy.view(shapes[0])).reshape(yy.shape)
-        else:
-            parts = [yy[:, o : o + n_].reshape(s_) for o, n_, s_ in zip(offs, sizes, shapes)]
-            res = f((sgn * tt).to(tdt), tuple(parts) if kind == "tuple" else dict(zip(keys, parts)))
-            vals = list(res) if kind == "tuple" else [res[k_] for k_ in keys]
-            out_ = torch.cat([v.reshape(yy.shape[0], -1) for v in vals], 1)
-        return -out_ if neg else out_
-
-    def norm(r):  # the engine's one RMS / mixed norm (one row: the batch shares the step)
-        if kind == "tensor":
-            return ErrorNorm.rms_rows(r.reshape(1, -1))[0]
-        comps = [r[:, o : o + n_].reshape(1, -1) for o, n_ in zip(offs, sizes) if n_]
-        return torch.stack([ErrorNorm.rms_rows(c_)[0] for c_ in comps]).amax()
-
-    for _ in range(n):
-        status, last_nf = st[0], st[1]
-        active = (t < t_end) & (att < max_att) & (status == 0)
-        idx = p + win
-        taus = out_t[idx]
-        if fixed == "dt":  # the next point t0 + k dt (grid[0] is t0)
-            h_abs = grid_point(t, grid[0], t_end, 1.0, dt) - t
-        elif fixed == "grid":  # the next grid point
-            i = torch.searchsorted(grid, t.reshape(1), right=True).clamp(max=grid.shape[0] - 1)
-            h_abs = grid[i][0] - t
-        else:
-            h_abs = torch.clamp(h, max=dt_max)
-        t_lim = torch.minimum(t_end, taus[-1])
-        clip = t + h_abs >= t_lim
-        t_new = torch.where(clip, t_lim, t + h_abs)
-        hh = t_new - t
-        # The eager loop's checks, on the proposed step size (before landing on an output or
-        # the end): below dt_min or the resolution of t; a non-finite step size (NaN from func).
-        under = underflows(h_abs, t, dt_min) & (fixed == "")
-        nonfinite_h = ~torch.isfinite(h_abs) & (fixed == "")
-        status = torch.where(active & under, _STATUS_UNDERFLOW, status)
-        status = torch.where(active & nonfinite_h, _STATUS_NONFINITE_H, status)
-        active = active & ~under & ~nonfinite_h
-        hs = hh.to(y.dtype)
-        ks = [k1]
-        yi = y
-        for i in range(1, S):
-            yi = _combine(y, hs, A[i][:i], ks)
-            ti = t_new if c[i] == 1.0 else t + c[i] * hh
-            ks.append(call(ti, yi))
-        y_new = yi if fsal else _combine(y, hs, b, ks)
-        err = _combine(torch.zeros_like(y), hs, b_err, ks)
-        # The engine's one scaled error norm (one row: the whole state shares the step).
-        scale = error_scale(y.detach().abs(), y_new.detach().abs(), rtol, atol, atol_zero)
-        e = norm(err.detach() / scale)
-        if fixed:  # fixed steps: no error estimate, every step is accepted
-            e = torch.zeros_like(e)
-        finite = torch.isfinite(e)
-        accept = active & (e <= 1.0)
-        k_last = ks[-1] if fsal else call(t_new, y_new)
-        # Outputs passed by the step: values from the step's continuous extension.
-        inside = accept & (taus <= t_new)
-        if interp:
-            # Outside the step (padding at inf, steps of length 0 past the end) theta is set
-            # to 0: masked values must stay finite, or their zero gradients would become NaN.
-            theta = torch.where(inside, (taus - t) / hh, 0.0)
-            W = weights_at(theta, Pm).to(y.dtype)  # the method's own interpolant
-            Kst = torch.stack(ks + [k_last] if n_dense else ks)  # (Sd, B, M)
-            vals = y + hs * (W.view(win_n, -1, 1, 1) * Kst).sum(1)
-            vals = torch.where((taus == t_new).view(-1, 1, 1), y_new, vals)
-        else:  # the step ended on the output time
-            vals = y_new.expand(win_n, *y_new.shape)
-        out = out.index_put((idx,), torch.where(inside.view(-1, 1, 1), vals, out[idx]))
-        p = p + inside.sum()
-        # Step-size control: the PIController's own update (the same function as eagerly).
-        h_next, prev_err = pi_update(
-            safety, ifac, dfac, pco, ico, hh, h_abs, e, prev_err, k, accept, clip
-        )
-        h = torch.where(active, h_next, h)
-        y = torch.where(accept, y_new, y)
-        k1 = torch.where(accept, k_last, k1)
-        t = torch.where(accept, t_new, t)
-        att = att + active.to(att.dtype)
-        n_acc = n_acc + accept.to(n_acc.dtype)
-        n_rej = n_rej + (active & ~accept).to(n_rej.dtype)
-        last_nf = torch.where(active, ~finite, last_nf.to(torch.bool)).to(st.dtype)
-        st = torch.stack([status.to(st.dtype), last_nf])
-    # What the host reads after the call, in one transfer (counts are exact in float64).
-    report = torch.cat(
-        [torch.stack([t, h]), torch.stack([att, n_acc, n_rej]).double(), st.double()]
-    )
-    return y, k1, t, h, prev_err, out, p, att, st, report
+def _evals_per_attempt(tab, C: Consts) -> int:
+    """Evaluations of func per step attempt in the chunk (non-FSAL methods evaluate f at the
+    end of every attempt; jump_t adds the evaluation past the jump)."""
+    return (tab.n_stages - 1 if tab.fsal else tab.n_stages) + int(C.jumps)
 
 
 def _func_parts(func) -> tuple:
@@ -281,11 +190,11 @@ def _refs(objs) -> tuple:
 
 
 class _Entry:
-    """One compiled ``_steps`` for one (func, constants, dtype, device, shape)."""
+    """One compiled ``chunk`` for one (func, constants, dtype, device, shape)."""
 
     def __init__(self, parts):
         self.refs = _refs(parts)
-        clone = types.FunctionType(_steps.__code__.replace(), _steps.__globals__, "_steps")
+        clone = types.FunctionType(chunk.__code__.replace(), chunk.__globals__, "chunk")
         # The C++ wrapper calls the kernels without Python in between: on tiny states this
         # halves the cost of a call.
         self.fn = torch.compile(clone, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
@@ -298,7 +207,7 @@ class _Entry:
 def _entry(func, key) -> _Entry:
     """The cache entry for ``func`` and ``key`` (the rest of what the compiled code depends on).
 
-    Each entry compiles its own copy of ``_steps``'s code object: torch.compile keeps its cache
+    Each entry compiles its own copy of ``chunk``'s code object: torch.compile keeps its cache
     (and its recompilation limit) per code object, so many vector fields in one process do not
     push each other out. The most recently used entries are kept.
     """
@@ -357,19 +266,33 @@ def _recompile_reason(e: Exception) -> str | None:
     return (why[-1] if why else text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
-def integrate_compiled(
-    prob: Problem,
-    f: VectorField,
-    y0: torch.Tensor,
-    *,
-    throw: bool,
-    steps_per_call=None,
-    track_grad: bool = False,
-) -> LoopResult:
-    """The forward solve of :func:`neuralode._loop.integrate` in compiled chunks of steps.
+def _chunk_inputs(C, ctrl, y0, k1, t0, t_end, sdir, h0, out, p, out_t, max_steps, rtol, atol,
+                  landings, pick=None):  # fmt: skip
+    """The chunk's state ``s`` and constants ``k`` (see :func:`~neuralode._compiled_step.chunk`)
+    for rows from ``t0`` to ``t_end`` in directions ``sdir`` ((R,) float64) with first step
+    sizes ``h0``. Every tensor is its own (torch.compile guards on which inputs alias)."""
+    R, dev = t0.shape[0], y0.device
+    f64, i64 = dict(dtype=torch.float64, device=dev), dict(dtype=torch.int64, device=dev)
+    s = dict(
+        y=y0, k1=k1, t=t0.clone(), h=torch.zeros(R, **f64) + h0, prev=torch.ones(R, **f64),
+        out=out, p=p, att=torch.zeros(R, **i64), nacc=torch.zeros(R, **i64),
+        st=torch.zeros(R, **i64), nf=torch.zeros(R, dtype=torch.bool, device=dev),
+    )  # fmt: skip
+    k = dict(
+        t_end=t_end, t0=t0, sdir=sdir, lo=torch.minimum(t0, t_end), hi=torch.maximum(t0, t_end),
+        out_t=out_t.contiguous(), rtol=_tolerance(rtol, y0.dtype, dev),
+        max_att=torch.tensor(max_steps if max_steps is not None else 2**62, **i64),
+        atol=_tolerance(atol, y0.dtype, dev), L=torch.tensor(landings, **f64),
+    )  # fmt: skip
+    if C.jumps:
+        k["J"] = torch.tensor(ctrl.jump_t, **f64)
+    if pick is not None:
+        k["pick"] = pick
+    return s, k
 
-    ``y0`` is the flat ``(B, M)`` state. Returns a :class:`LoopResult` with the outputs
-    ``(T, B, M)`` and no step records.
+
+def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report) -> dict:
+    """Call the compiled chunk until ``on_report(report, records, state)`` returns True.
 
     Raises
     ------
@@ -379,93 +302,14 @@ def integrate_compiled(
     RuntimeError
         When torch.compile cannot compile the solve with this func (graph breaks).
     """
-    tab, ctrl = prob.tableau, prob.controller
-    dev, dtype = y0.device, y0.dtype
-    n_steps = steps_per_call or STEPS_PER_CALL
-    neg = prob.direction < 0
-    sgn = -1.0 if neg else 1.0
-    sp = prob.spec  # the state's layout, as plain values (a tuple/dict state is flat inside)
-    layout = (sp.kind, tuple(sp.keys), tuple(tuple(x) for x in sp.shapes), tuple(sp.sizes))
-    consts = _constants(tab, ctrl, f.time_dtype, n_steps, neg, layout, prob.atol_zero)
-    n_out = len(prob.out_t)
-    f64 = dict(dtype=torch.float64, device=dev)
-
-    def scalar(x, **kw):
-        return torch.tensor(x, **(kw or f64))
-
-    out_t = scalar([sgn * x for x in prob.out_t] + [math.inf] * _OUT_WINDOW)
-    out = torch.full((n_out + _OUT_WINDOW, *y0.shape), math.nan, dtype=dtype, device=dev)
-    p = 0
-    while p < n_out and prob.out_t[p] == prob.t0:
-        p += 1
-    out[:p] = y0
-    k1 = f(prob.t0, y0)  # (with its graph under autograd: the first stage of the first step)
-    k1_time = -k1 if neg else k1  # the first stage of the negated-time system
-    with torch.no_grad():  # step sizes are constants of the discrete solve
-        if prob.t_end == prob.t0:
-            h0 = 0.0
-        else:
-            nrm = order = None
-            if ctrl.adaptive:
-                nrm = initial_norm(
-                    ErrorNorm(y0, prob.spec), y0, prob.rtol, prob.atol, prob.atol_zero
-                )
-                order = tab.error_order()
-            span = abs(prob.t_end - prob.t0)
-            h0 = ctrl.initial_step(
-                nrm, f, prob.t0, y0.detach(), k1.detach(), prob.direction, span, order
-            )
-    nfe0 = f.nfe
-    max_att = prob.max_steps if prob.max_steps is not None else 2**62
-    rtol = prob.rtol if isinstance(prob.rtol, torch.Tensor) else scalar(prob.rtol, dtype=dtype)
-    atol = prob.atol if isinstance(prob.atol, torch.Tensor) else scalar(prob.atol, dtype=dtype)
-    if dtype.is_complex:
-        rtol, atol = rtol.real, atol.real
-    state = dict(
-        y=y0,
-        k1=k1_time,
-        t=scalar(sgn * prob.t0),
-        h=scalar(h0),
-        prev_err=scalar(1.0),
-        out=out,
-        p=scalar(p, dtype=torch.int64, device=dev),
-        att=scalar(0, dtype=torch.int64, device=dev),
-        st=torch.zeros(2, dtype=torch.int64, device=dev),
-    )
-    t_end = scalar(sgn * prob.t_end)
-    # Fixed steps: t0 (ConstantStep) or the grid points (StepToGrid), in integration time.
-    pts = sorted(sgn * x for x in ctrl.grid) if isinstance(ctrl, StepToGrid) else [sgn * prob.t0]
-    grid = scalar(pts)
-    max_att_t = scalar(max_att, dtype=torch.int64, device=dev)
-    entry = _entry(f.func, (consts, dtype, dev, tuple(y0.shape), n_out))
-    n_acc = n_rej = 0
-    status, message = "success", ""
-    per_attempt = tab.n_stages - 1 if tab.fsal else tab.n_stages
-    res = None
+    shapes = tuple((n, tuple(v.shape), v.dtype) for d in (s, k) for n, v in d.items())
+    entry = _entry(func, (C, s["y"].device, shapes, bool(track_grad)))
     # Once compiled, a call that would recompile (func's Python state changed: guards fail)
     # raises instead of silently spending 10-40 s per call; the caller then runs eagerly.
     # Under autograd (Direct gradients) the compiled chunks carry their backward graphs.
     with torch.set_grad_enabled(track_grad), torch.compiler.set_stance("fail_on_recompile"):
         while True:
-            args = (
-                f.func,
-                consts,
-                state["y"],
-                state["k1"],
-                state["t"],
-                state["h"],
-                state["prev_err"],
-                t_end,
-                out_t,
-                state["out"],
-                state["p"],
-                state["att"],
-                max_att_t,
-                rtol,
-                atol,
-                state["st"],
-                grid,
-            )
+            args = (func, C, s, k)
             if not entry.compiled:
                 with torch.compiler.set_stance("default"):
                     res = _compile_call(entry, args)
@@ -477,49 +321,278 @@ def integrate_compiled(
                     if why is None:
                         raise
                     raise CompiledCodeMismatch(why) from e
-            y, k1, t, h, prev_err, out, p_t, att, st, report = res
-            state.update(y=y, k1=k1, t=t, h=h, prev_err=prev_err, out=out, p=p_t, att=att, st=st)
-            # The one host read per call: time, step size, attempts, status.
-            t_now, h_now, att_now, acc_now, rej_now, code, last_nf = report.tolist()
-            t_now, h_now = sgn * t_now, sgn * h_now
-            att_now, code = int(att_now), int(code)
-            n_acc += int(acc_now)
-            n_rej += int(rej_now)
-            cause = None
-            if code == _STATUS_NONFINITE_H:
-                cause = "nonfinite_h"
-            elif code == _STATUS_UNDERFLOW:
-                cause = "underflow"
-            elif sgn * t_now >= sgn * prob.t_end:
-                break
-            elif att_now >= max_att:
-                cause = "max_steps"
-            if cause is not None:
-                cls, msg = step_failure(
-                    cause, t=t_now, attempts=att_now, h=abs(h_now), dt_min=ctrl.dt_min,
-                    nonfinite=bool(last_nf), max_steps=prob.max_steps, t_end=prob.t_end,
-                    n_acc=n_acc, n_rej=n_rej, engine="compiled stepping",
-                )  # fmt: skip
-                if throw:
-                    raise cls(msg, t=t_now, step=att_now, h=abs(h_now))
-                status, message = cls.status, msg
-                break
-    f.nfe = nfe0 + att_now * per_attempt
-    if status == "success" and not ctrl.adaptive and not bool(torch.isfinite(state["y"]).all()):
-        # Fixed steps make no per-step decision: finiteness is checked once, at the end.
-        cls, msg = step_failure("nonfinite_fixed", t=t_now, attempts=att_now, h=abs(h_now),
-                                engine="compiled stepping")  # fmt: skip
+            res = dict(res)
+            report, rec = res.pop("report").tolist(), res.pop("rec", None)
+            s = res
+            if on_report(report, rec, s):
+                return s
+
+
+def _split(report: list, R: int, steps: int):
+    """The report's per-row fields (lists of length R) and the records' per-step times."""
+    fields = [report[i * R : (i + 1) * R] for i in range(7)]
+    rest = report[7 * R :]
+    n = steps * R
+    recs = [rest[i * n : (i + 1) * n] for i in range(3)] if rest else None
+    return fields, recs
+
+
+def integrate_compiled(
+    prob: Problem, f: VectorField, y0: torch.Tensor, *, throw: bool, steps_per_call=None,
+    track_grad: bool = False, record: str | None = None,
+) -> LoopResult:  # fmt: skip
+    """The forward solve of :func:`neuralode._loop.integrate` (shared control) in compiled
+    chunks of steps.
+
+    ``y0`` is the flat ``(B, M)`` state; ``prob.out_sample`` set (a 2-D ``t``) gives each
+    output one sample. Returns a :class:`LoopResult` with the outputs in result order and,
+    with ``record`` ``"times"``, ``"states"`` or ``"dense"``, a :class:`StepRecord` per
+    accepted step (times and outputs; the state at its start; also its stages), as the eager
+    loop keeps them (for the backsolve adjoint, checkpointed gradients and dense output).
+
+    Raises
+    ------
+    CompiledCodeMismatch, RuntimeError
+        See :func:`_run_chunks`.
+    """
+    tab, ctrl = prob.tableau, prob.controller
+    dev, dtype = y0.device, y0.dtype
+    B, M = y0.shape
+    d, t0, t_end = prob.direction, prob.t0, prob.t_end
+    pick = prob.out_sample is not None
+    n_steps = steps_per_call or STEPS_PER_CALL
+    n_out = len(prob.out_t)
+    C = _consts(tab, ctrl, f.time_dtype, n_steps, prob.spec, prob.atol_zero, rows=False,
+                pick=pick, record=record is not None, n_out=n_out)  # fmt: skip
+    W = C.window
+    f64 = dict(dtype=torch.float64, device=dev)
+    i64 = dict(dtype=torch.int64, device=dev)
+    out_t = torch.tensor([list(prob.out_t) + [d * math.inf] * W], **f64)
+    p = 0
+    while p < n_out and prob.out_t[p] == t0:
+        p += 1
+    out = torch.full((1, n_out + W, 1 if pick else B, M), math.nan, dtype=dtype, device=dev)
+    if p:  # outputs at the initial time are the initial state
+        first = y0[torch.tensor(prob.out_sample[:p], device=dev)].unsqueeze(1) if pick else y0
+        out[0, :p] = first
+    # (a discontinuity at t0: f's limit from inside the interval, as in the eager loop)
+    t_first = time_beside(t0, t_end, f.time_dtype) if t0 in ctrl.jump_t and t_end != t0 else t0
+    k1 = f(t_first, y0)  # (with its graph under autograd: the first stage of the first step)
+    with torch.no_grad():  # step sizes are constants of the discrete solve
+        nrm = order = None
+        if ctrl.adaptive:
+            nrm = initial_norm(ErrorNorm(y0, prob.spec), y0, prob.rtol, prob.atol, prob.atol_zero)
+            order = tab.error_order()
+        h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), d, abs(t_end - t0), order)
+    nfe0 = f.nfe
+    tt = [torch.tensor([x], **f64) for x in (t0, t_end, d)]
+    pick_t = torch.tensor([list(prob.out_sample) + [0] * W], **i64) if pick else None
+    s, k = _chunk_inputs(C, ctrl, y0, k1, *tt, h0, out, torch.tensor([p], **i64), out_t,
+                         prob.max_steps, prob.rtol, prob.atol,
+                         ctrl.landing_times(t0, t_end), pick_t)  # fmt: skip
+    steps: list[StepRecord] = []
+    keep_next = not tab.fsal and tab.dense_stage_is_next_first
+    done = dict(p=p, t_first=t_first)
+
+    def on_report(report, rec, state):
+        (t_now,), (h_now,), (att,), (acc,), (code,), (nf,), (busy,) = _split(report, 1, n_steps)[0]
+        if rec is not None:
+            t_o, t_n, ok = _split(report, 1, n_steps)[1]
+            for i in (i for i in range(n_steps) if ok[i]):
+                lo = hi = done["p"]  # the outputs in (t, t_new]
+                while hi < n_out and d * (prob.out_t[hi] - t_n[i]) <= 0:
+                    hi += 1
+                # At a jump_t the last stage saw the left limit, the next first one the right.
+                jump = t_n[i] in ctrl.jump_t
+                t_last = time_beside(t_n[i], t_o[i], f.time_dtype) if jump else t_n[i]
+                r = StepRecord(t_o[i], t_n[i], done["t_first"], t_last, lo, hi)
+                if record != "times":  # (the backsolve adjoint keeps no states)
+                    r.y = rec["y"][i]
+                if record == "dense":
+                    r.K = rec["K"][i].reshape(tab.n_stages, -1)
+                    r.k_next = rec["k_next"][i] if keep_next else None
+                steps.append(r)
+                done["p"] = hi
+                done["t_first"] = time_beside(t_n[i], t_n[i] + d, f.time_dtype) if jump else t_n[i]
+        done.update(t=t_now, h=abs(h_now), att=int(att), acc=int(acc))
+        cause = None
+        if code == STATUS_NONFINITE_H:
+            cause = "nonfinite_h"
+        elif code == STATUS_UNDERFLOW:
+            cause = "underflow"
+        elif busy:
+            return False
+        elif d * (t_end - t_now) > 0:
+            cause = "max_steps"
+        done["cause"], done["nf"] = cause, bool(nf)
+        return True
+
+    s = _run_chunks(f.func, C, s, k, track_grad, on_report)
+    t_now, h_now, att = done["t"], done["h"], done["att"]
+    n_acc, n_rej = done["acc"], done["att"] - done["acc"]
+    f.nfe = nfe0 + att * _evals_per_attempt(tab, C)
+    status, message = "success", ""
+    cause = done["cause"]
+    if cause is None and not ctrl.adaptive and not bool(torch.isfinite(s["y"]).all()):
+        cause = "nonfinite_fixed"  # fixed steps make no per-step decision: checked at the end
+    if cause is not None:
+        cls, msg = step_failure(
+            cause, t=t_now, attempts=att, h=h_now, dt_min=ctrl.dt_min, nonfinite=done["nf"],
+            max_steps=prob.max_steps, t_end=t_end, n_acc=n_acc, n_rej=n_rej,
+            engine="compiled stepping",
+        )  # fmt: skip
         if throw:
-            raise cls(msg, t=t_now, step=att_now, h=abs(h_now))
+            raise cls(msg, t=t_now, step=att, h=h_now)
         status, message = cls.status, msg
+    ys = s["out"][0, :n_out]
+    if pick:
+        ys = ys[:, 0]
+    if prob.out_order is not None:
+        ys = ys[prob.out_order]
     return LoopResult(
-        ys=state["out"][:n_out],
-        y_final=state["y"],
-        t_reached=t_now,
-        status=status,
-        message=message,
-        n_accepted=n_acc,
-        n_rejected=n_rej,
-        h_next=abs(h_now),
-        k1_next=state["k1"],
+        ys=ys, y_final=s["y"], t_reached=t_now, status=status, message=message,
+        n_accepted=n_acc, n_rejected=n_rej, steps=steps, h_next=h_now, k1_next=s["k1"],
+    )  # fmt: skip
+
+
+def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track_grad=None):
+    """:func:`neuralode._loop_batched.integrate_per_sample` (per-sample control) in compiled
+    chunks of steps, for the per-sample run ``run`` (a ``RowsRun``) from the flat ``y0`` (B, M).
+
+    Returns what that function returns: ``(ys (T*B, M) time-major, y_final, t_final, n_acc,
+    n_rej, state, records)`` with step records for ``PerSampleDense`` when ``run.dense``.
+    Fills ``run.f``'s counters (NFE, sample evaluations, evaluations of finished samples).
+
+    Raises
+    ------
+    CompiledCodeMismatch, RuntimeError
+        See :func:`_run_chunks`.
+    """
+    f, ctrl, tab, spec = run.f, run.ctrl, run.stepper.tab, run.spec
+    dev, dtype = y0.device, y0.dtype
+    (B, M), tau = y0.shape, run.tau.to(dev)
+    T = tau.shape[1]
+    n_steps = steps_per_call or STEPS_PER_CALL
+    C = _consts(tab, ctrl, f.time_dtype, n_steps, spec, run.floor, rows=True, pick=False,
+                record=bool(run.dense), n_out=T)  # fmt: skip
+    W = C.window
+    t0, t_end = tau[:, 0].contiguous(), tau[:, -1].contiguous()
+    sdir = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
+    stau = (sdir.unsqueeze(1) * tau).contiguous()
+    # Outputs at a sample's initial time are its initial state.
+    n0 = torch.searchsorted(stau, stau[:, :1].contiguous(), right=True).squeeze(1)
+    out_t = torch.cat([tau, (sdir * math.inf).unsqueeze(1).expand(B, W)], 1)
+    first = torch.arange(T + W, device=dev) < n0.unsqueeze(1)
+    out = torch.where(first.view(B, -1, 1, 1), y0.view(B, 1, 1, M),
+                      torch.full((), math.nan, dtype=dtype, device=dev))  # fmt: skip
+    lo, hi = torch.minimum(t0, t_end), torch.maximum(t0, t_end)
+    f.lo, f.hi = lo, hi  # evaluations stay inside each sample's interval
+    k1 = f(t0, y0)
+    if track_grad is None:
+        track_grad = torch.is_grad_enabled() and k1.requires_grad
+    with torch.no_grad():  # the eager driver's initial step, per row
+        nrm = order = None
+        if ctrl.adaptive:
+            nrm = initial_norm(ErrorNorm(y0[:1], spec), y0, run.rtol, run.atol, run.floor,
+                               rows=True)  # fmt: skip
+            order = tab.error_order()
+        h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), sdir, (t_end - t0).abs(),
+                               order)  # fmt: skip
+    s, k = _chunk_inputs(C, ctrl, y0, k1, t0, t_end, sdir, h0, out, n0, out_t, run.max_steps,
+                         run.rtol, run.atol, sorted({*ctrl.step_t, *ctrl.jump_t}))  # fmt: skip
+    state = {"status": "success", "message": "", "failed": [], "compactions": 0,
+             "iterations": 0, "replay": []}  # fmt: skip
+    records, failed, last = [], set(), {}
+    ar = torch.arange(B, device=dev)
+
+    def on_report(report, rec, st_):
+        (t_now, h_now, att, acc, code, nf, busy), rec_t = _split(report, B, n_steps)
+        if rec is not None:
+            ok = rec_t[2]
+            for i in (i for i in range(n_steps) if any(ok[i * B : (i + 1) * B])):
+                t_o, t_n = rec["t"][i], rec["t_new"][i]
+                records.append((ar, rec["acc"][i], t_o, t_n, t_n - t_o, rec["y"][i],
+                                rec["y_new"][i], rec["K"][i]))  # fmt: skip
+        ends, dirs = t_end.tolist(), sdir.tolist()
+        new = []
+        for b in range(B):
+            reached = dirs[b] * (ends[b] - t_now[b]) <= 0
+            if b in failed or busy[b] or (not code[b] and reached):
+                continue
+            cause = {STATUS_NONFINITE_H: "nonfinite_h", STATUS_UNDERFLOW: "underflow"}.get(
+                int(code[b]), "max_steps"
+            )
+            new.append((b, cause))
+        for b, cause in new:  # the sample of lowest index first, as in the eager driver
+            n, h = int(att[b]), h_now[b]
+            cls, msg = step_failure(
+                cause, t=t_now[b], attempts=n, h=h, dt_min=ctrl.dt_min, nonfinite=bool(nf[b]),
+                max_steps=run.max_steps, t_end=ends[b], n_acc=int(acc[b]), n_rej=n - int(acc[b]),
+                sample=b, engine="compiled stepping",
+            )  # fmt: skip
+            if run.throw:
+                raise cls(msg, t=t_now[b], step=n, h=h)
+            failed.add(b)
+            state["failed"].append(b)
+            if state["status"] == "success":
+                state["status"], state["message"] = cls.status, msg
+        last["att"] = att
+        return not any(busy)
+
+    s = _run_chunks(run.func, C, s, k, track_grad, on_report)
+    atts = [int(a) for a in last["att"]]
+    iters = max(atts, default=0)  # every row attempts a step in each iteration until it stops
+    per = _evals_per_attempt(tab, C)
+    f.nfe += iters * per
+    f.sample_evals += iters * per * B
+    f.wasted += per * (iters * B - sum(atts))
+    state["iterations"] = iters
+    ys = s["out"][:, :T, 0].transpose(0, 1).reshape(T * B, M)
+    return ys, s["y"], s["t"], s["nacc"], s["att"] - s["nacc"], state, records
+
+
+def run_rows(run, y0: torch.Tensor, record=None):
+    """``RowsRun.integrate`` under ``compile=True``: the per-sample solve in compiled chunks
+    (or eagerly: with a warning when func's compiled code no longer matches it, silently when
+    no sample has anything to integrate)."""
+    if not bool((run.tau[:, 0] == run.tau[:, -1]).all()):
+        try:
+            ys, *rest = integrate_rows_compiled(run, y0)
+            run.stats["compiled"], run.result = True, tuple(rest)
+            return ys
+        except CompiledCodeMismatch as why:
+            warn_mismatch(why, stacklevel=7)
+    run.stats["compiled"], run.compile = False, False
+    try:
+        return run.integrate(y0, record)
+    finally:
+        run.compile = True
+
+
+def warn_mismatch(why, stacklevel: int) -> None:
+    """The warning when a solve runs eagerly because func's compiled code no longer matches."""
+    warnings.warn(
+        "compile=True: func no longer matches the code compiled for it (torch.compile "
+        f"would recompile: {why}); a Python number or object that func reads has "
+        "probably changed since the first solve (e.g. an attribute self.k = 1.7). This "
+        "solve runs on the eager engine. Keep such values in tensors (e.g. "
+        "register_buffer) so that one compiled version serves every call",
+        RuntimeWarning,
+        stacklevel=stacklevel,
     )
+
+
+def forward_or_none(run, f: VectorField, y0: torch.Tensor, record: str | None):
+    """The forward solve of a custom-gradient method (no graph) in compiled chunks, keeping
+    ``record`` per step, when the solve asked for compiled stepping; else None, and None (after
+    a warning) when func's compiled code no longer matches it: the caller runs it eagerly."""
+    if not run.extra.get("compile"):
+        return None
+    result = None
+    if run.prob.t_end != run.prob.t0:  # (a single output time: nothing to integrate)
+        try:
+            result = integrate_compiled(run.prob, f, y0, throw=run.throw, record=record)
+        except CompiledCodeMismatch as why:
+            warn_mismatch(why, stacklevel=6)
+    run.stats["compiled"] = result is not None
+    return result

@@ -391,8 +391,14 @@ class RowsRun:
     # steps in earlier segments of the solve (events; see integrate_per_sample)
     used: torch.Tensor | None = None
 
+    compile: bool = False  # solve(..., compile=True): compiled chunks (neuralode._compiled)
+
     def integrate(self, y0, record=None, max_states=None):
         """The forward solve; fills ``result`` and returns the outputs flat (T*B, M)."""
+        if self.compile:
+            from ._compiled import run_rows
+
+            return run_rows(self, y0, record)
         ys, *rest = integrate_per_sample(
             self.spec, self.f, self.stepper, y0, self.tau, self.ctrl, self.rtol, self.atol,
             self.max_steps, self.throw, _both(record, "dense" if self.dense else None),
@@ -409,7 +415,7 @@ def _both(a, b):
 # ---------------------------------------------------------------------------- the entry point
 def solve_per_sample(
     func, y0, t, *, tab, controller, rtol, atol, dt, gradient, max_steps, dense_output, throw,
-    time_dtype, event, _used=None,
+    time_dtype, event, _used=None, compile=False,
 ):  # fmt: skip
     """``neuralode.solve(..., batch_control="per_sample")``: validate, integrate, wrap up.
     ``_used``: see :func:`integrate_per_sample` (the event driver's segments)."""
@@ -452,7 +458,7 @@ def solve_per_sample(
         rt = at = 1.0  # no error norm with fixed steps
     ctrl.check_span(float(tau.min()), float(tau.max()))
     direct = capable(gradient, "exact_autograd")
-    dense = bool(dense_output) if dense_output is not None else direct
+    dense = bool(dense_output) if dense_output is not None else direct and not compile
     floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
     if not ctrl.adaptive:
         floor = False
@@ -470,7 +476,7 @@ def solve_per_sample(
                       False, floor)  # fmt: skip
         return solve_rows_with_event(solve_per_sample, ctx, y0, t, event, kw)
     run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
-                  dense, floor, used=_used)  # fmt: skip
+                  dense, floor, used=_used, compile=compile)  # fmt: skip
     y_start = y0flat
     if t_grad:  # dL/dt by the continuous derivatives: y0 moves with t0 by -f(t0, y0) dt0
         shift = _time_shift(t, tau)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 
 import torch
@@ -106,42 +105,54 @@ def solve(
         ``"backsolve"`` solves the adjoint per sample backward, its parameter integral left out
         of the error norm; ``Backsolve(dt=...)`` steps it by ``dt``), gradients with respect to
         a 1-D or 2-D ``t``, and events (each sample locates its own; the event function is
-        called like ``func`` and returns ``(A,)``; see :class:`neuralode.Event`). Raises
-        ValueError for implicit/Adams methods and ``Backsolve(norm=...)``.
+        called like ``func`` and returns ``(A,)``; see :class:`neuralode.Event`); with
+        ``compile=True``, Direct gradients (also w.r.t. ``t``). Raises ValueError for
+        implicit/Adams methods and ``Backsolve(norm=...)``.
         ``Solution.t_final`` and ``stats["n_accepted"]``/``["n_rejected"]`` are then ``(B,)``
         tensors, and ``stats`` adds ``sample_evals`` (rows passed to func),
         ``wasted_sample_evals`` (rows of samples that had already finished, kept below 1/16 of
         every evaluation by compacting the batch) and ``wasted_share``.
     compile : bool, default False
-        Run the solve in compiled chunks of steps (:mod:`neuralode._compiled`): the stages with
-        ``func`` inlined, the error norm, accept/reject, the step-size controller and the dense
-        output at the output times are unrolled over 8 steps and compiled by ``torch.compile``
-        (Inductor, C++ wrapper) into one call; the host reads the state of the solve back once
-        per 8 steps. This removes PyTorch's per-operation dispatch cost, which dominates small
-        states and cheap vector fields (Lorenz: about 5 us per evaluation of f against about 40 us
-        eagerly and 7 us for scipy's ``solve_ivp``). The first solve with a given func, dtype and
-        shape compiles for 20-40 s on 2 CPU cores (``torch.compile``'s on-disk cache shortens
-        later processes to seconds); ``func`` must be traceable by ``torch.compile`` without
-        graph breaks. Under autograd (``gradient="direct"``) gradients flow through the compiled
-        chunks (torch.compile compiles their backward too; a solve under grad mode compiles
-        once more than one under ``torch.no_grad()``); other gradient methods and gradients with
-        respect to ``t`` raise ValueError. For an
-        explicit Runge--Kutta method under a :class:`PIController` without ``step_t``/
-        ``jump_t``/``norm``, or fixed steps (``ConstantStep`` without landings, ``StepToGrid``;
-        a fixed step never passes more than 8 output times either: it lands on the 8th), a
-        tensor, tuple or dict state, a 1-D ``t``, no events and no ``dense_output``; anything else
-        raises ValueError. Results agree with the eager engine to the tolerance
-        (step sizes can differ in the last bits; a step never passes more than 8 output times,
-        and with dopri8, whose continuous extension needs three more stages, steps land on every
-        output time instead of interpolating).
-        Methods without FSAL (dopri8, fehlberg2, adaptive_heun) also evaluate f at the end
-        of rejected attempts, so their NFE is a little higher than the eager engine's.
-        A compiled version serves one func, dtype, state shape and number of output times
-        (another number of output times compiles again). ``stats`` holds ``nfe``,
-        ``n_accepted``, ``n_rejected`` and ``compiled``, which is False when the solve ran on
-        the eager engine instead: when there was nothing to integrate (one output time), or
-        when func no longer matches the
-        code compiled for it (a Python number it reads changed, e.g. ``self.k = 1.7``; a
+        Run the solve in compiled chunks of steps (:mod:`neuralode._compiled`): one masked
+        per-row step -- the stages with ``func`` inlined, the error norm, accept/reject, the
+        step-size controller with its landings and the outputs at the output times -- unrolled
+        over 8 steps and compiled by ``torch.compile`` (Inductor, C++ wrapper) into one call; the
+        host reads the state of the solve back once per 8 steps. This removes PyTorch's
+        per-operation dispatch cost, which dominates small states and cheap vector fields
+        (Lorenz: about 5 us per evaluation of f against about 40 us eagerly and 7 us for scipy's
+        ``solve_ivp``). The same compiled step serves shared control (one row: the whole batch)
+        and ``batch_control="per_sample"`` (one row per sample: each its own time, step size,
+        error norm, accept/reject and output times; every row is evaluated in every call, a
+        finished one with a step of length zero, so there is no compaction), a 1-D or 2-D
+        ``t``, ``step_t``/``jump_t``, fixed steps (``ConstantStep``, ``StepToGrid``), tensor,
+        tuple and dict states, and dense output: with ``dense_output=True`` (default False under
+        ``compile=True``: it costs memory per step) every accepted step's times, state and
+        stages are recorded inside the chunks and :meth:`Solution.evaluate` works as eagerly.
+        The first solve with a given func, dtype and shape compiles for 20-40 s on 2 CPU cores
+        (``torch.compile``'s on-disk cache shortens later processes to seconds); ``func`` must be
+        traceable by ``torch.compile`` without graph breaks. Under autograd
+        (``gradient="direct"``) gradients flow through the compiled chunks (torch.compile
+        compiles their backward too; a solve under grad mode compiles once more than one under
+        ``torch.no_grad()``), and gradients with respect to a 1-D ``t`` work as eagerly. With
+        ``gradient="checkpoint"`` (shared control; without ``max_checkpoints``) the forward
+        runs in compiled chunks that record a checkpoint per accepted step, and the backward
+        pass replays the steps eagerly from them; with ``gradient="backsolve"`` (shared
+        control) the forward runs in compiled chunks and the adjoint solve backward runs on
+        the eager engine. Reversible, per-sample Checkpointed/Backsolve, events,
+        implicit/Adams methods and a custom ``norm`` raise ValueError.
+        Results agree with the eager engine to the tolerance: the error estimate is summed in
+        another order (its last bits, and so the step sizes, differ relatively by about 1e-10;
+        the accepted/rejected counts are normally the same), a step never passes more than 8
+        output times (32 per sample with per-sample control, 4096 with a 2-D ``t``: it lands
+        on the last of them), and with dopri8, whose continuous extension needs
+        three more stages, steps land on every output time instead of interpolating. Methods
+        without FSAL (dopri8, fehlberg2, adaptive_heun) also evaluate f at the end of rejected
+        attempts, so their NFE is a little higher than the eager engine's. A compiled version
+        serves one func, dtype, state shape, number of output times and landing times (another
+        number compiles again). ``stats`` holds what the eager driver's holds plus
+        ``compiled``, which is False when the solve ran on the eager engine instead: when there
+        was nothing to integrate (one output time), or when func no longer matches the code
+        compiled for it (a Python number it reads changed, e.g. ``self.k = 1.7``; a
         RuntimeWarning says so; keep such values in tensors). A func that torch.compile cannot
         trace raises RuntimeError.
     integral : callable, optional
@@ -211,19 +222,27 @@ def solve(
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {compile!r}")
     if compile:
-        hit = [
-            what
-            for what, on in (
-                ("batch_control='per_sample'", batch_control == "per_sample"),
-                ("event=...", event is not None),
-                (f"a 2-D t (shape {tuple(t_tensor.shape)})", t_tensor.dim() == 2),
-            )
-            if on
-        ]
-        if hit:
+        if event is not None:
             raise ValueError(
-                f"compile=True does not support {' and '.join(hit)}; use compile=False (the "
-                "eager engine supports it)"
+                "compile=True does not support event=...; use compile=False (the eager engine "
+                "supports it)"
+            )
+        from ._compiled import check_compilable
+
+        # Direct: autograd through the compiled chunks; Checkpointed and Backsolve (shared
+        # control): the forward compiled, the backward (replay, adjoint solve) eager.
+        ok = capable(grad_method, "exact_autograd") or (
+            capable(grad_method, "compiled_forward") and batch_control == "shared"
+        )
+        check_compilable(
+            tab=tab,
+            ctrl=resolve_controller(tab, controller, rtol, atol, dt),
+            gradient=None if ok else type(grad_method).__name__,
+        )
+        if getattr(grad_method, "max_checkpoints", None) is not None:
+            raise ValueError(
+                "compile=True keeps a checkpoint at every step: Checkpointed(max_checkpoints=...) "
+                "is not supported with it; use Checkpointed() or compile=False"
             )
     if getattr(controller, "force_dt_min", False) and (compile or batch_control == "per_sample"):
         raise ValueError(
@@ -248,6 +267,7 @@ def solve(
             throw=throw,
             time_dtype=time_dtype,
             event=event,
+            compile=compile,
         )
     if event is not None:
         from .events import Event, solve_with_event
@@ -289,8 +309,9 @@ def solve(
     if ctrl.adaptive:
         atol_ = prob.atol
         prob.atol_zero = atol_ == 0 if isinstance(atol_, float) else bool((atol_ == 0).any())
-    dense = dense_output if dense_output is not None else capable(grad_method, "exact_autograd")
-    dense = dense and not compile  # compiled stepping keeps no steps (dense_output=True raises)
+    # (compiled stepping records steps for dense output only when asked: it is the fast path)
+    default_dense = capable(grad_method, "exact_autograd") and not compile
+    dense = dense_output if dense_output is not None else default_dense
     samples_all = (
         torch.as_tensor(out_sample, device=spec.device) if out_sample is not None else None
     )
@@ -305,14 +326,15 @@ def solve(
             "batch_control='shared'; use batch_control='per_sample' (which supports them), pass "
             "t.detach(), or solve with a shared 1-D t"
         )
-    if compile:
-        ys = _run_compiled(run, y0flat, grad_method, dense_output, t_grad)
+    y_start = y0flat
+    f0 = None
+    if t_grad:
+        f0 = VectorField(func, spec, time_dtype)(t0, y0flat)
+        y_start = y0flat - (t[0] - t[0].detach()).to(_real(spec.dtype)) * f0
+    if compile and capable(grad_method, "exact_autograd"):
+        ys = _run_compiled(run, y_start, t_grad)
     else:
-        y_start = y0flat
-        f0 = None
-        if t_grad:
-            f0 = VectorField(func, spec, time_dtype)(t0, y0flat)
-            y_start = y0flat - (t[0] - t[0].detach()).to(_real(spec.dtype)) * f0
+        run.extra["compile"] = compile  # (Checkpointed: its forward in compiled chunks)
         ys = grad_method.run(run, y_start)
     res = run.result
     if t_grad:
@@ -353,11 +375,12 @@ def solve(
     )
 
 
-def _run_compiled(run: Run, y0flat, grad_method, dense_output, t_grad: bool):
-    """``solve(..., compile=True)`` in place of ``grad_method.run``: the forward solve in
-    compiled chunks of steps (or eagerly, with a warning, when func's compiled code no longer
-    matches it). Fills ``run.result``, ``run.f`` and ``stats`` like the gradient methods."""
-    from ._compiled import CompiledCodeMismatch, check_compilable, integrate_compiled
+def _run_compiled(run: Run, y0flat, t_grad: bool):
+    """``solve(..., compile=True)`` in place of ``grad_method.run`` (Direct gradients): the
+    forward solve in compiled chunks of steps (or eagerly, with a warning, when func's compiled
+    code no longer matches it). Fills ``run.result``, ``run.f``, ``run.stepper`` and ``stats``
+    like the gradient methods."""
+    from ._compiled import CompiledCodeMismatch, integrate_compiled, warn_mismatch
     from .gradients._common import find_params
 
     prob, func = run.prob, run.func
@@ -368,34 +391,25 @@ def _run_compiled(run: Run, y0flat, grad_method, dense_output, t_grad: bool):
         # A tensor requiring grad that func closes over shows in its output.
         or run.vector_field()(prob.t0, y0flat).requires_grad
     )
-    check_compilable(
-        tab=prob.tableau,
-        ctrl=prob.controller,
-        spec=prob.spec,
-        dense_output=bool(dense_output),
-        needs_grad=needs_grad,
-        gradient=None if capable(grad_method, "exact_autograd") else type(grad_method).__name__,
-        t_grad=t_grad,
-    )
+    if run.dense:
+        run.stepper = run.new_stepper(y0flat)
     f = run.vector_field()
     res = None
+    rec = "dense" if run.dense else None
     if prob.t_end != prob.t0:  # (a single output time: nothing to integrate, nor to compile)
         try:
-            res = integrate_compiled(prob, f, y0flat, throw=run.throw, track_grad=needs_grad)
-        except CompiledCodeMismatch as why:
-            warnings.warn(
-                "compile=True: func no longer matches the code compiled for it (torch.compile "
-                f"would recompile: {why}); a Python number or object that func reads has "
-                "probably changed since the first solve (e.g. an attribute self.k = 1.7). This "
-                "solve runs on the eager engine. Keep such values in tensors (e.g. "
-                "register_buffer) so that one compiled version serves every call",
-                RuntimeWarning,
-                stacklevel=3,
+            res = integrate_compiled(
+                prob, f, y0flat, throw=run.throw, track_grad=needs_grad, record=rec
             )
+        except CompiledCodeMismatch as why:
+            warn_mismatch(why, stacklevel=4)
             res, f = None, run.vector_field()
     run.stats["compiled"] = res is not None
     if res is None:
-        res = integrate(prob, f, y0flat, track_grad=needs_grad, throw=run.throw)
+        res = integrate(
+            prob, f, y0flat, track_grad=needs_grad, throw=run.throw, record=rec,
+            stepper=run.stepper,
+        )  # fmt: skip
     run.result, run.f = res, f
     run.stats["nfe"] = f.nfe
     return res.ys

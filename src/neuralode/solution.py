@@ -116,7 +116,7 @@ class Solution:
             if self.stats.get("compiled") is not None:
                 raise ValueError(
                     "this Solution comes from solve(..., compile=True), which keeps no dense "
-                    "output; solve with compile=False, dense_output=True to evaluate at "
+                    "output unless asked; solve with dense_output=True to evaluate at "
                     "arbitrary times (or pass those times in t)"
                 )
             self._no_dense_with_events()

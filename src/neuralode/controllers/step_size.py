@@ -21,15 +21,23 @@ import torch
 __all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController", "time_beside"]
 
 
-def time_beside(x: float, toward: float, time_dtype: torch.dtype) -> float:
+def time_beside(x, toward, time_dtype: torch.dtype):
     """The time closest to ``x`` on the side of ``toward`` that f sees as different from ``x``.
 
     At a discontinuity (``jump_t``) f is evaluated there, just inside the interval being
     stepped. In double precision that is ``math.nextafter``; f receives its time in
     ``time_dtype``, and with float32 the next double rounds back onto ``x``, so the step is taken
     to the next float32 instead (or to float32's rounding of ``x`` when that already lies on the
-    ``toward`` side).
+    ``toward`` side). Floats, or float64 tensors (compiled stepping calls it in its graph).
     """
+    if isinstance(x, torch.Tensor):
+        if time_dtype != torch.float32:
+            return torch.nextafter(x, toward)
+        up = toward > x
+        x32 = x.to(torch.float32)
+        past = torch.where(up, x32.double() > x, x32.double() < x)
+        far = torch.where(up, torch.inf, -torch.inf).to(torch.float32)
+        return torch.where(past, x32, torch.nextafter(x32, far)).double()
     if time_dtype != torch.float32:
         return math.nextafter(x, toward)
     up = toward > x
@@ -212,28 +220,36 @@ class Controller:
 
     def _land_rows(self, t, t_try, t_end, sdir, L):
         """:meth:`land` per row (``L`` sorted float64, ``sdir`` each row's direction)."""
-        n = L.shape[0]
-        if n:
-            up = torch.searchsorted(L, t.contiguous(), right=True)
-            dn = torch.searchsorted(L, t.contiguous(), right=False) - 1
-            i = torch.where(sdir > 0, up, dn)
-            ok = (i >= 0) & (i < n)
-            land = torch.where(ok, L[i.clamp(0, n - 1)], t_end)
-            # A landing beyond the end is no landing: the end comes first.
-            ok = ok & (sdir * (t_end - land) > 0)
-            to_land = ok & (sdir * (t_try - land) >= -_SLIVER * land.abs())
-            t_new = torch.where(to_land, land, t_try)
-        else:
-            to_land = torch.zeros_like(t, dtype=torch.bool)
-            t_new = t_try
-        at_end = sdir * (t_new - t_end) >= -_SLIVER * abs(t_end)
-        t_new = torch.where(at_end, t_end, t_new)
-        if self.jump_t:  # on a jump_t landing, or at an end that is one (its left limit)
-            J = torch.tensor(self.jump_t, dtype=t_new.dtype, device=t_new.device)
-            jump = (to_land | at_end) & torch.isin(t_new, J)
-        else:
-            jump = torch.zeros_like(at_end)
-        return t_new, to_land | at_end, jump
+        J = None
+        if self.jump_t:
+            J = torch.tensor(self.jump_t, dtype=t_try.dtype, device=t_try.device)
+        return land_rows(t, t_try, t_end, sdir, L, J)
+
+
+def land_rows(t, t_try, t_end, sdir, L, J=None):
+    """:meth:`Controller.land` on (B,) float64 tensors: ``L`` the sorted landing times, ``J``
+    the jump times (a tensor, or None). Compiled stepping calls it inside its graph."""
+    n = L.shape[0]
+    if n:
+        up = torch.searchsorted(L, t.contiguous(), right=True)
+        dn = torch.searchsorted(L, t.contiguous(), right=False) - 1
+        i = torch.where(sdir > 0, up, dn)
+        ok = (i >= 0) & (i < n)
+        land = torch.where(ok, L[i.clamp(0, n - 1)], t_end)
+        # A landing beyond the end is no landing: the end comes first.
+        ok = ok & (sdir * (t_end - land) > 0)
+        to_land = ok & (sdir * (t_try - land) >= -_SLIVER * land.abs())
+        t_new = torch.where(to_land, land, t_try)
+    else:
+        to_land = torch.zeros_like(t, dtype=torch.bool)
+        t_new = t_try
+    at_end = sdir * (t_new - t_end) >= -_SLIVER * t_end.abs()
+    t_new = torch.where(at_end, t_end, t_new)
+    if J is not None:  # on a jump_t landing, or at an end that is one (its left limit)
+        jump = (to_land | at_end) & torch.isin(t_new, J)
+    else:
+        jump = torch.zeros_like(at_end)
+    return t_new, to_land | at_end, jump
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._compiled import forward_or_none
 from .._loop import LoopResult, Problem, VectorField, integrate, make_stepper
 
 __all__ = [
@@ -215,7 +216,10 @@ def forward_without_graph(run: Run, y0flat: torch.Tensor, record: str, max_state
     )
     stepper = run.new_stepper(y0flat)
     with torch.no_grad():
-        res = integrate(
+        # compile=True: the forward in compiled chunks (None: run it here instead)
+        res = forward_or_none(
+            run, f, y0flat.detach(), "dense" if run.dense else record
+        ) or integrate(
             run.prob,
             f,
             y0flat.detach(),  # func must see a plain tensor, not a graph-less view of y0
@@ -235,6 +239,8 @@ def capable(gradient, capability: str) -> bool:
 
     - ``exact_autograd``: the solve runs under autograd, differentiated through its own
       operations (dense output keeps the graph; compiled stepping can run in its place);
-    - ``per_sample``: it has ``run_rows(run, y0flat)`` for ``batch_control="per_sample"``.
+    - ``per_sample``: it has ``run_rows(run, y0flat)`` for ``batch_control="per_sample"``;
+    - ``compiled_forward``: its forward solve (:func:`forward_without_graph`) may run in
+      compiled chunks (``compile=True``, shared control).
     """
     return bool(getattr(type(gradient), capability, False))

@@ -153,6 +153,7 @@ class Backsolve:
 
     exact_autograd = False  # capabilities: a custom backward pass, with a per-sample version
     per_sample = True
+    compiled_forward = True  # the forward may run in compiled chunks (compile=True, shared)
 
     def run_rows(self, run, y0flat: torch.Tensor):
         """The per-sample solve (``batch_control="per_sample"``): the backward solve of

@@ -60,6 +60,7 @@ class Checkpointed:
 
     exact_autograd = False  # capabilities: a custom backward pass, with a per-sample version
     per_sample = True
+    compiled_forward = True  # the forward may run in compiled chunks (compile=True, shared)
 
     def run_rows(self, run, y0flat: torch.Tensor):
         """The per-sample solve (``batch_control="per_sample"``): every iteration of the

@@ -1,0 +1,232 @@
+"""The masked per-row step that compiled stepping unrolls (see :mod:`neuralode._compiled`).
+
+One step of an explicit Runge--Kutta method for ``R`` rows of control at once, in tensor
+arithmetic only (no host read, no data-dependent Python branch), so that ``torch.compile`` can
+unroll ``steps`` of them into one graph. A *row* has its own time, step size, error norm,
+accept/reject decision, PI memory, status and output times (all ``(R,)`` or ``(R, ...)``):
+
+- shared control: ``R = 1``, the error norm is taken over the whole batch (the state viewed
+  as one row ``(1, B*M)``), ``func`` gets a 0-d time;
+- per-sample control: ``R = B``, each row's norm is over its own sample, ``func`` gets the rows'
+  times ``(B,)``.
+
+Rows that have finished (or failed) take steps of length zero whose results are masked out with
+``torch.where``. Times are float64 and signed (each row's direction ``sdir``), as in the eager
+per-row driver; every formula is the engine's own: the controller's landing rule
+(:func:`~neuralode.controllers.step_size.land_rows`, with
+:func:`~neuralode.controllers.step_size.time_beside` at a ``jump_t``), step proposal
+(:func:`~neuralode.controllers.step_size.grid_point`), underflow rule and PI update
+(:func:`~neuralode.controllers.step_size.pi_update`), the scaled error norm
+(:func:`~neuralode._norms.error_scale`, :meth:`~neuralode._norms.ErrorNorm.rms_rows`) and the
+tableau's interpolant (:func:`~neuralode.solvers.tableau.weights_at`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._norms import ErrorNorm, error_scale
+from .controllers.step_size import grid_point, land_rows, pi_update, time_beside, underflows
+from .solvers.tableau import weights_at
+
+__all__ = ["Consts", "chunk", "STATUS_UNDERFLOW", "STATUS_NONFINITE_H"]
+
+STATUS_UNDERFLOW = 1
+STATUS_NONFINITE_H = 2
+
+
+class Consts(NamedTuple):
+    """Everything the compiled step needs as plain Python values (torch.compile bakes them into
+    the kernels and guards on them)."""
+
+    a: tuple  # Butcher tableau rows
+    b: tuple
+    b_err: tuple  # b - b_hat
+    c: tuple
+    P: tuple  # interpolant coefficients (Sd, D)
+    fsal: bool
+    pi: tuple  # (safety, ifactor, dfactor, pcoeff, icoeff) of the PIController
+    order: int  # exponent of the controller (error order + 1)
+    dt_min: float
+    dt_max: float
+    time_dtype: torch.dtype
+    steps: int  # steps unrolled per call
+    layout: tuple  # (kind, keys, shapes, sizes) of the state
+    window: int  # output times one step may pass (it lands on the last of them)
+    n_dense: int  # dense stages of the interpolant (only f at the step end is supported)
+    floor: bool  # some atol is zero: the error scale is floored
+    propose: str  # "pi" (t + h), "dt" (ConstantStep's next t0 + k dt) or "inf" (StepToGrid)
+    dt: float
+    rows: bool  # per-sample control: func gets (B,) times, one norm per sample
+    pick: bool  # each output slot holds one sample (shared control with a 2-D t)
+    record: bool  # return every step's times, state and stages (dense output)
+    jumps: bool  # jump_t: the last stage at the left limit, f afresh at the right limit
+
+
+def _combine(base, h, coeffs, ks):
+    """``base + h * sum_i coeffs[i] k_i`` (zero coefficients skipped at trace time)."""
+    acc = None
+    for a, k in zip(coeffs, ks):
+        if a != 0.0:
+            acc = k * a if acc is None else acc + k * a
+    return base if acc is None else base + h * acc
+
+
+def chunk(f, C: Consts, s: dict, k: dict) -> dict:
+    """``C.steps`` masked steps of every row; returns the new state ``s`` plus ``report``.
+
+    ``s`` (updated): ``y`` (B, M) state; ``k1`` (B, M) f at the start of the next step; ``t``,
+    ``h`` (|next step|), ``prev`` (PI memory) (R,) float64; ``out`` (R, n_slots, n, M) outputs;
+    ``p`` (R,) next output slot; ``att``/``nacc`` (R,) attempts/accepted steps; ``st`` (R,)
+    status; ``nf`` (R,) last error non-finite. ``k`` (constant over the solve): ``t_end``,
+    ``t0``, ``sdir``, ``lo``, ``hi`` (R,) float64; ``out_t`` (R, n_slots) output times padded
+    with ``sdir * inf``; ``pick`` (R, n_slots) sample of each slot (``C.pick``); ``max_att``;
+    ``rtol``, ``atol``; ``L`` landing times, ``J`` jump times (sorted float64).
+    """
+    kind, keys, shapes, sizes = C.layout
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    y, k1, t, h, prev = s["y"], s["k1"], s["t"], s["h"], s["prev"]
+    out, p, att, nacc, st, nf = s["out"], s["p"], s["att"], s["nacc"], s["st"], s["nf"]
+    t_end, sdir, lo, hi = k["t_end"], k["sdir"], k["lo"], k["hi"]
+    R, (B, M) = t.shape[0], y.shape
+    n = B // R
+    dev = y.device
+    win = torch.arange(C.window, device=dev)
+    rix = torch.arange(R, device=dev).unsqueeze(1)
+    Pm = torch.tensor(C.P, dtype=torch.float64, device=dev)  # (Sd, D)
+    J = k["J"] if C.jumps else None
+    adaptive = C.propose == "pi"
+
+    def call(tt, yy):  # func on the user's state structure; tt (R,) float64
+        tt = tt.to(C.time_dtype) if C.rows else tt[0].to(C.time_dtype)
+        if kind == "tensor":
+            return f(tt, yy.view(shapes[0])).reshape(yy.shape)
+        parts = [yy[:, o : o + m].reshape(sh) for o, m, sh in zip(offs, sizes, shapes)]
+        res = f(tt, tuple(parts) if kind == "tuple" else dict(zip(keys, parts)))
+        vals = list(res) if kind == "tuple" else [res[key] for key in keys]
+        return torch.cat([v.reshape(yy.shape[0], -1) for v in vals], 1)
+
+    def norm(r):  # the engine's RMS / mixed norm of each row (R,)
+        if kind == "tensor":
+            return ErrorNorm.rms_rows(r.reshape(R, -1))
+        r3 = r.view(R, n, M)
+        comps = [r3[:, :, o : o + m].reshape(R, -1) for o, m in zip(offs, sizes) if m]
+        return torch.stack([ErrorNorm.rms_rows(x) for x in comps]).amax(0)
+
+    recs = []
+    for _ in range(C.steps):
+        live = (sdir * (t_end - t) > 0) & (att < k["max_att"]) & (st == 0)
+        idx = p.unsqueeze(1) + win  # (R, W) the output slots this step may fill
+        taus = k["out_t"].gather(1, idx)
+        # ---- the controller: proposal, landings (step_t/jump_t/the end), checks
+        h_abs = torch.clamp(h, max=C.dt_max)
+        if C.propose == "dt":
+            t_try = grid_point(t, k["t0"], t_end, sdir, C.dt)
+        else:  # (StepToGrid: h = inf, every step ends on the next grid point, a landing)
+            t_try = t + sdir * h_abs
+        t_new, clipped, jump = land_rows(t, t_try, t_end, sdir, k["L"], J)
+        # A step passes at most `window` output times: it lands on the last of them.
+        past = sdir * (t_new - taus[:, -1]) > 0
+        t_new = torch.where(past & live, taus[:, -1], t_new)
+        t_new = torch.where(live, t_new, t)  # finished rows: zero steps
+        clipped = clipped | past
+        if adaptive:  # the checks of the eager drivers, on the proposed step size
+            under = underflows(h_abs, t, C.dt_min)
+            bad_h = ~torch.isfinite(h_abs)
+            st = torch.where(live & under, STATUS_UNDERFLOW, st)
+            st = torch.where(live & bad_h, STATUS_NONFINITE_H, st)
+            live = live & ~under & ~bad_h
+        # A window full of outputs at the current time (repeated times in a 2-D t) is written
+        # by a step of length zero that counts for nothing else.
+        zero = t_new == t
+        due = zero & (st == 0) & (sdir * (taus[:, 0] - t) <= 0)
+        active = live & ~zero
+        jump = jump & active & ~past
+        h_step = t_new - t
+        hs = h_step.to(y.dtype).unsqueeze(1)  # (R, 1): broadcasts over the rows of y
+        # At a jump_t the last stage sees the left limit (the next float before it).
+        t_last = torch.where(jump, time_beside(t_new, t, C.time_dtype), t_new) if C.jumps else t_new
+        # ---- the stages
+        ks = [k1]
+        yi = y
+        for i in range(1, len(C.b)):
+            yi = _combine(y, hs, C.a[i][:i], ks)
+            ti = t_last if C.c[i] == 1.0 else torch.clamp(t + C.c[i] * h_step, lo, hi)
+            ks.append(call(ti, yi))
+        y_new = yi if C.fsal else _combine(y, hs, C.b, ks)
+        k_last = ks[-1] if C.fsal else call(t_last, y_new)
+        # ---- the scaled error norm of each row and accept/reject
+        if adaptive:
+            err = _combine(torch.zeros_like(y), hs, C.b_err, ks)
+            scale = error_scale(y.detach().abs(), y_new.detach().abs(), k["rtol"], k["atol"],
+                                C.floor)  # fmt: skip
+            e = norm(err.detach() / scale)
+            accept = active & (e <= 1.0)
+        else:  # fixed steps: no error estimate, every step is accepted
+            e = torch.zeros_like(t)
+            accept = active
+        # ---- outputs passed by the accepted steps, from each step's continuous extension
+        writes = (accept | due).unsqueeze(1)
+        inside = writes & (sdir.unsqueeze(1) * (taus - t_new.unsqueeze(1)) <= 0)
+        y_end = torch.where(zero.unsqueeze(1), y, y_new)
+        Kst = torch.stack(ks + [k_last] if C.n_dense else ks).view(-1, R, n, M)
+        if C.pick:  # one sample per slot: only those samples are interpolated
+            sel = k["pick"].gather(1, idx)  # (R, W)
+            y3, yn3 = y.view(R, n, M)[rix, sel], y_end.view(R, n, M)[rix, sel]  # (R, W, M)
+            Kst = Kst[:, rix, sel]  # (Sd, R, W, M)
+        else:
+            y3, yn3 = y.view(R, 1, n, M), y_end.view(R, 1, n, M)
+            Kst = Kst.unsqueeze(2)  # (Sd, R, 1, n, M)
+        if C.window > 1:
+            # Outside the step theta is 0: masked values must stay finite, or their zero
+            # gradients would become NaN.
+            step_in = inside & ~zero.unsqueeze(1)
+            theta = torch.where(step_in, (taus - t.unsqueeze(1)) / h_step.unsqueeze(1), 0.0)
+            Wt = weights_at(theta, Pm).to(y.dtype)  # (R, W, Sd), the method's own interpolant
+            # sum_s W[r, w, s] K[s, r, ...] as one fused loop (a batched matmul of (1, Sd) by
+            # (Sd, M) matrices would call a kernel per output time).
+            Ws = Wt.permute(2, 0, 1).reshape(*Wt.shape[2:], R, -1, *[1] * (y3.dim() - 2))
+            vals = y3 + hs.view([R] + [1] * (y3.dim() - 1)) * (Ws * Kst).sum(0)
+            at_end = (taus == t_new.unsqueeze(1)).view(R, -1, *[1] * (y3.dim() - 2))
+            vals = torch.where(at_end, yn3, vals)
+        else:  # the step ended on the output time
+            vals = yn3.expand(R, C.window, *yn3.shape[2:])
+        if C.pick:
+            vals = vals.unsqueeze(2)  # (R, W, 1, M)
+        old = out[rix, idx]
+        out = out.index_put((rix, idx), torch.where(inside.view(R, -1, 1, 1), vals, old))
+        p = p + inside.sum(1)
+        if C.record:
+            recs.append((t, t_new, accept, y, y_new, torch.stack(ks), k_last))
+        # ---- the PI update, then advance the accepted rows
+        if adaptive:
+            h_next, prev = pi_update(*C.pi, h_step.abs(), h_abs, e, prev, C.order, accept,
+                                     clipped)  # fmt: skip
+            h = torch.where(active, h_next, h)
+        acc2 = accept.unsqueeze(1)
+        y = torch.where(acc2, y_new, y)
+        if C.jumps:  # past a jump_t, f afresh at the right limit (the next float after it)
+            k_jump = call(time_beside(t_new, t_new + sdir, C.time_dtype), y_new)
+            k_last = torch.where(jump.unsqueeze(1), k_jump, k_last)
+        k1 = torch.where(acc2, k_last, k1)
+        t = torch.where(accept, t_new, t)
+        att = att + active.to(att.dtype)
+        nacc = nacc + accept.to(nacc.dtype)
+        nf = torch.where(active, ~torch.isfinite(e), nf)
+    # Rows with steps or outputs left (outputs at the current time: see `due`).
+    taus0 = k["out_t"].gather(1, p.unsqueeze(1)).squeeze(1)
+    more = (sdir * (t_end - t) > 0) & (att < k["max_att"]) | (sdir * (taus0 - t) <= 0)
+    busy = more & (st == 0)
+    # What the host reads after the call, in one transfer (counts are exact in float64).
+    report = torch.cat([t, h, att.double(), nacc.double(), st.double(), nf.double(),
+                        busy.double()])  # fmt: skip
+    res = dict(y=y, k1=k1, t=t, h=h, prev=prev, out=out, p=p, att=att, nacc=nacc, st=st, nf=nf)
+    res["report"] = report
+    if C.record:  # (steps, ...) stacked
+        t_o, t_n, acc, y_o, y_n, K, k_n = (torch.stack(x) for x in zip(*recs))
+        res["rec"] = dict(t=t_o, t_new=t_n, acc=acc, y=y_o, y_new=y_n, K=K, k_next=k_n)
+        res["report"] = torch.cat([report, t_o.reshape(-1), t_n.reshape(-1),
+                                   acc.double().reshape(-1)])  # fmt: skip
+    return res
