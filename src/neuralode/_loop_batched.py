@@ -225,6 +225,7 @@ def integrate_per_sample(
         stale=torch.zeros(A, dtype=torch.bool, device=dev), tf=t0[m],
         rtol=rows_tol(rtol, m), atol=rows_tol(atol, m),
     )  # fmt: skip
+    stepper.bind_rows(w.rtol, w.atol)  # per-row state of implicit steppers (Newton tolerances)
     records = []
     n_done = n_stale = 0
     user = ctrl.norm  # PIController(norm=...): see _norm_rows
@@ -333,7 +334,9 @@ def integrate_per_sample(
         # ---- compaction: drop finished rows once they are a noticeable share of the working set
         if n_done and n_done < A and n_done >= _COMPACT_FRACTION * A:
             flush(w, w.done.nonzero().squeeze(1))
-            w = w.take((~w.done).nonzero().squeeze(1))
+            keep = (~w.done).nonzero().squeeze(1)
+            w = w.take(keep)
+            stepper.take_rows(keep)
             state["compactions"] += 1
             n_stale = 0 if stepper.fsal else int(w.stale.sum())
             A, n_done = A - n_done, 0
@@ -395,15 +398,11 @@ def solve_per_sample(
 ):  # fmt: skip
     """``neuralode.solve(..., batch_control="per_sample")``: validate, integrate, wrap up."""
     opt = "batch_control='per_sample'"
-    if not isinstance(tab, ButcherTableau):
-        name = getattr(tab, "name", type(tab).__name__)
-        raise ValueError(
-            f"{opt} needs an explicit Runge-Kutta method (a Butcher tableau: its stages combine "
-            f"with one step size per row), got solver {name!r}; implicit, Rosenbrock and Adams "
-            "methods solve one (Newton) system or keep one history for the whole batch. Use e.g. "
-            "'dopri5', 'tsit5', 'rk4', or batch_control='shared' for this solver"
-        )
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
+    if not isinstance(tab, ButcherTableau):  # implicit/Rosenbrock: per-row blocks, or refused
+        from .solvers.implicit.rows import check_per_sample
+
+        check_per_sample(tab, ctrl, gradient)
     if not capable(gradient, "per_sample"):
         raise ValueError(
             f"{opt} does not support gradient={type(gradient).__name__}(...) (it declares no "
@@ -474,6 +473,7 @@ def solve_per_sample(
         "n_steps": nacc,
         "n_iterations": state["iterations"],
         "n_compactions": state["compactions"],
+        **(stepper.stats or {}),  # implicit methods: n_jac, n_lu (row blocks), n_newton ...
     })  # fmt: skip
     if state["failed"]:
         stats["failed_samples"] = sorted(state["failed"])

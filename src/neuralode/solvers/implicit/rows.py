@@ -1,0 +1,597 @@
+"""Per-sample control (``batch_control="per_sample"``) for Rosenbrock and diagonally implicit steps.
+
+Under per-sample control every row ``b`` of the flat state ``(A, M)`` is its own ODE with its own
+step size ``h_b`` (:mod:`neuralode._loop_batched`). The Jacobian of the batch is then block
+diagonal, one ``M x M`` block ``J_b = df_b/dy_b`` per row, and every linear system of a step
+splits into ``A`` independent ones: the iteration matrices ``I - h_b gamma J_b`` (Rosenbrock:
+``I / (h_b gamma) - J_b``) are factorised as one ``(A, M, M)`` stack (``torch.linalg.lu_factor``)
+and solved batched. The blocks come from ``M`` vector-Jacobian products of the batched func
+(one per component, each giving that row of every block; vectorised with
+``is_grads_batched`` past ``M = 32``), so a Jacobian costs the same as for one sample.
+
+The stage formulas are the shared steppers' own (:meth:`RosenbrockStepper.stages
+<neuralode.solvers.implicit.rosenbrock.RosenbrockStepper.stages>`; the tableau rows, stage
+predictors and the implicit-function-theorem rebuild of :class:`ImplicitRKStepper
+<neuralode.solvers.implicit.irk.ImplicitRKStepper>`); what is here is per row:
+
+- the Jacobian blocks and their reuse. Rosenbrock: a row that retries from the same point (a
+  rejected step) keeps its block. Diagonally implicit methods: Hairer & Wanner's policy of the
+  shared stepper, applied to each row on its own -- a row keeps its (old) block until its Newton
+  iteration converged slowly (rate above 1e-3 after more than two iterations) or failed; its
+  iteration matrix is refactorised when its block or its ``h_b gamma`` changes;
+- the simplified Newton iteration (:func:`newton_rows`): the convergence tests of
+  :func:`neuralode.solvers.implicit.newton.newton` on each row's scaled RMS norm, rows leaving
+  the iteration as they converge or fail; a row that fails is retried once with a fresh block at
+  its step start and unextrapolated starting values, and if it fails again its step is rejected
+  (scaled error ``1.8^k``, so the controller halves it) -- the shared stepper's rules;
+- the stage times: clamped into each sample's interval (against rounding in ``t + c h``) except
+  for ``kvaerno5``, whose node ``c = 1.23`` is evaluated past the step end (on a sample's last
+  step past its final time) as with shared control: clamping it would change the method;
+- the rows with a zero step (samples that finished, kept in the working set until the next
+  compaction) take no Jacobian, factorisation or stage evaluation.
+
+A sample therefore takes the same steps, with the same Jacobian evaluations and values (to
+rounding), as when it is solved alone with shared control. ``stats["n_jac"]`` and
+``stats["n_lu"]`` count row blocks (the sum over samples of what each would count alone);
+``n_newton`` counts row-iterations.
+
+Gradients: Rosenbrock steps are explicit formulas (autograd through them, including the
+dependence of the blocks on the state and parameters: ``Direct``, ``Checkpointed``); the
+diagonally implicit stages are attached by the implicit function theorem to one differentiable
+evaluation of their stage equations (``Direct``), as in the shared stepper, with the adjoint
+systems preconditioned by the rows' factorisations.
+
+References
+----------
+Hairer, Wanner. Solving Ordinary Differential Equations II, 2nd ed., 1996, sec. IV.7
+(Rosenbrock methods) and IV.8 (simplified Newton iterations, their stopping criteria and
+Jacobian reuse).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..explicit_rk import _combiner
+from .linalg import LUSolve, _Reattach
+
+__all__ = ["block_jacobian", "newton_rows", "rosenbrock_rows_step", "dirk_rows_step"]
+
+# Past this many components per row the M vector-Jacobian products are vectorised.
+_LOOP_MAX = 32
+
+
+def _restricted(f, idx, count: bool, clamp: bool = True):
+    """``f`` for the rows ``idx`` of its current rows (their intervals, for the clamping of stage
+    times; ``clamp=False``: none, for methods with nodes past 1); a copy whose counters are
+    discarded unless ``count``."""
+    g = f if count else copy.copy(f)
+    lo, hi = f.lo, f.hi
+    if not clamp:
+        lo = hi = None
+    elif idx is not None and lo is not None:
+        lo, hi = lo[idx], hi[idx]
+
+    def call(t, y):
+        saved = g.lo, g.hi
+        g.lo, g.hi = lo, hi
+        try:
+            return g(t, y)
+        finally:
+            g.lo, g.hi = saved
+
+    return call
+
+
+def block_jacobian(f, t, y, idx=None, *, with_t: bool = False, create_graph: bool = False):
+    """The blocks ``J_b = df_b/dy_b`` ``(n, M, M)`` of rows ``y`` ``(n, M)`` at times ``t`` (n,)
+    (and ``df_b/dt_b`` ``(n, M)`` with ``with_t``), for a batched field ``f`` whose rows are
+    independent. ``idx`` selects the rows of ``f``'s current intervals. With ``create_graph`` the
+    blocks are differentiable in ``y`` and func's parameters (double backward). Evaluations of
+    func made here are not counted as NFE."""
+    n, M = y.shape
+    g = _restricted(f, idx, count=False)
+    yl = y.detach().requires_grad_()
+    tl = t.detach().to(torch.float64).clone().requires_grad_(with_t)
+    with torch.enable_grad():
+        out = g(tl, yl)
+    if not out.requires_grad:  # func hides its dependence on the state: forward differences
+        return _block_fd(g, tl.detach(), y.detach(), out.detach(), with_t)
+    inputs = [yl, tl] if with_t else [yl]
+    grads = None
+    if M > _LOOP_MAX:
+        E = torch.eye(M, dtype=out.dtype, device=out.device).unsqueeze(1).expand(M, n, M)
+        try:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(
+                    out, inputs, E, retain_graph=True, create_graph=create_graph,
+                    allow_unused=True, is_grads_batched=True,
+                )  # fmt: skip
+            grads = [None if q is None else q.movedim(0, 1) for q in grads]  # (n, M, ...)
+        except Exception:  # e.g. operations vmap cannot batch: one product per component
+            grads = None
+    if grads is None:
+        rows_y, rows_t = [], []
+        with torch.enable_grad():
+            for i in range(M):
+                e = torch.zeros_like(out)
+                e[:, i] = 1
+                q = torch.autograd.grad(
+                    out, inputs, e, retain_graph=True, create_graph=create_graph,
+                    allow_unused=True,
+                )  # fmt: skip
+                rows_y.append(q[0] if q[0] is not None else torch.zeros_like(yl))
+                if with_t:
+                    rows_t.append(q[1] if q[1] is not None else torch.zeros_like(tl))
+        grads = [torch.stack(rows_y, 1), torch.stack(rows_t, 1) if with_t else None]
+    J = grads[0] if grads[0] is not None else torch.zeros(n, M, M, dtype=y.dtype, device=y.device)
+    ft = None
+    if with_t:
+        ft = grads[1] if grads[1] is not None else torch.zeros(n, M, dtype=torch.float64)
+        ft = ft.to(device=y.device, dtype=y.dtype)
+    if J.is_complex():  # autograd's products of a holomorphic function are conjugated
+        J = J.conj()
+        ft = ft.conj() if ft is not None else None
+    outs = (J,) if ft is None else (J, ft)
+    if not create_graph:
+        outs = tuple(o.detach() for o in outs)
+    elif y.requires_grad:
+        outs = _Reattach.apply(y, yl, *outs)
+    return outs if with_t else outs[0]
+
+
+def _block_fd(g, t, y, f0, with_t):
+    """Forward differences, one evaluation per component (every row at once), no graph."""
+    real = y.real if y.is_complex() else y
+    eps = torch.finfo(real.dtype).eps
+    cols = []
+    with torch.no_grad():
+        for j in range(y.shape[1]):
+            d = math.sqrt(eps) * torch.clamp(real[:, j].abs(), min=1.0)
+            yp = y.clone()
+            yp[:, j] += d
+            cols.append((g(t, yp) - f0) / d.unsqueeze(1))
+        J = torch.stack(cols, 2)
+        if not with_t:
+            return J
+        dt = math.sqrt(eps) * torch.clamp(t.abs(), min=1.0)
+        ft = (g(t + dt, y) - f0) / dt.to(y.dtype).unsqueeze(1)
+    return J, ft
+
+
+def _on_live_rows(step, f, t, h, y, k1, S: int):
+    """Run ``step(rows, t, h, y, k1)`` on the rows with a non-zero step and assemble the full
+    ``(y_new, err, K)``: finished rows (zero steps) keep their state, error 0, stages ``k1``/0.
+    ``rows`` indexes the working set (the per-row state of the stepper)."""
+    A, M = y.shape
+    live = h != 0
+    n = int(live.sum())
+    if n == A:
+        return step(torch.arange(A, device=y.device), None)
+    sub = live.nonzero().squeeze(1)
+    if n:
+        ys, es, Ks = step(sub, sub)
+        S = Ks.shape[0]
+    K = torch.cat([k1.reshape(1, A, M), torch.zeros((S - 1, A, M), dtype=y.dtype, device=y.device)])
+    if not n:
+        return y, torch.zeros_like(y), K.view(S, -1)
+    y_new = y.index_copy(0, sub, ys)
+    err = torch.zeros_like(y).index_copy(0, sub, es)
+    K = K.index_copy(1, sub, Ks.view(S, n, M))
+    return y_new, err, K.view(S, -1)
+
+
+def _per_component(h, shape, dtype):
+    """Row step sizes ``(n,)`` laid out per component of the flat state ``(n*M,)``."""
+    return h.to(dtype).unsqueeze(1).expand(shape).reshape(-1)
+
+
+# ---------------------------------------------------------------------------- Rosenbrock
+class _RowJacobians:
+    """Blocks and ``df/dt`` of the working set's rows, kept while a row retries from its point."""
+
+    def __init__(self, A: int):
+        self.A, self.t, self.y, self.J, self.ft, self.track = A, None, None, None, None, None
+
+    def take(self, keep) -> None:
+        self.A = keep.shape[0]
+        if self.t is not None:
+            self.t, self.y, self.J, self.ft = (v[keep] for v in (self.t, self.y, self.J, self.ft))
+
+    def get(self, f, rows, sub, t, y, track: bool, counts: dict):
+        yd = y.detach()
+        if self.t is None or self.track != track:
+            need = torch.ones(rows.shape[0], dtype=torch.bool, device=y.device)
+        else:
+            need = ~((self.t[rows] == t) & (self.y[rows] == yd).all(1))
+        k = int(need.sum())
+        if k:
+            q = need.nonzero().squeeze(1)
+            fi = q if sub is None else sub[q]  # rows of f's current intervals
+            with torch.set_grad_enabled(track):
+                J, ft = block_jacobian(f, t[q], y[q], fi, with_t=True, create_graph=track)
+            counts["n_jac"] += k
+            if self.t is None or self.track != track:
+                A, M = self.A, y.shape[1]
+                self.t = torch.full((A,), math.nan, dtype=torch.float64, device=y.device)
+                self.y = torch.zeros((A, M), dtype=y.dtype, device=y.device)
+                self.J = torch.zeros((A, M, M), dtype=J.dtype, device=y.device)
+                self.ft = torch.zeros((A, M), dtype=ft.dtype, device=y.device)
+                self.track = track
+            r = rows[q]
+            self.t, self.y = self.t.index_copy(0, r, t[q]), self.y.index_copy(0, r, yd[q])
+            self.J, self.ft = self.J.index_copy(0, r, J), self.ft.index_copy(0, r, ft)
+        return self.J[rows], self.ft[rows]
+
+
+def rosenbrock_rows_step(st, f, t, h, y, k1, t_last, track_grad: bool):
+    """One Rosenbrock step per row (``h``, ``t``, ``t_last`` ``(A,)``): block Jacobians, one
+    batched factorisation of ``I / (h_b gamma) - J_b``, the shared stage formulas."""
+    track_grad = track_grad and (y.requires_grad or k1.requires_grad)
+    if not track_grad:
+        y, k1 = y.detach(), k1.detach()
+    if st._rows is None or st._rows.A != y.shape[0]:
+        st._rows = _RowJacobians(y.shape[0])
+    cache = st._rows
+
+    def step(rows, sub):
+        tr, hr, yr, kr = (v if sub is None else v[sub] for v in (t, h, y, k1))
+        tl = t_last if sub is None else t_last[sub]
+        n, M = yr.shape
+        J, ft = cache.get(f, rows, sub, tr, yr, track_grad, st.counts)
+        W = J * -1.0
+        W.diagonal(dim1=-2, dim2=-1).add_((1.0 / (hr * st.gamma)).to(W.dtype).unsqueeze(1))
+        LU, piv = torch.linalg.lu_factor(W.detach())
+        st.counts["n_lu"] += n
+
+        def solve(rhs):
+            r = rhs.view(n, M)
+            if track_grad:
+                return LUSolve.apply(W, r, LU, piv).reshape(-1)
+            return torch.linalg.lu_solve(LU, piv, r.unsqueeze(-1)).reshape(-1)
+
+        fr = _RowsField(f, sub)
+        hv = _per_component(hr, (n, M), yr.dtype)
+        return st.stages(fr, tr, hr, hv, yr.reshape(-1), kr.reshape(-1), tl, ft.reshape(-1),
+                         solve, track_grad, yr.shape)  # fmt: skip
+
+    return _on_live_rows(step, f, t, h, y, k1, st.S)
+
+
+class _RowsField:
+    """``f.flat`` on a subset of the working set's rows (counted; their intervals)."""
+
+    def __init__(self, f, sub, clamp: bool = True):
+        self.f, self.call = f, _restricted(f, sub, count=True, clamp=clamp)
+
+    def flat(self, t, y):
+        return self.call(t, y.view(t.shape[0], -1)).reshape(-1)
+
+    def rows(self, t, y):
+        return self.call(t, y)
+
+
+# ---------------------------------------------------------------------------- Newton per row
+def newton_rows(residual, solve, x0, norm, kappa: float, max_iters: int, eta0, active):
+    """Simplified Newton iterations on the rows ``active`` of ``x0`` ``(n, M)``, each row on its own.
+
+    The tests are those of :func:`neuralode.solvers.implicit.newton.newton` (adaptive steps:
+    give up early), applied per row: ``theta = ||dx_k|| / ||dx_{k-1}||`` (scaled RMS norm of the
+    row); stop when ``theta / (1 - theta) ||dx_k|| <= kappa`` (first iteration: the row's
+    carried ``eta0`` ``(n,)``), give up when ``theta >= 0.99``, the norm is not finite, or at the observed
+    rate the tolerance is out of reach within ``max_iters``. ``residual(idx, x)`` and
+    ``solve(idx, r)`` act on the rows ``idx`` (``solve`` returns NaN rows for a singular
+    matrix); ``norm(idx, dx)`` gives ``(len(idx),)`` float64.
+
+    Returns ``(x, converged, iters, rate)``, each per row (rows not active: unchanged, not
+    converged, zero iterations).
+    """
+    n = x0.shape[0]
+    f64 = dict(dtype=torch.float64, device=x0.device)
+    x = x0.clone()
+    prev = torch.full((n,), math.nan, **f64)
+    theta = torch.full((n,), math.nan, **f64)
+    eta = eta0.clone()
+    conv = torch.zeros(n, dtype=torch.bool, device=x0.device)
+    iters = torch.zeros(n, dtype=torch.long, device=x0.device)
+    rate = torch.ones(n, **f64)
+    run = active.clone()
+    for k in range(max_iters):
+        idx = run.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        xa = x[idx]
+        dx = solve(idx, residual(idx, xa))
+        xn = xa + dx
+        dn = norm(idx, dx)
+        iters[idx] = k + 1
+        pv = prev[idx]
+        has = ~torch.isnan(pv)
+        th = torch.where(has, torch.where(pv > 0, dn / pv, torch.zeros_like(dn)), theta[idx])
+        bad = ~torch.isfinite(dn)
+        div = has & ~bad & (th >= 0.99)
+        eta_a = torch.where(has & ~div, th / (1.0 - th), eta[idx])
+        remaining = max_iters - 1 - k
+        slow = has & ~bad & ~div & (remaining > 0) & (th**remaining / (1.0 - th) * dn > kappa)
+        quit_ = bad | div | slow
+        ok = ~quit_ & ((dn == 0) | (eta_a * dn <= kappa))
+        x[idx] = torch.where(slow.unsqueeze(1), xa, xn)
+        theta[idx], eta[idx], prev[idx] = th, eta_a, dn
+        conv[idx] = ok
+        # The rate reported: the last measured one; unmeasured, 0 if converged, else 1.
+        unmeasured = torch.where(ok, 0.0, 1.0).to(torch.float64)
+        rate[idx] = torch.where(bad, math.inf, torch.where(torch.isnan(th), unmeasured, th))
+        run[idx] = ~(quit_ | ok)
+    return x, conv, iters, rate
+
+
+# ---------------------------------------------------------------------------- diagonally implicit
+class _DIRKRows:
+    """Per-row state of the working set's Newton iterations: each row's Jacobian block and the
+    point it was computed at, its refresh flag and carried rate ``eta``, its factorised
+    iteration matrix and the ``h gamma`` it was factorised for, its tolerances."""
+
+    def __init__(self, A: int, M: int, dtype, device, tol):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.A = A
+        self.has = torch.zeros(A, dtype=torch.bool, device=device)
+        self.refresh = torch.zeros(A, dtype=torch.bool, device=device)
+        self.jt = torch.full((A,), math.nan, **f64)
+        self.jy = torch.zeros((A, M), dtype=dtype, device=device)
+        self.J = torch.zeros((A, M, M), dtype=dtype, device=device)
+        self.eta = torch.ones(A, **f64)
+        self.lu_g = torch.full((A,), math.nan, **f64)
+        self.LU = torch.zeros((A, M, M), dtype=dtype, device=device)
+        self.piv = torch.ones((A, M), dtype=torch.int32, device=device)
+        self.lu_ok = torch.zeros(A, dtype=torch.bool, device=device)
+        self.rtol, self.atol = tol
+
+    _ROWWISE = ("has", "refresh", "jt", "jy", "J", "eta", "lu_g", "LU", "piv", "lu_ok")
+
+    def take(self, keep) -> None:
+        self.A = keep.shape[0]
+        for name in self._ROWWISE:
+            setattr(self, name, getattr(self, name)[keep])
+        self.rtol, self.atol = (v[keep] if isinstance(v, torch.Tensor) else v
+                                for v in (self.rtol, self.atol))  # fmt: skip
+
+    def tol(self, rows):
+        return tuple(v[rows] if isinstance(v, torch.Tensor) else v for v in (self.rtol, self.atol))
+
+    def ensure(self, f, rows, sub, t, y0, force: bool, counts: dict) -> None:
+        """Blocks current at the step start ``(t, y0)`` for the rows that need one: forced
+        (a failed iteration), none yet, or flagged for refresh (slow convergence)."""
+        cur = self.has[rows] & (self.jt[rows] == t) & (self.jy[rows] == y0).all(1)
+        need = ~cur & (~self.has[rows] | self.refresh[rows] | force)
+        k = int(need.sum())
+        if not k:
+            return
+        q = need.nonzero().squeeze(1)
+        r = rows[q]
+        with torch.no_grad():
+            self.J[r] = block_jacobian(f, t[q], y0[q], q if sub is None else sub[q])
+        counts["n_jac"] += k
+        self.jt[r], self.jy[r] = t[q], y0[q]
+        self.has[r], self.refresh[r] = True, False
+        self.eta[r] = 1.0  # a new iteration matrix: measure its rate before trusting it
+        self.lu_g[r] = math.nan
+
+    def factorise(self, rows, g, active, counts: dict) -> None:
+        """Iteration matrices ``I - g_b J_b`` for the active rows whose ``g_b`` or block changed
+        (the same rule as the shared stepper: equal to 1e-12 relative is the same matrix)."""
+        same = (self.lu_g[rows] - g).abs() <= 1e-12 * g.abs()
+        need = active & ~same
+        k = int(need.sum())
+        if not k:
+            return
+        q = need.nonzero().squeeze(1)
+        r = rows[q]
+        Mq = self.J[r] * (-g[q]).to(self.J.dtype).view(-1, 1, 1)
+        Mq.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        LU, piv, info = torch.linalg.lu_factor_ex(Mq)
+        ok = (info == 0) & torch.isfinite(LU).flatten(1).all(1)
+        self.LU[r], self.piv[r], self.lu_ok[r], self.lu_g[r] = LU, piv, ok, g[q]
+        counts["n_lu"] += k
+
+    def solve(self, r, rhs, adjoint: bool = False):
+        """``(I - g_b J_b)^-1 rhs_b`` for rows ``r`` (``^-H`` with ``adjoint``); NaN rows where
+        the matrix is singular (the iteration then fails)."""
+        x = torch.linalg.lu_solve(self.LU[r], self.piv[r], rhs.unsqueeze(-1), adjoint=adjoint)
+        return torch.where(self.lu_ok[r].unsqueeze(1), x.squeeze(-1), math.nan)
+
+    def update_eta(self, rows, active, iters, rate, eps: float) -> None:
+        """The shared stepper's ``_update_eta`` per active row: ``max(eta, eps)^0.8``."""
+        measured = iters >= 2
+        eta = torch.where(measured & (rate < 1.0), rate / (1.0 - rate), self.eta[rows])
+        eta = torch.where(measured & (rate >= 1.0), 1.0, eta)
+        self.eta[rows] = torch.where(active, torch.clamp(eta, min=eps) ** 0.8, self.eta[rows])
+
+
+def _attempt(st, state, f, rows, sub, t, h, t_last, y0, k1d, scale, active, cold: bool):
+    """The stages of the active rows (``y0`` ``(n, M)``); returns the stage derivatives and
+    values, the new state, and per row: converged, worst rate, most iterations."""
+    T, s = st.tableau, st.tableau.n_stages
+    n, M = y0.shape
+    clamp = max(T.c) <= 1.0  # kvaerno5's node 1.23: evaluated past the step as when shared
+    comb = _combiner(y0.reshape(-1), h, (n, M))
+    ks, Ys = [None] * s, [None] * s
+    ok = active.clone()
+    rate = torch.zeros(n, dtype=torch.float64, device=y0.device)
+    used = torch.zeros(n, dtype=torch.long, device=y0.device)
+    for i in range(s):
+        if i == 0 and T.explicit_first_stage:
+            ks[0], Ys[0] = k1d, y0
+            continue
+        g = h * T.a[i][i]
+        gv = g.to(y0.dtype).unsqueeze(1)
+        e = y0 if i == 0 else comb(torch.stack([k.reshape(-1) for k in ks[:i]], 1), st.a_rows[i])
+        e = e.view(n, M)
+        ti = st._stage_time(t, h, t_last, T.c[i])
+        guess = e if cold else e + gv * st._predict(i, ks, k1d)
+        state.factorise(rows, g, ok, st.counts)
+
+        def residual(idx, Y, e=e, gv=gv, ti=ti):
+            call = _restricted(f, idx if sub is None else sub[idx], count=True, clamp=clamp)
+            return e[idx] + gv[idx] * call(ti[idx], Y) - Y
+
+        def norm(idx, dx):
+            return (torch.linalg.vector_norm(dx / scale[idx], dim=1) / math.sqrt(M)).double()
+
+        x, conv, iters, rt = newton_rows(
+            residual, lambda idx, r: state.solve(rows[idx], r), guess, norm, st.kappa,
+            st.max_iters, state.eta[rows], ok,
+        )  # fmt: skip
+        st.counts["n_newton"] += int(iters.sum())
+        state.update_eta(rows, ok, iters, rt, st.eps)
+        ks[i], Ys[i] = (x - e) / gv, x
+        rate = torch.where(ok, torch.maximum(rate, rt), rate)
+        used = torch.where(ok, torch.maximum(used, iters), used)
+        ok = ok & conv
+    ks = [k if k is not None else torch.zeros_like(y0) for k in ks]
+    res, _, _ = st._finish_dirk(comb, y0.reshape(-1), [k.reshape(-1) for k in ks],
+                                [Y.reshape(-1) for Y in Ys], 0, 0)  # fmt: skip
+    return ks, Ys, res["y_new"].view(n, M), ok, rate, used
+
+
+def _merge(mask, new, old):
+    m = mask.unsqueeze(1)
+    if isinstance(new, list):
+        return [torch.where(m, a, b) for a, b in zip(new, old)]
+    return torch.where(m, new, old) if new.dim() == 2 else torch.where(mask, new, old)
+
+
+def dirk_rows_step(st, f, t, h, y, k1, t_last, track_grad: bool):
+    """One diagonally implicit step per row (``h``, ``t``, ``t_last`` ``(A,)``): per-row
+    Jacobian blocks and Newton iterations, batched factorisations; ``Direct`` gradients by the
+    implicit function theorem (the shared stepper's rebuild, preconditioned per row)."""
+    track_grad = track_grad and (y.requires_grad or k1.requires_grad)
+    A, M = y.shape
+    state = st._rows
+    if state is None or state.A != A:
+        state = st._rows = _DIRKRows(A, M, y.dtype, y.device, st._rows_tol)
+    tiny = torch.finfo(y.real.dtype if y.is_complex() else y.dtype).tiny
+
+    def step(rows, sub):
+        tr, hr, tl, yr, kr = (v if sub is None else v[sub] for v in (t, h, t_last, y, k1))
+        n = yr.shape[0]
+        y0, k1d = yr.detach(), kr.detach()
+        rtol, atol = state.tol(rows)
+        scale = torch.clamp(y0.abs() * rtol + atol, min=tiny)
+        state.ensure(f, rows, sub, tr, y0, False, st.counts)
+        args = (st, state, f, rows, sub, tr, hr, tl, y0, k1d, scale)
+        with torch.no_grad():
+            ks, Ys, y_new, ok, rate, used = _attempt(*args, torch.ones_like(hr, dtype=torch.bool),
+                                                     False)  # fmt: skip
+            if not bool(ok.all()):
+                # Retry the failed rows once: blocks at their step start, cold starting values.
+                q = (~ok).nonzero().squeeze(1)
+                state.ensure(f, rows[q], q if sub is None else sub[q], tr[q], y0[q], True,
+                             st.counts)  # fmt: skip
+                ks2, Ys2, y2, ok2, rate2, used2 = _attempt(*args, ~ok, True)
+                again = ~ok
+                ks, Ys = _merge(again, ks2, ks), _merge(again, Ys2, Ys)
+                y_new, rate, used = (
+                    _merge(again, y2, y_new),
+                    _merge(again, rate2, rate),
+                    _merge(again, used2, used),
+                )
+                ok = ok | ok2
+        failed = ~ok
+        st.counts["n_newton_fail"] += int(failed.sum())
+        state.refresh[rows] |= ok & (used > 2) & (rate > 1e-3)
+        comb = _combiner(yr.reshape(-1), hr, (n, M))
+        hv = comb.hv
+        yv, k1v = (
+            (yr.reshape(-1), kr.reshape(-1)) if track_grad else (y0.reshape(-1), k1d.reshape(-1))
+        )
+        K = torch.stack([k.reshape(-1) for k in ks])
+        if track_grad:
+            Ystars = [None if Y is None else torch.where(failed.unsqueeze(1), y0, Y).reshape(-1)
+                      for Y in Ys]  # fmt: skip
+            gs = [_per_component(hr * st.tableau.a[i][i], (n, M), y0.dtype) for i in range(len(Ys))]
+
+            def precond(i):
+                state.factorise(rows, hr * st.tableau.a[i][i], ok, st.counts)
+
+                def apply(v):
+                    x = state.solve(rows, v.view(n, M), adjoint=True)
+                    return torch.where(torch.isnan(x), v.view(n, M), x).reshape(-1)
+
+                return apply
+
+            clamp = max(st.tableau.c) <= 1.0
+            g_un = _restricted(f, sub, count=False, clamp=clamp)
+            K, y_flat = st._dirk_graph(
+                _RowsField(f, sub, clamp).flat, lambda ti, X: g_un(ti, X.view(n, M)).reshape(-1),
+                precond, tr, hr, gs, yv, k1v, tl, Ystars, comb,
+            )  # fmt: skip
+            y_new = y_flat.view(n, M)
+        err = None
+        if st.b_err is not None:
+            err = (hv * (st.b_err @ K.detach())).view(n, M)
+        slope = (y_new.reshape(-1) - yv) / hv
+        k_end = K[-1] if st.fsal else None
+        Kout = st.pack(k1v, slope, k_end).view(-1, n, M)
+        if bool(failed.any()):
+            # Rejected with a scaled error of 1.8^k: the controller halves the step (Hairer &
+            # Wanner after a Newton failure); the state stays, the slope is zero.
+            k = st.method.error_order()
+            fm = failed.unsqueeze(1)
+            err = torch.where(fm, scale * (1.8**k), err)
+            y_new = torch.where(fm, yr, y_new)
+            rows_K = [kr, torch.zeros_like(yr)] + ([kr] if st.fsal else [])
+            Kout = torch.stack([torch.where(fm, a, b) for a, b in zip(rows_K, Kout)])
+        return y_new, err, Kout.reshape(Kout.shape[0], -1)
+
+    return _on_live_rows(step, f, t, h, y, k1, st.S)
+
+
+def check_per_sample(method, ctrl, gradient) -> None:
+    """Raise ValueError, naming the method and why, for what per-sample control does not run:
+    fully implicit and matrix-free methods, Newton methods on fixed steps, Newton methods with
+    a gradient other than ``Direct``, and methods of other kinds (Adams)."""
+    from .irk import ImplicitRK
+    from .rosenbrock import Rosenbrock
+
+    opt = "batch_control='per_sample'"
+    name = getattr(method, "name", type(method).__name__)
+    shared = f"or batch_control='shared' for {name!r}"
+    if isinstance(method, Rosenbrock):
+        return
+    if not isinstance(method, ImplicitRK):
+        raise ValueError(
+            f"{opt} does not run solver {name!r}: only explicit Runge-Kutta, Rosenbrock "
+            "('rodas4') and adaptive diagonally implicit methods ('kvaerno5', 'trbdf2') take one "
+            "step size per sample (a multistep method keeps one history of past steps for the "
+            f"whole batch); use one of those, {shared}"
+        )
+    if not method.tableau.diagonally_implicit:
+        raise ValueError(
+            f"{opt} does not run the fully implicit method {name!r} (its Newton system couples "
+            "all stages: per sample an s*M-dimensional complex-split system that is not "
+            f"implemented per row); use 'kvaerno5', 'trbdf2' or 'rodas4', {shared}"
+        )
+    if method.linear_solver != "dense":
+        raise ValueError(
+            f"{opt} runs {name!r} with linear_solver='dense' only (per-row Jacobian blocks and "
+            f"batched factorisations), got linear_solver={method.linear_solver!r}; use "
+            f"linear_solver='dense', {shared}"
+        )
+    if not ctrl.adaptive:
+        raise ValueError(
+            f"{opt} runs Newton-based methods on adaptive steps only: a fixed step whose Newton "
+            f"iteration fails cannot be rejected (the shared driver splits it); got {name!r} with "
+            f"{type(ctrl).__name__}. Use an adaptive method ('kvaerno5', 'trbdf2') with a "
+            f"PIController, 'rodas4' (no Newton iteration) for fixed steps, {shared}"
+        )
+    if not getattr(type(gradient), "exact_autograd", False):
+        raise ValueError(
+            f"{opt} with the Newton-based method {name!r} supports gradient='direct' only (the "
+            "stage solves are differentiated by the implicit function theorem inside the "
+            "forward graph; a replay or backward solve would redo the Newton iterations with "
+            f"another history), got {type(gradient).__name__}(...); use 'direct', 'rodas4', "
+            f"{shared}"
+        )
