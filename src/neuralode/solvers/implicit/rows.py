@@ -214,6 +214,9 @@ class _RowJacobians:
             with torch.set_grad_enabled(track):
                 J, ft = block_jacobian(f, t[q], y[q], fi, with_t=True, create_graph=track)
             counts["n_jac"] += k
+            if k == self.A:  # every row anew: no chain of graphs through earlier caches
+                self.t, self.y, self.J, self.ft, self.track = t, yd, J, ft, track
+                return J, ft
             if self.t is None or self.track != track:
                 A, M = self.A, y.shape[1]
                 self.t = torch.full((A,), math.nan, dtype=torch.float64, device=y.device)
@@ -514,11 +517,15 @@ def dirk_rows_step(st, f, t, h, y, k1, t_last, track_grad: bool):
             gs = [_per_component(hr * st.tableau.a[i][i], (n, M), y0.dtype) for i in range(len(Ys))]
 
             def precond(i):
+                # The rows' factorisations now: the working set may be compacted before the
+                # backward pass runs.
                 state.factorise(rows, hr * st.tableau.a[i][i], ok, st.counts)
+                LU, piv, good = state.LU[rows], state.piv[rows], state.lu_ok[rows].unsqueeze(1)
 
                 def apply(v):
-                    x = state.solve(rows, v.view(n, M), adjoint=True)
-                    return torch.where(torch.isnan(x), v.view(n, M), x).reshape(-1)
+                    r = v.view(n, M)
+                    x = torch.linalg.lu_solve(LU, piv, r.unsqueeze(-1), adjoint=True).squeeze(-1)
+                    return torch.where(good, x, r).reshape(-1)  # singular rows: identity
 
                 return apply
 
@@ -560,6 +567,15 @@ def check_per_sample(method, ctrl, gradient) -> None:
     name = getattr(method, "name", type(method).__name__)
     shared = f"or batch_control='shared' for {name!r}"
     if isinstance(method, Rosenbrock):
+        from ...gradients.adjoint import Backsolve
+
+        if isinstance(gradient, Backsolve) and gradient.solver is None:
+            raise ValueError(
+                f"{opt} with Backsolve() would integrate the adjoint system backward with "
+                f"{name!r}, whose parameter integral needs Runge-Kutta weights; pass an explicit "
+                "solver for the backward solve (Backsolve(solver='dopri5')), or use 'direct' or "
+                f"'checkpoint', {shared}"
+            )
         return
     if not isinstance(method, ImplicitRK):
         raise ValueError(
