@@ -330,3 +330,23 @@ def test_func_hiding_its_state_dependence_gets_finite_difference_blocks():
     sol = _compare_with_alone(hidden, relax_y0()[[0, 3]], t, "kvaerno5", 1e-6, 1e-9)
     exact = relax_exact(t.numpy()[:, None], 0.5, K.numpy()[[0, 3]][None, :])
     np.testing.assert_allclose(sol.ys[..., 0].numpy(), exact, rtol=0, atol=2e-4)  # (4 steps)
+
+
+@pytest.mark.parametrize("solver", ["rodas4", "kvaerno5"])
+def test_gradients_with_respect_to_a_2d_t_match_finite_differences(solver):
+    y0 = relax_y0()[[1, 2]]
+    t = torch.tensor([[0.0, 0.7], [0.1, 1.0]], dtype=F64, requires_grad=True)
+
+    def end(tt):
+        sol = neuralode.solve(relax, y0, tt, solver=solver, rtol=1e-8, atol=1e-10, **PS)
+        return sol.ys[-1, :, 0].sum()
+
+    (g,) = torch.autograd.grad(end(t), t)
+    eps = 1e-6
+    with torch.no_grad():
+        for i in range(2):
+            for j in range(2):
+                e = torch.zeros_like(t)
+                e[i, j] = eps
+                fd = (end(t + e) - end(t - e)) / (2 * eps)
+                assert math.isclose(float(g[i, j]), float(fd), rel_tol=1e-6, abs_tol=1e-7)

@@ -162,9 +162,10 @@ def _block_fd(g, t, y, f0, with_t):
 
 
 def _on_live_rows(step, f, t, h, y, k1, S: int):
-    """Run ``step(rows, t, h, y, k1)`` on the rows with a non-zero step and assemble the full
+    """Run ``step(rows, sub)`` on the rows with a non-zero step and assemble the full
     ``(y_new, err, K)``: finished rows (zero steps) keep their state, error 0, stages ``k1``/0.
-    ``rows`` indexes the working set (the per-row state of the stepper)."""
+    ``rows`` indexes the working set (the per-row state of the stepper); ``sub`` the same rows
+    of the step's inputs (None: all of them, in order)."""
     A, M = y.shape
     live = h != 0
     n = int(live.sum())
