@@ -264,9 +264,10 @@ M = "batch_control='per_sample'"
          rf"{M} runs 'kvaerno5' with linear_solver='dense' only .* got linear_solver='krylov'"),
         (dict(solver="implicit_euler", dt=0.1), rf"{M} runs Newton-based methods on adaptive steps only.*'implicit_euler' with ConstantStep"),
         (dict(solver="sdirk2", dt=0.1), r"a fixed step whose Newton iteration fails cannot be rejected"),
-        (dict(solver="kvaerno5", gradient="checkpoint"), rf"{M} with the Newton-based method 'kvaerno5' supports gradient='direct' only .*got Checkpointed"),
-        (dict(solver="trbdf2", gradient="backsolve"), r"'trbdf2' supports gradient='direct' only .*got Backsolve"),
-        (dict(solver="rodas4", gradient="backsolve"), rf"{M} with Backsolve\(\) would integrate the adjoint system backward with 'rodas4'.*Backsolve\(solver='dopri5'\)"),
+        (dict(solver="kvaerno5", gradient="checkpoint"), rf"{M} with the Newton-based method 'kvaerno5' does not support gradient=Checkpointed\(...\): a replay"),
+        (dict(solver="trbdf2", gradient="backsolve"), rf"{M} with Backsolve integrates the adjoint system backward .*got backward solver 'trbdf2'"),
+        (dict(solver="rodas4", gradient="backsolve"), r"explicit Runge-Kutta method .*got backward solver 'rodas4'; pass one \(Backsolve\(solver='dopri5'\)\)"),
+        (dict(solver="dopri5", gradient=Backsolve(solver="kvaerno5")), r"got backward solver 'kvaerno5'"),
         (dict(solver="implicit_adams"), rf"{M} does not run solver 'implicit_adams': only explicit Runge-Kutta, Rosenbrock"),
     ],
 )  # fmt: skip
@@ -276,14 +277,15 @@ def test_refused_combinations_name_the_method_and_why(kw, match):
         neuralode.solve(relax, y0, torch.tensor([0.0, 1.0], dtype=F64), **PS, **kw)
 
 
-def test_rosenbrock_backsolve_with_an_explicit_backward_solver_runs():
+@pytest.mark.parametrize("solver", ["rodas4", "kvaerno5"])
+def test_backsolve_with_an_explicit_backward_solver_matches_direct(solver):
     # Mildly stiff (an explicit backward solve must resolve the fastest rate).
     f = Relax()
     y0 = torch.stack([torch.full((2,), 0.5, dtype=F64), torch.tensor([1.0, 5.0], dtype=F64)], 1)
     y0.requires_grad_()
-    ref = torch.autograd.grad(_loss(f, y0, "rodas4", 1e-9), [y0, f.p])
+    ref = torch.autograd.grad(_loss(f, y0, solver, 1e-9), [y0, f.p])
     bs = Backsolve(solver="dopri5", rtol=1e-10, atol=1e-12)
-    got = torch.autograd.grad(_loss(f, y0, "rodas4", 1e-9, gradient=bs), [y0, f.p])
+    got = torch.autograd.grad(_loss(f, y0, solver, 1e-9, gradient=bs), [y0, f.p])
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 

@@ -45,7 +45,6 @@ from .gradients._common import capable
 from .interpolation.dense_batched import PerSampleDense
 from .solution import Solution
 from .solvers.explicit_rk import make_stepper
-from .solvers.tableau import ButcherTableau
 
 __all__ = ["solve_per_sample", "BatchedField"]
 
@@ -399,10 +398,9 @@ def solve_per_sample(
     """``neuralode.solve(..., batch_control="per_sample")``: validate, integrate, wrap up."""
     opt = "batch_control='per_sample'"
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
-    if not isinstance(tab, ButcherTableau):  # implicit/Rosenbrock: per-row blocks, or refused
-        from .solvers.implicit.rows import check_per_sample
+    from .solvers.implicit.rows import check_per_sample  # implicit: per-row blocks, or refused
 
-        check_per_sample(tab, ctrl, gradient)
+    check_per_sample(tab, ctrl, gradient)
     if not capable(gradient, "per_sample"):
         raise ValueError(
             f"{opt} does not support gradient={type(gradient).__name__}(...) (it declares no "

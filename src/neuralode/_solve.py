@@ -107,9 +107,9 @@ def solve(
         of the error norm; ``Backsolve(dt=...)`` steps it by ``dt``), gradients with respect to
         a 1-D or 2-D ``t``, and events (each sample locates its own; the event function is
         called like ``func`` and returns ``(A,)``; see :class:`neuralode.Event`). Stiff
-        methods run per sample too: ``"rodas4"`` (every gradient method but an implicit
-        backsolve) and the adaptive diagonally implicit ``"kvaerno5"``/``"trbdf2"``
-        (``gradient="direct"``), with one ``M x M`` Jacobian block, factorisation and Newton
+        methods run per sample too: ``"rodas4"`` and the adaptive diagonally implicit
+        ``"kvaerno5"``/``"trbdf2"`` (``"direct"``; ``"checkpoint"`` for ``"rodas4"``; a
+        backsolve whose backward solver is explicit, ``Backsolve(solver="dopri5")``), with one ``M x M`` Jacobian block, factorisation and Newton
         iteration per sample (:mod:`neuralode.solvers.implicit.rows`: the same steps as each
         sample solved alone). Raises ValueError for fully implicit, matrix-free, fixed-step
         Newton and Adams methods, and ``Backsolve(norm=...)``.

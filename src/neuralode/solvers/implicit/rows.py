@@ -280,23 +280,27 @@ class _RowsField:
 def check_per_sample(method, ctrl, gradient) -> None:
     """Raise ValueError, naming the method and why, for what per-sample control does not run:
     fully implicit and matrix-free methods, Newton methods on fixed steps, Newton methods with
-    a gradient other than ``Direct``, and methods of other kinds (Adams)."""
+    checkpointed gradients, backsolve adjoints whose backward solver is not an explicit
+    Runge--Kutta method, and methods of other kinds (Adams)."""
+    from ...gradients.adjoint import Backsolve
+    from .. import get_tableau
+    from ..tableau import ButcherTableau
     from .irk import ImplicitRK
     from .rosenbrock import Rosenbrock
 
     opt = "batch_control='per_sample'"
     name = getattr(method, "name", type(method).__name__)
     shared = f"or batch_control='shared' for {name!r}"
-    if isinstance(method, Rosenbrock):
-        from ...gradients.adjoint import Backsolve
-
-        if isinstance(gradient, Backsolve) and gradient.solver is None:
+    if isinstance(gradient, Backsolve):
+        back = method if gradient.solver is None else get_tableau(gradient.solver)
+        if not isinstance(back, ButcherTableau):
             raise ValueError(
-                f"{opt} with Backsolve() would integrate the adjoint system backward with "
-                f"{name!r}, whose parameter integral needs Runge-Kutta weights; pass an explicit "
-                "solver for the backward solve (Backsolve(solver='dopri5')), or use 'direct' or "
-                f"'checkpoint', {shared}"
+                f"{opt} with Backsolve integrates the adjoint system backward per sample with an "
+                f"explicit Runge-Kutta method (its parameter integral uses the stage weights), "
+                f"got backward solver {getattr(back, 'name', back)!r}; pass one "
+                "(Backsolve(solver='dopri5')), or use gradient='direct'"
             )
+    if isinstance(method, (ButcherTableau, Rosenbrock)):
         return
     if not isinstance(method, ImplicitRK):
         raise ValueError(
@@ -324,11 +328,10 @@ def check_per_sample(method, ctrl, gradient) -> None:
             f"{type(ctrl).__name__}. Use an adaptive method ('kvaerno5', 'trbdf2') with a "
             f"PIController, 'rodas4' (no Newton iteration) for fixed steps, {shared}"
         )
-    if not getattr(type(gradient), "exact_autograd", False):
+    if not (getattr(type(gradient), "exact_autograd", False) or isinstance(gradient, Backsolve)):
         raise ValueError(
-            f"{opt} with the Newton-based method {name!r} supports gradient='direct' only (the "
-            "stage solves are differentiated by the implicit function theorem inside the "
-            "forward graph; a replay or backward solve would redo the Newton iterations with "
-            f"another history), got {type(gradient).__name__}(...); use 'direct', 'rodas4', "
-            f"{shared}"
+            f"{opt} with the Newton-based method {name!r} does not support "
+            f"gradient={type(gradient).__name__}(...): a replay of its steps would redo the "
+            "Newton iterations with another history of Jacobians (not the forward's values); "
+            f"use 'direct', Backsolve(solver='dopri5'), or 'rodas4', {shared}"
         )
