@@ -320,7 +320,7 @@ T = torch.tensor([0.0, 1.0], dtype=F64)
     [
         (dict(batch_control="per-row"), ValueError, r"batch_control must be 'shared' or 'per_sample', got 'per-row'"),
         (dict(solver="rk4", **PS), ValueError, r"solver 'rk4' is a fixed-step method \(no error estimate\): pass dt=..."),
-        (dict(solver="radauIIA5", **PS), ValueError, r"batch_control='per_sample' needs an explicit Runge-Kutta method .* got solver 'radauIIA5'"),
+        (dict(solver="radauIIA5", dt=0.1, **PS), ValueError, r"batch_control='per_sample' does not run the fully implicit method 'radauIIA5'"),
         (dict(rtol=1e-3, controller=PIController(), **PS), ValueError, r"pass rtol inside the controller"),
         (dict(y0=torch.tensor(1.0, dtype=F64), **PS), ValueError, r"needs a state whose components share a non-empty leading batch dimension B .*got shapes \[\(\)\]"),
         (dict(y0=(torch.ones(2, 1), torch.ones(3, 1)), **PS), ValueError, r"share a non-empty leading batch dimension .*\[\(2, 1\), \(3, 1\)\]"),

@@ -45,7 +45,6 @@ from .gradients._common import capable
 from .interpolation.dense_batched import PerSampleDense
 from .solution import Solution
 from .solvers.explicit_rk import make_stepper
-from .solvers.tableau import ButcherTableau
 
 __all__ = ["solve_per_sample", "BatchedField"]
 
@@ -229,6 +228,7 @@ def integrate_per_sample(
         stale=torch.zeros(A, dtype=torch.bool, device=dev), tf=t0[m],
         rtol=rows_tol(rtol, m), atol=rows_tol(atol, m),
     )  # fmt: skip
+    stepper.bind_rows(w.rtol, w.atol)  # per-row state of implicit steppers (Newton tolerances)
     records = []
     n_done = n_stale = 0
     user = ctrl.norm  # PIController(norm=...): see _norm_rows
@@ -349,7 +349,9 @@ def integrate_per_sample(
         # ---- compaction: drop finished rows once they are a noticeable share of the working set
         if n_done and n_done < A and n_done >= _COMPACT_FRACTION * A:
             flush(w, w.done.nonzero().squeeze(1))
-            w = w.take((~w.done).nonzero().squeeze(1))
+            keep = (~w.done).nonzero().squeeze(1)
+            w = w.take(keep)
+            stepper.take_rows(keep)
             state["compactions"] += 1
             n_stale = 0 if stepper.fsal else int(w.stale.sum())
             A, n_done = A - n_done, 0
@@ -420,15 +422,10 @@ def solve_per_sample(
     """``neuralode.solve(..., batch_control="per_sample")``: validate, integrate, wrap up.
     ``_used``: see :func:`integrate_per_sample` (the event driver's segments)."""
     opt = "batch_control='per_sample'"
-    if not isinstance(tab, ButcherTableau):
-        name = getattr(tab, "name", type(tab).__name__)
-        raise ValueError(
-            f"{opt} needs an explicit Runge-Kutta method (a Butcher tableau: its stages combine "
-            f"with one step size per row), got solver {name!r}; implicit, Rosenbrock and Adams "
-            "methods solve one (Newton) system or keep one history for the whole batch. Use e.g. "
-            "'dopri5', 'tsit5', 'rk4', or batch_control='shared' for this solver"
-        )
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
+    from .solvers.implicit.rows import check_per_sample  # implicit: per-row blocks, or refused
+
+    check_per_sample(tab, ctrl, gradient)
     if not capable(gradient, "per_sample"):
         raise ValueError(
             f"{opt} does not support gradient={type(gradient).__name__}(...) (it declares no "
@@ -499,6 +496,7 @@ def solve_per_sample(
         "n_steps": nacc,
         "n_iterations": state["iterations"],
         "n_compactions": state["compactions"],
+        **(stepper.stats or {}),  # implicit methods: n_jac, n_lu (row blocks), n_newton ...
     })  # fmt: skip
     if state["failed"]:
         stats["failed_samples"] = sorted(state["failed"])

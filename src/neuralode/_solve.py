@@ -105,9 +105,15 @@ def solve(
         ``"backsolve"`` solves the adjoint per sample backward, its parameter integral left out
         of the error norm; ``Backsolve(dt=...)`` steps it by ``dt``), gradients with respect to
         a 1-D or 2-D ``t``, and events (each sample locates its own; the event function is
-        called like ``func`` and returns ``(A,)``; see :class:`neuralode.Event`); with
-        ``compile=True``, Direct gradients (also w.r.t. ``t``). Raises ValueError for
-        implicit/Adams methods and ``Backsolve(norm=...)``.
+        called like ``func`` and returns ``(A,)``; see :class:`neuralode.Event`). Stiff
+        methods run per sample too: ``"rodas4"`` and the adaptive diagonally implicit
+        ``"kvaerno5"``/``"trbdf2"`` (``"direct"``; ``"checkpoint"`` for ``"rodas4"``; a
+        backsolve whose backward solver is explicit, ``Backsolve(solver="dopri5")``), with one
+        ``M x M`` Jacobian block, factorisation and Newton iteration per sample
+        (:mod:`neuralode.solvers.implicit.rows`: the same steps as each sample solved alone).
+        With ``compile=True``: explicit Runge--Kutta methods, Direct gradients (also w.r.t.
+        ``t``). Raises ValueError for fully implicit, matrix-free, fixed-step Newton and Adams
+        methods, and ``Backsolve(norm=...)``.
         ``Solution.t_final`` and ``stats["n_accepted"]``/``["n_rejected"]`` are then ``(B,)``
         tensors, and ``stats`` adds ``sample_evals`` (rows passed to func),
         ``wasted_sample_evals`` (rows of samples that had already finished, kept below 1/16 of

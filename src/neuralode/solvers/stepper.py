@@ -32,12 +32,14 @@ class Stepper:
     -------
     step(f, t, h, y, k1, t_last, track_grad) -> (y_new, err, K)
         One step; ``t``/``h``/``t_last`` floats, or (B,) tensors for per-row steps where the
-        method supports them (explicit Runge--Kutta).
+        method supports them (explicit Runge--Kutta, Rosenbrock, diagonally implicit).
     dense_stages(f, t, h, y, K, k_next, t_last=None) -> Kd
     interpolate(Kd, y, h, theta, samples=None) -> values
     last_stage(K), carry_fsal(K) -> the next step's first stage (FSAL methods)
     bind(prob), accept(t, t_new, y, y_new, K) -> hooks at the start of a solve and after every
         accepted step (Newton tolerances; multistep histories).
+    bind_rows(rtol, atol), take_rows(keep) -> hooks of the per-sample driver: a working set
+        starts, is compacted (per-row state of implicit steppers).
     """
 
     tab = None
@@ -50,6 +52,13 @@ class Stepper:
 
     def accept(self, t, t_new, y, y_new, K) -> None:
         """Called after every accepted step (default: nothing)."""
+
+    def bind_rows(self, rtol, atol) -> None:
+        """Called when the per-sample driver makes a working set, with the rows' tolerances
+        (floats or ``(A, M)``; default: nothing). Implicit steppers reset their per-row state."""
+
+    def take_rows(self, keep) -> None:
+        """Called when the per-sample driver compacts its working set to rows ``keep``."""
 
     def last_stage(self, K):
         return K[self.S - 1]

@@ -27,6 +27,12 @@ matrix-free path also ``n_jvp`` and ``n_krylov`` (GMRES iterations).
 ``kvaerno5`` evaluates func at up to ``t_n + 1.23 h`` inside a step (its third node), so on the
 last step slightly past the final time.
 
+Per-sample control (``batch_control="per_sample"``, each sample its own step size) runs
+``rodas4`` and the adaptive diagonally implicit methods (``kvaerno5``, ``trbdf2``) with one
+``M x M`` Jacobian block, factorisation and Newton iteration per sample (:mod:`.rows`): each
+sample takes the steps it would take alone. Fully implicit methods, ``linear_solver="krylov"``
+and Newton methods on fixed steps are refused there (ValueError naming the reason).
+
 Examples
 --------
 >>> import torch, neuralode

@@ -22,7 +22,7 @@ import torch
 
 from ..stepper import Stepper
 
-__all__ = ["MethodFace", "HermiteStepper", "hermite_weights"]
+__all__ = ["MethodFace", "HermiteStepper", "hermite_weights", "apply_weights"]
 
 
 def hermite_weights(theta: torch.Tensor) -> torch.Tensor:
@@ -30,6 +30,22 @@ def hermite_weights(theta: torch.Tensor) -> torch.Tensor:
     t2 = theta * theta
     t3 = t2 * theta
     return torch.stack([theta - 2 * t2 + t3, 3 * t2 - 2 * t3, t3 - t2], dim=-1)
+
+
+def apply_weights(W: torch.Tensor, Kd, y, h, samples=None) -> torch.Tensor:
+    """``y + h W Kd``: the continuous extension with weights ``W`` ``(m, Sd)`` of the rows of
+    ``Kd``, on the shared grid (``h`` a float: ``(m, B, M)``), per sample (``samples`` (m,):
+    ``(m, M)``) or per row (``h`` ``(n,)``, one fraction per row: ``(n, M)``)."""
+    if isinstance(h, torch.Tensor):
+        inc = (W.T.to(y.dtype).unsqueeze(2) * Kd.view(-1, *y.shape)).sum(0)
+        return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), inc)
+    W = W.to(Kd.dtype)
+    if samples is None:
+        out = torch.addmm(y.reshape(1, -1), W, Kd, alpha=h)
+        return out.view(W.shape[0], *y.shape)
+    B, M = y.shape
+    Kg = Kd.view(Kd.shape[0], B, M)[:, samples]
+    return y[samples] + h * torch.einsum("ms,smk->mk", W, Kg)
 
 
 class MethodFace:
@@ -80,19 +96,16 @@ class HermiteStepper(Stepper):
         if K.shape[0] >= 3:
             return K
         if k_next is None:
-            y_new = y.reshape(-1) + h * K[1]
-            k_next = f(t + h if t_last is None else t_last, y_new.view(y.shape))
-        return torch.cat([K[:2], k_next.reshape(1, -1)])
+            hv = h.to(y.dtype).unsqueeze(1) if isinstance(h, torch.Tensor) else h  # per row
+            y_new = y + hv * K[1].view(y.shape)
+            k_next = f(t + h if t_last is None else t_last, y_new)
+        return torch.cat([K[:2].reshape(2, -1), k_next.reshape(1, -1)])
 
-    def interpolate(self, Kd, y, h: float, theta: torch.Tensor, samples=None):
-        """Continuous extension at ``theta`` (m,): ``(m, B, M)``, or ``(m, M)`` per sample."""
-        W = hermite_weights(theta).to(Kd.dtype)
-        if samples is None:
-            out = torch.addmm(y.reshape(1, -1), W, Kd, alpha=h)
-            return out.view(theta.shape[0], *y.shape)
-        B, M = y.shape
-        Kg = Kd.view(Kd.shape[0], B, M)[:, samples]
-        return y[samples] + h * torch.einsum("ms,smk->mk", W, Kg)
+    def interpolate(self, Kd, y, h, theta: torch.Tensor, samples=None):
+        """Continuous extension at ``theta`` (m,): ``(m, B, M)``, or ``(m, M)`` per sample
+        (``samples`` (m,) long), or per row (``h`` a ``(n,)`` tensor, ``y`` ``(n, M)``, ``Kd``
+        ``(Sd, n, M)``, row ``j`` at its own fraction ``theta[j]``): ``(n, M)``."""
+        return apply_weights(hermite_weights(theta), Kd, y, h, samples)
 
     @staticmethod
     def pack(k_start, slope, k_end=None):

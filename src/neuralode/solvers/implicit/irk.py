@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..explicit_rk import _combiner
 from .base import HermiteStepper, MethodFace
 from .linalg import JVP, DenseSolver, EigenSolver, gmres, jacobian
-from .newton import ift_attach, newton
+from .newton import IFTStages, newton
 from .tableaux import ImplicitTableau
 
 __all__ = ["ImplicitRK"]
@@ -143,7 +144,7 @@ def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
 
 
-class ImplicitRKStepper(HermiteStepper):
+class ImplicitRKStepper(IFTStages, HermiteStepper):
     """Per-solve state of an implicit RK method: the Jacobian and factorisations in use, the
     Newton rate, the statistics. Created by :func:`neuralode._loop.make_stepper`."""
 
@@ -180,6 +181,7 @@ class ImplicitRKStepper(HermiteStepper):
         self._eta = 1.0
         self._cold_start = False
         self.counts = dict(n_jac=0, n_lu=0, n_newton=0, n_newton_fail=0)
+        self._rows, self._rows_tol = None, (None, None)  # per-sample control (see .rows)
         if self.krylov:
             self.counts.update(n_jvp=0, n_krylov=0)
 
@@ -197,15 +199,33 @@ class ImplicitRKStepper(HermiteStepper):
         self.max_iters = self.method.max_iters or (10 if self.adaptive_ctrl else 50)
         if self.adaptive_ctrl:
             self.rtol, self.atol = prob.rtol, prob.atol
-            r = float(self.rtol.max()) if isinstance(self.rtol, torch.Tensor) else float(self.rtol)
-            r = max(r, self.eps)
-            self.kappa = max(10 * self.eps / r, min(0.03, r**0.5))
+            self.kappa = self._kappa(self.rtol)
         else:
             tol = self.method.newton_tol
             if tol is None:
                 tol = max(1e-12, 100 * self.eps)
             self.rtol = self.atol = tol
             self.kappa = 1.0
+
+    def _kappa(self, rtol) -> float:
+        """Newton tolerance in the scaled norm: Hairer & Wanner's ``max(10 eps / rtol,
+        min(0.03, rtol^0.5))`` with the largest rtol."""
+        r = float(rtol.max()) if isinstance(rtol, torch.Tensor) else float(rtol)
+        r = max(r, self.eps)
+        return max(10 * self.eps / r, min(0.03, r**0.5))
+
+    def bind_rows(self, rtol, atol) -> None:
+        """A per-sample solve starts with rows' tolerances ``rtol``/``atol`` (floats or
+        ``(A, M)``): adaptive Newton settings, no per-row state yet."""
+        self.adaptive_ctrl = True
+        self.max_iters = self.method.max_iters or 10
+        self.kappa = self._kappa(rtol)
+        self._rows, self._rows_tol = None, (rtol, atol)
+
+    def take_rows(self, keep) -> None:
+        """The per-sample working set was compacted to rows ``keep``."""
+        if self._rows is not None:
+            self._rows.take(keep)
 
     # ------------------------------------------------------------------ linear algebra
     def _ensure_jacobian(self, f, t: float, y0: torch.Tensor, force: bool) -> bool:
@@ -284,7 +304,17 @@ class ImplicitRKStepper(HermiteStepper):
     def _norm(self, dx: torch.Tensor, scale: torch.Tensor) -> float:
         return float(torch.linalg.vector_norm(dx / scale) / math.sqrt(dx.numel()))
 
-    def step(self, f, t: float, h: float, y, k1, t_last: float, track_grad: bool, _depth=0):
+    def step(self, f, t, h, y, k1, t_last, track_grad: bool, _depth=0):
+        """One step from ``(t, y)`` with first stage ``k1``; returns ``(y_new, err, K)``.
+
+        ``t``, ``h`` and ``t_last`` are floats (one step for the whole state), or ``(A,)``
+        float64 tensors for per-sample control with a diagonally implicit method (each row its
+        own step, Jacobian block and Newton iteration: :mod:`.rows`).
+        """
+        if isinstance(h, torch.Tensor):
+            from .rows_newton import dirk_rows_step
+
+            return dirk_rows_step(self, f, t, h, y, k1, t_last, track_grad)
         shape = y.shape
         # A graph is needed only if the state or func's parameters require grad (k1 tells).
         track_grad = track_grad and (y.requires_grad or k1.requires_grad)
@@ -409,12 +439,13 @@ class ImplicitRKStepper(HermiteStepper):
         ks, Ys = [None] * s, [None] * s
         rate, used = 0.0, 0
         norm = lambda dx: self._norm(dx, scale)  # noqa: E731
+        comb = _combiner(y0, h, None)
         for i in range(s):
             if i == 0 and T.explicit_first_stage:
                 ks[0], Ys[0] = k1d, y0
                 continue
             g = h * T.a[i][i]
-            e = y0 if i == 0 else torch.addmv(y0, torch.stack(ks[:i], 1), self.a_rows[i], alpha=h)
+            e = y0 if i == 0 else comb(torch.stack(ks[:i], 1), self.a_rows[i])
             ti = self._stage_time(t, h, t_last, T.c[i])
             # Starting value: extrapolated stage derivatives; after a failure, the explicit part
             # alone (k_i = 0), which is safer in fast transients.
@@ -441,9 +472,9 @@ class ImplicitRKStepper(HermiteStepper):
             Ys[i] = res.x
             rate, used = max(rate, res.rate), max(used, res.iters)
             if not res.converged:
-                self._last_attempt = self._finish_dirk(h, y0, ks, Ys, rate, used)
+                self._last_attempt = self._finish_dirk(comb, y0, ks, Ys, rate, used)
                 return None
-        return self._finish_dirk(h, y0, ks, Ys, rate, used)
+        return self._finish_dirk(comb, y0, ks, Ys, rate, used)
 
     def _predict(self, i: int, ks, k1d):
         """Starting value of stage derivative ``k_i``: the polynomial (degree <= 2) through the
@@ -469,14 +500,15 @@ class ImplicitRKStepper(HermiteStepper):
             out = kj * w if out is None else out + kj * w
         return out
 
-    def _finish_dirk(self, h, y0, ks, Ys, rate, used):
+    def _finish_dirk(self, comb, y0, ks, Ys, rate, used):
+        """``comb(K, w) = y0 + h K w`` (one step size, or one per row: explicit_rk._combiner)."""
         s = self.tableau.n_stages
         ks = [k if k is not None else torch.zeros_like(y0) for k in ks]
         K = torch.stack(ks)
         if self.fsal:
             y_new = Ys[s - 1] if Ys[s - 1] is not None else y0
         else:
-            y_new = torch.addmv(y0, K.T, self.b, alpha=h)
+            y_new = comb(K.T, self.b)
         return dict(k=K, Y=Ys, y_new=y_new), rate, used
 
     def _firk(self, f, t, h, y0, k1d, t_last, scale):
@@ -516,77 +548,3 @@ class ImplicitRKStepper(HermiteStepper):
         K = (self.A_inv @ (Y - y0)) / h
         y_new = Y[-1] if self.fsal else torch.addmv(y0, K.T, self.b, alpha=h)
         return dict(k=K, Y=Y, y_new=y_new)
-
-    # ------------------------------------------------------------------ gradients (IFT)
-    def _differentiable(self, f, t, h, y, k1, t_last, stages, shape):
-        """Rebuild the step with a graph: each stage solve is attached by the implicit function
-        theorem to one differentiable evaluation of its stage equations."""
-        T = self.tableau
-        yv = y.reshape(-1)
-        k1v = k1.reshape(-1)
-        fx = f.flat
-        g_un = _uncounted(f)
-        if self.dirk:
-            s = T.n_stages
-            ks = [None] * s
-            for i in range(s):
-                if i == 0 and T.explicit_first_stage:
-                    ks[0] = k1v
-                    continue
-                g = h * T.a[i][i]
-                e = (
-                    yv
-                    if i == 0
-                    else torch.addmv(yv, torch.stack(ks[:i], 1), self.a_rows[i], alpha=h)
-                )
-                ti = self._stage_time(t, h, t_last, T.c[i])
-                Ystar = stages["Y"][i]
-                u = e + g * fx(ti, Ystar)
-                precond = None if self.krylov else self._solver(g).solve_adjoint
-
-                def phi(X, g=g, ti=ti):
-                    return g * g_un(ti, X)
-
-                Y_out = ift_attach(Ystar, u, phi, precond, self.counts, self._ift_rtol())
-                ks[i] = (Y_out - e) / g
-                if i == s - 1:
-                    Y_last = Y_out
-            K = torch.stack(ks)
-            y_new = Y_last if self.fsal else torch.addmv(yv, K.T, self.b, alpha=h)
-        else:
-            s = T.n_stages
-            ts = [self._stage_time(t, h, t_last, ci) for ci in T.c]
-            Ystar = stages["Y"]
-            A = self.A
-            u = yv + h * (A @ torch.stack([fx(ts[i], Ystar[i]) for i in range(s)]))
-            precond = None if self.krylov else self._solver(h).solve_adjoint
-
-            def phi(X):
-                return h * (A @ torch.stack([g_un(ts[i], X[i]) for i in range(s)]))
-
-            Y_out = ift_attach(Ystar, u, phi, precond, self.counts, self._ift_rtol())
-            K = (self.A_inv @ (Y_out - yv)) / h
-            y_new = Y_out[-1] if self.fsal else torch.addmv(yv, K.T, self.b, alpha=h)
-        err = None
-        if self.b_err is not None:
-            err = (h * (self.b_err @ K.detach())).view(shape)
-        k_end = K[-1] if self.fsal else None
-        return y_new.view(shape), err, self.pack(k1v, (y_new - yv) / h, k_end)
-
-    def _ift_rtol(self) -> float:
-        return max(1e-12, 100 * self.eps)
-
-
-def _uncounted(f):
-    """``(t, y1d) -> f(t, y1d)`` without counting NFE (products inside the backward pass)."""
-    from .linalg import flat_func
-
-    cache: dict = {}
-
-    def g(t, y):
-        fn = cache.get(t)
-        if fn is None:
-            fn = cache[t] = flat_func(f, t)
-        return fn(y)
-
-    return g

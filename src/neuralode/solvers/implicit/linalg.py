@@ -218,7 +218,8 @@ class JVP:
 
 class LUSolve(torch.autograd.Function):
     """``x = W^-1 b`` (or ``W^-H b``) with a given factorisation of ``W``, differentiable in
-    ``W`` and ``b`` to any order.
+    ``W`` and ``b`` to any order. ``W`` ``(N, N)`` with ``b`` ``(N,)``, or a batch of blocks
+    ``(B, M, M)`` with ``b`` ``(B, M)``.
 
     The backward pass reuses the factorisation: ``gb = W^-H gx``, ``gW = -gb x^H`` (for the
     adjoint solve ``gb = W^-1 gx``, ``gW = -x gb^H``), itself written with this function so that
@@ -239,7 +240,9 @@ class LUSolve(torch.autograd.Function):
         gb = LUSolve.apply(W, gx, LU, piv, not ctx.adjoint)
         gW = None
         if ctx.needs_input_grad[0]:
-            gW = -torch.outer(x, gb.conj()) if ctx.adjoint else -torch.outer(gb, x.conj())
+            # Outer products; batched over leading dimensions ((B, M, M) stacks of blocks).
+            u, v = (x, gb) if ctx.adjoint else (gb, x)
+            gW = -(u.unsqueeze(-1) * v.conj().unsqueeze(-2))
         return gW, gb, None, None, None
 
 

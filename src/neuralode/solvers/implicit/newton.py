@@ -27,9 +27,10 @@ import math
 
 import torch
 
-from .linalg import gmres
+from ..explicit_rk import _combiner
+from .linalg import flat_func, gmres
 
-__all__ = ["newton", "NewtonResult", "IFTSolve", "ift_attach"]
+__all__ = ["newton", "NewtonResult", "IFTSolve", "ift_attach", "IFTStages"]
 
 
 class NewtonResult:
@@ -175,3 +176,92 @@ def ift_attach(x_star, u, phi, precond_adjoint, stats, rtol: float = 1e-12):
     if not u.requires_grad:
         return x_star
     return IFTSolve.apply(u, _Backsolver(x_star.detach(), phi, precond_adjoint, stats, rtol))
+
+
+class IFTStages:
+    """Mixin of :class:`~neuralode.solvers.implicit.irk.ImplicitRKStepper`: the step rebuilt with
+    a graph from its converged stages, each stage solve attached by :func:`ift_attach` (the
+    shared driver's float step size, or the per-sample driver's per-row step sizes)."""
+
+    def _differentiable(self, f, t, h, y, k1, t_last, stages, shape):
+        """Rebuild the step with a graph: each stage solve is attached by the implicit function
+        theorem to one differentiable evaluation of its stage equations."""
+        T = self.tableau
+        yv = y.reshape(-1)
+        k1v = k1.reshape(-1)
+        fx = f.flat
+        g_un = _uncounted(f)
+        if self.dirk:
+            gs = [h * T.a[i][i] for i in range(T.n_stages)]
+
+            def precond(i):
+                return None if self.krylov else self._solver(gs[i]).solve_adjoint
+
+            K, y_new = self._dirk_graph(
+                fx, g_un, precond, t, h, gs, yv, k1v, t_last, stages["Y"], _combiner(yv, h, None)
+            )
+        else:
+            s = T.n_stages
+            ts = [self._stage_time(t, h, t_last, ci) for ci in T.c]
+            Ystar = stages["Y"]
+            A = self.A
+            u = yv + h * (A @ torch.stack([fx(ts[i], Ystar[i]) for i in range(s)]))
+            precond = None if self.krylov else self._solver(h).solve_adjoint
+
+            def phi(X):
+                return h * (A @ torch.stack([g_un(ts[i], X[i]) for i in range(s)]))
+
+            Y_out = ift_attach(Ystar, u, phi, precond, self.counts, self._ift_rtol())
+            K = (self.A_inv @ (Y_out - yv)) / h
+            y_new = Y_out[-1] if self.fsal else torch.addmv(yv, K.T, self.b, alpha=h)
+        err = None
+        if self.b_err is not None:
+            err = (h * (self.b_err @ K.detach())).view(shape)
+        k_end = K[-1] if self.fsal else None
+        return y_new.view(shape), err, self.pack(k1v, (y_new - yv) / h, k_end)
+
+    def _dirk_graph(self, fx, g_un, precond, t, h, gs, yv, k1v, t_last, Ystars, comb):
+        """The diagonally implicit stages with a graph, each stage solve attached by the
+        implicit function theorem to one differentiable evaluation of its stage equation
+        ``Y_i = e_i + g_i f(t_i, Y_i)``. ``gs[i]`` is ``h a_ii`` (a float, or per component of
+        the flat state for per-row steps), ``precond(i)`` the adjoint solve of stage ``i``'s
+        iteration matrix (or None), ``comb(K, w) = yv + h K w``. Returns ``(K, y_new)``."""
+        T = self.tableau
+        s = T.n_stages
+        ks = [None] * s
+        for i in range(s):
+            if i == 0 and T.explicit_first_stage:
+                ks[0] = k1v
+                continue
+            g = gs[i]
+            e = yv if i == 0 else comb(torch.stack(ks[:i], 1), self.a_rows[i])
+            ti = self._stage_time(t, h, t_last, T.c[i])
+            Ystar = Ystars[i]
+            u = e + g * fx(ti, Ystar)
+
+            def phi(X, g=g, ti=ti):
+                return g * g_un(ti, X)
+
+            Y_out = ift_attach(Ystar, u, phi, precond(i), self.counts, self._ift_rtol())
+            ks[i] = (Y_out - e) / g
+            if i == s - 1:
+                Y_last = Y_out
+        K = torch.stack(ks)
+        y_new = Y_last if self.fsal else comb(K.T, self.b)
+        return K, y_new
+
+    def _ift_rtol(self) -> float:
+        return max(1e-12, 100 * self.eps)
+
+
+def _uncounted(f):
+    """``(t, y1d) -> f(t, y1d)`` without counting NFE (products inside the backward pass)."""
+    cache: dict = {}
+
+    def g(t, y):
+        fn = cache.get(t)
+        if fn is None:
+            fn = cache[t] = flat_func(f, t)
+        return fn(y)
+
+    return g

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .base import HermiteStepper, MethodFace
+from .base import HermiteStepper, MethodFace, apply_weights
 from .linalg import LUSolve, jacobian
 
 __all__ = ["RosenbrockTableau", "Rosenbrock", "RODAS4"]
@@ -259,6 +259,7 @@ class RosenbrockStepper(HermiteStepper):
         self.dense = [[float(v) for v in row] for row in T.dense]
         self._jac_key = None
         self._jac = None
+        self._rows = None  # per-sample control: the rows' Jacobian blocks (see .rows)
         self.counts = dict(n_jac=0, n_lu=0)
 
     @property
@@ -277,7 +278,24 @@ class RosenbrockStepper(HermiteStepper):
             self.counts["n_jac"] += 1
         return self._jac
 
-    def step(self, f, t: float, h: float, y, k1, t_last: float, track_grad: bool):
+    def bind_rows(self, rtol, atol) -> None:
+        """A per-sample solve starts: forget the Jacobian blocks of earlier rows."""
+        self._rows = None
+
+    def take_rows(self, keep) -> None:
+        """The per-sample working set was compacted to rows ``keep``."""
+        if self._rows is not None:
+            self._rows.take(keep)
+
+    def step(self, f, t, h, y, k1, t_last, track_grad: bool):
+        """One step from ``(t, y)``. ``t``, ``h`` and ``t_last`` are floats (one step for the
+        whole state: one ``N x N`` Jacobian) or ``(A,)`` float64 tensors (per-sample control:
+        each row its own step, a block-diagonal Jacobian of ``A`` blocks ``M x M``, see
+        :mod:`.rows`). Returns ``(y_new, err, K)``."""
+        if isinstance(h, torch.Tensor):
+            from .rows import rosenbrock_rows_step
+
+            return rosenbrock_rows_step(self, f, t, h, y, k1, t_last, track_grad)
         shape = y.shape
         # A graph is needed only if the state or func's parameters require grad (k1 tells).
         track_grad = track_grad and (y.requires_grad or k1.requires_grad)
@@ -288,6 +306,20 @@ class RosenbrockStepper(HermiteStepper):
         W.diagonal().add_(1.0 / (h * self.gamma))
         LU, piv = torch.linalg.lu_factor(W.detach())
         self.counts["n_lu"] += 1
+
+        def solve(rhs):
+            if track_grad:
+                return LUSolve.apply(W, rhs, LU, piv)
+            return torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1)
+
+        return self.stages(f, t, h, h, yv, k1v, t_last, ft, solve, track_grad, shape)
+
+    def stages(self, f, t, h, hv, yv, k1v, t_last, ft, solve, track_grad, shape):
+        """The stages of one step and its results, written once for both drivers.
+
+        ``yv``, ``k1v``, ``ft`` are flat ``(N,)``; ``h`` the step size (float, or ``(A,)`` per
+        row) and ``hv`` the same laid out per component (the float, or ``(N,)``); ``solve`` maps
+        a right-hand side ``(N,)`` to ``W^-1 rhs`` (one matrix, or one block per row)."""
         nonautonomous = bool(ft.abs().max() > 0) if not track_grad else True
         U = []
         for i in range(self.s):
@@ -303,13 +335,10 @@ class RosenbrockStepper(HermiteStepper):
             rhs = Fi
             for j in range(i):
                 if self.C[i][j]:
-                    rhs = rhs + (self.C[i][j] / h) * U[j]
+                    rhs = rhs + (self.C[i][j] / hv) * U[j]
             if nonautonomous and self.gamma_t[i]:
-                rhs = rhs + (h * self.gamma_t[i]) * ft
-            if track_grad:
-                U.append(LUSolve.apply(W, rhs, LU, piv))
-            else:
-                U.append(torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1))
+                rhs = rhs + (hv * self.gamma_t[i]) * ft
+            U.append(solve(rhs))
         y_new = yv
         for mi, Ui in zip(self.m, U):
             if mi:
@@ -319,7 +348,7 @@ class RosenbrockStepper(HermiteStepper):
             err = sum(ei * Ui.detach() for ei, Ui in zip(self.e, U) if ei)
         if not torch.is_tensor(err):  # pragma: no cover - every table has an estimate
             err = torch.zeros_like(yv)
-        K = self.pack(k1v, (y_new - yv) / h)
+        K = self.pack(k1v, (y_new - yv) / hv)
         if self.dense:
             # Rows [f_n, slope, D_2 / h, D_3 / h]: the method's own continuous extension.
             D = []
@@ -328,7 +357,7 @@ class RosenbrockStepper(HermiteStepper):
                 for dj, Uj in zip(row, U):
                     if dj:
                         acc = dj * Uj if acc is None else acc + dj * Uj
-                D.append(acc / h)
+                D.append(acc / hv)
             K = torch.cat([K, torch.stack(D)])
         return y_new.view(shape), err.reshape(shape), K
 
@@ -346,17 +375,13 @@ class RosenbrockStepper(HermiteStepper):
             return K
         return super().dense_stages(f, t, h, y, K, k_next, t_last)
 
-    def interpolate(self, Kd, y, h: float, theta: torch.Tensor, samples=None):
+    def interpolate(self, Kd, y, h, theta: torch.Tensor, samples=None):
         """RODAS's extension ``y_n + h [theta slope + (theta - theta^2) D_2/h
-        + (theta^2 - theta^3) D_3/h]`` (rows 1..3 of ``Kd``), else cubic Hermite."""
+        + (theta^2 - theta^3) D_3/h]`` (rows 1..3 of ``Kd``), else cubic Hermite.
+        Shapes as :meth:`HermiteStepper.interpolate` (``h`` a float, or ``(n,)`` per row)."""
         if not self.dense:
             return super().interpolate(Kd, y, h, theta, samples)
         t2 = theta * theta
         zero = torch.zeros_like(theta)
-        W = torch.stack([zero, theta, theta - t2, t2 - t2 * theta], dim=-1).to(Kd.dtype)
-        if samples is None:
-            out = torch.addmm(y.reshape(1, -1), W, Kd, alpha=h)
-            return out.view(theta.shape[0], *y.shape)
-        B, M = y.shape
-        Kg = Kd.view(Kd.shape[0], B, M)[:, samples]
-        return y[samples] + h * torch.einsum("ms,smk->mk", W, Kg)
+        W = torch.stack([zero, theta, theta - t2, t2 - t2 * theta], dim=-1)
+        return apply_weights(W, Kd, y, h, samples)
