@@ -268,7 +268,7 @@ class _ReversibleFn(torch.autograd.Function):
             with torch.enable_grad():
                 y1 = y.detach().requires_grad_()
                 G = inc(t_new, t - t_new, t_last, t_first, y1)[0]
-            gy, *gG = torch.autograd.grad(G, [y1, *params], az, allow_unused=True)
+            gy, *gG = _vjp(G, [y1, *params], az)
             accumulate(gG, -1.0)
             if gy is not None:
                 ay = ay.sub_(gy)
@@ -276,7 +276,7 @@ class _ReversibleFn(torch.autograd.Function):
             with torch.enable_grad():
                 z0 = z_prev.detach().requires_grad_()
                 F = inc(t, t_new - t, t_first, t_last, z0)[0]
-            gz, *gF = torch.autograd.grad(F, [z0, *params], ay, allow_unused=True)
+            gz, *gF = _vjp(F, [z0, *params], ay)
             accumulate(gF, 1.0)
             y = sch.unmix(y, z_prev, F.detach())
             z = z_prev
@@ -288,6 +288,14 @@ class _ReversibleFn(torch.autograd.Function):
         a = add_outputs(ay + az, 0, n0)  # y_0 = z_0 = y0
         run.stats["nfe_backward"] = f.nfe
         return (None, None, a, *gp)
+
+
+def _vjp(out, inputs, cot):
+    """``cot^T d out / d inputs`` (None where unused); all None when ``out`` has no graph (a
+    vector field that depends on neither the state nor the parameters)."""
+    if not out.requires_grad:
+        return [None] * len(inputs)
+    return torch.autograd.grad(out, inputs, cot, allow_unused=True)
 
 
 def reconstruction_error(
