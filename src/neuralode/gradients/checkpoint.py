@@ -129,7 +129,11 @@ class _CheckpointFn(torch.autograd.Function):
                 if vals is not None:
                     outs.append(vals)
                     gs.append(g_sorted[rec.out_lo : rec.out_hi])
-                grads = torch.autograd.grad(outs, [yk, *params], gs, allow_unused=True)
+                # retain_graph: params computed outside func (w = 2 * a, params=[a]) share the
+                # user's subgraph w <- a, traversed by every step; the step's graph goes with outs.
+                grads = torch.autograd.grad(
+                    outs, [yk, *params], gs, allow_unused=True, retain_graph=True
+                )
                 a = grads[0] if grads[0] is not None else torch.zeros_like(a)
                 for q, gq in enumerate(grads[1:]):
                     if gq is not None:

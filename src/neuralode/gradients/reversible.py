@@ -292,10 +292,13 @@ class _ReversibleFn(torch.autograd.Function):
 
 def _vjp(out, inputs, cot):
     """``cot^T d out / d inputs`` (None where unused); all None when ``out`` has no graph (a
-    vector field that depends on neither the state nor the parameters)."""
+    vector field that depends on neither the state nor the parameters). The graph is retained:
+    a parameter computed outside func (``w = 2 * a`` with ``params=[a]``) is reached through the
+    user's own subgraph, which every step's VJP traverses; the step's own graph is freed anyway
+    when ``out`` is dropped."""
     if not out.requires_grad:
         return [None] * len(inputs)
-    return torch.autograd.grad(out, inputs, cot, allow_unused=True)
+    return torch.autograd.grad(out, inputs, cot, allow_unused=True, retain_graph=True)
 
 
 def reconstruction_error(
