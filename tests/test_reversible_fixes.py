@@ -51,3 +51,37 @@ def test_params_with_a_shared_subgraph(make, method):
     # rk4's; Backsolve integrates the adjoint equations (rk4 at dt=0.05: 8e-5 from Direct's).
     tol = {"checkpoint": 1e-9, "reversible": 1e-5, "backsolve": 1e-3}[method]
     torch.testing.assert_close(got, ref, rtol=tol, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda P: no.Reversible(params=P),
+        lambda P: no.Checkpointed(params=P),
+        lambda P: no.Backsolve(params=P),
+    ],
+    ids=["reversible", "checkpoint", "backsolve"],
+)
+def test_duplicate_params_refused(make):
+    w = torch.tensor([0.5, -1.0], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=DT)
+    with pytest.raises(ValueError, match=r"params=\.\.\.\)\[1\] is the same tensor as .*\[0\]"):
+        no.solve(lambda t, y: -w * y, y0, [0.0, 1.0], solver="rk4", dt=0.1, gradient=make([w, w]))
+
+
+def test_missing_params_warning_names_reversible():
+    w = torch.tensor([0.5, -1.0], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"Reversible\(params=\.\.\.\)"):
+        sol = no.solve(
+            lambda t, y: -w * y, y0, [0.0, 1.0], solver="rk4", dt=0.1, gradient="reversible"
+        )
+    sol.ys.sum().backward()
+
+
+def test_coupling_must_be_a_number():
+    with pytest.raises(ValueError, match=r"coupling=\.\.\.\) must be a Python number.*tensor"):
+        no.Reversible(coupling=torch.tensor(0.9))
+    with pytest.raises(ValueError, match="coupling"):
+        no.Reversible(coupling=torch.tensor(0.9, requires_grad=True))
+    assert no.Reversible(coupling=0.9).coupling == 0.9

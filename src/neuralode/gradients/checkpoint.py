@@ -26,6 +26,11 @@ class Checkpointed:
     Gradients of gradients (``create_graph=True``) are supported by replaying the whole solve
     with a graph in the backward pass (then memory is that of :class:`Direct`).
 
+    func must be deterministic: the backward pass evaluates it again (to replay every step with a graph), so a
+    random func (``nn.Dropout`` in training mode, noise drawn inside func) gives the gradient
+    of different draws than the forward pass used, silently. Draw the randomness outside func
+    (a fixed mask or noise tensor per solve), or use :class:`~neuralode.Direct`.
+
     Parameters
     ----------
     max_checkpoints : int, optional

@@ -132,6 +132,11 @@ class Reversible:
     event times are differentiated by the implicit function theorem at the event, as with
     :class:`~neuralode.Direct` and :class:`~neuralode.Checkpointed`.
 
+    func must be deterministic: the backward pass evaluates it again (to reconstruct the states and differentiate each step), so a
+    random func (``nn.Dropout`` in training mode, noise drawn inside func) gives the gradient
+    of different draws than the forward pass used, silently. Draw the randomness outside func
+    (a fixed mask or noise tensor per solve), or use :class:`~neuralode.Direct`.
+
     References
     ----------
     S. McCallum and J. Foster, "Efficient, accurate and stable gradients for neural ODEs",
@@ -151,8 +156,13 @@ class Reversible:
 
     def __post_init__(self):
         lam = self.coupling
-        if isinstance(lam, torch.Tensor) and lam.numel() == 1:
-            lam = float(lam)
+        if isinstance(lam, torch.Tensor):
+            # Not differentiable (a setting of the scheme, not a parameter): refuse rather than
+            # silently detach a tensor that may require grad.
+            raise ValueError(
+                f"Reversible(coupling=...) must be a Python number in (0, 1], got a tensor "
+                f"({lam!r}); pass float(coupling)"
+            )
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam <= 1:
             raise ValueError(
                 f"Reversible(coupling=...) must be a number in (0, 1], got {self.coupling!r}; "
