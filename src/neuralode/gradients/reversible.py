@@ -4,6 +4,8 @@ memory that does not grow with the number of steps (McCallum & Foster 2024)."""
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +36,25 @@ class Reversible:
         y_n = (y_{n+1} - (1 - lam) * z_n - Psi(t_n, z_n, h)) / lam
 
     The forward pass keeps no graph and stores only the step times and the final pair (plus the
-    pairs at restarts, below). The backward pass walks the steps in reverse: it reconstructs
+    pairs at restarts and anchors, below). The backward pass walks the steps in reverse: it reconstructs
     ``(y_n, z_n)`` from ``(y_{n+1}, z_{n+1})`` with the inverse above, and backpropagates through
     that step with the vector field's vector-Jacobian products (``torch.autograd.grad`` on each of
     the two increments of the step, evaluated once with a graph; their values also serve the
     reconstruction). The gradient is the exact gradient of the reversible scheme (equal to
     autograd through it, to rounding), autograd memory is one step's graph whatever the number
     of steps, and the backward pass costs about twice the forward.
+
+    **Anchors.** The inverse divides by ``lam``: an error in the reconstructed states (rounding)
+    grows by about ``1 / lam`` per step walked back in a slowly varying mode. So the forward pass
+    also stores the pair every ``K = floor(log(1e4) / -log(lam))`` steps since the last stored
+    one (``lam**-K <= 1e4``: every 9,205 steps at the default, 87 at 0.9, 13 at 0.5), and the
+    backward pass restarts its reconstruction from it: memory is ``O(n log(1 / lam))`` states
+    for ``n`` steps, none below 9,205 steps at the default (``stats["reversible_anchors"]``
+    counts them). The backward pass also compares its reconstruction, for free, with every
+    stored pair and with ``y0``: ``stats["reversible_reconstruction_error"]`` is the largest
+    relative (max-norm) difference, and above ``sqrt(eps)`` of the dtype (1.5e-8 in float64)
+    a RuntimeWarning says that the gradient is inaccurate (decaying modes amplify by about
+    ``lam / R(h mu)**2`` per step, which anchors do not bound; restarts do).
 
     **Restarts.** Linearised, a decaying mode of f with ``|h mu|`` above about ``1 - lam`` makes
     the parasitic mode ``y - z`` grow (see ``coupling``), and without a remedy the solution goes
@@ -100,9 +114,13 @@ class Reversible:
         local errors are amplified by roughly ``exp(a T)`` over a solve of length ``T`` with a
         mode decaying like ``exp(-a t)`` once ``a h > 1 - lam``. Measured on ``y' = -50 y`` over
         [0, 10] with rk4 and ``dt = 0.005`` (``tests/test_reversible.py``): without restarts the
-        default overflows; ``lam = R(h mu)**2 = 0.6065`` solves and reconstructs the states to
-        about 1e-9, and 1 % away from it the solution is wrong; with restarts (the default) the
-        default coupling is as accurate as plain rk4 (49 restarts in 2,000 steps).
+        default overflows; ``lam = R(h mu)**2 = 0.6065`` solves it and reconstructs the states
+        to about 1e-9 (the single mode's amplification is 1 per step), and 1 % away from it the
+        solution is wrong. A second, slow mode (``mu = -0.5``) is reconstructed with a growth of
+        ``1 / lam = 1.65`` per step: without anchors its gradient was NaN after 2,000 steps;
+        with them (every 18 steps at 0.6065) it is exact to 1e-9 (``tests/
+        test_reversible_anchors.py``). With restarts (the default) the default coupling is as
+        accurate as plain rk4.
     params : sequence of Tensor, optional
         Tensors to differentiate besides ``y0``. Default: the parameters of ``func`` when it is
         an ``nn.Module``.
@@ -205,14 +223,15 @@ class _ReversibleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Run, cfg: Reversible, y0flat, *params):
         with torch.no_grad():
-            res, records, z, _, restarts = integrate_reversible(
+            res, records, z, _, restarts, anchors = integrate_reversible(
                 run, cfg.coupling, y0flat.detach(), restart_gap=cfg.restart_gap
             )
         ctx.run, ctx.cfg, ctx.records = run, cfg, records
-        ctx.n_params, ctx.restart_at = len(params), list(restarts)
-        # Saved for backward: the final pair, the pairs at restarts (and the inputs, to replay
-        # for double backward).
-        pairs = [x for pair in restarts.values() for x in pair]
+        ctx.n_params = len(params)
+        ctx.stored_at = [(k, True) for k in restarts] + [(k, False) for k in anchors]
+        # Saved for backward: the final pair, the pairs at restarts and anchors (and the
+        # inputs, to replay for double backward).
+        pairs = [x for d in (restarts, anchors) for pair in d.values() for x in pair]
         ctx.save_for_backward(res.y_final, z, y0flat, *params, *pairs)
         return res.ys
 
@@ -221,11 +240,14 @@ class _ReversibleFn(torch.autograd.Function):
         run, lam = ctx.run, ctx.cfg.coupling
         y, z, y0flat, *rest = ctx.saved_tensors
         params, pairs = rest[: ctx.n_params], rest[ctx.n_params :]
-        restarts = {k: (pairs[2 * i], pairs[2 * i + 1]) for i, k in enumerate(ctx.restart_at)}
+        # step index -> (y, z, whether z was reset to y after that step)
+        stored = {
+            k: (pairs[2 * i], pairs[2 * i + 1], reset) for i, (k, reset) in enumerate(ctx.stored_at)
+        }
         if torch.is_grad_enabled():
             # create_graph=True: replay the whole reversible solve with a graph.
             y0g = y0flat if y0flat.requires_grad else y0flat.detach().requires_grad_()
-            res, _, _, _, _ = integrate_reversible(run, lam, y0g, restart_gap=ctx.cfg.restart_gap)
+            res = integrate_reversible(run, lam, y0g, restart_gap=ctx.cfg.restart_gap)[0]
             grads = torch.autograd.grad(
                 res.ys, [y0g, *params], g_ys, create_graph=True, allow_unused=True
             )
@@ -268,12 +290,25 @@ class _ReversibleFn(torch.autograd.Function):
         # y_{n+1} = lam y_n + (1 - lam) z_n + F(z_n) sends lam a_y to y_n and
         # (1 - lam) a_y + J_F^T a_y to z_n. Each increment is evaluated once, with a graph; its
         # value also serves the reconstruction.
+        # The reconstruction is checked, for free, wherever the exact pair is known: at every
+        # stored pair and at y0 (relative max-norm error of y and z).
+        worst = y.new_zeros((), dtype=y.real.dtype)
+
+        def check(y_rec, z_rec, y_true, z_true):
+            scale = y_true.abs().max().clamp_min(torch.finfo(worst.dtype).tiny)
+            err = torch.maximum((y_rec - y_true).abs().max(), (z_rec - z_true).abs().max())
+            return torch.maximum(worst, (err / scale).nan_to_num(nan=math.inf))
+
         for k in range(len(ctx.records) - 1, -1, -1):
             t, t_new, t_first, t_last, lo, hi = ctx.records[k]
-            pair = restarts.get(k)
-            if pair is not None:  # z was reset to y after this step: restore the stored pair
-                ay, az = ay.add_(az), torch.zeros_like(az)
-                y, z = pair
+            pair = stored.get(k)
+            if pair is not None:  # restore the stored pair (the reconstruction restarts there)
+                y_k, z_k, reset = pair
+                # After a reset, the step's z is y; the pair before the reset is stored.
+                worst = check(y, z, y_k, y_k if reset else z_k)
+                if reset:  # z = y is differentiated like any assignment
+                    ay, az = ay.add_(az), torch.zeros_like(az)
+                y, z = y_k, z_k
             ay = add_outputs(ay, lo, hi)
             with torch.enable_grad():
                 y1 = y.detach().requires_grad_()
@@ -297,7 +332,28 @@ class _ReversibleFn(torch.autograd.Function):
         n0 = ctx.records[0][4] if ctx.records else len(prob.out_t)
         a = add_outputs(ay + az, 0, n0)  # y_0 = z_0 = y0
         run.stats["nfe_backward"] = f.nfe
+        if ctx.records:
+            worst = float(check(y, z, y0flat, y0flat))
+            run.stats["reversible_reconstruction_error"] = worst
+            _warn_reconstruction(worst, y0flat.dtype, lam)
         return (None, None, a, *gp)
+
+
+def _warn_reconstruction(err: float, dtype: torch.dtype, lam: float) -> None:
+    """Warn when the backward pass reconstructed the states worse than sqrt(eps) (relative):
+    then the gradient has lost at least half its digits."""
+    tol = math.sqrt(torch.finfo(dtype).eps)
+    if not err <= tol:  # NaN included
+        warnings.warn(
+            f"the backward pass of gradient=Reversible(coupling={lam}) reconstructed the states "
+            f"with a relative error of {err:.2g} (more than sqrt(eps) = {tol:.1g}): the "
+            "gradient is inaccurate. The inverse step amplifies rounding by about "
+            "coupling / R(h mu)**2 per step for a mode decaying like exp(mu t); use a coupling "
+            "closer to 1, keep restarts on (restart_gap=10.0, the default), take smaller steps, "
+            "or use gradient='checkpoint'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _vjp(out, inputs, cot):
@@ -336,14 +392,14 @@ class _Probe(Reversible):
     def run(self, run: Run, y0flat: torch.Tensor):
         lam = self.coupling
         with torch.no_grad():
-            res, records, z, states, restarts = integrate_reversible(
+            res, records, z, states, restarts, anchors = integrate_reversible(
                 run, lam, y0flat, restart_gap=self.restart_gap, keep_states=True
             )
             y = res.y_final
             sch = run.extra["reversible_scheme"]
             worst = 0.0
             for k in range(len(records) - 1, -1, -1):
-                y, z = restarts.get(k, (y, z))
+                y, z = restarts.get(k, anchors.get(k, (y, z)))
                 ys, zs = states[k]
                 y, z = sch.invert(records[k][:4], y, z)
                 scale = max(float(ys.abs().max()), float(zs.abs().max()))
