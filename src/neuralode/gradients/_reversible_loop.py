@@ -126,21 +126,19 @@ def _landings(prob) -> list[float]:
     return sorted(pts, reverse=d < 0)
 
 
-# Tolerances that scale the gap |y - z| when steps are fixed (no rtol/atol given): the solve's
-# default tolerances, so that a fixed-step solve keeps the two states as close as an adaptive
-# solve at the defaults would.
-_FIXED_RTOL, _FIXED_ATOL = 1e-6, 1e-8
-# Rounding alone moves y and z apart by up to a few hundred ulps over long solves (measured in
+# Adaptive solves restart when the gap |y - z| exceeds restart_gap tolerances (the solve's
+# rtol/atol: the user's accuracy request); fixed-step solves have no tolerance and use the
+# growth test (GapGrowth) instead. Rounding alone moves y and z apart by up to a few hundred ulps over long solves (measured in
 # float32: 3e-4 relative at 1,000 steps of an MLP field), which must not cause restarts: the gap
 # tolerances are floored at 1000 ulps (relative) and 10 ulps (absolute); in float64 the floor
 # is 2.2e-13, below any tolerance in use.
 _ULPS_REL, _ULPS_ABS = 1000.0, 10.0
 
 
-def gap_tolerances(prob, adaptive: bool, dtype: torch.dtype):
-    """``(rtol, atol)`` that scale the gap: the solve's (fixed steps: 1e-6, 1e-8), floored
-    by the rounding level of ``dtype``."""
-    rtol, atol = (prob.rtol, prob.atol) if adaptive else (_FIXED_RTOL, _FIXED_ATOL)
+def gap_tolerances(prob, dtype: torch.dtype):
+    """``(rtol, atol)`` that scale the gap of an adaptive solve: the solve's, floored by the
+    rounding level of ``dtype``."""
+    rtol, atol = prob.rtol, prob.atol
     eps = torch.finfo(dtype).eps
     lo_r, lo_a = _ULPS_REL * eps, _ULPS_ABS * eps
     if isinstance(rtol, torch.Tensor):
@@ -165,6 +163,50 @@ def gap_norm(y, z, rtol, atol, work=None) -> float:
     a, b = work
     scale = torch.maximum(torch.abs(y, out=a), torch.abs(z, out=b), out=a).mul_(rtol).add_(atol)
     return float(torch.sub(y, z, out=b).abs_().div_(scale).max())
+
+
+# The growth test's baseline is floored at this many ulps of the dtype (relative to the state):
+# rounding alone moves y - z by a few ulps per step, which must never count as growth.
+_GROWTH_FLOOR_ULPS = 100.0
+
+
+class GapGrowth:
+    """The restart test of fixed-step solves: restart when the parasitic mode grows.
+
+    ``q = max|y - z| / max|y|`` (relative, max norms; scale-free) is measured after every step.
+    Its value one step after a (re)start, ``s`` (floored at 100 ulps), is the defect of one
+    step and its inverse, the size of the local errors that feed the gap. While the parasitic
+    mode is damped (or neutral) each step adds about one such defect to ``q``; when it is
+    excited (a decaying mode with ``|h mu|`` above about ``1 - lam``) ``q`` grows geometrically,
+    by about ``(lam / R(h mu)**2 - 1) q`` per step, and perturbs the solution by about
+    ``|R - lam| / R`` times ``q`` per step: the one-step growth of ``q`` estimates (from above)
+    that perturbation. :meth:`restart` says when the growth exceeds ``factor * s``: when the
+    gap's effect on the solution exceeds ``factor`` local errors, whatever the scale of the
+    state or the step.
+    """
+
+    def __init__(self, factor: float, dtype: torch.dtype):
+        self.factor = factor
+        self.floor = _GROWTH_FLOOR_ULPS * torch.finfo(dtype).eps
+        self.prev, self.base = 0.0, None
+
+    def restart(self, y, z, work) -> bool:
+        a, b = work
+        if y.is_complex():
+            d, m = (y - z).abs().max(), y.abs().max()
+        else:
+            d = torch.sub(y, z, out=a).abs_().max()
+            m = torch.abs(y, out=b).max()
+        d, m = torch.stack((d, m)).tolist()  # one host read
+        q = d / m if m > 0 else (0.0 if d == 0 else math.inf)
+        if self.base is None:
+            self.base, self.prev = max(q, self.floor), q
+            return False
+        grown, self.prev = q - self.prev, q
+        if grown > self.factor * self.base:
+            self.prev, self.base = 0.0, None
+            return True
+        return False
 
 
 def integrate_reversible(
@@ -222,10 +264,13 @@ def integrate_reversible(
     records, states = [], [] if keep_states else None
     restarts, anchors = {}, {}
     anchor_every, since_stored = anchor_interval(lam), 0
-    g_rtol, g_atol = gap_tolerances(prob, adaptive, y0flat.dtype)
-    gap_work = None
+    gap_work = growth = None
     if restart_gap is not None:  # measured without a graph (the restart decision is discrete)
         gap_work = (torch.empty_like(y0flat), torch.empty_like(y0flat))
+        if adaptive:
+            g_rtol, g_atol = gap_tolerances(prob, y0flat.dtype)
+        else:
+            growth = GapGrowth(restart_gap, y0flat.dtype)
     attempts = n_acc = n_rej = 0
     last_nonfinite = False
     status, message = "success", ""
@@ -303,8 +348,11 @@ def integrate_reversible(
         records.append((t, t_new, t_first, t_last, lo, p))
         if restart_gap is not None:
             with torch.no_grad():
-                gap = gap_norm(y_new, z, g_rtol, g_atol, gap_work)
-            if gap > restart_gap:
+                if growth is not None:
+                    restart = growth.restart(y_new, z, gap_work)
+                else:
+                    restart = gap_norm(y_new, z, g_rtol, g_atol, gap_work) > restart_gap
+            if restart:
                 # The parasitic mode y - z has grown: keep the pair for the backward pass and
                 # restart the second state from the solution (z = y is differentiable: the
                 # backward pass adds z's cotangent to y's there).
