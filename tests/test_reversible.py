@@ -83,7 +83,7 @@ def test_forward_is_the_reversible_scheme_written_by_hand():
         z = z + h * a * y
         q = abs(y - z) / abs(y)
         if base is None:
-            base, prev = max(q, 100 * 2.0**-52), q
+            base, prev = max(q, 10 * 2.0**-52), q
         elif q - prev > 1.05 * base:
             z, prev, base = y, 0.0, None
             restarted.append(i)

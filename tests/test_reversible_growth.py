@@ -93,3 +93,24 @@ def test_memory_is_flat_at_coarse_and_fine_steps():
     # A few states (final pair, y0, ...) and the parameters; a restart per step would add
     # 2 states per step (2 MB at 1,000 steps).
     assert b10 <= 10 * state + params
+
+
+@pytest.mark.parametrize("dtype, floor", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_small_component_is_protected_down_to_the_max_norm_floor(dtype, floor):
+    # The test uses the max norm: a fast component next to a slow one is kept from growing
+    # only down to about the slow one's local error / the baseline's floor (documented).
+    A = torch.tensor([-50.0, -0.5], dtype=dtype)
+    t = torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0], dtype=dtype)
+    sol = no.solve(
+        lambda t, y: A * y,
+        torch.ones(2, dtype=dtype),
+        t,
+        solver="rk4",
+        dt=0.005,
+        gradient="reversible",
+    )
+    assert float(sol.ys[2:, 0].abs().max()) < floor  # t >= 1 (exact: 2e-22 and below)
+    slow = torch.exp(-0.5 * t)
+    torch.testing.assert_close(
+        sol.ys[:, 1], slow, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=0
+    )
