@@ -85,11 +85,10 @@ def test_fast_decay_is_right_with_the_defaults():
 
     fixed = no.solve(f, y0, t, solver="rk4", dt=0.005, gradient="reversible").ys[:, 0]
     plain = no.solve(f, y0, t, solver="rk4", dt=0.005).ys[:, 0]
-    # Pointwise: the plain method's error plus the gap allowed for fixed steps (restart_gap
-    # times the default tolerances 1e-6 and 1e-8; the solution falls below atol by t = 0.4).
-    bound = 2 * (plain - exact).abs() + 10 * (1e-8 + 1e-6 * exact)
-    assert bool(((fixed - exact).abs() <= bound).all())
-    assert float((fixed - exact)[:2].abs().max()) < 2e-6  # plain rk4: 1.4e-6 at t = 0.1
+    # Pointwise, at every scale (y(10) = 7e-218): within twice the plain method's error (the
+    # restart test is relative; measured 1.75x, restarts every 6 steps).
+    assert bool(((fixed - exact).abs() <= 2 * (plain - exact).abs()).all())
+    assert float((fixed - exact)[:2].abs().max()) < 2.5e-6  # plain rk4: 1.4e-6 at t = 0.1
     sol = no.solve(f, y0, t, gradient="reversible")  # dopri5, rtol 1e-6, atol 1e-8
     scaled = (sol.ys[:, 0] - exact).abs() / (1e-8 + 1e-6 * exact)
     assert float(scaled.max()) < 30.0
@@ -205,8 +204,9 @@ def test_memory_grows_only_with_the_restarts():
 
 def test_rounding_alone_does_not_restart_in_float32():
     """In float32 rounding moves y and z apart by a few hundred ulps over 1,000 steps (3e-4
-    relative on this field): the gap tolerances are floored at 1000 ulps, so a non-stiff
-    float32 solve does not restart, fixed or adaptive at the default rtol 1e-6."""
+    relative on this field): the adaptive gap tolerances are floored at 1000 ulps and the
+    fixed-step growth test's baseline at 10 ulps, so a non-stiff float32 solve does not
+    restart, fixed or adaptive at the default rtol 1e-6."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 16))
 
@@ -224,7 +224,6 @@ def test_rounding_alone_does_not_restart_in_float32():
     from neuralode.gradients._reversible_loop import gap_tolerances
 
     prob = type("P", (), {"rtol": 1e-9, "atol": 0.0})()
-    rtol, atol = gap_tolerances(prob, True, torch.float32)
+    rtol, atol = gap_tolerances(prob, torch.float32)
     assert rtol == pytest.approx(1000 * 2.0**-23) and atol == pytest.approx(10 * 2.0**-23)
-    assert gap_tolerances(prob, True, torch.float64) == (1e-9, 10 * 2.0**-52)
-    assert gap_tolerances(prob, False, torch.float64) == (1e-6, 1e-8)
+    assert gap_tolerances(prob, torch.float64) == (1e-9, 10 * 2.0**-52)

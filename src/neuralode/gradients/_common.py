@@ -55,12 +55,21 @@ def find_params(func, explicit, name: str = "params") -> list[torch.Tensor]:
     ------
     TypeError
         If ``explicit`` holds something other than tensors.
+    ValueError
+        If ``explicit`` lists the same tensor twice (its gradient would be counted twice).
     """
     if explicit is not None:
         out = list(explicit)
+        seen: dict[int, int] = {}
         for i, p in enumerate(out):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{name}[{i}] is {type(p).__name__}, expected a tensor")
+            if id(p) in seen:
+                raise ValueError(
+                    f"{name}[{i}] is the same tensor as {name}[{seen[id(p)]}] (shape "
+                    f"{tuple(p.shape)}); its gradient would be added twice: list each tensor once"
+                )
+            seen[id(p)] = i
         return [p for p in out if p.requires_grad]
     owner = func if isinstance(func, nn.Module) else getattr(func, "__self__", None)
     if isinstance(owner, nn.Module):
@@ -141,7 +150,8 @@ def _warn_missing(missing: list, method: str, stacklevel: int) -> None:
             f"func uses {len(missing)} tensor(s) that require grad but are not among the "
             f"parameters of the {method} gradient (shapes {shapes}); their gradients will be "
             "missing (left unchanged). Make func an nn.Module that owns them, or pass them "
-            "explicitly (Backsolve(params=...)/Checkpointed(params=...), or adjoint_params=... "
+            "explicitly (Backsolve(params=...), Checkpointed(params=...) or "
+            "Reversible(params=...), or adjoint_params=... "
             "for odeint_adjoint).",
             UserWarning,
             stacklevel=stacklevel,

@@ -16,9 +16,24 @@ from ..solvers.explicit_rk import RKStepper
 from ..solvers.tableau import ButcherTableau
 from ._common import Run
 
-__all__ = ["Scheme", "integrate_reversible", "gap_norm"]
+__all__ = ["Scheme", "integrate_reversible", "gap_norm", "anchor_interval"]
 
 _EPS64 = 2.220446049250313e-16
+
+# The inverse step divides by the coupling, so a reconstruction error (rounding) in a slowly
+# varying mode grows by about 1 / lam per step walked back (lam / R(h mu)**2 in general; R ~ 1
+# for slow modes). The forward pass stores an anchor pair every anchor_interval(lam) steps, so
+# that this growth stays below _ANCHOR_GROWTH between two exactly known pairs: at lam = 0.999
+# every 9,205 steps (most solves store none), at 0.9 every 87, at 0.5 every 13.
+_ANCHOR_GROWTH = 1e4
+
+
+def anchor_interval(lam: float) -> int | None:
+    """Steps between two anchor pairs: the largest ``K`` with ``lam**-K <= 1e4`` (None when
+    ``lam = 1``: no growth)."""
+    if lam >= 1.0:
+        return None
+    return max(1, int(math.log(_ANCHOR_GROWTH) / -math.log(lam)))
 
 
 # ---------------------------------------------------------------------------- one step
@@ -111,21 +126,19 @@ def _landings(prob) -> list[float]:
     return sorted(pts, reverse=d < 0)
 
 
-# Tolerances that scale the gap |y - z| when steps are fixed (no rtol/atol given): the solve's
-# default tolerances, so that a fixed-step solve keeps the two states as close as an adaptive
-# solve at the defaults would.
-_FIXED_RTOL, _FIXED_ATOL = 1e-6, 1e-8
-# Rounding alone moves y and z apart by up to a few hundred ulps over long solves (measured in
+# Adaptive solves restart when the gap |y - z| exceeds restart_gap tolerances (the solve's
+# rtol/atol: the user's accuracy request); fixed-step solves have no tolerance and use the
+# growth test (GapGrowth) instead. Rounding alone moves y and z apart by up to a few hundred ulps over long solves (measured in
 # float32: 3e-4 relative at 1,000 steps of an MLP field), which must not cause restarts: the gap
 # tolerances are floored at 1000 ulps (relative) and 10 ulps (absolute); in float64 the floor
 # is 2.2e-13, below any tolerance in use.
 _ULPS_REL, _ULPS_ABS = 1000.0, 10.0
 
 
-def gap_tolerances(prob, adaptive: bool, dtype: torch.dtype):
-    """``(rtol, atol)`` that scale the gap: the solve's (fixed steps: 1e-6, 1e-8), floored
-    by the rounding level of ``dtype``."""
-    rtol, atol = (prob.rtol, prob.atol) if adaptive else (_FIXED_RTOL, _FIXED_ATOL)
+def gap_tolerances(prob, dtype: torch.dtype):
+    """``(rtol, atol)`` that scale the gap of an adaptive solve: the solve's, floored by the
+    rounding level of ``dtype``."""
+    rtol, atol = prob.rtol, prob.atol
     eps = torch.finfo(dtype).eps
     lo_r, lo_a = _ULPS_REL * eps, _ULPS_ABS * eps
     if isinstance(rtol, torch.Tensor):
@@ -152,16 +165,63 @@ def gap_norm(y, z, rtol, atol, work=None) -> float:
     return float(torch.sub(y, z, out=b).abs_().div_(scale).max())
 
 
+# The growth test's baseline is floored at this many ulps of the dtype (relative to the state):
+# rounding alone moves y - z by about one ulp per step (measured on MLP fields in float32 and
+# float64), which must not count as growth; a lower floor protects small components further.
+_GROWTH_FLOOR_ULPS = 10.0
+
+
+class GapGrowth:
+    """The restart test of fixed-step solves: restart when the parasitic mode grows.
+
+    ``q = max|y - z| / max|y|`` (relative, max norms; scale-free) is measured after every step.
+    Its value one step after a (re)start, ``s`` (floored at 10 ulps), is the defect of one
+    step and its inverse, the size of the local errors that feed the gap. While the parasitic
+    mode is damped (or neutral) each step adds about one such defect to ``q``; when it is
+    excited (a decaying mode with ``|h mu|`` above about ``1 - lam``) ``q`` grows geometrically,
+    by about ``(lam / R(h mu)**2 - 1) q`` per step, and perturbs the solution by about
+    ``|R - lam| / R`` times ``q`` per step: the one-step growth of ``q`` estimates (from above)
+    that perturbation. :meth:`restart` says when the growth exceeds ``factor * s``: when the
+    gap's effect on the solution exceeds ``factor`` local errors, whatever the scale of the
+    state or the step.
+    """
+
+    def __init__(self, factor: float, dtype: torch.dtype):
+        self.factor = factor
+        self.floor = _GROWTH_FLOOR_ULPS * torch.finfo(dtype).eps
+        self.prev, self.base = 0.0, None
+
+    def restart(self, y, z, work) -> bool:
+        a, b = work
+        if y.is_complex():
+            d, m = (y - z).abs().max(), y.abs().max()
+        else:
+            d = torch.sub(y, z, out=a).abs_().max()
+            m = torch.abs(y, out=b).max()
+        d, m = torch.stack((d, m)).tolist()  # one host read
+        q = d / m if m > 0 else (0.0 if d == 0 else math.inf)
+        if self.base is None:
+            self.base, self.prev = max(q, self.floor), q
+            return False
+        grown, self.prev = q - self.prev, q
+        if grown > self.factor * self.base:
+            self.prev, self.base = 0.0, None
+            return True
+        return False
+
+
 def integrate_reversible(
     run: Run, lam: float, y0flat, *, restart_gap=None, keep_states: bool = False
 ):
     """The reversible solve from ``prob.t0`` to ``prob.t_end`` (with a graph if grad mode is on).
 
-    Returns ``(LoopResult, records, z_final, states, restarts)``: ``records`` holds per accepted
-    step ``(t, t_new, t_first, t_last, out_lo, out_hi)``; ``states`` the pairs ``(y_n, z_n)`` at
-    every step start when ``keep_states`` (for measuring the reconstruction), else None;
-    ``restarts`` maps the index of each accepted step after which ``z`` was reset to ``y`` (the
-    gap exceeded ``restart_gap``) to the pair ``(y, z)`` just before the reset.
+    Returns ``(LoopResult, records, z_final, states, restarts, anchors)``: ``records`` holds per
+    accepted step ``(t, t_new, t_first, t_last, out_lo, out_hi)``; ``states`` the pairs
+    ``(y_n, z_n)`` at every step start when ``keep_states`` (for measuring the reconstruction),
+    else None; ``restarts`` maps the index of each accepted step after which ``z`` was reset to
+    ``y`` (the gap exceeded ``restart_gap``) to the pair ``(y, z)`` just before the reset;
+    ``anchors`` maps the index of every :func:`anchor_interval`-th step since the last stored
+    pair to the pair ``(y, z)`` after it (the backward pass restarts its reconstruction there).
     """
     prob = run.prob
     ctrl = prob.controller
@@ -203,11 +263,15 @@ def integrate_reversible(
         h = ctrl.dt if constant else math.inf
     k_grid, li = 1, 0
     records, states = [], [] if keep_states else None
-    restarts = {}
-    g_rtol, g_atol = gap_tolerances(prob, adaptive, y0flat.dtype)
-    gap_work = None
+    restarts, anchors = {}, {}
+    anchor_every, since_stored = anchor_interval(lam), 0
+    gap_work = growth = None
     if restart_gap is not None:  # measured without a graph (the restart decision is discrete)
         gap_work = (torch.empty_like(y0flat), torch.empty_like(y0flat))
+        if adaptive:
+            g_rtol, g_atol = gap_tolerances(prob, y0flat.dtype)
+        else:
+            growth = GapGrowth(restart_gap, y0flat.dtype)
     attempts = n_acc = n_rej = 0
     last_nonfinite = False
     status, message = "success", ""
@@ -285,13 +349,21 @@ def integrate_reversible(
         records.append((t, t_new, t_first, t_last, lo, p))
         if restart_gap is not None:
             with torch.no_grad():
-                gap = gap_norm(y_new, z, g_rtol, g_atol, gap_work)
-            if gap > restart_gap:
+                if growth is not None:
+                    restart = growth.restart(y_new, z, gap_work)
+                else:
+                    restart = gap_norm(y_new, z, g_rtol, g_atol, gap_work) > restart_gap
+            if restart:
                 # The parasitic mode y - z has grown: keep the pair for the backward pass and
                 # restart the second state from the solution (z = y is differentiable: the
                 # backward pass adds z's cotangent to y's there).
                 restarts[len(records) - 1] = (y_new, z)
                 z = y_new
+                since_stored = -1
+        since_stored += 1
+        if anchor_every is not None and since_stored >= anchor_every:
+            anchors[len(records) - 1] = (y_new, z)
+            since_stored = 0
         if adaptive:
             h_next = abs(t_new - t) * ctrl.factor(e, prev_err, k_order)
             h = max(h_abs, h_next) if clipped else h_next
@@ -348,4 +420,5 @@ def integrate_reversible(
             RuntimeWarning,
             stacklevel=5,
         )
-    return res, records, z, states, restarts
+    run.stats["reversible_anchors"] = len(anchors)
+    return res, records, z, states, restarts, anchors

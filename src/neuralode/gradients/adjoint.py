@@ -111,6 +111,11 @@ class Backsolve:
     Gradients of gradients (``create_graph=True``) are not supported and raise a RuntimeError;
     use :class:`Checkpointed` or :class:`Direct` for those.
 
+    func must be deterministic: the backward pass evaluates it again (backwards in time, along the adjoint equations), so a
+    random func (``nn.Dropout`` in training mode, noise drawn inside func) gives the gradient
+    of different draws than the forward pass used, silently. Draw the randomness outside func
+    (a fixed mask or noise tensor per solve), or use :class:`~neuralode.Direct`.
+
     References
     ----------
     Chen, Rubanova, Bettencourt, Duvenaud, "Neural Ordinary Differential Equations", NeurIPS 2018

@@ -27,6 +27,11 @@ class Checkpointed:
     with a graph in the backward pass (then memory is that of :class:`Direct`); not under
     ``batch_control="per_sample"``, where they raise RuntimeError (use :class:`Direct` there).
 
+    func must be deterministic: the backward pass evaluates it again (to replay every step with a graph), so a
+    random func (``nn.Dropout`` in training mode, noise drawn inside func) gives the gradient
+    of different draws than the forward pass used, silently. Draw the randomness outside func
+    (a fixed mask or noise tensor per solve), or use :class:`~neuralode.Direct`.
+
     Parameters
     ----------
     max_checkpoints : int, optional
@@ -136,7 +141,11 @@ class _CheckpointFn(torch.autograd.Function):
                 if vals is not None:
                     outs.append(vals)
                     gs.append(g_sorted[rec.out_lo : rec.out_hi])
-                grads = torch.autograd.grad(outs, [yk, *params], gs, allow_unused=True)
+                # retain_graph: params computed outside func (w = 2 * a, params=[a]) share the
+                # user's subgraph w <- a, traversed by every step; the step's graph goes with outs.
+                grads = torch.autograd.grad(
+                    outs, [yk, *params], gs, allow_unused=True, retain_graph=True
+                )
                 a = grads[0] if grads[0] is not None else torch.zeros_like(a)
                 for q, gq in enumerate(grads[1:]):
                     if gq is not None:

@@ -4,6 +4,8 @@ memory that does not grow with the number of steps (McCallum & Foster 2024)."""
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +36,7 @@ class Reversible:
         y_n = (y_{n+1} - (1 - lam) * z_n - Psi(t_n, z_n, h)) / lam
 
     The forward pass keeps no graph and stores only the step times and the final pair (plus the
-    pairs at restarts, below). The backward pass walks the steps in reverse: it reconstructs
+    pairs at restarts and anchors, below). The backward pass walks the steps in reverse: it reconstructs
     ``(y_n, z_n)`` from ``(y_{n+1}, z_{n+1})`` with the inverse above, and backpropagates through
     that step with the vector field's vector-Jacobian products (``torch.autograd.grad`` on each of
     the two increments of the step, evaluated once with a graph; their values also serve the
@@ -42,23 +44,56 @@ class Reversible:
     autograd through it, to rounding), autograd memory is one step's graph whatever the number
     of steps, and the backward pass costs about twice the forward.
 
+    **Anchors.** The inverse divides by ``lam``: an error in the reconstructed states (rounding)
+    grows by about ``1 / lam`` per step walked back in a slowly varying mode. So the forward pass
+    also stores the pair every ``K = floor(log(1e4) / -log(lam))`` steps since the last stored
+    one (``lam**-K <= 1e4``: every 9,205 steps at the default, 87 at 0.9, 13 at 0.5), and the
+    backward pass restarts its reconstruction from it: memory is ``O(n log(1 / lam))`` states
+    for ``n`` steps, none below 9,205 steps at the default (``stats["reversible_anchors"]``
+    counts them). The backward pass also compares its reconstruction, for free, with every
+    stored pair and with ``y0``: ``stats["reversible_reconstruction_error"]`` is the largest
+    relative (max-norm) difference, and above ``sqrt(eps)`` of the dtype (1.5e-8 in float64)
+    a RuntimeWarning says that the gradient is inaccurate (decaying modes amplify by about
+    ``lam / R(h mu)**2`` per step, which anchors do not bound; restarts do).
+
     **Restarts.** Linearised, a decaying mode of f with ``|h mu|`` above about ``1 - lam`` makes
     the parasitic mode ``y - z`` grow (see ``coupling``), and without a remedy the solution goes
     wrong on dissipative problems with the default coupling (DETEST C1: error 3e6; B1: 12; E2:
     step collapse; ``y' = -50 y`` over [0, 10] grows to 1e210). So after every accepted step the
-    gap ``max_i |y_i - z_i| / (atol_i + rtol_i * max(|y_i|, |z_i|))`` is measured with the solve's
-    tolerances (1e-6 and 1e-8 for fixed steps; floored at 1000 and 10 ulps of the dtype, so that
-    rounding alone never counts); above ``restart_gap`` the pair is stored and ``z`` restarts from
-    ``y`` (``z_{n+1} := y_{n+1}``, which makes the next step the plain method's). The backward
-    pass takes the stored pair when it reaches that step, so the scheme stays exactly invertible
-    and the gradient exact (``z := y`` is differentiated like any assignment), reconstruction
-    errors do not carry across a restart, and memory grows by two states per restart only:
-    ``stats["reversible_restarts"]`` counts them. Neural-ODE-like solves do not restart (MLP
-    fields on [0, 1], float32 and float64, 10 to 10,000 fixed steps or dopri5 at rtol 1e-3 to
-    1e-7); long solves restart now and then as local errors accumulate in the gap, and
-    contracting ones where their decay requires (dopri5 at rtol 1e-6 on [0, 20]: A3 1 restart
-    in 79 steps, E3 7 in 167, the orbits D1 and D3 12 in 100 and 128, C1 6 in 66, B1 5 in 148,
-    E2 9 in 180; ``y' = -50 y`` over [0, 10]: about a third of the steps).
+    gap between the two states is tested, and when it calls for it the pair is stored and ``z``
+    restarts from ``y`` (``z_{n+1} := y_{n+1}``, which makes the next step the plain method's).
+    The backward pass takes the stored pair when it reaches that step, so the scheme stays
+    exactly invertible and the gradient exact (``z := y`` is differentiated like any
+    assignment), reconstruction errors do not carry across a restart, and memory grows by two
+    states per restart only: ``stats["reversible_restarts"]`` counts them. The test:
+
+    - *fixed steps* test the growth of the gap, which is what harms: ``q = max|y - z| / max|y|``
+      (relative, so the same at every scale of the state) is about the local error one step
+      after a (re)start (its value there, floored at 10 ulps of the dtype, is the baseline);
+      while the parasitic mode is bounded each step adds about one baseline to ``q``, and when
+      it is excited ``q`` grows geometrically and perturbs the solution by about its one-step
+      growth. A step in which ``q`` grows by more than ``restart_gap`` baselines restarts.
+      Measured: MLP fields (8-32-8 tanh, weights at 1x and 3x the default initialisation,
+      batch 16, float32 and float64) on [0, 1] with euler or rk4 at 10, 100 and 1,000 steps
+      never restart (the growth stays below 2 baselines; the gap itself can be large at coarse
+      steps: 0.3 relative at 10 euler steps with 3x weights, where the reversible solution's
+      error is 4x the plain method's); ``y' = -50 y`` with rk4 at ``dt = 0.005`` restarts
+      every 6 steps and its error is 1.75x plain rk4's at every scale (``y0`` from 1e-9 to 1e9;
+      the test is scale-free, so tiny states decay like large ones). Components much smaller
+      than the largest one are protected only down to about the largest one's local error
+      (the max norm) or the baseline's floor: with ``y' = diag(-50, -0.5) y`` from ones, rk4
+      at ``dt = 0.005``, the fast component bottoms out near 1e-14 in float64 and 1e-7 in
+      float32 instead of decaying to 1e-87.
+    - *adaptive steps* (a tolerance was asked for): the gap
+      ``max_i |y_i - z_i| / (atol_i + rtol_i * max(|y_i|, |z_i|))`` with the solve's tolerances
+      (floored at 1000 and 10 ulps of the dtype, so that rounding alone never counts) above
+      ``restart_gap`` restarts. Neural-ODE-like solves rarely restart (8-32-8 MLP fields on
+      [0, 1], float32 and float64, dopri5 at rtol 1e-3 to 1e-9: none at the default weights,
+      one at 2x weights; on [0, 10] 0-2 and 1-8); long solves restart now and then as
+      local errors accumulate in the gap, and contracting ones where their decay requires
+      (dopri5 at rtol 1e-6 on [0, 20]: A3 1 restart in 79 steps, E3 7 in 167, the orbits D1 and
+      D3 12 in 100 and 128, C1 6 in 66, B1 5 in 148, E2 9 in 180). Below ``atol`` the state is
+      not protected, as in the plain method's error control.
 
     **The solution is the reversible scheme's**, not the plain method's at the same steps: the
     two differ by the method's local errors, and the reversible solution converges at the order
@@ -100,21 +135,26 @@ class Reversible:
         local errors are amplified by roughly ``exp(a T)`` over a solve of length ``T`` with a
         mode decaying like ``exp(-a t)`` once ``a h > 1 - lam``. Measured on ``y' = -50 y`` over
         [0, 10] with rk4 and ``dt = 0.005`` (``tests/test_reversible.py``): without restarts the
-        default overflows; ``lam = R(h mu)**2 = 0.6065`` solves and reconstructs the states to
-        about 1e-9, and 1 % away from it the solution is wrong; with restarts (the default) the
-        default coupling is as accurate as plain rk4 (49 restarts in 2,000 steps).
+        default overflows; ``lam = R(h mu)**2 = 0.6065`` solves it and reconstructs the states
+        to about 1e-9 (the single mode's amplification is 1 per step), and 1 % away from it the
+        solution is wrong. A second, slow mode (``mu = -0.5``) is reconstructed with a growth of
+        ``1 / lam = 1.65`` per step: without anchors its gradient was NaN after 2,000 steps;
+        with them (every 18 steps at 0.6065) it is exact to 1e-9
+        (``tests/test_reversible_anchors.py``). With restarts (the default) the default
+        coupling's error is 1.75x plain rk4's (333 restarts in 2,000 steps).
     params : sequence of Tensor, optional
         Tensors to differentiate besides ``y0``. Default: the parameters of ``func`` when it is
         an ``nn.Module``.
     restart_gap : float or None, default 10.0
-        Restart ``z`` from ``y`` after an accepted step whose gap (above; in units of the
-        tolerance) exceeds this. The gap's effect on the solution per step is about
-        ``|lam - R(h mu)|`` times the gap, small against the local error for non-stiff steps
-        while the gap is a few tolerances, so 10 keeps neural-ODE-like solves free of restarts and
-        contracting ones accurate. Smaller: more restarts (memory) and a solution closer to the
-        plain method's; larger: fewer restarts, larger errors on contracting problems; None: no
-        restarts (constant memory whatever the problem; wrong on dissipative ones at the default
-        coupling).
+        When to restart ``z`` from ``y`` (above). Fixed steps: after a step in which the
+        relative gap grew by more than ``restart_gap`` times its value one step after the last
+        restart (about one local error); the gap's effect on the solution per step is about
+        that growth, so 10 keeps it to about 10 local errors on contracting problems while
+        bounded gaps (neural-ODE-like solves) never restart. Adaptive steps: after a step whose
+        gap, in units of the tolerance, exceeds ``restart_gap``. Smaller: more restarts
+        (memory) and a solution closer to the plain method's; larger: fewer restarts, larger
+        errors on contracting problems; None: no restarts (memory flat whatever the problem;
+        wrong on dissipative ones at the default coupling).
 
     Raises
     ------
@@ -131,6 +171,11 @@ class Reversible:
     Gradients with respect to ``t`` use the continuous derivatives, as for the other methods;
     event times are differentiated by the implicit function theorem at the event, as with
     :class:`~neuralode.Direct` and :class:`~neuralode.Checkpointed`.
+
+    func must be deterministic: the backward pass evaluates it again (to reconstruct the states and differentiate each step), so a
+    random func (``nn.Dropout`` in training mode, noise drawn inside func) gives the gradient
+    of different draws than the forward pass used, silently. Draw the randomness outside func
+    (a fixed mask or noise tensor per solve), or use :class:`~neuralode.Direct`.
 
     References
     ----------
@@ -151,8 +196,13 @@ class Reversible:
 
     def __post_init__(self):
         lam = self.coupling
-        if isinstance(lam, torch.Tensor) and lam.numel() == 1:
-            lam = float(lam)
+        if isinstance(lam, torch.Tensor):
+            # Not differentiable (a setting of the scheme, not a parameter): refuse rather than
+            # silently detach a tensor that may require grad.
+            raise ValueError(
+                f"Reversible(coupling=...) must be a Python number in (0, 1], got a tensor "
+                f"({lam!r}); pass float(coupling)"
+            )
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam <= 1:
             raise ValueError(
                 f"Reversible(coupling=...) must be a number in (0, 1], got {self.coupling!r}; "
@@ -195,14 +245,15 @@ class _ReversibleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Run, cfg: Reversible, y0flat, *params):
         with torch.no_grad():
-            res, records, z, _, restarts = integrate_reversible(
+            res, records, z, _, restarts, anchors = integrate_reversible(
                 run, cfg.coupling, y0flat.detach(), restart_gap=cfg.restart_gap
             )
         ctx.run, ctx.cfg, ctx.records = run, cfg, records
-        ctx.n_params, ctx.restart_at = len(params), list(restarts)
-        # Saved for backward: the final pair, the pairs at restarts (and the inputs, to replay
-        # for double backward).
-        pairs = [x for pair in restarts.values() for x in pair]
+        ctx.n_params = len(params)
+        ctx.stored_at = [(k, True) for k in restarts] + [(k, False) for k in anchors]
+        # Saved for backward: the final pair, the pairs at restarts and anchors (and the
+        # inputs, to replay for double backward).
+        pairs = [x for d in (restarts, anchors) for pair in d.values() for x in pair]
         ctx.save_for_backward(res.y_final, z, y0flat, *params, *pairs)
         return res.ys
 
@@ -211,11 +262,14 @@ class _ReversibleFn(torch.autograd.Function):
         run, lam = ctx.run, ctx.cfg.coupling
         y, z, y0flat, *rest = ctx.saved_tensors
         params, pairs = rest[: ctx.n_params], rest[ctx.n_params :]
-        restarts = {k: (pairs[2 * i], pairs[2 * i + 1]) for i, k in enumerate(ctx.restart_at)}
+        # step index -> (y, z, whether z was reset to y after that step)
+        stored = {
+            k: (pairs[2 * i], pairs[2 * i + 1], reset) for i, (k, reset) in enumerate(ctx.stored_at)
+        }
         if torch.is_grad_enabled():
             # create_graph=True: replay the whole reversible solve with a graph.
             y0g = y0flat if y0flat.requires_grad else y0flat.detach().requires_grad_()
-            res, _, _, _, _ = integrate_reversible(run, lam, y0g, restart_gap=ctx.cfg.restart_gap)
+            res = integrate_reversible(run, lam, y0g, restart_gap=ctx.cfg.restart_gap)[0]
             grads = torch.autograd.grad(
                 res.ys, [y0g, *params], g_ys, create_graph=True, allow_unused=True
             )
@@ -258,17 +312,30 @@ class _ReversibleFn(torch.autograd.Function):
         # y_{n+1} = lam y_n + (1 - lam) z_n + F(z_n) sends lam a_y to y_n and
         # (1 - lam) a_y + J_F^T a_y to z_n. Each increment is evaluated once, with a graph; its
         # value also serves the reconstruction.
+        # The reconstruction is checked, for free, wherever the exact pair is known: at every
+        # stored pair and at y0 (relative max-norm error of y and z).
+        worst = y.new_zeros((), dtype=y.real.dtype)
+
+        def check(y_rec, z_rec, y_true, z_true):
+            scale = y_true.abs().max().clamp_min(torch.finfo(worst.dtype).tiny)
+            err = torch.maximum((y_rec - y_true).abs().max(), (z_rec - z_true).abs().max())
+            return torch.maximum(worst, (err / scale).nan_to_num(nan=math.inf))
+
         for k in range(len(ctx.records) - 1, -1, -1):
             t, t_new, t_first, t_last, lo, hi = ctx.records[k]
-            pair = restarts.get(k)
-            if pair is not None:  # z was reset to y after this step: restore the stored pair
-                ay, az = ay.add_(az), torch.zeros_like(az)
-                y, z = pair
+            pair = stored.get(k)
+            if pair is not None:  # restore the stored pair (the reconstruction restarts there)
+                y_k, z_k, reset = pair
+                # After a reset, the step's z is y; the pair before the reset is stored.
+                worst = check(y, z, y_k, y_k if reset else z_k)
+                if reset:  # z = y is differentiated like any assignment
+                    ay, az = ay.add_(az), torch.zeros_like(az)
+                y, z = y_k, z_k
             ay = add_outputs(ay, lo, hi)
             with torch.enable_grad():
                 y1 = y.detach().requires_grad_()
                 G = inc(t_new, t - t_new, t_last, t_first, y1)[0]
-            gy, *gG = torch.autograd.grad(G, [y1, *params], az, allow_unused=True)
+            gy, *gG = _vjp(G, [y1, *params], az)
             accumulate(gG, -1.0)
             if gy is not None:
                 ay = ay.sub_(gy)
@@ -276,7 +343,7 @@ class _ReversibleFn(torch.autograd.Function):
             with torch.enable_grad():
                 z0 = z_prev.detach().requires_grad_()
                 F = inc(t, t_new - t, t_first, t_last, z0)[0]
-            gz, *gF = torch.autograd.grad(F, [z0, *params], ay, allow_unused=True)
+            gz, *gF = _vjp(F, [z0, *params], ay)
             accumulate(gF, 1.0)
             y = sch.unmix(y, z_prev, F.detach())
             z = z_prev
@@ -287,7 +354,39 @@ class _ReversibleFn(torch.autograd.Function):
         n0 = ctx.records[0][4] if ctx.records else len(prob.out_t)
         a = add_outputs(ay + az, 0, n0)  # y_0 = z_0 = y0
         run.stats["nfe_backward"] = f.nfe
+        if ctx.records:
+            worst = float(check(y, z, y0flat, y0flat))
+            run.stats["reversible_reconstruction_error"] = worst
+            _warn_reconstruction(worst, y0flat.dtype, lam)
         return (None, None, a, *gp)
+
+
+def _warn_reconstruction(err: float, dtype: torch.dtype, lam: float) -> None:
+    """Warn when the backward pass reconstructed the states worse than sqrt(eps) (relative):
+    then the gradient has lost at least half its digits."""
+    tol = math.sqrt(torch.finfo(dtype).eps)
+    if not err <= tol:  # NaN included
+        warnings.warn(
+            f"the backward pass of gradient=Reversible(coupling={lam}) reconstructed the states "
+            f"with a relative error of {err:.2g} (more than sqrt(eps) = {tol:.1g}): the "
+            "gradient is inaccurate. The inverse step amplifies rounding by about "
+            "coupling / R(h mu)**2 per step for a mode decaying like exp(mu t); use a coupling "
+            "closer to 1, keep restarts on (restart_gap=10.0, the default), take smaller steps, "
+            "or use gradient='checkpoint'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _vjp(out, inputs, cot):
+    """``cot^T d out / d inputs`` (None where unused); all None when ``out`` has no graph (a
+    vector field that depends on neither the state nor the parameters). The graph is retained:
+    a parameter computed outside func (``w = 2 * a`` with ``params=[a]``) is reached through the
+    user's own subgraph, which every step's VJP traverses; the step's own graph is freed anyway
+    when ``out`` is dropped."""
+    if not out.requires_grad:
+        return [None] * len(inputs)
+    return torch.autograd.grad(out, inputs, cot, allow_unused=True, retain_graph=True)
 
 
 def reconstruction_error(
@@ -315,14 +414,14 @@ class _Probe(Reversible):
     def run(self, run: Run, y0flat: torch.Tensor):
         lam = self.coupling
         with torch.no_grad():
-            res, records, z, states, restarts = integrate_reversible(
+            res, records, z, states, restarts, anchors = integrate_reversible(
                 run, lam, y0flat, restart_gap=self.restart_gap, keep_states=True
             )
             y = res.y_final
             sch = run.extra["reversible_scheme"]
             worst = 0.0
             for k in range(len(records) - 1, -1, -1):
-                y, z = restarts.get(k, (y, z))
+                y, z = restarts.get(k, anchors.get(k, (y, z)))
                 ys, zs = states[k]
                 y, z = sch.invert(records[k][:4], y, z)
                 scale = max(float(ys.abs().max()), float(zs.abs().max()))
