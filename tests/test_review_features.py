@@ -130,6 +130,21 @@ def test_compile_with_integral_and_gradients():
     torch.testing.assert_close(out[1][0], want, rtol=1e-6, atol=1e-9)
     for eager, compiled in zip(out[0], out[1]):
         torch.testing.assert_close(compiled, eager, rtol=1e-9, atol=1e-12)
+    # Solving again (the same field, a new lambda for g, as in a training loop) reuses the
+    # compiled code: the augmented field was a new module at every solve, so every call
+    # compiled again.
+    from neuralode import _compiled
+
+    entries = None
+    for _ in range(3):
+        sol = neuralode.solve(m, y0, t, compile=True, integral=lambda t, y: y.square().sum(),
+                              rtol=1e-8, atol=1e-8)  # fmt: skip
+        assert sol.stats["compiled"]
+        torch.testing.assert_close(sol.integral.detach(), out[1][0], rtol=1e-12, atol=0)
+        if entries is None:  # the first solve of this loop compiles (a lambda of its own code)
+            entries = dict(_compiled._compiled)
+    assert _compiled._compiled.keys() == entries.keys()
+    assert all(_compiled._compiled[k] is v for k, v in entries.items())
 
 
 @pytest.mark.parametrize("t0, t1", [(0.0, 1.0), (1.0, 0.0), (0.5, -1.5)])

@@ -11,6 +11,7 @@ result back into the state and the integral.
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Mapping
 
 import torch
@@ -214,7 +215,10 @@ def solve_with_integral(solve_fn, func, y0, t, g, in_error_norm: bool, kwargs: d
             f"batch), got {tuple(q_val.shape)}"
         )
     q0 = torch.zeros(q_val.shape, dtype=ref.dtype, device=ref.device)
-    aug = _Augmented(func, g, kind, keys, q0.shape, per_sample)
+    if kwargs.get("compile"):
+        aug = _compiled_augmented(func, g, kind, keys, q0.shape, per_sample)
+    else:
+        aug = _Augmented(func, g, kind, keys, q0.shape, per_sample)
     kw = dict(kwargs)
     if kw.get("dt") is None:
         ctrl = kw.get("controller")
@@ -252,6 +256,43 @@ def solve_with_integral(solve_fn, func, y0, t, g, in_error_norm: bool, kwargs: d
         _dense=dense,
         _dense_integral=dense_q,
     )
+
+
+#: compile=True: the augmented fields of recent (func, g) pairs, most recent last. Compiled code
+#: is cached per vector-field object, so a new wrapper at every solve would compile again each
+#: time; reusing the wrapper keeps func and g alive while they are among the last few pairs.
+_COMPILED_AUGMENTED: list = []
+_COMPILED_AUGMENTED_MAX = 8
+
+
+def _identity(c) -> tuple:
+    """What identifies a callable: a bound method by its object and function (``m.forward`` is
+    a new object at every attribute access); a plain function by its code, globals, captured
+    objects and defaults (a lambda written in a training loop is a new object at every
+    iteration, with the same behaviour); anything else by itself."""
+    if isinstance(c, types.MethodType):
+        return ("method", c.__self__, c.__func__)
+    if isinstance(c, types.FunctionType) and not c.__kwdefaults__:
+        try:
+            captured = tuple(cell.cell_contents for cell in c.__closure__ or ())
+        except ValueError:  # an empty cell
+            return ("object", c)
+        return ("function", c.__code__, c.__globals__, *captured, "defaults",
+                *(c.__defaults__ or ()))  # fmt: skip
+    return ("object", c)
+
+
+def _compiled_augmented(func, g, kind, keys, q_tail, per_sample) -> _Augmented:
+    parts = (*_identity(func), "g", *_identity(g))
+    layout = (kind, keys, tuple(q_tail), per_sample)
+    for i, (p, lay, aug) in enumerate(_COMPILED_AUGMENTED):
+        if lay == layout and len(p) == len(parts) and all(a is b for a, b in zip(p, parts)):
+            _COMPILED_AUGMENTED.append(_COMPILED_AUGMENTED.pop(i))
+            return aug
+    aug = _Augmented(func, g, kind, keys, q_tail, per_sample)
+    _COMPILED_AUGMENTED.append((parts, layout, aug))
+    del _COMPILED_AUGMENTED[:-_COMPILED_AUGMENTED_MAX]
+    return aug
 
 
 def _detach(y0, kind, keys, comps):
