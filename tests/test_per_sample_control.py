@@ -354,3 +354,23 @@ def test_dense_output_outside_a_samples_interval_raises_naming_the_sample():
     no_dense = solve(lambda t, y: -y, Y0, t, dense_output=False)
     with pytest.raises(ValueError, match="has no dense output"):
         no_dense.evaluate(torch.tensor([0.5], dtype=F64))
+
+
+def test_fixed_steps_that_become_non_finite_fail_that_sample():
+    # y' = y^2 blows up at t = 1 / y0 for y0 > 0: with fixed rk4 steps sample 2 (y0 = 30)
+    # overflows within three steps. Fixed steps make no error test, so this returned NaN with
+    # status "success"; now the sample fails at its first non-finite step, as the shared driver
+    # fails the solve.
+    y0 = torch.tensor([[-0.5], [-0.5], [30.0], [-0.25]], dtype=torch.float64)
+    t = torch.linspace(0.0, 2.5, 6, dtype=torch.float64)
+    kw = dict(solver="rk4", dt=0.1, batch_control="per_sample")
+    with pytest.raises(neuralode.NonFiniteError, match=r"the state of sample 2 became non-finite"):
+        neuralode.solve(lambda t, y: y * y, y0, t, **kw)
+    sol = neuralode.solve(lambda t, y: y * y, y0, t, throw=False, **kw)
+    assert sol.status == "nonfinite"
+    assert sol.stats["failed_samples"] == [2]
+    assert bool(torch.isfinite(sol.t_final).all()) and float(sol.t_final[2]) < 0.5
+    torch.testing.assert_close(sol.t_final[[0, 1, 3]], torch.full((3,), 2.5, dtype=torch.float64))
+    assert bool(torch.isnan(sol.ys[1:, 2]).all())  # outputs after the failure
+    exact = y0[[0, 1, 3]].T / (1 - y0[[0, 1, 3]].T * t[:, None])  # y0 / (1 - y0 t)
+    torch.testing.assert_close(sol.ys[:, [0, 1, 3], 0], exact, rtol=1e-6, atol=0)

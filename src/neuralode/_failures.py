@@ -55,8 +55,9 @@ def step_failure(
             "of a negative number, an overflow in float32)"
         )
     if cause == "nonfinite_fixed":
+        who = "the state" if sample is None else f"the state of sample {sample}"
         return NonFiniteError, (
-            f"the state became non-finite (NaN/inf) during a fixed-step solve that ended at "
+            f"{who} became non-finite (NaN/inf) during a fixed-step solve that ended at "
             f"t={t:.17g} after {attempts} steps of size {h:.3g}{tag}; use a smaller step, an "
             "adaptive method, or check func for singularities"
         )

@@ -145,8 +145,11 @@ def _stuck(ctrl, w: _Rows) -> torch.Tensor:
     return ~w.done & (ctrl.underflows(w.h, w.t) | bad)
 
 
-def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict, used=None) -> None:
-    """Raise for the failing sample of lowest index, or (throw=False) stop the failing samples."""
+def _handle_failures(
+    w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict, used=None, nonfin=None
+) -> None:
+    """Raise for the failing sample of lowest index, or (throw=False) stop the failing samples.
+    ``nonfin``: rows whose fixed step came out non-finite (None with adaptive steps)."""
     rows = fail.nonzero().squeeze(1).tolist()
     rows.sort(key=lambda r: int(w.idx[r]))
     for r in rows:
@@ -154,7 +157,9 @@ def _handle_failures(w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict, 
         n_acc = int(w.nacc[r])
         if used is not None:  # accepted and rejected steps in earlier segments (events)
             n, n_acc = n + int(used[b].sum()), n_acc + int(used[b, 0])
-        if max_steps is not None and n >= max_steps:
+        if nonfin is not None and bool(nonfin[r]):
+            cause, n = "nonfinite_fixed", n - 1  # the failed step is not taken
+        elif max_steps is not None and n >= max_steps:
             cause = "max_steps"
         else:
             cause = "nonfinite_h" if not math.isfinite(h) else "underflow"
@@ -279,7 +284,9 @@ def integrate_per_sample(
         else:  # fixed steps: every step is accepted
             e = torch.zeros(w.t.shape, **f64)
         live = ~w.done
-        acc = (e <= 1.0) & live
+        # fixed steps make no error test: a row whose step came out non-finite fails there
+        nonfin = None if ctrl.adaptive else live & ~torch.isfinite(y_new).all(1)
+        acc = (e <= 1.0) & live if nonfin is None else live & ~nonfin
         w.att += live
         w.nacc += acc
         h_next, prev = ctrl.adapt(h_step.abs(), w.h, e, w.prev, k, acc, clipped)
@@ -301,7 +308,7 @@ def integrate_per_sample(
             if stop is not None:
                 w.done, w.t_end = w.done | stop, torch.where(stop, w.t, w.t_end)
         jumped = acc & jump
-        fail = _stuck(ctrl, w)
+        fail = _stuck(ctrl, w) if nonfin is None else _stuck(ctrl, w) | nonfin
         cnt = torch.searchsorted(w.stau, (w.sdir * w.t).unsqueeze(1), right=True).squeeze(1)
         n_out, n_done, n_fail, n_acc, n_jump = torch.stack(
             [(cnt - w.nxt).sum(), w.done.sum(), fail.sum(), acc.sum(), jumped.sum()]
@@ -343,7 +350,7 @@ def integrate_per_sample(
                     state["replay"][q][7] = None  # its state is recomputed in the backward pass
                 state["kept"] = kept[::2]
         if n_fail:
-            _handle_failures(w, fail, ctrl, max_steps, throw, state, used)
+            _handle_failures(w, fail, ctrl, max_steps, throw, state, used, nonfin)
             n_done = int(w.done.sum())
         n_stale = 0 if stepper.fsal else int(w.stale.sum())
         # ---- compaction: drop finished rows once they are a noticeable share of the working set
