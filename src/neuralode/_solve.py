@@ -153,8 +153,10 @@ def solve(
         on the last of them), and with dopri8, whose continuous extension needs
         three more stages, steps land on every output time instead of interpolating. Methods
         without FSAL (dopri8, fehlberg2, adaptive_heun) also evaluate f at the end of rejected
-        attempts, so their NFE is a little higher than the eager engine's. A compiled version
-        serves one func, dtype, state shape, number of output times and landing times (another
+        attempts, so their NFE is a little higher than the eager engine's; with ``jump_t`` every
+        attempt evaluates f once more (f at the right limit past a jump, computed in every
+        step and used where one was crossed). A compiled version serves one func object (pass
+        the same one at every solve: a new function or module object compiles again), dtype, state shape, number of output times and landing times (another
         number compiles again). ``stats`` holds what the eager driver's holds plus
         ``compiled``, which is False when the solve ran on the eager engine instead: when there
         was nothing to integrate (one output time), or when func no longer matches the code
@@ -235,6 +237,13 @@ def solve(
             )
         from ._compiled import check_compilable
 
+        if batch_control == "per_sample" and capable(grad_method, "compiled_forward"):
+            name = type(grad_method).__name__
+            raise ValueError(
+                f"compile=True with batch_control='per_sample' supports gradient='direct' only, "
+                f"got gradient={name}: {name} runs its forward compiled with "
+                f"batch_control='shared', or per sample on the eager engine (compile=False)"
+            )
         # Direct: autograd through the compiled chunks; Checkpointed and Backsolve (shared
         # control): the forward compiled, the backward (replay, adjoint solve) eager.
         ok = capable(grad_method, "exact_autograd") or (
