@@ -422,11 +422,11 @@ def integrate_compiled(
     keep_next = not tab.fsal and tab.dense_stage_is_next_first
     done = dict(p=p, t_first=t_first)
 
-    def on_report(report, rec, state, steps):
-        (t_now,), (h_now,), (att,), (acc,), (code,), (nf,), (busy,) = _split(report, 1, steps)[0]
+    def on_report(report, rec, state, n_call):
+        (t_now,), (h_now,), (att,), (acc,), (code,), (nf,), (busy,) = _split(report, 1, n_call)[0]
         if rec is not None:
-            t_o, t_n, ok = _split(report, 1, steps)[1]
-            for i in (i for i in range(steps) if ok[i]):
+            t_o, t_n, ok = _split(report, 1, n_call)[1]
+            for i in (i for i in range(n_call) if ok[i]):
                 lo = hi = done["p"]  # the outputs in (t, t_new]
                 while hi < n_out and d * (prob.out_t[hi] - t_n[i]) <= 0:
                     hi += 1
@@ -533,11 +533,11 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     records, failed, last = [], set(), {}
     ar = torch.arange(B, device=dev)
 
-    def on_report(report, rec, st_, steps):
-        (t_now, h_now, att, acc, code, nf, busy), rec_t = _split(report, B, steps)
+    def on_report(report, rec, st_, n_call):
+        (t_now, h_now, att, acc, code, nf, busy), rec_t = _split(report, B, n_call)
         if rec is not None:
             ok = rec_t[2]
-            for i in (i for i in range(steps) if any(ok[i * B : (i + 1) * B])):
+            for i in (i for i in range(n_call) if any(ok[i * B : (i + 1) * B])):
                 t_o, t_n = rec["t"][i], rec["t_new"][i]
                 records.append((ar, rec["acc"][i], t_o, t_n, t_n - t_o, rec["y"][i],
                                 rec["y_new"][i], rec["K"][i]))  # fmt: skip
