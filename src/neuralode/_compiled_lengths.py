@@ -15,13 +15,14 @@ nothing.
 from __future__ import annotations
 
 import threading
+import weakref
 
 __all__ = ["lengths", "pick", "expected", "remember", "note_run", "stale_sibling"]
 
 _MAX_REMEMBERED = 64
 _lock = threading.Lock()
 _attempts: dict = {}  # solve signature -> step attempts (of the busiest row) of its last solve
-_last_run: dict = {}  # (signature, inputs with a graph) -> (compiled entry last run, its Consts)
+_last_run: dict = {}  # (signature, inputs with a graph) -> (weakref to the entry last run, its C)
 
 
 def lengths(n_max: int) -> list[int]:
@@ -66,7 +67,7 @@ def remember(key, attempts: int) -> None:
 def note_run(key, entry, C) -> None:
     """Record that ``entry`` (a ``neuralode._compiled._Entry``) just ran with constants ``C``
     for the solve signature and graph inputs ``key``."""
-    _put(_last_run, key, (entry, C))
+    _put(_last_run, key, (weakref.ref(entry), C))
 
 
 def stale_sibling(key, entry, func, s: dict, k: dict) -> int | None:
@@ -75,9 +76,9 @@ def stale_sibling(key, entry, func, s: dict, k: dict) -> int | None:
     changed since), else None."""
     with _lock:
         last = _last_run.get(key)
-    if last is None or last[0] is entry or not last[0].compiled:
+    old, C_old = (None, None) if last is None else (last[0](), last[1])
+    if old is None or old is entry or not old.compiled:  # (None: dropped from the cache)
         return None
-    old, C_old = last
     return None if guards_pass(old.code, dict(f=func, C=C_old, s=s, k=k)) else C_old.steps
 
 
