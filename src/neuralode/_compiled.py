@@ -8,7 +8,10 @@ inlined), the error norm, the accept/reject decision, the step-size controller w
 landings, and the outputs at the output times the step passes -- is unrolled ``steps_per_call``
 times and compiled into one kernel sequence by ``torch.compile`` (Inductor, with its C++
 wrapper: no Python between the kernels). Nothing leaves the device inside a call; the host
-reads back the rows' times, step sizes, counters and status once per call.
+reads back the rows' times, step sizes, counters and status once per call. A solve repeated
+with the same func and shapes (a training loop) unrolls only as many steps per call as the
+previous one took (:mod:`neuralode._compiled_lengths`): finished rows' masked steps cost as much
+as real ones, in the forward and in the backward pass.
 
 The same chunk serves both kinds of control: shared (one row: one step size and error norm for
 the whole batch, a 1-D or a 2-D ``t``; :func:`integrate_compiled` in place of the host-float
@@ -47,6 +50,7 @@ import weakref
 
 import torch
 
+from . import _compiled_lengths as _lengths
 from ._compiled_step import STATUS_NONFINITE_H, STATUS_UNDERFLOW, Consts, chunk
 from ._failures import step_failure
 from ._loop import LoopResult, Problem, StepRecord, VectorField
@@ -63,9 +67,10 @@ __all__ = [
     "integrate_rows_compiled",
 ]
 
-#: Steps unrolled into one compiled call. More steps amortise the call (~40 us) further but
-#: lengthen the first compilation (about 4 s per step for dopri5 on 2 CPU cores, once per
-#: vector field, dtype and shape; later runs reuse torch.compile's on-disk cache).
+#: Steps unrolled into one compiled call at most (shorter calls, of powers of two, when a
+#: repeated solve needs fewer). More steps amortise the call (~40 us) further but lengthen the
+#: first compilation (about 4 s per step for dopri5 on 2 CPU cores, once per vector field,
+#: dtype and shape; later runs reuse torch.compile's on-disk cache).
 STEPS_PER_CALL = 8
 #: Output times one step may pass (a step that would pass more lands on the last of them).
 #: Each costs an interpolation per step: of the whole batch with shared control and a 1-D t
@@ -195,6 +200,7 @@ class _Entry:
     def __init__(self, parts):
         self.refs = _refs(parts)
         clone = types.FunctionType(chunk.__code__.replace(), chunk.__globals__, "chunk")
+        self.code = clone.__code__
         # The C++ wrapper calls the kernels without Python in between: on tiny states this
         # halves the cost of a call.
         self.fn = torch.compile(clone, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
@@ -291,8 +297,13 @@ def _chunk_inputs(C, ctrl, y0, k1, t0, t_end, sdir, h0, out, p, out_t, max_steps
     return s, k
 
 
-def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report) -> dict:
-    """Call the compiled chunk until ``on_report(report, records, state)`` returns True.
+def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
+                adapt: bool = True) -> dict:  # fmt: skip
+    """Call the compiled chunk until ``on_report(report, records, state, steps)`` returns True.
+
+    Each call unrolls ``steps`` of :func:`neuralode._compiled_lengths.lengths` (``C.steps`` at
+    most): with ``adapt``, the smallest that covers the attempts the last solve of the same
+    signature took (:func:`neuralode._compiled_lengths.pick`), else ``C.steps``.
 
     Raises
     ------
@@ -303,14 +314,27 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report) 
         When torch.compile cannot compile the solve with this func (graph breaks).
     """
     shapes = tuple((n, tuple(v.shape), v.dtype) for d in (s, k) for n, v in d.items())
-    entry = _entry(func, (C, s["y"].device, shapes, bool(track_grad)))
+    dev, ids = s["y"].device, tuple(id(o) for o in _func_parts(func))
+    signature = (ids, C._replace(steps=0), dev, shapes, bool(track_grad))
+    expected = _lengths.expected(signature) if adapt else None
+    done = 0
     # Once compiled, a call that would recompile (func's Python state changed: guards fail)
     # raises instead of silently spending 10-40 s per call; the caller then runs eagerly.
     # Under autograd (Direct gradients) the compiled chunks carry their backward graphs.
     with torch.set_grad_enabled(track_grad), torch.compiler.set_stance("fail_on_recompile"):
         while True:
-            args = (func, C, s, k)
-            if not entry.compiled:
+            n = _lengths.pick(expected, done, C.steps)
+            Cn = C if n == C.steps else C._replace(steps=n)
+            # Which inputs carry a graph is part of the signature (torch.compile guards on it):
+            # under autograd a first call from a y0 without one is followed by calls from
+            # states with one.
+            grads = tuple(name for name, v in s.items() if v.requires_grad)
+            entry = _entry(func, (Cn, dev, shapes, bool(track_grad), grads))
+            args = (func, Cn, s, k)
+            if not entry.compiled:  # (a new length: func must still match the older ones)
+                stale = _lengths.stale_sibling((signature, grads), entry, func, s, k)
+                if stale is not None:
+                    raise CompiledCodeMismatch(f"guards of the code for {stale} steps failed")
                 with torch.compiler.set_stance("default"):
                     res = _compile_call(entry, args)
             else:
@@ -321,10 +345,14 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report) 
                     if why is None:
                         raise
                     raise CompiledCodeMismatch(why) from e
+            _lengths.note_run((signature, grads), entry, Cn)
+            done += n
             res = dict(res)
             report, rec = res.pop("report").tolist(), res.pop("rec", None)
             s = res
-            if on_report(report, rec, s):
+            if on_report(report, rec, s, n):
+                R = s["t"].shape[0]
+                _lengths.remember(signature, max(report[2 * R : 3 * R]))
                 return s
 
 
@@ -394,11 +422,11 @@ def integrate_compiled(
     keep_next = not tab.fsal and tab.dense_stage_is_next_first
     done = dict(p=p, t_first=t_first)
 
-    def on_report(report, rec, state):
-        (t_now,), (h_now,), (att,), (acc,), (code,), (nf,), (busy,) = _split(report, 1, n_steps)[0]
+    def on_report(report, rec, state, n_call):
+        (t_now,), (h_now,), (att,), (acc,), (code,), (nf,), (busy,) = _split(report, 1, n_call)[0]
         if rec is not None:
-            t_o, t_n, ok = _split(report, 1, n_steps)[1]
-            for i in (i for i in range(n_steps) if ok[i]):
+            t_o, t_n, ok = _split(report, 1, n_call)[1]
+            for i in (i for i in range(n_call) if ok[i]):
                 lo = hi = done["p"]  # the outputs in (t, t_new]
                 while hi < n_out and d * (prob.out_t[hi] - t_n[i]) <= 0:
                     hi += 1
@@ -427,7 +455,7 @@ def integrate_compiled(
         done["cause"], done["nf"] = cause, bool(nf)
         return True
 
-    s = _run_chunks(f.func, C, s, k, track_grad, on_report)
+    s = _run_chunks(f.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None)
     t_now, h_now, att = done["t"], done["h"], done["att"]
     n_acc, n_rej = done["acc"], done["att"] - done["acc"]
     f.nfe = nfe0 + att * _evals_per_attempt(tab, C)
@@ -505,11 +533,11 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     records, failed, last = [], set(), {}
     ar = torch.arange(B, device=dev)
 
-    def on_report(report, rec, st_):
-        (t_now, h_now, att, acc, code, nf, busy), rec_t = _split(report, B, n_steps)
+    def on_report(report, rec, st_, n_call):
+        (t_now, h_now, att, acc, code, nf, busy), rec_t = _split(report, B, n_call)
         if rec is not None:
             ok = rec_t[2]
-            for i in (i for i in range(n_steps) if any(ok[i * B : (i + 1) * B])):
+            for i in (i for i in range(n_call) if any(ok[i * B : (i + 1) * B])):
                 t_o, t_n = rec["t"][i], rec["t_new"][i]
                 records.append((ar, rec["acc"][i], t_o, t_n, t_n - t_o, rec["y"][i],
                                 rec["y_new"][i], rec["K"][i]))  # fmt: skip
@@ -539,7 +567,7 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
         last["att"] = att
         return not any(busy)
 
-    s = _run_chunks(run.func, C, s, k, track_grad, on_report)
+    s = _run_chunks(run.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None)
     atts = [int(a) for a in last["att"]]
     iters = max(atts, default=0)  # every row attempts a step in each iteration until it stops
     per = _evals_per_attempt(tab, C)
