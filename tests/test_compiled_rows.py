@@ -235,13 +235,30 @@ def test_fixed_steps_per_sample_on_each_samples_grid():
     # ConstantStep per sample: each row on its own grid t0_b + k dt (rows start apart).
     t = torch.tensor([[0.0, 0.35], [0.1, 0.45]], dtype=F64)
     y0 = torch.tensor([[1.0], [1.0]], dtype=F64)
+    coef = torch.tensor([0.0, -1.0], dtype=F64)  # f = c0 y^2 + c1 y (values read at each call)
+
+    def f(t, y):
+        return coef[0] * y * y + coef[1] * y
+
     kw = dict(solver="rk4", dt=0.1, batch_control="per_sample", dense_output=False)
     with torch.no_grad():
-        sol = neuralode.solve(lambda t, y: -y, y0, t, compile=True, **kw)
-        ref = neuralode.solve(lambda t, y: -y, y0, t, **kw)
+        sol = neuralode.solve(f, y0, t, compile=True, **kw)
+        ref = neuralode.solve(f, y0, t, **kw)
     assert sol.stats["compiled"] is True
     assert torch.equal(sol.stats["n_accepted"], ref.stats["n_accepted"])  # 4 steps each
     torch.testing.assert_close(sol.ys, ref.ys, rtol=1e-13, atol=0.0)
+    # The same compiled code on y' = y^2: sample 0 (y0 = 30) overflows. Fixed steps make no
+    # error test; the non-finite sample returned status "success" (as eagerly, until fixed).
+    coef.copy_(torch.tensor([1.0, 0.0], dtype=F64))
+    y0 = torch.tensor([[30.0], [-0.5]], dtype=F64)
+    with torch.no_grad(), pytest.raises(neuralode.NonFiniteError, match=r"the state of sample 0"):
+        neuralode.solve(f, y0, t, compile=True, **kw)
+    with torch.no_grad():
+        sol = neuralode.solve(f, y0, t, compile=True, throw=False, **kw)
+    assert sol.stats["compiled"] is True
+    assert sol.status == "nonfinite" and sol.stats["failed_samples"] == [0]
+    exact = torch.tensor([-0.5 / (1 + 0.5 * 0.35)], dtype=F64)  # y0 / (1 - y0 t)
+    torch.testing.assert_close(sol.ys[-1, 1], exact, rtol=1e-6, atol=0.0)
 
 
 def test_nothing_to_integrate_per_sample_runs_eagerly_without_compiling():

@@ -568,6 +568,17 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
         return not any(busy)
 
     s = _run_chunks(run.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None)
+    if not ctrl.adaptive:  # fixed steps make no per-step decision: finiteness checked at the end
+        bad = (~torch.isfinite(s["y"].detach()).all(1)).tolist()
+        for b in (b for b in range(B) if bad[b] and b not in failed):
+            t_b, n = float(s["t"][b]), int(s["att"][b])
+            cls, msg = step_failure("nonfinite_fixed", t=t_b, attempts=n, h=float(s["h"][b]),
+                                    sample=b, engine="compiled stepping")  # fmt: skip
+            if run.throw:
+                raise cls(msg, t=t_b, step=n, h=float(s["h"][b]))
+            state["failed"].append(b)
+            if state["status"] == "success":
+                state["status"], state["message"] = cls.status, msg
     atts = [int(a) for a in last["att"]]
     iters = max(atts, default=0)  # every row attempts a step in each iteration until it stops
     per = _evals_per_attempt(tab, C)
