@@ -110,7 +110,7 @@ def solve(
         ``"kvaerno5"``/``"trbdf2"`` (``"direct"``; ``"checkpoint"`` for ``"rodas4"``; a
         backsolve whose backward solver is explicit, ``Backsolve(solver="dopri5")``), with one
         ``M x M`` Jacobian block, factorisation and Newton iteration per sample
-        (:mod:`neuralode.solvers.implicit.rows`: the same steps as each sample solved alone).
+        (``neuralode.solvers.implicit.rows``: the same steps as each sample solved alone).
         With ``compile=True``: explicit Runge--Kutta methods, Direct gradients (also w.r.t.
         ``t``). Raises ValueError for fully implicit, matrix-free, fixed-step Newton and Adams
         methods, and ``Backsolve(norm=...)``.

@@ -250,7 +250,7 @@ def capable(gradient, capability: str) -> bool:
     - ``exact_autograd``: the solve runs under autograd, differentiated through its own
       operations (dense output keeps the graph; compiled stepping can run in its place);
     - ``per_sample``: it has ``run_rows(run, y0flat)`` for ``batch_control="per_sample"``;
-    - ``compiled_forward``: its forward solve (:func:`forward_without_graph`) may run in
+    - ``compiled_forward``: its forward solve (``forward_without_graph``) may run in
       compiled chunks (``compile=True``, shared control).
     """
     return bool(getattr(type(gradient), capability, False))

@@ -29,7 +29,7 @@ last step slightly past the final time.
 
 Per-sample control (``batch_control="per_sample"``, each sample its own step size) runs
 ``rodas4`` and the adaptive diagonally implicit methods (``kvaerno5``, ``trbdf2``) with one
-``M x M`` Jacobian block, factorisation and Newton iteration per sample (:mod:`.rows`): each
+``M x M`` Jacobian block, factorisation and Newton iteration per sample (``neuralode.solvers.implicit.rows``): each
 sample takes the steps it would take alone. Fully implicit methods, ``linear_solver="krylov"``
 and Newton methods on fixed steps are refused there (ValueError naming the reason).
 
