@@ -15,7 +15,7 @@ as real ones, in the forward and in the backward pass.
 
 The same chunk serves both kinds of control: shared (one row: one step size and error norm for
 the whole batch, a 1-D or a 2-D ``t``; :func:`integrate_compiled` in place of the host-float
-driver) and per-sample (one row per sample; :func:`integrate_rows_compiled` in place of the
+driver) and per-sample (one row per sample; ``_compiled_rows.integrate_rows_compiled`` in place of the
 eager per-row driver), and records every step's times, state and stages for dense output when
 asked. The arithmetic is the eager drivers' (see :mod:`neuralode._compiled_step`), but sums
 run in another order: the error estimate, which cancels heavily, then differs in its last bits
@@ -64,7 +64,6 @@ __all__ = [
     "CompiledCodeMismatch",
     "check_compilable",
     "integrate_compiled",
-    "integrate_rows_compiled",
 ]
 
 #: Steps unrolled into one compiled call at most (shorter calls, of powers of two, when a
@@ -481,131 +480,6 @@ def integrate_compiled(
         ys=ys, y_final=s["y"], t_reached=t_now, status=status, message=message,
         n_accepted=n_acc, n_rejected=n_rej, steps=steps, h_next=h_now, k1_next=s["k1"],
     )  # fmt: skip
-
-
-def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track_grad=None):
-    """:func:`neuralode._loop_batched.integrate_per_sample` (per-sample control) in compiled
-    chunks of steps, for the per-sample run ``run`` (a ``RowsRun``) from the flat ``y0`` (B, M).
-
-    Returns what that function returns: ``(ys (T*B, M) time-major, y_final, t_final, n_acc,
-    n_rej, state, records)`` with step records for ``PerSampleDense`` when ``run.dense``.
-    Fills ``run.f``'s counters (NFE, sample evaluations, evaluations of finished samples).
-
-    Raises
-    ------
-    CompiledCodeMismatch, RuntimeError
-        See :func:`_run_chunks`.
-    """
-    f, ctrl, tab, spec = run.f, run.ctrl, run.stepper.tab, run.spec
-    dev, dtype = y0.device, y0.dtype
-    (B, M), tau = y0.shape, run.tau.to(dev)
-    T = tau.shape[1]
-    n_steps = steps_per_call or STEPS_PER_CALL
-    C = _consts(tab, ctrl, f.time_dtype, n_steps, spec, run.floor, rows=True, pick=False,
-                record=bool(run.dense), n_out=T)  # fmt: skip
-    W = C.window
-    t0, t_end = tau[:, 0].contiguous(), tau[:, -1].contiguous()
-    sdir = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
-    stau = (sdir.unsqueeze(1) * tau).contiguous()
-    # Outputs at a sample's initial time are its initial state.
-    n0 = torch.searchsorted(stau, stau[:, :1].contiguous(), right=True).squeeze(1)
-    out_t = torch.cat([tau, (sdir * math.inf).unsqueeze(1).expand(B, W)], 1)
-    first = torch.arange(T + W, device=dev) < n0.unsqueeze(1)
-    out = torch.where(first.view(B, -1, 1, 1), y0.view(B, 1, 1, M),
-                      torch.full((), math.nan, dtype=dtype, device=dev))  # fmt: skip
-    lo, hi = torch.minimum(t0, t_end), torch.maximum(t0, t_end)
-    f.lo, f.hi = lo, hi  # evaluations stay inside each sample's interval
-    k1 = f(t0, y0)
-    if track_grad is None:
-        track_grad = torch.is_grad_enabled() and k1.requires_grad
-    with torch.no_grad():  # the eager driver's initial step, per row
-        nrm = order = None
-        if ctrl.adaptive:
-            nrm = initial_norm(ErrorNorm(y0[:1], spec), y0, run.rtol, run.atol, run.floor,
-                               rows=True)  # fmt: skip
-            order = tab.error_order()
-        h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), sdir, (t_end - t0).abs(),
-                               order)  # fmt: skip
-    s, k = _chunk_inputs(C, ctrl, y0, k1, t0, t_end, sdir, h0, out, n0, out_t, run.max_steps,
-                         run.rtol, run.atol, sorted({*ctrl.step_t, *ctrl.jump_t}))  # fmt: skip
-    state = {"status": "success", "message": "", "failed": [], "compactions": 0,
-             "iterations": 0, "replay": []}  # fmt: skip
-    records, failed, last = [], set(), {}
-    ar = torch.arange(B, device=dev)
-
-    def on_report(report, rec, st_, n_call):
-        (t_now, h_now, att, acc, code, nf, busy), rec_t = _split(report, B, n_call)
-        if rec is not None:
-            ok = rec_t[2]
-            for i in (i for i in range(n_call) if any(ok[i * B : (i + 1) * B])):
-                t_o, t_n = rec["t"][i], rec["t_new"][i]
-                records.append((ar, rec["acc"][i], t_o, t_n, t_n - t_o, rec["y"][i],
-                                rec["y_new"][i], rec["K"][i]))  # fmt: skip
-        ends, dirs = t_end.tolist(), sdir.tolist()
-        new = []
-        for b in range(B):
-            reached = dirs[b] * (ends[b] - t_now[b]) <= 0
-            if b in failed or busy[b] or (not code[b] and reached):
-                continue
-            cause = {STATUS_NONFINITE_H: "nonfinite_h", STATUS_UNDERFLOW: "underflow"}.get(
-                int(code[b]), "max_steps"
-            )
-            new.append((b, cause))
-        for b, cause in new:  # the sample of lowest index first, as in the eager driver
-            n, h = int(att[b]), h_now[b]
-            cls, msg = step_failure(
-                cause, t=t_now[b], attempts=n, h=h, dt_min=ctrl.dt_min, nonfinite=bool(nf[b]),
-                max_steps=run.max_steps, t_end=ends[b], n_acc=int(acc[b]), n_rej=n - int(acc[b]),
-                sample=b, engine="compiled stepping",
-            )  # fmt: skip
-            if run.throw:
-                raise cls(msg, t=t_now[b], step=n, h=h)
-            failed.add(b)
-            state["failed"].append(b)
-            if state["status"] == "success":
-                state["status"], state["message"] = cls.status, msg
-        last["att"] = att
-        return not any(busy)
-
-    s = _run_chunks(run.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None)
-    if not ctrl.adaptive:  # fixed steps make no per-step decision: finiteness checked at the end
-        bad = (~torch.isfinite(s["y"].detach()).all(1)).tolist()
-        for b in (b for b in range(B) if bad[b] and b not in failed):
-            t_b, n = float(s["t"][b]), int(s["att"][b])
-            cls, msg = step_failure("nonfinite_fixed", t=t_b, attempts=n, h=float(s["h"][b]),
-                                    sample=b, engine="compiled stepping")  # fmt: skip
-            if run.throw:
-                raise cls(msg, t=t_b, step=n, h=float(s["h"][b]))
-            state["failed"].append(b)
-            if state["status"] == "success":
-                state["status"], state["message"] = cls.status, msg
-    atts = [int(a) for a in last["att"]]
-    iters = max(atts, default=0)  # every row attempts a step in each iteration until it stops
-    per = _evals_per_attempt(tab, C)
-    f.nfe += iters * per
-    f.sample_evals += iters * per * B
-    f.wasted += per * (iters * B - sum(atts))
-    state["iterations"] = iters
-    ys = s["out"][:, :T, 0].transpose(0, 1).reshape(T * B, M)
-    return ys, s["y"], s["t"], s["nacc"], s["att"] - s["nacc"], state, records
-
-
-def run_rows(run, y0: torch.Tensor, record=None):
-    """``RowsRun.integrate`` under ``compile=True``: the per-sample solve in compiled chunks
-    (or eagerly: with a warning when func's compiled code no longer matches it, silently when
-    no sample has anything to integrate)."""
-    if not bool((run.tau[:, 0] == run.tau[:, -1]).all()):
-        try:
-            ys, *rest = integrate_rows_compiled(run, y0)
-            run.stats["compiled"], run.result = True, tuple(rest)
-            return ys
-        except CompiledCodeMismatch as why:
-            warn_mismatch(why, stacklevel=7)
-    run.stats["compiled"], run.compile = False, False
-    try:
-        return run.integrate(y0, record)
-    finally:
-        run.compile = True
 
 
 def warn_mismatch(why, stacklevel: int) -> None:

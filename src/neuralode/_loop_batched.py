@@ -405,7 +405,7 @@ class RowsRun:
     def integrate(self, y0, record=None, max_states=None):
         """The forward solve; fills ``result`` and returns the outputs flat (T*B, M)."""
         if self.compile:
-            from ._compiled import run_rows
+            from ._compiled_rows import run_rows
 
             return run_rows(self, y0, record)
         ys, *rest = integrate_per_sample(
