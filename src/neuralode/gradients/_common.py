@@ -254,3 +254,22 @@ def capable(gradient, capability: str) -> bool:
       compiled chunks (``compile=True``, shared control).
     """
     return bool(getattr(type(gradient), capability, False))
+
+
+def output_in_state_shape(ctx, run: Run, ys: torch.Tensor) -> torch.Tensor:
+    """The flat outputs ``ys`` of a custom-gradient Function, returned in the state's shape for
+    a tensor state (``ctx.flat_shape`` keeps the flat shape for the backward pass).
+
+    The caller's result is then the Function's own output, with no view node after it: a view
+    is a C++ autograd node that the garbage collector cannot traverse, so an output kept on the
+    module that made it (``self.out = solve(self, ...)``) would close a reference cycle (output
+    -> node -> ctx -> run -> func -> output) that is never freed. Not a view either (the caller
+    may modify the output in place): a fresh contiguous tensor takes the new shape itself."""
+    spec = run.prob.spec
+    ctx.flat_shape = ys.shape
+    if spec.kind == "tensor" and run.samples_all is None:
+        shape = (ys.shape[0], *spec.shapes[0])
+        if ys._base is not None or not ys.is_contiguous():
+            ys = ys.clone(memory_format=torch.contiguous_format)
+        ys.set_(ys.untyped_storage(), ys.storage_offset(), shape)
+    return ys

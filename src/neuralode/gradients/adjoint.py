@@ -22,7 +22,14 @@ from ..controllers import ConstantStep, PIController, StepToGrid
 from ..controllers.step_size import time_beside
 from ..errors import MaxStepsError
 from ..solvers import get_tableau
-from ._common import ParamCheck, Run, check_params_rows, find_params, forward_without_graph
+from ._common import (
+    ParamCheck,
+    Run,
+    check_params_rows,
+    find_params,
+    forward_without_graph,
+    output_in_state_shape,
+)
 from .checkpoint import add_initial_outputs
 
 __all__ = ["Backsolve"]
@@ -198,18 +205,7 @@ class _BacksolveFn(torch.autograd.Function):
         # module that made it (self.out = odeint_adjoint(self, ...)) would form a cycle through
         # autograd's C++ graph that the garbage collector cannot see, and never be freed.
         ys, res.ys = res.ys, None
-        # For a tensor state the output leaves in the state's shape: the caller's result is this
-        # node's own output (no view after it), so that such a cycle stays visible to gc.
-        spec = run.prob.spec
-        ctx.flat_shape = ys.shape
-        if spec.kind == "tensor" and run.samples_all is None:
-            shape = (ys.shape[0], *spec.shapes[0])
-            # Not a view (the caller may modify the output in place): the fresh contiguous
-            # tensor takes the new shape itself; a view (of y0 for a single output) is copied.
-            if ys._base is not None or not ys.is_contiguous():
-                ys = ys.clone(memory_format=torch.contiguous_format)
-            ys.set_(ys.untyped_storage(), ys.storage_offset(), shape)
-        return ys
+        return output_in_state_shape(ctx, run, ys)
 
     @staticmethod
     def backward(ctx, g_ys):

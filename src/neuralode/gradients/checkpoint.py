@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from .._loop import integrate, replay_step, sorted_outputs_grad
-from ._common import Run, check_params, check_params_rows, find_params, forward_without_graph
+from ._common import (
+    Run,
+    check_params,
+    check_params_rows,
+    find_params,
+    forward_without_graph,
+    output_in_state_shape,
+)
 
 __all__ = ["Checkpointed"]
 
@@ -96,10 +103,11 @@ class _CheckpointFn(torch.autograd.Function):
         # module that made it (self.out = odeint_adjoint(self, ...)) would form a cycle through
         # autograd's C++ graph that the garbage collector cannot see, and never be freed.
         ys, res.ys = res.ys, None
-        return ys
+        return output_in_state_shape(ctx, run, ys)
 
     @staticmethod
     def backward(ctx, g_ys):
+        g_ys = g_ys.reshape(ctx.flat_shape)
         run = ctx.run
         y0flat, *params = ctx.saved_tensors
         prob = run.prob

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..solvers.tableau import ButcherTableau
-from ._common import Run, check_params, find_params
+from ._common import Run, check_params, find_params, output_in_state_shape
 from ._reversible_loop import integrate_reversible
 
 __all__ = ["Reversible"]
@@ -255,10 +255,11 @@ class _ReversibleFn(torch.autograd.Function):
         # inputs, to replay for double backward).
         pairs = [x for d in (restarts, anchors) for pair in d.values() for x in pair]
         ctx.save_for_backward(res.y_final, z, y0flat, *params, *pairs)
-        return res.ys
+        return output_in_state_shape(ctx, run, res.ys)
 
     @staticmethod
     def backward(ctx, g_ys):
+        g_ys = g_ys.reshape(ctx.flat_shape)
         run, lam = ctx.run, ctx.cfg.coupling
         y, z, y0flat, *rest = ctx.saved_tensors
         params, pairs = rest[: ctx.n_params], rest[ctx.n_params :]
