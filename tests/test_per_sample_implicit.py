@@ -372,3 +372,28 @@ def test_dict_state_per_sample_equals_each_sample_alone(solver):
         assert int(sol.stats["n_accepted"][b]) == alone.stats["n_accepted"]
     exact = relax_exact(t.numpy()[:, None], 0.5, y0[:, 1].numpy()[None, :])
     np.testing.assert_allclose(sol.ys["u"][..., 0].numpy(), exact, rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize(
+    ("solver", "advice"),
+    [
+        ("kvaerno5", r"use 'direct' or Backsolve\(solver='dopri5'\), or batch_control='shared' with "
+                     r"an explicit Runge-Kutta method"),
+        ("rodas4", r"use 'direct', 'checkpoint' or Backsolve\(solver='dopri5'\)"),
+        ("dopri5", r"use 'direct', 'checkpoint' or 'backsolve', or batch_control='shared'$"),
+    ],
+)  # fmt: skip
+def test_reversible_per_sample_refusal_names_what_works_with_the_solver(solver, advice):
+    # It named Checkpointed's reason and suggested batch_control='shared' for kvaerno5, which
+    # Reversible refuses too (it wraps an explicit method); 'backsolve' for rodas4, refused too.
+    y0 = torch.ones(2, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"two states share one step size\); " + advice):
+        neuralode.solve(lambda t, y: -y, y0, t, solver=solver, gradient="reversible",
+                        batch_control="per_sample")  # fmt: skip
+    ok = {"kvaerno5": "direct", "rodas4": "checkpoint", "dopri5": "backsolve"}[solver]
+    y0 = y0.clone().requires_grad_()
+    ys = neuralode.solve(lambda t, y: -y, y0, t, solver=solver, batch_control="per_sample",
+                         gradient=ok).ys  # fmt: skip
+    ys[-1].sum().backward()  # the advice works: d y(1) / d y0 = e^-1
+    torch.testing.assert_close(y0.grad, torch.full_like(y0, 0.36787944117144233), rtol=1e-5, atol=0)

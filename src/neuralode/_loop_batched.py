@@ -432,12 +432,11 @@ def solve_per_sample(
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
     from .solvers.implicit.rows import check_per_sample  # implicit: per-row blocks, or refused
 
-    check_per_sample(tab, ctrl, gradient)
     if not capable(gradient, "per_sample"):
-        raise ValueError(
-            f"{opt} does not support gradient={type(gradient).__name__}(...) (it declares no "
-            "per-sample implementation); use 'direct', 'checkpoint' or 'backsolve'"
-        )
+        from .gradients.rows import refuse_per_sample
+
+        refuse_per_sample(gradient, tab)
+    check_per_sample(tab, ctrl, gradient)
     t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
     comps = (
         list(y0.values())

@@ -306,3 +306,28 @@ class _BacksolveRows(torch.autograd.Function):
             ya = torch.cat([ya[:, :M], ya[:, M:] + gj], 1)
         run.stats["nfe_backward"] = inner.nfe  # func calls (each with a VJP), as forward
         return (None, None, ya[:, M:], *gp)
+
+
+def refuse_per_sample(gradient, tab) -> None:
+    """Raise the ValueError for a gradient method without a per-sample implementation, naming
+    why and what works instead with the solver ``tab``."""
+    from ..solvers.implicit.irk import ImplicitRK
+    from ..solvers.tableau import ButcherTableau
+
+    name = type(gradient).__name__
+    explicit = isinstance(tab, ButcherTableau)
+    # Newton methods: a replay would redo the Newton iterations (no per-sample Checkpointed)
+    works = "'direct'" if isinstance(tab, ImplicitRK) else "'direct', 'checkpoint'"
+    why = (
+        "the reversible scheme's two states share one step size"
+        if name == "Reversible"
+        else "it declares no per-sample implementation"
+    )
+    backsolve = "'backsolve'" if explicit else "Backsolve(solver='dopri5')"
+    shared = "batch_control='shared'" + (
+        "" if explicit or name != "Reversible" else " with an explicit Runge-Kutta method"
+    )
+    raise ValueError(
+        f"batch_control='per_sample' does not support gradient={name}(...) ({why}); use "
+        f"{works} or {backsolve}, or {shared}"
+    )
