@@ -409,6 +409,7 @@ class ImplicitRKStepper(IFTStages, HermiteStepper):
         a solve accepted after one iteration (rate unmeasured) makes the next one more
         cautious, until a second iteration measures the rate again (Hairer & Wanner IV.8)."""
         if res.iters >= 2 and res.rate < 1.0:
+            # res.rate is the slowest rate of the solve (newton.newton), not its last one.
             eta = res.rate / (1.0 - res.rate)
         elif res.iters >= 2:
             eta = 1.0

@@ -10,7 +10,13 @@ Jacobian that is reused across steps (Hairer & Wanner II, sec. IV.8):
   when the estimated remaining error ``theta / (1 - theta) ||dX_k||`` is below ``kappa`` (in the
   scaled norm of the step-size controller), and gives up as soon as it diverges
   (``theta >= 1``) or cannot reach the tolerance within ``max_iters`` at the observed rate;
-- the first iteration uses the rate of the previous solve (``eta = max(eta_old, eps)^0.8``).
+- the first iteration uses the rate of the previous solve (``eta = max(eta_old, eps)^0.8``),
+  where that rate is the *slowest* one measured in the solve, not the last: the contraction of
+  a simplified Newton iteration need not be uniform (it can be nilpotent, e.g. a linear
+  component that converges in one iteration driving a nonlinear one), so the last increments
+  can shrink to rounding level and report a rate of ~1e-10 that the next solve's first
+  iteration, starting from a predictor, does not have (a solve accepted after one iteration
+  measures no rate and reports 0; the stepper then keeps the carried one).
 
 Gradients do not backpropagate through the iterations. :class:`IFTSolve` wraps the converged
 solution ``X*`` so that the backward pass solves the transposed linear system
@@ -84,6 +90,8 @@ def newton(
     x = x0
     prev = None
     theta = None
+    worst = 0.0  # the slowest rate measured with the current iteration matrix
+    measured = False  # whether worst holds one (a refresh starts afresh)
     eta = eta0
     refreshes = 10 if refresh is not None else 0
     for k in range(max_iters):
@@ -96,13 +104,19 @@ def newton(
             return NewtonResult(x_new, False, k + 1, math.inf, True)
         if prev is not None:
             theta = dn / prev if prev > 0 else 0.0
+            # The slowest rate is carried, not the last (see the module docstring): a last
+            # increment of zero or at rounding level says nothing of the next first iteration.
+            worst = max(worst, theta) if measured else theta
+            measured = True
             if refreshes and theta > 0.3:
                 # Slow or diverging: a Jacobian at the better of the last two iterates.
                 refreshes -= 1
                 if theta >= 1.0:
                     x_new = x
                 solve = refresh(x_new)
-                x, prev, eta = x_new, None, 1.0
+                # Unmeasured with the new matrix until two more increments: if it converges
+                # before, the rate that triggered the refresh is reported (and carried).
+                x, prev, eta, measured = x_new, None, 1.0, False
                 continue
             if theta >= 0.99:
                 return NewtonResult(x_new, False, k + 1, theta, True)
@@ -110,12 +124,14 @@ def newton(
             remaining = max_iters - 1 - k
             if early_exit and remaining > 0 and theta**remaining / (1.0 - theta) * dn > kappa:
                 # Hairer & Wanner's test: at this rate the tolerance is out of reach.
-                return NewtonResult(x, False, k + 1, theta, True)
+                return NewtonResult(x, False, k + 1, worst, True)
         x = x_new
         if dn == 0.0 or eta * dn <= kappa:
-            return NewtonResult(x, True, k + 1, theta if theta is not None else 0.0, False)
+            rate = worst if measured else (theta if theta is not None else 0.0)
+            return NewtonResult(x, True, k + 1, rate, False)
         prev = dn
-    return NewtonResult(x, False, max_iters, theta if theta is not None else 1.0, False)
+    rate = worst if measured else (theta if theta is not None else 1.0)
+    return NewtonResult(x, False, max_iters, rate, False)
 
 
 class _Backsolver:

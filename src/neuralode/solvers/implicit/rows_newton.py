@@ -47,6 +47,7 @@ def newton_rows(residual, solve, x0, norm, kappa: float, max_iters: int, eta0, a
     conv = torch.zeros(n, dtype=torch.bool, device=x0.device)
     iters = torch.zeros(n, dtype=torch.long, device=x0.device)
     rate = torch.ones(n, **f64)
+    worst = torch.zeros(n, **f64)  # the slowest rate measured per row (see newton.newton)
     run = active.clone()
     for k in range(max_iters):
         idx = run.nonzero().squeeze(1)
@@ -70,9 +71,13 @@ def newton_rows(residual, solve, x0, norm, kappa: float, max_iters: int, eta0, a
         x[idx] = torch.where(slow.unsqueeze(1), xa, xn)
         theta[idx], eta[idx], prev[idx] = th, eta_a, dn
         conv[idx] = ok
-        # The rate reported: the last measured one; unmeasured, 0 if converged, else 1.
+        wa = torch.where(has, torch.maximum(worst[idx], th), worst[idx])
+        worst[idx] = wa
+        # The rate reported: the slowest measured one (the last one if the row failed);
+        # unmeasured, 0 if converged, else 1.
         unmeasured = torch.where(ok, 0.0, 1.0).to(torch.float64)
-        rate[idx] = torch.where(bad, math.inf, torch.where(torch.isnan(th), unmeasured, th))
+        last = torch.where(ok, wa, torch.maximum(wa, th))
+        rate[idx] = torch.where(bad, math.inf, torch.where(torch.isnan(th), unmeasured, last))
         run[idx] = ~(quit_ | ok)
     return x, conv, iters, rate
 
