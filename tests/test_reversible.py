@@ -12,6 +12,7 @@ from torch import nn
 
 import neuralode as no
 from neuralode.gradients.reversible import reconstruction_error
+from reversible_checks import assert_central_differences
 
 DT = torch.float64
 
@@ -142,28 +143,7 @@ def test_fixed_steps_gradient_equals_finite_differences_and_autograd_through_sch
     for a, b in zip(g_rev, g_graph):
         assert _rel(a, b) < 1e-12
     # Central finite differences of the reversible forward itself.
-    p = next(func.parameters())
-
-    def value(y0_, delta_p=None):
-        with torch.no_grad():
-            if delta_p is not None:
-                p.add_(delta_p)
-            out = (no.solve(func, y0_, t, gradient="reversible", **kw).ys * c).sum()
-            if delta_p is not None:
-                p.sub_(delta_p)
-        return float(out)
-
-    eps = 1e-6
-    for idx in [(0, 0), (2, 1), (3, 2)]:
-        e = torch.zeros_like(y0)
-        e[idx] = eps
-        fd = (value(y0 + e) - value(y0 - e)) / (2 * eps)
-        assert abs(fd - float(g_rev[0][idx])) <= 1e-7 * abs(float(g_rev[0][idx])) + 1e-9
-    for idx in [(0, 0), (5, 1), (15, 2)]:
-        e = torch.zeros_like(p)
-        e[idx] = eps
-        fd = (value(y0, e) - value(y0, -e)) / (2 * eps)
-        assert abs(fd - float(g_rev[1][idx])) <= 1e-7 * abs(float(g_rev[1][idx])) + 1e-9
+    assert_central_differences(func, y0, t, c, g_rev, kw)
 
 
 def test_gradcheck_with_time_dependent_field_and_step_to_grid():

@@ -13,6 +13,7 @@ from torch import nn
 
 import neuralode as no
 from neuralode.gradients.reversible import reconstruction_error
+from reversible_checks import assert_central_differences
 
 DT = torch.float64
 
@@ -120,28 +121,7 @@ def test_gradients_stay_exact_across_restarts():
     for a, b in zip(g, g_graph):
         assert _rel(a, b) < 1e-12
     # Central finite differences of the reversible forward with restarts.
-    p = next(func.parameters())
-
-    def value(y0_, delta_p=None):
-        with torch.no_grad():
-            if delta_p is not None:
-                p.add_(delta_p)
-            out = (no.solve(func, y0_, t, gradient="reversible", **kw).ys * c).sum()
-            if delta_p is not None:
-                p.sub_(delta_p)
-        return float(out)
-
-    eps = 1e-6
-    for idx in [(0, 0), (2, 1), (3, 2)]:
-        e = torch.zeros_like(y0)
-        e[idx] = eps
-        fd = (value(y0 + e) - value(y0 - e)) / (2 * eps)
-        assert abs(fd - float(g[0][idx])) <= 1e-7 * abs(float(g[0][idx])) + 1e-9
-    for idx in [(0, 0), (5, 1), (15, 2)]:
-        e = torch.zeros_like(p)
-        e[idx] = eps
-        fd = (value(y0, e) - value(y0, -e)) / (2 * eps)
-        assert abs(fd - float(g[1][idx])) <= 1e-7 * abs(float(g[1][idx])) + 1e-9
+    assert_central_differences(func, y0, t, c, g, kw)
     # Adaptive at a tight tolerance: restarts too, and the gradient agrees with Direct's.
     kw = dict(solver="dopri5", rtol=1e-10, atol=1e-12)
     g_ad, sol = _loss_grads(func, y0, t, c, "reversible", **kw)
