@@ -117,14 +117,7 @@ def _solve_fn(method: str, n: int):
     def t_of(y0):
         return torch.tensor([0.0, 1.0], dtype=y0.dtype, device=y0.device)
 
-    if method in (
-        "direct",
-        "backsolve",
-        "checkpoint",
-        "checkpoint16",
-        "checkpoint_sqrt",
-        "reversible",
-    ):
+    if not method.startswith("torchdiffeq"):  # neuralode's methods
         grad = {
             "direct": no.Direct(),
             "backsolve": no.Backsolve(),
