@@ -192,7 +192,7 @@ def _locate(ctx, gfn, event, y_s, t_s, t_end, restart: bool, used=None):
     with torch.no_grad():
         integrate_per_sample(
             ctx.spec, f, ctx.stepper, y_s, torch.stack([t_s, t_end], 1), ctx.ctrl, ctx.rtol,
-            ctx.atol, ctx.max_steps, ctx.throw, None, ctx.floor, outputs=False, monitor=mon,
+            ctx.atol, ctx.max_steps, ctx.throw, (), ctx.floor, outputs=False, monitor=mon,
             used=used,
         )  # fmt: skip
     return mon.t_event, f.nfe

@@ -177,18 +177,27 @@ def _handle_failures(
 
 
 def integrate_per_sample(
-    spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, record=None, floor=False,
-    on_step=None, outputs=True, monitor=None, max_states=None, used=None,
+    spec, f, stepper, y0, tau, ctrl, rtol, atol, max_steps, throw, record=(), floor=False,
+    on_step=None, outputs=True, monitor=None, max_states=None, used=None, on_land=None,
 ):  # fmt: skip
     """Integrate every sample over its own output times ``tau`` (B, T) float64.
 
     Returns ``(ys, y_final, t_final, n_acc, n_rej, state, records)``: outputs flat ``(T*B, M)``
     in time-major order (row ``j*B + b``; NaN where a sample failed first), the final states and
-    times, per-sample counters, the status dict and the step records: with ``record="dense"``
-    the stages of every iteration (dense output); with ``"replay"`` what a replay of the
-    iteration needs (checkpointed gradients) goes to ``state["replay"]``; ``"both"``. ``on_step(acc, t_old, h_step, y_old, calls)`` is
+    times, per-sample counters, the status dict and the step records. ``record`` names what
+    to keep (any of): ``"dense"``, the stages of every iteration (dense output, ``records``);
+    ``"replay"``, what a replay of the iteration needs (checkpointed gradients) in
+    ``state["replay"]``; ``"times"``, for every output the step that wrote it in
+    ``state["out_steps"]`` ((5, T*B) float64: its ``t_old, h, t_new, t_last`` and the time of
+    its first stage; NaN for outputs at the initial time or never written), which the
+    backsolve adjoint replays. ``on_step(acc, t_old, h_step, y_old, calls)`` is
     called after every accept/reject decision with the rows' stage inputs ``f.calls`` (the
     adjoint's parameter integral). ``outputs=False`` skips the outputs between the ends.
+    ``on_land(w, landed)`` (with ``outputs=False``): every row's steps land on each of its
+    times ``tau`` in turn (``step_t``-like stops: the step is clipped, step-size control goes
+    on), and after a row lands on one (``landed``, (A,) bool; its index is ``w.nxt``)
+    ``on_land`` may change its state and first stage (``w.y``, ``w.k1``: the backsolve
+    adjoint's jumps at output times).
     ``monitor(w, acc, t_old, h_step, y_old, K, t_last)`` (events, see :mod:`._events_rows`)
     sees every iteration's rows after the accepted ones advanced and returns the rows to stop
     where they are (a ``(A,)`` bool mask) or None. ``max_states`` bounds the replay records
@@ -211,6 +220,8 @@ def integrate_per_sample(
     pos, vals = [j * B + r], [y0[r]]
     state = {"status": "success", "message": "", "failed": [], "compactions": 0, "iterations": 0,
              "replay": []}  # fmt: skip
+    if "times" in record:
+        out_steps = state["out_steps"] = torch.full((5, T * B), math.nan, **f64)
     tfin, nacc, nrej = t0.clone(), torch.zeros(B, **i64), torch.zeros(B, **i64)
     finals_pos, finals = [], []
 
@@ -265,8 +276,11 @@ def integrate_per_sample(
             w.k1 = torch.where(w.stale.unsqueeze(1), f(w.t, w.y), w.k1)
         # ---- propose: each row's step, clipped to its final time (finished rows: zero steps)
         t_start = torch.where(w.sdir > 0, w.lo, w.hi)
-        t_try = ctrl.propose(w.t, w.h, t_start, w.t_end, w.sdir)
-        t_new, clipped, jump = ctrl.land(w.t, t_try, w.t_end, w.sdir, landings)
+        t_stop = w.t_end  # the next time to land on: the end, or (on_land) the next of tau
+        if on_land is not None:
+            t_stop = w.tau.gather(1, w.nxt.clamp(max=T - 1).unsqueeze(1)).squeeze(1)
+        t_try = ctrl.propose(w.t, w.h, t_start, t_stop, w.sdir)
+        t_new, clipped, jump = ctrl.land(w.t, t_try, t_stop, w.sdir, landings)
         t_new = torch.where(w.done, w.t_end, t_new)  # finished rows: zero steps
         clipped, jump = clipped | w.done, jump & ~w.done
         at_end = t_new == w.t_end
@@ -325,7 +339,7 @@ def integrate_per_sample(
             else:
                 fail = fail | (~w.done & (w.att + used_att[w.idx] >= max_steps))
                 n_fail = int(fail.sum())
-        if record in ("dense", "both") and n_acc:
+        if "dense" in record and n_acc:
             records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K))
         # ---- outputs inside the accepted steps, from each step's continuous extension
         r = tau_j = None
@@ -339,8 +353,14 @@ def integrate_per_sample(
                 w.stale = w.stale & ~(cnt > w.nxt)
             pos.append(j * B + w.idx[r])
             vals.append(v)
+            if "times" in record:
+                at = (t_old, h_step, w.t, t_last, tf_old)
+                out_steps[:, j * B + w.idx[r]] = torch.stack([x[r] for x in at])
             w.nxt = cnt
-        if record in ("replay", "both") and n_acc:
+        elif n_out and on_land is not None:
+            on_land(w, cnt > w.nxt)
+            w.nxt = cnt
+        if "replay" in record and n_acc:
             state["replay"].append([w.idx, acc, tf_old, t_old, w.t, t_last, h_step, y_old, w.lo,
                                     w.hi, r, tau_j, None if r is None else j])  # fmt: skip
             kept = state.setdefault("kept", [])
@@ -402,23 +422,21 @@ class RowsRun:
 
     compile: bool = False  # solve(..., compile=True): compiled chunks (neuralode._compiled)
 
-    def integrate(self, y0, record=None, max_states=None):
-        """The forward solve; fills ``result`` and returns the outputs flat (T*B, M)."""
+    def integrate(self, y0, record=(), max_states=None):
+        """The forward solve; fills ``result`` and returns the outputs flat (T*B, M).
+        ``record``: what to keep besides the dense output's stages (see
+        :func:`integrate_per_sample`)."""
         if self.compile:
             from ._compiled_rows import run_rows
 
             return run_rows(self, y0, record)
         ys, *rest = integrate_per_sample(
             self.spec, self.f, self.stepper, y0, self.tau, self.ctrl, self.rtol, self.atol,
-            self.max_steps, self.throw, _both(record, "dense" if self.dense else None),
+            self.max_steps, self.throw, (*record, *(("dense",) if self.dense else ())),
             self.floor, max_states=max_states, used=self.used,
         )  # fmt: skip
         self.result = tuple(rest)
         return ys
-
-
-def _both(a, b):
-    return "both" if (a and b) else (a or b)
 
 
 # ---------------------------------------------------------------------------- the entry point

@@ -90,7 +90,8 @@ class Backsolve:
     dt : float, optional
         Fixed step size of the backward solve (with a fixed-step ``solver``); default: the
         forward's steps. Under ``batch_control="per_sample"``: steps of ``dt`` for each sample
-        from each of its output times back to the previous one.
+        backward from its final time, landing on its stops (output times, or the starts of
+        forward steps replayed).
     outputs : {"auto", "replay", "stop"}, default "auto"
         How outputs strictly inside forward steps enter the adjoint. ``"replay"``: the backward
         solve stops only at forward step boundaries and adds them by differentiating the
@@ -100,13 +101,16 @@ class Backsolve:
         there (one more backward step per output; the gradient follows the continuous problem,
         2-4x more accurate at moderate tolerances in ``benchmarks/gradients.py``). ``"auto"``:
         ``"stop"`` when such outputs are no more than the forward steps, else ``"replay"``.
-        ``Solution.stats["backsolve_outputs"]`` records the choice. Under
-        ``batch_control="per_sample"`` only ``"stop"`` exists, and differs: the backward solve
-        restarts at each output time of each sample (new initial step), so its cost grows with
-        the number of output times (oscillator, batch 2, dopri5 at the default tolerances,
-        ``t`` in [0, 10]: backward NFE 422 / 504 / 1,386 / 5,592 at ``len(t)`` = 2 / 10 / 100
-        / 400, against 385 / 421 / 715 / 691 shared); ``"auto"`` runs it, ``"replay"`` raises
-        ValueError. For many output times per sample use :class:`Checkpointed` there.
+        ``Solution.stats["backsolve_outputs"]`` records the choice (after the backward pass).
+        Under ``batch_control="per_sample"`` the same choice is made for each sample, on its
+        own forward steps and outputs, in one continuous backward solve per sample that lands
+        on its stops without restarting step-size control (``"mixed"`` in the stats when
+        samples differ); failed samples (``throw=False``) stop at their outputs, and
+        ``"replay"`` needs an explicit Runge-Kutta forward method (ValueError otherwise).
+        Damped oscillator, batch 2, dopri5 at rtol 1e-6, ``t`` in [0, 10]: per-sample backward
+        NFE 483 / 493 / 990 / 976 at ``len(t)`` = 2 / 10 / 100 / 400, shared 475 / 751 / 931 /
+        1,033 (``benchmarks/backsolve_outputs.py``; restarted at every output before: 481 /
+        556 / 1,598 / 6,391).
     errors : callable, optional
         A context-manager factory (``errors() -> context manager``) the backward solve runs
         inside, e.g. to re-raise its failures as other exception types; the torchdiffeq face
@@ -170,8 +174,8 @@ class Backsolve:
     def run_rows(self, run, y0flat: torch.Tensor):
         """The per-sample solve (``batch_control="per_sample"``): the backward solve of
         ``(y, a)`` runs per sample on the per-sample driver; the parameter integral is left
-        out of its error norm (as ``seminorm=True``); it stops and restarts at every output
-        time (``outputs="replay"`` raises ValueError)."""
+        out of its error norm (as ``seminorm=True``); it lands on each sample's output
+        times, or replays the forward steps holding them (``outputs=``), without restarting."""
         from .rows import backsolve_rows
 
         params = find_params(run.func, self.params, "Backsolve(params=...)")

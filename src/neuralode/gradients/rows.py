@@ -9,15 +9,21 @@ size; these are the two memory-saving gradient methods written against it:
   With ``max_checkpoints`` at most that many iterations keep their states (every second one is
   dropped whenever the bound is passed); the backward pass recomputes the others, without a
   graph, from the previous kept one (at most about twice the forward work);
-- backsolve adjoint: the forward solve keeps nothing; the backward pass integrates ``(y, a)``
-  per sample from each sample's final time back to its initial one, with the per-sample driver
-  itself (the adjoint state ``a`` jumps by the output gradients at the sample's output times),
-  and accumulates the parameter integral ``-int a^T df/dtheta dt`` from the accepted steps'
-  stages with one vector-Jacobian product per iteration. Memory is flat in the number of steps.
-  The backward solve runs segment by segment between consecutive output times, each started
-  afresh (an initial step selection per segment): its cost grows with the number of output
-  times (the shared driver's ``outputs="replay"`` through forward steps is not available here).
-  A sample that failed (``throw=False``) is solved back from its last written output, so both
+- backsolve adjoint: the forward solve keeps no states (only, for a replay, the times of the
+  steps that wrote outputs); the backward pass integrates ``(y, a)`` per sample from each
+  sample's final time back to its initial one, in one continuous solve with the per-sample
+  driver itself, and accumulates the parameter integral ``-int a^T df/dtheta dt`` from the
+  accepted steps' stages with one vector-Jacobian product per iteration. Memory is flat in
+  the number of steps. The backward steps land on each sample's stops like ``step_t`` (the
+  step-size control goes on across them, no new initial step), where the adjoint jumps: at
+  its output times (``outputs="stop"``), or, per sample with ``"replay"``, at the output
+  times that end forward steps and at the start of each forward step holding outputs
+  inside it, whose contribution comes from replaying that step's continuous extension with
+  autograd (the shared driver's scheme): one stop per forward step rather than per output,
+  so the backward cost does not grow with the number of output times. ``"auto"`` replays
+  the samples whose inner outputs outnumber their forward steps.
+  A sample that failed (``throw=False``) is solved back from its last written output (the
+  backsolve adjoint stopping at each of its outputs, without replay), so both
   methods give, as Direct does, the gradients of its outputs before the failure (the NaN ones
   past it are constants).
 """
@@ -33,6 +39,7 @@ from .._tree import flatten_state
 from ..controllers import ConstantStep
 from ..solvers import get_tableau
 from ..solvers.explicit_rk import make_stepper
+from ..solvers.tableau import ButcherTableau
 
 _EPS64 = 2.220446049250313e-16
 
@@ -82,7 +89,7 @@ class _CheckpointRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, max_checkpoints, y0flat, *params):
         with torch.no_grad():
-            ys = run.integrate(y0flat.detach(), record="replay", max_states=max_checkpoints)
+            ys = run.integrate(y0flat.detach(), record=("replay",), max_states=max_checkpoints)
         recs = run.result[4]["replay"]
         run.stats["n_checkpoints"] = sum(rec[7] is not None for rec in recs)  # states kept
         ctx.run = run
@@ -178,17 +185,14 @@ def backsolve_rows(cfg, run, y0flat, params):
             "integral out of the state (as seminorm=True), so a norm on the augmented tuple "
             "(y, adj_y, adj_params...) has nothing to act on; leave norm unset"
         )
-    if cfg.outputs == "replay":
+    if cfg.outputs == "replay" and not isinstance(run.stepper.tab, ButcherTableau):
         raise ValueError(
-            "Backsolve(outputs='replay') is not available with batch_control='per_sample': the "
-            "per-sample backward solve stops at every output time of each sample (as "
-            "outputs='stop'; its cost grows with the number of output times). Use "
-            "outputs='auto' or 'stop', gradient='checkpoint' (exact, its backward cost is flat "
-            "in the output times), or batch_control='shared' for many output times"
+            f"Backsolve(outputs='replay') with batch_control='per_sample' replays forward steps "
+            f"of an explicit Runge-Kutta method, got solver {run.stepper.tab.name!r} (a replay "
+            "would redo its Newton iterations); use outputs='stop' or 'auto'"
         )
-    run.stats["backsolve_outputs"] = "stop"
     tab = get_tableau(cfg.solver) if cfg.solver is not None else run.stepper.tab
-    if cfg.dt is not None:  # fixed steps of dt backward from each sample's output times
+    if cfg.dt is not None:  # fixed steps of dt backward from each sample's end
         if tab.adaptive:
             raise ValueError(
                 f"Backsolve(dt=...) needs a fixed-step solver for the backward solve (e.g. "
@@ -226,11 +230,90 @@ def _failed_restart(run, ys):
     return rows, L, ys[L * B + rows].detach()
 
 
+@dataclasses.dataclass
+class _Stops:
+    """Where each sample's backward solve stops and what happens there (see :func:`_stops`)."""
+
+    times: torch.Tensor  # (B, S) float64: the backward solve's start, its stops, its end
+    jump: torch.Tensor  # (B*S, M) the adjoint's jump at stop s of sample b (row b*S + s)
+    replay: torch.Tensor  # (B*S,) long: the first inner output of the step replayed there, or -1
+    inner: torch.Tensor  # (B, T) bool: outputs strictly inside a replayed forward step
+    mode: str  # "stop", "replay" or "mixed" (Solution.stats["backsolve_outputs"])
+
+
+def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
+    """The stops of each sample's backward solve, from its end (or last written output) back.
+
+    Every output of a sample that is not at its initial time (those are added at the end)
+    makes the adjoint jump at its time, except with replay: outputs strictly inside a forward
+    step then enter through that step's continuous extension, replayed with autograd at the
+    step's start (one stop per forward step holding outputs, not one per output). A sample
+    replays when asked (``outputs="replay"``) or, with ``"auto"``, when such outputs
+    outnumber its forward steps (the shared driver's rule); failed samples and implicit
+    methods never replay. Stops at equal times are merged. Returns the stops and the forward
+    steps that wrote each output ((5, B, T), see ``record="times"``; None when not kept)."""
+    tau, nacc, state = run.tau, run.result[2], run.result[4]
+    B, T = tau.shape
+    dev = tau.device
+    sdir = torch.where(tau[:, -1:] >= tau[:, :1], 1.0, -1.0).to(torch.float64)
+    stau = (sdir * tau).contiguous()
+    jj = torch.arange(T, device=dev)
+    n0 = torch.searchsorted(stau, stau[:, :1].contiguous(), right=True)
+    live = jj >= n0  # outputs not at the initial time
+    start = tau[:, -1].clone()
+    no = torch.zeros(B, dtype=torch.bool, device=dev)
+    if failed is not None:
+        rows, L, _ = failed
+        start[rows] = tau[rows, L]
+        live[rows] &= jj <= L.unsqueeze(1)
+    steps = state.get("out_steps")
+    if steps is None:  # outputs="stop" (or an implicit method): nothing to replay
+        steps, inner, rep = None, torch.zeros_like(live), no
+    else:
+        steps = steps.view(5, T, B).transpose(1, 2)  # (5, B, T): t_old, h, t_new, t_last, tf
+        inner = live & (tau != steps[2])
+        rep = ~no if cfg.outputs == "replay" else inner.sum(1) > nacc.to(dev)
+        if failed is not None:
+            rep[failed[0]] = False
+        inner &= rep.unsqueeze(1)
+    at = live & ~inner
+    first = inner.clone()  # the first inner output of each replayed step
+    t_old = steps[0] if steps is not None else tau
+    first[:, 1:] &= ~(inner[:, :-1] & (t_old[:, 1:] == t_old[:, :-1]))
+    t0 = tau[:, :1]
+    # Candidate stops: the start, the outputs, the starts of replayed steps, the end (t0).
+    # Those not taken sit at t0 with nothing to do; a stable sort keeps the start first.
+    cand = torch.cat(
+        [start.unsqueeze(1), torch.where(at, tau, t0), torch.where(first, t_old, t0), t0], 1
+    )
+    order = torch.sort(sdir * cand, dim=1, descending=True, stable=True).indices
+    ct = cand.gather(1, order)
+    new = torch.ones_like(ct, dtype=torch.bool)
+    new[:, 1:] = ct[:, 1:] != ct[:, :-1]
+    slot = torch.cumsum(new, 1) - 1  # (B, 2T+2)
+    S = int(slot.max()) + 1
+    times = t0.expand(B, S).clone().scatter_(1, slot, ct)
+    key = torch.arange(B, device=dev).unsqueeze(1) * S + slot  # row b*S + s per candidate
+    M = g.shape[1]
+    bj = (at.nonzero(), first.nonzero())
+    jump = torch.zeros((B * S, M), dtype=g.dtype, device=g.device)
+    replay = torch.full((B * S,), -1, dtype=torch.long, device=dev)
+    slot_of = torch.empty((B, 2 * T + 2), dtype=torch.long, device=dev).scatter_(1, order, key)
+    b, j = bj[0].unbind(1)
+    jump.index_add_(0, slot_of[b, 1 + j], g[j * B + b])
+    b, j = bj[1].unbind(1)
+    replay[slot_of[b, 1 + T + j]] = j
+    n_rep, n_live = int(rep.sum()), int((start != tau[:, 0]).sum())
+    mode = "stop" if n_rep == 0 else "replay" if n_rep >= n_live else "mixed"
+    return _Stops(times, jump, replay, inner, mode), steps
+
+
 class _BacksolveRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, cfg, y0flat, *params):
+        replays = cfg.outputs != "stop" and isinstance(run.stepper.tab, ButcherTableau)
         with torch.no_grad():
-            ys = run.integrate(y0flat.detach())
+            ys = run.integrate(y0flat.detach(), record=("times",) if replays else ())
         ctx.run, ctx.cfg = run, cfg
         ctx.failed = _failed_restart(run, ys)
         ctx.save_for_backward(*params)
@@ -247,14 +330,13 @@ class _BacksolveRows(torch.autograd.Function):
         y_final = run.result[0]
         B, M = y_final.shape
         tau = run.tau
-        T = tau.shape[1]
         inner = BatchedField(run.func, run.spec, run.time_dtype)
         aug_spec, _ = flatten_state((y_final, y_final), batched=True, name="adjoint state")
         f = _AdjointRows(inner, aug_spec)
         tab = get_tableau(cfg.solver) if cfg.solver is not None else run.stepper.tab
         stepper = make_stepper(tab, y_final.dtype, y_final.device)
         ctrl = run.ctrl  # fixed steps: the same controller, backward from each sample's end
-        if cfg.dt is not None:  # steps of dt from each output time back to the previous one
+        if cfg.dt is not None:  # steps of dt backward from each sample's end
             ctrl = ConstantStep(cfg.dt, jump_t=ctrl.jump_t)
         elif ctrl.adaptive:  # no dt_min: a forward step clipped to an output may be shorter
             ctrl = dataclasses.replace(ctrl, dt0=None, dt_min=0.0, norm=None)
@@ -282,30 +364,73 @@ class _BacksolveRows(torch.autograd.Function):
                 grads = torch.autograd.grad(fy, params, cot, allow_unused=True)
             _sum_into(gp, grads)
 
-        a = g[(T - 1) * B :].clone()
-        ya = torch.cat([y_final, a], 1)
-        if ctx.failed is not None:  # failed samples start at their last written output
-            rows, L, y_L = ctx.failed
-            ya[rows] = torch.cat([y_L, torch.where((L == T - 1).unsqueeze(1), a[rows], 0)], 1)
-        for j in range(T - 2, -1, -1):
-            seg = torch.stack([tau[:, j + 1], tau[:, j]], 1)
-            if ctx.failed is not None:  # no segment past a failed sample's last output
-                seg[rows] = torch.where((j >= L).unsqueeze(1), tau[rows, L].unsqueeze(1), seg[rows])
-            # Output times a few ulps apart: no step fits between them (it would underflow),
-            # and the adjoint moves by O(ulp) there, so the row's segment is left out.
-            sliver = (seg[:, 0] - seg[:, 1]).abs() <= 8 * _EPS64 * seg.abs().amax(1)
-            seg[:, 1] = torch.where(sliver, seg[:, 0], seg[:, 1])
-            with torch.no_grad():
-                _, ya, *_ = integrate_per_sample(
-                    aug_spec, f, stepper, ya, seg, ctrl, rt, at, cfg.max_steps, True, None,
-                    floor, on_step=on_step, outputs=False,
-                )  # fmt: skip
-            gj = g[j * B : (j + 1) * B]
-            if ctx.failed is not None:  # outputs past a failed sample's last one: NaN constants
-                gj = gj.index_put((rows,), torch.where((j > L).unsqueeze(1), 0, gj[rows]))
-            ya = torch.cat([ya[:, :M], ya[:, M:] + gj], 1)
+        stops, steps = _stops(run, cfg, ctx.failed, g)
+        run.stats["backsolve_outputs"] = stops.mode
+        S = stops.times.shape[1]
+        nfe_replay = [0]
+
+        def on_land(w, landed):
+            """At a stop: the adjoint jumps by the gradients of the outputs there and of those
+            inside the forward step replayed from there; the rows' first stage follows."""
+            q = landed.nonzero().squeeze(1)
+            key = w.idx[q] * S + w.nxt[q]
+            ya = w.y[q]
+            a = ya[:, M:] + stops.jump[key]
+            rj = stops.replay[key]
+            with torch.enable_grad():
+                yk = ya[:, :M].detach().requires_grad_()
+                inner.lo, inner.hi = w.lo[q], w.hi[q]
+                fy = inner(w.tf[q], yk)
+                rp = (rj >= 0).nonzero().squeeze(1)
+                if rp.numel():
+                    n0 = inner.nfe
+                    a = a + _replay_step(run, inner, steps, stops.inner, g, yk, fy, w.tf[q],
+                                         w.idx[q], rp, rj[rp], params, gp)  # fmt: skip
+                    nfe_replay[0] += inner.nfe - n0
+                (va,) = torch.autograd.grad(fy, yk, -a, allow_unused=True)
+            inner.lo = inner.hi = None
+            w.y = w.y.index_copy(0, q, torch.cat([ya[:, :M], a], 1))
+            k1 = torch.cat([fy.detach(), va if va is not None else torch.zeros_like(a)], 1)
+            w.k1 = w.k1.index_copy(0, q, k1)
+            w.stale = w.stale.index_fill(0, q, False)
+
+        start = torch.arange(B, device=tau.device) * S  # stop 0: the outputs at the start
+        y_start = y_final if ctx.failed is None else y_final.index_copy(0, *ctx.failed[::2])
+        ya = torch.cat([y_start, stops.jump[start]], 1)
+        with torch.no_grad():
+            _, ya, *_ = integrate_per_sample(
+                aug_spec, f, stepper, ya, stops.times, ctrl, rt, at, cfg.max_steps, True, (),
+                floor, on_step=on_step, outputs=False, on_land=on_land,
+            )  # fmt: skip
         run.stats["nfe_backward"] = inner.nfe  # func calls (each with a VJP), as forward
-        return (None, None, ya[:, M:], *gp)
+        run.stats["nfe_backward_replay"] = nfe_replay[0]
+        return (None, None, _initial_outputs(ya[:, M:], g, tau, B), *gp)
+
+
+def _replay_step(run, inner, steps, is_inner, g, yk, fy, tf, idx, rp, jr, params, gp):
+    """The gradients of the outputs inside the forward steps replayed by rows ``rp`` of the
+    landed rows (states ``yk`` with ``fy = f(tf, yk)``, samples ``idx``), from the step's own
+    continuous extension: the adjoint's jump (len(yk), M); the parameters' part goes to
+    ``gp``. ``jr``: each replayed step's first inner output."""
+    B = run.tau.shape[0]
+    br = idx[rp]
+    t_old, h, t_new, t_last, tf_fwd = steps[:, br, jr]
+    y, k1, tau = yk[rp], fy[rp], run.tau
+    lo, hi = torch.minimum(tau[br, 0], tau[br, -1]), torch.maximum(tau[br, 0], tau[br, -1])
+    inner.lo, inner.hi = lo, hi
+    other = tf_fwd != tf[rp]  # the step started past a jump_t: f on its far side
+    if bool(other.any()):
+        k1 = torch.where(other.unsqueeze(1), inner(tf_fwd, y), k1)
+    st = run.stepper
+    y_new, _, K = st.step(inner, t_old, h, y, k1, t_last, True)
+    K = K.view(-1, *y.shape)
+    r, j = (is_inner[br] & (steps[0, br] == t_old.unsqueeze(1))).nonzero().unbind(1)
+    has = torch.ones(br.shape[0], dtype=torch.bool, device=br.device)
+    v, _ = step_outputs(st, inner, K, t_old, h, t_new, y, y_new, lo, hi, has, r, tau[br[r], j])
+    grads = torch.autograd.grad(v, [yk, *params], g[j * B + br[r]], allow_unused=True,
+                                retain_graph=True)  # fmt: skip
+    _sum_into(gp, grads[1:])
+    return grads[0] if grads[0] is not None else torch.zeros_like(yk)
 
 
 def refuse_per_sample(gradient, tab) -> None:
