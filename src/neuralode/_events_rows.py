@@ -32,13 +32,20 @@ import warnings
 
 import torch
 
+from ._loop_batched import (
+    BatchedField,
+    integrate_per_sample,
+    per_row_times,
+    real_dtype,
+    time_layout,
+)
+from .controllers.step_size import underflows
 from .events import _crossed
 from .gradients._common import capable
+from .interpolation.dense_batched import dense_rows
 from .solution import Solution
 
 __all__ = ["solve_rows_with_event"]
-
-_EPS64 = 2.220446049250313e-16
 
 
 class RowEventFn:
@@ -101,16 +108,9 @@ class RowEventMonitor:
         n = ar.numel()
         if n == 0:
             return None
-        st, M = self.stepper, y_old.shape[1]
         t0, hh, t1, y0 = t_old[ar], h[ar], w.t[ar], y_old[ar]
-        Kd = K[:, ar]
-        if st.Sd > st.S:  # dense stages of the accepted steps (inside each row's interval)
-            f = self.f
-            f.lo, f.hi = w.lo[ar], w.hi[ar]
-            Kd = st.dense_stages(f, t0, hh, y0, Kd, None, t_last[ar]).view(-1, n, M)
-            f.lo, f.hi = w.lo, w.hi
-        full = lambda x: torch.full((n,), x, dtype=torch.float64, device=t0.device)  # noqa: E731
-        pts = [self._at(Kd, y0, hh, full(th)) for th in self.CHECKS]
+        Kd = dense_rows(self.stepper, self.f, K[:, ar], t0, hh, y0, t_last[ar], w.lo[ar], w.hi[ar])
+        pts = [self._at(Kd, y0, hh, hh.new_full((n,), th)) for th in self.CHECKS]
         ts = torch.cat([t0 + th * hh for th in self.CHECKS] + [t1])
         gs = self.gfn(ts, torch.cat([*pts, w.y[ar]])).to(torch.float64).view(-1, n)
         gs = torch.cat([self.g_prev[w.idx[ar]].unsqueeze(0), gs])  # (4, n)
@@ -134,10 +134,9 @@ class RowEventMonitor:
         shared monitor's Illinois iteration (bisection once ``g`` is exactly zero at the
         bracket's end), for every row at once; a row stops when its bracket is at the
         resolution of t."""
-        side = torch.zeros_like(a)
-        scale = 4 * _EPS64 * torch.maximum(t0.abs(), t1.abs())
+        side, t_abs = torch.zeros_like(a), torch.maximum(t0.abs(), t1.abs())
         for _ in range(200):
-            live = ((c - a) > 1e-14) & (h.abs() * (c - a) > scale)
+            live = ((c - a) > 1e-14) & ~underflows(h.abs() * (c - a), t_abs, 0.0)
             if not bool(live.any()):
                 break
             m = torch.where(gc == 0.0, 0.5 * (a + c), (a * gc - c * ga) / (gc - ga))
@@ -153,17 +152,16 @@ class RowEventMonitor:
         return c
 
 
-def _flow_derivative(field, gfn, t, y) -> torch.Tensor:
-    """``dg_b/dt + dg_b/dy . f`` along each row's solution at ``(t_b, y_b)``, float64."""
+def _along(field, gfn, t, y):
+    """``(f(t, y), D)`` per row: ``D_b = dg_b/dt + dg_b/dy . f`` along each row's solution at
+    ``(t_b, y_b)`` from one reverse pass through a shift ``s`` of time and state (rows are
+    independent: the sum separates them); None when g does not depend on the shift."""
     with torch.enable_grad():
         fy = field(t, y.detach()).detach()
         s = torch.zeros_like(t, requires_grad=True)
-        real = y.real.dtype if y.is_complex() else y.dtype
-        g = gfn(t + s, y.detach() + s.to(real).unsqueeze(1) * fy)
-        if not g.requires_grad:
-            return torch.zeros_like(t)
-        (D,) = torch.autograd.grad(g.sum(), s, allow_unused=True)
-    return torch.zeros_like(t) if D is None else D.detach().to(torch.float64)
+        g = gfn(t + s, y.detach() + s.to(real_dtype(y.dtype)).unsqueeze(1) * fy)
+        D = torch.autograd.grad(g.sum(), s, allow_unused=True)[0] if g.requires_grad else None
+    return fy, D
 
 
 def _locate(ctx, gfn, event, y_s, t_s, t_end, restart: bool, used=None):
@@ -172,8 +170,6 @@ def _locate(ctx, gfn, event, y_s, t_s, t_end, restart: bool, used=None):
     A zero of g at the start (after an event: g near zero) is not an event: the sign that
     counts as "before" is then the sign in which g moves along the solution (as in the shared
     path)."""
-    from ._loop_batched import BatchedField, integrate_per_sample
-
     f = BatchedField(ctx.func, ctx.spec, ctx.time_dtype)
     with torch.no_grad():
         g0 = gfn(t_s, y_s).to(torch.float64, copy=True)  # (g may return a view of y)
@@ -187,7 +183,8 @@ def _locate(ctx, gfn, event, y_s, t_s, t_end, restart: bool, used=None):
         # "Before" is the sign g takes just after the start in each row's direction of
         # integration: g(t_s + s) ~ s D, with s < 0 for a row solved backward in time.
         sdir = torch.where(t_end[r] >= t_s[r], 1.0, -1.0).to(torch.float64)
-        g0[r] = sdir * torch.sign(_flow_derivative(f, gfn, t_s[r], y_s[r]))
+        D = _along(f, gfn, t_s[r], y_s[r])[1]
+        g0[r] = 0.0 if D is None else sdir * torch.sign(D.to(torch.float64))
     mon = RowEventMonitor(gfn, ctx.stepper, f, event.direction, g0)
     with torch.no_grad():
         integrate_per_sample(
@@ -201,17 +198,7 @@ def _locate(ctx, gfn, event, y_s, t_s, t_end, restart: bool, used=None):
 def _reroute(ctx, gfn, event, t_star, y_star):
     """Implicit-function-theorem re-attachment of the rows' event times and states (rows of
     ``t_star`` (n,) float64, ``y_star`` (n, M) from the differentiable solve)."""
-    from ._loop_batched import BatchedField
-
-    field = BatchedField(ctx.func, ctx.spec, ctx.time_dtype)
-    real = y_star.real.dtype if y_star.is_complex() else y_star.dtype
-    with torch.enable_grad():
-        fy = field(t_star, y_star.detach()).detach()
-        s = torch.zeros_like(t_star, requires_grad=True)
-        gs = gfn(t_star + s, y_star.detach() + s.to(real).unsqueeze(1) * fy)
-        D = None
-        if gs.requires_grad:
-            (D,) = torch.autograd.grad(gs.sum(), s, allow_unused=True)
+    fy, D = _along(BatchedField(ctx.func, ctx.spec, ctx.time_dtype), gfn, t_star, y_star)
     g_val = gfn(t_star, y_star)
     if (D is None or bool((D == 0).all())) and not (g_val.requires_grad or y_star.requires_grad):
         return t_star, y_star  # no gradient wanted: the located times as they are
@@ -239,7 +226,7 @@ def _reroute(ctx, gfn, event, t_star, y_star):
             f"t={bad!r}; the event time is not differentiable (a tangential crossing)"
         )
     te = t_star - g_val.to(torch.float64) / D.detach().to(torch.float64)
-    return te, y_star + fy * (te - t_star).to(real).unsqueeze(1)
+    return te, y_star + fy * (te - t_star).to(real_dtype(y_star.dtype)).unsqueeze(1)
 
 
 def _flat(spec, state, L: int) -> torch.Tensor:
@@ -249,12 +236,6 @@ def _flat(spec, state, L: int) -> torch.Tensor:
     else:
         parts = list(state) if spec.kind == "tuple" else [state[k] for k in spec.keys]
     return torch.cat([p.reshape(L, spec.batch, -1) for p in parts], -1)
-
-
-def _times(t: torch.Tensor, B: int, device) -> torch.Tensor:
-    """``t`` as a (B, T) float64 tensor on the state's device, keeping its graph."""
-    tt = t.to(device=device, dtype=torch.float64)
-    return tt.unsqueeze(0).expand(B, -1) if tt.dim() == 1 else tt
 
 
 def solve_rows_with_event(solve_rows, ctx, y0, t, event, kw: dict) -> Solution:
@@ -280,13 +261,13 @@ def solve_rows_with_event(solve_rows, ctx, y0, t, event, kw: dict) -> Solution:
 def _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw):
     spec, tau = ctx.spec, ctx.tau
     B, T = tau.shape
-    sdir = torch.where(tau[:, -1] >= tau[:, 0], 1.0, -1.0).to(torch.float64)
+    sdir = time_layout(tau)[0]
     t_star, nfe1 = _locate(ctx, gfn, event, y0flat.detach(), tau[:, 0], tau[:, -1], False)
     fired = ~torch.isnan(t_star)
     stops = torch.where(fired, t_star, tau[:, -1])
     # Phase 2: the outputs before its event keep their (possibly differentiable) times, the
     # others sit at the event; one more column ends every row at its event (or its end).
-    tt = _times(t, B, tau.device)
+    tt = per_row_times(t, B, tau.device)
     before = (sdir.unsqueeze(1) * (tau - stops.unsqueeze(1)) < 0) | ~fired.unsqueeze(1)
     before[:, 0] = True
     end = torch.where(fired, t_star, tt[:, -1])
@@ -305,18 +286,22 @@ def _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw):
     ys = torch.where(after.T.unsqueeze(2), y_event.unsqueeze(0), ysf[:T])
     stats = dict(sol.stats)
     stats.update(nfe_event_location=nfe1, n_event_fn=gfn.calls)
-    status = (
-        sol.status if sol.status != "success" else ("event" if bool(fired.all()) else "success")
-    )
+    status = sol.status if sol.status != "success" else "event" if bool(fired.all()) else "success"
+    t_final = torch.where(fired, stops, sol.t_final)
+    return _solution(ctx, t, ys, stats, status, t_final, sol.message, t_event, y_event, kw)
+
+
+def _solution(ctx, t, ys, stats, status, t_final, message, event_t, event_y, kw) -> Solution:
+    """The event solve's Solution from flat ``ys`` (T, B, M) and ``event_y`` ((K,) B, M)."""
     return Solution(
         t=t,
-        ys=spec.unflatten(ys, lead=(T,)),
+        ys=ctx.spec.unflatten(ys, lead=ys.shape[:1]),
         stats=stats,
         status=status,
-        t_final=torch.where(fired, stops, sol.t_final),
-        message=sol.message,
-        event_t=t_event.to(ctx.time_dtype),
-        event_y=spec.unflatten(y_event),
+        t_final=t_final,
+        message=message,
+        event_t=event_t.to(ctx.time_dtype),
+        event_y=ctx.spec.unflatten(event_y, lead=event_y.shape[:-2]),
         _per_sample=True,
         _detached=not capable(kw["gradient"], "exact_autograd"),
     )
@@ -326,20 +311,16 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
     spec, tau = ctx.spec, ctx.tau
     B, T = tau.shape
     dev = tau.device
-    sdir = torch.where(tau[:, -1] >= tau[:, 0], 1.0, -1.0).to(torch.float64)
-    stau = (sdir.unsqueeze(1) * tau).contiguous()
-    tt = _times(t, B, tau.device)
+    sdir, stau, _ = time_layout(tau)
+    tt = per_row_times(t, B, tau.device)
     t_end = tau[:, -1]
     t_s, y_s = tt[:, 0], y0flat  # each sample's segment start (differentiable)
     nxt = torch.zeros(B, dtype=torch.long, device=dev)  # next output not yet written
     live = t_end != tau[:, 0]
     pos, vals = [], []
     if not bool(live.all()):  # samples with an empty interval: every output is y0
-        r = (~live).nonzero().squeeze(1)
-        j = torch.arange(T, device=dev)
-        rr, jj = r.repeat_interleave(T), j.repeat(r.numel())
-        pos.append(jj * B + rr)
-        vals.append(y0flat[rr])
+        jj, rr = (~live).expand(T, B).nonzero().unbind(1)
+        pos, vals = [jj * B + rr], [y0flat[rr]]
         nxt = torch.where(live, nxt, T)
     ev_t, ev_y = [], []
     stats = {"nfe": 0, "nfe_event_location": 0, "sample_evals": 0, "wasted_sample_evals": 0,
@@ -407,20 +388,6 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
     stats["wasted_share"] = stats["wasted_sample_evals"] / max(stats["sample_evals"], 1)
     if failed:
         stats["failed_samples"] = sorted(failed)
-    K = len(ev_t)
-    event_t = torch.stack(ev_t) if K else torch.zeros((0, B), dtype=torch.float64, device=dev)
-    event_y = (
-        torch.stack(ev_y) if K else torch.zeros((0, *y0flat.shape), dtype=y0flat.dtype, device=dev)
-    )
-    return Solution(
-        t=t,
-        ys=spec.unflatten(ys, lead=(T,)),
-        stats=stats,
-        status=status,
-        t_final=t_fin,
-        message=message,
-        event_t=event_t.to(ctx.time_dtype),
-        event_y=spec.unflatten(event_y, lead=(K,)),
-        _per_sample=True,
-        _detached=not capable(kw["gradient"], "exact_autograd"),
-    )
+    event_t = torch.stack(ev_t) if ev_t else t_end.new_zeros((0, B))
+    event_y = torch.stack(ev_y) if ev_y else y0flat.new_zeros((0, *y0flat.shape))
+    return _solution(ctx, t, ys, stats, status, t_fin, message, event_t, event_y, kw)

@@ -42,7 +42,7 @@ from ._tree import TreeSpec, flat_tolerance, flatten_state
 from .controllers import PIController
 from .controllers.resolve import resolve_controller
 from .gradients._common import capable
-from .interpolation.dense_batched import PerSampleDense
+from .interpolation.dense_batched import PerSampleDense, step_outputs
 from .solution import Solution
 from .solvers.explicit_rk import make_stepper
 
@@ -98,9 +98,6 @@ class BatchedField:
         """f on the 1-D state ``(A*M,)`` of the rows at times ``t`` (A,); returns 1-D."""
         return self(t, y.view(t.shape[0], -1)).reshape(-1)
 
-    def into(self, t, y, dst_shaped, dst: torch.Tensor) -> None:
-        dst.copy_(self.flat(t, y))
-
 
 @dataclasses.dataclass
 class _Rows:
@@ -136,6 +133,20 @@ class _Rows:
                 for v in (getattr(self, k.name),)
             }
         )
+
+
+def time_layout(tau: torch.Tensor):
+    """``(sdir, stau, n0)`` of output times ``tau`` (B, T) float64: each row's direction of
+    integration (B,) (+1.0 or -1.0), ``sdir * tau`` (non-decreasing along each row) and how
+    many of its outputs lie at its initial time (B,) long."""
+    sdir = torch.where(tau[:, -1] >= tau[:, 0], 1.0, -1.0).to(torch.float64)
+    stau = (sdir.unsqueeze(1) * tau).contiguous()
+    return sdir, stau, torch.searchsorted(stau, stau[:, :1].contiguous(), right=True).squeeze(1)
+
+
+def zero_atol(atol) -> bool:
+    """Whether some absolute tolerance is zero (the error scale then needs its floor)."""
+    return atol == 0 if isinstance(atol, float) else bool((atol == 0).any())
 
 
 def _stuck(ctrl, w: _Rows) -> torch.Tensor:
@@ -211,12 +222,9 @@ def integrate_per_sample(
     k = stepper.tab.error_order() if ctrl.adaptive else None
     f64, i64 = dict(dtype=torch.float64, device=dev), dict(dtype=torch.long, device=dev)
     t0, t_end = tau[:, 0], tau[:, -1]
-    sdir = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
-    stau = (sdir.unsqueeze(1) * tau).contiguous()
+    sdir, stau, n0 = time_layout(tau)
     ar_T = torch.arange(T, device=dev)
-    # Outputs at a sample's initial time are its initial state.
-    n0 = torch.searchsorted(stau, stau[:, :1].contiguous(), right=True).squeeze(1)
-    r, j = (ar_T < n0.unsqueeze(1)).nonzero().unbind(1)
+    r, j = (ar_T < n0.unsqueeze(1)).nonzero().unbind(1)  # outputs at t0: the initial state
     pos, vals = [j * B + r], [y0[r]]
     state = {"status": "success", "message": "", "failed": [], "compactions": 0, "iterations": 0,
              "replay": []}  # fmt: skip
@@ -250,6 +258,10 @@ def integrate_per_sample(
     user = ctrl.norm  # PIController(norm=...): see _norm_rows
     norm = ErrorNorm(y0[:1], spec) if user is None else RowUserNorm(user, spec)
     landings = torch.tensor(sorted({*ctrl.step_t, *ctrl.jump_t}), **f64)
+    # Attempts in earlier segments (events) count toward max_steps. Every live row makes one
+    # per iteration: from it_max on, some row may have used them all (no host read before).
+    used_att = used.sum(1) if used is not None else torch.zeros(B, **i64)
+    it_max = None if max_steps is None else max_steps - int(used_att.max())
     if A:
         f.lo, f.hi = w.lo, w.hi  # every evaluation stays inside its sample's interval
         w.k1 = f(w.t, w.y)
@@ -257,18 +269,11 @@ def integrate_per_sample(
         w.h = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
         w.h = torch.zeros(A, **f64) + w.h  # fixed-step controllers give a float
         fail = _stuck(ctrl, w)
-        if used is not None and max_steps is not None:  # no attempt left from earlier segments
-            fail = fail | (used[m].sum(1) >= max_steps)
+        if max_steps is not None:  # no attempt left from earlier segments
+            fail = fail | (used_att[m] >= max_steps)
         if bool(fail.any()):
             _handle_failures(w, fail, ctrl, max_steps, throw, state, used)
             n_done = int(w.done.sum())
-    # The iteration from which a row may have used max_steps attempts (every live row makes
-    # one per iteration), so the per-row check costs no host read before it.
-    it_max = max_steps
-    if max_steps is not None and used is not None:
-        used_att = used.sum(1)
-        it_max = max_steps - int(used_att.max())
-
     while A and n_done < A:
         state["iterations"] += 1
         f.lo, f.hi, f.idle = w.lo, w.hi, n_done
@@ -334,11 +339,8 @@ def integrate_per_sample(
             w.stale = w.stale & ~jumped
             w.tf = torch.where(jumped, t_first, w.tf)
         if it_max is not None and state["iterations"] >= it_max and n_done < A:
-            if used is None:
-                fail, n_fail = ~w.done, 1  # every live row has used max_steps attempts
-            else:
-                fail = fail | (~w.done & (w.att + used_att[w.idx] >= max_steps))
-                n_fail = int(fail.sum())
+            fail = fail | (~w.done & (w.att + used_att[w.idx] >= max_steps))
+            n_fail = int(fail.sum())
         if "dense" in record and n_acc:
             records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K))
         # ---- outputs inside the accepted steps, from each step's continuous extension
@@ -388,13 +390,7 @@ def integrate_per_sample(
     # ---- assemble: outputs never written (failed samples) stay NaN
     ys = torch.full((T * B, y0.shape[1]), float("nan"), dtype=y0.dtype, device=dev)
     ys = ys.index_put((torch.cat(pos),), torch.cat(vals))
-    fixed = torch.ones(B, dtype=torch.bool, device=dev)
-    if finals_pos:
-        fixed[torch.cat(finals_pos)] = False
-    keep = fixed.nonzero().squeeze(1)  # samples that never moved
-    y_final = torch.empty_like(y0).index_put(
-        (torch.cat([keep, *finals_pos]),), torch.cat([y0[keep], *finals])
-    )
+    y_final = y0.index_put((torch.cat(finals_pos),), torch.cat(finals)) if finals else y0
     return ys, y_final, tfin, nacc, nrej, state, records
 
 
@@ -480,9 +476,9 @@ def solve_per_sample(
     ctrl.check_span(float(tau.min()), float(tau.max()))
     direct = capable(gradient, "exact_autograd")
     dense = bool(dense_output) if dense_output is not None else direct and not compile
-    floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
-    if not ctrl.adaptive:
-        floor = False
+    floor = ctrl.adaptive and zero_atol(at)
+    run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
+                  dense, floor, used=_used, compile=compile)  # fmt: skip
     if event is not None:  # located per sample, then a differentiable solve to each event
         from ._events_rows import solve_rows_with_event
 
@@ -493,16 +489,12 @@ def solve_per_sample(
             )
         kw = dict(tab=tab, controller=controller, rtol=rtol, atol=atol, dt=dt,
                   gradient=gradient, max_steps=max_steps, throw=throw, time_dtype=time_dtype)  # fmt: skip
-        ctx = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
-                      False, floor)  # fmt: skip
-        return solve_rows_with_event(solve_per_sample, ctx, y0, t, event, kw)
-    run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
-                  dense, floor, used=_used, compile=compile)  # fmt: skip
+        return solve_rows_with_event(solve_per_sample, run, y0, t, event, kw)
     y_start = y0flat
     if t_grad:  # dL/dt by the continuous derivatives: y0 moves with t0 by -f(t0, y0) dt0
-        shift = _time_shift(t, tau)
+        shift = per_row_times(t - t.detach(), spec.batch, tau.device)  # 0, carrying d/dt
         f0 = BatchedField(func, spec, time_dtype)(tau[:, 0], y0flat)
-        y_start = y0flat - shift[:, :1].to(_real(y0flat.dtype)) * f0
+        y_start = y0flat - shift[:, :1].to(real_dtype(y0flat.dtype)) * f0
     ys = gradient.run_rows(run, y_start)
     if t_grad:
         ys, n_t = _output_time_shift(func, spec, time_dtype, shift, tau, ys)
@@ -541,15 +533,15 @@ def solve_per_sample(
     )
 
 
-def _real(dtype: torch.dtype) -> torch.dtype:
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
 
 
-def _time_shift(t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """``t - t.detach()`` as ``(B, T)`` (a 1-D t serves every sample): zero in value, it
-    carries ``d/dt`` into the graph."""
-    d = (t - t.detach()).to(tau.device)  # (t may live on the CPU, the state elsewhere)
-    return d.unsqueeze(0).expand(tau.shape[0], -1) if d.dim() == 1 else d
+def per_row_times(t: torch.Tensor, B: int, device) -> torch.Tensor:
+    """``t`` (T,) or (B, T) as (B, T) float64 on ``device`` (a 1-D t serves every sample),
+    keeping its graph."""
+    tt = t.to(device=device, dtype=torch.float64)
+    return tt.unsqueeze(0).expand(B, -1) if tt.dim() == 1 else tt
 
 
 def _output_time_shift(func, spec, time_dtype, shift, tau, ys):
@@ -562,27 +554,7 @@ def _output_time_shift(func, spec, time_dtype, shift, tau, ys):
     ok = torch.isfinite(ys).all(1)
     fy = fv(tau.T.reshape(-1), torch.where(ok.unsqueeze(1), ys, torch.zeros_like(ys)))
     d = torch.where(ok, shift.T.reshape(-1), torch.zeros_like(shift.T.reshape(-1)))
-    return ys + d.to(_real(ys.dtype)).unsqueeze(1) * fy, fv.nfe
-
-
-def step_outputs(stepper, f, K, t_old, h, t_new, y_old, y_new, lo, hi, has, r, tau_j):
-    """Values at the output times ``tau_j`` inside the steps of rows ``r`` (rows ``has`` hold
-    outputs): the step's continuous extension, and the end state exactly at a step's end.
-    Returns ``(values (n, M), k_end)`` where ``k_end = (rows, f at their step ends)`` when the
-    dense stages evaluated it (the next step's first stage), else None."""
-    Kd, kr, k_end = K, r, None
-    if stepper.Sd > stepper.S:  # dense stages, only for the rows with outputs
-        ur = has.nonzero().squeeze(1)
-        f.lo, f.hi = lo[ur], hi[ur]
-        Kd = stepper.dense_stages(f, t_old[ur], h[ur], y_old[ur], K[:, ur], None, t_new[ur])
-        Kd = Kd.view(-1, ur.shape[0], K.shape[2])
-        f.lo, f.hi = lo, hi
-        kr = (torch.cumsum(has, 0) - 1)[r]
-        if stepper.tab.dense_stage_is_next_first:
-            k_end = (ur, Kd[stepper.S])
-    g3 = torch.stack([t_old, h, t_new], 1)[r]
-    v = stepper.interpolate(Kd[:, kr], y_old[r], g3[:, 1], (tau_j - g3[:, 0]) / g3[:, 1])
-    return torch.where((tau_j == g3[:, 2]).unsqueeze(1), y_new[r], v), k_end
+    return ys + d.to(real_dtype(ys.dtype)).unsqueeze(1) * fy, fv.nfe
 
 
 def _check_times(t: torch.Tensor, B: int, opt: str) -> torch.Tensor:

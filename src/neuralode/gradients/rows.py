@@ -34,14 +34,18 @@ import dataclasses
 
 import torch
 
-from .._loop_batched import BatchedField, integrate_per_sample, step_outputs
+from .._loop_batched import (
+    BatchedField,
+    integrate_per_sample,
+    time_layout,
+    zero_atol,
+)
 from .._tree import flatten_state
 from ..controllers import ConstantStep
+from ..interpolation.dense_batched import step_outputs
 from ..solvers import get_tableau
 from ..solvers.explicit_rk import make_stepper
 from ..solvers.tableau import ButcherTableau
-
-_EPS64 = 2.220446049250313e-16
 
 __all__ = ["checkpointed_rows", "backsolve_rows"]
 
@@ -54,8 +58,7 @@ def _sum_into(acc: list, grads) -> None:
 
 def _initial_outputs(a, g, tau, B):
     """Add the gradients of outputs at each sample's initial time (they are y0 itself)."""
-    stau = torch.where(tau[:, -1:] >= tau[:, :1], tau, -tau)
-    n0 = torch.searchsorted(stau.contiguous(), stau[:, :1].contiguous(), right=True).squeeze(1)
+    n0 = time_layout(tau)[2]
     r, j = (torch.arange(tau.shape[1], device=tau.device) < n0.unsqueeze(1)).nonzero().unbind(1)
     return a.index_add(0, r, g[j * B + r])
 
@@ -222,9 +225,8 @@ def _failed_restart(run, ys):
     B, T = tau.shape
     rows = torch.tensor(sorted(failed), dtype=torch.long, device=tau.device)
     tr = tau[rows]
-    sdir = torch.where(tr[:, -1:] >= tr[:, :1], 1.0, -1.0)
     # Outputs are written at step ends, up to and including the time the sample failed at.
-    written = sdir * (tr - tfin[rows].unsqueeze(1)) <= 0
+    written = time_layout(tr)[0].unsqueeze(1) * (tr - tfin[rows].unsqueeze(1)) <= 0
     written[:, 0] = True
     L = (written.long() * torch.arange(T, device=tau.device)).amax(1)
     return rows, L, ys[L * B + rows].detach()
@@ -255,17 +257,14 @@ def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
     tau, nacc, state = run.tau, run.result[2], run.result[4]
     B, T = tau.shape
     dev = tau.device
-    sdir = torch.where(tau[:, -1:] >= tau[:, :1], 1.0, -1.0).to(torch.float64)
-    stau = (sdir * tau).contiguous()
-    jj = torch.arange(T, device=dev)
-    n0 = torch.searchsorted(stau, stau[:, :1].contiguous(), right=True)
-    live = jj >= n0  # outputs not at the initial time
+    sdir, _, n0 = time_layout(tau)
+    live = torch.arange(T, device=dev) >= n0.unsqueeze(1)  # outputs not at the initial time
     start = tau[:, -1].clone()
     no = torch.zeros(B, dtype=torch.bool, device=dev)
     if failed is not None:
         rows, L, _ = failed
         start[rows] = tau[rows, L]
-        live[rows] &= jj <= L.unsqueeze(1)
+        live[rows] &= torch.arange(T, device=dev) <= L.unsqueeze(1)
     steps = state.get("out_steps")
     if steps is None:  # outputs="stop" (or an implicit method): nothing to replay
         steps, inner, rep = None, torch.zeros_like(live), no
@@ -286,7 +285,7 @@ def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
     cand = torch.cat(
         [start.unsqueeze(1), torch.where(at, tau, t0), torch.where(first, t_old, t0), t0], 1
     )
-    order = torch.sort(sdir * cand, dim=1, descending=True, stable=True).indices
+    order = torch.sort(sdir.unsqueeze(1) * cand, dim=1, descending=True, stable=True).indices
     ct = cand.gather(1, order)
     new = torch.ones_like(ct, dtype=torch.bool)
     new[:, 1:] = ct[:, 1:] != ct[:, :-1]
@@ -343,7 +342,7 @@ class _BacksolveRows(torch.autograd.Function):
         rt = run.rtol if cfg.rtol is None else float(cfg.rtol)
         at = run.atol if cfg.atol is None else float(cfg.atol)
         rt, at = (torch.cat([x, x], 1) if isinstance(x, torch.Tensor) else x for x in (rt, at))
-        floor = at == 0 if isinstance(at, float) else bool((at == 0).any())
+        floor = zero_atol(at)
         b = [float(x) for x in tab.b]
         gp = [torch.zeros_like(p) for p in params]
 

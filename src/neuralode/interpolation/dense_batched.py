@@ -1,10 +1,40 @@
-"""Dense output of a solve with per-sample step control: each sample's own accepted steps."""
+"""Dense output of a solve with per-sample step control: each sample's own accepted steps,
+and the continuous extension of a set of rows' steps (outputs, events, replays)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["PerSampleDense"]
+__all__ = ["PerSampleDense", "dense_rows", "step_outputs"]
+
+
+def dense_rows(stepper, f, K, t_old, h, y_old, t_c1, lo, hi) -> torch.Tensor:
+    """The stages and dense stages ``(Sd, n, M)`` of ``n`` rows' steps from their stages ``K``
+    (S, n, M) (``t_c1``: the time of a stage at c = 1), with f kept inside the rows' intervals
+    ``[lo, hi]`` (f's own bounds are restored after)."""
+    if stepper.Sd == stepper.S:
+        return K
+    saved, (f.lo, f.hi) = (f.lo, f.hi), (lo, hi)
+    Kd = stepper.dense_stages(f, t_old, h, y_old, K, None, t_c1)
+    f.lo, f.hi = saved
+    return Kd.view(-1, *y_old.shape)
+
+
+def step_outputs(stepper, f, K, t_old, h, t_new, y_old, y_new, lo, hi, has, r, tau_j):
+    """Values at the output times ``tau_j`` inside the steps of rows ``r`` (rows ``has`` hold
+    outputs): the step's continuous extension, and the end state exactly at a step's end.
+    Returns ``(values (n, M), k_end)`` where ``k_end = (rows, f at their step ends)`` when the
+    dense stages evaluated it (the next step's first stage), else None."""
+    Kd, kr, k_end = K, r, None
+    if stepper.Sd > stepper.S:  # dense stages, only for the rows with outputs
+        u = has.nonzero().squeeze(1)
+        Kd = dense_rows(stepper, f, K[:, u], t_old[u], h[u], y_old[u], t_new[u], lo[u], hi[u])
+        kr = (torch.cumsum(has, 0) - 1)[r]
+        if stepper.tab.dense_stage_is_next_first:
+            k_end = (u, Kd[stepper.S])
+    g3 = torch.stack([t_old, h, t_new], 1)[r]
+    v = stepper.interpolate(Kd[:, kr], y_old[r], g3[:, 1], (tau_j - g3[:, 0]) / g3[:, 1])
+    return torch.where((tau_j == g3[:, 2]).unsqueeze(1), y_new[r], v), k_end
 
 
 class PerSampleDense:
@@ -105,16 +135,13 @@ class PerSampleDense:
             n = counts[s]
             pos = torch.searchsorted(keys[s], (self._sdir[s] * tq).unsqueeze(1)).squeeze(1)
             e = torch.where(n > 0, offsets[s] + torch.minimum(pos, n - 1), 0)
-            st = self._stepper
-            if st.Sd > st.S:
+            st, ue, inv = self._stepper, e, None
+            if st.Sd > st.S:  # dense stages once per step queried
                 ue, inv = torch.unique(e, return_inverse=True)
-                b = sid[ue]
-                self._f.lo, self._f.hi = self._lo[b], self._hi[b]
-                Kd = st.dense_stages(self._f, tlo[ue], h[ue], ya[ue], K[:, ue], None, thi[ue]).view(
-                    -1, ue.shape[0], K.shape[2]
-                )[:, inv]
-            else:
-                Kd = K[:, e]
+            b = sid[ue]
+            Kd = dense_rows(st, self._f, K[:, ue], tlo[ue], h[ue], ya[ue], thi[ue], self._lo[b],
+                            self._hi[b])  # fmt: skip
+            Kd = Kd if inv is None else Kd[:, inv]
             out = st.interpolate(Kd, ya[e], h[e], (tq - tlo[e]) / h[e])
             # The step's end state exactly at a step end; the initial state where a sample never
             # moved (a zero-length interval).
