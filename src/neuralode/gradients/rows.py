@@ -418,7 +418,7 @@ def _replay_step(run, inner, steps, is_inner, g, yk, fy, tf, idx, rp, jr, params
     lo, hi = torch.minimum(tau[br, 0], tau[br, -1]), torch.maximum(tau[br, 0], tau[br, -1])
     inner.lo, inner.hi = lo, hi
     other = tf_fwd != tf[rp]  # the step started past a jump_t: f on its far side
-    if bool(other.any()):
+    if run.ctrl.jump_t and bool(other.any()):
         k1 = torch.where(other.unsqueeze(1), inner(tf_fwd, y), k1)
     st = run.stepper
     y_new, _, K = st.step(inner, t_old, h, y, k1, t_last, True)
