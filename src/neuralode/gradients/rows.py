@@ -260,18 +260,19 @@ def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
     sdir, _, n0 = time_layout(tau)
     live = torch.arange(T, device=dev) >= n0.unsqueeze(1)  # outputs not at the initial time
     start = tau[:, -1].clone()
-    no = torch.zeros(B, dtype=torch.bool, device=dev)
     if failed is not None:
         rows, L, _ = failed
         start[rows] = tau[rows, L]
         live[rows] &= torch.arange(T, device=dev) <= L.unsqueeze(1)
     steps = state.get("out_steps")
     if steps is None:  # outputs="stop" (or an implicit method): nothing to replay
-        steps, inner, rep = None, torch.zeros_like(live), no
+        inner, rep = torch.zeros_like(live), torch.zeros(B, dtype=torch.bool, device=dev)
     else:
         steps = steps.view(5, T, B).transpose(1, 2)  # (5, B, T): t_old, h, t_new, t_last, tf
         inner = live & (tau != steps[2])
-        rep = ~no if cfg.outputs == "replay" else inner.sum(1) > nacc.to(dev)
+        rep = inner.sum(1) > nacc.to(dev)  # "auto": the shared driver's rule, per sample
+        if cfg.outputs == "replay":
+            rep = torch.ones_like(rep)
         if failed is not None:
             rep[failed[0]] = False
         inner &= rep.unsqueeze(1)
@@ -293,14 +294,12 @@ def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
     S = int(slot.max()) + 1
     times = t0.expand(B, S).clone().scatter_(1, slot, ct)
     key = torch.arange(B, device=dev).unsqueeze(1) * S + slot  # row b*S + s per candidate
-    M = g.shape[1]
-    bj = (at.nonzero(), first.nonzero())
-    jump = torch.zeros((B * S, M), dtype=g.dtype, device=g.device)
-    replay = torch.full((B * S,), -1, dtype=torch.long, device=dev)
     slot_of = torch.empty((B, 2 * T + 2), dtype=torch.long, device=dev).scatter_(1, order, key)
-    b, j = bj[0].unbind(1)
+    jump = torch.zeros((B * S, g.shape[1]), dtype=g.dtype, device=g.device)
+    b, j = at.nonzero().unbind(1)  # candidate column 1 + j
     jump.index_add_(0, slot_of[b, 1 + j], g[j * B + b])
-    b, j = bj[1].unbind(1)
+    replay = torch.full((B * S,), -1, dtype=torch.long, device=dev)
+    b, j = first.nonzero().unbind(1)  # candidate column 1 + T + j
     replay[slot_of[b, 1 + T + j]] = j
     n_rep, n_live = int(rep.sum()), int((start != tau[:, 0]).sum())
     mode = "stop" if n_rep == 0 else "replay" if n_rep >= n_live else "mixed"
