@@ -52,9 +52,11 @@ class VectorField:
         self.nfe += 1
         shape = self._shape
         if shape is not None:  # a single tensor: a check and a reshape (the first stage)
-            out = self.func(self._time(t), _view(y, shape))
+            # (No view where the shapes agree: with a graph every view is an autograd node.)
+            same = y.shape == shape
+            out = self.func(self._time(t), y if same else _view(y, shape))
             if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
-                return out.view(*y.shape)
+                return out if same else out.view(*y.shape)
         else:
             out = self.func(self._time(t), self.spec.unflatten(y))
         return self.spec.flatten(out, what="the derivative returned by func", t=t)
@@ -347,7 +349,7 @@ def integrate(
                         r.y = None
                     n_states = len(kept) - len(kept[1::2]) + 1  # plus this step's
             if record == "dense":
-                rec.K = K if Kd is None else Kd
+                rec.K = stepper.stage_matrix(K) if Kd is None else Kd
                 rec.k_next = k_next
             steps.append(rec)
         stop = False
@@ -428,11 +430,10 @@ def _step_outputs(prob, stepper, f, K, y, y_new, t, t_new, t_last, lo, hi, sampl
     """``(values, Kd, k_next)`` of the sorted outputs ``lo:hi`` in the accepted step ``(t,
     t_new]``: the dense stages ``Kd`` (None when every output is at the step end) and f at the
     step end where the interpolant needed it (the next step's first stage), else None. ``K``:
-    the stages ``(S, B*M)``, or a list of them (stacked only when an output needs them)."""
+    the stages ``(S, B*M)``, or a list of them (stacked by ``dense_stages`` when an output needs
+    them)."""
     k_next = Kd = None
     if any(tau != t_new for tau in prob.out_t[lo:hi]):
-        if isinstance(K, list):
-            K = torch.stack(K).view(len(K), -1)
         if not stepper.fsal and stepper.tab.dense_stage_is_next_first:
             k_next = f(t_last, y_new)
         Kd = stepper.dense_stages(f, t, t_new - t, y, K, k_next, t_last)
