@@ -91,7 +91,9 @@ class VectorField:
             dst.copy_(self.flat(t, y))
             return
         self.nfe += 1
-        out = self.func(self._time(t), _view(y, shape))
+        # (_time and _view inlined: this is the call of every stage without a graph.)
+        tt = torch.scalar_tensor(t, dtype=self.time_dtype, device=self.device)
+        out = self.func(tt, y.view(*shape) if shape else y.view(()))
         if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
             dst_shaped.copy_(out)
         else:  # validated (raises naming what is wrong) without calling func again

@@ -254,8 +254,9 @@ def stage_sum(y, h, w, ks=None, *, K=None, wt=None, flat=None, out=None):
         One step size, or per-row step sizes as a tensor that broadcasts against the base
         (eagerly against the flat base: ``(N,)``).
     w : tuple of float or None
-        The tableau row (``a[i, :i]``, ``b`` or ``b - b_hat``) as Python floats; zero
-        coefficients are skipped. May be None where ``K`` and ``wt`` are given.
+        The tableau row (``a[i, :i]``, ``b`` or ``b - b_hat``) as Python floats (zero
+        coefficients are skipped by the traced lowering; eagerly they multiply, exactly 0 for
+        finite stages). May be None where ``K`` and ``wt`` are given.
     ks : list of Tensor, optional
         The stages, each shaped like ``y`` (only the first ``len(w)`` are read).
     K, wt : Tensor, optional
@@ -272,16 +273,16 @@ def stage_sum(y, h, w, ks=None, *, K=None, wt=None, flat=None, out=None):
 
     Notes
     -----
-    Two lowerings of the one formula, chosen by who runs it. Traced by ``torch.compile``, a
-    chain ``k_j * w_j`` over the nonzero coefficients, times ``h``, plus ``y``: Inductor fuses
-    it into one loop. Eagerly, where every operation costs a dispatch (and, with a graph, an
+    Two lowerings of the one formula, chosen by who runs it. Traced by ``torch.compile`` (the
+    stages given as a list), a chain ``k_j * w_j`` over the nonzero coefficients, times ``h``,
+    plus ``y``: Inductor fuses it into one loop. Eagerly (or with a stage matrix ``K``), where every operation costs a dispatch (and, with a graph, an
     autograd node): one ``torch.add(y, k_j, alpha=h w_j)`` where the row has one nonzero
     weight (explicit Euler, the midpoint rule, the first stages of most methods), else one
     ``addmv`` of the stage matrix against the row (per-row ``h``: ``addcmul`` of ``y``, ``h``
     and the ``mv``), the stages stacked as the matrix's columns (rows, transposed, for large
     states: the copy is then contiguous).
     """
-    if ks is not None and w is not None and torch.compiler.is_compiling():
+    if K is None and w is not None and torch.compiler.is_compiling():
         acc = None
         for c, k in zip(w, ks):
             if c != 0.0:
