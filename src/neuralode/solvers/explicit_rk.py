@@ -282,6 +282,13 @@ def stage_sum(y, h, w, ks=None, *, K=None, wt=None, flat=None, out=None):
     and the ``mv``), the stages stacked as the matrix's columns (rows, transposed, for large
     states: the copy is then contiguous).
     """
+    per_row = type(h) is not float and isinstance(h, torch.Tensor)
+    if w is not None and y is not None and not per_row:
+        one = _SINGLE.get(w, False)
+        if one is False:
+            one = _SINGLE[w] = _single(w)
+        if one is not None:
+            return torch.add(y, ks[one[0]], alpha=h * one[1])
     if K is None and w is not None and torch.compiler.is_compiling():
         acc = None
         for c, k in zip(w, ks):
@@ -290,13 +297,6 @@ def stage_sum(y, h, w, ks=None, *, K=None, wt=None, flat=None, out=None):
         if y is None:
             return torch.zeros_like(ks[0]) if acc is None else h * acc
         return y if acc is None else y + h * acc
-    per_row = isinstance(h, torch.Tensor)
-    if w is not None and y is not None and not per_row:
-        one = _SINGLE.get(w, False)
-        if one is False:
-            one = _SINGLE[w] = _single(w)
-        if one is not None:
-            return torch.add(y, ks[one[0]], alpha=h * one[1])
     if K is None:
         n = len(w)
         if ks[0].numel() >= 4096:
