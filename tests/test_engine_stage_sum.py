@@ -143,3 +143,40 @@ def test_graph_path_equals_the_path_without_graph(solver):
             up = neuralode.solve(f, y0 + e, t, **kw).ys[-1, 1, 0]
             dn = neuralode.solve(f, y0 - e, t, **kw).ys[-1, 1, 0]
         assert abs(float(g[1, j]) - float(up - dn) / (2 * eps)) < 1e-5
+
+
+@pytest.mark.parametrize("w", ROWS[1:3], ids=["a4", "b"])
+def test_large_state_chain_lowering(w):
+    """From 2,048 elements a list of stages is summed by a chain of adds (no stacked copy)."""
+    ks = _stages(len(w), (64, 40), torch.float64)
+    y = _stages(1, (64, 40), torch.float64, seed=4)[0]
+    ref = _reference(y, 0.3, w, ks).view(64, 40)
+    torch.testing.assert_close(stage_sum(y, 0.3, w, ks), ref, rtol=1e-14, atol=1e-14)
+    yg = y.clone().requires_grad_(True)
+    kg = [k.clone().requires_grad_(True) for k in ks]
+    stage_sum(yg, 0.3, w, kg).sum().backward()
+    assert torch.equal(yg.grad, torch.ones_like(y))
+    for k, wj in zip(kg, w):  # (a zero weight is skipped: that stage is not in the graph)
+        if wj == 0.0:
+            assert k.grad is None
+        else:
+            torch.testing.assert_close(k.grad, torch.full_like(k, 0.3 * wj), rtol=1e-15, atol=0)
+
+
+def test_large_state_direct_gradient_matches_closed_form():
+    """A Direct solve of y' = y A on a (64, 40) state (the chain lowering with a graph): values
+    and the gradient of sum(y(1)) match y0 expm(A) and ones expm(A)^T."""
+    g = torch.Generator().manual_seed(5)
+    A = 0.3 * torch.randn(40, 40, generator=g, dtype=torch.float64)
+    y0 = torch.randn(64, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    sol = neuralode.solve(lambda t, y: y @ A, y0, t, rtol=1e-10, atol=1e-12)
+    E = torch.linalg.matrix_exp(A)
+    torch.testing.assert_close(sol.ys[-1].detach(), y0.detach() @ E, rtol=1e-8, atol=1e-8)
+    sol.ys[-1].sum().backward()
+    torch.testing.assert_close(
+        y0.grad, torch.ones(64, 40, dtype=torch.float64) @ E.T, rtol=1e-8, atol=1e-8
+    )
+    with torch.no_grad():
+        ref = neuralode.solve(lambda t, y: y @ A, y0, t, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sol.ys.detach(), ref.ys, rtol=1e-11, atol=1e-11)
