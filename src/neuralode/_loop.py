@@ -351,7 +351,7 @@ def integrate(
                         r.y = None
                     n_states = len(kept) - len(kept[1::2]) + 1  # plus this step's
             if record == "dense":
-                rec.K = stepper.stage_matrix(K) if Kd is None else Kd
+                rec.K = K if Kd is None else Kd
                 rec.k_next = k_next
             steps.append(rec)
         stop = False

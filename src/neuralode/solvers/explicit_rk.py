@@ -62,11 +62,8 @@ class RKStepper(Stepper):
         ``t``, ``h`` and ``t_last`` are floats (one step for the whole state ``(B, M)``) or
         ``(B,)`` float64 tensors (one step per row: per-sample control). Returns ``(y_new, err,
         K)``: the new state ``(B, M)``, the error estimate (or None for methods without one) and
-        the stages: ``(S, B*M)``, or -- with a graph and a float step -- a list of ``S``
-        stages ``(B*M,)`` (stacked only where an output needs them, see :meth:`stage_matrix`:
-        a stack of every stage is an autograd node with ``S`` inputs per step). Each stage
-        state is one :func:`stage_sum` (the state stays 1-D inside); without a graph the
-        stages are written into a reused buffer.
+        the stages ``(S, B*M)``. Each stage state is one :func:`stage_sum` (the state stays 1-D
+        inside); without a graph the stages are written into a reused buffer.
         """
         S, shape = self.S, y.shape
         yv = y.reshape(-1)
@@ -75,14 +72,11 @@ class RKStepper(Stepper):
         hc = h.to(yv.dtype).unsqueeze(1).expand(shape).reshape(-1) if per_row else h
         out = None
         if track_grad:
+            # (One stack of the stages per step, used by the error estimate detached and by the
+            # outputs with its graph: a list, stacked only for outputs, measured no faster.)
             y_new, ks = self.stages(f.flat, t, h, yv, k1.reshape(-1), t_last, yv, hc)
-            if not per_row:
-                # The stages stay a list: no stack of all of them per step, whose autograd node
-                # has S inputs (the stack for the error estimate is dropped with the detach).
-                K, KT = ks, torch.stack(ks).detach().T
-            else:
-                K = torch.stack(ks)
-                KT = K.detach().T
+            K = torch.stack(ks)
+            KT = K.detach().T
         else:
             K = self._buffer(yv) if self.reuse_buffer else None
             if K is None:
@@ -169,7 +163,7 @@ class RKStepper(Stepper):
         return buf
 
     def stage_matrix(self, K):
-        """The stages of :meth:`step` as one ``(S, B*M)`` tensor (a list is stacked)."""
+        """The stages as one ``(S, B*M)`` tensor (the fixed-step driver's list is stacked)."""
         if not isinstance(K, list):
             return K
         K = torch.stack(K)
@@ -296,24 +290,23 @@ def stage_sum(y, h, w, ks=None, *, K=None, wt=None, flat=None, out=None):
             one = _SINGLE[w] = _single(w)
         if one is not None:
             return torch.add(y, ks[one[0]], alpha=h * one[1])
-    if K is None and w is not None and y is not None and not per_row:
-        if ks[0].numel() >= _CHAIN_MIN:  # large states: one add per weight, no stacked copy
-            acc = y
+    if K is None:
+        if torch.compiler.is_compiling():
+            acc = None
+            for c, k in zip(w, ks):
+                if c != 0.0:
+                    acc = k * c if acc is None else acc + k * c
+            if y is None:
+                return torch.zeros_like(ks[0]) if acc is None else h * acc
+            return y if acc is None else y + h * acc
+        n, numel = len(w), ks[0].numel()
+        if numel >= _CHAIN_MIN and y is not None and not per_row:
+            acc = y  # (large states: one add per weight, no stacked copy)
             for c, k in zip(w, ks):
                 if c != 0.0:
                     acc = torch.add(acc, k, alpha=h * c)
             return acc
-    if K is None and w is not None and torch.compiler.is_compiling():
-        acc = None
-        for c, k in zip(w, ks):
-            if c != 0.0:
-                acc = k * c if acc is None else acc + k * c
-        if y is None:
-            return torch.zeros_like(ks[0]) if acc is None else h * acc
-        return y if acc is None else y + h * acc
-    if K is None:
-        n = len(w)
-        if ks[0].numel() >= 1024:
+        if numel >= 1024:
             K = torch.stack(ks[:n]).view(n, -1).T
         else:
             K = torch.stack(ks[:n], -1)

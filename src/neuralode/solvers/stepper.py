@@ -35,7 +35,6 @@ class Stepper:
         method supports them (explicit Runge--Kutta, Rosenbrock, diagonally implicit).
     dense_stages(f, t, h, y, K, k_next, t_last=None) -> Kd
     interpolate(Kd, y, h, theta, samples=None) -> values
-    stage_matrix(K) -> the stages of a step as one (S, B*M) tensor
     last_stage(K), carry_fsal(K) -> the next step's first stage (FSAL methods)
     bind(prob), accept(t, t_new, y, y_new, K) -> hooks at the start of a solve and after every
         accepted step (Newton tolerances; multistep histories).
@@ -60,10 +59,6 @@ class Stepper:
 
     def take_rows(self, keep) -> None:
         """Called when the per-sample driver compacts its working set to rows ``keep``."""
-
-    def stage_matrix(self, K):
-        """The stages ``K`` of :meth:`step` as one ``(S, B*M)`` tensor (default: ``K``)."""
-        return K
 
     def last_stage(self, K):
         return K[self.S - 1]
