@@ -255,8 +255,8 @@ def stage_sum(y, h, w, ks=None, *, K=None, wt=None, flat=None, out=None):
         (eagerly against the flat base: ``(N,)``).
     w : tuple of float or None
         The tableau row (``a[i, :i]``, ``b`` or ``b - b_hat``) as Python floats (zero
-        coefficients are skipped by the traced lowering; eagerly they multiply, exactly 0 for
-        finite stages). May be None where ``K`` and ``wt`` are given.
+        coefficients are skipped by the chains below; in an ``addmv`` they multiply, exactly
+        0 for finite stages). May be None where ``K`` and ``wt`` are given.
     ks : list of Tensor, optional
         The stages, each shaped like ``y`` (only the first ``len(w)`` are read).
     K, wt : Tensor, optional
@@ -273,15 +273,16 @@ def stage_sum(y, h, w, ks=None, *, K=None, wt=None, flat=None, out=None):
 
     Notes
     -----
-    Two lowerings of the one formula, chosen by who runs it. Traced by ``torch.compile`` (the
-    stages given as a list), a chain ``k_j * w_j`` over the nonzero coefficients, times ``h``,
-    plus ``y``: Inductor fuses it into one loop. Eagerly (or with a stage matrix ``K``), where every operation costs a dispatch (and, with a graph, an
-    autograd node): one ``torch.add(y, k_j, alpha=h w_j)`` where the row has one nonzero
-    weight (explicit Euler, the midpoint rule, the first stages of most methods), else one
-    ``addmv`` of the stage matrix against the row (per-row ``h``: ``addcmul`` of ``y``, ``h``
-    and the ``mv``), the stages stacked as the matrix's columns (from 1,024 elements as rows,
-    transposed: the copy is then contiguous), or, for a list of at least 2,048-element stages
-    and a float step, a chain of ``torch.add(acc, k_j, alpha=h w_j)`` (no stacked copy).
+    One formula, lowered for who runs it. A row with one nonzero weight and a float step
+    (explicit Euler, the midpoint rule, the first stages of most methods): one
+    ``torch.add(y, k_j, alpha=h w_j)``. Traced by ``torch.compile`` (stages given as a list): a
+    chain ``k_j * w_j`` over the nonzero weights, times ``h``, plus ``y``, which Inductor fuses
+    into one loop. Eagerly, where every operation costs a dispatch (and, with a graph, an
+    autograd node): one ``addmv`` of the stage matrix against the row (per-row ``h``:
+    ``addcmul`` of ``y``, ``h`` and the ``mv``), the stages stacked as the matrix's columns
+    (from 1,024 elements as rows, transposed: the copy is then contiguous); or, for a list of
+    stages of at least 2,048 elements and a float step, a chain of
+    ``torch.add(acc, k_j, alpha=h w_j)`` (no stacked copy).
     """
     per_row = type(h) is not float and isinstance(h, torch.Tensor)
     if w is not None and y is not None and not per_row:
