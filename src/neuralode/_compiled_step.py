@@ -17,8 +17,9 @@ per-row driver; every formula is the engine's own: the controller's landing rule
 :func:`~neuralode.controllers.step_size.time_beside` at a ``jump_t``), step proposal
 (:func:`~neuralode.controllers.step_size.grid_point`), underflow rule and PI update
 (:func:`~neuralode.controllers.step_size.pi_update`), the scaled error norm
-(:func:`~neuralode._norms.error_scale`, :meth:`~neuralode._norms.ErrorNorm.rms_rows`) and the
-tableau's interpolant (:func:`~neuralode.solvers.tableau.weights_at`).
+(:func:`~neuralode._norms.error_scale`, :meth:`~neuralode._norms.ErrorNorm.rms_rows`), the
+stage combination (:func:`~neuralode.solvers.explicit_rk.stage_sum`, whose traced lowering
+Inductor fuses) and the tableau's interpolant (:func:`~neuralode.solvers.tableau.weights_at`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from ._norms import ErrorNorm, error_scale
 from .controllers.step_size import grid_point, land_rows, pi_update, time_beside, underflows
+from .solvers.explicit_rk import stage_sum
 from .solvers.tableau import weights_at
 
 __all__ = ["Consts", "chunk", "STATUS_UNDERFLOW", "STATUS_NONFINITE_H"]
@@ -63,15 +65,6 @@ class Consts(NamedTuple):
     pick: bool  # each output slot holds one sample (shared control with a 2-D t)
     record: bool  # return every step's times, state and stages (dense output)
     jumps: bool  # jump_t: the last stage at the left limit, f afresh at the right limit
-
-
-def _combine(base, h, coeffs, ks):
-    """``base + h * sum_i coeffs[i] k_i`` (zero coefficients skipped at trace time)."""
-    acc = None
-    for a, k in zip(coeffs, ks):
-        if a != 0.0:
-            acc = k * a if acc is None else acc + k * a
-    return base if acc is None else base + h * acc
 
 
 def chunk(f, C: Consts, s: dict, k: dict) -> dict:
@@ -152,14 +145,14 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         ks = [k1]
         yi = y
         for i in range(1, len(C.b)):
-            yi = _combine(y, hs, C.a[i][:i], ks)
+            yi = stage_sum(y, hs, C.a[i][:i], ks)
             ti = t_last if C.c[i] == 1.0 else torch.clamp(t + C.c[i] * h_step, lo, hi)
             ks.append(call(ti, yi))
-        y_new = yi if C.fsal else _combine(y, hs, C.b, ks)
+        y_new = yi if C.fsal else stage_sum(y, hs, C.b, ks)
         k_last = ks[-1] if C.fsal else call(t_last, y_new)
         # ---- the scaled error norm of each row and accept/reject
         if adaptive:
-            err = _combine(torch.zeros_like(y), hs, C.b_err, ks)
+            err = stage_sum(None, hs, C.b_err, ks)
             scale = error_scale(y.detach().abs(), y_new.detach().abs(), k["rtol"], k["atol"],
                                 C.floor)  # fmt: skip
             e = norm(err.detach() / scale)

@@ -52,9 +52,11 @@ class VectorField:
         self.nfe += 1
         shape = self._shape
         if shape is not None:  # a single tensor: a check and a reshape (the first stage)
-            out = self.func(self._time(t), _view(y, shape))
+            # (No view where the shapes agree: with a graph every view is an autograd node.)
+            same = y.shape == shape
+            out = self.func(self._time(t), y if same else _view(y, shape))
             if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
-                return out.view(*y.shape)
+                return out if same else out.view(*y.shape)
         else:
             out = self.func(self._time(t), self.spec.unflatten(y))
         return self.spec.flatten(out, what="the derivative returned by func", t=t)
@@ -89,7 +91,9 @@ class VectorField:
             dst.copy_(self.flat(t, y))
             return
         self.nfe += 1
-        out = self.func(self._time(t), _view(y, shape))
+        # (_time and _view inlined: this is the call of every stage without a graph.)
+        tt = torch.scalar_tensor(t, dtype=self.time_dtype, device=self.device)
+        out = self.func(tt, y.view(*shape) if shape else y.view(()))
         if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
             dst_shaped.copy_(out)
         else:  # validated (raises naming what is wrong) without calling func again
@@ -428,11 +432,10 @@ def _step_outputs(prob, stepper, f, K, y, y_new, t, t_new, t_last, lo, hi, sampl
     """``(values, Kd, k_next)`` of the sorted outputs ``lo:hi`` in the accepted step ``(t,
     t_new]``: the dense stages ``Kd`` (None when every output is at the step end) and f at the
     step end where the interpolant needed it (the next step's first stage), else None. ``K``:
-    the stages ``(S, B*M)``, or a list of them (stacked only when an output needs them)."""
+    the stages ``(S, B*M)``, or a list of them (stacked by ``dense_stages`` when an output needs
+    them)."""
     k_next = Kd = None
     if any(tau != t_new for tau in prob.out_t[lo:hi]):
-        if isinstance(K, list):
-            K = torch.stack(K).view(len(K), -1)
         if not stepper.fsal and stepper.tab.dense_stage_is_next_first:
             k_next = f(t_last, y_new)
         Kd = stepper.dense_stages(f, t, t_new - t, y, K, k_next, t_last)

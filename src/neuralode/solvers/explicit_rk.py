@@ -1,8 +1,9 @@
 """The generic explicit Runge--Kutta engine: one step of any Butcher tableau.
 
-Stages are combined with one fused ``addmv`` per stage (the stage matrix against a tableau row)
-on the 1-D flat state; the error estimate is one more. The same code serves the forward solve,
-the replays of checkpointed and backsolve gradients, and dense output.
+Every stage state, new state and error estimate is one :func:`stage_sum` (the one Runge--Kutta
+stage combination of every driver, compiled stepping included): eagerly one fused ``addmv`` of
+the stage matrix against a tableau row on the 1-D flat state. The same code serves the forward
+solve, the replays of checkpointed and backsolve gradients, and dense output.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from .stepper import Stepper
 from .tableau import ButcherTableau
 
-__all__ = ["RKStepper", "make_stepper"]
+__all__ = ["RKStepper", "make_stepper", "stage_sum"]
 
 
 class RKStepper(Stepper):
@@ -31,12 +32,18 @@ class RKStepper(Stepper):
             rows = self.T["_rows"] = [self.T["a"][i, :i] for i in range(self.S)]
         self.rows = rows
         self.b_err = self.T["b_err"][0] if "b_err" in self.T else None
-        # Row i of a (row S: b) as (j, w) where it has one nonzero weight w (at stage j), else
-        # None: such a combination is one torch.add (see combine).
-        single = self.T.get("_single")
-        if single is None:
-            single = self.T["_single"] = [_single(row) for row in (*tableau.a, tableau.b)]
-        self.single = single
+        # The rows of a, then b, and b - b_hat as Python floats (stage_sum's coefficients), and
+        # whether a row past the first has several nonzero weights (stages() then wants the
+        # state flattened once per step); cached with the tensors.
+        floats = self.T.get("_floats")
+        if floats is None:
+            b_err = None
+            if tableau.b_hat is not None:
+                b_err = tuple(x - y for x, y in zip(tableau.b, tableau.b_hat))
+            rows_f = (*tableau.a, tuple(tableau.b))
+            multi = any(_single(row) is None for row in rows_f[1:])
+            floats = self.T["_floats"] = (rows_f, b_err, multi)
+        self.tab_rows, self.tab_b_err, self.multi = floats
         # Without a graph and when no step keeps its stages (no dense output), one stage buffer
         # serves every step: a fresh large allocation per step costs page faults that dominate
         # small vector fields. Row 0 holds the first stage across attempts (see carry_fsal).
@@ -55,22 +62,27 @@ class RKStepper(Stepper):
         ``t``, ``h`` and ``t_last`` are floats (one step for the whole state ``(B, M)``) or
         ``(B,)`` float64 tensors (one step per row: per-sample control). Returns ``(y_new, err,
         K)``: the new state ``(B, M)``, the error estimate (or None for methods without one) and
-        the stages ``(S, B*M)``. Each stage state is one combination :meth:`combine` (the state
-        stays 1-D inside); without a graph the stages are written into a reused buffer.
+        the stages ``(S, B*M)``. Each stage state is one :func:`stage_sum` (the state stays 1-D
+        inside); without a graph the stages are written into a reused buffer.
         """
         S, shape = self.S, y.shape
         yv = y.reshape(-1)
-        comb = _combiner(yv, h, shape)
-        y_new = None
+        # The step size as stage_sum takes it: a float, or per row expanded to the flat state.
+        per_row = isinstance(h, torch.Tensor)
+        hc = h.to(yv.dtype).unsqueeze(1).expand(shape).reshape(-1) if per_row else h
+        out = None
         if track_grad:
-            y_new, ks = self.stages(f.flat, t, h, yv, k1.reshape(-1), t_last, comb)
+            # (One stack of the stages per step, used by the error estimate detached and by the
+            # outputs with its graph: a list, stacked only for outputs, measured no faster.)
+            y_new, ks = self.stages(f.flat, t, h, yv, k1.reshape(-1), t_last, yv, hc)
             K = torch.stack(ks)
+            KT = K.detach().T
         else:
             K = self._buffer(yv) if self.reuse_buffer else None
             if K is None:
                 K = torch.empty((S, yv.numel()), dtype=yv.dtype, device=yv.device)
             if K is self._buf:
-                prefix, krows = self._prefix, self._krows
+                prefix, krows, KT, out = self._prefix, self._krows, self._bufT, self._err
                 # The rows also viewed in the state's shape: f's output is copied in directly.
                 shape_f = getattr(f, "_shape", None)
                 if shape_f is not None and self._krows_shape != shape_f:
@@ -80,13 +92,15 @@ class RKStepper(Stepper):
                     self._krows_shape = shape_f
                 kshaped = self._krows_shaped if shape_f is not None else [None] * S
             else:
-                prefix, krows = [K[:i].T for i in range(S)], list(K)
+                KT = K.T
+                prefix, krows = [KT[:, :i] for i in range(S)], list(K)
                 kshaped = [None] * S
             if k1.data_ptr() != krows[0].data_ptr():  # else already there (carry_fsal)
                 krows[0].copy_(k1.reshape(-1))
             into = getattr(f, "into", None)
+            rows_f, rows, y_new = self.tab_rows, self.rows, None
             for i in range(1, S):
-                yi = self.combine(yv, h, krows, i, comb, prefix[i])
+                yi = stage_sum(yv, hc, rows_f[i], krows, K=prefix[i], wt=rows[i], flat=yv)
                 ci = self.c[i]
                 ti = t_last if ci == 1.0 else t + ci * h
                 if self.fsal and i == S - 1:
@@ -96,35 +110,31 @@ class RKStepper(Stepper):
                 else:
                     krows[i].copy_(f.flat(ti, yi))
             if y_new is None:
-                y_new = self.combine(yv, h, krows, S, comb, self._bufT if K is self._buf else K.T)
+                y_new = stage_sum(yv, hc, rows_f[S], krows, K=KT, wt=self.T["b"], flat=yv)
         err = None
         if self.b_err is not None:
-            # beta=0 ignores the input: err = h * K^T (b - b_hat), one fused op, no graph; into a
-            # reused buffer when the stages are (the loop consumes it before the next step).
-            out, KT = (self._err, self._bufT) if K is self._buf else (None, None)
-            if KT is None:
-                KT = (K.detach() if K.requires_grad else K).T
-            if isinstance(h, torch.Tensor):
-                err = torch.mv(KT, self.b_err, out=out).mul_(comb.hv)
-            else:
-                yd = yv.detach() if yv.requires_grad else yv  # (beta=0: shape and dtype only)
-                err = torch.addmv(yd, KT, self.b_err, beta=0, alpha=h, out=out)
-            err = err.view(*shape)
+            # err = h * K^T (b - b_hat) (N,), one fused op, no graph; into a reused buffer when
+            # the stages are (the loop consumes it before the next step).
+            err = stage_sum(None, hc, self.tab_b_err, K=KT, wt=self.b_err, out=out).view(*shape)
         return y_new.view(*shape), err, K
 
-    def stages(self, fcall, t, h, y, k1, t_last, comb=None):
+    def stages(self, fcall, t, h, y, k1, t_last, yv=None, hc=None):
         """The stages of one step as a list (each shaped like ``y``) and the new state.
 
-        ``fcall(t, y) -> f`` in ``y``'s shape. The path with a graph (and the fixed-step
-        driver's, which keeps the state in the user's shape): no buffer, no copies; FSAL methods
-        take the new state from the last stage's combination. ``comb`` is the step's
-        :func:`_combiner` (made here when a row needs it).
+        ``fcall(t, y) -> f`` in ``y``'s shape; ``yv`` is ``y`` flattened (made here when a row
+        needs it); ``hc`` the step size as :func:`stage_sum` takes it (per-row ``h``: expanded
+        to the flat state; default ``h``). The path with a graph (and the fixed-step driver's,
+        which keeps the state in the user's shape): no buffer, no copies; FSAL methods take the
+        new state from the last stage's combination.
         """
-        S = self.S
+        S, rows_f, rows = self.S, self.tab_rows, self.rows
+        hc = h if hc is None else hc
         ks = [k1]
         y_new = None
+        if yv is None and self.multi:  # (only rows with several weights use the flat state)
+            yv = y.reshape(-1)
         for i in range(1, S):
-            yi = self.combine(y, h, ks, i, comb)
+            yi = stage_sum(y, hc, rows_f[i], ks, wt=rows[i], flat=yv)
             ci = self.c[i]
             if self.fsal and i == S - 1:
                 y_new = yi
@@ -132,36 +142,8 @@ class RKStepper(Stepper):
             else:
                 ks.append(fcall(t_last if ci == 1.0 else t + ci * h, yi))
         if y_new is None:
-            y_new = self.combine(y, h, ks, S, comb)
+            y_new = stage_sum(y, hc, rows_f[S], ks, wt=self.T["b"], flat=yv)
         return y_new, ks
-
-    def combine(self, y, h, ks, i, comb=None, K=None):
-        """``y + h sum_j w_j k_j``: the state of stage ``i`` (row ``i`` of ``a``; ``i == S``: the
-        new state, with ``b``) from the stages ``ks`` (a list, or the rows of the stage buffer).
-
-        The one Runge--Kutta stage combination. A row with one nonzero weight (explicit Euler,
-        the midpoint rule, the first stages of most methods) is one ``torch.add`` with
-        ``alpha = h w``; other rows are one fused ``addmv`` of the stage matrix (``K``, the
-        buffer's transposed prefix, or the stacked list) against the row (per-row step sizes:
-        ``mv`` and ``addcmul``, see :func:`_combiner`).
-        """
-        one = self.single[i]
-        if one is not None and not isinstance(h, torch.Tensor):
-            return torch.add(y, ks[one[0]], alpha=h * one[1])
-        if comb is None:
-            comb = _combiner(y.reshape(-1), h, y.shape)
-        if K is None:
-            # Stacked as rows and transposed, the copy is contiguous (faster for large states);
-            # stacked as columns, the backward split is cheaper (faster for small ones).
-            # (1-D stages stack into the matrix directly: no view, no autograd node for one.)
-            flat = y.dim() == 1
-            if y.numel() >= 4096:
-                K = torch.stack(ks[:i]) if flat else torch.stack(ks[:i]).view(i, -1)
-                K = K.T
-            else:
-                K = torch.stack(ks[:i], -1) if flat else torch.stack(ks[:i], -1).view(-1, i)
-        out = comb(K, self.rows[i] if i < self.S else self.T["b"])
-        return out if y.dim() == 1 else out.view_as(y)
 
     def _buffer(self, yv: torch.Tensor) -> torch.Tensor:
         buf = self._buf
@@ -180,6 +162,13 @@ class RKStepper(Stepper):
             self._krows_shape = None
         return buf
 
+    def stage_matrix(self, K):
+        """The stages as one ``(S, B*M)`` tensor (the fixed-step driver's list is stacked)."""
+        if not isinstance(K, list):
+            return K
+        K = torch.stack(K)
+        return K if K.dim() == 2 else K.view(len(K), -1)
+
     def carry_fsal(self, K):
         """The next step's first stage from an accepted FSAL step's last stage. With the reused
         buffer it is copied into row 0, where it survives rejected attempts of the next step."""
@@ -197,6 +186,7 @@ class RKStepper(Stepper):
         time used for stages at the step end (just before it when the step ends on a jump).
         """
         tab = self.tab
+        K = self.stage_matrix(K)
         if tab.n_dense_stages == 0:
             return K
         yv = y.reshape(-1)
@@ -240,15 +230,113 @@ def _single(row) -> tuple[int, float] | None:
     return nonzero[0] if len(nonzero) == 1 else None
 
 
+_SINGLE: dict = {}  # tableau row (floats) -> its one nonzero weight (j, w), or None
+# From this many state elements a stage sum of a list of stages with a float step is a chain of
+# torch.add(acc, k_j, alpha=h w_j): no stacked copy of the stages (and, with a graph, no
+# stack/addmv backward, whose gradient of the stage matrix is another (N, i) temporary). At
+# 2,048 elements the chain and the addmv take about the same time; at 65,536 (a Direct training
+# step of dopri5 with tanh stages, 1 thread) the chain takes 0.55x the time.
+_CHAIN_MIN = 2048
+
+
+def stage_sum(y, h, w, ks=None, *, K=None, wt=None, flat=None, out=None):
+    """``y + h * sum_j w[j] * ks[j]``: the one Runge--Kutta stage combination.
+
+    Every driver forms its stage states, new states and error estimates here: the eager
+    steppers (:class:`RKStepper`, and through :func:`_combiner` the implicit ones) and the
+    compiled masked step (:mod:`neuralode._compiled_step`).
+
+    Parameters
+    ----------
+    y : Tensor or None
+        The base state; None for a zero base (the error estimate ``h K (b - b_hat)``).
+    h : float or Tensor
+        One step size, or per-row step sizes as a tensor that broadcasts against the base
+        (eagerly against the flat base: ``(N,)``).
+    w : tuple of float or None
+        The tableau row (``a[i, :i]``, ``b`` or ``b - b_hat``) as Python floats (zero
+        coefficients are skipped by the chains below; in an ``addmv`` they multiply, exactly
+        0 for finite stages). May be None where ``K`` and ``wt`` are given.
+    ks : list of Tensor, optional
+        The stages, each shaped like ``y`` (only the first ``len(w)`` are read).
+    K, wt : Tensor, optional
+        Eagerly: the stage matrix ``(N, n)`` where it exists already (the stage buffer's
+        transposed prefix) and the row as a tensor ``(n,)`` of the state's dtype.
+    flat, out : Tensor, optional
+        Eagerly: ``y`` flattened, if the caller has it (spares a view), and an output buffer
+        (zero base only).
+
+    Returns
+    -------
+    Tensor
+        Shaped like ``y`` (a zero base: like ``flat``/``K``'s rows, ``(N,)``, eagerly).
+
+    Notes
+    -----
+    One formula, lowered for who runs it. A row with one nonzero weight and a float step
+    (explicit Euler, the midpoint rule, the first stages of most methods): one
+    ``torch.add(y, k_j, alpha=h w_j)``. Traced by ``torch.compile`` (stages given as a list): a
+    chain ``k_j * w_j`` over the nonzero weights, times ``h``, plus ``y``, which Inductor fuses
+    into one loop. Eagerly, where every operation costs a dispatch (and, with a graph, an
+    autograd node): one ``addmv`` of the stage matrix against the row (per-row ``h``:
+    ``addcmul`` of ``y``, ``h`` and the ``mv``), the stages stacked as the matrix's columns
+    (from 1,024 elements as rows, transposed: the copy is then contiguous); or, for a list of
+    stages of at least 2,048 elements and a float step, a chain of
+    ``torch.add(acc, k_j, alpha=h w_j)`` (no stacked copy).
+    """
+    per_row = type(h) is not float and isinstance(h, torch.Tensor)
+    if w is not None and y is not None and not per_row:
+        one = _SINGLE.get(w, False)
+        if one is False:
+            one = _SINGLE[w] = _single(w)
+        if one is not None:
+            return torch.add(y, ks[one[0]], alpha=h * one[1])
+    if K is None:
+        if torch.compiler.is_compiling():
+            acc = None
+            for c, k in zip(w, ks):
+                if c != 0.0:
+                    acc = k * c if acc is None else acc + k * c
+            if y is None:
+                return torch.zeros_like(ks[0]) if acc is None else h * acc
+            return y if acc is None else y + h * acc
+        n, numel = len(w), ks[0].numel()
+        if numel >= _CHAIN_MIN and y is not None and not per_row:
+            acc = y  # (large states: one add per weight, no stacked copy)
+            for c, k in zip(w, ks):
+                if c != 0.0:
+                    acc = torch.add(acc, k, alpha=h * c)
+            return acc
+        if numel >= 1024:
+            K = torch.stack(ks[:n]).view(n, -1).T
+        else:
+            K = torch.stack(ks[:n], -1)
+            K = K if K.dim() == 2 else K.view(-1, n)
+    if wt is None:
+        wt = torch.tensor(w, dtype=K.dtype, device=K.device)
+    if y is None:
+        if per_row:
+            return torch.mv(K, wt, out=out).mul_(h)
+        # beta=0 ignores the input (it lends the shape only).
+        return torch.addmv(K[:, 0] if out is None else out, K, wt, beta=0, alpha=h, out=out)
+    if per_row:  # (h broadcasts against y as it is given: (N,) flat, or y's shape)
+        m = torch.mv(K, wt)
+        return torch.addcmul(y, h, m if y.dim() == 1 else m.view(y.shape))
+    yv = flat if flat is not None else (y if y.dim() == 1 else y.reshape(-1))
+    res = torch.addmv(yv, K, wt, alpha=h)
+    return res if y.dim() == 1 else res.view(y.shape)
+
+
 def _combiner(yv: torch.Tensor, h, shape):
-    """``(K, w) -> yv + h K w``: the one Runge--Kutta stage combination, for a float step
-    size (one fused ``addmv``) or one step size per row of the state ``shape`` (B, M)."""
+    """``(K, w) -> yv + h K w`` (:func:`stage_sum` with a given stage matrix ``K`` and row
+    ``w``) for a float step size or one step size per row of the state ``shape`` (B, M); the
+    per-row step sizes, expanded to the flat state, are its ``hv``."""
     if not isinstance(h, torch.Tensor):
-        return lambda K, w: torch.addmv(yv, K, w, alpha=h)
+        return lambda K, w: stage_sum(yv, h, None, K=K, wt=w)
     hv = h.to(yv.dtype).unsqueeze(1).expand(shape).reshape(-1)
 
     def comb(K, w):
-        return torch.addcmul(yv, hv, torch.mv(K, w))
+        return stage_sum(yv, hv, None, K=K, wt=w)
 
     comb.hv = hv
     return comb
