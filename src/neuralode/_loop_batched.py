@@ -523,7 +523,7 @@ def solve_per_sample(
     return Solution(
         t=t,
         # (custom gradients: each leaf its own node holding the run; see structured_outputs)
-        ys=structured_outputs(spec, ys.view(T, spec.batch, -1), (T,), None if direct else run),
+        ys=structured_outputs(spec, ys, (T,), None if direct else run),
         stats=stats,
         status=state["status"],
         t_final=tfin,

@@ -369,9 +369,7 @@ def solve(
     T = t_tensor.shape[-1]
     # (custom gradients: each leaf its own node holding the run; see structured_outputs)
     keep = None if capable(grad_method, "exact_autograd") else run
-    ys_struct = structured_outputs(
-        spec, ys.reshape(T, spec.batch, -1) if per_sample else ys, (T,), keep
-    )
+    ys_struct = structured_outputs(spec, ys, (T,), keep)
     dense_obj = None
     if dense:
         dense_obj = DenseOutput(

@@ -291,42 +291,47 @@ def held_run(ctx):
 
 
 class _OutputPart(torch.autograd.Function):
-    """Component ``i`` of the flat outputs ``(*lead, B, M)`` in its own shape ``(*lead,
-    *shape_i)``: an alias of the flat outputs' storage (no copy; not a view either, so the
-    caller may modify it in place) whose node holds ``keep`` (the run) strongly."""
+    """Component ``i`` of the flat outputs (``(*lead, B, M)`` in any shape of that size) in its
+    own shape ``(*lead, *shape_i)``: an alias of the flat outputs' storage (no copy; not a view
+    either, so the caller may modify it in place) whose node holds ``keep`` (the run)."""
 
     @staticmethod
     def forward(ctx, flat, keep, spec, lead, i, options):
         ctx.keep = keep
-        ctx.layout = (spec.kind, flat.shape, spec.offsets[i], spec.sizes[i])
+        layout = (*lead, spec.batch, spec.width)
+        ctx.layout = (spec.kind, flat.shape, layout, spec.offsets[i], spec.sizes[i])
         if options is not None:  # torchdiffeq's grad_fn.adjoint_options (Backsolve)
             ctx.adjoint_options = options
-        part = spec.components(flat)[i].reshape(*lead, *spec.shapes[i])
+        part = spec.components(flat.reshape(layout))[i].reshape(*lead, *spec.shapes[i])
         out = part.new_empty(0)
         return out.set_(part.untyped_storage(), part.storage_offset(), part.shape, part.stride())
 
     @staticmethod
     def backward(ctx, g):
-        kind, shape, offset, size = ctx.layout
+        kind, shape, layout, offset, size = ctx.layout
         if kind == "tensor":
-            g_flat = g.reshape(shape)
-        else:
-            g_flat = g.new_zeros(shape)
-            g_flat[..., offset : offset + size] = g.reshape(*shape[:-1], size)
-        return g_flat, None, None, None, None, None
+            return g.reshape(shape), None, None, None, None, None
+        g_flat = g.new_zeros(layout)
+        g_flat[..., offset : offset + size] = g.reshape(*layout[:-1], size)
+        return g_flat.reshape(shape), None, None, None, None, None
 
 
 def structured_outputs(spec, flat: torch.Tensor, lead: tuple[int, ...], keep=None):
-    """The outputs ``flat`` ``(*lead, B, M)`` in the state's structure, each leaf ``(*lead,
-    *shape_i)``.
+    """The outputs ``flat`` (``(*lead, B, M)`` values in any shape of that size, e.g. ``(T * B,
+    M)``) in the state's structure, each leaf ``(*lead, *shape_i)``.
 
     ``keep``: the run of a custom-gradient Function that holds it by :func:`hold_run`; each
-    leaf is then the output of its own node holding ``keep`` (see the note above). ``None``
-    (Direct: autograd's own graph, which references no run) or outputs without a graph: the
-    plain views of :meth:`TreeSpec.unflatten`.
+    leaf is then the output of its own node holding ``keep`` (see the note above), and aliases
+    the storage of ``flat`` unless ``flat`` is a view (of a larger buffer of compiled stepping,
+    say: then a private copy, which neither keeps the buffer alive nor writes into whatever
+    shares it). ``None`` (Direct: autograd's own graph, which references no run): the views of
+    :meth:`TreeSpec.unflatten`.
     """
+    if keep is not None and flat._base is not None:
+        flat = flat.clone()
     if keep is None or flat.grad_fn is None:
-        return spec.unflatten(flat, lead=lead)
+        layout = (*lead, spec.batch, spec.width)
+        return spec.unflatten(flat if flat.shape == layout else flat.reshape(layout), lead=lead)
     options = getattr(flat.grad_fn, "adjoint_options", None)
     parts = [
         _OutputPart.apply(flat, keep, spec, tuple(lead), i, options)
