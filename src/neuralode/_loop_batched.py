@@ -41,7 +41,7 @@ from ._norms import ErrorNorm, initial_norm
 from ._tree import TreeSpec, flat_tolerance, flatten_state
 from .controllers import PIController
 from .controllers.resolve import resolve_controller
-from .gradients._common import capable
+from .gradients._common import capable, structured_outputs
 from .interpolation.dense_batched import PerSampleDense, step_outputs
 from .solution import Solution
 from .solvers.explicit_rk import make_stepper
@@ -522,7 +522,8 @@ def solve_per_sample(
         dense_obj = PerSampleDense(records, stepper, f, spec, y_start, y_final, tau, tfin)
     return Solution(
         t=t,
-        ys=spec.unflatten(ys.view(T, spec.batch, -1), lead=(T,)),
+        # (custom gradients: each leaf its own node holding the run; see structured_outputs)
+        ys=structured_outputs(spec, ys, (T,), None if direct else run),
         stats=stats,
         status=state["status"],
         t_final=tfin,

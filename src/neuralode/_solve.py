@@ -11,7 +11,7 @@ from ._loop import Problem, VectorField, integrate
 from ._tree import flat_tolerance, flatten_state
 from .controllers.resolve import resolve_controller
 from .gradients import capable, get_gradient
-from .gradients._common import Run
+from .gradients._common import Run, structured_outputs
 from .interpolation import DenseOutput
 from .solution import Solution
 from .solvers import get_tableau
@@ -357,7 +357,6 @@ def solve(
         # Output 0 is y0 itself, which does not move with t0: undo the shift applied to y0.
         corr = [(t[0] - t[0].detach()).to(_real(spec.dtype)) * f0]
         for j in range(1, len(out_t)):
-            # (Backsolve returns a tensor state's outputs in y0's shape, the others flat.)
             y_j = ys[j].reshape(y0flat.shape)
             corr.append((t[j] - t[j].detach()).to(_real(spec.dtype)) * fv(out_t[j], y_j))
         ys = ys + torch.stack(corr).reshape(ys.shape)
@@ -368,10 +367,9 @@ def solve(
         run.stats.update(run.stepper.stats)
 
     T = t_tensor.shape[-1]
-    if per_sample:
-        ys_struct = spec.unflatten(ys.reshape(T, spec.batch, -1), lead=(T,))
-    else:
-        ys_struct = spec.unflatten(ys, lead=(T,))
+    # (custom gradients: each leaf its own node holding the run; see structured_outputs)
+    keep = None if capable(grad_method, "exact_autograd") else run
+    ys_struct = structured_outputs(spec, ys, (T,), keep)
     dense_obj = None
     if dense:
         dense_obj = DenseOutput(

@@ -57,6 +57,12 @@ class TreeSpec:
             c.reshape(tuple(lead) + tuple(shape))
             for c, shape in zip(self.components(flat), self.shapes)
         ]
+        return self.rebuild(parts)
+
+    def rebuild(self, parts: list):
+        """The state structure (tensor, tuple or dict) holding ``parts``, one per component."""
+        if self.kind == "tensor":
+            return parts[0]
         if self.kind == "tuple":
             return tuple(parts)
         return dict(zip(self.keys, parts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,9 @@ __all__ = [
     "ParamCheck",
     "check_params",
     "check_params_rows",
+    "hold_run",
+    "held_run",
+    "structured_outputs",
 ]
 
 
@@ -256,20 +260,81 @@ def capable(gradient, capability: str) -> bool:
     return bool(getattr(type(gradient), capability, False))
 
 
-def output_in_state_shape(ctx, run: Run, ys: torch.Tensor) -> torch.Tensor:
-    """The flat outputs ``ys`` of a custom-gradient Function, returned in the state's shape for
-    a tensor state (``ctx.flat_shape`` keeps the flat shape for the backward pass).
+# ----------------------------------------------------------------------- output packaging
+# An output kept on the module that made it (``self.out = solve(self, ...)``, as torchdiffeq-
+# style code does) must not keep the module alive. The garbage collector follows a tensor to
+# the Python object of its grad_fn only when that node is a custom Function's and the tensor is
+# its sole owner; any other node (a view, a slice, an addition: C++ nodes) or a Function with
+# several outputs hides what lies behind it. So the custom-gradient Functions hold their run
+# (whose func is the module) by weak reference only (:func:`hold_run`), and every leaf of the
+# caller's result is the single output of its own small Function (:class:`_OutputPart`) whose
+# context holds the run strongly: the cycle output -> part node -> run -> func -> output is
+# then visible, and collected. The run lives as long as any output's graph (a backward pass
+# starts from one of them), as it did on the Function itself.
 
-    The caller's result is then the Function's own output, with no view node after it: a view
-    is a C++ autograd node that the garbage collector cannot traverse, so an output kept on the
-    module that made it (``self.out = solve(self, ...)``) would close a reference cycle (output
-    -> node -> ctx -> run -> func -> output) that is never freed. Not a view either (the caller
-    may modify the output in place): a fresh contiguous tensor takes the new shape itself."""
-    spec = run.prob.spec
-    ctx.flat_shape = ys.shape
-    if spec.kind == "tensor" and run.samples_all is None:
-        shape = (ys.shape[0], *spec.shapes[0])
-        if ys._base is not None or not ys.is_contiguous():
-            ys = ys.clone(memory_format=torch.contiguous_format)
-        ys.set_(ys.untyped_storage(), ys.storage_offset(), shape)
-    return ys
+
+def hold_run(ctx, run) -> None:
+    """Keep ``run`` on a custom-gradient Function's ``ctx`` by weak reference: the strong one is
+    on the outputs' own nodes (:func:`structured_outputs`). Read it back with :func:`held_run`."""
+    ctx.run_ref = weakref.ref(run)
+
+
+def held_run(ctx):
+    """The run kept by :func:`hold_run` (alive while any output's graph is)."""
+    run = ctx.run_ref()
+    if run is None:  # only if the flat outputs were differentiated without structured_outputs
+        raise RuntimeError(
+            "internal error: the solve's record was freed before its backward pass (the "
+            "outputs of a custom-gradient Function must be packaged by structured_outputs)"
+        )
+    return run
+
+
+class _OutputPart(torch.autograd.Function):
+    """Component ``i`` of the flat outputs (``(*lead, B, M)`` in any shape of that size) in its
+    own shape ``(*lead, *shape_i)``: an alias of the flat outputs' storage (no copy; not a view
+    either, so the caller may modify it in place) whose node holds ``keep`` (the run)."""
+
+    @staticmethod
+    def forward(ctx, flat, keep, spec, lead, i, options):
+        ctx.keep = keep
+        layout = (*lead, spec.batch, spec.width)
+        ctx.layout = (spec.kind, flat.shape, layout, spec.offsets[i], spec.sizes[i])
+        if options is not None:  # torchdiffeq's grad_fn.adjoint_options (Backsolve)
+            ctx.adjoint_options = options
+        part = spec.components(flat.reshape(layout))[i].reshape(*lead, *spec.shapes[i])
+        out = part.new_empty(0)
+        return out.set_(part.untyped_storage(), part.storage_offset(), part.shape, part.stride())
+
+    @staticmethod
+    def backward(ctx, g):
+        kind, shape, layout, offset, size = ctx.layout
+        if kind == "tensor":
+            return g.reshape(shape), None, None, None, None, None
+        g_flat = g.new_zeros(layout)
+        g_flat[..., offset : offset + size] = g.reshape(*layout[:-1], size)
+        return g_flat.reshape(shape), None, None, None, None, None
+
+
+def structured_outputs(spec, flat: torch.Tensor, lead: tuple[int, ...], keep=None):
+    """The outputs ``flat`` (``(*lead, B, M)`` values in any shape of that size, e.g. ``(T * B,
+    M)``) in the state's structure, each leaf ``(*lead, *shape_i)``.
+
+    ``keep``: the run of a custom-gradient Function that holds it by :func:`hold_run`; each
+    leaf is then the output of its own node holding ``keep`` (see the note above), and aliases
+    the storage of ``flat`` unless ``flat`` is a view (of a larger buffer of compiled stepping,
+    say: then a private copy, which neither keeps the buffer alive nor writes into whatever
+    shares it). ``None`` (Direct: autograd's own graph, which references no run): the views of
+    :meth:`TreeSpec.unflatten`.
+    """
+    if keep is not None and flat._base is not None:
+        flat = flat.clone()
+    if keep is None or flat.grad_fn is None:
+        layout = (*lead, spec.batch, spec.width)
+        return spec.unflatten(flat if flat.shape == layout else flat.reshape(layout), lead=lead)
+    options = getattr(flat.grad_fn, "adjoint_options", None)
+    parts = [
+        _OutputPart.apply(flat, keep, spec, tuple(lead), i, options)
+        for i in range(len(spec.shapes))
+    ]
+    return spec.rebuild(parts)

@@ -28,7 +28,8 @@ from ._common import (
     check_params_rows,
     find_params,
     forward_without_graph,
-    output_in_state_shape,
+    held_run,
+    hold_run,
 )
 from .checkpoint import add_initial_outputs
 
@@ -200,16 +201,14 @@ class _BacksolveFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Run, cfg: Backsolve, y0flat, *params):
         res = forward_without_graph(run, y0flat, "times", check=run.extra.get("param_check"))
-        ctx.run, ctx.cfg, ctx.params = run, cfg, params
+        hold_run(ctx, run)  # weakly: the outputs' nodes hold it (see structured_outputs)
+        ctx.cfg, ctx.params = cfg, params
         if hasattr(cfg.norm, "options"):  # torchdiffeq's grad_fn.adjoint_options
             ctx.adjoint_options = cfg.norm.options
         # A private copy: the caller may modify the returned outputs in place.
         ctx.y_final = res.y_final.detach().clone()
-        # The outputs must not stay reachable from ctx (ctx.run.result): an output kept on the
-        # module that made it (self.out = odeint_adjoint(self, ...)) would form a cycle through
-        # autograd's C++ graph that the garbage collector cannot see, and never be freed.
-        ys, res.ys = res.ys, None
-        return output_in_state_shape(ctx, run, ys)
+        ys, res.ys = res.ys, None  # (the run need not keep the outputs)
+        return ys
 
     @staticmethod
     def backward(ctx, g_ys):
@@ -218,9 +217,9 @@ class _BacksolveFn(torch.autograd.Function):
                 "gradients of gradients (create_graph=True) are not supported by the backsolve "
                 "adjoint; use gradient='checkpoint' (exact, bounded memory) or 'direct'"
             )
-        run, cfg, params = ctx.run, ctx.cfg, list(ctx.params)
+        run, cfg, params = held_run(ctx), ctx.cfg, list(ctx.params)
         with cfg.errors() if cfg.errors is not None else contextlib.nullcontext():
-            grads = _backward(run, cfg, params, ctx.y_final, g_ys.reshape(ctx.flat_shape))
+            grads = _backward(run, cfg, params, ctx.y_final, g_ys)
         return (None, None, *grads)
 
 

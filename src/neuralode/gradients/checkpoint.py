@@ -13,7 +13,8 @@ from ._common import (
     check_params_rows,
     find_params,
     forward_without_graph,
-    output_in_state_shape,
+    held_run,
+    hold_run,
 )
 
 __all__ = ["Checkpointed"]
@@ -97,18 +98,15 @@ class _CheckpointFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Run, cfg: Checkpointed, y0flat, *params):
         res = forward_without_graph(run, y0flat, "states", max_states=cfg.max_checkpoints)
-        ctx.run, ctx.n_params = run, len(params)
+        hold_run(ctx, run)  # weakly: the outputs' nodes hold it (see structured_outputs)
+        ctx.n_params = len(params)
         ctx.save_for_backward(y0flat, *params)
-        # The outputs must not stay reachable from ctx (ctx.run.result): an output kept on the
-        # module that made it (self.out = odeint_adjoint(self, ...)) would form a cycle through
-        # autograd's C++ graph that the garbage collector cannot see, and never be freed.
-        ys, res.ys = res.ys, None
-        return output_in_state_shape(ctx, run, ys)
+        ys, res.ys = res.ys, None  # (the run need not keep the outputs)
+        return ys
 
     @staticmethod
     def backward(ctx, g_ys):
-        g_ys = g_ys.reshape(ctx.flat_shape)
-        run = ctx.run
+        run = held_run(ctx)
         y0flat, *params = ctx.saved_tensors
         prob = run.prob
         if torch.is_grad_enabled():

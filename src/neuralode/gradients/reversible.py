@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..solvers.tableau import ButcherTableau
-from ._common import Run, check_params, find_params, output_in_state_shape
+from ._common import Run, check_params, find_params, held_run, hold_run
 from ._reversible_loop import integrate_reversible
 
 __all__ = ["Reversible"]
@@ -248,19 +248,20 @@ class _ReversibleFn(torch.autograd.Function):
             res, records, z, _, restarts, anchors = integrate_reversible(
                 run, cfg.coupling, y0flat.detach(), restart_gap=cfg.restart_gap
             )
-        ctx.run, ctx.cfg, ctx.records = run, cfg, records
+        hold_run(ctx, run)  # weakly: the outputs' nodes hold it (see structured_outputs)
+        ctx.cfg, ctx.records = cfg, records
         ctx.n_params = len(params)
         ctx.stored_at = [(k, True) for k in restarts] + [(k, False) for k in anchors]
         # Saved for backward: the final pair, the pairs at restarts and anchors (and the
         # inputs, to replay for double backward).
         pairs = [x for d in (restarts, anchors) for pair in d.values() for x in pair]
         ctx.save_for_backward(res.y_final, z, y0flat, *params, *pairs)
-        return output_in_state_shape(ctx, run, res.ys)
+        ys, res.ys = res.ys, None  # (the run need not keep the outputs)
+        return ys
 
     @staticmethod
     def backward(ctx, g_ys):
-        g_ys = g_ys.reshape(ctx.flat_shape)
-        run, lam = ctx.run, ctx.cfg.coupling
+        run, lam = held_run(ctx), ctx.cfg.coupling
         y, z, y0flat, *rest = ctx.saved_tensors
         params, pairs = rest[: ctx.n_params], rest[ctx.n_params :]
         # step index -> (y, z, whether z was reset to y after that step)

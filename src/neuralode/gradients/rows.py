@@ -46,6 +46,7 @@ from ..interpolation.dense_batched import step_outputs
 from ..solvers import get_tableau
 from ..solvers.explicit_rk import make_stepper
 from ..solvers.tableau import ButcherTableau
+from ._common import held_run, hold_run
 
 __all__ = ["checkpointed_rows", "backsolve_rows"]
 
@@ -95,13 +96,13 @@ class _CheckpointRows(torch.autograd.Function):
             ys = run.integrate(y0flat.detach(), record=("replay",), max_states=max_checkpoints)
         recs = run.result[4]["replay"]
         run.stats["n_checkpoints"] = sum(rec[7] is not None for rec in recs)  # states kept
-        ctx.run = run
+        hold_run(ctx, run)  # weakly: the outputs' nodes hold it (see structured_outputs)
         ctx.save_for_backward(*params)
         return ys
 
     @staticmethod
     def backward(ctx, g):
-        run, params = ctx.run, list(ctx.saved_tensors)
+        run, params = held_run(ctx), list(ctx.saved_tensors)
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "gradients of gradients (create_graph=True) are not supported by checkpointed "
@@ -312,7 +313,8 @@ class _BacksolveRows(torch.autograd.Function):
         replays = cfg.outputs != "stop" and isinstance(run.stepper.tab, ButcherTableau)
         with torch.no_grad():
             ys = run.integrate(y0flat.detach(), record=("times",) if replays else ())
-        ctx.run, ctx.cfg = run, cfg
+        hold_run(ctx, run)  # weakly: the outputs' nodes hold it (see structured_outputs)
+        ctx.cfg = cfg
         ctx.failed = _failed_restart(run, ys)
         ctx.save_for_backward(*params)
         return ys
@@ -324,7 +326,7 @@ class _BacksolveRows(torch.autograd.Function):
                 "gradients of gradients (create_graph=True) are not supported by the backsolve "
                 "adjoint; use gradient='checkpoint' or 'direct'"
             )
-        run, cfg, params = ctx.run, ctx.cfg, list(ctx.saved_tensors)
+        run, cfg, params = held_run(ctx), ctx.cfg, list(ctx.saved_tensors)
         y_final = run.result[0]
         B, M = y_final.shape
         tau = run.tau
