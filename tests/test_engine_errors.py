@@ -56,7 +56,7 @@ def test_invalid_solve_arguments(kw, exc, match):
     ("t", "exc", "match"),
     [
         (torch.tensor([0.0, 1.0], dtype=torch.complex128), TypeError, r"t must be a real tensor of times, got dtype torch.complex128"),
-        (torch.zeros(2, 2, 2, dtype=F64), ValueError, r"t must be 1-D \(T,\) or 2-D \(batch, T\) for per-sample grids, got shape \(2, 2, 2\)"),
+        (torch.zeros(2, 2, 2, dtype=F64), ValueError, r"t must be 1-D \(T,\) or 2-D \(batch, T\) with T >= 1, got shape \(2, 2, 2\)"),
         (torch.zeros(0, dtype=F64), ValueError, r"t is empty; pass at least the initial time"),
         (torch.tensor([0.0, math.nan], dtype=F64), ValueError, r"t contains NaN or infinite values"),
         (torch.tensor([0.0, math.inf], dtype=F64), ValueError, r"t contains NaN or infinite values"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 
-__all__ = ["step_failure"]
+__all__ = ["step_failure", "report_failure"]
 
 
 def step_failure(
@@ -75,3 +75,21 @@ def step_failure(
         "loosen rtol/atol, check func for singularities or NaNs near this t, rescale time, or "
         "use an implicit method if the problem is stiff"
     )
+
+
+def report_failure(cause: str, *, throw: bool, state: dict, **where) -> None:
+    """Raise the failure ``cause`` (``throw``) or record it in ``state``: the first failure
+    sets ``state["status"]``/``["message"]``; a failing ``sample`` (per-sample control) is also
+    listed in ``state["failed"]`` and named by the exception's ``sample`` attribute. ``where``:
+    the keywords of :func:`step_failure`."""
+    cls, msg = step_failure(cause, **where)
+    sample = where.get("sample")
+    if throw:
+        exc = cls(msg, t=where["t"], step=where["attempts"], h=where["h"])
+        if sample is not None:
+            exc.sample = sample  # (the backsolve adjoint's message names the sample)
+        raise exc
+    if sample is not None:
+        state["failed"].append(sample)
+    if state["status"] == "success":
+        state["status"], state["message"] = cls.status, msg

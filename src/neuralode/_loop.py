@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._failures import step_failure
+from ._failures import report_failure
 from ._norms import ErrorNorm, initial_norm, user_scaled_norm
 from ._tree import TreeSpec
 from .controllers.step_size import time_beside
-from .errors import SolveError
 from .solvers.explicit_rk import RKStepper, make_stepper
 from .solvers.tableau import ButcherTableau
 
-__all__ = ["Problem", "VectorField", "FlatVectorField", "integrate", "StepRecord", "LoopResult"]
+__all__ = ["Problem", "VectorField", "FlatVectorField", "integrate", "replay_step"]
+__all__ += ["StepRecord", "LoopResult"]
 
 
 def _view(x: torch.Tensor, shape) -> torch.Tensor:
@@ -147,6 +147,11 @@ class Problem:
     atol_zero: bool = False  # some absolute tolerance is zero (the error scale is floored)
     _out_t_dev: torch.Tensor | None = None
 
+    def samples_on(self, device) -> torch.Tensor | None:
+        """The sample index of each sorted output as a long tensor on ``device`` (per-sample
+        grids), or None."""
+        return None if self.out_sample is None else torch.tensor(self.out_sample, device=device)
+
     def out_t_on(self, device) -> torch.Tensor:
         """The sorted output times as a float64 tensor on ``device`` (copied once per solve)."""
         if self._out_t_dev is None or self._out_t_dev.device != torch.device(device):
@@ -185,15 +190,6 @@ class LoopResult:
     steps: list[StepRecord] = field(default_factory=list)
     h_next: float = math.nan  # the controller's proposal for a following step
     k1_next: torch.Tensor | None = None  # first stage of a following step, if known (FSAL)
-
-
-# ---------------------------------------------------------------------------- helpers
-def _fail(cause, *, throw, state, **where):
-    exc_type, msg = step_failure(cause, **where)
-    if throw:
-        raise exc_type(msg, t=where["t"], step=where["attempts"], h=where["h"])
-    state["status"] = exc_type.status
-    state["message"] = msg
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -248,18 +244,8 @@ def integrate(
     adaptive = ctrl.adaptive
     landings = ctrl.landing_times(t0, t_end)
     n_out = len(prob.out_t)
-    samples_all = (
-        torch.tensor(prob.out_sample, device=y0.device) if prob.out_sample is not None else None
-    )
-    out_vals: list[torch.Tensor] = []
-    p = 0
-    # Outputs at the initial time are the initial state itself.
-    while p < n_out and prob.out_t[p] == t0:
-        p += 1
-    if p:
-        out_vals.append(
-            y0.unsqueeze(0).expand(p, *y0.shape) if samples_all is None else y0[samples_all[:p]]
-        )
+    samples_all = prob.samples_on(y0.device)
+    out_vals, p = _start_outputs(prob, y0, samples_all)
 
     t, y = t0, y0
     if t_first is None:
@@ -287,7 +273,7 @@ def integrate(
 
     while direction * (t_end - t) > 0:
         if prob.max_steps is not None and attempts >= prob.max_steps:
-            _fail(
+            report_failure(
                 "max_steps", t=t, attempts=attempts, h=h, max_steps=prob.max_steps,
                 t_end=t_end, n_acc=n_acc, n_rej=n_rej, throw=throw, state=state,
             )  # fmt: skip
@@ -295,11 +281,11 @@ def integrate(
         h_abs = ctrl.bounded(abs(h), last_nonfinite)
         if adaptive and not math.isfinite(h_abs):
             # A NaN/inf from func (at the start, or in the error estimate) gets here.
-            _fail("nonfinite_h", t=t, attempts=attempts, h=h_abs, throw=throw, state=state)
+            report_failure("nonfinite_h", t=t, attempts=attempts, h=h_abs, throw=throw, state=state)
             break
         # Below dt_min, or below the resolution of t (a few ulps): the controller's one rule.
         if adaptive and ctrl.underflows(h_abs, t):
-            _fail(
+            report_failure(
                 "underflow", t=t, attempts=attempts, h=h_abs, dt_min=ctrl.dt_min,
                 nonfinite=last_nonfinite, throw=throw, state=state,
             )  # fmt: skip
@@ -397,10 +383,21 @@ def _first_time(ctrl, t0: float, t_end: float, time_dtype) -> float:
     return time_beside(t0, t_end, time_dtype) if t0 in ctrl.jump_t and t_end != t0 else t0
 
 
+def _start_outputs(prob, y0, samples_all) -> tuple[list, int]:
+    """``(values, p)``: the outputs at the initial time (the initial state itself) and how many
+    of the sorted outputs they are."""
+    p, n_out = 0, len(prob.out_t)
+    while p < n_out and prob.out_t[p] == prob.t0:
+        p += 1
+    if not p:
+        return [], 0
+    return [y0.unsqueeze(0).expand(p, *y0.shape) if samples_all is None else y0[samples_all[:p]]], p
+
+
 def _check_fixed_end(y, t, attempts, h, throw, state) -> None:
     """Fixed steps make no per-step decision, so finiteness is checked once, at the end."""
     if not _all_finite(y):
-        _fail("nonfinite_fixed", t=t, attempts=attempts, h=h, throw=throw, state=state)
+        report_failure("nonfinite_fixed", t=t, attempts=attempts, h=h, throw=throw, state=state)
 
 
 def _all_finite(y: torch.Tensor) -> bool:
@@ -436,11 +433,18 @@ def _step_outputs(prob, stepper, f, K, y, y_new, t, t_new, t_last, lo, hi, sampl
     them)."""
     k_next = Kd = None
     if any(tau != t_new for tau in prob.out_t[lo:hi]):
-        if not stepper.fsal and stepper.tab.dense_stage_is_next_first:
-            k_next = f(t_last, y_new)
-        Kd = stepper.dense_stages(f, t, t_new - t, y, K, k_next, t_last)
+        Kd, k_next = _dense(stepper, f, K, y, y_new, t, t_new, t_last, None)
     vals = _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all)
     return vals, Kd, k_next
+
+
+def _dense(stepper, f, K, y, y_new, t, t_new, t_last, k_next):
+    """``(Kd, k_next)``: the stages plus dense stages of the step ``(t, t_new]``, and f at the
+    step end where the interpolant needs it (``k_next``, evaluated here unless given), else
+    ``k_next`` as given."""
+    if k_next is None and not stepper.fsal and stepper.tab.dense_stage_is_next_first:
+        k_next = f(t_last, y_new)
+    return stepper.dense_stages(f, t, t_new - t, y, K, k_next, t_last), k_next
 
 
 class StepView:
@@ -455,12 +459,10 @@ class StepView:
     def dense(self):
         """Stages plus dense stages of the step (evaluated on first use)."""
         if self._Kd is None:
-            st = self.stepper
-            if not st.fsal and st.tab.dense_stage_is_next_first and self.k_next is None:
-                self.k_next = self.f(self.t_last, self.y_new)
-            self._Kd = st.dense_stages(
-                self.f, self.t, self.t_new - self.t, self.y, self._K, self.k_next, self.t_last
-            )
+            self._Kd, self.k_next = _dense(
+                self.stepper, self.f, self._K, self.y, self.y_new, self.t, self.t_new,
+                self.t_last, self.k_next,
+            )  # fmt: skip
         return self._Kd
 
     def at(self, theta: torch.Tensor, samples=None) -> torch.Tensor:
@@ -529,26 +531,18 @@ def replay_step(
     ``rec.out_lo:rec.out_hi`` (or None) and ``k1`` is f at the step start. Bitwise the same
     arithmetic as the forward loop.
     """
-    h = rec.t_new - rec.t
-    track = torch.is_grad_enabled()
     if k1 is None:
         k1 = f(rec.t_first, y)
-    y_new, _, K = stepper.step(f, rec.t, h, y, k1, rec.t_last, track)
+    y_new, _, K = stepper.step(
+        f, rec.t, rec.t_new - rec.t, y, k1, rec.t_last, torch.is_grad_enabled()
+    )
     if not outputs or rec.out_hi <= rec.out_lo:
         return y_new, None, k1
-    taus = prob.out_t[rec.out_lo : rec.out_hi]
-    Kd = None
-    if any(tau != rec.t_new for tau in taus):
-        k_next = None
-        if not stepper.fsal and stepper.tab.dense_stage_is_next_first:
-            k_next = f(rec.t_last, y_new)
-        Kd = stepper.dense_stages(f, rec.t, h, y, K, k_next, rec.t_last)
-    vals = _outputs_in_step(
-        prob, stepper, Kd, y, y_new, rec.t, rec.t_new, rec.out_lo, rec.out_hi, samples_all
-    )
+    vals, _, _ = _step_outputs(
+        prob, stepper, f, K, y, y_new, rec.t, rec.t_new, rec.t_last, rec.out_lo, rec.out_hi,
+        samples_all,
+    )  # fmt: skip
     return y_new, vals, k1
 
-
-__all__ += ["make_stepper", "RKStepper", "replay_step", "SolveError"]
 
 from ._loop_fixed import _integrate_fixed  # noqa: E402  (it builds on the helpers above)

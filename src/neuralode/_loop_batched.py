@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 
 import torch
 
-from ._failures import step_failure
+from ._failures import report_failure
 from ._norm_rows import RowUserNorm
-from ._norms import ErrorNorm, initial_norm
-from ._tree import TreeSpec, flat_tolerance, flatten_state
+from ._norms import ErrorNorm, initial_norm, tolerances, zero_atol
+from ._tree import TreeSpec, flatten_state, real_dtype
 from .controllers import PIController
 from .controllers.resolve import resolve_controller
 from .controllers.step_size import time_beside
@@ -48,6 +47,7 @@ from .solution import Solution
 from .solvers.explicit_rk import make_stepper
 
 __all__ = ["solve_per_sample", "BatchedField"]
+__all__ += ["real_dtype", "zero_atol"]  # (shared helpers, imported from here by the rows code)
 
 # Compact the working set once finished rows make up this share of it. Every evaluation of func
 # then spends less than this share on finished samples; a smaller value compacts more often
@@ -145,11 +145,6 @@ def time_layout(tau: torch.Tensor):
     return sdir, stau, torch.searchsorted(stau, stau[:, :1].contiguous(), right=True).squeeze(1)
 
 
-def zero_atol(atol) -> bool:
-    """Whether some absolute tolerance is zero (the error scale then needs its floor)."""
-    return atol == 0 if isinstance(atol, float) else bool((atol == 0).any())
-
-
 def _stuck(ctrl, w: _Rows) -> torch.Tensor:
     """Unfinished rows whose next step cannot be taken: a non-finite step size, or the
     controller's underflow rule (the shared driver's, on each row)."""
@@ -175,17 +170,11 @@ def _handle_failures(
             cause = "max_steps"
         else:
             cause = "nonfinite_h" if not math.isfinite(h) else "underflow"
-        cls, msg = step_failure(
+        report_failure(
             cause, t=t, attempts=n, h=h, dt_min=ctrl.dt_min, nonfinite=not math.isfinite(float(w.e[r])),
             max_steps=max_steps, t_end=float(w.t_end[r]), n_acc=n_acc, n_rej=n - n_acc, sample=b,
+            throw=throw, state=state,
         )  # fmt: skip
-        if throw:
-            exc = cls(msg, t=t, step=n, h=h)
-            exc.sample = b  # (the backsolve adjoint's message names the sample)
-            raise exc
-        state["failed"].append(b)
-        if state["status"] == "success":
-            state["status"], state["message"] = cls.status, msg
     w.done = w.done | fail
     w.t_end = torch.where(fail, w.t, w.t_end)  # a failed sample stays where it is
 
@@ -451,6 +440,8 @@ def solve_per_sample(
     ``_used``: see :func:`integrate_per_sample` (the event driver's segments); ``_stats``: the
     dict to fill as ``Solution.stats`` (the event driver's segments gather its backward
     counters)."""
+    from ._solve import leaves
+
     opt = "batch_control='per_sample'"
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
     from .solvers.implicit.rows import check_per_sample  # implicit: per-row blocks, or refused
@@ -461,13 +452,7 @@ def solve_per_sample(
         refuse_per_sample(gradient, tab)
     check_per_sample(tab, ctrl, gradient)
     t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
-    comps = (
-        list(y0.values())
-        if isinstance(y0, Mapping)
-        else list(y0)
-        if isinstance(y0, (tuple, list))
-        else [y0]
-    )
+    comps = leaves(y0)
     leads = {c.shape[0] if isinstance(c, torch.Tensor) and c.dim() else None for c in comps}
     if None in leads or len(leads) != 1 or 0 in leads:
         raise ValueError(
@@ -478,14 +463,10 @@ def solve_per_sample(
     tau = _check_times(t, spec.batch, opt).to(spec.device)
     f = BatchedField(func, spec, time_dtype)
     stepper = make_stepper(tab, y0flat.dtype, y0flat.device)
-    if ctrl.adaptive:
-        rt, at = flat_tolerance(spec, ctrl.rtol, "rtol"), flat_tolerance(spec, ctrl.atol, "atol")
-    else:
-        rt = at = 1.0  # no error norm with fixed steps
+    rt, at, floor = tolerances(spec, ctrl, 1.0)  # (1.0: no error norm with fixed steps)
     ctrl.check_span(float(tau.min()), float(tau.max()))
     direct = capable(gradient, "exact_autograd")
     dense = bool(dense_output) if dense_output is not None else direct and not compile
-    floor = ctrl.adaptive and zero_atol(at)
     run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
                   dense, floor, used=_used, compile=compile)  # fmt: skip
     if _stats is not None:
@@ -545,10 +526,6 @@ def solve_per_sample(
     )
 
 
-def real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype.to_real() if dtype.is_complex else dtype
-
-
 def per_row_times(t: torch.Tensor, B: int, device) -> torch.Tensor:
     """``t`` (T,) or (B, T) as (B, T) float64 on ``device`` (a 1-D t serves every sample),
     keeping its graph."""
@@ -571,25 +548,12 @@ def _output_time_shift(func, spec, time_dtype, shift, tau, ys):
 
 def _check_times(t: torch.Tensor, B: int, opt: str) -> torch.Tensor:
     """Validate ``t`` (T,) or (B, T) and return it as (B, T) float64 on the CPU."""
-    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"t must be a real tensor of times, got dtype {t.dtype}")
-    if t.dim() not in (1, 2) or t.shape[-1] == 0:
-        raise ValueError(
-            f"t must be 1-D (T,) or 2-D (batch, T) with T >= 1, got shape {tuple(t.shape)}"
-        )
-    tl = t.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(tl).all()):
-        raise ValueError("t contains NaN or infinite values")
-    if tl.dim() == 1:
-        d = tl[1:] - tl[:-1]
-        if tl.numel() > 1 and not (bool((d > 0).all()) or bool((d < 0).all())):
-            raise ValueError("a 1-D t must be strictly increasing or strictly decreasing")
-        return tl.unsqueeze(0).expand(B, -1).contiguous()
-    if tl.shape[0] != B:
-        raise ValueError(
-            f"t has shape {tuple(t.shape)} (batch, T) but y0's batch dimension is {B}; a 2-D t "
-            "needs one row of output times per sample"
-        )
+    from ._solve import check_batch, host_times
+
+    tl = host_times(t)
+    if isinstance(tl, list):
+        return torch.tensor(tl, dtype=torch.float64).unsqueeze(0).expand(B, -1).contiguous()
+    check_batch(tl, B)
     d = tl[:, 1:] - tl[:, :-1]
     bad = ~((d >= 0).all(1) | (d <= 0).all(1))
     if bool(bad.any()):

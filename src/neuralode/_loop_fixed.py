@@ -14,15 +14,14 @@ import functools
 import itertools
 import math
 
-import torch
-
+from ._failures import report_failure
 from ._loop import (
     LoopResult,
     VectorField,
     _check_fixed_end,
-    _fail,
     _first_time,
     _gather_outputs,
+    _start_outputs,
     _step_outputs,
     _view,
 )
@@ -79,17 +78,8 @@ def _integrate_fixed(prob, f, y0, stepper, k1, t_first, throw) -> LoopResult:
     natural = type(f) is VectorField and f._shape is not None
     fcall = f.shaped if natural else f
     shape = f._shape if natural else flat_shape
-    samples_all = (
-        torch.tensor(prob.out_sample, device=y0.device) if prob.out_sample is not None else None
-    )
-    out_vals: list[torch.Tensor] = []
-    p = 0
-    while p < n_out and out_t[p] == t0:  # outputs at the initial time: the initial state
-        p += 1
-    if p:
-        out_vals.append(
-            y0.unsqueeze(0).expand(p, *y0.shape) if samples_all is None else y0[samples_all[:p]]
-        )
+    samples_all = prob.samples_on(y0.device)
+    out_vals, p = _start_outputs(prob, y0, samples_all)
     if t_first is None:
         t_first = _first_time(ctrl, t0, t_end, f.time_dtype)
     y = _view(y0, shape)
@@ -101,7 +91,7 @@ def _integrate_fixed(prob, f, y0, stepper, k1, t_first, throw) -> LoopResult:
     for t, t_new, t_last, is_jump in _fixed_plan(ctrl, t0, t_end, f.time_dtype):
         h = t_new - t
         if max_steps is not None and n >= max_steps:
-            _fail(
+            report_failure(
                 "max_steps", t=t, attempts=n, h=h, max_steps=max_steps, t_end=t_end, n_acc=n,
                 n_rej=0, throw=throw, state=state,
             )  # fmt: skip

@@ -17,12 +17,28 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._tree import TreeSpec, rms_norm
+from ._tree import TreeSpec, flat_tolerance, rms_norm
 
 if TYPE_CHECKING:  # type hints only (the loop imports this module)
     from ._loop import Problem
 
 __all__ = ["ErrorNorm", "ErrorNormWork", "error_scale", "user_scaled_norm", "initial_norm"]
+__all__ += ["tolerances", "zero_atol"]
+
+
+def tolerances(spec: TreeSpec, ctrl, fixed: float):
+    """``(rtol, atol, floor)`` of a solve: the controller's tolerances laid out like the flat
+    state (floats or ``(B, M)`` tensors; ``fixed`` for both without an error norm) and whether
+    the error scale needs its floor (some absolute tolerance is zero)."""
+    if not ctrl.adaptive:
+        return fixed, fixed, False
+    atol = flat_tolerance(spec, ctrl.atol, "atol")
+    return flat_tolerance(spec, ctrl.rtol, "rtol"), atol, zero_atol(atol)
+
+
+def zero_atol(atol) -> bool:
+    """Whether some absolute tolerance is zero (the error scale then needs its floor)."""
+    return atol == 0 if isinstance(atol, float) else bool((atol == 0).any())
 
 
 def error_scale(a, b, rtol, atol, floor: bool, out=None) -> torch.Tensor:
@@ -37,10 +53,7 @@ def error_scale(a, b, rtol, atol, floor: bool, out=None) -> torch.Tensor:
 def _norm(prob: Problem, scaled: torch.Tensor) -> torch.Tensor:
     if prob.norm is not None:
         return prob.norm(prob.spec.unflatten(scaled))
-    if prob.norm_components is not None:
-        comps = prob.spec.components(scaled)[: prob.norm_components]
-        return torch.stack([c.abs().square().mean().sqrt() for c in comps]).max()
-    return rms_norm(prob.spec, scaled)
+    return rms_norm(prob.spec, scaled, prob.norm_components)
 
 
 def user_scaled_norm(prob: Problem, err, y, y_new) -> float:

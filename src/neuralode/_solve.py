@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import torch
 
 from ._loop import Problem, VectorField, integrate
-from ._tree import flat_tolerance, flatten_state
+from ._norms import tolerances
+from ._tree import flatten_state, real_dtype
 from .controllers.resolve import resolve_controller
 from .gradients import capable, get_gradient
 from .gradients._common import Run, structured_outputs
@@ -307,6 +308,7 @@ def solve(
     spec, y0flat = flatten_state(y0, batched=per_sample)
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
     ctrl.check_span(min(t0, t_end), max(t0, t_end))
+    rtol_, atol_, floor = tolerances(spec, ctrl, 0.0)
     prob = Problem(
         spec=spec,
         tableau=tab,
@@ -318,19 +320,15 @@ def solve(
         out_order=None if out_order is None else torch.as_tensor(out_order, device=spec.device),
         n_out_rows=len(out_t),
         max_steps=max_steps,
-        rtol=flat_tolerance(spec, ctrl.rtol, "rtol") if ctrl.adaptive else 0.0,
-        atol=flat_tolerance(spec, ctrl.atol, "atol") if ctrl.adaptive else 0.0,
+        rtol=rtol_,
+        atol=atol_,
         norm=ctrl.norm,
+        atol_zero=floor,
     )
-    if ctrl.adaptive:
-        atol_ = prob.atol
-        prob.atol_zero = atol_ == 0 if isinstance(atol_, float) else bool((atol_ == 0).any())
     # (compiled stepping records steps for dense output only when asked: it is the fast path)
     default_dense = capable(grad_method, "exact_autograd") and not compile
     dense = dense_output if dense_output is not None else default_dense
-    samples_all = (
-        torch.as_tensor(out_sample, device=spec.device) if out_sample is not None else None
-    )
+    samples_all = prob.samples_on(spec.device)
     # (_stats: the dict to fill; non-terminal events gather its backward counters)
     stats = {} if _stats is None else _stats
     run = Run(prob, func, time_dtype, throw, bool(dense), samples_all, stats=stats)
@@ -348,7 +346,7 @@ def solve(
     f0 = None
     if t_grad:
         f0 = VectorField(func, spec, time_dtype)(t0, y0flat)
-        y_start = y0flat - (t[0] - t[0].detach()).to(_real(spec.dtype)) * f0
+        y_start = y0flat - (t[0] - t[0].detach()).to(real_dtype(spec.dtype)) * f0
     if compile and capable(grad_method, "exact_autograd"):
         ys = _run_compiled(run, y_start, t_grad)
     else:
@@ -358,10 +356,10 @@ def solve(
     if t_grad:
         fv = VectorField(func, spec, time_dtype)
         # Output 0 is y0 itself, which does not move with t0: undo the shift applied to y0.
-        corr = [(t[0] - t[0].detach()).to(_real(spec.dtype)) * f0]
+        corr = [(t[0] - t[0].detach()).to(real_dtype(spec.dtype)) * f0]
         for j in range(1, len(out_t)):
             y_j = ys[j].reshape(y0flat.shape)
-            corr.append((t[j] - t[j].detach()).to(_real(spec.dtype)) * fv(out_t[j], y_j))
+            corr.append((t[j] - t[j].detach()).to(real_dtype(spec.dtype)) * fv(out_t[j], y_j))
         ys = ys + torch.stack(corr).reshape(ys.shape)
         run.stats["nfe_t_gradient"] = fv.nfe + 1
     run.stats.update(n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted)
@@ -431,51 +429,59 @@ def _run_compiled(run: Run, y0flat, t_grad: bool):
     return res.ys
 
 
-def _real(dtype: torch.dtype) -> torch.dtype:
-    return dtype.to_real() if dtype.is_complex else dtype
+def host_times(t: torch.Tensor) -> list[float] | torch.Tensor:
+    """Validate ``t`` (a real dtype, 1-D ``(T,)`` or 2-D ``(B, T)`` with ``T >= 1``, finite, a
+    1-D ``t`` strictly monotone) and return it on the host: a list of floats (1-D) or a float64
+    CPU tensor (2-D). Both drivers' one check of ``t``."""
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"t must be a real tensor of times, got dtype {t.dtype}")
+    if t.dim() not in (1, 2) or t.numel() == 0:
+        empty = "t is empty; pass at least the initial time: " if t.numel() == 0 else ""
+        raise ValueError(
+            f"{empty}t must be 1-D (T,) or 2-D (batch, T) with T >= 1, got shape {tuple(t.shape)}"
+        )
+    if t.dim() == 1 and t.numel() <= 1024:
+        # The common case in plain Python: one copy to the host, no small tensor operations.
+        out_t = t.detach().to("cpu", torch.float64).tolist()
+        finite = all(map(math.isfinite, out_t))
+        pairs = list(zip(out_t, out_t[1:]))
+        monotone = all(a < b for a, b in pairs) or all(a > b for a, b in pairs)
+    else:
+        tl = t.detach().to("cpu", torch.float64)
+        finite = bool(torch.isfinite(tl).all())
+        out_t = tl.tolist() if t.dim() == 1 else tl
+        d = tl[1:] - tl[:-1]
+        monotone = t.dim() == 2 or bool((d > 0).all()) or bool((d < 0).all())
+    if not finite:
+        raise ValueError(f"t contains NaN or infinite values: {_shown(t)}")
+    if not monotone:
+        raise ValueError(
+            f"a 1-D t must be strictly increasing or strictly decreasing; got {_shown(t)}"
+        )
+    return out_t
+
+
+def _shown(t: torch.Tensor) -> str:
+    v = t.detach().reshape(-1)[:11].tolist()
+    return str(v) if len(v) <= 10 else str(v[:10]) + "..."
+
+
+def check_batch(t: torch.Tensor, B: int | None) -> None:
+    """A 2-D ``t`` has one row per sample of the batch ``B`` (None: no batch dimension)."""
+    if B is not None and t.shape[0] != B:
+        raise ValueError(
+            f"t has shape {tuple(t.shape)} (batch, T) but y0's batch dimension is {B}; a 2-D t "
+            "needs one row of output times per sample of y0"
+        )
 
 
 def _check_times(t: torch.Tensor, y0):
     """Validate ``t`` and lay out the output plan (sorted times, samples, result order)."""
-    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"t must be a real tensor of times, got dtype {t.dtype}")
-    if t.dim() not in (1, 2):
-        raise ValueError(
-            f"t must be 1-D (T,) or 2-D (batch, T) for per-sample grids, got shape {tuple(t.shape)}"
-        )
-    if t.dim() == 1 and 0 < t.numel() <= 1024:
-        # The common case in plain Python: one copy to the host, no small tensor operations.
-        out_t = t.detach().to("cpu", torch.float64).tolist()
-        if not all(map(math.isfinite, out_t)):
-            raise ValueError(f"t contains NaN or infinite values: {out_t}")
-        pairs = list(zip(out_t, out_t[1:]))
-        if not (all(a < b for a, b in pairs) or all(a > b for a, b in pairs)):
-            raise ValueError(
-                "t must be strictly increasing or strictly decreasing; got "
-                f"{out_t if len(out_t) <= 10 else str(out_t[:10]) + '...'}"
-            )
-        return False, out_t[0], out_t[-1], out_t, None, None
-    tl = t.detach().to("cpu", torch.float64)
-    if tl.numel() == 0:
-        raise ValueError("t is empty; pass at least the initial time")
-    if not bool(torch.isfinite(tl).all()):
-        raise ValueError(f"t contains NaN or infinite values: {tl.tolist()}")
-    if t.dim() == 1:
-        d = tl[1:] - tl[:-1]
-        if tl.numel() > 1 and not (bool((d > 0).all()) or bool((d < 0).all())):
-            raise ValueError(
-                "t must be strictly increasing or strictly decreasing; got "
-                f"{tl.tolist() if tl.numel() <= 10 else str(tl.tolist()[:10]) + '...'}"
-            )
-        out_t = tl.tolist()
-        return False, out_t[0], out_t[-1], out_t, None, None
+    tl = host_times(t)
+    if isinstance(tl, list):
+        return False, tl[0], tl[-1], tl, None, None
     B, T = tl.shape
-    leading = _leading_batch(y0)
-    if leading is not None and leading != B:
-        raise ValueError(
-            f"t has shape {tuple(t.shape)} (batch, T) but y0's batch dimension is {leading}; "
-            "a 2-D t needs one row of output times per sample of y0"
-        )
+    check_batch(tl, leading_batch(y0))
     if not bool((tl[:, 0] == tl[0, 0]).all()):
         raise ValueError(
             "every row of a 2-D t must start at the same initial time (the batch is integrated "
@@ -499,16 +505,14 @@ def _check_times(t: torch.Tensor, y0):
     return True, float(tl[0, 0]), t_end, out_t, samples[order].tolist(), inv
 
 
-def _leading_batch(y0):
-    if isinstance(y0, torch.Tensor):
-        return y0.shape[0] if y0.dim() else None
-    vals = (
-        list(y0.values())
-        if isinstance(y0, Mapping)
-        else list(y0)
-        if isinstance(y0, (tuple, list))
-        else []
-    )
-    if vals and isinstance(vals[0], torch.Tensor) and vals[0].dim():
-        return vals[0].shape[0]
-    return None
+def leaves(y0) -> list:
+    """The components of a tensor, tuple/list or dict state (anything else: itself)."""
+    if isinstance(y0, Mapping):
+        return list(y0.values())
+    return list(y0) if isinstance(y0, (tuple, list)) else [y0]
+
+
+def leading_batch(y0) -> int | None:
+    """The leading (batch) dimension of the state's first component, or None."""
+    c = (leaves(y0) or [None])[0]
+    return c.shape[0] if isinstance(c, torch.Tensor) and c.dim() else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TreeSpec", "flatten_state", "flat_tolerance", "rms_norm"]
+__all__ = ["TreeSpec", "flatten_state", "flat_tolerance", "rms_norm", "real_dtype"]
 
 
 @dataclass(frozen=True)
@@ -205,8 +205,9 @@ def flatten_state(y0, *, batched: bool, name: str = "y0") -> tuple[TreeSpec, tor
     return spec, flat
 
 
-def rms_norm(spec: TreeSpec, scaled: torch.Tensor) -> torch.Tensor:
-    """Mixed norm of a scaled error ``(B, M)``: max over components of each component's RMS.
+def rms_norm(spec: TreeSpec, scaled: torch.Tensor, first: int | None = None) -> torch.Tensor:
+    """Mixed norm of a scaled error ``(B, M)``: max over components of each component's RMS
+    (over the ``first`` components only, if given: a seminorm).
 
     Taking the maximum over components means a small component is controlled as tightly as a
     large one (torchdiffeq's "mixed" norm for tuple states); within a component the RMS norm
@@ -214,13 +215,19 @@ def rms_norm(spec: TreeSpec, scaled: torch.Tensor) -> torch.Tensor:
     """
     if spec.kind == "tensor":
         return scaled.abs().square().mean().sqrt()
-    norms = [c.abs().square().mean().sqrt() for c in spec.components(scaled) if c.numel()]
+    comps = spec.components(scaled)[:first]
+    norms = [c.abs().square().mean().sqrt() for c in comps if c.numel()]
     return torch.stack(norms).max()
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of a (possibly complex) state dtype."""
+    return dtype.to_real() if dtype.is_complex else dtype
 
 
 def flat_tolerance(spec: TreeSpec, tol, name: str):
     """A float, or a tolerance tensor laid out like the flat state ``(B, M)``."""
-    real = spec.dtype.to_real() if spec.dtype.is_complex else spec.dtype
+    real = real_dtype(spec.dtype)
     if isinstance(tol, (int, float)):
         return float(tol)
     if isinstance(tol, torch.Tensor) and tol.numel() == 1:
