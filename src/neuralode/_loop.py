@@ -47,6 +47,11 @@ class VectorField:
         # scalar_tensor fills on the device (no host-to-device copy, so no synchronisation).
         return torch.scalar_tensor(t, dtype=self.time_dtype, device=self.device)
 
+    def checked(self, out, t: float) -> torch.Tensor:
+        """func's return value ``out`` validated and flattened to ``(B, M)`` (the slow path:
+        raises naming what is wrong)."""
+        return self.spec.flatten(out, what="the derivative returned by func", t=t)
+
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
         """f at ``(t, y)`` with ``y`` flat ``(B, M)``; returns ``(B, M)``."""
         self.nfe += 1
@@ -59,7 +64,7 @@ class VectorField:
                 return out if same else out.view(*y.shape)
         else:
             out = self.func(self._time(t), self.spec.unflatten(y))
-        return self.spec.flatten(out, what="the derivative returned by func", t=t)
+        return self.checked(out, t)
 
     def shaped(self, t: float, y: torch.Tensor) -> torch.Tensor:
         """f at ``(t, y)`` with ``y`` in the state's own shape (a single-tensor state); returns
@@ -68,7 +73,7 @@ class VectorField:
         out = self.func(self._time(t), y)
         if type(out) is torch.Tensor and out.shape == self._shape and out.dtype == self.spec.dtype:
             return out
-        flat = self.spec.flatten(out, what="the derivative returned by func", t=t)
+        flat = self.checked(out, t)
         return _view(flat, self._shape)
 
     def flat(self, t: float, y: torch.Tensor) -> torch.Tensor:
@@ -81,7 +86,7 @@ class VectorField:
                 return out.reshape(-1)
         else:
             out = self.func(self._time(t), self.spec.unflatten(y.view(self.spec.batch, -1)))
-        return self.spec.flatten(out, what="the derivative returned by func", t=t).reshape(-1)
+        return self.checked(out, t).reshape(-1)
 
     def into(self, t: float, y: torch.Tensor, dst_shaped, dst: torch.Tensor) -> None:
         """f at ``(t, y)`` (``y`` 1-D) written into a stage row ``dst`` (1-D); ``dst_shaped`` is
@@ -97,9 +102,7 @@ class VectorField:
         if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
             dst_shaped.copy_(out)
         else:  # validated (raises naming what is wrong) without calling func again
-            dst.copy_(
-                self.spec.flatten(out, what="the derivative returned by func", t=t).reshape(-1)
-            )
+            dst.copy_(self.checked(out, t).reshape(-1))
 
 
 class FlatVectorField(VectorField):

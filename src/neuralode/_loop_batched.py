@@ -41,9 +41,8 @@ from ._tree import TreeSpec, flatten_state, real_dtype
 from .controllers import PIController
 from .controllers.resolve import resolve_controller
 from .controllers.step_size import time_beside
-from .gradients._common import capable, structured_outputs
+from .gradients._common import capable
 from .interpolation.dense_batched import PerSampleDense, step_outputs
-from .solution import Solution
 from .solvers.explicit_rk import make_stepper
 
 __all__ = ["solve_per_sample", "BatchedField"]
@@ -440,7 +439,7 @@ def solve_per_sample(
     ``_used``: see :func:`integrate_per_sample` (the event driver's segments); ``_stats``: the
     dict to fill as ``Solution.stats`` (the event driver's segments gather its backward
     counters)."""
-    from ._solve import leaves
+    from ._solve import default_dense, leaves, solution, wants_t_grad
 
     opt = "batch_control='per_sample'"
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
@@ -451,7 +450,7 @@ def solve_per_sample(
 
         refuse_per_sample(gradient, tab)
     check_per_sample(tab, ctrl, gradient)
-    t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+    t_grad = wants_t_grad(t)
     comps = leaves(y0)
     leads = {c.shape[0] if isinstance(c, torch.Tensor) and c.dim() else None for c in comps}
     if None in leads or len(leads) != 1 or 0 in leads:
@@ -466,7 +465,7 @@ def solve_per_sample(
     rt, at, floor = tolerances(spec, ctrl, 1.0)  # (1.0: no error norm with fixed steps)
     ctrl.check_span(float(tau.min()), float(tau.max()))
     direct = capable(gradient, "exact_autograd")
-    dense = bool(dense_output) if dense_output is not None else direct and not compile
+    dense = default_dense(dense_output, gradient, compile)
     run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
                   dense, floor, used=_used, compile=compile)  # fmt: skip
     if _stats is not None:
@@ -492,19 +491,14 @@ def solve_per_sample(
         ys, n_t = _output_time_shift(func, spec, time_dtype, shift, tau, ys)
         run.stats["nfe_t_gradient"] = n_t + 1
     y_final, tfin, nacc, nrej, state, records = run.result
-    T = tau.shape[1]
     stats = run.stats  # the same dict: a backward pass adds its counters (nfe_backward)
     stats.update({
         "nfe": f.nfe,
         "sample_evals": f.sample_evals,
         "wasted_sample_evals": f.wasted,
         "wasted_share": f.wasted / max(f.sample_evals, 1),
-        "n_accepted": nacc,
-        "n_rejected": nrej,
-        "n_steps": nacc,
         "n_iterations": state["iterations"],
         "n_compactions": state["compactions"],
-        **(stepper.stats or {}),  # implicit methods: n_jac, n_lu (row blocks), n_newton ...
     })  # fmt: skip
     if state["failed"]:
         stats["failed_samples"] = sorted(state["failed"])
@@ -512,18 +506,10 @@ def solve_per_sample(
     dense_obj = None
     if dense:
         dense_obj = PerSampleDense(records, stepper, f, spec, y_start, y_final, tau, tfin)
-    return Solution(
-        t=t,
-        # (custom gradients: each leaf its own node holding the run; see structured_outputs)
-        ys=structured_outputs(spec, ys, (T,), None if direct else run),
-        stats=stats,
-        status=state["status"],
-        t_final=tfin,
-        message=state["message"],
-        _dense=dense_obj,
-        _per_sample=True,
-        _detached=not direct,
-    )
+    return solution(
+        t, spec, ys, run, direct, stats, stepper, nacc, nrej, state["status"], tfin,
+        state["message"], dense_obj, True,
+    )  # fmt: skip
 
 
 def per_row_times(t: torch.Tensor, B: int, device) -> torch.Tensor:

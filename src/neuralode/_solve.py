@@ -325,17 +325,15 @@ def solve(
         norm=ctrl.norm,
         atol_zero=floor,
     )
-    # (compiled stepping records steps for dense output only when asked: it is the fast path)
-    default_dense = capable(grad_method, "exact_autograd") and not compile
-    dense = dense_output if dense_output is not None else default_dense
+    dense = default_dense(dense_output, grad_method, compile)
     samples_all = prob.samples_on(spec.device)
     # (_stats: the dict to fill; non-terminal events gather its backward counters)
     stats = {} if _stats is None else _stats
-    run = Run(prob, func, time_dtype, throw, bool(dense), samples_all, stats=stats)
+    run = Run(prob, func, time_dtype, throw, dense, samples_all, stats=stats)
     if _monitor is not None:
         run.extra["monitor"] = _monitor
 
-    t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+    t_grad = wants_t_grad(t)
     if t_grad and per_sample:
         raise ValueError(
             "gradients with respect to a 2-D (per-sample) t are not supported with "
@@ -362,31 +360,47 @@ def solve(
             corr.append((t[j] - t[j].detach()).to(real_dtype(spec.dtype)) * fv(out_t[j], y_j))
         ys = ys + torch.stack(corr).reshape(ys.shape)
         run.stats["nfe_t_gradient"] = fv.nfe + 1
-    run.stats.update(n_accepted=res.n_accepted, n_rejected=res.n_rejected, n_steps=res.n_accepted)
-    # Counters of steppers that have them (implicit methods: Jacobians, LUs, Newton iterations).
-    if run.stepper is not None and run.stepper.stats:
-        run.stats.update(run.stepper.stats)
-
-    T = t_tensor.shape[-1]
-    # (custom gradients: each leaf its own node holding the run; see structured_outputs)
-    keep = None if capable(grad_method, "exact_autograd") else run
-    ys_struct = structured_outputs(spec, ys, (T,), keep)
     dense_obj = None
     if dense:
         dense_obj = DenseOutput(
             res.steps, run.stepper, run.f, spec, prob.direction, t0, res.t_reached, res.y_final
         )
+    direct = capable(grad_method, "exact_autograd")
+    return solution(
+        t_tensor, spec, ys, run, direct, run.stats, run.stepper, res.n_accepted, res.n_rejected,
+        res.status, res.t_reached, res.message, dense_obj, per_sample,
+    )  # fmt: skip
+
+
+def wants_t_grad(t) -> bool:
+    """Whether gradients with respect to the output times are asked for."""
+    return isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+
+
+def default_dense(dense_output: bool | None, gradient, compile: bool) -> bool:
+    """Whether to keep the dense output: as asked, else with Direct gradients on the eager
+    engine (compiled stepping records steps only when asked: it is the fast path)."""
+    if dense_output is not None:
+        return bool(dense_output)
+    return capable(gradient, "exact_autograd") and not compile
+
+
+def solution(
+    t, spec, ys, run, direct: bool, stats: dict, stepper, n_acc, n_rej, status: str, t_final,
+    message: str, dense, per_sample: bool,
+) -> Solution:  # fmt: skip
+    """Both drivers' wrap-up: the step counters (and the stepper's, e.g. Jacobians and Newton
+    iterations of implicit methods) into ``stats``, the outputs flat ``(T*rows, M)`` back in the
+    state's structure, and the :class:`Solution`."""
+    stats.update(n_accepted=n_acc, n_rejected=n_rej, n_steps=n_acc)
+    if stepper is not None and stepper.stats:
+        stats.update(stepper.stats)
+    # (custom gradients: each leaf its own node holding the run; see structured_outputs)
+    ys_struct = structured_outputs(spec, ys, (t.shape[-1],), None if direct else run)
     return Solution(
-        t=t_tensor,
-        ys=ys_struct,
-        stats=run.stats,
-        status=res.status,
-        t_final=res.t_reached,
-        message=res.message,
-        _dense=dense_obj,
-        _per_sample=per_sample,
-        _detached=not capable(grad_method, "exact_autograd"),
-    )
+        t=t, ys=ys_struct, stats=stats, status=status, t_final=t_final, message=message,
+        _dense=dense, _per_sample=per_sample, _detached=not direct,
+    )  # fmt: skip
 
 
 def _run_compiled(run: Run, y0flat, t_grad: bool):
