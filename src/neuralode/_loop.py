@@ -252,7 +252,7 @@ def integrate(
 
     t, y = t0, y0
     if t_first is None:
-        t_first = _first_time(ctrl, t0, t_end, f.time_dtype)
+        t_first = ctrl.first_time(t0, t_end, f.time_dtype)
     if k1 is None:
         k1 = f(t_first, y0)
     nrm = k_order = None
@@ -378,12 +378,6 @@ def integrate(
         h_next=abs(h),
         k1_next=k1 if state["status"] in ("success", "event") else None,
     )
-
-
-def _first_time(ctrl, t0: float, t_end: float, time_dtype) -> float:
-    """Time of the first stage: ``t0``, or f's limit from inside the interval where ``t0`` is a
-    discontinuity (``jump_t``)."""
-    return time_beside(t0, t_end, time_dtype) if t0 in ctrl.jump_t and t_end != t0 else t0
 
 
 def _start_outputs(prob, y0, samples_all) -> tuple[list, int]:

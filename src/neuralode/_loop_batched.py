@@ -249,16 +249,13 @@ def integrate_per_sample(
     user = ctrl.norm  # PIController(norm=...): see _norm_rows
     norm = ErrorNorm(y0[:1], spec) if user is None else RowUserNorm(user, spec)
     landings = torch.tensor(sorted({*ctrl.step_t, *ctrl.jump_t}), **f64)
-    jumps = torch.tensor(sorted(ctrl.jump_t), **f64)
     # Attempts in earlier segments (events) count toward max_steps. Every live row makes one
     # per iteration: from it_max on, some row may have used them all (no host read before).
     used_att = used.sum(1) if used is not None else torch.zeros(B, **i64)
     it_max = None if max_steps is None else max_steps - int(used_att.max())
     if A:
         f.lo, f.hi = w.lo, w.hi  # every evaluation stays inside its sample's interval
-        if ctrl.jump_t:  # starting on a jump_t: f's limit from inside the interval
-            on_jump = torch.isin(w.t, jumps)
-            w.tf = torch.where(on_jump, time_beside(w.t, w.t_end, f.time_dtype), w.t)
+        w.tf = ctrl.first_time(w.t, w.t_end, f.time_dtype)  # (past a jump_t at t0)
         w.k1 = f(w.tf, w.y)
         nrm = initial_norm(norm, w.y, w.rtol, w.atol, floor, rows=True)
         w.h = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)

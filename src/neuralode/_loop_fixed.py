@@ -19,7 +19,6 @@ from ._loop import (
     LoopResult,
     VectorField,
     _check_fixed_end,
-    _first_time,
     _gather_outputs,
     _start_outputs,
     _step_outputs,
@@ -81,7 +80,7 @@ def _integrate_fixed(prob, f, y0, stepper, k1, t_first, throw) -> LoopResult:
     samples_all = prob.samples_on(y0.device)
     out_vals, p = _start_outputs(prob, y0, samples_all)
     if t_first is None:
-        t_first = _first_time(ctrl, t0, t_end, f.time_dtype)
+        t_first = ctrl.first_time(t0, t_end, f.time_dtype)
     y = _view(y0, shape)
     k = None if k1 is None else _view(k1, shape)
     fsal = stepper.fsal

@@ -189,6 +189,17 @@ class Controller:
         """The step size to try: ``|h|`` capped at ``dt_max``."""
         return min(h_abs, self.dt_max)
 
+    def first_time(self, t0, t_end, time_dtype: torch.dtype):
+        """The time of the first stage from ``t0`` toward ``t_end``: ``t0``, or f's limit from
+        inside the interval where ``t0`` is a ``jump_t`` (floats, or (B,) float64 tensors)."""
+        if not isinstance(t0, torch.Tensor):
+            return time_beside(t0, t_end, time_dtype) if t0 in self.jump_t and t_end != t0 else t0
+        if not self.jump_t:
+            return t0
+        J = torch.tensor(self.jump_t, dtype=torch.float64, device=t0.device)
+        on_jump = torch.isin(t0, J) & (t_end != t0)
+        return torch.where(on_jump, time_beside(t0, t_end, time_dtype), t0)
+
     def landing_times(self, t0: float, t_end: float) -> tuple[float, ...]:
         """``step_t`` and ``jump_t`` strictly inside the solve interval, increasing."""
         lo, hi = min(t0, t_end), max(t0, t_end)
