@@ -253,9 +253,15 @@ def solve_rows_with_event(solve_rows, ctx, y0, t, event, kw: dict) -> Solution:
     _, y0flat = flatten_state(y0, batched=True)
     gfn = RowEventFn(event, ctx.f)
     kw = dict(kw, dense_output=False, event=None)
-    if event.terminal:
-        return _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw)
-    return _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw)
+    from .events import held_solution
+    from .gradients._common import collect_runs
+
+    with collect_runs() as runs:  # held by the final outputs (see events.solve_with_event)
+        if event.terminal:
+            sol = _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw)
+        else:
+            sol = _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw)
+    return held_solution(sol, runs)
 
 
 def _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw):
