@@ -340,7 +340,7 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
     else:
         traj = torch.stack([y0, sol.event_y])
     event_t = sol.event_t.to(t.dtype if t.is_floating_point() else torch.float64)
-    return hold_outputs(event_t, runs), hold_outputs(traj, runs)
+    return hold_outputs((event_t, traj), runs)
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):

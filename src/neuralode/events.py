@@ -308,12 +308,8 @@ def held_solution(sol, runs: list):
     (:func:`~neuralode.gradients._common.collect_runs`); ``sol`` itself when there are none."""
     if not runs:
         return sol
-    return dataclasses.replace(
-        sol,
-        ys=hold_outputs(sol.ys, runs),
-        event_t=hold_outputs(sol.event_t, runs),
-        event_y=hold_outputs(sol.event_y, runs),
-    )
+    ys, event_t, event_y = hold_outputs((sol.ys, sol.event_t, sol.event_y), runs)
+    return dataclasses.replace(sol, ys=ys, event_t=event_t, event_y=event_y)
 
 
 def _flow_derivative(

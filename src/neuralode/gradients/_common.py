@@ -368,7 +368,7 @@ class _Held(torch.autograd.Function):
 
 
 def hold_outputs(state, keep):
-    """``state`` (a tensor, or a tuple/list/dict of tensors or None) with every tensor that has
+    """``state`` (a tensor, None, or tuples/lists/dicts of them, nested) with every tensor that has
     a graph made the only output of its own node holding ``keep`` (runs collected by
     :func:`collect_runs`; nothing is done when it is empty). The tensors must be results that
     no node of the graph saved (the caller's final operations: a concatenation, a stack), so
@@ -379,14 +379,14 @@ def hold_outputs(state, keep):
         return state
 
     def held(x):
+        if isinstance(x, dict):
+            return {k: held(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(held(v) for v in x)
         if not isinstance(x, torch.Tensor) or x.grad_fn is None:
             return x
         return _Held.apply(x.clone() if x._base is not None else x, keep)
 
-    if isinstance(state, dict):
-        return {k: held(v) for k, v in state.items()}
-    if isinstance(state, (tuple, list)):
-        return type(state)(held(v) for v in state)
     return held(state)
 
 
