@@ -377,17 +377,18 @@ def hold_outputs(state, keep):
     :func:`collect_runs` block, ``keep`` is handed on instead and ``state`` returned as is."""
     if not keep or _handed_over(keep):
         return state
+    return _held(state, keep)
 
-    def held(x):
-        if isinstance(x, dict):
-            return {k: held(v) for k, v in x.items()}
-        if isinstance(x, (tuple, list)):
-            return type(x)(held(v) for v in x)
-        if not isinstance(x, torch.Tensor) or x.grad_fn is None:
-            return x
-        return _Held.apply(x.clone() if x._base is not None else x, keep)
 
-    return held(state)
+def _held(x, keep):
+    # (a module-level function: a recursive closure would be a reference cycle of its own)
+    if isinstance(x, dict):
+        return {k: _held(v, keep) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_held(v, keep) for v in x)
+    if not isinstance(x, torch.Tensor) or x.grad_fn is None:
+        return x
+    return _Held.apply(x.clone() if x._base is not None else x, keep)
 
 
 def structured_outputs(spec, flat: torch.Tensor, lead: tuple[int, ...], keep=None):
