@@ -4,7 +4,7 @@ The backsolve adjoint's backward solve must let the adjoint jump at every output
 both ``batch_control`` settings it runs as one continuous solve per sample (per-sample: on the
 per-sample driver) that lands on its stops without restarting step-size control, and with many
 outputs (``outputs="auto"`` picks it when the outputs inside forward steps outnumber the
-steps) it stops only at the forward steps holding outputs and replays them: its cost should
+steps, per sample 2.5 times the steps holding them) it stops only at the forward steps holding outputs and replays them: its cost should
 not grow with ``len(t)``.
 
 Workloads (float64, dopri5 at rtol = 1e-6, atol = 1e-9, the loss a fixed random weighting of

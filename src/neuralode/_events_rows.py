@@ -152,6 +152,29 @@ class RowEventMonitor:
         return c
 
 
+class SegmentStats(dict):
+    """The stats of one segment's solve (non-terminal events): the counters that its backward
+    pass writes (:data:`BACKWARD_KEYS`) are also gathered, over the segments, into the event
+    solve's ``stats`` (``outer``): counts summed, ``backsolve_outputs`` one mode or
+    ``"mixed"``. ``parts``: the list of every segment's stats (this one is appended)."""
+
+    BACKWARD_KEYS = ("nfe_backward", "nfe_backward_replay", "backsolve_outputs")
+
+    def __init__(self, outer: dict, parts: list):
+        super().__init__()
+        self.outer, self.parts = outer, parts
+        parts.append(self)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if key in self.BACKWARD_KEYS:
+            vals = [p[key] for p in self.parts if key in p]
+            if key == "backsolve_outputs":
+                self.outer[key] = vals[0] if len(set(vals)) == 1 else "mixed"
+            else:
+                self.outer[key] = sum(vals)
+
+
 def _along(field, gfn, t, y):
     """``(f(t, y), D)`` per row: ``D_b = dg_b/dt + dg_b/dy . f`` along each row's solution at
     ``(t_b, y_b)`` from one reverse pass through a shift ``s`` of time and state (rows are
@@ -290,7 +313,7 @@ def _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw):
         y_event = y_star.index_put((r,), ye)
     after = (sdir.unsqueeze(1) * (tau - stops.unsqueeze(1)) > 0) & fired.unsqueeze(1)  # (B, T)
     ys = torch.where(after.T.unsqueeze(2), y_event.unsqueeze(0), ysf[:T])
-    stats = dict(sol.stats)
+    stats = sol.stats  # the same dict: a backward pass adds its counters (nfe_backward)
     stats.update(nfe_event_location=nfe1, n_event_fn=gfn.calls)
     status = sol.status if sol.status != "success" else "event" if bool(fired.all()) else "success"
     t_final = torch.where(fired, stops, sol.t_final)
@@ -332,7 +355,9 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
     stats = {"nfe": 0, "nfe_event_location": 0, "sample_evals": 0, "wasted_sample_evals": 0,
              "n_iterations": 0, "n_compactions": 0}  # fmt: skip
     status, message = "success", ""
+    segments: list = []  # the segment solves' stats (SegmentStats)
     t_fin, failed = t_end.clone(), set()
+    dead = torch.zeros(B, dtype=torch.bool, device=dev)  # samples that failed (throw=False)
     # max_steps limits each sample's step attempts over the whole solve, across segments.
     used = torch.zeros((B, 2), dtype=torch.long, device=dev)  # accepted, rejected
     k = 0
@@ -355,7 +380,8 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
         outs = torch.where(valid, tt.gather(1, idx.clamp(max=T - 1)), end.unsqueeze(1))
         grid = torch.cat([t_s.unsqueeze(1), outs, end.unsqueeze(1)], 1)
         grid = torch.where(live.unsqueeze(1), grid, t_s.unsqueeze(1))
-        sol = solve_rows(ctx.func, spec.unflatten(y_s), grid, **kw, _used=used)
+        seg_stats = SegmentStats(stats, segments)
+        sol = solve_rows(ctx.func, spec.unflatten(y_s), grid, **kw, _used=used, _stats=seg_stats)
         for key in ("nfe", "sample_evals", "wasted_sample_evals", "n_iterations", "n_compactions"):
             stats[key] += sol.stats[key]
         used = used + torch.stack([sol.stats["n_accepted"], sol.stats["n_rejected"]], 1)
@@ -366,6 +392,7 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
             failed.update(sol.stats["failed_samples"])
             t_fin[bad] = sol.t_final[bad]
             fired = fired.index_put((bad,), torch.tensor(False, device=dev))
+            dead[bad] = True
         ysf = _flat(spec, sol.ys, n_out + 2)
         r, c = valid.nonzero().unbind(1)
         pos.append(idx[r, c] * B + r)
@@ -385,6 +412,12 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
             ye = ctx.f._spec(n).flatten(new, what="the state returned by Event(reset=...)")
         t_s = torch.where(fired, nan.index_put((rf,), te), torch.where(live, tt[:, -1], t_s))
         y_s = torch.where(fired.unsqueeze(1), y_end.index_put((rf,), ye), y_end)
+        if bool(dead.any()):
+            # A failed sample's outputs past its failure are NaN constants (as without events);
+            # its NaN end must not start the (empty) segments that follow, where NaN * 0 in
+            # their backward would reach the parameters and t: it sits at constants there.
+            y_s = torch.where(dead.unsqueeze(1), y0flat.detach(), y_s)
+            t_s = torch.where(dead, t_s.detach(), t_s)
         live = fired
         k += 1
     ys = torch.full((T * B, y0flat.shape[1]), float("nan"), dtype=y0flat.dtype, device=dev)

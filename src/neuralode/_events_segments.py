@@ -12,6 +12,7 @@ import re
 
 import torch
 
+from ._events_rows import SegmentStats
 from ._failures import step_failure
 from ._tree import flatten_state
 from .errors import MaxStepsError
@@ -46,6 +47,7 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
     out_pieces, ev_t, ev_y = [], [], []
     stats = {"nfe": 0, "n_accepted": 0, "n_rejected": 0, "nfe_event_location": 0, "n_event_fn": 0}
     status, message, t_final = "success", "", t_end
+    segments: list = []
     j = 0  # next output index
     while True:
         t_star = float("nan")
@@ -81,7 +83,8 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
             parts = ([t_s] if lead else []) + ([t[j0:j]] if j > j0 else [])
             if t_star == t_star:
                 parts.append(t_star)
-            sol = solve_fn(func, y_s, _grid(parts, t.device), **kw)
+            seg_stats = SegmentStats(stats, segments)  # (gathers the backward's counters)
+            sol = solve_fn(func, y_s, _grid(parts, t.device), **kw, _stats=seg_stats)
         except MaxStepsError as e:
             if left is None:
                 raise

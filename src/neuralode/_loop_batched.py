@@ -41,6 +41,7 @@ from ._norms import ErrorNorm, initial_norm
 from ._tree import TreeSpec, flat_tolerance, flatten_state
 from .controllers import PIController
 from .controllers.resolve import resolve_controller
+from .controllers.step_size import time_beside
 from .gradients._common import capable, structured_outputs
 from .interpolation.dense_batched import PerSampleDense, step_outputs
 from .solution import Solution
@@ -179,7 +180,9 @@ def _handle_failures(
             max_steps=max_steps, t_end=float(w.t_end[r]), n_acc=n_acc, n_rej=n - n_acc, sample=b,
         )  # fmt: skip
         if throw:
-            raise cls(msg, t=t, step=n, h=h)
+            exc = cls(msg, t=t, step=n, h=h)
+            exc.sample = b  # (the backsolve adjoint's message names the sample)
+            raise exc
         state["failed"].append(b)
         if state["status"] == "success":
             state["status"], state["message"] = cls.status, msg
@@ -258,13 +261,17 @@ def integrate_per_sample(
     user = ctrl.norm  # PIController(norm=...): see _norm_rows
     norm = ErrorNorm(y0[:1], spec) if user is None else RowUserNorm(user, spec)
     landings = torch.tensor(sorted({*ctrl.step_t, *ctrl.jump_t}), **f64)
+    jumps = torch.tensor(sorted(ctrl.jump_t), **f64)
     # Attempts in earlier segments (events) count toward max_steps. Every live row makes one
     # per iteration: from it_max on, some row may have used them all (no host read before).
     used_att = used.sum(1) if used is not None else torch.zeros(B, **i64)
     it_max = None if max_steps is None else max_steps - int(used_att.max())
     if A:
         f.lo, f.hi = w.lo, w.hi  # every evaluation stays inside its sample's interval
-        w.k1 = f(w.t, w.y)
+        if ctrl.jump_t:  # starting on a jump_t: f's limit from inside the interval
+            on_jump = torch.isin(w.t, jumps)
+            w.tf = torch.where(on_jump, time_beside(w.t, w.t_end, f.time_dtype), w.t)
+        w.k1 = f(w.tf, w.y)
         nrm = initial_norm(norm, w.y, w.rtol, w.atol, floor, rows=True)
         w.h = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
         w.h = torch.zeros(A, **f64) + w.h  # fixed-step controllers give a float
@@ -291,7 +298,7 @@ def integrate_per_sample(
         at_end = t_new == w.t_end
         h_step = t_new - w.t
         # At a jump_t the last stage sees the left limit (the next float before it).
-        t_last = torch.where(jump, torch.nextafter(t_new, w.t), t_new)
+        t_last = torch.where(jump, time_beside(t_new, w.t, f.time_dtype), t_new)
         if on_step is not None:
             f.calls = []
         y_new, err, K = stepper.step(f, w.t, h_step, w.y, w.k1, t_last, track)
@@ -312,7 +319,7 @@ def integrate_per_sample(
         w.h = torch.where(live, h_next, w.h).clamp_(max=ctrl.dt_max)
         w.prev, w.e = prev, e
         if on_step is not None:
-            on_step(acc, w.t, h_step, w.y, f.calls)
+            on_step(acc, w.tf, h_step, w.y, f.calls)  # (k1's time: one-sided at a jump_t)
         # ---- advance the accepted rows
         t_old, y_old, acc1 = w.t, w.y, acc.unsqueeze(1)
         w.t = torch.where(acc, t_new, w.t)
@@ -334,7 +341,7 @@ def integrate_per_sample(
         ).tolist()
         tf_old, w.tf = w.tf, torch.where(acc, w.t, w.tf)
         if n_jump:  # past a jump_t, f afresh at the right limit (the next float after it)
-            t_first = torch.nextafter(w.t, w.t + w.sdir)
+            t_first = time_beside(w.t, w.t + w.sdir, f.time_dtype)
             w.k1 = torch.where(jumped.unsqueeze(1), f(t_first, w.y), w.k1)
             w.stale = w.stale & ~jumped
             w.tf = torch.where(jumped, t_first, w.tf)
@@ -438,10 +445,12 @@ class RowsRun:
 # ---------------------------------------------------------------------------- the entry point
 def solve_per_sample(
     func, y0, t, *, tab, controller, rtol, atol, dt, gradient, max_steps, dense_output, throw,
-    time_dtype, event, _used=None, compile=False,
+    time_dtype, event, _used=None, compile=False, _stats=None,
 ):  # fmt: skip
     """``neuralode.solve(..., batch_control="per_sample")``: validate, integrate, wrap up.
-    ``_used``: see :func:`integrate_per_sample` (the event driver's segments)."""
+    ``_used``: see :func:`integrate_per_sample` (the event driver's segments); ``_stats``: the
+    dict to fill as ``Solution.stats`` (the event driver's segments gather its backward
+    counters)."""
     opt = "batch_control='per_sample'"
     ctrl = resolve_controller(tab, controller, rtol, atol, dt)
     from .solvers.implicit.rows import check_per_sample  # implicit: per-row blocks, or refused
@@ -479,6 +488,8 @@ def solve_per_sample(
     floor = ctrl.adaptive and zero_atol(at)
     run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
                   dense, floor, used=_used, compile=compile)  # fmt: skip
+    if _stats is not None:
+        run.stats = _stats
     if event is not None:  # located per sample, then a differentiable solve to each event
         from ._events_rows import solve_rows_with_event
 

@@ -40,6 +40,7 @@ def solve(
     integral=None,
     integral_in_error_norm: bool = True,
     _monitor=None,
+    _stats: dict | None = None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return the state at the times ``t``.
 
@@ -330,7 +331,9 @@ def solve(
     samples_all = (
         torch.as_tensor(out_sample, device=spec.device) if out_sample is not None else None
     )
-    run = Run(prob, func, time_dtype, throw, bool(dense), samples_all, stats={})
+    # (_stats: the dict to fill; non-terminal events gather its backward counters)
+    stats = {} if _stats is None else _stats
+    run = Run(prob, func, time_dtype, throw, bool(dense), samples_all, stats=stats)
     if _monitor is not None:
         run.extra["monitor"] = _monitor
 

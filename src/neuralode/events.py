@@ -568,7 +568,7 @@ def _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype):
             ys_part,
             y_event,
         )
-    stats = dict(sol.stats)
+    stats = sol.stats  # the same dict: a backward pass adds its counters (nfe_backward)
     stats["nfe_event_location"] = stats1.get("nfe", 0)
     stats["n_event_fn"] = n_g
     status = "event" if bool(fired.all()) else "success"

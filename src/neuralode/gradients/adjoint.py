@@ -103,15 +103,16 @@ class Backsolve:
         2-4x more accurate at moderate tolerances in ``benchmarks/gradients.py``). ``"auto"``:
         ``"stop"`` when such outputs are no more than the forward steps, else ``"replay"``.
         ``Solution.stats["backsolve_outputs"]`` records the choice (after the backward pass).
-        Under ``batch_control="per_sample"`` the same choice is made for each sample, on its
-        own forward steps and outputs, in one continuous backward solve per sample that lands
-        on its stops without restarting step-size control (``"mixed"`` in the stats when
-        samples differ); failed samples (``throw=False``) stop at their outputs, and
-        ``"replay"`` needs an explicit Runge-Kutta forward method (ValueError otherwise).
-        Damped oscillator, batch 2, dopri5 at rtol 1e-6, ``t`` in [0, 10]: per-sample backward
-        NFE 483 / 493 / 990 / 976 at ``len(t)`` = 2 / 10 / 100 / 400, shared 475 / 751 / 931 /
-        1,033 (``benchmarks/backsolve_outputs.py``; restarted at every output before: 481 /
-        556 / 1,598 / 6,391).
+        Under ``batch_control="per_sample"`` the choice is made for each sample, on its own
+        forward steps and outputs (``"auto"``: ``"replay"`` when its inner outputs outnumber
+        2.5 times the forward steps holding them), in one continuous backward solve per sample
+        that lands on its stops without restarting step-size control (``"mixed"`` in the
+        stats when samples differ); failed samples (``throw=False``) stop at their outputs,
+        and ``"replay"`` needs an explicit Runge-Kutta forward method (ValueError otherwise;
+        ``"auto"`` then stops at every output). Damped oscillator, batch 2, dopri5 at rtol
+        1e-6, ``t`` in [0, 10]: per-sample backward NFE 483 / 493 / 801 / 976 at ``len(t)`` =
+        2 / 10 / 100 / 400, shared 475 / 751 / 931 / 1,033 (``benchmarks/backsolve_outputs.py``;
+        restarted at every output before: 481 / 556 / 1,598 / 6,391).
     errors : callable, optional
         A context-manager factory (``errors() -> context manager``) the backward solve runs
         inside, e.g. to re-raise its failures as other exception types; the torchdiffeq face

@@ -20,8 +20,9 @@ size; these are the two memory-saving gradient methods written against it:
   times that end forward steps and at the start of each forward step holding outputs
   inside it, whose contribution comes from replaying that step's continuous extension with
   autograd (the shared driver's scheme): one stop per forward step rather than per output,
-  so the backward cost does not grow with the number of output times. ``"auto"`` replays
-  the samples whose inner outputs outnumber their forward steps.
+  so the backward cost does not grow with the number of output times (with an explicit
+  forward method: after an implicit one the backward solve stops at every output). ``"auto"``
+  replays the samples whose inner outputs outnumber 2.5 times the forward steps holding them.
   A sample that failed (``throw=False``) is solved back from its last written output (the
   backsolve adjoint stopping at each of its outputs, without replay), so both
   methods give, as Direct does, the gradients of its outputs before the failure (the NaN ones
@@ -42,6 +43,7 @@ from .._loop_batched import (
 )
 from .._tree import flatten_state
 from ..controllers import ConstantStep
+from ..errors import MaxStepsError
 from ..interpolation.dense_batched import step_outputs
 from ..solvers import get_tableau
 from ..solvers.explicit_rk import make_stepper
@@ -252,10 +254,10 @@ def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
     step then enter through that step's continuous extension, replayed with autograd at the
     step's start (one stop per forward step holding outputs, not one per output). A sample
     replays when asked (``outputs="replay"``) or, with ``"auto"``, when such outputs
-    outnumber its forward steps (the shared driver's rule); failed samples and implicit
-    methods never replay. Stops at equal times are merged. Returns the stops and the forward
+    outnumber 2.5 times the forward steps holding them (the cheaper of the two, roughly);
+    failed samples and implicit methods never replay. Stops at equal times are merged. Returns the stops and the forward
     steps that wrote each output ((5, B, T), see ``record="times"``; None when not kept)."""
-    tau, nacc, state = run.tau, run.result[2], run.result[4]
+    tau, state = run.tau, run.result[4]
     B, T = tau.shape
     dev = tau.device
     sdir, _, n0 = time_layout(tau)
@@ -271,16 +273,24 @@ def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
     else:
         steps = steps.view(5, T, B).transpose(1, 2)  # (5, B, T): t_old, h, t_new, t_last, tf
         inner = live & (tau != steps[2])
-        rep = inner.sum(1) > nacc.to(dev)  # "auto": the shared driver's rule, per sample
+    first = inner.clone()  # the first inner output of each forward step holding some
+    t_old = steps[0] if steps is not None else tau
+    first[:, 1:] &= ~(inner[:, :-1] & (t_old[:, 1:] == t_old[:, :-1]))
+    if steps is not None:
+        # "auto", per sample: a stop costs about one backward step per inner output (the step
+        # split there, a first stage afresh); a replay one per forward step holding some (its
+        # landing) plus the replay of that step with its dense output (about 1.5 steps' worth).
+        # Replay when the inner outputs outnumber 2.5 times those forward steps. (The shared
+        # driver's rule, inner outputs > forward steps, replayed where stopping was up to 1.45x
+        # cheaper: benchmarks/backsolve_outputs.py, oscillator at len(t) = 70 and 100.)
+        rep = inner.sum(1) > 2.5 * first.sum(1)
         if cfg.outputs == "replay":
             rep = torch.ones_like(rep)
         if failed is not None:
             rep[failed[0]] = False
         inner &= rep.unsqueeze(1)
+        first &= rep.unsqueeze(1)
     at = live & ~inner
-    first = inner.clone()  # the first inner output of each replayed step
-    t_old = steps[0] if steps is not None else tau
-    first[:, 1:] &= ~(inner[:, :-1] & (t_old[:, 1:] == t_old[:, :-1]))
     t0 = tau[:, :1]
     # Candidate stops: the start, the outputs, the starts of replayed steps, the end (t0).
     # Those not taken sit at t0 with nothing to do; a stable sort keeps the start first.
@@ -324,7 +334,8 @@ class _BacksolveRows(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "gradients of gradients (create_graph=True) are not supported by the backsolve "
-                "adjoint; use gradient='checkpoint' or 'direct'"
+                "adjoint; under batch_control='per_sample' only gradient='direct' supports them "
+                "(or use batch_control='shared' with gradient='checkpoint')"
             )
         run, cfg, params = held_run(ctx), ctx.cfg, list(ctx.saved_tensors)
         y_final = run.result[0]
@@ -397,11 +408,23 @@ class _BacksolveRows(torch.autograd.Function):
         start = torch.arange(B, device=tau.device) * S  # stop 0: the outputs at the start
         y_start = y_final if ctx.failed is None else y_final.index_copy(0, *ctx.failed[::2])
         ya = torch.cat([y_start, stops.jump[start]], 1)
-        with torch.no_grad():
-            _, ya, *_ = integrate_per_sample(
-                aug_spec, f, stepper, ya, stops.times, ctrl, rt, at, cfg.max_steps, True, (),
-                floor, on_step=on_step, outputs=False, on_land=on_land,
-            )  # fmt: skip
+        try:
+            with torch.no_grad():
+                _, ya, *_ = integrate_per_sample(
+                    aug_spec, f, stepper, ya, stops.times, ctrl, rt, at, cfg.max_steps, True, (),
+                    floor, on_step=on_step, outputs=False, on_land=on_land,
+                )  # fmt: skip
+        except MaxStepsError as e:
+            b = e.sample
+            raise MaxStepsError(
+                f"the backward (adjoint) solve of sample {b} reached Backsolve(max_steps="
+                f"{cfg.max_steps}) step attempts (a limit per sample here) at t={e.t:.17g}, "
+                f"before it got back to its t0={float(tau[b, 0]):.17g}; raise "
+                "Backsolve(max_steps=...) or loosen its rtol/atol",
+                t=e.t,
+                step=e.step,
+                h=e.h,
+            ) from e
         run.stats["nfe_backward"] = inner.nfe  # func calls (each with a VJP), as forward
         run.stats["nfe_backward_replay"] = nfe_replay[0]
         return (None, None, _initial_outputs(ya[:, M:], g, tau, B), *gp)
