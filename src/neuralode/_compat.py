@@ -52,6 +52,7 @@ from ._compat_scipy import scipy_odeint, scipy_odeint_adjoint
 from ._solve import solve
 from .controllers import PIController, StepToGrid
 from .gradients import Backsolve, Direct
+from .gradients._common import collect_runs, hold_outputs
 from .solvers import get_tableau
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "TORCHDIFFEQ_METHODS"]
@@ -322,20 +323,24 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
     tt = torch.cat(
         [t[:1].to(torch.float64), t[:1].detach().to(torch.float64) + sign * _EVENT_HORIZON]
     )
-    sol = solve(
-        func,
-        y0,
-        tt,
-        gradient=gradient,
-        dense_output=False,
-        event=Event(event_fn, constant_ok=True),
-        **kwargs,
-    )
+    # The custom-gradient solves' runs are held by the results' own nodes (the stack would hide
+    # the solve's; see gradients._common.structured_outputs and events.solve_with_event).
+    with collect_runs() as runs:
+        sol = solve(
+            func,
+            y0,
+            tt,
+            gradient=gradient,
+            dense_output=False,
+            event=Event(event_fn, constant_ok=True),
+            **kwargs,
+        )
     if isinstance(y0, (tuple, list)):
         traj = tuple(torch.stack([a, b]) for a, b in zip(y0, sol.event_y))
     else:
         traj = torch.stack([y0, sol.event_y])
-    return sol.event_t.to(t.dtype if t.is_floating_point() else torch.float64), traj
+    event_t = sol.event_t.to(t.dtype if t.is_floating_point() else torch.float64)
+    return hold_outputs((event_t, traj), runs)
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):

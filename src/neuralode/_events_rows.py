@@ -156,18 +156,21 @@ class SegmentStats(dict):
     """The stats of one segment's solve (non-terminal events): the counters that its backward
     pass writes (:data:`BACKWARD_KEYS`) are also gathered, over the segments, into the event
     solve's ``stats`` (``outer``): counts summed, ``backsolve_outputs`` one mode or
-    ``"mixed"``. ``parts``: the list of every segment's stats (this one is appended)."""
+    ``"mixed"``. ``parts``: the list of every segment's backward counters (this one's are
+    appended: a dict of their own, not this object, which would make a reference cycle, i.e.
+    garbage for the cyclic collector at every solve)."""
 
     BACKWARD_KEYS = ("nfe_backward", "nfe_backward_replay", "backsolve_outputs")
 
     def __init__(self, outer: dict, parts: list):
         super().__init__()
-        self.outer, self.parts = outer, parts
-        parts.append(self)
+        self.outer, self.parts, self.mine = outer, parts, {}
+        parts.append(self.mine)
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
         if key in self.BACKWARD_KEYS:
+            self.mine[key] = value
             vals = [p[key] for p in self.parts if key in p]
             if key == "backsolve_outputs":
                 self.outer[key] = vals[0] if len(set(vals)) == 1 else "mixed"
@@ -276,9 +279,15 @@ def solve_rows_with_event(solve_rows, ctx, y0, t, event, kw: dict) -> Solution:
     _, y0flat = flatten_state(y0, batched=True)
     gfn = RowEventFn(event, ctx.f)
     kw = dict(kw, dense_output=False, event=None)
-    if event.terminal:
-        return _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw)
-    return _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw)
+    from .events import held_solution
+    from .gradients._common import collect_runs
+
+    with collect_runs() as runs:  # held by the final outputs (see events.solve_with_event)
+        if event.terminal:
+            sol = _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw)
+        else:
+            sol = _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw)
+    return held_solution(sol, runs)
 
 
 def _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw):

@@ -23,6 +23,7 @@ parameters of ``g`` itself. The event state is ``y* + f(t*, y*) (t* - t*_0)`` fo
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ._tree import TreeSpec
+from .gradients._common import collect_runs, hold_outputs
 
 __all__ = ["Event"]
 
@@ -287,11 +289,27 @@ def solve_with_event(solve_fn, func, y0, t: torch.Tensor, event: Event, kwargs: 
             "event function (per-sample events of shape (B,) must be terminal), or solve with "
             "batch_control='per_sample', where each sample has its own non-terminal events"
         )
-    if event.terminal:
-        return _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype)
     from ._events_segments import non_terminal
 
-    return non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype)
+    # The inner solves' runs are collected and held by the final outputs' own nodes: slices
+    # and stacks of the inner outputs would hide holders of their own from the garbage
+    # collector (a module keeping its own output; see gradients._common.structured_outputs).
+    with collect_runs() as runs:
+        if event.terminal:
+            sol = _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype)
+        else:
+            sol = non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype)
+    return held_solution(sol, runs)
+
+
+def held_solution(sol, runs: list):
+    """``sol`` with its outputs (``ys``, ``event_t``, ``event_y``) each the only output of a
+    node holding ``runs``, the runs of the custom-gradient solves they were computed from
+    (:func:`~neuralode.gradients._common.collect_runs`); ``sol`` itself when there are none."""
+    if not runs:
+        return sol
+    ys, event_t, event_y = hold_outputs((sol.ys, sol.event_t, sol.event_y), runs)
+    return dataclasses.replace(sol, ys=ys, event_t=event_t, event_y=event_y)
 
 
 def _flow_derivative(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +26,8 @@ __all__ = [
     "hold_run",
     "held_run",
     "structured_outputs",
+    "collect_runs",
+    "hold_outputs",
 ]
 
 
@@ -316,6 +321,76 @@ class _OutputPart(torch.autograd.Function):
         return g_flat.reshape(shape), None, None, None, None, None
 
 
+# Code that computes its own outputs from the outputs of inner solves (events: slices, stacks,
+# the implicit-function-theorem step) would hide the inner leaves' nodes again behind its own
+# operations. It collects the inner solves' runs instead (:func:`collect_runs`: inside, the
+# packaging functions hand their ``keep`` over rather than holding it) and packages its final
+# outputs itself, each leaf the only output of a node that holds them all (:func:`hold_outputs`).
+_COLLECTOR: ContextVar[list | None] = ContextVar("neuralode_run_collector", default=None)
+
+
+@contextmanager
+def collect_runs() -> Iterator[list]:
+    """Inside: :func:`structured_outputs` and :func:`hold_outputs` give plain outputs (views,
+    no holder) and append the runs they would have held to the yielded list, whose owner
+    packages its own outputs with :func:`hold_outputs` after the block. Nested blocks compose:
+    an inner owner's :func:`hold_outputs` hands its list on to the enclosing block."""
+    runs: list = []
+    token = _COLLECTOR.set(runs)
+    try:
+        yield runs
+    finally:
+        _COLLECTOR.reset(token)
+
+
+def _handed_over(keep) -> bool:
+    """Whether a collector takes ``keep`` (then the caller holds nothing itself)."""
+    collector = _COLLECTOR.get()
+    if collector is None:
+        return False
+    collector.append(keep)
+    return True
+
+
+class _Held(torch.autograd.Function):
+    """``x`` unchanged, as the only output of a node holding ``keep``: an alias of its storage
+    (not a view, so it may be modified in place); the gradient passes through."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        ctx.keep = keep
+        out = x.new_empty(0)
+        return out.set_(x.untyped_storage(), x.storage_offset(), x.shape, x.stride())
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def hold_outputs(state, keep):
+    """``state`` (a tensor, None, or tuples/lists/dicts of them, nested) with every tensor that has
+    a graph made the only output of its own node holding ``keep`` (runs collected by
+    :func:`collect_runs`; nothing is done when it is empty). The tensors must be results that
+    no node of the graph saved (the caller's final operations: a concatenation, a stack), so
+    that writing into the alias cannot change a saved tensor; one that is a view is copied
+    first, since its base may be such a tensor. Inside another
+    :func:`collect_runs` block, ``keep`` is handed on instead and ``state`` returned as is."""
+    if not keep or _handed_over(keep):
+        return state
+    return _held(state, keep)
+
+
+def _held(x, keep):
+    # (a module-level function: a recursive closure would be a reference cycle of its own)
+    if isinstance(x, dict):
+        return {k: _held(v, keep) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_held(v, keep) for v in x)
+    if not isinstance(x, torch.Tensor) or x.grad_fn is None:
+        return x
+    return _Held.apply(x.clone() if x._base is not None else x, keep)
+
+
 def structured_outputs(spec, flat: torch.Tensor, lead: tuple[int, ...], keep=None):
     """The outputs ``flat`` (``(*lead, B, M)`` values in any shape of that size, e.g. ``(T * B,
     M)``) in the state's structure, each leaf ``(*lead, *shape_i)``.
@@ -325,10 +400,13 @@ def structured_outputs(spec, flat: torch.Tensor, lead: tuple[int, ...], keep=Non
     the storage of ``flat`` unless ``flat`` is a view (of a larger buffer of compiled stepping,
     say: then a private copy, which neither keeps the buffer alive nor writes into whatever
     shares it). ``None`` (Direct: autograd's own graph, which references no run): the views of
-    :meth:`TreeSpec.unflatten`.
+    :meth:`TreeSpec.unflatten`. Inside :func:`collect_runs`, ``keep`` goes to the collector and
+    the outputs are those views too.
     """
     if keep is not None and flat._base is not None:
         flat = flat.clone()
+    if keep is not None and flat.grad_fn is not None and _handed_over(keep):
+        keep = None
     if keep is None or flat.grad_fn is None:
         layout = (*lead, spec.batch, spec.width)
         return spec.unflatten(flat if flat.shape == layout else flat.reshape(layout), lead=lead)
