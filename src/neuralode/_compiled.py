@@ -111,9 +111,10 @@ def check_compilable(*, tab, ctrl, gradient=None) -> None:
         )
 
 
-def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_out) -> Consts:
+def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_out,
+            norm_parts=None, impulses=False) -> Consts:  # fmt: skip
     """The chunk's constants for this tableau, controller and state layout (``n_out`` output
-    times per row)."""
+    times per row; ``norm_parts``: only the first components in the error norm)."""
     P = tab.tensors(torch.float64, torch.device("cpu"))["P"]
     # Fixed steps (ConstantStep, StepToGrid): every step accepted, no error estimate; the PI
     # settings below are placeholders then (their result is not used).
@@ -148,7 +149,10 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
             tuple(tuple(x) for x in spec.shapes),
             tuple(spec.sizes),
         ),  # fmt: skip
-        window=min(_OUT_WINDOW_PICK if pick else _OUT_WINDOW_ROWS if rows else _OUT_WINDOW, n_out)
+        # (at least one slot: a solve without outputs, the adjoint's, pads one)
+        window=max(
+            1, min(_OUT_WINDOW_PICK if pick else _OUT_WINDOW_ROWS if rows else _OUT_WINDOW, n_out)
+        )
         if cheap
         else 1,  # fmt: skip
         n_dense=int(tab.n_dense_stages),
@@ -159,6 +163,8 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
         pick=pick,
         record=record,
         jumps=bool(ctrl.jump_t),
+        norm_parts=int(norm_parts or 0),
+        impulses=bool(impulses),
     )
 
 
@@ -172,7 +178,7 @@ def _tolerance(tol, dtype, dev):
 def _evals_per_attempt(tab, C: Consts) -> int:
     """Evaluations of func per step attempt in the chunk (non-FSAL methods evaluate f at the
     end of every attempt; jump_t adds the evaluation past the jump)."""
-    return (tab.n_stages - 1 if tab.fsal else tab.n_stages) + int(C.jumps)
+    return (tab.n_stages - 1 if tab.fsal else tab.n_stages) + int(C.jumps) + int(C.impulses)
 
 
 def _func_parts(func) -> tuple:
@@ -366,7 +372,8 @@ def _split(report: list, R: int, steps: int):
 
 def integrate_compiled(
     prob: Problem, f: VectorField, y0: torch.Tensor, *, throw: bool, steps_per_call=None,
-    track_grad: bool = False, record: str | None = None,
+    track_grad: bool = False, record: str | None = None, h0: float | None = None,
+    k1: torch.Tensor | None = None, t_first: float | None = None, impulses=None,
 ) -> LoopResult:  # fmt: skip
     """The forward solve of :func:`neuralode._loop.integrate` (shared control) in compiled
     chunks of steps.
@@ -376,6 +383,12 @@ def integrate_compiled(
     with ``record`` ``"times"``, ``"states"`` or ``"dense"``, a :class:`StepRecord` per
     accepted step (times and outputs; the state at its start; also its stages), as the eager
     loop keeps them (for the backsolve adjoint, checkpointed gradients and dense output).
+    ``h0`` (the first step size, adaptive control), ``k1`` (f at the start, ``(B, M)``) and
+    ``t_first`` (the time of the first evaluation) replace what the solve would choose, as in
+    :func:`neuralode._loop.integrate` (the backsolve adjoint's segments). ``impulses``
+    ``(times, jumps)``: the state (one row, ``B = 1``) jumps by ``jumps[j]`` ``(M,)`` when a
+    step ends on ``times[j]`` (which must be landing times of the controller; f is evaluated
+    afresh there).
 
     Raises
     ------
@@ -390,7 +403,8 @@ def integrate_compiled(
     n_steps = steps_per_call or STEPS_PER_CALL
     n_out = len(prob.out_t)
     C = _consts(tab, ctrl, f.time_dtype, n_steps, prob.spec, prob.atol_zero, rows=False,
-                pick=pick, record=record is not None, n_out=n_out)  # fmt: skip
+                pick=pick, record=record is not None, n_out=n_out,
+                norm_parts=prob.norm_components, impulses=bool(impulses and impulses[0]))  # fmt: skip
     W = C.window
     f64 = dict(dtype=torch.float64, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)
@@ -403,20 +417,29 @@ def integrate_compiled(
         first = y0[torch.tensor(prob.out_sample[:p], device=dev)].unsqueeze(1) if pick else y0
         out[0, :p] = first
     # (a discontinuity at t0: f's limit from inside the interval, as in the eager loop)
-    t_first = time_beside(t0, t_end, f.time_dtype) if t0 in ctrl.jump_t and t_end != t0 else t0
-    k1 = f(t_first, y0)  # (with its graph under autograd: the first stage of the first step)
-    with torch.no_grad():  # step sizes are constants of the discrete solve
-        nrm = order = None
-        if ctrl.adaptive:
-            nrm = initial_norm(ErrorNorm(y0, prob.spec), y0, prob.rtol, prob.atol, prob.atol_zero)
-            order = tab.error_order()
-        h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), d, abs(t_end - t0), order)
+    if t_first is None:
+        jumps = t0 in ctrl.jump_t and t_end != t0
+        t_first = time_beside(t0, t_end, f.time_dtype) if jumps else t0
+    if k1 is None:
+        k1 = f(t_first, y0)  # (with its graph under autograd: the first stage of the first step)
+    if h0 is None or not ctrl.adaptive:
+        with torch.no_grad():  # step sizes are constants of the discrete solve
+            nrm = order = None
+            if ctrl.adaptive:
+                norm = ErrorNorm(y0, prob.spec, prob.norm_components)
+                nrm = initial_norm(norm, y0, prob.rtol, prob.atol, prob.atol_zero)
+                order = tab.error_order()
+            h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), d, abs(t_end - t0),
+                                   order)  # fmt: skip
     nfe0 = f.nfe
     tt = [torch.tensor([x], **f64) for x in (t0, t_end, d)]
     pick_t = torch.tensor([list(prob.out_sample) + [0] * W], **i64) if pick else None
     s, k = _chunk_inputs(C, ctrl, y0, k1, *tt, h0, out, torch.tensor([p], **i64), out_t,
                          prob.max_steps, prob.rtol, prob.atol,
                          ctrl.landing_times(t0, t_end), pick_t)  # fmt: skip
+    if C.impulses:
+        k["I_t"] = torch.tensor(impulses[0], **f64)
+        k["I"] = impulses[1].to(dtype=dtype, device=dev)
     steps: list[StepRecord] = []
     keep_next = not tab.fsal and tab.dense_stage_is_next_first
     done = dict(p=p, t_first=t_first)
