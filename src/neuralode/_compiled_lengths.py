@@ -35,13 +35,18 @@ def lengths(n_max: int) -> list[int]:
     return out + [n_max]
 
 
-def pick(expected: int | None, done: int, n_max: int) -> int:
+def pick(expected: int | None, done: int, n_max: int, exact: bool = False) -> int:
     """The length of the next call after ``done`` steps of every row, when the solve is
     expected to take ``expected`` attempts (None: unknown): the smallest length covering the
-    expected rest, or ``n_max`` when there is no prediction or it has been passed."""
+    expected rest, or ``n_max`` when there is no prediction or it has been passed. With
+    ``exact`` (fixed steps: the count does not change between solves) the largest length
+    not above the rest instead: a few more calls (each ~40 us) and no masked steps (each
+    costs a whole step)."""
     left = -1 if expected is None else expected - done
     if left <= 0:
         return n_max
+    if exact:
+        return max(n for n in lengths(n_max) if n <= left or n == 1)
     return next(n for n in lengths(n_max) if n >= left or n == n_max)
 
 

@@ -100,7 +100,9 @@ class Backsolve:
         step). ``"stop"``: the backward solve stops at every output time and the adjoint jumps
         there (one more backward step per output; the gradient follows the continuous problem,
         2-4x more accurate at moderate tolerances in ``benchmarks/gradients.py``). ``"auto"``:
-        ``"stop"`` when such outputs are no more than the forward steps, else ``"replay"``.
+        ``"stop"`` when such outputs are no more than the forward steps, else ``"replay"``;
+        always ``"stop"`` with ``compile=True`` (the adjoint's jumps are then made inside the
+        compiled backward solve, while replays run eagerly).
         ``Solution.stats["backsolve_outputs"]`` records the choice. Under
         ``batch_control="per_sample"`` only ``"stop"`` exists, and differs: the backward solve
         restarts at each output time of each sample (new initial step), so its cost grows with
@@ -116,6 +118,16 @@ class Backsolve:
 
     Notes
     -----
+    With ``solve(..., compile=True)`` (shared control) the forward solve and the backward solve
+    run in compiled chunks (``neuralode._compiled_adjoint``): the augmented field's
+    vector-Jacobian products are traced by ``torch.func.vjp``, which needs func to be an
+    ``nn.Module`` (or its bound ``forward``) and ``params`` among its parameters; otherwise,
+    and for a custom ``norm`` or an implicit backward ``solver``, the backward solve runs
+    eagerly. ``Solution.stats["compiled_backward"]`` records which ran. The compiled backward
+    solve with ``outputs="stop"`` chooses its own steps between the outputs (it does not stop
+    at every forward step boundary), so its gradient agrees with the eager one to the
+    tolerance, not to rounding.
+
     Gradients of gradients (``create_graph=True``) are not supported and raise a RuntimeError;
     use :class:`Checkpointed` or :class:`Direct` for those.
 
