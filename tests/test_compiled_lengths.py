@@ -45,12 +45,10 @@ def test_pick_covers_the_expected_rest(expected, done, n_max, want):
 @pytest.mark.parametrize(
     ("expected", "done", "n_max", "want"),
     [
-        (None, 0, 32, 32),  # no earlier solve: the maximum
-        (50, 0, 32, 32),  # 50 fixed steps: 32 + 16 + 2, no masked step
-        (50, 32, 32, 16),
-        (50, 48, 32, 2),
-        (3, 0, 8, 2),
-        (3, 2, 8, 1),
+        (None, 0, 64, 64),  # no prediction: the maximum
+        (50, 0, 64, 50),  # 50 fixed steps: one call of 50, no masked step
+        (50, 0, 32, 32),  # more than the maximum: calls of 32 and 18
+        (50, 32, 32, 18),
         (50, 50, 32, 32),  # past the prediction: the maximum
     ],
 )
