@@ -62,7 +62,7 @@ def _close(got, want, rtol, atol):
         ("tsit5", dict(TOL, gradient=neuralode.Backsolve(seminorm=True)), T),
         # a 2-D t: each sample's own output times (the adjoint jumps of one sample each)
         ("bosh3", TOL, torch.stack([T, 0.9 * T, 1.1 * T])),
-        ("rk4", dict(dt=0.05), T),
+        ("rk4", dict(dt=0.125), T),
     ],
 )
 def test_compiled_backsolve_equals_eager_backsolve_and_direct(solver, kw, t):
