@@ -30,8 +30,9 @@ functions return (no solve is repeated):
 - per-sample control: the largest share of sample-evaluations spent on samples that had already
   finished, over the tolerances run.
 - issue #12 (``training.py``): the training step of a spiral neural ODE (``odeint``,
-  ``odeint_adjoint`` and ``compile=True`` against torchdiffeq: torchdiffeq time / neuralode time)
-  and the fixed-step Euler sampling loop (neuralode time / a hand-written loop).
+  ``odeint_adjoint``, ``compile=True`` and ``compile=True`` with the backsolve adjoint against
+  torchdiffeq: torchdiffeq time / neuralode time) and the fixed-step Euler sampling loop, eager
+  and ``compile=True`` (neuralode time / a hand-written loop).
 
 A header describes the machine (CPU, cores, load, library versions, threads, dtypes, date).
 ``--tiny`` runs every script in its ``--tiny`` mode (seconds; the compile measurement only with
@@ -93,7 +94,14 @@ TARGETS = {
     "train_direct": Target("training step: odeint vs torchdiffeq odeint", 3.0, ">="),
     "train_adjoint": Target("training step: odeint_adjoint vs torchdiffeq's", 3.0, ">="),
     "train_compiled": Target("training step: compile=True vs torchdiffeq odeint", 10.0, ">="),
+    "train_compiled_adjoint": Target(
+        "training step: compile=True backsolve vs torchdiffeq odeint_adjoint", 10.0, ">="
+    ),
     "euler_loop": Target("Euler sampling loop: time / hand-written loop", 1.10, "<=", ""),
+    # (faster than the loop: below 1; the table compares with <=)
+    "euler_compiled": Target(
+        "Euler sampling, compile=True: time / hand-written loop", 1.0, "<=", ""
+    ),
 }
 FORWARD_WORKLOADS = ("mlp_d2", "mlp_d64")
 FORWARD_TARGETS = (1e-3, 1e-5, 1e-7)  # as work_precision.print_equal_error
@@ -397,7 +405,17 @@ def training_target_rows(rows: list[dict]) -> list[dict]:
         ("train_direct", "training step: neuralode odeint", "spiral, batch 16, dopri5 1e-6, fp32"),
         ("train_adjoint", "training step: neuralode odeint_adjoint", "spiral, adjoint"),
         ("train_compiled", "training step: neuralode compile=True", "spiral, compile=True"),
+        (
+            "train_compiled_adjoint",
+            "training step: neuralode compile=True adjoint",
+            "spiral, compile=True, gradient='backsolve'",
+        ),
         ("euler_loop", "euler sampling: neuralode odeint euler", "Euler 50 steps, batch 256"),
+        (
+            "euler_compiled",
+            "euler sampling: neuralode solve euler compile=True",
+            "Euler 50 steps, batch 256, compile=True",
+        ),
     ]
     out = []
     for key, name, workload in spec:

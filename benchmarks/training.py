@@ -3,12 +3,15 @@
 - **Training step** of a spiral-style neural ODE: 2-D state, MLP 2-50-2 (tanh) applied to
   ``y**3``, batch 16, 10 output times, dopri5 at rtol = atol = 1e-6, float32; one step is the
   forward solve plus the backward pass of an MSE loss. Rows: ``neuralode.odeint`` and
-  ``odeint_adjoint`` against torchdiffeq's, and ``neuralode.solve(..., compile=True)`` (Direct
-  gradients through the compiled chunks; its compilation time, over the first two calls,
-  reported separately).
+  ``odeint_adjoint`` against torchdiffeq's, and ``neuralode.solve(..., compile=True)`` with
+  Direct gradients (autograd through the compiled chunks; against torchdiffeq's ``odeint``) and
+  with ``gradient="backsolve"`` (forward and adjoint solve compiled; against torchdiffeq's
+  ``odeint_adjoint``); their compilation time, over the first two calls, reported separately.
 - **Fixed-step sampling loop** (flow matching): Euler, 50 steps, batch 256, a time-conditioned
   MLP (d = 2, hidden 64, SiLU), under ``no_grad``: ``neuralode.odeint(method="euler")`` and
-  torchdiffeq's against a hand-written ``for`` loop.
+  torchdiffeq's against a hand-written ``for`` loop; with compilation on, also
+  ``neuralode.solve(..., solver="euler", compile=True)`` and, for a fair comparison, the
+  hand-written loop compiled by ``torch.compile`` (compilation times in the notes).
 
 Times are medians of interleaved repeats after a warm-up (``--clock cpu``: process CPU time,
 steadier on a loaded machine). Ratios are ``peer time / neuralode time`` (above 1: neuralode is
@@ -104,34 +107,44 @@ def training_rows(repeats: int, clock, compiled: bool) -> list[dict]:
     if torchdiffeq is not None:
         fns["torchdiffeq odeint"] = step(torchdiffeq.odeint)
         fns["torchdiffeq odeint_adjoint"] = step(torchdiffeq.odeint_adjoint)
-    compile_s = None
+    compile_s = {}
     if compiled:
 
-        def run_compiled():
-            func.zero_grad()
-            sol = neuralode.solve(func, y0, t, compile=True, dense_output=False, **tol)
-            ((sol.ys - target) ** 2).mean().backward()
+        def step_compiled(gradient):
+            def run():
+                func.zero_grad()
+                sol = neuralode.solve(func, y0, t, compile=True, dense_output=False,
+                                      gradient=gradient, **tol)  # fmt: skip
+                ((sol.ys - target) ** 2).mean().backward()
 
-        # The first call compiles 8 steps per call (forward and backward); the second, knowing
-        # the step count, the shorter chunk that covers it (neuralode._compiled_lengths).
-        start = time.perf_counter()
-        run_compiled()
-        run_compiled()
-        compile_s = time.perf_counter() - start
-        fns["neuralode compile=True"] = run_compiled
+            return run
+
+        for name, gradient in [("neuralode compile=True", "direct"),
+                               ("neuralode compile=True adjoint", "backsolve")]:  # fmt: skip
+            run = step_compiled(gradient)
+            # The first call compiles 8 steps per call (forward and backward); the second,
+            # knowing the step count, the shorter chunk that covers it
+            # (neuralode._compiled_lengths).
+            start = time.perf_counter()
+            run()
+            run()
+            compile_s[name] = time.perf_counter() - start
+            fns[name] = run
     med = _median_interleaved(fns, repeats, clock)
     rows = []
     for name, s in med.items():
         peer = None
         if name.startswith("neuralode") and torchdiffeq is not None:
             peer = med["torchdiffeq odeint_adjoint" if "adjoint" in name else "torchdiffeq odeint"]
-        note = f"first two calls with compilation {compile_s:.0f} s" if "compile" in name else ""
+        note = (
+            f"first two calls with compilation {compile_s[name]:.0f} s" if name in compile_s else ""
+        )
         rows.append(dict(name=f"training step: {name}", ms=1e3 * s,
                          ratio=None if peer is None else peer / s, note=note))  # fmt: skip
     return rows
 
 
-def sampling_rows(repeats: int, clock) -> list[dict]:
+def sampling_rows(repeats: int, clock, compiled: bool = False) -> list[dict]:
     func = TimeMLP()
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(256, 2, generator=g)
@@ -154,11 +167,28 @@ def sampling_rows(repeats: int, clock) -> list[dict]:
         fns["torchdiffeq odeint euler"] = lambda: torchdiffeq.odeint(
             func, x0, t, method="euler", options=dict(step_size=1.0 / n)
         )
+    compile_s = {}
+    if compiled:
+        hand_compiled = torch.compile(hand, fullgraph=True, dynamic=False)
+        fns["hand-written loop, torch.compile"] = hand_compiled
+        fns["neuralode solve euler compile=True"] = lambda: neuralode.solve(
+            func, x0, t, solver="euler", dt=1.0 / n, compile=True, dense_output=False
+        ).ys[-1]
+        with torch.no_grad():
+            for name in ("hand-written loop, torch.compile", "neuralode solve euler compile=True"):
+                start = time.perf_counter()
+                fns[name]()
+                compile_s[name] = time.perf_counter() - start
     with torch.no_grad():
         med = _median_interleaved(fns, repeats, clock)
     base = med["hand-written loop"]
-    return [dict(name=f"euler sampling: {k}", ms=1e3 * s, ratio=s / base,
-                 note="time / hand-written loop") for k, s in med.items()]  # fmt: skip
+    rows = []
+    for k, s in med.items():
+        note = "time / hand-written loop"
+        if k in compile_s:
+            note += f"; first call with compilation {compile_s[k]:.0f} s"
+        rows.append(dict(name=f"euler sampling: {k}", ms=1e3 * s, ratio=s / base, note=note))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -173,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     repeats = args.repeats or (1 if args.tiny else 15)
     rows = training_rows(repeats, clock, args.compiled == "on" and not args.tiny)
-    rows += sampling_rows(repeats, clock)
+    rows += sampling_rows(repeats, clock, args.compiled == "on" and not args.tiny)
     print("| workload | ms | ratio | note |\n|---|---:|---:|---|")
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"

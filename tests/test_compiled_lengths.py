@@ -42,6 +42,20 @@ def test_pick_covers_the_expected_rest(expected, done, n_max, want):
     assert lengths.pick(expected, done, n_max) == want
 
 
+@pytest.mark.parametrize(
+    ("expected", "done", "n_max", "want"),
+    [
+        (None, 0, 64, 64),  # no prediction: the maximum
+        (50, 0, 64, 50),  # 50 fixed steps: one call of 50, no masked step
+        (50, 0, 32, 32),  # more than the maximum: calls of 32 and 18
+        (50, 32, 32, 18),
+        (50, 50, 32, 32),  # past the prediction: the maximum
+    ],
+)
+def test_pick_with_exact_counts_takes_no_masked_step(expected, done, n_max, want):
+    assert lengths.pick(expected, done, n_max, exact=True) == want
+
+
 class Linear(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -64,8 +78,8 @@ def spy(monkeypatch):
     calls = []
     pick = lengths.pick
 
-    def spy_pick(*args):
-        calls.append(pick(*args))
+    def spy_pick(*args, **kw):
+        calls.append(pick(*args, **kw))
         return calls[-1]
 
     monkeypatch.setattr(lengths, "pick", spy_pick)

@@ -170,8 +170,8 @@ def test_checkpointed_and_backsolve_gradients_from_a_compiled_forward(shared_2d)
     """Shared control: the forward in compiled chunks (the same compiled version as the dense
     solve above: both record every step). Checkpointed replays each step eagerly from its
     compiled checkpoint: equal to eager Checkpointed and Direct to rounding. Backsolve solves
-    the adjoint backward eagerly over the compiled forward's steps: equal to eager Backsolve
-    to rounding, and to Direct within the tolerance."""
+    the adjoint backward in compiled chunks too, with its own steps between the outputs: equal
+    to eager Backsolve and to Direct within the tolerance."""
     t, _ = shared_2d
     direct = _grads(t, False, "direct")[1]
     sol, got = _grads(t, True, "checkpoint")
@@ -180,9 +180,9 @@ def test_checkpointed_and_backsolve_gradients_from_a_compiled_forward(shared_2d)
         for g, w in zip(got, other, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
     sol, got = _grads(t, True, "backsolve")
-    assert sol.stats["compiled"] is True
+    assert sol.stats["compiled"] is True and sol.stats["compiled_backward"] is True
     for g, w in zip(got, _grads(t, False, "backsolve")[1], strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
     for g, w in zip(got, direct, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 

@@ -71,6 +71,11 @@ __all__ = [
 #: first compilation (about 4 s per step for dopri5 on 2 CPU cores, once per vector field,
 #: dtype and shape; later runs reuse torch.compile's on-disk cache).
 STEPS_PER_CALL = 8
+#: With fixed steps (one to four evaluations each, all accepted, their number known) calls
+#: unroll exactly the steps left, up to this many times ``STEPS_PER_CALL``: a 50-step Euler
+#: sampling loop is two calls (32 + 18 steps) instead of seven (each call costs 50-100 us
+#: besides its steps: guards, the host read, Python).
+_FIXED_FACTOR = 4
 #: Output times one step may pass (a step that would pass more lands on the last of them).
 #: Each costs an interpolation per step: of the whole batch with shared control and a 1-D t
 #: (``B * M`` values), of one sample per row with per-sample control (``B * M`` over the
@@ -111,9 +116,10 @@ def check_compilable(*, tab, ctrl, gradient=None) -> None:
         )
 
 
-def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_out) -> Consts:
+def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_out,
+            norm_parts=None, impulses=False) -> Consts:  # fmt: skip
     """The chunk's constants for this tableau, controller and state layout (``n_out`` output
-    times per row)."""
+    times per row; ``norm_parts``: only the first components in the error norm)."""
     P = tab.tensors(torch.float64, torch.device("cpu"))["P"]
     # Fixed steps (ConstantStep, StepToGrid): every step accepted, no error estimate; the PI
     # settings below are placeholders then (their result is not used).
@@ -148,7 +154,10 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
             tuple(tuple(x) for x in spec.shapes),
             tuple(spec.sizes),
         ),  # fmt: skip
-        window=min(_OUT_WINDOW_PICK if pick else _OUT_WINDOW_ROWS if rows else _OUT_WINDOW, n_out)
+        # (at least one slot: a solve without outputs, the adjoint's, pads one)
+        window=max(
+            1, min(_OUT_WINDOW_PICK if pick else _OUT_WINDOW_ROWS if rows else _OUT_WINDOW, n_out)
+        )
         if cheap
         else 1,  # fmt: skip
         n_dense=int(tab.n_dense_stages),
@@ -159,6 +168,8 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
         pick=pick,
         record=record,
         jumps=bool(ctrl.jump_t),
+        norm_parts=int(norm_parts or 0),
+        impulses=bool(impulses),
     )
 
 
@@ -172,7 +183,7 @@ def _tolerance(tol, dtype, dev):
 def _evals_per_attempt(tab, C: Consts) -> int:
     """Evaluations of func per step attempt in the chunk (non-FSAL methods evaluate f at the
     end of every attempt; jump_t adds the evaluation past the jump)."""
-    return (tab.n_stages - 1 if tab.fsal else tab.n_stages) + int(C.jumps)
+    return (tab.n_stages - 1 if tab.fsal else tab.n_stages) + int(C.jumps) + int(C.impulses)
 
 
 def _func_parts(func) -> tuple:
@@ -193,6 +204,14 @@ def _refs(objs) -> tuple:
     return tuple(out)
 
 
+def _without_constant_guards(entries) -> list[bool]:
+    """torch.compile's guard filter: no guards on the chunk's constants ``C`` (hundreds of
+    float comparisons, ~0.1 us each, per call: the tableau, the interpolant), since an entry
+    is only ever called with the constants it is cached under (:func:`_entry`). The guards on
+    func (its Python state) and on the tensors' shapes and dtypes stay."""
+    return [not (e.name == "C" or e.name.startswith(("L['C']", "C."))) for e in entries]
+
+
 class _Entry:
     """One compiled ``chunk`` for one (func, constants, dtype, device, shape)."""
 
@@ -202,7 +221,8 @@ class _Entry:
         self.code = clone.__code__
         # The C++ wrapper calls the kernels without Python in between: on tiny states this
         # halves the cost of a call.
-        self.fn = torch.compile(clone, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        options = {"cpp_wrapper": True, "guard_filter_fn": _without_constant_guards}
+        self.fn = torch.compile(clone, fullgraph=True, dynamic=False, options=options)
         self.compiled = False
 
     def matches(self, parts) -> bool:
@@ -297,12 +317,14 @@ def _chunk_inputs(C, ctrl, y0, k1, t0, t_end, sdir, h0, out, p, out_t, max_steps
 
 
 def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
-                adapt: bool = True) -> dict:  # fmt: skip
+                adapt: bool = True, estimate: int | None = None) -> dict:  # fmt: skip
     """Call the compiled chunk until ``on_report(report, records, state, steps)`` returns True.
 
     Each call unrolls ``steps`` of :func:`neuralode._compiled_lengths.lengths` (``C.steps`` at
     most): with ``adapt``, the smallest that covers the attempts the last solve of the same
-    signature took (:func:`neuralode._compiled_lengths.pick`), else ``C.steps``.
+    signature took (:func:`neuralode._compiled_lengths.pick`; ``estimate`` before there is
+    one), else ``C.steps``. With fixed steps the count is exact: each call unrolls the steps
+    left.
 
     Raises
     ------
@@ -316,13 +338,15 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
     dev, ids = s["y"].device, tuple(id(o) for o in _func_parts(func))
     signature = (ids, C._replace(steps=0), dev, shapes, bool(track_grad))
     expected = _lengths.expected(signature) if adapt else None
+    if expected is None and adapt:
+        expected = estimate
     done = 0
     # Once compiled, a call that would recompile (func's Python state changed: guards fail)
     # raises instead of silently spending 10-40 s per call; the caller then runs eagerly.
     # Under autograd (Direct gradients) the compiled chunks carry their backward graphs.
     with torch.set_grad_enabled(track_grad), torch.compiler.set_stance("fail_on_recompile"):
         while True:
-            n = _lengths.pick(expected, done, C.steps)
+            n = _lengths.pick(expected, done, C.steps, exact=C.propose != "pi")
             Cn = C if n == C.steps else C._replace(steps=n)
             # Which inputs carry a graph is part of the signature (torch.compile guards on it):
             # under autograd a first call from a y0 without one is followed by calls from
@@ -366,7 +390,8 @@ def _split(report: list, R: int, steps: int):
 
 def integrate_compiled(
     prob: Problem, f: VectorField, y0: torch.Tensor, *, throw: bool, steps_per_call=None,
-    track_grad: bool = False, record: str | None = None,
+    track_grad: bool = False, record: str | None = None, h0: float | None = None,
+    k1: torch.Tensor | None = None, t_first: float | None = None, impulses=None,
 ) -> LoopResult:  # fmt: skip
     """The forward solve of :func:`neuralode._loop.integrate` (shared control) in compiled
     chunks of steps.
@@ -376,6 +401,12 @@ def integrate_compiled(
     with ``record`` ``"times"``, ``"states"`` or ``"dense"``, a :class:`StepRecord` per
     accepted step (times and outputs; the state at its start; also its stages), as the eager
     loop keeps them (for the backsolve adjoint, checkpointed gradients and dense output).
+    ``h0`` (the first step size, adaptive control), ``k1`` (f at the start, ``(B, M)``) and
+    ``t_first`` (the time of the first evaluation) replace what the solve would choose, as in
+    :func:`neuralode._loop.integrate` (the backsolve adjoint's segments). ``impulses``
+    ``(times, jumps)``: the state (one row, ``B = 1``) jumps by ``jumps[j]`` ``(M,)`` when a
+    step ends on ``times[j]`` (which must be landing times of the controller; f is evaluated
+    afresh there).
 
     Raises
     ------
@@ -387,10 +418,14 @@ def integrate_compiled(
     B, M = y0.shape
     d, t0, t_end = prob.direction, prob.t0, prob.t_end
     pick = prob.out_sample is not None
-    n_steps = steps_per_call or STEPS_PER_CALL
+    n_steps = steps_per_call or STEPS_PER_CALL * (1 if ctrl.adaptive else _FIXED_FACTOR)
     n_out = len(prob.out_t)
+    # Without outputs strictly inside the interval (t = [t0, t1], a sampling loop) a window of
+    # one slot serves: the last step lands on t1, and no step interpolates.
+    inner = sum(1 for x in prob.out_t if d * (x - t0) > 0 and d * (t_end - x) > 0)
     C = _consts(tab, ctrl, f.time_dtype, n_steps, prob.spec, prob.atol_zero, rows=False,
-                pick=pick, record=record is not None, n_out=n_out)  # fmt: skip
+                pick=pick, record=record is not None, n_out=n_out if pick or inner else 1,
+                norm_parts=prob.norm_components, impulses=bool(impulses and impulses[0]))  # fmt: skip
     W = C.window
     f64 = dict(dtype=torch.float64, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)
@@ -403,20 +438,29 @@ def integrate_compiled(
         first = y0[torch.tensor(prob.out_sample[:p], device=dev)].unsqueeze(1) if pick else y0
         out[0, :p] = first
     # (a discontinuity at t0: f's limit from inside the interval, as in the eager loop)
-    t_first = time_beside(t0, t_end, f.time_dtype) if t0 in ctrl.jump_t and t_end != t0 else t0
-    k1 = f(t_first, y0)  # (with its graph under autograd: the first stage of the first step)
-    with torch.no_grad():  # step sizes are constants of the discrete solve
-        nrm = order = None
-        if ctrl.adaptive:
-            nrm = initial_norm(ErrorNorm(y0, prob.spec), y0, prob.rtol, prob.atol, prob.atol_zero)
-            order = tab.error_order()
-        h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), d, abs(t_end - t0), order)
+    if t_first is None:
+        jumps = t0 in ctrl.jump_t and t_end != t0
+        t_first = time_beside(t0, t_end, f.time_dtype) if jumps else t0
+    if k1 is None:
+        k1 = f(t_first, y0)  # (with its graph under autograd: the first stage of the first step)
+    if h0 is None or not ctrl.adaptive:
+        with torch.no_grad():  # step sizes are constants of the discrete solve
+            nrm = order = None
+            if ctrl.adaptive:
+                norm = ErrorNorm(y0, prob.spec, prob.norm_components)
+                nrm = initial_norm(norm, y0, prob.rtol, prob.atol, prob.atol_zero)
+                order = tab.error_order()
+            h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), d, abs(t_end - t0),
+                                   order)  # fmt: skip
     nfe0 = f.nfe
     tt = [torch.tensor([x], **f64) for x in (t0, t_end, d)]
     pick_t = torch.tensor([list(prob.out_sample) + [0] * W], **i64) if pick else None
     s, k = _chunk_inputs(C, ctrl, y0, k1, *tt, h0, out, torch.tensor([p], **i64), out_t,
                          prob.max_steps, prob.rtol, prob.atol,
                          ctrl.landing_times(t0, t_end), pick_t)  # fmt: skip
+    if C.impulses:
+        k["I_t"] = torch.tensor(impulses[0], **f64)
+        k["I"] = impulses[1].to(dtype=dtype, device=dev)
     steps: list[StepRecord] = []
     keep_next = not tab.fsal and tab.dense_stage_is_next_first
     done = dict(p=p, t_first=t_first)
@@ -454,7 +498,9 @@ def integrate_compiled(
         done["cause"], done["nf"] = cause, bool(nf)
         return True
 
-    s = _run_chunks(f.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None)
+    estimate = None if ctrl.adaptive else _fixed_steps(ctrl, t0, t_end)
+    s = _run_chunks(f.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None,
+                    estimate=estimate)  # fmt: skip
     t_now, h_now, att = done["t"], done["h"], done["att"]
     n_acc, n_rej = done["acc"], done["att"] - done["acc"]
     f.nfe = nfe0 + att * _evals_per_attempt(tab, C)
@@ -480,6 +526,16 @@ def integrate_compiled(
         ys=ys, y_final=s["y"], t_reached=t_now, status=status, message=message,
         n_accepted=n_acc, n_rejected=n_rej, steps=steps, h_next=h_now, k1_next=s["k1"],
     )  # fmt: skip
+
+
+def _fixed_steps(ctrl, t0: float, t_end: float) -> int:
+    """The steps of a fixed-step solve from ``t0`` to ``t_end``: ConstantStep's grid
+    ``t0 + k dt`` (the last point within rounding of ``t_end`` is ``t_end``) and one more per
+    landing time inside; StepToGrid's intervals."""
+    landings = len(ctrl.landing_times(t0, t_end))
+    if isinstance(ctrl, ConstantStep):
+        return max(1, math.ceil(abs(t_end - t0) / ctrl.dt - 1e-9)) + landings
+    return landings + 1
 
 
 def warn_mismatch(why, stacklevel: int) -> None:

@@ -8,7 +8,9 @@ the first call unrolls the smallest length of :func:`lengths` that covers the ex
 instead of always ``STEPS_PER_CALL`` (e.g. 4 steps instead of 8 for a solve of 3 attempts, which
 halves the forward and backward work). The lengths are powers of two, so at most
 ``log2(STEPS_PER_CALL) + 1`` versions are compiled per solve signature, each lazily on first
-use. The steps taken, and so the results, do not depend on the lengths: a masked step changes
+use. Fixed steps (every step accepted, their number known before the solve) unroll exactly the
+steps left, up to a larger maximum: a 50-step sampling loop is two calls, of 32 and 18 steps.
+The steps taken, and so the results, do not depend on the lengths: a masked step changes
 nothing.
 """
 
@@ -35,13 +37,17 @@ def lengths(n_max: int) -> list[int]:
     return out + [n_max]
 
 
-def pick(expected: int | None, done: int, n_max: int) -> int:
+def pick(expected: int | None, done: int, n_max: int, exact: bool = False) -> int:
     """The length of the next call after ``done`` steps of every row, when the solve is
     expected to take ``expected`` attempts (None: unknown): the smallest length covering the
-    expected rest, or ``n_max`` when there is no prediction or it has been passed."""
+    expected rest, or ``n_max`` when there is no prediction or it has been passed. With
+    ``exact`` (fixed steps: the count is known, and the same at every solve) the rest itself,
+    up to ``n_max``: one call, no masked step, and one compiled version per count."""
     left = -1 if expected is None else expected - done
     if left <= 0:
         return n_max
+    if exact:
+        return min(left, n_max)
     return next(n for n in lengths(n_max) if n >= left or n == n_max)
 
 

@@ -65,6 +65,8 @@ class Consts(NamedTuple):
     pick: bool  # each output slot holds one sample (shared control with a 2-D t)
     record: bool  # return every step's times, state and stages (dense output)
     jumps: bool  # jump_t: the last stage at the left limit, f afresh at the right limit
+    norm_parts: int = 0  # seminorm: only the first components of a tuple state (0: all)
+    impulses: bool = False  # the state jumps by k["I"][j] on landing at k["I_t"][j] (R = B = 1)
 
 
 def chunk(f, C: Consts, s: dict, k: dict) -> dict:
@@ -76,7 +78,9 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
     status; ``nf`` (R,) last error non-finite. ``k`` (constant over the solve): ``t_end``,
     ``t0``, ``sdir``, ``lo``, ``hi`` (R,) float64; ``out_t`` (R, n_slots) output times padded
     with ``sdir * inf``; ``pick`` (R, n_slots) sample of each slot (``C.pick``); ``max_att``;
-    ``rtol``, ``atol``; ``L`` landing times, ``J`` jump times (sorted float64).
+    ``rtol``, ``atol``; ``L`` landing times, ``J`` jump times (sorted float64); ``I_t``
+    (n,) float64 impulse times (among the landings) and ``I`` (n, M) the jumps of the state
+    there (``C.impulses``: the backsolve adjoint's jumps at output times, one row).
     """
     kind, keys, shapes, sizes = C.layout
     offs = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -105,7 +109,8 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         if kind == "tensor":
             return ErrorNorm.rms_rows(r.reshape(R, -1))
         r3 = r.view(R, n, M)
-        comps = [r3[:, :, o : o + m].reshape(R, -1) for o, m in zip(offs, sizes) if m]
+        parts = zip(offs[: C.norm_parts or None], sizes[: C.norm_parts or None])
+        comps = [r3[:, :, o : o + m].reshape(R, -1) for o, m in parts if m]
         return torch.stack([ErrorNorm.rms_rows(x) for x in comps]).amax(0)
 
     recs = []
@@ -200,6 +205,10 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
             h = torch.where(active, h_next, h)
         acc2 = accept.unsqueeze(1)
         y = torch.where(acc2, y_new, y)
+        if C.impulses:  # a landing on an impulse time: the jump, and f afresh after it
+            hit = (t_new.unsqueeze(1) == k["I_t"]) & accept.unsqueeze(1)  # (R, n)
+            y = y + (hit.to(y.dtype) @ k["I"]).view(y.shape)
+            k_last = torch.where(hit.any(1, keepdim=True), call(t_new, y), k_last)
         if C.jumps:  # past a jump_t, f afresh at the right limit (the next float after it)
             k_jump = call(time_beside(t_new, t_new + sdir, C.time_dtype), y_new)
             k_last = torch.where(jump.unsqueeze(1), k_jump, k_last)

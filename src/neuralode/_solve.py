@@ -145,8 +145,12 @@ def solve(
         ``gradient="checkpoint"`` (shared control; without ``max_checkpoints``) the forward
         runs in compiled chunks that record a checkpoint per accepted step, and the backward
         pass replays the steps eagerly from them; with ``gradient="backsolve"`` (shared
-        control) the forward runs in compiled chunks and the adjoint solve backward runs on
-        the eager engine. Reversible, per-sample Checkpointed/Backsolve, events,
+        control) the forward and the adjoint solve backward run in compiled chunks (the
+        augmented field's vector-Jacobian products traced with ``torch.func.vjp``; the
+        adjoint's jumps at the output times made inside the chunks, ``outputs="stop"``), when
+        func is an ``nn.Module`` whose parameters are the gradient's ``params`` and the
+        backward method is explicit Runge--Kutta without a custom norm (else the backward
+        solve runs eagerly; ``stats["compiled_backward"]`` says which ran). Reversible, per-sample Checkpointed/Backsolve, events,
         implicit/Adams methods and a custom ``norm`` raise ValueError.
         Results agree with the eager engine to the tolerance: the error estimate is summed in
         another order (its last bits, and so the step sizes, differ relatively by about 1e-10;

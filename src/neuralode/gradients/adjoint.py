@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._compiled_adjoint import compiled_backward
 from .._loop import (
     FlatVectorField,
     Problem,
@@ -101,7 +102,9 @@ class Backsolve:
         step). ``"stop"``: the backward solve stops at every output time and the adjoint jumps
         there (one more backward step per output; the gradient follows the continuous problem,
         2-4x more accurate at moderate tolerances in ``benchmarks/gradients.py``). ``"auto"``:
-        ``"stop"`` when such outputs are no more than the forward steps, else ``"replay"``.
+        ``"stop"`` when such outputs are no more than the forward steps, else ``"replay"``;
+        always ``"stop"`` with ``compile=True`` (the adjoint's jumps are then made inside the
+        compiled backward solve, while replays run eagerly).
         ``Solution.stats["backsolve_outputs"]`` records the choice (after the backward pass).
         Under ``batch_control="per_sample"`` the choice is made for each sample, on its own
         forward steps and outputs (``"auto"``: ``"replay"`` when its inner outputs outnumber
@@ -121,6 +124,16 @@ class Backsolve:
 
     Notes
     -----
+    With ``solve(..., compile=True)`` (shared control) the forward solve and the backward solve
+    run in compiled chunks (``neuralode._compiled_adjoint``): the augmented field's
+    vector-Jacobian products are traced by ``torch.func.vjp``, which needs func to be an
+    ``nn.Module`` (or its bound ``forward``) and ``params`` among its parameters; otherwise,
+    and for a custom ``norm`` or an implicit backward ``solver``, the backward solve runs
+    eagerly. ``Solution.stats["compiled_backward"]`` records which ran. The compiled backward
+    solve with ``outputs="stop"`` chooses its own steps between the outputs (it does not stop
+    at every forward step boundary), so its gradient agrees with the eager one to the
+    tolerance, not to rounding.
+
     Gradients of gradients (``create_graph=True``) are not supported and raise a RuntimeError;
     use :class:`Checkpointed` or :class:`Direct` for those.
 
@@ -250,7 +263,9 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
         n_inner = sum(
             sum(tau != rec.t_new for tau in out_t[rec.out_lo : rec.out_hi]) for rec in steps
         )
-        mode = "stop" if n_inner <= len(steps) else "replay"
+        # Compiled stepping (compile=True) stops at every output: its jumps are then made
+        # inside the compiled chunks, while replays would run eagerly.
+        mode = "stop" if n_inner <= len(steps) or run.stats.get("compiled") else "replay"
     run.stats["backsolve_outputs"] = mode
     actions: dict[float, list[tuple[str, int]]] = {}
     for k, rec in enumerate(steps):
@@ -343,9 +358,39 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
 
     # A norm object with resolve() decides only now (the torchdiffeq face's adjoint_options).
     norm = cfg.norm.resolve() if hasattr(cfg.norm, "resolve") else cfg.norm
+    # compile=True: the backward solve in compiled chunks where the augmented field can be
+    # traced (else None: the eager driver).
+    compiled = compiled_backward(run, params, (B, M), tab, norm, aug_f, follow_forward)
+
+    def aug_problem(t0, t_end, controller, max_steps):
+        return Problem(
+            spec=aug_spec, tableau=tab, controller=controller, t0=t0, t_end=t_end, out_t=[],
+            out_sample=None, out_order=None, n_out_rows=0, max_steps=max_steps, rtol=aug_rtol,
+            atol=aug_atol, norm=norm, norm_components=2 if cfg.seminorm else None,
+        )  # fmt: skip
+
     replay_gp = [torch.zeros_like(p) for p in params]
     aug_stepper = None
     jumps = set(ctrl.jump_t)
+    if (
+        compiled is not None
+        and len(points) > 1
+        and mode == "stop"
+        and not jumps
+        and not isinstance(actrl, ConstantStep)
+    ):
+        # The whole solve at once, the adjoint's jumps at the outputs inside the chunks.
+        h0 = _step_containing(steps, points[0], points[1], direction) if follow_forward else None
+        with torch.no_grad(), _max_steps_error(cfg, 0, prob.t0):
+            got = compiled.whole(
+                lambda t0, t_end, c: aug_problem(t0, t_end, c, cfg.max_steps), actrl, points,
+                actions, g_sorted, samples, torch.cat([y, a, *gs]).unsqueeze(0), h0,
+            )  # fmt: skip
+        if got is not None:
+            parts = aug_spec.components(got[0])
+            y, a = parts[0].reshape(-1), parts[1].reshape(-1)
+            gs = [c.reshape(-1) for c in parts[2:]]
+            points = []  # (nothing left for the segments below)
     k1_next = None  # the first stage for the next segment, when it is already known
     h_carry = None
     used = 0  # step attempts of the backward solve so far (all segments)
@@ -396,22 +441,9 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
         if i + 1 == len(points):
             break
         nxt = points[i + 1]
-        aug_prob = Problem(
-            spec=aug_spec,
-            tableau=tab,
-            controller=actrl,
-            t0=point,
-            t_end=nxt,
-            out_t=[],
-            out_sample=None,
-            out_order=None,
-            n_out_rows=0,
-            # max_steps bounds the whole backward solve, over all its segments.
-            max_steps=None if cfg.max_steps is None else max(cfg.max_steps - used, 0),
-            rtol=aug_rtol,
-            atol=aug_atol,
-            norm=norm,
-            norm_components=2 if cfg.seminorm else None,
+        # max_steps bounds the whole backward solve, over all its segments.
+        aug_prob = aug_problem(
+            point, nxt, actrl, None if cfg.max_steps is None else max(cfg.max_steps - used, 0)
         )
         if aug_stepper is None:
             aug_stepper = make_stepper(tab, dtype, device)
@@ -429,29 +461,16 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             k1_aug = k1_next  # FSAL across the boundary: nothing changed here
         # Starting at a discontinuity, the first stage sees the limit from the side integrated.
         t_first = time_beside(point, nxt, run.time_dtype) if point in jumps else None
-        try:
-            with torch.no_grad():
+        h0 = _step_containing(steps, point, nxt, direction) if follow_forward else h_carry
+        with torch.no_grad(), _max_steps_error(cfg, used, prob.t0):
+            res = (
+                None if compiled is None else compiled.segment(aug_prob, flat, h0, k1_aug, t_first)
+            )
+            if res is None:
                 res = integrate(
-                    aug_prob,
-                    aug_f,
-                    flat,
-                    track_grad=False,
-                    stepper=aug_stepper,
-                    h0=_step_containing(steps, point, nxt, direction)
-                    if follow_forward
-                    else h_carry,
-                    k1=k1_aug,
-                    t_first=t_first,
-                )
-        except MaxStepsError as e:
-            raise MaxStepsError(
-                f"the backward (adjoint) solve reached Backsolve(max_steps={cfg.max_steps}) "
-                f"step attempts at t={e.t:.17g}, before it got back to t0={prob.t0:.17g}; raise "
-                "Backsolve(max_steps=...) or loosen its rtol/atol",
-                t=e.t,
-                step=used + e.step,
-                h=e.h,
-            ) from e
+                    aug_prob, aug_f, flat, track_grad=False, stepper=aug_stepper, h0=h0,
+                    k1=k1_aug, t_first=t_first,
+                )  # fmt: skip
         used += res.n_accepted + res.n_rejected
         k1_next = res.k1_next
         h_carry = res.h_next
@@ -475,6 +494,23 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             g = g.real
         grads_p.append(g.to(p.dtype) + extra)
     return [a, *grads_p]
+
+
+@contextlib.contextmanager
+def _max_steps_error(cfg: Backsolve, used: int, t0: float):
+    """A MaxStepsError of the backward solve says which limit it reached (``used``: the step
+    attempts of the earlier segments)."""
+    try:
+        yield
+    except MaxStepsError as e:
+        raise MaxStepsError(
+            f"the backward (adjoint) solve reached Backsolve(max_steps={cfg.max_steps}) "
+            f"step attempts at t={e.t:.17g}, before it got back to t0={t0:.17g}; raise "
+            "Backsolve(max_steps=...) or loosen its rtol/atol",
+            t=e.t,
+            step=used + e.step,
+            h=e.h,
+        ) from e
 
 
 def _step_containing(steps, point: float, nxt: float, direction: float) -> float:
