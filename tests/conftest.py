@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 WHOLE_FILES = (
     "tests/test_compiled.py",
     "tests/test_compiled_rows.py",
+    "tests/test_compiled_drift.py",
     "tests/test_benchmarks.py",
     "tests/test_data.py",
     "tests/test_stiff_problems.py",

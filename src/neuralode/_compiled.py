@@ -52,8 +52,8 @@ import torch
 
 from . import _compiled_lengths as _lengths
 from ._compiled_step import STATUS_NONFINITE_H, STATUS_UNDERFLOW, Consts, chunk
-from ._failures import step_failure
-from ._loop import LoopResult, Problem, StepRecord, VectorField
+from ._failures import report_failure
+from ._loop import LoopResult, Problem, StepRecord, VectorField, _start_outputs
 from ._norms import ErrorNorm, initial_norm
 from .controllers import ConstantStep, PIController
 from .controllers.step_size import time_beside
@@ -430,17 +430,12 @@ def integrate_compiled(
     f64 = dict(dtype=torch.float64, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)
     out_t = torch.tensor([list(prob.out_t) + [d * math.inf] * W], **f64)
-    p = 0
-    while p < n_out and prob.out_t[p] == t0:
-        p += 1
     out = torch.full((1, n_out + W, 1 if pick else B, M), math.nan, dtype=dtype, device=dev)
-    if p:  # outputs at the initial time are the initial state
-        first = y0[torch.tensor(prob.out_sample[:p], device=dev)].unsqueeze(1) if pick else y0
-        out[0, :p] = first
-    # (a discontinuity at t0: f's limit from inside the interval, as in the eager loop)
-    if t_first is None:
-        jumps = t0 in ctrl.jump_t and t_end != t0
-        t_first = time_beside(t0, t_end, f.time_dtype) if jumps else t0
+    first, p = _start_outputs(prob, y0, prob.samples_on(dev))  # (the initial state)
+    if p:
+        out[0, :p] = first[0].unsqueeze(1) if pick else first[0]
+    if t_first is None:  # (past a jump_t at t0: f's limit from inside the interval)
+        t_first = ctrl.first_time(t0, t_end, f.time_dtype)
     if k1 is None:
         k1 = f(t_first, y0)  # (with its graph under autograd: the first stage of the first step)
     if h0 is None or not ctrl.adaptive:
@@ -486,15 +481,9 @@ def integrate_compiled(
                 done["p"] = hi
                 done["t_first"] = time_beside(t_n[i], t_n[i] + d, f.time_dtype) if jump else t_n[i]
         done.update(t=t_now, h=abs(h_now), att=int(att), acc=int(acc))
-        cause = None
-        if code == STATUS_NONFINITE_H:
-            cause = "nonfinite_h"
-        elif code == STATUS_UNDERFLOW:
-            cause = "underflow"
-        elif busy:
+        cause = failure_cause(code, busy, d * (t_end - t_now) <= 0)
+        if busy and cause is None:
             return False
-        elif d * (t_end - t_now) > 0:
-            cause = "max_steps"
         done["cause"], done["nf"] = cause, bool(nf)
         return True
 
@@ -504,19 +493,17 @@ def integrate_compiled(
     t_now, h_now, att = done["t"], done["h"], done["att"]
     n_acc, n_rej = done["acc"], done["att"] - done["acc"]
     f.nfe = nfe0 + att * _evals_per_attempt(tab, C)
-    status, message = "success", ""
+    state = {"status": "success", "message": ""}
     cause = done["cause"]
     if cause is None and not ctrl.adaptive and not bool(torch.isfinite(s["y"]).all()):
         cause = "nonfinite_fixed"  # fixed steps make no per-step decision: checked at the end
     if cause is not None:
-        cls, msg = step_failure(
+        report_failure(
             cause, t=t_now, attempts=att, h=h_now, dt_min=ctrl.dt_min, nonfinite=done["nf"],
             max_steps=prob.max_steps, t_end=t_end, n_acc=n_acc, n_rej=n_rej,
-            engine="compiled stepping",
+            engine="compiled stepping", throw=throw, state=state,
         )  # fmt: skip
-        if throw:
-            raise cls(msg, t=t_now, step=att, h=h_now)
-        status, message = cls.status, msg
+    status, message = state["status"], state["message"]
     ys = s["out"][0, :n_out]
     if pick:
         ys = ys[:, 0]
@@ -526,6 +513,19 @@ def integrate_compiled(
         ys=ys, y_final=s["y"], t_reached=t_now, status=status, message=message,
         n_accepted=n_acc, n_rejected=n_rej, steps=steps, h_next=h_now, k1_next=s["k1"],
     )  # fmt: skip
+
+
+def failure_cause(code: int, busy, reached: bool) -> str | None:
+    """Why a row of the compiled step stopped short (a cause of
+    :func:`neuralode._failures.step_failure`), or None: it is still stepping (``busy``) or
+    reached its final time. ``code`` is the row's status from the compiled step; a row that
+    stopped without one used up its step attempts (the compiled step stops a row at
+    max_steps before it checks the step size, as the eager drivers do)."""
+    if code == STATUS_NONFINITE_H:
+        return "nonfinite_h"
+    if code == STATUS_UNDERFLOW:
+        return "underflow"
+    return None if busy or reached else "max_steps"
 
 
 def _fixed_steps(ctrl, t0: float, t_end: float) -> int:

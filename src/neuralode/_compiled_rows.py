@@ -16,10 +16,11 @@ from ._compiled import (
     _evals_per_attempt,
     _run_chunks,
     _split,
+    failure_cause,
     warn_mismatch,
 )
-from ._compiled_step import STATUS_NONFINITE_H, STATUS_UNDERFLOW
-from ._failures import step_failure
+from ._failures import report_failure
+from ._loop_batched import time_layout
 from ._norms import ErrorNorm, initial_norm
 
 __all__ = ["integrate_rows_compiled", "run_rows"]
@@ -47,17 +48,15 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
                 record=bool(run.dense), n_out=T)  # fmt: skip
     W = C.window
     t0, t_end = tau[:, 0].contiguous(), tau[:, -1].contiguous()
-    sdir = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
-    stau = (sdir.unsqueeze(1) * tau).contiguous()
-    # Outputs at a sample's initial time are its initial state.
-    n0 = torch.searchsorted(stau, stau[:, :1].contiguous(), right=True).squeeze(1)
+    # Outputs at a sample's initial time (n0 of them) are its initial state.
+    sdir, _, n0 = time_layout(tau)
     out_t = torch.cat([tau, (sdir * math.inf).unsqueeze(1).expand(B, W)], 1)
     first = torch.arange(T + W, device=dev) < n0.unsqueeze(1)
     out = torch.where(first.view(B, -1, 1, 1), y0.view(B, 1, 1, M),
                       torch.full((), math.nan, dtype=dtype, device=dev))  # fmt: skip
     lo, hi = torch.minimum(t0, t_end), torch.maximum(t0, t_end)
     f.lo, f.hi = lo, hi  # evaluations stay inside each sample's interval
-    k1 = f(t0, y0)
+    k1 = f(ctrl.first_time(t0, t_end, f.time_dtype), y0)  # (past a jump_t at t0)
     if track_grad is None:
         track_grad = torch.is_grad_enabled() and k1.requires_grad
     with torch.no_grad():  # the eager driver's initial step, per row
@@ -84,28 +83,19 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
                 records.append((ar, rec["acc"][i], t_o, t_n, t_n - t_o, rec["y"][i],
                                 rec["y_new"][i], rec["K"][i]))  # fmt: skip
         ends, dirs = t_end.tolist(), sdir.tolist()
-        new = []
-        for b in range(B):
+        for b in range(B):  # the sample of lowest index first, as in the eager driver
             reached = dirs[b] * (ends[b] - t_now[b]) <= 0
-            if b in failed or busy[b] or (not code[b] and reached):
+            cause = None if b in failed else failure_cause(code[b], busy[b], reached)
+            if cause is None:
                 continue
-            cause = {STATUS_NONFINITE_H: "nonfinite_h", STATUS_UNDERFLOW: "underflow"}.get(
-                int(code[b]), "max_steps"
-            )
-            new.append((b, cause))
-        for b, cause in new:  # the sample of lowest index first, as in the eager driver
-            n, h = int(att[b]), h_now[b]
-            cls, msg = step_failure(
-                cause, t=t_now[b], attempts=n, h=h, dt_min=ctrl.dt_min, nonfinite=bool(nf[b]),
-                max_steps=run.max_steps, t_end=ends[b], n_acc=int(acc[b]), n_rej=n - int(acc[b]),
-                sample=b, engine="compiled stepping",
+            n = int(att[b])
+            report_failure(
+                cause, t=t_now[b], attempts=n, h=h_now[b], dt_min=ctrl.dt_min,
+                nonfinite=bool(nf[b]), max_steps=run.max_steps, t_end=ends[b], n_acc=int(acc[b]),
+                n_rej=n - int(acc[b]), sample=b, engine="compiled stepping", throw=run.throw,
+                state=state,
             )  # fmt: skip
-            if run.throw:
-                raise cls(msg, t=t_now[b], step=n, h=h)
             failed.add(b)
-            state["failed"].append(b)
-            if state["status"] == "success":
-                state["status"], state["message"] = cls.status, msg
         last["att"] = att
         return not any(busy)
 
@@ -113,14 +103,11 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     if not ctrl.adaptive:  # fixed steps make no per-step decision: finiteness checked at the end
         bad = (~torch.isfinite(s["y"].detach()).all(1)).tolist()
         for b in (b for b in range(B) if bad[b] and b not in failed):
-            t_b, n = float(s["t"][b]), int(s["att"][b])
-            cls, msg = step_failure("nonfinite_fixed", t=t_b, attempts=n, h=float(s["h"][b]),
-                                    sample=b, engine="compiled stepping")  # fmt: skip
-            if run.throw:
-                raise cls(msg, t=t_b, step=n, h=float(s["h"][b]))
-            state["failed"].append(b)
-            if state["status"] == "success":
-                state["status"], state["message"] = cls.status, msg
+            report_failure(
+                "nonfinite_fixed", t=float(s["t"][b]), attempts=int(s["att"][b]),
+                h=float(s["h"][b]), sample=b, engine="compiled stepping", throw=run.throw,
+                state=state,
+            )  # fmt: skip
     atts = [int(a) for a in last["att"]]
     iters = max(atts, default=0)  # every row attempts a step in each iteration until it stops
     per = _evals_per_attempt(tab, C)
