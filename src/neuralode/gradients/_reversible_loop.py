@@ -332,9 +332,9 @@ def integrate_reversible(
         if adaptive:
             e = norm(prob, e_est, z, z + F)
             last_nonfinite = not math.isfinite(e)
-            if not (e <= 1.0 or ctrl.accepts(e, min(h_abs, abs(t_new - t)))):
+            if not (e <= 1.0 or ctrl.accepts(e, min(h_abs, h_last))):
                 n_rej += 1
-                h = abs(t_new - t) * ctrl.reject_factor(e, k_order)
+                h, _ = ctrl.adapt(h_last, h_abs, e, prev_err, k_order, False, clipped)
                 continue
         n_acc += 1
         if keep_states:
@@ -367,9 +367,7 @@ def integrate_reversible(
             anchors[len(records) - 1] = (y_new, z)
             since_stored = 0
         if adaptive:
-            h_next = abs(t_new - t) * ctrl.factor(e, prev_err, k_order)
-            h = max(h_abs, h_next) if clipped else h_next
-            prev_err = max(e, 1e-4)
+            h, prev_err = ctrl.adapt(h_last, h_abs, e, prev_err, k_order, True, clipped)
         t, y = t_new, y_new
         t_first = time_beside(t_new, t_new + direction, f.time_dtype) if is_jump else t_new
 
