@@ -8,10 +8,12 @@ import warnings
 
 import torch
 
-from .._loop import LoopResult
+from .._failures import report_failure
+from .._loop import LoopResult, _all_finite, _gather_outputs, _start_outputs
 from .._norms import ErrorNorm, initial_norm, user_scaled_norm
 from ..controllers import ConstantStep, PIController
-from ..errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from ..controllers.step_size import time_beside
+from ..errors import NonFiniteError
 from ..solvers.explicit_rk import RKStepper
 from ..solvers.tableau import ButcherTableau
 from ._common import Run
@@ -19,6 +21,7 @@ from ._common import Run
 __all__ = ["Scheme", "integrate_reversible", "gap_norm", "anchor_interval"]
 
 _EPS64 = 2.220446049250313e-16
+_ENGINE = "reversible solve"  # named in the engine's failure messages
 
 # The inverse step divides by the coupling, so a reconstruction error (rounding) in a slowly
 # varying mode grows by about 1 / lam per step walked back (lam / R(h mu)**2 in general; R ~ 1
@@ -190,6 +193,7 @@ class GapGrowth:
         self.factor = factor
         self.floor = _GROWTH_FLOOR_ULPS * torch.finfo(dtype).eps
         self.prev, self.base = 0.0, None
+        self.nonfinite = False  # set when the measured gap or state is NaN/inf: the solve stops
 
     def restart(self, y, z, work) -> bool:
         a, b = work
@@ -200,6 +204,9 @@ class GapGrowth:
             m = torch.abs(y, out=b).max()
         d, m = torch.stack((d, m)).tolist()  # one host read
         q = d / m if m > 0 else (0.0 if d == 0 else math.inf)
+        if not math.isfinite(m) or not math.isfinite(d):
+            self.nonfinite = True
+            return False
         if self.base is None:
             self.base, self.prev = max(q, self.floor), q
             return False
@@ -240,27 +247,27 @@ def integrate_reversible(
             return y.unsqueeze(0).expand(hi - lo, *y.shape)
         return y[samples[lo:hi]]
 
-    out_vals, p = [], 0
-    while p < n_out and prob.out_t[p] == t0:
-        p += 1
-    if p:
-        out_vals.append(out_rows(y0flat, 0, p))
+    # The engine's start: outputs at t0, the first stage's time (past a jump_t at t0) and the
+    # controller's initial step (Hairer's selection for adaptive control).
+    out_vals, p = _start_outputs(prob, y0flat, samples)
     y = z = y0flat
-    t, t_first = t0, t0
+    t = t0
+    t_first = ctrl.first_time(t0, t_end, f.time_dtype)
+    nrm = k1 = k_order = None
     if adaptive:
         k_order = prob.tableau.error_order()
-        work = ErrorNorm(y0flat, prob.spec)
+        work = ErrorNorm(y0flat, prob.spec, prob.norm_components)
         norm = user_scaled_norm if prob.norm is not None else work
-        if t_end == t0:
-            h = 0.0
-        else:
+        if t_end != t0:
             nrm = initial_norm(work, y0flat, prob.rtol, prob.atol, prob.atol_zero, prob=prob)
             with torch.no_grad():
-                k1 = f(t0, y0flat)
-            h = ctrl.initial_step(nrm, f, t0, y0flat, k1, direction, abs(t_end - t0), k_order)
-        prev_err = 1.0
-    else:
-        h = ctrl.dt if constant else math.inf
+                k1 = f(t_first, y0flat)
+    prev_err = 1.0
+    h = (
+        0.0
+        if t_end == t0
+        else ctrl.initial_step(nrm, f, t0, y0flat, k1, direction, abs(t_end - t0), k_order)
+    )
     k_grid, li = 1, 0
     records, states = [], [] if keep_states else None
     restarts, anchors = {}, {}
@@ -273,39 +280,28 @@ def integrate_reversible(
         else:
             growth = GapGrowth(restart_gap, y0flat.dtype)
     attempts = n_acc = n_rej = 0
-    last_nonfinite = False
-    status, message = "success", ""
-
-    def fail(cls, msg, hh):
-        nonlocal status, message
-        if run.throw:
-            raise cls(msg, t=t, step=attempts, h=hh)
-        status, message = cls.status, msg
+    last_nonfinite, h_last = False, 0.0
+    state = {"status": "success", "message": ""}
+    fail = {"throw": run.throw, "state": state, "engine": _ENGINE}
 
     while direction * (t_end - t) > 0:
         if prob.max_steps is not None and attempts >= prob.max_steps:
-            fail(
-                MaxStepsError,
-                f"reached max_steps={prob.max_steps} step attempts at t={t:.17g} (accepted "
-                f"{n_acc}, rejected {n_rej}) before the final time {t_end:.17g}; raise max_steps "
-                "or loosen rtol/atol",
-                h,
-            )
+            report_failure(
+                "max_steps", t=t, attempts=attempts, h=h, max_steps=prob.max_steps,
+                t_end=t_end, n_acc=n_acc, n_rej=n_rej, **fail,
+            )  # fmt: skip
             break
         # The controller bounds the step (to [dt_min, dt_max] with force_dt_min).
         h_abs = ctrl.bounded(abs(h), last_nonfinite) if adaptive else abs(h)
-        if adaptive and (
-            not math.isfinite(h_abs) or h_abs < ctrl.dt_min or t + direction * h_abs == t
-        ):
-            cls = StepSizeUnderflowError if math.isfinite(h_abs) else NonFiniteError
-            fail(
-                cls,
-                f"step size underflow or non-finite error estimate at t={t:.17g} after "
-                f"{attempts} step attempts (step size {h_abs:.3g}) in the reversible solve; check "
-                "func for NaN/inf, loosen rtol/atol, or, if the problem has fast decaying modes, "
-                "keep restarts on (Reversible(restart_gap=10.0), the default) or lower it",
-                h_abs,
-            )
+        if adaptive and not math.isfinite(h_abs):
+            report_failure("nonfinite_h", t=t, attempts=attempts, h=h_abs, **fail)
+            break
+        # Below dt_min, or below the resolution of t: the controller's one rule.
+        if adaptive and ctrl.underflows(h_abs, t):
+            report_failure(
+                "underflow", t=t, attempts=attempts, h=h_abs, dt_min=ctrl.dt_min,
+                nonfinite=last_nonfinite, **fail,
+            )  # fmt: skip
             break
         # A step of (nearly) zero length is not the identity here (it still mixes y and z), so
         # grid points and landings a few ulps apart are merged instead of leaving a sliver step.
@@ -327,15 +323,18 @@ def integrate_reversible(
         if direction * (t_new - t_end) >= -tiny:
             t_new, clipped, land = t_end, True, None
         is_jump = clipped and land is not None and t_new == land and land in jumps
-        t_last = math.nextafter(t_new, t) if is_jump else t_new
+        # At a discontinuity the last stage sees the left limit and the next step's first stage
+        # the right limit: the nearest time f tells apart (float32 time included).
+        t_last = time_beside(t_new, t, f.time_dtype) if is_jump else t_new
         attempts += 1
+        h_last = abs(t_new - t)
         y_new, F, e_est = sch.forward_half(t, t_new, t_first, t_last, y, z, adaptive)
         if adaptive:
             e = norm(prob, e_est, z, z + F)
             last_nonfinite = not math.isfinite(e)
-            if not (e <= 1.0 or ctrl.accepts(e, min(h_abs, abs(t_new - t)))):
+            if not (e <= 1.0 or ctrl.accepts(e, min(h_abs, h_last))):
                 n_rej += 1
-                h = abs(t_new - t) * ctrl.reject_factor(e, k_order)
+                h, _ = ctrl.adapt(h_last, h_abs, e, prev_err, k_order, False, clipped)
                 continue
         n_acc += 1
         if keep_states:
@@ -351,6 +350,9 @@ def integrate_reversible(
             with torch.no_grad():
                 if growth is not None:
                     restart = growth.restart(y_new, z, gap_work)
+                    if growth.nonfinite:  # stop where the state became NaN/inf (reported below)
+                        t, y = t_new, y_new
+                        break
                 else:
                     restart = gap_norm(y_new, z, g_rtol, g_atol, gap_work) > restart_gap
             if restart:
@@ -365,32 +367,29 @@ def integrate_reversible(
             anchors[len(records) - 1] = (y_new, z)
             since_stored = 0
         if adaptive:
-            h_next = abs(t_new - t) * ctrl.factor(e, prev_err, k_order)
-            h = max(h_abs, h_next) if clipped else h_next
-            prev_err = max(e, 1e-4)
+            h, prev_err = ctrl.adapt(h_last, h_abs, e, prev_err, k_order, True, clipped)
         t, y = t_new, y_new
-        t_first = math.nextafter(t_new, t_new + direction) if is_jump else t_new
+        t_first = time_beside(t_new, t_new + direction, f.time_dtype) if is_jump else t_new
 
-    if status == "success" and not (
-        bool(torch.isfinite(y).all()) and bool(torch.isfinite(z).all())
-    ):
+    status, message = state["status"], state["message"]
+    if status == "success" and not (_all_finite(y) and _all_finite(z)):
+        # A fixed-step solve with restarts stops at the first non-finite state (the growth test
+        # reads it every step); otherwise this is checked once, at the end.
         status = NonFiniteError.status
+        first = " first" if growth is not None and growth.nonfinite else ""
         message = (
-            f"the reversible solve became non-finite (NaN/inf) by t={t:.17g} after {n_acc} steps; "
-            f"with coupling={lam} the scheme damps decaying modes only for |h * eigenvalue| below "
-            "about -log(coupling): check func for NaN/inf, keep restarts on "
-            "(Reversible(restart_gap=10.0), the default) or lower it, or take smaller steps"
+            f"the state of the reversible solve{first} became non-finite (NaN/inf) at t={t:.17g} "
+            f"after {n_acc} steps (last step size {h_last:.3g}); with coupling={lam} the "
+            "scheme damps decaying modes only for |h * eigenvalue| below about -log(coupling), "
+            "and a stiff problem (fast decaying modes; integrated backward in time, decaying "
+            "modes grow) exceeds that or the method's own stability limit: take smaller steps, "
+            "use an adaptive solver (e.g. solver='dopri5'), keep restarts on "
+            "(Reversible(restart_gap=10.0), the default) or lower it, use gradient='checkpoint' "
+            "with an implicit solver for a stiff problem, or check func for NaN/inf"
         )
         if run.throw:
-            raise NonFiniteError(message, t=t, step=attempts, h=h)
-    if p < n_out:  # stopped early (throw=False): missing outputs are NaN
-        shape = y0flat.shape if samples is None else y0flat.shape[1:]
-        out_vals.append(
-            torch.full((n_out - p, *shape), math.nan, dtype=y0flat.dtype, device=y0flat.device)
-        )
-    ys = torch.cat(out_vals) if out_vals else y0flat.new_zeros((0, *y0flat.shape))
-    if prob.out_order is not None:
-        ys = ys[prob.out_order]
+            raise NonFiniteError(message, t=t, step=attempts, h=h_last)
+    ys = _gather_outputs(prob, out_vals, p, y0flat, samples)  # missing outputs (stopped early): NaN
     res = LoopResult(
         ys=ys,
         y_final=y,

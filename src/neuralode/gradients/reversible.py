@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._loop import sorted_outputs_grad
 from ..solvers.tableau import ButcherTableau
 from ._common import Run, check_params, find_params, held_run, hold_run
 from ._reversible_loop import integrate_reversible
@@ -284,9 +285,7 @@ class _ReversibleFn(torch.autograd.Function):
                 ],
             )
         prob, samples = run.prob, run.samples_all
-        g = g_ys if prob.out_order is None else torch.empty_like(g_ys)
-        if prob.out_order is not None:
-            g[prob.out_order] = g_ys
+        g = sorted_outputs_grad(prob, g_ys)
         f = run.vector_field()
         # The forward's scheme (tableau, coupling), with a vector field that counts NFE anew.
         sch = copy.copy(run.extra["reversible_scheme"])
