@@ -340,6 +340,10 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
     else:
         traj = torch.stack([y0, sol.event_y])
     event_t = sol.event_t.to(t.dtype if t.is_floating_point() else torch.float64)
+    if event_t.shape == (1,):
+        # torchdiffeq returns a 0-d event time when event_fn gives a one-element tensor (its
+        # bouncing-ball example does); (B,) with B > 1 keeps neuralode's one-event-per-sample.
+        event_t = event_t.reshape(())
     return hold_outputs((event_t, traj), runs)
 
 
@@ -592,7 +596,8 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     t0 : Tensor or float
         Initial time.
     event_fn : callable
-        ``event_fn(t, y) -> Tensor`` (0-d, or ``(B,)`` for one event per sample).
+        ``event_fn(t, y) -> Tensor`` (0-d, or ``(B,)`` for one event per sample; a one-element
+        ``(1,)`` output gives a 0-d ``event_t``, as in torchdiffeq).
     reverse_time : bool, default False
         Integrate backward in time from ``t0``.
     odeint_interface : callable, default :func:`odeint`

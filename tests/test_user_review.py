@@ -1,0 +1,78 @@
+"""Fixes from a new-user review of the README (event-time shape, ``python -m neuralode``, ...)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import neuralode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fall(t, y):
+    return -torch.ones_like(y)
+
+
+@pytest.mark.parametrize(
+    "y0, event_fn, shape",
+    [
+        # torchdiffeq 0.2.5 gives a 0-d event_t for a one-element (1,) event output (its
+        # bouncing_ball.py does this) as well as for a 0-d one.
+        (torch.tensor([1.0]), lambda t, y: y - 0.5, ()),
+        (torch.tensor([1.0]), lambda t, y: (y - 0.5).sum(), ()),
+        (torch.tensor(1.0), lambda t, y: y - 0.5, ()),
+        # (B,) with B > 1 keeps neuralode's one event per sample.
+        (torch.tensor([[1.0], [2.0]]), lambda t, y: y[:, 0] - 0.5, (2,)),
+    ],
+)
+def test_odeint_event_time_shape_matches_torchdiffeq(y0, event_fn, shape):
+    event_t, sol = neuralode.odeint_event(_fall, y0, torch.tensor(0.0), event_fn=event_fn)
+    assert tuple(event_t.shape) == shape
+    assert sol.shape == (2, *y0.shape)
+    expected = torch.tensor([0.5, 1.5])[: max(1, event_t.numel())].reshape(shape)
+    torch.testing.assert_close(event_t, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_odeint_event_zero_d_time_is_differentiable():
+    y0 = torch.tensor([1.0], requires_grad=True)
+    event_t, _ = neuralode.odeint_event(_fall, y0, torch.tensor(0.0), event_fn=lambda t, y: y - 0.5)
+    assert event_t.shape == ()
+    event_t.backward()
+    # y(t) = y0 - t hits 0.5 at t = y0 - 0.5: d event_t / d y0 = 1.
+    torch.testing.assert_close(y0.grad, torch.tensor([1.0]), rtol=1e-4, atol=1e-5)
+
+
+def test_odeint_event_stacks_like_torchdiffeq():
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    y0 = torch.tensor([1.0])
+    ours = [
+        neuralode.odeint_event(_fall, y0, torch.tensor(0.0), event_fn=lambda t, y, c=c: y - c)[0]
+        for c in (0.5, 0.25)
+    ]
+    theirs = [
+        torchdiffeq.odeint_event(_fall, y0, torch.tensor(0.0), event_fn=lambda t, y, c=c: y - c)[0]
+        for c in (0.5, 0.25)
+    ]
+    assert torch.stack(ours).shape == torch.stack(theirs).shape == (2,)
+    torch.testing.assert_close(torch.stack(ours), torch.stack(theirs), rtol=1e-4, atol=1e-5)
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "MPLBACKEND": "Agg"}
+
+
+def test_python_m_neuralode_runs_the_cli():
+    r = subprocess.run(
+        [sys.executable, "-m", "neuralode", "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "usage: neuralode" in r.stdout
+    assert "train" in r.stdout
