@@ -76,3 +76,36 @@ def test_python_m_neuralode_runs_the_cli():
     assert r.returncode == 0, r.stderr
     assert "usage: neuralode" in r.stdout
     assert "train" in r.stdout
+
+
+def _readme_section(title):
+    text = (ROOT / "README.md").read_text()
+    start = text.index(title)
+    return text[start : text.index("\n## ", start)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_refused_and_documented(dtype):
+    with pytest.raises(TypeError, match="half precision"):
+        neuralode.odeint(lambda t, y: -y, torch.ones(2, dtype=dtype), torch.linspace(0, 1, 3))
+    differs = _readme_section("What differs, on purpose")
+    assert "Half-precision states" in differs and "TypeError" in differs
+
+
+def test_per_sample_time_shape_idiom_is_documented_and_correct():
+    row = next(
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if "Step-size control" in line
+    )
+    assert "t[:, None]" in row and "`(A,)`" in row
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    sol = neuralode.solve(
+        lambda t, y: -y * (1 + t[:, None]), y0, t, batch_control="per_sample", rtol=1e-9, atol=1e-11
+    )
+    sol.ys[-1].sum().backward()
+    # y(t1) = y0 exp(-(t1 + t1^2/2) + (t0 + t0^2/2)): d/dt1 = -(1 + t1) y(t1), d/dt0 = (1 + t0) y(t1).
+    y1 = 3.0 * torch.exp(torch.tensor(-1.5, dtype=torch.float64))
+    expected = torch.stack([y1, torch.zeros((), dtype=torch.float64), -2.0 * y1])
+    torch.testing.assert_close(t.grad, expected, rtol=1e-6, atol=1e-8)
