@@ -109,3 +109,32 @@ def test_per_sample_time_shape_idiom_is_documented_and_correct():
     y1 = 3.0 * torch.exp(torch.tensor(-1.5, dtype=torch.float64))
     expected = torch.stack([y1, torch.zeros((), dtype=torch.float64), -2.0 * y1])
     torch.testing.assert_close(t.grad, expected, rtol=1e-6, atol=1e-8)
+
+
+def _labelled_csv(path, label):
+    rows = [f"s{i},{t},{v},{(i % 3) + t * 0.1 + (v == 'b'):.2f},{label(i)}"
+            for i in range(20) for t in range(4) for v in "ab"]  # fmt: skip
+    path.write_text("id,time,variable,value,outcome\n" + "\n".join(rows) + "\n")
+
+
+def test_csv_auroc_says_why_it_is_undefined_and_has_no_empty_baseline_row(capsys, tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from neuralode.cli.main import build_parser, main, resolve_config
+    from neuralode.cli.train import build
+
+    path = tmp_path / "series.csv"
+    _labelled_csv(path, lambda i: i % 2)
+    common = ["ode-rnn", "--quick", "--data", "csv", str(path), "--set", "label_col=outcome"]
+    task = build(resolve_config(build_parser().parse_args(["train", *common])))[0]
+    test_ids = {int(r.id[1:]) if isinstance(r.id, str) else None for r in task.parts["test"]}
+    assert test_ids and None not in test_ids
+    # The split is by subject and does not depend on the labels: make the test subjects one class.
+    _labelled_csv(path, lambda i: 0 if i in test_ids else i % 2)
+    out = tmp_path / "run"
+    code = main(["train", *common, "--out", str(out), "--no-progress", "--threads", "1"])
+    text = capsys.readouterr().out
+    assert code == 0
+    head = next(line for line in text.splitlines() if "classification head" in line)
+    assert head.rstrip().endswith("undefined: test split has one class")
+    assert "baseline covariates" not in text

@@ -52,6 +52,11 @@ BASELINES = (
 EVAL_BATCH = 64
 
 
+def _or(value, fallback):
+    """``value`` unless it is None (an AUROC of 0.0 is a value)."""
+    return fallback if value is None else value
+
+
 class IrregularTask(Task):
     """Base of the latent ODE and ODE-RNN tasks; subclasses add the model-specific parts."""
 
@@ -383,6 +388,8 @@ class IrregularTask(Task):
                         seed=self.cfg.seed,
                     )
                 res["static_names"] = list(self.raw.static_names)
+                labels = te.labels.numpy()
+                res["test_label_classes"] = len(np.unique(labels[~np.isnan(labels)]))
         return res
 
     def summary(self, results, metrics):
@@ -421,17 +428,19 @@ class IrregularTask(Task):
         title = label[:1].upper() + label[1:]
         if "auroc_model" in r:
             base = r.get("auroc_logistic_static")
-            names = ", ".join(r.get("static_names", [])) or "none"
-            lines.append(f"{title} AUROC on test subjects (higher is better):")
-            lines.append(
-                table(
-                    ["model", "AUROC"],
-                    [
-                        [f"{self.model_label} classification head", r["auroc_model"]],
-                        [f"logistic regression on baseline covariates ({names})", base],
-                    ],
+            # An AUROC needs both classes among the test subjects: say so instead of "-".
+            classes = r.get("test_label_classes")
+            undefined = None
+            if classes is not None and classes < 2:
+                undefined = "undefined: test split has " + ("one class" if classes else "no labels")
+            rows = [[f"{self.model_label} classification head", _or(r["auroc_model"], undefined)]]
+            if r.get("static_names"):  # no row for a baseline without covariates
+                names = ", ".join(r["static_names"])
+                rows.append(
+                    [f"logistic regression on baseline covariates ({names})", _or(base, undefined)]
                 )
-            )
+            lines.append(f"{title} AUROC on test subjects (higher is better):")
+            lines.append(table(["model", "AUROC"], rows))
             if base is not None and r["auroc_model"] is not None:
                 lines.append(
                     verdict(
