@@ -7,10 +7,14 @@ closed form: ``t1 = sqrt(2 h0 / g)`` and ``t_{k+1} = t_k + 2 e^k v1 / g`` with
 ``v1 = sqrt(2 g h0)``; the script prints them next to the ones neuralode locates and plots the
 height with the impacts marked.
 
-Run from the repository root::
+Run from anywhere::
 
-    python examples/bouncing_ball.py                # writes docs/bouncing_ball.png
+    python examples/bouncing_ball.py                # writes the repository's docs/bouncing_ball.png
     python examples/bouncing_ball.py --e 0.6 --out /tmp/ball.png
+
+Without ``--out`` the plot goes to ``docs/`` of the repository that holds this script (the figure
+the README shows), or to ``bouncing_ball.png`` in the current directory when the script was copied
+out of a checkout; no directory is created then.
 """
 
 from __future__ import annotations
@@ -80,6 +84,12 @@ def plot(t, heights, impacts, out: Path, h0: float, e: float) -> None:
     plt.close(fig)
 
 
+def default_out() -> Path:
+    """The repository's ``docs/bouncing_ball.png``, else ``./bouncing_ball.png`` (never a new dir)."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    return docs / "bouncing_ball.png" if docs.is_dir() else Path("bouncing_ball.png")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--h0", type=float, default=1.0, help="drop height in m (default 1)")
@@ -88,9 +98,15 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--t-end", type=float, default=3.5, help="end time in s (default 3.5)")
     parser.add_argument(
-        "--out", type=Path, default=Path("docs/bouncing_ball.png"), help="where to save the plot"
+        "--out",
+        type=Path,
+        default=None,
+        help="where to save the plot (default: the repository's docs/bouncing_ball.png, or "
+        "./bouncing_ball.png outside a checkout)",
     )
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = default_out()
 
     t, heights, impacts = simulate(args.h0, args.e, args.t_end)
     exact = analytic_impacts(args.h0, args.e, len(impacts))

@@ -138,3 +138,33 @@ def test_csv_auroc_says_why_it_is_undefined_and_has_no_empty_baseline_row(capsys
     head = next(line for line in text.splitlines() if "classification head" in line)
     assert head.rstrip().endswith("undefined: test split has one class")
     assert "baseline covariates" not in text
+
+
+def test_bouncing_ball_example_default_output_does_not_create_dirs_in_the_cwd(tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("bb", ROOT / "examples" / "bouncing_ball.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.default_out() == ROOT / "docs" / "bouncing_ball.png"
+    # A copy outside a checkout, run from another directory: the plot lands in the cwd, and
+    # no docs/ appears there (it used to create ./docs wherever it ran).
+    copy = tmp_path / "examples" / "bouncing_ball.py"
+    copy.parent.mkdir()
+    shutil.copy(ROOT / "examples" / "bouncing_ball.py", copy)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    r = subprocess.run(
+        [sys.executable, str(copy), "--t-end", "1.0"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in cwd.iterdir()) == ["bouncing_ball.png"]
+    assert not (tmp_path / "docs").exists()
+    assert r.stdout.strip().splitlines()[-1] == "saved bouncing_ball.png"
