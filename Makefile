@@ -1,4 +1,5 @@
-# Everything a fresh machine with only Python 3 needs: `make test` builds .venv and runs the suite.
+# Everything a fresh machine with only Python 3 needs: `make test` builds .venv and runs the suite
+# (~5-15 min on 2 cores).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -168,3 +168,64 @@ def test_bouncing_ball_example_default_output_does_not_create_dirs_in_the_cwd(tm
     assert sorted(p.name for p in cwd.iterdir()) == ["bouncing_ball.png"]
     assert not (tmp_path / "docs").exists()
     assert r.stdout.strip().splitlines()[-1] == "saved bouncing_ball.png"
+
+
+def test_readme_robertson_figures_state_their_settings_and_hold():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    m = re.search(
+        r"Robertson's kinetics to t = 1e5 \(float64, outputs at t = 1, 1e2, 1e4, 1e5, "
+        r"rtol = 1e-6, atol = \(1e-8, 1e-12, 1e-8\)\) `kvaerno5` uses ([\d,]+) evaluations and "
+        r"(\d+) Jacobians",
+        text,
+    )
+    assert m, "README's Robertson figures must state the tolerances and outputs"
+    nfe, n_jac = int(m.group(1).replace(",", "")), int(m.group(2))
+
+    def robertson(t, y):
+        y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
+        r1, r2, r3 = 0.04 * y1, 1e4 * y2 * y3, 3e7 * y2**2
+        return torch.stack([-r1 + r2, r1 - r2 - r3, r3], -1)
+
+    f64 = torch.float64
+    sol = neuralode.solve(
+        robertson,
+        torch.tensor([1.0, 0.0, 0.0], dtype=f64),
+        torch.tensor([0.0, 1.0, 1e2, 1e4, 1e5], dtype=f64),
+        solver="kvaerno5",
+        rtol=1e-6,
+        atol=torch.tensor([1e-8, 1e-12, 1e-8], dtype=f64),
+    )
+    # Step counts may move by a few steps with rounding on another CPU: 10% bounds.
+    assert abs(sol.stats["nfe"] - nfe) <= 0.1 * nfe, sol.stats
+    assert abs(sol.stats["n_jac"] - n_jac) <= 0.1 * n_jac + 1, sol.stats
+
+
+def test_readme_cnf_linear_flow_claim_holds_at_its_stated_tolerance():
+    import math
+
+    from neuralode.models import CNF
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "`log N(e^{-A} x) - tr A` to about 1e-10 at `rtol = atol = 1e-10`" in text
+    A = torch.tensor([[0.2, -0.7, 0.1], [0.5, -0.3, 0.4], [0.0, 0.6, 0.1]], dtype=torch.float64)
+    field = torch.nn.Linear(3, 3, bias=False).double()
+    with torch.no_grad():
+        field.weight.copy_(A)
+    field.dim = 3
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z0 = x @ torch.linalg.matrix_exp(-A).T
+    want = -0.5 * (z0.square().sum(1) + 3 * math.log(2 * math.pi)) - torch.trace(A)
+    flow = CNF(lambda t, z: field(z), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        err = (flow.log_prob(x) - want).abs().max()
+    assert err < 1e-9, float(err)
+
+
+def test_readme_gives_long_compile_times_and_the_suite_duration():
+    text = (ROOT / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| **Compiled stepping**"))
+    assert "larger graphs can take minutes" in row and "225 s" in row
+    test_lines = [line for line in text.splitlines() if line.startswith("make test")]
+    assert len(test_lines) == 2 and all("~5-15 min on 2 cores" in line for line in test_lines)
