@@ -137,3 +137,31 @@ def test_tuple_state_backward_in_time_equals_eager_backsolve():
     sol, got = grads(True)
     assert sol.stats["compiled_backward"] is True
     _close(got, grads(False)[1], rtol=1e-10, atol=1e-12)
+
+
+class Aliased(torch.nn.Module):
+    """The MLP held under two names (``self.mlp`` and ``self.again[0]``), as ``integral=``'s
+    wrapper holds func: torch.compile (2.13) cannot trace functional_call of such a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = MLP()
+        self.again = torch.nn.ModuleList([self.mlp])
+
+    def forward(self, t, y):
+        return self.mlp(t, y)
+
+
+@pytest.mark.parametrize("case", ["aliased submodule", "integral="])
+def test_a_module_holding_a_submodule_twice_leaves_the_backward_solve_eager(case):
+    # It raised "torch.compile could not compile the solve" in the backward pass (found by a
+    # reviewer); now the backward solve runs eagerly, with eager Backsolve's gradients.
+    func = Aliased() if case == "aliased submodule" else MLP()
+    kw = dict(solver="rk4", dt=0.1)
+    if case == "integral=":
+        kw["integral"] = lambda t, y: y.square().sum(-1)
+    gradient = neuralode.Backsolve(outputs="stop")
+    sol, got = _grads(func, T, True, gradient, **kw)
+    assert sol.stats["compiled"] is True and sol.stats["compiled_backward"] is False
+    _, want = _grads(func, T, False, gradient, **kw)
+    _close(got, want, rtol=1e-10, atol=1e-12)

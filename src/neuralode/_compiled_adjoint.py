@@ -16,7 +16,9 @@ What it needs, else the backward solve runs on the eager driver as before
 (``Solution.stats["compiled_backward"]`` says which ran): func an ``nn.Module`` (or its bound
 ``forward``) whose parameters are the parameters of the gradient (the default; tensors that are
 not parameters of the module, passed in ``Backsolve(params=...)``, cannot be made inputs of
-func), an explicit Runge--Kutta method for the backward solve, and no custom adjoint norm.
+func), no submodule or parameter held under two names (``integral=`` adds such an alias: its
+wrapper holds func twice), an explicit Runge--Kutta method for the backward solve, and no
+custom adjoint norm.
 """
 
 from __future__ import annotations
@@ -95,12 +97,23 @@ def _owner(func) -> nn.Module | None:
     return None
 
 
+def _aliased(module: nn.Module) -> bool:
+    """Whether ``module`` holds a submodule or parameter under two names (``integral=``'s
+    wrapper does: func is its ``.func`` and one of its ``.owners``). torch.compile fails to
+    trace ``functional_call`` of such a module (torch 2.13), so its backward solve runs eagerly."""
+    mods = [id(m) for _, m in module.named_modules(remove_duplicate=False)]
+    pars = [id(p) for _, p in module.named_parameters(remove_duplicate=False)]
+    return len(set(mods)) < len(mods) or len(set(pars)) < len(pars)
+
+
 def augmented_field(func, params, spec, flat_shape) -> AugmentedField | None:
     """The (cached) traceable augmented field for ``func`` and the gradient's ``params``
     (a list of tensors) on the flat state of shape ``flat_shape`` ``(B, M)`` with tree layout
     ``spec``, or None when it cannot be written (see the module docstring)."""
     module = _owner(func)
     if module is None:
+        return None
+    if _aliased(module):
         return None
     by_id = {id(p): n for n, p in module.named_parameters()}
     if any(id(p) not in by_id for p in params):
