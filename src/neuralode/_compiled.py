@@ -340,7 +340,8 @@ _setups: dict = {}
 
 def _setup(prob: Problem, time_dtype, n_steps: int, record: bool, impulses: bool, dtype, dev):
     """The chunk's constants ``C`` and constant tensors ``k`` (a new dict, its tensors shared
-    between solves of the same setup) for :func:`integrate_compiled`."""
+    between solves of the same setup) for :func:`integrate_compiled`, and the setup's record of
+    the funcs solved with it (a dict, empty when the setup is not cached)."""
     tab, ctrl, spec = prob.tableau, prob.controller, prob.spec
     key = None
     # Cached only when every part compares by value or identity (float tolerances: a tensor
@@ -357,7 +358,7 @@ def _setup(prob: Problem, time_dtype, n_steps: int, record: bool, impulses: bool
         except (TypeError, RuntimeError):  # (unhashable, or compares to no bool)
             hit = key = None
         if hit is not None:
-            return hit[0], dict(hit[1])
+            return hit[0], dict(hit[1]), hit[2]
     d, t0, t_end = prob.direction, prob.t0, prob.t_end
     pick = prob.out_sample is not None
     n_out = len(prob.out_t)
@@ -375,12 +376,13 @@ def _setup(prob: Problem, time_dtype, n_steps: int, record: bool, impulses: bool
     pick_t = torch.tensor([list(prob.out_sample) + [0] * W], **i64) if pick else None
     k = _chunk_consts(C, ctrl, dtype, *tt, out_t, prob.max_steps, prob.rtol, prob.atol,
                       ctrl.landing_times(t0, t_end), pick_t)  # fmt: skip
+    seen: dict = {}  # ids of the funcs solved with this setup -> weak references to them
     if key is not None:
         with _lock:
-            _setups[key] = (C, k)
+            _setups[key] = (C, k, seen)
             while len(_setups) > _MAX_CACHED:
                 _setups.pop(next(iter(_setups)))
-    return C, dict(k)
+    return C, dict(k), seen
 
 
 def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
@@ -403,7 +405,7 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
     """
     shapes = tuple((n, tuple(v.shape), v.dtype) for d in (s, k) for n, v in d.items())
     dev, ids = s["y"].device, tuple(id(o) for o in _func_parts(func))
-    signature = (ids, C._replace(steps=0), dev, shapes, bool(track_grad))
+    signature = (ids, C._replace(steps=0, first=False), dev, shapes, bool(track_grad))
     expected = _lengths.expected(signature) if adapt else None
     if expected is None and adapt:
         expected = estimate
@@ -422,7 +424,9 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
             entry = _entry(func, (Cn, dev, shapes, bool(track_grad), grads))
             args = (func, Cn, s, k)
             if not entry.compiled:  # (a new length: func must still match the older ones)
-                stale = _lengths.stale_sibling((signature, grads), entry, func, s, k)
+                # (a first call that evaluates f itself has no k1: the older lengths have)
+                probe = s if "k1" in s else dict(s, k1=torch.empty_like(s["y"]))
+                stale = _lengths.stale_sibling((signature, grads), entry, func, probe, k)
                 if stale is not None:
                     raise CompiledCodeMismatch(f"guards of the code for {stale} steps failed")
                 with torch.compiler.set_stance("default"):
@@ -436,6 +440,7 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
                         raise
                     raise CompiledCodeMismatch(why) from e
             _lengths.note_run((signature, grads), entry, Cn)
+            C = C._replace(first=False)  # (f at the start: only in the first call)
             done += n
             res = dict(res)
             report, rec = res.pop("report").tolist(), res.pop("rec", None)
@@ -487,7 +492,7 @@ def integrate_compiled(
     pick = prob.out_sample is not None
     n_steps = steps_per_call or STEPS_PER_CALL * (1 if ctrl.adaptive else _FIXED_FACTOR)
     n_out = len(prob.out_t)
-    C, k = _setup(prob, f.time_dtype, n_steps, record is not None,
+    C, k, seen = _setup(prob, f.time_dtype, n_steps, record is not None,
                   bool(impulses and impulses[0]), dtype, dev)  # fmt: skip
     W = C.window
     out = torch.full((1, n_out + W, 1 if pick else B, M), math.nan, dtype=dtype, device=dev)
@@ -496,7 +501,20 @@ def integrate_compiled(
         out[0, :p] = first[0].unsqueeze(1) if pick else first[0]
     if t_first is None:  # (past a jump_t at t0: f's limit from inside the interval)
         t_first = ctrl.first_time(t0, t_end, f.time_dtype)
-    if k1 is None:
+    # Fixed steps from t0 evaluate the first stage inside the first call, when an earlier solve
+    # of this setup has checked func's output (the eager call's checks name what is wrong)
+    # (an eager call costs as much as ~1.5 compiled evaluations; the first call compiles once
+    # more: its own constants).
+    parts = _func_parts(f.func)
+    ids = tuple(id(o) for o in parts)
+    known = seen.get(ids)
+    inside = (
+        k1 is None and not ctrl.adaptive and not track_grad and t_first == t0 and known is not None
+        and all(r() is o for r, o in zip(known, parts))
+    )  # fmt: skip
+    if inside:
+        C = C._replace(first=True)
+    elif k1 is None:
         k1 = f(t_first, y0)  # (with its graph under autograd: the first stage of the first step)
     if h0 is None or not ctrl.adaptive:
         with torch.no_grad():  # step sizes are constants of the discrete solve
@@ -505,10 +523,12 @@ def integrate_compiled(
                 norm = ErrorNorm(y0, prob.spec, prob.norm_components)
                 nrm = initial_norm(norm, y0, prob.rtol, prob.atol, prob.atol_zero)
                 order = tab.error_order()
-            h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), d, abs(t_end - t0),
-                                   order)  # fmt: skip
+            h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), None if inside else k1.detach(), d,
+                                   abs(t_end - t0), order)  # fmt: skip
     nfe0 = f.nfe
     s = _chunk_state(y0, k1, k["t0"], h0, out, torch.tensor([p], dtype=torch.int64, device=dev))
+    if inside:
+        del s["k1"]
     if C.impulses:
         k["I_t"] = torch.tensor(impulses[0], dtype=torch.float64, device=dev)
         k["I"] = impulses[1].to(dtype=dtype, device=dev)
@@ -546,9 +566,11 @@ def integrate_compiled(
     estimate = None if ctrl.adaptive else _fixed_steps(ctrl, t0, t_end)
     s = _run_chunks(f.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None,
                     estimate=estimate)  # fmt: skip
+    if not inside and (ids in seen or len(seen) < _MAX_CACHED):
+        seen[ids] = _refs(parts)
     t_now, h_now, att = done["t"], done["h"], done["att"]
     n_acc, n_rej = done["acc"], done["att"] - done["acc"]
-    f.nfe = nfe0 + att * _evals_per_attempt(tab, C)
+    f.nfe = nfe0 + att * _evals_per_attempt(tab, C) + int(inside)
     state = {"status": "success", "message": ""}
     cause = done["cause"]
     if cause is None and not ctrl.adaptive and not bool(torch.isfinite(s["y"]).all()):
