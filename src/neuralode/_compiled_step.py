@@ -67,6 +67,7 @@ class Consts(NamedTuple):
     jumps: bool  # jump_t: the last stage at the left limit, f afresh at the right limit
     norm_parts: int = 0  # seminorm: only the first components of a tuple state (0: all)
     impulses: bool = False  # the state jumps by k["I"][j] on landing at k["I_t"][j] (R = B = 1)
+    first: bool = False  # evaluate k1 = f(t, y) first (s has no "k1"): saves an eager call
 
 
 def chunk(f, C: Consts, s: dict, k: dict) -> dict:
@@ -84,7 +85,7 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
     """
     kind, keys, shapes, sizes = C.layout
     offs = [sum(sizes[:i]) for i in range(len(sizes))]
-    y, k1, t, h, prev = s["y"], s["k1"], s["t"], s["h"], s["prev"]
+    y, t, h, prev = s["y"], s["t"], s["h"], s["prev"]
     out, p, att, nacc, st, nf = s["out"], s["p"], s["att"], s["nacc"], s["st"], s["nf"]
     t_end, sdir, lo, hi = k["t_end"], k["sdir"], k["lo"], k["hi"]
     R, (B, M) = t.shape[0], y.shape
@@ -104,6 +105,8 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         res = f(tt, tuple(parts) if kind == "tuple" else dict(zip(keys, parts)))
         vals = list(res) if kind == "tuple" else [res[key] for key in keys]
         return torch.cat([v.reshape(yy.shape[0], -1) for v in vals], 1)
+
+    k1 = call(t, y) if C.first else s["k1"]
 
     def norm(r):  # the engine's RMS / mixed norm of each row (R,)
         if kind == "tensor":

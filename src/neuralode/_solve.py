@@ -137,8 +137,10 @@ def solve(
         ``compile=True``: it costs memory per step) every accepted step's times, state and
         stages are recorded inside the chunks and :meth:`Solution.evaluate` works as eagerly.
         The first solve with a given func, dtype and shape compiles for 20-40 s on 2 CPU cores
-        (``torch.compile``'s on-disk cache shortens later processes to seconds); ``func`` must be
-        traceable by ``torch.compile`` without graph breaks. Under autograd
+        (``torch.compile``'s on-disk cache shortens later processes to seconds); with fixed steps
+        the second solve compiles its first call once more (it then evaluates f at the start
+        inside the call, not eagerly). ``func`` must be traceable by ``torch.compile``
+        without graph breaks. Under autograd
         (``gradient="direct"``) gradients flow through the compiled chunks (torch.compile
         compiles their backward too; a solve under grad mode compiles once more than one under
         ``torch.no_grad()``), and gradients with respect to a 1-D ``t`` work as eagerly. With
