@@ -542,7 +542,25 @@ def odeint_adjoint(
     with torchdiffeq_errors():
         if event_fn is not None:
             return _event_solve(func, y0, t, kwargs, event_fn, grad)
-        return solve(func, y0, t, gradient=grad, dense_output=False, **kwargs).ys
+        return _two_nodes_deep(solve(func, y0, t, gradient=grad, dense_output=False, **kwargs).ys)
+
+
+def _two_nodes_deep(ys):
+    """A tuple state's outputs one node further from the backward solve's node, as torchdiffeq
+    builds them (leaf <- view <- slice <- adjoint): code written for it finds
+    ``adjoint_options`` at ``ys[i].grad_fn.next_functions[0][0].next_functions[0][0]`` (its own
+    tests do). The run moves to each leaf's new node, where the garbage collector sees it (a
+    node behind another hides it), so a module keeping these outputs stays collectable."""
+    if not isinstance(ys, tuple):
+        return ys
+    nodes = [y.grad_fn for y in ys]
+    if not all(hasattr(n, "adjoint_options") and hasattr(n, "keep") for n in nodes):
+        return ys
+    held = []
+    for y, n in zip(ys, nodes, strict=True):
+        keep, n.keep = n.keep, None  # only the outer node holds the run (the gc sees it there)
+        held.append(hold_outputs(y, [keep]))
+    return tuple(held)
 
 
 def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):
