@@ -14,38 +14,12 @@ import torch
 from torch import nn
 
 import neuralode
+from test_gradients_cycles import D64, METHODS, M
 
-D64 = torch.float64
-METHODS = [
-    ("direct", "shared"),
-    ("checkpoint", "shared"),
-    ("backsolve", "shared"),
-    ("reversible", "shared"),
-    ("direct", "per_sample"),
-    ("checkpoint", "per_sample"),
-    ("backsolve", "per_sample"),
-]
 CUSTOM = [mc for mc in METHODS if mc[0] != "direct"]
 # whole-state terminal (0-d g), one terminal event per sample (g of shape (B,)), non-terminal
 # (0-d under shared control; every sample its own under per-sample control): two events each
 EVENTS = ["terminal", "terminal per sample", "non-terminal"]
-
-
-class M(nn.Module):
-    """A vector field for a tensor ``(B, 2)``, tuple or dict ``(a: (B, 2), b: (B, 3))`` state."""
-
-    def __init__(self, kind):
-        super().__init__()
-        self.kind = kind
-        self.lin = nn.Linear(2, 2).to(D64)
-        self.lin3 = nn.Linear(3, 3).to(D64)
-
-    def forward(self, t, y):
-        if self.kind == "tensor":
-            return self.lin(y)
-        a, b = (y["a"], y["b"]) if self.kind == "dict" else y
-        da, db = self.lin(a) * b[..., :1], torch.tanh(self.lin3(b)) - 0.2 * a[..., :1]
-        return {"a": da, "b": db} if self.kind == "dict" else (da, db)
 
 
 def _first(y):
