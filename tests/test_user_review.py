@@ -229,3 +229,14 @@ def test_readme_gives_long_compile_times_and_the_suite_duration():
     assert "larger graphs can take minutes" in row and "225 s" in row
     test_lines = [line for line in text.splitlines() if line.startswith("make test")]
     assert len(test_lines) == 2 and all("~5-15 min on 2 cores" in line for line in test_lines)
+
+
+def test_per_sample_t_broadcast_mistake_gets_a_note_naming_the_idiom():
+    # `-y * (1 + t)` runs at batch 1 until t requires grad (all outputs' rows in one call);
+    # then it failed with only torch's raw broadcasting message.
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    with pytest.raises(RuntimeError) as info:
+        neuralode.solve(lambda t, y: -y * (1 + t), y0, t, batch_control="per_sample")
+    notes = "".join(getattr(info.value, "__notes__", []))
+    assert "t[:, None]" in notes and "shape (3,)" in notes

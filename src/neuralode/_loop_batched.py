@@ -53,6 +53,11 @@ __all__ += ["real_dtype", "zero_atol"]  # (shared helpers, imported from here by
 # (each compaction gathers ~20 small per-row tensors, about the cost of one or two stages).
 _COMPACT_FRACTION = 1 / 16
 
+_T_ROWS_NOTE = (
+    "neuralode: under batch_control='per_sample' func gets t of shape ({A},), one time per row "
+    "of the state ({A} rows in this call): broadcast it against an (A, M) state as t[:, None]."
+)
+
 
 class BatchedField:
     """``func`` on rows of the flat state: ``f(t (A,), y (A, M)) -> (A, M)``.
@@ -85,13 +90,19 @@ class BatchedField:
         if self.lo is not None and self.lo.shape[0] == A:
             t = torch.clamp(t, self.lo, self.hi)
         tt = t if t.dtype == self.time_dtype else t.to(self.time_dtype)
-        if self._rest is not None:  # fast path: a single tensor state
-            shape = (A, *self._rest)
-            out = self.func(tt, y.view(shape))
-            if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
-                return out.reshape(A, -1)
-        else:
-            out = self.func(tt, self._spec(A).unflatten(y))
+        try:
+            if self._rest is not None:  # fast path: a single tensor state
+                shape = (A, *self._rest)
+                out = self.func(tt, y.view(shape))
+                if (type(out) is torch.Tensor and out.shape == shape
+                        and out.dtype == self.spec.dtype):  # fmt: skip
+                    return out.reshape(A, -1)
+            else:
+                out = self.func(tt, self._spec(A).unflatten(y))
+        except RuntimeError as e:
+            if "size of tensor" in str(e) or "broadcast" in str(e):
+                e.add_note(_T_ROWS_NOTE.format(A=A))
+            raise
         return self._spec(A).flatten(out, what="the derivative returned by func")
 
     def flat(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
