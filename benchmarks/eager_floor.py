@@ -156,10 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     problems = ["mlp_d2"] if args.tiny else ["mlp_d2", "mlp_d64"]
     dtypes = ["float32"] if args.tiny else ["float64", "float32"]
     rows += overhead_rows(1 if args.tiny else max(repeats // 2, 5), clock, problems, dtypes)
-    print("| workload | ms | ratio | note |\n|---|---:|---:|---|")
-    for r in rows:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"| {r['name']} | {r['ms']:.2f} | {ratio} | {r['note']} |")
+    training.print_rows(rows)
     return rows
 
 

@@ -204,11 +204,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     repeats = args.repeats or (1 if args.tiny else 15)
     rows = training_rows(repeats, clock, args.compiled == "on" and not args.tiny)
     rows += sampling_rows(repeats, clock, args.compiled == "on" and not args.tiny)
+    print_rows(rows)
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    """The rows as a markdown table (workload, ms, ratio, note)."""
     print("| workload | ms | ratio | note |\n|---|---:|---:|---|")
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
         print(f"| {r['name']} | {r['ms']:.2f} | {ratio} | {r['note']} |")
-    return rows
 
 
 if __name__ == "__main__":
