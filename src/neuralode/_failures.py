@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+from .controllers.step_size import isfinite, where
 from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 
-__all__ = ["step_failure", "report_failure"]
+__all__ = ["CAUSES", "cannot_step", "step_failure", "report_failure"]
+
+# The causes of :func:`step_failure` by code: 0 (none) ... 4, where code 4 (a fixed step that
+# came out non-finite) is the per-row driver's own (the host-float driver checks it at the end).
+CAUSES = (None, "max_steps", "nonfinite_h", "underflow", "nonfinite_fixed")
+
+
+def cannot_step(ctrl, h, t, attempts, max_steps: int | None):
+    """Why the next step, of size ``h`` (already :meth:`~Controller.bounded`) from ``t`` after
+    ``attempts`` step attempts, cannot be taken: the code in :data:`CAUSES` (0: it can).
+
+    The rule of every driver, in this order: the step limit ``max_steps``; then, with adaptive
+    control, a step size that is not finite (func returned NaN/inf); then the controller's
+    underflow rule (below ``dt_min`` or the resolution of ``t``; for fixed steps too, where a
+    step that rounds away would otherwise never reach the end). Floats (an int code), or
+    ``(A,)`` tensors per row (a long tensor of codes; ``attempts`` then per row too).
+    """
+    code = where(ctrl.underflows(h, t), 3, 0)
+    if ctrl.adaptive:
+        code = where(isfinite(h), code, 2)
+    if max_steps is not None:
+        code = where(attempts >= max_steps, 1, code)
+    return code
 
 
 def step_failure(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._failures import report_failure
+from ._failures import CAUSES, cannot_step, report_failure
 from ._norms import ErrorNorm, initial_norm, user_scaled_norm
 from ._tree import TreeSpec
 from .controllers.step_size import time_beside
@@ -271,26 +271,19 @@ def integrate(
     attempts = n_acc = n_rej = 0
     last_nonfinite = False
     steps: list[StepRecord] = []
-    n_states = 0
+    kept: list[StepRecord] = []  # the steps that keep their start state (record="states")
     state = {"status": "success", "message": ""}
 
     while direction * (t_end - t) > 0:
-        if prob.max_steps is not None and attempts >= prob.max_steps:
-            report_failure(
-                "max_steps", t=t, attempts=attempts, h=h, max_steps=prob.max_steps,
-                t_end=t_end, n_acc=n_acc, n_rej=n_rej, throw=throw, state=state,
-            )  # fmt: skip
-            break
         h_abs = ctrl.bounded(abs(h), last_nonfinite)
-        if adaptive and not math.isfinite(h_abs):
-            # A NaN/inf from func (at the start, or in the error estimate) gets here.
-            report_failure("nonfinite_h", t=t, attempts=attempts, h=h_abs, throw=throw, state=state)
-            break
-        # Below dt_min, or below the resolution of t (a few ulps): the controller's one rule.
-        if adaptive and ctrl.underflows(h_abs, t):
+        # The step limit, a NaN/inf from func (at the start or in the error estimate), or a
+        # step below dt_min or the resolution of t: every driver's one rule.
+        cause = cannot_step(ctrl, h_abs, t, attempts, prob.max_steps)
+        if cause:
             report_failure(
-                "underflow", t=t, attempts=attempts, h=h_abs, dt_min=ctrl.dt_min,
-                nonfinite=last_nonfinite, throw=throw, state=state,
+                CAUSES[cause], t=t, attempts=attempts, h=h_abs, dt_min=ctrl.dt_min,
+                nonfinite=last_nonfinite, max_steps=prob.max_steps, t_end=t_end, n_acc=n_acc,
+                n_rej=n_rej, throw=throw, state=state,
             )  # fmt: skip
             break
         # The controller proposes the step end and lands it on step_t/jump_t and the end.
@@ -307,14 +300,11 @@ def integrate(
 
         if adaptive:
             e = scaled_norm(prob, err, y, y_new)
-            accept = e <= 1.0 or ctrl.accepts(e, min(h_abs, abs(h_step)))
             last_nonfinite = not math.isfinite(e)
-        else:
-            accept = True
-        if not accept:
-            n_rej += 1
-            h, _ = ctrl.adapt(abs(h_step), h_abs, e, prev_err, k_order, False, clipped)
-            continue
+            if not (e <= 1.0 or ctrl.accepts(e, min(h_abs, abs(h_step)))):
+                n_rej += 1
+                h, _ = ctrl.adapt(abs(h_step), h_abs, e, prev_err, k_order, False, clipped)
+                continue
 
         # ---- accepted: record outputs inside (t, t_new]
         n_acc += 1
@@ -333,12 +323,11 @@ def integrate(
             rec = StepRecord(t, t_new, t_first, t_last, lo, p)
             if record in ("states", "dense"):
                 rec.y = y
-                n_states += 1
-                if max_states is not None and n_states > max_states:
-                    kept = [r for r in steps if r.y is not None]
-                    for r in kept[1::2]:
+                if max_states is not None and len(kept) >= max_states:
+                    for r in kept[1::2]:  # (see max_states)
                         r.y = None
-                    n_states = len(kept) - len(kept[1::2]) + 1  # plus this step's
+                    kept = kept[::2]
+                kept.append(rec)
             if record == "dense":
                 rec.K = K if Kd is None else Kd
                 rec.k_next = k_next
@@ -351,14 +340,11 @@ def integrate(
         # ---- advance
         if adaptive:
             h, prev_err = ctrl.adapt(abs(h_step), h_abs, e, prev_err, k_order, True, clipped)
-        t, y = t_new, y_new
-        t_first = time_beside(t_new, t_new + direction, f.time_dtype) if is_jump else t_new
-        if is_jump:
-            k1 = None
-        elif stepper.fsal:
-            k1 = stepper.carry_fsal(K).view(*y.shape)
-        else:
-            k1 = k_next  # may be None: evaluated at the next step's start
+        t, y, t_first = t_new, y_new, t_new
+        if is_jump:  # f afresh at the right limit (the next float after t_new)
+            k1, t_first = None, time_beside(t_new, t_new + direction, f.time_dtype)
+        else:  # (k_next may be None: then evaluated at the next step's start)
+            k1 = stepper.carry_fsal(K).view(*y.shape) if stepper.fsal else k_next
         if stop:
             state["status"] = "event"
             break
@@ -386,9 +372,15 @@ def _start_outputs(prob, y0, samples_all) -> tuple[list, int]:
     p, n_out = 0, len(prob.out_t)
     while p < n_out and prob.out_t[p] == prob.t0:
         p += 1
-    if not p:
-        return [], 0
-    return [y0.unsqueeze(0).expand(p, *y0.shape) if samples_all is None else y0[samples_all[:p]]], p
+    return ([_values_at(y0, samples_all, 0, p)], p) if p else ([], 0)
+
+
+def _values_at(y, samples_all, lo: int, hi: int) -> torch.Tensor:
+    """The state ``y`` as the values of the sorted outputs ``lo:hi`` at its time: repeated
+    (one grid), or the rows of their samples (per-sample grids)."""
+    if samples_all is None:
+        return y.unsqueeze(0).expand(hi - lo, *y.shape)
+    return y[samples_all[lo:hi]]
 
 
 def _check_fixed_end(y, t, attempts, h, throw, state) -> None:
@@ -475,29 +467,20 @@ def _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all)
     """
     h = t_new - t
     taus = prob.out_t[lo:hi]
-    samples = samples_all[lo:hi] if samples_all is not None else None
-    if all(tau == t_new for tau in taus):
-        if samples is None:
-            return y_new.unsqueeze(0).expand(hi - lo, *y_new.shape)
-        return y_new[samples]
     # Outputs at the step end are the tail of the sorted slice: they take y_new exactly.
     m = len(taus)
-    while taus[m - 1] == t_new:
+    while m and taus[m - 1] == t_new:
         m -= 1
+    if not m:
+        return _values_at(y_new, samples_all, lo, hi)
     # Interpolant weights are formed in float64 and cast: high-order P matrices cancel heavily.
     if y.device.type == "cpu":  # theta straight from the host floats (the same IEEE arithmetic)
         theta = torch.from_numpy(np.array([(tau - t) / h for tau in taus[:m]]))
     else:  # from the output times already on the device (no host-to-device copy)
         theta = (prob.out_t_on(y.device)[lo : lo + m] - t) / h
-    vals = stepper.interpolate(Kd, y, h, theta, None if samples is None else samples[:m])
-    n_end = len(taus) - m
-    if n_end:
-        if samples is None:
-            end_vals = y_new.unsqueeze(0).expand(n_end, *y_new.shape)
-        else:
-            end_vals = y_new[samples[m:]]
-        vals = torch.cat([vals, end_vals])
-    return vals
+    samples = None if samples_all is None else samples_all[lo : lo + m]
+    vals = stepper.interpolate(Kd, y, h, theta, samples)
+    return vals if m == len(taus) else torch.cat([vals, _values_at(y_new, samples_all, lo + m, hi)])
 
 
 def sorted_outputs_grad(prob: Problem, g: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from ._failures import report_failure
+from ._failures import CAUSES, cannot_step, report_failure
 from ._norm_rows import RowUserNorm
 from ._norms import ErrorNorm, initial_norm, tolerances, zero_atol
 from ._tree import TreeSpec, flatten_state, real_dtype
@@ -137,13 +137,10 @@ class _Rows:
     atol: float | torch.Tensor
 
     def take(self, keep: torch.Tensor) -> _Rows:
-        return _Rows(
-            **{
-                k.name: (v.index_select(0, keep) if isinstance(v, torch.Tensor) else v)
-                for k in dataclasses.fields(self)
-                for v in (getattr(self, k.name),)
-            }
-        )
+        """The rows ``keep`` (a long tensor) of every per-row field."""
+        rows = {k: v.index_select(0, keep) if isinstance(v, torch.Tensor) else v
+                for k, v in vars(self).items()}  # fmt: skip
+        return _Rows(**rows)
 
 
 def time_layout(tau: torch.Tensor):
@@ -155,31 +152,19 @@ def time_layout(tau: torch.Tensor):
     return sdir, stau, torch.searchsorted(stau, stau[:, :1].contiguous(), right=True).squeeze(1)
 
 
-def _stuck(ctrl, w: _Rows) -> torch.Tensor:
-    """Unfinished rows whose next step cannot be taken: a non-finite step size, or the
-    controller's underflow rule (the shared driver's, on each row)."""
-    bad = ~torch.isfinite(w.h) if ctrl.adaptive else False  # (StepToGrid: an infinite step)
-    return ~w.done & (ctrl.underflows(w.h, w.t) | bad)
-
-
-def _handle_failures(
-    w: _Rows, fail, ctrl, max_steps, throw: bool, state: dict, used=None, nonfin=None
-) -> None:
+def _handle_failures(w: _Rows, code, ctrl, max_steps, throw: bool, state: dict, used) -> None:
     """Raise for the failing sample of lowest index, or (throw=False) stop the failing samples.
-    ``nonfin``: rows whose fixed step came out non-finite (None with adaptive steps)."""
+    ``code`` (A,): each row's cause (:data:`~neuralode._failures.CAUSES`; 0: none)."""
+    fail = code > 0
     rows = fail.nonzero().squeeze(1).tolist()
     rows.sort(key=lambda r: int(w.idx[r]))
     for r in rows:
         b, t, n, h = int(w.idx[r]), float(w.t[r]), int(w.att[r]), float(w.h[r])
-        n_acc = int(w.nacc[r])
+        n_acc, cause = int(w.nacc[r]), CAUSES[int(code[r])]
         if used is not None:  # accepted and rejected steps in earlier segments (events)
             n, n_acc = n + int(used[b].sum()), n_acc + int(used[b, 0])
-        if nonfin is not None and bool(nonfin[r]):
-            cause, n = "nonfinite_fixed", n - 1  # the failed step is not taken
-        elif max_steps is not None and n >= max_steps:
-            cause = "max_steps"
-        else:
-            cause = "nonfinite_h" if not math.isfinite(h) else "underflow"
+        if cause == "nonfinite_fixed":
+            n -= 1  # the failed step is not taken
         report_failure(
             cause, t=t, attempts=n, h=h, dt_min=ctrl.dt_min, nonfinite=not math.isfinite(float(w.e[r])),
             max_steps=max_steps, t_end=float(w.t_end[r]), n_acc=n_acc, n_rej=n - n_acc, sample=b,
@@ -240,20 +225,15 @@ def integrate_per_sample(
         finals.append(w.y[d])
         tfin[w.idx[d]], nacc[w.idx[d]], nrej[w.idx[d]] = w.t[d], w.nacc[d], (w.att - w.nacc)[d]
 
-    def rows_tol(tol, keep):
-        return tol[keep] if isinstance(tol, torch.Tensor) else tol
-
-    m = (t_end != t0).nonzero().squeeze(1)  # samples with a non-empty interval
-    A = m.shape[0]
+    zeros, no = torch.zeros(B, **f64), torch.zeros(B, dtype=torch.bool, device=dev)
+    # The working set starts as the samples with a non-empty interval.
     w = _Rows(
-        idx=m, y=y0[m], k1=y0[m], t=t0[m], h=torch.zeros(A, **f64), prev=torch.ones(A, **f64),
-        e=torch.zeros(A, **f64), t_end=t_end[m], lo=torch.minimum(t0, t_end)[m],
-        hi=torch.maximum(t0, t_end)[m], sdir=sdir[m], tau=tau[m], stau=stau[m], nxt=n0[m],
-        att=torch.zeros(A, **i64), nacc=torch.zeros(A, **i64),
-        done=torch.zeros(A, dtype=torch.bool, device=dev),
-        stale=torch.zeros(A, dtype=torch.bool, device=dev), tf=t0[m],
-        rtol=rows_tol(rtol, m), atol=rows_tol(atol, m),
-    )  # fmt: skip
+        idx=torch.arange(B, device=dev), y=y0, k1=y0, t=t0, h=zeros, prev=zeros + 1.0, e=zeros,
+        t_end=t_end, lo=torch.minimum(t0, t_end), hi=torch.maximum(t0, t_end), sdir=sdir,
+        tau=tau, stau=stau, nxt=n0, att=nacc, nacc=nacc, done=no, stale=no, tf=t0, rtol=rtol,
+        atol=atol,
+    ).take((t_end != t0).nonzero().squeeze(1))  # fmt: skip
+    A = w.idx.shape[0]
     stepper.bind_rows(w.rtol, w.atol)  # per-row state of implicit steppers (Newton tolerances)
     records = []
     n_done = n_stale = 0
@@ -269,13 +249,11 @@ def integrate_per_sample(
         w.tf = ctrl.first_time(w.t, w.t_end, f.time_dtype)  # (past a jump_t at t0)
         w.k1 = f(w.tf, w.y)
         nrm = initial_norm(norm, w.y, w.rtol, w.atol, floor, rows=True)
-        w.h = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
-        w.h = torch.zeros(A, **f64) + w.h  # fixed-step controllers give a float
-        fail = _stuck(ctrl, w)
-        if max_steps is not None:  # no attempt left from earlier segments
-            fail = fail | (used_att[m] >= max_steps)
-        if bool(fail.any()):
-            _handle_failures(w, fail, ctrl, max_steps, throw, state, used)
+        h0 = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
+        w.h = ctrl.bounded(torch.zeros(A, **f64) + h0)  # (fixed-step controllers give a float)
+        code = cannot_step(ctrl, w.h, w.t, used_att[w.idx], max_steps)  # (used: events)
+        if bool(code.any()):
+            _handle_failures(w, code, ctrl, max_steps, throw, state, used)
             n_done = int(w.done.sum())
     while A and n_done < A:
         state["iterations"] += 1
@@ -301,18 +279,17 @@ def integrate_per_sample(
         K = K.view(-1, *w.y.shape)
         f.idle = 0
         # ---- per-sample error norm (over the sample's components) and accept/reject
-        if ctrl.adaptive:
-            e = norm.rows(err, w.y, y_new, w.rtol, w.atol, floor)
-        else:  # fixed steps: every step is accepted
-            e = torch.zeros(w.t.shape, **f64)
         live = ~w.done
-        # fixed steps make no error test: a row whose step came out non-finite fails there
-        nonfin = None if ctrl.adaptive else live & ~torch.isfinite(y_new).all(1)
-        acc = (e <= 1.0) & live if nonfin is None else live & ~nonfin
+        if ctrl.adaptive:
+            e, nonfin = norm.rows(err, w.y, y_new, w.rtol, w.atol, floor), None
+            acc = live & (e <= 1.0)
+        else:  # fixed steps make no error test: a row whose step came out non-finite fails
+            e, nonfin = torch.zeros(A, **f64), live & ~torch.isfinite(y_new).all(1)
+            acc = live & ~nonfin
         w.att += live
         w.nacc += acc
         h_next, prev = ctrl.adapt(h_step.abs(), w.h, e, w.prev, k, acc, clipped)
-        w.h = torch.where(live, h_next, w.h).clamp_(max=ctrl.dt_max)
+        w.h = ctrl.bounded(torch.where(live, h_next, w.h))
         w.prev, w.e = prev, e
         if on_step is not None:
             on_step(acc, w.tf, h_step, w.y, f.calls)  # (k1's time: one-sided at a jump_t)
@@ -330,10 +307,15 @@ def integrate_per_sample(
             if stop is not None:
                 w.done, w.t_end = w.done | stop, torch.where(stop, w.t, w.t_end)
         jumped = acc & jump
-        fail = _stuck(ctrl, w) if nonfin is None else _stuck(ctrl, w) | nonfin
+        # The rows that cannot step on (the step limit from it_max on: no row reaches it before).
+        lim = max_steps if it_max is not None and state["iterations"] >= it_max else None
+        att = None if lim is None else w.att + used_att[w.idx]
+        code = cannot_step(ctrl, w.h, w.t, att, lim).masked_fill_(w.done, 0)
+        if nonfin is not None:
+            code.masked_fill_(nonfin, 4)  # (CAUSES[4]: a fixed step that came out non-finite)
         cnt = torch.searchsorted(w.stau, (w.sdir * w.t).unsqueeze(1), right=True).squeeze(1)
         n_out, n_done, n_fail, n_acc, n_jump = torch.stack(
-            [(cnt - w.nxt).sum(), w.done.sum(), fail.sum(), acc.sum(), jumped.sum()]
+            [(cnt - w.nxt).sum(), w.done.sum(), code.count_nonzero(), acc.sum(), jumped.sum()]
         ).tolist()
         tf_old, w.tf = w.tf, torch.where(acc, w.t, w.tf)
         if n_jump:  # past a jump_t, f afresh at the right limit (the next float after it)
@@ -341,9 +323,6 @@ def integrate_per_sample(
             w.k1 = torch.where(jumped.unsqueeze(1), f(t_first, w.y), w.k1)
             w.stale = w.stale & ~jumped
             w.tf = torch.where(jumped, t_first, w.tf)
-        if it_max is not None and state["iterations"] >= it_max and n_done < A:
-            fail = fail | (~w.done & (w.att + used_att[w.idx] >= max_steps))
-            n_fail = int(fail.sum())
         if "dense" in record and n_acc:
             records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K))
         # ---- outputs inside the accepted steps, from each step's continuous extension
@@ -375,7 +354,7 @@ def integrate_per_sample(
                     state["replay"][q][7] = None  # its state is recomputed in the backward pass
                 state["kept"] = kept[::2]
         if n_fail:
-            _handle_failures(w, fail, ctrl, max_steps, throw, state, used, nonfin)
+            _handle_failures(w, code, ctrl, max_steps, throw, state, used)
             n_done = int(w.done.sum())
         n_stale = 0 if stepper.fsal else int(w.stale.sum())
         # ---- compaction: drop finished rows once they are a noticeable share of the working set

@@ -14,7 +14,7 @@ import functools
 import itertools
 import math
 
-from ._failures import report_failure
+from ._failures import CAUSES, cannot_step, report_failure
 from ._loop import (
     LoopResult,
     VectorField,
@@ -29,39 +29,46 @@ from .controllers.step_size import time_beside
 __all__ = ["_integrate_fixed"]
 
 
-def _fixed_plan(ctrl, t0: float, t_end: float, time_dtype):
+def _fixed_plan(ctrl, t0: float, t_end: float, time_dtype, max_steps: int | None):
     """The steps of a fixed-step controller from ``t0`` to ``t_end``: ``(t, t_new, t_last,
     is_jump)`` per step, from the controller's own ``initial_step``/``bounded``/``propose``/
     ``land`` (the rules the general loop applies step by step), and ``t_last`` just before a
-    jump as there. Plans of up to ``_PLAN_CACHED`` steps are cached per (controller, interval,
-    time dtype): a sampling loop solves the same grid again and again."""
+    jump as there. Where no step can be taken (:func:`~neuralode._failures.cannot_step`: the
+    step limit, a step size below the resolution of t) the plan ends with ``(t, None, cause,
+    h)``. Plans of up to ``_PLAN_CACHED`` steps are cached per (controller, interval, time
+    dtype, max_steps): a sampling loop solves the same grid again and again."""
     try:
-        plan = _cached_plan(ctrl, t0, t_end, time_dtype)
+        plan = _cached_plan(ctrl, t0, t_end, time_dtype, max_steps)
     except TypeError:  # an unhashable (user-defined) controller
         plan = None
-    return _plan_steps(ctrl, t0, t_end, time_dtype) if plan is None else plan
+    return _plan_steps(ctrl, t0, t_end, time_dtype, max_steps) if plan is None else plan
 
 
 _PLAN_CACHED = 2048  # steps; 32 plans at most: a few MB in the worst case
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_plan(ctrl, t0, t_end, time_dtype):
-    plan = tuple(itertools.islice(_plan_steps(ctrl, t0, t_end, time_dtype), _PLAN_CACHED + 1))
+def _cached_plan(ctrl, t0, t_end, time_dtype, max_steps):
+    steps = _plan_steps(ctrl, t0, t_end, time_dtype, max_steps)
+    plan = tuple(itertools.islice(steps, _PLAN_CACHED + 1))
     return plan if len(plan) <= _PLAN_CACHED else None
 
 
-def _plan_steps(ctrl, t0, t_end, time_dtype):
+def _plan_steps(ctrl, t0, t_end, time_dtype, max_steps):
     direction = 1.0 if t_end >= t0 else -1.0
     landings = ctrl.landing_times(t0, t_end)
     h = 0.0 if t_end == t0 else ctrl.initial_step(None, None, t0, None, None, direction, 0, 0)
-    h_abs = ctrl.bounded(abs(h), False)
-    t = t0
+    h_abs = ctrl.bounded(abs(h))
+    t, n = t0, 0
     while direction * (t_end - t) > 0:
+        cause = cannot_step(ctrl, h_abs, t, n, max_steps)
+        if cause:
+            yield t, None, CAUSES[cause], h_abs
+            return
         t_try = ctrl.propose(t, h_abs, t0, t_end, direction)
         t_new, _, is_jump = ctrl.land(t, t_try, t_end, direction, landings)
         yield t, t_new, time_beside(t_new, t, time_dtype) if is_jump else t_new, is_jump
-        t = t_new
+        t, n = t_new, n + 1
 
 
 def _integrate_fixed(prob, f, y0, stepper, k1, t_first, throw) -> LoopResult:
@@ -87,14 +94,14 @@ def _integrate_fixed(prob, f, y0, stepper, k1, t_first, throw) -> LoopResult:
     state = {"status": "success", "message": ""}
     n, t, h = 0, t0, math.nan
     next_out = out_t[p] if p < n_out else None
-    for t, t_new, t_last, is_jump in _fixed_plan(ctrl, t0, t_end, f.time_dtype):
-        h = t_new - t
-        if max_steps is not None and n >= max_steps:
+    for t, t_new, t_last, is_jump in _fixed_plan(ctrl, t0, t_end, f.time_dtype, max_steps):
+        if t_new is None:  # no step can be taken: the plan's (t, None, cause, step size)
             report_failure(
-                "max_steps", t=t, attempts=n, h=h, max_steps=max_steps, t_end=t_end, n_acc=n,
-                n_rej=0, throw=throw, state=state,
+                t_last, t=t, attempts=n, h=is_jump, dt_min=ctrl.dt_min, max_steps=max_steps,
+                t_end=t_end, n_acc=n, throw=throw, state=state,
             )  # fmt: skip
             break
+        h = t_new - t
         n += 1
         if k is None:
             k = fcall(t_first, y)

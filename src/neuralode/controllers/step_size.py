@@ -186,8 +186,9 @@ class Controller:
         return h_prop, prev
 
     def bounded(self, h_abs, nonfinite: bool = False):
-        """The step size to try: ``|h|`` capped at ``dt_max``."""
-        return min(h_abs, self.dt_max)
+        """The step size to try: ``|h|`` capped at ``dt_max`` (floats or (B,) tensors; NaN
+        stays NaN). Every driver caps its steps here."""
+        return minimum(h_abs, self.dt_max)
 
     def first_time(self, t0, t_end, time_dtype: torch.dtype):
         """The time of the first stage from ``t0`` toward ``t_end``: ``t0``, or f's limit from
@@ -499,12 +500,12 @@ class PIController(Controller):
             h, h_prop, e, prev, k, accept, clipped,
         )  # fmt: skip
 
-    def bounded(self, h_abs: float, nonfinite: bool) -> float:
+    def bounded(self, h_abs, nonfinite: bool = False):
         """The step size to try: ``|h|`` within ``[dt_min, dt_max]`` when ``force_dt_min``
         (unless the last error was non-finite: then the loop reports the failure), else
         ``|h|`` capped at ``dt_max`` (below ``dt_min`` the loop raises)."""
-        h_abs = min(h_abs, self.dt_max)
-        if self.force_dt_min and not nonfinite:
+        h_abs = minimum(h_abs, self.dt_max)
+        if self.force_dt_min and not nonfinite:  # (the host-float driver only: floats)
             h_abs = max(h_abs, self.dt_min)
         return h_abs
 
