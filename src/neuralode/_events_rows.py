@@ -32,13 +32,8 @@ import warnings
 
 import torch
 
-from ._loop_batched import (
-    BatchedField,
-    integrate_per_sample,
-    per_row_times,
-    real_dtype,
-    time_layout,
-)
+from ._loop_batched import BatchedField, integrate_per_sample, per_row_times, time_layout
+from ._tree import real_dtype
 from .controllers.step_size import underflows
 from .events import _crossed
 from .gradients._common import capable

@@ -322,11 +322,9 @@ def integrate(
         if record is not None:
             rec = StepRecord(t, t_new, t_first, t_last, lo, p)
             if record in ("states", "dense"):
+                for r in thin_kept(kept, max_states):
+                    r.y = None
                 rec.y = y
-                if max_states is not None and len(kept) >= max_states:
-                    for r in kept[1::2]:  # (see max_states)
-                        r.y = None
-                    kept = kept[::2]
                 kept.append(rec)
             if record == "dense":
                 rec.K = K if Kd is None else Kd
@@ -366,6 +364,17 @@ def integrate(
     )
 
 
+def thin_kept(kept: list, max_states: int | None) -> list:
+    """The records that give up their state before one more is kept, so that at most
+    ``max_states`` are (the policy of :func:`integrate`'s ``max_states``): none while there is
+    room, else every second one but the first, which are removed from ``kept`` (oldest first)."""
+    if max_states is None or len(kept) < max_states:
+        return []
+    dropped = kept[1::2]
+    del kept[1::2]
+    return dropped
+
+
 def _start_outputs(prob, y0, samples_all) -> tuple[list, int]:
     """``(values, p)``: the outputs at the initial time (the initial state itself) and how many
     of the sorted outputs they are."""
@@ -403,13 +412,8 @@ def _gather_outputs(prob, out_vals, p, y0, samples_all) -> torch.Tensor:
     are NaN."""
     n_out = len(prob.out_t)
     if p < n_out:
-        fill = torch.full(
-            (n_out - p, *(y0.shape if samples_all is None else y0.shape[1:])),
-            float("nan"),
-            dtype=y0.dtype,
-            device=y0.device,
-        )
-        out_vals.append(fill)
+        shape = y0.shape if samples_all is None else y0.shape[1:]
+        out_vals.append(y0.new_full((n_out - p, *shape), math.nan))
     ys = torch.cat(out_vals) if out_vals else y0.new_zeros((0, *y0.shape))
     return ys if prob.out_order is None else ys[prob.out_order]
 
@@ -419,11 +423,28 @@ def _step_outputs(prob, stepper, f, K, y, y_new, t, t_new, t_last, lo, hi, sampl
     t_new]``: the dense stages ``Kd`` (None when every output is at the step end) and f at the
     step end where the interpolant needed it (the next step's first stage), else None. ``K``:
     the stages ``(S, B*M)``, or a list of them (stacked by ``dense_stages`` when an output needs
-    them)."""
-    k_next = Kd = None
-    if any(tau != t_new for tau in prob.out_t[lo:hi]):
-        Kd, k_next = _dense(stepper, f, K, y, y_new, t, t_new, t_last, None)
-    vals = _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all)
+    them).
+
+    Outputs that coincide with the step end take the end state exactly (no interpolation
+    error); on a GPU theta comes from the output times already on the device (no copy, no sync).
+    """
+    taus = prob.out_t[lo:hi]
+    m = len(taus)  # (those at the step end are the tail of the sorted slice)
+    while m and taus[m - 1] == t_new:
+        m -= 1
+    if not m:
+        return _values_at(y_new, samples_all, lo, hi), None, None
+    Kd, k_next = _dense(stepper, f, K, y, y_new, t, t_new, t_last, None)
+    h = t_new - t
+    # Interpolant weights are formed in float64 and cast: high-order P matrices cancel heavily.
+    if y.device.type == "cpu":  # theta straight from the host floats (the same IEEE arithmetic)
+        theta = torch.from_numpy(np.array([(tau - t) / h for tau in taus[:m]]))
+    else:  # from the output times already on the device (no host-to-device copy)
+        theta = (prob.out_t_on(y.device)[lo : lo + m] - t) / h
+    samples = None if samples_all is None else samples_all[lo : lo + m]
+    vals = stepper.interpolate(Kd, y, h, theta, samples)
+    if m < len(taus):
+        vals = torch.cat([vals, _values_at(y_new, samples_all, lo + m, hi)])
     return vals, Kd, k_next
 
 
@@ -457,30 +478,6 @@ class StepView:
     def at(self, theta: torch.Tensor, samples=None) -> torch.Tensor:
         """State at fractions ``theta`` (m,) of the step (rows of ``samples`` if given)."""
         return self.stepper.interpolate(self.dense(), self.y, self.t_new - self.t, theta, samples)
-
-
-def _outputs_in_step(prob, stepper, Kd, y, y_new, t, t_new, lo, hi, samples_all):
-    """Output values for sorted outputs ``lo:hi`` lying in the step ``(t, t_new]``.
-
-    On a GPU theta comes from the output times already on the device (no copy, no sync); outputs
-    that coincide with the step end take the end state exactly (no interpolation error).
-    """
-    h = t_new - t
-    taus = prob.out_t[lo:hi]
-    # Outputs at the step end are the tail of the sorted slice: they take y_new exactly.
-    m = len(taus)
-    while m and taus[m - 1] == t_new:
-        m -= 1
-    if not m:
-        return _values_at(y_new, samples_all, lo, hi)
-    # Interpolant weights are formed in float64 and cast: high-order P matrices cancel heavily.
-    if y.device.type == "cpu":  # theta straight from the host floats (the same IEEE arithmetic)
-        theta = torch.from_numpy(np.array([(tau - t) / h for tau in taus[:m]]))
-    else:  # from the output times already on the device (no host-to-device copy)
-        theta = (prob.out_t_on(y.device)[lo : lo + m] - t) / h
-    samples = None if samples_all is None else samples_all[lo : lo + m]
-    vals = stepper.interpolate(Kd, y, h, theta, samples)
-    return vals if m == len(taus) else torch.cat([vals, _values_at(y_new, samples_all, lo + m, hi)])
 
 
 def sorted_outputs_grad(prob: Problem, g: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,9 @@ import math
 import torch
 
 from ._failures import CAUSES, cannot_step, report_failure
+from ._loop import thin_kept
 from ._norm_rows import RowUserNorm
-from ._norms import ErrorNorm, initial_norm, tolerances, zero_atol
+from ._norms import ErrorNorm, initial_norm, tolerances
 from ._tree import TreeSpec, flatten_state, real_dtype
 from .controllers import PIController
 from .controllers.resolve import resolve_controller
@@ -46,7 +47,6 @@ from .interpolation.dense_batched import PerSampleDense, step_outputs
 from .solvers.explicit_rk import make_stepper
 
 __all__ = ["solve_per_sample", "BatchedField"]
-__all__ += ["real_dtype", "zero_atol"]  # (shared helpers, imported from here by the rows code)
 
 # Compact the working set once finished rows make up this share of it. Every evaluation of func
 # then spends less than this share on finished samples; a smaller value compacts more often
@@ -235,7 +235,7 @@ def integrate_per_sample(
     ).take((t_end != t0).nonzero().squeeze(1))  # fmt: skip
     A = w.idx.shape[0]
     stepper.bind_rows(w.rtol, w.atol)  # per-row state of implicit steppers (Newton tolerances)
-    records = []
+    records, kept = [], []  # (kept: the replay records that keep their state y_old)
     n_done = n_stale = 0
     user = ctrl.norm  # PIController(norm=...): see _norm_rows
     norm = ErrorNorm(y0[:1], spec) if user is None else RowUserNorm(user, spec)
@@ -261,7 +261,7 @@ def integrate_per_sample(
         if n_stale:  # non-FSAL methods: f at the start of the steps that follow accepted ones
             w.k1 = torch.where(w.stale.unsqueeze(1), f(w.t, w.y), w.k1)
         # ---- propose: each row's step, clipped to its final time (finished rows: zero steps)
-        t_start = torch.where(w.sdir > 0, w.lo, w.hi)
+        t_start = w.tau[:, 0]  # (each row's initial time: ConstantStep's grid starts there)
         t_stop = w.t_end  # the next time to land on: the end, or (on_land) the next of tau
         if on_land is not None:
             t_stop = w.tau.gather(1, w.nxt.clamp(max=T - 1).unsqueeze(1)).squeeze(1)
@@ -345,18 +345,14 @@ def integrate_per_sample(
             on_land(w, cnt > w.nxt)
             w.nxt = cnt
         if "replay" in record and n_acc:
-            state["replay"].append([w.idx, acc, tf_old, t_old, w.t, t_last, h_step, y_old, w.lo,
-                                    w.hi, r, tau_j, None if r is None else j])  # fmt: skip
-            kept = state.setdefault("kept", [])
-            kept.append(len(state["replay"]) - 1)
-            if max_states is not None and len(kept) > max_states:
-                for q in kept[1::2]:
-                    state["replay"][q][7] = None  # its state is recomputed in the backward pass
-                state["kept"] = kept[::2]
+            for rep in thin_kept(kept, max_states):
+                rep[7] = None  # its state is recomputed in the backward pass
+            kept.append([w.idx, acc, tf_old, t_old, w.t, t_last, h_step, y_old, w.lo, w.hi, r,
+                         tau_j, None if r is None else j])  # fmt: skip
+            state["replay"].append(kept[-1])
         if n_fail:
             _handle_failures(w, code, ctrl, max_steps, throw, state, used)
             n_done = int(w.done.sum())
-        n_stale = 0 if stepper.fsal else int(w.stale.sum())
         # ---- compaction: drop finished rows once they are a noticeable share of the working set
         if n_done and n_done < A and n_done >= _COMPACT_FRACTION * A:
             flush(w, w.done.nonzero().squeeze(1))
@@ -364,13 +360,13 @@ def integrate_per_sample(
             w = w.take(keep)
             stepper.take_rows(keep)
             state["compactions"] += 1
-            n_stale = 0 if stepper.fsal else int(w.stale.sum())
             A, n_done = A - n_done, 0
+        n_stale = 0 if stepper.fsal else int(w.stale.sum())
     if A:
         flush(w, torch.arange(A, device=dev))
 
     # ---- assemble: outputs never written (failed samples) stay NaN
-    ys = torch.full((T * B, y0.shape[1]), float("nan"), dtype=y0.dtype, device=dev)
+    ys = y0.new_full((T * B, y0.shape[1]), math.nan)
     ys = ys.index_put((torch.cat(pos),), torch.cat(vals))
     y_final = y0.index_put((torch.cat(finals_pos),), torch.cat(finals)) if finals else y0
     return ys, y_final, tfin, nacc, nrej, state, records
@@ -453,10 +449,8 @@ def solve_per_sample(
     ctrl.check_span(float(tau.min()), float(tau.max()))
     direct = capable(gradient, "exact_autograd")
     dense = default_dense(dense_output, gradient, compile)
-    run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw,
-                  dense, floor, used=_used, compile=compile)  # fmt: skip
-    if _stats is not None:
-        run.stats = _stats
+    run = RowsRun(spec, func, time_dtype, f, stepper, tau, ctrl, rt, at, max_steps, throw, dense,
+                  floor, {} if _stats is None else _stats, used=_used, compile=compile)  # fmt: skip
     if event is not None:  # located per sample, then a differentiable solve to each event
         from ._events_rows import solve_rows_with_event
 
@@ -490,9 +484,9 @@ def solve_per_sample(
     if state["failed"]:
         stats["failed_samples"] = sorted(state["failed"])
         state["message"] += f" (failed samples: {stats['failed_samples']})"
-    dense_obj = None
-    if dense:
-        dense_obj = PerSampleDense(records, stepper, f, spec, y_start, y_final, tau, tfin)
+    dense_obj = (
+        PerSampleDense(records, stepper, f, spec, y_start, y_final, tau, tfin) if dense else None
+    )
     return solution(
         t, spec, ys, run, direct, stats, stepper, nacc, nrej, state["status"], tfin,
         state["message"], dense_obj, True,

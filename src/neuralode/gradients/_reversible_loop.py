@@ -8,10 +8,9 @@ import warnings
 
 import torch
 
-from .._failures import report_failure
-from .._loop import LoopResult, _all_finite, _gather_outputs, _start_outputs
+from .._failures import CAUSES, cannot_step, report_failure
+from .._loop import LoopResult, _all_finite, _gather_outputs, _start_outputs, _values_at
 from .._norms import ErrorNorm, initial_norm, user_scaled_norm
-from ..controllers import ConstantStep, PIController
 from ..controllers.step_size import time_beside
 from ..errors import NonFiniteError
 from ..solvers.explicit_rk import RKStepper
@@ -235,18 +234,11 @@ def integrate_reversible(
     f = run.vector_field()
     sch = Scheme(prob.tableau, f, lam, y0flat)
     direction, t0, t_end = prob.direction, prob.t0, prob.t_end
-    adaptive = isinstance(ctrl, PIController)
-    constant = isinstance(ctrl, ConstantStep)
+    adaptive = ctrl.adaptive
     jumps = set(ctrl.jump_t)
     landings = _landings(prob)
     samples = run.samples_all
     n_out = len(prob.out_t)
-
-    def out_rows(y, lo, hi):
-        if samples is None:
-            return y.unsqueeze(0).expand(hi - lo, *y.shape)
-        return y[samples[lo:hi]]
-
     # The engine's start: outputs at t0, the first stage's time (past a jump_t at t0) and the
     # controller's initial step (Hairer's selection for adaptive control).
     out_vals, p = _start_outputs(prob, y0flat, samples)
@@ -268,7 +260,7 @@ def integrate_reversible(
         if t_end == t0
         else ctrl.initial_step(nrm, f, t0, y0flat, k1, direction, abs(t_end - t0), k_order)
     )
-    k_grid, li = 1, 0
+    li = 0
     records, states = [], [] if keep_states else None
     restarts, anchors = {}, {}
     anchor_every, since_stored = anchor_interval(lam), 0
@@ -285,35 +277,23 @@ def integrate_reversible(
     fail = {"throw": run.throw, "state": state, "engine": _ENGINE}
 
     while direction * (t_end - t) > 0:
-        if prob.max_steps is not None and attempts >= prob.max_steps:
+        # The controller bounds the step (to [dt_min, dt_max] with force_dt_min); the step
+        # limit, a non-finite step size or one below dt_min or the resolution of t end the solve.
+        h_abs = ctrl.bounded(abs(h), last_nonfinite)
+        cause = cannot_step(ctrl, h_abs, t, attempts, prob.max_steps)
+        if cause:
             report_failure(
-                "max_steps", t=t, attempts=attempts, h=h, max_steps=prob.max_steps,
-                t_end=t_end, n_acc=n_acc, n_rej=n_rej, **fail,
-            )  # fmt: skip
-            break
-        # The controller bounds the step (to [dt_min, dt_max] with force_dt_min).
-        h_abs = ctrl.bounded(abs(h), last_nonfinite) if adaptive else abs(h)
-        if adaptive and not math.isfinite(h_abs):
-            report_failure("nonfinite_h", t=t, attempts=attempts, h=h_abs, **fail)
-            break
-        # Below dt_min, or below the resolution of t: the controller's one rule.
-        if adaptive and ctrl.underflows(h_abs, t):
-            report_failure(
-                "underflow", t=t, attempts=attempts, h=h_abs, dt_min=ctrl.dt_min,
-                nonfinite=last_nonfinite, **fail,
+                CAUSES[cause], t=t, attempts=attempts, h=h_abs, dt_min=ctrl.dt_min,
+                nonfinite=last_nonfinite, max_steps=prob.max_steps, t_end=t_end, n_acc=n_acc,
+                n_rej=n_rej, **fail,
             )  # fmt: skip
             break
         # A step of (nearly) zero length is not the identity here (it still mixes y and z), so
         # grid points and landings a few ulps apart are merged instead of leaving a sliver step.
         tiny = 8 * _EPS64 * max(abs(t), abs(t_end), h_abs if math.isfinite(h_abs) else 0.0)
-        if constant:
-            while direction * (t0 + direction * k_grid * h_abs - t) <= tiny:
-                k_grid += 1
-            t_new = t0 + direction * k_grid * h_abs
-            if abs(t_end - t_new) <= tiny:
-                t_new = t_end
-        else:
-            t_new = t + direction * h_abs
+        t_new = ctrl.propose(t, h_abs, t0, t_end, direction)  # (ConstantStep: on its grid)
+        if direction * (t_new - t) <= tiny < h_abs:  # a grid point a few ulps ahead: the next
+            t_new = ctrl.propose(t_new, h_abs, t0, t_end, direction)
         clipped = False
         while li < len(landings) and direction * (landings[li] - t) <= tiny:
             li += 1
@@ -344,7 +324,7 @@ def integrate_reversible(
         while p < n_out and direction * (prob.out_t[p] - t_new) <= 0:
             p += 1
         if p > lo:
-            out_vals.append(out_rows(y_new, lo, p))
+            out_vals.append(_values_at(y_new, samples, lo, p))
         records.append((t, t_new, t_first, t_last, lo, p))
         if restart_gap is not None:
             with torch.no_grad():

@@ -35,12 +35,8 @@ import dataclasses
 
 import torch
 
-from .._loop_batched import (
-    BatchedField,
-    integrate_per_sample,
-    time_layout,
-    zero_atol,
-)
+from .._loop_batched import BatchedField, integrate_per_sample, time_layout
+from .._norms import zero_atol
 from .._tree import flatten_state
 from ..controllers import ConstantStep
 from ..errors import MaxStepsError
