@@ -1,4 +1,5 @@
-"""The one builder of failure messages: every driver names the same cause in the same words."""
+"""When a step cannot be taken (:func:`cannot_step`) and the one builder of failure messages:
+every driver applies the same rule and names the same cause in the same words."""
 
 from __future__ import annotations
 
