@@ -88,15 +88,26 @@ def rms_rows(r: torch.Tensor, sizes=None, parts: int | None = None, ids=None, in
     used = [i for i, m in enumerate(sizes[:parts]) if m]
     if not used:
         return torch.zeros(R, dtype=torch.float64, device=r.device)
-    cols = (r.abs() if r.is_complex() else r).square().sum(1)  # (R, M) over the row's samples
-    if ids is None or len(ids) >= _PER_COMPONENT[R == 1] * len(sizes):
-        offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    sq = (r.abs() if r.is_complex() else r).square()
+    # (R, M): over the row's samples (one row: a 2-D sum, the cheapest reduction)
+    cols = (
+        sq.reshape(R, -1)
+        if n == 1
+        else sq.view(n, -1).sum(0, keepdim=True)
+        if R == 1
+        else sq.sum(1)
+    )
+    C = len(sizes)
+    if ids is None or cols.shape[1] >= _PER_COMPONENT[R == 1] * C:
+        offs = [sum(sizes[:i]) for i in range(C)]
         ms = torch.stack([cols[:, offs[i] : offs[i] + sizes[i]].sum(1) / sizes[i] for i in used], 1)
     else:
-        ms = cols.new_zeros(R, len(sizes))
-        ms = ms[0].index_add_(0, ids, cols[0]) if R == 1 else ms.index_add_(1, ids, cols)
-        ms = ms.view(R, -1).mul_(inv_sizes)[:, used]
-    rms = ms.amax(1).sqrt().double()
+        if R == 1:
+            ms = cols.new_zeros(C).index_add_(0, ids, cols.view(-1)).mul_(inv_sizes).unsqueeze(0)
+        else:
+            ms = cols.new_zeros(R, C).index_add_(1, ids, cols).mul_(inv_sizes)
+        ms = ms if len(used) == C else ms[:, used]
+    rms = ms.amax(1).sqrt_().double()
     return rms if n == 1 else rms * (1.0 / math.sqrt(n))
 
 
