@@ -187,9 +187,11 @@ def _refs(objs) -> tuple:
 def _without_constant_guards(entries) -> list[bool]:
     """torch.compile's guard filter: no guards on the chunk's constants ``C`` (hundreds of
     float comparisons, ~0.1 us each, per call: the tableau, the interpolant), since an entry
-    is only ever called with the constants it is cached under (:func:`_entry`). The guards on
-    func (its Python state) and on the tensors' shapes and dtypes stay."""
-    return [not (e.name == "C" or e.name.startswith(("L['C']", "C."))) for e in entries]
+    is only ever called with the constants it is cached under (:func:`_entry`; the controller
+    in ``C`` compares by type and value, so its class's guards go too). The guards on func (its
+    Python state) and on the tensors' shapes and dtypes stay."""
+    return [not (e.name == "C" or e.name.startswith(("L['C']", "C.")) or "(C." in e.name)
+            for e in entries]  # fmt: skip
 
 
 class _Entry:
