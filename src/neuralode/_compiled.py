@@ -56,7 +56,6 @@ from ._compiled_step import STATUS_NONFINITE_H, STATUS_UNDERFLOW, Consts, chunk
 from ._failures import report_failure
 from ._loop import LoopResult, Problem, StepRecord, VectorField, _start_outputs
 from ._norms import ErrorNorm, initial_norm
-from .controllers import ConstantStep, PIController
 from .controllers.step_size import time_beside
 from .solvers.tableau import ButcherTableau
 
@@ -122,9 +121,6 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
     """The chunk's constants for this tableau, controller and state layout (``n_out`` output
     times per row; ``norm_parts``: only the first components in the error norm)."""
     P = tab.tensors(torch.float64, torch.device("cpu"))["P"]
-    # Fixed steps (ConstantStep, StepToGrid): every step accepted, no error estimate; the PI
-    # settings below are placeholders then (their result is not used).
-    pi = ctrl if ctrl.adaptive else PIController()
     b_hat = tab.b_hat if tab.adaptive else tab.b
     # Outputs inside a step come from the continuous extension when it needs no extra
     # evaluations (no dense stages, or only f at the step end); otherwise (DOP853's 7th-order
@@ -137,16 +133,8 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
         c=tuple(float(x) for x in tab.c),
         P=tuple(tuple(float(x) for x in row) for row in P.tolist()),
         fsal=bool(tab.fsal),
-        pi=(
-            float(pi.safety),
-            float(pi.ifactor),
-            float(pi.dfactor),
-            float(pi.pcoeff),
-            float(pi.icoeff),
-        ),  # fmt: skip
+        ctrl=ctrl.step_rule(),
         order=int(tab.error_order()) if tab.adaptive else 1,
-        dt_min=float(ctrl.dt_min),
-        dt_max=float(ctrl.dt_max),
         time_dtype=time_dtype,
         steps=int(steps),
         layout=(
@@ -163,8 +151,6 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
         else 1,  # fmt: skip
         n_dense=int(tab.n_dense_stages),
         floor=bool(floor) and ctrl.adaptive,
-        propose="pi" if ctrl.adaptive else "dt" if isinstance(ctrl, ConstantStep) else "inf",
-        dt=float(getattr(ctrl, "dt", 0.0)),
         rows=rows,
         pick=pick,
         record=record,
@@ -201,9 +187,11 @@ def _refs(objs) -> tuple:
 def _without_constant_guards(entries) -> list[bool]:
     """torch.compile's guard filter: no guards on the chunk's constants ``C`` (hundreds of
     float comparisons, ~0.1 us each, per call: the tableau, the interpolant), since an entry
-    is only ever called with the constants it is cached under (:func:`_entry`). The guards on
-    func (its Python state) and on the tensors' shapes and dtypes stay."""
-    return [not (e.name == "C" or e.name.startswith(("L['C']", "C."))) for e in entries]
+    is only ever called with the constants it is cached under (:func:`_entry`; the controller
+    in ``C`` compares by type and value, so its class's guards go too). The guards on func (its
+    Python state) and on the tensors' shapes and dtypes stay."""
+    return [not (e.name == "C" or e.name.startswith(("L['C']", "C.")) or "(C." in e.name)
+            for e in entries]  # fmt: skip
 
 
 class _Entry:
@@ -315,7 +303,7 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
     # Under autograd (Direct gradients) the compiled chunks carry their backward graphs.
     with torch.set_grad_enabled(track_grad), torch.compiler.set_stance("fail_on_recompile"):
         while True:
-            n = _lengths.pick(expected, done, C.steps, exact=C.propose != "pi")
+            n = _lengths.pick(expected, done, C.steps, exact=not C.ctrl.adaptive)
             Cn = C if n == C.steps else C._replace(steps=n)
             # Which inputs carry a graph is part of the signature (torch.compile guards on it):
             # under autograd a first call from a y0 without one is followed by calls from
@@ -463,7 +451,7 @@ def integrate_compiled(
         done["cause"], done["nf"] = cause, bool(nf)
         return True
 
-    estimate = None if ctrl.adaptive else _fixed_steps(ctrl, t0, t_end)
+    estimate = ctrl.step_count(t0, t_end)
     s = _run_chunks(f.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None,
                     estimate=estimate)  # fmt: skip
     if not inside and (ids in seen or len(seen) < _MAX_CACHED):
@@ -504,16 +492,6 @@ def failure_cause(code: int, busy, reached: bool) -> str | None:
     if code == STATUS_UNDERFLOW:
         return "underflow"
     return None if busy or reached else "max_steps"
-
-
-def _fixed_steps(ctrl, t0: float, t_end: float) -> int:
-    """The steps of a fixed-step solve from ``t0`` to ``t_end``: ConstantStep's grid
-    ``t0 + k dt`` (the last point within rounding of ``t_end`` is ``t_end``) and one more per
-    landing time inside; StepToGrid's intervals."""
-    landings = len(ctrl.landing_times(t0, t_end))
-    if isinstance(ctrl, ConstantStep):
-        return max(1, math.ceil(abs(t_end - t0) / ctrl.dt - 1e-9)) + landings
-    return landings + 1
 
 
 def warn_mismatch(why, stacklevel: int) -> None:

@@ -23,7 +23,6 @@ custom adjoint norm.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import types
 import weakref
@@ -33,7 +32,6 @@ from torch import nn
 
 from ._compiled import CompiledCodeMismatch, integrate_compiled, warn_mismatch
 from ._loop import FlatVectorField
-from .controllers import StepToGrid
 from .solvers.tableau import ButcherTableau
 
 __all__ = ["AugmentedField", "CompiledBackward", "augmented_field", "compiled_backward"]
@@ -195,10 +193,7 @@ class CompiledBackward:
         if t_start == t_stop:
             res_y, attempts = flat, 0
         else:
-            if isinstance(ctrl, StepToGrid):
-                ctrl = StepToGrid(sorted({*ctrl.grid, *inner}), jump_t=ctrl.jump_t)
-            else:
-                ctrl = dataclasses.replace(ctrl, step_t=tuple(sorted({*ctrl.step_t, *inner})))
+            ctrl = ctrl.with_landings(inner)
             imp = torch.zeros(len(inner), flat.shape[1], dtype=flat.dtype, device=flat.device)
             imp[:, B * M : 2 * B * M] = jumps[1:-1]
             res = self._integrate(problem(t_start, t_stop, ctrl), flat, None, h0=h0,

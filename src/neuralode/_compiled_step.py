@@ -14,12 +14,13 @@ Rows that have finished (or failed) take steps of length zero whose results are 
 ``torch.where``. Times are float64 and signed (each row's direction ``sdir``), as in the eager
 per-row driver; every formula is the engine's own: the controller's landing rule
 (:func:`~neuralode.controllers.step_size.land_rows`, with
-:func:`~neuralode.controllers.step_size.time_beside` at a ``jump_t``), step proposal
-(:func:`~neuralode.controllers.step_size.grid_point`), underflow rule and PI update
-(:func:`~neuralode.controllers.step_size.pi_update`), the scaled error norm
-(:func:`~neuralode._norms.error_scale`, :meth:`~neuralode._norms.ErrorNorm.rms_rows`), the
+:func:`~neuralode.controllers.step_size.time_beside` at a ``jump_t``), and its step proposal,
+bound, underflow rule and adaptation (the methods of its
+:meth:`~neuralode.controllers.Controller.step_rule`), the scaled error norm
+(:func:`~neuralode._norms.error_scale`, :func:`~neuralode._norms.rms_rows`), the
 stage combination (:func:`~neuralode.solvers.explicit_rk.stage_sum`, whose traced lowering
-Inductor fuses) and the tableau's interpolant (:func:`~neuralode.solvers.tableau.weights_at`).
+Inductor fuses) and the continuous extension (:func:`~neuralode.solvers.tableau.interpolant_sum`
+of :func:`~neuralode.solvers.tableau.weights_at`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from typing import NamedTuple
 
 import torch
 
-from ._norms import ErrorNorm, error_scale
-from .controllers.step_size import grid_point, land_rows, pi_update, time_beside, underflows
+from ._norms import error_scale, rms_rows
+from .controllers.step_size import Controller, land_rows, time_beside
 from .solvers.explicit_rk import stage_sum
-from .solvers.tableau import weights_at
+from .solvers.tableau import interpolant_sum, weights_at
 
 __all__ = ["Consts", "chunk", "STATUS_UNDERFLOW", "STATUS_NONFINITE_H"]
 
@@ -49,18 +50,14 @@ class Consts(NamedTuple):
     c: tuple
     P: tuple  # interpolant coefficients (Sd, D)
     fsal: bool
-    pi: tuple  # (safety, ifactor, dfactor, pcoeff, icoeff) of the PIController
+    ctrl: Controller  # the controller's step_rule(): proposal, bounds, underflow, adaptation
     order: int  # exponent of the controller (error order + 1)
-    dt_min: float
-    dt_max: float
     time_dtype: torch.dtype
     steps: int  # steps unrolled per call
     layout: tuple  # (kind, keys, shapes, sizes) of the state
     window: int  # output times one step may pass (it lands on the last of them)
     n_dense: int  # dense stages of the interpolant (only f at the step end is supported)
     floor: bool  # some atol is zero: the error scale is floored
-    propose: str  # "pi" (t + h), "dt" (ConstantStep's next t0 + k dt) or "inf" (StepToGrid)
-    dt: float
     rows: bool  # per-sample control: func gets (B,) times, one norm per sample
     pick: bool  # each output slot holds one sample (shared control with a 2-D t)
     record: bool  # return every step's times, state and stages (dense output)
@@ -95,7 +92,7 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
     rix = torch.arange(R, device=dev).unsqueeze(1)
     Pm = torch.tensor(C.P, dtype=torch.float64, device=dev)  # (Sd, D)
     J = k["J"] if C.jumps else None
-    adaptive = C.propose == "pi"
+    ctrl = C.ctrl
 
     def call(tt, yy):  # func on the user's state structure; tt (R,) float64
         tt = tt.to(C.time_dtype) if C.rows else tt[0].to(C.time_dtype)
@@ -108,33 +105,22 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
 
     k1 = call(t, y) if C.first else s["k1"]
 
-    def norm(r):  # the engine's RMS / mixed norm of each row (R,)
-        if kind == "tensor":
-            return ErrorNorm.rms_rows(r.reshape(R, -1))
-        r3 = r.view(R, n, M)
-        parts = zip(offs[: C.norm_parts or None], sizes[: C.norm_parts or None])
-        comps = [r3[:, :, o : o + m].reshape(R, -1) for o, m in parts if m]
-        return torch.stack([ErrorNorm.rms_rows(x) for x in comps]).amax(0)
-
     recs = []
     for _ in range(C.steps):
         live = (sdir * (t_end - t) > 0) & (att < k["max_att"]) & (st == 0)
         idx = p.unsqueeze(1) + win  # (R, W) the output slots this step may fill
         taus = k["out_t"].gather(1, idx)
         # ---- the controller: proposal, landings (step_t/jump_t/the end), checks
-        h_abs = torch.clamp(h, max=C.dt_max)
-        if C.propose == "dt":
-            t_try = grid_point(t, k["t0"], t_end, sdir, C.dt)
-        else:  # (StepToGrid: h = inf, every step ends on the next grid point, a landing)
-            t_try = t + sdir * h_abs
+        h_abs = ctrl.bounded(h)
+        t_try = ctrl.propose(t, h_abs, k["t0"], t_end, sdir)
         t_new, clipped, jump = land_rows(t, t_try, t_end, sdir, k["L"], J)
         # A step passes at most `window` output times: it lands on the last of them.
         past = sdir * (t_new - taus[:, -1]) > 0
         t_new = torch.where(past & live, taus[:, -1], t_new)
         t_new = torch.where(live, t_new, t)  # finished rows: zero steps
         clipped = clipped | past
-        if adaptive:  # the checks of the eager drivers, on the proposed step size
-            under = underflows(h_abs, t, C.dt_min)
+        if ctrl.adaptive:  # the checks of the eager drivers, on the proposed step size
+            under = ctrl.underflows(h_abs, t)
             bad_h = ~torch.isfinite(h_abs)
             st = torch.where(live & under, STATUS_UNDERFLOW, st)
             st = torch.where(live & bad_h, STATUS_NONFINITE_H, st)
@@ -159,11 +145,12 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         y_new = yi if C.fsal else stage_sum(y, hs, C.b, ks)
         k_last = ks[-1] if C.fsal else call(t_last, y_new)
         # ---- the scaled error norm of each row and accept/reject
-        if adaptive:
+        if ctrl.adaptive:
             err = stage_sum(None, hs, C.b_err, ks)
             scale = error_scale(y.detach().abs(), y_new.detach().abs(), k["rtol"], k["atol"],
                                 C.floor)  # fmt: skip
-            e = norm(err.detach() / scale)
+            r = (err.detach() / scale).view(R, n, M)
+            e = rms_rows(r, None if kind == "tensor" else sizes, C.norm_parts or None)
             accept = active & (e <= 1.0)
         else:  # fixed steps: no error estimate, every step is accepted
             e = torch.zeros_like(t)
@@ -185,11 +172,8 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
             # gradients would become NaN.
             step_in = inside & ~zero.unsqueeze(1)
             theta = torch.where(step_in, (taus - t.unsqueeze(1)) / h_step.unsqueeze(1), 0.0)
-            Wt = weights_at(theta, Pm).to(y.dtype)  # (R, W, Sd), the method's own interpolant
-            # sum_s W[r, w, s] K[s, r, ...] as one fused loop (a batched matmul of (1, Sd) by
-            # (Sd, M) matrices would call a kernel per output time).
-            Ws = Wt.permute(2, 0, 1).reshape(*Wt.shape[2:], R, -1, *[1] * (y3.dim() - 2))
-            vals = y3 + hs.view([R] + [1] * (y3.dim() - 1)) * (Ws * Kst).sum(0)
+            # (R, W, Sd) weights of the method's own interpolant: one fused loop per step
+            vals = interpolant_sum(y3, h_step, weights_at(theta, Pm), Kst)
             at_end = (taus == t_new.unsqueeze(1)).view(R, -1, *[1] * (y3.dim() - 2))
             vals = torch.where(at_end, yn3, vals)
         else:  # the step ended on the output time
@@ -202,9 +186,8 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         if C.record:
             recs.append((t, t_new, accept, y, y_new, torch.stack(ks), k_last))
         # ---- the PI update, then advance the accepted rows
-        if adaptive:
-            h_next, prev = pi_update(*C.pi, h_step.abs(), h_abs, e, prev, C.order, accept,
-                                     clipped)  # fmt: skip
+        if ctrl.adaptive:
+            h_next, prev = ctrl.adapt(h_step.abs(), h_abs, e, prev, C.order, accept, clipped)
             h = torch.where(active, h_next, h)
         acc2 = accept.unsqueeze(1)
         y = torch.where(acc2, y_new, y)

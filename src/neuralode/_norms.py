@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._tree import TreeSpec, flat_tolerance, rms_norm
+from ._tree import TreeSpec, flat_tolerance
 
 if TYPE_CHECKING:  # type hints only (the loop imports this module)
     from ._loop import Problem
 
 __all__ = ["ErrorNorm", "ErrorNormWork", "error_scale", "user_scaled_norm", "initial_norm"]
-__all__ += ["tolerances", "zero_atol"]
+__all__ += ["tolerances", "zero_atol", "rms_rows"]
 
 
 def tolerances(spec: TreeSpec, ctrl, fixed: float):
@@ -51,9 +51,64 @@ def error_scale(a, b, rtol, atol, floor: bool, out=None) -> torch.Tensor:
 
 
 def _norm(prob: Problem, scaled: torch.Tensor) -> torch.Tensor:
-    if prob.norm is not None:
-        return prob.norm(prob.spec.unflatten(scaled))
-    return rms_norm(prob.spec, scaled, prob.norm_components)
+    return prob.norm(prob.spec.unflatten(scaled))
+
+
+#: A reduction per component beats the scatter-add over the columns (one kernel for any number
+#: of components) from this many columns per component; measured on one CPU thread: a
+#: reduction costs ~3 us a component, the scatter-add ~3 ns a column with one row and ~0.2 us
+#: with several (a kernel per column), e.g. 0.11 ms against 3 ms for 10 components of 10^5.
+_PER_COMPONENT = {True: 1024, False: 16}  # (one row?) -> columns per component
+
+
+def rms_rows(r: torch.Tensor, sizes=None, parts: int | None = None, ids=None, inv_sizes=None):
+    """The engine's scaled error norm of each row of ``r`` ``(R, n, M)``: ``(R,)`` float64.
+
+    A row is ``n`` samples of ``M`` scaled error components each: one sample under per-sample
+    control (``n = 1``), the whole batch when one step size serves it (``R = 1``). A tensor
+    state (``sizes`` None) takes the RMS over the row's ``n * M`` values; a tuple/dict state
+    (``sizes`` the columns of each component) the maximum over its components of each
+    component's RMS (Hairer, Norsett & Wanner I, sec. II.4; torchdiffeq's mixed norm), over
+    the first ``parts`` components only (a seminorm), empty components left out (0/0). Every
+    driver's norm is this one (:class:`ErrorNorm`, compiled stepping's step).
+
+    ``ids`` (the component of each column, ``(M,)`` long) and ``inv_sizes`` (``1 / m`` per
+    component, ``(C,)``) allow, eagerly, one scatter-add over the columns in place of a
+    reduction per component where the components are many and small (the adjoint's augmented
+    state has one per parameter tensor). Without them (compiled stepping) a reduction per
+    component, which Inductor fuses (a traced scatter-add would be atomic adds in no fixed
+    order).
+    """
+    R, n = r.shape[0], r.shape[1]
+    if sizes is None:
+        width = math.prod(r.shape[1:])
+        return torch.linalg.vector_norm(r.reshape(R, -1), dim=1).double() * (
+            1.0 / math.sqrt(max(width, 1))
+        )
+    used = [i for i, m in enumerate(sizes[:parts]) if m]
+    if not used:
+        return torch.zeros(R, dtype=torch.float64, device=r.device)
+    sq = (r.abs() if r.is_complex() else r).square()
+    # (R, M): over the row's samples (one row: a 2-D sum, the cheapest reduction)
+    cols = (
+        sq.reshape(R, -1)
+        if n == 1
+        else sq.view(n, -1).sum(0, keepdim=True)
+        if R == 1
+        else sq.sum(1)
+    )
+    C = len(sizes)
+    if ids is None or cols.shape[1] >= _PER_COMPONENT[R == 1] * C:
+        offs = [sum(sizes[:i]) for i in range(C)]
+        ms = torch.stack([cols[:, offs[i] : offs[i] + sizes[i]].sum(1) / sizes[i] for i in used], 1)
+    else:
+        if R == 1:
+            ms = cols.new_zeros(C).index_add_(0, ids, cols.view(-1)).mul_(inv_sizes).unsqueeze(0)
+        else:
+            ms = cols.new_zeros(R, C).index_add_(1, ids, cols).mul_(inv_sizes)
+        ms = ms if len(used) == C else ms[:, used]
+    rms = ms.amax(1).sqrt_().double()
+    return rms if n == 1 else rms * (1.0 / math.sqrt(n))
 
 
 def user_scaled_norm(prob: Problem, err, y, y_new) -> float:
@@ -69,10 +124,9 @@ class ErrorNorm:
     Two buffers of ``|state|`` serve every step of one shared solve, and ``|y|`` of an accepted
     state is carried to the next step as its ``|y_old|`` (one pass over the state fewer per
     step): large temporaries allocated per step cost page faults on CPU that can exceed the
-    arithmetic. For tuple and dict states the per-component mean squares come from one
-    scatter-add over the columns instead of a reduction per component (the augmented state of
-    the adjoint has one component per parameter tensor). ``n_components`` restricts the norm to
-    the first components (seminorm).
+    arithmetic. The reduction is :func:`rms_rows` (tuple and dict states: its scatter-add over
+    the columns where the components are many and small). ``n_components`` restricts the norm
+    to the first components (seminorm).
     """
 
     def __init__(self, y: torch.Tensor, spec: TreeSpec, n_components: int | None = None):
@@ -82,39 +136,24 @@ class ErrorNorm:
         self.of = None  # the state whose |.| self.a holds
         self._tols = None  # (rtol, atol, as tensors): made on first use, for those objects
         self.inv_sqrt_n = 1.0 / math.sqrt(max(y.numel(), 1))
-        self.inv_sqrt_m = 1.0 / math.sqrt(max(y.shape[-1], 1))
+        self.sizes = self.ids = self.inv_sizes = None  # (a tensor state)
+        self.parts = n_components
         self.mixed = spec.kind != "tensor"
         if self.mixed:
+            self.sizes = tuple(spec.sizes)
             sizes = torch.tensor(spec.sizes, device=y.device)
             comp = torch.arange(len(spec.sizes), device=y.device)
-            self.ids = torch.repeat_interleave(comp, sizes)
-            used = list(spec.sizes[:n_components] if n_components is not None else spec.sizes)
-            # Empty components take no part (their mean square would be 0/0).
-            self.used = [i for i, n in enumerate(used) if n > 0]
+            self.ids = torch.repeat_interleave(comp, sizes)  # the component of each column
             self.inv_sizes = 1.0 / sizes.to(real).clamp(min=1)
-            self.inv_counts = 1.0 / (sizes.to(real) * spec.batch).clamp(min=1)
-            self.sums = torch.zeros(len(spec.sizes), dtype=real, device=y.device)
-
-    @staticmethod
-    def rms_rows(r: torch.Tensor) -> torch.Tensor:
-        """RMS of each row of a scaled ``r`` (B, M) (a tensor state): (B,) float64."""
-        return torch.linalg.vector_norm(r, dim=1).double() * (1.0 / math.sqrt(max(r.shape[1], 1)))
 
     def reduce(self, r: torch.Tensor, rows: bool = False):
-        """The norm of an already scaled ``r`` (B, M): a float, or (B,) float64 per row."""
-        if not self.mixed:
-            if rows:
-                return self.rms_rows(r)
+        """The norm (:func:`rms_rows`) of an already scaled ``r`` (B, M): over the whole batch
+        (a float: the step's one host read), or of each row ((B,) float64)."""
+        if not rows and not self.mixed:  # (rms_rows of one row, without its tensor arithmetic)
             return float(torch.linalg.vector_norm(r)) * self.inv_sqrt_n
-        sq = (r.abs() if r.is_complex() else r).square()
-        if rows:
-            ms = r.new_zeros((r.shape[0], len(self.inv_sizes)), dtype=sq.dtype)
-            ms = ms.index_add_(1, self.ids, sq).mul_(self.inv_sizes)[:, self.used]
-            return ms.amax(1).sqrt().double() if self.used else sq.new_zeros(r.shape[0]).double()
-        ms = self.sums.zero_().index_add_(0, self.ids, sq.sum(0)).mul_(self.inv_counts)
-        if len(self.used) < ms.numel():
-            ms = ms[self.used]
-        return math.sqrt(float(ms.max())) if ms.numel() else 0.0
+        r3 = r.unsqueeze(1) if rows else r.unsqueeze(0)
+        out = rms_rows(r3, self.sizes, self.parts, self.ids, self.inv_sizes)
+        return out if rows else float(out)
 
     def __call__(self, prob: Problem, err, y, y_new) -> float:
         """The scaled norm of the error ``err`` of a step ``y -> y_new`` over the whole batch
@@ -154,16 +193,14 @@ def initial_norm(work: ErrorNorm, y0, rtol, atol, floor: bool, rows=False, prob=
     norm (shared control only). A shared tensor state takes several norms in one reduction and
     one host read."""
     with torch.no_grad():
-        scale = y0.detach().abs().mul_(rtol).add_(atol)
-        if floor:
-            scale.clamp_(min=torch.finfo(scale.dtype).tiny)
+        a = y0.detach().abs()
+        scale = error_scale(a, a, rtol, atol, floor, out=a)  # (|y_n| alone)
 
     def norm(*xs):
         if prob is not None and prob.norm is not None:
             vals = [float(_norm(prob, x / scale)) for x in xs]
         elif not rows and not work.mixed:
-            both = torch.stack(xs).div_(scale).reshape(len(xs), -1)
-            vals = [v * work.inv_sqrt_n for v in torch.linalg.vector_norm(both, dim=1).tolist()]
+            vals = rms_rows(torch.stack(xs).div_(scale).reshape(len(xs), 1, -1)).tolist()
         else:
             vals = [work.reduce(x / scale, rows=rows) for x in xs]
         return vals[0] if len(vals) == 1 else tuple(vals)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TreeSpec", "flatten_state", "flat_tolerance", "rms_norm", "real_dtype"]
+__all__ = ["TreeSpec", "flatten_state", "flat_tolerance", "real_dtype"]
 
 
 @dataclass(frozen=True)
@@ -203,21 +203,6 @@ def flatten_state(y0, *, batched: bool, name: str = "y0") -> tuple[TreeSpec, tor
     else:
         flat = torch.cat([x.reshape(batch, -1) for x in tensors], dim=1)
     return spec, flat
-
-
-def rms_norm(spec: TreeSpec, scaled: torch.Tensor, first: int | None = None) -> torch.Tensor:
-    """Mixed norm of a scaled error ``(B, M)``: max over components of each component's RMS
-    (over the ``first`` components only, if given: a seminorm).
-
-    Taking the maximum over components means a small component is controlled as tightly as a
-    large one (torchdiffeq's "mixed" norm for tuple states); within a component the RMS norm
-    (Hairer, Norsett & Wanner I, eq. II.4.11) averages over its scalars.
-    """
-    if spec.kind == "tensor":
-        return scaled.abs().square().mean().sqrt()
-    comps = spec.components(scaled)[:first]
-    norms = [c.abs().square().mean().sqrt() for c in comps if c.numel()]
-    return torch.stack(norms).max()
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -12,6 +12,7 @@ NaN either way, so the drivers cannot drift apart.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -154,7 +155,13 @@ def _all_zero(v) -> bool:
 
 
 class Controller:
-    """Base class. ``adaptive`` controllers need a solver with an embedded error estimate."""
+    """Base class. ``adaptive`` controllers need a solver with an embedded error estimate.
+
+    A controller is a frozen dataclass of settings that overrides the protocol's formulas
+    below (each on floats and on (B,) float64 tensors alike); every driver, compiled stepping
+    included, calls them and nothing else, so a new controller is one class. Fields that the
+    per-step formulas do not read go to their defaults in :meth:`step_rule`.
+    """
 
     adaptive: bool = False
     step_t: tuple[float, ...] = ()
@@ -189,6 +196,25 @@ class Controller:
         """The step size to try: ``|h|`` capped at ``dt_max`` (floats or (B,) tensors; NaN
         stays NaN). Every driver caps its steps here."""
         return minimum(h_abs, self.dt_max)
+
+    def step_rule(self) -> Controller:
+        """This controller's per-step formulas (:meth:`propose`, :meth:`bounded`,
+        :meth:`underflows`, :meth:`adapt` and ``adaptive``) as a hashable controller that
+        compares by value, without the per-solve data the step receives as tensors or uses
+        elsewhere (tolerances, landing times, first step, custom norm): compiled stepping bakes
+        it into its code and keys its cache on it, so that solves that differ only in that data
+        share one compilation. Default: the controller itself."""
+        return self
+
+    def step_count(self, t0: float, t_end: float) -> int | None:
+        """The number of steps from ``t0`` to ``t_end`` when it is known before the solve
+        (fixed steps: compiled stepping then unrolls exactly the steps left), else None.
+        Default: adaptive, None; fixed, one step from landing to landing."""
+        return None if self.adaptive else len(self.landing_times(t0, t_end)) + 1
+
+    def with_landings(self, times) -> Controller:
+        """A copy of this controller that also lands on ``times`` (as ``step_t``)."""
+        return dataclasses.replace(self, step_t=tuple(sorted({*self.step_t, *times})))
 
     def first_time(self, t0, t_end, time_dtype: torch.dtype):
         """The time of the first stage from ``t0`` toward ``t_end``: ``t0``, or f's limit from
@@ -304,6 +330,15 @@ class ConstantStep(Controller):
         """The next point ``t0 + k dt`` after ``t`` (the module function ``grid_point``)."""
         return grid_point(t, t0, t_end, direction, self.dt)
 
+    def step_rule(self) -> ConstantStep:
+        return dataclasses.replace(self, step_t=(), jump_t=())
+
+    def step_count(self, t0: float, t_end: float) -> int:
+        """The grid ``t0 + k dt`` (the last point within rounding of ``t_end`` is ``t_end``)
+        and one step more per landing time inside."""
+        n = max(1, math.ceil(abs(t_end - t0) / self.dt - 1e-9))
+        return n + len(self.landing_times(t0, t_end))
+
 
 @dataclass(frozen=True)
 class StepToGrid(Controller):
@@ -349,6 +384,12 @@ class StepToGrid(Controller):
     def initial_step(self, norm, f, t0, y0, k1, direction, span, order: int):
         return math.inf  # every step ends on the next grid point (a landing)
 
+    def step_rule(self) -> Controller:
+        return _TO_LANDINGS  # (the grid reaches the step as landing times)
+
+    def with_landings(self, times) -> StepToGrid:
+        return dataclasses.replace(self, grid=tuple(sorted({*self.grid, *times})))
+
     def check_span(self, lo: float, hi: float) -> None:
         if not (self.grid[0] <= lo and self.grid[-1] >= hi):
             raise ValueError(
@@ -356,6 +397,15 @@ class StepToGrid(Controller):
                 f"runs over [{lo!r}, {hi!r}]; the grid must cover the whole interval (add its end "
                 "points)"
             )
+
+
+@dataclass(frozen=True)
+class _ToLandings(Controller):
+    """:class:`StepToGrid`'s step formulas without its grid (see :meth:`Controller.step_rule`):
+    every step ends on the next landing time (``h`` is infinite)."""
+
+
+_TO_LANDINGS = _ToLandings()
 
 
 @dataclass(frozen=True)
@@ -485,6 +535,11 @@ class PIController(Controller):
             h1 = where(isfinite(dmax), h1, h0 * 1e-3)
             return minimum(minimum(minimum(100 * h0, h1), span), self.dt_max)
 
+    def step_rule(self) -> PIController:
+        # (The tolerances reach the step as tensors; placeholders here.)
+        return dataclasses.replace(self, rtol=1.0, atol=1.0, dt0=None, step_t=(), jump_t=(),
+                                   norm=None)  # fmt: skip
+
     def adapt(self, h, h_prop, e, prev, k: int, accept, clipped):
         """Next ``|step size|`` and error memory after a step of size ``|h|`` with scaled error
         ``e`` (accepted where ``accept``; ``clipped`` where it was shortened to land on a time,
@@ -503,10 +558,11 @@ class PIController(Controller):
     def bounded(self, h_abs, nonfinite: bool = False):
         """The step size to try: ``|h|`` within ``[dt_min, dt_max]`` when ``force_dt_min``
         (unless the last error was non-finite: then the loop reports the failure), else
-        ``|h|`` capped at ``dt_max`` (below ``dt_min`` the loop raises)."""
+        ``|h|`` capped at ``dt_max`` (below ``dt_min`` the loop raises). A float or (B,)
+        tensor."""
         h_abs = minimum(h_abs, self.dt_max)
-        if self.force_dt_min and not nonfinite:  # (the host-float driver only: floats)
-            h_abs = max(h_abs, self.dt_min)
+        if self.force_dt_min and not nonfinite:
+            h_abs = maximum(h_abs, self.dt_min)
         return h_abs
 
     def accepts(self, err: float, h_abs: float) -> bool:

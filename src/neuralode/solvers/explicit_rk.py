@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .stepper import Stepper
-from .tableau import ButcherTableau
+from .tableau import ButcherTableau, interpolant_sum
 
 __all__ = ["RKStepper", "make_stepper", "stage_sum"]
 
@@ -212,17 +212,8 @@ class RKStepper(Stepper):
         ``j`` for sample ``samples[j]``. Per row (``h`` a (B,) tensor: row ``j`` of ``y`` is
         its own step, at its own fraction ``theta[j]``; ``Kd`` (Sd, B, M)): ``(B, M)``.
         """
-        if isinstance(h, torch.Tensor):  # float64 weights, then cast
-            W = self.tab.interpolant_weights(theta, y.dtype)  # (m, Sd)
-            inc = (W.T.unsqueeze(2) * Kd.view(-1, *y.shape)).sum(0)
-            return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), inc)
-        W = self.tab.interpolant_weights(theta, Kd.dtype)
-        if samples is None:
-            out = torch.addmm(y.reshape(1, -1), W, Kd, alpha=h)
-            return out.view(theta.shape[0], *y.shape)
-        B, M = y.shape
-        Kg = Kd.view(Kd.shape[0], B, M)[:, samples]  # (Sd, m, M)
-        return y[samples] + h * torch.einsum("ms,smk->mk", W, Kg)
+        # (Weights formed in float64 where theta is, then cast: high-order P cancel heavily.)
+        return interpolant_sum(y, h, self.tab.interpolant_weights(theta, y.dtype), Kd, samples)
 
 
 def _single(row) -> tuple[int, float] | None:

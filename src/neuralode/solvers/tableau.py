@@ -30,7 +30,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-__all__ = ["ButcherTableau", "hermite_interpolant"]
+__all__ = ["ButcherTableau", "hermite_interpolant", "interpolant_sum", "weights_at"]
 
 Number = float | Fraction | int
 
@@ -293,6 +293,59 @@ def weights_at(theta: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
         1, P.shape[1] + 1, dtype=theta.dtype, device=theta.device
     )
     return powers @ P.T
+
+
+def interpolant_sum(y, h, W: torch.Tensor, Kd: torch.Tensor, samples=None) -> torch.Tensor:
+    """``y + h * sum_s W[..., s] Kd[s]``: a step's continuous extension at the weights ``W``.
+
+    The one interpolant sum of every driver: the eager steppers' ``interpolate`` (explicit
+    Runge--Kutta with ``W = b(theta)`` from :func:`weights_at`, and the cubic Hermite and
+    Rosenbrock extensions of ``solvers/implicit``, whose weights are their own) and the
+    outputs inside the steps of compiled stepping (:mod:`neuralode._compiled_step`).
+
+    Parameters
+    ----------
+    y : Tensor
+        The state at the step's start, ``(B, M)``; per row, any shape ``(n, ...)`` whose
+        leading dimensions broadcast against ``W``'s.
+    h : float or Tensor
+        The step size: one (a float, the shared grid) or one per row of ``y`` (``(n,)``, any
+        dtype: cast to ``y``'s).
+    W : Tensor
+        The weights: ``(m, Sd)`` for a float ``h``; per row ``(n, Sd)``, or ``(n, m, Sd)``
+        (``m`` values per row, compiled stepping's window of output times).
+    Kd : Tensor
+        Stages and dense stages ``(Sd, B*M)`` (or any shape viewable as ``(Sd, *y.shape)``).
+    samples : Tensor, optional
+        ``(m,)`` long, float ``h`` only: value ``j`` is of sample ``samples[j]`` alone.
+
+    Returns
+    -------
+    Tensor
+        Float ``h``: ``(m, B, M)``, or ``(m, M)`` with ``samples``. Per row: ``y + h W Kd``
+        broadcast, ``(n, M)`` for ``(n, Sd)`` weights.
+
+    Notes
+    -----
+    Per row the sum is the elementwise form ``sum_s W[..., s, None] * Kd[s]``, which Inductor
+    fuses into one loop (a batched matmul of ``(1, Sd)`` by ``(Sd, M)`` matrices would call a
+    kernel per value); eagerly its final ``y + h * inc`` is one ``addcmul``. With a float
+    ``h``, one ``addmm`` of the weights against the stage matrix.
+    """
+    if isinstance(h, torch.Tensor):
+        W = W.to(y.dtype)
+        Ws = W.movedim(-1, 0)  # (Sd, n, ...): the stage index first, as in Kd
+        K = Kd.view(Kd.shape[0], *y.shape)
+        inc = (Ws.reshape(*Ws.shape, *[1] * (K.dim() - Ws.dim())) * K).sum(0)
+        hv = h.to(y.dtype).view(-1, *[1] * (y.dim() - 1))
+        return y + hv * inc if torch.compiler.is_compiling() else torch.addcmul(y, hv, inc)
+    W = W.to(Kd.dtype)
+    if samples is None:
+        out = torch.addmm(y.reshape(1, -1), W, Kd, alpha=h)
+        return out.view(W.shape[0], *y.shape)
+    B, M = y.shape
+    Kg = Kd.view(Kd.shape[0], B, M)[:, samples]  # (Sd, m, M)
+    return y[samples] + h * torch.einsum("ms,smk->mk", W, Kg)
 
 
 def hermite_interpolant(a, b, c):

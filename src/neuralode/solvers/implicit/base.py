@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 
 from ..stepper import Stepper
+from ..tableau import interpolant_sum
 
-__all__ = ["MethodFace", "HermiteStepper", "hermite_weights", "apply_weights"]
+__all__ = ["MethodFace", "HermiteStepper", "hermite_weights"]
 
 
 def hermite_weights(theta: torch.Tensor) -> torch.Tensor:
@@ -30,22 +31,6 @@ def hermite_weights(theta: torch.Tensor) -> torch.Tensor:
     t2 = theta * theta
     t3 = t2 * theta
     return torch.stack([theta - 2 * t2 + t3, 3 * t2 - 2 * t3, t3 - t2], dim=-1)
-
-
-def apply_weights(W: torch.Tensor, Kd, y, h, samples=None) -> torch.Tensor:
-    """``y + h W Kd``: the continuous extension with weights ``W`` ``(m, Sd)`` of the rows of
-    ``Kd``, on the shared grid (``h`` a float: ``(m, B, M)``), per sample (``samples`` (m,):
-    ``(m, M)``) or per row (``h`` ``(n,)``, one fraction per row: ``(n, M)``)."""
-    if isinstance(h, torch.Tensor):
-        inc = (W.T.to(y.dtype).unsqueeze(2) * Kd.view(-1, *y.shape)).sum(0)
-        return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), inc)
-    W = W.to(Kd.dtype)
-    if samples is None:
-        out = torch.addmm(y.reshape(1, -1), W, Kd, alpha=h)
-        return out.view(W.shape[0], *y.shape)
-    B, M = y.shape
-    Kg = Kd.view(Kd.shape[0], B, M)[:, samples]
-    return y[samples] + h * torch.einsum("ms,smk->mk", W, Kg)
 
 
 class MethodFace:
@@ -105,7 +90,7 @@ class HermiteStepper(Stepper):
         """Continuous extension at ``theta`` (m,): ``(m, B, M)``, or ``(m, M)`` per sample
         (``samples`` (m,) long), or per row (``h`` a ``(n,)`` tensor, ``y`` ``(n, M)``, ``Kd``
         ``(Sd, n, M)``, row ``j`` at its own fraction ``theta[j]``): ``(n, M)``."""
-        return apply_weights(hermite_weights(theta), Kd, y, h, samples)
+        return interpolant_sum(y, h, hermite_weights(theta), Kd, samples)
 
     @staticmethod
     def pack(k_start, slope, k_end=None):

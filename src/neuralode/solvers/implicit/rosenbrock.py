@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .base import HermiteStepper, MethodFace, apply_weights
+from ..tableau import interpolant_sum
+from .base import HermiteStepper, MethodFace
 from .linalg import LUSolve, jacobian
 
 __all__ = ["RosenbrockTableau", "Rosenbrock", "RODAS4"]
@@ -384,4 +385,4 @@ class RosenbrockStepper(HermiteStepper):
         t2 = theta * theta
         zero = torch.zeros_like(theta)
         W = torch.stack([zero, theta, theta - t2, t2 - t2 * theta], dim=-1)
-        return apply_weights(W, Kd, y, h, samples)
+        return interpolant_sum(y, h, W, Kd, samples)
