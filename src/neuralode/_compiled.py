@@ -51,7 +51,8 @@ import weakref
 import torch
 
 from . import _compiled_lengths as _lengths
-from ._compiled_setup import _chunk_inputs, _chunk_state, _setup  # noqa: F401 (_compiled_rows)
+from ._compiled_setup import _chunk_inputs, _chunk_state, _setup, _shared_state  # noqa: F401
+from ._compiled_stance import DEFAULT_STANCE, FAIL_ON_RECOMPILE
 from ._compiled_start import Start, chunk_from_start
 from ._compiled_step import STATUS_NONFINITE_H, STATUS_UNDERFLOW, Consts, chunk
 from ._failures import report_failure
@@ -338,7 +339,7 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
     # Once compiled, a call that would recompile (func's Python state changed: guards fail)
     # raises instead of silently spending 10-40 s per call; the caller then runs eagerly.
     # Under autograd (Direct gradients) the compiled chunks carry their backward graphs.
-    with torch.set_grad_enabled(track_grad), torch.compiler.set_stance("fail_on_recompile"):
+    with torch.set_grad_enabled(track_grad), FAIL_ON_RECOMPILE:
         while True:
             n = _lengths.pick(expected, done, C.steps, exact=C.propose != "pi")
             Cn = C if n == C.steps else C._replace(steps=n)
@@ -364,7 +365,7 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
                     stale = stale or _lengths.stale_sibling((signature, g), entry, func, probe, k)
                 if stale is not None:
                     raise CompiledCodeMismatch(f"guards of the code for {stale} steps failed")
-                with torch.compiler.set_stance("default"):
+                with DEFAULT_STANCE:
                     res = _compile_call(entry, args)
             else:
                 try:
@@ -428,13 +429,16 @@ def integrate_compiled(
     pick = prob.out_sample is not None
     n_steps = steps_per_call or STEPS_PER_CALL * (1 if ctrl.adaptive else _FIXED_FACTOR)
     n_out = len(prob.out_t)
-    C, k, seen = _setup(prob, f.time_dtype, n_steps, record is not None,
-                  bool(impulses and impulses[0]), dtype, dev)  # fmt: skip
+    C, k, seen, init = _setup(prob, f.time_dtype, n_steps, record is not None,
+                        bool(impulses and impulses[0]), dtype, dev)  # fmt: skip
     W = C.window
-    out = torch.full((1, n_out + W, 1 if pick else B, M), math.nan, dtype=dtype, device=dev)
-    first, p = _start_outputs(prob, y0, prob.samples_on(dev))  # (the initial state)
-    if p:
-        out[0, :p] = first[0].unsqueeze(1) if pick else first[0]
+    if pick:
+        out = torch.full((1, n_out + W, 1, M), math.nan, dtype=dtype, device=dev)
+        first, p = _start_outputs(prob, y0, prob.samples_on(dev))  # (the initial state)
+        if p:
+            out[0, :p] = first[0].unsqueeze(1)
+    else:  # (the initial state in the first p slots: see _shared_state)
+        p = _start_outputs(prob, y0, None)[1]
     if t_first is None:  # (past a jump_t at t0: f's limit from inside the interval)
         t_first = ctrl.first_time(t0, t_end, f.time_dtype)
     # Fixed steps from t0 evaluate the first stage inside the first call, when an earlier solve
@@ -472,7 +476,10 @@ def integrate_compiled(
             h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), None if inside else k1.detach(), d,
                                    abs(t_end - t0), order)  # fmt: skip
     nfe0 = f.nfe
-    s = _chunk_state(y0, k1, k["t0"], h0, out, torch.tensor([p], dtype=torch.int64, device=dev))
+    if pick:
+        s = _chunk_state(y0, k1, k["t0"], h0, out, torch.tensor([p], dtype=torch.int64, device=dev))
+    else:
+        s = _shared_state(y0, k1, k["t0"], h0, p, n_out + W, init)
     if inside or start is not None:
         del s["k1"]
     if C.impulses:
@@ -530,7 +537,7 @@ def integrate_compiled(
             engine="compiled stepping", throw=throw, state=state,
         )  # fmt: skip
     status, message = state["status"], state["message"]
-    ys = s["out"][0, :n_out]
+    ys = s["out"].select(0, 0).narrow(0, 0, n_out)
     if pick:
         ys = ys[:, 0]
     if prob.out_order is not None:
