@@ -461,7 +461,11 @@ def integrate_compiled(
         and isinstance(prob.rtol, float) and isinstance(prob.atol, float)
     ):  # fmt: skip
         start = Start(ctrl, prob.spec, tab.error_order(), prob.rtol, prob.atol)
-        h0 = 0.0  # (chosen in the call)
+        try:  # (part of the compiled entry's key: a controller that does not hash starts eagerly)
+            hash(start)
+            h0 = 0.0  # (chosen in the call)
+        except TypeError:
+            start = None
     if inside:
         C = C._replace(first=True)
     elif k1 is None and start is None:
