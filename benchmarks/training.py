@@ -124,7 +124,8 @@ def training_rows(repeats: int, clock, compiled: bool) -> list[dict]:
             run = step_compiled(gradient)
             # The first call compiles 8 steps per call (forward and backward); the second,
             # knowing the step count, the shorter chunk that covers it
-            # (neuralode._compiled_lengths).
+            # (neuralode._compiled_lengths), with f(t0, y0) and the initial step size in it
+            # (neuralode._compiled_start; Direct gradients).
             start = time.perf_counter()
             run()
             run()

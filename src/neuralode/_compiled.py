@@ -51,7 +51,9 @@ import weakref
 import torch
 
 from . import _compiled_lengths as _lengths
-from ._compiled_setup import _chunk_inputs, _chunk_state, _setup  # noqa: F401 (_compiled_rows)
+from ._compiled_setup import _chunk_inputs, _chunk_state, _setup, _shared_state  # noqa: F401
+from ._compiled_stance import DEFAULT_STANCE, FAIL_ON_RECOMPILE
+from ._compiled_start import Start, chunk_from_start
 from ._compiled_step import STATUS_NONFINITE_H, STATUS_UNDERFLOW, Consts, chunk
 from ._failures import report_failure
 from ._loop import LoopResult, Problem, StepRecord, VectorField, _start_outputs
@@ -186,20 +188,25 @@ def _refs(objs) -> tuple:
 
 def _without_constant_guards(entries) -> list[bool]:
     """torch.compile's guard filter: no guards on the chunk's constants ``C`` (hundreds of
-    float comparisons, ~0.1 us each, per call: the tableau, the interpolant), since an entry
-    is only ever called with the constants it is cached under (:func:`_entry`; the controller
-    in ``C`` compares by type and value, so its class's guards go too). The guards on func (its
-    Python state) and on the tensors' shapes and dtypes stay."""
-    return [not (e.name == "C" or e.name.startswith(("L['C']", "C.")) or "(C." in e.name)
+    float comparisons, ~0.1 us each, per call: the tableau, the interpolant) nor on the start's
+    ``S`` (:mod:`neuralode._compiled_start`), since an entry is only ever called with the
+    constants it is cached under (:func:`_entry`; the controller in ``C`` compares by type and
+    value, so its class's guards go too). The guards on func (its Python state) and on the
+    tensors' shapes and dtypes stay."""
+    consts = ("C", "S")
+    prefixes = tuple(p for c in consts for p in (f"L['{c}']", f"{c}."))
+    inner = tuple(f"({c}." for c in consts)
+    return [not (e.name in consts or e.name.startswith(prefixes) or any(i in e.name for i in inner))
             for e in entries]  # fmt: skip
 
 
 class _Entry:
-    """One compiled ``chunk`` for one (func, constants, dtype, device, shape)."""
+    """One compiled ``chunk`` (or ``code``: a function calling it) for one (func, constants,
+    dtype, device, shape)."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, code=chunk):
         self.refs = _refs(parts)
-        clone = types.FunctionType(chunk.__code__.replace(), chunk.__globals__, "chunk")
+        clone = types.FunctionType(code.__code__.replace(), code.__globals__, code.__name__)
         self.code = clone.__code__
         # The C++ wrapper calls the kernels without Python in between: on tiny states this
         # halves the cost of a call.
@@ -211,19 +218,20 @@ class _Entry:
         return len(parts) == len(self.refs) and all(r() is o for r, o in zip(self.refs, parts))
 
 
-def _entry(func, key) -> _Entry:
+def _entry(func, key, code=chunk) -> _Entry:
     """The cache entry for ``func`` and ``key`` (the rest of what the compiled code depends on).
 
     Each entry compiles its own copy of ``chunk``'s code object: torch.compile keeps its cache
     (and its recompilation limit) per code object, so many vector fields in one process do not
-    push each other out. The most recently used entries are kept.
+    push each other out. The most recently used entries are kept. ``code`` is the function
+    compiled (``chunk``, or one calling it: part of ``key``).
     """
     parts = _func_parts(func)
     full_key = (tuple(id(o) for o in parts), key)
     with _lock:
         entry = _compiled.pop(full_key, None)
         if entry is None or not entry.matches(parts):  # new, or an id reused after collection
-            entry = _Entry(parts)
+            entry = _Entry(parts, code)
         _compiled[full_key] = entry  # most recently used last
         while len(_compiled) > _MAX_CACHED:
             _compiled.pop(next(iter(_compiled)))
@@ -273,15 +281,32 @@ def _recompile_reason(e: Exception) -> str | None:
     return (why[-1] if why else text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
+def _signature(func, C: Consts, s: dict, k: dict, track_grad: bool) -> tuple:
+    """What a solve's step count is remembered under (:mod:`neuralode._compiled_lengths`): func,
+    the constants, device, the inputs' shapes and dtypes (``k1``, if there, has ``y``'s)."""
+    shapes = tuple((n, tuple(v.shape), v.dtype) for d in (s, k) for n, v in d.items() if n != "k1")
+    ids = tuple(id(o) for o in _func_parts(func))
+    return (ids, C._replace(steps=0, first=False), s["y"].device, shapes, bool(track_grad))
+
+
+def _with_k1(grads: tuple) -> tuple:
+    """The names of the chunk's inputs with a graph, ``grads``, with ``k1`` among them (after
+    ``y``, as in the state)."""
+    i = 1 if grads[:1] == ("y",) else 0
+    return grads[:i] + ("k1",) + grads[i:]
+
+
 def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
-                adapt: bool = True, estimate: int | None = None) -> dict:  # fmt: skip
+                adapt: bool = True, estimate: int | None = None, start=None) -> dict:  # fmt: skip
     """Call the compiled chunk until ``on_report(report, records, state, steps)`` returns True.
 
     Each call unrolls ``steps`` of :func:`neuralode._compiled_lengths.lengths` (``C.steps`` at
     most): with ``adapt``, the smallest that covers the attempts the last solve of the same
     signature took (:func:`neuralode._compiled_lengths.pick`; ``estimate`` before there is
     one), else ``C.steps``. With fixed steps the count is exact: each call unrolls the steps
-    left.
+    left. With ``start`` (a :class:`neuralode._compiled_start.Start`; ``s`` without ``k1``) the
+    first call evaluates ``f(t0, y0)`` and the initial step size itself
+    (:func:`neuralode._compiled_start.chunk_from_start`).
 
     Raises
     ------
@@ -291,9 +316,11 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
     RuntimeError
         When torch.compile cannot compile the solve with this func (graph breaks).
     """
-    shapes = tuple((n, tuple(v.shape), v.dtype) for d in (s, k) for n, v in d.items())
-    dev, ids = s["y"].device, tuple(id(o) for o in _func_parts(func))
-    signature = (ids, C._replace(steps=0, first=False), dev, shapes, bool(track_grad))
+    # (the calls after a start have k1, as y: the keys of the chunks solves without one use)
+    full = s if start is None else {"y": s["y"], "k1": s["y"], **s}
+    shapes = tuple((n, tuple(v.shape), v.dtype) for d in (full, k) for n, v in d.items())
+    dev = s["y"].device
+    signature = _signature(func, C, s, k, track_grad)
     expected = _lengths.expected(signature) if adapt else None
     if expected is None and adapt:
         expected = estimate
@@ -301,7 +328,7 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
     # Once compiled, a call that would recompile (func's Python state changed: guards fail)
     # raises instead of silently spending 10-40 s per call; the caller then runs eagerly.
     # Under autograd (Direct gradients) the compiled chunks carry their backward graphs.
-    with torch.set_grad_enabled(track_grad), torch.compiler.set_stance("fail_on_recompile"):
+    with torch.set_grad_enabled(track_grad), FAIL_ON_RECOMPILE:
         while True:
             n = _lengths.pick(expected, done, C.steps, exact=not C.ctrl.adaptive)
             Cn = C if n == C.steps else C._replace(steps=n)
@@ -309,15 +336,25 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
             # under autograd a first call from a y0 without one is followed by calls from
             # states with one.
             grads = tuple(name for name, v in s.items() if v.requires_grad)
-            entry = _entry(func, (Cn, dev, shapes, bool(track_grad), grads))
-            args = (func, Cn, s, k)
+            if start is None:
+                entry = _entry(func, (Cn, dev, shapes, bool(track_grad), grads))
+                args = (func, Cn, s, k)
+            else:
+                key = (Cn, dev, shapes, bool(track_grad), grads, start)
+                entry = _entry(func, key, chunk_from_start)
+                args = (func, Cn, s, k, start)
             if not entry.compiled:  # (a new length: func must still match the older ones)
                 # (a first call that evaluates f itself has no k1: the older lengths have)
-                probe = s if "k1" in s else dict(s, k1=torch.empty_like(s["y"]))
-                stale = _lengths.stale_sibling((signature, grads), entry, func, probe, k)
+                # (a start's siblings are plain chunks, whose k1 has a graph under autograd)
+                stale = None
+                for g in [grads] if start is None else [grads, _with_k1(grads)]:
+                    probe = s if "k1" in s else dict(s, k1=torch.empty_like(s["y"]))
+                    if "k1" in g and "k1" not in s:
+                        probe["k1"].requires_grad_()
+                    stale = stale or _lengths.stale_sibling((signature, g), entry, func, probe, k)
                 if stale is not None:
                     raise CompiledCodeMismatch(f"guards of the code for {stale} steps failed")
-                with torch.compiler.set_stance("default"):
+                with DEFAULT_STANCE:
                     res = _compile_call(entry, args)
             else:
                 try:
@@ -327,8 +364,9 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
                     if why is None:
                         raise
                     raise CompiledCodeMismatch(why) from e
-            _lengths.note_run((signature, grads), entry, Cn)
-            C = C._replace(first=False)  # (f at the start: only in the first call)
+            if start is None:  # (the siblings stale_sibling checks are plain chunks)
+                _lengths.note_run((signature, grads), entry, Cn)
+            C, start = C._replace(first=False), None  # (f at the start: only in the first call)
             done += n
             res = dict(res)
             report, rec = res.pop("report").tolist(), res.pop("rec", None)
@@ -380,13 +418,16 @@ def integrate_compiled(
     pick = prob.out_sample is not None
     n_steps = steps_per_call or STEPS_PER_CALL * (1 if ctrl.adaptive else _FIXED_FACTOR)
     n_out = len(prob.out_t)
-    C, k, seen = _setup(prob, f.time_dtype, n_steps, record is not None,
-                  bool(impulses and impulses[0]), dtype, dev)  # fmt: skip
+    C, k, seen, init = _setup(prob, f.time_dtype, n_steps, record is not None,
+                        bool(impulses and impulses[0]), dtype, dev)  # fmt: skip
     W = C.window
-    out = torch.full((1, n_out + W, 1 if pick else B, M), math.nan, dtype=dtype, device=dev)
-    first, p = _start_outputs(prob, y0, prob.samples_on(dev))  # (the initial state)
-    if p:
-        out[0, :p] = first[0].unsqueeze(1) if pick else first[0]
+    if pick:
+        out = torch.full((1, n_out + W, 1, M), math.nan, dtype=dtype, device=dev)
+        first, p = _start_outputs(prob, y0, prob.samples_on(dev))  # (the initial state)
+        if p:
+            out[0, :p] = first[0].unsqueeze(1)
+    else:  # (the initial state in the first p slots: see _shared_state)
+        p = _start_outputs(prob, y0, None)[1]
     if t_first is None:  # (past a jump_t at t0: f's limit from inside the interval)
         t_first = ctrl.first_time(t0, t_end, f.time_dtype)
     # Fixed steps from t0 evaluate the first stage inside the first call, when an earlier solve
@@ -395,16 +436,30 @@ def integrate_compiled(
     # more: its own constants).
     parts = _func_parts(f.func)
     ids = tuple(id(o) for o in parts)
-    known = seen.get(ids)
-    inside = (
-        k1 is None and not ctrl.adaptive and not track_grad and t_first == t0 and known is not None
-        and all(r() is o for r, o in zip(known, parts))
-    )  # fmt: skip
+    known = seen.get(ids)  # (weak references to func's parts, whether it took one call)
+    checked = known is not None and all(r() is o for r, o in zip(known[0], parts))
+    inside = k1 is None and not ctrl.adaptive and not track_grad and t_first == t0 and checked
+    # Adaptive steps: f(t0, y0) and the initial step size in the first call too, when the last
+    # solve of this setup with this func fitted in one call (a training step: the eager prologue
+    # and its backward cost about two compiled steps; a longer solve keeps the plain chunks, so
+    # that it compiles no more versions). A single tensor state with float tolerances.
+    start = None
+    if (
+        k1 is None and h0 is None and ctrl.adaptive and t_first == t0 and checked and known[1]
+        and steps_per_call is None and prob.spec.kind == "tensor"
+        and isinstance(prob.rtol, float) and isinstance(prob.atol, float)
+    ):  # fmt: skip
+        start = Start(ctrl, prob.spec, tab.error_order(), prob.rtol, prob.atol)
+        try:  # (part of the compiled entry's key: a controller that does not hash starts eagerly)
+            hash(start)
+            h0 = 0.0  # (chosen in the call)
+        except TypeError:
+            start = None
     if inside:
         C = C._replace(first=True)
-    elif k1 is None:
+    elif k1 is None and start is None:
         k1 = f(t_first, y0)  # (with its graph under autograd: the first stage of the first step)
-    if h0 is None or not ctrl.adaptive:
+    if (h0 is None or not ctrl.adaptive) and start is None:
         with torch.no_grad():  # step sizes are constants of the discrete solve
             nrm = order = None
             if ctrl.adaptive:
@@ -414,15 +469,18 @@ def integrate_compiled(
             h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), None if inside else k1.detach(), d,
                                    abs(t_end - t0), order)  # fmt: skip
     nfe0 = f.nfe
-    s = _chunk_state(y0, k1, k["t0"], h0, out, torch.tensor([p], dtype=torch.int64, device=dev))
-    if inside:
+    if pick:
+        s = _chunk_state(y0, k1, k["t0"], h0, out, torch.tensor([p], dtype=torch.int64, device=dev))
+    else:
+        s = _shared_state(y0, k1, k["t0"], h0, p, n_out + W, init)
+    if inside or start is not None:
         del s["k1"]
     if C.impulses:
         k["I_t"] = torch.tensor(impulses[0], dtype=torch.float64, device=dev)
         k["I"] = impulses[1].to(dtype=dtype, device=dev)
     steps: list[StepRecord] = []
     keep_next = not tab.fsal and tab.dense_stage_is_next_first
-    done = dict(p=p, t_first=t_first)
+    done = dict(p=p, t_first=t_first, calls=0)
 
     def on_report(report, rec, state, n_call):
         (t_now,), (h_now,), (att,), (acc,), (code,), (nf,), (busy,) = _split(report, 1, n_call)[0]
@@ -444,7 +502,7 @@ def integrate_compiled(
                 steps.append(r)
                 done["p"] = hi
                 done["t_first"] = time_beside(t_n[i], t_n[i] + d, f.time_dtype) if jump else t_n[i]
-        done.update(t=t_now, h=abs(h_now), att=int(att), acc=int(acc))
+        done.update(t=t_now, h=abs(h_now), att=int(att), acc=int(acc), calls=done["calls"] + 1)
         cause = failure_cause(code, busy, d * (t_end - t_now) <= 0)
         if busy and cause is None:
             return False
@@ -453,12 +511,14 @@ def integrate_compiled(
 
     estimate = ctrl.step_count(t0, t_end)
     s = _run_chunks(f.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None,
-                    estimate=estimate)  # fmt: skip
-    if not inside and (ids in seen or len(seen) < _MAX_CACHED):
-        seen[ids] = _refs(parts)
+                    estimate=estimate, start=start)  # fmt: skip
+    if ids in seen or len(seen) < _MAX_CACHED:
+        seen[ids] = (known[0] if checked else _refs(parts), done["calls"] == 1)
     t_now, h_now, att = done["t"], done["h"], done["att"]
     n_acc, n_rej = done["acc"], done["att"] - done["acc"]
-    f.nfe = nfe0 + att * _evals_per_attempt(tab, C) + int(inside)
+    # (a start in the call: f(t0, y0), and the initial step's evaluation unless dt0 is set)
+    at_start = 0 if start is None else 1 + (getattr(ctrl, "dt0", None) is None)
+    f.nfe = nfe0 + att * _evals_per_attempt(tab, C) + int(inside) + at_start
     state = {"status": "success", "message": ""}
     cause = done["cause"]
     if cause is None and not ctrl.adaptive and not bool(torch.isfinite(s["y"]).all()):
@@ -470,7 +530,7 @@ def integrate_compiled(
             engine="compiled stepping", throw=throw, state=state,
         )  # fmt: skip
     status, message = state["status"], state["message"]
-    ys = s["out"][0, :n_out]
+    ys = s["out"].select(0, 0).narrow(0, 0, n_out)
     if pick:
         ys = ys[:, 0]
     if prob.out_order is not None:
