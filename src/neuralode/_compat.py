@@ -10,7 +10,8 @@ Differences, all deliberate and documented:
 - Fixed-step methods interpolate between steps with cubic Hermite (torchdiffeq: linear).
 - Non-FSAL adaptive methods (adaptive_heun, fehlberg2) evaluate f at every new step's start.
 - A fixed-step method given no ``step_size`` (and no ``grid_constructor``) steps between the
-  output times only, as torchdiffeq does, but with a warning: this is rarely what is meant.
+  output times only, as torchdiffeq does, but with a warning (this is rarely what is meant)
+  unless the output grid is itself fine: no interval longer than a fifth of the span.
 - ``dopri8`` is Hairer's DOP853 (with its 7th-order dense output); torchdiffeq's ``dopri8`` is
   Prince & Dormand's RK8(7)13M. Both are 8th order; results agree to the tolerance, not bitwise.
 - ``options=dict(interp="linear")`` warns and uses cubic Hermite (``"cubic"`` is the default).
@@ -21,6 +22,8 @@ Differences, all deliberate and documented:
   to the grid) and default to order 4: torchdiffeq's default ``max_order=12`` makes
   ``explicit_adams`` unstable (``y' = -y`` with ``step_size=0.01`` blows up).
 - A state stays in its dtype and func gets times in its precision (float32 states: float32).
+  A derivative of another dtype is cast to the state's, as in torchdiffeq, but with a warning
+  (once per pair of dtypes; ``neuralode.solve`` raises TypeError).
 - Step callbacks get the state in y0's structure; a callable ``adjoint_options['norm']`` gets a
   0-d zero for the adjoint of t (not integrated); ``odeint_dense`` takes any method.
 
@@ -31,6 +34,7 @@ and the step callbacks behave as in torchdiffeq; tuple states mixing dtypes are 
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 
@@ -169,15 +173,86 @@ def _fixed_grid(t: torch.Tensor, options: dict, func, y0) -> list[float]:
         if g[0] != start or g[-1] != end:
             raise ValueError("grid_constructor must return a grid whose ends equal t[0] and t[-1]")
         return g
-    warnings.warn(
-        "a fixed-step method was given no options['step_size'] (or grid_constructor): it takes "
-        "one step between consecutive output times, as torchdiffeq does, which is usually far "
-        "too coarse (rk4 on y' = -y over [0, 5] with t = [0, 5] returns 13.7 for 0.0067). Pass "
-        "options=dict(step_size=...)",
-        UserWarning,
-        stacklevel=3,
-    )
-    return [float(x) for x in t]
+    grid = [float(x) for x in t]
+    if not _fine_output_grid(grid, t.dtype):
+        warnings.warn(
+            "a fixed-step method was given no options['step_size'] (or grid_constructor): it "
+            "takes one step between consecutive output times, as torchdiffeq does, which is "
+            "usually far too coarse (rk4 on y' = -y over [0, 5] with t = [0, 5] returns 13.7 for "
+            "0.0067). Pass options=dict(step_size=...) (no warning either when no output "
+            f"interval exceeds 1/{_FINE_INTERVALS} of the span)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return grid
+
+
+# A fixed-step method without step_size steps on the output times. That is deliberate when the
+# caller made the output grid fine (latent_ode's ODE-RNN encoder integrates with euler on
+# linspace(t_prev, t_i, n), n chosen so that the spacing is at most 1/50 of the series), and an
+# oversight when t holds a few observation times (t = [0, 5]). With no time scale of f at
+# hand, "fine" means: no output interval longer than this fraction of the span (so 6 or more
+# evenly spaced output times).
+_FINE_INTERVALS = 5
+
+
+def _fine_output_grid(times: list[float], dtype: torch.dtype) -> bool:
+    """Whether no interval of ``times`` exceeds ``1/_FINE_INTERVALS`` of their span (rounding
+    of t's dtype allowed for, so that ``torch.linspace(a, b, 6)`` in float32 qualifies)."""
+    span = abs(times[-1] - times[0])
+    gap = max(abs(b - a) for a, b in zip(times, times[1:]))
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    slack = _MERGE_ULPS * eps * max(abs(times[0]), abs(times[-1]))
+    return gap <= span / _FINE_INTERVALS + slack
+
+
+def _time_list(value) -> list[float]:
+    """Times given as None, a sequence or a tensor (torchdiffeq takes tensors), as floats."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [float(x) for x in value.detach().reshape(-1).tolist()]
+    return [float(x) for x in value]
+
+
+# Grid points closer than this many ulps (of the time dtype, at the span's magnitude) to a time
+# the steps must end on are that time. torch.linspace in float32 lands within ~0.5 ulp of the
+# exact points and the grid ``t0 + i * step_size`` (double) within a few double ulps of them:
+# 16 leaves a wide margin and still moves a step end by under 2e-6 of the span in float32.
+_MERGE_ULPS = 16
+
+
+def _merge_tolerance(t: torch.Tensor, grid: list[float], time_dtype: torch.dtype) -> float:
+    """How far apart a grid point and a must-land time may be and still be one point: a few
+    ulps of the coarser of the time dtype and t's dtype (float32 output times are float32
+    roundings of the step grid's points, which a float32 func cannot tell apart), relative to
+    the largest |time|, and never more than a quarter of the smallest step of the grid."""
+    eps = torch.finfo(time_dtype).eps
+    if t.is_floating_point():
+        eps = max(eps, torch.finfo(t.dtype).eps)
+    scale = max(abs(grid[0]), abs(grid[-1]))
+    smallest = min(abs(b - a) for a, b in zip(grid, grid[1:])) if len(grid) > 1 else math.inf
+    return min(_MERGE_ULPS * eps * scale, smallest / 4)
+
+
+def merged_grid(grid, must, tol: float) -> list[float]:
+    """The step boundaries ``grid`` with the times ``must`` added, sorted: a point of ``grid``
+    within ``tol`` of a time of ``must`` is dropped (the step ends on that time instead).
+
+    Without the merge, output times given in float32 (``torch.linspace(0, 5, 51)``) next to
+    the double grid ``0 + i * 0.1`` leave steps of 1e-9 (float32; 4e-16 in float64), which
+    cost a step each and wreck the variable-step Adams formulas (errors 1e4 times too large).
+    """
+    keep = sorted(set(must))
+    out = list(keep)
+    for g in grid:
+        i = bisect.bisect_left(keep, g)
+        if i < len(keep) and keep[i] - g <= tol:
+            continue
+        if i > 0 and g - keep[i - 1] <= tol:
+            continue
+        out.append(g)
+    return sorted(set(out))
 
 
 def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
@@ -229,19 +304,19 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
             kwargs.update(solver=solver, dt=1.0)
             return _with_time_dtype(kwargs, opts, y0), opts
         grid = _fixed_grid(t, opts, func, y0)
-        jumps = list(opts.get("jump_t", []) if opts.get("jump_t") is not None else [])
-        extra = [float(x) for x in (opts.get("step_t") or [])]
-        if opts.get("perturb"):
-            # Evaluate f just inside each step (next float after its start, previous before its
-            # end), as torchdiffeq's perturb does, so discontinuities at grid points are honoured.
-            # The ends too: f is never evaluated exactly at t[0] or t[-1] either.
-            jumps = sorted(set(grid) | {float(x) for x in jumps})
+        user_jumps = _time_list(opts.get("jump_t"))
+        # Times the steps must end on: the ends, step_t, jump_t and, for Adams, the outputs (a
+        # multistep step cannot be replayed on its own, which odeint_adjoint would need for
+        # outputs inside steps; the variable-step coefficients make the uneven steps exact).
+        must = [float(t[0]), float(t[-1]), *_time_list(opts.get("step_t")), *user_jumps]
         if method in _ADAMS:
-            # Output times on the grid: a multistep step cannot be replayed on its own, which
-            # odeint_adjoint would need for outputs inside steps (the variable-step
-            # coefficients make the uneven steps exact).
-            extra += [float(x) for x in t]
-        grid = sorted(set(grid) | set(extra) | {float(x) for x in jumps})
+            must += [float(x) for x in t]
+        time_dtype = _with_time_dtype({}, opts, y0).get("time_dtype", torch.float64)
+        grid = merged_grid(grid, must, _merge_tolerance(t, grid, time_dtype))
+        # With perturb, f is evaluated just inside each step (next float after its start,
+        # previous before its end), as torchdiffeq's perturb does, so discontinuities at grid
+        # points are honoured; the ends too: f is never evaluated exactly at t[0] or t[-1].
+        jumps = sorted(set(grid) | set(user_jumps)) if opts.get("perturb") else user_jumps
         if opts.get("perturb"):
             solver = Perturbed(get_tableau(solver))
         kwargs.update(solver=solver, controller=StepToGrid(grid, jump_t=jumps))
@@ -595,6 +670,7 @@ def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options
     if kwargs is None:
         raise ValueError("method='scipy_solver' has no dense output in odeint_dense")
     _hook_forward(func, kwargs)
+    func, y0 = promoted(func, y0)
     with torchdiffeq_errors():
         sol = solve(func, y0, t, gradient=Direct(), dense_output=True, **kwargs)
 
