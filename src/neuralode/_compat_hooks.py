@@ -378,24 +378,28 @@ def promoted(func, y0):
         y0 = tuple(x.to(common) for x in tensors)
     tuple_state = not isinstance(y0, torch.Tensor)
 
-    def cast(out):
-        if type(out) is torch.Tensor:  # (the common case: one comparison)
-            if out.dtype is common:
-                return out
-        elif tuple_state and isinstance(out, (tuple, list)):
-            return tuple(cast(o) for o in out)
-        if not isinstance(out, torch.Tensor) or out.dtype == common:
-            return out
-        if out.is_complex() and not common.is_complex:
-            return out  # the imaginary part would be lost: solve raises naming the dtypes
-        if not mixed:
-            _warn_cast(out.dtype, common)
-        return out.to(common)
-
+    # (No closure refers to itself: a reference cycle would leave garbage for the collector.)
     def cast_func(t, y):
-        return cast(func(t, y))
+        out = func(t, y)
+        if type(out) is torch.Tensor:  # (the common case: one comparison)
+            return out if out.dtype is common else _cast(out, common, mixed)
+        if tuple_state and isinstance(out, (tuple, list)):
+            return tuple(_cast(o, common, mixed) for o in out)
+        return out  # (solve raises naming what is wrong)
 
     return cast_func, y0
+
+
+def _cast(out, common: torch.dtype, silent: bool):
+    """``out`` in dtype ``common`` (a warning the first time unless ``silent``); anything else
+    than a real/complex tensor, or a complex one for a real state, unchanged (solve raises)."""
+    if not isinstance(out, torch.Tensor) or out.dtype == common:
+        return out
+    if out.is_complex() and not common.is_complex:
+        return out  # the imaginary part would be lost
+    if not silent:
+        _warn_cast(out.dtype, common)
+    return out.to(common)
 
 
 _WARNED_CASTS: set = set()
