@@ -152,7 +152,7 @@ def _check_options(method: str, options: dict | None, allowed: set, where: str =
 
 
 def _fixed_grid(t: torch.Tensor, options: dict, func, y0) -> list[float]:
-    start, end = float(t[0]), float(t[-1])
+    start, end = float(t[0].detach()), float(t[-1].detach())
     if "step_size" in options and "grid_constructor" in options:
         raise ValueError("pass step_size or grid_constructor in options, not both")
     if "step_size" in options:
@@ -173,7 +173,7 @@ def _fixed_grid(t: torch.Tensor, options: dict, func, y0) -> list[float]:
         if g[0] != start or g[-1] != end:
             raise ValueError("grid_constructor must return a grid whose ends equal t[0] and t[-1]")
         return g
-    grid = [float(x) for x in t]
+    grid = [float(x) for x in t.detach().tolist()]
     if not _fine_output_grid(grid, t.dtype):
         warnings.warn(
             "a fixed-step method was given no options['step_size'] (or grid_constructor): it "
@@ -308,9 +308,10 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
         # Times the steps must end on: the ends, step_t, jump_t and, for Adams, the outputs (a
         # multistep step cannot be replayed on its own, which odeint_adjoint would need for
         # outputs inside steps; the variable-step coefficients make the uneven steps exact).
-        must = [float(t[0]), float(t[-1]), *_time_list(opts.get("step_t")), *user_jumps]
+        times = t.detach().tolist()
+        must = [times[0], times[-1], *_time_list(opts.get("step_t")), *user_jumps]
         if method in _ADAMS:
-            must += [float(x) for x in t]
+            must += times
         time_dtype = _with_time_dtype({}, opts, y0).get("time_dtype", torch.float64)
         grid = merged_grid(grid, must, _merge_tolerance(t, grid, time_dtype))
         # With perturb, f is evaluated just inside each step (next float after its start,
