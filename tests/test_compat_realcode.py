@@ -224,7 +224,7 @@ def test_step_t_as_tensor_on_the_grid_costs_no_extra_steps():
 
 def test_merge_keeps_grid_points_away_from_the_landings():
     """Only points within the tolerance are merged: a landing between grid points adds one."""
-    from neuralode._compat import merged_grid
+    from neuralode._compat_grid import merged_grid
 
     assert merged_grid([0.0, 0.1, 0.2, 0.3], [0.0, 0.15, 0.3], 1e-9) == [0.0, 0.1, 0.15, 0.2, 0.3]
     assert merged_grid([0.0, 0.1, 0.2], [0.0, 0.1 + 1e-12, 0.2], 1e-9) == [0.0, 0.1 + 1e-12, 0.2]
