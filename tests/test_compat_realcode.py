@@ -11,11 +11,14 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from neuralode import odeint, odeint_adjoint, odeint_event
+import neuralode
+from neuralode import _compat_hooks, odeint, odeint_adjoint, odeint_event
+from neuralode._compat import _translate
 
 D64 = torch.float64
 
@@ -151,3 +154,200 @@ def test_constant_event_value_warns_once_in_a_training_loop():
             assert float(t_ev) == pytest.approx(horizon, abs=1e-7)
     msgs = [str(w.message) for w in caught if "does not depend on" in str(w.message)]
     assert len(msgs) == 1
+
+
+# ============ found running ffjord, latent_ode and augmented-neural-odes unchanged
+# A damped rotation: y(t) = y0 @ expm(A t)^T for a batch of row states.
+_A = torch.tensor([[-0.3, 1.0], [-1.0, -0.3]], dtype=torch.float64)
+
+
+def _exact(y0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(T, *y0.shape) in float64."""
+    return torch.stack([y0.double() @ torch.linalg.matrix_exp(_A * float(s)).T for s in t.double()])
+
+
+def _linear(dtype):
+    A = _A.to(dtype)
+    return lambda t, y: y @ A.T
+
+
+# ------------------------------------------------------------------ 1. Adams on the output grid
+@pytest.mark.parametrize("method", ["fixed_adams", "implicit_adams", "explicit_adams"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adams_output_times_on_the_step_grid(method, dtype):
+    """Output times from linspace lie on the step_size grid up to rounding; merged with the grid
+    without de-duplication they left steps of 1e-9 (float32) or 4e-16 (float64) that broke
+    the variable-step Adams formulas (fixed_adams: 3e-1 / 6.5e-3 on ffjord's field)."""
+    t = torch.linspace(0, 5, 51, dtype=dtype)
+    y0 = torch.tensor([[1.0, 0.0], [0.3, -0.7]], dtype=dtype)
+    with torch.no_grad():
+        ys = odeint(_linear(dtype), y0, t, method=method, options=dict(step_size=0.1))
+    err = float((ys.double() - _exact(y0, t)).abs().max())
+    # Order 4 (explicit: 3) with h = 0.1 over [0, 5]: 4e-6 (5e-5) in either dtype; before the
+    # fix 1.4e-3 (2.2e-2) in float64 and 9e-2 (0.46) in float32.
+    bound = 2e-4 if method == "explicit_adams" else 2e-5
+    assert err < bound, (method, dtype, err)
+
+
+@pytest.mark.parametrize("method", ["fixed_adams", "rk4", "implicit_euler"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_translated_grid_has_no_sliver_steps(method, dtype):
+    """The grid lands on every output time (Adams) or step_t, once: 50 steps of 0.1."""
+    t = torch.linspace(0, 5, 51, dtype=dtype)
+    y0 = torch.zeros(2, dtype=dtype)
+    opts = dict(step_size=0.1) if method == "fixed_adams" else dict(step_size=0.1, step_t=t)
+    kw, _ = _translate(None, y0, t, 1e-7, 1e-9, method, opts)
+    grid = np.array(kw["controller"].grid)
+    steps = np.diff(grid)
+    assert len(steps) == 50 and steps.min() > 0.0999 and steps.max() < 0.1001, steps.min()
+    # The grid lands on the output times themselves (in double), not on i * 0.1.
+    assert set(t.double().tolist()) <= set(grid.tolist())
+
+
+def test_step_t_as_tensor_on_the_grid_costs_no_extra_steps():
+    """torchdiffeq takes step_t as a tensor (it raised here); float32 step_t on the rk4 grid
+    took 90 steps instead of 50 (sliver steps next to every landing)."""
+    t = torch.linspace(0, 5, 51)
+    nfe = [0]
+
+    def f(s, y):
+        nfe[0] += 1
+        return y @ _A.float().T
+
+    y0 = torch.tensor([[1.0, 0.0]])
+    for step_t in (t, t.tolist()):
+        nfe[0] = 0
+        ys = odeint(f, y0, t, method="rk4", options=dict(step_size=0.1, step_t=step_t))
+        assert nfe[0] == 200  # 50 steps of Kutta's 3/8 rule (4 stages, not FSAL)
+        assert float((ys.double() - _exact(y0, t)).abs().max()) < 1e-5
+
+
+def test_merge_keeps_grid_points_away_from_the_landings():
+    """Only points within the tolerance are merged: a landing between grid points adds one."""
+    from neuralode._compat_grid import merged_grid
+
+    assert merged_grid([0.0, 0.1, 0.2, 0.3], [0.0, 0.15, 0.3], 1e-9) == [0.0, 0.1, 0.15, 0.2, 0.3]
+    assert merged_grid([0.0, 0.1, 0.2], [0.0, 0.1 + 1e-12, 0.2], 1e-9) == [0.0, 0.1 + 1e-12, 0.2]
+
+
+# ---------------------------------------------------------- 2. non-contiguous derivatives
+def _transposed(t, y):  # (A @ y.T).T: a non-contiguous (B, 2) derivative
+    return (_A @ y.T).T
+
+
+_T = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+_Y0 = torch.tensor([[1.0, 0.0], [0.3, -0.7], [0.2, 0.5]], dtype=torch.float64)
+
+
+def _grad_exact() -> torch.Tensor:
+    """d sum(y(1)) / d y0 = 1 @ expm(A)^T^T, one row per sample."""
+    return torch.ones_like(_Y0) @ torch.linalg.matrix_exp(_A).T.T
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda y0: odeint(_transposed, y0, _T, rtol=1e-10, atol=1e-10),
+        lambda y0: odeint(_transposed, y0, _T, method="rk4", options=dict(step_size=0.01)),
+        lambda y0: odeint_adjoint(_transposed, y0, _T, rtol=1e-10, atol=1e-10, adjoint_params=()),
+        lambda y0: (
+            neuralode.solve(
+                _transposed, y0, _T, rtol=1e-10, atol=1e-10, batch_control="per_sample"
+            ).ys
+        ),
+        lambda y0: (
+            neuralode.solve(
+                _transposed, y0, _T, rtol=1e-10, atol=1e-10, gradient=neuralode.Checkpointed()
+            ).ys
+        ),
+        lambda y0: neuralode.solve(_transposed, y0, _T, solver="rk4", dt=0.01).ys,
+    ],
+    ids=["odeint", "odeint-rk4", "odeint_adjoint", "per_sample", "checkpointed", "solve-rk4"],
+)
+def test_non_contiguous_derivative(run):
+    """A derivative that is not contiguous crashed (``view size is not compatible``)."""
+    y0 = _Y0.clone().requires_grad_()
+    ys = run(y0)
+    torch.testing.assert_close(ys, _exact(_Y0, _T), rtol=1e-7, atol=1e-8)
+    ys[-1].sum().backward()
+    torch.testing.assert_close(y0.grad, _grad_exact(), rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("iface", [odeint, odeint_adjoint])
+def test_channels_last_conv_field(iface):
+    """ANODE's ConvODEFunc in channels_last memory format: same solution as contiguous."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+
+    def field(t, y):
+        return 0.3 * torch.tanh(conv(y))
+
+    kw = dict(rtol=1e-9, atol=1e-9)
+    if iface is odeint_adjoint:
+        kw["adjoint_params"] = tuple(conv.parameters())
+    ref = iface(field, x, _T, **kw)
+    conv.to(memory_format=torch.channels_last)
+    got = iface(field, x.to(memory_format=torch.channels_last), _T, **kw)
+    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-9)
+
+
+# ------------------------------------------------------ 3. euler on a fine output grid
+def test_fixed_step_on_a_fine_output_grid_does_not_warn():
+    """latent_ode's ODE-RNN encoder: euler without step_size on linspace(t_prev, t_i, n)."""
+    y0 = torch.tensor([[1.0, 0.0]])
+    t = torch.linspace(1.0, 0.9, 6)  # backward, 5 steps of 0.02
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = odeint(_linear(torch.float32), y0, t, method="euler")
+    # Euler's result exactly: (I - 0.02 A)^5 y0 (a step of -0.02 five times).
+    M = torch.eye(2, dtype=torch.float64) - 0.02 * _A
+    expected = y0.double() @ torch.linalg.matrix_power(M, 5).T
+    torch.testing.assert_close(ys[-1].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "t", [[0.0, 5.0], [0.0, 1.0, 2.0, 5.0], [0.0, 0.01, 0.02, 0.03, 0.04, 5.0]]
+)
+def test_fixed_step_on_a_coarse_output_grid_warns(t):
+    """A few output times, or one large gap among fine ones, still warn."""
+    with pytest.warns(UserWarning, match="step_size"):
+        odeint(lambda s, y: -y, torch.ones(1), torch.tensor(t), method="rk4")
+
+
+# ------------------------------------------------------ 4. derivative of another dtype
+def _k():
+    return torch.from_numpy(np.array([0.5, 1.0, 2.0]))  # float64, as numpy arrays come
+
+
+@pytest.mark.parametrize("iface", ["odeint", "odeint_adjoint", "odeint_event"])
+def test_derivative_of_another_dtype_is_cast_with_one_warning(iface, monkeypatch):
+    monkeypatch.setattr(_compat_hooks, "_WARNED_CASTS", set())
+    k = _k()
+    f = lambda t, y: -k * y  # noqa: E731  float32 state * float64 -> float64 derivative
+    y0 = torch.ones(4, 3)
+    t = torch.tensor([0.0, 1.0])
+    with pytest.warns(UserWarning, match=r"torch\.float64 for a state of dtype torch\.float32"):
+        if iface == "odeint":
+            y1 = odeint(f, y0, t, rtol=1e-6, atol=1e-8)[-1]
+        elif iface == "odeint_adjoint":
+            y1 = odeint_adjoint(f, y0, t, rtol=1e-6, atol=1e-8, adjoint_params=())[-1]
+        else:  # until the first component reaches exp(-0.5 * 0.8)
+            te, traj = odeint_event(
+                f, y0, 0.0, event_fn=lambda t, y: y[0, 0] - math.exp(-0.4), rtol=1e-6, atol=1e-8
+            )
+            assert float(te) == pytest.approx(0.8, abs=1e-5)
+            y1 = traj[-1]
+    assert y1.dtype == torch.float32
+    T = 0.8 if iface == "odeint_event" else 1.0
+    expected = torch.exp(-k * T).float().expand(4, 3)
+    torch.testing.assert_close(y1, expected, rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():  # once per pair of dtypes
+        warnings.simplefilter("error")
+        odeint(f, y0, t)
+
+
+def test_native_solve_still_raises_on_another_dtype():
+    k = _k()
+    with pytest.raises(TypeError, match="has dtype torch.float64 but the state has dtype"):
+        neuralode.solve(lambda t, y: -k * y, torch.ones(4, 3), torch.tensor([0.0, 1.0]))

@@ -10,7 +10,8 @@ Differences, all deliberate and documented:
 - Fixed-step methods interpolate between steps with cubic Hermite (torchdiffeq: linear).
 - Non-FSAL adaptive methods (adaptive_heun, fehlberg2) evaluate f at every new step's start.
 - A fixed-step method given no ``step_size`` (and no ``grid_constructor``) steps between the
-  output times only, as torchdiffeq does, but with a warning: this is rarely what is meant.
+  output times only, as torchdiffeq does, but with a warning (this is rarely what is meant)
+  unless the output grid is itself fine: no interval longer than a fifth of the span.
 - ``dopri8`` is Hairer's DOP853 (with its 7th-order dense output); torchdiffeq's ``dopri8`` is
   Prince & Dormand's RK8(7)13M. Both are 8th order; results agree to the tolerance, not bitwise.
 - ``options=dict(interp="linear")`` warns and uses cubic Hermite (``"cubic"`` is the default).
@@ -21,6 +22,8 @@ Differences, all deliberate and documented:
   to the grid) and default to order 4: torchdiffeq's default ``max_order=12`` makes
   ``explicit_adams`` unstable (``y' = -y`` with ``step_size=0.01`` blows up).
 - A state stays in its dtype and func gets times in its precision (float32 states: float32).
+  A derivative of another dtype is cast to the state's, as in torchdiffeq, but with a warning
+  (once per pair of dtypes; ``neuralode.solve`` raises TypeError).
 - Step callbacks get the state in y0's structure; a callable ``adjoint_options['norm']`` gets a
   0-d zero for the adjoint of t (not integrated); ``odeint_dense`` takes any method.
 
@@ -37,6 +40,7 @@ import warnings
 import torch
 from torch import nn
 
+from ._compat_grid import fixed_grid, merge_tolerance, merged_grid, time_list
 from ._compat_hooks import (
     FORWARD,
     DeferredAdjointNorm,
@@ -147,39 +151,6 @@ def _check_options(method: str, options: dict | None, allowed: set, where: str =
     return options
 
 
-def _fixed_grid(t: torch.Tensor, options: dict, func, y0) -> list[float]:
-    start, end = float(t[0]), float(t[-1])
-    if "step_size" in options and "grid_constructor" in options:
-        raise ValueError("pass step_size or grid_constructor in options, not both")
-    if "step_size" in options:
-        step = float(options["step_size"])
-        if not (step > 0 and math.isfinite(step)):
-            raise ValueError(
-                f"options['step_size'] must be a positive number, got {options['step_size']!r}"
-            )
-        n = math.ceil(abs(end - start) / step + 1)
-        sign = 1.0 if end >= start else -1.0
-        grid = [start + sign * i * step for i in range(n)]
-        grid[-1] = end
-        # Same construction as torchdiffeq: the last point is replaced by the end time.
-        return grid
-    if "grid_constructor" in options:
-        g = options["grid_constructor"](func, y0, t)
-        g = [float(x) for x in torch.as_tensor(g).reshape(-1)]
-        if g[0] != start or g[-1] != end:
-            raise ValueError("grid_constructor must return a grid whose ends equal t[0] and t[-1]")
-        return g
-    warnings.warn(
-        "a fixed-step method was given no options['step_size'] (or grid_constructor): it takes "
-        "one step between consecutive output times, as torchdiffeq does, which is usually far "
-        "too coarse (rk4 on y' = -y over [0, 5] with t = [0, 5] returns 13.7 for 0.0067). Pass "
-        "options=dict(step_size=...)",
-        UserWarning,
-        stacklevel=3,
-    )
-    return [float(x) for x in t]
-
-
 def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
     """Map torchdiffeq's (method, options) onto solve() keyword arguments."""
     method = "dopri5" if method is None else method
@@ -228,20 +199,21 @@ def _translate(func, y0, t, rtol, atol, method, options, *, where="options"):
         if t.numel() == 1:  # nothing to integrate: the output is y0 (torchdiffeq: y0[None])
             kwargs.update(solver=solver, dt=1.0)
             return _with_time_dtype(kwargs, opts, y0), opts
-        grid = _fixed_grid(t, opts, func, y0)
-        jumps = list(opts.get("jump_t", []) if opts.get("jump_t") is not None else [])
-        extra = [float(x) for x in (opts.get("step_t") or [])]
-        if opts.get("perturb"):
-            # Evaluate f just inside each step (next float after its start, previous before its
-            # end), as torchdiffeq's perturb does, so discontinuities at grid points are honoured.
-            # The ends too: f is never evaluated exactly at t[0] or t[-1] either.
-            jumps = sorted(set(grid) | {float(x) for x in jumps})
+        grid = fixed_grid(t, opts, func, y0)
+        user_jumps = time_list(opts.get("jump_t"))
+        # Times the steps must end on: the ends, step_t, jump_t and, for Adams, the outputs (a
+        # multistep step cannot be replayed on its own, which odeint_adjoint would need for
+        # outputs inside steps; the variable-step coefficients make the uneven steps exact).
+        times = t.detach().tolist()
+        must = [times[0], times[-1], *time_list(opts.get("step_t")), *user_jumps]
         if method in _ADAMS:
-            # Output times on the grid: a multistep step cannot be replayed on its own, which
-            # odeint_adjoint would need for outputs inside steps (the variable-step
-            # coefficients make the uneven steps exact).
-            extra += [float(x) for x in t]
-        grid = sorted(set(grid) | set(extra) | {float(x) for x in jumps})
+            must += times
+        time_dtype = _with_time_dtype({}, opts, y0).get("time_dtype", torch.float64)
+        grid = merged_grid(grid, must, merge_tolerance(t, grid, time_dtype))
+        # With perturb, f is evaluated just inside each step (next float after its start,
+        # previous before its end), as torchdiffeq's perturb does, so discontinuities at grid
+        # points are honoured; the ends too: f is never evaluated exactly at t[0] or t[-1].
+        jumps = sorted(set(grid) | set(user_jumps)) if opts.get("perturb") else user_jumps
         if opts.get("perturb"):
             solver = Perturbed(get_tableau(solver))
         kwargs.update(solver=solver, controller=StepToGrid(grid, jump_t=jumps))
@@ -595,6 +567,7 @@ def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options
     if kwargs is None:
         raise ValueError("method='scipy_solver' has no dense output in odeint_dense")
     _hook_forward(func, kwargs)
+    func, y0 = promoted(func, y0)
     with torchdiffeq_errors():
         sol = solve(func, y0, t, gradient=Direct(), dense_output=True, **kwargs)
 

@@ -357,23 +357,63 @@ class DeferredAdjointNorm:
 
 
 def promoted(func, y0):
-    """A tuple state mixing dtypes (e.g. float32 and float64 components) solved as torchdiffeq
-    does: every component in the promoted dtype (torchdiffeq concatenates them, so its outputs
-    and func's inputs all have that dtype), and func's derivatives cast to it."""
-    if not isinstance(y0, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in y0):
-        return func, y0
-    dtypes = {x.dtype for x in y0}
-    if len(dtypes) <= 1:
-        return func, y0
-    common = y0[0].dtype
-    for x in y0[1:]:
+    """``(func, y0)`` as torchdiffeq solves them: func's derivatives cast to the state's dtype.
+
+    A tuple state mixing dtypes (e.g. float32 and float64 components) is solved in the promoted
+    dtype (torchdiffeq concatenates the components, so its outputs and func's inputs all have
+    that dtype) and func's derivatives are cast to it silently. Otherwise a derivative of
+    another dtype than the state's (a float32 state times a float64 tensor made from a numpy
+    array) is cast to the state's dtype, as torchdiffeq does, with a warning the first time
+    (per pair of dtypes): :func:`neuralode.solve` raises TypeError there instead. The cast
+    costs one dtype comparison per evaluation when the dtypes agree.
+    """
+    tensors = [y0] if isinstance(y0, torch.Tensor) else list(y0)
+    if not tensors or not all(isinstance(x, torch.Tensor) for x in tensors):
+        return func, y0  # (solve raises naming what is wrong)
+    common = tensors[0].dtype
+    for x in tensors[1:]:
         common = torch.promote_types(common, x.dtype)
-    y0 = tuple(x.to(common) for x in y0)
+    mixed = any(x.dtype != common for x in tensors)
+    if mixed:
+        y0 = tuple(x.to(common) for x in tensors)
+    tuple_state = not isinstance(y0, torch.Tensor)
 
-    def promoted_func(t, y):
+    # (No closure refers to itself: a reference cycle would leave garbage for the collector.)
+    def cast_func(t, y):
         out = func(t, y)
-        if isinstance(out, (tuple, list)):
-            return tuple(o.to(common) if isinstance(o, torch.Tensor) else o for o in out)
-        return out
+        if type(out) is torch.Tensor:  # (the common case: one comparison)
+            return out if out.dtype is common else _cast(out, common, mixed)
+        if tuple_state and isinstance(out, (tuple, list)):
+            return tuple(_cast(o, common, mixed) for o in out)
+        return out  # (solve raises naming what is wrong)
 
-    return promoted_func, y0
+    return cast_func, y0
+
+
+def _cast(out, common: torch.dtype, silent: bool):
+    """``out`` in dtype ``common`` (a warning the first time unless ``silent``); anything else
+    than a real/complex tensor, or a complex one for a real state, unchanged (solve raises)."""
+    if not isinstance(out, torch.Tensor) or out.dtype == common:
+        return out
+    if out.is_complex() and not common.is_complex:
+        return out  # the imaginary part would be lost
+    if not silent:
+        _warn_cast(out.dtype, common)
+    return out.to(common)
+
+
+_WARNED_CASTS: set = set()
+
+
+def _warn_cast(got: torch.dtype, want: torch.dtype) -> None:
+    if (got, want) in _WARNED_CASTS:
+        return
+    _WARNED_CASTS.add((got, want))
+    warnings.warn(
+        f"func returned a derivative of dtype {got} for a state of dtype {want}: it is cast to "
+        f"{want}, as torchdiffeq does (neuralode.solve raises TypeError here). Make func return "
+        f"the state's dtype, e.g. build constants with torch.as_tensor(..., dtype=y.dtype) or "
+        f"cast a module with module.to({want}). (Warned once per pair of dtypes.)",
+        UserWarning,
+        stacklevel=4,
+    )

@@ -61,7 +61,8 @@ class VectorField:
             same = y.shape == shape
             out = self.func(self._time(t), y if same else _view(y, shape))
             if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
-                return out if same else out.view(*y.shape)
+                # (reshape: a view for a contiguous out, a copy for e.g. (A @ y.T).T)
+                return out if same else out.reshape(*y.shape)
         else:
             out = self.func(self._time(t), self.spec.unflatten(y))
         return self.checked(out, t)
