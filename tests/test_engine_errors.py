@@ -37,7 +37,7 @@ def solve(func=decay, y0=Y0, t=T, **kw):
         (dict(func=3), TypeError, r"func must be callable as func\(t, y\), got int"),
         (dict(time_dtype=torch.float16), ValueError, r"time_dtype must be torch.float32 or torch.float64, got torch.float16"),
         (dict(max_steps=0), ValueError, r"max_steps must be a positive integer or None, got 0"),
-        (dict(max_steps=2.5), ValueError, r"max_steps must be a positive integer or None, got 2.5"),
+        (dict(max_steps=2.5), TypeError, r"max_steps must be a positive integer or None, got 2.5"),
         (dict(throw="no"), TypeError, r"throw must be a bool, got 'no'"),
         (dict(event=lambda t, y: y), TypeError, r"event must be a neuralode.Event, got function"),
         (dict(solver="rk45"), ValueError, r"unknown solver 'rk45'; choose one of \['adaptive_heun', .*'tsit5'.*\] or pass a ButcherTableau"),

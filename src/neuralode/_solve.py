@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -215,6 +216,7 @@ def solve(
     """
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    _check_arguments(y0, max_steps, dense_output, throw, integral_in_error_norm)
     if integral is not None:  # integral= is one more state component: see _integral.py
         from ._integral import solve_with_integral
 
@@ -225,12 +227,9 @@ def solve(
         return solve_with_integral(solve, func, y0, t, integral, integral_in_error_norm, kw)
     tab = get_tableau(solver)
     grad_method = get_gradient(gradient)
+    _check_replay(tab, grad_method)
     if time_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"time_dtype must be torch.float32 or torch.float64, got {time_dtype}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
-    if not isinstance(throw, bool):
-        raise TypeError(f"throw must be a bool, got {throw!r}")
 
     t_tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64)
     if batch_control not in ("shared", "per_sample"):
@@ -376,6 +375,57 @@ def solve(
         t_tensor, spec, ys, run, direct, run.stats, run.stepper, res.n_accepted, res.n_rejected,
         res.status, res.t_reached, res.message, dense_obj, per_sample,
     )  # fmt: skip
+
+
+def _check_arguments(y0, max_steps, dense_output, throw, integral_in_error_norm) -> None:
+    """The checks of solve's arguments that do not depend on the driver, made before either
+    driver sees them (so both raise the same exception): the state's components are tensors,
+    flags are bools (``"no"`` is not False), ``max_steps`` a positive int (not a bool)."""
+    if isinstance(y0, torch.Tensor):
+        pass
+    elif isinstance(y0, (tuple, list, Mapping)):
+        items = y0.items() if isinstance(y0, Mapping) else enumerate(y0)
+        for k, x in items:
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(
+                    f"y0[{k!r}] is {type(x).__name__}, expected a tensor: y0 is a tensor or a "
+                    "tuple/list/dict of tensors (one per state component); for numbers pass "
+                    "torch.tensor(y0, dtype=torch.float64)"
+                )
+    else:
+        raise TypeError(
+            f"y0 must be a tensor or a tuple/dict of tensors, got {type(y0).__name__}; wrap "
+            "numbers with torch.tensor(y0, dtype=torch.float64)"
+        )
+    for name, v, optional in (
+        ("dense_output", dense_output, True),
+        ("throw", throw, False),
+        ("integral_in_error_norm", integral_in_error_norm, False),
+    ):
+        if not (isinstance(v, bool) or (optional and v is None)):
+            none = " or None" if optional else ""
+            raise TypeError(f"{name} must be a bool{none}, got {v!r}")
+    if max_steps is not None:
+        if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral):
+            raise TypeError(
+                f"max_steps must be a positive integer or None, got {max_steps!r} "
+                f"({type(max_steps).__name__})"
+            )
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
+
+
+def _check_replay(tab, gradient) -> None:
+    """A gradient method whose backward pass recomputes single steps needs a method that can
+    take one out of context (a multistep method's step depends on its history)."""
+    if capable(gradient, "replays_steps") and not getattr(tab, "single_step_replay", True):
+        name = getattr(tab, "name", type(tab).__name__)
+        raise ValueError(
+            f"gradient={type(gradient).__name__}(...) recomputes single steps in its backward pass, which solver "
+            f"{name!r} cannot (a multistep method's step depends on the history of earlier "
+            "steps); use gradient='direct', or 'backsolve' (Backsolve(outputs='auto' or "
+            "'stop'): it stops at every output instead)"
+        )
 
 
 def wants_t_grad(t) -> bool:

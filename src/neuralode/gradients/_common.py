@@ -254,15 +254,18 @@ def forward_without_graph(run: Run, y0flat: torch.Tensor, record: str, max_state
 
 
 def capable(gradient, capability: str) -> bool:
-    """Whether a gradient method declares a capability (class attributes, False if absent):
+    """Whether a gradient method declares a capability (attributes of the method object, False
+    if absent; a property where it depends on the method's settings):
 
     - ``exact_autograd``: the solve runs under autograd, differentiated through its own
       operations (dense output keeps the graph; compiled stepping can run in its place);
     - ``per_sample``: it has ``run_rows(run, y0flat)`` for ``batch_control="per_sample"``;
     - ``compiled_forward``: its forward solve (``forward_without_graph``) may run in
-      compiled chunks (``compile=True``, shared control).
+      compiled chunks (``compile=True``, shared control);
+    - ``replays_steps``: its backward pass recomputes single accepted steps from their start
+      states (refused with methods whose ``single_step_replay`` is False: multistep methods).
     """
-    return bool(getattr(type(gradient), capability, False))
+    return bool(getattr(gradient, capability, False))
 
 
 # ----------------------------------------------------------------------- output packaging

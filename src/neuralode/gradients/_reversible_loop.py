@@ -275,6 +275,9 @@ def integrate_reversible(
     last_nonfinite, h_last = False, 0.0
     state = {"status": "success", "message": ""}
     fail = {"throw": run.throw, "state": state, "engine": _ENGINE}
+    # The pair after the last step that holds outputs: where the backward pass starts if the
+    # solve stops early (throw=False), so that it never walks back through the failure.
+    last_out = None
 
     while direction * (t_end - t) > 0:
         # The controller bounds the step (to [dt_min, dt_max] with force_dt_min); the step
@@ -342,6 +345,8 @@ def integrate_reversible(
                 restarts[len(records) - 1] = (y_new, z)
                 z = y_new
                 since_stored = -1
+        if p > lo:  # (z as the next step sees it: after a restart, y)
+            last_out = (len(records) - 1, y_new, z)
         since_stored += 1
         if anchor_every is not None and since_stored >= anchor_every:
             anchors[len(records) - 1] = (y_new, z)
@@ -381,6 +386,7 @@ def integrate_reversible(
     )
     run.result, run.f = res, f
     run.extra["reversible_scheme"] = sch
+    run.extra["reversible_last_output"] = last_out
     run.stats["nfe"] = f.nfe
     with torch.no_grad():
         gap = float((y - z).abs().max() / y.abs().max().clamp_min(1e-300))

@@ -32,7 +32,7 @@ from ._common import (
     held_run,
     hold_run,
 )
-from .checkpoint import add_initial_outputs
+from .checkpoint import add_initial_outputs, n_initial_outputs
 
 __all__ = ["Backsolve"]
 
@@ -137,6 +137,13 @@ class Backsolve:
     Gradients of gradients (``create_graph=True``) are not supported and raise a RuntimeError;
     use :class:`Checkpointed` or :class:`Direct` for those.
 
+    A solve that stopped early (``throw=False``: a blow-up, the step limit) is differentiated
+    through the outputs it reached: the backward solve starts at the last of them (the
+    outputs after it are NaN constants without a gradient, as under :class:`Direct`), never in
+    the region where the forward solve failed. With a multistep forward method (Adams),
+    ``outputs="auto"`` stops at every output (a step cannot be replayed out of its history)
+    and ``outputs="replay"`` is refused by the solve.
+
     func must be deterministic: the backward pass evaluates it again (backwards in time, along the adjoint equations), so a
     random func (``nn.Dropout`` in training mode, noise drawn inside func) gives the gradient
     of different draws than the forward pass used, silently. Draw the randomness outside func
@@ -186,6 +193,13 @@ class Backsolve:
     per_sample = True
     compiled_forward = True  # the forward may run in compiled chunks (compile=True, shared)
 
+    @property
+    def replays_steps(self) -> bool:
+        """Whether the backward pass must recompute single forward steps: with
+        ``outputs="replay"`` only (``"auto"`` stops at every output instead when the forward
+        method cannot replay a step on its own, e.g. Adams)."""
+        return self.outputs == "replay"
+
     def run_rows(self, run, y0flat: torch.Tensor):
         """The per-sample solve (``batch_control="per_sample"``): the backward solve of
         ``(y, a)`` runs per sample on the per-sample driver; the parameter integral is left
@@ -219,8 +233,11 @@ class _BacksolveFn(torch.autograd.Function):
         ctx.cfg, ctx.params = cfg, params
         if hasattr(cfg.norm, "options"):  # torchdiffeq's grad_fn.adjoint_options
             ctx.adjoint_options = cfg.norm.options
-        # A private copy: the caller may modify the returned outputs in place.
-        ctx.y_final = res.y_final.detach().clone()
+        # Where the backward solve starts, and the state there (a private copy: the caller may
+        # modify the returned outputs in place).
+        ctx.t_start, y_start = _backward_start(run, res)
+        ctx.y_final = None if y_start is None else y_start.detach().clone()
+        ctx.y0 = y0flat.detach().clone() if y_start is None else None
         ys, res.ys = res.ys, None  # (the run need not keep the outputs)
         return ys
 
@@ -233,11 +250,46 @@ class _BacksolveFn(torch.autograd.Function):
             )
         run, cfg, params = held_run(ctx), ctx.cfg, list(ctx.params)
         with cfg.errors() if cfg.errors is not None else contextlib.nullcontext():
-            grads = _backward(run, cfg, params, ctx.y_final, g_ys)
+            y_start = ctx.y_final
+            if y_start is None:  # (a partial solve with per-sample output grids)
+                y_start = _state_at(run, ctx.y0, ctx.t_start)
+            grads = _backward(run, cfg, params, y_start, ctx.t_start, g_ys)
         return (None, None, *grads)
 
 
-def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
+def _backward_start(run: Run, res) -> tuple[float, torch.Tensor | None]:
+    """``(t_start, y_start)``: where the backward solve starts, and the state there. After a
+    solve that stopped early (``throw=False``) the adjoint is zero past the last output
+    reached, so it starts at that output (not where the forward failed), from its value; with
+    per-sample output grids (an output is one sample's row) None: see :func:`_state_at`."""
+    prob, steps = run.prob, res.steps
+    if res.status in ("success", "event"):
+        return (steps[-1].t_new if steps else prob.t0), res.y_final
+    n_reached = steps[-1].out_hi if steps else 0
+    if n_reached <= n_initial_outputs(prob):  # no output past t0: nothing to integrate
+        return prob.t0, res.y_final
+    if prob.out_sample is not None:
+        return prob.out_t[n_reached - 1], None
+    y_out = res.ys[n_reached - 1].reshape(res.y_final.shape)  # (1-D t: sorted = result order)
+    return prob.out_t[n_reached - 1], y_out
+
+
+def _state_at(run: Run, y0flat: torch.Tensor, t_end: float) -> torch.Tensor:
+    """The state at ``t_end`` (reached by the forward), solved for again without a graph."""
+    prob = dataclasses.replace(
+        run.prob,
+        t_end=t_end,
+        out_t=[],
+        out_sample=None,
+        out_order=None,
+        n_out_rows=0,
+        _out_t_dev=None,
+    )
+    with torch.no_grad():
+        return integrate(prob, run.vector_field(), y0flat, track_grad=False).y_final
+
+
+def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys):
     prob = run.prob
     spec = prob.spec
     B, M = y_final.shape
@@ -265,7 +317,10 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
         )
         # Compiled stepping (compile=True) stops at every output: its jumps are then made
         # inside the compiled chunks, while replays would run eagerly.
-        mode = "stop" if n_inner <= len(steps) or run.stats.get("compiled") else "replay"
+        # A multistep forward method cannot replay one step out of its history: stop.
+        replayable = getattr(prob.tableau, "single_step_replay", True)
+        few = n_inner <= len(steps)
+        mode = "stop" if few or run.stats.get("compiled") or not replayable else "replay"
     run.stats["backsolve_outputs"] = mode
     actions: dict[float, list[tuple[str, int]]] = {}
     for k, rec in enumerate(steps):
@@ -278,10 +333,13 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
             actions.setdefault(rec.t_new, []).append(("end", k))
         if any(tau != rec.t_new for tau in taus):
             actions.setdefault(rec.t, []).append(("inner", k))
-    t_start = steps[-1].t_new if steps else prob.t0
     follow_forward = cfg.rtol is None and cfg.atol is None and cfg.dt is None
     boundaries = {*(r.t for r in steps), *(r.t_new for r in steps)} if follow_forward else actions
-    points = sorted({t_start, prob.t0, *boundaries, *actions}, key=lambda x: -direction * x)
+    points = sorted(
+        # (past t_start only when the forward stopped early: no output there, a zero adjoint)
+        {x for x in (t_start, prob.t0, *boundaries, *actions) if direction * (t_start - x) >= 0},
+        key=lambda x: -direction * x,
+    )
 
     # The augmented state (y, a, g_1..g_P), flat, integrated by the same engine.
     p_sizes = [p.numel() for p in params]
@@ -480,9 +538,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, g_ys):
         y, a = parts[0].reshape(-1), parts[1].reshape(-1)
         gs = [c.reshape(-1) for c in parts[2:]]
 
-    a = add_initial_outputs(
-        a.view(B, M), g_sorted, steps[0].out_lo if steps else len(out_t), samples
-    )
+    a = add_initial_outputs(a.view(B, M), g_sorted, n_initial_outputs(prob), samples)
     # Each augmented evaluation calls func once (plus one vector-Jacobian product); replays of
     # forward steps holding outputs call it once per stage.
     run.stats["nfe_backward"] = aug_f.nfe + fwd_f.nfe

@@ -74,6 +74,7 @@ class Checkpointed:
     exact_autograd = False  # capabilities: a custom backward pass, with a per-sample version
     per_sample = True
     compiled_forward = True  # the forward may run in compiled chunks (compile=True, shared)
+    replays_steps = True  # the backward pass recomputes single accepted steps
 
     def run_rows(self, run, y0flat: torch.Tensor):
         """The per-sample solve (``batch_control="per_sample"``): every iteration of the
@@ -157,9 +158,19 @@ class _CheckpointFn(torch.autograd.Function):
                     if gq is not None:
                         gp[q] = gp[q] + gq
             i = j - 1
-        a = add_initial_outputs(a, g_sorted, steps[0].out_lo if steps else len(prob.out_t), samples)
+        a = add_initial_outputs(a, g_sorted, n_initial_outputs(prob), samples)
         run.stats["nfe_backward"] = f.nfe
         return (None, None, a, *gp)
+
+
+def n_initial_outputs(prob) -> int:
+    """How many of the sorted outputs lie at the initial time (they equal y0); the others
+    are reached by steps, or not at all when the solve stopped early (``throw=False``: NaN
+    outputs, constants without a gradient, as under Direct)."""
+    n = 0
+    while n < len(prob.out_t) and prob.out_t[n] == prob.t0:
+        n += 1
+    return n
 
 
 def add_initial_outputs(a, g_sorted, n0: int, samples):

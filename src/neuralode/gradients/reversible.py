@@ -14,6 +14,7 @@ from .._loop import sorted_outputs_grad
 from ..solvers.tableau import ButcherTableau
 from ._common import Run, check_params, find_params, held_run, hold_run
 from ._reversible_loop import integrate_reversible
+from .checkpoint import n_initial_outputs
 
 __all__ = ["Reversible"]
 
@@ -169,6 +170,11 @@ class Reversible:
     -----
     Gradients of gradients (``create_graph=True``) replay the whole reversible solve with a
     graph (memory then grows with the steps, as with :class:`~neuralode.Direct`).
+    A solve that stopped early (``throw=False``) is differentiated through the outputs it
+    reached: the backward pass starts from the pair after the last step holding outputs (kept
+    by the forward pass, two states), so it never reconstructs states in the region where the
+    forward solve failed (a blow-up would make them inf); later outputs are NaN constants
+    without a gradient, as under :class:`~neuralode.Direct`.
     Gradients with respect to ``t`` use the continuous derivatives, as for the other methods;
     event times are differentiated by the implicit function theorem at the event, as with
     :class:`~neuralode.Direct` and :class:`~neuralode.Checkpointed`.
@@ -250,13 +256,24 @@ class _ReversibleFn(torch.autograd.Function):
                 run, cfg.coupling, y0flat.detach(), restart_gap=cfg.restart_gap
             )
         hold_run(ctx, run)  # weakly: the outputs' nodes hold it (see structured_outputs)
+        y_end, z_end = res.y_final, z
+        if res.status != "success":
+            # Stopped early (throw=False): the adjoint is zero past the last output reached
+            # (later outputs are NaN constants, as under Direct), so the backward pass starts
+            # from the pair after the last step holding outputs and never walks back through
+            # the failure (a blow-up would make the reconstruction inf).
+            last = run.extra.get("reversible_last_output")
+            k_last, y_end, z_end = last if last is not None else (-1, y0flat, y0flat)
+            records = records[: k_last + 1]
+            restarts = {k: v for k, v in restarts.items() if k <= k_last}
+            anchors = {k: v for k, v in anchors.items() if k <= k_last}
         ctx.cfg, ctx.records = cfg, records
         ctx.n_params = len(params)
         ctx.stored_at = [(k, True) for k in restarts] + [(k, False) for k in anchors]
         # Saved for backward: the final pair, the pairs at restarts and anchors (and the
         # inputs, to replay for double backward).
         pairs = [x for d in (restarts, anchors) for pair in d.values() for x in pair]
-        ctx.save_for_backward(res.y_final, z, y0flat, *params, *pairs)
+        ctx.save_for_backward(y_end, z_end, y0flat, *params, *pairs)
         ys, res.ys = res.ys, None  # (the run need not keep the outputs)
         return ys
 
@@ -352,8 +369,7 @@ class _ReversibleFn(torch.autograd.Function):
             if gz is not None:
                 az = az.add_(gz)
             ay = ay.mul_(lam)
-        n0 = ctx.records[0][4] if ctx.records else len(prob.out_t)
-        a = add_outputs(ay + az, 0, n0)  # y_0 = z_0 = y0
+        a = add_outputs(ay + az, 0, n_initial_outputs(prob))  # y_0 = z_0 = y0
         run.stats["nfe_backward"] = f.nfe
         if ctx.records:
             worst = float(check(y, z, y0flat, y0flat))

@@ -34,9 +34,10 @@ Default orders are stable ones: 4 for both. torchdiffeq's ``explicit_adams`` def
 ``t = 5``); Adams--Bashforth of order 4 is stable for ``h |lambda| < 0.3``.
 
 Multistep methods carry a history between steps, so a single step cannot be recomputed on its
-own: ``Checkpointed`` gradients are not supported, nor ``Backsolve`` when outputs fall strictly
-inside a step (put them on the grid). ``Direct`` gradients and ``Backsolve`` with outputs on
-step boundaries work.
+own (``single_step_replay = False``): ``Checkpointed`` gradients and
+``Backsolve(outputs="replay")`` are refused by the solve (ValueError). ``Direct`` gradients and
+``Backsolve`` work (its default ``outputs="auto"`` then stops the adjoint solve at every output
+time instead of replaying forward steps; events included).
 
 References
 ----------
@@ -139,6 +140,9 @@ class Adams(MethodFace):
             raise ValueError(f"{self.name}: only implicit Adams has an error estimate")
 
     fsal = True
+    # A step depends on the history of earlier steps: it cannot be recomputed on its own from
+    # its start state (gradient methods that replay single steps read this).
+    single_step_replay = False
 
     @property
     def order(self) -> int:
