@@ -20,15 +20,17 @@ def dense_rows(stepper, f, K, t_old, h, y_old, t_c1, lo, hi) -> torch.Tensor:
     return Kd.view(-1, *y_old.shape)
 
 
-def step_outputs(stepper, f, K, t_old, h, t_new, y_old, y_new, lo, hi, has, r, tau_j):
+def step_outputs(stepper, f, K, t_old, h, t_new, y_old, y_new, lo, hi, has, r, tau_j, t_c1=None):
     """Values at the output times ``tau_j`` inside the steps of rows ``r`` (rows ``has`` hold
     outputs): the step's continuous extension, and the end state exactly at a step's end.
-    Returns ``(values (n, M), k_end)`` where ``k_end = (rows, f at their step ends)`` when the
-    dense stages evaluated it (the next step's first stage), else None."""
+    ``t_c1`` (default ``t_new``): the time of a stage at c = 1 (the left limit of a step that
+    ends on a ``jump_t``). Returns ``(values (n, M), k_end)`` where ``k_end = (rows, f at their
+    step ends)`` when the dense stages evaluated it (the next step's first stage), else None."""
     Kd, kr, k_end = K, r, None
+    t_c1 = t_new if t_c1 is None else t_c1
     if stepper.Sd > stepper.S:  # dense stages, only for the rows with outputs
         u = has.nonzero().squeeze(1)
-        Kd = dense_rows(stepper, f, K[:, u], t_old[u], h[u], y_old[u], t_new[u], lo[u], hi[u])
+        Kd = dense_rows(stepper, f, K[:, u], t_old[u], h[u], y_old[u], t_c1[u], lo[u], hi[u])
         kr = (torch.cumsum(has, 0) - 1)[r]
         if stepper.tab.dense_stage_is_next_first:
             k_end = (u, Kd[stepper.S])
