@@ -123,6 +123,19 @@ def test_output_inside_a_step_ending_on_a_jump_uses_the_left_limit():
     torch.testing.assert_close(rows, shared, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("batch_control", ["shared", "per_sample"])
+@pytest.mark.parametrize("solver, tol", [("rk4", 1e-5), ("dopri8", 1e-9)])
+def test_dense_output_inside_a_step_ending_on_a_jump(batch_control, solver, tol):
+    """Dense output inside the step that ends on the jump: its dense stages at c = 1 see the
+    left limit (they saw f at t = 1, the right value here: 2.4e-2 with rk4)."""
+    q = [0.95, 1.0, 1.05]
+    sol = neuralode.solve(decay_right, Y0, torch.tensor([0.0, 2.0], dtype=F64), solver=solver,
+                          controller=ConstantStep(0.1, jump_t=(1.0,)), dense_output=True,
+                          batch_control=batch_control)  # fmt: skip
+    v = sol.evaluate(torch.tensor(q, dtype=F64))
+    assert rel_err(v[:, 0], exact(Y0[0], q)) < tol
+
+
 @pytest.mark.parametrize("gradient", ["checkpoint", "backsolve"])
 @pytest.mark.parametrize("func, t_out", [(decay_left, T_OUT), (decay_right, [0, 0.95, 1, 2])])
 def test_per_sample_jump_at_an_output_time_gradients(gradient, func, t_out):

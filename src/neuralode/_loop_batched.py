@@ -324,7 +324,7 @@ def integrate_per_sample(
             w.stale = w.stale & ~jumped
             w.tf = torch.where(jumped, t_first, w.tf)
         if "dense" in record and n_acc:
-            records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K))
+            records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K, t_last))
         # ---- outputs inside the accepted steps, from each step's continuous extension
         r = tau_j = None
         if n_out and outputs:

@@ -65,31 +65,32 @@ class PerSampleDense:
     def _build(self):
         if self._table is not None:
             return self._table
-        cols = [[] for _ in range(7)]
-        for idx, acc, t_old, t_new, h, y_old, y_new, K in self._records:
+        cols = [[] for _ in range(8)]
+        for idx, acc, t_old, t_new, h, y_old, y_new, K, *t_c1 in self._records:
             a = acc.nonzero().squeeze(1)
-            for col, x in zip(cols, (idx, t_old, t_new, h, y_old, y_new)):
+            # (t_c1: the time of a stage at c = 1, the left limit of a step ending on a jump_t)
+            for col, x in zip(cols, (idx, t_old, t_new, h, y_old, y_new, (t_c1 or [t_new])[0])):
                 col.append(x[a])
-            cols[6].append(K[:, a])
+            cols[7].append(K[:, a])
         self._records = None
         B = self._t0.shape[0]
         dev = self._y0.device
         if not cols[0]:
             self._table = (None, torch.zeros(B, dtype=torch.long, device=dev), None, None)
             return self._table
-        sid, tlo, thi, h, ya, yb = (torch.cat(c) for c in cols[:6])
-        K = torch.cat(cols[6], dim=1)
+        sid, tlo, thi, h, ya, yb, tc1 = (torch.cat(c) for c in cols[:7])
+        K = torch.cat(cols[7], dim=1)
         # Rows appear in step order, which is time order per sample: a stable sort by sample
         # lists every sample's steps consecutively and chronologically.
         order = torch.sort(sid, stable=True).indices
-        sid, tlo, thi, h, ya, yb = (x[order] for x in (sid, tlo, thi, h, ya, yb))
+        sid, tlo, thi, h, ya, yb, tc1 = (x[order] for x in (sid, tlo, thi, h, ya, yb, tc1))
         K = K[:, order]
         counts = torch.bincount(sid, minlength=B)
         offsets = torch.cumsum(counts, 0) - counts
         rank = torch.arange(sid.shape[0], device=dev) - offsets[sid]
         keys = torch.full((B, int(counts.max())), float("inf"), dtype=torch.float64, device=dev)
         keys[sid, rank] = self._sdir[sid] * thi
-        self._table = ((sid, tlo, thi, h, ya, yb, K), counts, offsets, keys)
+        self._table = ((sid, tlo, thi, h, ya, yb, K, tc1), counts, offsets, keys)
         return self._table
 
     @property
@@ -133,7 +134,7 @@ class PerSampleDense:
         if steps is None:  # no sample moved
             out = self._y0[s]
         else:
-            sid, tlo, thi, h, ya, yb, K = steps
+            sid, tlo, thi, h, ya, yb, K, tc1 = steps
             n = counts[s]
             pos = torch.searchsorted(keys[s], (self._sdir[s] * tq).unsqueeze(1)).squeeze(1)
             e = torch.where(n > 0, offsets[s] + torch.minimum(pos, n - 1), 0)
@@ -141,7 +142,7 @@ class PerSampleDense:
             if st.Sd > st.S:  # dense stages once per step queried
                 ue, inv = torch.unique(e, return_inverse=True)
             b = sid[ue]
-            Kd = dense_rows(st, self._f, K[:, ue], tlo[ue], h[ue], ya[ue], thi[ue], self._lo[b],
+            Kd = dense_rows(st, self._f, K[:, ue], tlo[ue], h[ue], ya[ue], tc1[ue], self._lo[b],
                             self._hi[b])  # fmt: skip
             Kd = Kd if inv is None else Kd[:, inv]
             out = st.interpolate(Kd, ya[e], h[e], (tq - tlo[e]) / h[e])
