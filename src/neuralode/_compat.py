@@ -296,7 +296,8 @@ _EVENT_MAX_STEPS = 100_000
 
 def _event_solve(func, y0, t, kwargs, event_fn, gradient):
     """torchdiffeq's event mode: returns (event_t, stack([y0, y_event]))."""
-    from .events import Event, no_event
+    from ._events_segments import no_event
+    from .events import Event
 
     t = torch.as_tensor(t)
     if t.numel() != 2:

@@ -19,7 +19,7 @@ from ._tree import flatten_state
 from .errors import MaxStepsError, SolveError
 from .events import _grid, _locate, _map, _reroute, _zip_map
 
-__all__ = ["non_terminal"]
+__all__ = ["non_terminal", "no_event"]
 
 
 def _whole_solve_limit(message: str, max_steps: int, left: int, stats: dict) -> str:
@@ -153,4 +153,19 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
     return Solution(
         t=t, ys=ys, stats=stats, status=status, t_final=t_final, message=message,
         event_t=event_t, event_y=event_y,
+    )  # fmt: skip
+
+
+def no_event(sol, t_end: float) -> None:
+    """Raise the :class:`~neuralode.SolveError` of an ``odeint_event`` solve (ending at the
+    stand-in horizon ``t_end``) whose event function never changed sign."""
+    miss = torch.isnan(sol.event_t.reshape(-1)).nonzero().squeeze(1).tolist()
+    who = f" for samples {miss[:8]}" if sol.event_t.numel() > 1 else ""
+    n = sol.stats.get("n_accepted", 0) + sol.stats.get("n_rejected", 0)
+    raise SolveError(
+        f"event_fn did not change sign{who} up to t={t_end:.6g}, where the event solve ends "
+        "(the second time only gives the direction); check event_fn (its zero must be "
+        "crossed, in its direction), or solve to a finite end with neuralode.solve(func, y0, "
+        "t, event=neuralode.Event(event_fn)), which returns event_t = NaN where none fires",
+        t=t_end, step=int(torch.as_tensor(n).max()), h=float("nan"),
     )  # fmt: skip

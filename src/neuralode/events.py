@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 
 from ._tree import TreeSpec
-from .errors import SolveError
 from .gradients._common import collect_runs, hold_outputs
 
 __all__ = ["Event"]
@@ -589,18 +588,3 @@ def _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype):
         event_t=t_event,
         event_y=y_event,
     )
-
-
-def no_event(sol, t_end: float) -> None:
-    """Raise the :class:`~neuralode.SolveError` of an ``odeint_event`` solve (ending at the
-    stand-in horizon ``t_end``) whose event function never changed sign."""
-    miss = torch.isnan(sol.event_t.reshape(-1)).nonzero().squeeze(1).tolist()
-    who = f" for samples {miss[:8]}" if sol.event_t.numel() > 1 else ""
-    n = sol.stats.get("n_accepted", 0) + sol.stats.get("n_rejected", 0)
-    raise SolveError(
-        f"event_fn did not change sign{who} up to t={t_end:.6g}, where the event solve ends "
-        "(the second time only gives the direction); check event_fn (its zero must be "
-        "crossed, in its direction), or solve to a finite end with neuralode.solve(func, y0, "
-        "t, event=neuralode.Event(event_fn)), which returns event_t = NaN where none fires",
-        t=t_end, step=int(torch.as_tensor(n).max()), h=float("nan"),
-    )  # fmt: skip
