@@ -268,6 +268,7 @@ _EVENT_MAX_STEPS = 100_000
 
 def _event_solve(func, y0, t, kwargs, event_fn, gradient):
     """torchdiffeq's event mode: returns (event_t, stack([y0, y_event]))."""
+    from ._events_segments import no_event
     from .events import Event
 
     t = torch.as_tensor(t)
@@ -282,7 +283,7 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
         t = t.to(torch.float64)
     if kwargs.get("max_steps") is None:
         # The solve runs until the event: bound it so that an event that never fires ends with
-        # MaxStepsError instead of running for ever (options['max_num_steps'] overrides).
+        # MaxStepsError (or SolveError at the horizon) (options['max_num_steps'] overrides).
         kwargs = dict(kwargs, max_steps=_EVENT_MAX_STEPS)
     ctrl = kwargs.get("controller")
     if isinstance(ctrl, StepToGrid):  # fixed step: keep the step size, drop the grid's end
@@ -307,6 +308,8 @@ def _event_solve(func, y0, t, kwargs, event_fn, gradient):
             event=Event(event_fn, constant_ok=True),
             **kwargs,
         )
+    if bool(torch.isnan(sol.event_t).any()):  # the horizon reached: no silent NaN event time
+        no_event(sol, t0 + sign * _EVENT_HORIZON)
     if isinstance(y0, (tuple, list)):
         traj = tuple(torch.stack([a, b]) for a, b in zip(y0, sol.event_y))
     else:
@@ -601,6 +604,11 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     (event_t, solution) :
         The event time (differentiable w.r.t. ``t0``, y0, the parameters of func and those of
         event_fn, by the implicit function theorem) and ``stack([y0, y(event_t)])``.
+
+    Raises
+    ------
+    neuralode.SolveError
+        When event_fn never changes sign (the solve runs to a stand-in horizon of 1e15).
     """
     odeint_interface = odeint if odeint_interface is None else odeint_interface
     t0 = torch.as_tensor(t0).reshape(-1)[:1]

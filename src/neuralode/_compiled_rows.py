@@ -47,7 +47,9 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     C = _consts(tab, ctrl, f.time_dtype, n_steps, spec, run.floor, rows=True, pick=False,
                 record=bool(run.dense), n_out=T)  # fmt: skip
     W = C.window
-    t0, t_end = tau[:, 0].contiguous(), tau[:, -1].contiguous()
+    # Dense strides (1,): a column of a (1, T) tau keeps stride T under .contiguous(), and the
+    # chunk's t (stride 1) would then fail the compiled code's guards from the second call on.
+    t0, t_end = (tau[:, i].clone(memory_format=torch.contiguous_format) for i in (0, -1))
     # Outputs at a sample's initial time (n0 of them) are its initial state.
     sdir, _, n0 = time_layout(tau)
     out_t = torch.cat([tau, (sdir * math.inf).unsqueeze(1).expand(B, W)], 1)

@@ -259,6 +259,16 @@ def _flat(spec, state, L: int) -> torch.Tensor:
     return torch.cat([p.reshape(L, spec.batch, -1) for p in parts], -1)
 
 
+def max_events_message(n: int, t_last: str, who: str = "the solve") -> str:
+    """The message of a solve stopped by ``Event(max_events=n)`` at its n-th event."""
+    return (
+        f"Event(max_events={n}) reached: {who} stopped at its last allowed event (number {n}, "
+        f"t={t_last}); "
+        "outputs after it hold the state at that event (as for a terminal event). Raise "
+        "max_events to go on; for a Zeno-like accumulation of events, end the solve before it"
+    )
+
+
 def solve_rows_with_event(solve_rows, ctx, y0, t, event, kw: dict) -> Solution:
     """``solve(..., batch_control="per_sample", event=...)``: see the module docstring.
 
@@ -404,6 +414,19 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
         nan = torch.full((B,), float("nan"), dtype=torch.float64, device=dev)
         ev_t.append(nan.index_put((rf,), te))
         ev_y.append(torch.full_like(y_end, float("nan")).index_put((rf,), ye))  # before reset
+        if k + 1 == event.max_events:  # the limit: these samples stop here (as if terminal)
+            r, c = (fired.unsqueeze(1) & (torch.arange(T, device=dev) >= nxt.unsqueeze(1))
+                    ).nonzero().unbind(1)  # fmt: skip
+            pos.append(c * B + r)
+            vals.append(y_end.index_put((rf,), ye)[r])  # the state at the event, before reset
+            t_fin[rf] = te.detach().to(t_fin.dtype)
+            if status == "success":
+                status = "max_events"
+                message = max_events_message(
+                    event.max_events, f"{float(te.detach().max()):.17g} at the latest",
+                    f"samples {rf.tolist()[:8]}{' ...' if rf.numel() > 8 else ''} each",
+                )  # fmt: skip
+            break
         if event.reset is not None:  # reset(t (n,), the n rows) -> the n rows
             n = rf.numel()
             new = event.reset(te.to(ctx.time_dtype), ctx.f._spec(n).unflatten(ye))

@@ -3,7 +3,8 @@
 The solve runs in segments: each locates the next event from the segment's start, solves up to
 it with the chosen gradient method, re-attaches the event time to the graph and applies
 ``reset``; the last segment ends at the final time. ``max_steps`` limits the step attempts of
-the whole solve, across segments.
+the whole solve, across segments (failure messages count them all). At the ``max_events``-th
+event the solve stops, as at a terminal event, with status ``"max_events"``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import re
 
 import torch
 
-from ._events_rows import SegmentStats
+from ._events_rows import SegmentStats, max_events_message
 from ._failures import step_failure
 from ._tree import flatten_state
-from .errors import MaxStepsError
+from .errors import MaxStepsError, SolveError
 from .events import _grid, _locate, _map, _reroute, _zip_map
 
-__all__ = ["non_terminal"]
+__all__ = ["non_terminal", "no_event"]
 
 
 def _whole_solve_limit(message: str, max_steps: int, left: int, stats: dict) -> str:
@@ -32,6 +33,16 @@ def _whole_solve_limit(message: str, max_steps: int, left: int, stats: dict) -> 
     message = re.sub(r"\(accepted (\d+), rejected (\d+)", whole, message, count=1)
     note = f" [max_steps counts the whole solve: {acc + rej} step attempts in earlier segments]"
     return message.replace(f"max_steps={left} ", f"max_steps={max_steps} ", 1) + note
+
+
+def _whole_solve_attempts(message: str, used: int) -> str:
+    """A segment's failure message (step size underflow, non-finite values) with the step
+    attempts of the whole solve (``used`` in earlier segments) instead of the segment's."""
+
+    def whole(m):
+        return f"after {int(m[1]) + used} step attempts"
+
+    return re.sub(r"after (\d+) step attempts", whole, message, count=1)
 
 
 def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
@@ -49,6 +60,7 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
     status, message, t_final = "success", "", t_end
     segments: list = []
     j = 0  # next output index
+    hold = None  # the state held by the outputs after a stop at max_events
     while True:
         t_star = float("nan")
         ts_f = float(t_s.detach())
@@ -90,6 +102,11 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
                 raise
             msg = _whole_solve_limit(str(e), max_steps, left, stats)
             raise MaxStepsError(msg, t=e.t, step=e.step + used, h=e.h) from None
+        except SolveError as e:  # the attempts of the whole solve, as per-sample control says
+            if not used:
+                raise
+            msg = _whole_solve_attempts(str(e), used)
+            raise type(e)(msg, t=e.t, step=e.step + used, h=e.h) from None
         seg_before = dict(stats)
         for key in ("nfe", "n_accepted", "n_rejected"):
             stats[key] += sol.stats[key]
@@ -99,6 +116,8 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
             status, message, t_final = sol.status, sol.message, sol.t_final
             if left is not None and status == MaxStepsError.status:
                 message = _whole_solve_limit(message, max_steps, left, seg_before)
+            else:
+                message = _whole_solve_attempts(message, used)
             break
         if t_star != t_star:
             break
@@ -106,12 +125,20 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
         te, ye = _reroute(func, event, [t_star], y_star, False, time_dtype)
         ev_t.append(te)
         ev_y.append(ye)
+        if len(ev_t) == event.max_events:  # the limit: stop here, as a terminal event would
+            status, t_final = "max_events", t_star
+            message = max_events_message(event.max_events, f"{t_star:.17g}")
+            hold = ye  # (the state at the event, before any reset)
+            break
         y_s = ye
         if event.reset is not None:  # checked like y0: same structure, shapes and dtype
             y_s = event.reset(te, ye)
             spec.flatten(y_s, what="the state returned by Event(reset=...)")
         t_s = te
-    if j < len(tl):  # a failed solve (throw=False): outputs never reached are NaN
+    if j < len(tl) and hold is not None:  # stopped at max_events: the event state
+        n = len(tl) - j
+        out_pieces.append(_map(hold, lambda v: v.unsqueeze(0).expand(n, *v.shape)))
+    elif j < len(tl):  # a failed solve (throw=False): outputs never reached are NaN
         n = len(tl) - j
         out_pieces.append(
             _map(
@@ -126,4 +153,19 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
     return Solution(
         t=t, ys=ys, stats=stats, status=status, t_final=t_final, message=message,
         event_t=event_t, event_y=event_y,
+    )  # fmt: skip
+
+
+def no_event(sol, t_end: float) -> None:
+    """Raise the :class:`~neuralode.SolveError` of an ``odeint_event`` solve (ending at the
+    stand-in horizon ``t_end``) whose event function never changed sign."""
+    miss = torch.isnan(sol.event_t.reshape(-1)).nonzero().squeeze(1).tolist()
+    who = f" for samples {miss[:8]}" if sol.event_t.numel() > 1 else ""
+    n = sol.stats.get("n_accepted", 0) + sol.stats.get("n_rejected", 0)
+    raise SolveError(
+        f"event_fn did not change sign{who} up to t={t_end:.6g}, where the event solve ends "
+        "(the second time only gives the direction); check event_fn (its zero must be "
+        "crossed, in its direction), or solve to a finite end with neuralode.solve(func, y0, "
+        "t, event=neuralode.Event(event_fn)), which returns event_t = NaN where none fires",
+        t=t_end, step=int(torch.as_tensor(n).max()), h=float("nan"),
     )  # fmt: skip

@@ -324,16 +324,20 @@ def integrate_per_sample(
             w.stale = w.stale & ~jumped
             w.tf = torch.where(jumped, t_first, w.tf)
         if "dense" in record and n_acc:
-            records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K))
+            records.append((w.idx, acc, t_old, w.t, h_step, y_old, w.y, K, t_last))
         # ---- outputs inside the accepted steps, from each step's continuous extension
         r = tau_j = None
         if n_out and outputs:
             r, j = ((ar_T >= w.nxt.unsqueeze(1)) & (ar_T < cnt.unsqueeze(1))).nonzero().unbind(1)
             tau_j = w.tau[r, j]
             v, k_end = step_outputs(stepper, f, K, t_old, h_step, w.t, y_old, w.y, w.lo, w.hi,
-                                    cnt > w.nxt, r, tau_j)  # fmt: skip
-            if k_end is not None:  # f at the step end (a dense stage): the next k1
-                w.k1 = w.k1.index_put((k_end[0],), k_end[1])
+                                    cnt > w.nxt, r, tau_j, t_last)  # fmt: skip
+            if k_end is not None:  # f at the step end (a dense stage): the next k1 ...
+                u, k_u = k_end
+                if n_jump:  # ... except past a jump_t: there k1 is f at the right limit
+                    keep = (~jumped[u]).nonzero().squeeze(1)
+                    u, k_u = u[keep], k_u[keep]
+                w.k1 = w.k1.index_put((u,), k_u)
                 w.stale = w.stale & ~(cnt > w.nxt)
             pos.append(j * B + w.idx[r])
             vals.append(v)

@@ -35,7 +35,7 @@ def solve(
     max_steps: int | None = None,
     dense_output: bool | None = None,
     throw: bool = True,
-    time_dtype: torch.dtype = torch.float64,
+    time_dtype: torch.dtype | None = None,
     event=None,
     batch_control: str = "shared",
     compile: bool = False,
@@ -82,8 +82,13 @@ def solve(
     throw : bool, default True
         On failure raise a :class:`~neuralode.SolveError`; with False return the partial solution
         (outputs past the failure are NaN) with ``status`` and ``t_final`` set.
-    time_dtype : torch.dtype, default torch.float64
-        Dtype of the time tensor passed to func. Step control always runs in double precision.
+    time_dtype : torch.dtype, optional
+        Dtype of the time tensor passed to func (torch.float32 or torch.float64). Default:
+        float64 under ``batch_control="shared"`` (a 0-d tensor, which does not change the dtype
+        of ``t * y``); under ``"per_sample"`` (``t`` of shape ``(A,)``) the state's precision,
+        float64 for a float64 (or complex128) state and float32 otherwise, so that
+        ``t[:, None] * y`` keeps y's dtype and the same func runs under both. Step control
+        always runs in double precision.
     event : Event, optional
         An event function to locate (terminal, per-sample, non-terminal, with resets); see
         :class:`neuralode.Event`. The Solution then has ``event_t`` and ``event_y``.
@@ -217,6 +222,10 @@ def solve(
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     _check_arguments(y0, max_steps, dense_output, throw, integral_in_error_norm)
+    if time_dtype is None:  # see the docstring: func's t never changes the dtype of its result
+        wide = {real_dtype(c.dtype) for c in leaves(y0) if isinstance(c, torch.Tensor)}
+        narrow = batch_control == "per_sample" and torch.float64 not in wide
+        time_dtype = torch.float32 if narrow else torch.float64
     if integral is not None:  # integral= is one more state component: see _integral.py
         from ._integral import solve_with_integral
 

@@ -62,7 +62,10 @@ class Event:
         ball's velocity flip). Needs ``terminal=False``. Under ``batch_control="per_sample"``
         it gets the ``n`` rows whose event fired and their times ``(n,)``.
     max_events : int, default 100
-        Limit on recorded non-terminal events.
+        Limit on non-terminal events: at the ``max_events``-th event the solve (under
+        ``batch_control="per_sample"``, that sample) stops there as at a terminal event, with
+        ``Solution.status == "max_events"`` and a message saying so; later outputs hold the
+        state at that event (before any reset), ``t_final`` is its time.
     constant_ok : bool, default False
         What to do when gradients are recorded but the event function's value at the event
         depends on nothing differentiable (neither t, the state nor a parameter, e.g. it calls

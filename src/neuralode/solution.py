@@ -35,7 +35,9 @@ class Solution:
         samples failed with ``throw=False``, ``failed_samples`` are added.
     status : str
         ``"success"``; ``"event"`` when terminal events stopped the solve (every sample's, for
-        per-sample events) -- outputs after the event hold the state at the event; or with
+        per-sample events) -- outputs after the event hold the state at the event;
+        ``"max_events"`` when non-terminal events stopped it at ``Event(max_events=...)``
+        (likewise, for every sample that reached it under per-sample control); or with
         ``throw=False`` one of ``"max_steps"``, ``"dt_underflow"``, ``"nonfinite"``.
     t_final : float or Tensor
         Time the solve reached (the final time on success); with ``batch_control="per_sample"``

@@ -144,7 +144,7 @@ def _replay(f, st, rec, y_old, a, g, B, params, gp):
             has = torch.zeros(ar.shape[0], dtype=torch.bool, device=ar.device)
             has[sub] = True
             v, _ = step_outputs(st, f, K, t0[ar], h[ar], t1[ar], yk, y_new, lo[ar],
-                                hi[ar], has, sub, tau_j)  # fmt: skip
+                                hi[ar], has, sub, tau_j, tl[ar])  # fmt: skip
             outs.append(v)
             cots.append(g[j * B + idx[r]])
         grads = torch.autograd.grad(outs, [yk, *params], cots, allow_unused=True)
@@ -445,7 +445,9 @@ def _replay_step(run, inner, steps, is_inner, g, yk, fy, tf, idx, rp, jr, params
     K = K.view(-1, *y.shape)
     r, j = (is_inner[br] & (steps[0, br] == t_old.unsqueeze(1))).nonzero().unbind(1)
     has = torch.ones(br.shape[0], dtype=torch.bool, device=br.device)
-    v, _ = step_outputs(st, inner, K, t_old, h, t_new, y, y_new, lo, hi, has, r, tau[br[r], j])
+    v, _ = step_outputs(
+        st, inner, K, t_old, h, t_new, y, y_new, lo, hi, has, r, tau[br[r], j], t_last
+    )
     grads = torch.autograd.grad(v, [yk, *params], g[j * B + br[r]], allow_unused=True,
                                 retain_graph=True)  # fmt: skip
     _sum_into(gp, grads[1:])

@@ -46,7 +46,9 @@ class DenseOutput:
         rec, st = self._steps[i], self._stepper
         if rec.K.shape[0] < st.Sd:
             k_next = rec.k_next
-            rec.K = st.dense_stages(self._f, rec.t, rec.t_new - rec.t, rec.y, rec.K, k_next)
+            rec.K = st.dense_stages(
+                self._f, rec.t, rec.t_new - rec.t, rec.y, rec.K, k_next, rec.t_last
+            )  # (the left limit at a jump_t)
         return rec.K
 
     def evaluate_flat(

@@ -20,15 +20,17 @@ def dense_rows(stepper, f, K, t_old, h, y_old, t_c1, lo, hi) -> torch.Tensor:
     return Kd.view(-1, *y_old.shape)
 
 
-def step_outputs(stepper, f, K, t_old, h, t_new, y_old, y_new, lo, hi, has, r, tau_j):
+def step_outputs(stepper, f, K, t_old, h, t_new, y_old, y_new, lo, hi, has, r, tau_j, t_c1=None):
     """Values at the output times ``tau_j`` inside the steps of rows ``r`` (rows ``has`` hold
     outputs): the step's continuous extension, and the end state exactly at a step's end.
-    Returns ``(values (n, M), k_end)`` where ``k_end = (rows, f at their step ends)`` when the
-    dense stages evaluated it (the next step's first stage), else None."""
+    ``t_c1`` (default ``t_new``): the time of a stage at c = 1 (the left limit of a step that
+    ends on a ``jump_t``). Returns ``(values (n, M), k_end)`` where ``k_end = (rows, f at their
+    step ends)`` when the dense stages evaluated it (the next step's first stage), else None."""
     Kd, kr, k_end = K, r, None
+    t_c1 = t_new if t_c1 is None else t_c1
     if stepper.Sd > stepper.S:  # dense stages, only for the rows with outputs
         u = has.nonzero().squeeze(1)
-        Kd = dense_rows(stepper, f, K[:, u], t_old[u], h[u], y_old[u], t_new[u], lo[u], hi[u])
+        Kd = dense_rows(stepper, f, K[:, u], t_old[u], h[u], y_old[u], t_c1[u], lo[u], hi[u])
         kr = (torch.cumsum(has, 0) - 1)[r]
         if stepper.tab.dense_stage_is_next_first:
             k_end = (u, Kd[stepper.S])
@@ -63,31 +65,32 @@ class PerSampleDense:
     def _build(self):
         if self._table is not None:
             return self._table
-        cols = [[] for _ in range(7)]
-        for idx, acc, t_old, t_new, h, y_old, y_new, K in self._records:
+        cols = [[] for _ in range(8)]
+        for idx, acc, t_old, t_new, h, y_old, y_new, K, *t_c1 in self._records:
             a = acc.nonzero().squeeze(1)
-            for col, x in zip(cols, (idx, t_old, t_new, h, y_old, y_new)):
+            # (t_c1: the time of a stage at c = 1, the left limit of a step ending on a jump_t)
+            for col, x in zip(cols, (idx, t_old, t_new, h, y_old, y_new, (t_c1 or [t_new])[0])):
                 col.append(x[a])
-            cols[6].append(K[:, a])
+            cols[7].append(K[:, a])
         self._records = None
         B = self._t0.shape[0]
         dev = self._y0.device
         if not cols[0]:
             self._table = (None, torch.zeros(B, dtype=torch.long, device=dev), None, None)
             return self._table
-        sid, tlo, thi, h, ya, yb = (torch.cat(c) for c in cols[:6])
-        K = torch.cat(cols[6], dim=1)
+        sid, tlo, thi, h, ya, yb, tc1 = (torch.cat(c) for c in cols[:7])
+        K = torch.cat(cols[7], dim=1)
         # Rows appear in step order, which is time order per sample: a stable sort by sample
         # lists every sample's steps consecutively and chronologically.
         order = torch.sort(sid, stable=True).indices
-        sid, tlo, thi, h, ya, yb = (x[order] for x in (sid, tlo, thi, h, ya, yb))
+        sid, tlo, thi, h, ya, yb, tc1 = (x[order] for x in (sid, tlo, thi, h, ya, yb, tc1))
         K = K[:, order]
         counts = torch.bincount(sid, minlength=B)
         offsets = torch.cumsum(counts, 0) - counts
         rank = torch.arange(sid.shape[0], device=dev) - offsets[sid]
         keys = torch.full((B, int(counts.max())), float("inf"), dtype=torch.float64, device=dev)
         keys[sid, rank] = self._sdir[sid] * thi
-        self._table = ((sid, tlo, thi, h, ya, yb, K), counts, offsets, keys)
+        self._table = ((sid, tlo, thi, h, ya, yb, K, tc1), counts, offsets, keys)
         return self._table
 
     @property
@@ -131,7 +134,7 @@ class PerSampleDense:
         if steps is None:  # no sample moved
             out = self._y0[s]
         else:
-            sid, tlo, thi, h, ya, yb, K = steps
+            sid, tlo, thi, h, ya, yb, K, tc1 = steps
             n = counts[s]
             pos = torch.searchsorted(keys[s], (self._sdir[s] * tq).unsqueeze(1)).squeeze(1)
             e = torch.where(n > 0, offsets[s] + torch.minimum(pos, n - 1), 0)
@@ -139,7 +142,7 @@ class PerSampleDense:
             if st.Sd > st.S:  # dense stages once per step queried
                 ue, inv = torch.unique(e, return_inverse=True)
             b = sid[ue]
-            Kd = dense_rows(st, self._f, K[:, ue], tlo[ue], h[ue], ya[ue], thi[ue], self._lo[b],
+            Kd = dense_rows(st, self._f, K[:, ue], tlo[ue], h[ue], ya[ue], tc1[ue], self._lo[b],
                             self._hi[b])  # fmt: skip
             Kd = Kd if inv is None else Kd[:, inv]
             out = st.interpolate(Kd, ya[e], h[e], (tq - tlo[e]) / h[e])
