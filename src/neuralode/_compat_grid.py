@@ -9,6 +9,8 @@ import warnings
 
 import torch
 
+from .controllers.step_size import MERGE_ULPS, landing_tolerance
+
 __all__ = ["fixed_grid", "merged_grid", "merge_tolerance", "time_list"]
 
 
@@ -66,7 +68,7 @@ def _fine_output_grid(times: list[float], dtype: torch.dtype) -> bool:
     span = abs(times[-1] - times[0])
     gap = max(abs(b - a) for a, b in zip(times, times[1:]))
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    slack = _MERGE_ULPS * eps * max(abs(times[0]), abs(times[-1]))
+    slack = MERGE_ULPS * eps * max(abs(times[0]), abs(times[-1]))
     return gap <= span / _FINE_INTERVALS + slack
 
 
@@ -79,24 +81,18 @@ def time_list(value) -> list[float]:
     return [float(x) for x in value]
 
 
-# Grid points closer than this many ulps (of the time dtype, at the span's magnitude) to a time
-# the steps must end on are that time. torch.linspace in float32 lands within ~0.5 ulp of the
-# exact points and the grid ``t0 + i * step_size`` (double) within a few double ulps of them:
-# 16 leaves a wide margin and still moves a step end by under 2e-6 of the span in float32.
-_MERGE_ULPS = 16
-
-
 def merge_tolerance(t: torch.Tensor, grid: list[float], time_dtype: torch.dtype) -> float:
-    """How far apart a grid point and a must-land time may be and still be one point: a few
-    ulps of the coarser of the time dtype and t's dtype (float32 output times are float32
-    roundings of the step grid's points, which a float32 func cannot tell apart), relative to
-    the largest |time|, and never more than a quarter of the smallest step of the grid."""
+    """How far apart a grid point and a must-land time may be and still be one point: the
+    native controllers' :func:`~neuralode.controllers.step_size.landing_tolerance` (a few ulps
+    relative to the largest |time|, never more than a quarter of the smallest step of the grid),
+    in the coarser of the time dtype and t's dtype (float32 output times are float32 roundings
+    of the step grid's points, which a float32 func cannot tell apart)."""
     eps = torch.finfo(time_dtype).eps
     if t.is_floating_point():
         eps = max(eps, torch.finfo(t.dtype).eps)
     scale = max(abs(grid[0]), abs(grid[-1]))
     smallest = min(abs(b - a) for a, b in zip(grid, grid[1:])) if len(grid) > 1 else math.inf
-    return min(_MERGE_ULPS * eps * scale, smallest / 4)
+    return landing_tolerance(scale, smallest, eps)
 
 
 def merged_grid(grid, must, tol: float) -> list[float]:

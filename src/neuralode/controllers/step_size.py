@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -62,15 +63,57 @@ def underflows(h, t, dt_min: float):
     return (h < dt_min) | (h <= 4 * _EPS64 * abs(t)) | (t + h == t)
 
 
+# ------------------------------------------------- merging step ends with landing times
+# A step end within this many ulps (at the span's magnitude) of a time the steps must end on
+# (step_t, jump_t, an output landing, the end) is that time. torch.linspace in float32 lands
+# within ~0.5 ulp of the exact points and the grid ``t0 + k dt`` (double) within a few double
+# ulps of them: 16 leaves a wide margin and moves a step end by under 2e-6 of the span in
+# float32. Without the merge such a pair leaves a sliver step of 1e-9 (float32 landings) or
+# 4e-16 (float64): an extra step each, and the variable-step Adams formulas break on them. The
+# torchdiffeq face merges its fixed grids with the same tolerance (:mod:`neuralode._compat_grid`).
+MERGE_ULPS = 16
+_EPS32 = 1.1920928955078125e-07
+
+
+def landing_tolerance(scale, step, eps):
+    """How far apart a step end and a landing time may be and still be one point:
+    ``MERGE_ULPS`` ulps (relative precision ``eps``) of the span's magnitude ``scale``, never
+    more than a quarter of ``step`` (so a landing genuinely off the grid keeps its own step).
+    Floats or (B,) float64 tensors; a NaN ``step`` gives NaN (nothing merges)."""
+    return minimum(MERGE_ULPS * eps * scale, step / 4)
+
+
+def landing_eps(x):
+    """The relative precision of the times a landing ``x`` came in: float32's where ``x`` is a
+    float32 value (``t`` or ``step_t`` given in float32: the landings are float32 roundings of
+    the grid's points, ~1e-9 off them at t = 0.1), else float64's. The engine's times are
+    double; the dtype ``t`` was given in is not passed down, and a float64 time that happens to
+    be a float32 value (0.5) only widens the merge to 2e-6 of the span, capped at a quarter
+    step. Floats or float64 tensors (elementwise)."""
+    if isinstance(x, torch.Tensor):
+        exact = x.to(torch.float32).to(x.dtype) == x
+        return _EPS64 + (_EPS32 - _EPS64) * exact.to(x.dtype)
+    try:
+        exact = struct.unpack("f", struct.pack("f", x))[0] == x
+    except OverflowError:  # beyond float32's range
+        exact = False
+    return _EPS32 if exact else _EPS64
+
+
 def grid_point(t, t0, t_end, direction, dt: float):
     """The next point ``t0 + k dt`` after ``t``, computed by multiplication (no drift from
-    repeated addition, so no sliver step at the end); within 8 ulps of ``t_end`` it is
-    ``t_end``. Floats or tensors (compiled stepping calls it inside the compiled graph)."""
+    repeated addition, so no sliver step at the end). A grid point within
+    :func:`landing_tolerance` past ``t`` (``t`` a landing just before it) is passed over for the
+    next one, and one within it of ``t_end`` is ``t_end``: the grid continues as ``t0 + k dt``
+    after a landing without a sliver step. Floats or tensors (compiled stepping calls it inside
+    the compiled graph; ``t0``, ``t_end``, ``direction`` per row)."""
     fl = torch.floor if isinstance(t, torch.Tensor) else math.floor
+    scale = maximum(abs(t0), abs(t_end))
     k = fl(direction * (t - t0) / dt) + 1
     t_new = t0 + direction * k * dt
-    t_new = where(direction * (t_new - t) <= 0, t0 + direction * (k + 1) * dt, t_new)
-    near = abs(t_end - t_new) <= 8 * _EPS64 * maximum(abs(t_end), dt)
+    past = landing_tolerance(scale, dt, landing_eps(t))
+    t_new = where(direction * (t_new - t) <= past, t0 + direction * (k + 1) * dt, t_new)
+    near = abs(t_end - t_new) <= landing_tolerance(scale, dt, landing_eps(t_end))
     return where(near, t_end, t_new)
 
 
@@ -247,12 +290,19 @@ class Controller:
             else:
                 i = bisect.bisect_left(landings, t) - 1
                 land = landings[i] if i >= 0 else None
-        # A step ending within a few ulps short of a landing ends on it: the sliver step left
-        # over would be below the resolution of t (an adjoint solve replaying it underflows).
-        if land is not None and direction * (t_try - land) >= -_SLIVER * abs(land):
-            return land, True, land in self.jump_t  # landings lie strictly inside
+        # A step ending within landing_tolerance short of a landing ends on it (ConstantStep:
+        # a grid point a rounding away from a float32 output time), and always within a few
+        # ulps: the sliver step left over would be below the resolution of t (an adjoint solve
+        # replaying it underflows).
+        scale = max(abs(t), abs(t_end), *(abs(x) for x in landings[:1] + landings[-1:]))
+        step = abs(t_try - t)
+        if land is not None:
+            tol = maximum(_SLIVER * abs(land), landing_tolerance(scale, step, landing_eps(land)))
+            if direction * (t_try - land) >= -tol:
+                return land, True, land in self.jump_t  # landings lie strictly inside
         # (A jump at the end: its left limit, perturb.)
-        if direction * (t_try - t_end) >= -_SLIVER * abs(t_end):
+        tol = maximum(_SLIVER * abs(t_end), landing_tolerance(scale, step, landing_eps(t_end)))
+        if direction * (t_try - t_end) >= -tol:
             return t_end, True, t_end in self.jump_t
         return t_try, False, False
 
@@ -268,6 +318,12 @@ def land_rows(t, t_try, t_end, sdir, L, J=None):
     """:meth:`Controller.land` on (B,) float64 tensors: ``L`` the sorted landing times, ``J``
     the jump times (a tensor, or None). Compiled stepping calls it inside its graph."""
     n = L.shape[0]
+    # The merge of Controller.land: within landing_tolerance (at least a few ulps) short of a
+    # landing or the end, the step ends on it.
+    scale = torch.maximum(t.abs(), t_end.abs())
+    if n:
+        scale = torch.maximum(scale, torch.maximum(L[0].abs(), L[-1].abs()))
+    step = (t_try - t).abs()
     if n:
         up = torch.searchsorted(L, t.contiguous(), right=True)
         dn = torch.searchsorted(L, t.contiguous(), right=False) - 1
@@ -276,12 +332,14 @@ def land_rows(t, t_try, t_end, sdir, L, J=None):
         land = torch.where(ok, L[i.clamp(0, n - 1)], t_end)
         # A landing beyond the end is no landing: the end comes first.
         ok = ok & (sdir * (t_end - land) > 0)
-        to_land = ok & (sdir * (t_try - land) >= -_SLIVER * land.abs())
+        tol = maximum(_SLIVER * land.abs(), landing_tolerance(scale, step, landing_eps(land)))
+        to_land = ok & (sdir * (t_try - land) >= -tol)
         t_new = torch.where(to_land, land, t_try)
     else:
         to_land = torch.zeros_like(t, dtype=torch.bool)
         t_new = t_try
-    at_end = sdir * (t_new - t_end) >= -_SLIVER * t_end.abs()
+    tol = maximum(_SLIVER * t_end.abs(), landing_tolerance(scale, step, landing_eps(t_end)))
+    at_end = sdir * (t_new - t_end) >= -tol
     t_new = torch.where(at_end, t_end, t_new)
     if J is not None:  # on a jump_t landing, or at an end that is one (its left limit)
         jump = (to_land | at_end) & torch.isin(t_new, J)
