@@ -155,12 +155,61 @@ def _all_zero(v) -> bool:
 
 
 class Controller:
-    """Base class. ``adaptive`` controllers need a solver with an embedded error estimate.
+    """The step-size controller protocol: subclass it to write a new controller (one class).
 
-    A controller is a frozen dataclass of settings that overrides the protocol's formulas
-    below (each on floats and on (B,) float64 tensors alike); every driver, compiled stepping
-    included, calls them and nothing else, so a new controller is one class. Fields that the
-    per-step formulas do not read go to their defaults in :meth:`step_rule`.
+    A controller is a frozen dataclass of settings (no per-solve state: every driver threads
+    the state through its loop). The drivers -- the host-float driver (shared control: one step
+    size for the whole batch, Python floats), the masked per-row driver (per-sample control:
+    ``(B,)`` float64 tensors, one entry per sample) and compiled stepping (the per-row formulas
+    inside ``torch.compile``) -- call the methods below and never branch on the controller's
+    type. Every method that receives step sizes or times must work on both floats and ``(B,)``
+    float64 tensors, with no host read and no data-dependent Python branch on tensors (use the
+    module helpers ``where``, ``minimum``, ``maximum``, ``isfinite``, which dispatch on the
+    argument type and propagate NaN either way). Step sizes ``h`` are magnitudes ``|h| > 0``;
+    ``direction`` is ``+1.0``/``-1.0`` (a float, or a ``(B,)`` tensor per sample).
+
+    Attributes
+    ----------
+    adaptive : bool, default False
+        Whether steps are chosen from the method's embedded error estimate (the solver must have
+        one). An adaptive controller also has ``rtol`` and ``atol`` (floats or tensors
+        broadcastable to the state), which the engine lays out over the state for the scaled
+        error norm; a step is accepted when that norm is ``<= 1`` (or :meth:`accepts`).
+    step_t, jump_t : tuple of float, default ()
+        Times to land on (at ``jump_t`` f is evaluated afresh on the far side). Keep them as
+        fields so that :meth:`with_landings` and :meth:`step_rule` can replace them.
+    dt_min, dt_max : float, default 0, inf
+        Bounds on ``|h|`` used by the default :meth:`underflows` and :meth:`bounded`.
+    norm : callable or None, default None
+        A custom error norm (None: the engine's scaled RMS norm).
+
+    Methods a subclass overrides (the defaults suit fixed steps):
+
+    - :meth:`initial_step` ``(norm, f, t0, y0, k1, direction, span, order) -> h0``: the first
+      ``|h|`` (default ``inf``: the first step ends on the next landing time or the end).
+    - :meth:`propose` ``(t, h, t0, t_end, direction) -> t_try``: the end of the next step before
+      landings (default ``t + direction h``). A fixed grid computes it from ``t0`` and ``t``.
+    - :meth:`adapt` ``(h, h_prop, e, prev, k, accept, clipped) -> (h_next, prev_next)``: the next
+      ``|h|`` and error memory after a step (default unchanged; adaptive controllers only).
+    - :meth:`bounded` ``(h_abs, nonfinite=False) -> h_abs``: the step size to try (default
+      capped at ``dt_max``).
+    - :meth:`underflows` ``(h, t) -> bool``: the step cannot be taken (default below ``dt_min``
+      or the resolution of ``t``).
+    - :meth:`accepts` ``(err, h_abs) -> bool``: accept a step whose scaled error exceeds 1 (host
+      floats; default no).
+    - :meth:`step_rule` ``() -> Controller``: the per-step formulas as a hashable value (compiled
+      stepping keys its cache on it); override to drop per-solve data (tolerances, landing times).
+    - :meth:`step_count` ``(t0, t_end) -> int or None``: the number of steps when known before
+      the solve (fixed steps; compiled stepping unrolls exactly that many).
+    - :meth:`adjoint_rule` ``() -> Controller``: the controller of an adjoint's backward solve.
+    - :meth:`check_span` ``(lo, hi)``: raise ValueError if the controller cannot cover
+      ``[lo, hi]``.
+
+    Landings (:meth:`land`, :meth:`first_time`, :meth:`landing_times`) are the engine's and apply
+    to every controller. Pass an instance as ``solve(..., controller=...)``.
+
+    See the README's "Writing a controller" and ``tests/test_controller_protocol.py`` (a
+    geometric fixed-step grid and an adaptive I controller, each through every driver).
     """
 
     adaptive: bool = False
@@ -178,9 +227,15 @@ class Controller:
         """Whether a step of size ``|h|`` from ``t`` cannot be taken (see :func:`underflows`)."""
         return underflows(h, t, self.dt_min)
 
-    # The controller protocol: the drivers ask these and never branch on the controller's type.
     def initial_step(self, norm, f, t0, y0, k1, direction, span, order: int):
-        """The first step size (fixed-step controllers: their step; no evaluation)."""
+        """The first step size ``|h|`` (fixed-step controllers: their step; no evaluation).
+
+        ``norm(*xs)`` gives the scaled norms of ``xs`` (floats, or (B,) tensors per row);
+        ``f(t, y)`` the vector field on the flat state; ``y0``/``k1`` the state and
+        ``f(t0, y0)`` (flat, detached); ``t0``, ``direction``, ``span`` (the interval's length)
+        floats or (B,) float64 tensors; ``order`` the adaptation exponent (error order + 1).
+        ``norm`` and ``order`` are None, and ``k1`` may be None, for a fixed-step controller.
+        """
         return math.inf
 
     def propose(self, t, h, t0, t_end, direction):
@@ -197,6 +252,11 @@ class Controller:
         stays NaN). Every driver caps its steps here."""
         return minimum(h_abs, self.dt_max)
 
+    def accepts(self, err: float, h_abs: float) -> bool:
+        """Whether a step of size ``h_abs`` with scaled error ``err`` is accepted (the host
+        drivers ask it when ``err > 1``; default: only ``err <= 1``)."""
+        return err <= 1.0
+
     def step_rule(self) -> Controller:
         """This controller's per-step formulas (:meth:`propose`, :meth:`bounded`,
         :meth:`underflows`, :meth:`adapt` and ``adaptive``) as a hashable controller that
@@ -204,6 +264,13 @@ class Controller:
         elsewhere (tolerances, landing times, first step, custom norm): compiled stepping bakes
         it into its code and keys its cache on it, so that solves that differ only in that data
         share one compilation. Default: the controller itself."""
+        return self
+
+    def adjoint_rule(self) -> Controller:
+        """The controller of an adjoint's backward solve over the forward's interval: the same
+        step formulas and landings, without what belongs to the forward solve (a first step
+        size, a custom norm, ``dt_min``: a forward step clipped to an output time may be
+        shorter); the backward problem carries its own tolerances. Default: the controller."""
         return self
 
     def step_count(self, t0: float, t_end: float) -> int | None:
@@ -565,8 +632,13 @@ class PIController(Controller):
             h_abs = maximum(h_abs, self.dt_min)
         return h_abs
 
+    def adjoint_rule(self) -> PIController:
+        # (The backward problem lays its own tolerances over the augmented state: placeholders.)
+        return dataclasses.replace(self, dt0=None, norm=None, rtol=1.0, atol=1.0, dt_min=0.0)
+
     def accepts(self, err: float, h_abs: float) -> bool:
-        """Whether a step of size ``h_abs`` with scaled error ``err`` is accepted."""
+        """Whether a step of size ``h_abs`` with scaled error ``err`` is accepted (with
+        ``force_dt_min`` also a finite error at ``|h| <= dt_min``)."""
         if err <= 1.0:
             return True
         return self.force_dt_min and h_abs <= self.dt_min and math.isfinite(err)
