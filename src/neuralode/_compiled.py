@@ -54,8 +54,8 @@ from . import _compiled_lengths as _lengths
 from ._compiled_setup import _chunk_inputs, _chunk_state, _setup, _shared_state  # noqa: F401
 from ._compiled_stance import DEFAULT_STANCE, FAIL_ON_RECOMPILE
 from ._compiled_start import Start, chunk_from_start
-from ._compiled_step import STATUS_NONFINITE_H, STATUS_UNDERFLOW, Consts, chunk
-from ._failures import report_failure
+from ._compiled_step import Consts, chunk
+from ._failures import CAUSES, report_failure
 from ._loop import LoopResult, Problem, StepRecord, VectorField, _start_outputs
 from ._norms import ErrorNorm, initial_norm
 from .controllers.step_size import time_beside
@@ -544,13 +544,11 @@ def integrate_compiled(
 def failure_cause(code: int, busy, reached: bool) -> str | None:
     """Why a row of the compiled step stopped short (a cause of
     :func:`neuralode._failures.step_failure`), or None: it is still stepping (``busy``) or
-    reached its final time. ``code`` is the row's status from the compiled step; a row that
-    stopped without one used up its step attempts (the compiled step stops a row at
-    max_steps before it checks the step size, as the eager drivers do)."""
-    if code == STATUS_NONFINITE_H:
-        return "nonfinite_h"
-    if code == STATUS_UNDERFLOW:
-        return "underflow"
+    reached its final time. ``code`` is the row's status from the compiled step (a code of
+    :data:`neuralode._failures.CAUSES`); a row that stopped without one used up its step
+    attempts in the last step of a call (its next step would have set the code)."""
+    if code:
+        return CAUSES[int(code)]
     return None if busy or reached else "max_steps"
 
 
