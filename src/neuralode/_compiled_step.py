@@ -13,8 +13,8 @@ accept/reject decision, PI memory, status and output times (all ``(R,)`` or ``(R
 Rows that have finished (or failed) take steps of length zero whose results are masked out with
 ``torch.where``. Times are float64 and signed (each row's direction ``sdir``), as in the eager
 per-row driver; every formula is the engine's own: the controller's landing rule
-(:func:`~neuralode.controllers.step_size.land_rows`, with
-:func:`~neuralode.controllers.step_size.time_beside` at a ``jump_t``), and its step proposal,
+(:func:`~neuralode.controllers.base.land_rows`, with
+:func:`~neuralode.controllers.base.time_beside` at a ``jump_t``), and its step proposal,
 bound, underflow rule and adaptation (the methods of its
 :meth:`~neuralode.controllers.Controller.step_rule`), the scaled error norm
 (:func:`~neuralode._norms.error_scale`, :func:`~neuralode._norms.rms_rows`), the

@@ -9,6 +9,7 @@
 Controllers hold settings only; the per-solve state is threaded through the stepping loop.
 """
 
-from .step_size import ConstantStep, Controller, PIController, StepToGrid
+from .base import Controller
+from .step_size import ConstantStep, PIController, StepToGrid
 
 __all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController"]
