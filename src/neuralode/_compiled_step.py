@@ -33,7 +33,7 @@ from ._failures import cannot_step
 from ._norms import error_scale, rms_rows
 from .controllers.step_size import Controller, land_rows, time_beside
 from .solvers.explicit_rk import stage_sum
-from .solvers.tableau import interpolant_sum, weights_at
+from .solvers.tableau import exact_at_step_end, interpolant_sum, weights_at
 
 __all__ = ["Consts", "chunk"]
 
@@ -170,8 +170,7 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
             theta = torch.where(step_in, (taus - t.unsqueeze(1)) / h_step.unsqueeze(1), 0.0)
             # (R, W, Sd) weights of the method's own interpolant: one fused loop per step
             vals = interpolant_sum(y3, h_step, weights_at(theta, Pm), Kst)
-            at_end = (taus == t_new.unsqueeze(1)).view(R, -1, *[1] * (y3.dim() - 2))
-            vals = torch.where(at_end, yn3, vals)
+            vals = exact_at_step_end(vals, taus, t_new.unsqueeze(1), yn3)
         else:  # the step ended on the output time
             vals = yn3.expand(R, C.window, *yn3.shape[2:])
         if C.pick:
