@@ -186,6 +186,17 @@ def test_compiled_geometric_grid():
     assert torch.allclose(comp.ys, eager.ys, rtol=1e-12, atol=1e-14)
 
 
+def test_default_step_rule_drops_the_per_solve_data():
+    """Compiled stepping keys its cache on ``step_rule()``: by default the tolerances and
+    landing times of a subclass are reset, so solves that differ only in them share a
+    compilation (and tensor tolerances still hash)."""
+    assert Geometric(h0=0.01, q=1.2, step_t=(1.1,), jump_t=(0.3,)).step_rule() == GEOM
+    tensor_tols = HalvingI(rtol=torch.tensor([1e-6, 1e-7]), atol=1e-9, h0=0.01)
+    rule = tensor_tols.step_rule()
+    assert rule == HalvingI(rtol=1.0, atol=1.0, h0=0.01)
+    hash(rule)
+
+
 def test_anything_else_is_refused():
     y0, t = _problem()
     with pytest.raises(TypeError, match=r"controller must be a Controller .* got dict"):

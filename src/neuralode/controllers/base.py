@@ -146,7 +146,7 @@ class Controller:
     - :meth:`underflows` ``(h, t) -> bool``: the step cannot be taken (default below ``dt_min``
       or the resolution of ``t``).
     - :meth:`accepts` ``(err, h_abs) -> bool``: accept a step whose scaled error exceeds 1 (host
-      floats; default no).
+      floats; asked by the host-float and reversible drivers only; default no).
     - :meth:`step_rule` ``() -> Controller``: the per-step formulas as a hashable value (compiled
       stepping keys its cache on it); override to drop per-solve data (tolerances, landing times).
     - :meth:`step_count` ``(t0, t_end) -> int or None``: the number of steps when known before
@@ -213,8 +213,16 @@ class Controller:
         compares by value, without the per-solve data the step receives as tensors or uses
         elsewhere (tolerances, landing times, first step, custom norm): compiled stepping bakes
         it into its code and keys its cache on it, so that solves that differ only in that data
-        share one compilation. Default: the controller itself."""
-        return self
+        share one compilation. Default: the controller with the fields it has among ``rtol``,
+        ``atol`` (placeholders 1.0: the step receives the tolerances as tensors), ``step_t``,
+        ``jump_t`` (empty: it receives the landing times as tensors) and ``norm`` (None)
+        reset; override it when other fields hold per-solve data."""
+        if not dataclasses.is_dataclass(self):
+            return self
+        reset = {
+            f.name: _PER_SOLVE[f.name] for f in dataclasses.fields(self) if f.name in _PER_SOLVE
+        }
+        return dataclasses.replace(self, **reset) if reset else self
 
     def adjoint_rule(self) -> Controller:
         """The controller of an adjoint's backward solve over the forward's interval: the same
@@ -279,6 +287,10 @@ class Controller:
         if self.jump_t:
             J = torch.tensor(self.jump_t, dtype=t_try.dtype, device=t_try.device)
         return land_rows(t, t_try, t_end, sdir, L, J)
+
+
+#: The per-solve fields that :meth:`Controller.step_rule` resets by default, and their values.
+_PER_SOLVE = {"rtol": 1.0, "atol": 1.0, "step_t": (), "jump_t": (), "norm": None}
 
 
 def land_rows(t, t_try, t_end, sdir, L, J=None):
