@@ -112,6 +112,19 @@ def test_a_fixed_step_below_the_resolution_of_t_is_an_underflow_everywhere(drive
     assert ei.value.t == 1e6 and ei.value.step == 0
 
 
+def test_compiled_stepping_applies_the_same_rule_to_a_fixed_step():
+    """compile=True (one compile: five Euler steps): the compiled step asks the same
+    ``cannot_step`` and reports its cause code, so a fixed step below the resolution of t is
+    the same StepSizeUnderflowError at the same time and step count as in the eager drivers."""
+    t = torch.tensor([1e6, 1e6 + 2.4e-10], dtype=F64)  # two ulps of t apart
+    ctrl = ConstantStep(5e-11)  # 5 steps, each rounding away at t = 1e6
+    for compiled in (False, True):
+        with pytest.raises(StepSizeUnderflowError, match=r"below the resolution of t") as ei:
+            neuralode.solve(_decay, Y0, t, solver="euler", controller=ctrl, compile=compiled)
+        assert ei.value.t == 1e6 and ei.value.step == 0
+        assert ("compiled stepping" in str(ei.value)) == compiled
+
+
 @pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("driver", EAGER)
 def test_max_steps_is_the_same_failure_everywhere(driver, fixed):

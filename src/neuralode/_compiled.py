@@ -20,17 +20,13 @@ eager per-row driver), and records every step's times, state and stages for dens
 asked. The arithmetic is the eager drivers' (see :mod:`neuralode._compiled_step`), but sums
 run in another order: the error estimate, which cancels heavily, then differs in its last bits
 and the step sizes relatively by about 1e-10 (the accepted/rejected counts are normally the
-same). A step never passes more than a window of output times (it lands on the last of them:
-``_OUT_WINDOW`` with the whole batch at each output, wider with one sample per output). A
-method whose continuous extension needs extra stages (DOP853) lands on every output time.
+same). A step passes at most a window of output times (``_OUT_WINDOW``), landing on the last.
 
-Failures are those of the eager drivers (StepSizeUnderflowError, NonFiniteError, MaxStepsError,
-or a partial solution with ``throw=False``), found at the end of the call in which they happen.
-Each (func, constants, dtype, device, shapes) compiles once; afterwards a call whose guards fail
-(func's Python state changed, e.g. a float attribute) is not recompiled: the faces raise
-:class:`CompiledCodeMismatch` and the solve runs on the eager engine. Under autograd (Direct
-gradients) the compiled chunks are differentiated by autograd (``torch.compile`` builds their
-backward too).
+Failures are those of the eager drivers (the same rule, :func:`neuralode._failures.cannot_step`,
+in the step), found at the end of the call in which they happen. Each (func, constants, dtype,
+device, shapes) compiles once; afterwards a call whose guards fail (func's Python state changed,
+e.g. a float attribute) is not recompiled: the faces raise :class:`CompiledCodeMismatch` and
+the solve runs on the eager engine.
 
 Scope: explicit Runge--Kutta methods (Butcher tableaux) under any controller without a custom
 ``norm`` (``step_t``/``jump_t`` included), a tensor, tuple or dict state, a 1-D or 2-D ``t``;
@@ -51,11 +47,11 @@ import weakref
 import torch
 
 from . import _compiled_lengths as _lengths
-from ._compiled_setup import _chunk_inputs, _chunk_state, _setup, _shared_state  # noqa: F401
+from ._compiled_setup import _chunk_state, _setup, _shared_state
 from ._compiled_stance import DEFAULT_STANCE, FAIL_ON_RECOMPILE
 from ._compiled_start import Start, chunk_from_start
-from ._compiled_step import STATUS_NONFINITE_H, STATUS_UNDERFLOW, Consts, chunk
-from ._failures import report_failure
+from ._compiled_step import Consts, chunk
+from ._failures import CAUSES, report_failure
 from ._loop import LoopResult, Problem, StepRecord, VectorField, _start_outputs
 from ._norms import ErrorNorm, initial_norm
 from .controllers.step_size import time_beside
@@ -128,6 +124,7 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
     # evaluations (no dense stages, or only f at the step end); otherwise (DOP853's 7th-order
     # extension has three more stages) steps land on every output time instead.
     cheap = tab.n_dense_stages == 0 or (tab.n_dense_stages == 1 and tab.dense_stage_is_next_first)
+    wide = _OUT_WINDOW_PICK if pick else _OUT_WINDOW_ROWS if rows else _OUT_WINDOW
     return Consts(
         a=tuple(tuple(float(x) for x in row) for row in tab.a),
         b=tuple(float(x) for x in tab.b),
@@ -146,11 +143,7 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
             tuple(spec.sizes),
         ),  # fmt: skip
         # (at least one slot: a solve without outputs, the adjoint's, pads one)
-        window=max(
-            1, min(_OUT_WINDOW_PICK if pick else _OUT_WINDOW_ROWS if rows else _OUT_WINDOW, n_out)
-        )
-        if cheap
-        else 1,  # fmt: skip
+        window=max(1, min(wide, n_out)) if cheap else 1,
         n_dense=int(tab.n_dense_stages),
         floor=bool(floor) and ctrl.adaptive,
         rows=rows,
@@ -319,15 +312,11 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
     # (the calls after a start have k1, as y: the keys of the chunks solves without one use)
     full = s if start is None else {"y": s["y"], "k1": s["y"], **s}
     shapes = tuple((n, tuple(v.shape), v.dtype) for d in (full, k) for n, v in d.items())
-    dev = s["y"].device
     signature = _signature(func, C, s, k, track_grad)
-    expected = _lengths.expected(signature) if adapt else None
-    if expected is None and adapt:
-        expected = estimate
+    expected = _lengths.expected(signature, estimate) if adapt else None
     done = 0
     # Once compiled, a call that would recompile (func's Python state changed: guards fail)
     # raises instead of silently spending 10-40 s per call; the caller then runs eagerly.
-    # Under autograd (Direct gradients) the compiled chunks carry their backward graphs.
     with torch.set_grad_enabled(track_grad), FAIL_ON_RECOMPILE:
         while True:
             n = _lengths.pick(expected, done, C.steps, exact=not C.ctrl.adaptive)
@@ -336,13 +325,11 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
             # under autograd a first call from a y0 without one is followed by calls from
             # states with one.
             grads = tuple(name for name, v in s.items() if v.requires_grad)
+            key, args = (Cn, s["y"].device, shapes, bool(track_grad), grads), (func, Cn, s, k)
             if start is None:
-                entry = _entry(func, (Cn, dev, shapes, bool(track_grad), grads))
-                args = (func, Cn, s, k)
+                entry = _entry(func, key)
             else:
-                key = (Cn, dev, shapes, bool(track_grad), grads, start)
-                entry = _entry(func, key, chunk_from_start)
-                args = (func, Cn, s, k, start)
+                entry, args = _entry(func, (*key, start), chunk_from_start), (*args, start)
             if not entry.compiled:  # (a new length: func must still match the older ones)
                 # (a first call that evaluates f itself has no k1: the older lengths have)
                 # (a start's siblings are plain chunks, whose k1 has a graph under autograd)
@@ -368,9 +355,8 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
                 _lengths.note_run((signature, grads), entry, Cn)
             C, start = C._replace(first=False), None  # (f at the start: only in the first call)
             done += n
-            res = dict(res)
-            report, rec = res.pop("report").tolist(), res.pop("rec", None)
-            s = res
+            s = dict(res)
+            report, rec = s.pop("report").tolist(), s.pop("rec", None)
             if on_report(report, rec, s, n):
                 R = s["t"].shape[0]
                 _lengths.remember(signature, max(report[2 * R : 3 * R]))
@@ -413,16 +399,15 @@ def integrate_compiled(
     """
     tab, ctrl = prob.tableau, prob.controller
     dev, dtype = y0.device, y0.dtype
-    B, M = y0.shape
+    M = y0.shape[1]
     d, t0, t_end = prob.direction, prob.t0, prob.t_end
     pick = prob.out_sample is not None
     n_steps = steps_per_call or STEPS_PER_CALL * (1 if ctrl.adaptive else _FIXED_FACTOR)
     n_out = len(prob.out_t)
     C, k, seen, init = _setup(prob, f.time_dtype, n_steps, record is not None,
                         bool(impulses and impulses[0]), dtype, dev)  # fmt: skip
-    W = C.window
     if pick:
-        out = torch.full((1, n_out + W, 1, M), math.nan, dtype=dtype, device=dev)
+        out = torch.full((1, n_out + C.window, 1, M), math.nan, dtype=dtype, device=dev)
         first, p = _start_outputs(prob, y0, prob.samples_on(dev))  # (the initial state)
         if p:
             out[0, :p] = first[0].unsqueeze(1)
@@ -430,10 +415,9 @@ def integrate_compiled(
         p = _start_outputs(prob, y0, None)[1]
     if t_first is None:  # (past a jump_t at t0: f's limit from inside the interval)
         t_first = ctrl.first_time(t0, t_end, f.time_dtype)
-    # Fixed steps from t0 evaluate the first stage inside the first call, when an earlier solve
-    # of this setup has checked func's output (the eager call's checks name what is wrong)
-    # (an eager call costs as much as ~1.5 compiled evaluations; the first call compiles once
-    # more: its own constants).
+    # Fixed steps from t0 evaluate the first stage inside the first call (an eager call costs
+    # ~1.5 compiled evaluations) once an earlier solve of this setup has checked func's output
+    # (the eager call's checks name what is wrong); the first call compiles once more.
     parts = _func_parts(f.func)
     ids = tuple(id(o) for o in parts)
     known = seen.get(ids)  # (weak references to func's parts, whether it took one call)
@@ -463,16 +447,15 @@ def integrate_compiled(
         with torch.no_grad():  # step sizes are constants of the discrete solve
             nrm = order = None
             if ctrl.adaptive:
-                norm = ErrorNorm(y0, prob.spec, prob.norm_components)
+                norm, order = ErrorNorm(y0, prob.spec, prob.norm_components), tab.error_order()
                 nrm = initial_norm(norm, y0, prob.rtol, prob.atol, prob.atol_zero)
-                order = tab.error_order()
             h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), None if inside else k1.detach(), d,
                                    abs(t_end - t0), order)  # fmt: skip
     nfe0 = f.nfe
     if pick:
         s = _chunk_state(y0, k1, k["t0"], h0, out, torch.tensor([p], dtype=torch.int64, device=dev))
     else:
-        s = _shared_state(y0, k1, k["t0"], h0, p, n_out + W, init)
+        s = _shared_state(y0, k1, k["t0"], h0, p, n_out + C.window, init)
     if inside or start is not None:
         del s["k1"]
     if C.impulses:
@@ -483,9 +466,10 @@ def integrate_compiled(
     done = dict(p=p, t_first=t_first, calls=0)
 
     def on_report(report, rec, state, n_call):
-        (t_now,), (h_now,), (att,), (acc,), (code,), (nf,), (busy,) = _split(report, 1, n_call)[0]
+        fields, times = _split(report, 1, n_call)
+        (t_now,), (h_now,), (att,), (acc,), (code,), (nf,), (busy,) = fields
         if rec is not None:
-            t_o, t_n, ok = _split(report, 1, n_call)[1]
+            t_o, t_n, ok = times
             for i in (i for i in range(n_call) if ok[i]):
                 lo = hi = done["p"]  # the outputs in (t, t_new]
                 while hi < n_out and d * (prob.out_t[hi] - t_n[i]) <= 0:
@@ -503,19 +487,16 @@ def integrate_compiled(
                 done["p"] = hi
                 done["t_first"] = time_beside(t_n[i], t_n[i] + d, f.time_dtype) if jump else t_n[i]
         done.update(t=t_now, h=abs(h_now), att=int(att), acc=int(acc), calls=done["calls"] + 1)
-        cause = failure_cause(code, busy, d * (t_end - t_now) <= 0)
-        if busy and cause is None:
+        if busy:  # (a row with a status code is not busy)
             return False
-        done["cause"], done["nf"] = cause, bool(nf)
+        done["cause"], done["nf"] = failure_cause(code, busy, d * (t_end - t_now) <= 0), bool(nf)
         return True
 
-    estimate = ctrl.step_count(t0, t_end)
     s = _run_chunks(f.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None,
-                    estimate=estimate, start=start)  # fmt: skip
+                    estimate=ctrl.step_count(t0, t_end), start=start)  # fmt: skip
     if ids in seen or len(seen) < _MAX_CACHED:
         seen[ids] = (known[0] if checked else _refs(parts), done["calls"] == 1)
-    t_now, h_now, att = done["t"], done["h"], done["att"]
-    n_acc, n_rej = done["acc"], done["att"] - done["acc"]
+    t_now, h_now, att, n_acc = done["t"], done["h"], done["att"], done["acc"]
     # (a start in the call: f(t0, y0), and the initial step's evaluation unless dt0 is set)
     at_start = 0 if start is None else 1 + (getattr(ctrl, "dt0", None) is None)
     f.nfe = nfe0 + att * _evals_per_attempt(tab, C) + int(inside) + at_start
@@ -526,7 +507,7 @@ def integrate_compiled(
     if cause is not None:
         report_failure(
             cause, t=t_now, attempts=att, h=h_now, dt_min=ctrl.dt_min, nonfinite=done["nf"],
-            max_steps=prob.max_steps, t_end=t_end, n_acc=n_acc, n_rej=n_rej,
+            max_steps=prob.max_steps, t_end=t_end, n_acc=n_acc, n_rej=att - n_acc,
             engine="compiled stepping", throw=throw, state=state,
         )  # fmt: skip
     status, message = state["status"], state["message"]
@@ -537,20 +518,16 @@ def integrate_compiled(
         ys = ys[prob.out_order]
     return LoopResult(
         ys=ys, y_final=s["y"], t_reached=t_now, status=status, message=message,
-        n_accepted=n_acc, n_rejected=n_rej, steps=steps, h_next=h_now, k1_next=s["k1"],
+        n_accepted=n_acc, n_rejected=att - n_acc, steps=steps, h_next=h_now, k1_next=s["k1"],
     )  # fmt: skip
 
 
 def failure_cause(code: int, busy, reached: bool) -> str | None:
-    """Why a row of the compiled step stopped short (a cause of
-    :func:`neuralode._failures.step_failure`), or None: it is still stepping (``busy``) or
-    reached its final time. ``code`` is the row's status from the compiled step; a row that
-    stopped without one used up its step attempts (the compiled step stops a row at
-    max_steps before it checks the step size, as the eager drivers do)."""
-    if code == STATUS_NONFINITE_H:
-        return "nonfinite_h"
-    if code == STATUS_UNDERFLOW:
-        return "underflow"
+    """Why a row of the compiled step stopped short (a cause of :data:`~neuralode._failures.CAUSES`
+    from its status ``code``), or None: it is still stepping (``busy``) or ``reached`` its end.
+    A row that stopped without a code used up its step attempts in a call's last step."""
+    if code:
+        return CAUSES[int(code)]
     return None if busy or reached else "max_steps"
 
 

@@ -51,10 +51,10 @@ def pick(expected: int | None, done: int, n_max: int, exact: bool = False) -> in
     return next(n for n in lengths(n_max) if n >= left or n == n_max)
 
 
-def expected(key) -> int | None:
-    """The step attempts of the last solve with signature ``key``, or None."""
+def expected(key, default: int | None = None) -> int | None:
+    """The step attempts of the last solve with signature ``key``, or ``default``."""
     with _lock:
-        return _attempts.get(key)
+        return _attempts.get(key, default)
 
 
 def _put(table: dict, key, value) -> None:

@@ -11,7 +11,6 @@ import torch
 from ._compiled import (
     STEPS_PER_CALL,
     CompiledCodeMismatch,
-    _chunk_inputs,
     _consts,
     _evals_per_attempt,
     _run_chunks,
@@ -19,6 +18,7 @@ from ._compiled import (
     failure_cause,
     warn_mismatch,
 )
+from ._compiled_setup import _chunk_inputs
 from ._failures import report_failure
 from ._loop_batched import time_layout
 from ._norms import ErrorNorm, initial_norm

@@ -13,8 +13,8 @@ accept/reject decision, PI memory, status and output times (all ``(R,)`` or ``(R
 Rows that have finished (or failed) take steps of length zero whose results are masked out with
 ``torch.where``. Times are float64 and signed (each row's direction ``sdir``), as in the eager
 per-row driver; every formula is the engine's own: the controller's landing rule
-(:func:`~neuralode.controllers.step_size.land_rows`, with
-:func:`~neuralode.controllers.step_size.time_beside` at a ``jump_t``), and its step proposal,
+(:func:`~neuralode.controllers.base.land_rows`, with
+:func:`~neuralode.controllers.base.time_beside` at a ``jump_t``), and its step proposal,
 bound, underflow rule and adaptation (the methods of its
 :meth:`~neuralode.controllers.Controller.step_rule`), the scaled error norm
 (:func:`~neuralode._norms.error_scale`, :func:`~neuralode._norms.rms_rows`), the
@@ -29,15 +29,13 @@ from typing import NamedTuple
 
 import torch
 
+from ._failures import cannot_step
 from ._norms import error_scale, rms_rows
 from .controllers.step_size import Controller, land_rows, time_beside
 from .solvers.explicit_rk import stage_sum
-from .solvers.tableau import interpolant_sum, weights_at
+from .solvers.tableau import exact_at_step_end, interpolant_sum, weights_at
 
-__all__ = ["Consts", "chunk", "STATUS_UNDERFLOW", "STATUS_NONFINITE_H"]
-
-STATUS_UNDERFLOW = 1
-STATUS_NONFINITE_H = 2
+__all__ = ["Consts", "chunk"]
 
 
 class Consts(NamedTuple):
@@ -73,7 +71,7 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
     ``s`` (updated): ``y`` (B, M) state; ``k1`` (B, M) f at the start of the next step; ``t``,
     ``h`` (|next step|), ``prev`` (PI memory) (R,) float64; ``out`` (R, n_slots, n, M) outputs;
     ``p`` (R,) next output slot; ``att``/``nacc`` (R,) attempts/accepted steps; ``st`` (R,)
-    status; ``nf`` (R,) last error non-finite. ``k`` (constant over the solve): ``t_end``,
+    status (a code of :data:`neuralode._failures.CAUSES`, 0 while the row can step); ``nf`` (R,) last error non-finite. ``k`` (constant over the solve): ``t_end``,
     ``t0``, ``sdir``, ``lo``, ``hi`` (R,) float64; ``out_t`` (R, n_slots) output times padded
     with ``sdir * inf``; ``pick`` (R, n_slots) sample of each slot (``C.pick``); ``max_att``;
     ``rtol``, ``atol``; ``L`` landing times, ``J`` jump times (sorted float64); ``I_t``
@@ -107,11 +105,15 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
 
     recs = []
     for _ in range(C.steps):
-        live = (sdir * (t_end - t) > 0) & (att < k["max_att"]) & (st == 0)
+        # ---- the controller: the eager drivers' "cannot step" rule on the proposed step size
+        # (a code of _failures.CAUSES, the row's status), proposal, landings (step_t/jump_t/end)
+        h_abs = ctrl.bounded(h)
+        code = cannot_step(ctrl, h_abs, t, att, k["max_att"])
+        live = (sdir * (t_end - t) > 0) & (st == 0)
+        st = torch.where(live, code, st)
+        live = live & (code == 0)
         idx = p.unsqueeze(1) + win  # (R, W) the output slots this step may fill
         taus = k["out_t"].gather(1, idx)
-        # ---- the controller: proposal, landings (step_t/jump_t/the end), checks
-        h_abs = ctrl.bounded(h)
         t_try = ctrl.propose(t, h_abs, k["t0"], t_end, sdir)
         t_new, clipped, jump = land_rows(t, t_try, t_end, sdir, k["L"], J)
         # A step passes at most `window` output times: it lands on the last of them.
@@ -119,12 +121,6 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         t_new = torch.where(past & live, taus[:, -1], t_new)
         t_new = torch.where(live, t_new, t)  # finished rows: zero steps
         clipped = clipped | past
-        if ctrl.adaptive:  # the checks of the eager drivers, on the proposed step size
-            under = ctrl.underflows(h_abs, t)
-            bad_h = ~torch.isfinite(h_abs)
-            st = torch.where(live & under, STATUS_UNDERFLOW, st)
-            st = torch.where(live & bad_h, STATUS_NONFINITE_H, st)
-            live = live & ~under & ~bad_h
         # A window full of outputs at the current time (repeated times in a 2-D t) is written
         # by a step of length zero that counts for nothing else.
         zero = t_new == t
@@ -174,8 +170,7 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
             theta = torch.where(step_in, (taus - t.unsqueeze(1)) / h_step.unsqueeze(1), 0.0)
             # (R, W, Sd) weights of the method's own interpolant: one fused loop per step
             vals = interpolant_sum(y3, h_step, weights_at(theta, Pm), Kst)
-            at_end = (taus == t_new.unsqueeze(1)).view(R, -1, *[1] * (y3.dim() - 2))
-            vals = torch.where(at_end, yn3, vals)
+            vals = exact_at_step_end(vals, taus, t_new.unsqueeze(1), yn3)
         else:  # the step ended on the output time
             vals = yn3.expand(R, C.window, *yn3.shape[2:])
         if C.pick:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .step_size import ConstantStep, PIController, StepToGrid
+from .step_size import ConstantStep, Controller, PIController
 
 __all__ = ["resolve_controller"]
 
@@ -20,10 +20,10 @@ def resolve_controller(tab, controller, rtol, atol, dt):
                 f"pass {', '.join(given)} inside the controller, not next to controller=... "
                 "(e.g. PIController(rtol=..., atol=...) or ConstantStep(dt))"
             )
-        if not isinstance(controller, (PIController, ConstantStep, StepToGrid)):
+        if not isinstance(controller, Controller):
             raise TypeError(
-                "controller must be PIController, ConstantStep or StepToGrid, got "
-                f"{type(controller).__name__}"
+                "controller must be a Controller (PIController, ConstantStep, StepToGrid or a "
+                f"subclass of neuralode.controllers.Controller), got {type(controller).__name__}"
             )
         if controller.adaptive and not tab.adaptive:
             raise ValueError(

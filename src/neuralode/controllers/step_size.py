@@ -1,103 +1,37 @@
 """Step-size controllers (settings only; per-solve state lives in the loop).
 
-A controller owns its formulas: the first step size (:meth:`PIController.initial_step`), the
-next step size after an accepted or rejected step (:meth:`PIController.adapt`) and the rule
-for a step that is too small (:meth:`Controller.underflows`). Each is written once in
-arithmetic that works on Python floats (the host-float driver: one step size for the whole
-batch) and on ``(B,)`` float64 tensors (the masked per-row driver: one step size per sample):
-the helpers below dispatch ``where``/``minimum``/``maximum`` on the argument type and propagate
-NaN either way, so the drivers cannot drift apart.
+The library's controllers on the protocol of :mod:`neuralode.controllers.base`: fixed steps
+(:class:`ConstantStep`, :class:`StepToGrid`) and PI control (:class:`PIController`) with their
+formulas (:func:`grid_point`, :func:`pi_update`), written once on floats or ``(B,)`` tensors.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+# The protocol and its float-or-tensor arithmetic (also imported from here by the engine).
+from .base import (  # noqa: F401  (re-exported)
+    _EPS64,
+    MERGE_ULPS,
+    Controller,
+    isfinite,
+    land_rows,
+    landing_eps,
+    landing_tolerance,
+    maximum,
+    minimum,
+    per_row,
+    time_beside,
+    underflows,
+    where,
+)
+
 __all__ = ["Controller", "ConstantStep", "StepToGrid", "PIController", "time_beside"]
-
-
-def time_beside(x, toward, time_dtype: torch.dtype):
-    """The time closest to ``x`` on the side of ``toward`` that f sees as different from ``x``.
-
-    At a discontinuity (``jump_t``) f is evaluated there, just inside the interval being
-    stepped. In double precision that is ``math.nextafter``; f receives its time in
-    ``time_dtype``, and with float32 the next double rounds back onto ``x``, so the step is taken
-    to the next float32 instead (or to float32's rounding of ``x`` when that already lies on the
-    ``toward`` side). Floats, or float64 tensors (compiled stepping calls it in its graph).
-    """
-    if isinstance(x, torch.Tensor):
-        if time_dtype != torch.float32:
-            return torch.nextafter(x, toward)
-        up = toward > x
-        x32 = x.to(torch.float32)
-        past = torch.where(up, x32.double() > x, x32.double() < x)
-        far = torch.where(up, torch.inf, -torch.inf).to(torch.float32)
-        return torch.where(past, x32, torch.nextafter(x32, far)).double()
-    if time_dtype != torch.float32:
-        return math.nextafter(x, toward)
-    up = toward > x
-    x32 = torch.tensor(x, dtype=torch.float32)
-    if (float(x32) > x) if up else (float(x32) < x):
-        return float(x32)
-    far = torch.tensor(math.inf if up else -math.inf, dtype=torch.float32)
-    return float(torch.nextafter(x32, far))
-
-
-_EPS64 = 2.220446049250313e-16
-# Relative distance below which a step end is merged with the landing just beyond it: the
-# resolution of t in :func:`underflows`.
-_SLIVER = 4 * _EPS64
-
-
-def underflows(h, t, dt_min: float):
-    """Whether a step of size ``|h|`` from ``t`` cannot be taken: below ``dt_min`` (a step of
-    exactly ``dt_min`` is allowed) or below the resolution of ``t`` (a few ulps, or ``t + h``
-    rounds to ``t``). Floats or tensors; NaN never underflows (it is non-finite)."""
-    return (h < dt_min) | (h <= 4 * _EPS64 * abs(t)) | (t + h == t)
-
-
-# ------------------------------------------------- merging step ends with landing times
-# A step end within this many ulps (at the span's magnitude) of a time the steps must end on
-# (step_t, jump_t, an output landing, the end) is that time. torch.linspace in float32 lands
-# within ~0.5 ulp of the exact points and the grid ``t0 + k dt`` (double) within a few double
-# ulps of them: 16 leaves a wide margin and moves a step end by under 2e-6 of the span in
-# float32. Without the merge such a pair leaves a sliver step of 1e-9 (float32 landings) or
-# 4e-16 (float64): an extra step each, and the variable-step Adams formulas break on them. The
-# torchdiffeq face merges its fixed grids with the same tolerance (:mod:`neuralode._compat_grid`).
-MERGE_ULPS = 16
-_EPS32 = 1.1920928955078125e-07
-
-
-def landing_tolerance(scale, step, eps):
-    """How far apart a step end and a landing time may be and still be one point:
-    ``MERGE_ULPS`` ulps (relative precision ``eps``) of the span's magnitude ``scale``, never
-    more than a quarter of ``step`` (so a landing genuinely off the grid keeps its own step).
-    Floats or (B,) float64 tensors; a NaN ``step`` gives NaN (nothing merges)."""
-    return minimum(MERGE_ULPS * eps * scale, step / 4)
-
-
-def landing_eps(x):
-    """The relative precision of the times a landing ``x`` came in: float32's where ``x`` is a
-    float32 value (``t`` or ``step_t`` given in float32: the landings are float32 roundings of
-    the grid's points, ~1e-9 off them at t = 0.1), else float64's. The engine's times are
-    double; the dtype ``t`` was given in is not passed down, and a float64 time that happens to
-    be a float32 value (0.5) only widens the merge to 2e-6 of the span, capped at a quarter
-    step. Floats or float64 tensors (elementwise)."""
-    if isinstance(x, torch.Tensor):
-        exact = x.to(torch.float32).to(x.dtype) == x
-        return _EPS64 + (_EPS32 - _EPS64) * exact.to(x.dtype)
-    try:
-        exact = struct.unpack("f", struct.pack("f", x))[0] == x
-    except OverflowError:  # beyond float32's range
-        exact = False
-    return _EPS32 if exact else _EPS64
 
 
 def grid_point(t, t0, t_end, direction, dt: float):
@@ -132,47 +66,6 @@ def pi_update(safety, ifactor, dfactor, pcoeff, icoeff, h, h_prop, e, prev, k, a
     return where(accept, h_acc, h_rej), where(accept, maximum(e, 1e-4), prev)
 
 
-# -------------------------------------------- arithmetic on floats or (B,) tensors alike
-def where(cond, a, b):
-    """``a`` where ``cond`` else ``b``: ``torch.where`` for tensors, a conditional for bools."""
-    if isinstance(cond, torch.Tensor):
-        return torch.where(cond, a, b)
-    return a if cond else b
-
-
-def minimum(a, b):
-    """Elementwise minimum that propagates NaN (as ``torch.minimum``) for floats too."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not isinstance(b, torch.Tensor):
-            return torch.clamp(a, max=b)
-        if not isinstance(a, torch.Tensor):
-            return torch.clamp(b, max=a)
-        return torch.minimum(a, b)
-    return a if (a != a or a <= b) else b
-
-
-def maximum(a, b):
-    """Elementwise maximum that propagates NaN (as ``torch.maximum``) for floats too."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not isinstance(b, torch.Tensor):
-            return torch.clamp(a, min=b)
-        if not isinstance(a, torch.Tensor):
-            return torch.clamp(b, min=a)
-        return torch.maximum(a, b)
-    return a if (a != a or a >= b) else b
-
-
-def isfinite(x):
-    return torch.isfinite(x) if isinstance(x, torch.Tensor) else math.isfinite(x)
-
-
-def per_row(h, x: torch.Tensor):
-    """``h * x`` for a step size ``h`` that is a float or a (B,) tensor (one per row of x)."""
-    if isinstance(h, torch.Tensor):
-        return h.to(x.dtype).unsqueeze(1) * x
-    return h * x
-
-
 def _times(value, name: str) -> tuple[float, ...]:
     """Validate a collection of times (step_t, jump_t, grid) into a sorted tuple of floats."""
     if value is None:
@@ -195,157 +88,6 @@ def _all_zero(v) -> bool:
         list(v.values()) if isinstance(v, Mapping) else v if isinstance(v, (tuple, list)) else [v]
     )
     return all((bool((x == 0).all()) if isinstance(x, torch.Tensor) else x == 0) for x in vals)
-
-
-class Controller:
-    """Base class. ``adaptive`` controllers need a solver with an embedded error estimate.
-
-    A controller is a frozen dataclass of settings that overrides the protocol's formulas
-    below (each on floats and on (B,) float64 tensors alike); every driver, compiled stepping
-    included, calls them and nothing else, so a new controller is one class. Fields that the
-    per-step formulas do not read go to their defaults in :meth:`step_rule`.
-    """
-
-    adaptive: bool = False
-    step_t: tuple[float, ...] = ()
-    jump_t: tuple[float, ...] = ()
-    dt_min: float = 0.0
-    dt_max: float = math.inf
-    norm = None  # a custom error norm (PIController(norm=...)); None: the engine's scaled RMS
-
-    def check_span(self, lo: float, hi: float) -> None:
-        """Raise ValueError if this controller cannot step over ``[lo, hi]`` (every sample's
-        interval lies inside it)."""
-
-    def underflows(self, h, t):
-        """Whether a step of size ``|h|`` from ``t`` cannot be taken (see :func:`underflows`)."""
-        return underflows(h, t, self.dt_min)
-
-    # The controller protocol: the drivers ask these and never branch on the controller's type.
-    def initial_step(self, norm, f, t0, y0, k1, direction, span, order: int):
-        """The first step size (fixed-step controllers: their step; no evaluation)."""
-        return math.inf
-
-    def propose(self, t, h, t0, t_end, direction):
-        """The end of the next step before landings: ``t + direction h`` (floats or (B,)
-        tensors)."""
-        return t + direction * h
-
-    def adapt(self, h, h_prop, e, prev, k: int, accept, clipped):
-        """Next step size and error memory (fixed steps: unchanged)."""
-        return h_prop, prev
-
-    def bounded(self, h_abs, nonfinite: bool = False):
-        """The step size to try: ``|h|`` capped at ``dt_max`` (floats or (B,) tensors; NaN
-        stays NaN). Every driver caps its steps here."""
-        return minimum(h_abs, self.dt_max)
-
-    def step_rule(self) -> Controller:
-        """This controller's per-step formulas (:meth:`propose`, :meth:`bounded`,
-        :meth:`underflows`, :meth:`adapt` and ``adaptive``) as a hashable controller that
-        compares by value, without the per-solve data the step receives as tensors or uses
-        elsewhere (tolerances, landing times, first step, custom norm): compiled stepping bakes
-        it into its code and keys its cache on it, so that solves that differ only in that data
-        share one compilation. Default: the controller itself."""
-        return self
-
-    def step_count(self, t0: float, t_end: float) -> int | None:
-        """The number of steps from ``t0`` to ``t_end`` when it is known before the solve
-        (fixed steps: compiled stepping then unrolls exactly the steps left), else None.
-        Default: adaptive, None; fixed, one step from landing to landing."""
-        return None if self.adaptive else len(self.landing_times(t0, t_end)) + 1
-
-    def with_landings(self, times) -> Controller:
-        """A copy of this controller that also lands on ``times`` (as ``step_t``)."""
-        return dataclasses.replace(self, step_t=tuple(sorted({*self.step_t, *times})))
-
-    def first_time(self, t0, t_end, time_dtype: torch.dtype):
-        """The time of the first stage from ``t0`` toward ``t_end``: ``t0``, or f's limit from
-        inside the interval where ``t0`` is a ``jump_t`` (floats, or (B,) float64 tensors)."""
-        if not isinstance(t0, torch.Tensor):
-            return time_beside(t0, t_end, time_dtype) if t0 in self.jump_t and t_end != t0 else t0
-        if not self.jump_t:
-            return t0
-        J = torch.tensor(self.jump_t, dtype=torch.float64, device=t0.device)
-        on_jump = torch.isin(t0, J) & (t_end != t0)
-        return torch.where(on_jump, time_beside(t0, t_end, time_dtype), t0)
-
-    def landing_times(self, t0: float, t_end: float) -> tuple[float, ...]:
-        """``step_t`` and ``jump_t`` strictly inside the solve interval, increasing."""
-        lo, hi = min(t0, t_end), max(t0, t_end)
-        return tuple(sorted({x for x in (*self.step_t, *self.jump_t) if lo < x < hi}))
-
-    def land(self, t, t_try, t_end, direction, landings):
-        """``(t_new, clipped, is_jump)``: the proposed step end ``t_try`` clipped to the next
-        landing time after ``t`` (``landings``, increasing) and to ``t_end``; ``is_jump`` where it
-        ends on a ``jump_t``. Floats (``landings`` a tuple), or (B,) tensors (``landings`` a
-        float64 tensor; ``direction`` and ``t_end`` per row)."""
-        if isinstance(t, torch.Tensor):
-            return self._land_rows(t, t_try, t_end, direction, landings)
-        land = None
-        if landings:
-            if direction > 0:
-                i = bisect.bisect_right(landings, t)
-                land = landings[i] if i < len(landings) else None
-            else:
-                i = bisect.bisect_left(landings, t) - 1
-                land = landings[i] if i >= 0 else None
-        # A step ending within landing_tolerance short of a landing ends on it (ConstantStep:
-        # a grid point a rounding away from a float32 output time), and always within a few
-        # ulps: the sliver step left over would be below the resolution of t (an adjoint solve
-        # replaying it underflows).
-        scale = max(abs(t), abs(t_end), *(abs(x) for x in landings[:1] + landings[-1:]))
-        step = abs(t_try - t)
-        if land is not None:
-            tol = maximum(_SLIVER * abs(land), landing_tolerance(scale, step, landing_eps(land)))
-            if direction * (t_try - land) >= -tol:
-                return land, True, land in self.jump_t  # landings lie strictly inside
-        # (A jump at the end: its left limit, perturb.)
-        tol = maximum(_SLIVER * abs(t_end), landing_tolerance(scale, step, landing_eps(t_end)))
-        if direction * (t_try - t_end) >= -tol:
-            return t_end, True, t_end in self.jump_t
-        return t_try, False, False
-
-    def _land_rows(self, t, t_try, t_end, sdir, L):
-        """:meth:`land` per row (``L`` sorted float64, ``sdir`` each row's direction)."""
-        J = None
-        if self.jump_t:
-            J = torch.tensor(self.jump_t, dtype=t_try.dtype, device=t_try.device)
-        return land_rows(t, t_try, t_end, sdir, L, J)
-
-
-def land_rows(t, t_try, t_end, sdir, L, J=None):
-    """:meth:`Controller.land` on (B,) float64 tensors: ``L`` the sorted landing times, ``J``
-    the jump times (a tensor, or None). Compiled stepping calls it inside its graph."""
-    n = L.shape[0]
-    # The merge of Controller.land: within landing_tolerance (at least a few ulps) short of a
-    # landing or the end, the step ends on it.
-    scale = torch.maximum(t.abs(), t_end.abs())
-    if n:
-        scale = torch.maximum(scale, torch.maximum(L[0].abs(), L[-1].abs()))
-    step = (t_try - t).abs()
-    if n:
-        up = torch.searchsorted(L, t.contiguous(), right=True)
-        dn = torch.searchsorted(L, t.contiguous(), right=False) - 1
-        i = torch.where(sdir > 0, up, dn)
-        ok = (i >= 0) & (i < n)
-        land = torch.where(ok, L[i.clamp(0, n - 1)], t_end)
-        # A landing beyond the end is no landing: the end comes first.
-        ok = ok & (sdir * (t_end - land) > 0)
-        tol = maximum(_SLIVER * land.abs(), landing_tolerance(scale, step, landing_eps(land)))
-        to_land = ok & (sdir * (t_try - land) >= -tol)
-        t_new = torch.where(to_land, land, t_try)
-    else:
-        to_land = torch.zeros_like(t, dtype=torch.bool)
-        t_new = t_try
-    tol = maximum(_SLIVER * t_end.abs(), landing_tolerance(scale, step, landing_eps(t_end)))
-    at_end = sdir * (t_new - t_end) >= -tol
-    t_new = torch.where(at_end, t_end, t_new)
-    if J is not None:  # on a jump_t landing, or at an end that is one (its left limit)
-        jump = (to_land | at_end) & torch.isin(t_new, J)
-    else:
-        jump = torch.zeros_like(at_end)
-    return t_new, to_land | at_end, jump
 
 
 @dataclass(frozen=True)
@@ -491,9 +233,8 @@ class PIController(Controller):
         First step size; by default chosen by Hairer's algorithm (HNW I, sec. II.4), which costs
         one extra evaluation of f.
     dt_min, dt_max : float, default 0, inf
-        Bounds on ``|h|`` (``dt_max > 0``). The initial step (``dt0`` or Hairer's guess) is
-        clamped into them. A step that would need ``|h| < dt_min`` raises
-        StepSizeUnderflowError (unless ``force_dt_min``).
+        Bounds on ``|h|``. A step that would need ``|h| < dt_min`` raises StepSizeUnderflowError
+        (unless ``force_dt_min``).
     force_dt_min : bool, default False
         Take steps of at least ``dt_min`` and accept a step of ``dt_min`` or less even when it
         fails the error test (torchdiffeq's ``min_step``, diffrax's ``force_dtmin``): the error
@@ -510,8 +251,7 @@ class PIController(Controller):
     Raises
     ------
     ValueError
-        For non-positive tolerances or factors outside their ranges, ``dt_max <= 0``, or
-        ``icoeff <= 0`` (no integral gain: the step would not follow the error).
+        For non-positive tolerances or factors outside their ranges.
     """
 
     rtol: float | torch.Tensor | Sequence = 1e-6
@@ -564,25 +304,6 @@ class PIController(Controller):
             raise ValueError(
                 f"need 0 <= dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}"
             )
-        if not (self.dt_max > 0 and math.isfinite(self.dt_min)):
-            raise ValueError(
-                f"dt_max must be > 0 and dt_min finite, got dt_min={self.dt_min}, "
-                f"dt_max={self.dt_max}; dt_max=inf (the default) leaves steps unbounded"
-            )
-        # The exponent of the error in the update is (icoeff + pcoeff) / k: an I part is what
-        # drives the error to the tolerance (icoeff = 0 leaves the step to shrink by `safety`
-        # every step, or to follow the error ratio only).
-        if not (self.icoeff > 0 and math.isfinite(self.icoeff) and math.isfinite(self.pcoeff)):
-            raise ValueError(
-                f"icoeff must be > 0 (the integral gain that drives the error to the tolerance) "
-                f"and pcoeff finite, got icoeff={self.icoeff!r}, pcoeff={self.pcoeff!r}; use "
-                "icoeff=1, pcoeff=0 (I control, the default) or icoeff=0.65, pcoeff=0.2 (PI)"
-            )
-        if not self.icoeff + self.pcoeff > 0:
-            raise ValueError(
-                f"icoeff + pcoeff must be > 0 (the exponent of the error in the step-size "
-                f"update), got icoeff={self.icoeff!r}, pcoeff={self.pcoeff!r}"
-            )
         if not isinstance(self.force_dt_min, bool):
             raise TypeError(f"force_dt_min must be a bool, got {self.force_dt_min!r}")
         object.__setattr__(self, "step_t", _times(self.step_t, "step_t"))
@@ -597,7 +318,7 @@ class PIController(Controller):
         interval. With ``dt0`` set, that is the answer (no evaluation).
         """
         if self.dt0 is not None:
-            return self._within_bounds(self.dt0 + 0.0 * span)
+            return minimum(self.dt0 + 0.0 * span, self.dt_max)
         with torch.no_grad():
             d0, d1 = norm(y0, k1)
             # 0.01 d0/d1, or 1e-6 when either norm is tiny (the floor only guards the division).
@@ -612,12 +333,7 @@ class PIController(Controller):
                 (0.01 / maximum(dmax, 1e-15)) ** (1 / order),
             )
             h1 = where(isfinite(dmax), h1, h0 * 1e-3)
-            return self._within_bounds(minimum(minimum(100 * h0, h1), span))
-
-    def _within_bounds(self, h):
-        """The initial step (a guess) clamped into ``[dt_min, dt_max]``: a guess below
-        ``dt_min`` would fail the solve before its first attempt."""
-        return maximum(minimum(h, self.dt_max), self.dt_min)
+            return minimum(minimum(minimum(100 * h0, h1), span), self.dt_max)
 
     def step_rule(self) -> PIController:
         # (The tolerances reach the step as tensors; placeholders here.)
@@ -649,8 +365,13 @@ class PIController(Controller):
             h_abs = maximum(h_abs, self.dt_min)
         return h_abs
 
+    def adjoint_rule(self) -> PIController:
+        # (The backward problem lays its own tolerances over the augmented state: placeholders.)
+        return dataclasses.replace(self, dt0=None, norm=None, rtol=1.0, atol=1.0, dt_min=0.0)
+
     def accepts(self, err: float, h_abs: float) -> bool:
-        """Whether a step of size ``h_abs`` with scaled error ``err`` is accepted."""
+        """Whether a step of size ``h_abs`` with scaled error ``err`` is accepted (with
+        ``force_dt_min`` also a finite error at ``|h| <= dt_min``)."""
         if err <= 1.0:
             return True
         return self.force_dt_min and h_abs <= self.dt_min and math.isfinite(err)

@@ -392,11 +392,11 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys):
     ctrl = prob.controller
     rtol = cfg.rtol if cfg.rtol is not None else prob.rtol
     atol = cfg.atol if cfg.atol is not None else prob.atol
-    if tab.adaptive and isinstance(ctrl, PIController):
+    if tab.adaptive and ctrl.adaptive:
         # The controller's own tolerances are placeholders: the augmented problem carries the
         # tolerances laid out over (y, a, params) (aug_rtol/aug_atol below).
         # No dt_min: the forward's last step may be shorter than it (clipped to the end).
-        actrl = dataclasses.replace(ctrl, dt0=None, norm=None, rtol=1.0, atol=1.0, dt_min=0.0)
+        actrl = ctrl.adjoint_rule()
     elif tab.adaptive and cfg.solver is not None:  # fixed-step forward, adaptive backward
         actrl = PIController(
             rtol=1e-6 if cfg.rtol is None else cfg.rtol, atol=1e-8 if cfg.atol is None else cfg.atol

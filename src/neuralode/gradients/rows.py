@@ -346,7 +346,7 @@ class _BacksolveRows(torch.autograd.Function):
         if cfg.dt is not None:  # steps of dt backward from each sample's end
             ctrl = ConstantStep(cfg.dt, jump_t=ctrl.jump_t)
         elif ctrl.adaptive:  # no dt_min: a forward step clipped to an output may be shorter
-            ctrl = dataclasses.replace(ctrl, dt0=None, dt_min=0.0, norm=None)
+            ctrl = ctrl.adjoint_rule()
         rt = run.rtol if cfg.rtol is None else float(cfg.rtol)
         at = run.atol if cfg.atol is None else float(cfg.atol)
         rt, at = (torch.cat([x, x], 1) if isinstance(x, torch.Tensor) else x for x in (rt, at))

@@ -6,6 +6,8 @@ import bisect
 
 import torch
 
+from ..solvers.tableau import exact_at_step_end
+
 __all__ = ["DenseOutput"]
 
 
@@ -88,22 +90,12 @@ class DenseOutput:
             else:
                 rec = self._steps[i]
                 h = rec.t_new - rec.t
-                theta = torch.tensor(
-                    [(times[j] - rec.t) / h for j in js], dtype=dtype, device=device
-                )
+                tau = torch.tensor([times[j] for j in js], dtype=dtype, device=device)
                 Kd = self._dense_stages(i)
                 sj = None if samples is None else samples[torch.tensor(js, device=samples.device)]
-                vals = st.interpolate(Kd, rec.y, h, theta, sj)
-                ends = [k for k, j in enumerate(js) if times[j] == rec.t_new]
-                if ends:  # the step's end state exactly (high-order weights cancel heavily)
-                    y_end = self._steps[i + 1].y if i + 1 < len(self._steps) else self._y_final
-                    idx = torch.tensor(ends, device=vals.device)
-                    end_vals = (
-                        y_end.unsqueeze(0).expand(len(ends), *y_end.shape)
-                        if sj is None
-                        else y_end[sj[idx]]
-                    )
-                    vals = vals.index_put((idx,), end_vals)
+                vals = st.interpolate(Kd, rec.y, h, (tau - rec.t) / h, sj)
+                y_end = self._steps[i + 1].y if i + 1 < len(self._steps) else self._y_final
+                vals = exact_at_step_end(vals, tau, rec.t_new, y_end if sj is None else y_end[sj])
             pieces.append(vals)
             order.extend(js)
         out = torch.cat(pieces)

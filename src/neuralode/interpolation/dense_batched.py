@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..solvers.tableau import exact_at_step_end
+
 __all__ = ["PerSampleDense", "dense_rows", "step_outputs"]
 
 
@@ -36,7 +38,7 @@ def step_outputs(stepper, f, K, t_old, h, t_new, y_old, y_new, lo, hi, has, r, t
             k_end = (u, Kd[stepper.S])
     g3 = torch.stack([t_old, h, t_new], 1)[r]
     v = stepper.interpolate(Kd[:, kr], y_old[r], g3[:, 1], (tau_j - g3[:, 0]) / g3[:, 1])
-    return torch.where((tau_j == g3[:, 2]).unsqueeze(1), y_new[r], v), k_end
+    return exact_at_step_end(v, tau_j, g3[:, 2], y_new[r]), k_end
 
 
 class PerSampleDense:
@@ -146,8 +148,7 @@ class PerSampleDense:
                             self._hi[b])  # fmt: skip
             Kd = Kd if inv is None else Kd[:, inv]
             out = st.interpolate(Kd, ya[e], h[e], (tq - tlo[e]) / h[e])
-            # The step's end state exactly at a step end; the initial state where a sample never
-            # moved (a zero-length interval).
-            out = torch.where((tq == thi[e]).unsqueeze(1), yb[e], out)
+            # The initial state where a sample never moved (a zero-length interval).
+            out = exact_at_step_end(out, tq, thi[e], yb[e])
             out = torch.where((n > 0).unsqueeze(1), out, self._y0[s])
         return out.view(m, B, -1) if samples is None else out

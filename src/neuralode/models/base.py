@@ -91,7 +91,8 @@ class SolverSettings:
         if self.controller is not None:
             if not isinstance(self.controller, Controller):
                 raise TypeError(
-                    "controller must be a PIController, ConstantStep or StepToGrid, got "
+                    "controller must be a Controller (PIController, ConstantStep, StepToGrid or a "
+                    "subclass of neuralode.controllers.Controller), got "
                     f"{type(self.controller).__name__}"
                 )
             given = [n for n in ("rtol", "atol", "dt") if getattr(self, n) is not None]

@@ -30,7 +30,10 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-__all__ = ["ButcherTableau", "hermite_interpolant", "interpolant_sum", "weights_at"]
+__all__ = [
+    "ButcherTableau", "HERMITE_BASIS", "exact_at_step_end", "hermite_interpolant",
+    "interpolant_sum", "weights_at",
+]  # fmt: skip
 
 Number = float | Fraction | int
 
@@ -295,6 +298,21 @@ def weights_at(theta: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     return powers @ P.T
 
 
+def exact_at_step_end(vals: torch.Tensor, tau: torch.Tensor, t_end, y_end) -> torch.Tensor:
+    """A step's continuous extension ``vals`` at the times ``tau``, with the step's end state
+    ``y_end`` exactly where ``tau`` equals the step end ``t_end`` (at ``theta = 1`` high-order
+    weights cancel heavily, so the interpolant is the end state only to rounding).
+
+    ``tau``: float64 ``(n,)`` (or ``(R, W)`` in compiled stepping), ``t_end`` a float or a
+    tensor broadcastable to it; ``vals`` and ``y_end`` have ``tau``'s leading dimensions (or
+    broadcast against them). The one rule of every dense output and driver that interpolates
+    (the host-float driver, which interpolates only the outputs before the step end, takes the
+    end state for the others without interpolating).
+    """
+    at_end = tau == t_end
+    return torch.where(at_end.view(*at_end.shape, *[1] * (vals.dim() - at_end.dim())), y_end, vals)
+
+
 def interpolant_sum(y, h, W: torch.Tensor, Kd: torch.Tensor, samples=None) -> torch.Tensor:
     """``y + h * sum_s W[..., s] Kd[s]``: a step's continuous extension at the weights ``W``.
 
@@ -348,12 +366,18 @@ def interpolant_sum(y, h, W: torch.Tensor, Kd: torch.Tensor, samples=None) -> to
     return y[samples] + h * torch.einsum("ms,smk->mk", W, Kg)
 
 
+#: The cubic Hermite basis through ``y_n, f_n, y_{n+1}, f_{n+1}`` as coefficients of ``theta,
+#: theta^2, theta^3``: the weights of ``f_n`` (``h10 = t - 2t^2 + t^3``), of the secant slope
+#: ``(y_{n+1} - y_n) / h`` (``h01 = 3t^2 - 2t^3``) and of ``f_{n+1}`` (``h11 = t^3 - t^2``).
+#: :func:`hermite_interpolant` and the implicit methods' Hermite extension are built from it.
+HERMITE_BASIS = ((1.0, -2.0, 1.0), (0.0, 3.0, -2.0), (0.0, -1.0, 1.0))
+
+
 def hermite_interpolant(a, b, c):
     """Cubic Hermite continuous extension through ``y_n, f_n, y_{n+1}, f_{n+1}``.
 
     Written in the ``b_i(theta)`` form: ``b_i(theta) = h01(theta) b_i + h10(theta) [i == 0]
-    + h11(theta) [i == last]``, with the Hermite basis ``h01 = 3t^2 - 2t^3``,
-    ``h10 = t - 2t^2 + t^3``, ``h11 = t^3 - t^2``. ``f_{n+1}`` is the last stage for FSAL
+    + h11(theta) [i == last]``, with the Hermite basis :data:`HERMITE_BASIS`. ``f_{n+1}`` is the last stage for FSAL
     methods and one dense stage (row ``b``, node 1) otherwise. Third order for any method of
     order >= 3 (Hairer, Norsett, Wanner I, sec. II.6).
 
@@ -362,10 +386,11 @@ def hermite_interpolant(a, b, c):
     s = len(b)
     fsal = c[-1] == 1.0 and all(abs(x - y) <= _CONSISTENCY_TOL for x, y in zip(a[-1], b))
     n = s if fsal else s + 1
-    P = [[0.0, 3.0 * b[i], -2.0 * b[i]] if i < s else [0.0, 0.0, 0.0] for i in range(n)]
-    P[0] = [P[0][0] + 1.0, P[0][1] - 2.0, P[0][2] + 1.0]
+    h10, h01, h11 = HERMITE_BASIS
+    P = [[b[i] * x for x in h01] if i < s else [0.0, 0.0, 0.0] for i in range(n)]
     last = s - 1 if fsal else s
-    P[last] = [P[last][0], P[last][1] - 1.0, P[last][2] + 1.0]
+    P[0] = [p + x for p, x in zip(P[0], h10)]
+    P[last] = [p + x for p, x in zip(P[last], h11)]
     if fsal:
         return tuple(tuple(r) for r in P), (), ()
     return tuple(tuple(r) for r in P), (tuple(b),), (1.0,)

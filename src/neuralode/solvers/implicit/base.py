@@ -21,16 +21,17 @@ from __future__ import annotations
 import torch
 
 from ..stepper import Stepper
-from ..tableau import interpolant_sum
+from ..tableau import HERMITE_BASIS, interpolant_sum
 
 __all__ = ["MethodFace", "HermiteStepper", "hermite_weights"]
 
 
 def hermite_weights(theta: torch.Tensor) -> torch.Tensor:
-    """Weights ``(m, 3)`` of ``[f_n, slope, f_{n+1}]`` at fractions ``theta`` (m,)."""
-    t2 = theta * theta
-    t3 = t2 * theta
-    return torch.stack([theta - 2 * t2 + t3, 3 * t2 - 2 * t3, t3 - t2], dim=-1)
+    """Weights ``(m, 3)`` of ``[f_n, slope, f_{n+1}]`` at fractions ``theta`` (m,): the cubic
+    Hermite basis :data:`~neuralode.solvers.tableau.HERMITE_BASIS` (``slope`` is the secant
+    ``(y_{n+1} - y_n) / h``)."""
+    powers = (theta, theta * theta, theta * theta * theta)
+    return torch.stack([sum(c * p for c, p in zip(row, powers) if c) for row in HERMITE_BASIS], -1)
 
 
 class MethodFace:
