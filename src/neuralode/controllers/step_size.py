@@ -233,8 +233,9 @@ class PIController(Controller):
         First step size; by default chosen by Hairer's algorithm (HNW I, sec. II.4), which costs
         one extra evaluation of f.
     dt_min, dt_max : float, default 0, inf
-        Bounds on ``|h|``. A step that would need ``|h| < dt_min`` raises StepSizeUnderflowError
-        (unless ``force_dt_min``).
+        Bounds on ``|h|`` (``dt_max > 0``). The initial step (``dt0`` or Hairer's guess) is
+        clamped into them. A step that would need ``|h| < dt_min`` raises
+        StepSizeUnderflowError (unless ``force_dt_min``).
     force_dt_min : bool, default False
         Take steps of at least ``dt_min`` and accept a step of ``dt_min`` or less even when it
         fails the error test (torchdiffeq's ``min_step``, diffrax's ``force_dtmin``): the error
@@ -251,7 +252,8 @@ class PIController(Controller):
     Raises
     ------
     ValueError
-        For non-positive tolerances or factors outside their ranges.
+        For non-positive tolerances or factors outside their ranges, ``dt_max <= 0``, or
+        ``icoeff <= 0`` (no integral gain: the step would not follow the error).
     """
 
     rtol: float | torch.Tensor | Sequence = 1e-6
@@ -304,6 +306,25 @@ class PIController(Controller):
             raise ValueError(
                 f"need 0 <= dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}"
             )
+        if not (self.dt_max > 0 and math.isfinite(self.dt_min)):
+            raise ValueError(
+                f"dt_max must be > 0 and dt_min finite, got dt_min={self.dt_min}, "
+                f"dt_max={self.dt_max}; dt_max=inf (the default) leaves steps unbounded"
+            )
+        # The exponent of the error in the update is (icoeff + pcoeff) / k: an I part is what
+        # drives the error to the tolerance (icoeff = 0 leaves the step to shrink by `safety`
+        # every step, or to follow the error ratio only).
+        if not (self.icoeff > 0 and math.isfinite(self.icoeff) and math.isfinite(self.pcoeff)):
+            raise ValueError(
+                f"icoeff must be > 0 (the integral gain that drives the error to the tolerance) "
+                f"and pcoeff finite, got icoeff={self.icoeff!r}, pcoeff={self.pcoeff!r}; use "
+                "icoeff=1, pcoeff=0 (I control, the default) or icoeff=0.65, pcoeff=0.2 (PI)"
+            )
+        if not self.icoeff + self.pcoeff > 0:
+            raise ValueError(
+                f"icoeff + pcoeff must be > 0 (the exponent of the error in the step-size "
+                f"update), got icoeff={self.icoeff!r}, pcoeff={self.pcoeff!r}"
+            )
         if not isinstance(self.force_dt_min, bool):
             raise TypeError(f"force_dt_min must be a bool, got {self.force_dt_min!r}")
         object.__setattr__(self, "step_t", _times(self.step_t, "step_t"))
@@ -318,7 +339,7 @@ class PIController(Controller):
         interval. With ``dt0`` set, that is the answer (no evaluation).
         """
         if self.dt0 is not None:
-            return minimum(self.dt0 + 0.0 * span, self.dt_max)
+            return self._within_bounds(self.dt0 + 0.0 * span)
         with torch.no_grad():
             d0, d1 = norm(y0, k1)
             # 0.01 d0/d1, or 1e-6 when either norm is tiny (the floor only guards the division).
@@ -333,7 +354,12 @@ class PIController(Controller):
                 (0.01 / maximum(dmax, 1e-15)) ** (1 / order),
             )
             h1 = where(isfinite(dmax), h1, h0 * 1e-3)
-            return minimum(minimum(minimum(100 * h0, h1), span), self.dt_max)
+            return self._within_bounds(minimum(minimum(100 * h0, h1), span))
+
+    def _within_bounds(self, h):
+        """The initial step (a guess) clamped into ``[dt_min, dt_max]``: a guess below
+        ``dt_min`` would fail the solve before its first attempt."""
+        return maximum(minimum(h, self.dt_max), self.dt_min)
 
     def step_rule(self) -> PIController:
         # (The tolerances reach the step as tensors; placeholders here.)
