@@ -23,7 +23,8 @@ Differences, all deliberate and documented:
   ``explicit_adams`` unstable (``y' = -y`` with ``step_size=0.01`` blows up).
 - A state stays in its dtype and func gets times in its precision (float32 states: float32).
   A derivative of another dtype is cast to the state's, as in torchdiffeq, but with a warning
-  (once per pair of dtypes; ``neuralode.solve`` raises TypeError).
+  (once per pair of dtypes; ``neuralode.solve`` raises TypeError): the solve is retried with
+  the cast when the engine refuses the dtype, so func runs uncast (at no cost) otherwise.
 - Step callbacks get the state in y0's structure; a callable ``adjoint_options['norm']`` gets a
   0-d zero for the adjoint of t (not integrated); ``odeint_dense`` takes any method.
 
@@ -50,6 +51,7 @@ from ._compat_hooks import (
     hook_adjoint_callbacks,
     hook_callbacks,
     promoted,
+    solve_casting,
     torchdiffeq_errors,
 )
 from ._compat_scipy import scipy_odeint, scipy_odeint_adjoint
@@ -380,10 +382,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         return scipy_odeint(func, y0, t, rtol, atol, opts)
     _hook_forward(func, kwargs)
     func, y0 = promoted(func, y0)
-    with torchdiffeq_errors():
+
+    def run(func):
         if event_fn is not None:
             return _event_solve(func, y0, t, kwargs, event_fn, Direct())
         return solve(func, y0, t, gradient=Direct(), dense_output=False, **kwargs).ys
+
+    return solve_casting(run, func, y0)
 
 
 def _hook_forward(func, kwargs) -> None:
@@ -514,10 +519,13 @@ def odeint_adjoint(
         errors=torchdiffeq_errors,  # the backward solve fails as torchdiffeq's does
     )
     func, y0 = promoted(func, y0)
-    with torchdiffeq_errors():
+
+    def run(func):
         if event_fn is not None:
             return _event_solve(func, y0, t, kwargs, event_fn, grad)
         return _two_nodes_deep(solve(func, y0, t, gradient=grad, dense_output=False, **kwargs).ys)
+
+    return solve_casting(run, func, y0)
 
 
 def _two_nodes_deep(ys):
@@ -571,8 +579,8 @@ def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options
         raise ValueError("method='scipy_solver' has no dense output in odeint_dense")
     _hook_forward(func, kwargs)
     func, y0 = promoted(func, y0)
-    with torchdiffeq_errors():
-        sol = solve(func, y0, t, gradient=Direct(), dense_output=True, **kwargs)
+    dense = lambda fn: solve(fn, y0, t, gradient=Direct(), dense_output=True, **kwargs)  # noqa: E731
+    sol = solve_casting(dense, func, y0)
 
     def dense_output_fn(t_eval):
         return sol.evaluate(t_eval)

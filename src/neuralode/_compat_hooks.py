@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from ._tree import StateDtypeError
 from .controllers.step_size import time_beside
 from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 from .solvers import get_tableau
@@ -357,15 +358,13 @@ class DeferredAdjointNorm:
 
 
 def promoted(func, y0):
-    """``(func, y0)`` as torchdiffeq solves them: func's derivatives cast to the state's dtype.
+    """``(func, y0)`` as torchdiffeq solves them when the state's dtypes differ.
 
     A tuple state mixing dtypes (e.g. float32 and float64 components) is solved in the promoted
     dtype (torchdiffeq concatenates the components, so its outputs and func's inputs all have
-    that dtype) and func's derivatives are cast to it silently. Otherwise a derivative of
-    another dtype than the state's (a float32 state times a float64 tensor made from a numpy
-    array) is cast to the state's dtype, as torchdiffeq does, with a warning the first time
-    (per pair of dtypes): :func:`neuralode.solve` raises TypeError there instead. The cast
-    costs one dtype comparison per evaluation when the dtypes agree.
+    that dtype) and func's derivatives are cast to it silently. Any other state comes back
+    unchanged, func unwrapped: a derivative of another dtype is handled by
+    :func:`solve_casting`, at no cost per evaluation where the dtypes agree.
     """
     tensors = [y0] if isinstance(y0, torch.Tensor) else list(y0)
     if not tensors or not all(isinstance(x, torch.Tensor) for x in tensors):
@@ -373,21 +372,52 @@ def promoted(func, y0):
     common = tensors[0].dtype
     for x in tensors[1:]:
         common = torch.promote_types(common, x.dtype)
-    mixed = any(x.dtype != common for x in tensors)
-    if mixed:
-        y0 = tuple(x.to(common) for x in tensors)
-    tuple_state = not isinstance(y0, torch.Tensor)
+    if all(x.dtype == common for x in tensors):
+        return func, y0
+    return _casting(func, common, silent=True), tuple(x.to(common) for x in tensors)
+
+
+def solve_casting(run, func, y0):
+    """``run(func)`` with neuralode's solve errors raised as torchdiffeq's
+    (:class:`torchdiffeq_errors`), once more with func's derivatives cast to the state's dtype where the
+    engine refused one of another dtype (a float32 state times a float64 tensor made from a
+    numpy array), as torchdiffeq casts them, with a warning the first time per pair of dtypes
+    (:func:`neuralode.solve` raises TypeError there instead).
+
+    func runs unwrapped first, so the common case costs nothing per evaluation. The price of
+    the other case: the first try stops at the first derivative of another dtype (usually
+    func's first evaluation) and the solve starts over, so func runs once more than the solve
+    needs -- more where the dtype changes only later in the solve, whose evaluations (and step
+    callbacks) up to there run twice. Nothing else of the first try is kept or returned.
+    """
+    try:
+        with torchdiffeq_errors():
+            return run(func)
+    except StateDtypeError as exc:
+        if exc.what != FUNC_DERIVATIVE or (exc.got.is_complex and not exc.want.is_complex):
+            raise  # (a complex derivative for a real state: not cast, solve's error stands)
+        tensors = [y0] if isinstance(y0, torch.Tensor) else list(y0)
+        with torchdiffeq_errors():
+            return run(_casting(func, tensors[0].dtype, silent=False))
+
+
+def _casting(func, common: torch.dtype, silent: bool):
+    """func with its derivatives (a tensor, or a tuple's components) cast to ``common``."""
 
     # (No closure refers to itself: a reference cycle would leave garbage for the collector.)
     def cast_func(t, y):
         out = func(t, y)
         if type(out) is torch.Tensor:  # (the common case: one comparison)
-            return out if out.dtype is common else _cast(out, common, mixed)
-        if tuple_state and isinstance(out, (tuple, list)):
-            return tuple(_cast(o, common, mixed) for o in out)
+            return out if out.dtype is common else _cast(out, common, silent)
+        if isinstance(out, (tuple, list)):
+            return tuple(_cast(o, common, silent) for o in out)
         return out  # (solve raises naming what is wrong)
 
-    return cast_func, y0
+    return cast_func
+
+
+#: The ``what`` of the engine's check of func's derivatives (:meth:`TreeSpec.flatten`).
+FUNC_DERIVATIVE = "the derivative returned by func"
 
 
 def _cast(out, common: torch.dtype, silent: bool):

@@ -42,6 +42,7 @@ class VectorField:
         self.nfe = 0
         # Fast path for the common single-tensor state: a reshape in, a check and reshape out.
         self._shape = spec.shapes[0] if spec.kind == "tensor" else None
+        self._dtype = spec.dtype
 
     def _time(self, t: float) -> torch.Tensor:
         # scalar_tensor fills on the device (no host-to-device copy, so no synchronisation).
@@ -100,7 +101,7 @@ class VectorField:
         # (_time and _view inlined: this is the call of every stage without a graph.)
         tt = torch.scalar_tensor(t, dtype=self.time_dtype, device=self.device)
         out = self.func(tt, y.view(*shape) if shape else y.view(()))
-        if type(out) is torch.Tensor and out.shape == shape and out.dtype == self.spec.dtype:
+        if type(out) is torch.Tensor and out.dtype == self._dtype and out.shape == shape:
             dst_shaped.copy_(out)
         else:  # validated (raises naming what is wrong) without calling func again
             dst.copy_(self.checked(out, t).reshape(-1))
@@ -343,7 +344,9 @@ def integrate(
         if is_jump:  # f afresh at the right limit (the next float after t_new)
             k1, t_first = None, time_beside(t_new, t_new + direction, f.time_dtype)
         else:  # (k_next may be None: then evaluated at the next step's start)
-            k1 = stepper.carry_fsal(K).view(*y.shape) if stepper.fsal else k_next
+            k1 = stepper.carry_fsal(K) if stepper.fsal else k_next
+            if k1 is not None and k1.shape != y.shape:
+                k1 = k1.view(*y.shape)
         if stop:
             state["status"] = "event"
             break

@@ -165,10 +165,15 @@ class ErrorNorm:
         rtol, atol, tols = prob.rtol, prob.atol, self._tols
         if tols is None or tols[0] is not rtol or tols[1] is not atol:
             tols = self._tols = (rtol, atol, self._tensor(rtol), self._tensor(atol))
-        scale = error_scale(a, b, tols[2], tols[3], prob.atol_zero, out=a)
+        # (error_scale inlined: a per-step cost on small states.)
+        scale = torch.maximum(a, b, out=a).mul_(tols[2]).add_(tols[3])
+        if prob.atol_zero:
+            scale.clamp_(min=torch.finfo(scale.dtype).tiny)
         # b now holds |y_new|: the next step's |y| if this one is accepted.
         self.a, self.b, self.of = b, a, y_new
-        return self.reduce(err.div_(scale))
+        if self.mixed:
+            return self.reduce(err.div_(scale))
+        return float(torch.linalg.vector_norm(err.div_(scale))) * self.inv_sqrt_n
 
     def _tensor(self, tol):
         """A float tolerance as a 0-d tensor of the norm's dtype (the same value the float

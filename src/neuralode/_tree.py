@@ -15,7 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TreeSpec", "flatten_state", "flat_tolerance", "real_dtype"]
+__all__ = ["TreeSpec", "flatten_state", "flat_tolerance", "real_dtype", "StateDtypeError"]
+
+
+class StateDtypeError(TypeError):
+    """A tensor given for the state (a derivative returned by func) has another dtype than the
+    state's: a ``TypeError`` that also carries ``what`` was checked and the two dtypes (the
+    torchdiffeq face retries its solve with a cast when ``what`` is func's derivative)."""
+
+    def __init__(self, message: str, what: str, got: torch.dtype, want: torch.dtype):
+        super().__init__(message)
+        self.what, self.got, self.want = what, got, want
 
 
 @dataclass(frozen=True)
@@ -115,9 +125,12 @@ class TreeSpec:
                     f"{tuple(shape)}; {fix} (no broadcasting)"
                 )
             if x.dtype != self.dtype:
-                raise TypeError(
+                raise StateDtypeError(
                     f"{label}{where} has dtype {x.dtype} but the state has dtype {self.dtype}; "
-                    "make func return the state's dtype (cast parameters with module.to(dtype))"
+                    "make func return the state's dtype (cast parameters with module.to(dtype))",
+                    what,
+                    x.dtype,
+                    self.dtype,
                 )
         if self.kind == "tensor":
             return tensors[0].reshape(self.batch, -1)

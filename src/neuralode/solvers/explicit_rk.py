@@ -55,6 +55,8 @@ class RKStepper(Stepper):
         self._krows_shape = None
         self._prefix: list[torch.Tensor] = []
         self._bufT: torch.Tensor | None = None
+        self._plan = None  # (see _make_plan)
+        self._flat = (None, None)  # (a new state as returned, and flat: see step)
 
     def step(self, f, t, h, y, k1, t_last, track_grad: bool):
         """Take one step of size ``h`` from ``(t, y)`` with first stage ``k1``.
@@ -65,6 +67,79 @@ class RKStepper(Stepper):
         the stages ``(S, B*M)``. Each stage state is one :func:`stage_sum` (the state stays 1-D
         inside); without a graph the stages are written into a reused buffer.
         """
+        shape = y.shape
+        # (The common eager case first: float step, no graph, the reused buffer, a vector
+        # field that writes into it. The same operations as below, with the per-stage choices
+        # made once per buffer.)
+        if not track_grad and self.reuse_buffer and type(h) is float:
+            plan = self._plan
+            # (A stepper serves one dtype and device: the plan is for one f and one shape.)
+            if plan is None or plan[0] is not f or plan[1] != shape:
+                plan = self._make_plan(f, y)
+            if plan[2] is not None:
+                # (The last accepted state's flat form, kept: no reshape per step.)
+                yv = self._flat[1] if self._flat[0] is y else y.reshape(-1)
+                return self._step_planned(plan, f, t, h, yv, k1, t_last, shape)
+        return self._step_general(f, t, h, y, k1, t_last, track_grad)
+
+    def _make_plan(self, f, y):
+        """The per-stage operations of :meth:`_step_planned` for ``f`` and ``y``'s layout:
+        ``(f, shape, stages, K, KT, err_out, row0, err_shaped)`` with ``stages`` one ``(single, K_prefix, row,
+        c, dst, dst_shaped)`` per stage past the first (``single``: the row's one nonzero weight
+        ``(j, w)``, else None; ``c`` 1.0 for the stage at ``t_last``); ``stages`` None where the
+        vector field has no ``into`` on a single-tensor state (then the general path). ``row0`` is
+        the first stage's row viewed in ``y``'s shape (:meth:`carry_fsal`'s result), and
+        ``err_shaped`` the error buffer so viewed (the error estimate returned)."""
+        shape_f = getattr(f, "_shape", None)
+        if shape_f is None or getattr(f, "into", None) is None:  # (remembered: no plan for f)
+            self._plan = (f, y.shape, None)
+            return self._plan
+        K = self._buffer(y.reshape(-1))
+        krows, prefix, rows = self._krows, self._prefix, self.rows
+        meta = self.T.get("_stage_meta")  # ((single, c) per stage past the first), cached
+        if meta is None:
+            S, fsal = self.S, self.fsal
+            meta = self.T["_stage_meta"] = [
+                (_single(self.tab_rows[i]), 1.0 if fsal and i == S - 1 else self.c[i])
+                for i in range(1, S)
+            ]  # (FSAL: the last stage is at t_last)
+        stages = []
+        for i, (single, c) in enumerate(meta, 1):
+            shaped = krows[i].view(*shape_f) if shape_f else krows[i].view(())
+            stages.append((single, prefix[i], rows[i], c, krows[i], shaped))
+        row0 = krows[0].view(*y.shape)
+        err_shaped = self._err.view(*y.shape)
+        self._plan = (f, y.shape, tuple(stages), K, self._bufT, self._err, row0, err_shaped)
+        return self._plan
+
+    def _step_planned(self, plan, f, t, h, yv, k1, t_last, shape):
+        """:meth:`step` without a graph into the reused stage buffer (float ``h``); bitwise the
+        operations of :func:`stage_sum` that the general path makes."""
+        _, _, stages, K, KT, out, _, err_shaped = plan
+        krows = self._krows
+        if k1.data_ptr() != krows[0].data_ptr():  # else already there (carry_fsal)
+            krows[0].copy_(k1.reshape(-1))
+        into, add, addmv = f.into, torch.add, torch.addmv
+        yi = None
+        for single, Kp, wt, ci, dst, dst_shaped in stages:
+            if single is not None:
+                yi = add(yv, krows[single[0]], alpha=h * single[1])
+            else:
+                yi = addmv(yv, Kp, wt, alpha=h)
+            into(t_last if ci == 1.0 else t + ci * h, yi, dst_shaped, dst)
+        if self.fsal:  # (the last stage is at t_last: c = 1)
+            y_new = yi
+        else:
+            y_new = stage_sum(yv, h, self.tab_rows[self.S], krows, K=KT, wt=self.T["b"], flat=yv)
+        err = None
+        if self.b_err is not None:  # (into the error buffer, returned in the state's shape)
+            addmv(out, KT, self.b_err, beta=0, alpha=h, out=out)
+            err = err_shaped
+        y_shaped = y_new.view(*shape)
+        self._flat = (y_shaped, y_new)
+        return y_shaped, err, K
+
+    def _step_general(self, f, t, h, y, k1, t_last, track_grad: bool):
         S, shape = self.S, y.shape
         yv = y.reshape(-1)
         # The step size as stage_sum takes it: a float, or per row expanded to the flat state.
@@ -175,7 +250,8 @@ class RKStepper(Stepper):
         if K is self._buf:
             rows = self._krows
             rows[0].copy_(rows[-1])
-            return rows[0]
+            plan = self._plan  # (row 0 viewed in the state's shape, made once with the plan)
+            return plan[6] if plan is not None and plan[2] is not None and plan[3] is K else rows[0]
         return K[self.S - 1]
 
     def dense_stages(self, f, t, h, y, K, k_next, t_last=None):
