@@ -317,7 +317,12 @@ def integrate_reversible(
             last_nonfinite = not math.isfinite(e)
             if not (e <= 1.0 or ctrl.accepts(e, min(h_abs, h_last))):
                 n_rej += 1
-                h, _ = ctrl.adapt(h_last, h_abs, e, prev_err, k_order, False, clipped)
+                # Shrink from the step the controller asked for when the sliver rule above
+                # stretched it to the next grid point (a step a few ulps long near t's
+                # resolution): shrinking the stretched step gave the same step again, forever,
+                # instead of reaching the underflow rule (a blow-up ran to max_steps).
+                h_try = min(h_last, h_abs)
+                h, _ = ctrl.adapt(h_try, h_abs, e, prev_err, k_order, False, clipped)
                 continue
         n_acc += 1
         if keep_states:
