@@ -144,6 +144,16 @@ class Backsolve:
     ``outputs="auto"`` stops at every output (a step cannot be replayed out of its history)
     and ``outputs="replay"`` is refused by the solve.
 
+    With a fixed-step (non-adaptive) controller and no ``dt``, the backward solve under
+    ``batch_control="shared"`` retraces the forward's step times exactly (a step-to-grid
+    controller over them). Under ``batch_control="per_sample"`` it runs the forward's
+    controller itself backward from each sample's final time, so ``propose(t, h, t0, ...)``
+    receives that final time as ``t0``: a grid anchored at ``t0`` (e.g. a geometric grid
+    ``t0 + h0 (q^k - 1) / (q - 1)``) is then laid from the end, and the backward steps differ
+    from the forward's (a different discretisation of the adjoint: its gradient error is that
+    of the backward grid). :class:`~neuralode.controllers.ConstantStep` gives the same times
+    either way.
+
     func must be deterministic: the backward pass evaluates it again (backwards in time, along the adjoint equations), so a
     random func (``nn.Dropout`` in training mode, noise drawn inside func) gives the gradient
     of different draws than the forward pass used, silently. Draw the randomness outside func
