@@ -40,6 +40,7 @@ from ._norm_rows import RowUserNorm
 from ._norms import ErrorNorm, initial_norm, tolerances
 from ._tree import TreeSpec, flatten_state, real_dtype
 from .controllers import PIController
+from .controllers.base import stuck_error
 from .controllers.resolve import resolve_controller
 from .controllers.step_size import time_beside
 from .gradients._common import capable
@@ -267,6 +268,9 @@ def integrate_per_sample(
             t_stop = w.tau.gather(1, w.nxt.clamp(max=T - 1).unsqueeze(1)).squeeze(1)
         t_try = ctrl.propose(w.t, w.h, t_start, t_stop, w.sdir)
         t_new, clipped, jump = ctrl.land(w.t, t_try, t_stop, w.sdir, landings)
+        # A live row whose proposal does not advance (a subclass's propose): read with the
+        # iteration's one host read below, raised there.
+        stuck = ~w.done & (w.sdir * (t_try - w.t) <= 0)
         t_new = torch.where(w.done, w.t_end, t_new)  # finished rows: zero steps
         clipped, jump = clipped | w.done, jump & ~w.done
         at_end = t_new == w.t_end
@@ -314,9 +318,13 @@ def integrate_per_sample(
         if nonfin is not None:
             code.masked_fill_(nonfin, 4)  # (CAUSES[4]: a fixed step that came out non-finite)
         cnt = torch.searchsorted(w.stau, (w.sdir * w.t).unsqueeze(1), right=True).squeeze(1)
-        n_out, n_done, n_fail, n_acc, n_jump = torch.stack(
-            [(cnt - w.nxt).sum(), w.done.sum(), code.count_nonzero(), acc.sum(), jumped.sum()]
-        ).tolist()
+        n_out, n_done, n_fail, n_acc, n_jump, n_stuck = torch.stack(
+            [(cnt - w.nxt).sum(), w.done.sum(), code.count_nonzero(), acc.sum(), jumped.sum(),
+             stuck.sum()]
+        ).tolist()  # fmt: skip
+        if n_stuck:
+            r = int(stuck.nonzero()[0, 0])
+            raise stuck_error(ctrl, float(t_old[r]), float(t_try[r]))
         tf_old, w.tf = w.tf, torch.where(acc, w.t, w.tf)
         if n_jump:  # past a jump_t, f afresh at the right limit (the next float after it)
             t_first = time_beside(w.t, w.t + w.sdir, f.time_dtype)

@@ -20,7 +20,8 @@ import torch
 
 __all__ = [
     "Controller", "time_beside", "underflows", "land_rows", "where", "minimum", "maximum",
-    "isfinite", "per_row", "landing_tolerance", "landing_eps", "MERGE_ULPS",
+    "isfinite", "per_row", "landing_tolerance", "landing_eps", "landing_scale", "MERGE_ULPS",
+    "stuck_error",
 ]  # fmt: skip
 
 
@@ -82,6 +83,25 @@ def landing_tolerance(scale, step, eps):
     more than a quarter of ``step`` (so a landing genuinely off the grid keeps its own step).
     Floats or (B,) float64 tensors; a NaN ``step`` gives NaN (nothing merges)."""
     return minimum(MERGE_ULPS * eps * scale, step / 4)
+
+
+def landing_scale(t, t_end):
+    """The magnitude at which a step end from ``t`` toward ``t_end`` is merged with a landing:
+    ``max(|t|, |t_end|)``, the interval's own, never a landing's outside it (so per-sample
+    control with several rows' landings merges as each row solved alone, and as shared control).
+    Floats or (B,) float64 tensors."""
+    if isinstance(t, torch.Tensor):
+        return torch.maximum(t.abs(), t_end.abs())
+    return max(abs(t), abs(t_end))
+
+
+def stuck_error(ctrl, t, t_try) -> ValueError:
+    """The error for a controller whose ``propose`` returned a time that does not advance."""
+    return ValueError(
+        f"{type(ctrl).__name__}.propose returned t_try={t_try!r} from t={t!r}: the step end must "
+        "lie strictly beyond t in the direction of integration (t + direction * h with h > 0); "
+        "fix the controller's propose"
+    )
 
 
 def landing_eps(x):
@@ -302,6 +322,8 @@ class Controller:
         float64 tensor; ``direction`` and ``t_end`` per row)."""
         if isinstance(t, torch.Tensor):
             return self._land_rows(t, t_try, t_end, direction, landings)
+        if direction * (t_try - t) <= 0:  # (one comparison: a propose that does not advance)
+            raise stuck_error(self, t, t_try)
         land = None
         if landings:
             if direction > 0:
@@ -314,7 +336,7 @@ class Controller:
         # a grid point a rounding away from a float32 output time), and always within a few
         # ulps: the sliver step left over would be below the resolution of t (an adjoint solve
         # replaying it underflows).
-        scale = max(abs(t), abs(t_end), *(abs(x) for x in landings[:1] + landings[-1:]))
+        scale = landing_scale(t, t_end)
         step = abs(t_try - t)
         if land is not None:
             tol = maximum(_SLIVER * abs(land), landing_tolerance(scale, step, landing_eps(land)))
@@ -344,9 +366,7 @@ def land_rows(t, t_try, t_end, sdir, L, J=None):
     n = L.shape[0]
     # The merge of Controller.land: within landing_tolerance (at least a few ulps) short of a
     # landing or the end, the step ends on it.
-    scale = torch.maximum(t.abs(), t_end.abs())
-    if n:
-        scale = torch.maximum(scale, torch.maximum(L[0].abs(), L[-1].abs()))
+    scale = landing_scale(t, t_end)
     step = (t_try - t).abs()
     if n:
         up = torch.searchsorted(L, t.contiguous(), right=True)
