@@ -66,13 +66,15 @@ def underflows(h, t, dt_min: float):
 
 
 # ------------------------------------------------- merging step ends with landing times
-# A step end within this many ulps (at the span's magnitude) of a time the steps must end on
-# (step_t, jump_t, an output landing, the end) is that time. torch.linspace in float32 lands
-# within ~0.5 ulp of the exact points and the grid ``t0 + k dt`` (double) within a few double
-# ulps of them: 16 leaves a wide margin and moves a step end by under 2e-6 of the span in
-# float32. Without the merge such a pair leaves a sliver step of 1e-9 (float32 landings) or
-# 4e-16 (float64): an extra step each, and the variable-step Adams formulas break on them. The
-# torchdiffeq face merges its fixed grids with the same tolerance (:mod:`neuralode._compat_grid`).
+# A step end within this many ulps (at the interval's magnitude, :func:`landing_scale`) of a
+# time the steps must end on (step_t, jump_t, an output landing, the end) is that time.
+# torch.linspace in float32 lands within ~0.5 ulp of the exact points and the grid
+# ``t0 + k dt`` (double) within a few double ulps of them: 16 leaves a wide margin and moves a
+# step end by under 2e-6 of max(|t|, |t_end|) in float32, never more than a quarter step (see
+# landing_eps for a float64 landing that is float32-exact). Without the merge such a pair leaves
+# a sliver step of 1e-9 (float32 landings) or 4e-16 (float64): an extra step each, and the
+# variable-step Adams formulas break on them. The torchdiffeq face merges its fixed grids with
+# the same tolerance (:mod:`neuralode._compat_grid`).
 MERGE_ULPS = 16
 _EPS32 = 1.1920928955078125e-07
 
@@ -107,10 +109,19 @@ def stuck_error(ctrl, t, t_try) -> ValueError:
 def landing_eps(x):
     """The relative precision of the times a landing ``x`` came in: float32's where ``x`` is a
     float32 value (``t`` or ``step_t`` given in float32: the landings are float32 roundings of
-    the grid's points, ~1e-9 off them at t = 0.1), else float64's. The engine's times are
-    double; the dtype ``t`` was given in is not passed down, and a float64 time that happens to
-    be a float32 value (0.5) only widens the merge to 2e-6 of the span, capped at a quarter
-    step. Floats or float64 tensors (elementwise)."""
+    the grid's points, ~1e-9 off them at t = 0.1), else float64's. Floats or float64 tensors
+    (elementwise).
+
+    The engine's times are double and the dtype ``t`` was given in is not passed down, so a
+    float64 landing that happens to be a float32 value (0.5, 1e6 + 0.3125) is treated as a
+    float32 one: its merge tolerance is ``MERGE_ULPS`` float32 ulps of the interval's
+    magnitude, ``16 * 1.19e-7 * max(|t|, |t_end|)`` (:func:`landing_scale`), capped at a
+    quarter of the step. It grows with ``|t|``, not with the span: at ``t`` near 1e6 it is
+    about 1.9, so the quarter-step cap decides. Limitation: such a landing within that
+    tolerance beyond a grid point merges into it -- the step ends exactly on the landing and
+    the grid point is skipped (``ConstantStep(0.1, step_t=(1e6 + 0.3125,))`` from ``t0 = 1e6``
+    steps 1e6 + 0.2 -> 1e6 + 0.3125, without 1e6 + 0.3). Give such landings off the float32
+    grid, or with ``t0`` near 0, to keep every grid point."""
     if isinstance(x, torch.Tensor):
         exact = x.to(torch.float32).to(x.dtype) == x
         return _EPS64 + (_EPS32 - _EPS64) * exact.to(x.dtype)
