@@ -60,3 +60,54 @@ def test_landing_scale_ignores_landings_outside_the_interval():
     assert shared == expect
     assert [x for x in rows if x < 1.0] == expect  # (per-sample may also evaluate f at the end)
     assert [x for x in two if x < 1.0] == expect
+
+
+_F32_01 = float(torch.tensor(0.1, dtype=torch.float32))  # 1.5e-9 above 0.1
+_F32_03 = float(torch.tensor(0.3, dtype=torch.float32))  # 1.2e-8 above 0.3
+
+
+def _accepted(ctrl, t, ctl, solver):
+    ts = []
+
+    def f(tt, y):
+        ts.append(tt.reshape(-1)[0].item())
+        return -y
+
+    y0 = torch.ones(2, 1, dtype=F64)
+    s = neuralode.solve(f, y0, t, solver=solver, controller=ctrl, batch_control=ctl)
+    n = s.stats["n_accepted"]
+    return (n.tolist() if isinstance(n, torch.Tensor) else [n, n]), ts
+
+
+@pytest.mark.parametrize("ctl", ["shared", "per_sample"])
+@pytest.mark.parametrize("backward", [False, True])
+def test_near_duplicate_landings_merge_into_the_jump(ctl, backward):
+    # step_t 0.1 (float64) and jump_t float32(0.1): one landing (the jump's), no sliver step:
+    # ConstantStep(0.01) over [0, 0.3] takes its 30 steps.
+    t = torch.tensor([0.3, 0.0] if backward else [0.0, 0.3], dtype=F64)
+    ctrl = neuralode.ConstantStep(0.01, step_t=(0.1,), jump_t=(_F32_01,))
+    n, ts = _accepted(ctrl, t, ctl, "rk4")
+    assert n == [30, 30]
+    assert not [x for x in ts if 0 < abs(x - 0.1) < 1e-9 or x == 0.1]  # (only the jump's sides)
+    pi = neuralode.PIController(rtol=1e-6, atol=1e-8, step_t=(0.1,), jump_t=(_F32_01,))
+    _, ts = _accepted(pi, t, ctl, "dopri5")
+    near = {x for x in ts if abs(x - 0.1) < 1e-6}
+    assert all(abs(x - _F32_01) < 1e-15 for x in near)
+
+
+def test_steptogrid_jump_a_float32_rounding_off_a_grid_point():
+    grid = torch.linspace(0, 1, 11, dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    for ctl in ["shared", "per_sample"]:
+        n, _ = _accepted(neuralode.StepToGrid(grid, jump_t=(_F32_03,)), t, ctl, "rk4")
+        assert n == [10, 10]
+
+
+def test_merge_landings_rule():
+    from neuralode.controllers.base import merge_landings
+
+    assert merge_landings((0.1,), (_F32_01,)) == (_F32_01,)
+    assert merge_landings((0.1, _F32_01), ()) == (0.1,)  # keeps the float64 time
+    assert merge_landings((0.5, 0.5625), ()) == (0.5, 0.5625)  # distinct float32 values
+    assert merge_landings((1e6 + 0.3125, 1e6 + 0.375), ()) == (1e6 + 0.3125, 1e6 + 0.375)
+    assert merge_landings((0.1, 0.1 + 1e-6), ()) == (0.1, 0.1 + 1e-6)

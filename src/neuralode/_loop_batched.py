@@ -240,7 +240,7 @@ def integrate_per_sample(
     n_done = n_stale = 0
     user = ctrl.norm  # PIController(norm=...): see _norm_rows
     norm = ErrorNorm(y0[:1], spec) if user is None else RowUserNorm(user, spec)
-    landings = torch.tensor(sorted({*ctrl.step_t, *ctrl.jump_t}), **f64)
+    landings = torch.tensor(ctrl.merged_landings(), **f64)
     # Attempts in earlier segments (events) count toward max_steps. Every live row makes one
     # per iteration: from it_max on, some row may have used them all (no host read before).
     used_att = used.sum(1) if used is not None else torch.zeros(B, **i64)

@@ -21,7 +21,7 @@ import torch
 __all__ = [
     "Controller", "time_beside", "underflows", "land_rows", "where", "minimum", "maximum",
     "isfinite", "per_row", "landing_tolerance", "landing_eps", "landing_scale", "MERGE_ULPS",
-    "stuck_error",
+    "stuck_error", "merge_landings",
 ]  # fmt: skip
 
 
@@ -130,6 +130,34 @@ def landing_eps(x):
     except OverflowError:  # beyond float32's range
         exact = False
     return _EPS32 if exact else _EPS64
+
+
+def merge_landings(step_t, jump_t) -> tuple[float, ...]:
+    """The landing times ``step_t`` and ``jump_t``, increasing, with near-duplicates merged.
+
+    Two landings a float32 rounding apart (``step_t=(0.1,)`` and ``jump_t`` a float32 0.1, or a
+    float64 grid and a float32 jump) would leave a sliver step between them. Consecutive
+    landings ``a < b`` are one point when ``b - a`` is within the landing rule's tolerance at
+    their own magnitude, ``max(_SLIVER, MERGE_ULPS * eps) * max(|a|, |b|)``, where ``eps`` is
+    float32's when exactly one of them is a float32 value (the other then may be the time it
+    rounds) and float64's otherwise (two distinct float32 values are never merged). The kept
+    time is the ``jump_t`` one if either is, else the one that is not a float32 value (the more
+    precise). Independent of the solve interval, so every driver and sample merges alike.
+    """
+    jumps = set(jump_t)
+    out: list[float] = []
+    for x in sorted({*step_t, *jump_t}):
+        if out:
+            a = out[-1]
+            ea, ex = landing_eps(a), landing_eps(x)
+            eps = _EPS32 if ea != ex else _EPS64
+            tol = max(_SLIVER, MERGE_ULPS * eps) * max(abs(a), abs(x))
+            if x - a <= tol:
+                if (x in jumps and a not in jumps) or ((x in jumps) == (a in jumps) and ex < ea):
+                    out[-1] = x
+                continue
+        out.append(x)
+    return tuple(out)
 
 
 # -------------------------------------------- arithmetic on floats or (B,) tensors alike
@@ -321,10 +349,15 @@ class Controller:
         on_jump = torch.isin(t0, J) & (t_end != t0)
         return torch.where(on_jump, time_beside(t0, t_end, time_dtype), t0)
 
+    def merged_landings(self) -> tuple[float, ...]:
+        """``step_t`` and ``jump_t``, increasing, with near-duplicates merged once
+        (:func:`merge_landings`): every driver's landing list is built from it."""
+        return merge_landings(self.step_t, self.jump_t)
+
     def landing_times(self, t0: float, t_end: float) -> tuple[float, ...]:
-        """``step_t`` and ``jump_t`` strictly inside the solve interval, increasing."""
+        """:meth:`merged_landings` strictly inside the solve interval, increasing."""
         lo, hi = min(t0, t_end), max(t0, t_end)
-        return tuple(sorted({x for x in (*self.step_t, *self.jump_t) if lo < x < hi}))
+        return tuple(x for x in self.merged_landings() if lo < x < hi)
 
     def land(self, t, t_try, t_end, direction, landings):
         """``(t_new, clipped, is_jump)``: the proposed step end ``t_try`` clipped to the next
