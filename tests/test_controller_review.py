@@ -3,6 +3,7 @@ landing merge scale shared by both controls."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -111,3 +112,61 @@ def test_merge_landings_rule():
     assert merge_landings((0.5, 0.5625), ()) == (0.5, 0.5625)  # distinct float32 values
     assert merge_landings((1e6 + 0.3125, 1e6 + 0.375), ()) == (1e6 + 0.3125, 1e6 + 0.375)
     assert merge_landings((0.1, 0.1 + 1e-6), ()) == (0.1, 0.1 + 1e-6)
+
+
+def _solve(ctrl, ctl="shared", solver="rk4"):
+    y0 = torch.ones(2, 1, dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    return neuralode.solve(lambda t, y: -y, y0, t, solver=solver, controller=ctrl,
+                           batch_control=ctl)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _First(Controller):
+    h0: object = 0.1
+
+    def initial_step(self, *a):
+        return self.h0
+
+
+@pytest.mark.parametrize("ctl", ["shared", "per_sample"])
+def test_initial_step_result_is_checked(ctl):
+    with pytest.raises(ValueError, match=r"_First\.initial_step returned -0\.1"):
+        _solve(_First(-0.1), ctl)
+    with pytest.raises(ValueError, match=r"_First\.initial_step returned 0\.0"):
+        _solve(_First(0.0), ctl)
+    with pytest.raises(TypeError, match=r"_First\.initial_step must return .* got NoneType"):
+        _solve(_First(None), ctl)
+    s = _solve(_First(0.1), ctl)  # a valid first step still solves (rk4, 10 steps)
+    assert abs(s.ys[-1, 0, 0].item() - math.exp(-1)) < 1e-6
+
+
+def test_initial_step_tensor_under_shared_control():
+    with pytest.raises(TypeError, match=r"_First\.initial_step must return .* got Tensor"):
+        _solve(_First(torch.tensor(0.1, dtype=F64)), "shared")
+
+
+@dataclass(frozen=True)
+class _Adaptive(Controller):
+    adaptive = True
+
+    def initial_step(self, *a):
+        return 0.01
+
+
+@dataclass(frozen=True)
+class _Grid(Controller):
+    step_t: object = ()
+
+    def initial_step(self, *a):
+        return 0.1
+
+
+@pytest.mark.parametrize("ctl", ["shared", "per_sample"])
+def test_controller_fields_are_checked(ctl):
+    with pytest.raises(TypeError, match=r"_Adaptive is adaptive but has no rtol or atol"):
+        _solve(_Adaptive(), ctl, solver="dopri5")
+    with pytest.raises(TypeError, match=r"_Grid\.step_t must be a tuple of Python floats"):
+        _solve(_Grid(step_t=torch.tensor([0.55])), ctl)
+    s = _solve(_Grid(step_t=(0.55,)), ctl)
+    assert abs(s.ys[-1, 0, 0].item() - math.exp(-1)) < 1e-5

@@ -21,7 +21,7 @@ import torch
 __all__ = [
     "Controller", "time_beside", "underflows", "land_rows", "where", "minimum", "maximum",
     "isfinite", "per_row", "landing_tolerance", "landing_eps", "landing_scale", "MERGE_ULPS",
-    "stuck_error", "merge_landings",
+    "stuck_error", "merge_landings", "checked_initial_step",
 ]  # fmt: skip
 
 
@@ -104,6 +104,29 @@ def stuck_error(ctrl, t, t_try) -> ValueError:
         "lie strictly beyond t in the direction of integration (t + direction * h with h > 0); "
         "fix the controller's propose"
     )
+
+
+def checked_initial_step(ctrl, h, rows: bool = False):
+    """``h``, the result of ``ctrl.initial_step``, once per solve: a positive number (``inf``:
+    the first step ends on the next landing; NaN: a non-finite start, reported by the drivers'
+    failure rule) -- a float under shared control, a float or (B,) tensor per sample. Raises
+    TypeError/ValueError naming the controller otherwise."""
+    name = type(ctrl).__name__
+    if rows and isinstance(h, torch.Tensor):
+        bad = bool((h <= 0).any())
+    elif isinstance(h, (int, float)) and not isinstance(h, bool):
+        bad = h <= 0
+    else:
+        raise TypeError(
+            f"{name}.initial_step must return the first step size |h| as a float (or a (B,) "
+            f"float64 tensor under per-sample control), got {type(h).__name__} {h!r}"
+        )
+    if bad:
+        raise ValueError(
+            f"{name}.initial_step returned {h!r}: the first step size is a magnitude |h| > 0 "
+            "(the direction of integration is applied by the engine)"
+        )
+    return h
 
 
 def landing_eps(x):
