@@ -70,7 +70,7 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
         h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), sdir, (t_end - t0).abs(),
                                order)  # fmt: skip
     s, k = _chunk_inputs(C, ctrl, y0, k1, t0, t_end, sdir, h0, out, n0, out_t, run.max_steps,
-                         run.rtol, run.atol, sorted({*ctrl.step_t, *ctrl.jump_t}))  # fmt: skip
+                         run.rtol, run.atol, ctrl.merged_landings())  # fmt: skip
     state = {"status": "success", "message": "", "failed": [], "compactions": 0,
              "iterations": 0, "replay": []}  # fmt: skip
     records, failed, last = [], set(), {}

@@ -40,6 +40,7 @@ from ._norm_rows import RowUserNorm
 from ._norms import ErrorNorm, initial_norm, tolerances
 from ._tree import TreeSpec, flatten_state, real_dtype
 from .controllers import PIController
+from .controllers.base import checked_initial_step, stuck_error
 from .controllers.resolve import resolve_controller
 from .controllers.step_size import time_beside
 from .gradients._common import capable
@@ -239,7 +240,7 @@ def integrate_per_sample(
     n_done = n_stale = 0
     user = ctrl.norm  # PIController(norm=...): see _norm_rows
     norm = ErrorNorm(y0[:1], spec) if user is None else RowUserNorm(user, spec)
-    landings = torch.tensor(sorted({*ctrl.step_t, *ctrl.jump_t}), **f64)
+    landings = torch.tensor(ctrl.merged_landings(), **f64)
     # Attempts in earlier segments (events) count toward max_steps. Every live row makes one
     # per iteration: from it_max on, some row may have used them all (no host read before).
     used_att = used.sum(1) if used is not None else torch.zeros(B, **i64)
@@ -250,6 +251,7 @@ def integrate_per_sample(
         w.k1 = f(w.tf, w.y)
         nrm = initial_norm(norm, w.y, w.rtol, w.atol, floor, rows=True)
         h0 = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
+        h0 = checked_initial_step(ctrl, h0, rows=True)
         w.h = ctrl.bounded(torch.zeros(A, **f64) + h0)  # (fixed-step controllers give a float)
         code = cannot_step(ctrl, w.h, w.t, used_att[w.idx], max_steps)  # (used: events)
         if bool(code.any()):
@@ -267,6 +269,9 @@ def integrate_per_sample(
             t_stop = w.tau.gather(1, w.nxt.clamp(max=T - 1).unsqueeze(1)).squeeze(1)
         t_try = ctrl.propose(w.t, w.h, t_start, t_stop, w.sdir)
         t_new, clipped, jump = ctrl.land(w.t, t_try, t_stop, w.sdir, landings)
+        # A live row whose proposal does not advance (a subclass's propose): read with the
+        # iteration's one host read below, raised there.
+        stuck = ~w.done & (w.sdir * (t_try - w.t) <= 0)
         t_new = torch.where(w.done, w.t_end, t_new)  # finished rows: zero steps
         clipped, jump = clipped | w.done, jump & ~w.done
         at_end = t_new == w.t_end
@@ -314,9 +319,13 @@ def integrate_per_sample(
         if nonfin is not None:
             code.masked_fill_(nonfin, 4)  # (CAUSES[4]: a fixed step that came out non-finite)
         cnt = torch.searchsorted(w.stau, (w.sdir * w.t).unsqueeze(1), right=True).squeeze(1)
-        n_out, n_done, n_fail, n_acc, n_jump = torch.stack(
-            [(cnt - w.nxt).sum(), w.done.sum(), code.count_nonzero(), acc.sum(), jumped.sum()]
-        ).tolist()
+        n_out, n_done, n_fail, n_acc, n_jump, n_stuck = torch.stack(
+            [(cnt - w.nxt).sum(), w.done.sum(), code.count_nonzero(), acc.sum(), jumped.sum(),
+             stuck.sum()]
+        ).tolist()  # fmt: skip
+        if n_stuck:
+            r = int(stuck.nonzero()[0, 0])
+            raise stuck_error(ctrl, float(t_old[r]), float(t_try[r]))
         tf_old, w.tf = w.tf, torch.where(acc, w.t, w.tf)
         if n_jump:  # past a jump_t, f afresh at the right limit (the next float after it)
             t_first = time_beside(w.t, w.t + w.sdir, f.time_dtype)

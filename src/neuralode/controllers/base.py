@@ -20,7 +20,8 @@ import torch
 
 __all__ = [
     "Controller", "time_beside", "underflows", "land_rows", "where", "minimum", "maximum",
-    "isfinite", "per_row", "landing_tolerance", "landing_eps", "MERGE_ULPS",
+    "isfinite", "per_row", "landing_tolerance", "landing_eps", "landing_scale", "MERGE_ULPS",
+    "stuck_error", "merge_landings", "checked_initial_step",
 ]  # fmt: skip
 
 
@@ -65,13 +66,15 @@ def underflows(h, t, dt_min: float):
 
 
 # ------------------------------------------------- merging step ends with landing times
-# A step end within this many ulps (at the span's magnitude) of a time the steps must end on
-# (step_t, jump_t, an output landing, the end) is that time. torch.linspace in float32 lands
-# within ~0.5 ulp of the exact points and the grid ``t0 + k dt`` (double) within a few double
-# ulps of them: 16 leaves a wide margin and moves a step end by under 2e-6 of the span in
-# float32. Without the merge such a pair leaves a sliver step of 1e-9 (float32 landings) or
-# 4e-16 (float64): an extra step each, and the variable-step Adams formulas break on them. The
-# torchdiffeq face merges its fixed grids with the same tolerance (:mod:`neuralode._compat_grid`).
+# A step end within this many ulps (at the interval's magnitude, :func:`landing_scale`) of a
+# time the steps must end on (step_t, jump_t, an output landing, the end) is that time.
+# torch.linspace in float32 lands within ~0.5 ulp of the exact points and the grid
+# ``t0 + k dt`` (double) within a few double ulps of them: 16 leaves a wide margin and moves a
+# step end by under 2e-6 of max(|t|, |t_end|) in float32, never more than a quarter step (see
+# landing_eps for a float64 landing that is float32-exact). Without the merge such a pair leaves
+# a sliver step of 1e-9 (float32 landings) or 4e-16 (float64): an extra step each, and the
+# variable-step Adams formulas break on them. The torchdiffeq face merges its fixed grids with
+# the same tolerance (:mod:`neuralode._compat_grid`).
 MERGE_ULPS = 16
 _EPS32 = 1.1920928955078125e-07
 
@@ -84,13 +87,64 @@ def landing_tolerance(scale, step, eps):
     return minimum(MERGE_ULPS * eps * scale, step / 4)
 
 
+def landing_scale(t, t_end):
+    """The magnitude at which a step end from ``t`` toward ``t_end`` is merged with a landing:
+    ``max(|t|, |t_end|)``, the interval's own, never a landing's outside it (so per-sample
+    control with several rows' landings merges as each row solved alone, and as shared control).
+    Floats or (B,) float64 tensors."""
+    if isinstance(t, torch.Tensor):
+        return torch.maximum(t.abs(), t_end.abs())
+    return max(abs(t), abs(t_end))
+
+
+def stuck_error(ctrl, t, t_try) -> ValueError:
+    """The error for a controller whose ``propose`` returned a time that does not advance."""
+    return ValueError(
+        f"{type(ctrl).__name__}.propose returned t_try={t_try!r} from t={t!r}: the step end must "
+        "lie strictly beyond t in the direction of integration (t + direction * h with h > 0); "
+        "fix the controller's propose"
+    )
+
+
+def checked_initial_step(ctrl, h, rows: bool = False):
+    """``h``, the result of ``ctrl.initial_step``, once per solve: a positive number (``inf``:
+    the first step ends on the next landing; NaN: a non-finite start, reported by the drivers'
+    failure rule) -- a float under shared control, a float or (B,) tensor per sample. Raises
+    TypeError/ValueError naming the controller otherwise."""
+    name = type(ctrl).__name__
+    if rows and isinstance(h, torch.Tensor):
+        bad = bool((h <= 0).any())
+    elif isinstance(h, (int, float)) and not isinstance(h, bool):
+        bad = h <= 0
+    else:
+        raise TypeError(
+            f"{name}.initial_step must return the first step size |h| as a float (or a (B,) "
+            f"float64 tensor under per-sample control), got {type(h).__name__} {h!r}"
+        )
+    if bad:
+        raise ValueError(
+            f"{name}.initial_step returned {h!r}: the first step size is a magnitude |h| > 0 "
+            "(the direction of integration is applied by the engine)"
+        )
+    return h
+
+
 def landing_eps(x):
     """The relative precision of the times a landing ``x`` came in: float32's where ``x`` is a
     float32 value (``t`` or ``step_t`` given in float32: the landings are float32 roundings of
-    the grid's points, ~1e-9 off them at t = 0.1), else float64's. The engine's times are
-    double; the dtype ``t`` was given in is not passed down, and a float64 time that happens to
-    be a float32 value (0.5) only widens the merge to 2e-6 of the span, capped at a quarter
-    step. Floats or float64 tensors (elementwise)."""
+    the grid's points, ~1e-9 off them at t = 0.1), else float64's. Floats or float64 tensors
+    (elementwise).
+
+    The engine's times are double and the dtype ``t`` was given in is not passed down, so a
+    float64 landing that happens to be a float32 value (0.5, 1e6 + 0.3125) is treated as a
+    float32 one: its merge tolerance is ``MERGE_ULPS`` float32 ulps of the interval's
+    magnitude, ``16 * 1.19e-7 * max(|t|, |t_end|)`` (:func:`landing_scale`), capped at a
+    quarter of the step. It grows with ``|t|``, not with the span: at ``t`` near 1e6 it is
+    about 1.9, so the quarter-step cap decides. Limitation: such a landing within that
+    tolerance beyond a grid point merges into it -- the step ends exactly on the landing and
+    the grid point is skipped (``ConstantStep(0.1, step_t=(1e6 + 0.3125,))`` from ``t0 = 1e6``
+    steps 1e6 + 0.2 -> 1e6 + 0.3125, without 1e6 + 0.3). Give such landings off the float32
+    grid, or with ``t0`` near 0, to keep every grid point."""
     if isinstance(x, torch.Tensor):
         exact = x.to(torch.float32).to(x.dtype) == x
         return _EPS64 + (_EPS32 - _EPS64) * exact.to(x.dtype)
@@ -99,6 +153,34 @@ def landing_eps(x):
     except OverflowError:  # beyond float32's range
         exact = False
     return _EPS32 if exact else _EPS64
+
+
+def merge_landings(step_t, jump_t) -> tuple[float, ...]:
+    """The landing times ``step_t`` and ``jump_t``, increasing, with near-duplicates merged.
+
+    Two landings a float32 rounding apart (``step_t=(0.1,)`` and ``jump_t`` a float32 0.1, or a
+    float64 grid and a float32 jump) would leave a sliver step between them. Consecutive
+    landings ``a < b`` are one point when ``b - a`` is within the landing rule's tolerance at
+    their own magnitude, ``max(_SLIVER, MERGE_ULPS * eps) * max(|a|, |b|)``, where ``eps`` is
+    float32's when exactly one of them is a float32 value (the other then may be the time it
+    rounds) and float64's otherwise (two distinct float32 values are never merged). The kept
+    time is the ``jump_t`` one if either is, else the one that is not a float32 value (the more
+    precise). Independent of the solve interval, so every driver and sample merges alike.
+    """
+    jumps = set(jump_t)
+    out: list[float] = []
+    for x in sorted({*step_t, *jump_t}):
+        if out:
+            a = out[-1]
+            ea, ex = landing_eps(a), landing_eps(x)
+            eps = _EPS32 if ea != ex else _EPS64
+            tol = max(_SLIVER, MERGE_ULPS * eps) * max(abs(a), abs(x))
+            if x - a <= tol:
+                if (x in jumps and a not in jumps) or ((x in jumps) == (a in jumps) and ex < ea):
+                    out[-1] = x
+                continue
+        out.append(x)
+    return tuple(out)
 
 
 # -------------------------------------------- arithmetic on floats or (B,) tensors alike
@@ -290,10 +372,15 @@ class Controller:
         on_jump = torch.isin(t0, J) & (t_end != t0)
         return torch.where(on_jump, time_beside(t0, t_end, time_dtype), t0)
 
+    def merged_landings(self) -> tuple[float, ...]:
+        """``step_t`` and ``jump_t``, increasing, with near-duplicates merged once
+        (:func:`merge_landings`): every driver's landing list is built from it."""
+        return merge_landings(self.step_t, self.jump_t)
+
     def landing_times(self, t0: float, t_end: float) -> tuple[float, ...]:
-        """``step_t`` and ``jump_t`` strictly inside the solve interval, increasing."""
+        """:meth:`merged_landings` strictly inside the solve interval, increasing."""
         lo, hi = min(t0, t_end), max(t0, t_end)
-        return tuple(sorted({x for x in (*self.step_t, *self.jump_t) if lo < x < hi}))
+        return tuple(x for x in self.merged_landings() if lo < x < hi)
 
     def land(self, t, t_try, t_end, direction, landings):
         """``(t_new, clipped, is_jump)``: the proposed step end ``t_try`` clipped to the next
@@ -302,6 +389,8 @@ class Controller:
         float64 tensor; ``direction`` and ``t_end`` per row)."""
         if isinstance(t, torch.Tensor):
             return self._land_rows(t, t_try, t_end, direction, landings)
+        if direction * (t_try - t) <= 0:  # (one comparison: a propose that does not advance)
+            raise stuck_error(self, t, t_try)
         land = None
         if landings:
             if direction > 0:
@@ -314,7 +403,7 @@ class Controller:
         # a grid point a rounding away from a float32 output time), and always within a few
         # ulps: the sliver step left over would be below the resolution of t (an adjoint solve
         # replaying it underflows).
-        scale = max(abs(t), abs(t_end), *(abs(x) for x in landings[:1] + landings[-1:]))
+        scale = landing_scale(t, t_end)
         step = abs(t_try - t)
         if land is not None:
             tol = maximum(_SLIVER * abs(land), landing_tolerance(scale, step, landing_eps(land)))
@@ -344,9 +433,7 @@ def land_rows(t, t_try, t_end, sdir, L, J=None):
     n = L.shape[0]
     # The merge of Controller.land: within landing_tolerance (at least a few ulps) short of a
     # landing or the end, the step ends on it.
-    scale = torch.maximum(t.abs(), t_end.abs())
-    if n:
-        scale = torch.maximum(scale, torch.maximum(L[0].abs(), L[-1].abs()))
+    scale = landing_scale(t, t_end)
     step = (t_try - t).abs()
     if n:
         up = torch.searchsorted(L, t.contiguous(), right=True)

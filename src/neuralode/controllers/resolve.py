@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .step_size import ConstantStep, Controller, PIController
 
 __all__ = ["resolve_controller"]
@@ -31,6 +33,7 @@ def resolve_controller(tab, controller, rtol, atol, dt):
                 "an adaptive controller; use ConstantStep(dt) or StepToGrid(grid), or an adaptive "
                 "method such as 'dopri5'"
             )
+        _check_fields(controller)
         return controller
     if dt is not None:
         if rtol is not None or atol is not None:
@@ -57,3 +60,26 @@ def resolve_controller(tab, controller, rtol, atol, dt):
 
 
 _DEFAULT_CONTROLLERS: dict = {}
+
+
+def _check_fields(ctrl) -> None:
+    """The fields the engine reads from a controller, checked once per solve (a subclass's
+    mistakes then name the field instead of failing deep inside a step)."""
+    name = type(ctrl).__name__
+    if ctrl.adaptive:
+        missing = [a for a in ("rtol", "atol") if not hasattr(ctrl, a)]
+        if missing:
+            raise TypeError(
+                f"{name} is adaptive but has no {' or '.join(missing)}: an adaptive controller "
+                "declares rtol and atol fields (floats or tensors broadcastable to the state), "
+                "e.g. `rtol: float = 1e-6` and `atol: float = 1e-8` in the dataclass"
+            )
+    for a in ("step_t", "jump_t"):
+        v = getattr(ctrl, a)
+        if isinstance(v, torch.Tensor) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+        ):
+            raise TypeError(
+                f"{name}.{a} must be a tuple of Python floats, got {type(v).__name__} {v!r}; "
+                f"convert it, e.g. {a}=tuple(float(x) for x in times)"
+            )
