@@ -17,7 +17,6 @@ import torch
 from ._failures import CAUSES, cannot_step, report_failure
 from ._norms import ErrorNorm, initial_norm, user_scaled_norm
 from ._tree import TreeSpec
-from .controllers.base import checked_initial_step
 from .controllers.step_size import time_beside
 from .solvers.explicit_rk import RKStepper, make_stepper
 from .solvers.tableau import ButcherTableau
@@ -269,8 +268,7 @@ def integrate(
     elif t_end == t0:
         h = 0.0
     else:
-        h = ctrl.initial_step(nrm, f, t0, y0, k1, direction, abs(t_end - t0), k_order)
-        h = checked_initial_step(ctrl, h)
+        h = ctrl.first_step(nrm, f, t0, y0, k1, direction, abs(t_end - t0), k_order)
     prev_err = 1.0
     attempts = n_acc = n_rej = 0
     last_nonfinite = False

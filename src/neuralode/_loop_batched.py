@@ -40,7 +40,7 @@ from ._norm_rows import RowUserNorm
 from ._norms import ErrorNorm, initial_norm, tolerances
 from ._tree import TreeSpec, flatten_state, real_dtype
 from .controllers import PIController
-from .controllers.base import checked_initial_step, stuck_error
+from .controllers.base import stuck_error
 from .controllers.resolve import resolve_controller
 from .controllers.step_size import time_beside
 from .gradients._common import capable
@@ -250,8 +250,7 @@ def integrate_per_sample(
         w.tf = ctrl.first_time(w.t, w.t_end, f.time_dtype)  # (past a jump_t at t0)
         w.k1 = f(w.tf, w.y)
         nrm = initial_norm(norm, w.y, w.rtol, w.atol, floor, rows=True)
-        h0 = ctrl.initial_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k)
-        h0 = checked_initial_step(ctrl, h0, rows=True)
+        h0 = ctrl.first_step(nrm, f, w.t, w.y, w.k1, w.sdir, (w.t_end - w.t).abs(), k, True)
         w.h = ctrl.bounded(torch.zeros(A, **f64) + h0)  # (fixed-step controllers give a float)
         code = cannot_step(ctrl, w.h, w.t, used_att[w.idx], max_steps)  # (used: events)
         if bool(code.any()):

@@ -24,7 +24,6 @@ from ._loop import (
     _step_outputs,
     _view,
 )
-from .controllers.base import checked_initial_step
 from .controllers.step_size import time_beside
 
 __all__ = ["_integrate_fixed"]
@@ -58,8 +57,7 @@ def _cached_plan(ctrl, t0, t_end, time_dtype, max_steps):
 def _plan_steps(ctrl, t0, t_end, time_dtype, max_steps):
     direction = 1.0 if t_end >= t0 else -1.0
     landings = ctrl.landing_times(t0, t_end)
-    h = 0.0 if t_end == t0 else ctrl.initial_step(None, None, t0, None, None, direction, 0, 0)
-    h = h if t_end == t0 else checked_initial_step(ctrl, h)
+    h = 0.0 if t_end == t0 else ctrl.first_step(None, None, t0, None, None, direction, 0, 0)
     h_abs = ctrl.bounded(abs(h))
     t, n = t0, 0
     while direction * (t_end - t) > 0:

@@ -308,6 +308,12 @@ class Controller:
         """
         return math.inf
 
+    def first_step(self, norm, f, t0, y0, k1, direction, span, order, rows: bool = False):
+        """:meth:`initial_step`, checked (:func:`checked_initial_step`): what the eager drivers
+        call, once per solve (``rows``: per-sample control, a float or (B,) tensor allowed)."""
+        h = self.initial_step(norm, f, t0, y0, k1, direction, span, order)
+        return checked_initial_step(self, h, rows)
+
     def propose(self, t, h, t0, t_end, direction):
         """The end of the next step before landings: ``t + direction h`` (floats or (B,)
         tensors)."""

@@ -258,7 +258,7 @@ def integrate_reversible(
     h = (
         0.0
         if t_end == t0
-        else ctrl.initial_step(nrm, f, t0, y0flat, k1, direction, abs(t_end - t0), k_order)
+        else ctrl.first_step(nrm, f, t0, y0flat, k1, direction, abs(t_end - t0), k_order)
     )
     li = 0
     records, states = [], [] if keep_states else None
