@@ -6,7 +6,7 @@ from __future__ import annotations
 from .controllers.step_size import isfinite, where
 from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 
-__all__ = ["CAUSES", "cannot_step", "step_failure", "report_failure"]
+__all__ = ["CAUSES", "cannot_step", "step_failure", "report_failure", "stops_here"]
 
 # The causes of :func:`step_failure` by code: 0 (none) ... 4, where code 4 (a fixed step that
 # came out non-finite) is the per-row driver's own (the host-float driver checks it at the end).
@@ -117,3 +117,18 @@ def report_failure(cause: str, *, throw: bool, state: dict, **where) -> None:
         state["failed"].append(sample)
     if state["status"] == "success":
         state["status"], state["message"] = cls.status, msg
+
+
+def stops_here(ctrl, h_abs: float, t: float, attempts: int, max_steps, *, nonfinite: bool,
+               **where) -> bool:  # fmt: skip
+    """The host-float drivers' check before each attempt: :func:`cannot_step`, and on a cause
+    :func:`report_failure` (raises with ``throw``, else records it and returns True: the solve
+    stops at ``t``). ``where``: ``t_end``, ``n_acc``, ``n_rej``, ``throw``, ``state`` (and any
+    other keyword of :func:`report_failure`)."""
+    cause = cannot_step(ctrl, h_abs, t, attempts, max_steps)
+    if cause:
+        report_failure(
+            CAUSES[cause], t=t, attempts=attempts, h=h_abs, dt_min=ctrl.dt_min,
+            nonfinite=nonfinite, max_steps=max_steps, **where,
+        )  # fmt: skip
+    return bool(cause)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._failures import CAUSES, cannot_step, report_failure
+from ._failures import report_failure, stops_here
 from ._norms import ErrorNorm, initial_norm, user_scaled_norm
 from ._tree import TreeSpec
 from .controllers.step_size import time_beside
@@ -280,13 +280,8 @@ def integrate(
         h_abs = ctrl.bounded(abs(h), last_nonfinite)
         # The step limit, a NaN/inf from func (at the start or in the error estimate), or a
         # step below dt_min or the resolution of t: every driver's one rule.
-        cause = cannot_step(ctrl, h_abs, t, attempts, prob.max_steps)
-        if cause:
-            report_failure(
-                CAUSES[cause], t=t, attempts=attempts, h=h_abs, dt_min=ctrl.dt_min,
-                nonfinite=last_nonfinite, max_steps=prob.max_steps, t_end=t_end, n_acc=n_acc,
-                n_rej=n_rej, throw=throw, state=state,
-            )  # fmt: skip
+        if stops_here(ctrl, h_abs, t, attempts, prob.max_steps, nonfinite=last_nonfinite,
+                      t_end=t_end, n_acc=n_acc, n_rej=n_rej, throw=throw, state=state):  # fmt: skip
             break
         # The controller proposes the step end and lands it on step_t/jump_t and the end.
         t_try = ctrl.propose(t, h_abs, t0, t_end, direction)
@@ -405,9 +400,7 @@ def _check_fixed_end(y, t, attempts, h, throw, state) -> None:
 def _all_finite(y: torch.Tensor) -> bool:
     """Whether every entry of ``y`` is finite: ``y - y`` is 0 there and NaN at an inf or NaN, so
     its sum is 0 exactly when all are (two passes; ``isfinite(y).all()`` takes several)."""
-    y = y.detach()
-    if y.is_complex():
-        return bool(torch.isfinite(y).all())
+    y = torch.view_as_real(y.detach()) if y.is_complex() else y.detach()
     return math.isfinite(float((y - y).sum()))
 
 

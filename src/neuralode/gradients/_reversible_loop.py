@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .._failures import CAUSES, cannot_step, report_failure
+from .._failures import stops_here
 from .._loop import LoopResult, _all_finite, _gather_outputs, _start_outputs, _values_at
 from .._norms import ErrorNorm, initial_norm, user_scaled_norm
 from ..controllers.step_size import time_beside
@@ -283,13 +283,8 @@ def integrate_reversible(
         # The controller bounds the step (to [dt_min, dt_max] with force_dt_min); the step
         # limit, a non-finite step size or one below dt_min or the resolution of t end the solve.
         h_abs = ctrl.bounded(abs(h), last_nonfinite)
-        cause = cannot_step(ctrl, h_abs, t, attempts, prob.max_steps)
-        if cause:
-            report_failure(
-                CAUSES[cause], t=t, attempts=attempts, h=h_abs, dt_min=ctrl.dt_min,
-                nonfinite=last_nonfinite, max_steps=prob.max_steps, t_end=t_end, n_acc=n_acc,
-                n_rej=n_rej, **fail,
-            )  # fmt: skip
+        if stops_here(ctrl, h_abs, t, attempts, prob.max_steps, nonfinite=last_nonfinite,
+                      t_end=t_end, n_acc=n_acc, n_rej=n_rej, **fail):  # fmt: skip
             break
         # A step of (nearly) zero length is not the identity here (it still mixes y and z), so
         # grid points and landings a few ulps apart are merged instead of leaving a sliver step.
