@@ -309,7 +309,7 @@ class Controller:
         return math.inf
 
     def first_step(self, norm, f, t0, y0, k1, direction, span, order, rows: bool = False):
-        """:meth:`initial_step`, checked (:func:`checked_initial_step`): what the eager drivers
+        """:meth:`initial_step`, checked (``checked_initial_step``): what the eager drivers
         call, once per solve (``rows``: per-sample control, a float or (B,) tensor allowed)."""
         h = self.initial_step(norm, f, t0, y0, k1, direction, span, order)
         return checked_initial_step(self, h, rows)
@@ -380,7 +380,7 @@ class Controller:
 
     def merged_landings(self) -> tuple[float, ...]:
         """``step_t`` and ``jump_t``, increasing, with near-duplicates merged once
-        (:func:`merge_landings`): every driver's landing list is built from it."""
+        (``merge_landings``): every driver's landing list is built from it."""
         return merge_landings(self.step_t, self.jump_t)
 
     def landing_times(self, t0: float, t_end: float) -> tuple[float, ...]:
