@@ -197,9 +197,25 @@ class CompiledBackward:
             imp = torch.zeros(len(inner), flat.shape[1], dtype=flat.dtype, device=flat.device)
             imp[:, B * M : 2 * B * M] = jumps[1:-1]
             res = self._integrate(problem(t_start, t_stop, ctrl), flat, None, h0=h0,
-                                  impulses=(inner, imp))  # fmt: skip
+                                  impulses=_on_landings(ctrl, inner, imp))  # fmt: skip
             if res is None:
                 return None
             res_y, attempts = res.y_final.clone(), res.n_accepted + res.n_rejected
         res_y[0, B * M : 2 * B * M] += jumps[-1]
         return res_y, attempts
+
+
+def _on_landings(ctrl, times, imp):
+    """The impulses ``imp`` (n, W) at ``times`` moved onto the landings the steps really end on:
+    the controller merges landing times a rounding apart (``merge_landings``; e.g. the output
+    times of two samples of a 2-D ``t`` one ulp apart), and an impulse at a time no step lands
+    on exactly would never be applied. Impulses that share a landing are summed (exact up to
+    rounding: their times differ by a few ulps). Returns ``(times, impulses)``."""
+    if not times:
+        return times, imp
+    L = torch.tensor(ctrl.merged_landings(), dtype=torch.float64)
+    pts = torch.tensor(times, dtype=torch.float64)
+    rep = L[(pts.unsqueeze(1) - L.unsqueeze(0)).abs().argmin(1)]
+    at, which = torch.unique(rep, return_inverse=True)
+    summed = imp.new_zeros(at.shape[0], imp.shape[1]).index_add_(0, which.to(imp.device), imp)
+    return tuple(at.tolist()), summed
