@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import time
 
 import torch
@@ -76,18 +75,6 @@ def hand_written(func, y0, t, steps):
     return torch.cat(outs)
 
 
-def _median_interleaved(fns: dict, repeats: int, clock) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = clock()
-            fn()
-            times[k].append(clock() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def training_floor_rows(repeats: int, clock) -> list[dict]:
     func = training.Spiral()
     y0, t, target = training.spiral_data()
@@ -113,7 +100,7 @@ def training_floor_rows(repeats: int, clock) -> list[dict]:
         fns["torchdiffeq odeint"] = step(
             lambda: torchdiffeq.odeint(func, y0, t, method="dopri5", **tol)
         )
-    med = _median_interleaved(fns, repeats, clock)
+    med = training._median_interleaved(fns, repeats, clock)
     peer = med.get("torchdiffeq odeint")
     note = f"{len(steps)} steps; hand-written vs neuralode values within {gap:.0e}"
     return [
@@ -136,7 +123,7 @@ def overhead_rows(repeats: int, clock, problems, dtypes) -> list[dict]:
             with torch.no_grad():
                 _, nfe = wp.run_neuralode(prob, "dopri5", 1e-6, y0, t)
                 fn = functools.partial(wp.run_neuralode, prob, "dopri5", 1e-6, y0, t)
-                s = _median_interleaved({"solve": fn}, repeats, clock)["solve"]
+                s = training._median_interleaved({"solve": fn}, repeats, clock)["solve"]
             rows.append(dict(name=f"overhead: {name} {dtype_name}", ms=1e3 * s,
                              ratio=s / (nfe * t_f), note=f"NFE {nfe}, t_f {t_f * 1e6:.0f} us"))  # fmt: skip
     return rows

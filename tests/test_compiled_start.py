@@ -16,19 +16,14 @@ import torch
 import neuralode
 import neuralode._compiled as compiled
 from neuralode import PIController
+from test_compiled_lengths import Linear
 
 F64 = torch.float64
 
 
-class Field(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.w = torch.nn.Parameter(0.5 * torch.randn(2, 2, generator=g, dtype=F64) - torch.eye(2))
-        self.scale = 1.0  # a Python number: changing it invalidates the compiled code
-
-    def forward(self, t, y):
-        return self.scale * torch.tanh(y @ self.w)
+# The compiled-lengths tests' field: an nn.Module with a Python attribute (`scale`) whose
+# change invalidates the compiled code.
+Field = Linear
 
 
 Y0 = torch.tensor([[0.5, -0.3], [1.0, 0.2], [-0.4, 0.8]], dtype=F64)
