@@ -39,8 +39,9 @@ def analytic_impacts(h0: float, e: float, n: int) -> list[float]:
     return times
 
 
-def simulate(h0: float, e: float, t_end: float, n_out: int = 601):
-    """Solve with a non-terminal event and a reset; returns (t, heights, impact times)."""
+def simulate(h0: float, e: float, t_end: float, n_out: int = 1000):
+    """Solve with a non-terminal event and a reset; returns (t, heights, impact times), the
+    heights at ``n_out`` times from the solve's dense output (joined across the bounces)."""
 
     def gravity(t, y):  # y = (height, velocity)
         return torch.stack([y[1], torch.full_like(y[1], -G)])
@@ -53,8 +54,8 @@ def simulate(h0: float, e: float, t_end: float, n_out: int = 601):
     )
     t = torch.linspace(0.0, t_end, n_out, dtype=torch.float64)
     y0 = torch.tensor([h0, 0.0], dtype=torch.float64)
-    sol = neuralode.solve(gravity, y0, t, event=event, rtol=1e-10, atol=1e-12)
-    return t, sol.ys[:, 0], sol.event_t
+    sol = neuralode.solve(gravity, y0, t[[0, -1]], event=event, rtol=1e-10, atol=1e-12)
+    return t, sol.evaluate(t)[:, 0], sol.event_t
 
 
 def plot(t, heights, impacts, out: Path, h0: float, e: float) -> None:

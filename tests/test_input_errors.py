@@ -42,17 +42,6 @@ def test_empty_state_is_rejected():
         neuralode.solve(decay, torch.ones(0), T)
 
 
-def test_events_do_not_take_dense_output():
-    with pytest.raises(ValueError, match="dense_output=True is not available together with event"):
-        neuralode.solve(
-            decay,
-            torch.ones(1, dtype=F64),
-            T,
-            event=Event(lambda t, y: y[0] - 0.5),
-            dense_output=True,
-        )
-
-
 def test_odeint_event_needs_two_times():
     with pytest.raises(ValueError, match="t must hold 2 times"):
         neuralode.odeint(decay, torch.ones(1, dtype=F64), T, event_fn=lambda t, y: y[0] - 0.5)

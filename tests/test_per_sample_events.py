@@ -370,12 +370,6 @@ def test_event_function_with_a_wrong_shape_raises_naming_the_rule():
                         event=Event(lambda t, y: y[:, 0].sum()), **PS)  # fmt: skip
 
 
-def test_event_with_dense_output_raises():
-    with pytest.raises(ValueError, match=r"dense_output=True is not available together with event"):
-        neuralode.solve(free_fall, tensor([[1.0, 0.0]]), tensor([0.0, 1.0]), event=Event(ground),
-                        dense_output=True, **PS)  # fmt: skip
-
-
 def test_event_that_is_not_an_event_raises_type_error():
     with pytest.raises(TypeError, match=r"event must be a neuralode.Event, got function"):
         neuralode.solve(free_fall, tensor([[1.0, 0.0]]), tensor([0.0, 1.0]), event=ground, **PS)

@@ -35,7 +35,7 @@ import torch
 from ._loop_batched import BatchedField, integrate_per_sample, per_row_times, time_layout
 from ._tree import real_dtype
 from .controllers.step_size import underflows
-from .events import _crossed
+from .events import TERMINAL_NOTE, _crossed
 from .gradients._common import capable
 from .interpolation.dense_batched import dense_rows
 from .solution import Solution
@@ -283,7 +283,7 @@ def solve_rows_with_event(solve_rows, ctx, y0, t, event, kw: dict) -> Solution:
 
     _, y0flat = flatten_state(y0, batched=True)
     gfn = RowEventFn(event, ctx.f)
-    kw = dict(kw, dense_output=False, event=None)
+    kw = dict(kw, dense_output=ctx.dense, event=None)  # (dense: each segment's own, joined)
     from .events import held_solution
     from .gradients._common import collect_runs
 
@@ -325,10 +325,35 @@ def _terminal(solve_rows, ctx, gfn, event, y0, y0flat, t, kw):
     stats.update(nfe_event_location=nfe1, n_event_fn=gfn.calls)
     status = sol.status if sol.status != "success" else "event" if bool(fired.all()) else "success"
     t_final = torch.where(fired, stops, sol.t_final)
-    return _solution(ctx, t, ys, stats, status, t_final, sol.message, t_event, y_event, kw)
+    dense = [(tau[:, 0], sol.t_final, sol._dense)] if ctx.dense else None
+    return _solution(ctx, t, ys, stats, status, t_final, sol.message, t_event, y_event, kw,
+                     _joined(dense, tau, t_final, t_event, TERMINAL_NOTE))  # fmt: skip
 
 
-def _solution(ctx, t, ys, stats, status, t_final, message, event_t, event_y, kw) -> Solution:
+def _joined(dense, tau, t_final, event_t, note: str = ""):
+    """The segments' dense outputs ``(start (B,), end (B,), dense)`` joined (None without);
+    ``note``: why a sample's solve may end early (see :class:`SegmentedDense`)."""
+    if not dense:
+        return None
+    from .interpolation.segmented import SegmentedDense, reach
+
+    sdir = time_layout(tau)[0].to(torch.float64)
+    last = event_t if event_t.dim() == 1 else _last_event(event_t)
+    tf = reach(t_final.to(torch.float64), last, sdir)
+    return SegmentedDense(dense, tau[:, 0], tf, sdir, True, note)
+
+
+def _max_events_note(event) -> str:
+    return f"a sample's solve stops at its Event(max_events={event.max_events})-th event"
+
+
+def _last_event(event_t):
+    """Each sample's last event time from ``(K, B)`` NaN-padded event times (NaN: none)."""
+    n = (~torch.isnan(event_t)).sum(0)
+    return event_t.gather(0, (n - 1).clamp(min=0).unsqueeze(0)).squeeze(0).where(n > 0, torch.nan)
+
+
+def _solution(ctx, t, ys, stats, status, t_final, message, event_t, event_y, kw, dense):
     """The event solve's Solution from flat ``ys`` (T, B, M) and ``event_y`` ((K,) B, M)."""
     return Solution(
         t=t,
@@ -341,6 +366,7 @@ def _solution(ctx, t, ys, stats, status, t_final, message, event_t, event_y, kw)
         event_y=ctx.spec.unflatten(event_y, lead=event_y.shape[:-2]),
         _per_sample=True,
         _detached=not capable(kw["gradient"], "exact_autograd"),
+        _dense=dense,
     )
 
 
@@ -364,6 +390,7 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
              "n_iterations": 0, "n_compactions": 0}  # fmt: skip
     status, message = "success", ""
     segments: list = []  # the segment solves' stats (SegmentStats)
+    dense: list = []  # each segment's (start (B,), end (B,), dense output)
     t_fin, failed = t_end.clone(), set()
     dead = torch.zeros(B, dtype=torch.bool, device=dev)  # samples that failed (throw=False)
     # max_steps limits each sample's step attempts over the whole solve, across segments.
@@ -390,6 +417,11 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
         grid = torch.where(live.unsqueeze(1), grid, t_s.unsqueeze(1))
         seg_stats = SegmentStats(stats, segments)
         sol = solve_rows(ctx.func, spec.unflatten(y_s), grid, **kw, _used=used, _stats=seg_stats)
+        if sol._dense is not None:  # a sample's segment k > 0 exists where it is live
+            start = grid[:, 0].detach().to(torch.float64)
+            dense.append(
+                (start if k == 0 else start.where(live, torch.nan), sol.t_final, sol._dense)
+            )
         for key in ("nfe", "sample_evals", "wasted_sample_evals", "n_iterations", "n_compactions"):
             stats[key] += sol.stats[key]
         used = used + torch.stack([sol.stats["n_accepted"], sol.stats["n_rejected"]], 1)
@@ -450,4 +482,5 @@ def _non_terminal(solve_rows, ctx, gfn, event, y0flat, t, kw):
         stats["failed_samples"] = sorted(failed)
     event_t = torch.stack(ev_t) if ev_t else t_end.new_zeros((0, B))
     event_y = torch.stack(ev_y) if ev_y else y0flat.new_zeros((0, *y0flat.shape))
-    return _solution(ctx, t, ys, stats, status, t_fin, message, event_t, event_y, kw)
+    return _solution(ctx, t, ys, stats, status, t_fin, message, event_t, event_y, kw,
+                     _joined(dense, tau, t_fin, event_t, _max_events_note(event)))  # fmt: skip

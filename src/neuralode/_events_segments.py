@@ -59,6 +59,7 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
     stats = {"nfe": 0, "n_accepted": 0, "n_rejected": 0, "nfe_event_location": 0, "n_event_fn": 0}
     status, message, t_final = "success", "", t_end
     segments: list = []
+    dense: list = []  # (start, end, dense output) of each segment's solve
     j = 0  # next output index
     hold = None  # the state held by the outputs after a stop at max_events
     while True:
@@ -96,7 +97,8 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
             if t_star == t_star:
                 parts.append(t_star)
             seg_stats = SegmentStats(stats, segments)  # (gathers the backward's counters)
-            sol = solve_fn(func, y_s, _grid(parts, t.device), **kw, _stats=seg_stats)
+            grid = _grid(parts, t.device)
+            sol = solve_fn(func, y_s, grid, **kw, _stats=seg_stats)
         except MaxStepsError as e:
             if left is None:
                 raise
@@ -107,6 +109,8 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
                 raise
             msg = _whole_solve_attempts(str(e), used)
             raise type(e)(msg, t=e.t, step=e.step + used, h=e.h) from None
+        if sol._dense is not None:
+            dense.append((float(grid[0].detach()), sol.t_final, sol._dense))
         seg_before = dict(stats)
         for key in ("nfe", "n_accepted", "n_rejected"):
             stats[key] += sol.stats[key]
@@ -150,9 +154,18 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
     ys = _zip_map(lambda *parts: torch.cat(parts), *out_pieces)
     event_t = torch.stack(ev_t) if ev_t else torch.zeros(0, dtype=time_dtype)
     event_y = _zip_map(lambda *parts: torch.stack(parts), *ev_y) if ev_y else None
+    if dense and len(dense) == len(segments):
+        from .interpolation.segmented import whole_state
+
+        stop = status == "max_events"
+        note = (
+            f"the solve stops at its Event(max_events={event.max_events})-th event" if stop else ""
+        )
+        dense = whole_state(dense, tl[0], t_final, direction, event_t[-1] if stop else None, note)
     return Solution(
         t=t, ys=ys, stats=stats, status=status, t_final=t_final, message=message,
-        event_t=event_t, event_y=event_y,
+        event_t=event_t, event_y=event_y, _dense=dense or None,
+        _detached=bool(segments) and sol._detached,
     )  # fmt: skip
 
 

@@ -466,11 +466,6 @@ def solve_per_sample(
     if event is not None:  # located per sample, then a differentiable solve to each event
         from ._events_rows import solve_rows_with_event
 
-        if dense_output:
-            raise ValueError(
-                "dense_output=True is not available together with event=...: the solution is "
-                "made of segments (up to and between events); evaluate a separate solve"
-            )
         kw = dict(tab=tab, controller=controller, rtol=rtol, atol=atol, dt=dt,
                   gradient=gradient, max_steps=max_steps, throw=throw, time_dtype=time_dtype)  # fmt: skip
         return solve_rows_with_event(solve_per_sample, run, y0, t, event, kw)

@@ -19,6 +19,9 @@ by the implicit function theorem: ``t* = t*_0 - g(t*_0, y*) / D`` with
 ``D = dg/dt + dg/dy . f(t*, y*)`` held constant, so that ``dt*/dp = -(dg/dp) / D`` for every ``p``
 that ``g(t*, y*)`` depends on -- ``y0``, the parameters of ``func`` through ``y*``, and the
 parameters of ``g`` itself. The event state is ``y* + f(t*, y*) (t* - t*_0)`` for the same reason.
+
+Dense output: each segment's solve keeps its own, joined at the event times (right-continuous: at
+an event time, the state after the reset); see :meth:`neuralode.Solution.evaluate`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from ._tree import TreeSpec
 from .gradients._common import collect_runs, hold_outputs
 
 __all__ = ["Event"]
+
+#: Said by ``Solution.evaluate`` past the end of a solve that terminal events stopped.
+TERMINAL_NOTE = "a terminal event stops the solve there"
 
 
 @dataclass(frozen=True)
@@ -264,11 +270,6 @@ def solve_with_event(solve_fn, func, y0, t: torch.Tensor, event: Event, kwargs: 
             "solve(..., event=...) needs a 1-D t (shared output times) with "
             "batch_control='shared'; for a 2-D t (one grid per sample) use "
             "batch_control='per_sample', where each sample locates its own events"
-        )
-    if kwargs.get("dense_output"):
-        raise ValueError(
-            "dense_output=True is not available together with event=...: the solution is made "
-            "of segments (up to and between events); evaluate a separate solve for dense output"
         )
     time_dtype = kwargs.get("time_dtype", torch.float64)
     tl = t.detach().to("cpu", torch.float64).tolist()
@@ -578,6 +579,11 @@ def _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype):
     t_final = max(stops) if direction > 0 else min(stops)
     if sol.status != "success":  # throw=False: the solve failed before its end or event
         status, t_final = sol.status, sol.t_final
+    dense = None
+    if sol._dense is not None:
+        from .interpolation.segmented import terminal
+
+        dense = terminal(sol._dense, t0, t_final, direction, stops, fired, t_event, TERMINAL_NOTE)
     return Solution(
         t=t,
         ys=ys,
@@ -587,4 +593,7 @@ def _terminal(solve_fn, func, y0, t, tl, event, kwargs, per_sample, time_dtype):
         message=sol.message,
         event_t=t_event,
         event_y=y_event,
+        _dense=dense,
+        _per_sample=per_sample,
+        _detached=sol._detached,
     )

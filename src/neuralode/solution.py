@@ -110,9 +110,26 @@ class Solution:
 
         Notes
         -----
-        Differentiable with ``gradient="direct"``; with the checkpointed and backsolve gradient
-        methods the dense output holds detached values (a warning says so when gradients are
-        being recorded).
+        Differentiable with ``gradient="direct"`` (w.r.t. ``y0`` and parameters, not the query
+        times); with the checkpointed and backsolve gradient methods the dense output holds
+        detached values (a warning says so when gradients are being recorded).
+
+        Event solves (``solve(..., event=...)``) keep a dense output too (by default with
+        ``gradient="direct"``, as plain solves): each segment's own -- up to a terminal event,
+        between non-terminal events -- joined at the event times, so that the trajectory of a
+        bouncing ball, resets included, can be evaluated at any time; the gradients of the
+        values reach the event times (and, through them, ``y0``, the parameters of ``func``,
+        of the event function and of ``reset``) as ``ys``'s do. At an event time with a reset
+        (a jump of the state) the value is the state *after* the reset, as for an output time
+        in ``t`` at the event (the solution is right-continuous in the direction of
+        integration); just before it, the state before the reset (``event_y``). The exception
+        is the ``Event(max_events=...)``-th event, where the solve stops: the state before
+        the reset, as ``ys`` holds after it. Past a terminal event (a sample's own, for
+        per-sample events) the solve has stopped and a query raises ``ValueError`` naming the
+        solved interval, which ends at the event time (``t_final``, or ``event_t`` where the
+        latter lies a rounding-level further: ``event_t`` is the located time moved by the
+        implicit-function-theorem correction, about the solve's tolerance). Per-sample events
+        of shape ``(B,)`` under ``batch_control="shared"`` also take a ``(B, Q)`` query.
         """
         if self._dense is None:
             if self.stats.get("compiled") is not None:
@@ -121,21 +138,11 @@ class Solution:
                     "output unless asked; solve with dense_output=True to evaluate at "
                     "arbitrary times (or pass those times in t)"
                 )
-            self._no_dense_with_events()
             raise ValueError(
                 "this Solution has no dense output; solve with dense_output=True to evaluate "
                 "at arbitrary times"
             )
         return self._evaluate(self._dense, t)
-
-    def _no_dense_with_events(self) -> None:
-        if self.event_t is not None:
-            raise ValueError(
-                "this Solution comes from solve(..., event=...), which keeps no dense output "
-                "(dense_output=True is refused with events: the solution is made of segments "
-                "up to and between events). Put the times you need in t, or solve again "
-                "without event= up to the event time (Solution.event_t) with dense_output=True"
-            )
 
     def evaluate_integral(self, t) -> torch.Tensor:
         """The running-cost integral of ``solve(..., integral=g)`` at arbitrary times inside the
@@ -147,7 +154,6 @@ class Solution:
         if self.integral is None:
             raise ValueError("evaluate_integral needs a solve with integral=g")
         if self._dense_integral is None:
-            self._no_dense_with_events()
             raise ValueError(
                 "this Solution has no dense output; solve with dense_output=True to evaluate "
                 "the integral at arbitrary times"
