@@ -52,11 +52,11 @@ def gravity(g):
     return f
 
 
-def bounce_event(e, per_sample: bool = False, **kw):
+def bounce_event(e, per_sample: bool = False, floor=0.0, **kw):
     def reset(t, y):
         return y * torch.stack([torch.ones_like(e), -e])
 
-    fn = (lambda t, y: y[:, 0]) if per_sample else (lambda t, y: y[0])
+    fn = (lambda t, y: y[:, 0] - floor) if per_sample else (lambda t, y: y[0] - floor)
     return Event(fn, direction=-1, terminal=False, reset=reset, **kw)
 
 
@@ -151,6 +151,19 @@ def test_non_terminal_event_without_reset_equals_the_plain_dense_output(sign):
     torch.testing.assert_close(yq, torch.stack([tq.cos(), -tq.sin()], 1), atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "non_terminal"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_an_event_that_never_fires_leaves_the_plain_dense_output(per_sample, terminal):
+    y0, t = torch.tensor([[1.0], [2.0]], dtype=F64), torch.tensor([0.0, 2.0], dtype=F64)
+    fn = (lambda t, y: y[:, 0] + 5) if per_sample else (lambda t, y: y[0, 0] + 5)
+    kw = PS if per_sample else {}
+    sol = neuralode.solve(lambda t, y: -y, y0, t, event=Event(fn, terminal=terminal), **kw)
+    assert int((~torch.isnan(sol.event_t)).sum()) == 0
+    tq = torch.linspace(0.0, 2.0, 9, dtype=F64)
+    torch.testing.assert_close(sol.evaluate(tq)[..., 0], (-tq).exp().unsqueeze(1) * y0[:, 0],
+                               atol=1e-6, rtol=0)  # fmt: skip
+
+
 def test_terminal_event_evaluate_up_to_the_event_and_raises_past_it():
     g = torch.tensor(9.81, dtype=F64)
     ev = Event(lambda t, y: y[0], direction=-1)
@@ -204,6 +217,25 @@ def test_events_dense_output_is_on_by_default_with_direct_and_off_with_backsolve
         sol.evaluate(1.0)
 
 
+@pytest.mark.parametrize("gradient", ["backsolve", "checkpoint"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_detached_dense_output_of_an_event_solve_carries_no_partial_gradient(gradient, per_sample):
+    # Later segments start from the (differentiable) state after a reset: the values must still
+    # come back detached, as the warning says, not with a gradient through that start only.
+    e, g = torch.tensor(0.8, dtype=F64), torch.tensor(9.81, dtype=F64)
+    y0 = torch.tensor([[1.0, 0.0], [2.0, 0.0]] if per_sample else [1.0, 0.0], dtype=F64)
+    y0.requires_grad_(True)
+    sol = neuralode.solve(gravity(g), y0, torch.tensor([0.0, 2.0], dtype=F64),
+                          event=bounce_event(e, per_sample), gradient=gradient, dense_output=True,
+                          **TOL, **(PS if per_sample else {}))  # fmt: skip
+    with pytest.warns(UserWarning, match="detached values"):
+        y = sol.evaluate(torch.tensor([0.3, 1.0, 1.9], dtype=F64))
+    assert not y.requires_grad
+    for b, h in enumerate((1.0, 2.0) if per_sample else (1.0,)):
+        x, _, _, _ = ball(torch.tensor([0.3, 1.0, 1.9], dtype=F64), h, 0.8, g)
+        torch.testing.assert_close(y[:, b, 0] if per_sample else y[:, 0], x, atol=1e-8, rtol=0)
+
+
 def test_backsolve_event_dense_output_warns_that_it_is_detached():
     e, g = torch.tensor(0.8, dtype=F64), torch.tensor(9.81, dtype=F64)
     y0 = torch.tensor([1.0, 0.0], dtype=F64, requires_grad=True)
@@ -218,23 +250,26 @@ def test_backsolve_event_dense_output_warns_that_it_is_detached():
 
 
 def _grads(per_sample: bool):
-    """d/d(h0, e, g) of the sum of the heights evaluated at a few times across three bounces,
-    through the solver and through the closed form."""
+    """d/d(h0, e, g, c) of the sum of the heights evaluated at a few times across three bounces
+    on a floor at height c (a parameter of the event function), through the solver and through
+    the closed form (``c + ball(h0 - c)``)."""
     h0 = torch.tensor([1.0, 1.6], dtype=F64) if per_sample else torch.tensor(1.0, dtype=F64)
     h0.requires_grad_(True)
     e = torch.tensor(0.8, dtype=F64, requires_grad=True)
     g = torch.tensor(9.81, dtype=F64, requires_grad=True)
-    tq = torch.tensor([0.2, 0.7, 1.0, 1.4, 1.9], dtype=F64)
+    c = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    tq = torch.tensor([0.2, 0.7, 0.95, 1.3, 1.8], dtype=F64)
     y0 = torch.stack([h0, torch.zeros_like(h0)], -1)
     kw = PS if per_sample else {}
     sol = neuralode.solve(gravity(g), y0, torch.tensor([0.0, 2.0], dtype=F64),
-                          event=bounce_event(e, per_sample), dense_output=True, **TOL, **kw)  # fmt: skip
-    got = torch.autograd.grad(sol.evaluate(tq)[..., 0].sum(), (h0, e, g))
+                          event=bounce_event(e, per_sample, c), dense_output=True, **TOL, **kw)  # fmt: skip
+    got = torch.autograd.grad(sol.evaluate(tq)[..., 0].sum(), (h0, e, g, c))
     hs = h0.unbind() if per_sample else [h0]
-    ref = sum(ball(tq, h, e, g)[0].sum() for h in hs)
-    for h in hs:  # the query times stay clear of the impacts
-        assert bool(away_from(tq, ball(tq, h.detach(), 0.8, 9.81)[3], 1e-2).all())
-    want = torch.autograd.grad(ref, (h0, e, g))
+    ref = sum((c + ball(tq, h - c, e, g)[0]).sum() for h in hs)
+    for h in hs:  # the queries stay clear of the impacts and span two bounces or more
+        impacts = ball(tq, float(h.detach()) - 0.1, 0.8, 9.81)[3]
+        assert bool(away_from(tq, impacts, 2e-2).all()) and float(impacts[1]) < float(tq[-1])
+    want = torch.autograd.grad(ref, (h0, e, g, c))
     return got, want
 
 

@@ -350,6 +350,8 @@ def _max_events_note(event) -> str:
 def _last_event(event_t):
     """Each sample's last event time from ``(K, B)`` NaN-padded event times (NaN: none)."""
     n = (~torch.isnan(event_t)).sum(0)
+    if event_t.shape[0] == 0:  # no sample had an event
+        return event_t.new_full(event_t.shape[1:], torch.nan)
     return event_t.gather(0, (n - 1).clamp(min=0).unsqueeze(0)).squeeze(0).where(n > 0, torch.nan)
 
 

@@ -154,6 +154,7 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
     ys = _zip_map(lambda *parts: torch.cat(parts), *out_pieces)
     event_t = torch.stack(ev_t) if ev_t else torch.zeros(0, dtype=time_dtype)
     event_y = _zip_map(lambda *parts: torch.stack(parts), *ev_y) if ev_y else None
+    joined = None  # the segments' dense outputs, joined at the event times
     if dense and len(dense) == len(segments):
         from .interpolation.segmented import whole_state
 
@@ -161,10 +162,10 @@ def non_terminal(solve_fn, func, y0, t, tl, event, kwargs, time_dtype):
         note = (
             f"the solve stops at its Event(max_events={event.max_events})-th event" if stop else ""
         )
-        dense = whole_state(dense, tl[0], t_final, direction, event_t[-1] if stop else None, note)
+        joined = whole_state(dense, tl[0], t_final, direction, event_t[-1] if stop else None, note)
     return Solution(
         t=t, ys=ys, stats=stats, status=status, t_final=t_final, message=message,
-        event_t=event_t, event_y=event_y, _dense=dense or None,
+        event_t=event_t, event_y=event_y, _dense=joined,
         _detached=bool(segments) and sol._detached,
     )  # fmt: skip
 

@@ -180,7 +180,11 @@ class Solution:
             times = tq.T.reshape(-1).tolist()  # time-major: row j*B + b
             samples = torch.arange(B, device=d.spec.device).repeat(Q)
             flat = d.evaluate_flat(times, samples)  # (Q*B, M)
+            # (Detached as the warning says: a dense output that starts from a state with a
+            # graph, e.g. an event segment's, would otherwise carry a partial gradient.)
+            flat = flat.detach() if self._detached else flat
             return d.spec.unflatten(flat.view(Q, B, -1), lead=(Q,))
         times = tq.reshape(-1).tolist()
         flat = d.evaluate_flat(times)  # (m, B, M)
+        flat = flat.detach() if self._detached else flat
         return d.spec.unflatten(flat, lead=tuple(tq.shape))
