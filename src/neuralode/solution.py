@@ -82,7 +82,8 @@ class Solution:
     @property
     def step_times(self) -> list[float]:
         """Accepted step boundaries (needs ``dense_output=True``); with
-        ``batch_control="per_sample"`` one list per sample."""
+        ``batch_control="per_sample"`` one list per sample. For an event solve, those of every
+        segment in order, each boundary between segments (a located event time) once."""
         if self._dense is None:
             raise ValueError("step_times needs solve(..., dense_output=True)")
         return self._dense.step_times
