@@ -84,7 +84,7 @@ YB = torch.ones(3, 2, dtype=F64)
     ("t", "y0", "match"),
     [
         (torch.tensor([[0.0, 1.0]] * 2, dtype=F64), YB, r"t has shape \(2, 2\) \(batch, T\) but y0's batch dimension is 3; a 2-D t needs one row of output times per sample"),
-        (torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.5, 1.0]], dtype=F64), YB, r"every row of a 2-D t must start at the same initial time .* got starts \[0.0, 0.0, 0.5\]"),
+        (torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.5, 1.0]], dtype=F64), YB, r"every row of a 2-D t must start at the same initial time .* got starts \[0.0, 0.0, 0.5\].*batch_control=.per_sample."),
         (torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 1.0]], dtype=F64), YB, r"each row of a 2-D t must be monotone, all in the same direction"),
         (torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]], dtype=F64), YB, r"each row of a 2-D t must be monotone"),
         (torch.tensor([[0.0, 1.0]] * 3, dtype=F64), (YB, torch.ones(4, 1, dtype=F64)), r"with a 2-D t \(one output grid per sample\) every component of y0 needs the same leading batch dimension; got shapes \[\(3, 2\), \(4, 1\)\]"),

@@ -59,8 +59,8 @@ def solve(
         Output times, in the units of the vector field. 1-D: shared by the whole state, strictly
         increasing or strictly decreasing, ``t[0]`` is the initial time. 2-D: one grid per sample
         (row ``b`` for sample ``b`` of the batch), each row monotone in the same direction
-        (repeated values, e.g. padding, are allowed) and all rows starting at the same initial
-        time. Output times never shorten steps: values come from the method's dense output.
+        (repeated values, e.g. padding, are allowed); with the default ``batch_control="shared"``
+        all rows start at the same initial time, with ``"per_sample"`` each at its own. Output times never shorten steps: values come from the method's dense output.
     solver : str or ButcherTableau, default "dopri5"
         Method name (see :mod:`neuralode.solvers`) or a custom tableau.
     controller : Controller, optional
@@ -565,7 +565,8 @@ def _check_times(t: torch.Tensor, y0):
         raise ValueError(
             "every row of a 2-D t must start at the same initial time (the batch is integrated "
             f"together from t[:, 0]); got starts {tl[:, 0].tolist()[:8]}. For an autonomous "
-            "vector field shift each row to start at 0; otherwise solve the groups separately"
+            "vector field shift each row to start at 0; otherwise pass batch_control='per_sample' "
+            "(each sample integrated from its own t[b, 0]) or solve the groups separately"
         )
     d = tl[:, 1:] - tl[:, :-1]
     inc, dec = bool((d >= 0).all()), bool((d <= 0).all())
