@@ -30,9 +30,9 @@ the solve runs on the eager engine.
 
 Scope: explicit Runge--Kutta methods (Butcher tableaux) under any controller without a custom
 ``norm`` (``step_t``/``jump_t`` included), a tensor, tuple or dict state, a 1-D or 2-D ``t``;
-Direct gradients (autograd through the chunks), and with shared control Checkpointed and
-Backsolve (:func:`forward_or_none`: the forward compiled, keeping the step records their eager
-backward passes use); no events.
+Direct gradients (autograd through the chunks), Checkpointed and Backsolve (the forward
+compiled, keeping the step records their backward passes use: :func:`forward_or_none` with
+shared control, ``_compiled_rows`` per sample); no events.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def check_compilable(*, tab, ctrl, gradient=None) -> None:
     if gradient is not None:
         problems.append(
             f"gradient={gradient} (compiled stepping differentiates by autograd through the "
-            "compiled steps, or replays their checkpoints: use gradient='direct', the default, "
-            "or 'checkpoint' with shared control)"
+            "compiled steps, replays their checkpoints or solves the adjoint backward: use "
+            "gradient='direct', the default, 'checkpoint' or 'backsolve')"
         )
     if problems:
         raise ValueError(

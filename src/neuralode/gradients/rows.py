@@ -334,6 +334,8 @@ class _BacksolveRows(torch.autograd.Function):
                 "(or use batch_control='shared' with gradient='checkpoint')"
             )
         run, cfg, params = held_run(ctx), ctx.cfg, list(ctx.saved_tensors)
+        if run.compile:  # (the forward in compiled chunks: _compiled_rows; this solve eager)
+            run.stats["compiled_backward"] = False
         y_final = run.result[0]
         B, M = y_final.shape
         tau = run.tau

@@ -1,0 +1,186 @@
+"""compile=True x batch_control="per_sample" x Checkpointed / Backsolve.
+
+The forward runs in compiled chunks of the masked per-row step, which record every step's
+times, accepted rows and starting states; from them the per-sample gradient methods of
+gradients/rows.py get what the eager per-sample driver would have kept (Checkpointed: the
+states to replay; Backsolve: the step that wrote each output, for its replays) and run their
+eager backward passes. So gradients equal the eager per-sample method's (the forward steps
+are the same up to the last bits of the error estimate) and the closed form to the solve's
+tolerance.
+
+The fields are linear, ``f(t, y) = c(t) A y``: with ``c = 1``, and with a rate that jumps at
+t = 0.4, ``c = 1 + [t > 0.4] / 2`` (solved with ``jump_t=[0.4]``). The flow is
+``expm(A s(t))`` with ``s = int c dt``: the closed form (y0, A and t gradients by autograd
+through ``torch.linalg.matrix_exp``). Each sample has its own grid of a 2-D t (forward,
+backward, repeated final times), so the samples take different numbers of steps. Compilation
+dominates the run time: every compiled solve is made once in a module-scoped fixture, with one
+step unrolled per call (a smaller graph); per field, the Checkpointed and Backsolve forwards
+share one compiled version (the same recording chunk).
+"""
+
+import pytest
+import torch
+
+import neuralode
+import neuralode._compiled as compiled
+
+F64 = torch.float64
+TOL = dict(rtol=1e-8, atol=1e-10)
+JUMP = 0.4
+
+
+class RateLinear(torch.nn.Module):
+    """``c(t) A y`` (``c = 1``, or ``1 + [t > jump] / 2``); ``t`` is (B,) per sample."""
+
+    def __init__(self, jump=None):
+        super().__init__()
+        self.jump = jump
+        self.A = torch.nn.Parameter(torch.tensor([[-0.3, 1.1], [-0.9, -0.2]], dtype=F64))
+
+    def forward(self, t, y):
+        if self.jump is None:
+            return y @ self.A.T
+        c = 1.0 + 0.5 * (t > self.jump).to(y.dtype)
+        return c.reshape(-1, 1) * (y @ self.A.T)
+
+
+FIELD, JUMPY = RateLinear(), RateLinear(JUMP)
+Y0 = torch.tensor([[0.5, -0.3], [1.0, 0.2], [-0.4, 0.8]], dtype=F64)
+# Forward over the jump; backward from a later start over it; a short forward one past it whose
+# last times repeat. Outputs just past the jump (in the steps that start or end there, which
+# the backsolve adjoint replays) and a different number of steps per sample.
+T2 = torch.tensor(
+    [
+        [0.0, 0.125, 0.25, 0.375, 0.4005, 0.5, 0.625, 0.875, 1.0],
+        [0.5, 0.42, 0.125, -0.25, -0.625, -1.0, -1.5, -2.0, -2.5],
+        [0.2, 0.3, 0.6, 0.9, 1.3, 1.7, 3.0, 3.0, 3.0],
+    ],
+    dtype=F64,
+)
+W = torch.tensor([1.0, -2.0], dtype=F64)
+
+
+def _loss(ys):  # ys (T, B, 2): every output, the third output squared
+    return (ys * W).sum() + ys[2].square().sum()
+
+
+def _grads(compile, gradient, jumps=False):
+    """Solve (per sample, 2-D t) and return the solution and the loss's gradients w.r.t. y0,
+    t and A; ``jumps``: the field with the jump, and jump_t there."""
+    y0, t = Y0.clone().requires_grad_(), T2.clone().requires_grad_()
+    field = JUMPY if jumps else FIELD
+    kw = dict(controller=neuralode.PIController(**TOL, jump_t=[JUMP])) if jumps else TOL
+    sol = neuralode.solve(field, y0, t, compile=compile, gradient=gradient,
+                          batch_control="per_sample", **kw)  # fmt: skip
+    grads = torch.autograd.grad(_loss(sol.ys), [y0, t, field.A])
+    return sol, grads
+
+
+def _closed_form(jumps):
+    y0, t = Y0.clone().requires_grad_(), T2.clone().requires_grad_()
+    A = FIELD.A.detach().clone().requires_grad_()
+    t0 = t[:, :1]
+    s = t - t0  # int_t0^t c
+    if jumps:
+        s = s + 0.5 * (torch.relu(t - JUMP) - torch.relu(t0 - JUMP))
+    ys = torch.einsum("btij,bj->tbi", torch.linalg.matrix_exp(A * s[..., None, None]), y0)
+    return ys.detach(), torch.autograd.grad(_loss(ys), [y0, t, A])
+
+
+GRADS = {
+    "checkpoint": "checkpoint",
+    "checkpoint_max2": neuralode.Checkpointed(max_checkpoints=2),
+    "backsolve": "backsolve",
+    "backsolve_replay": neuralode.Backsolve(outputs="replay"),
+}
+
+
+@pytest.fixture(scope="module")
+def solves():
+    """(solution, grads) per (gradient key, compile, jump_t given): the compiled solves (two
+    compiled versions: with and without jump_t) and their eager references."""
+    out = {}
+    for jumps in (False, True):
+        out["direct", jumps] = _grads(False, "direct", jumps)
+        out["closed", jumps] = _closed_form(jumps)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiled, "STEPS_PER_CALL", 1)
+        for key, gradient in GRADS.items():
+            for comp in (True, False):
+                out[key, comp, False] = _grads(comp, gradient)
+        for key in ("checkpoint", "backsolve_replay"):
+            for comp in (True, False):
+                out[key, comp, True] = _grads(comp, GRADS[key], jumps=True)
+    return out
+
+
+def _close(got, want, rtol, atol):
+    for g, w, name in zip(got, want, ("y0", "t", "A")):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("key", ["checkpoint", "checkpoint_max2"])
+def test_compiled_checkpointed_equals_eager_and_direct(solves, key):
+    sol, grads = solves[key, True, False]
+    ref, ref_grads = solves[key, False, False]
+    assert sol.stats["compiled"] is True
+    # The samples take their own, different numbers of steps, as eagerly.
+    n_acc = sol.stats["n_accepted"]
+    assert len(set(n_acc.tolist())) == 3
+    assert torch.equal(n_acc, ref.stats["n_accepted"])
+    if key == "checkpoint_max2":
+        assert sol.stats["n_checkpoints"] <= 2  # the others recomputed in the backward pass
+    # The same steps (to the last bits of the error estimate): gradients equal to rounding.
+    _close(grads, ref_grads, rtol=1e-9, atol=1e-11)
+    _close(grads, solves["direct", False][1], rtol=1e-9, atol=1e-11)
+    ys, closed = solves["closed", False]
+    torch.testing.assert_close(sol.ys, ys, rtol=0, atol=2e-7)
+    _close(grads, closed, rtol=0, atol=2e-6)  # the solve's own error (rtol 1e-8)
+
+
+@pytest.mark.parametrize("key", ["backsolve", "backsolve_replay"])
+def test_compiled_backsolve_equals_eager_backsolve(solves, key):
+    sol, grads = solves[key, True, False]
+    ref, ref_grads = solves[key, False, False]
+    assert sol.stats["compiled"] is True
+    assert sol.stats["compiled_backward"] is False  # the per-sample adjoint solve is eager
+    assert sol.stats["backsolve_outputs"] == ref.stats["backsolve_outputs"]
+    if key == "backsolve_replay":
+        assert sol.stats["backsolve_outputs"] == "replay"
+        assert sol.stats["nfe_backward_replay"] == ref.stats["nfe_backward_replay"] > 0
+    # The backward solve starts from the compiled forward's final state: within a few
+    # rounding errors of the eager one, so its steps and gradients agree closely.
+    _close(grads, ref_grads, rtol=1e-8, atol=1e-10)
+    # Against Direct and the closed form: within the tolerance of the two solves.
+    _close(grads, solves["direct", False][1], rtol=0, atol=2e-6)
+    _close(grads, solves["closed", False][1], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("key", ["checkpoint", "backsolve_replay"])
+def test_compiled_gradients_with_jump_t_equal_eager(solves, key):
+    # A step ending on the jump_t evaluates its last stage at the left limit and the next
+    # step's first at the right limit: the replays must do the same (read from the times).
+    sol, grads = solves[key, True, True]
+    ref, ref_grads = solves[key, False, True]
+    assert sol.stats["compiled"] is True
+    assert torch.equal(sol.stats["n_accepted"], ref.stats["n_accepted"])
+    _close(grads, ref_grads, rtol=1e-8, atol=1e-10)
+    _close(grads, solves["direct", True][1], rtol=0, atol=2e-6)
+    _close(grads, solves["closed", True][1], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(gradient="reversible", batch_control="per_sample"), r"gradient=Reversible"),
+        (
+            dict(gradient=neuralode.Checkpointed(max_checkpoints=4)),
+            r"compile=True with batch_control='shared' keeps a checkpoint at every step: "
+            r"Checkpointed\(max_checkpoints=...\) is not supported",
+        ),
+        (dict(gradient="backsolve", batch_control="per_sample", solver="kvaerno5"), "kvaerno5"),
+    ],
+)
+def test_what_compile_still_refuses_raises_naming_it(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        neuralode.solve(FIELD, Y0, T2[0], compile=True, **kwargs)
