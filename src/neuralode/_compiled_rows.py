@@ -193,6 +193,9 @@ class _StepKeeper:
             for rep in thin_kept(self.kept, self.max_states):
                 rep[7] = None  # its state is recomputed in the backward pass
             t1 = torch.where(acc, t_n, t_o)
+            # (a view of the chunk's stacked states keeps all of them: with a bound on the
+            # states kept, each its own copy, so that dropping one frees it)
+            y_o = y_o if self.max_states is None else y_o.clone()
             rec = [self.ar, acc, tf_old, t_o, t1, t_last, h, y_o, self.lo, self.hi, r, tau_j, j]
             self.kept.append(rec)
             self.state["replay"].append(rec)
