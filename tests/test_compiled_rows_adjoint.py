@@ -64,15 +64,19 @@ def _loss(ys):  # ys (T, B, 2): every output, the third output squared
     return (ys * W).sum() + ys[2].square().sum()
 
 
-def _grads(compile, gradient, jumps=False):
+def _grads(compile, gradient, jumps=False, **kw):
     """Solve (per sample, 2-D t) and return the solution and the loss's gradients w.r.t. y0,
-    t and A; ``jumps``: the field with the jump, and jump_t there."""
+    t and A (NaN outputs of failed samples count as 0); ``jumps``: the field with the jump,
+    and jump_t there; ``kw``: more arguments of solve."""
     y0, t = Y0.clone().requires_grad_(), T2.clone().requires_grad_()
     field = JUMPY if jumps else FIELD
-    kw = dict(controller=neuralode.PIController(**TOL, jump_t=[JUMP])) if jumps else TOL
+    if jumps:
+        kw["controller"] = neuralode.PIController(**TOL, jump_t=[JUMP])
+    else:
+        kw.update(TOL)
     sol = neuralode.solve(field, y0, t, compile=compile, gradient=gradient,
                           batch_control="per_sample", **kw)  # fmt: skip
-    grads = torch.autograd.grad(_loss(sol.ys), [y0, t, field.A])
+    grads = torch.autograd.grad(_loss(torch.nan_to_num(sol.ys)), [y0, t, field.A])
     return sol, grads
 
 
@@ -111,6 +115,9 @@ def solves():
         for key in ("checkpoint", "backsolve_replay"):
             for comp in (True, False):
                 out[key, comp, True] = _grads(comp, GRADS[key], jumps=True)
+                # (the same compiled version: the step limit and dense output change no constant)
+                out[key, comp, "failed"] = _grads(comp, GRADS[key], max_steps=20, throw=False)
+                out[key, comp, "dense"] = _grads(comp, GRADS[key], dense_output=True)
     return out
 
 
@@ -167,6 +174,26 @@ def test_compiled_gradients_with_jump_t_equal_eager(solves, key):
     _close(grads, ref_grads, rtol=1e-8, atol=1e-10)
     _close(grads, solves["direct", True][1], rtol=0, atol=2e-6)
     _close(grads, solves["closed", True][1], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("key", ["checkpoint", "backsolve_replay"])
+def test_compiled_failed_samples_and_dense_output_equal_eager(solves, key):
+    # throw=False: samples 1 and 2 stop at the step limit (their later outputs NaN); both
+    # methods differentiate the outputs written before, from the compiled forward's records.
+    sol, grads = solves[key, True, "failed"]
+    ref, ref_grads = solves[key, False, "failed"]
+    assert sol.stats["compiled"] is True and sol.status == ref.status == "max_steps"
+    assert sol.stats["failed_samples"] == ref.stats["failed_samples"] == [1, 2]
+    assert torch.equal(sol.ys.isnan(), ref.ys.isnan())
+    _close(grads, ref_grads, rtol=1e-8, atol=1e-10)
+    # Dense output recorded by the same compiled forward.
+    sol, grads = solves[key, True, "dense"]
+    ref, ref_grads = solves[key, False, "dense"]
+    _close(grads, ref_grads, rtol=1e-8, atol=1e-10)
+    t = torch.tensor([[0.3], [-1.1], [2.0]], dtype=F64)
+    with pytest.warns(UserWarning, match="detached values"):
+        got, want = sol.evaluate(t), ref.evaluate(t)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
 
 
 class PairLinear(torch.nn.Module):
