@@ -3,10 +3,11 @@
 The forward runs in compiled chunks of the masked per-row step, which record every step's
 times, accepted rows and starting states; from them the per-sample gradient methods of
 gradients/rows.py get what the eager per-sample driver would have kept (Checkpointed: the
-states to replay; Backsolve: the step that wrote each output, for its replays) and run their
-eager backward passes. So gradients equal the eager per-sample method's (the forward steps
-are the same up to the last bits of the error estimate) and the closed form to the solve's
-tolerance.
+states to replay; Backsolve: the step that wrote each output, for its replays). Checkpointed
+replays eagerly; Backsolve's adjoint solve runs in compiled chunks too where it stops at every
+output (neuralode._compiled_rows_adjoint), else eagerly. So gradients equal the eager
+per-sample method's (the steps are the same up to the last bits of the error estimate) and
+the closed form to the solve's tolerance.
 
 The fields are linear, ``f(t, y) = c(t) A y``: with ``c = 1``, and with a rate that jumps at
 t = 0.4, ``c = 1 + [t > 0.4] / 2`` (solved with ``jump_t=[0.4]``). The flow is
@@ -112,9 +113,10 @@ def solves():
         for key, gradient in GRADS.items():
             for comp in (True, False):
                 out[key, comp, False] = _grads(comp, gradient)
-        for key in ("checkpoint", "backsolve_replay"):
+        for key in ("checkpoint", "backsolve", "backsolve_replay"):
             for comp in (True, False):
-                out[key, comp, True] = _grads(comp, GRADS[key], jumps=True)
+                if key != "backsolve":
+                    out[key, comp, True] = _grads(comp, GRADS[key], jumps=True)
                 # (the same compiled version: the step limit and dense output change no constant)
                 out[key, comp, "failed"] = _grads(comp, GRADS[key], max_steps=20, throw=False)
                 out[key, comp, "dense"] = _grads(comp, GRADS[key], dense_output=True)
@@ -150,13 +152,15 @@ def test_compiled_backsolve_equals_eager_backsolve(solves, key):
     sol, grads = solves[key, True, False]
     ref, ref_grads = solves[key, False, False]
     assert sol.stats["compiled"] is True
-    assert sol.stats["compiled_backward"] is False  # the per-sample adjoint solve is eager
-    assert sol.stats["backsolve_outputs"] == ref.stats["backsolve_outputs"]
-    if key == "backsolve_replay":
-        assert sol.stats["backsolve_outputs"] == "replay"
+    # Stopping at every output ("auto" here), the adjoint solve runs in compiled chunks too;
+    # replaying forward steps, eagerly.
+    mode = "stop" if key == "backsolve" else "replay"
+    assert sol.stats["backsolve_outputs"] == ref.stats["backsolve_outputs"] == mode
+    assert sol.stats["compiled_backward"] is (mode == "stop")
+    if mode == "replay":
         assert sol.stats["nfe_backward_replay"] == ref.stats["nfe_backward_replay"] > 0
-    # The backward solve starts from the compiled forward's final state: within a few
-    # rounding errors of the eager one, so its steps and gradients agree closely.
+    # The backward solve starts from the compiled forward's final state, within a few rounding
+    # errors of the eager one, and takes the same steps: the gradients agree closely.
     _close(grads, ref_grads, rtol=1e-8, atol=1e-10)
     # Against Direct and the closed form: within the tolerance of the two solves.
     _close(grads, solves["direct", False][1], rtol=0, atol=2e-6)
@@ -170,19 +174,23 @@ def test_compiled_gradients_with_jump_t_equal_eager(solves, key):
     sol, grads = solves[key, True, True]
     ref, ref_grads = solves[key, False, True]
     assert sol.stats["compiled"] is True
+    if key != "checkpoint":  # (a backward solve with jump_t runs eagerly)
+        assert sol.stats["compiled_backward"] is False
     assert torch.equal(sol.stats["n_accepted"], ref.stats["n_accepted"])
     _close(grads, ref_grads, rtol=1e-8, atol=1e-10)
     _close(grads, solves["direct", True][1], rtol=0, atol=2e-6)
     _close(grads, solves["closed", True][1], rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("key", ["checkpoint", "backsolve_replay"])
+@pytest.mark.parametrize("key", ["checkpoint", "backsolve", "backsolve_replay"])
 def test_compiled_failed_samples_and_dense_output_equal_eager(solves, key):
     # throw=False: samples 1 and 2 stop at the step limit (their later outputs NaN); both
     # methods differentiate the outputs written before, from the compiled forward's records.
     sol, grads = solves[key, True, "failed"]
     ref, ref_grads = solves[key, False, "failed"]
     assert sol.stats["compiled"] is True and sol.status == ref.status == "max_steps"
+    if key == "backsolve":  # failed samples solved back from their last written output
+        assert sol.stats["compiled_backward"] is True
     assert sol.stats["failed_samples"] == ref.stats["failed_samples"] == [1, 2]
     assert torch.equal(sol.ys.isnan(), ref.ys.isnan())
     _close(grads, ref_grads, rtol=1e-8, atol=1e-10)
@@ -214,12 +222,12 @@ PAIR = PairLinear()
 
 @pytest.fixture(scope="module")
 def pair_solves():
-    """Per-sample solves of the pair state: (ys, grads w.r.t. u0, v0, A) per (gradient key,
-    compile) (one compiled version, shared by both methods)."""
+    """Per-sample solves of the pair state: (ys, grads w.r.t. u0, v0, A, stats) per (gradient
+    key, compile) (a compiled forward shared by both methods, and Backsolve's adjoint)."""
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(compiled, "STEPS_PER_CALL", 1)
-        for key in ("checkpoint", "backsolve_replay"):
+        for key in ("checkpoint", "backsolve"):
             for comp in (True, False):
                 u0, v0 = Y0[:, :1].clone().requires_grad_(), Y0[:, 1:].clone().requires_grad_()
                 sol = neuralode.solve(PAIR, (u0, v0), T2, compile=comp, gradient=GRADS[key],
@@ -229,11 +237,13 @@ def pair_solves():
     return out
 
 
-@pytest.mark.parametrize("key", ["checkpoint", "backsolve_replay"])
+@pytest.mark.parametrize("key", ["checkpoint", "backsolve"])
 def test_compiled_gradients_of_a_tuple_state_equal_eager(solves, pair_solves, key):
     ys, grads, stats = pair_solves[key, True]
     ys_ref, ref, _ = pair_solves[key, False]
     assert stats["compiled"] is True
+    if key == "backsolve":
+        assert stats["compiled_backward"] is True
     torch.testing.assert_close(ys, ys_ref, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(grads, ref, rtol=1e-8, atol=1e-10)
     # The same problem as the tensor state's: its gradients, split by component.

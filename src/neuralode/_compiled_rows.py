@@ -29,7 +29,7 @@ __all__ = ["integrate_rows_compiled", "run_rows"]
 
 
 def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track_grad=None,
-                            record=(), max_states=None):  # fmt: skip
+                            record=(), max_states=None, impulses=None, on_steps=None):  # fmt: skip
     """:func:`neuralode._loop_batched.integrate_per_sample` (per-sample control) in compiled
     chunks of steps, for the per-sample run ``run`` (a ``RowsRun``) from the flat ``y0`` (B, M).
 
@@ -39,7 +39,10 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     per-sample Checkpointed replays (``state["replay"]``, the same records: one per step
     with all ``B`` rows as its working set), ``"times"`` the step that wrote each output
     (``state["out_steps"]``, for the per-sample backsolve adjoint's replays); both are read
-    from the chunk's step records (:class:`_StepKeeper`).
+    from the chunk's step records (:class:`_StepKeeper`). ``impulses`` (B, T, M): the state
+    of row b jumps by ``impulses[b, j]`` when its steps land on ``tau[b, j]`` (each output
+    time is then landed on; the repeats of a row's last time are not stops); ``on_steps(rec,
+    n)``: called with the records of every call's ``n`` steps (the chunk then records them).
     Fills ``run.f``'s counters (NFE, sample evaluations, evaluations of finished samples).
 
     Raises
@@ -54,14 +57,20 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     n_steps = steps_per_call or STEPS_PER_CALL
     keep = ("replay" in record) or ("times" in record)
     C = _consts(tab, ctrl, f.time_dtype, n_steps, spec, run.floor, rows=True, pick=False,
-                record=bool(run.dense) or keep, n_out=T)  # fmt: skip
+                record=bool(run.dense) or keep or on_steps is not None,
+                n_out=T if impulses is None else 1, row_impulses=impulses is not None)  # fmt: skip
     W = C.window
     # Dense strides (1,): a column of a (1, T) tau keeps stride T under .contiguous(), and the
     # chunk's t (stride 1) would then fail the compiled code's guards from the second call on.
     t0, t_end = (tau[:, i].clone(memory_format=torch.contiguous_format) for i in (0, -1))
     # Outputs at a sample's initial time (n0 of them) are its initial state.
     sdir, _, n0 = time_layout(tau)
-    out_t = torch.cat([tau, (sdir * math.inf).unsqueeze(1).expand(B, W)], 1)
+    slots = tau
+    if impulses is not None:  # a row's repeats of its last time: no stops (no zero steps)
+        again = torch.zeros_like(tau, dtype=torch.bool)
+        again[:, 1:] = (tau[:, 1:] == t_end.unsqueeze(1)) & (tau[:, :-1] == t_end.unsqueeze(1))
+        slots = torch.where(again, sdir.unsqueeze(1) * math.inf, tau)
+    out_t = torch.cat([slots, (sdir * math.inf).unsqueeze(1).expand(B, W)], 1)
     first = torch.arange(T + W, device=dev) < n0.unsqueeze(1)
     out = torch.where(first.view(B, -1, 1, 1), y0.view(B, 1, 1, M),
                       torch.full((), math.nan, dtype=dtype, device=dev))  # fmt: skip
@@ -80,6 +89,8 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
                                order)  # fmt: skip
     s, k = _chunk_inputs(C, ctrl, y0, k1, t0, t_end, sdir, h0, out, n0, out_t, run.max_steps,
                          run.rtol, run.atol, ctrl.merged_landings())  # fmt: skip
+    if impulses is not None:
+        k["RI"] = torch.cat([impulses, impulses.new_zeros(B, W, M)], 1)
     state = {"status": "success", "message": "", "failed": [], "compactions": 0,
              "iterations": 0, "replay": []}  # fmt: skip
     records, failed, last = [], set(), {}
@@ -90,7 +101,9 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
 
     def on_report(report, rec, st_, n_call):
         (t_now, h_now, att, acc, code, nf, busy), rec_t = _split(report, B, n_call)
-        if rec is not None:
+        if on_steps is not None:
+            on_steps(rec, n_call)
+        if rec is not None and (keeper is not None or run.dense):
             ok = rec_t[2]
             for i in (i for i in range(n_call) if any(ok[i * B : (i + 1) * B])):
                 t_o, t_n, acc_i = rec["t"][i], rec["t_new"][i], rec["acc"][i]

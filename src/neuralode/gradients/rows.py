@@ -334,8 +334,6 @@ class _BacksolveRows(torch.autograd.Function):
                 "(or use batch_control='shared' with gradient='checkpoint')"
             )
         run, cfg, params = held_run(ctx), ctx.cfg, list(ctx.saved_tensors)
-        if run.compile:  # (the forward in compiled chunks: _compiled_rows; this solve eager)
-            run.stats["compiled_backward"] = False
         y_final = run.result[0]
         B, M = y_final.shape
         tau = run.tau
@@ -407,11 +405,22 @@ class _BacksolveRows(torch.autograd.Function):
         y_start = y_final if ctx.failed is None else y_final.index_copy(0, *ctx.failed[::2])
         ya = torch.cat([y_start, stops.jump[start]], 1)
         try:
-            with torch.no_grad():
-                _, ya, *_ = integrate_per_sample(
-                    aug_spec, f, stepper, ya, stops.times, ctrl, rt, at, cfg.max_steps, True, (),
-                    floor, on_step=on_step, outputs=False, on_land=on_land,
-                )  # fmt: skip
+            done = None
+            if run.compile:  # the backward solve in compiled chunks where it can run there
+                from .._compiled_rows_adjoint import backward_rows_compiled
+
+                done = backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor,
+                                              cfg.max_steps, params, gp, inner)  # fmt: skip
+                run.stats["compiled_backward"] = done is not None
+            if done is not None:
+                ya, nfe = done
+                inner.nfe += nfe
+            else:
+                with torch.no_grad():
+                    _, ya, *_ = integrate_per_sample(
+                        aug_spec, f, stepper, ya, stops.times, ctrl, rt, at, cfg.max_steps, True,
+                        (), floor, on_step=on_step, outputs=False, on_land=on_land,
+                    )  # fmt: skip
         except MaxStepsError as e:
             b = e.sample
             raise MaxStepsError(
