@@ -20,9 +20,10 @@ control, and the wall-time ratio eager / compiled.
 ``--training``: a training step instead (forward and backward of a mean-squared loss against
 the scipy reference, w.r.t. y0 and the MLP's parameters, func an ``nn.Module``) under
 per-sample control with ``gradient="backsolve"`` and ``"checkpoint"``, each eagerly and with
-``compile=True`` (the forward compiled, recording its steps; the backward pass the eager
-per-sample one: the adjoint solve, the replay). Columns as above (NFE: forward + backward; max
-diff: of the y0 gradient from the eager one).
+``compile=True`` (Backsolve: the forward and the adjoint solve compiled, the adjoint stopping
+at every output, where eagerly ``"auto"`` replays some samples' forward steps; Checkpointed:
+the forward compiled, recording its steps, and the eager per-sample replay). Columns as above
+(NFE: forward + backward; max diff: of the y0 gradient from the eager one).
 
 Run ``python benchmarks/per_sample_compiled.py`` (``--quick``: one tolerance, 3 repeats;
 ``--batch N``, ``--dtype float32``). ``main(argv)`` returns the rows (dicts with keys mode, tol,

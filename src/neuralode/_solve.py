@@ -153,15 +153,14 @@ def solve(
         ``gradient="checkpoint"`` (shared control without ``max_checkpoints``; per-sample
         control with or without) the forward runs in compiled chunks that record a checkpoint
         per step, and the backward pass replays the steps eagerly from them (per sample: the
-        eager per-sample replay); with ``gradient="backsolve"`` and per-sample control the
-        forward runs in compiled chunks and the per-sample adjoint solve backward eagerly
-        (``stats["compiled_backward"]`` is False); with shared
-        control the forward and the adjoint solve backward run in compiled chunks (the
-        augmented field's vector-Jacobian products traced with ``torch.func.vjp``; the
-        adjoint's jumps at the output times made inside the chunks, ``outputs="stop"``), when
-        func is an ``nn.Module`` whose parameters are the gradient's ``params`` and the
-        backward method is explicit Runge--Kutta without a custom norm (else the backward
-        solve runs eagerly; ``stats["compiled_backward"]`` says which ran). Reversible, events,
+        eager per-sample replay); with ``gradient="backsolve"`` the forward and the adjoint
+        solve backward run in compiled chunks (the augmented field's vector-Jacobian products
+        traced with ``torch.func.vjp``; the adjoint's jumps at the output times made inside
+        the chunks, ``outputs="stop"``, which ``"auto"`` then chooses), when the backward
+        method is explicit Runge--Kutta without a custom norm and, with shared control, func
+        is an ``nn.Module`` whose parameters are the gradient's ``params``, per sample, the
+        backward controller adaptive without ``jump_t`` (else the backward solve runs eagerly;
+        ``stats["compiled_backward"]`` says which ran). Reversible, events,
         implicit/Adams methods and a custom ``norm`` raise ValueError.
         Results agree with the eager engine to the tolerance: the error estimate is summed in
         another order (its last bits, and so the step sizes, differ relatively by about 1e-10;

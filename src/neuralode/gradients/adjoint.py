@@ -132,9 +132,9 @@ class Backsolve:
     eagerly. ``Solution.stats["compiled_backward"]`` records which ran. The compiled backward
     solve with ``outputs="stop"`` chooses its own steps between the outputs (it does not stop
     at every forward step boundary), so its gradient agrees with the eager one to the
-    tolerance, not to rounding. With ``batch_control="per_sample"`` only the forward solve is
-    compiled (recording the steps that wrote the outputs, for ``outputs="replay"``); the
-    per-sample backward solve runs eagerly (``stats["compiled_backward"]`` is False).
+    tolerance, not to rounding. Per sample the backward solve is compiled for any traceable
+    func when it stops at every output (``"stop"``, ``"auto"``; adaptive backward control
+    without ``jump_t``: ``neuralode._compiled_rows_adjoint``); ``"replay"`` replays eagerly.
 
     Gradients of gradients (``create_graph=True``) are not supported and raise a RuntimeError;
     use :class:`Checkpointed` or :class:`Direct` for those.

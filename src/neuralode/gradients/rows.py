@@ -316,7 +316,11 @@ def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
 class _BacksolveRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, cfg, y0flat, *params):
-        replays = cfg.outputs != "stop" and isinstance(run.stepper.tab, ButcherTableau)
+        # compile=True: "auto" stops at every output (the adjoint's jumps are then made inside
+        # the compiled backward solve, while replays run eagerly), as with shared control.
+        auto = "stop" if run.compile else "replay"
+        replays = (cfg.outputs if cfg.outputs != "auto" else auto) == "replay"
+        replays = replays and isinstance(run.stepper.tab, ButcherTableau)
         with torch.no_grad():
             ys = run.integrate(y0flat.detach(), record=("times",) if replays else ())
         hold_run(ctx, run)  # weakly: the outputs' nodes hold it (see structured_outputs)
