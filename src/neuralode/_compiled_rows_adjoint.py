@@ -100,6 +100,8 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
         and ctrl.adaptive and not ctrl.jump_t
     ):  # fmt: skip
         return None
+    if bool((stops.times[:, 0] == stops.times[:, -1]).all()):  # nothing to integrate
+        return None
     field = rows_adjoint_field(run.func, run.spec)
     if field is None:
         return None
