@@ -15,9 +15,10 @@ each compiled call, one vector-Jacobian product of func over the stages of every
 accepted (the stages' states rebuilt from the recorded first state and stages).
 
 What it needs, else the backward solve runs eagerly (``stats["compiled_backward"]`` says which
-ran): the forward compiled, an explicit Runge--Kutta method and an adaptive controller without
-``jump_t`` for the backward solve, no replayed forward steps, and func's compiled code matching
-it (else a warning, as for the forward).
+ran): the forward compiled, an explicit Runge--Kutta method and an adaptive controller for
+the backward solve, no replayed forward steps, and func's compiled code matching it (else a
+warning, as for the forward). At a ``jump_t`` the stages are at the limits from each side, as
+eagerly (the times of the parameter integral's stages follow the chunk's rule).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from ._compiled import CompiledCodeMismatch, warn_mismatch
 from ._loop_batched import BatchedField, RowsRun
+from .controllers.step_size import time_beside
 from .solvers.tableau import ButcherTableau
 
 __all__ = ["RowsAdjointField", "backward_rows_compiled"]
@@ -97,7 +99,7 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
 
     if not (
         run.stats.get("compiled") and stops.mode == "stop" and isinstance(tab, ButcherTableau)
-        and ctrl.adaptive and not ctrl.jump_t
+        and ctrl.adaptive
     ):  # fmt: skip
         return None
     if bool((stops.times[:, 0] == stops.times[:, -1]).all()):  # nothing to integrate
@@ -119,19 +121,40 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
     a_ = [[float(x) for x in row] for row in tab.a]
     b_, c_ = [float(x) for x in tab.b], [float(x) for x in tab.c]
     use = [i for i in range(len(b_)) if b_[i] != 0.0]
-    t0, t1 = stops.times[:, 0], stops.times[:, -1]
+    t0, t1 = stops.times[:, 0].contiguous(), stops.times[:, -1].contiguous()
     lo, hi = torch.minimum(t0, t1), torch.maximum(t0, t1)
+    sdir = torch.where(t1 >= t0, 1.0, -1.0).to(torch.float64)
+    J = torch.tensor(ctrl.jump_t, dtype=torch.float64, device=t0.device) if ctrl.jump_t else None
+    # Each row's time of its next first stage: past a jump_t f's limit from the far side.
+    tf = [ctrl.first_time(t0, t1, run.time_dtype)]
     vjps, gl = [0], [torch.zeros_like(g) for g in gp]  # (added to gp once the solve is done)
+
+    def stage_times(rec, n):
+        """Per step of the call (B,): the time of its first stage, and of its stages at c = 1
+        (the left limit at a jump_t), as the chunk evaluated them."""
+        firsts, lasts = [], []
+        for i in range(n):
+            t_n, acc = rec["t_new"][i], rec["acc"][i]
+            t_last = t_next = t_n
+            if J is not None:
+                jumped = acc & torch.isin(t_n, J)
+                t_last = torch.where(jumped, time_beside(t_n, rec["t"][i], run.time_dtype), t_n)
+                t_next = torch.where(jumped, time_beside(t_n, t_n + sdir, run.time_dtype), t_n)
+            firsts.append(tf[0])
+            lasts.append(t_last)
+            tf[0] = torch.where(acc, t_next, tf[0])
+        return torch.stack(firsts), torch.stack(lasts)
 
     def on_steps(rec, n):
         """The parameter integral over the accepted steps of one call: sum_i b_i h
         (-a_i^T df/dtheta) at the stages, one evaluation of func over all of them."""
+        t_first, t_last = stage_times(rec, n)
         if not params:
             return
         i, r = rec["acc"].nonzero().unbind(1)
         if i.numel() == 0:
             return
-        t_o = rec["t"][i, r]
+        t_o, t_f, t_l = rec["t"][i, r], t_first[i, r], t_last[i, r]
         h = rec["t_new"][i, r] - t_o
         y_o, K = rec["y"][i, r], rec["K"][i, :, r]  # (q, 2M), (q, stages, 2M)
         hs = h.to(y_o.dtype).unsqueeze(1)
@@ -141,7 +164,8 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
             for j in range(s):
                 if a_[s][j] != 0.0:
                     y_s = y_s + (a_[s][j] * hs) * K[:, j]
-            ts.append(torch.clamp(t_o + c_[s] * h, lo[r], hi[r]) if s else t_o)
+            ts.append(t_f if s == 0 else t_l if c_[s] == 1.0 else
+                      torch.clamp(t_o + c_[s] * h, lo[r], hi[r]))  # fmt: skip
             ys.append(y_s[:, :M])
             cot.append(-(b_[s] * hs) * y_s[:, M:])
         with torch.enable_grad():
