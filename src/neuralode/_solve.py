@@ -159,7 +159,7 @@ def solve(
         the chunks, ``outputs="stop"``, which ``"auto"`` then chooses), when the backward
         method is explicit Runge--Kutta without a custom norm and, with shared control, func
         is an ``nn.Module`` whose parameters are the gradient's ``params``, per sample, the
-        backward controller adaptive without ``jump_t`` (else the backward solve runs eagerly;
+        backward controller adaptive (else the backward solve runs eagerly;
         ``stats["compiled_backward"]`` says which ran). Reversible, events,
         implicit/Adams methods and a custom ``norm`` raise ValueError.
         Results agree with the eager engine to the tolerance: the error estimate is summed in

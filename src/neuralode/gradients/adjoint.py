@@ -133,8 +133,8 @@ class Backsolve:
     solve with ``outputs="stop"`` chooses its own steps between the outputs (it does not stop
     at every forward step boundary), so its gradient agrees with the eager one to the
     tolerance, not to rounding. Per sample the backward solve is compiled for any traceable
-    func when it stops at every output (``"stop"``, ``"auto"``; adaptive backward control
-    without ``jump_t``: ``neuralode._compiled_rows_adjoint``); ``"replay"`` replays eagerly.
+    func when it stops at every output (``"stop"``, ``"auto"``; adaptive backward control:
+    ``neuralode._compiled_rows_adjoint``); ``"replay"`` replays eagerly.
 
     Gradients of gradients (``create_graph=True``) are not supported and raise a RuntimeError;
     use :class:`Checkpointed` or :class:`Direct` for those.
