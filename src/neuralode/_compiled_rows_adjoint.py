@@ -92,8 +92,9 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
                            params, gp, inner: BatchedField):  # fmt: skip
     """The per-sample backward solve of ``(y, a)`` (``ya`` (B, 2M) at the stops' start, the
     jumps at the start applied) over ``stops`` (see ``gradients.rows._stops``) in compiled
-    chunks; adds the parameter integral to ``gp``. Returns the final ``(y, a)`` (B, 2M) and
-    the evaluations of func (each with a vector-Jacobian product), or None when it cannot run
+    chunks; adds the parameter integral to ``gp`` (its evaluations of func counted by
+    ``inner``). Returns the final ``(y, a)`` (B, 2M) and the evaluations of the augmented
+    field (func with a vector-Jacobian product each), or None when it cannot run
     compiled here (see the module docstring; the caller runs it eagerly)."""
     from ._compiled_rows import integrate_rows_compiled
 
@@ -127,7 +128,7 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
     J = torch.tensor(ctrl.jump_t, dtype=torch.float64, device=t0.device) if ctrl.jump_t else None
     # Each row's time of its next first stage: past a jump_t f's limit from the far side.
     tf = [ctrl.first_time(t0, t1, run.time_dtype)]
-    vjps, gl = [0], [torch.zeros_like(g) for g in gp]  # (added to gp once the solve is done)
+    gl = [torch.zeros_like(g) for g in gp]  # (added to gp once the solve is done)
 
     def stage_times(rec, n):
         """Per step of the call (B,): the time of its first stage, and of its stages at c = 1
@@ -171,7 +172,6 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
         with torch.enable_grad():
             fy = inner(torch.cat(ts), torch.cat(ys).detach())
             grads = torch.autograd.grad(fy, params, torch.cat(cot), allow_unused=True)
-        vjps[0] += 1
         for q, g in enumerate(grads):
             if g is not None:
                 gl[q] = gl[q] + g
@@ -184,4 +184,4 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
         return None
     for q, g in enumerate(gl):
         gp[q] = gp[q] + g
-    return res[1], f.nfe + vjps[0]
+    return res[1], f.nfe
