@@ -30,8 +30,10 @@ import weakref
 import torch
 
 from ._compiled import CompiledCodeMismatch, warn_mismatch
+from ._compiled_rows import integrate_rows_compiled
 from ._loop_batched import BatchedField, RowsRun
 from .controllers.step_size import time_beside
+from .solvers.explicit_rk import make_stepper
 from .solvers.tableau import ButcherTableau
 
 __all__ = ["RowsAdjointField", "backward_rows_compiled"]
@@ -96,8 +98,6 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
     ``inner``). Returns the final ``(y, a)`` (B, 2M) and the evaluations of the augmented
     field (func with a vector-Jacobian product each), or None when it cannot run
     compiled here (see the module docstring; the caller runs it eagerly)."""
-    from ._compiled_rows import integrate_rows_compiled
-
     if not (
         run.stats.get("compiled") and stops.mode == "stop" and isinstance(tab, ButcherTableau)
         and ctrl.adaptive
@@ -108,8 +108,6 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
     field = rows_adjoint_field(run.func, run.spec)
     if field is None:
         return None
-    from .solvers.explicit_rk import make_stepper
-
     B, M2 = ya.shape
     M = M2 // 2
     S = stops.times.shape[1]
