@@ -286,15 +286,6 @@ def test_time_beside_on_tensors_equals_the_float_rule(time_dtype):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (
-            dict(batch_control="per_sample", gradient="backsolve"),
-            r"compile=True with batch_control='per_sample' supports gradient='direct' only, got "
-            r"gradient=Backsolve: Backsolve runs its forward compiled with batch_control='shared'",
-        ),
-        (
-            dict(batch_control="per_sample", gradient="checkpoint"),
-            r"per_sample' supports gradient='direct' only, got gradient=Checkpointed",
-        ),
         (dict(gradient="reversible"), "gradient=Reversible"),
         (dict(gradient=neuralode.Checkpointed(max_checkpoints=4)), "max_checkpoints"),
         (dict(controller=neuralode.PIController(norm=lambda e: e.abs().max())), "custom error"),

@@ -30,9 +30,9 @@ the solve runs on the eager engine.
 
 Scope: explicit Runge--Kutta methods (Butcher tableaux) under any controller without a custom
 ``norm`` (``step_t``/``jump_t`` included), a tensor, tuple or dict state, a 1-D or 2-D ``t``;
-Direct gradients (autograd through the chunks), and with shared control Checkpointed and
-Backsolve (:func:`forward_or_none`: the forward compiled, keeping the step records their eager
-backward passes use); no events.
+Direct gradients (autograd through the chunks), Checkpointed and Backsolve (the forward
+compiled, keeping the step records their backward passes use: :func:`forward_or_none` with
+shared control, ``_compiled_rows`` per sample); no events.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def check_compilable(*, tab, ctrl, gradient=None) -> None:
     if gradient is not None:
         problems.append(
             f"gradient={gradient} (compiled stepping differentiates by autograd through the "
-            "compiled steps, or replays their checkpoints: use gradient='direct', the default, "
-            "or 'checkpoint' with shared control)"
+            "compiled steps, replays their checkpoints or solves the adjoint backward: use "
+            "gradient='direct', the default, 'checkpoint' or 'backsolve')"
         )
     if problems:
         raise ValueError(
@@ -115,7 +115,7 @@ def check_compilable(*, tab, ctrl, gradient=None) -> None:
 
 
 def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_out,
-            norm_parts=None, impulses=False) -> Consts:  # fmt: skip
+            norm_parts=None, impulses=False, row_impulses=False) -> Consts:  # fmt: skip
     """The chunk's constants for this tableau, controller and state layout (``n_out`` output
     times per row; ``norm_parts``: only the first components in the error norm)."""
     P = tab.tensors(torch.float64, torch.device("cpu"))["P"]
@@ -152,13 +152,15 @@ def _consts(tab, ctrl, time_dtype, steps, spec, floor, *, rows, pick, record, n_
         jumps=bool(ctrl.jump_t),
         norm_parts=int(norm_parts or 0),
         impulses=bool(impulses),
+        row_impulses=bool(row_impulses),
     )
 
 
 def _evals_per_attempt(tab, C: Consts) -> int:
     """Evaluations of func per step attempt in the chunk (non-FSAL methods evaluate f at the
     end of every attempt; jump_t adds the evaluation past the jump)."""
-    return (tab.n_stages - 1 if tab.fsal else tab.n_stages) + int(C.jumps) + int(C.impulses)
+    extra = int(C.jumps) + int(C.impulses) + int(C.row_impulses)
+    return (tab.n_stages - 1 if tab.fsal else tab.n_stages) + extra
 
 
 def _func_parts(func) -> tuple:

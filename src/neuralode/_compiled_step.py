@@ -63,6 +63,9 @@ class Consts(NamedTuple):
     norm_parts: int = 0  # seminorm: only the first components of a tuple state (0: all)
     impulses: bool = False  # the state jumps by k["I"][j] on landing at k["I_t"][j] (R = B = 1)
     first: bool = False  # evaluate k1 = f(t, y) first (s has no "k1"): saves an eager call
+    # per row: the state jumps by k["RI"][r, j] on landing on output slot j (window 1: each
+    # output time is landed on; the per-sample backsolve adjoint's stops)
+    row_impulses: bool = False
 
 
 def chunk(f, C: Consts, s: dict, k: dict) -> dict:
@@ -76,7 +79,9 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
     with ``sdir * inf``; ``pick`` (R, n_slots) sample of each slot (``C.pick``); ``max_att``;
     ``rtol``, ``atol``; ``L`` landing times, ``J`` jump times (sorted float64); ``I_t``
     (n,) float64 impulse times (among the landings) and ``I`` (n, M) the jumps of the state
-    there (``C.impulses``: the backsolve adjoint's jumps at output times, one row).
+    there (``C.impulses``: the backsolve adjoint's jumps at output times, one row); ``RI``
+    (R, n_slots, M) the jump of each row's state on landing on each output slot
+    (``C.row_impulses``, ``R = B``: the per-sample backsolve adjoint's stops).
     """
     kind, keys, shapes, sizes = C.layout
     offs = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -190,8 +195,14 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
             hit = (t_new.unsqueeze(1) == k["I_t"]) & accept.unsqueeze(1)  # (R, n)
             y = y + (hit.to(y.dtype) @ k["I"]).view(y.shape)
             k_last = torch.where(hit.any(1, keepdim=True), call(t_new, y), k_last)
+        if C.row_impulses:  # a row landing on its output slot: the jump, and f afresh after it
+            hit = (inside[:, 0] & accept).unsqueeze(1)  # (R, 1) (window 1)
+            jmp = k["RI"].gather(1, idx.unsqueeze(2).expand(-1, -1, M)).squeeze(1)  # (R, M)
+            y = y + torch.where(hit, jmp, torch.zeros_like(jmp))
+            k_last = torch.where(hit, call(t_new, y), k_last)
         if C.jumps:  # past a jump_t, f afresh at the right limit (the next float after it)
-            k_jump = call(time_beside(t_new, t_new + sdir, C.time_dtype), y_new)
+            # (of the state after an impulse there; for the other accepted rows y is y_new)
+            k_jump = call(time_beside(t_new, t_new + sdir, C.time_dtype), y)
             k_last = torch.where(jump.unsqueeze(1), k_jump, k_last)
         k1 = torch.where(acc2, k_last, k1)
         t = torch.where(accept, t_new, t)

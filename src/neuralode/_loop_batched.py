@@ -415,7 +415,7 @@ class RowsRun:
         if self.compile:
             from ._compiled_rows import run_rows
 
-            return run_rows(self, y0, record)
+            return run_rows(self, y0, record, max_states)
         ys, *rest = integrate_per_sample(
             self.spec, self.f, self.stepper, y0, self.tau, self.ctrl, self.rtol, self.atol,
             self.max_steps, self.throw, (*record, *(("dense",) if self.dense else ())),

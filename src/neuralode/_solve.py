@@ -120,7 +120,7 @@ def solve(
         ``M x M`` Jacobian block, factorisation and Newton iteration per sample
         (``neuralode.solvers.implicit.rows``: the same steps as each sample solved alone).
         With ``compile=True``: explicit Runge--Kutta methods, Direct gradients (also w.r.t.
-        ``t``). Raises ValueError for fully implicit, matrix-free, fixed-step Newton and Adams
+        ``t``), Checkpointed and Backsolve (the forward compiled, see ``compile``). Raises ValueError for fully implicit, matrix-free, fixed-step Newton and Adams
         methods, and ``Backsolve(norm=...)``.
         ``Solution.t_final`` and ``stats["n_accepted"]``/``["n_rejected"]`` are then ``(B,)``
         tensors, and ``stats`` adds ``sample_evals`` (rows passed to func),
@@ -150,15 +150,17 @@ def solve(
         (``gradient="direct"``) gradients flow through the compiled chunks (torch.compile
         compiles their backward too; a solve under grad mode compiles once more than one under
         ``torch.no_grad()``), and gradients with respect to a 1-D ``t`` work as eagerly. With
-        ``gradient="checkpoint"`` (shared control; without ``max_checkpoints``) the forward
-        runs in compiled chunks that record a checkpoint per accepted step, and the backward
-        pass replays the steps eagerly from them; with ``gradient="backsolve"`` (shared
-        control) the forward and the adjoint solve backward run in compiled chunks (the
-        augmented field's vector-Jacobian products traced with ``torch.func.vjp``; the
-        adjoint's jumps at the output times made inside the chunks, ``outputs="stop"``), when
-        func is an ``nn.Module`` whose parameters are the gradient's ``params`` and the
-        backward method is explicit Runge--Kutta without a custom norm (else the backward
-        solve runs eagerly; ``stats["compiled_backward"]`` says which ran). Reversible, per-sample Checkpointed/Backsolve, events,
+        ``gradient="checkpoint"`` (shared control without ``max_checkpoints``; per-sample
+        control with or without) the forward runs in compiled chunks that record a checkpoint
+        per step, and the backward pass replays the steps eagerly from them (per sample: the
+        eager per-sample replay); with ``gradient="backsolve"`` the forward and the adjoint
+        solve backward run in compiled chunks (the augmented field's vector-Jacobian products
+        traced with ``torch.func.vjp``; the adjoint's jumps at the output times made inside
+        the chunks, ``outputs="stop"``, which ``"auto"`` then chooses), when the backward
+        method is explicit Runge--Kutta without a custom norm and, with shared control, func
+        is an ``nn.Module`` whose parameters are the gradient's ``params``, per sample, the
+        backward controller adaptive (else the backward solve runs eagerly;
+        ``stats["compiled_backward"]`` says which ran). Reversible, events,
         implicit/Adams methods and a custom ``norm`` raise ValueError.
         Results agree with the eager engine to the tolerance: the error estimate is summed in
         another order (its last bits, and so the step sizes, differ relatively by about 1e-10;
@@ -253,27 +255,20 @@ def solve(
             )
         from ._compiled import check_compilable
 
-        if batch_control == "per_sample" and capable(grad_method, "compiled_forward"):
-            name = type(grad_method).__name__
-            raise ValueError(
-                f"compile=True with batch_control='per_sample' supports gradient='direct' only, "
-                f"got gradient={name}: {name} runs its forward compiled with "
-                f"batch_control='shared', or per sample on the eager engine (compile=False)"
-            )
-        # Direct: autograd through the compiled chunks; Checkpointed and Backsolve (shared
-        # control): the forward compiled, the backward (replay, adjoint solve) eager.
-        ok = capable(grad_method, "exact_autograd") or (
-            capable(grad_method, "compiled_forward") and batch_control == "shared"
-        )
+        # Direct: autograd through the compiled chunks; Checkpointed and Backsolve: the forward
+        # compiled, keeping its step records; the replay eager, the adjoint solve compiled with
+        # shared control (per sample: eager, gradients/rows.py).
+        ok = capable(grad_method, "exact_autograd") or capable(grad_method, "compiled_forward")
         check_compilable(
             tab=tab,
             ctrl=resolve_controller(tab, controller, rtol, atol, dt),
             gradient=None if ok else type(grad_method).__name__,
         )
-        if getattr(grad_method, "max_checkpoints", None) is not None:
+        if getattr(grad_method, "max_checkpoints", None) is not None and batch_control == "shared":
             raise ValueError(
-                "compile=True keeps a checkpoint at every step: Checkpointed(max_checkpoints=...) "
-                "is not supported with it; use Checkpointed() or compile=False"
+                "compile=True with batch_control='shared' keeps a checkpoint at every step: "
+                "Checkpointed(max_checkpoints=...) is not supported with it; use Checkpointed(), "
+                "compile=False or batch_control='per_sample'"
             )
     if getattr(controller, "force_dt_min", False) and (compile or batch_control == "per_sample"):
         raise ValueError(

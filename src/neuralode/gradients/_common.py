@@ -261,7 +261,8 @@ def capable(gradient, capability: str) -> bool:
       operations (dense output keeps the graph; compiled stepping can run in its place);
     - ``per_sample``: it has ``run_rows(run, y0flat)`` for ``batch_control="per_sample"``;
     - ``compiled_forward``: its forward solve (``forward_without_graph``) may run in
-      compiled chunks (``compile=True``, shared control);
+      compiled chunks (``compile=True``; per-sample control: ``run_rows`` through
+      ``RowsRun.integrate``, which the compiled per-row driver serves);
     - ``replays_steps``: its backward pass recomputes single accepted steps from their start
       states (refused with methods whose ``single_step_replay`` is False: multistep methods).
     """

@@ -132,7 +132,9 @@ class Backsolve:
     eagerly. ``Solution.stats["compiled_backward"]`` records which ran. The compiled backward
     solve with ``outputs="stop"`` chooses its own steps between the outputs (it does not stop
     at every forward step boundary), so its gradient agrees with the eager one to the
-    tolerance, not to rounding.
+    tolerance, not to rounding. Per sample the backward solve is compiled for any traceable
+    func when it stops at every output (``"stop"``, ``"auto"``; adaptive backward control:
+    ``neuralode._compiled_rows_adjoint``); ``"replay"`` replays eagerly.
 
     Gradients of gradients (``create_graph=True``) are not supported and raise a RuntimeError;
     use :class:`Checkpointed` or :class:`Direct` for those.
@@ -201,7 +203,7 @@ class Backsolve:
 
     exact_autograd = False  # capabilities: a custom backward pass, with a per-sample version
     per_sample = True
-    compiled_forward = True  # the forward may run in compiled chunks (compile=True, shared)
+    compiled_forward = True  # the forward may run in compiled chunks (compile=True)
 
     @property
     def replays_steps(self) -> bool:

@@ -73,7 +73,7 @@ class Checkpointed:
 
     exact_autograd = False  # capabilities: a custom backward pass, with a per-sample version
     per_sample = True
-    compiled_forward = True  # the forward may run in compiled chunks (compile=True, shared)
+    compiled_forward = True  # the forward may run in compiled chunks (compile=True)
     replays_steps = True  # the backward pass recomputes single accepted steps
 
     def run_rows(self, run, y0flat: torch.Tensor):

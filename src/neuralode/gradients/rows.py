@@ -316,7 +316,11 @@ def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
 class _BacksolveRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, cfg, y0flat, *params):
-        replays = cfg.outputs != "stop" and isinstance(run.stepper.tab, ButcherTableau)
+        # compile=True: "auto" stops at every output (the adjoint's jumps are then made inside
+        # the compiled backward solve, while replays run eagerly), as with shared control.
+        auto = "stop" if run.compile else "replay"
+        replays = (cfg.outputs if cfg.outputs != "auto" else auto) == "replay"
+        replays = replays and isinstance(run.stepper.tab, ButcherTableau)
         with torch.no_grad():
             ys = run.integrate(y0flat.detach(), record=("times",) if replays else ())
         hold_run(ctx, run)  # weakly: the outputs' nodes hold it (see structured_outputs)
@@ -405,11 +409,22 @@ class _BacksolveRows(torch.autograd.Function):
         y_start = y_final if ctx.failed is None else y_final.index_copy(0, *ctx.failed[::2])
         ya = torch.cat([y_start, stops.jump[start]], 1)
         try:
-            with torch.no_grad():
-                _, ya, *_ = integrate_per_sample(
-                    aug_spec, f, stepper, ya, stops.times, ctrl, rt, at, cfg.max_steps, True, (),
-                    floor, on_step=on_step, outputs=False, on_land=on_land,
-                )  # fmt: skip
+            done = None
+            if run.compile:  # the backward solve in compiled chunks where it can run there
+                from .._compiled_rows_adjoint import backward_rows_compiled
+
+                done = backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor,
+                                              cfg.max_steps, params, gp, inner)  # fmt: skip
+                run.stats["compiled_backward"] = done is not None
+            if done is not None:
+                ya, nfe = done
+                inner.nfe += nfe
+            else:
+                with torch.no_grad():
+                    _, ya, *_ = integrate_per_sample(
+                        aug_spec, f, stepper, ya, stops.times, ctrl, rt, at, cfg.max_steps, True,
+                        (), floor, on_step=on_step, outputs=False, on_land=on_land,
+                    )  # fmt: skip
         except MaxStepsError as e:
             b = e.sample
             raise MaxStepsError(
