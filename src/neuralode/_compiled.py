@@ -50,19 +50,14 @@ from . import _compiled_lengths as _lengths
 from ._compiled_setup import _chunk_state, _setup, _shared_state
 from ._compiled_stance import DEFAULT_STANCE, FAIL_ON_RECOMPILE
 from ._compiled_start import Start, chunk_from_start
-from ._compiled_step import Consts, chunk
+from ._compiled_step import Consts, chunk, raise_if_stuck
 from ._failures import CAUSES, report_failure
 from ._loop import LoopResult, Problem, StepRecord, VectorField, _start_outputs
 from ._norms import ErrorNorm, initial_norm
 from .controllers.step_size import time_beside
 from .solvers.tableau import ButcherTableau
 
-__all__ = [
-    "STEPS_PER_CALL",
-    "CompiledCodeMismatch",
-    "check_compilable",
-    "integrate_compiled",
-]
+__all__ = ["STEPS_PER_CALL", "CompiledCodeMismatch", "check_compilable", "integrate_compiled"]
 
 #: Steps unrolled into one compiled call at most (shorter calls, of powers of two, when a
 #: repeated solve needs fewer). More steps amortise the call (~40 us) further but lengthen the
@@ -357,6 +352,7 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
             done += n
             s = dict(res)
             report, rec = s.pop("report").tolist(), s.pop("rec", None)
+            raise_if_stuck(report, C, k)  # (a propose that does not advance: ValueError)
             if on_report(report, rec, s, n):
                 R = s["t"].shape[0]
                 _lengths.remember(signature, max(report[2 * R : 3 * R]))
