@@ -1,5 +1,6 @@
 """Regression tests for small gaps left by issue 12 ("One stepping engine"): a controller
-whose ``propose`` does not advance under compiled stepping and the reversible driver.
+whose ``propose`` does not advance under compiled stepping and the reversible driver; an
+``adapt`` that returns a 0-d tensor under shared control.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 import neuralode
 from neuralode.controllers import Controller
+from neuralode.controllers.step_size import maximum, minimum, where
 
 F64 = torch.float64
 
@@ -55,3 +57,43 @@ def test_compiled_propose_that_does_not_advance_raises(control, back):
     # or steps backward to MaxStepsError at t=-100. One compile each.
     with pytest.raises(ValueError, match=_stuck_match(back)):
         _stuck_solve(back, 1000, compile=True, batch_control=control)
+
+
+@dataclass(frozen=True)
+class _IControl(Controller):
+    """I control ``h clip(0.9 e^(-1/k), 0.2, 5)``; with ``as_tensor`` its ``adapt`` returns the
+    step size as a 0-d float64 tensor (under shared control it receives floats)."""
+
+    rtol: float = 1e-7
+    atol: float = 1e-9
+    as_tensor: bool = False
+    adaptive = True
+
+    def initial_step(self, *a):
+        return 0.01
+
+    def adapt(self, h, h_prop, e, prev, k, accept, clipped):
+        fac = minimum(5.0, maximum(0.2, 0.9 * maximum(e, 1e-100) ** (-1.0 / k)))
+        h_next = where(accept, h * fac, h * minimum(fac, 1.0))
+        if self.as_tensor and not isinstance(h_next, torch.Tensor):
+            h_next = torch.tensor(h_next, dtype=F64)
+        return h_next, prev
+
+
+@pytest.mark.parametrize("gradient", ["direct", "reversible"])
+def test_adapt_returning_a_0d_tensor_under_shared_control(gradient):
+    # Before: IndexError "Dimension out of range" from the stage combination (the 0-d step size
+    # was taken for a per-row one). Now the same steps as the float version.
+    y0 = torch.tensor([[1.0], [0.5]], dtype=F64)
+    t = torch.tensor([0.0, 0.5, 2.0], dtype=F64)
+    runs = [
+        neuralode.solve(
+            lambda t, y: -y, y0, t, controller=_IControl(as_tensor=a), gradient=gradient
+        )  # fmt: skip
+        for a in (False, True)
+    ]
+    ref = y0.squeeze(1) * torch.exp(-t).unsqueeze(1)  # (T, B)
+    for sol in runs:
+        assert torch.allclose(sol.ys.squeeze(-1), ref, rtol=1e-5, atol=1e-8)
+    assert runs[1].stats["n_accepted"] == runs[0].stats["n_accepted"] > 5
+    assert runs[1].stats["n_rejected"] == runs[0].stats["n_rejected"]

@@ -283,7 +283,7 @@ def integrate_reversible(
     while direction * (t_end - t) > 0:
         # The controller bounds the step (to [dt_min, dt_max] with force_dt_min); the step
         # limit, a non-finite step size or one below dt_min or the resolution of t end the solve.
-        h_abs = ctrl.bounded(abs(h), last_nonfinite)
+        h_abs = ctrl.bounded(float(abs(h)), last_nonfinite)  # (adapt may return a 0-d tensor)
         if stops_here(ctrl, h_abs, t, attempts, prob.max_steps, nonfinite=last_nonfinite,
                       t_end=t_end, n_acc=n_acc, n_rej=n_rej, **fail):  # fmt: skip
             break
