@@ -97,3 +97,63 @@ def test_adapt_returning_a_0d_tensor_under_shared_control(gradient):
         assert torch.allclose(sol.ys.squeeze(-1), ref, rtol=1e-5, atol=1e-8)
     assert runs[1].stats["n_accepted"] == runs[0].stats["n_accepted"] > 5
     assert runs[1].stats["n_rejected"] == runs[0].stats["n_rejected"]
+
+
+def _f32(x):
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+# (controller, t0, t_end, the steps counted by hand)
+_COUNTS = [
+    # landings on the grid points (0.1 * i is a rounding off t0 + i dt): merged, no extra step
+    (neuralode.ConstantStep(0.1, step_t=[0.1 * i for i in range(1, 10)]), 0.0, 1.0, 10),
+    (neuralode.ConstantStep(0.1, step_t=[_f32(0.1 * i) for i in range(1, 10)]), 0.0, 1.0, 10),
+    (neuralode.ConstantStep(0.1, step_t=[0.1 * i for i in range(1, 10)]), 1.0, 0.0, 10),
+    # landings between grid points: one step more each
+    (neuralode.ConstantStep(0.1, step_t=[0.25, 0.55]), 0.0, 1.0, 12),
+    (neuralode.ConstantStep(0.1, step_t=[0.25, 0.55]), 1.0, 0.0, 12),
+    # 0.25 0.5 | 0.6 (jump) 0.75 1.0; and two landings in one grid interval, one on the grid
+    (neuralode.ConstantStep(0.25, step_t=[0.5], jump_t=[0.6]), 0.0, 1.0, 5),
+    (neuralode.ConstantStep(0.5, step_t=[0.6, 0.7, 1.0]), 0.0, 2.0, 6),
+    (neuralode.ConstantStep(0.3), 0.0, 1.0, 4),  # (the last step clipped to 1.0)
+]
+
+
+@pytest.mark.parametrize(("ctrl", "t0", "t_end", "n"), _COUNTS)
+def test_constant_step_count_is_exact(ctrl, t0, t_end, n):
+    # Before: one step per landing on top of the grid (19 for the first case, 11 for [0.5]...).
+    assert ctrl.step_count(t0, t_end) == n
+    t = torch.tensor([t0, t_end], dtype=F64)
+    sol = neuralode.solve(lambda t, y: -y, torch.ones(1, 1, dtype=F64), t, solver="euler",
+                          controller=ctrl)  # fmt: skip
+    assert sol.stats["n_accepted"] == n
+
+
+def test_compiled_fixed_step_unrolls_the_exact_count(monkeypatch):
+    # ConstantStep(0.1) landing on the output times of a 0.1 grid: 10 steps, and the first
+    # compiled call unrolls 10 (before: 19, nine masked steps in every call of that length).
+    from neuralode import _compiled_lengths
+
+    picked = []
+    pick = _compiled_lengths.pick
+
+    def spy(*args, **kw):
+        picked.append(pick(*args, **kw))
+        return picked[-1]
+
+    monkeypatch.setattr(_compiled_lengths, "pick", spy)
+    t = torch.linspace(0.0, 1.0, 11, dtype=F64)
+    ctrl = neuralode.ConstantStep(0.1, step_t=t[1:-1].tolist())
+    y0 = torch.tensor([[1.0], [0.5]], dtype=F64)
+
+    def f(t, y):
+        return -y * (1.0 + t)
+
+    kw = dict(solver="rk4", controller=ctrl)
+    eager = neuralode.solve(f, y0, t, **kw)
+    comp = neuralode.solve(f, y0, t, compile=True, **kw)
+    assert comp.stats["compiled"] and picked == [10]
+    assert comp.stats["n_accepted"] == eager.stats["n_accepted"] == 10
+    assert torch.allclose(comp.ys, eager.ys, rtol=1e-12, atol=1e-14)
+    exact = y0.squeeze(1) * torch.exp(-(t + t**2 / 2)).unsqueeze(1)
+    assert torch.allclose(eager.ys.squeeze(-1), exact, rtol=1e-5)

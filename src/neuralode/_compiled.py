@@ -285,13 +285,13 @@ def _with_k1(grads: tuple) -> tuple:
 
 
 def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
-                adapt: bool = True, estimate: int | None = None, start=None) -> dict:  # fmt: skip
+                adapt: bool = True, estimate=None, start=None) -> dict:  # fmt: skip
     """Call the compiled chunk until ``on_report(report, records, state, steps)`` returns True.
 
     Each call unrolls ``steps`` of :func:`neuralode._compiled_lengths.lengths` (``C.steps`` at
     most): with ``adapt``, the smallest that covers the attempts the last solve of the same
-    signature took (:func:`neuralode._compiled_lengths.pick`; ``estimate`` before there is
-    one), else ``C.steps``. With fixed steps the count is exact: each call unrolls the steps
+    signature took (:func:`neuralode._compiled_lengths.pick`; ``estimate()``, or None,
+    before there is one), else ``C.steps``. With fixed steps the count is exact: each call unrolls the steps
     left. With ``start`` (a :class:`neuralode._compiled_start.Start`; ``s`` without ``k1``) the
     first call evaluates ``f(t0, y0)`` and the initial step size itself
     (:func:`neuralode._compiled_start.chunk_from_start`).
@@ -489,7 +489,7 @@ def integrate_compiled(
         return True
 
     s = _run_chunks(f.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None,
-                    estimate=ctrl.step_count(t0, t_end), start=start)  # fmt: skip
+                    estimate=lambda: ctrl.step_count(t0, t_end), start=start)  # fmt: skip
     if ids in seen or len(seen) < _MAX_CACHED:
         seen[ids] = (known[0] if checked else _refs(parts), done["calls"] == 1)
     t_now, h_now, att, n_acc = done["t"], done["h"], done["att"], done["acc"]
