@@ -1,6 +1,7 @@
 """Regression tests for small gaps left by issue 12 ("One stepping engine"): a controller
 whose ``propose`` does not advance under compiled stepping and the reversible driver; an
-``adapt`` that returns a 0-d tensor under shared control.
+``adapt`` that returns a 0-d tensor under shared control; ``ConstantStep.step_count`` with
+many landings; compiled per-sample dense output in a step that ends on a ``jump_t``.
 """
 
 from __future__ import annotations
@@ -157,3 +158,27 @@ def test_compiled_fixed_step_unrolls_the_exact_count(monkeypatch):
     assert torch.allclose(comp.ys, eager.ys, rtol=1e-12, atol=1e-14)
     exact = y0.squeeze(1) * torch.exp(-(t + t**2 / 2)).unsqueeze(1)
     assert torch.allclose(eager.ys.squeeze(-1), exact, rtol=1e-5)
+
+
+def _kink(t, y):  # y' = 1 before t = 0.5, -3 from it on (t: 0-d or (B,))
+    return torch.where(t < 0.5, 1.0, -3.0).to(y.dtype).reshape(-1, 1).expand_as(y)
+
+
+@pytest.mark.parametrize("control", ["shared", "per_sample"])
+def test_compiled_dense_output_in_a_step_ending_on_a_jump(control):
+    # rk4 ConstantStep(0.3, jump_t=0.5): the step [0.3, 0.5] ends on the jump, and its cubic
+    # Hermite extension needs f at the step end: the left limit (1), as the eager drivers use.
+    # Before (per-sample; shared control was right): the compiled records had no left-limit
+    # time, the dense stage was f at 0.5 itself (-3), and evaluate(0.4) was 0.1 off the exact
+    # 0.4 (the solution is piecewise linear: cubic Hermite is exact with the right slopes).
+    y0 = torch.tensor([[1.0], [2.0]], dtype=F64)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=F64)
+    kw = dict(solver="rk4", controller=neuralode.ConstantStep(0.3, jump_t=(0.5,)),
+              batch_control=control, dense_output=True)  # fmt: skip
+    q = torch.tensor([0.35, 0.4, 0.45, 0.7], dtype=F64)
+    exact = y0.squeeze(1) + torch.where(q < 0.5, q, 0.5 - 3 * (q - 0.5)).unsqueeze(1)  # (4, B)
+    eager = neuralode.solve(_kink, y0, t, **kw)
+    comp = neuralode.solve(_kink, y0, t, compile=True, **kw)
+    assert comp.stats["compiled"]
+    for sol in (eager, comp):
+        assert torch.allclose(sol.evaluate(q).reshape(4, 2), exact, rtol=0, atol=1e-12)

@@ -22,6 +22,7 @@ from ._compiled_setup import _chunk_inputs
 from ._failures import report_failure
 from ._loop_batched import time_layout
 from ._norms import ErrorNorm, initial_norm
+from .controllers.base import time_beside
 
 __all__ = ["integrate_rows_compiled", "run_rows"]
 
@@ -75,6 +76,7 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
              "iterations": 0, "replay": []}  # fmt: skip
     records, failed, last = [], set(), {}
     ar = torch.arange(B, device=dev)
+    J = torch.tensor(ctrl.jump_t, dtype=torch.float64, device=dev) if ctrl.jump_t else None
 
     def on_report(report, rec, st_, n_call):
         (t_now, h_now, att, acc, code, nf, busy), rec_t = _split(report, B, n_call)
@@ -82,8 +84,11 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
             ok = rec_t[2]
             for i in (i for i in range(n_call) if any(ok[i * B : (i + 1) * B])):
                 t_o, t_n = rec["t"][i], rec["t_new"][i]
+                # A step ending on a jump_t: its dense stages at the left limit, as in the step.
+                t_c1 = t_n if J is None else torch.where(
+                    torch.isin(t_n, J), time_beside(t_n, t_o, f.time_dtype), t_n)  # fmt: skip
                 records.append((ar, rec["acc"][i], t_o, t_n, t_n - t_o, rec["y"][i],
-                                rec["y_new"][i], rec["K"][i]))  # fmt: skip
+                                rec["y_new"][i], rec["K"][i], t_c1))  # fmt: skip
         ends, dirs = t_end.tolist(), sdir.tolist()
         for b in range(B):  # the sample of lowest index first, as in the eager driver
             reached = dirs[b] * (ends[b] - t_now[b]) <= 0
