@@ -1,7 +1,8 @@
 """Regression tests for small gaps left by issue 12 ("One stepping engine"): a controller
 whose ``propose`` does not advance under compiled stepping and the reversible driver; an
 ``adapt`` that returns a 0-d tensor under shared control; ``ConstantStep.step_count`` with
-many landings; compiled per-sample dense output in a step that ends on a ``jump_t``.
+many landings; compiled per-sample dense output in a step that ends on a ``jump_t``; the size of
+the modules split along their seams.
 """
 
 from __future__ import annotations
@@ -182,3 +183,15 @@ def test_compiled_dense_output_in_a_step_ending_on_a_jump(control):
     assert comp.stats["compiled"]
     for sol in (eager, comp):
         assert torch.allclose(sol.evaluate(q).reshape(4, 2), exact, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["_compat.py", "_compat_args.py", "gradients/adjoint.py", "gradients/_adjoint_backward.py"],
+)
+def test_split_modules_stay_within_the_size_guideline(module):
+    # Before: _compat.py 624 lines, gradients/adjoint.py 628 (the guideline: ~600).
+    from pathlib import Path
+
+    path = Path(neuralode.__file__).parent / module
+    assert len(path.read_text().splitlines()) <= 600
