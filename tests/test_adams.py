@@ -237,11 +237,11 @@ def test_odeint_options_map_onto_the_methods():
     y = _decay("implicit_adams", max_order=6, max_iters=2)
     assert abs(float(y) - math.exp(-5.0)) < 1e-12
     # explicit_adams: torchdiffeq's max_order k means Adams--Bashforth of order k - 1.
-    from neuralode._compat import _fixed_solver
+    from neuralode._compat_args import fixed_solver
 
-    assert _fixed_solver("explicit_adams", {"max_order": 5}).max_order == 4
-    assert _fixed_solver("implicit_adams", {"max_order": 5}).max_order == 5
-    assert _fixed_solver("gl4", {"max_iters": 3}).max_iters == 3
+    assert fixed_solver("explicit_adams", {"max_order": 5}).max_order == 4
+    assert fixed_solver("implicit_adams", {"max_order": 5}).max_order == 5
+    assert fixed_solver("gl4", {"max_iters": 3}).max_iters == 3
     with pytest.warns(UserWarning, match="no effect"):
         neuralode.odeint(
             lambda t, y: -y,

@@ -18,7 +18,7 @@ from torch import nn
 
 import neuralode
 from neuralode import _compat_hooks, odeint, odeint_adjoint, odeint_event
-from neuralode._compat import _translate
+from neuralode._compat_args import translate
 
 D64 = torch.float64
 
@@ -196,7 +196,7 @@ def test_translated_grid_has_no_sliver_steps(method, dtype):
     t = torch.linspace(0, 5, 51, dtype=dtype)
     y0 = torch.zeros(2, dtype=dtype)
     opts = dict(step_size=0.1) if method == "fixed_adams" else dict(step_size=0.1, step_t=t)
-    kw, _ = _translate(None, y0, t, 1e-7, 1e-9, method, opts)
+    kw, _ = translate(None, y0, t, 1e-7, 1e-9, method, opts)
     grid = np.array(kw["controller"].grid)
     steps = np.diff(grid)
     assert len(steps) == 50 and steps.min() > 0.0999 and steps.max() < 0.1001, steps.min()

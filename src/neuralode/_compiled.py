@@ -50,19 +50,14 @@ from . import _compiled_lengths as _lengths
 from ._compiled_setup import _chunk_state, _setup, _shared_state
 from ._compiled_stance import DEFAULT_STANCE, FAIL_ON_RECOMPILE
 from ._compiled_start import Start, chunk_from_start
-from ._compiled_step import Consts, chunk
+from ._compiled_step import Consts, chunk, raise_if_stuck
 from ._failures import CAUSES, report_failure
 from ._loop import LoopResult, Problem, StepRecord, VectorField, _start_outputs
 from ._norms import ErrorNorm, initial_norm
 from .controllers.step_size import time_beside
 from .solvers.tableau import ButcherTableau
 
-__all__ = [
-    "STEPS_PER_CALL",
-    "CompiledCodeMismatch",
-    "check_compilable",
-    "integrate_compiled",
-]
+__all__ = ["STEPS_PER_CALL", "CompiledCodeMismatch", "check_compilable", "integrate_compiled"]
 
 #: Steps unrolled into one compiled call at most (shorter calls, of powers of two, when a
 #: repeated solve needs fewer). More steps amortise the call (~40 us) further but lengthen the
@@ -292,13 +287,13 @@ def _with_k1(grads: tuple) -> tuple:
 
 
 def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
-                adapt: bool = True, estimate: int | None = None, start=None) -> dict:  # fmt: skip
+                adapt: bool = True, estimate=None, start=None) -> dict:  # fmt: skip
     """Call the compiled chunk until ``on_report(report, records, state, steps)`` returns True.
 
     Each call unrolls ``steps`` of :func:`neuralode._compiled_lengths.lengths` (``C.steps`` at
     most): with ``adapt``, the smallest that covers the attempts the last solve of the same
-    signature took (:func:`neuralode._compiled_lengths.pick`; ``estimate`` before there is
-    one), else ``C.steps``. With fixed steps the count is exact: each call unrolls the steps
+    signature took (:func:`neuralode._compiled_lengths.pick`; ``estimate()``, or None,
+    before there is one), else ``C.steps``. With fixed steps the count is exact: each call unrolls the steps
     left. With ``start`` (a :class:`neuralode._compiled_start.Start`; ``s`` without ``k1``) the
     first call evaluates ``f(t0, y0)`` and the initial step size itself
     (:func:`neuralode._compiled_start.chunk_from_start`).
@@ -359,6 +354,7 @@ def _run_chunks(func, C: Consts, s: dict, k: dict, track_grad: bool, on_report,
             done += n
             s = dict(res)
             report, rec = s.pop("report").tolist(), s.pop("rec", None)
+            raise_if_stuck(report, C, k)  # (a propose that does not advance: ValueError)
             if on_report(report, rec, s, n):
                 R = s["t"].shape[0]
                 _lengths.remember(signature, max(report[2 * R : 3 * R]))
@@ -495,7 +491,7 @@ def integrate_compiled(
         return True
 
     s = _run_chunks(f.func, C, s, k, track_grad, on_report, adapt=steps_per_call is None,
-                    estimate=ctrl.step_count(t0, t_end), start=start)  # fmt: skip
+                    estimate=lambda: ctrl.step_count(t0, t_end), start=start)  # fmt: skip
     if ids in seen or len(seen) < _MAX_CACHED:
         seen[ids] = (known[0] if checked else _refs(parts), done["calls"] == 1)
     t_now, h_now, att, n_acc = done["t"], done["h"], done["att"], done["acc"]

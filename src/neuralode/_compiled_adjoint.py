@@ -9,8 +9,8 @@ can trace it: the vector-Jacobian product is ``torch.func.vjp`` of
 ``torch.func.functional_call`` of func's module with the parameters as explicit inputs, so the
 products are part of the compiled graph (``torch.autograd.grad`` would break it). The segments
 between the adjoint's stops (output times, forward step boundaries), the jumps of ``a`` there
-and the replays of forward steps holding outputs stay in :mod:`neuralode.gradients.adjoint`;
-each segment is one or a few compiled calls.
+and the replays of forward steps holding outputs stay in
+:mod:`neuralode.gradients._adjoint_backward`; each segment is one or a few compiled calls.
 
 What it needs, else the backward solve runs on the eager driver as before
 (``Solution.stats["compiled_backward"]`` says which ran): func an ``nn.Module`` (or its bound

@@ -51,10 +51,12 @@ def pick(expected: int | None, done: int, n_max: int, exact: bool = False) -> in
     return next(n for n in lengths(n_max) if n >= left or n == n_max)
 
 
-def expected(key, default: int | None = None) -> int | None:
-    """The step attempts of the last solve with signature ``key``, or ``default``."""
+def expected(key, default=None) -> int | None:
+    """The step attempts of the last solve with signature ``key``, or ``default`` (an int,
+    None, or a function returning one: called only when there is no last solve)."""
     with _lock:
-        return _attempts.get(key, default)
+        n = _attempts.get(key)
+    return n if n is not None else default() if callable(default) else default
 
 
 def _put(table: dict, key, value) -> None:

@@ -95,9 +95,9 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
              "iterations": 0, "replay": []}  # fmt: skip
     records, failed, last = [], set(), {}
     ar = torch.arange(B, device=dev)
-    keeper = None
+    keeper, J = None, k.get("J")
     if keep:
-        keeper = _StepKeeper(run, tau, k.get("J"), record, max_states, state)
+        keeper = _StepKeeper(run, tau, J, record, max_states, state)
 
     def on_report(report, rec, st_, n_call):
         (t_now, h_now, att, acc, code, nf, busy), rec_t = _split(report, B, n_call)
@@ -107,7 +107,11 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
             ok = rec_t[2]
             for i in (i for i in range(n_call) if any(ok[i * B : (i + 1) * B])):
                 t_o, t_n, acc_i = rec["t"][i], rec["t_new"][i], rec["acc"][i]
-                t_last = t_n if keeper is None else keeper.step(t_o, t_n, acc_i, rec["y"][i])
+                t_last = (
+                    _left_limit(t_o, t_n, acc_i, J, f.time_dtype)
+                    if keeper is None
+                    else keeper.step(t_o, t_n, acc_i, rec["y"][i])
+                )
                 if run.dense:
                     records.append((ar, acc_i, t_o, t_n, t_n - t_o, rec["y"][i],
                                     rec["y_new"][i], rec["K"][i], t_last))  # fmt: skip
@@ -148,6 +152,14 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     return ys, s["y"], s["t"], s["nacc"], s["att"] - s["nacc"], state, records
 
 
+def _left_limit(t_o, t_n, acc, J, time_dtype) -> torch.Tensor:
+    """Each row's time of a step's last stage (B,): ``t_n``, or just before it where an accepted
+    step ends on a ``jump_t`` (``J``; the dense stages then see the left limit, as in the step)."""
+    if J is None:
+        return t_n
+    return torch.where(acc & torch.isin(t_n, J), time_beside(t_n, t_o, time_dtype), t_n)
+
+
 class _StepKeeper:
     """What the eager per-sample driver keeps for the gradient methods (``record`` ``"replay"``
     and ``"times"`` of :func:`~neuralode._loop_batched.integrate_per_sample`), rebuilt from the
@@ -181,12 +193,12 @@ class _StepKeeper:
     def step(self, t_o, t_n, acc, y_o) -> torch.Tensor:
         """Keep one step of the chunk (every row's times ``t_o``, ``t_n`` and state ``y_o``,
         ``acc`` the rows that accepted it); returns its last stage's times (B,)."""
+        t_last = _left_limit(t_o, t_n, acc, self.J, self.time_dtype)
         if self.J is not None:
             jumped = acc & torch.isin(t_n, self.J)
-            t_last = torch.where(jumped, time_beside(t_n, t_o, self.time_dtype), t_n)
             t_next = torch.where(jumped, time_beside(t_n, t_n + self.sdir, self.time_dtype), t_n)
         else:
-            t_last = t_next = t_n
+            t_next = t_n
         tf_old, self.tf = self.tf, torch.where(acc, t_next, self.tf)
         h = t_n - t_o
         sd = self.sdir.unsqueeze(1)

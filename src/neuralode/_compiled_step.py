@@ -31,11 +31,12 @@ import torch
 
 from ._failures import cannot_step
 from ._norms import error_scale, rms_rows
+from .controllers.base import stuck_error
 from .controllers.step_size import Controller, land_rows, time_beside
 from .solvers.explicit_rk import stage_sum
 from .solvers.tableau import exact_at_step_end, interpolant_sum, weights_at
 
-__all__ = ["Consts", "chunk"]
+__all__ = ["Consts", "chunk", "raise_if_stuck"]
 
 
 class Consts(NamedTuple):
@@ -120,6 +121,10 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         idx = p.unsqueeze(1) + win  # (R, W) the output slots this step may fill
         taus = k["out_t"].gather(1, idx)
         t_try = ctrl.propose(t, h_abs, k["t0"], t_end, sdir)
+        # A live row whose proposal does not advance (a subclass's propose) stops with code 5;
+        # the host raises stuck_error after the call (raise_if_stuck).
+        stuck = live & (sdir * (t_try - t) <= 0)
+        st, live = torch.where(stuck, 5, st), live & ~stuck
         t_new, clipped, jump = land_rows(t, t_try, t_end, sdir, k["L"], J)
         # A step passes at most `window` output times: it lands on the last of them.
         past = sdir * (t_new - taus[:, -1]) > 0
@@ -224,3 +229,18 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         res["report"] = torch.cat([report, t_o.reshape(-1), t_n.reshape(-1),
                                    acc.double().reshape(-1)])  # fmt: skip
     return res
+
+
+def raise_if_stuck(report: list, C: Consts, k: dict) -> None:
+    """Raise the eager drivers' ValueError (:func:`~neuralode.controllers.base.stuck_error`,
+    naming the controller) when a row of the last call stopped with code 5: its controller's
+    ``propose`` did not advance. ``report`` is the call's report as a list (rows' ``t``, ``h``,
+    ..., ``st``); the proposal is repeated on the host, for the first such row, to name it."""
+    R = k["t0"].shape[0]
+    st = report[4 * R : 5 * R]
+    if 5 not in st:
+        return
+    r = st.index(5)
+    t, h = report[r], report[R + r]
+    t0, t_end, sdir = (float(k[n][r]) for n in ("t0", "t_end", "sdir"))
+    raise stuck_error(C.ctrl, t, C.ctrl.propose(t, C.ctrl.bounded(h), t0, t_end, sdir))

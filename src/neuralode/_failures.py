@@ -9,8 +9,10 @@ from .errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 __all__ = ["CAUSES", "cannot_step", "step_failure", "report_failure", "stops_here"]
 
 # The causes of :func:`step_failure` by code: 0 (none) ... 4, where code 4 (a fixed step that
-# came out non-finite) is the per-row driver's own (the host-float driver checks it at the end).
-CAUSES = (None, "max_steps", "nonfinite_h", "underflow", "nonfinite_fixed")
+# came out non-finite) is the per-row driver's own (the host-float driver checks it at the end),
+# and code 5 (a controller's propose that does not advance) compiled stepping's, raised by the
+# host as the eager drivers' ValueError (controllers.base.stuck_error), never reported here.
+CAUSES = (None, "max_steps", "nonfinite_h", "underflow", "nonfinite_fixed", "stuck")
 
 
 def cannot_step(ctrl, h, t, attempts, max_steps: int | None):

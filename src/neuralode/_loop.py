@@ -277,7 +277,7 @@ def integrate(
     state = {"status": "success", "message": ""}
 
     while direction * (t_end - t) > 0:
-        h_abs = ctrl.bounded(abs(h), last_nonfinite)
+        h_abs = ctrl.bounded(float(abs(h)), last_nonfinite)  # (adapt may return a 0-d tensor)
         # The step limit, a NaN/inf from func (at the start or in the error estimate), or a
         # step below dt_min or the resolution of t: every driver's one rule.
         if stops_here(ctrl, h_abs, t, attempts, prob.max_steps, nonfinite=last_nonfinite,

@@ -260,7 +260,9 @@ class Controller:
     - :meth:`propose` ``(t, h, t0, t_end, direction) -> t_try``: the end of the next step before
       landings (default ``t + direction h``). A fixed grid computes it from ``t0`` and ``t``.
     - :meth:`adapt` ``(h, h_prop, e, prev, k, accept, clipped) -> (h_next, prev_next)``: the next
-      ``|h|`` and error memory after a step (default unchanged; adaptive controllers only).
+      ``|h|`` and error memory after a step (default unchanged; adaptive controllers only). Under
+      shared control it receives floats; an ``h_next`` returned as a 0-d tensor is read as a
+      float (one host read per step: return a float where you can).
     - :meth:`bounded` ``(h_abs, nonfinite=False) -> h_abs``: the step size to try (default
       capped at ``dt_max``).
     - :meth:`underflows` ``(h, t) -> bool``: the step cannot be taken (default below ``dt_min``

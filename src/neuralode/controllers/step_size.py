@@ -134,10 +134,31 @@ class ConstantStep(Controller):
         return dataclasses.replace(self, step_t=(), jump_t=())
 
     def step_count(self, t0: float, t_end: float) -> int:
-        """The grid ``t0 + k dt`` (the last point within rounding of ``t_end`` is ``t_end``)
-        and one step more per landing time inside."""
-        n = max(1, math.ceil(abs(t_end - t0) / self.dt - 1e-9))
-        return n + len(self.landing_times(t0, t_end))
+        """The steps from ``t0`` to ``t_end``, exactly as the drivers take them: the grid
+        ``t0 + k dt`` cut at each (merged) landing time, where a grid point a rounding away from
+        a landing is that landing (:meth:`propose` and :meth:`~Controller.land` decide at the
+        ends of each stretch between landings: a few calls per landing, not per step)."""
+        if t_end == t0:
+            return 0
+        d, dt = (1.0 if t_end > t0 else -1.0), self.dt
+        lands = self.landing_times(t0, t_end)
+        n, t = 0, t0
+        for b in (lands if d > 0 else lands[::-1]) + (t_end,):
+            first = self.propose(t, dt, t0, t_end, d)  # the first grid point past t
+            if self.land(t, first, t_end, d, lands)[1]:  # (one step: t to b)
+                n, t = n + 1, b
+                continue
+            k1 = round(d * (first - t0) / dt)
+            k = max(k1, math.floor(d * (b - t0) / dt) + 2)  # (a grid point past b)
+            while k > k1:  # the last grid point k whose step (from k - 1) ends before b
+                prev = first if k == k1 + 1 else t0 + d * (k - 1) * dt
+                t_try = self.propose(prev, dt, t0, t_end, d)
+                t_new, clipped, _ = self.land(prev, t_try, t_end, d, lands)
+                if not clipped and d * (t_new - b) < 0:
+                    break
+                k -= 1
+            n, t = n + (k - k1 + 1) + 1, b  # grid points k1..k, then the step onto b
+        return n
 
 
 @dataclass(frozen=True)

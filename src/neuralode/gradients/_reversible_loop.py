@@ -11,6 +11,7 @@ import torch
 from .._failures import stops_here
 from .._loop import LoopResult, _all_finite, _gather_outputs, _start_outputs, _values_at
 from .._norms import ErrorNorm, initial_norm, user_scaled_norm
+from ..controllers.base import stuck_error
 from ..controllers.step_size import time_beside
 from ..errors import NonFiniteError
 from ..solvers.explicit_rk import RKStepper
@@ -282,7 +283,7 @@ def integrate_reversible(
     while direction * (t_end - t) > 0:
         # The controller bounds the step (to [dt_min, dt_max] with force_dt_min); the step
         # limit, a non-finite step size or one below dt_min or the resolution of t end the solve.
-        h_abs = ctrl.bounded(abs(h), last_nonfinite)
+        h_abs = ctrl.bounded(float(abs(h)), last_nonfinite)  # (adapt may return a 0-d tensor)
         if stops_here(ctrl, h_abs, t, attempts, prob.max_steps, nonfinite=last_nonfinite,
                       t_end=t_end, n_acc=n_acc, n_rej=n_rej, **fail):  # fmt: skip
             break
@@ -290,6 +291,8 @@ def integrate_reversible(
         # grid points and landings a few ulps apart are merged instead of leaving a sliver step.
         tiny = 8 * _EPS64 * max(abs(t), abs(t_end), h_abs if math.isfinite(h_abs) else 0.0)
         t_new = ctrl.propose(t, h_abs, t0, t_end, direction)  # (ConstantStep: on its grid)
+        if direction * (t_new - t) <= 0:  # (the engine's rule: Controller.land)
+            raise stuck_error(ctrl, t, t_new)
         if direction * (t_new - t) <= tiny < h_abs:  # a grid point a few ulps ahead: the next
             t_new = ctrl.propose(t_new, h_abs, t0, t_end, direction)
         clipped = False
