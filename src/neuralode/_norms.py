@@ -43,8 +43,8 @@ def zero_atol(atol) -> bool:
 
 def error_scale(a, b, rtol, atol, floor: bool, out=None) -> torch.Tensor:
     """``atol + rtol * max(a, b)`` with ``a = |y_n|``, ``b = |y_{n+1}|`` (floored when some
-    atol is zero; ``out`` may be ``a``)."""
-    scale = torch.maximum(a, b, out=out).mul_(rtol).add_(atol)
+    atol is zero; ``out`` may be ``a``); ``b`` None: ``atol + rtol * a``, in place in ``a``."""
+    scale = (a if b is None else torch.maximum(a, b, out=out)).mul_(rtol).add_(atol)
     if floor:
         scale.clamp_(min=torch.finfo(scale.dtype).tiny)
     return scale
@@ -199,7 +199,7 @@ def initial_norm(work: ErrorNorm, y0, rtol, atol, floor: bool, rows=False, prob=
     one host read."""
     with torch.no_grad():
         a = y0.detach().abs()
-        scale = error_scale(a, a, rtol, atol, floor, out=a)  # (|y_n| alone)
+        scale = error_scale(a, None, rtol, atol, floor)  # (|y_n| alone)
 
     def norm(*xs):
         if prob is not None and prob.norm is not None:

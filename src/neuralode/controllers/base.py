@@ -92,7 +92,7 @@ def landing_scale(t, t_end):
     ``max(|t|, |t_end|)``, the interval's own, never a landing's outside it (so per-sample
     control with several rows' landings merges as each row solved alone, and as shared control).
     Floats or (B,) float64 tensors."""
-    if isinstance(t, torch.Tensor):
+    if type(t) is not float and isinstance(t, torch.Tensor):
         return torch.maximum(t.abs(), t_end.abs())
     return max(abs(t), abs(t_end))
 
@@ -148,11 +148,19 @@ def landing_eps(x):
     if isinstance(x, torch.Tensor):
         exact = x.to(torch.float32).to(x.dtype) == x
         return _EPS64 + (_EPS32 - _EPS64) * exact.to(x.dtype)
-    try:
-        exact = struct.unpack("f", struct.pack("f", x))[0] == x
-    except OverflowError:  # beyond float32's range
-        exact = False
-    return _EPS32 if exact else _EPS64
+    eps = _EPS_OF.get(x)  # (a landing's answer, kept: land asks it of t_end every step)
+    if eps is None:
+        try:
+            exact = struct.unpack("f", struct.pack("f", x))[0] == x
+        except OverflowError:  # beyond float32's range
+            exact = False
+        eps = _EPS32 if exact else _EPS64
+        if len(_EPS_OF) < 4096:
+            _EPS_OF[x] = eps
+    return eps
+
+
+_EPS_OF: dict = {}  # landing_eps of the float landings seen (a few per solve; bounded)
 
 
 def merge_landings(step_t, jump_t) -> tuple[float, ...]:
@@ -184,16 +192,20 @@ def merge_landings(step_t, jump_t) -> tuple[float, ...]:
 
 
 # -------------------------------------------- arithmetic on floats or (B,) tensors alike
+# (Each helper tests for the host float first: the step-size control of the host-float driver
+# calls them a few dozen times a step, and isinstance against torch.Tensor costs ~0.1 us.)
 def where(cond, a, b):
     """``a`` where ``cond`` else ``b``: ``torch.where`` for tensors, a conditional for bools."""
-    if isinstance(cond, torch.Tensor):
+    if type(cond) is not bool and isinstance(cond, torch.Tensor):
         return torch.where(cond, a, b)
     return a if cond else b
 
 
 def minimum(a, b):
     """Elementwise minimum that propagates NaN (as ``torch.minimum``) for floats too."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+    if (type(a) is not float or type(b) is not float) and (
+        isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)
+    ):
         if not isinstance(b, torch.Tensor):
             return torch.clamp(a, max=b)
         if not isinstance(a, torch.Tensor):
@@ -204,7 +216,9 @@ def minimum(a, b):
 
 def maximum(a, b):
     """Elementwise maximum that propagates NaN (as ``torch.maximum``) for floats too."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+    if (type(a) is not float or type(b) is not float) and (
+        isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)
+    ):
         if not isinstance(b, torch.Tensor):
             return torch.clamp(a, min=b)
         if not isinstance(a, torch.Tensor):
@@ -214,7 +228,9 @@ def maximum(a, b):
 
 
 def isfinite(x):
-    return torch.isfinite(x) if isinstance(x, torch.Tensor) else math.isfinite(x)
+    if type(x) is not float and isinstance(x, torch.Tensor):
+        return torch.isfinite(x)
+    return math.isfinite(x)
 
 
 def per_row(h, x: torch.Tensor):
@@ -395,7 +411,7 @@ class Controller:
         landing time after ``t`` (``landings``, increasing) and to ``t_end``; ``is_jump`` where it
         ends on a ``jump_t``. Floats (``landings`` a tuple), or (B,) tensors (``landings`` a
         float64 tensor; ``direction`` and ``t_end`` per row)."""
-        if isinstance(t, torch.Tensor):
+        if type(t) is not float and isinstance(t, torch.Tensor):
             return self._land_rows(t, t_try, t_end, direction, landings)
         if direction * (t_try - t) <= 0:  # (one comparison: a propose that does not advance)
             raise stuck_error(self, t, t_try)

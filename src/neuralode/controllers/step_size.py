@@ -55,14 +55,18 @@ def pi_update(safety, ifactor, dfactor, pcoeff, icoeff, h, h_prop, e, prev, k, a
     """The I/PI step-size update (Gustafsson 1991; Soderlind 2003) of :meth:`PIController.adapt`,
     on floats or tensors (compiled stepping calls it inside the compiled graph)."""
     ep = maximum(e, 1e-100)  # e = 0 would divide by zero: ifactor (set below) either way
-    up = safety * ep ** (-(icoeff + pcoeff) / k)
-    if pcoeff:
-        up = up * prev ** (pcoeff / k)
-    up = where(e == 0, ifactor, minimum(ifactor, maximum(dfactor, up)))
-    h_acc = h * up
-    h_acc = where(clipped, maximum(h_prop, h_acc), h_acc)
-    down = minimum(1.0, maximum(dfactor, safety * ep ** (-1.0 / k)))
-    h_rej = h * where(isfinite(e), down, dfactor)
+    host = type(accept) is bool  # (a host decision: only its branch is formed, once per step)
+    h_acc = h_rej = None
+    if not host or accept:
+        up = safety * ep ** (-(icoeff + pcoeff) / k)
+        if pcoeff:
+            up = up * prev ** (pcoeff / k)
+        up = where(e == 0, ifactor, minimum(ifactor, maximum(dfactor, up)))
+        h_acc = h * up
+        h_acc = where(clipped, maximum(h_prop, h_acc), h_acc)
+    if not host or not accept:
+        down = minimum(1.0, maximum(dfactor, safety * ep ** (-1.0 / k)))
+        h_rej = h * where(isfinite(e), down, dfactor)
     return where(accept, h_acc, h_rej), where(accept, maximum(e, 1e-4), prev)
 
 

@@ -96,6 +96,7 @@ class RKStepper(Stepper):
             return self._plan
         K = self._buffer(y.reshape(-1))
         krows, prefix, rows = self._krows, self._prefix, self.rows
+        kshaped = self._shaped_rows(shape_f)
         meta = self.T.get("_stage_meta")  # ((single, c) per stage past the first), cached
         if meta is None:
             S, fsal = self.S, self.fsal
@@ -105,9 +106,8 @@ class RKStepper(Stepper):
             ]  # (FSAL: the last stage is at t_last)
         stages = []
         for i, (single, c) in enumerate(meta, 1):
-            shaped = krows[i].view(*shape_f) if shape_f else krows[i].view(())
-            stages.append((single, prefix[i], rows[i], c, krows[i], shaped))
-        row0 = krows[0].view(*y.shape)
+            stages.append((single, prefix[i], rows[i], c, krows[i], kshaped[i]))
+        row0 = kshaped[0] if shape_f == y.shape else krows[0].view(*y.shape)
         err_shaped = self._err.view(*y.shape)
         self._plan = (f, y.shape, tuple(stages), K, self._bufT, self._err, row0, err_shaped)
         return self._plan
@@ -153,19 +153,14 @@ class RKStepper(Stepper):
             K = torch.stack(ks)
             KT = K.detach().T
         else:
-            K = self._buffer(yv) if self.reuse_buffer else None
+            # (The buffer's prefixes serve a float step: see _buffer.)
+            K = self._buffer(yv) if self.reuse_buffer and not per_row else None
             if K is None:
                 K = torch.empty((S, yv.numel()), dtype=yv.dtype, device=yv.device)
             if K is self._buf:
                 prefix, krows, KT, out = self._prefix, self._krows, self._bufT, self._err
-                # The rows also viewed in the state's shape: f's output is copied in directly.
                 shape_f = getattr(f, "_shape", None)
-                if shape_f is not None and self._krows_shape != shape_f:
-                    self._krows_shaped = [
-                        r.view(*shape_f) if shape_f else r.view(()) for r in krows
-                    ]
-                    self._krows_shape = shape_f
-                kshaped = self._krows_shaped if shape_f is not None else [None] * S
+                kshaped = [None] * S if shape_f is None else self._shaped_rows(shape_f)
             else:
                 KT = K.T
                 prefix, krows = [KT[:, :i] for i in range(S)], list(K)
@@ -230,12 +225,25 @@ class RKStepper(Stepper):
         ):
             buf = self._buf = torch.empty((self.S, yv.numel()), dtype=yv.dtype, device=yv.device)
             self._err = torch.empty_like(yv)
-            # The transposed stage prefixes K[:i]^T and the rows, made once per buffer.
-            bufT = self._bufT = buf.T  # (one slice per prefix: K[:i]^T = (K^T)[:, :i])
-            self._prefix = [bufT[:, :i] for i in range(self.S)]
-            self._krows = list(buf)
+            # The transposed stage prefixes K[:i]^T and the rows, made once per buffer (one
+            # slice per prefix: K[:i]^T = (K^T)[:, :i]); a row with one nonzero weight is one
+            # add of that stage with a float step (stage_sum), and needs none.
+            bufT = self._bufT = buf.T
+            single = self.T["_stage_single"] = self.T.get("_stage_single") or [
+                i == 0 or _single(self.tab_rows[i]) is not None for i in range(self.S)
+            ]
+            self._prefix = [None if one else bufT[:, :i] for i, one in enumerate(single)]
+            self._krows = buf.unbind(0)
             self._krows_shape = None
         return buf
+
+    def _shaped_rows(self, shape_f):
+        """The buffer's stage rows viewed in the vector field's shape ``shape_f`` (f's output is
+        copied in directly), made once per buffer and shape."""
+        if self._krows_shape != shape_f:
+            self._krows_shaped = self._buf.view(self.S, *shape_f).unbind(0)
+            self._krows_shape = shape_f
+        return self._krows_shaped
 
     def stage_matrix(self, K):
         """The stages as one ``(S, B*M)`` tensor (the fixed-step driver's list is stacked)."""

@@ -254,13 +254,13 @@ class ButcherTableau:
         self._cache[key] = out
         return out
 
-    def _P_numpy(self) -> np.ndarray:
-        P = self._cache.get("P_numpy")
-        if P is None:
-            P = self._cache["P_numpy"] = self.tensors(torch.float64, torch.device("cpu"))[
-                "P"
-            ].numpy()
-        return P
+    def _P_numpy(self) -> tuple:
+        """``(P.T, exponents 1..D)`` in NumPy (float64), made once."""
+        PT = self._cache.get("P_numpy")
+        if PT is None:
+            P = self.tensors(torch.float64, torch.device("cpu"))["P"].numpy()
+            PT = self._cache["P_numpy"] = (P.T, np.arange(1, P.shape[1] + 1))
+        return PT
 
     def interpolant_weights(self, theta: torch.Tensor, dtype: torch.dtype | None = None):
         """``b_i(theta)`` for all stages and dense stages.
@@ -269,9 +269,8 @@ class ButcherTableau:
         formed in theta's precision, then cast).
         """
         if theta.device.type == "cpu" and not theta.requires_grad:  # NumPy beats dispatch here
-            P = self._P_numpy()
-            th = theta.numpy()[:, None] ** np.arange(1, P.shape[1] + 1)
-            W = th @ P.T
+            PT, powers = self._P_numpy()
+            W = (theta.numpy()[:, None] ** powers) @ PT
             np_dtype = _NUMPY_REAL.get(dtype or theta.dtype)
             if np_dtype is not None:  # the cast in NumPy (no dispatch)
                 return torch.from_numpy(W.astype(np_dtype, copy=False))
@@ -357,7 +356,8 @@ def interpolant_sum(y, h, W: torch.Tensor, Kd: torch.Tensor, samples=None) -> to
         inc = (Ws.reshape(*Ws.shape, *[1] * (K.dim() - Ws.dim())) * K).sum(0)
         hv = h.to(y.dtype).view(-1, *[1] * (y.dim() - 1))
         return y + hv * inc if torch.compiler.is_compiling() else torch.addcmul(y, hv, inc)
-    W = W.to(Kd.dtype)
+    if W.dtype != Kd.dtype:
+        W = W.to(Kd.dtype)
     if samples is None:
         out = torch.addmm(y.reshape(1, -1), W, Kd, alpha=h)
         return out.view(W.shape[0], *y.shape)
