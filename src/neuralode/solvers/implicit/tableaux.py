@@ -34,7 +34,9 @@ the nine order-5 conditions outnumber the free weights), so order 4 = order - 1 
 without extra evaluations of func -- the relation of ``dopri5``'s interpolant to its method.
 The other tableaux keep the cubic Hermite: it is of order >= their order - 1 (``trbdf2`` and the
 one- and two-stage methods, order <= 2; ``radauIIA3``, order 3; ``gl4``, order 4) -- except
-``gl6`` (order 6, not stiffly accurate), whose outputs inside steps are third order.
+``gl6`` (order 6, not stiffly accurate), whose outputs inside steps are third order (its
+stages with ``f_n`` and ``f_{n+1}`` give at most order 4; a controller's ``step_t`` makes steps
+end on the output times instead).
 
 The tables (all orders verified by the order-condition and convergence tests):
 
