@@ -273,3 +273,14 @@ def test_fixed_steps_split_in_halves_keep_a_quartic_through_the_midpoint():
     tq = torch.linspace(0.0, 2.0, 81, dtype=F64)
     err = (sol.evaluate(tq)[:, 0] - 1 / torch.sqrt(1 + 4 * tq)).abs().max()
     assert float(err) < 1e-3, float(err)
+
+
+def test_matrix_free_kvaerno5_has_the_same_dense_output():
+    """linear_solver='krylov' runs the same stages (GMRES inside Newton): the same quartic."""
+    t = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=F64)
+    kw = dict(rtol=1e-8, atol=1e-8)
+    dense = neuralode.solve(_decay, Y0, t, solver="kvaerno5", **kw)
+    krylov = get_tableau("kvaerno5").with_options(linear_solver="krylov")
+    free = neuralode.solve(_decay, Y0, t, solver=krylov, **kw)
+    assert float((free.ys - _exact(t)).abs()[1].max()) < 3e-7
+    torch.testing.assert_close(free.ys, dense.ys, rtol=1e-7, atol=1e-9)
