@@ -185,7 +185,7 @@ def test_events_and_per_sample_grids_work_with_stiff_and_multistep_methods(metho
     y0 = torch.tensor([[1.0], [2.0]], dtype=F64)
     t = torch.tensor([[0.0, 0.5, 1.0], [0.0, 0.3, 0.6]], dtype=F64)
     sol = neuralode.solve(f, y0, t, solver=method, rtol=1e-8, atol=1e-10)
-    # Interior outputs come from the dense output (third order for kvaerno5's cubic Hermite).
+    # Interior outputs come from the dense output (fourth order for kvaerno5's quartic).
     err = (sol.ys[:, :, 0] - y0[:, 0] * torch.exp(-t.T)).abs().max()
     assert float(err) < 2e-6
 

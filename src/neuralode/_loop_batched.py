@@ -302,7 +302,7 @@ def integrate_per_sample(
         w.t = torch.where(acc, t_new, w.t)
         w.y = torch.where(acc1, y_new, w.y)
         if stepper.fsal:
-            w.k1 = torch.where(acc1, K[-1], w.k1)
+            w.k1 = torch.where(acc1, stepper.last_stage(K), w.k1)
         else:
             w.stale = acc
         w.done = w.done | (acc & at_end)

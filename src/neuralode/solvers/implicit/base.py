@@ -14,6 +14,11 @@ stage). The continuous extension is the cubic Hermite interpolant through
 
     y(t_n + theta h) = y_n + h [(theta - 2 theta^2 + theta^3) K_0 + (3 theta^2 - 2 theta^3) K_1
                                 + (theta^3 - theta^2) K_2]
+
+Implicit tableaux with quartic weights (``kvaerno5``, ``radauIIA5``: :mod:`.tableaux`) add a
+fourth row ``K_3 = d``, a combination of the step's stage derivatives, with the weight
+``theta^2 (1 - theta)^2`` (:func:`quartic_weights`): a fourth-order extension that keeps the
+Hermite end values and derivatives.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from ..stepper import Stepper
 from ..tableau import HERMITE_BASIS, interpolant_sum
 
-__all__ = ["MethodFace", "HermiteStepper", "hermite_weights"]
+__all__ = ["MethodFace", "HermiteStepper", "hermite_weights", "quartic_weights"]
 
 
 def hermite_weights(theta: torch.Tensor) -> torch.Tensor:
@@ -32,6 +37,13 @@ def hermite_weights(theta: torch.Tensor) -> torch.Tensor:
     ``(y_{n+1} - y_n) / h``)."""
     powers = (theta, theta * theta, theta * theta * theta)
     return torch.stack([sum(c * p for c, p in zip(row, powers) if c) for row in HERMITE_BASIS], -1)
+
+
+def quartic_weights(theta: torch.Tensor) -> torch.Tensor:
+    """Weights ``(m, 4)`` of ``[f_n, slope, f_{n+1}, d]`` at fractions ``theta`` (m,): the cubic
+    Hermite basis and the bubble ``theta^2 (1 - theta)^2`` of the quartic correction ``d``."""
+    bubble = theta * (1.0 - theta)
+    return torch.cat([hermite_weights(theta), (bubble * bubble).unsqueeze(-1)], -1)
 
 
 class MethodFace:
@@ -65,13 +77,20 @@ class MethodFace:
 
 
 class HermiteStepper(Stepper):
-    """Stage layout ``[f_n, slope, (f_{n+1})]`` and the cubic Hermite dense output."""
+    """Stage layout ``[f_n, slope, (f_{n+1})]`` and the cubic Hermite dense output; with
+    ``quartic`` (set by a stepper whose tableau has quartic weights ``q0``, ``q``), the rows
+    ``[f_n, slope, f_{n+1}, d]`` and the quartic extension (:func:`quartic_weights`)."""
+
+    quartic = False
+    q0, q = 0.0, None
 
     @property
     def S(self) -> int:
-        return 3 if self.fsal else 2
+        return 4 if self.quartic else (3 if self.fsal else 2)
 
-    Sd = 3
+    @property
+    def Sd(self) -> int:
+        return 4 if self.quartic else 3
 
     def last_stage(self, K):
         return K[2]
@@ -91,12 +110,22 @@ class HermiteStepper(Stepper):
         """Continuous extension at ``theta`` (m,): ``(m, B, M)``, or ``(m, M)`` per sample
         (``samples`` (m,) long), or per row (``h`` a ``(n,)`` tensor, ``y`` ``(n, M)``, ``Kd``
         ``(Sd, n, M)``, row ``j`` at its own fraction ``theta[j]``): ``(n, M)``."""
-        return interpolant_sum(y, h, hermite_weights(theta), Kd, samples)
+        W = quartic_weights(theta) if self.quartic else hermite_weights(theta)
+        return interpolant_sum(y, h, W, Kd, samples)
 
-    @staticmethod
-    def pack(k_start, slope, k_end=None):
-        """Stack the rows of ``K`` (1-D each)."""
+    def pack(self, k_start, slope, k_end=None, ks=None):
+        """Stack the rows of ``K`` (1-D each). With ``quartic``, the correction
+        ``d = q0 k_start + q @ ks`` from the stage derivatives ``ks`` ``(s, N)`` follows
+        (``ks`` None: ``d = 0``, for a rejected step)."""
         rows = [k_start.reshape(-1), slope.reshape(-1)]
         if k_end is not None:
             rows.append(k_end.reshape(-1))
+        if self.quartic:
+            if ks is None:
+                d = torch.zeros_like(rows[0])
+            else:
+                d = self.q @ ks
+                if self.q0:
+                    d = d + self.q0 * rows[0]
+            rows.append(d)
         return torch.stack(rows)

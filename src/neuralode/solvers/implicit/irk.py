@@ -79,6 +79,21 @@ class ImplicitRK(MethodFace):
     ------
     ValueError
         For an unknown ``linear_solver`` or non-positive ``max_iters``/tolerances.
+
+    Notes
+    -----
+    Dense output (values at output times inside a step, ``Solution.evaluate``): for
+    ``kvaerno5`` and ``radauIIA5`` a quartic of order 4 (``interpolant_order``), the cubic
+    Hermite interpolant through ``(y_n, f_n, y_{n+1}, f_{n+1})`` plus
+    ``theta^2 (1 - theta)^2 h d`` with ``d`` a fixed combination of the step's stage
+    derivatives (no extra evaluation of func); the cubic Hermite (order 3) for the other
+    tableaux. Weights, order conditions and sources: :mod:`.tableaux`.
+
+    References
+    ----------
+    E. Hairer, S. P. Norsett, G. Wanner, Solving Ordinary Differential Equations I, 2nd ed.,
+    1993, sec. II.6 (continuous extensions). E. Hairer, G. Wanner, Solving Ordinary
+    Differential Equations II, 2nd ed., 1996, sec. IV.8 (the Newton iterations).
     """
 
     tableau: ImplicitTableau
@@ -127,6 +142,12 @@ class ImplicitRK(MethodFace):
     def fsal(self) -> bool:
         return self.tableau.stiffly_accurate
 
+    @property
+    def interpolant_order(self) -> int:
+        """Order of the dense output: 4 for the quartic of ``kvaerno5`` and ``radauIIA5``, 3
+        (cubic Hermite) otherwise (:mod:`.tableaux`)."""
+        return self.tableau.interpolant_order
+
     def with_options(self, **options) -> ImplicitRK:
         """A copy with other settings, e.g. ``get_tableau("kvaerno5").with_options(
         linear_solver="krylov")``."""
@@ -166,6 +187,10 @@ class ImplicitRKStepper(IFTStages, HermiteStepper):
         self.b = tt(T.b)
         self.b_err = tt(np.array(T.b) - np.array(T.b_hat)) if T.b_hat is not None else None
         self.dirk = T.diagonally_implicit
+        # Quartic dense output: d = q0 f(t_n, y_n) + q @ k (one more row of K; .tableaux).
+        self.quartic = T.b_dense is not None
+        if self.quartic:
+            self.q0, self.q = float(T.b_dense[0]), tt(T.b_dense[1:])
         if not self.dirk:
             self.A_inv = tt(np.linalg.inv(np.array(T.a)))
         self.krylov = method.linear_solver == "krylov"
@@ -376,13 +401,14 @@ class ImplicitRKStepper(IFTStages, HermiteStepper):
         if self.b_err is not None:
             err = (h * (self.b_err @ ks)).view(shape)
         k_end = ks[-1] if self.fsal else None
-        return y_new.view(shape), err, self.pack(k1d, (y_new - y0) / h, k_end)
+        return y_new.view(shape), err, self.pack(k1d, (y_new - y0) / h, k_end, ks)
 
     def _halves(self, f, t, h, y, k1, t_last, track_grad, depth):
         """A fixed step whose Newton iteration failed, taken as two half steps (recursively).
 
         The rows of ``K`` describe the whole step (its end points and derivatives), so the
-        dense output stays the cubic Hermite interpolant over the step.
+        dense output stays the cubic Hermite interpolant over the step; with a quartic dense
+        output, the quartic through the midpoint state as well.
         """
         self.counts["n_substeps"] = self.counts.get("n_substeps", 0) + 1
         if depth == 0:
@@ -401,7 +427,13 @@ class ImplicitRKStepper(IFTStages, HermiteStepper):
         )
         k_end = K2[2] if (self.fsal and K2.shape[0] > 2) else None
         yv = y.reshape(-1) if track_grad else y.reshape(-1).detach()
-        K = self.pack(k1.reshape(-1), (y_new.reshape(-1) - yv) / h, k_end)
+        slope = (y_new.reshape(-1) - yv) / h
+        K = self.pack(k1.reshape(-1), slope, k_end)
+        if self.quartic:
+            # The quartic's bubble through y_mid: Hermite(1/2) + h d / 16 = y_mid.
+            k0 = k1.reshape(-1)
+            mid = (y_mid.reshape(-1) - yv) / h - 0.125 * k0 - 0.5 * slope + 0.125 * k_end
+            K = torch.cat([K[:3], (16.0 * mid).unsqueeze(0)])
         return y_new, None, K
 
     def _update_eta(self, res) -> None:

@@ -234,7 +234,7 @@ class IFTStages:
         if self.b_err is not None:
             err = (h * (self.b_err @ K.detach())).view(shape)
         k_end = K[-1] if self.fsal else None
-        return y_new.view(shape), err, self.pack(k1v, (y_new - yv) / h, k_end)
+        return y_new.view(shape), err, self.pack(k1v, (y_new - yv) / h, k_end, K)
 
     def _dirk_graph(self, fx, g_un, precond, t, h, gs, yv, k1v, t_last, Ystars, comb):
         """The diagonally implicit stages with a graph, each stage solve attached by the

@@ -292,7 +292,7 @@ def dirk_rows_step(st, f, t, h, y, k1, t_last, track_grad: bool):
             err = (hv * (st.b_err @ K.detach())).view(n, M)
         slope = (y_new.reshape(-1) - yv) / hv
         k_end = K[-1] if st.fsal else None
-        Kout = st.pack(k1v, slope, k_end).view(-1, n, M)
+        Kout = st.pack(k1v, slope, k_end, K).view(-1, n, M)
         if bool(failed.any()):
             # Rejected with a scaled error of 1.8^k: the controller halves the step (Hairer &
             # Wanner after a Newton failure); the state stays, the slope is zero.
@@ -300,7 +300,8 @@ def dirk_rows_step(st, f, t, h, y, k1, t_last, track_grad: bool):
             fm = failed.unsqueeze(1)
             err = torch.where(fm, scale * (1.8**k), err)
             y_new = torch.where(fm, yr, y_new)
-            rows_K = [kr, torch.zeros_like(yr)] + ([kr] if st.fsal else [])
+            zero = torch.zeros_like(yr)
+            rows_K = [kr, zero] + ([kr] if st.fsal else []) + ([zero] if st.quartic else [])
             Kout = torch.stack([torch.where(fm, a, b) for a, b in zip(rows_K, Kout)])
         return y_new, err, Kout.reshape(Kout.shape[0], -1)
 

@@ -14,24 +14,45 @@ everything the stepper needs from them, never from flags set by hand:
   ``f(t_{n+1}, y_{n+1})`` is known from the stage equations: the method is FSAL);
 - whether the method is adaptive (it carries embedded weights ``b_hat``).
 
-Dense output is the cubic Hermite interpolant through ``(y_n, f_n, y_{n+1}, f_{n+1})`` for every
-method here (third order; Hairer, Norsett & Wanner I, sec. II.6), which stays well behaved on
-stiff problems because it only uses values on the solution.
+Dense output is the cubic Hermite interpolant through ``(y_n, f_n, y_{n+1}, f_{n+1})`` (third
+order; Hairer, Norsett & Wanner I, sec. II.6), raised to a quartic of order 4 from the step's own
+stage derivatives where the tableau carries weights ``b_dense`` (``kvaerno5``, ``radauIIA5``)::
+
+    y(t_n + theta h) = Hermite(theta) + theta^2 (1 - theta)^2 h d,
+    d = b_dense[0] f(t_n, y_n) + sum_i b_dense[i + 1] k_i.
+
+The bubble ``theta^2 (1 - theta)^2`` keeps the end values and end derivatives of the Hermite
+interpolant, so the extension stays C^1 across steps; ``b_dense`` is chosen so that the quartic
+satisfies the order conditions of a continuous extension up to order 4 (Hairer, Norsett & Wanner
+I, sec. II.6: ``sum_i b_i(theta) Phi_t(i) = theta^|t| / gamma(t)``): with the Hermite part these reduce to
+``sum b_dense Phi_t = 0`` for the trees of order <= 3 and ``= 1 / gamma(t)`` for the four trees
+of order 4, ``Phi_t`` the elementary weights of the tableau with ``f(t_n, y_n)`` as an extra
+stage of node 0 (Kvaerno5's free weights also keep its one stage of stage order 2 out of ``d`` in
+the stiff limit: see its table). It costs no evaluation of func (one combination of the stages per step) and
+needs a stiffly accurate tableau (``f(t_{n+1}, y_{n+1})`` is its last stage). No fifth-order
+extension exists from the stages of these methods (stage order 2 for Kvaerno5, 3 for Radau IIA:
+the nine order-5 conditions outnumber the free weights), so order 4 = order - 1 is what they give
+without extra evaluations of func -- the relation of ``dopri5``'s interpolant to its method.
+The other tableaux keep the cubic Hermite: it is of order >= their order - 1 (``trbdf2`` and the
+one- and two-stage methods, order <= 2; ``radauIIA3``, order 3; ``gl4``, order 4) -- except
+``gl6`` (order 6, not stiffly accurate), whose outputs inside steps are third order (its
+stages with ``f_n`` and ``f_{n+1}`` give at most order 4; a controller's ``step_t`` makes steps
+end on the output times instead).
 
 The tables (all orders verified by the order-condition and convergence tests):
 
-| name                | stages | order (embedded) | structure          | stability     | source |
-|---------------------|--------|------------------|--------------------|---------------|--------|
-| ``implicit_euler``  | 1      | 1                | DIRK, stiffly acc. | L-stable      | Radau IIA, s = 1 |
-| ``implicit_midpoint`` | 1    | 2                | DIRK               | A-stable      | Gauss, s = 1 |
-| ``trapezoid``       | 2      | 2                | ESDIRK, stiffly acc. | A-stable    | Lobatto IIIA, s = 2 |
-| ``sdirk2``          | 2      | 2                | SDIRK, stiffly acc. | L-stable     | Alexander 1977 |
-| ``trbdf2``          | 3      | 2 (3)            | ESDIRK, stiffly acc. | L-stable    | Bank et al. 1985; Hosea & Shampine 1996 |
-| ``radauIIA3``       | 2      | 3                | fully implicit     | L-stable      | Hairer & Wanner II, Table IV.5.5 |
-| ``radauIIA5``       | 3      | 5                | fully implicit     | L-stable      | Hairer & Wanner II, Table IV.5.6 |
-| ``gl4``             | 2      | 4                | fully implicit     | A-stable      | Hairer & Wanner II, Table IV.5.2 |
-| ``gl6``             | 3      | 6                | fully implicit     | A-stable      | Hairer & Wanner II, Table IV.5.2 |
-| ``kvaerno5``        | 7      | 5 (4)            | ESDIRK, stiffly acc. | L-stable    | Kværnø 2004 |
+| name                | stages | order (embedded) | structure          | stability     | source | dense output (order) |
+|---------------------|--------|------------------|--------------------|---------------|--------|----|
+| ``implicit_euler``  | 1      | 1                | DIRK, stiffly acc. | L-stable      | Radau IIA, s = 1 | Hermite (3) |
+| ``implicit_midpoint`` | 1    | 2                | DIRK               | A-stable      | Gauss, s = 1 | Hermite (3) |
+| ``trapezoid``       | 2      | 2                | ESDIRK, stiffly acc. | A-stable    | Lobatto IIIA, s = 2 | Hermite (3) |
+| ``sdirk2``          | 2      | 2                | SDIRK, stiffly acc. | L-stable     | Alexander 1977 | Hermite (3) |
+| ``trbdf2``          | 3      | 2 (3)            | ESDIRK, stiffly acc. | L-stable    | Bank et al. 1985; Hosea & Shampine 1996 | Hermite (3) |
+| ``radauIIA3``       | 2      | 3                | fully implicit     | L-stable      | Hairer & Wanner II, Table IV.5.5 | Hermite (3) |
+| ``radauIIA5``       | 3      | 5                | fully implicit     | L-stable      | Hairer & Wanner II, Table IV.5.6 | quartic (4) |
+| ``gl4``             | 2      | 4                | fully implicit     | A-stable      | Hairer & Wanner II, Table IV.5.2 | Hermite (3) |
+| ``gl6``             | 3      | 6                | fully implicit     | A-stable      | Hairer & Wanner II, Table IV.5.2 | Hermite (3) |
+| ``kvaerno5``        | 7      | 5 (4)            | ESDIRK, stiffly acc. | L-stable    | Kværnø 2004 | quartic (4) |
 
 References
 ----------
@@ -44,7 +65,9 @@ silicon devices and circuits, IEEE Trans. CAD 4 (1985) (TR-BDF2); M. E. Hosea, L
 Analysis and implementation of TR-BDF2, Appl. Numer. Math. 20 (1996) (its one-step ESDIRK form
 and the third-order embedded weights). A. Kværnø, Singly diagonally implicit Runge--Kutta methods
 with an explicit first stage, BIT 44 (2004) (the 7-stage 5(4) pair; coefficients as printed
-there to 17 digits).
+there to 17 digits). E. Hairer, S. P. Norsett, G. Wanner, Solving Ordinary Differential
+Equations I, 2nd ed., Springer 1993, sec. II.6 (continuous extensions, their order conditions
+and Hermite interpolation; the quartic weights ``b_dense`` are derived here from those conditions).
 """
 
 from __future__ import annotations
@@ -54,6 +77,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ..tableau import HERMITE_BASIS as _HERMITE
 
 __all__ = ["ImplicitTableau", "TABLEAUX"]
 
@@ -83,13 +108,19 @@ class ImplicitTableau:
         Order of the embedded solution; required with ``b_hat``.
     source : str
         Where the coefficients come from.
+    b_dense : sequence, optional
+        Weights ``(s + 1,)`` of the quartic dense output's correction ``d`` on ``f(t_n, y_n)``
+        and the stage derivatives ``k_1 .. k_s`` (module docstring). ``None`` (default): the
+        cubic Hermite interpolant. Needs a stiffly accurate tableau.
 
     Raises
     ------
     ValueError
         For inconsistent lengths, row sums of ``a`` that differ from ``c``, weights that do not
         sum to one, a diagonally implicit stage with a zero diagonal entry after the first
-        stage, or a fully implicit ``a`` that is singular or not diagonalisable.
+        stage, a fully implicit ``a`` that is singular or not diagonalisable, or ``b_dense`` of
+        the wrong length, on a tableau that is not stiffly accurate, or not satisfying the order
+        conditions of a fourth-order continuous extension.
     """
 
     name: str
@@ -100,6 +131,7 @@ class ImplicitTableau:
     b_hat: Sequence[float] | None = None
     embedded_order: int | None = None
     source: str = ""
+    b_dense: Sequence[float] | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -150,6 +182,48 @@ class ImplicitTableau:
             lam, T = np.linalg.eig(A)
             if np.linalg.cond(T) > 1e8:
                 raise ValueError(f"tableau {self.name!r}: a is not diagonalisable")
+        if self.b_dense is not None:
+            set_(self, "b_dense", tuple(float(v) for v in self.b_dense))
+            self._check_dense()
+
+    def _check_dense(self) -> None:
+        """Validate ``b_dense``: the quartic extension ``b_i(theta)`` (weights on ``f_n`` and the
+        stages) satisfies ``sum_i b_i(theta) Phi_t(i) = theta^|t| / gamma(t)`` for the eight
+        trees of order <= 4, checked at several ``theta`` (Hairer, Norsett & Wanner I, II.6)."""
+        s, q = self.n_stages, self.b_dense
+        if len(q) != s + 1:
+            raise ValueError(
+                f"tableau {self.name!r}: b_dense has {len(q)} entries; it needs {s + 1} (the "
+                "weight of f(t_n, y_n), then one per stage)"
+            )
+        if not self.stiffly_accurate:
+            raise ValueError(
+                f"tableau {self.name!r}: b_dense needs a stiffly accurate tableau (the quartic "
+                "dense output takes f(t_n+1, y_n+1) from the last stage)"
+            )
+        A = np.zeros((s + 1, s + 1))
+        A[1:, 1:] = self.a
+        c = np.r_[0.0, self.c]  # f(t_n, y_n) as stage 0: node 0, zero row
+        ac = A @ c
+        trees = [(np.ones(s + 1), 1, 1), (c, 2, 2), (c**2, 3, 3), (ac, 3, 6), (c**3, 4, 4),
+                 (c * ac, 4, 8), (A @ c**2, 4, 12), (A @ ac, 4, 24)]  # fmt: skip
+        last = np.eye(s + 1)[s]
+        b = np.r_[0.0, self.b]
+        for th in (0.25, 0.5, 0.8):
+            h10, h01, h11 = (sum(k * th ** (p + 1) for p, k in enumerate(r)) for r in _HERMITE)
+            w = np.eye(s + 1)[0] * h10 + b * h01 + last * h11 + np.array(q) * (th * (1 - th)) ** 2
+            for phi, order, gamma in trees:
+                if abs(w @ phi - th**order / gamma) > 1e-10:
+                    raise ValueError(
+                        f"tableau {self.name!r}: b_dense does not give a fourth-order continuous "
+                        f"extension (the order-{order} condition with gamma = {gamma} fails at "
+                        f"theta = {th}: {w @ phi!r} != {th**order / gamma!r})"
+                    )
+
+    @property
+    def interpolant_order(self) -> int:
+        """Order of the dense output: 4 with ``b_dense`` (validated), else 3 (cubic Hermite)."""
+        return 3 if self.b_dense is None else 4
 
     # ------------------------------------------------------------------ derived structure
     @property
@@ -288,6 +362,8 @@ RADAU_IIA5 = ImplicitTableau(
     c=[(4 - _S6) / 10, (4 + _S6) / 10, 1.0],
     order=5,
     source="Radau IIA, s = 3 (Hairer & Wanner II, Table IV.5.6)",
+    # The one quartic of order 4 (stage order 3: only the conditions sum q c^k = [k == 3] / 4).
+    b_dense=[-2.5, 5 / 6 + 5 * _S6 / 4, 5 / 6 - 5 * _S6 / 4, 5 / 6],
 )
 
 GL4 = ImplicitTableau(
@@ -342,6 +418,23 @@ KVAERNO5 = ImplicitTableau(
     b_hat=_KA[5][:6] + [0.0],
     embedded_order=4,
     source="Kværnø, BIT 44 (2004), the 7-stage ESDIRK 5(4) pair",
+    # The minimum-norm solution of the five independent order-4 conditions (stage order 2) and
+    # one stiff-limit condition, on the stages (f(t_n, y_n) is stage 1). Only stage 2 misses
+    # C(3): on y' = lam (y - phi(t)) + phi'(t) with h lam -> -inf its defect
+    # (3 a c^2 - c^3)_2 h^3 phi^(3) / 6 enters h k_i as (A~^-1 defect)_i (A~: a without the
+    # explicit stage); q . A~^-1 e_2 = 0 keeps it out of d (measured on the k = 1e3 / 1e6
+    # relaxation: interior errors 2.5e-5 / 2.5e-2 against 4.5e-5 / 6.6e-2 for the plain
+    # minimum-norm weights, the same non-stiff accuracy). Computed in double precision.
+    b_dense=[
+        0.0,
+        -0.5158454663395913,
+        0.0,
+        0.790301235424887,
+        -1.6830620447688796,
+        1.549504082151759,
+        0.18042199899418934,
+        -0.3213198054623631,
+    ],
 )
 
 TABLEAUX = {
