@@ -249,6 +249,7 @@ class _BacksolveFn(torch.autograd.Function):
         ctx.y_final = None if y_start is None else y_start.detach().clone()
         ctx.y0 = y0flat.detach().clone() if y_start is None else None
         ys, res.ys = res.ys, None  # (the run need not keep the outputs)
+        ctx.ys = ys.detach().clone()  # the backward solve's y is put back to them (a copy, too)
         return ys
 
     @staticmethod
@@ -263,7 +264,7 @@ class _BacksolveFn(torch.autograd.Function):
             y_start = ctx.y_final
             if y_start is None:  # (a partial solve with per-sample output grids)
                 y_start = _state_at(run, ctx.y0, ctx.t_start)
-            grads = _backward(run, cfg, params, y_start, ctx.t_start, g_ys)
+            grads = _backward(run, cfg, params, y_start, ctx.t_start, g_ys, ctx.ys)
         return (None, None, *grads)
 
 
@@ -299,7 +300,7 @@ def _state_at(run: Run, y0flat: torch.Tensor, t_end: float) -> torch.Tensor:
         return integrate(prob, run.vector_field(), y0flat, track_grad=False).y_final
 
 
-def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys):
+def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys, ys):
     prob = run.prob
     spec = prob.spec
     B, M = y_final.shape
@@ -309,6 +310,16 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys):
     samples = run.samples_all
     g_sorted = sorted_outputs_grad(prob, g_ys)
     out_t = prob.out_t
+    # Where the adjoint jumps, the reconstructed y is put back to the forward's own value (its
+    # outputs; the start of a replayed step): y solved backward drifts off the forward's
+    # trajectory, exponentially fast on contracting dynamics (torchdiffeq restarts from the
+    # forward's outputs likewise). Under a 2-D t an output sets its own sample's row only.
+    ys_sorted = sorted_outputs_grad(prob, ys)
+
+    def put_back(y, idx):
+        if samples is None:
+            return ys_sorted[idx[0]].reshape(-1)
+        return y.view(B, M).index_copy(0, samples[idx], ys_sorted[idx].view(-1, M)).reshape(-1)
 
     # The backward solve stops where the adjoint jumps: at outputs exactly on a forward step
     # boundary, and at the start of each forward step holding outputs (added through that step's
@@ -452,7 +463,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys):
         with torch.no_grad(), _max_steps_error(cfg, 0, prob.t0):
             got = compiled.whole(
                 lambda t0, t_end, c: aug_problem(t0, t_end, c, cfg.max_steps), actrl, points,
-                actions, g_sorted, samples, torch.cat([y, a, *gs]).unsqueeze(0), h0,
+                actions, g_sorted, samples, torch.cat([y, a, *gs]).unsqueeze(0), h0, ys_sorted,
             )  # fmt: skip
         if got is not None:
             parts = aug_spec.components(got[0])
@@ -467,6 +478,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys):
         for kind, k in actions.get(point, ()):
             acted = True
             if kind == "at":
+                y = put_back(y, [k])
                 g = g_sorted[k]
                 if samples is None:
                     a = a + g.reshape(-1)
@@ -477,6 +489,7 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys):
             taus = out_t[rec.out_lo : rec.out_hi]
             if kind == "end":
                 idx = [rec.out_lo + j for j, tau in enumerate(taus) if tau == rec.t_new]
+                y = put_back(y, idx)
                 g = g_sorted[idx]
                 if samples is None:
                     a = a + g.sum(0).reshape(-1)
@@ -484,6 +497,8 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys):
                     a = a.view(B, M).index_add(0, samples[idx], g).reshape(-1)
                 continue
             k1 = None
+            if rec.y is not None:  # (kept by the forward for the steps with outputs inside)
+                y = rec.y.reshape(-1)
             if _last_at(last, rec.t_first, y.view(B, M)):
                 yk, k1 = last["y"], last["f"]  # reuse the segment's final FSAL stage
             else:
@@ -519,9 +534,10 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys):
         if point in jumps:
             k1_aug = None
         elif acted:
-            # The adjoint jumped here. f(t_n, y_n) with its graph is at hand (the previous
-            # segment's last stage or the replay's first), so the augmented first stage costs
-            # one vector-Jacobian product with the new adjoint, and no evaluation of f.
+            # The adjoint jumped here. If f(t_n, y_n) with its graph is at hand at the same y
+            # (the replay's first stage; the previous segment's last one only where y was not
+            # put back), the augmented first stage costs one vector-Jacobian product with the
+            # new adjoint, and no evaluation of f; else f is evaluated at the y put back.
             k1_aug = None
             if _last_at(last, point, y.view(B, M)):
                 k1_aug = _aug_stage(last, params, a.view(B, M), p_sizes, dtype, device)
