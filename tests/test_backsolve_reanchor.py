@@ -233,3 +233,21 @@ def test_compiled_whole_backward_reanchors(monkeypatch):
     got = torch.autograd.grad((w * sol.ys).sum(), [y0, f.w, f.b])
     assert sol.stats["compiled_backward"] is True
     _assert_close_rel(got, want, 1e-4)
+
+
+def test_two_sample_grids_ending_one_ulp_apart():
+    """2-D t under shared control whose samples end one ulp apart, adjoint tolerances of its
+    own: the first backward segment is a rounding long (it raised StepSizeUnderflowError: the
+    initial step selected for it was below the resolution of t)."""
+    end = math.nextafter(5.0, 6.0)
+    t = torch.stack([T1, torch.cat([T1[:-1] * 0.9, torch.tensor([end], dtype=F64)])])
+    kw = {"batch_control": "shared"}
+    y0 = Y0[:2]
+    grads = []
+    for gradient in ("direct", neuralode.Backsolve(**ADJ)):
+        f = Contracting()
+        y = y0.clone().requires_grad_()
+        ys = neuralode.solve(f, y, t, **FWD, gradient=gradient, **kw).ys
+        w = torch.linspace(0.5, 1.5, ys.numel(), dtype=F64).view(ys.shape)
+        grads.append(torch.autograd.grad((w * ys).sum(), [y, f.w, f.b]))
+    _assert_close_rel(grads[1], grads[0], 1e-4)

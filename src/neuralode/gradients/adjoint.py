@@ -20,7 +20,7 @@ from .._loop import (
 )
 from .._tree import flatten_state
 from ..controllers import ConstantStep, PIController, StepToGrid
-from ..controllers.step_size import time_beside
+from ..controllers.step_size import time_beside, underflows
 from ..errors import MaxStepsError
 from ..solvers import get_tableau
 from ._common import (
@@ -561,6 +561,10 @@ def _backward(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys, y
         # Starting at a discontinuity, the first stage sees the limit from the side integrated.
         t_first = time_beside(point, nxt, run.time_dtype) if point in jumps else None
         h0 = _step_containing(steps, point, nxt, direction) if follow_forward else h_carry
+        if h0 is None and underflows(abs(nxt - point), point, 0.0):
+            # A first segment a rounding long (the ends of two samples' grids): the forward
+            # step as the proposal, clipped to the segment (a step selected for it underflows).
+            h0 = _step_containing(steps, point, nxt, direction)
         with torch.no_grad(), _max_steps_error(cfg, used, prob.t0):
             res = (
                 None if compiled is None else compiled.segment(aug_prob, flat, h0, k1_aug, t_first)
