@@ -41,7 +41,8 @@ __all__ = ["Backsolve"]
 class Backsolve:
     """Adjoint sensitivity method with the state recomputed backward in time.
 
-    The forward solve keeps no graph and stores only its step times (floats). The backward pass
+    The forward solve keeps no graph; it stores its step times (floats), a copy of its outputs
+    and the states at the starts of the steps with outputs inside them. The backward pass
     integrates the augmented system ``(y, a, g)`` from the final time to the initial one::
 
         dy/dt = f(t, y),   da/dt = -a^T df/dy,   dg/dt = -a^T df/dtheta

@@ -9,8 +9,8 @@ size; these are the two memory-saving gradient methods written against it:
   With ``max_checkpoints`` at most that many iterations keep their states (every second one is
   dropped whenever the bound is passed); the backward pass recomputes the others, without a
   graph, from the previous kept one (at most about twice the forward work);
-- backsolve adjoint: the forward solve keeps no states (only, for a replay, the times of the
-  steps that wrote outputs); the backward pass integrates ``(y, a)`` per sample from each
+- backsolve adjoint: the forward solve keeps its outputs (a copy) and, for a replay, the times
+  and start states of the steps that wrote outputs (no other states); the backward pass integrates ``(y, a)`` per sample from each
   sample's final time back to its initial one, in one continuous solve with the per-sample
   driver itself, and accumulates the parameter integral ``-int a^T df/dtheta dt`` from the
   accepted steps' stages with one vector-Jacobian product per iteration. Memory is flat in
@@ -23,6 +23,9 @@ size; these are the two memory-saving gradient methods written against it:
   so the backward cost does not grow with the number of output times (with an explicit
   forward method: after an implicit one the backward solve stops at every output). ``"auto"``
   replays the samples whose inner outputs outnumber 2.5 times the forward steps holding them.
+  At every stop y is put back to the forward's value there (the output; the replayed step's
+  start state), as under shared control: y solved backward drifts off the trajectory
+  exponentially fast on contracting dynamics.
   A sample that failed (``throw=False``) is solved back from its last written output (the
   backsolve adjoint stopping at each of its outputs, without replay), so both
   methods give, as Direct does, the gradients of its outputs before the failure (the NaN ones
