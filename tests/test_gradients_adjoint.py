@@ -53,23 +53,28 @@ def test_backward_cost_does_not_grow_with_output_times(seminorm):
     s100, s1000 = _backward_nfe(100, seminorm), _backward_nfe(1000, seminorm)
     assert s100["nfe"] == s1000["nfe"]
     assert s100["nfe_backward"] == s1000["nfe_backward"]
-    # One replay of each forward step holding outputs, at most the forward's evaluations.
-    assert 0 < s1000["nfe_backward_replay"] <= s1000["nfe"]
+    # One replay of each forward step holding outputs, at most the forward's evaluations plus
+    # one per step: its first stage at the forward's y put back there (not the reconstructed y
+    # the previous backward segment ended on).
+    assert 0 < s1000["nfe_backward_replay"] <= s1000["nfe"] + s1000["n_steps"]
 
 
 @pytest.mark.parametrize("seminorm", [False, True], ids=["norm", "seminorm"])
 def test_backward_cost_bound_over_output_times(seminorm):
     """Issue #3's bound: backward NFE at len(t) = 1000 is at most twice that at len(t) = 2
-    (the forward takes about 20 evaluations at rtol = atol = 1e-6 here)."""
+    (the forward takes about 20 evaluations at rtol = atol = 1e-6 here), plus one evaluation
+    per forward step replayed: its first stage at the forward's y, put back there (19 and 40
+    here; 37 before the backward solve put y back, with a wrong gradient on contracting
+    dynamics: tests/test_backsolve_reanchor.py)."""
     s2, s1000 = _backward_nfe(2, seminorm), _backward_nfe(1000, seminorm)
     assert 15 <= s2["nfe"] <= 30
-    assert s1000["nfe_backward"] <= 2 * s2["nfe_backward"], (s2, s1000)
+    assert s1000["nfe_backward"] <= 2 * s2["nfe_backward"] + s1000["n_steps"], (s2, s1000)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_backward_cost_bound_holds_across_seeds(seed):
     s2, s1000 = _backward_nfe(2, False, seed), _backward_nfe(1000, False, seed)
-    assert s1000["nfe_backward"] <= 2 * s2["nfe_backward"], (s2, s1000)
+    assert s1000["nfe_backward"] <= 2 * s2["nfe_backward"] + s1000["n_steps"], (s2, s1000)
 
 
 def test_seminorm_saves_backward_evaluations():

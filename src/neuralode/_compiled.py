@@ -386,9 +386,9 @@ def integrate_compiled(
     ``h0`` (the first step size, adaptive control), ``k1`` (f at the start, ``(B, M)``) and
     ``t_first`` (the time of the first evaluation) replace what the solve would choose, as in
     :func:`neuralode._loop.integrate` (the backsolve adjoint's segments). ``impulses``
-    ``(times, jumps)``: the state (one row, ``B = 1``) jumps by ``jumps[j]`` ``(M,)`` when a
-    step ends on ``times[j]`` (which must be landing times of the controller; f is evaluated
-    afresh there).
+    ``(times, jumps, put)``: the state (one row, ``B = 1``) jumps by ``jumps[j]`` ``(M,)`` when
+    a step ends on ``times[j]``, or is set to it where ``put[j]`` is nonzero (landing times of
+    the controller; f is evaluated afresh there).
 
     Raises
     ------
@@ -458,7 +458,7 @@ def integrate_compiled(
         del s["k1"]
     if C.impulses:
         k["I_t"] = torch.tensor(impulses[0], dtype=torch.float64, device=dev)
-        k["I"] = impulses[1].to(dtype=dtype, device=dev)
+        k["I"], k["I_put"] = (x.to(dtype=dtype, device=dev) for x in impulses[1:3])
     steps: list[StepRecord] = []
     keep_next = not tab.fsal and tab.dense_stage_is_next_first
     done = dict(p=p, t_first=t_first, calls=0)
@@ -476,8 +476,8 @@ def integrate_compiled(
                 jump = t_n[i] in ctrl.jump_t
                 t_last = time_beside(t_n[i], t_o[i], f.time_dtype) if jump else t_n[i]
                 r = StepRecord(t_o[i], t_n[i], done["t_first"], t_last, lo, hi)
-                if record != "times":  # (the backsolve adjoint keeps no states)
-                    r.y = rec["y"][i]
+                if record != "times" or hi > lo and prob.out_t[lo] != t_n[i]:  # (a replay's)
+                    r.y = rec["y"][i] if record != "times" else rec["y"][i].clone()
                 if record == "dense":
                     r.K = rec["K"][i].reshape(tab.n_stages, -1)
                     r.k_next = rec["k_next"][i] if keep_next else None

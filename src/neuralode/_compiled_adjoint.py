@@ -170,23 +170,29 @@ class CompiledBackward:
         steps = _STEPS_FOLLOWING if self.follow_forward else None
         return self._integrate(prob, flat, steps, h0=h0, k1=k1, t_first=t_first)
 
-    def whole(self, problem, ctrl, points, actions, g_sorted, samples, flat, h0):
+    def whole(self, problem, ctrl, points, actions, g_sorted, samples, flat, h0, ys_sorted):
         """The whole backward solve in the ``"stop"`` mode, from ``points[0]`` to
         ``points[-1]``, as one compiled solve: the adjoint's jumps at the output times
         (``actions``: ``{time: [("at", k)]}``, ``g_sorted[k]`` the jump of output ``k``, of
-        sample ``samples[k]`` with a 2-D t) are impulses of the chunk at landing times.
+        sample ``samples[k]`` with a 2-D t) are impulses of the chunk at landing times, which
+        also put back the forward's state there (``ys_sorted[k]``, that sample's row).
         ``problem(t0, t_end, controller)`` builds the augmented problem. Returns the final
         flat augmented state ``(1, W)`` and the step attempts, or None (see the class)."""
         B, M = self.cf.func.flat_shape
         t_start, t_stop = points[0], points[-1]
         inner = [p for p in points[1:-1] if p in actions]
         jumps = torch.zeros(len(inner) + 2, B, M, dtype=flat.dtype, device=flat.device)
+        ys, put = torch.zeros_like(jumps), torch.zeros_like(jumps)
         for j, point in enumerate([t_start, *inner, t_stop]):
             for _, k in actions.get(point, ()):
                 if samples is None:
                     jumps[j] += g_sorted[k].view(B, M)
+                    ys[j], put[j] = ys_sorted[k].view(B, M), 1
                 else:
-                    jumps[j].index_add_(0, samples[k : k + 1], g_sorted[k].view(1, M))
+                    row = samples[k : k + 1]
+                    jumps[j].index_add_(0, row, g_sorted[k].view(1, M))
+                    ys[j].index_copy_(0, row, ys_sorted[k].view(1, M))
+                    put[j].index_fill_(0, row, 1)
         jumps = jumps.view(len(inner) + 2, B * M)
         flat = flat.clone()
         flat[0, B * M : 2 * B * M] += jumps[0]  # outputs at the start: the initial adjoint
@@ -196,8 +202,11 @@ class CompiledBackward:
             ctrl = ctrl.with_landings(inner)
             imp = torch.zeros(len(inner), flat.shape[1], dtype=flat.dtype, device=flat.device)
             imp[:, B * M : 2 * B * M] = jumps[1:-1]
+            imp[:, : B * M] = ys[1:-1].view(len(inner), B * M)
+            mask = torch.zeros_like(imp)  # the state's entries put back (not added)
+            mask[:, : B * M] = put[1:-1].view(len(inner), B * M)
             res = self._integrate(problem(t_start, t_stop, ctrl), flat, None, h0=h0,
-                                  impulses=_on_landings(ctrl, inner, imp))  # fmt: skip
+                                  impulses=_on_landings(ctrl, inner, imp, mask))  # fmt: skip
             if res is None:
                 return None
             res_y, attempts = res.y_final.clone(), res.n_accepted + res.n_rejected
@@ -205,17 +214,22 @@ class CompiledBackward:
         return res_y, attempts
 
 
-def _on_landings(ctrl, times, imp):
+def _on_landings(ctrl, times, imp, put):
     """The impulses ``imp`` (n, W) at ``times`` moved onto the landings the steps really end on:
     the controller merges landing times a rounding apart (``merge_landings``; e.g. the output
     times of two samples of a 2-D ``t`` one ulp apart), and an impulse at a time no step lands
     on exactly would never be applied. Impulses that share a landing are summed (exact up to
-    rounding: their times differ by a few ulps). Returns ``(times, impulses)``."""
+    rounding: their times differ by a few ulps), except the entries they put (``put`` (n, W)
+    nonzero: the forward's state), which are averaged over the impulses putting them. Returns
+    ``(times, impulses, put)``."""
     if not times:
-        return times, imp
+        return times, imp, put
     L = torch.tensor(ctrl.merged_landings(), dtype=torch.float64)
     pts = torch.tensor(times, dtype=torch.float64)
     rep = L[(pts.unsqueeze(1) - L.unsqueeze(0)).abs().argmin(1)]
     at, which = torch.unique(rep, return_inverse=True)
-    summed = imp.new_zeros(at.shape[0], imp.shape[1]).index_add_(0, which.to(imp.device), imp)
-    return tuple(at.tolist()), summed
+    which = which.to(imp.device)
+    summed = imp.new_zeros(at.shape[0], imp.shape[1]).index_add_(0, which, imp)
+    n_put = put.new_zeros(summed.shape).index_add_(0, which, put)
+    summed = summed / torch.where(n_put != 0, n_put, 1)
+    return tuple(at.tolist()), summed, n_put

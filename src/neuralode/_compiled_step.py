@@ -62,7 +62,7 @@ class Consts(NamedTuple):
     record: bool  # return every step's times, state and stages (dense output)
     jumps: bool  # jump_t: the last stage at the left limit, f afresh at the right limit
     norm_parts: int = 0  # seminorm: only the first components of a tuple state (0: all)
-    impulses: bool = False  # the state jumps by k["I"][j] on landing at k["I_t"][j] (R = B = 1)
+    impulses: bool = False  # the state jumps by (or is set to) k["I"][j] on landing at k["I_t"][j]
     first: bool = False  # evaluate k1 = f(t, y) first (s has no "k1"): saves an eager call
     # per row: the state jumps by k["RI"][r, j] on landing on output slot j (window 1: each
     # output time is landed on; the per-sample backsolve adjoint's stops)
@@ -79,8 +79,9 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
     ``t0``, ``sdir``, ``lo``, ``hi`` (R,) float64; ``out_t`` (R, n_slots) output times padded
     with ``sdir * inf``; ``pick`` (R, n_slots) sample of each slot (``C.pick``); ``max_att``;
     ``rtol``, ``atol``; ``L`` landing times, ``J`` jump times (sorted float64); ``I_t``
-    (n,) float64 impulse times (among the landings) and ``I`` (n, M) the jumps of the state
-    there (``C.impulses``: the backsolve adjoint's jumps at output times, one row); ``RI``
+    (n,) float64 impulse times (among the landings), ``I`` (n, M) the jumps of the state
+    there, or its values where ``I_put`` (n, M) is nonzero (``C.impulses``: the backsolve
+    adjoint's jumps at output times and the forward's state there, one row); ``RI``
     (R, n_slots, M) the jump of each row's state on landing on each output slot
     (``C.row_impulses``, ``R = B``: the per-sample backsolve adjoint's stops).
     """
@@ -198,7 +199,8 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
         y = torch.where(acc2, y_new, y)
         if C.impulses:  # a landing on an impulse time: the jump, and f afresh after it
             hit = (t_new.unsqueeze(1) == k["I_t"]) & accept.unsqueeze(1)  # (R, n)
-            y = y + (hit.to(y.dtype) @ k["I"]).view(y.shape)
+            put = (hit.to(y.dtype) @ k["I_put"]).view(y.shape) != 0  # set there, not added
+            y = torch.where(put, 0, y) + (hit.to(y.dtype) @ k["I"]).view(y.shape)
             k_last = torch.where(hit.any(1, keepdim=True), call(t_new, y), k_last)
         if C.row_impulses:  # a row landing on its output slot: the jump, and f afresh after it
             hit = (inside[:, 0] & accept).unsqueeze(1)  # (R, 1) (window 1)

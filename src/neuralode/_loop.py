@@ -178,7 +178,7 @@ class StepRecord:
     t_last: float  # time of the last stage at the step end (perturbed before a jump)
     out_lo: int  # outputs recorded in this step: sorted indices [out_lo, out_hi)
     out_hi: int
-    y: torch.Tensor | None = None  # state at the step start (checkpointing)
+    y: torch.Tensor | None = None  # state at the step start (checkpointing, replays)
     K: torch.Tensor | None = None  # stages (dense output)
     k_next: torch.Tensor | None = None  # f at the step end (dense output of non-FSAL methods)
 
@@ -218,8 +218,8 @@ def integrate(
     Parameters
     ----------
     record : {None, "times", "states", "dense"}
-        What to keep per accepted step: nothing; times only (backsolve adjoint); plus the state
-        at the step start (checkpointing); plus the stages (dense output).
+        Keep per accepted step: nothing; times, y at starts of steps with outputs inside (backsolve
+        adjoint); y at every step start (checkpointing); plus the stages (dense output).
     max_states : int, optional
         With ``record="states"``, keep at most this many states: whenever the count is exceeded,
         every second kept state is dropped (the first always stays), so kept states are spread
@@ -317,7 +317,8 @@ def integrate(
             )
             out_vals.append(vals)
         if record is not None:
-            rec = StepRecord(t, t_new, t_first, t_last, lo, p)
+            inner = p > lo and prob.out_t[lo] != t_new  # outputs inside: a replay needs y
+            rec = StepRecord(t, t_new, t_first, t_last, lo, p, y if inner else None)
             if record in ("states", "dense"):
                 for r in thin_kept(kept, max_states):
                     r.y = None

@@ -188,8 +188,8 @@ def integrate_per_sample(
     ``"replay"``, what a replay of the iteration needs (checkpointed gradients) in
     ``state["replay"]``; ``"times"``, for every output the step that wrote it in
     ``state["out_steps"]`` ((5, T*B) float64: its ``t_old, h, t_new, t_last`` and the time of
-    its first stage; NaN for outputs at the initial time or never written), which the
-    backsolve adjoint replays. ``on_step(acc, t_old, h_step, y_old, calls)`` is
+    its first stage; NaN for outputs at the initial time or never written) and its start state
+    in ``state["out_y"]`` (T*B, M), which the backsolve adjoint replays. ``on_step(acc, t_old, h_step, y_old, calls)`` is
     called after every accept/reject decision with the rows' stage inputs ``f.calls`` (the
     adjoint's parameter integral). ``outputs=False`` skips the outputs between the ends.
     ``on_land(w, landed)`` (with ``outputs=False``): every row's steps land on each of its
@@ -218,6 +218,7 @@ def integrate_per_sample(
              "replay": []}  # fmt: skip
     if "times" in record:
         out_steps = state["out_steps"] = torch.full((5, T * B), math.nan, **f64)
+        out_y = state["out_y"] = y0.new_full((T * B, y0.shape[1]), math.nan)  # y_old per output
     tfin, nacc, nrej = t0.clone(), torch.zeros(B, **i64), torch.zeros(B, **i64)
     finals_pos, finals = [], []
 
@@ -352,6 +353,7 @@ def integrate_per_sample(
             if "times" in record:
                 at = (t_old, h_step, w.t, t_last, tf_old)
                 out_steps[:, j * B + w.idx[r]] = torch.stack([x[r] for x in at])
+                out_y[j * B + w.idx[r]] = y_old[r]
             w.nxt = cnt
         elif n_out and on_land is not None:
             on_land(w, cnt > w.nxt)

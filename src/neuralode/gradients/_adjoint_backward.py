@@ -24,7 +24,7 @@ from .._loop import (
 )
 from .._tree import flatten_state
 from ..controllers import ConstantStep, PIController, StepToGrid
-from ..controllers.step_size import time_beside
+from ..controllers.step_size import time_beside, underflows
 from ..errors import MaxStepsError
 from ..solvers import get_tableau
 from ._common import Run
@@ -68,7 +68,7 @@ def state_at(run: Run, y0flat: torch.Tensor, t_end: float) -> torch.Tensor:
         return integrate(prob, run.vector_field(), y0flat, track_grad=False).y_final
 
 
-def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys):
+def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_ys, ys):
     prob = run.prob
     spec = prob.spec
     B, M = y_final.shape
@@ -78,6 +78,16 @@ def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_
     samples = run.samples_all
     g_sorted = sorted_outputs_grad(prob, g_ys)
     out_t = prob.out_t
+    # Where the adjoint jumps, the reconstructed y is put back to the forward's own value (its
+    # outputs; the start of a replayed step): y solved backward drifts off the forward's
+    # trajectory, exponentially fast on contracting dynamics (torchdiffeq restarts from the
+    # forward's outputs likewise). Under a 2-D t an output sets its own sample's row only.
+    ys_sorted = sorted_outputs_grad(prob, ys)
+
+    def put_back(y, idx):
+        if samples is None:
+            return ys_sorted[idx[0]].reshape(-1)
+        return y.view(B, M).index_copy(0, samples[idx], ys_sorted[idx].view(-1, M)).reshape(-1)
 
     # The backward solve stops where the adjoint jumps: at outputs exactly on a forward step
     # boundary, and at the start of each forward step holding outputs (added through that step's
@@ -221,7 +231,7 @@ def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_
         with torch.no_grad(), _max_steps_error(cfg, 0, prob.t0):
             got = compiled.whole(
                 lambda t0, t_end, c: aug_problem(t0, t_end, c, cfg.max_steps), actrl, points,
-                actions, g_sorted, samples, torch.cat([y, a, *gs]).unsqueeze(0), h0,
+                actions, g_sorted, samples, torch.cat([y, a, *gs]).unsqueeze(0), h0, ys_sorted,
             )  # fmt: skip
         if got is not None:
             parts = aug_spec.components(got[0])
@@ -236,6 +246,7 @@ def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_
         for kind, k in actions.get(point, ()):
             acted = True
             if kind == "at":
+                y = put_back(y, [k])
                 g = g_sorted[k]
                 if samples is None:
                     a = a + g.reshape(-1)
@@ -246,6 +257,7 @@ def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_
             taus = out_t[rec.out_lo : rec.out_hi]
             if kind == "end":
                 idx = [rec.out_lo + j for j, tau in enumerate(taus) if tau == rec.t_new]
+                y = put_back(y, idx)
                 g = g_sorted[idx]
                 if samples is None:
                     a = a + g.sum(0).reshape(-1)
@@ -253,6 +265,8 @@ def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_
                     a = a.view(B, M).index_add(0, samples[idx], g).reshape(-1)
                 continue
             k1 = None
+            if rec.y is not None:  # (kept by the forward for the steps with outputs inside)
+                y = rec.y.reshape(-1)
             if _last_at(last, rec.t_first, y.view(B, M)):
                 yk, k1 = last["y"], last["f"]  # reuse the segment's final FSAL stage
             else:
@@ -288,9 +302,10 @@ def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_
         if point in jumps:
             k1_aug = None
         elif acted:
-            # The adjoint jumped here. f(t_n, y_n) with its graph is at hand (the previous
-            # segment's last stage or the replay's first), so the augmented first stage costs
-            # one vector-Jacobian product with the new adjoint, and no evaluation of f.
+            # The adjoint jumped here. If f(t_n, y_n) with its graph is at hand at the same y
+            # (the replay's first stage; the previous segment's last one only where y was not
+            # put back), the augmented first stage costs one vector-Jacobian product with the
+            # new adjoint, and no evaluation of f; else f is evaluated at the y put back.
             k1_aug = None
             if _last_at(last, point, y.view(B, M)):
                 k1_aug = _aug_stage(last, params, a.view(B, M), p_sizes, dtype, device)
@@ -299,6 +314,10 @@ def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_
         # Starting at a discontinuity, the first stage sees the limit from the side integrated.
         t_first = time_beside(point, nxt, run.time_dtype) if point in jumps else None
         h0 = _step_containing(steps, point, nxt, direction) if follow_forward else h_carry
+        if h0 is None and underflows(abs(nxt - point), point, 0.0):
+            # A first segment a rounding long (the ends of two samples' grids): the forward
+            # step as the proposal, clipped to the segment (a step selected for it underflows).
+            h0 = _step_containing(steps, point, nxt, direction)
         with torch.no_grad(), _max_steps_error(cfg, used, prob.t0):
             res = (
                 None if compiled is None else compiled.segment(aug_prob, flat, h0, k1_aug, t_first)

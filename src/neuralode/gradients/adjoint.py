@@ -29,7 +29,8 @@ __all__ = ["Backsolve"]
 class Backsolve:
     """Adjoint sensitivity method with the state recomputed backward in time.
 
-    The forward solve keeps no graph and stores only its step times (floats). The backward pass
+    The forward solve keeps no graph; it stores its step times (floats), a copy of its outputs
+    and the states at the starts of the steps with outputs inside them. The backward pass
     integrates the augmented system ``(y, a, g)`` from the final time to the initial one::
 
         dy/dt = f(t, y),   da/dt = -a^T df/dy,   dg/dt = -a^T df/dtheta
@@ -42,6 +43,19 @@ class Backsolve:
     continuous extension (replaying that one step with autograd), so its cost does not grow
     with the number of output times. When they are few (``outputs="stop"``) it stops at each
     output time and the adjoint jumps there, which follows the continuous problem more closely.
+
+    Wherever the adjoint jumps (an output time; the start of a forward step replayed) the
+    backward solve puts y back to the forward solve's own value there (the outputs, a private
+    copy kept for the backward pass; for a replayed step the state at its start, which the
+    forward solve keeps for the steps holding outputs inside: memory bounded by the outputs),
+    as each backward solve of Chen et al. (2018, Algorithm 1) starts from the forward's state
+    and as torchdiffeq's ``odeint_adjoint`` restarts from its outputs. Solving y backward is
+    unstable on contracting dynamics (an error grows like ``exp(lam * span)`` for a decay rate
+    ``lam``): a y carried back over the whole span leaves the trajectory by orders of
+    magnitude, and the gradient with it (Prothero-Robinson ``lam = 50``, outputs at 0.5, 1
+    and 2, loss ``y(0.5)``: ``dL/dlam`` was -1.8e+23 against -6.9e-12). The first augmented
+    stage after a put-back evaluates f at the forward's y: one evaluation of f more per stop
+    than carrying y on.
 
     The gradient approximates the gradient of the *continuous* problem to the adjoint
     tolerances; it is not the exact gradient of the discrete forward solve (use
@@ -102,8 +116,9 @@ class Backsolve:
         and ``"replay"`` needs an explicit Runge-Kutta forward method (ValueError otherwise;
         ``"auto"`` then stops at every output). Damped oscillator, batch 2, dopri5 at rtol
         1e-6, ``t`` in [0, 10]: per-sample backward NFE 483 / 493 / 801 / 976 at ``len(t)`` =
-        2 / 10 / 100 / 400, shared 475 / 751 / 931 / 1,033 (``benchmarks/backsolve_outputs.py``;
-        restarted at every output before: 481 / 556 / 1,598 / 6,391).
+        2 / 10 / 100 / 400, shared 475 / 759 / 982 / 1,084 (``benchmarks/backsolve_outputs.py``;
+        per sample, restarted at every output before: 481 / 556 / 1,598 / 6,391; shared, before
+        y was put back at the stops: 475 / 751 / 931 / 1,033).
     errors : callable, optional
         A context-manager factory (``errors() -> context manager``) the backward solve runs
         inside, e.g. to re-raise its failures as other exception types; the torchdiffeq face
@@ -152,7 +167,8 @@ class Backsolve:
     References
     ----------
     Chen, Rubanova, Bettencourt, Duvenaud, "Neural Ordinary Differential Equations", NeurIPS 2018
-    (adjoint method, augmented backward system). Pontryagin et al. 1962. Kidger, Chen, Lyons,
+    (adjoint method, augmented backward system; each backward solve starts from the forward's
+    state). Pontryagin et al. 1962. Kidger, Chen, Lyons,
     "'Hey, that's not an ODE': Faster ODE Adjoints via Seminorms", ICML 2021.
     """
 
@@ -239,6 +255,7 @@ class _BacksolveFn(torch.autograd.Function):
         ctx.y_final = None if y_start is None else y_start.detach().clone()
         ctx.y0 = y0flat.detach().clone() if y_start is None else None
         ys, res.ys = res.ys, None  # (the run need not keep the outputs)
+        ctx.ys = ys.detach().clone()  # the backward solve's y is put back to them (a copy, too)
         return ys
 
     @staticmethod
@@ -253,5 +270,5 @@ class _BacksolveFn(torch.autograd.Function):
             y_start = ctx.y_final
             if y_start is None:  # (a partial solve with per-sample output grids)
                 y_start = state_at(run, ctx.y0, ctx.t_start)
-            grads = backward_solve(run, cfg, params, y_start, ctx.t_start, g_ys)
+            grads = backward_solve(run, cfg, params, y_start, ctx.t_start, g_ys, ctx.ys)
         return (None, None, *grads)

@@ -9,8 +9,8 @@ size; these are the two memory-saving gradient methods written against it:
   With ``max_checkpoints`` at most that many iterations keep their states (every second one is
   dropped whenever the bound is passed); the backward pass recomputes the others, without a
   graph, from the previous kept one (at most about twice the forward work);
-- backsolve adjoint: the forward solve keeps no states (only, for a replay, the times of the
-  steps that wrote outputs); the backward pass integrates ``(y, a)`` per sample from each
+- backsolve adjoint: the forward solve keeps its outputs (a copy) and, for a replay, the times
+  and start states of the steps that wrote outputs (no other states); the backward pass integrates ``(y, a)`` per sample from each
   sample's final time back to its initial one, in one continuous solve with the per-sample
   driver itself, and accumulates the parameter integral ``-int a^T df/dtheta dt`` from the
   accepted steps' stages with one vector-Jacobian product per iteration. Memory is flat in
@@ -23,6 +23,9 @@ size; these are the two memory-saving gradient methods written against it:
   so the backward cost does not grow with the number of output times (with an explicit
   forward method: after an implicit one the backward solve stops at every output). ``"auto"``
   replays the samples whose inner outputs outnumber 2.5 times the forward steps holding them.
+  At every stop y is put back to the forward's value there (the output; the replayed step's
+  start state), as under shared control: y solved backward drifts off the trajectory
+  exponentially fast on contracting dynamics.
   A sample that failed (``throw=False``) is solved back from its last written output (the
   backsolve adjoint stopping at each of its outputs, without replay), so both
   methods give, as Direct does, the gradients of its outputs before the failure (the NaN ones
@@ -237,12 +240,14 @@ class _Stops:
 
     times: torch.Tensor  # (B, S) float64: the backward solve's start, its stops, its end
     jump: torch.Tensor  # (B*S, M) the adjoint's jump at stop s of sample b (row b*S + s)
+    y: torch.Tensor  # (B*S, M) the forward's state there, put back where ``put`` (B*S,) is True
+    put: torch.Tensor
     replay: torch.Tensor  # (B*S,) long: the first inner output of the step replayed there, or -1
     inner: torch.Tensor  # (B, T) bool: outputs strictly inside a replayed forward step
     mode: str  # "stop", "replay" or "mixed" (Solution.stats["backsolve_outputs"])
 
 
-def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
+def _stops(run, cfg, failed, g, ys) -> tuple[_Stops, torch.Tensor | None]:
     """The stops of each sample's backward solve, from its end (or last written output) back.
 
     Every output of a sample that is not at its initial time (those are added at the end)
@@ -251,7 +256,9 @@ def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
     step's start (one stop per forward step holding outputs, not one per output). A sample
     replays when asked (``outputs="replay"``) or, with ``"auto"``, when such outputs
     outnumber 2.5 times the forward steps holding them (the cheaper of the two, roughly);
-    failed samples and implicit methods never replay. Stops at equal times are merged. Returns the stops and the forward
+    failed samples and implicit methods never replay. Stops at equal times are merged. At
+    each stop the reconstructed y is put back to the forward's (its output ``ys``; the start
+    of a replayed step, ``state["out_y"]``). Returns the stops and the forward
     steps that wrote each output ((5, B, T), see ``record="times"``; None when not kept)."""
     tau, state = run.tau, run.result[4]
     B, T = tau.shape
@@ -305,12 +312,16 @@ def _stops(run, cfg, failed, g) -> tuple[_Stops, torch.Tensor | None]:
     jump = torch.zeros((B * S, g.shape[1]), dtype=g.dtype, device=g.device)
     b, j = at.nonzero().unbind(1)  # candidate column 1 + j
     jump.index_add_(0, slot_of[b, 1 + j], g[j * B + b])
+    y_put, put = torch.zeros_like(jump), torch.zeros(B * S, dtype=torch.bool, device=dev)
+    y_put[slot_of[b, 1 + j]], put[slot_of[b, 1 + j]] = ys[j * B + b], True
     replay = torch.full((B * S,), -1, dtype=torch.long, device=dev)
     b, j = first.nonzero().unbind(1)  # candidate column 1 + T + j
     replay[slot_of[b, 1 + T + j]] = j
+    if state.get("out_y") is not None:  # (the replayed step's start)
+        y_put[slot_of[b, 1 + T + j]], put[slot_of[b, 1 + T + j]] = state["out_y"][j * B + b], True
     n_rep, n_live = int(rep.sum()), int((start != tau[:, 0]).sum())
     mode = "stop" if n_rep == 0 else "replay" if n_rep >= n_live else "mixed"
-    return _Stops(times, jump, replay, inner, mode), steps
+    return _Stops(times, jump, y_put, put, replay, inner, mode), steps
 
 
 class _BacksolveRows(torch.autograd.Function):
@@ -326,6 +337,7 @@ class _BacksolveRows(torch.autograd.Function):
         hold_run(ctx, run)  # weakly: the outputs' nodes hold it (see structured_outputs)
         ctx.cfg = cfg
         ctx.failed = _failed_restart(run, ys)
+        ctx.ys = ys.detach().clone()  # the backward solve's y is put back to them (a copy, too)
         ctx.save_for_backward(*params)
         return ys
 
@@ -375,21 +387,23 @@ class _BacksolveRows(torch.autograd.Function):
                 grads = torch.autograd.grad(fy, params, cot, allow_unused=True)
             _sum_into(gp, grads)
 
-        stops, steps = _stops(run, cfg, ctx.failed, g)
+        stops, steps = _stops(run, cfg, ctx.failed, g, ctx.ys)
         run.stats["backsolve_outputs"] = stops.mode
         S = stops.times.shape[1]
         nfe_replay = [0]
 
         def on_land(w, landed):
             """At a stop: the adjoint jumps by the gradients of the outputs there and of those
-            inside the forward step replayed from there; the rows' first stage follows."""
+            inside the forward step replayed from there, y is put back to the forward's; the
+            rows' first stage follows (at the y put back)."""
             q = landed.nonzero().squeeze(1)
             key = w.idx[q] * S + w.nxt[q]
             ya = w.y[q]
             a = ya[:, M:] + stops.jump[key]
+            y = torch.where(stops.put[key].unsqueeze(1), stops.y[key], ya[:, :M])
             rj = stops.replay[key]
             with torch.enable_grad():
-                yk = ya[:, :M].detach().requires_grad_()
+                yk = y.detach().requires_grad_()
                 inner.lo, inner.hi = w.lo[q], w.hi[q]
                 fy = inner(w.tf[q], yk)
                 rp = (rj >= 0).nonzero().squeeze(1)
@@ -400,7 +414,7 @@ class _BacksolveRows(torch.autograd.Function):
                     nfe_replay[0] += inner.nfe - n0
                 (va,) = torch.autograd.grad(fy, yk, -a, allow_unused=True)
             inner.lo = inner.hi = None
-            w.y = w.y.index_copy(0, q, torch.cat([ya[:, :M], a], 1))
+            w.y = w.y.index_copy(0, q, torch.cat([y, a], 1))
             k1 = torch.cat([fy.detach(), va if va is not None else torch.zeros_like(a)], 1)
             w.k1 = w.k1.index_copy(0, q, k1)
             w.stale = w.stale.index_fill(0, q, False)
