@@ -87,7 +87,7 @@ class ImplicitRK(MethodFace):
     Hermite interpolant through ``(y_n, f_n, y_{n+1}, f_{n+1})`` plus
     ``theta^2 (1 - theta)^2 h d`` with ``d`` a fixed combination of the step's stage
     derivatives (no extra evaluation of func); the cubic Hermite (order 3) for the other
-    tableaux. Weights, order conditions and sources: :mod:`.tableaux`.
+    tableaux. Weights, order conditions and sources: ``neuralode.solvers.implicit.tableaux``.
 
     References
     ----------
@@ -145,7 +145,7 @@ class ImplicitRK(MethodFace):
     @property
     def interpolant_order(self) -> int:
         """Order of the dense output: 4 for the quartic of ``kvaerno5`` and ``radauIIA5``, 3
-        (cubic Hermite) otherwise (:mod:`.tableaux`)."""
+        (cubic Hermite) otherwise (``neuralode.solvers.implicit.tableaux``)."""
         return self.tableau.interpolant_order
 
     def with_options(self, **options) -> ImplicitRK:
