@@ -17,6 +17,7 @@ import torch
 
 import neuralode
 import neuralode._compiled as compiled
+import neuralode.gradients.rows as rows
 
 F64 = torch.float64
 FWD = dict(rtol=1e-8, atol=1e-10)
@@ -56,11 +57,22 @@ def _grads(gradient, compile):
 
 @pytest.fixture(scope="module")
 def solves():
+    """(solution, grads) per outputs= of the compiled solves, Direct's grads, and the start
+    states of the steps that wrote each output (``state["out_y"]``) that the backward pass
+    of outputs="replay" read, compiled and eager."""
     out = {"direct": _grads("direct", False)[1]}
+    stops = rows._stops
+
+    def spy(run, *args):  # keep what the forward left for the backward pass
+        out["out_y", run.compile] = run.result[4].get("out_y")
+        return stops(run, *args)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(compiled, "STEPS_PER_CALL", 2)
+        mp.setattr(rows, "_stops", spy)
         for outputs in ("auto", "replay"):
             out[outputs] = _grads(neuralode.Backsolve(**ADJ, outputs=outputs), True)
+        _grads(neuralode.Backsolve(**ADJ, outputs="replay"), False)
     return out
 
 
@@ -79,3 +91,12 @@ def test_compiled_per_sample_backsolve_matches_direct(solves, outputs, mode, com
     assert sol.stats["compiled_backward"] is compiled_backward
     errs = _rel(got, solves["direct"])
     assert max(errs) < 1e-5, errs
+
+
+def test_compiled_forward_keeps_the_start_states_of_the_steps_with_outputs(solves):
+    """The compiled per-row forward fills ``state["out_y"]`` as the eager driver does (the same
+    steps up to the last bits of the error estimate; NaN for the outputs at t0)."""
+    got, want = solves["out_y", True], solves["out_y", False]
+    assert got is not None and got.shape == (T2.numel(), Y0.shape[1])
+    assert torch.isnan(got[: Y0.shape[0]]).all() and not torch.isnan(got[Y0.shape[0] :]).any()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, equal_nan=True)
