@@ -39,9 +39,11 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     per-sample Checkpointed replays (``state["replay"]``, the same records: one per step
     with all ``B`` rows as its working set), ``"times"`` the step that wrote each output
     (``state["out_steps"]``, for the per-sample backsolve adjoint's replays); both are read
-    from the chunk's step records (:class:`_StepKeeper`). ``impulses`` (B, T, M): the state
-    of row b jumps by ``impulses[b, j]`` when its steps land on ``tau[b, j]`` (each output
-    time is then landed on; the repeats of a row's last time are not stops); ``on_steps(rec,
+    from the chunk's step records (:class:`_StepKeeper`), with the start state of that step
+    (``state["out_y"]``). ``impulses``: a pair ``(jump, put)`` (B, T, M), float and bool: the
+    state of row b jumps by ``jump[b, j]`` when its steps land on ``tau[b, j]``, or is set to
+    it where ``put[b, j]`` (each output time is then landed on; the repeats of a row's last
+    time are not stops; the step goes on from the state after the landing); ``on_steps(rec,
     n)``: called with the records of every call's ``n`` steps (the chunk then records them).
     Fills ``run.f``'s counters (NFE, sample evaluations, evaluations of finished samples).
 
@@ -90,14 +92,14 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     s, k = _chunk_inputs(C, ctrl, y0, k1, t0, t_end, sdir, h0, out, n0, out_t, run.max_steps,
                          run.rtol, run.atol, ctrl.merged_landings())  # fmt: skip
     if impulses is not None:
-        k["RI"] = torch.cat([impulses, impulses.new_zeros(B, W, M)], 1)
+        k["RI"], k["RP"] = (torch.cat([x, x.new_zeros(B, W, M)], 1) for x in impulses)
     state = {"status": "success", "message": "", "failed": [], "compactions": 0,
              "iterations": 0, "replay": []}  # fmt: skip
     records, failed, last = [], set(), {}
     ar = torch.arange(B, device=dev)
     keeper, J = None, k.get("J")
     if keep:
-        keeper = _StepKeeper(run, tau, J, record, max_states, state)
+        keeper = _StepKeeper(run, y0, tau, J, record, max_states, state)
 
     def on_report(report, rec, st_, n_call):
         (t_now, h_now, att, acc, code, nf, busy), rec_t = _split(report, B, n_call)
@@ -175,7 +177,7 @@ class _StepKeeper:
     current time (repeated times in a 2-D ``t``) accepts nothing: its outputs are those of the
     step that ended there, to which they are assigned here."""
 
-    def __init__(self, run, tau, J, record, max_states, state):
+    def __init__(self, run, y0, tau, J, record, max_states, state):
         self.B, self.T = tau.shape
         self.tau, self.J, self.time_dtype = tau, J, run.f.time_dtype
         self.sdir, self.stau, n0 = time_layout(tau)
@@ -189,6 +191,7 @@ class _StepKeeper:
         if "times" in record:
             state["out_steps"] = torch.full((5, self.T * self.B), float("nan"),
                                             dtype=torch.float64, device=tau.device)  # fmt: skip
+            state["out_y"] = y0.new_full((self.T * self.B, y0.shape[1]), float("nan"))
 
     def step(self, t_o, t_n, acc, y_o) -> torch.Tensor:
         """Keep one step of the chunk (every row's times ``t_o``, ``t_n`` and state ``y_o``,
@@ -214,6 +217,7 @@ class _StepKeeper:
         if "out_steps" in self.state and r is not None:
             at = torch.stack([x[r] for x in (t_o, h, t_n, t_last, tf_old)])
             self.state["out_steps"][:, j * self.B + r] = at
+            self.state["out_y"][j * self.B + r] = y_o[r]  # (its start state, as eagerly)
         if self.replay:
             for rep in thin_kept(self.kept, self.max_states):
                 rep[7] = None  # its state is recomputed in the backward pass

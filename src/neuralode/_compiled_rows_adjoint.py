@@ -8,11 +8,13 @@ integrates ``(y, a)`` per sample (``dy/dt = f``, ``da/dt = -a^T df/dy``) with th
 per-row step, the augmented field traced by ``torch.compile`` (its vector-Jacobian product is
 ``torch.func.vjp`` of func with respect to the state only, so func need not be a module). Each
 sample's stops are its output slots, all landed on (a window of one output per step), where
-its adjoint jumps by the gradients of its outputs there and f is evaluated afresh (inside the
-chunk: ``Consts.row_impulses``), without restarting the step-size control, as the eager
-backward solve does. The parameter integral ``-int a^T df/dtheta dt`` is the eager one's: after
-each compiled call, one vector-Jacobian product of func over the stages of every step the call
-accepted (the stages' states rebuilt from the recorded first state and stages).
+its adjoint jumps by the gradients of its outputs there, y is put back to the forward's output
+(y solved backward leaves the trajectory of contracting dynamics exponentially) and f is
+evaluated afresh at that state (inside the chunk: ``Consts.row_impulses``), without
+restarting the step-size control, as the eager backward solve does. The parameter integral
+``-int a^T df/dtheta dt`` is the eager one's: after each compiled call, one vector-Jacobian
+product of func over the stages of every step the call accepted (the stages' states rebuilt
+from the recorded first state and stages).
 
 What it needs, else the backward solve runs eagerly (``stats["compiled_backward"]`` says which
 ran): the forward compiled, an explicit Runge--Kutta method and an adaptive controller for
@@ -114,9 +116,12 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
     f = BatchedField(field, aug_spec, run.time_dtype)
     aug = RowsRun(aug_spec, field, run.time_dtype, f, make_stepper(tab, ya.dtype, ya.device),
                   stops.times, ctrl, rt, at, max_steps, True, False, floor)  # fmt: skip
-    jumps = stops.jump.view(B, S, M).clone()
-    jumps[:, 0] = 0.0  # (the jumps at the start are in ya)
-    imp = torch.cat([torch.zeros_like(jumps), jumps], 2)
+    # On landing on stop s: the adjoint jumps, y is put back to the forward's there (the
+    # jumps at the start are in ya, its y the forward's)
+    jumps, put = stops.jump.view(B, S, M).clone(), stops.put.view(B, S, 1).clone()
+    jumps[:, 0], put[:, 0] = 0.0, False
+    imp = torch.cat([torch.where(put, stops.y.view(B, S, M), 0.0), jumps], 2)
+    puts = torch.cat([put.expand(B, S, M), torch.zeros_like(put).expand(B, S, M)], 2)
     a_ = [[float(x) for x in row] for row in tab.a]
     b_, c_ = [float(x) for x in tab.b], [float(x) for x in tab.c]
     use = [i for i in range(len(b_)) if b_[i] != 0.0]
@@ -176,7 +181,7 @@ def backward_rows_compiled(run, tab, ctrl, aug_spec, ya, stops, rt, at, floor, m
 
     try:
         with torch.no_grad():
-            res = integrate_rows_compiled(aug, ya, impulses=imp, on_steps=on_steps)
+            res = integrate_rows_compiled(aug, ya, impulses=(imp, puts), on_steps=on_steps)
     except CompiledCodeMismatch as why:
         warn_mismatch(why, stacklevel=8)
         return None

@@ -64,8 +64,9 @@ class Consts(NamedTuple):
     norm_parts: int = 0  # seminorm: only the first components of a tuple state (0: all)
     impulses: bool = False  # the state jumps by (or is set to) k["I"][j] on landing at k["I_t"][j]
     first: bool = False  # evaluate k1 = f(t, y) first (s has no "k1"): saves an eager call
-    # per row: the state jumps by k["RI"][r, j] on landing on output slot j (window 1: each
-    # output time is landed on; the per-sample backsolve adjoint's stops)
+    # per row: the state jumps by k["RI"][r, j] (or is set to it where k["RP"][r, j]) on landing
+    # on output slot j (window 1: each output time is landed on; the per-sample backsolve
+    # adjoint's stops)
     row_impulses: bool = False
 
 
@@ -82,8 +83,9 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
     (n,) float64 impulse times (among the landings), ``I`` (n, M) the jumps of the state
     there, or its values where ``I_put`` (n, M) is nonzero (``C.impulses``: the backsolve
     adjoint's jumps at output times and the forward's state there, one row); ``RI``
-    (R, n_slots, M) the jump of each row's state on landing on each output slot
-    (``C.row_impulses``, ``R = B``: the per-sample backsolve adjoint's stops).
+    (R, n_slots, M) the jump of each row's state on landing on each output slot, or its value
+    where ``RP`` (R, n_slots, M) bool is True (``C.row_impulses``, ``R = B``: the per-sample
+    backsolve adjoint's stops, y put back to the forward's output there).
     """
     kind, keys, shapes, sizes = C.layout
     offs = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -202,10 +204,12 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
             put = (hit.to(y.dtype) @ k["I_put"]).view(y.shape) != 0  # set there, not added
             y = torch.where(put, 0, y) + (hit.to(y.dtype) @ k["I"]).view(y.shape)
             k_last = torch.where(hit.any(1, keepdim=True), call(t_new, y), k_last)
-        if C.row_impulses:  # a row landing on its output slot: the jump, and f afresh after it
+        if C.row_impulses:  # a row landing on its output slot: the jump (or the value put
+            # there), and f afresh after it, at that state
             hit = (inside[:, 0] & accept).unsqueeze(1)  # (R, 1) (window 1)
-            jmp = k["RI"].gather(1, idx.unsqueeze(2).expand(-1, -1, M)).squeeze(1)  # (R, M)
-            y = y + torch.where(hit, jmp, torch.zeros_like(jmp))
+            at = idx.unsqueeze(2).expand(-1, -1, M)
+            jmp = k["RI"].gather(1, at).squeeze(1)  # (R, M) (finite: 0 where nothing happens)
+            y = torch.where(k["RP"].gather(1, at).squeeze(1) & hit, jmp, y + jmp * hit)
             k_last = torch.where(hit, call(t_new, y), k_last)
         if C.jumps:  # past a jump_t, f afresh at the right limit (the next float after it)
             # (of the state after an impulse there; for the other accepted rows y is y_new)

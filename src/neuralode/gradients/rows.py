@@ -24,7 +24,8 @@ size; these are the two memory-saving gradient methods written against it:
   forward method: after an implicit one the backward solve stops at every output). ``"auto"``
   replays the samples whose inner outputs outnumber 2.5 times the forward steps holding them.
   At every stop y is put back to the forward's value there (the output; the replayed step's
-  start state), as under shared control: y solved backward drifts off the trajectory
+  start state), as under shared control and in compiled chunks (``compile=True``: the compiled
+  forward keeps those start states too): y solved backward drifts off the trajectory
   exponentially fast on contracting dynamics.
   A sample that failed (``throw=False``) is solved back from its last written output (the
   backsolve adjoint stopping at each of its outputs, without replay), so both
