@@ -28,6 +28,8 @@ class _Augmented(nn.Module):
     those of both.
     """
 
+    running_cost = True  # (Backsolve warns when y solved backward drifts under a running cost)
+
     def __init__(self, func, g, kind: str, keys: tuple, q_tail: torch.Size, per_sample: bool):
         super().__init__()
         self.func, self.g = func, g
