@@ -388,3 +388,34 @@ def test_evaluate_integral_across_bounces(per_sample):
         got_x = yq[:, b, 0] if per_sample else yq[:, 0]
         torch.testing.assert_close(got_q, qr, atol=1e-8, rtol=0)
         torch.testing.assert_close(got_x[ok], x[ok], atol=1e-8, rtol=0)
+
+
+def test_out_of_range_message_names_the_event_only_when_it_ended_the_solve():
+    """(Reviewer) A successful solve queried outside [t0, t1], or a query before t0, must not
+    blame max_events or a terminal event; a query past an early stop names it."""
+
+    def fall(t, y):
+        return torch.stack([y[..., 1], torch.full_like(y[..., 1], -9.81)], -1)
+
+    def bounce(t, y):
+        return torch.stack([y[..., 0], -0.8 * y[..., 1]], -1)
+
+    y0 = torch.tensor([[1.0, 0.0], [1.5, 0.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    ev = neuralode.Event(lambda t, y: y[..., 0], direction=-1, terminal=False, reset=bounce)
+    sol = neuralode.solve(fall, y0, t, event=ev, batch_control="per_sample")
+    assert sol.status == "success"
+    for q in (1.5, -0.1):
+        with pytest.raises(ValueError, match=r"\[0\.0, 1\.0\] \(no extrapolation\)$"):
+            sol.evaluate(torch.tensor([q], dtype=torch.float64))
+    once = neuralode.Event(lambda t, y: y[..., 0], direction=-1, terminal=False, max_events=1,
+                           reset=bounce)  # fmt: skip
+    sol = neuralode.solve(fall, y0, 2 * t, event=once, batch_control="per_sample")
+    with pytest.raises(ValueError, match=r"max_events=1\)-th event\)$"):
+        sol.evaluate(torch.tensor([1.9], dtype=torch.float64))
+    term = neuralode.Event(lambda t, y: y[0], direction=-1)
+    sol = neuralode.solve(fall, y0[0], t, event=term)
+    with pytest.raises(ValueError, match=r"\(no extrapolation\)$"):
+        sol.evaluate(torch.tensor([-0.1], dtype=torch.float64))
+    with pytest.raises(ValueError, match="a terminal event stops the solve there"):
+        sol.evaluate(torch.tensor([0.9], dtype=torch.float64))

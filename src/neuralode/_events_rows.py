@@ -340,7 +340,8 @@ def _joined(dense, tau, t_final, event_t, note: str = ""):
     sdir = time_layout(tau)[0].to(torch.float64)
     last = event_t if event_t.dim() == 1 else _last_event(event_t)
     tf = reach(t_final.to(torch.float64), last, sdir)
-    return SegmentedDense(dense, tau[:, 0], tf, sdir, True, note)
+    short = (sdir * (tau[:, -1].to(torch.float64) - t_final.to(torch.float64)) > 0).cpu()
+    return SegmentedDense(dense, tau[:, 0], tf, sdir, True, note, short)
 
 
 def _max_events_note(event) -> str:

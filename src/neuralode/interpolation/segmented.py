@@ -36,12 +36,16 @@ class SegmentedDense:
         Whether the segments' dense outputs have step times per sample (per-sample control) or
         shared ones (``step_times``: one list per sample, or one list).
     note : str, optional
-        Added to the message of a query past the end of the solved interval (why it ends).
+        Added to the message of a query past the end of the solved interval (why it ends),
+        for the rows in ``stopped``.
+    stopped : Tensor, optional
+        ``(R,)`` bool: the rows whose solve ended early, for the reason in ``note`` (default:
+        every row).
 
     Not for direct construction: used through :meth:`neuralode.Solution.evaluate`.
     """
 
-    def __init__(self, parts, t0, t_final, direction, per_sample: bool, note: str = ""):
+    def __init__(self, parts, t0, t_final, direction, per_sample: bool, note="", stopped=None):
         self._dense = [p[2] for p in parts]
         self.spec = self._dense[0].spec
         dev = self.spec.device
@@ -50,7 +54,7 @@ class SegmentedDense:
         self._t0, self._t_final, self._sdir = (
             x.to(dev, torch.float64) for x in (t0, t_final, direction)
         )
-        self._per_sample, self._note = per_sample, note
+        self._per_sample, self._note, self._stopped = per_sample, note, stopped
         # Sort keys (direction * start); +inf where a row has no such segment.
         key = direction.unsqueeze(0) * self._starts
         self._keys = torch.where(torch.isnan(key), float("inf"), key)
@@ -95,7 +99,9 @@ class SegmentedDense:
         if bad.numel():
             k = int(bad[0])
             who = f" of sample {int(s[k])}" if R > 1 else ""
-            note = f"; {self._note}" if self._note else ""
+            past = float(self._sdir[s[k]] * (tq[k] - self._t_final[s[k]])) > 0
+            why = self._stopped is None or bool(self._stopped[int(s[k])])
+            note = f"; {self._note}" if self._note and past and why else ""
             raise ValueError(
                 f"cannot evaluate the dense output{who} at t={float(tq[k])!r}: outside "
                 f"{'its' if R > 1 else 'the'} solved interval [{float(lo[k])!r}, {float(hi[k])!r}] (no extrapolation{note})"
@@ -161,4 +167,4 @@ def terminal(dense, t0: float, t_final: float, direction: float, stops, fired, t
         stop = full(t_final)
     stop = torch.where(sdir * (stop - t_final) > 0, t_final, stop)  # (a failed solve: its reach)
     tf = reach(stop, torch.where(fired.to(t_event.device), t_event, torch.nan), sdir)
-    return SegmentedDense([(full(t0), stop, dense)], full(t0), tf, sdir, False, note)
+    return SegmentedDense([(full(t0), stop, dense)], full(t0), tf, sdir, False, note, fired.cpu())

@@ -16,8 +16,9 @@ name                   order (embedded)  adaptive  kind                         
 ``rodas4``             4 (3)             yes       Rosenbrock, L-stable          Hairer & Wanner II, IV.7
 =====================  ================  ========  ============================  =======================================
 
-Every method has the cubic Hermite dense output (third order). The implicit Runge--Kutta methods
-(:class:`ImplicitRK`) solve their stage equations by a simplified Newton iteration with Jacobian
+Dense output: a fourth-order quartic built from the step's stages for ``kvaerno5`` and
+``radauIIA5``, the method's own for ``rodas4``, the cubic Hermite (third order) for the others.
+The implicit Runge--Kutta methods (:class:`ImplicitRK`) solve their stage equations by a simplified Newton iteration with Jacobian
 reuse, on dense factorisations (``linear_solver="dense"``) or matrix-free with GMRES on
 Jacobian-vector products (``linear_solver="krylov"``); their gradients use the implicit function
 theorem. ``Solution.stats`` reports ``n_jac`` (Jacobian evaluations), ``n_lu`` (LU
