@@ -10,6 +10,8 @@ and each norm changes the step counts against the default norm (so a compiled so
 ignored the norm would fail).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -109,6 +111,16 @@ def test_two_norms_never_share_compiled_constants():
     assert same[0] != compiled_norm(C, max_norm, spec, True)
     assert same[0] != C and compiled_norm(C, None, spec, False) == C
 
+    @dataclasses.dataclass  # compares by value and does not hash
+    class Weighted:
+        w: float
+
+        def __call__(self, e):
+            return self.w * e.abs().max()
+
+    a, b = (compiled_norm(C, Weighted(2.0), spec, False) for _ in range(2))
+    assert a != b and a == a
+
 
 def test_per_sample_custom_norm_compiled_matches_eager():
     """Each sample's norm is of that sample alone (RowUserNorm, vmapped inside the graph)."""
@@ -157,3 +169,16 @@ def test_backsolve_norm_compiled_backward_matches_eager():
     for a, b, c in zip(g, g_e, g_d):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
         assert (b - c).abs().max() > 1e-8
+
+
+def test_untraceable_norm_raises_naming_it():
+    """A norm torch.compile cannot trace (a Python branch on a value) fails the compilation
+    with a message naming the norm (compile=False runs it)."""
+
+    def branchy(e):
+        m = e.abs().max()
+        return m if m > 0.5 else 2 * m
+
+    ctrl = PIController(norm=branchy, **TOL)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"a custom error norm if given, must"):
+        neuralode.solve(VdP(), Y0, T, controller=ctrl, compile=True)

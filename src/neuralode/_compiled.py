@@ -244,9 +244,9 @@ def _compile_call(entry: _Entry, args):
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise RuntimeError(
             f"compile=True: torch.compile could not compile the solve with this func "
-            f"({type(e).__name__}: {first}). func must be traceable by torch.compile without "
-            "graph breaks (no data-dependent Python control flow, no .item()/.tolist(), no "
-            "printing); use compile=False for this func"
+            f"({type(e).__name__}: {first}). func, and a custom error norm if given, must be "
+            "traceable by torch.compile without graph breaks (no data-dependent Python control "
+            "flow, no .item()/.tolist(), no printing); use compile=False for this func"
         ) from e
     finally:
         for lg, level in zip(quiet, levels):

@@ -20,7 +20,6 @@ compiled graph.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
@@ -30,12 +29,28 @@ from ._tree import TreeSpec
 __all__ = ["CompiledNorm", "compiled_norm"]
 
 
-class CompiledNorm(NamedTuple):
-    """A custom error norm as a constant of the chunk (compared by the norm's identity)."""
+class CompiledNorm:
+    """A custom error norm as a constant of the chunk. It compares (and hashes) by the norm's
+    identity, the state structure and the kind of control: a norm object that compares equal
+    to another one by value, or does not hash, still gets its own compiled code (the code's
+    guards on the chunk's constants are filtered out, so sharing code between two objects
+    would run one with the other's attributes)."""
 
-    norm: Callable  # the user's norm(scaled_error_in_y0_structure) -> 0-d tensor
-    spec: TreeSpec  # the whole batch's state structure
-    rows: bool  # per-sample control: the norm of each sample alone
+    __slots__ = ("norm", "spec", "rows")
+
+    def __init__(self, norm: Callable, spec: TreeSpec, rows: bool):
+        self.norm = norm  # the user's norm(scaled_error_in_y0_structure) -> 0-d tensor
+        self.spec = spec  # the whole batch's state structure
+        self.rows = rows  # per-sample control: the norm of each sample alone
+
+    def _key(self) -> tuple:
+        return (id(self.norm), self.spec, self.rows)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CompiledNorm) and other._key() == self._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         """The norm of each row of the scaled error ``r`` ``(R, n, M)``: ``(R,)`` float64."""
