@@ -28,8 +28,8 @@ device, shapes) compiles once; afterwards a call whose guards fail (func's Pytho
 e.g. a float attribute) is not recompiled: the faces raise :class:`CompiledCodeMismatch` and
 the solve runs on the eager engine.
 
-Scope: explicit Runge--Kutta methods (Butcher tableaux) under any controller without a custom
-``norm`` (``step_t``/``jump_t`` included), a tensor, tuple or dict state, a 1-D or 2-D ``t``;
+Scope: explicit Runge--Kutta methods (Butcher tableaux) under any controller (``step_t``/
+``jump_t``, a custom ``norm``: :mod:`neuralode._compiled_norm`), any state, a 1-D or 2-D ``t``;
 Direct gradients (autograd through the chunks), Checkpointed and Backsolve (the forward
 compiled, keeping the step records their backward passes use: :func:`forward_or_none` with
 shared control, ``_compiled_rows`` per sample); no events.
@@ -94,8 +94,6 @@ def check_compilable(*, tab, ctrl, gradient=None) -> None:
             f"solver {name!r} (compiled stepping needs an explicit Runge-Kutta method: e.g. "
             "dopri5, tsit5, bosh3, dopri8, rk4, euler)"
         )
-    if getattr(ctrl, "norm", None) is not None:
-        problems.append("a custom error norm")
     if gradient is not None:
         problems.append(
             f"gradient={gradient} (compiled stepping differentiates by autograd through the "
@@ -246,9 +244,9 @@ def _compile_call(entry: _Entry, args):
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise RuntimeError(
             f"compile=True: torch.compile could not compile the solve with this func "
-            f"({type(e).__name__}: {first}). func must be traceable by torch.compile without "
-            "graph breaks (no data-dependent Python control flow, no .item()/.tolist(), no "
-            "printing); use compile=False for this func"
+            f"({type(e).__name__}: {first}). func, and a custom error norm if given, must be "
+            "traceable by torch.compile without graph breaks (no data-dependent Python control "
+            "flow, no .item()/.tolist(), no printing); use compile=False for this func"
         ) from e
     finally:
         for lg, level in zip(quiet, levels):
@@ -428,7 +426,7 @@ def integrate_compiled(
     start = None
     if (
         k1 is None and h0 is None and ctrl.adaptive and t_first == t0 and checked and known[1]
-        and steps_per_call is None and prob.spec.kind == "tensor"
+        and steps_per_call is None and prob.spec.kind == "tensor" and prob.norm is None
         and isinstance(prob.rtol, float) and isinstance(prob.atol, float)
     ):  # fmt: skip
         start = Start(ctrl, prob.spec, tab.error_order(), prob.rtol, prob.atol)
@@ -446,7 +444,7 @@ def integrate_compiled(
             nrm = order = None
             if ctrl.adaptive:
                 norm, order = ErrorNorm(y0, prob.spec, prob.norm_components), tab.error_order()
-                nrm = initial_norm(norm, y0, prob.rtol, prob.atol, prob.atol_zero)
+                nrm = initial_norm(norm, y0, prob.rtol, prob.atol, prob.atol_zero, prob=prob)
             h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), None if inside else k1.detach(), d,
                                    abs(t_end - t0), order)  # fmt: skip
     nfe0 = f.nfe

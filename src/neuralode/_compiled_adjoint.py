@@ -17,8 +17,8 @@ What it needs, else the backward solve runs on the eager driver as before
 ``forward``) whose parameters are the parameters of the gradient (the default; tensors that are
 not parameters of the module, passed in ``Backsolve(params=...)``, cannot be made inputs of
 func), no submodule or parameter held under two names (``integral=`` adds such an alias: its
-wrapper holds func twice), an explicit Runge--Kutta method for the backward solve, and no
-custom adjoint norm.
+wrapper holds func twice) and an explicit Runge--Kutta method for the backward solve (a custom
+``Backsolve(norm=...)`` is traced into the step, :mod:`neuralode._compiled_norm`).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def compiled_backward(run, params, flat_shape, tab, norm, aug_f: FlatVectorField
     """A :class:`CompiledBackward` for this backward solve, or None when it cannot be compiled
     here (see the module docstring). Records ``run.stats["compiled_backward"]``."""
     field = None
-    if run.stats.get("compiled") and isinstance(tab, ButcherTableau) and norm is None:
+    if run.stats.get("compiled") and isinstance(tab, ButcherTableau):  # (a norm: traced too)
         field = augmented_field(run.func, params, run.prob.spec, flat_shape)
     run.stats["compiled_backward"] = field is not None
     if field is None:

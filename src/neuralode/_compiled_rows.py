@@ -18,10 +18,12 @@ from ._compiled import (
     failure_cause,
     warn_mismatch,
 )
+from ._compiled_norm import compiled_norm
 from ._compiled_setup import _chunk_inputs
 from ._failures import report_failure
 from ._loop import thin_kept
 from ._loop_batched import time_layout
+from ._norm_rows import RowUserNorm
 from ._norms import ErrorNorm, initial_norm
 from .controllers.step_size import time_beside
 
@@ -61,6 +63,7 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     C = _consts(tab, ctrl, f.time_dtype, n_steps, spec, run.floor, rows=True, pick=False,
                 record=bool(run.dense) or keep or on_steps is not None,
                 n_out=T if impulses is None else 1, row_impulses=impulses is not None)  # fmt: skip
+    C = compiled_norm(C, ctrl.norm, spec, rows=True)  # (PIController(norm=...): each sample's)
     W = C.window
     # Dense strides (1,): a column of a (1, T) tau keeps stride T under .contiguous(), and the
     # chunk's t (stride 1) would then fail the compiled code's guards from the second call on.
@@ -84,8 +87,8 @@ def integrate_rows_compiled(run, y0: torch.Tensor, *, steps_per_call=None, track
     with torch.no_grad():  # the eager driver's initial step, per row
         nrm = order = None
         if ctrl.adaptive:
-            nrm = initial_norm(ErrorNorm(y0[:1], spec), y0, run.rtol, run.atol, run.floor,
-                               rows=True)  # fmt: skip
+            work = ErrorNorm(y0[:1], spec) if ctrl.norm is None else RowUserNorm(ctrl.norm, spec)
+            nrm = initial_norm(work, y0, run.rtol, run.atol, run.floor, rows=True)
             order = tab.error_order()
         h0 = ctrl.initial_step(nrm, f, t0, y0.detach(), k1.detach(), sdir, (t_end - t0).abs(),
                                order)  # fmt: skip

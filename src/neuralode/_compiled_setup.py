@@ -10,6 +10,7 @@ import threading
 
 import torch
 
+from ._compiled_norm import compiled_norm
 from ._loop import Problem
 
 _MAX_SETUPS = 16
@@ -108,7 +109,7 @@ def _setup(prob: Problem, time_dtype, n_steps: int, record: bool, impulses: bool
             tab, ctrl, time_dtype, n_steps, record, dtype, dev, spec.kind, tuple(spec.keys),
             tuple(tuple(x) for x in spec.shapes), prob.atol_zero, prob.norm_components,
             prob.t0, prob.t_end, tuple(prob.out_t), prob.out_sample is None or
-            tuple(prob.out_sample), prob.rtol, prob.atol, prob.max_steps,
+            tuple(prob.out_sample), prob.rtol, prob.atol, prob.max_steps, id(prob.norm),
         )  # fmt: skip
         try:
             hit = _setups.get(key)
@@ -127,6 +128,8 @@ def _setup(prob: Problem, time_dtype, n_steps: int, record: bool, impulses: bool
     C = _consts(tab, ctrl, time_dtype, n_steps, spec, prob.atol_zero, rows=False,
                 pick=pick, record=record, n_out=n_out if pick or inner else 1,
                 norm_parts=prob.norm_components, impulses=impulses)  # fmt: skip
+    # (PIController(norm=...); by identity in the key: C holds it, so its id stays its own)
+    C = compiled_norm(C, prob.norm, spec, rows=False)
     W = C.window
     f64 = dict(dtype=torch.float64, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)

@@ -68,6 +68,8 @@ class Consts(NamedTuple):
     # on output slot j (window 1: each output time is landed on; the per-sample backsolve
     # adjoint's stops)
     row_impulses: bool = False
+    # PIController(norm=...): a _compiled_norm.CompiledNorm (None: the engine's RMS/mixed norm)
+    norm: object = None
 
 
 def chunk(f, C: Consts, s: dict, k: dict) -> dict:
@@ -159,7 +161,10 @@ def chunk(f, C: Consts, s: dict, k: dict) -> dict:
             scale = error_scale(y.detach().abs(), y_new.detach().abs(), k["rtol"], k["atol"],
                                 C.floor)  # fmt: skip
             r = (err.detach() / scale).view(R, n, M)
-            e = rms_rows(r, None if kind == "tensor" else sizes, C.norm_parts or None)
+            if C.norm is None:
+                e = rms_rows(r, None if kind == "tensor" else sizes, C.norm_parts or None)
+            else:  # the user's norm, as the eager drivers apply it (_compiled_norm)
+                e = C.norm(r)
             accept = active & (e <= 1.0)
         else:  # fixed steps: no error estimate, every step is accepted
             e = torch.zeros_like(t)

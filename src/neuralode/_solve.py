@@ -160,8 +160,10 @@ def solve(
         method is explicit Runge--Kutta without a custom norm and, with shared control, func
         is an ``nn.Module`` whose parameters are the gradient's ``params``, per sample, the
         backward controller adaptive (else the backward solve runs eagerly;
-        ``stats["compiled_backward"]`` says which ran). Reversible, events,
-        implicit/Adams methods and a custom ``norm`` raise ValueError.
+        ``stats["compiled_backward"]`` says which ran). A custom ``PIController(norm=...)``
+        is traced into the compiled step (the same norm as eagerly: shared control the whole
+        batch's scaled error, per sample each sample's alone through ``torch.func.vmap``; it
+        must be traceable). Reversible, events and implicit/Adams methods raise ValueError.
         Results agree with the eager engine to the tolerance: the error estimate is summed in
         another order (its last bits, and so the step sizes, differ relatively by about 1e-10;
         the accepted/rejected counts are normally the same), a step never passes more than 8

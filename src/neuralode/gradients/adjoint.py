@@ -136,9 +136,9 @@ class Backsolve:
     With ``solve(..., compile=True)`` (shared control) the forward solve and the backward solve
     run in compiled chunks (``neuralode._compiled_adjoint``): the augmented field's
     vector-Jacobian products are traced by ``torch.func.vjp``, which needs func to be an
-    ``nn.Module`` (or its bound ``forward``) and ``params`` among its parameters; otherwise,
-    and for a custom ``norm`` or an implicit backward ``solver``, the backward solve runs
-    eagerly. ``Solution.stats["compiled_backward"]`` records which ran. The compiled backward
+    ``nn.Module`` (or its bound ``forward``) and ``params`` among its parameters (a custom
+    ``norm`` is traced into the compiled step: it must be traceable); otherwise, and for an
+    implicit backward ``solver``, the backward solve runs eagerly. ``Solution.stats["compiled_backward"]`` records which ran. The compiled backward
     solve with ``outputs="stop"`` chooses its own steps between the outputs (it does not stop
     at every forward step boundary), so its gradient agrees with the eager one to the
     tolerance, not to rounding. Per sample the backward solve is compiled for any traceable
