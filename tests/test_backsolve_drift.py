@@ -75,3 +75,16 @@ def test_no_running_cost_no_warning_and_gradients_hold():
     got, stats, drifted = _grads(neuralode.Backsolve(outputs="stop"), 50.0, 6, False)
     assert stats["backsolve_drift"] > 1e10 and not drifted
     assert _rel(got, ref) < 1e-4
+
+
+def test_fixed_steps_have_no_tolerance_to_measure_the_drift_in():
+    # (CI found it: rk4 with dt and integral= warned of a drift of 5.7e301 "tolerances" with
+    # tolerances zero.)
+    f = _Field(2.0)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = neuralode.solve(f, Y0, t, gradient=neuralode.Backsolve(outputs="stop"),
+                              solver="rk4", dt=0.1, integral=lambda t, y: y.square().sum(-1))  # fmt: skip
+        (sol.ys.sum() + sol.integral.sum()).backward()
+    assert "backsolve_drift" not in sol.stats

@@ -345,7 +345,7 @@ def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_
     a = add_initial_outputs(a.view(B, M), g_sorted, n_initial_outputs(prob), samples)
     # Each augmented evaluation calls func once (plus one vector-Jacobian product); replays of
     # forward steps holding outputs call it once per stage.
-    warn_drift(run.stats, drift[0], run.func)
+    warn_drift(run.stats, drift[0], run.func, prob.rtol, prob.atol)
     run.stats["nfe_backward"] = aug_f.nfe + fwd_f.nfe
     run.stats["nfe_backward_replay"] = fwd_f.nfe
     grads_p = []

@@ -431,7 +431,9 @@ def scaled_distance(y, ref, rtol, atol, rows=None) -> float:
     if y.numel() == 0:
         return 0.0
     tol = [t if not isinstance(t, torch.Tensor) or rows is None else t[rows] for t in (rtol, atol)]
-    scale = tol[1] + tol[0] * ref.abs()  # (a tensor: ref's)
+    size = ref.abs()
+    # (components at or near 0 under atol = 0: the row's mean size, not a 1e-300 scale)
+    scale = tol[1] + tol[0] * torch.maximum(size, size.mean(-1, keepdim=True))
     d = (y.detach() - ref).abs() / scale.clamp_min(torch.finfo(scale.dtype).tiny)
     return float(torch.nan_to_num(d, nan=0.0).max())
 
@@ -444,9 +446,12 @@ def scaled_distance(y, ref, rtol, atol, rows=None) -> float:
 DRIFT_WARN = 1e4
 
 
-def warn_drift(stats: dict, drift: float, func) -> None:
+def warn_drift(stats: dict, drift: float, func, rtol, atol) -> None:
     """Record ``stats["backsolve_drift"]``; warn when it passes :data:`DRIFT_WARN` and func
-    carries a running cost (``solve(..., integral=...)``, whose field is marked so)."""
+    carries a running cost (``solve(..., integral=...)``, whose field is marked so). Nothing
+    for a forward solve without tolerances (fixed steps): the distance has no unit there."""
+    if not any(bool((t != 0).any()) if isinstance(t, torch.Tensor) else t for t in (rtol, atol)):
+        return
     stats["backsolve_drift"] = drift
     if drift > DRIFT_WARN and getattr(func, "running_cost", False):
         warnings.warn(

@@ -458,7 +458,7 @@ class _BacksolveRows(torch.autograd.Function):
                 h=e.h,
             ) from e
         if done is None:
-            warn_drift(run.stats, drift[0], run.func)
+            warn_drift(run.stats, drift[0], run.func, run.rtol, run.atol)
         run.stats["nfe_backward"] = inner.nfe  # func calls (each with a VJP), as forward
         run.stats["nfe_backward_replay"] = nfe_replay[0]
         return (None, None, _initial_outputs(ya[:, M:], g, tau, B), *gp)
