@@ -57,8 +57,9 @@ class Backsolve:
     stage after a put-back evaluates f at the forward's y: one evaluation of f more per stop
     than carrying y on. Between the stops y still drifts: ``Solution.stats["backsolve_drift"]``
     records the largest distance put back, in units of the forward tolerance
-    (``|y - y_fwd| / (atol + rtol |y_fwd|)``; eager drivers). Without a running cost that drift
-    is harmless (the adjoint decays where it grows); a running cost (``integral=``) is evaluated
+    (``|y - y_fwd| / (atol + rtol |y_fwd|)``; eager backward solves after an adaptive
+    forward). Without a running cost that drift is harmless (the adjoint decays where it
+    grows); a running cost (``integral=``) is evaluated
     on the drifted state, so above 1e4 a ``RuntimeWarning`` says so (contracting rate 50,
     outputs 0.8 apart: drift 6e22, gradient 1e15 relative off; outputs 0.1 apart: drift 99,
     gradient 1e-6): add output times there, or use :class:`Checkpointed`.
