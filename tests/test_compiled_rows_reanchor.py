@@ -18,6 +18,7 @@ import torch
 import neuralode
 import neuralode._compiled as compiled
 import neuralode.gradients.rows as rows
+from test_backsolve_reanchor import Contracting  # dy/dt = -k y + tanh(W y + b)
 
 F64 = torch.float64
 FWD = dict(rtol=1e-8, atol=1e-10)
@@ -28,20 +29,6 @@ T1 = torch.linspace(0.0, 5.0, 21, dtype=F64)
 T2 = torch.stack(
     [T1, torch.linspace(0.0, 4.0, 21, dtype=F64) + 0.013 * T1 / 5, T1.pow(1.2) * 0.9 / 5**0.2]
 )
-
-
-class Contracting(torch.nn.Module):
-    """``dy/dt = -5 y + tanh(W y + b)`` (t unused)."""
-
-    def __init__(self, k=5.0, width=4):
-        super().__init__()
-        self.k = k
-        g = torch.Generator().manual_seed(0)
-        self.w = torch.nn.Parameter(torch.randn(width, width, generator=g, dtype=F64) / 2)
-        self.b = torch.nn.Parameter(torch.randn(width, generator=g, dtype=F64) / 2)
-
-    def forward(self, t, y):
-        return -self.k * y + torch.tanh(y @ self.w.T + self.b)
 
 
 FIELD = Contracting()

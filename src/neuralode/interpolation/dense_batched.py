@@ -114,24 +114,8 @@ class PerSampleDense:
         ValueError
             If a time lies outside the queried sample's solved interval ``[t0_b, t_final_b]``.
         """
-        dev = self._y0.device
-        tq = torch.tensor(times, dtype=torch.float64, device=dev)
         B, m = self._t0.shape[0], len(times)
-        if samples is None:
-            s = torch.arange(B, device=dev).repeat(m)
-            tq = tq.repeat_interleave(B)
-        else:
-            s = samples.to(dev)
-        lo = torch.minimum(self._t0[s], self._t_final[s])
-        hi = torch.maximum(self._t0[s], self._t_final[s])
-        bad = ((tq < lo) | (tq > hi)).nonzero().squeeze(1)
-        if bad.numel():
-            k = int(bad[0])
-            raise ValueError(
-                f"cannot evaluate the dense output of sample {int(s[k])} at t={float(tq[k])!r}: "
-                f"outside its solved interval [{float(lo[k])!r}, {float(hi[k])!r}] (no "
-                "extrapolation)"
-            )
+        tq, s = query_rows(times, samples, self._t0, self._t_final)
         steps, counts, offsets, keys = self._build()
         if steps is None:  # no sample moved
             out = self._y0[s]
@@ -152,3 +136,33 @@ class PerSampleDense:
             out = exact_at_step_end(out, tq, thi[e], yb[e])
             out = torch.where((n > 0).unsqueeze(1), out, self._y0[s])
         return out.view(m, B, -1) if samples is None else out
+
+
+def query_rows(times, samples, t0, t_final, note=None, name_sample=True):
+    """Each query's time and row, checked against its row's solved interval.
+
+    ``times``: m floats; ``samples``: None (every time for every row: ``m * R`` queries, time
+    major) or the (m,) row of each time; ``t0``, ``t_final``: (R,) float64. Returns ``(tq, s)``
+    (float64 times and long rows). Raises ValueError naming the first query outside its row's
+    ``[t0, t_final]`` (no extrapolation), with ``note(t, row)`` (a str, may be empty) appended, and
+    the sample unless ``name_sample`` is False (one row shared by the whole state)."""
+    dev = t0.device
+    tq = torch.tensor(times, dtype=torch.float64, device=dev)
+    R = t0.shape[0]
+    if samples is None:
+        s = torch.arange(R, device=dev).repeat(len(times))
+        tq = tq.repeat_interleave(R)
+    else:
+        s = samples.to(dev)
+    lo, hi = torch.minimum(t0[s], t_final[s]), torch.maximum(t0[s], t_final[s])
+    bad = ((tq < lo) | (tq > hi)).nonzero().squeeze(1)
+    if bad.numel():
+        k = int(bad[0])
+        who = f" of sample {int(s[k])}" if name_sample else ""
+        extra = note(float(tq[k]), int(s[k])) if note is not None else ""
+        raise ValueError(
+            f"cannot evaluate the dense output{who} at t={float(tq[k])!r}: outside "
+            f"{'its' if name_sample else 'the'} solved interval [{float(lo[k])!r}, "
+            f"{float(hi[k])!r}] (no extrapolation{'; ' + extra if extra else ''})"
+        )
+    return tq, s

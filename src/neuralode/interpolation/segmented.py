@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .dense_batched import query_rows
+
 __all__ = ["SegmentedDense", "reach", "terminal", "whole_state"]
 
 
@@ -87,25 +89,13 @@ class SegmentedDense:
         """
         dev = self.spec.device
         R, m = self._t0.shape[0], len(times)
-        tq = torch.tensor(times, dtype=torch.float64, device=dev)
-        if samples is None:
-            s = torch.arange(R, device=dev).repeat(m)
-            tq = tq.repeat_interleave(R)
-        else:
-            s = samples.to(dev)
-        lo = torch.minimum(self._t0[s], self._t_final[s])
-        hi = torch.maximum(self._t0[s], self._t_final[s])
-        bad = ((tq < lo) | (tq > hi)).nonzero().squeeze(1)
-        if bad.numel():
-            k = int(bad[0])
-            who = f" of sample {int(s[k])}" if R > 1 else ""
-            past = float(self._sdir[s[k]] * (tq[k] - self._t_final[s[k]])) > 0
-            why = self._stopped is None or bool(self._stopped[int(s[k])])
-            note = f"; {self._note}" if self._note and past and why else ""
-            raise ValueError(
-                f"cannot evaluate the dense output{who} at t={float(tq[k])!r}: outside "
-                f"{'its' if R > 1 else 'the'} solved interval [{float(lo[k])!r}, {float(hi[k])!r}] (no extrapolation{note})"
-            )
+
+        def note(t: float, b: int) -> str:  # why the interval ends: a query past an early stop
+            past = float(self._sdir[b] * (t - self._t_final[b])) > 0
+            why = self._stopped is None or bool(self._stopped[b])
+            return self._note if past and why else ""
+
+        tq, s = query_rows(times, samples, self._t0, self._t_final, note, name_sample=R > 1)
         # The segment of each query: the last one that starts at or before it (an event time
         # belongs to the segment it starts: the state after the reset).
         seg = (self._keys[:, s] <= (self._sdir[s] * tq).unsqueeze(0)).sum(0) - 1
