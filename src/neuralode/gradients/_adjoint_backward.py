@@ -27,7 +27,7 @@ from ..controllers import ConstantStep, PIController, StepToGrid
 from ..controllers.step_size import time_beside, underflows
 from ..errors import MaxStepsError
 from ..solvers import get_tableau
-from ._common import Run, scaled_distance, warn_drift
+from ._common import Run, add_drift, warn_drift
 from .checkpoint import add_initial_outputs, n_initial_outputs
 
 if TYPE_CHECKING:
@@ -84,13 +84,13 @@ def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_
     # forward's outputs likewise). Under a 2-D t an output sets its own sample's row only.
     ys_sorted = sorted_outputs_grad(prob, ys)
 
-    drift = [0.0]  # the largest distance put back, in units of the forward's tolerance
+    drift = [None]  # the largest distance put back, in units of the forward's tolerance
 
     def put_back(y, idx):
         rows = None if samples is None else samples[idx]
         fwd = ys_sorted[idx[0]].view(B, M) if rows is None else ys_sorted[idx].view(-1, M)
         mine = y.view(B, M) if rows is None else y.view(B, M)[rows]
-        drift[0] = max(drift[0], scaled_distance(mine, fwd, prob.rtol, prob.atol, rows))
+        add_drift(drift, mine, fwd, prob.rtol, prob.atol, rows)
         if rows is None:
             return fwd.reshape(-1)
         return y.view(B, M).index_copy(0, rows, fwd).reshape(-1)
@@ -345,7 +345,7 @@ def backward_solve(run: Run, cfg: Backsolve, params, y_final, t_start: float, g_
     a = add_initial_outputs(a.view(B, M), g_sorted, n_initial_outputs(prob), samples)
     # Each augmented evaluation calls func once (plus one vector-Jacobian product); replays of
     # forward steps holding outputs call it once per stage.
-    warn_drift(run.stats, drift[0], run.func, prob.rtol, prob.atol)
+    warn_drift(run.stats, drift, run.func, prob.rtol, prob.atol)
     run.stats["nfe_backward"] = aug_f.nfe + fwd_f.nfe
     run.stats["nfe_backward_replay"] = fwd_f.nfe
     grads_p = []

@@ -17,7 +17,7 @@ from .._loop import LoopResult, Problem, VectorField, integrate, make_stepper
 
 __all__ = [
     "Run",
-    "scaled_distance",
+    "add_drift",
     "warn_drift",
     "capable",
     "find_params",
@@ -424,18 +424,20 @@ def structured_outputs(spec, flat: torch.Tensor, lead: tuple[int, ...], keep=Non
     return spec.rebuild(parts)
 
 
-def scaled_distance(y, ref, rtol, atol, rows=None) -> float:
-    """``max |y - ref| / (atol + rtol |ref|)`` over the elements (0.0 for none): how far a state
-    solved backward lies from the forward's own value, in units of the forward's tolerance.
+def add_drift(acc: list, y, ref, rtol, atol, rows=None) -> None:
+    """Fold ``max |y - ref| / (atol + rtol |ref|)`` into ``acc[0]`` (a 0-d tensor, or None
+    before the first): how far a state solved backward lies from the forward's own value, in
+    units of the forward's tolerance, kept on the device (no host read per put-back).
     ``y``, ``ref`` (n, M); ``rtol``/``atol`` floats or (B, M) tensors (``rows``: the n rows)."""
     if y.numel() == 0:
-        return 0.0
+        return
     tol = [t if not isinstance(t, torch.Tensor) or rows is None else t[rows] for t in (rtol, atol)]
     size = ref.abs()
     # (components at or near 0 under atol = 0: the row's mean size, not a 1e-300 scale)
     scale = tol[1] + tol[0] * torch.maximum(size, size.mean(-1, keepdim=True))
     d = (y.detach() - ref).abs() / scale.clamp_min(torch.finfo(scale.dtype).tiny)
-    return float(torch.nan_to_num(d, nan=0.0).max())
+    d = torch.nan_to_num(d, nan=0.0).max()
+    acc[0] = d if acc[0] is None else torch.maximum(acc[0], d)
 
 
 # Above this many tolerances between the y solved backward and the forward's value where it is
@@ -446,12 +448,13 @@ def scaled_distance(y, ref, rtol, atol, rows=None) -> float:
 DRIFT_WARN = 1e4
 
 
-def warn_drift(stats: dict, drift: float, func, rtol, atol) -> None:
+def warn_drift(stats: dict, acc: list, func, rtol, atol) -> None:
     """Record ``stats["backsolve_drift"]``; warn when it passes :data:`DRIFT_WARN` and func
     carries a running cost (``solve(..., integral=...)``, whose field is marked so). Nothing
     for a forward solve without tolerances (fixed steps): the distance has no unit there."""
     if not any(bool((t != 0).any()) if isinstance(t, torch.Tensor) else t for t in (rtol, atol)):
         return
+    drift = 0.0 if acc[0] is None else float(acc[0])  # (the one host read)
     stats["backsolve_drift"] = drift
     if drift > DRIFT_WARN and getattr(func, "running_cost", False):
         warnings.warn(

@@ -48,7 +48,7 @@ from ..interpolation.dense_batched import step_outputs
 from ..solvers import get_tableau
 from ..solvers.explicit_rk import make_stepper
 from ..solvers.tableau import ButcherTableau
-from ._common import held_run, hold_run, scaled_distance, warn_drift
+from ._common import add_drift, held_run, hold_run, warn_drift
 
 __all__ = ["checkpointed_rows", "backsolve_rows"]
 
@@ -404,9 +404,7 @@ class _BacksolveRows(torch.autograd.Function):
             put = stops.put[key]
             y = torch.where(put.unsqueeze(1), stops.y[key], ya[:, :M])
             p = put.nonzero().squeeze(1)
-            drift[0] = max(
-                drift[0], scaled_distance(ya[p, :M], y[p], run.rtol, run.atol, w.idx[q][p])
-            )
+            add_drift(drift, ya[p, :M], y[p], run.rtol, run.atol, w.idx[q][p])
             rj = stops.replay[key]
             with torch.enable_grad():
                 yk = y.detach().requires_grad_()
@@ -425,7 +423,7 @@ class _BacksolveRows(torch.autograd.Function):
             w.k1 = w.k1.index_copy(0, q, k1)
             w.stale = w.stale.index_fill(0, q, False)
 
-        drift = [0.0]  # the largest distance put back, in forward tolerances (eager only)
+        drift = [None]  # the largest distance put back, in forward tolerances (eager only)
         start = torch.arange(B, device=tau.device) * S  # stop 0: the outputs at the start
         y_start = y_final if ctx.failed is None else y_final.index_copy(0, *ctx.failed[::2])
         ya = torch.cat([y_start, stops.jump[start]], 1)
@@ -458,7 +456,7 @@ class _BacksolveRows(torch.autograd.Function):
                 h=e.h,
             ) from e
         if done is None:
-            warn_drift(run.stats, drift[0], run.func, run.rtol, run.atol)
+            warn_drift(run.stats, drift, run.func, run.rtol, run.atol)
         run.stats["nfe_backward"] = inner.nfe  # func calls (each with a VJP), as forward
         run.stats["nfe_backward_replay"] = nfe_replay[0]
         return (None, None, _initial_outputs(ya[:, M:], g, tau, B), *gp)
