@@ -387,9 +387,7 @@ def _check_arguments(y0, max_steps, dense_output, throw, integral_in_error_norm)
     """The checks of solve's arguments that do not depend on the driver, made before either
     driver sees them (so both raise the same exception): the state's components are tensors,
     flags are bools (``"no"`` is not False), ``max_steps`` a positive int (not a bool)."""
-    if isinstance(y0, torch.Tensor):
-        pass
-    elif isinstance(y0, (tuple, list, Mapping)):
+    if isinstance(y0, (tuple, list, Mapping)):
         items = y0.items() if isinstance(y0, Mapping) else enumerate(y0)
         for k, x in items:
             if not isinstance(x, torch.Tensor):
@@ -398,7 +396,7 @@ def _check_arguments(y0, max_steps, dense_output, throw, integral_in_error_norm)
                     "tuple/list/dict of tensors (one per state component); for numbers pass "
                     "torch.tensor(y0, dtype=torch.float64)"
                 )
-    else:
+    elif not isinstance(y0, torch.Tensor):
         raise TypeError(
             f"y0 must be a tensor or a tuple/dict of tensors, got {type(y0).__name__}; wrap "
             "numbers with torch.tensor(y0, dtype=torch.float64)"
